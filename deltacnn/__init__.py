@@ -1,0 +1,21 @@
+"""deltacnn: CNN inference on video that computes only what changed.
+
+    model = deltacnn.convert(cnn, example_frame)      # torch.fx conversion, BN folded
+    for frame in video:
+        out = model(frame)                              # dense-equivalent output, sparse work
+"""
+from .activations import ActSpec
+from .backends import BACKENDS, get_backend
+from .convert import SUPPORTED_OPS, ConversionError, UnsupportedOperationError, convert
+from .layers import *  # noqa: F401,F403 - the explicit layer classes are public API
+from .layers import __all__ as _layer_names
+from .model import DeltaModel, InputChangedError
+from .stats import FrameStats, LayerStats
+from .tensor import DeltaTensor
+from .thresholds import Thresholds
+
+__version__ = "0.1.0"
+
+__all__ = ["convert", "DeltaModel", "DeltaTensor", "Thresholds", "FrameStats", "LayerStats", "ActSpec",
+           "ConversionError", "UnsupportedOperationError", "InputChangedError", "SUPPORTED_OPS", "BACKENDS",
+           "get_backend", *_layer_names]

@@ -1,0 +1,61 @@
+"""The narrow interface every backend implements.
+
+Layers own their state and parameters; a backend only knows how to run one delta step of
+each family of operations. The reference backend implements all of them in plain PyTorch;
+faster backends subclass it and override what they accelerate, so everything they do not
+override still works and stays correct.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from ..activations import ActSpec
+from ..geometry import Window
+from ..tensor import DeltaTensor
+
+
+@dataclass
+class ConvParams:
+    """A convolution's linear map (bias is applied by the layer on keyframes only)."""
+
+    weight: Tensor  # (Cout, Cin/groups, kh, kw), compute dtype
+    window: Window
+    groups: int
+
+
+@dataclass
+class PointwiseState:
+    """State of a nonlinear pointwise layer: accumulated input A and last emitted output E (float32)."""
+
+    act: ActSpec
+    acc: Tensor
+    emitted: Tensor
+    tau: float
+    score: str
+
+
+class Backend:
+    """Delta operations on `DeltaTensor`s (non-keyframe steps). See reference.py for semantics."""
+
+    name = "abstract"
+
+    def sparsify(self, x: Tensor, ref: Tensor, tau: float, score: str, dilation: int, dtype) -> DeltaTensor:
+        raise NotImplementedError
+
+    def accumulate(self, state: Tensor, d: DeltaTensor) -> None:
+        raise NotImplementedError
+
+    def conv2d(self, d: DeltaTensor, p: ConvParams) -> DeltaTensor:
+        raise NotImplementedError
+
+    def conv_block(self, d: DeltaTensor, p: ConvParams, residual: DeltaTensor | None,
+                   act: PointwiseState | None) -> DeltaTensor:
+        raise NotImplementedError
+
+    def pointwise(self, d: DeltaTensor, st: PointwiseState) -> DeltaTensor:
+        raise NotImplementedError
+
+    def add(self, a: DeltaTensor, b: DeltaTensor) -> DeltaTensor:
+        raise NotImplementedError

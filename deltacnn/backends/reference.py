@@ -1,0 +1,222 @@
+"""Reference backend: plain PyTorch, CPU and GPU, the ground truth for every faster backend.
+
+It exploits sparsity by gathering the updated pixels into a compact (pixels x channels)
+matrix, computing only those rows and scattering the results back, so that on the CPU the
+cost follows the update rate. It synchronises with the device (torch.nonzero) and so is not
+the CUDA fast path.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..activations import truncation_score
+from ..geometry import Window, dilate_mask, receptive_taps
+from ..tensor import DeltaTensor, empty_delta, new_cl, rows
+from .base import Backend, ConvParams, PointwiseState
+
+# Above this fraction of active output pixels a dense conv on zero-filled deltas is cheaper than
+# gathering; both are exact, so this only changes speed. Tests set it to 0 and 1 to cover both.
+DENSE_SWITCH = 0.5
+# Gathered rows processed per chunk, to bound the im2col buffer.
+CHUNK_ROWS = 1 << 14
+
+
+def _scatter_rows(n: int, c: int, h: int, w: int, idx: Tensor, vals: Tensor, like: Tensor) -> DeltaTensor:
+    """Build a delta whose updated pixels are `idx` with row values `vals`."""
+    out = new_cl(n, c, h, w, dtype=vals.dtype, device=like.device)
+    rows(out).index_copy_(0, idx, vals)
+    mask = torch.zeros(n, 1, h, w, dtype=torch.bool, device=like.device)
+    mask.view(-1)[idx] = True
+    return DeltaTensor(out, mask, _active=idx)
+
+
+def _union(a: DeltaTensor, b: DeltaTensor) -> tuple[Tensor, Tensor]:
+    mask = a.mask | b.mask
+    return mask, torch.nonzero(mask.reshape(-1)).squeeze(1)
+
+
+def _masked_rows(d: DeltaTensor, idx: Tensor) -> Tensor:
+    """Rows of `d` at `idx`, zero where `d` has no update."""
+    r = d.rows().index_select(0, idx)
+    keep = d.mask.reshape(-1).index_select(0, idx).unsqueeze(1)
+    return torch.where(keep, r, torch.zeros((), dtype=r.dtype, device=r.device))
+
+
+class ReferenceBackend(Backend):
+    name = "reference"
+
+    # ---- input / output -------------------------------------------------------------------
+    def sparsify(self, x: Tensor, ref: Tensor, tau: float, score: str, dilation: int, dtype) -> DeltaTensor:
+        """d = x - ref where the pixel's score over channels exceeds tau; ref follows what was sent."""
+        d = x.float() - ref
+        s = d.abs().amax(1, keepdim=True) if score == "max" else torch.linalg.vector_norm(d, dim=1, keepdim=True)
+        mask = s > tau
+        if dilation > 1:
+            mask = F.max_pool2d(mask.float(), dilation, 1, dilation // 2)[..., : mask.shape[2], : mask.shape[3]] > 0
+        sent = d.to(dtype)
+        # record exactly what downstream receives, so rounding of `sent` is re-sent later, never lost
+        ref.add_(torch.where(mask, sent.float(), torch.zeros((), device=ref.device)))
+        from ..tensor import to_cl
+        return DeltaTensor(to_cl(sent), mask)
+
+    def accumulate(self, state: Tensor, d: DeltaTensor) -> None:
+        idx = d.active()
+        rows(state).index_add_(0, idx, d.rows().index_select(0, idx).float())
+
+    # ---- linear: convolution -----------------------------------------------------------------
+    def conv2d(self, d: DeltaTensor, p: ConvParams) -> DeltaTensor:
+        n, cin, h, w = d.shape
+        cout = p.weight.shape[0]
+        ho, wo = p.window.out_size(h, w)
+        out_mask = dilate_mask(d.mask, p.window, (ho, wo))
+        idx = torch.nonzero(out_mask.reshape(-1)).squeeze(1)
+        if idx.numel() == 0:
+            return empty_delta(n, cout, ho, wo, dtype=d.dtype, device=d.device)
+        if idx.numel() > DENSE_SWITCH * out_mask.numel():
+            t, b, l, r = p.window.padding
+            x = F.pad(d.zero_filled(), (l, r, t, b))
+            y = F.conv2d(x, p.weight, None, p.window.stride, 0, p.window.dilation, p.groups)
+            return DeltaTensor(y.contiguous(memory_format=torch.channels_last), out_mask, _active=idx)
+        vals = torch.cat([self._conv_rows(d, p, idx[i:i + CHUNK_ROWS], (ho, wo))
+                          for i in range(0, idx.numel(), CHUNK_ROWS)])
+        return _scatter_rows(n, cout, ho, wo, idx, vals, d.values)
+
+    @staticmethod
+    def _conv_rows(d: DeltaTensor, p: ConvParams, idx: Tensor, out_hw: tuple[int, int]) -> Tensor:
+        """Implicit GEMM over the gathered receptive fields of output pixels `idx`."""
+        _, cin, h, w = d.shape
+        flat, inside = receptive_taps(idx, (h, w), out_hw, p.window)
+        valid = inside & d.mask.reshape(-1)[flat]
+        g = d.rows().index_select(0, flat.reshape(-1))
+        g = torch.where(valid.reshape(-1, 1), g, torch.zeros((), dtype=g.dtype, device=g.device))
+        P, K, G = idx.numel(), p.window.taps, p.groups
+        cout = p.weight.shape[0]
+        cg, og = cin // G, cout // G
+        if G == 1:
+            wm = p.weight.permute(2, 3, 1, 0).reshape(K * cin, cout)
+            return g.reshape(P, K * cin) @ wm
+        if cg == 1 and og == 1:  # depthwise: a weighted sum over taps per channel
+            wm = p.weight.reshape(cout, K).t()  # (K, C)
+            return (g.reshape(P, K, cin) * wm).sum(1)
+        gg = g.reshape(P, K, G, cg).permute(2, 0, 1, 3).reshape(G, P, K * cg)
+        wm = p.weight.reshape(G, og, cg, K).permute(0, 3, 2, 1).reshape(G, K * cg, og)
+        return torch.bmm(gg, wm).permute(1, 0, 2).reshape(P, cout)
+
+    def conv_block(self, d: DeltaTensor, p: ConvParams, residual: DeltaTensor | None,
+                   act: PointwiseState | None) -> DeltaTensor:
+        """conv, then optional residual add, then optional nonlinear update: the fusion unit."""
+        y = self.conv2d(d, p)
+        if residual is not None:
+            y = self.add(y, residual)
+        if act is not None:
+            y = self.pointwise(y, act)
+        return y
+
+    # ---- linear: elementwise / structural -----------------------------------------------------
+    def add(self, a: DeltaTensor, b: DeltaTensor) -> DeltaTensor:
+        if a.shape != b.shape:
+            raise ValueError(f"delta add needs equal shapes, got {tuple(a.shape)} and {tuple(b.shape)}")
+        mask, idx = _union(a, b)
+        vals = _masked_rows(a, idx) + _masked_rows(b, idx)
+        n, c, h, w = a.shape
+        return _scatter_rows(n, c, h, w, idx, vals, a.values)
+
+    def cat(self, ds: list[DeltaTensor]) -> DeltaTensor:
+        mask = ds[0].mask
+        for d in ds[1:]:
+            mask = mask | d.mask
+        idx = torch.nonzero(mask.reshape(-1)).squeeze(1)
+        vals = torch.cat([_masked_rows(d, idx) for d in ds], dim=1)
+        n, _, h, w = ds[0].shape
+        return _scatter_rows(n, vals.shape[1], h, w, idx, vals, ds[0].values)
+
+    def scale(self, d: DeltaTensor, scale: Tensor) -> DeltaTensor:
+        """Multiply by a constant (scalar or per-channel (C,)) at updated pixels."""
+        idx = d.active()
+        vals = d.rows().index_select(0, idx) * scale.to(d.dtype)
+        n, c, h, w = d.shape
+        return _scatter_rows(n, c, h, w, idx, vals, d.values)
+
+    def channel_slice(self, d: DeltaTensor, start: int, stop: int) -> DeltaTensor:
+        return DeltaTensor(d.values[:, start:stop], d.mask, _active=d._active)
+
+    def dense_linear(self, d: DeltaTensor, fn: Callable[[Tensor], Tensor], mask_fn: Callable[[Tensor], Tensor]) -> DeltaTensor:
+        """A linear op computed densely on zero-filled deltas (exact; cost ~ the dense op)."""
+        y = fn(d.zero_filled())
+        m = mask_fn(d.mask)
+        return DeltaTensor(y.contiguous(memory_format=torch.channels_last), m)
+
+    def global_avg_pool(self, d: DeltaTensor) -> DeltaTensor:
+        """Mean over all pixels of each image: a (N, C, 1, 1) delta, updated where the image had any update."""
+        n, c, h, w = d.shape
+        idx = d.active()
+        sums = torch.zeros(n, c, dtype=torch.float32, device=d.device)
+        sums.index_add_(0, idx // (h * w), d.rows().index_select(0, idx).float())
+        vals = (sums / (h * w)).to(d.dtype).reshape(n, c, 1, 1)
+        return DeltaTensor(vals.contiguous(memory_format=torch.channels_last), d.mask.reshape(n, -1).any(1).reshape(n, 1, 1, 1))
+
+    # ---- nonlinear ---------------------------------------------------------------------------
+    def _emit(self, idx: Tensor, o: Tensor, emitted: Tensor, tau: float, score: str, dtype,
+              out_shape: tuple[int, int, int, int]) -> DeltaTensor:
+        """Truncate candidate changes `o` at pixels `idx`; send the rest, recording what was sent in E."""
+        keep = truncation_score(o, score) > tau
+        idx_e = idx[keep]
+        sent = o[keep].to(dtype)
+        rows(emitted).index_add_(0, idx_e, sent.float())
+        n, c, h, w = out_shape
+        return _scatter_rows(n, c, h, w, idx_e, sent, emitted)
+
+    def pointwise(self, d: DeltaTensor, st: PointwiseState) -> DeltaTensor:
+        idx = d.active()
+        a_rows = rows(st.acc)
+        a = a_rows.index_select(0, idx) + d.rows().index_select(0, idx).float()
+        a_rows.index_copy_(0, idx, a)
+        o = st.act(a, channel_dim=1) - rows(st.emitted).index_select(0, idx)
+        return self._emit(idx, o, st.emitted, st.tau, st.score, d.dtype, tuple(st.emitted.shape))
+
+    def maxpool(self, d: DeltaTensor, acc: Tensor, emitted: Tensor, win: Window, tau: float, score: str) -> DeltaTensor:
+        """Max pooling re-evaluated at output pixels whose window touches an update."""
+        n, c, h, w = d.shape
+        idx_in = d.active()
+        a_rows = rows(acc)
+        a_rows.index_copy_(0, idx_in, a_rows.index_select(0, idx_in) + d.rows().index_select(0, idx_in).float())
+        ho, wo = emitted.shape[2:]
+        out_mask = dilate_mask(d.mask, win, (ho, wo))
+        idx = torch.nonzero(out_mask.reshape(-1)).squeeze(1)
+        flat, inside = receptive_taps(idx, (h, w), (ho, wo), win)
+        g = a_rows.index_select(0, flat.reshape(-1)).reshape(idx.numel(), win.taps, c)
+        g = torch.where(inside.unsqueeze(2), g, torch.full((), float("-inf"), device=g.device))
+        o = g.amax(1) - rows(emitted).index_select(0, idx)
+        return self._emit(idx, o, emitted, tau, score, d.dtype, tuple(emitted.shape))
+
+    def mul(self, a: DeltaTensor, b: DeltaTensor, acc_a: Tensor, acc_b: Tensor, emitted: Tensor,
+            tau: float, score: str) -> DeltaTensor:
+        """Product of two streams (b may broadcast over space): re-evaluated where either changed."""
+        for d, acc in ((a, acc_a), (b, acc_b)):
+            i = d.active()
+            r = rows(acc)
+            r.index_copy_(0, i, r.index_select(0, i) + d.rows().index_select(0, i).float())
+        n, c, h, w = emitted.shape
+        cand = a.mask.expand(n, 1, h, w) | b.mask.expand(n, 1, h, w)
+        idx = torch.nonzero(cand.reshape(-1)).squeeze(1)
+        o = _broadcast_rows(acc_a, idx, (h, w)) * _broadcast_rows(acc_b, idx, (h, w)) - rows(emitted).index_select(0, idx)
+        return self._emit(idx, o, emitted, tau, score, a.dtype, (n, c, h, w))
+
+
+def _broadcast_rows(t: Tensor, idx: Tensor, hw: tuple[int, int]) -> Tensor:
+    """Rows of `t` (N, C|1, h, w with h, w equal to hw or 1) at flat output indices into (N, H, W)."""
+    H, W = hw
+    n_, c, h, w = t.shape
+    if (h, w) == (H, W):
+        r = rows(t).index_select(0, idx)
+    else:
+        n = idx // (H * W)
+        rem = idx - n * (H * W)
+        y, x = rem // W, rem % W
+        src = (n * h + (y if h > 1 else 0)) * w + (x if w > 1 else 0)
+        r = rows(t).index_select(0, src)
+    return r

@@ -1,0 +1,136 @@
+"""Convolutions on deltas (linear: bias enters on keyframes only), optionally fused with what follows.
+
+`DeltaConv2d` is also the fusion unit the converter builds: conv, then an optional residual
+add of another stream, then an optional nonlinearity with truncation. The reference backend
+runs these one after another; a fast backend runs them in one kernel.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..activations import ActSpec
+from ..backends.base import ConvParams, PointwiseState
+from ..geometry import Window
+from ..tensor import DeltaTensor
+from .base import DeltaLayer, check_delta
+
+
+class DeltaConv2d(DeltaLayer):
+    kind = "conv"
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, window: Window, groups: int = 1,
+                 name: str = "", act: ActSpec | None = None, act_name: str | None = None,
+                 residual: bool = False) -> None:
+        super().__init__(name)
+        cout, cin_g = weight.shape[:2]
+        if cout % groups:
+            raise ValueError(f"conv {name!r}: out_channels {cout} not divisible by groups {groups}")
+        self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+        self.window = window
+        self.groups = groups
+        self.act = act
+        self.act_name = act_name  # thresholds key of the fused nonlinearity
+        self.residual = residual
+
+    @classmethod
+    def from_module(cls, m: nn.Conv2d, name: str = "") -> "DeltaConv2d":
+        if m.padding_mode != "zeros":
+            raise NotImplementedError(f"conv {name!r}: padding_mode={m.padding_mode!r} is not supported "
+                                      "(only 'zeros'); pad explicitly before the conv")
+        if isinstance(m.padding, str):
+            pad = _same_padding(m) if m.padding == "same" else (0, 0, 0, 0)
+        else:
+            pad = (m.padding[0], m.padding[0], m.padding[1], m.padding[1])
+        return cls(m.weight, m.bias, Window(tuple(m.kernel_size), tuple(m.stride), pad, tuple(m.dilation)),
+                   m.groups, name)
+
+    @property
+    def macs_per_pixel(self) -> int:
+        return self.weight.shape[0] * self.weight.shape[1] * self.window.taps
+
+    def params(self) -> ConvParams:
+        return ConvParams(self.weight, self.window, self.groups)
+
+    def dense(self, x: Tensor) -> Tensor:
+        t, b, l, r = self.window.padding
+        if (t, l) == (b, r):
+            return F.conv2d(x, self.weight, self.bias, self.window.stride, (t, l), self.window.dilation, self.groups)
+        return F.conv2d(F.pad(x, (l, r, t, b)), self.weight, self.bias, self.window.stride, 0,
+                        self.window.dilation, self.groups)
+
+    def forward(self, d: DeltaTensor, residual: DeltaTensor | None = None) -> DeltaTensor:
+        d = check_delta(d, self)
+        rt = self.rt
+        if d.dense:
+            y = self.dense(d.values)
+            if residual is not None:
+                y = y + residual.values
+            if self.act is not None:
+                self._set_state("acc", self.state_from(y))
+                y = self.act(self._state("acc")).to(rt.dtype)
+                self._set_state("emitted", self.state_from(y))
+            out = DeltaTensor.keyframe(y)
+        else:
+            st = None
+            if self.act is not None:
+                st = PointwiseState(self.act, self._state("acc"), self._state("emitted"),
+                                    rt.thresholds.get(self.act_name), rt.thresholds.score)
+            out = rt.backend_for(d.values).conv_block(d, self.params(), residual, st)
+        return self.record(out, self.macs_per_pixel)
+
+    def extra_repr(self) -> str:
+        w = self.window
+        s = (f"{self.weight.shape[1] * self.groups}, {self.weight.shape[0]}, kernel={w.kernel}, stride={w.stride}, "
+             f"padding={w.padding}, dilation={w.dilation}, groups={self.groups}")
+        if self.residual:
+            s += ", +residual"
+        if self.act is not None:
+            s += f", act={self.act.describe()} [{self.act_name}]"
+        return s
+
+
+def _same_padding(m: nn.Conv2d) -> tuple[int, int, int, int]:
+    pads = []
+    for k, d in zip(m.kernel_size, m.dilation):
+        total = d * (k - 1)
+        pads.append((total // 2, total - total // 2))
+    return (*pads[0], *pads[1])
+
+
+class DeltaConvTranspose2d(DeltaLayer):
+    """Transposed convolution; computed densely on zero-filled deltas by the reference backend."""
+
+    kind = "conv_transpose"
+
+    def __init__(self, m: nn.ConvTranspose2d, name: str = "") -> None:
+        super().__init__(name)
+        if m.padding_mode != "zeros":
+            raise NotImplementedError(f"conv_transpose {name!r}: padding_mode={m.padding_mode!r} is not supported")
+        self.weight = nn.Parameter(m.weight.detach().clone(), requires_grad=False)
+        self.bias = nn.Parameter(m.bias.detach().clone(), requires_grad=False) if m.bias is not None else None
+        self.stride, self.padding = tuple(m.stride), tuple(m.padding)
+        self.output_padding, self.dilation, self.groups = tuple(m.output_padding), tuple(m.dilation), m.groups
+
+    def _conv(self, x: Tensor, w: Tensor, bias: Tensor | None, groups: int) -> Tensor:
+        return F.conv_transpose2d(x, w, bias, self.stride, self.padding, self.output_padding, groups, self.dilation)
+
+    def forward(self, d: DeltaTensor) -> DeltaTensor:
+        d = check_delta(d, self)
+        if d.dense:
+            return self.record(DeltaTensor.keyframe(self._conv(d.values, self.weight, self.bias, self.groups)),
+                               self.macs_per_pixel)
+        kh, kw = self.weight.shape[2:]
+        ones = torch.ones(1, 1, kh, kw, device=d.device)
+        out = self.rt.backend_for(d.values).dense_linear(
+            d, lambda x: self._conv(x, self.weight, None, self.groups),
+            lambda m: self._conv(m.float(), ones, None, 1) > 0)
+        return self.record(out, self.macs_per_pixel)
+
+    @property
+    def macs_per_pixel(self) -> int:
+        # per output pixel, on average: every input pixel feeds kh*kw outputs spread over stride^2 positions
+        cin, cout_g, kh, kw = self.weight.shape
+        return max(1, cin // self.groups * cout_g * kh * kw // (self.stride[0] * self.stride[1]))

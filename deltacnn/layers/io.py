@@ -1,0 +1,77 @@
+"""Where dense tensors enter and leave the delta world."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..tensor import DeltaTensor, to_cl
+from ..thresholds import INPUT
+from .base import DeltaLayer, check_delta
+
+
+class Sparsify(DeltaLayer):
+    """Turn frames into deltas against the last transmitted frame (threshold over channels, optional dilation)."""
+
+    kind = "sparsify"
+
+    def __init__(self, name: str = INPUT, dilation: int = 1) -> None:
+        super().__init__(name)
+        if dilation < 1:
+            raise ValueError(f"mask dilation must be >= 1, got {dilation}")
+        self.dilation = dilation
+
+    def forward(self, x: Tensor) -> DeltaTensor:
+        rt = self.rt
+        if rt.keyframe:
+            self._set_state("ref", self.state_from(x))
+            d = DeltaTensor.keyframe(x.to(rt.dtype))
+        else:
+            ref = self._state("ref")
+            d = rt.backend_for(x).sparsify(to_cl(x), ref, self.tau(), rt.thresholds.score, self.dilation, rt.dtype)
+        if self.name == INPUT:
+            rt.input_mask = d.mask
+        return self.record(d)
+
+
+class Densify(DeltaLayer):
+    """Accumulate deltas into the dense output: O += d at updated pixels; returns O (a copy)."""
+
+    kind = "densify"
+
+    def forward(self, d: DeltaTensor) -> Tensor:
+        d = check_delta(d, self)
+        if d.dense:
+            self._set_state("out", self.state_from(d.values))
+        else:
+            self.rt.backend_for(d.values).accumulate(self._state("out"), d)
+        return self._state("out").to(self.rt.dtype, copy=True)
+
+
+class DenseIsland(DeltaLayer):
+    """An op with no delta form, run densely: densify its stream inputs, run it, sparsify again (tau 0).
+
+    Correct for any op, at the cost of a dense pass; enabled by convert(allow_dense_fallback=True).
+    """
+
+    kind = "dense-island"
+
+    def __init__(self, name: str, fn, n_streams: int, reenter: bool) -> None:
+        super().__init__(name)
+        self.fn = fn
+        self.inputs = torch.nn.ModuleList(Densify(f"{name}.in{i}") for i in range(n_streams))
+        self.output = Sparsify(f"{name}.out") if reenter else None
+
+    def set_runtime(self, rt) -> None:
+        super().set_runtime(rt)
+        for m in self.inputs:
+            m.set_runtime(rt)
+        if self.output is not None:
+            self.output.set_runtime(rt)
+
+    def forward(self, *streams: DeltaTensor, **kw):
+        dense = [m(s) for m, s in zip(self.inputs, streams)]
+        y = self.fn(*dense, **kw)
+        if self.output is None:
+            return y
+        return self.output(y)
+

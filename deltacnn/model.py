@@ -1,0 +1,142 @@
+"""A converted, stateful delta model: frame bookkeeping, keyframes, input checks, statistics."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .layers.base import DeltaLayer
+from .runtime import Runtime
+from .stats import FrameStats
+from .thresholds import Thresholds
+
+
+class InputChangedError(RuntimeError):
+    """The input's shape, dtype or device differs from the stream's; state cannot be mixed."""
+
+
+class DeltaModel(nn.Module):
+    """Call it on consecutive frames of one batch of streams; it returns what the dense model would.
+
+    The first frame (and the first after `reset()`, and every `keyframe_interval` frames) runs
+    densely and fills the caches; later frames propagate only what changed.
+    """
+
+    def __init__(self, graph_module: nn.Module, rt: Runtime, layers: dict[str, DeltaLayer], in_channels: int,
+                 keyframe_interval: int | None = None, on_input_change: str = "error") -> None:
+        super().__init__()
+        if keyframe_interval is not None and keyframe_interval < 1:
+            raise ValueError(f"keyframe_interval must be >= 1 or None, got {keyframe_interval}")
+        if on_input_change not in ("error", "reset"):
+            raise ValueError(f"on_input_change must be 'error' or 'reset', got {on_input_change!r}")
+        self.graph_module = graph_module
+        object.__setattr__(self, "rt", rt)
+        object.__setattr__(self, "layers", layers)
+        self.in_channels = in_channels
+        self.keyframe_interval = keyframe_interval
+        self.on_input_change = on_input_change
+        self.frame_index = 0  # frames since the last keyframe (0: next frame is a keyframe)
+        self._stream: tuple | None = None  # (shape, dtype, device) of the current stream
+
+    # ---- state -----------------------------------------------------------------------------
+    @property
+    def thresholds(self) -> Thresholds:
+        return self.rt.thresholds
+
+    def reset(self) -> None:
+        """Forget all cached state; the next frame is a keyframe and may have any shape."""
+        self.frame_index = 0
+        self._stream = None
+        for layer in self._all_layers():
+            layer.reset_state()
+
+    def _all_layers(self):
+        return (m for m in self.modules() if isinstance(m, DeltaLayer))
+
+    def _apply(self, fn, recurse=True):
+        # moving or casting the model invalidates the caches: start over with a keyframe
+        self.frame_index = 0
+        self._stream = None
+        return super()._apply(fn, recurse)
+
+    # ---- frames ----------------------------------------------------------------------------
+    def _check_input(self, x: object) -> None:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"expected a torch.Tensor frame batch of shape (N, {self.in_channels}, H, W), "
+                            f"got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"expected a 4-D frame batch (N, {self.in_channels}, H, W), got shape {tuple(x.shape)}")
+        if x.shape[1] != self.in_channels:
+            hint = " (channels-last image? use x.permute(0, 3, 1, 2))" if x.shape[3] == self.in_channels else ""
+            raise ValueError(f"expected {self.in_channels} input channels, got shape {tuple(x.shape)}{hint}")
+        if not x.is_floating_point():
+            raise TypeError(f"expected a floating-point frame, got {x.dtype}; convert uint8 images with x.float() / 255 "
+                            "(or whatever the dense model expects)")
+        param = next(self.parameters(), None)
+        if param is not None and param.device != x.device:
+            raise ValueError(f"input is on {x.device} but the model is on {param.device}; move one of them "
+                             "(model.to(device) also resets the stream)")
+        if x.device.type == "cpu" and not bool(torch.isfinite(x).all()):
+            raise ValueError("input contains NaN or infinity; it would poison the cached state, so it was rejected")
+        sig = (tuple(x.shape), x.dtype, x.device)
+        if self._stream is not None and sig != self._stream and self.frame_index > 0:
+            if self.on_input_change == "reset":
+                self.reset()
+            else:
+                was = self._stream
+                raise InputChangedError(
+                    f"input changed mid-stream from shape {was[0]}, {was[1]}, {was[2]} to {sig[0]}, {sig[1]}, {sig[2]}; "
+                    "call model.reset() to start a new stream (or convert with on_input_change='reset')")
+
+    @torch.no_grad()
+    def forward(self, x: Tensor):
+        self._check_input(x)
+        keyframe = self.frame_index == 0 or (self.keyframe_interval is not None
+                                             and self.frame_index >= self.keyframe_interval)
+        if keyframe:
+            self.frame_index = 0
+        self.rt.keyframe = keyframe
+        self.rt.stats.start_frame()
+        try:
+            out = self.graph_module(x)
+        except BaseException:
+            self.frame_index = 0  # state may be half-updated: re-synchronise with a keyframe next time
+            self._stream = None
+            raise
+        self._stream = (tuple(x.shape), x.dtype, x.device)
+        self.frame_index += 1
+        return out
+
+    # ---- statistics ------------------------------------------------------------------------
+    def enable_stats(self, enabled: bool = True, keep_masks: bool = False) -> None:
+        """Record per-layer update rates and multiply-adds (costs a host sync when read, nothing otherwise)."""
+        self.rt.stats.enabled = enabled
+        self.rt.stats.keep_masks = keep_masks
+
+    def frame_stats(self) -> FrameStats:
+        """Statistics of the last frame."""
+        return self.rt.stats.frame(self.rt.keyframe)
+
+    @property
+    def input_mask(self) -> Tensor | None:
+        """(N, 1, H, W) bool: which input pixels the last frame transmitted."""
+        return self.rt.input_mask
+
+    def update_heatmap(self, size: tuple[int, int] | None = None) -> Tensor:
+        """(N, 1, H, W) in [0, 1]: fraction of layers that recomputed each pixel in the last frame.
+
+        Needs enable_stats(keep_masks=True). Each layer's mask is resized to the input resolution.
+        """
+        masks = self.rt.stats.masks
+        if not masks:
+            raise RuntimeError("no masks recorded: call model.enable_stats(keep_masks=True) before running frames")
+        if size is None:
+            size = tuple(self.rt.input_mask.shape[2:])
+        acc = None
+        for m in masks.values():
+            r = F.interpolate(m.float(), size=size, mode="nearest")
+            acc = r if acc is None else acc + r
+        return acc / len(masks)
+
+    def extra_repr(self) -> str:
+        return f"layers={len(self.layers)}, thresholds={self.rt.thresholds.to_dict()}"

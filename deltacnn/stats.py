@@ -1,0 +1,75 @@
+"""Per-layer statistics: update rate and multiply-adds done versus dense.
+
+Recording keeps device tensors only (no host sync in the frame); numbers are read on demand.
+Nothing is recorded unless enabled.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class LayerStats:
+    name: str
+    kind: str
+    update_rate: float  # fraction of output pixels updated (emitted)
+    macs: int  # multiply-adds done this frame
+    dense_macs: int  # multiply-adds a dense pass would do
+
+
+@dataclass
+class FrameStats:
+    layers: dict[str, LayerStats]
+    keyframe: bool
+
+    @property
+    def macs(self) -> int:
+        return sum(s.macs for s in self.layers.values())
+
+    @property
+    def dense_macs(self) -> int:
+        return sum(s.dense_macs for s in self.layers.values())
+
+    @property
+    def macs_fraction(self) -> float:
+        return self.macs / self.dense_macs if self.dense_macs else 0.0
+
+    def table(self) -> str:
+        lines = [f"{'layer':40s} {'kind':14s} {'updated':>8s} {'MACs vs dense':>14s}"]
+        for s in self.layers.values():
+            frac = f"{s.macs / s.dense_macs:8.1%}" if s.dense_macs else " " * 8
+            lines.append(f"{s.name:40s} {s.kind:14s} {s.update_rate:8.1%} {frac:>14s}")
+        lines.append(f"{'total':40s} {'':14s} {'':8s} {self.macs_fraction:14.1%}")
+        return "\n".join(lines)
+
+
+@dataclass
+class StatsRecorder:
+    enabled: bool = False
+    keep_masks: bool = False
+    _rows: list = field(default_factory=list)
+    masks: dict[str, Tensor] = field(default_factory=dict)
+
+    def start_frame(self) -> None:
+        self._rows = []
+        self.masks = {}
+
+    def record(self, name: str, kind: str, mask: Tensor, macs_per_pixel: int = 0, dense: bool = False) -> None:
+        if not self.enabled:
+            return
+        count = mask.sum() if not dense else torch.tensor(mask.numel())
+        self._rows.append((name, kind, count, mask.numel(), macs_per_pixel))
+        if self.keep_masks:
+            self.masks[name] = mask
+
+    def frame(self, keyframe: bool) -> FrameStats:
+        if not self.enabled:
+            raise RuntimeError("statistics are off: call model.enable_stats() before running frames")
+        counts = torch.stack([c.to("cpu", torch.float64) for _, _, c, _, _ in self._rows]).tolist() if self._rows else []
+        layers = {}
+        for (name, kind, _, total, mpp), cnt in zip(self._rows, counts):
+            layers[name] = LayerStats(name, kind, cnt / total if total else 0.0, int(cnt) * mpp, total * mpp)
+        return FrameStats(layers, keyframe)

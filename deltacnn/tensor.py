@@ -1,0 +1,89 @@
+"""The delta tensor: dense-shaped values plus a per-pixel update mask.
+
+One place defines how a sparse feature map is laid out, so every backend agrees:
+values are (N, C, H, W) in channels_last memory (each pixel's channels are one contiguous
+row of a (N*H*W, C) matrix, which is what gathers and GEMMs want), the mask is (N, 1, H, W)
+bool. Values at pixels whose mask is False are undefined and must never be read as data.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+def new_cl(n: int, c: int, h: int, w: int, *, dtype: torch.dtype, device: torch.device | str,
+           fill: float | None = None) -> Tensor:
+    """Allocate an (N, C, H, W) tensor whose memory is NHWC (channels_last, even for C == 1)."""
+    t = torch.empty(n, h, w, c, dtype=dtype, device=device)
+    if fill is not None:
+        t.fill_(fill)
+    return t.permute(0, 3, 1, 2)
+
+
+def to_cl(t: Tensor) -> Tensor:
+    """Return `t` with NHWC memory (a copy only when it is not laid out that way already)."""
+    return t.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+
+
+def rows(t: Tensor) -> Tensor:
+    """The (N*H*W, C) row view of a channels_last (N, C, H, W) tensor (shares memory)."""
+    n, c, h, w = t.shape
+    return t.permute(0, 2, 3, 1).view(n * h * w, c)
+
+
+@dataclass
+class DeltaTensor:
+    """A sparse feature map flowing between delta layers.
+
+    `dense` marks a keyframe: then `values` are absolute values (not deltas), every pixel is
+    updated, and stateful layers re-initialise their state from them.
+    """
+
+    values: Tensor
+    mask: Tensor
+    dense: bool = False
+    _active: Tensor | None = field(default=None, repr=False)
+
+    @classmethod
+    def keyframe(cls, values: Tensor) -> "DeltaTensor":
+        n, _, h, w = values.shape
+        mask = torch.ones(n, 1, h, w, dtype=torch.bool, device=values.device)
+        return cls(to_cl(values), mask, dense=True)
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.values.shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    def active(self) -> Tensor:
+        """Flat indices (into N*H*W) of updated pixels; computed once and cached."""
+        if self._active is None:
+            self._active = torch.nonzero(self.mask.reshape(-1)).squeeze(1)
+        return self._active
+
+    def rows(self) -> Tensor:
+        return rows(self.values)
+
+    def zero_filled(self) -> Tensor:
+        """Values with inactive pixels set to 0 (dense; for layers computed densely)."""
+        return torch.where(self.mask, self.values, torch.zeros((), dtype=self.dtype, device=self.device))
+
+    def update_fraction(self) -> Tensor:
+        """Fraction of updated pixels, as a 0-d device tensor (no host sync)."""
+        return self.mask.float().mean()
+
+
+def empty_delta(n: int, c: int, h: int, w: int, *, dtype: torch.dtype, device: torch.device) -> DeltaTensor:
+    """A delta with no updated pixel (values left undefined)."""
+    mask = torch.zeros(n, 1, h, w, dtype=torch.bool, device=device)
+    return DeltaTensor(new_cl(n, c, h, w, dtype=dtype, device=device), mask,
+                       _active=torch.zeros(0, dtype=torch.long, device=device))

@@ -1,0 +1,90 @@
+"""Truncation thresholds: a global default, per-layer overrides by layer name, JSON on disk.
+
+Names are the converted model's layer names (the original module's qualified name, or the
+torch.fx node name for functional calls), never indices, so a file survives re-conversion.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+INPUT = "input"  # the name of the input sparsification layer
+SCORES = ("max", "l2")
+
+
+def _check_tau(name: str, tau: float) -> float:
+    try:
+        tau = float(tau)
+    except (TypeError, ValueError):
+        raise ValueError(f"threshold for {name!r} must be a number, got {tau!r}") from None
+    if not math.isfinite(tau) or tau < 0:
+        raise ValueError(f"threshold for {name!r} must be finite and >= 0, got {tau}")
+    return tau
+
+
+@dataclass
+class Thresholds:
+    default: float = 0.0
+    input: float | None = None  # None: same as default
+    score: str = "max"
+    overrides: dict[str, float] = field(default_factory=dict)
+    known: tuple[str, ...] = ()  # layer names of the model these belong to (set by convert)
+
+    def __post_init__(self) -> None:
+        self.default = _check_tau("default", self.default)
+        if self.input is not None:
+            self.input = _check_tau(INPUT, self.input)
+        if self.score not in SCORES:
+            raise ValueError(f"score must be one of {SCORES}, got {self.score!r}")
+        for k, v in list(self.overrides.items()):
+            self.overrides[k] = _check_tau(k, v)
+
+    def get(self, name: str) -> float:
+        if name in self.overrides:
+            return self.overrides[name]
+        if name == INPUT and self.input is not None:
+            return self.input
+        return self.default
+
+    def set(self, name: str, tau: float) -> None:
+        self._check_name(name)
+        self.overrides[name] = _check_tau(name, tau)
+
+    def _check_name(self, name: str) -> None:
+        if self.known and name not in self.known:
+            close = [k for k in self.known if name.split(".")[-1] in k][:5]
+            hint = f" Similar: {', '.join(close)}." if close else ""
+            raise KeyError(f"no thresholded layer named {name!r} in this model.{hint} "
+                           f"See model.thresholds.known for all {len(self.known)} names.")
+
+    def to_dict(self) -> dict:
+        return {"format": "deltacnn-thresholds/1", "default": self.default, "input": self.input,
+                "score": self.score, "layers": dict(sorted(self.overrides.items()))}
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    def update_from_dict(self, data: dict, source: str = "thresholds") -> None:
+        """Replace these thresholds with `data` (validated completely before anything changes)."""
+        if not isinstance(data, dict) or data.get("format") != "deltacnn-thresholds/1":
+            raise ValueError(f"{source}: not a deltacnn thresholds file (expected \"format\": \"deltacnn-thresholds/1\")")
+        layers = data.get("layers", {})
+        if not isinstance(layers, dict):
+            raise ValueError(f"{source}: \"layers\" must be an object mapping layer names to thresholds")
+        new = Thresholds(default=data.get("default", 0.0), input=data.get("input"),
+                         score=data.get("score", "max"), overrides=dict(layers), known=self.known)
+        for name in new.overrides:
+            new._check_name(name)
+        self.default, self.input, self.score, self.overrides = new.default, new.input, new.score, new.overrides
+
+    def load(self, path: str | Path) -> None:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"thresholds file not found: {p}")
+        try:
+            data = json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{p}: invalid JSON ({e.msg} at line {e.lineno})") from None
+        self.update_from_dict(data, source=str(p))
