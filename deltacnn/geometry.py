@@ -56,15 +56,27 @@ class Window:
 
 
 def dilate_mask(mask: Tensor, win: Window, out_hw: tuple[int, int]) -> Tensor:
-    """Output pixels whose receptive field touches an updated input pixel (out-of-bounds taps never do)."""
-    t, b, l, r = win.padding
-    m = mask.to(torch.float16 if mask.is_cuda else torch.float32)
-    # extra zero rows/cols on the far side cover ceil_mode windows that run past the input
-    extra_h = max(0, (out_hw[0] - 1) * win.stride[0] + win.dilation[0] * (win.kernel[0] - 1) + 1 - (mask.shape[2] + t + b))
-    extra_w = max(0, (out_hw[1] - 1) * win.stride[1] + win.dilation[1] * (win.kernel[1] - 1) + 1 - (mask.shape[3] + l + r))
-    m = F.pad(m, (l, r + extra_w, t, b + extra_h))
-    out = F.max_pool2d(m, win.kernel, win.stride, 0, win.dilation)
-    return out[:, :, : out_hw[0], : out_hw[1]] > 0
+    """Output pixels whose receptive field touches an updated input pixel (out-of-bounds taps never do).
+
+    Separable: OR over the kernel's columns, then over its rows, on strided views of the padded
+    boolean mask (a few byte-sized passes, no float pooling).
+    """
+    n, _, h, w = mask.shape
+    (kh, kw), (sh, sw), (dh, dw) = win.kernel, win.stride, win.dilation
+    t, _, l, _ = win.padding
+    ho, wo = out_hw
+    # pad so that every tap of every output pixel lands inside the buffer
+    hp = max(h + t, (ho - 1) * sh + dh * (kh - 1) + 1)
+    wp = max(w + l, (wo - 1) * sw + dw * (kw - 1) + 1)
+    m = torch.zeros(n, hp, wp, dtype=torch.bool, device=mask.device)
+    m[:, t:t + h, l:l + w] = mask.reshape(n, h, w)[:, : max(0, hp - t), : max(0, wp - l)]
+    cols = m[:, :, 0:(wo - 1) * sw + 1:sw].clone()
+    for kx in range(1, kw):
+        cols |= m[:, :, kx * dw:kx * dw + (wo - 1) * sw + 1:sw]
+    out = cols[:, 0:(ho - 1) * sh + 1:sh].clone()
+    for ky in range(1, kh):
+        out |= cols[:, ky * dh:ky * dh + (ho - 1) * sh + 1:sh]
+    return out.reshape(n, 1, ho, wo)
 
 
 def receptive_taps(out_idx: Tensor, in_hw: tuple[int, int], out_hw: tuple[int, int], win: Window) -> tuple[Tensor, Tensor]:

@@ -22,6 +22,13 @@ def new_cl(n: int, c: int, h: int, w: int, *, dtype: torch.dtype, device: torch.
     return t.permute(0, 3, 1, 2)
 
 
+def new_rows_ext(n: int, c: int, h: int, w: int, *, dtype: torch.dtype, device: torch.device | str) -> tuple[Tensor, Tensor]:
+    """An (N*H*W + 1, C) matrix with a zero last row, and the (N, C, H, W) channels_last view of the rest."""
+    ext = torch.empty(n * h * w + 1, c, dtype=dtype, device=device)
+    ext[-1].zero_()
+    return ext, ext[:-1].view(n, h, w, c).permute(0, 3, 1, 2)
+
+
 def to_cl(t: Tensor) -> Tensor:
     """Return `t` with NHWC memory (a copy only when it is not laid out that way already)."""
     return t.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
@@ -45,6 +52,9 @@ class DeltaTensor:
     mask: Tensor
     dense: bool = False
     _active: Tensor | None = field(default=None, repr=False)
+    # optional (N*H*W + 1, C) matrix whose first rows are `values` and whose last row is zero, so
+    # gathers can route inactive or out-of-bounds taps to zeros without a masking pass
+    ext: Tensor | None = field(default=None, repr=False)
 
     @classmethod
     def keyframe(cls, values: Tensor) -> "DeltaTensor":
@@ -85,5 +95,5 @@ class DeltaTensor:
 def empty_delta(n: int, c: int, h: int, w: int, *, dtype: torch.dtype, device: torch.device) -> DeltaTensor:
     """A delta with no updated pixel (values left undefined)."""
     mask = torch.zeros(n, 1, h, w, dtype=torch.bool, device=device)
-    return DeltaTensor(new_cl(n, c, h, w, dtype=dtype, device=device), mask,
-                       _active=torch.zeros(0, dtype=torch.long, device=device))
+    ext, values = new_rows_ext(n, c, h, w, dtype=dtype, device=device)
+    return DeltaTensor(values, mask, _active=torch.zeros(0, dtype=torch.long, device=device), ext=ext)

@@ -7,7 +7,7 @@ override still works and stays correct.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import Tensor
 
@@ -18,11 +18,21 @@ from ..tensor import DeltaTensor
 
 @dataclass
 class ConvParams:
-    """A convolution's linear map (bias is applied by the layer on keyframes only)."""
+    """A convolution's linear map (bias is applied by the layer on keyframes only).
+
+    `cache` holds backend-specific derived forms of the weight (e.g. a GEMM matrix), built once
+    per weight tensor rather than on every frame.
+    """
 
     weight: Tensor  # (Cout, Cin/groups, kh, kw), compute dtype
     window: Window
     groups: int
+    cache: dict = field(default_factory=dict)
+
+    def cached(self, key: str, make):
+        if key not in self.cache:
+            self.cache[key] = make()
+        return self.cache[key]
 
 
 @dataclass

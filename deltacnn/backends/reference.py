@@ -15,35 +15,71 @@ from torch import Tensor
 
 from ..activations import truncation_score
 from ..geometry import Window, dilate_mask, receptive_taps
-from ..tensor import DeltaTensor, empty_delta, new_cl, rows
+from ..tensor import DeltaTensor, empty_delta, new_rows_ext, rows
 from .base import Backend, ConvParams, PointwiseState
 
 # Above this fraction of active output pixels a dense conv on zero-filled deltas is cheaper than
 # gathering; both are exact, so this only changes speed. Tests set it to 0 and 1 to cover both.
-DENSE_SWITCH = 0.5
+DENSE_SWITCH = 1.01
 # Gathered rows processed per chunk, to bound the im2col buffer.
 CHUNK_ROWS = 1 << 14
 
 
 def _scatter_rows(n: int, c: int, h: int, w: int, idx: Tensor, vals: Tensor, like: Tensor) -> DeltaTensor:
     """Build a delta whose updated pixels are `idx` with row values `vals`."""
-    out = new_cl(n, c, h, w, dtype=vals.dtype, device=like.device)
-    rows(out).index_copy_(0, idx, vals)
+    ext, out = new_rows_ext(n, c, h, w, dtype=vals.dtype, device=like.device)
+    ext.index_copy_(0, idx, vals)
     mask = torch.zeros(n, 1, h, w, dtype=torch.bool, device=like.device)
     mask.view(-1)[idx] = True
-    return DeltaTensor(out, mask, _active=idx)
+    return DeltaTensor(out, mask, _active=idx, ext=ext)
 
 
-def _union(a: DeltaTensor, b: DeltaTensor) -> tuple[Tensor, Tensor]:
-    mask = a.mask | b.mask
-    return mask, torch.nonzero(mask.reshape(-1)).squeeze(1)
+def _with_ext(values: Tensor, mask: Tensor, idx: Tensor | None = None) -> DeltaTensor:
+    """Wrap densely computed values as a delta that supports zero-row gathers (one copy)."""
+    n, c, h, w = values.shape
+    ext, out = new_rows_ext(n, c, h, w, dtype=values.dtype, device=values.device)
+    out.copy_(values)
+    return DeltaTensor(out, mask, _active=idx, ext=ext)
+
+
+def _gather(d: DeltaTensor, src: Tensor) -> Tensor:
+    """Rows of `d` at row indices `src`; the index N*H*W (one past the end) reads zeros."""
+    if d.ext is not None:
+        return d.ext.index_select(0, src.reshape(-1))
+    r = d.rows()
+    g = r.index_select(0, src.reshape(-1).clamp(max=r.shape[0] - 1))
+    return torch.where((src.reshape(-1) < r.shape[0]).unsqueeze(1), g, torch.zeros((), dtype=g.dtype, device=g.device))
 
 
 def _masked_rows(d: DeltaTensor, idx: Tensor) -> Tensor:
     """Rows of `d` at `idx`, zero where `d` has no update."""
-    r = d.rows().index_select(0, idx)
-    keep = d.mask.reshape(-1).index_select(0, idx).unsqueeze(1)
-    return torch.where(keep, r, torch.zeros((), dtype=r.dtype, device=r.device))
+    zero = d.mask.numel()
+    return _gather(d, torch.where(d.mask.reshape(-1).index_select(0, idx), idx, zero))
+
+
+def _tap_sources(d: DeltaTensor, idx: Tensor, win: Window, out_hw: tuple[int, int]) -> Tensor:
+    """(P, taps) row indices feeding output pixels `idx`; inactive or padding taps point at the zero row.
+
+    One lookup in a padded index image replaces bounds and mask checks per tap.
+    """
+    n, _, h, w = d.shape
+    t, b, l, r = win.padding
+    hp, wp = h + t + b, w + l + r
+    zero = n * h * w
+    dev = idx.device
+    inner = torch.where(d.mask.reshape(n, h, w), torch.arange(zero, device=dev).reshape(n, h, w), zero)
+    imap = torch.full((n, hp, wp), zero, dtype=torch.long, device=dev)
+    imap[:, t:t + h, l:l + w] = inner
+    ho, wo = out_hw
+    bn = idx // (ho * wo)
+    rem = idx - bn * (ho * wo)
+    oy = rem // wo
+    ox = rem - oy * wo
+    base = (bn * hp + oy * win.stride[0]) * wp + ox * win.stride[1]
+    ky = torch.arange(win.kernel[0], device=dev) * (win.dilation[0] * wp)
+    kx = torch.arange(win.kernel[1], device=dev) * win.dilation[1]
+    offs = (ky.unsqueeze(1) + kx.unsqueeze(0)).reshape(-1)
+    return imap.reshape(-1)[base.unsqueeze(1) + offs.unsqueeze(0)]
 
 
 class ReferenceBackend(Backend):
@@ -52,16 +88,17 @@ class ReferenceBackend(Backend):
     # ---- input / output -------------------------------------------------------------------
     def sparsify(self, x: Tensor, ref: Tensor, tau: float, score: str, dilation: int, dtype) -> DeltaTensor:
         """d = x - ref where the pixel's score over channels exceeds tau; ref follows what was sent."""
-        d = x.float() - ref
-        s = d.abs().amax(1, keepdim=True) if score == "max" else torch.linalg.vector_norm(d, dim=1, keepdim=True)
-        mask = s > tau
+        n, c, h, w = x.shape
+        d = rows(x.float()) - rows(ref)  # x arrives channels_last (the layer makes sure)
+        s = d.abs().amax(1) if score == "max" else torch.linalg.vector_norm(d, dim=1)
+        mask = (s > tau).reshape(n, 1, h, w)
         if dilation > 1:
-            mask = F.max_pool2d(mask.float(), dilation, 1, dilation // 2)[..., : mask.shape[2], : mask.shape[3]] > 0
-        sent = d.to(dtype)
+            mask = dilate_mask(mask, Window.make(dilation, 1, dilation // 2), (h, w))
+        idx = torch.nonzero(mask.reshape(-1)).squeeze(1)
+        sent = d.index_select(0, idx).to(dtype)
         # record exactly what downstream receives, so rounding of `sent` is re-sent later, never lost
-        ref.add_(torch.where(mask, sent.float(), torch.zeros((), device=ref.device)))
-        from ..tensor import to_cl
-        return DeltaTensor(to_cl(sent), mask)
+        rows(ref).index_add_(0, idx, sent.float())
+        return _scatter_rows(n, c, h, w, idx, sent, x)
 
     def accumulate(self, state: Tensor, d: DeltaTensor) -> None:
         idx = d.active()
@@ -80,7 +117,7 @@ class ReferenceBackend(Backend):
             t, b, l, r = p.window.padding
             x = F.pad(d.zero_filled(), (l, r, t, b))
             y = F.conv2d(x, p.weight, None, p.window.stride, 0, p.window.dilation, p.groups)
-            return DeltaTensor(y.contiguous(memory_format=torch.channels_last), out_mask, _active=idx)
+            return _with_ext(y, out_mask, idx)
         vals = torch.cat([self._conv_rows(d, p, idx[i:i + CHUNK_ROWS], (ho, wo))
                           for i in range(0, idx.numel(), CHUNK_ROWS)])
         return _scatter_rows(n, cout, ho, wo, idx, vals, d.values)
@@ -88,39 +125,55 @@ class ReferenceBackend(Backend):
     @staticmethod
     def _conv_rows(d: DeltaTensor, p: ConvParams, idx: Tensor, out_hw: tuple[int, int]) -> Tensor:
         """Implicit GEMM over the gathered receptive fields of output pixels `idx`."""
-        _, cin, h, w = d.shape
-        flat, inside = receptive_taps(idx, (h, w), out_hw, p.window)
-        valid = inside & d.mask.reshape(-1)[flat]
-        g = d.rows().index_select(0, flat.reshape(-1))
-        g = torch.where(valid.reshape(-1, 1), g, torch.zeros((), dtype=g.dtype, device=g.device))
+        cin = d.shape[1]
+        g = _gather(d, _tap_sources(d, idx, p.window, out_hw))
         P, K, G = idx.numel(), p.window.taps, p.groups
         cout = p.weight.shape[0]
         cg, og = cin // G, cout // G
+        w = p.weight
         if G == 1:
-            wm = p.weight.permute(2, 3, 1, 0).reshape(K * cin, cout)
+            wm = p.cached("ref_gemm", lambda: w.permute(2, 3, 1, 0).reshape(K * cin, cout).contiguous())
             return g.reshape(P, K * cin) @ wm
         if cg == 1 and og == 1:  # depthwise: a weighted sum over taps per channel
-            wm = p.weight.reshape(cout, K).t()  # (K, C)
+            wm = p.cached("ref_dw", lambda: w.reshape(cout, K).t().contiguous())  # (K, C)
             return (g.reshape(P, K, cin) * wm).sum(1)
         gg = g.reshape(P, K, G, cg).permute(2, 0, 1, 3).reshape(G, P, K * cg)
-        wm = p.weight.reshape(G, og, cg, K).permute(0, 3, 2, 1).reshape(G, K * cg, og)
+        wm = p.cached("ref_grouped", lambda: w.reshape(G, og, cg, K).permute(0, 3, 2, 1).reshape(G, K * cg, og).contiguous())
         return torch.bmm(gg, wm).permute(1, 0, 2).reshape(P, cout)
 
     def conv_block(self, d: DeltaTensor, p: ConvParams, residual: DeltaTensor | None,
                    act: PointwiseState | None) -> DeltaTensor:
-        """conv, then optional residual add, then optional nonlinear update: the fusion unit."""
-        y = self.conv2d(d, p)
+        """conv, then optional residual add, then optional nonlinear update: the fusion unit.
+
+        Works on the compact rows of the candidate pixels throughout, so the intermediate
+        results are never scattered to a dense-shaped buffer and gathered again.
+        """
+        if act is None and residual is None:
+            return self.conv2d(d, p)
+        n, _, h, w = d.shape
+        cout = p.weight.shape[0]
+        ho, wo = p.window.out_size(h, w)
+        cand = dilate_mask(d.mask, p.window, (ho, wo))
         if residual is not None:
-            y = self.add(y, residual)
-        if act is not None:
-            y = self.pointwise(y, act)
-        return y
+            if tuple(residual.shape) != (n, cout, ho, wo):
+                raise ValueError(f"residual shape {tuple(residual.shape)} does not match conv output {(n, cout, ho, wo)}")
+            cand = cand | residual.mask
+        idx = torch.nonzero(cand.reshape(-1)).squeeze(1)
+        # pixels that are candidates only through the residual gather all-zero taps: y = 0 there
+        y = torch.cat([self._conv_rows(d, p, idx[i:i + CHUNK_ROWS], (ho, wo))
+                       for i in range(0, idx.numel(), CHUNK_ROWS)]) if idx.numel() else \
+            torch.zeros(0, cout, dtype=d.dtype, device=d.device)
+        if residual is not None:
+            y = y + _masked_rows(residual, idx)
+        if act is None:
+            return _scatter_rows(n, cout, ho, wo, idx, y, d.values)
+        return self._pointwise_rows(idx, y, act, d.dtype)
 
     # ---- linear: elementwise / structural -----------------------------------------------------
     def add(self, a: DeltaTensor, b: DeltaTensor) -> DeltaTensor:
         if a.shape != b.shape:
             raise ValueError(f"delta add needs equal shapes, got {tuple(a.shape)} and {tuple(b.shape)}")
-        mask, idx = _union(a, b)
+        idx = torch.nonzero((a.mask | b.mask).reshape(-1)).squeeze(1)
         vals = _masked_rows(a, idx) + _masked_rows(b, idx)
         n, c, h, w = a.shape
         return _scatter_rows(n, c, h, w, idx, vals, a.values)
@@ -141,14 +194,9 @@ class ReferenceBackend(Backend):
         n, c, h, w = d.shape
         return _scatter_rows(n, c, h, w, idx, vals, d.values)
 
-    def channel_slice(self, d: DeltaTensor, start: int, stop: int) -> DeltaTensor:
-        return DeltaTensor(d.values[:, start:stop], d.mask, _active=d._active)
-
     def dense_linear(self, d: DeltaTensor, fn: Callable[[Tensor], Tensor], mask_fn: Callable[[Tensor], Tensor]) -> DeltaTensor:
         """A linear op computed densely on zero-filled deltas (exact; cost ~ the dense op)."""
-        y = fn(d.zero_filled())
-        m = mask_fn(d.mask)
-        return DeltaTensor(y.contiguous(memory_format=torch.channels_last), m)
+        return _with_ext(fn(d.zero_filled()), mask_fn(d.mask))
 
     def global_avg_pool(self, d: DeltaTensor) -> DeltaTensor:
         """Mean over all pixels of each image: a (N, C, 1, 1) delta, updated where the image had any update."""
@@ -172,11 +220,15 @@ class ReferenceBackend(Backend):
 
     def pointwise(self, d: DeltaTensor, st: PointwiseState) -> DeltaTensor:
         idx = d.active()
+        return self._pointwise_rows(idx, d.rows().index_select(0, idx), st, d.dtype)
+
+    def _pointwise_rows(self, idx: Tensor, d_rows: Tensor, st: PointwiseState, dtype) -> DeltaTensor:
+        """A += d at pixels `idx` (rows `d_rows`); emit f(A) - E where it passes truncation."""
         a_rows = rows(st.acc)
-        a = a_rows.index_select(0, idx) + d.rows().index_select(0, idx).float()
+        a = a_rows.index_select(0, idx) + d_rows.float()
         a_rows.index_copy_(0, idx, a)
         o = st.act(a, channel_dim=1) - rows(st.emitted).index_select(0, idx)
-        return self._emit(idx, o, st.emitted, st.tau, st.score, d.dtype, tuple(st.emitted.shape))
+        return self._emit(idx, o, st.emitted, st.tau, st.score, dtype, tuple(st.emitted.shape))
 
     def maxpool(self, d: DeltaTensor, acc: Tensor, emitted: Tensor, win: Window, tau: float, score: str) -> DeltaTensor:
         """Max pooling re-evaluated at output pixels whose window touches an update."""

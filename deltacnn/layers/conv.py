@@ -52,7 +52,12 @@ class DeltaConv2d(DeltaLayer):
         return self.weight.shape[0] * self.weight.shape[1] * self.window.taps
 
     def params(self) -> ConvParams:
-        return ConvParams(self.weight, self.window, self.groups)
+        w = self.weight
+        key = (w.data_ptr(), w.dtype, w.device, w._version)
+        if getattr(self, "_params_key", None) != key:  # weights moved, cast or edited: rebuild caches
+            self._params = ConvParams(w, self.window, self.groups)
+            self._params_key = key
+        return self._params
 
     def dense(self, x: Tensor) -> Tensor:
         t, b, l, r = self.window.padding

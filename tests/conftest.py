@@ -1,0 +1,49 @@
+"""Shared test material: synthetic static-camera clips and a dense-vs-delta runner."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+torch.set_num_threads(2)
+
+
+def make_video(frames: int, n: int = 1, h: int = 32, w: int = 32, c: int = 3, seed: int = 0,
+               noise: float = 0.01, objects: int = 2, size: int = 6) -> torch.Tensor:
+    """(T, N, C, H, W): a smooth textured static background, textured squares moving at
+    different speeds per stream, and a little sensor noise on every pixel."""
+    g = torch.Generator().manual_seed(seed)
+    bg = F.interpolate(torch.randn(n, c, h // 4 + 2, w // 4 + 2, generator=g), size=(h, w), mode="bilinear",
+                       align_corners=False) + 0.2 * torch.randn(n, c, h, w, generator=g)
+    tex = torch.randn(n, objects, c, size, size, generator=g)
+    speed = torch.randint(1, 3, (n, objects, 2), generator=g)
+    start = torch.randint(0, max(1, min(h, w) - size), (n, objects, 2), generator=g)
+    out = []
+    for t in range(frames):
+        f = bg.clone()
+        for i in range(n):
+            for k in range(objects):
+                y = int(start[i, k, 0] + speed[i, k, 0] * t) % (h - size)
+                x = int(start[i, k, 1] + speed[i, k, 1] * t) % (w - size)
+                f[i, :, y:y + size, x:x + size] = tex[i, k]
+        out.append(f + noise * torch.randn(n, c, h, w, generator=g))
+    return torch.stack(out)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
+
+
+def run_both(model, delta_model, clip: torch.Tensor, dense_dtype=torch.float32):
+    """Yield (t, delta_out, dense_out) frame by frame."""
+    model = model.to(dense_dtype)
+    for t in range(clip.shape[0]):
+        x = clip[t]
+        with torch.no_grad():
+            dense = model(x.to(dense_dtype))
+        yield t, delta_model(x), dense
+
+
+@pytest.fixture
+def video():
+    return make_video
