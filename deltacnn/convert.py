@@ -18,7 +18,6 @@ from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .activations import ActSpec
-from .geometry import Window
 from .layers import (DeltaActivation, DeltaAdd, DeltaCat, DeltaChannelSlice, DeltaConv2d, DeltaConvTranspose2d,
                      DeltaGlobalAvgPool, DeltaLayer, DeltaLinearMap, DeltaMaxPool2d, DeltaMul, DeltaScale,
                      DenseIsland, Densify, Sparsify)

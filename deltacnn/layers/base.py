@@ -1,7 +1,6 @@
 """What every delta layer shares: a name, the model's runtime, keyframe-aware state."""
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from ..runtime import Runtime
@@ -46,7 +45,14 @@ class DeltaLayer(nn.Module):
                 self._buffers[k] = None
 
     def _set_state(self, key: str, value: Tensor) -> None:
-        self._buffers["state_" + key] = value
+        """Store state, reusing the existing buffer when it fits, so that a captured CUDA graph
+        that reads it stays valid across keyframes."""
+        old = self._buffers.get("state_" + key)
+        if (old is not None and old.shape == value.shape and old.dtype == value.dtype and old.device == value.device
+                and old.stride() == value.stride()):
+            old.copy_(value)
+        else:
+            self._buffers["state_" + key] = value
 
     def _state(self, key: str) -> Tensor:
         t = self._buffers.get("state_" + key)
