@@ -6,7 +6,7 @@ import torch
 from .base import Backend, ConvParams, PointwiseState
 from .reference import ReferenceBackend
 
-BACKENDS = ("reference", "triton")
+BACKENDS = ("reference", "syncfree", "triton")
 
 
 def triton_available() -> tuple[bool, str]:
@@ -24,6 +24,9 @@ def get_backend(device: torch.device, name: str | None = None) -> Backend:
         raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS}")
     if name == "reference" or (name is None and device.type != "cuda"):
         return ReferenceBackend()
+    if name == "syncfree":
+        from .syncfree import SyncFreeBackend
+        return SyncFreeBackend()
     ok, why = triton_available()
     if name == "triton":
         if device.type != "cuda":
