@@ -58,7 +58,8 @@ def test_tau0_bfloat16_with_float32_accumulators(name):
             dense16 = m16(clip[t].bfloat16())
         worst_delta = max(worst_delta, rel_err(dm(clip[t]), truth))
         worst_dense = max(worst_dense, rel_err(dense16, truth))
-    assert worst_delta < max(3 * worst_dense, 2e-2), f"{name}: delta {worst_delta:.2e} vs dense bf16 {worst_dense:.2e}"
+    # rounding of linear outputs is not re-sent later, so the reference keeps them float32: no drift
+    assert worst_delta < 2 * worst_dense + 1e-3, f"{name}: delta {worst_delta:.2e} vs dense bf16 {worst_dense:.2e}"
 
 
 def test_squeeze_excitation_is_a_stream_product():

@@ -25,6 +25,11 @@ DENSE_SWITCH = 1.01
 CHUNK_ROWS = 1 << 14
 
 
+def _acc_dtype(w: Tensor) -> torch.dtype:
+    """Arithmetic dtype of linear layers: at least float32 (see ReferenceBackend._conv_rows)."""
+    return torch.promote_types(w.dtype, torch.float32)
+
+
 def _scatter_rows(n: int, c: int, h: int, w: int, idx: Tensor, vals: Tensor, like: Tensor) -> DeltaTensor:
     """Build a delta whose updated pixels are `idx` with row values `vals`."""
     ext, out = new_rows_ext(n, c, h, w, dtype=vals.dtype, device=like.device)
@@ -112,11 +117,12 @@ class ReferenceBackend(Backend):
         out_mask = dilate_mask(d.mask, p.window, (ho, wo))
         idx = torch.nonzero(out_mask.reshape(-1)).squeeze(1)
         if idx.numel() == 0:
-            return empty_delta(n, cout, ho, wo, dtype=d.dtype, device=d.device)
+            return empty_delta(n, cout, ho, wo, dtype=_acc_dtype(p.weight), device=d.device)
         if idx.numel() > DENSE_SWITCH * out_mask.numel():
             t, b, l, r = p.window.padding
-            x = F.pad(d.zero_filled(), (l, r, t, b))
-            y = F.conv2d(x, p.weight, None, p.window.stride, 0, p.window.dilation, p.groups)
+            acc = _acc_dtype(p.weight)
+            x = F.pad(d.zero_filled().to(acc), (l, r, t, b))
+            y = F.conv2d(x, p.weight.to(acc), None, p.window.stride, 0, p.window.dilation, p.groups)
             return _with_ext(y, out_mask, idx)
         vals = torch.cat([self._conv_rows(d, p, idx[i:i + CHUNK_ROWS], (ho, wo))
                           for i in range(0, idx.numel(), CHUNK_ROWS)])
@@ -124,21 +130,28 @@ class ReferenceBackend(Backend):
 
     @staticmethod
     def _conv_rows(d: DeltaTensor, p: ConvParams, idx: Tensor, out_hw: tuple[int, int]) -> Tensor:
-        """Implicit GEMM over the gathered receptive fields of output pixels `idx`."""
+        """Implicit GEMM over the gathered receptive fields of output pixels `idx`.
+
+        Low-precision weights are applied with float32 arithmetic, like tensor cores with float32
+        accumulation: the result is float32, because a linear layer's output feeds accumulators
+        with no correction step, and rounding it every frame would drift.
+        """
         cin = d.shape[1]
         g = _gather(d, _tap_sources(d, idx, p.window, out_hw))
         P, K, G = idx.numel(), p.window.taps, p.groups
         cout = p.weight.shape[0]
         cg, og = cin // G, cout // G
         w = p.weight
+        acc = _acc_dtype(w)
+        g = g.to(acc)
         if G == 1:
-            wm = p.cached("ref_gemm", lambda: w.permute(2, 3, 1, 0).reshape(K * cin, cout).contiguous())
+            wm = p.cached("ref_gemm", lambda: w.to(acc).permute(2, 3, 1, 0).reshape(K * cin, cout).contiguous())
             return g.reshape(P, K * cin) @ wm
         if cg == 1 and og == 1:  # depthwise: a weighted sum over taps per channel
-            wm = p.cached("ref_dw", lambda: w.reshape(cout, K).t().contiguous())  # (K, C)
+            wm = p.cached("ref_dw", lambda: w.to(acc).reshape(cout, K).t().contiguous())  # (K, C)
             return (g.reshape(P, K, cin) * wm).sum(1)
         gg = g.reshape(P, K, G, cg).permute(2, 0, 1, 3).reshape(G, P, K * cg)
-        wm = p.cached("ref_grouped", lambda: w.reshape(G, og, cg, K).permute(0, 3, 2, 1).reshape(G, K * cg, og).contiguous())
+        wm = p.cached("ref_grouped", lambda: w.to(acc).reshape(G, og, cg, K).permute(0, 3, 2, 1).reshape(G, K * cg, og).contiguous())
         return torch.bmm(gg, wm).permute(1, 0, 2).reshape(P, cout)
 
     def conv_block(self, d: DeltaTensor, p: ConvParams, residual: DeltaTensor | None,
@@ -162,7 +175,7 @@ class ReferenceBackend(Backend):
         # pixels that are candidates only through the residual gather all-zero taps: y = 0 there
         y = torch.cat([self._conv_rows(d, p, idx[i:i + CHUNK_ROWS], (ho, wo))
                        for i in range(0, idx.numel(), CHUNK_ROWS)]) if idx.numel() else \
-            torch.zeros(0, cout, dtype=d.dtype, device=d.device)
+            torch.zeros(0, cout, dtype=_acc_dtype(p.weight), device=d.device)
         if residual is not None:
             y = y + _masked_rows(residual, idx)
         if act is None:

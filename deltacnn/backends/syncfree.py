@@ -50,7 +50,8 @@ class SyncFreeBackend(ReferenceBackend):
         h, w = d.shape[2:]
         out_mask = dilate_mask(d.mask, p.window, p.window.out_size(h, w))
         t, b, l, r = p.window.padding
-        y = F.conv2d(F.pad(d.zero_filled(), (l, r, t, b)), p.weight, None, p.window.stride, 0, p.window.dilation,
+        acc = torch.promote_types(p.weight.dtype, torch.float32)  # see ReferenceBackend._conv_rows
+        y = F.conv2d(F.pad(d.zero_filled().to(acc), (l, r, t, b)), p.weight.to(acc), None, p.window.stride, 0, p.window.dilation,
                      p.groups)
         return DeltaTensor(to_cl(y), out_mask)
 

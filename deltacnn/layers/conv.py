@@ -129,8 +129,8 @@ class DeltaConvTranspose2d(DeltaLayer):
                                self.macs_per_pixel)
         kh, kw = self.weight.shape[2:]
         ones = torch.ones(1, 1, kh, kw, device=d.device)
-        out = self.rt.backend_for(d.values).dense_linear(
-            d, lambda x: self._conv(x, self.weight, None, self.groups),
+        out = self.rt.backend_for(d.values).dense_linear(  # float32 math: the output feeds accumulators
+            d, lambda x: self._conv(x.float(), self.weight.float(), None, self.groups),
             lambda m: self._conv(m.float(), ones, None, 1) > 0)
         return self.record(out, self.macs_per_pixel)
 
