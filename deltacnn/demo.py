@@ -32,8 +32,8 @@ def synthetic_clip(frames: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--frames", type=int, default=40)
-    ap.add_argument("--size", default="320x180", help="WxH")
+    ap.add_argument("--frames", type=int, default=30)
+    ap.add_argument("--size", default="640x360", help="WxH")
     ap.add_argument("--threshold", type=float, default=0.02)
     args = ap.parse_args(argv)
     w, h = (int(v) for v in args.size.lower().split("x"))

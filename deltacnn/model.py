@@ -104,6 +104,8 @@ class DeltaModel(nn.Module):
             self._stream = None
             raise
         self._stream = (tuple(x.shape), x.dtype, x.device)
+        if self.rt.keyframe:  # also when the input layer promoted a mostly-changed frame to a keyframe
+            self.frame_index = 0
         self.frame_index += 1
         return out
 

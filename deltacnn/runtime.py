@@ -18,6 +18,7 @@ class Runtime:
     dtype: torch.dtype = torch.float32
     backend_name: str | None = None  # None: chosen from the input's device
     keyframe: bool = True
+    keyframe_above: float | None = None  # input update fraction above which a frame runs densely
     stats: StatsRecorder = field(default_factory=StatsRecorder)
     input_mask: Tensor | None = None
     _backends: dict[str, Backend] = field(default_factory=dict)

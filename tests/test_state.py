@@ -59,7 +59,7 @@ def test_tau_zero_long_clip_matches_dense():
 def test_keyframe_interval_and_reset():
     m = net()
     clip = make_video(12, h=16, w=16, seed=3)
-    dm = deltacnn.convert(m, clip[0], keyframe_interval=4, threshold=0.02)
+    dm = deltacnn.convert(m, clip[0], keyframe_interval=4, threshold=0.02, keyframe_above=None)
     dm.enable_stats()
     keys = []
     for t in range(12):
@@ -211,3 +211,19 @@ def test_dense_fallback_island_is_correct():
     for t in range(15):
         with torch.no_grad():
             assert rel_err(dm(clip[t]), m(clip[t])) < 1e-5
+
+
+def test_mostly_changed_frame_runs_as_keyframe():
+    m = net()
+    clip = make_video(8, h=16, w=16, noise=0.05, seed=3)  # noise changes every pixel at tau 0
+    dm = deltacnn.convert(m, clip[0], keyframe_above=0.5)
+    dm.enable_stats()
+    for t in range(8):
+        with torch.no_grad():
+            assert rel_err(dm(clip[t]), m(clip[t])) < 1e-5
+        assert dm.frame_stats().keyframe
+    quiet = deltacnn.convert(m, clip[0], keyframe_above=0.5, input_threshold=1.0)  # hardly anything passes
+    quiet.enable_stats()
+    quiet(clip[0])
+    quiet(clip[1])
+    assert not quiet.frame_stats().keyframe

@@ -50,6 +50,7 @@ class Backend:
     """Delta operations on `DeltaTensor`s (non-keyframe steps). See reference.py for semantics."""
 
     name = "abstract"
+    host_sync_ok = False  # True if the backend may read device values on the host mid-frame
 
     def sparsify(self, x: Tensor, ref: Tensor, tau: float, score: str, dilation: int, dtype) -> DeltaTensor:
         raise NotImplementedError

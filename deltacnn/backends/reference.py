@@ -15,12 +15,12 @@ from torch import Tensor
 
 from ..activations import truncation_score
 from ..geometry import Window, dilate_mask, receptive_taps
-from ..tensor import DeltaTensor, empty_delta, new_rows_ext, rows
+from ..tensor import DeltaTensor, empty_delta, new_rows_ext, rows, to_cl
 from .base import Backend, ConvParams, PointwiseState
 
 # Above this fraction of active output pixels a dense conv on zero-filled deltas is cheaper than
 # gathering; both are exact, so this only changes speed. Tests set it to 0 and 1 to cover both.
-DENSE_SWITCH = 1.01
+DENSE_SWITCH = 0.85
 # Gathered rows processed per chunk, to bound the im2col buffer.
 CHUNK_ROWS = 1 << 14
 
@@ -89,6 +89,7 @@ def _tap_sources(d: DeltaTensor, idx: Tensor, win: Window, out_hw: tuple[int, in
 
 class ReferenceBackend(Backend):
     name = "reference"
+    host_sync_ok = True  # may read device values on the host (decisions, index lists)
 
     # ---- input / output -------------------------------------------------------------------
     def sparsify(self, x: Tensor, ref: Tensor, tau: float, score: str, dilation: int, dtype) -> DeltaTensor:
@@ -119,14 +120,18 @@ class ReferenceBackend(Backend):
         if idx.numel() == 0:
             return empty_delta(n, cout, ho, wo, dtype=_acc_dtype(p.weight), device=d.device)
         if idx.numel() > DENSE_SWITCH * out_mask.numel():
-            t, b, l, r = p.window.padding
-            acc = _acc_dtype(p.weight)
-            x = F.pad(d.zero_filled().to(acc), (l, r, t, b))
-            y = F.conv2d(x, p.weight.to(acc), None, p.window.stride, 0, p.window.dilation, p.groups)
-            return _with_ext(y, out_mask, idx)
+            return _with_ext(self._dense_conv(d, p), out_mask, idx)
         vals = torch.cat([self._conv_rows(d, p, idx[i:i + CHUNK_ROWS], (ho, wo))
                           for i in range(0, idx.numel(), CHUNK_ROWS)])
         return _scatter_rows(n, cout, ho, wo, idx, vals, d.values)
+
+    @staticmethod
+    def _dense_conv(d: DeltaTensor, p: ConvParams) -> Tensor:
+        """The conv of the zero-filled delta over the whole map (cheaper when most pixels change)."""
+        t, b, l, r = p.window.padding
+        acc = _acc_dtype(p.weight)
+        x = F.pad(d.zero_filled().to(acc), (l, r, t, b))
+        return F.conv2d(x, p.weight.to(acc), None, p.window.stride, 0, p.window.dilation, p.groups)
 
     @staticmethod
     def _conv_rows(d: DeltaTensor, p: ConvParams, idx: Tensor, out_hw: tuple[int, int]) -> Tensor:
@@ -172,10 +177,14 @@ class ReferenceBackend(Backend):
                 raise ValueError(f"residual shape {tuple(residual.shape)} does not match conv output {(n, cout, ho, wo)}")
             cand = cand | residual.mask
         idx = torch.nonzero(cand.reshape(-1)).squeeze(1)
-        # pixels that are candidates only through the residual gather all-zero taps: y = 0 there
-        y = torch.cat([self._conv_rows(d, p, idx[i:i + CHUNK_ROWS], (ho, wo))
-                       for i in range(0, idx.numel(), CHUNK_ROWS)]) if idx.numel() else \
-            torch.zeros(0, cout, dtype=_acc_dtype(p.weight), device=d.device)
+        if idx.numel() > DENSE_SWITCH * cand.numel():
+            y = rows(to_cl(self._dense_conv(d, p))).index_select(0, idx)
+        elif idx.numel():
+            # pixels that are candidates only through the residual gather all-zero taps: y = 0 there
+            y = torch.cat([self._conv_rows(d, p, idx[i:i + CHUNK_ROWS], (ho, wo))
+                           for i in range(0, idx.numel(), CHUNK_ROWS)])
+        else:
+            y = torch.zeros(0, cout, dtype=_acc_dtype(p.weight), device=d.device)
         if residual is not None:
             y = y + _masked_rows(residual, idx)
         if act is None:

@@ -33,6 +33,7 @@ def _zero(like: Tensor) -> Tensor:
 
 class SyncFreeBackend(ReferenceBackend):
     name = "syncfree"
+    host_sync_ok = False
 
     def sparsify(self, x: Tensor, ref: Tensor, tau: float, score: str, dilation: int, dtype) -> DeltaTensor:
         d = x.float() - ref

@@ -1,6 +1,7 @@
 """What every delta layer shares: a name, the model's runtime, keyframe-aware state."""
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from ..runtime import Runtime
@@ -33,26 +34,24 @@ class DeltaLayer(nn.Module):
     def tau(self) -> float:
         return self.rt.thresholds.get(self.name)
 
-    @staticmethod
-    def state_from(values: Tensor) -> Tensor:
-        """A float32 channels_last copy of `values`, to seed an accumulator on a keyframe."""
-        return to_cl(values.float()).clone()
+    def _seed_state(self, key: str, values: Tensor) -> None:
+        """Set float32 channels_last state `key` to a copy of `values` (on keyframes).
+
+        The existing buffer is reused when it fits, so that a captured CUDA graph reading it stays
+        valid across keyframes, and so that a keyframe costs one copy per state, not an allocation.
+        """
+        old = self._buffers.get("state_" + key)
+        if old is not None and old.shape == values.shape and old.device == values.device:
+            old.copy_(values)
+        else:
+            self._buffers["state_" + key] = to_cl(values.float()).clone() if values.dtype == torch.float32 \
+                else to_cl(values.float())
 
     def reset_state(self) -> None:
-        """Drop cached state (freed memory); the next frame must be a keyframe."""
-        for k, v in list(self._buffers.items()):
+        """Drop cached state (frees memory); the next frame must be a keyframe."""
+        for k in list(self._buffers):
             if k.startswith("state_"):
                 self._buffers[k] = None
-
-    def _set_state(self, key: str, value: Tensor) -> None:
-        """Store state, reusing the existing buffer when it fits, so that a captured CUDA graph
-        that reads it stays valid across keyframes."""
-        old = self._buffers.get("state_" + key)
-        if (old is not None and old.shape == value.shape and old.dtype == value.dtype and old.device == value.device
-                and old.stride() == value.stride()):
-            old.copy_(value)
-        else:
-            self._buffers["state_" + key] = value
 
     def _state(self, key: str) -> Tensor:
         t = self._buffers.get("state_" + key)

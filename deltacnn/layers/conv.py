@@ -74,9 +74,9 @@ class DeltaConv2d(DeltaLayer):
             if residual is not None:
                 y = y + residual.values
             if self.act is not None:
-                self._set_state("acc", self.state_from(y))
+                self._seed_state("acc", y)
                 y = self.act(self._state("acc")).to(rt.dtype)
-                self._set_state("emitted", self.state_from(y))
+                self._seed_state("emitted", y)
             out = DeltaTensor.keyframe(y)
         else:
             st = None

@@ -23,11 +23,18 @@ class Sparsify(DeltaLayer):
     def forward(self, x: Tensor) -> DeltaTensor:
         rt = self.rt
         if rt.keyframe:
-            self._set_state("ref", self.state_from(x))
+            self._seed_state("ref", x)
             d = DeltaTensor.keyframe(x.to(rt.dtype))
         else:
             ref = self._state("ref")
-            d = rt.backend_for(x).sparsify(to_cl(x), ref, self.tau(), rt.thresholds.score, self.dilation, rt.dtype)
+            backend = rt.backend_for(x)
+            d = backend.sparsify(to_cl(x), ref, self.tau(), rt.thresholds.score, self.dilation, rt.dtype)
+            if (self.name == INPUT and rt.keyframe_above is not None and backend.host_sync_ok
+                    and float(d.mask.float().mean()) > rt.keyframe_above):
+                # most of the frame changed: a dense keyframe is cheaper than sparse work, and exact
+                rt.keyframe = True
+                self._seed_state("ref", x)
+                d = DeltaTensor.keyframe(x.to(rt.dtype))
         if self.name == INPUT:
             rt.input_mask = d.mask
         return self.record(d)
@@ -41,7 +48,7 @@ class Densify(DeltaLayer):
     def forward(self, d: DeltaTensor) -> Tensor:
         d = check_delta(d, self)
         if d.dense:
-            self._set_state("out", self.state_from(d.values))
+            self._seed_state("out", d.values)
         else:
             self.rt.backend_for(d.values).accumulate(self._state("out"), d)
         return self._state("out").to(self.rt.dtype, copy=True)

@@ -27,9 +27,9 @@ class DeltaActivation(DeltaLayer):
         d = check_delta(d, self)
         rt = self.rt
         if d.dense:
-            self._set_state("acc", self.state_from(d.values))
+            self._seed_state("acc", d.values)
             y = self.act(self._state("acc")).to(rt.dtype)
-            self._set_state("emitted", self.state_from(y))
+            self._seed_state("emitted", y)
             return self.record(DeltaTensor.keyframe(y))
         st = PointwiseState(self.act, self._state("acc"), self._state("emitted"), self.tau(), rt.thresholds.score)
         return self.record(rt.backend_for(d.values).pointwise(d, st))
@@ -51,9 +51,9 @@ class DeltaMaxPool2d(DeltaLayer):
         d = check_delta(d, self)
         rt = self.rt
         if d.dense:
-            self._set_state("acc", self.state_from(d.values))
+            self._seed_state("acc", d.values)
             y = F.max_pool2d(d.values, *self.args)
-            self._set_state("emitted", self.state_from(y))
+            self._seed_state("emitted", y)
             return self.record(DeltaTensor.keyframe(y))
         out = rt.backend_for(d.values).maxpool(d, self._state("acc"), self._state("emitted"), self.window,
                                                self.tau(), rt.thresholds.score)
@@ -73,10 +73,10 @@ class DeltaMul(DeltaLayer):
         if a.dense != b.dense:
             raise RuntimeError(f"mul {self.name!r}: keyframe and delta inputs mixed")
         if a.dense:
-            self._set_state("a", self.state_from(a.values))
-            self._set_state("b", self.state_from(b.values))
+            self._seed_state("a", a.values)
+            self._seed_state("b", b.values)
             y = (a.values * b.values).to(rt.dtype)
-            self._set_state("emitted", self.state_from(y))
+            self._seed_state("emitted", y)
             return self.record(DeltaTensor.keyframe(y))
         out = rt.backend_for(a.values).mul(a, b, self._state("a"), self._state("b"), self._state("emitted"),
                                            self.tau(), rt.thresholds.score)
