@@ -4,7 +4,7 @@ Layouts and parameter names follow torchvision where one exists, so real checkpo
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -21,15 +21,16 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
-def build(name: str, **kwargs) -> nn.Module:
-    """Build a zoo model by name (random weights)."""
+def build(name: str, **kwargs: Any) -> nn.Module:
+    """Build a zoo model by name with random weights (nothing is downloaded); kwargs go to the factory."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(MODELS)}")
     return MODELS[name](**kwargs)
 
 
 def randomize_bn_(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give every BatchNorm random statistics and affine terms, so BN folding is really exercised."""
+    """Give every BatchNorm2d random running stats and affine terms (in place, seeded), so BN folding is really
+    exercised: fresh BNs (mean 0, var 1, weight 1, bias 0) are near-identities that hide folding bugs."""
     g = torch.Generator().manual_seed(seed)
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
