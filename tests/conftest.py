@@ -1,8 +1,14 @@
 """Shared test material: synthetic static-camera clips and a dense-vs-delta runner."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels run on the CPU through the interpreter; must be set before triton is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 import torch.nn.functional as F
 
 torch.set_num_threads(2)

@@ -1,0 +1,71 @@
+"""Triton GPU backend: sparse kernels for the hot ops, sync-free dense-masked PyTorch for the rest.
+
+Everything here runs without a host synchronisation, so a whole delta frame can be captured in
+a CUDA graph (deltacnn.compile). Semantics are the reference backend's; the kernels themselves
+live in triton_kernels/ and are tested against plain PyTorch under TRITON_INTERPRET=1.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..tensor import DeltaTensor, to_cl
+from . import triton_kernels as tk
+from .base import ConvParams, PointwiseState
+from .syncfree import SyncFreeBackend
+
+
+def _precision() -> str:
+    """float32 GEMMs follow PyTorch's TF32 switch (exact 'ieee' when TF32 is off)."""
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32 else "ieee"
+
+
+def _act(st: PointwiseState) -> tk.Act:
+    return tk.Act.from_spec(st.act, st.acc, st.emitted, st.tau, st.score)
+
+
+class TritonBackend(SyncFreeBackend):
+    name = "triton"
+    host_sync_ok = False
+
+    def sparsify(self, x: Tensor, ref: Tensor, tau: float, score: str, dilation: int, dtype) -> DeltaTensor:
+        vals, mask = tk.sparsify(to_cl(x.float()), ref, tau, dilation, score, out_dtype=dtype)
+        return DeltaTensor(vals, mask)
+
+    def accumulate(self, state: Tensor, d: DeltaTensor) -> None:
+        tk.accumulate_(state, to_cl(d.values), d.mask)
+
+    def conv2d(self, d: DeltaTensor, p: ConvParams) -> DeltaTensor:
+        return self.conv_block(d, p, None, None)
+
+    def conv_block(self, d: DeltaTensor, p: ConvParams, residual: DeltaTensor | None,
+                   act: PointwiseState | None) -> DeltaTensor:
+        if act is not None and act.act.kind == "prelu":
+            return super().conv_block(d, p, residual, act)
+        win = p.window
+        h, w = d.shape[2:]
+        out_hw = win.out_size(h, w)
+        out_mask = tk.dilate_mask(d.mask, win.kernel, win.stride, win.padding, win.dilation, out_hw)
+        x = to_cl(d.values)
+        prepared = p.cached(f"triton_{x.dtype}", lambda: tk.prepare_weight(p.weight, p.groups, x.dtype))
+        # a linear output feeds accumulators with no correction step: keep it float32 (see reference)
+        out_dtype = p.weight.dtype if act is not None else torch.float32
+        y, ym = tk.sparse_conv2d(
+            x, d.mask, p.weight, out_mask, win.stride, win.padding, win.dilation, p.groups,
+            residual=to_cl(residual.values) if residual is not None else None,
+            residual_mask=residual.mask if residual is not None else None,
+            act=_act(act) if act is not None else None, out_dtype=out_dtype, input_precision=_precision(),
+            prepared=prepared)
+        return DeltaTensor(y, ym)
+
+    def pointwise(self, d: DeltaTensor, st: PointwiseState) -> DeltaTensor:
+        if st.act.kind == "prelu":
+            return super().pointwise(d, st)
+        out, mask = tk.sparse_nonlinear(to_cl(d.values), d.mask, st.acc, st.emitted, _act(st))
+        return DeltaTensor(out, mask)
+
+    def add(self, a: DeltaTensor, b: DeltaTensor) -> DeltaTensor:
+        if a.shape != b.shape:
+            raise ValueError(f"delta add needs equal shapes, got {tuple(a.shape)} and {tuple(b.shape)}")
+        out, mask = tk.sparse_add(to_cl(a.values), a.mask, to_cl(b.values), b.mask)
+        return DeltaTensor(out, mask)

@@ -1,0 +1,193 @@
+"""Shared pieces of the Triton kernels: activation codes, the fused nonlinear epilogue, launch helpers."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# activation codes (constexpr inside kernels)
+ACT_CODES = {"none": 0, "identity": 0, "relu": 1, "relu6": 2, "leaky_relu": 3, "silu": 4, "hardswish": 5,
+             "hardsigmoid": 6, "sigmoid": 7, "tanh": 8, "gelu": 9, "gelu_tanh": 10, "hardtanh": 11, "elu": 12}
+SCORE_CODES = {"max": 0, "l2": 1}
+
+
+@dataclass
+class Act:
+    """Fused nonlinear delta update: A += y; o = f(A) - E; emit where score(o) > tau; E += o there.
+
+    `fn` is one of ACT_CODES; `slope` (leaky_relu), `min_val`/`max_val` (hardtanh) and `alpha` (elu)
+    parametrise it. `acc` (A) and `emitted` (E) are float32 (N, C, H, W) channels_last states of the
+    output's shape; both are updated in place.
+    """
+
+    fn: str
+    acc: Tensor
+    emitted: Tensor
+    tau: float = 0.0
+    score: str = "max"
+    slope: float = 0.01
+    min_val: float = -1.0
+    max_val: float = 1.0
+    alpha: float = 1.0
+
+    @classmethod
+    def from_spec(cls, spec, acc: Tensor, emitted: Tensor, tau: float, score: str = "max") -> "Act":
+        """Build from a deltacnn.activations.ActSpec (prelu is not supported here)."""
+        fn = spec.kind
+        if fn == "gelu" and getattr(spec, "approximate", "none") == "tanh":
+            fn = "gelu_tanh"
+        return cls(fn, acc, emitted, tau, score, spec.slope, spec.min_val, spec.max_val, spec.alpha)
+
+    def code(self) -> int:
+        if self.fn not in ACT_CODES:
+            raise ValueError(f"activation {self.fn!r} not supported by the Triton kernels; known: {sorted(ACT_CODES)}")
+        return ACT_CODES[self.fn]
+
+    def score_code(self) -> int:
+        if self.score not in SCORE_CODES:
+            raise ValueError(f"truncation score must be 'max' or 'l2', got {self.score!r}")
+        return SCORE_CODES[self.score]
+
+
+def as_act(act) -> Act | None:
+    if act is None or isinstance(act, Act):
+        return act
+    if isinstance(act, dict):
+        return Act(**act)
+    raise TypeError(f"act must be an Act, a dict or None, got {type(act)}")
+
+
+def check_state(t: Tensor, shape, name: str) -> None:
+    if tuple(t.shape) != tuple(shape) or t.dtype != torch.float32:
+        raise ValueError(f"{name} must be float32 of shape {tuple(shape)}, got {t.dtype} {tuple(t.shape)}")
+    if not is_cl(t):
+        raise ValueError(f"{name} must be channels_last")
+
+
+def is_cl(t: Tensor) -> bool:
+    """True when the (N, C, H, W) tensor's memory is a dense NHWC block."""
+    n, c, h, w = t.shape
+    return t.stride() == (h * w * c, 1, w * c, c) or t.numel() == 0 or \
+        t.permute(0, 2, 3, 1).is_contiguous()
+
+
+def need_cl(t: Tensor, name: str) -> Tensor:
+    if not is_cl(t):
+        raise ValueError(f"{name} must be (N, C, H, W) in channels_last memory")
+    return t
+
+
+def mask_u8(m: Tensor, shape, name: str) -> Tensor:
+    """A (N, 1, H, W) bool mask viewed as contiguous uint8."""
+    if m.dtype != torch.bool or tuple(m.shape) != tuple(shape):
+        raise ValueError(f"{name} must be bool of shape {tuple(shape)}, got {m.dtype} {tuple(m.shape)}")
+    if not m.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+    return m.view(torch.uint8)
+
+
+def new_cl(n: int, c: int, h: int, w: int, dtype, device) -> Tensor:
+    return torch.empty(n, h, w, c, dtype=dtype, device=device).permute(0, 3, 1, 2)
+
+
+_SMS: dict = {}
+
+
+def num_sms(device: torch.device) -> int:
+    if INTERPRET or device.type != "cuda":
+        return 2
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    if key not in _SMS:
+        _SMS[key] = torch.cuda.get_device_properties(key).multi_processor_count
+    return _SMS[key]
+
+
+def npow2(x: int) -> int:
+    return triton.next_power_of_2(max(1, int(x)))
+
+
+# ------------------------------------------------------------------------------------------------
+@triton.jit
+def _sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def apply_act(x, FN: tl.constexpr, slope, min_val, max_val, alpha):
+    """f(x) for float32 x; FN is an ACT_CODES value."""
+    if FN == 1:
+        y = tl.maximum(x, 0.0)
+    elif FN == 2:
+        y = tl.minimum(tl.maximum(x, 0.0), 6.0)
+    elif FN == 3:
+        y = tl.where(x > 0, x, x * slope)
+    elif FN == 4:
+        y = x * _sigmoid(x)
+    elif FN == 5:
+        y = x * tl.minimum(tl.maximum(x + 3.0, 0.0), 6.0) * (1.0 / 6.0)
+    elif FN == 6:
+        y = tl.minimum(tl.maximum(x + 3.0, 0.0), 6.0) * (1.0 / 6.0)
+    elif FN == 7:
+        y = _sigmoid(x)
+    elif FN == 8:
+        y = 2.0 * _sigmoid(2.0 * x) - 1.0
+    elif FN == 9:
+        y = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+    elif FN == 10:
+        u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+        y = 0.5 * x * (1.0 + (2.0 * _sigmoid(2.0 * u) - 1.0))
+    elif FN == 11:
+        y = tl.minimum(tl.maximum(x, min_val), max_val)
+    elif FN == 12:
+        y = tl.where(x > 0, x, alpha * (tl.exp(tl.minimum(x, 0.0)) - 1.0))
+    else:
+        y = x
+    return y
+
+
+@triton.jit
+def finish_tile(acc, prow, pvalid, omask, cols, cvalid, C,
+                out_ptr, res_ptr, rmask_ptr, a_ptr, e_ptr, fm_ptr,
+                slope, min_val, max_val, alpha, tau,
+                HAS_RES: tl.constexpr, HAS_ACT: tl.constexpr, FN: tl.constexpr, SCORE: tl.constexpr,
+                WRITE_FM: tl.constexpr):
+    """Epilogue for a [P, C] float32 tile `acc` of pixels `prow` (int64 rows of a (pixels, C) matrix).
+
+    Adds the residual where its mask is set; without an activation stores acc at candidate pixels
+    (omask | residual mask) and, if WRITE_FM, the candidate mask; with one runs the nonlinear delta
+    update (all C channels must be in this tile) and writes the emit mask for every valid pixel.
+    """
+    cand = omask
+    offs = prow[:, None] * C + cols[None, :]
+    if HAS_RES:
+        rm = tl.load(rmask_ptr + prow, mask=pvalid, other=0) != 0
+        r = tl.load(res_ptr + offs, mask=rm[:, None] & cvalid[None, :], other=0.0)
+        acc = acc + r.to(tl.float32)
+        cand = cand | rm
+    m2 = cand[:, None] & cvalid[None, :]
+    if HAS_ACT:
+        a = tl.load(a_ptr + offs, mask=m2, other=0.0) + acc
+        tl.store(a_ptr + offs, a, mask=m2)
+        e = tl.load(e_ptr + offs, mask=m2, other=0.0)
+        o = apply_act(a, FN, slope, min_val, max_val, alpha) - e
+        o = tl.where(m2, o, 0.0)
+        if SCORE == 0:
+            s = tl.max(tl.abs(o), axis=1)
+        else:
+            s = tl.sqrt(tl.sum(o * o, axis=1))
+        emit = cand & (s > tau)
+        m3 = emit[:, None] & cvalid[None, :]
+        o_r = o.to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + offs, o_r, mask=m3)
+        tl.store(e_ptr + offs, e + o_r.to(tl.float32), mask=m3)
+        tl.store(fm_ptr + prow, emit.to(tl.uint8), mask=pvalid)
+    else:
+        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=m2)
+        if WRITE_FM:
+            tl.store(fm_ptr + prow, cand.to(tl.uint8), mask=pvalid)

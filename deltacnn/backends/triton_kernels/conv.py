@@ -1,0 +1,298 @@
+"""Sparse convolution on delta tensors: gathered implicit GEMM over compacted active output tiles.
+
+Work decomposition (no host sync): `active_tiles` compacts the TH x TW output tiles that hold a
+candidate pixel into a list with a device-side count; a persistent grid (sized from the worst case
+and the SM count) walks work items (tile, group, output-channel block, K split) of that list.
+Each item gathers, per tap, the input rows of its tile's pixels (zeros where the input mask is 0
+or the tap is out of bounds), multiplies them on tensor cores (tl.dot, float32 accumulation) and
+runs the fused epilogue (residual, nonlinear delta update) on the tile.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._common import INTERPRET, Act, as_act, check_state, finish_tile, mask_u8, need_cl, new_cl, npow2, num_sms
+from .masks import active_tiles
+from .pointwise import sparse_add, sparse_nonlinear
+
+
+@triton.jit
+def _conv_gemm_kernel(x_ptr, xm_ptr, w_ptr, out_ptr, om_ptr, res_ptr, rm_ptr, a_ptr, e_ptr, fm_ptr,
+                      ids_ptr, count_ptr,
+                      H, W, Ho, Wo, Cin, Cout, Cg, Og, n_tw, tiles_per_img,
+                      slope, min_val, max_val, alpha, tau,
+                      KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+                      DH: tl.constexpr, DW: tl.constexpr, PT: tl.constexpr, PL: tl.constexpr,
+                      TH: tl.constexpr, TW: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                      NB: tl.constexpr, G: tl.constexpr, SPLIT_K: tl.constexpr,
+                      HAS_RES: tl.constexpr, HAS_ACT: tl.constexpr, FN: tl.constexpr, SCORE: tl.constexpr,
+                      WRITE_FM: tl.constexpr, ATOMIC: tl.constexpr, PREC: tl.constexpr, IS_F32: tl.constexpr,
+                      NKC: tl.constexpr, N_IT: tl.constexpr, IT_PER: tl.constexpr, UPCAST: tl.constexpr):
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    PER_TILE: tl.constexpr = G * NB * SPLIT_K
+    total = tl.load(count_ptr) * PER_TILE
+    p = tl.arange(0, TH * TW)
+    kk = tl.arange(0, BK)
+    w = pid
+    while w < total:
+        ti = w // PER_TILE
+        rem = w % PER_TILE
+        g = rem // (NB * SPLIT_K)
+        rem2 = rem % (NB * SPLIT_K)
+        nb = rem2 // SPLIT_K
+        ks = rem2 % SPLIT_K
+        t = tl.load(ids_ptr + ti)
+        n = t // tiles_per_img
+        r = t % tiles_per_img
+        oy = (r // n_tw) * TH + p // TW
+        ox = (r % n_tw) * TW + p % TW
+        pvalid = (oy < Ho) & (ox < Wo)
+        prow = (n * Ho + oy).to(tl.int64) * Wo + ox
+        om = (tl.load(om_ptr + prow, mask=pvalid, other=0) != 0) & pvalid
+        cols_g = nb * BN + tl.arange(0, BN)
+        cvalid = cols_g < Og
+        acc = tl.zeros([TH * TW, BN], dtype=tl.float32)
+        it0 = ks * IT_PER
+        for j in range(0, IT_PER):
+            it = it0 + j
+            live = it < N_IT
+            tap = it // NKC
+            kc = it % NKC
+            ky = tap // KW
+            kx = tap % KW
+            iy = oy * SH - PT + ky * DH
+            ix = ox * SW - PL + kx * DW
+            inb = pvalid & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W) & live
+            irow = (n * H + iy).to(tl.int64) * W + ix
+            xm = (tl.load(xm_ptr + irow, mask=inb, other=0) != 0) & inb
+            k = kc * BK + kk
+            kv = (k < Cg) & live
+            a = tl.load(x_ptr + irow[:, None] * Cin + (g * Cg + k)[None, :], mask=xm[:, None] & kv[None, :], other=0.0)
+            b = tl.load(w_ptr + ((g * (KH * KW) + tap) * Cg + k)[:, None] * Og + cols_g[None, :],
+                        mask=kv[:, None] & cvalid[None, :], other=0.0)
+            if IS_F32:
+                acc = tl.dot(a, b, acc, input_precision=PREC)
+            elif UPCAST:  # the CPU interpreter's dot mishandles bf16: exact fp32 products instead
+                acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, b, acc)
+        cols = g * Og + cols_g
+        if ATOMIC:
+            cand = om
+            if HAS_RES:
+                rm = (tl.load(rm_ptr + prow, mask=pvalid, other=0) != 0) & pvalid
+                rv = tl.load(res_ptr + prow[:, None] * Cout + cols[None, :],
+                             mask=(rm & (ks == 0))[:, None] & cvalid[None, :], other=0.0)
+                acc = acc + rv.to(tl.float32)
+                cand = cand | rm
+            tl.atomic_add(out_ptr + prow[:, None] * Cout + cols[None, :], acc,
+                          mask=cand[:, None] & cvalid[None, :], sem="relaxed")
+        else:
+            finish_tile(acc, prow, pvalid, om, cols, cvalid, Cout, out_ptr, res_ptr, rm_ptr, a_ptr, e_ptr, fm_ptr,
+                        slope, min_val, max_val, alpha, tau, HAS_RES, HAS_ACT, FN, SCORE, WRITE_FM)
+        w += nprog
+
+
+@triton.jit
+def _conv_dw_kernel(x_ptr, xm_ptr, w_ptr, out_ptr, om_ptr, res_ptr, rm_ptr, a_ptr, e_ptr, fm_ptr,
+                    ids_ptr, count_ptr,
+                    H, W, Ho, Wo, C, n_tw, tiles_per_img,
+                    slope, min_val, max_val, alpha, tau,
+                    KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+                    DH: tl.constexpr, DW: tl.constexpr, PT: tl.constexpr, PL: tl.constexpr,
+                    TH: tl.constexpr, TW: tl.constexpr, BC: tl.constexpr, NCB: tl.constexpr,
+                    HAS_RES: tl.constexpr, HAS_ACT: tl.constexpr, FN: tl.constexpr, SCORE: tl.constexpr,
+                    WRITE_FM: tl.constexpr):
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    total = tl.load(count_ptr) * NCB
+    p = tl.arange(0, TH * TW)
+    w = pid
+    while w < total:
+        t = tl.load(ids_ptr + w // NCB)
+        cb = w % NCB
+        n = t // tiles_per_img
+        r = t % tiles_per_img
+        oy = (r // n_tw) * TH + p // TW
+        ox = (r % n_tw) * TW + p % TW
+        pvalid = (oy < Ho) & (ox < Wo)
+        prow = (n * Ho + oy).to(tl.int64) * Wo + ox
+        om = (tl.load(om_ptr + prow, mask=pvalid, other=0) != 0) & pvalid
+        cols = cb * BC + tl.arange(0, BC)
+        cvalid = cols < C
+        acc = tl.zeros([TH * TW, BC], dtype=tl.float32)
+        for ky in tl.static_range(KH):
+            iy = oy * SH - PT + ky * DH
+            for kx in tl.static_range(KW):
+                ix = ox * SW - PL + kx * DW
+                inb = pvalid & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
+                irow = (n * H + iy).to(tl.int64) * W + ix
+                xm = (tl.load(xm_ptr + irow, mask=inb, other=0) != 0) & inb
+                xv = tl.load(x_ptr + irow[:, None] * C + cols[None, :], mask=xm[:, None] & cvalid[None, :], other=0.0)
+                wv = tl.load(w_ptr + (ky * KW + kx) * C + cols, mask=cvalid, other=0.0)
+                acc += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
+        finish_tile(acc, prow, pvalid, om, cols, cvalid, C, out_ptr, res_ptr, rm_ptr, a_ptr, e_ptr, fm_ptr,
+                    slope, min_val, max_val, alpha, tau, HAS_RES, HAS_ACT, FN, SCORE, WRITE_FM)
+        w += nprog
+
+
+@dataclass(frozen=True)
+class ConvConfig:
+    """Launch shape of the sparse conv: output tile th x tw pixels, bn output channels, bk input channels
+    per K step, split_k K splits (fp32 atomics), persistent programs per SM."""
+
+    th: int = 8
+    tw: int = 8
+    bn: int = 64
+    bk: int = 64
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+    programs_per_sm: int = 4
+
+
+def prepare_weight(weight: Tensor, groups: int, dtype: torch.dtype | None = None) -> Tensor:
+    """GEMM form of a conv weight (Cout, Cin/G, kh, kw): (G, kh, kw, Cin/G, Cout/G) contiguous;
+    depthwise (Cin/G == Cout/G == 1) gives (kh*kw, C). Cache it per weight tensor."""
+    cout, cg, kh, kw = weight.shape
+    og = cout // groups
+    w = weight if dtype is None else weight.to(dtype)
+    if cg == 1 and og == 1:
+        return w.reshape(cout, kh * kw).t().contiguous()
+    return w.reshape(groups, og, cg, kh, kw).permute(0, 3, 4, 2, 1).contiguous()
+
+
+def default_config(n: int, cin: int, cout: int, groups: int, kernel: tuple[int, int], out_hw: tuple[int, int],
+                   dtype: torch.dtype, fused_act: bool) -> ConvConfig:
+    """Shape-only heuristic (never data-dependent, so it is capture-safe)."""
+    cg, og = cin // groups, cout // groups
+    kh, kw = kernel
+    if cg == 1 and og == 1:  # depthwise
+        bc = max(16, npow2(cout)) if fused_act and cout <= 256 else min(64, max(16, npow2(cout)))
+        return ConvConfig(bn=bc, bk=16, num_warps=4 if bc <= 64 else 8)
+    bk_max = 32 if dtype == torch.float32 else 64
+    bk = min(bk_max, max(16, npow2(cg)))
+    if fused_act and groups == 1 and cout <= 256:
+        bn = max(16, npow2(cout))
+    else:
+        big = n * out_hw[0] * out_hw[1] >= 32768
+        bn = min(128 if big else 64, max(16, npow2(og)))
+    warps = 8 if bn >= 256 else 4
+    return ConvConfig(bn=bn, bk=bk, num_warps=warps)
+
+
+def sparse_conv2d(x: Tensor, x_mask: Tensor, weight: Tensor, out_mask: Tensor,
+                  stride: tuple[int, int] = (1, 1), padding: tuple[int, int, int, int] = (0, 0, 0, 0),
+                  dilation: tuple[int, int] = (1, 1), groups: int = 1, out: Tensor | None = None, *,
+                  residual: Tensor | None = None, residual_mask: Tensor | None = None, act: Act | dict | None = None,
+                  out_dtype: torch.dtype | None = None, input_precision: str = "tf32",
+                  prepared: Tensor | None = None, config: ConvConfig | None = None) -> tuple[Tensor, Tensor]:
+    """Sparse conv of a delta (no bias) at the candidate pixels out_mask | residual_mask.
+
+    x: (N, Cin, H, W) channels_last fp16/bf16/fp32, zero where x_mask (N, 1, H, W) bool is 0 (never read).
+    weight: (Cout, Cin/groups, kh, kw) (or pass `prepared=prepare_weight(weight, groups, x.dtype)`).
+    out_mask: (N, 1, Ho, Wo) bool; padding (top, bottom, left, right). y = conv + residual (where
+    residual_mask). Without `act`: returns (y at candidates, out_mask | residual_mask) (the mask is
+    `out_mask` itself when there is no residual). With `act` (see Act): A += y, emits o = f(A) - E
+    where the per-pixel score exceeds tau, returns (o, emit mask). Output dtype: `out.dtype`, else
+    `out_dtype`, else x.dtype. fp32 inputs use `input_precision` ("tf32" or exact "ieee").
+    No host synchronisation: CUDA-graph capturable.
+    """
+    need_cl(x, "x")
+    n, cin, h, w = x.shape
+    cout, cg, kh, kw = weight.shape
+    if cin != cg * groups or cout % groups:
+        raise ValueError(f"weight {tuple(weight.shape)} does not fit {cin} input channels in {groups} groups")
+    og = cout // groups
+    ho, wo = out_mask.shape[2:]
+    xm = mask_u8(x_mask, (n, 1, h, w), "x_mask")
+    om = mask_u8(out_mask, (n, 1, ho, wo), "out_mask")
+    act = as_act(act)
+    dev = x.device
+    odt = out.dtype if out is not None else (out_dtype or x.dtype)
+    if out is None:
+        out = new_cl(n, cout, ho, wo, odt, dev)
+    else:
+        need_cl(out, "out")
+        if tuple(out.shape) != (n, cout, ho, wo):
+            raise ValueError(f"out must have shape {(n, cout, ho, wo)}")
+    if residual is not None:
+        need_cl(residual, "residual")
+        if tuple(residual.shape) != (n, cout, ho, wo) or residual_mask is None:
+            raise ValueError(f"residual must have shape {(n, cout, ho, wo)} and come with residual_mask")
+        rmu = mask_u8(residual_mask, (n, 1, ho, wo), "residual_mask")
+    if act is not None:
+        check_state(act.acc, (n, cout, ho, wo), "act.acc")
+        check_state(act.emitted, (n, cout, ho, wo), "act.emitted")
+    depthwise = cg == 1 and og == 1
+    if prepared is None:
+        prepared = prepare_weight(weight, groups, x.dtype)
+    if prepared.dtype != x.dtype:
+        raise ValueError(f"weight dtype {prepared.dtype} must equal x dtype {x.dtype}")
+    cfg = config or default_config(n, cin, cout, groups, (kh, kw), (ho, wo), x.dtype, act is not None)
+    split_k = 1 if depthwise else cfg.split_k
+    fusable = act is not None and split_k == 1 and (cfg.bn >= cout) and (depthwise or groups == 1)
+    if (act is not None and not fusable) or (split_k > 1 and odt != torch.float32):
+        # two passes: the conv into a float32 buffer, then the epilogue as a pointwise kernel
+        tmp = new_cl(n, cout, ho, wo, torch.float32, dev)
+        y, ym = sparse_conv2d(x, x_mask, weight, out_mask, stride, padding, dilation, groups, tmp,
+                              residual=residual, residual_mask=residual_mask, input_precision=input_precision,
+                              prepared=prepared, config=cfg)
+        if act is not None:
+            return sparse_nonlinear(y, ym, act.acc, act.emitted, act, out=out)
+        return sparse_add(y, ym, None, None, out=out)
+    atomic = split_k > 1
+    has_res = residual is not None
+    if act is not None:
+        fm = torch.empty(n, 1, ho, wo, dtype=torch.bool, device=dev)
+        fm_mode, write_fm = 2, False
+    elif has_res:
+        fm = torch.empty(n, 1, ho, wo, dtype=torch.bool, device=dev)
+        fm_mode, write_fm = 1, False
+    else:
+        fm, fm_mode, write_fm = out_mask, 0, False
+    ids, count, (n_tiles, n_tw, tpi) = active_tiles(out_mask, residual_mask if has_res else None, cfg.th, cfg.tw,
+                                                     final_mask=fm if fm_mode else None, fm_mode=fm_mode,
+                                                     zero=out if atomic else None)
+    res = residual if has_res else out
+    rm = rmu if has_res else om
+    a_t = act.acc if act is not None else out
+    e_t = act.emitted if act is not None else out
+    fn = act.code() if act is not None else 0
+    sc = act.score_code() if act is not None else 0
+    ap = (act.slope, act.min_val, act.max_val, act.alpha, float(act.tau)) if act is not None else (0.0, 0.0, 0.0, 0.0, 0.0)
+    if depthwise:
+        ncb = triton.cdiv(cout, cfg.bn)
+        work = n_tiles * ncb
+        grid = (max(1, min(work, num_sms(dev) * cfg.programs_per_sm)),)
+        _conv_dw_kernel[grid](x, xm, prepared, out, om, res, rm, a_t, e_t, fm.view(torch.uint8), ids, count,
+                              h, w, ho, wo, cout, n_tw, tpi, *ap,
+                              KH=kh, KW=kw, SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1],
+                              PT=padding[0], PL=padding[2], TH=cfg.th, TW=cfg.tw, BC=cfg.bn, NCB=ncb,
+                              HAS_RES=has_res, HAS_ACT=act is not None, FN=fn, SCORE=sc, WRITE_FM=write_fm,
+                              num_warps=cfg.num_warps)
+        return out, fm
+    bn = min(cfg.bn, max(16, npow2(og))) if act is None else cfg.bn
+    nb = triton.cdiv(og, bn)
+    work = n_tiles * groups * nb * split_k
+    nkc = triton.cdiv(cg, cfg.bk)
+    n_it = kh * kw * nkc
+    it_per = triton.cdiv(n_it, split_k)
+    grid = (max(1, min(work, num_sms(dev) * cfg.programs_per_sm)),)
+    if input_precision not in ("tf32", "ieee", "tf32x3"):
+        raise ValueError("input_precision must be 'tf32', 'tf32x3' or 'ieee'")
+    _conv_gemm_kernel[grid](x, xm, prepared, out, om, res, rm, a_t, e_t, fm.view(torch.uint8), ids, count,
+                            h, w, ho, wo, cin, cout, cg, og, n_tw, tpi, *ap,
+                            KH=kh, KW=kw, SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1],
+                            PT=padding[0], PL=padding[2], TH=cfg.th, TW=cfg.tw, BN=bn, BK=cfg.bk, NB=nb, G=groups,
+                            SPLIT_K=split_k, HAS_RES=has_res, HAS_ACT=act is not None, FN=fn, SCORE=sc,
+                            WRITE_FM=write_fm, ATOMIC=atomic, PREC=input_precision,
+                            IS_F32=x.dtype == torch.float32, NKC=nkc, N_IT=n_it, IT_PER=it_per,
+                            UPCAST=INTERPRET and x.dtype == torch.bfloat16, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out, fm

@@ -1,0 +1,257 @@
+"""Memory-bound delta kernels: nonlinear update, add, sparsify (input layer), accumulate (output layer).
+
+Each program owns BP consecutive pixels (rows of the (N*H*W, C) channels_last matrix); it reads the
+pixels' masks first and touches values only when one of them is active, so the cost follows the
+update rate plus one byte per pixel of mask traffic. One launch per op, no host synchronisation.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._common import Act, apply_act, as_act, check_state, finish_tile, mask_u8, need_cl, new_cl, npow2
+
+
+def _blocks(c: int) -> tuple[int, int, int]:
+    """(pixels per program, channel block, number of channel blocks) for C channels."""
+    bc = min(npow2(c), 256)
+    bp = max(8, min(64, 4096 // bc))
+    return bp, bc, triton.cdiv(c, bc)
+
+
+@triton.jit
+def _nonlinear_kernel(d_ptr, dm_ptr, a_ptr, e_ptr, out_ptr, fm_ptr, P, C: tl.constexpr,
+                      slope, min_val, max_val, alpha, tau,
+                      FN: tl.constexpr, SCORE: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr, NCB: tl.constexpr):
+    prow = tl.program_id(0).to(tl.int64) * BP + tl.arange(0, BP)
+    pvalid = prow < P
+    dm = (tl.load(dm_ptr + prow, mask=pvalid, other=0) != 0) & pvalid
+    if tl.max(dm.to(tl.int32), axis=0) > 0:
+        if NCB == 1:
+            cols = tl.arange(0, BC)
+            cvalid = cols < C
+            d = tl.load(d_ptr + prow[:, None] * C + cols[None, :], mask=dm[:, None] & cvalid[None, :], other=0.0)
+            finish_tile(d.to(tl.float32), prow, pvalid, dm, cols, cvalid, C, out_ptr, out_ptr, dm_ptr, a_ptr, e_ptr,
+                        fm_ptr, slope, min_val, max_val, alpha, tau, False, True, FN, SCORE, False)
+        else:
+            s = tl.zeros([BP], dtype=tl.float32)
+            for c0 in range(0, C, BC):
+                cols = c0 + tl.arange(0, BC)
+                m2 = dm[:, None] & (cols < C)[None, :]
+                offs = prow[:, None] * C + cols[None, :]
+                a = tl.load(a_ptr + offs, mask=m2, other=0.0) + tl.load(d_ptr + offs, mask=m2, other=0.0).to(tl.float32)
+                tl.store(a_ptr + offs, a, mask=m2)
+                o = apply_act(a, FN, slope, min_val, max_val, alpha) - tl.load(e_ptr + offs, mask=m2, other=0.0)
+                o = tl.where(m2, o, 0.0)
+                if SCORE == 0:
+                    s = tl.maximum(s, tl.max(tl.abs(o), axis=1))
+                else:
+                    s += tl.sum(o * o, axis=1)
+            if SCORE == 1:
+                s = tl.sqrt(s)
+            emit = dm & (s > tau)
+            for c0 in range(0, C, BC):
+                cols = c0 + tl.arange(0, BC)
+                m3 = emit[:, None] & (cols < C)[None, :]
+                offs = prow[:, None] * C + cols[None, :]
+                a = tl.load(a_ptr + offs, mask=m3, other=0.0)
+                e = tl.load(e_ptr + offs, mask=m3, other=0.0)
+                o_r = (apply_act(a, FN, slope, min_val, max_val, alpha) - e).to(out_ptr.dtype.element_ty)
+                tl.store(out_ptr + offs, o_r, mask=m3)
+                tl.store(e_ptr + offs, e + o_r.to(tl.float32), mask=m3)
+            tl.store(fm_ptr + prow, emit.to(tl.uint8), mask=pvalid)
+    else:
+        tl.store(fm_ptr + prow, tl.zeros([BP], dtype=tl.uint8), mask=pvalid)
+
+
+def sparse_nonlinear(d: Tensor, d_mask: Tensor, acc: Tensor, emitted: Tensor, fn: str | Act, tau: float = 0.0,
+                     score: str = "max", *, out: Tensor | None = None, out_dtype: torch.dtype | None = None,
+                     slope: float = 0.01) -> tuple[Tensor, Tensor]:
+    """Nonlinear delta update at d_mask pixels: A += d; o = f(A) - E; emit where score_c(o) > tau; E += o.
+
+    `fn` is an activation name (parameters via `slope`) or an Act (whose fn/params/tau/score win; its
+    acc/emitted are ignored in favour of the arguments). Returns (o, emit mask); o has out.dtype, else
+    out_dtype, else d.dtype, and E records o as rounded to that dtype.
+    """
+    act = fn if isinstance(fn, Act) else Act(fn, acc, emitted, tau, score, slope)
+    need_cl(d, "d")
+    n, c, h, w = d.shape
+    dm = mask_u8(d_mask, (n, 1, h, w), "d_mask")
+    check_state(acc, d.shape, "acc")
+    check_state(emitted, d.shape, "emitted")
+    if out is None:
+        out = new_cl(n, c, h, w, out_dtype or d.dtype, d.device)
+    fm = torch.empty(n, 1, h, w, dtype=torch.bool, device=d.device)
+    bp, bc, ncb = _blocks(c)
+    P = n * h * w
+    _nonlinear_kernel[(triton.cdiv(P, bp),)](d, dm, acc, emitted, out, fm.view(torch.uint8), P, c,
+                                            act.slope, act.min_val, act.max_val, act.alpha, float(act.tau),
+                                            FN=act.code(), SCORE=act.score_code(), BP=bp, BC=bc, NCB=ncb)
+    return out, fm
+
+
+@triton.jit
+def _add_kernel(a_ptr, am_ptr, b_ptr, bm_ptr, out_ptr, fm_ptr, P, C: tl.constexpr,
+                HAS_B: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr):
+    prow = tl.program_id(0).to(tl.int64) * BP + tl.arange(0, BP)
+    pvalid = prow < P
+    am = (tl.load(am_ptr + prow, mask=pvalid, other=0) != 0) & pvalid
+    if HAS_B:
+        bm = (tl.load(bm_ptr + prow, mask=pvalid, other=0) != 0) & pvalid
+        u = am | bm
+    else:
+        u = am
+    if tl.max(u.to(tl.int32), axis=0) > 0:
+        for c0 in range(0, C, BC):
+            cols = c0 + tl.arange(0, BC)
+            cv = (cols < C)[None, :]
+            offs = prow[:, None] * C + cols[None, :]
+            v = tl.load(a_ptr + offs, mask=am[:, None] & cv, other=0.0).to(tl.float32)
+            if HAS_B:
+                v += tl.load(b_ptr + offs, mask=bm[:, None] & cv, other=0.0).to(tl.float32)
+            tl.store(out_ptr + offs, v.to(out_ptr.dtype.element_ty), mask=u[:, None] & cv)
+    tl.store(fm_ptr + prow, u.to(tl.uint8), mask=pvalid)
+
+
+def sparse_add(a: Tensor, a_mask: Tensor, b: Tensor | None, b_mask: Tensor | None, *, out: Tensor | None = None,
+               out_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+    """Sum of two deltas: values a*[a_mask] + b*[b_mask] (float32 arithmetic) at a_mask | b_mask.
+
+    `b=None` copies/casts a. Output dtype: out.dtype, else out_dtype, else promote(a, b).
+    """
+    need_cl(a, "a")
+    n, c, h, w = a.shape
+    am = mask_u8(a_mask, (n, 1, h, w), "a_mask")
+    if b is not None:
+        need_cl(b, "b")
+        if b.shape != a.shape:
+            raise ValueError(f"delta add needs equal shapes, got {tuple(a.shape)} and {tuple(b.shape)}")
+        bm = mask_u8(b_mask, (n, 1, h, w), "b_mask")
+    dt = out_dtype or (torch.promote_types(a.dtype, b.dtype) if b is not None else a.dtype)
+    if out is None:
+        out = new_cl(n, c, h, w, dt, a.device)
+    fm = torch.empty(n, 1, h, w, dtype=torch.bool, device=a.device)
+    bp, bc, _ = _blocks(c)
+    P = n * h * w
+    _add_kernel[(triton.cdiv(P, bp),)](a, am, b if b is not None else a, bm if b is not None else am, out,
+                                      fm.view(torch.uint8), P, c, HAS_B=b is not None, BP=bp, BC=bc)
+    return out, fm
+
+
+@triton.jit
+def _accum_kernel(s_ptr, d_ptr, dm_ptr, P, C: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr):
+    prow = tl.program_id(0).to(tl.int64) * BP + tl.arange(0, BP)
+    pvalid = prow < P
+    dm = (tl.load(dm_ptr + prow, mask=pvalid, other=0) != 0) & pvalid
+    if tl.max(dm.to(tl.int32), axis=0) > 0:
+        for c0 in range(0, C, BC):
+            cols = c0 + tl.arange(0, BC)
+            m2 = dm[:, None] & (cols < C)[None, :]
+            offs = prow[:, None] * C + cols[None, :]
+            v = tl.load(s_ptr + offs, mask=m2, other=0.0) + tl.load(d_ptr + offs, mask=m2, other=0.0).to(tl.float32)
+            tl.store(s_ptr + offs, v, mask=m2)
+
+
+def accumulate_(out_state: Tensor, d: Tensor, d_mask: Tensor) -> Tensor:
+    """O += d (in float32) where d_mask; O is float32 channels_last. Returns O."""
+    need_cl(d, "d")
+    n, c, h, w = d.shape
+    check_state(out_state, d.shape, "out_state")
+    dm = mask_u8(d_mask, (n, 1, h, w), "d_mask")
+    bp, bc, _ = _blocks(c)
+    P = n * h * w
+    _accum_kernel[(triton.cdiv(P, bp),)](out_state, d, dm, P, c, BP=bp, BC=bc)
+    return out_state
+
+
+@triton.jit
+def _score_kernel(x_ptr, r_ptr, m_ptr, P, C: tl.constexpr, tau, SCORE: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr):
+    prow = tl.program_id(0).to(tl.int64) * BP + tl.arange(0, BP)
+    pvalid = prow < P
+    s = tl.zeros([BP], dtype=tl.float32)
+    for c0 in range(0, C, BC):
+        cols = c0 + tl.arange(0, BC)
+        m2 = pvalid[:, None] & (cols < C)[None, :]
+        offs = prow[:, None] * C + cols[None, :]
+        dd = tl.load(x_ptr + offs, mask=m2, other=0.0).to(tl.float32) - tl.load(r_ptr + offs, mask=m2, other=0.0)
+        if SCORE == 0:
+            s = tl.maximum(s, tl.max(tl.abs(dd), axis=1))
+        else:
+            s += tl.sum(dd * dd, axis=1)
+    if SCORE == 1:
+        s = tl.sqrt(s)
+    tl.store(m_ptr + prow, (s > tau).to(tl.uint8), mask=pvalid)
+
+
+@triton.jit
+def _sparsify_kernel(x_ptr, r_ptr, m0_ptr, out_ptr, fm_ptr, P, C: tl.constexpr, H, W, tau,
+                     K: tl.constexpr, SCORE: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr):
+    prow = tl.program_id(0).to(tl.int64) * BP + tl.arange(0, BP)
+    pvalid = prow < P
+    if K == 1:  # score and send in one pass over the pixel block
+        s = tl.zeros([BP], dtype=tl.float32)
+        for c0 in range(0, C, BC):
+            cols = c0 + tl.arange(0, BC)
+            m2 = pvalid[:, None] & (cols < C)[None, :]
+            offs = prow[:, None] * C + cols[None, :]
+            dd = tl.load(x_ptr + offs, mask=m2, other=0.0).to(tl.float32) - tl.load(r_ptr + offs, mask=m2, other=0.0)
+            if SCORE == 0:
+                s = tl.maximum(s, tl.max(tl.abs(dd), axis=1))
+            else:
+                s += tl.sum(dd * dd, axis=1)
+        if SCORE == 1:
+            s = tl.sqrt(s)
+        m = pvalid & (s > tau)
+    else:  # dilate the precomputed score mask by a K x K window ('same' padding K // 2)
+        hw = H * W
+        img = prow // hw
+        y = (prow % hw) // W
+        x = prow % W
+        acc = tl.zeros([BP], dtype=tl.int32)
+        for ky in tl.static_range(K):
+            iy = y - K // 2 + ky
+            for kx in tl.static_range(K):
+                ix = x - K // 2 + kx
+                v = pvalid & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
+                acc = acc | (tl.load(m0_ptr + (img * H + iy) * W + ix, mask=v, other=0) != 0).to(tl.int32)
+        m = pvalid & (acc != 0)
+    if tl.max(m.to(tl.int32), axis=0) > 0:
+        for c0 in range(0, C, BC):
+            cols = c0 + tl.arange(0, BC)
+            m2 = m[:, None] & (cols < C)[None, :]
+            offs = prow[:, None] * C + cols[None, :]
+            r = tl.load(r_ptr + offs, mask=m2, other=0.0)
+            sent = (tl.load(x_ptr + offs, mask=m2, other=0.0).to(tl.float32) - r).to(out_ptr.dtype.element_ty)
+            tl.store(out_ptr + offs, sent, mask=m2)
+            tl.store(r_ptr + offs, r + sent.to(tl.float32), mask=m2)
+    tl.store(fm_ptr + prow, m.to(tl.uint8), mask=pvalid)
+
+
+def sparsify(x: Tensor, ref: Tensor, tau: float, dilation_k: int = 1, score: str = "max", *,
+             out_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+    """Input layer: d = x - ref; mask = score_c(d) > tau, dilated by a k x k window ('same', k // 2);
+    where mask: delta = d rounded to out_dtype (default x.dtype) and ref += delta (ref float32, in place).
+    Returns (delta, mask). x is channels_last; one launch (two with dilation)."""
+    need_cl(x, "x")
+    n, c, h, w = x.shape
+    check_state(ref, x.shape, "ref")
+    if score not in ("max", "l2"):
+        raise ValueError(f"truncation score must be 'max' or 'l2', got {score!r}")
+    sc = 0 if score == "max" else 1
+    out = new_cl(n, c, h, w, out_dtype or x.dtype, x.device)
+    fm = torch.empty(n, 1, h, w, dtype=torch.bool, device=x.device)
+    P = n * h * w
+    bp, bc, _ = _blocks(c)
+    bp = max(bp, 32)
+    grid = (triton.cdiv(P, bp),)
+    k = int(dilation_k)
+    if k > 1:
+        m0 = torch.empty(n, 1, h, w, dtype=torch.uint8, device=x.device)
+        _score_kernel[grid](x, ref, m0, P, c, float(tau), SCORE=sc, BP=bp, BC=bc)
+    else:
+        m0 = fm.view(torch.uint8)
+    _sparsify_kernel[grid](x, ref, m0, out, fm.view(torch.uint8), P, c, h, w, float(tau), K=max(k, 1), SCORE=sc,
+                           BP=bp, BC=bc)
+    return out, fm

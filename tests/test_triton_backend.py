@@ -1,0 +1,56 @@
+"""The Triton backend inside whole converted models, under TRITON_INTERPRET=1 on the CPU (GPU in tests/gpu)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("triton")
+if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+    pytest.skip("set TRITON_INTERPRET=1 (done by conftest) or run on a GPU", allow_module_level=True)
+
+import deltacnn  # noqa: E402
+from conftest import make_video  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class Block(nn.Module):
+    """conv+relu, strided conv, depthwise, residual add + activations, unfused add, maxpool."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.pool = nn.MaxPool2d(3, 2, 1)
+        self.b = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.c = nn.Conv2d(8, 16, 1)
+        self.d = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.e = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        y = self.pool(torch.relu(self.a(x)))
+        z = torch.nn.functional.hardswish(self.c(torch.relu(self.b(y))))
+        s = self.d(y)
+        return self.e(torch.sigmoid(s + torch.nn.functional.max_pool2d(z, 2)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("tau", [0.0, 0.03])
+def test_triton_backend_matches_reference(dtype, tau):
+    torch.manual_seed(0)
+    m = Block().eval().to(DEV)
+    clip = make_video(6, n=2, h=12, w=12, noise=0.01, seed=5).to(DEV)
+    ref = deltacnn.convert(m, clip[0], threshold=tau, dtype=dtype, backend="reference", keyframe_above=None)
+    fast = deltacnn.convert(m, clip[0], threshold=tau, dtype=dtype, backend="triton")
+    tol = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2}[dtype]
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        for t in range(clip.shape[0]):
+            a, b = ref(clip[t]), fast(clip[t])
+            err = float((a.float() - b.float()).norm() / a.float().norm())
+            assert err < tol, f"frame {t}: {err:.2e}"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev

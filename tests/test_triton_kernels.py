@@ -1,0 +1,304 @@
+"""Triton kernels against float64 PyTorch references (TRITON_INTERPRET=1 on CPU, or on a GPU).
+
+Inputs are random (never zeros), values at inactive pixels are NaN (must never be read), outputs
+are poisoned with NaN before each run (every required element must be written).
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+triton = pytest.importorskip("triton")
+if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no CUDA and TRITON_INTERPRET is not 1", allow_module_level=True)
+
+from deltacnn.activations import ActSpec  # noqa: E402
+from deltacnn.backends import triton_kernels as tk  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-5, torch.float16: 1.5e-3, torch.bfloat16: 1.2e-2}
+
+
+def cl(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+def rand_mask(g, n, h, w, p=0.35):
+    return (torch.rand(n, 1, h, w, generator=g) < p).to(DEV)
+
+
+def rand_delta(g, n, c, h, w, dtype, p=0.35):
+    """Random values (quantised to dtype) with NaN garbage where the mask is 0."""
+    m = rand_mask(g, n, h, w, p)
+    v = (torch.randn(n, c, h, w, generator=g) + 0.1).to(DEV).to(dtype)
+    v = torch.where(m, v, torch.full((), float("nan"), dtype=dtype, device=DEV))
+    return cl(v), m
+
+
+def zf(v, m):
+    """Values as float64 with inactive pixels zeroed (the semantics of a delta)."""
+    return torch.where(m, v.double(), torch.zeros((), dtype=torch.float64, device=v.device))
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    assert torch.isfinite(a).all(), "non-finite value where a result was required"
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+# ---------------------------------------------------------------- references (float64)
+def ref_dilate(mask, kernel, stride, pad4, dilation):
+    t, b, l, r = pad4
+    m = F.pad(mask.double(), (l, r, t, b))
+    k = torch.ones(1, 1, *kernel, dtype=torch.float64, device=mask.device)
+    return F.conv2d(m, k, stride=stride, dilation=dilation) > 0
+
+
+def ref_conv(x, xm, weight, stride, pad4, dilation, groups):
+    t, b, l, r = pad4
+    return F.conv2d(F.pad(zf(x, xm), (l, r, t, b)), weight.double(), None, stride, 0, dilation, groups)
+
+
+def ref_act(fn, x, slope=0.1):
+    if fn == "none":
+        return x
+    if fn == "gelu_tanh":
+        return ActSpec("gelu", approximate="tanh")(x)
+    return ActSpec(fn, slope=slope)(x)
+
+
+def ref_nonlinear(y, cand, A, E, fn, tau, score, out_dtype, slope=0.1):
+    A2 = A.double() + torch.where(cand, y, torch.zeros((), dtype=torch.float64, device=y.device))
+    o = ref_act(fn, A2, slope) - E.double()
+    s = o.abs().amax(1, keepdim=True) if score == "max" else o.norm(dim=1, keepdim=True)
+    emit = cand & (s > tau)
+    o_r = o.to(out_dtype).double()
+    E2 = E.double() + torch.where(emit, o_r, torch.zeros((), dtype=torch.float64, device=y.device))
+    return A2, E2, o, emit, s
+
+
+def check_nonlinear(out, fm, A, E, ref, tol, tau, margin):
+    A2, E2, o, emit, s = ref
+    far = (s - tau).abs() > margin  # decisions near the threshold may flip with rounding
+    assert torch.equal(fm & far, emit & far), "emit mask differs"
+    both = fm & emit
+    assert rel(A, A2) < tol
+    if both.any():
+        sel = both.expand_as(o)
+        assert rel(out.double()[sel], o[sel]) < tol
+        assert rel(E.double()[sel], E2[sel]) < tol
+
+
+# ---------------------------------------------------------------- dilate_mask
+@pytest.mark.parametrize("kernel,stride,pad,dil", [
+    ((3, 3), (1, 1), (1, 1, 1, 1), (1, 1)), ((1, 1), (2, 2), (0, 0, 0, 0), (1, 1)),
+    ((5, 3), (2, 1), (2, 0, 1, 2), (1, 2)), ((7, 7), (2, 2), (3, 3, 3, 3), (1, 1)),
+    ((2, 2), (2, 2), (0, 1, 0, 1), (2, 1))])
+def test_dilate_mask(kernel, stride, pad, dil):
+    g = torch.Generator().manual_seed(1)
+    m = rand_mask(g, 2, 11, 13, 0.08)
+    ref = ref_dilate(m, kernel, stride, pad, dil)
+    out = tk.dilate_mask(m, kernel, stride, pad, dil)
+    assert out.dtype == torch.bool and torch.equal(out, ref)
+
+
+def test_active_tiles():
+    g = torch.Generator().manual_seed(2)
+    m = rand_mask(g, 2, 19, 21, 0.01)
+    ids, count, (n_tiles, n_tw, tpi) = tk.active_tiles(m, None, 8, 8)
+    k = int(count.item())
+    got = sorted(ids[:k].tolist())
+    mp = F.pad(m.float(), (0, 24 - 21, 0, 24 - 19))
+    want = torch.nonzero(F.max_pool2d(mp, 8, 8).reshape(-1) > 0).squeeze(1).tolist()
+    assert got == want and n_tiles == 2 * 9
+
+
+# ---------------------------------------------------------------- sparse_conv2d
+CONV_CASES = [
+    # cin, cout, kernel, stride, pad4, dilation, groups
+    (8, 16, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1),
+    (16, 8, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 1),
+    (3, 16, (7, 7), (2, 2), (3, 3, 3, 3), (1, 1), 1),
+    (8, 8, (5, 5), (1, 1), (2, 2, 2, 2), (1, 1), 1),
+    (8, 16, (3, 3), (2, 2), (1, 1, 1, 1), (1, 1), 1),
+    (8, 8, (3, 3), (1, 1), (2, 2, 2, 2), (2, 2), 1),
+    (6, 10, (3, 3), (1, 2), (0, 2, 1, 0), (2, 1), 1),
+    (8, 12, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 2),
+    (12, 12, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 12),
+    (16, 16, (5, 5), (2, 2), (2, 1, 2, 1), (1, 1), 16),
+    (8, 16, (1, 1), (2, 2), (0, 0, 0, 0), (1, 1), 2),
+]
+
+
+def _conv_inputs(seed, case, dtype, h=12, w=11, n=2, p=0.3):
+    cin, cout, kernel, stride, pad, dil, groups = case
+    g = torch.Generator().manual_seed(seed)
+    x, xm = rand_delta(g, n, cin, h, w, dtype, p)
+    wt = (torch.randn(cout, cin // groups, *kernel, generator=g) / (cin // groups * kernel[0] * kernel[1]) ** 0.5)
+    wt = wt.to(DEV).to(dtype)
+    om = ref_dilate(xm, kernel, stride, pad, dil)
+    return g, x, xm, wt, om
+
+
+def _conv_id(c):
+    return f"{c[0]}-{c[1]}k{c[2][0]}{c[2][1]}s{c[3][0]}{c[3][1]}p{''.join(map(str, c[4]))}d{c[5][0]}{c[5][1]}g{c[6]}"
+
+
+# every case in float32 (exact products, checked tightly) and in one low-precision dtype
+CONV_PARAMS = [(c, torch.float32) for c in CONV_CASES] + \
+    [(c, (torch.float16, torch.bfloat16)[i % 2]) for i, c in enumerate(CONV_CASES)]
+BIG_TILES = tk.ConvConfig(th=16, tw=16, bn=16, bk=16)  # fewer interpreted programs; default config below too
+
+
+@pytest.mark.parametrize("case,dtype", CONV_PARAMS, ids=[f"{_conv_id(c)}-{str(d)[6:]}" for c, d in CONV_PARAMS])
+def test_sparse_conv2d(case, dtype):
+    cin, cout, kernel, stride, pad, dil, groups = case
+    g, x, xm, wt, om = _conv_inputs(3, case, dtype)
+    ref = ref_conv(x, xm, wt, stride, pad, dil, groups)
+    default = kernel[0] <= 3 and (groups == 1 or groups == cin)
+    cfg = None if default else BIG_TILES
+    out = cl(torch.full(ref.shape, float("nan"), dtype=dtype, device=DEV))
+    y, ym = tk.sparse_conv2d(x, xm, wt, om, stride, pad, dil, groups, out, input_precision="ieee", config=cfg)
+    assert ym is om and y.dtype == dtype
+    sel = om.expand_as(ref)
+    assert rel(y[sel], ref[sel]) < TOL[dtype]
+
+
+def test_sparse_conv2d_float32_out_of_half_inputs():
+    case = CONV_CASES[0]
+    g, x, xm, wt, om = _conv_inputs(8, case, torch.float16)
+    ref = ref_conv(x, xm, wt, case[3], case[4], case[5], case[6])
+    y, _ = tk.sparse_conv2d(x, xm, wt, om, case[3], case[4], out_dtype=torch.float32)
+    sel = om.expand_as(ref)
+    assert y.dtype == torch.float32 and rel(y[sel], ref[sel]) < 1e-5  # fp16 products are exact in fp32
+
+
+def test_sparse_conv2d_tf32_and_partial_mask():
+    case = CONV_CASES[0]
+    g, x, xm, wt, om = _conv_inputs(4, case, torch.float32)
+    om = om & rand_mask(g, 2, 12, 11, 0.6)  # a caller-chosen subset of pixels is fine too
+    ref = ref_conv(x, xm, wt, (1, 1), case[4], (1, 1), 1)
+    y, _ = tk.sparse_conv2d(x, xm, wt, om, (1, 1), case[4], input_precision="tf32", out_dtype=torch.float32)
+    sel = om.expand_as(ref)
+    assert rel(y[sel], ref[sel]) < 3e-3
+
+
+@pytest.mark.parametrize("split_k", [2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_sparse_conv2d_split_k_residual(split_k, dtype):
+    case = (16, 16, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1)
+    g, x, xm, wt, om = _conv_inputs(5, case, dtype)
+    res, rm = rand_delta(g, 2, 16, 12, 11, torch.float32, 0.2)
+    ref = ref_conv(x, xm, wt, (1, 1), case[4], (1, 1), 1) + zf(res, rm)
+    cfg = tk.ConvConfig(th=16, tw=8, bn=16, bk=16, split_k=split_k, programs_per_sm=3)
+    out = cl(torch.full(ref.shape, float("nan"), dtype=dtype, device=DEV))
+    y, ym = tk.sparse_conv2d(x, xm, wt, om, (1, 1), case[4], out=out, residual=res, residual_mask=rm,
+                             input_precision="ieee", config=cfg)
+    assert torch.equal(ym, om | rm)
+    sel = ym.expand_as(ref)
+    assert rel(y[sel], ref[sel]) < (1e-5 if dtype == torch.float32 else TOL[dtype])
+
+
+ACTS = ["relu", "relu6", "leaky_relu", "silu", "hardswish", "hardsigmoid", "sigmoid", "tanh", "gelu", "gelu_tanh",
+        "none"]
+
+
+FUSED = [("gemm", "relu"), ("gemm", "silu"), ("gemm", "gelu"), ("gemm", "none"), ("dw", "relu6"), ("dw", "hardswish"),
+         ("twopass", "leaky_relu"), ("twopass", "tanh")]
+
+
+@pytest.mark.parametrize("variant,fn", FUSED)
+def test_sparse_conv2d_fused_act(variant, fn):
+    dtype = torch.float16 if variant != "twopass" else torch.bfloat16
+    case = {"gemm": (8, 16, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1),
+            "dw": (16, 16, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 16),
+            "twopass": (8, 24, (3, 3), (2, 2), (1, 0, 1, 0), (1, 1), 1)}[variant]
+    cout = case[1]
+    g, x, xm, wt, om = _conv_inputs(6, case, dtype)
+    ho, wo = om.shape[2:]
+    res, rm = rand_delta(g, 2, cout, ho, wo, dtype, 0.15)
+    A = cl(torch.randn(2, cout, ho, wo, generator=g).to(DEV))
+    E = cl(ref_act(fn, A.double(), 0.2).float() + 0.05 * torch.randn(2, cout, ho, wo, generator=g).to(DEV))
+    score = "l2" if fn in ("silu", "tanh") else "max"
+    tau = 0.3
+    y = ref_conv(x, xm, wt, case[3], case[4], case[5], case[6]) + zf(res, rm)
+    ref = ref_nonlinear(y, om | rm, A, E, fn, tau, score, dtype, 0.2)
+    cfg = tk.ConvConfig(th=16, tw=16, bn=16, bk=16, split_k=2 if variant == "twopass" else 1)
+    act = tk.Act(fn, A, E, tau, score, slope=0.2)
+    out = cl(torch.full(y.shape, float("nan"), dtype=dtype, device=DEV))
+    o, fm = tk.sparse_conv2d(x, xm, wt, om, case[3], case[4], case[5], case[6], out, residual=res, residual_mask=rm,
+                             act=act, config=cfg)
+    check_nonlinear(o, fm, A, E, ref, TOL[dtype] * 2, tau, 0.02)
+
+
+# ---------------------------------------------------------------- pointwise kernels
+@pytest.mark.parametrize("fn", ACTS)
+def test_activations(fn):
+    g = torch.Generator().manual_seed(17)
+    d, dm = rand_delta(g, 1, 4, 5, 6, torch.float32, 0.6)
+    A = cl(3 * torch.randn(1, 4, 5, 6, generator=g).to(DEV))
+    E = cl(ref_act(fn, A.double(), 0.2).float() + 0.1 * torch.randn(1, 4, 5, 6, generator=g).to(DEV))
+    ref = ref_nonlinear(zf(d, dm), dm, A, E, fn, 0.05, "max", torch.float32, 0.2)
+    o, fm = tk.sparse_nonlinear(d, dm, A, E, fn, 0.05, "max", slope=0.2)
+    check_nonlinear(o, fm, A, E, ref, 1e-5, 0.05, 1e-4)
+
+
+
+@pytest.mark.parametrize("c,dtype", [(5, torch.float32), (16, torch.float16), (16, torch.bfloat16),
+                                     (16, torch.float32), (260, torch.float16)], ids=str)
+def test_sparse_nonlinear(c, dtype):
+    g = torch.Generator().manual_seed(7 + c)
+    d, dm = rand_delta(g, 2, c, 7, 9, dtype, 0.4)
+    A = cl(torch.randn(2, c, 7, 9, generator=g).to(DEV))
+    E = cl(torch.relu(A) + 0.1 * torch.randn(2, c, 7, 9, generator=g).to(DEV))
+    for fn, score in (("relu", "max"), ("gelu", "l2"), ("leaky_relu", "max")):
+        tau = 0.2 if score == "max" else 0.2 * c ** 0.5
+        ref = ref_nonlinear(zf(d, dm), dm, A, E, fn, tau, score, dtype, 0.1)
+        out = cl(torch.full(d.shape, float("nan"), dtype=dtype, device=DEV))
+        o, fm = tk.sparse_nonlinear(d, dm, A, E, fn, tau, score, out=out, slope=0.1)
+        check_nonlinear(o, fm, A, E, ref, 1e-5 if dtype == torch.float32 else TOL[dtype], tau, 1e-3)
+
+
+@pytest.mark.parametrize("c", [3, 40, 260])
+def test_sparse_add_and_accumulate(c):
+    g = torch.Generator().manual_seed(11)
+    a, am = rand_delta(g, 2, c, 6, 5, torch.float16)
+    b, bm = rand_delta(g, 2, c, 6, 5, torch.float32)
+    out = cl(torch.full(a.shape, float("nan"), dtype=torch.float32, device=DEV))
+    s, sm = tk.sparse_add(a, am, b, bm, out=out)
+    u = am | bm
+    assert torch.equal(sm, u)
+    ref = zf(a, am) + zf(b, bm)
+    assert rel(s[u.expand_as(s)], ref[u.expand_as(s)]) < 1e-6
+    O = cl(torch.randn(2, c, 6, 5, generator=g).to(DEV))
+    O_ref = O.double() + zf(a, am)
+    tk.accumulate_(O, a, am)
+    assert rel(O, O_ref) < 1e-7
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("score", ["max", "l2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_sparsify(k, score, dtype):
+    g = torch.Generator().manual_seed(13 + k)
+    c = 3 if k != 2 else 70
+    x = cl(torch.randn(2, c, 9, 10, generator=g).to(DEV))
+    ref = cl((x + 0.3 * torch.randn(2, c, 9, 10, generator=g).to(DEV) * (torch.rand(2, 1, 9, 10, generator=g).to(DEV) < 0.2)))
+    ref0 = ref.clone()
+    tau = 0.5
+    dd = x.double() - ref0.double()
+    s = dd.abs().amax(1, keepdim=True) if score == "max" else dd.norm(dim=1, keepdim=True)
+    m = s > tau
+    if k > 1:
+        m = ref_dilate(m, (k, k), (1, 1), (k // 2, k // 2, k // 2, k // 2), (1, 1))[..., :9, :10]
+    d, dm = tk.sparsify(x, ref, tau, k, score, out_dtype=dtype)
+    assert torch.equal(dm, m)
+    sel = m.expand_as(dd)
+    assert rel(d[sel], dd[sel]) < TOL[dtype]
+    ref_new = torch.where(m, ref0.double() + d.double(), ref0.double())
+    assert rel(ref, ref_new) < 1e-7
