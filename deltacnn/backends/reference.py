@@ -121,9 +121,12 @@ class ReferenceBackend(Backend):
             return empty_delta(n, cout, ho, wo, dtype=_acc_dtype(p.weight), device=d.device)
         if idx.numel() > DENSE_SWITCH * out_mask.numel():
             return _with_ext(self._dense_conv(d, p), out_mask, idx)
-        vals = torch.cat([self._conv_rows(d, p, idx[i:i + CHUNK_ROWS], (ho, wo))
-                          for i in range(0, idx.numel(), CHUNK_ROWS)])
-        return _scatter_rows(n, cout, ho, wo, idx, vals, d.values)
+        return _scatter_rows(n, cout, ho, wo, idx, self._conv_rows_chunked(d, p, idx, (ho, wo)), d.values)
+
+    def _conv_rows_chunked(self, d: DeltaTensor, p: ConvParams, idx: Tensor, out_hw: tuple[int, int]) -> Tensor:
+        if idx.numel() <= CHUNK_ROWS:
+            return self._conv_rows(d, p, idx, out_hw)
+        return torch.cat([self._conv_rows(d, p, idx[i:i + CHUNK_ROWS], out_hw) for i in range(0, idx.numel(), CHUNK_ROWS)])
 
     @staticmethod
     def _dense_conv(d: DeltaTensor, p: ConvParams) -> Tensor:
@@ -181,8 +184,7 @@ class ReferenceBackend(Backend):
             y = rows(to_cl(self._dense_conv(d, p))).index_select(0, idx)
         elif idx.numel():
             # pixels that are candidates only through the residual gather all-zero taps: y = 0 there
-            y = torch.cat([self._conv_rows(d, p, idx[i:i + CHUNK_ROWS], (ho, wo))
-                           for i in range(0, idx.numel(), CHUNK_ROWS)])
+            y = self._conv_rows_chunked(d, p, idx, (ho, wo))
         else:
             y = torch.zeros(0, cout, dtype=_acc_dtype(p.weight), device=d.device)
         if residual is not None:

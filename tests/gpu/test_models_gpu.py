@@ -1,0 +1,75 @@
+"""GPU-only: whole converted models on the Triton backend, eager and CUDA-graph replay, against
+the reference backend and dense PyTorch. Run on the device machine: python3 -m pytest tests/gpu -q"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+
+import deltacnn  # noqa: E402
+from deltacnn import models  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from conftest import make_video, rel_err  # noqa: E402
+
+
+def _model(name: str):
+    torch.manual_seed(0)
+    kw = {"resnet18": dict(width=16), "resnet50": dict(width=8), "mobilenet_v3_small": dict(width_mult=0.5),
+          "unet": dict(base=8, depth=3), "hrnet_like": dict(widths=(8, 16, 32))}[name]
+    return models.randomize_bn_(models.build(name, **kw).eval(), 1).cuda()
+
+
+@pytest.fixture(autouse=True)
+def no_tf32():
+    a, b = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = a, b
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "mobilenet_v3_small", "unet", "hrnet_like"])
+def test_triton_fp32_tau0_equals_dense(name):
+    m = _model(name)
+    clip = make_video(40, n=2, h=64, w=96, noise=0.0, seed=1).cuda()
+    dm = deltacnn.convert(m, clip[0], backend="triton")
+    for t in range(clip.shape[0]):
+        with torch.no_grad():
+            want = m(clip[t])
+        assert rel_err(dm(clip[t]), want) < 1e-5, t
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 5e-3), (torch.bfloat16, 1e-2)])
+def test_triton_half_tau0_close_to_dense(dtype, tol):
+    m = _model("resnet18")
+    clip = make_video(200, n=1, h=64, w=96, noise=0.002, seed=2).cuda()
+    dm = deltacnn.convert(m, clip[0], backend="triton", dtype=dtype)
+    worst = 0.0
+    for t in range(clip.shape[0]):
+        with torch.no_grad():
+            worst = max(worst, rel_err(dm(clip[t]), m(clip[t])))
+    assert worst < tol
+
+
+@pytest.mark.parametrize("tau", [0.0, 0.02])
+def test_graph_replay_equals_eager(tau):
+    m = _model("resnet50")
+    clip = make_video(30, n=2, h=64, w=96, noise=0.003, seed=3).cuda()
+    eager = deltacnn.convert(m, clip[0], backend="triton", dtype=torch.float16, threshold=tau)
+    graphed = deltacnn.compile(deltacnn.convert(m, clip[0], backend="triton", dtype=torch.float16, threshold=tau))
+    for t in range(clip.shape[0]):
+        torch.testing.assert_close(graphed(clip[t]), eager(clip[t]), rtol=1e-3, atol=1e-3)
+
+
+def test_triton_matches_reference_with_thresholds():
+    m = _model("mobilenet_v3_small")
+    clip = make_video(30, n=3, h=64, w=64, noise=0.003, seed=4).cuda()
+    ref = deltacnn.convert(m, clip[0], backend="reference", threshold=0.02, keyframe_above=None)
+    fast = deltacnn.convert(m, clip[0], backend="triton", threshold=0.02)
+    for t in range(clip.shape[0]):
+        assert rel_err(fast(clip[t]), ref(clip[t])) < 1e-4, t
