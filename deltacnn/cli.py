@@ -1,0 +1,207 @@
+"""`deltacnn` command line: run a video through a delta model, tune thresholds, benchmark.
+
+    deltacnn run [VIDEO] [--model NAME] [--threshold T | --thresholds FILE] [--check-dense] [--out DIR]
+    deltacnn tune [VIDEO] --budget 'f1>=0.95' [--frames 30] [--max-evals 40] [--out FILE]
+    deltacnn bench [VIDEO] [--threshold 0 0.02 FILE ...] [--json FILE]
+    deltacnn models
+
+Without VIDEO the real demo clip and the default pretrained model are used. Problems with the
+input print one line `deltacnn: error: ...` and exit with status 2; `--debug` shows tracebacks.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from pathlib import Path
+
+from .video import VideoError
+
+EXIT_USER = 2
+EXIT_INTERNAL = 1
+
+
+def _common(p: argparse.ArgumentParser, video_help: str) -> None:
+    p.add_argument("video", nargs="?", metavar="VIDEO", help=video_help)
+    p.add_argument("--model", "-m", default=None,
+                   help="task or architecture name (see `deltacnn models`); default: the pretrained default")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                   help="delta model compute dtype (default float32)")
+    p.add_argument("--backend", choices=["reference", "triton"], default=None,
+                   help="delta kernels (default: triton on CUDA when installed, else reference)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+
+
+def _positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def _nonneg_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {s!r}") from None
+    if not v >= 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {s}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="deltacnn", description="Sparse delta inference for CNNs on video.",
+                                 epilog="`deltacnn COMMAND --help` for the options of each command.")
+    ap.add_argument("--version", action="version", version=f"deltacnn {_version()}")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+
+    r = sub.add_parser("run", help="run a video through the delta model; write videos, per-frame stats, plot",
+                       description="Run a video through the delta model and the dense model; write the task output "
+                                   "drawn on the frames, an update heat-map video, per-frame CSV/JSON, summary.json "
+                                   "and plot.png.")
+    _common(r, "input video (default: the bundled demo clip)")
+    g = r.add_mutually_exclusive_group()
+    g.add_argument("--threshold", "-t", type=_nonneg_float, default=None,
+                   help="global truncation threshold (default: the task's default_threshold, else 0 = "
+                        "dense-equivalent output)")
+    g.add_argument("--thresholds", metavar="FILE", default=None, help="thresholds JSON written by `deltacnn tune`")
+    r.add_argument("--input-threshold", type=_nonneg_float, default=None,
+                   help="threshold of the input pixels, in the model's input units (default: --threshold)")
+    r.add_argument("--demo", action="store_true", help="use the demo clip (same as giving no VIDEO)")
+    r.add_argument("--max-frames", "-n", type=_positive_int, default=None, help="stop after N frames")
+    r.add_argument("--keyframe-interval", type=_positive_int, default=None, help="dense keyframe every N frames")
+    r.add_argument("--check-dense", action="store_true", help="measure the error versus dense inference per frame")
+    r.add_argument("--no-video", action="store_true", help="skip the annotated and heat-map videos")
+    r.add_argument("--out", "-o", default=None, help="output directory (default ./deltacnn_out/<clip name>)")
+
+    t = sub.add_parser("tune", help="find per-layer thresholds within an accuracy budget versus dense",
+                       description="Search per-layer thresholds that keep the task output within the budget of the "
+                                   "dense output on a calibration clip while skipping as much work as possible: a "
+                                   "global threshold by bracketing and geometric bisection, then per-layer doubling, "
+                                   "largest downstream multiply-adds first. Writes the JSON `run --thresholds` reads.")
+    _common(t, "calibration video (default: the bundled demo clip)")
+    t.add_argument("--budget", "-b", required=True,
+                   help="e.g. 'f1>=0.95', 'rel_error<=0.01', or a number for the task's main metric")
+    t.add_argument("--aggregate", choices=["mean", "worst"], default="mean",
+                   help="budget over the clip's frames: mean (default) or worst frame")
+    t.add_argument("--frames", type=_positive_int, default=30, help="calibration frames (default 30)")
+    t.add_argument("--max-evals", type=_positive_int, default=40, help="passes over the clip at most (default 40)")
+    t.add_argument("--keyframe-interval", type=_positive_int, default=None, help="dense keyframe every N frames")
+    t.add_argument("--out", "-o", default=None,
+                   help="thresholds JSON to write (default ./deltacnn_out/<clip name>/thresholds.json)")
+
+    b = sub.add_parser("bench", help="dense versus delta timing on this device, as a table",
+                       description="Median time per frame of the dense and the delta model on the current device.")
+    _common(b, "video (default: the bundled demo clip)")
+    b.add_argument("--threshold", "-t", nargs="+", default=["0"], metavar="T|FILE",
+                   help="global thresholds and/or thresholds JSON files, one table row each (default 0)")
+    b.add_argument("--frames", type=_positive_int, default=30, help="frames to time (default 30)")
+    b.add_argument("--warmup", type=int, default=3, help="untimed warm-up frames (default 3)")
+    b.add_argument("--json", default=None, metavar="FILE", help="also write the rows as JSON")
+
+    sub.add_parser("models", help="list the model names --model accepts")
+    return ap
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    from . import tools
+
+    if a.demo and a.video:
+        raise tools.UserError("give either VIDEO or --demo, not both")
+    video = None if a.demo else a.video
+    res = tools.run(video, a.model, threshold=a.threshold, input_threshold=a.input_threshold, thresholds=a.thresholds,
+                    device=a.device, out=a.out, max_frames=a.max_frames, dtype=a.dtype,
+                    keyframe_interval=a.keyframe_interval, check_dense=a.check_dense, backend=a.backend, quiet=a.quiet,
+                    write_videos=not a.no_video)
+    print(res.table())
+    print("outputs:")
+    for k, p in res.paths.items():
+        print(f"  {k:12s} {p}")
+    return 0
+
+
+def cmd_tune(a: argparse.Namespace) -> int:
+    from . import tools
+
+    out = a.out
+    if out is None:
+        stem = Path(a.video).stem if a.video else tools.default_clip().stem
+        out = Path("deltacnn_out") / stem / "thresholds.json"
+    res = tools.tune(a.video, a.model, budget=a.budget, aggregate=a.aggregate, frames=a.frames, max_evals=a.max_evals,
+                     device=a.device, dtype=a.dtype, keyframe_interval=a.keyframe_interval, backend=a.backend,
+                     out=out, quiet=a.quiet)
+    print(res.table())
+    print(f"use it with:  deltacnn run {a.video or ''} --thresholds {res.path}".replace("  --", " --"))
+    return 0
+
+
+def cmd_bench(a: argparse.Namespace) -> int:
+    from . import tools
+
+    rows = tools.bench(a.video, a.model, thresholds=a.threshold, frames=a.frames, warmup=a.warmup, device=a.device,
+                       dtype=a.dtype, backend=a.backend, quiet=a.quiet)
+    print(tools.bench_table(rows))
+    if a.json:
+        print(f"written: {tools.save_json(rows, a.json)}")
+    return 0
+
+
+def cmd_models(a: argparse.Namespace) -> int:
+    from . import tools
+
+    for name in tools.available_models():
+        print(name)
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "tune": cmd_tune, "bench": cmd_bench, "models": cmd_models}
+
+
+def _error(msg: str) -> None:
+    print(f"deltacnn: error: {' '.join(str(msg).split())}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `deltacnn` script; returns the exit status (0 ok, 2 bad input, 1 internal)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse already printed usage and `deltacnn: error: ...` (or --help)
+        return int(e.code or 0)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USER
+    from .tools import UserError
+
+    try:
+        return COMMANDS[args.command](args)
+    except (UserError, VideoError) as e:
+        if debug:
+            traceback.print_exc()
+        _error(e)
+        return EXIT_USER
+    except KeyboardInterrupt:
+        print("deltacnn: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - one line for users; --debug for the traceback
+        if debug:
+            traceback.print_exc()
+        _error(f"internal error: {type(e).__name__}: {e}" + ("" if debug else " (run with --debug for the traceback)"))
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,319 @@
+"""The `deltacnn` command line and its Python API (deltacnn.tools) end to end, on a tiny synthetic clip.
+
+A tiny fake task (two convolutions) keeps everything fast on a 2-core CPU; the real pretrained
+task is exercised by its own tests and by the README command.
+"""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from deltacnn import tools
+from deltacnn.cli import main
+from deltacnn.video import VideoError, VideoReader, write_video
+
+H, W, T = 48, 64, 10
+
+
+class TinyNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.c2(torch.relu(self.c1(x)))))
+
+
+class TinyTask:
+    """A segmentation-like fake task: per-pixel arg-max of a 2-channel map; agreement = pixel accuracy."""
+
+    name = "tiny"
+
+    def load_model(self) -> nn.Module:
+        """TinyNet with the head's bias set so both labels are equally common (a metric that can fail)."""
+        net = TinyNet().eval()
+        with torch.no_grad():
+            out = net(self.preprocess(synthetic_frames(1)[0]))
+            net.head.bias[1] -= float((out[:, 1] - out[:, 0]).median())
+        return net
+
+    def preprocess(self, frame_rgb: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(frame_rgb).permute(2, 0, 1)[None].float() / 255.0
+
+    def postprocess(self, output) -> dict:
+        return {"logits": output.float(), "labels": output.argmax(1)}
+
+    def draw(self, frame_rgb: np.ndarray, result) -> np.ndarray:
+        img = frame_rgb.copy()
+        img[result["labels"][0].numpy() == 1, 0] = 255
+        return img
+
+    def agreement(self, result, reference) -> dict[str, float]:
+        err = float((result["logits"] - reference["logits"]).norm() / reference["logits"].norm())
+        acc = float((result["labels"] == reference["labels"]).float().mean())
+        return {"pixel_acc": acc, "rel_error": err}
+
+
+tools.register_task("tiny", TinyTask)
+
+
+def synthetic_frames(n: int = T, seed: int = 0) -> list[np.ndarray]:
+    """A static textured background with one small square moving right."""
+    rng = np.random.default_rng(seed)
+    bg = rng.integers(0, 256, (H // 4, W // 4, 3), dtype=np.uint8).repeat(4, 0).repeat(4, 1)
+    frames = []
+    for t in range(n):
+        f = bg.copy()
+        x = 4 + 3 * t
+        f[16:28, x:x + 12] = (250, 250, 40)
+        frames.append(f)
+    return frames
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory) -> Path:
+    return write_video(tmp_path_factory.mktemp("clip") / "static.mp4", synthetic_frames(), fps=10)
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("deltacnn: error: ")
+    assert "Traceback" not in err[0]
+    return err[0]
+
+
+# ---- video IO ------------------------------------------------------------------------------------
+def test_video_roundtrip(clip: Path) -> None:
+    r = VideoReader(clip)
+    frames = list(r)
+    assert len(frames) == T and frames[0].shape == (H, W, 3) and frames[0].dtype == np.uint8
+    # lossy codec, but close to what was written
+    assert np.abs(frames[3].astype(int) - synthetic_frames()[3].astype(int)).mean() < 12
+    assert len(list(VideoReader(clip, max_frames=4))) == 4
+
+
+def test_writer_falls_back_to_avi(tmp_path: Path, monkeypatch) -> None:
+    import deltacnn.video as video
+
+    monkeypatch.setattr(video, "CODECS", (("XXXX", ".mp4"), ("MJPG", ".avi")))
+    p = write_video(tmp_path / "x.mp4", synthetic_frames(3))
+    assert p.suffix == ".avi" and len(list(VideoReader(p))) == 3
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty", "corrupt", "directory"])
+def test_video_errors(tmp_path: Path, kind: str) -> None:
+    p = tmp_path / "v.mp4"
+    if kind == "empty":
+        p.write_bytes(b"")
+    elif kind == "corrupt":
+        p.write_bytes(np.random.default_rng(0).integers(0, 256, 4000, dtype=np.uint8).tobytes())
+    elif kind == "directory":
+        p.mkdir()
+    with pytest.raises(VideoError):
+        VideoReader(p)
+
+
+# ---- run -----------------------------------------------------------------------------------------
+def test_run_end_to_end(clip: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out"
+    rc = main(["run", str(clip), "--model", "tiny", "--threshold", "0.05", "--check-dense", "--out", str(out),
+               "--device", "cpu", "--quiet"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "speedup" in printed and str(out / "plot.png") in printed
+    for name in ("frames.csv", "frames.json", "summary.json", "plot.png"):
+        assert (out / name).stat().st_size > 0, name
+    videos = {p.stem: p for p in out.iterdir() if p.suffix in (".mp4", ".avi")}
+    assert set(videos) == {"annotated", "updates"}
+    assert len(list(VideoReader(videos["updates"]))) == T
+    rows = list(csv.DictReader((out / "frames.csv").open()))
+    assert len(rows) == T
+    assert rows[0]["keyframe"] == "1" and float(rows[0]["update_rate"]) == 1.0
+    data = json.loads((out / "frames.json").read_text())
+    assert len(data) == T
+    keys = {"frame", "update_rate", "macs_fraction", "delta_ms", "dense_ms", "rel_error", "task_pixel_acc"}
+    assert keys <= set(data[0])
+    later = data[1:]
+    assert all(r["keyframe"] == 0 for r in later)
+    assert max(r["update_rate"] for r in later) < 0.5  # mostly static clip
+    assert all(0 < r["macs_fraction"] < 1 for r in later)
+    assert all(r["rel_error"] < 0.2 and r["task_pixel_acc"] > 0.9 for r in later)
+    s = json.loads((out / "summary.json").read_text())
+    assert s["frames"] == T and 0 < s["macs_saved"] < 1 and s["mean_update_rate"] < 1
+    assert {"mean_delta_ms", "mean_dense_ms", "speedup", "mean_rel_error", "agreement"} <= set(s)
+    assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_run_threshold_zero_matches_dense(clip: Path, tmp_path: Path) -> None:
+    res = tools.run(clip, "tiny", threshold=0.0, check_dense=True, out=tmp_path, max_frames=4, device="cpu",
+                    quiet=True, write_videos=False)
+    assert len(res.rows) == 4 and "annotated" not in res.paths
+    assert max(r["rel_error"] for r in res.rows) < 1e-5
+    assert res.summary["agreement"]["pixel_acc"] == 1.0
+
+
+def test_run_default_out_dir(clip: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", str(clip), "-m", "tiny", "-n", "3", "-q", "--no-video"]) == 0
+    assert (tmp_path / "deltacnn_out" / "static" / "frames.csv").is_file()
+
+
+def test_run_demo_uses_default_clip(clip: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setattr(tools, "default_clip", lambda: clip)
+    monkeypatch.setattr(tools, "default_model", lambda: "tiny")
+    assert main(["run", "--max-frames", "3", "-q", "--no-video", "--out", str(tmp_path)]) == 0
+    assert "tiny on static.mp4: 3 frames" in capsys.readouterr().out
+
+
+# ---- bad input -----------------------------------------------------------------------------------
+def test_missing_video(tmp_path: Path, capsys) -> None:
+    assert main(["run", str(tmp_path / "nope.mp4"), "-m", "tiny"]) == 2
+    assert "video not found" in one_line_error(capsys)
+
+
+@pytest.mark.parametrize("content", [b"", b"not a video at all" * 100])
+def test_empty_or_corrupt_video(tmp_path: Path, capsys, content: bytes) -> None:
+    p = tmp_path / "bad.mp4"
+    p.write_bytes(content)
+    assert main(["run", str(p), "-m", "tiny", "--out", str(tmp_path / "o")]) == 2
+    msg = one_line_error(capsys)
+    assert "empty" in msg or "cannot decode" in msg
+
+
+def test_unknown_model(clip: Path, capsys) -> None:
+    assert main(["run", str(clip), "--model", "no_such_net"]) == 2
+    msg = one_line_error(capsys)
+    assert "unknown model 'no_such_net'" in msg and "tiny" in msg
+
+
+@pytest.mark.parametrize("content, needle", [
+    ("{not json", "invalid JSON"),
+    ('{"hello": 1}', "not a deltacnn thresholds file"),
+    ('{"format": "deltacnn-thresholds/1", "default": 0.1, "layers": {"no.such.layer": 0.2}}', "no.such.layer"),
+    ('{"format": "deltacnn-thresholds/1", "default": -3}', "must be finite and >= 0"),
+])
+def test_bad_thresholds_file(clip: Path, tmp_path: Path, capsys, content: str, needle: str) -> None:
+    p = tmp_path / "th.json"
+    p.write_text(content)
+    assert main(["run", str(clip), "-m", "tiny", "--thresholds", str(p), "-q", "--out", str(tmp_path / "o")]) == 2
+    assert needle in one_line_error(capsys)
+
+
+def test_missing_thresholds_file(clip: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", str(clip), "-m", "tiny", "--thresholds", str(tmp_path / "x.json")]) == 2
+    assert "thresholds file not found" in one_line_error(capsys)
+    assert not (tmp_path / "deltacnn_out").exists()  # nothing written for a run that never started
+
+
+def test_bad_option_value_and_cuda(clip: Path, capsys) -> None:
+    assert main(["run", str(clip), "-m", "tiny", "--threshold", "-1"]) == 2
+    assert "deltacnn run: error:" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["run", str(clip), "-m", "tiny", "--device", "cuda"]) == 2
+        assert "CUDA is not available" in one_line_error(capsys)
+
+
+def test_internal_error_is_one_line(clip: Path, capsys, monkeypatch) -> None:
+    def boom(*a, **k):
+        raise RuntimeError("kaput")
+
+    monkeypatch.setattr(tools, "run", boom)
+    assert main(["run", str(clip), "-m", "tiny"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["deltacnn: error: internal error: RuntimeError: kaput (run with --debug for the traceback)"]
+    assert main(["run", str(clip), "-m", "tiny", "--debug"]) == 1
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_no_command_prints_help(capsys) -> None:
+    assert main([]) == 2
+    assert "usage: deltacnn" in capsys.readouterr().err
+
+
+# ---- tune ----------------------------------------------------------------------------------------
+def test_parse_budget() -> None:
+    b = tools.parse_budget("pixel_acc>=0.98")
+    assert (b.metric, b.op, b.value) == ("pixel_acc", ">=", 0.98)
+    assert tools.parse_budget("0.9").metric is None
+    with pytest.raises(tools.UserError):
+        tools.parse_budget("acc ~ 3")
+    assert tools.Budget(None, "", 0.1).resolve({"rel_error": 0.0}, TinyTask()).op == "<="
+    assert tools.Budget(None, "", 0.9).resolve({"pixel_acc": 1.0}, TinyTask()).op == ">="
+
+
+def test_tune_writes_thresholds_that_run_accepts(clip: Path, tmp_path: Path, capsys) -> None:
+    th = tmp_path / "th.json"
+    rc = main(["tune", str(clip), "-m", "tiny", "--budget", "pixel_acc>=0.97", "--frames", "6", "--max-evals", "14",
+               "--out", str(th), "-q"])
+    assert rc == 0
+    assert str(th) in capsys.readouterr().out
+    data = json.loads(th.read_text())
+    assert data["format"] == "deltacnn-thresholds/1"
+    assert data["default"] > 0 or data["layers"]  # something was raised above exact
+    # the budget holds on the calibration clip when replayed by `run`
+    out = tmp_path / "run"
+    assert main(["run", str(clip), "-m", "tiny", "--thresholds", str(th), "--check-dense", "-n", "6", "-q",
+                 "--no-video", "--out", str(out)]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["agreement"]["pixel_acc"] >= 0.97 - 1e-9
+    assert s["thresholds_file"] == str(th)
+
+
+def test_tune_api_is_bounded_and_monotone(clip: Path) -> None:
+    res = tools.tune(clip, "tiny", budget="rel_error<=0.05", frames=5, max_evals=8, quiet=True)
+    assert res.evals <= 8 and res.budget.holds(res.score)
+    assert res.macs_fraction <= res.dense_macs_fraction
+    assert all(h["ok"] == res.budget.holds(h["score"]) for h in res.history)
+
+
+def test_tune_impossible_budget(clip: Path, capsys) -> None:
+    assert main(["tune", str(clip), "-m", "tiny", "--budget", "rel_error<=-1", "--frames", "3", "-q"]) == 2
+    assert "not met even at threshold 0" in one_line_error(capsys)
+
+
+def test_tune_unknown_metric(clip: Path, capsys) -> None:
+    assert main(["tune", str(clip), "-m", "tiny", "--budget", "map>=0.5", "--frames", "3", "-q"]) == 2
+    assert "budget metric 'map'" in one_line_error(capsys)
+
+
+# ---- bench ---------------------------------------------------------------------------------------
+def test_bench_table_and_json(clip: Path, tmp_path: Path, capsys) -> None:
+    j = tmp_path / "bench.json"
+    assert main(["bench", str(clip), "-m", "tiny", "--frames", "5", "--warmup", "1", "-t", "0", "0.05",
+                 "--json", str(j), "-q", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "dense ms" in printed and "speedup" in printed
+    rows = json.loads(j.read_text())
+    assert [r["threshold"] for r in rows] == ["0", "0.05"]
+    assert all(r["dense_ms"] > 0 and r["delta_ms"] > 0 and 0 <= r["update_rate"] < 1 for r in rows)
+
+
+def test_models_lists_names(capsys) -> None:
+    assert main(["models"]) == 0
+    names = capsys.readouterr().out.split()
+    assert "tiny" in names and "resnet18" in names
+
+
+# ---- pictures ------------------------------------------------------------------------------------
+def test_heatmap_overlay_marks_only_recomputed_pixels() -> None:
+    from deltacnn import viz
+
+    frame = np.full((120, 240, 3), 128, np.uint8)
+    heat = np.zeros((120, 240), np.float32)
+    heat[10:30, 10:30] = 1.0
+    img = viz.heatmap_overlay(frame, heat, legend=False)
+    assert img.shape == frame.shape and img.dtype == np.uint8
+    still, hot = img[60, 120], img[20, 20]
+    assert still[0] == still[1] == still[2]  # untouched pixels stay grey
+    assert int(hot[0]) - int(hot[2]) > 40  # all layers recomputed: red end of the colour map
