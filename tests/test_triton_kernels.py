@@ -110,7 +110,7 @@ def test_dilate_mask(kernel, stride, pad, dil):
 def test_active_tiles():
     g = torch.Generator().manual_seed(2)
     m = rand_mask(g, 2, 19, 21, 0.01)
-    ids, count, (n_tiles, n_tw, tpi) = tk.active_tiles(m, None, 8, 8)
+    ids, count, (n_tiles, n_tw, tpi), _, _ = tk.active_tiles(m, None, 8, 8)
     k = int(count.item())
     got = sorted(ids[:k].tolist())
     mp = F.pad(m.float(), (0, 24 - 21, 0, 24 - 19))
@@ -178,6 +178,18 @@ def test_sparse_conv2d_float32_out_of_half_inputs():
     assert y.dtype == torch.float32 and rel(y[sel], ref[sel]) < 1e-5  # fp16 products are exact in fp32
 
 
+@pytest.mark.parametrize("case", [CONV_CASES[2], CONV_CASES[6], CONV_CASES[8]], ids=_conv_id)
+def test_sparse_conv2d_fused_mask_dilation(case):
+    """out_mask=None: the output mask is computed in the tile-list launch."""
+    g, x, xm, wt, om = _conv_inputs(9, case, torch.float16)
+    ref = ref_conv(x, xm, wt, case[3], case[4], case[5], case[6])
+    y, ym = tk.sparse_conv2d(x, xm, wt, None, case[3], case[4], case[5], case[6], out_dtype=torch.float32,
+                             config=tk.ConvConfig(th=8, tw=16, bn=16, bk=16))
+    assert torch.equal(ym, om)
+    sel = om.expand_as(ref)
+    assert rel(y[sel], ref[sel]) < 1e-5
+
+
 def test_sparse_conv2d_tf32_and_partial_mask():
     case = CONV_CASES[0]
     g, x, xm, wt, om = _conv_inputs(4, case, torch.float32)
@@ -208,7 +220,7 @@ ACTS = ["relu", "relu6", "leaky_relu", "silu", "hardswish", "hardsigmoid", "sigm
         "none"]
 
 
-FUSED = [("gemm", "relu"), ("gemm", "silu"), ("gemm", "gelu"), ("gemm", "none"), ("dw", "relu6"), ("dw", "hardswish"),
+FUSED = [("fixup", "hardsigmoid"), ("gemm", "relu"), ("gemm", "silu"), ("gemm", "gelu"), ("gemm", "none"), ("dw", "relu6"), ("dw", "hardswish"),
          ("twopass", "leaky_relu"), ("twopass", "tanh")]
 
 
@@ -217,7 +229,8 @@ def test_sparse_conv2d_fused_act(variant, fn):
     dtype = torch.float16 if variant != "twopass" else torch.bfloat16
     case = {"gemm": (8, 16, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1),
             "dw": (16, 16, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 16),
-            "twopass": (8, 24, (3, 3), (2, 2), (1, 0, 1, 0), (1, 1), 1)}[variant]
+            "twopass": (8, 24, (3, 3), (2, 2), (1, 0, 1, 0), (1, 1), 1),
+            "fixup": (24, 16, (3, 3), (1, 1), (0, 1, 1, 0), (1, 1), 1)}[variant]
     cout = case[1]
     g, x, xm, wt, om = _conv_inputs(6, case, dtype)
     ho, wo = om.shape[2:]
@@ -228,7 +241,7 @@ def test_sparse_conv2d_fused_act(variant, fn):
     tau = 0.3
     y = ref_conv(x, xm, wt, case[3], case[4], case[5], case[6]) + zf(res, rm)
     ref = ref_nonlinear(y, om | rm, A, E, fn, tau, score, dtype, 0.2)
-    cfg = tk.ConvConfig(th=16, tw=16, bn=16, bk=16, split_k=2 if variant == "twopass" else 1)
+    cfg = tk.ConvConfig(th=16, tw=16, bn=16, bk=16, split_k={"twopass": 2, "fixup": 3}.get(variant, 1))
     act = tk.Act(fn, A, E, tau, score, slope=0.2)
     out = cl(torch.full(y.shape, float("nan"), dtype=dtype, device=DEV))
     o, fm = tk.sparse_conv2d(x, xm, wt, om, case[3], case[4], case[5], case[6], out, residual=res, residual_mask=rm,

@@ -17,13 +17,13 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import INTERPRET, Act, as_act, check_state, finish_tile, mask_u8, need_cl, new_cl, npow2, num_sms
-from .masks import active_tiles
-from .pointwise import sparse_add, sparse_nonlinear
+from .masks import active_tiles, out_size
+from .pointwise import sparse_nonlinear
 
 
 @triton.jit
 def _conv_gemm_kernel(x_ptr, xm_ptr, w_ptr, out_ptr, om_ptr, res_ptr, rm_ptr, a_ptr, e_ptr, fm_ptr,
-                      ids_ptr, count_ptr,
+                      ids_ptr, count_ptr, ws_ptr, ctr_ptr,
                       H, W, Ho, Wo, Cin, Cout, Cg, Og, n_tw, tiles_per_img,
                       slope, min_val, max_val, alpha, tau,
                       KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
@@ -32,7 +32,8 @@ def _conv_gemm_kernel(x_ptr, xm_ptr, w_ptr, out_ptr, om_ptr, res_ptr, rm_ptr, a_
                       NB: tl.constexpr, G: tl.constexpr, SPLIT_K: tl.constexpr,
                       HAS_RES: tl.constexpr, HAS_ACT: tl.constexpr, FN: tl.constexpr, SCORE: tl.constexpr,
                       WRITE_FM: tl.constexpr, ATOMIC: tl.constexpr, PREC: tl.constexpr, IS_F32: tl.constexpr,
-                      NKC: tl.constexpr, N_IT: tl.constexpr, IT_PER: tl.constexpr, UPCAST: tl.constexpr):
+                      NKC: tl.constexpr, N_IT: tl.constexpr, IT_PER: tl.constexpr, UPCAST: tl.constexpr,
+                      FIXUP: tl.constexpr):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     PER_TILE: tl.constexpr = G * NB * SPLIT_K
@@ -93,6 +94,21 @@ def _conv_gemm_kernel(x_ptr, xm_ptr, w_ptr, out_ptr, om_ptr, res_ptr, rm_ptr, a_
                 cand = cand | rm
             tl.atomic_add(out_ptr + prow[:, None] * Cout + cols[None, :], acc,
                           mask=cand[:, None] & cvalid[None, :], sem="relaxed")
+        elif FIXUP:
+            # split-K partials meet in a float32 workspace; the last split to arrive at this
+            # (tile, channel block) reads the sum back and runs the epilogue (residual, act, cast)
+            cand = om
+            if HAS_RES:
+                cand = cand | ((tl.load(rm_ptr + prow, mask=pvalid, other=0) != 0) & pvalid)
+            wmask = cand[:, None] & cvalid[None, :]
+            woffs = prow[:, None] * Cout + cols[None, :]
+            tl.atomic_add(ws_ptr + woffs, acc, mask=wmask, sem="relaxed")
+            tl.debug_barrier()
+            old = tl.atomic_add(ctr_ptr + t.to(tl.int64) * (G * NB) + g * NB + nb, 1, sem="acq_rel")
+            if old == SPLIT_K - 1:
+                tot = tl.load(ws_ptr + woffs, mask=wmask, other=0.0, cache_modifier=".cg")
+                finish_tile(tot, prow, pvalid, om, cols, cvalid, Cout, out_ptr, res_ptr, rm_ptr, a_ptr, e_ptr, fm_ptr,
+                            slope, min_val, max_val, alpha, tau, HAS_RES, HAS_ACT, FN, SCORE, WRITE_FM)
         else:
             finish_tile(acc, prow, pvalid, om, cols, cvalid, Cout, out_ptr, res_ptr, rm_ptr, a_ptr, e_ptr, fm_ptr,
                         slope, min_val, max_val, alpha, tau, HAS_RES, HAS_ACT, FN, SCORE, WRITE_FM)
@@ -178,31 +194,41 @@ def default_config(n: int, cin: int, cout: int, groups: int, kernel: tuple[int, 
         return ConvConfig(bn=bc, bk=16, num_warps=4 if bc <= 64 else 8)
     bk_max = 32 if dtype == torch.float32 else 64
     bk = min(bk_max, max(16, npow2(cg)))
-    if fused_act and groups == 1 and cout <= 256:
+    big = n * out_hw[0] * out_hw[1] >= 32768
+    # the fused epilogue needs all Cout of a pixel in one program; on small maps that leaves too few
+    # programs (H100, 3x3 256->256+relu @68x120, 1%: fused 29.3 us vs conv + sparse_nonlinear 21.0 us)
+    if fused_act and groups == 1 and cout <= 256 and (big or cout <= 64):
         bn = max(16, npow2(cout))
     else:
-        big = n * out_hw[0] * out_hw[1] >= 32768
         bn = min(128 if big else 64, max(16, npow2(og)))
     warps = 8 if bn >= 256 else 4
-    return ConvConfig(bn=bn, bk=bk, num_warps=warps)
+    # small maps with a long K loop: too few (tile, channel block) items to fill 132 SMs at low
+    # density, so split K (measured on H100: 3x3 256->256 @68x120, 1%: 29.9 -> 20.0 us with 4 splits)
+    split = 1
+    if n * out_hw[0] * out_hw[1] < 32768:
+        k_len = kh * kw * cg
+        split = 4 if k_len >= 2048 else 2 if k_len >= 1024 else 1
+    return ConvConfig(bn=bn, bk=bk, num_warps=warps, split_k=split)
 
 
-def sparse_conv2d(x: Tensor, x_mask: Tensor, weight: Tensor, out_mask: Tensor,
+def sparse_conv2d(x: Tensor, x_mask: Tensor, weight: Tensor, out_mask: Tensor | None,
                   stride: tuple[int, int] = (1, 1), padding: tuple[int, int, int, int] = (0, 0, 0, 0),
                   dilation: tuple[int, int] = (1, 1), groups: int = 1, out: Tensor | None = None, *,
                   residual: Tensor | None = None, residual_mask: Tensor | None = None, act: Act | dict | None = None,
                   out_dtype: torch.dtype | None = None, input_precision: str = "tf32",
-                  prepared: Tensor | None = None, config: ConvConfig | None = None) -> tuple[Tensor, Tensor]:
+                  prepared: Tensor | None = None, config: ConvConfig | None = None,
+                  out_hw: tuple[int, int] | None = None) -> tuple[Tensor, Tensor]:
     """Sparse conv of a delta (no bias) at the candidate pixels out_mask | residual_mask.
 
     x: (N, Cin, H, W) channels_last fp16/bf16/fp32, zero where x_mask (N, 1, H, W) bool is 0 (never read).
     weight: (Cout, Cin/groups, kh, kw) (or pass `prepared=prepare_weight(weight, groups, x.dtype)`).
-    out_mask: (N, 1, Ho, Wo) bool; padding (top, bottom, left, right). y = conv + residual (where
-    residual_mask). Without `act`: returns (y at candidates, out_mask | residual_mask) (the mask is
-    `out_mask` itself when there is no residual). With `act` (see Act): A += y, emits o = f(A) - E
-    where the per-pixel score exceeds tau, returns (o, emit mask). Output dtype: `out.dtype`, else
-    `out_dtype`, else x.dtype. fp32 inputs use `input_precision` ("tf32" or exact "ieee").
-    No host synchronisation: CUDA-graph capturable.
+    out_mask: (N, 1, Ho, Wo) bool, or None to compute it (the receptive-field dilation of x_mask, as
+    dilate_mask does) inside the tile-list launch; `out_hw` then overrides the floor-mode output size.
+    padding is (top, bottom, left, right). y = conv + residual (where residual_mask). Without `act`:
+    returns (y at candidates, out_mask | residual_mask) (the mask is `out_mask` itself when there is no
+    residual). With `act` (see Act): A += y, emits o = f(A) - E where the per-pixel score exceeds tau,
+    returns (o, emit mask). Output dtype: `out.dtype`, else `out_dtype`, else x.dtype. fp32 inputs use
+    `input_precision` ("tf32" or exact "ieee"). No host synchronisation: CUDA-graph capturable.
     """
     need_cl(x, "x")
     n, cin, h, w = x.shape
@@ -210,9 +236,13 @@ def sparse_conv2d(x: Tensor, x_mask: Tensor, weight: Tensor, out_mask: Tensor,
     if cin != cg * groups or cout % groups:
         raise ValueError(f"weight {tuple(weight.shape)} does not fit {cin} input channels in {groups} groups")
     og = cout // groups
-    ho, wo = out_mask.shape[2:]
+    if out_mask is not None:
+        ho, wo = out_mask.shape[2:]
+    else:
+        ho, wo = out_hw or out_size(h, w, (kh, kw), stride, padding, dilation)
     xm = mask_u8(x_mask, (n, 1, h, w), "x_mask")
-    om = mask_u8(out_mask, (n, 1, ho, wo), "out_mask")
+    if out_mask is not None:
+        mask_u8(out_mask, (n, 1, ho, wo), "out_mask")
     act = as_act(act)
     dev = x.device
     odt = out.dtype if out is not None else (out_dtype or x.dtype)
@@ -237,29 +267,35 @@ def sparse_conv2d(x: Tensor, x_mask: Tensor, weight: Tensor, out_mask: Tensor,
         raise ValueError(f"weight dtype {prepared.dtype} must equal x dtype {x.dtype}")
     cfg = config or default_config(n, cin, cout, groups, (kh, kw), (ho, wo), x.dtype, act is not None)
     split_k = 1 if depthwise else cfg.split_k
-    fusable = act is not None and split_k == 1 and (cfg.bn >= cout) and (depthwise or groups == 1)
-    if (act is not None and not fusable) or (split_k > 1 and odt != torch.float32):
+    bn = cfg.bn if (act is not None or depthwise) else min(cfg.bn, max(16, npow2(og)))
+    fusable = act is not None and bn >= cout and (depthwise or groups == 1)
+    if act is not None and not fusable:
         # two passes: the conv into a float32 buffer, then the epilogue as a pointwise kernel
         tmp = new_cl(n, cout, ho, wo, torch.float32, dev)
         y, ym = sparse_conv2d(x, x_mask, weight, out_mask, stride, padding, dilation, groups, tmp,
                               residual=residual, residual_mask=residual_mask, input_precision=input_precision,
-                              prepared=prepared, config=cfg)
-        if act is not None:
-            return sparse_nonlinear(y, ym, act.acc, act.emitted, act, out=out)
-        return sparse_add(y, ym, None, None, out=out)
-    atomic = split_k > 1
+                              prepared=prepared, config=cfg, out_hw=(ho, wo))
+        return sparse_nonlinear(y, ym, act.acc, act.emitted, act, out=out)
+    atomic = split_k > 1 and act is None and odt == torch.float32  # partials go straight into `out`
+    fixup = split_k > 1 and not atomic
     has_res = residual is not None
     if act is not None:
         fm = torch.empty(n, 1, ho, wo, dtype=torch.bool, device=dev)
-        fm_mode, write_fm = 2, False
+        fm_mode = 2
     elif has_res:
         fm = torch.empty(n, 1, ho, wo, dtype=torch.bool, device=dev)
-        fm_mode, write_fm = 1, False
+        fm_mode = 1
     else:
-        fm, fm_mode, write_fm = out_mask, 0, False
-    ids, count, (n_tiles, n_tw, tpi) = active_tiles(out_mask, residual_mask if has_res else None, cfg.th, cfg.tw,
-                                                     final_mask=fm if fm_mode else None, fm_mode=fm_mode,
-                                                     zero=out if atomic else None)
+        fm, fm_mode = None, 0
+    nb = 1 if depthwise else triton.cdiv(og, bn)
+    ws = new_cl(n, cout, ho, wo, torch.float32, dev) if fixup else None
+    ids, count, (n_tiles, n_tw, tpi), ctr, om_t = active_tiles(
+        out_mask, residual_mask if has_res else None, cfg.th, cfg.tw, final_mask=fm, fm_mode=fm_mode,
+        zero=out if atomic else ws, n_ctr=groups * nb if fixup else 0,
+        dilate_from=None if out_mask is not None else (x_mask, (kh, kw), stride, padding, dilation, (ho, wo)))
+    if fm is None:
+        fm = om_t
+    om = om_t.view(torch.uint8)
     res = residual if has_res else out
     rm = rmu if has_res else om
     a_t = act.acc if act is not None else out
@@ -275,11 +311,9 @@ def sparse_conv2d(x: Tensor, x_mask: Tensor, weight: Tensor, out_mask: Tensor,
                               h, w, ho, wo, cout, n_tw, tpi, *ap,
                               KH=kh, KW=kw, SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1],
                               PT=padding[0], PL=padding[2], TH=cfg.th, TW=cfg.tw, BC=cfg.bn, NCB=ncb,
-                              HAS_RES=has_res, HAS_ACT=act is not None, FN=fn, SCORE=sc, WRITE_FM=write_fm,
+                              HAS_RES=has_res, HAS_ACT=act is not None, FN=fn, SCORE=sc, WRITE_FM=False,
                               num_warps=cfg.num_warps)
         return out, fm
-    bn = min(cfg.bn, max(16, npow2(og))) if act is None else cfg.bn
-    nb = triton.cdiv(og, bn)
     work = n_tiles * groups * nb * split_k
     nkc = triton.cdiv(cg, cfg.bk)
     n_it = kh * kw * nkc
@@ -288,11 +322,13 @@ def sparse_conv2d(x: Tensor, x_mask: Tensor, weight: Tensor, out_mask: Tensor,
     if input_precision not in ("tf32", "ieee", "tf32x3"):
         raise ValueError("input_precision must be 'tf32', 'tf32x3' or 'ieee'")
     _conv_gemm_kernel[grid](x, xm, prepared, out, om, res, rm, a_t, e_t, fm.view(torch.uint8), ids, count,
+                            ws if fixup else out, ctr if fixup else ids,
                             h, w, ho, wo, cin, cout, cg, og, n_tw, tpi, *ap,
                             KH=kh, KW=kw, SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1],
                             PT=padding[0], PL=padding[2], TH=cfg.th, TW=cfg.tw, BN=bn, BK=cfg.bk, NB=nb, G=groups,
                             SPLIT_K=split_k, HAS_RES=has_res, HAS_ACT=act is not None, FN=fn, SCORE=sc,
-                            WRITE_FM=write_fm, ATOMIC=atomic, PREC=input_precision,
+                            WRITE_FM=False, ATOMIC=atomic, PREC=input_precision,
                             IS_F32=x.dtype == torch.float32, NKC=nkc, N_IT=n_it, IT_PER=it_per,
-                            UPCAST=INTERPRET and x.dtype == torch.bfloat16, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                            UPCAST=INTERPRET and x.dtype == torch.bfloat16, FIXUP=fixup,
+                            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out, fm

@@ -66,8 +66,12 @@ def dilate_mask(mask: Tensor, kernel: tuple[int, int], stride: tuple[int, int] =
 
 
 @triton.jit
-def _tiles_kernel(m1_ptr, m2_ptr, fm_ptr, z_ptr, list_ptr, count_ptr, Ho, Wo, n_tw, tiles_per_img, ZC: tl.constexpr,
-                  HAS_M2: tl.constexpr, FM_MODE: tl.constexpr, ZERO: tl.constexpr,
+def _tiles_kernel(m1_ptr, m2_ptr, fm_ptr, z_ptr, list_ptr, count_ptr, ctr_ptr, xm_ptr, om_ptr,
+                  H, W, Ho, Wo, n_tw, tiles_per_img, ZC: tl.constexpr,
+                  HAS_M2: tl.constexpr, FM_MODE: tl.constexpr, ZERO: tl.constexpr, NCTR: tl.constexpr,
+                  NCTR_P2: tl.constexpr,
+                  DIL: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+                  DH: tl.constexpr, DW: tl.constexpr, PT: tl.constexpr, PL: tl.constexpr,
                   TH: tl.constexpr, TW: tl.constexpr, BZC: tl.constexpr):
     t = tl.program_id(0)
     n = t // tiles_per_img
@@ -79,7 +83,18 @@ def _tiles_kernel(m1_ptr, m2_ptr, fm_ptr, z_ptr, list_ptr, count_ptr, Ho, Wo, n_
     ox = tx * TW + p % TW
     valid = (oy < Ho) & (ox < Wo)
     prow = (n * Ho + oy).to(tl.int64) * Wo + ox
-    m = tl.load(m1_ptr + prow, mask=valid, other=0) != 0
+    if DIL:  # out mask = receptive-field dilation of the input mask, computed here and written out
+        acc = tl.zeros([TH * TW], dtype=tl.int32)
+        for ky in tl.static_range(KH):
+            iy = oy * SH - PT + ky * DH
+            for kx in tl.static_range(KW):
+                ix = ox * SW - PL + kx * DW
+                v = valid & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
+                acc = acc | (tl.load(xm_ptr + (n * H + iy).to(tl.int64) * W + ix, mask=v, other=0) != 0).to(tl.int32)
+        m = acc != 0
+        tl.store(om_ptr + prow, m.to(tl.uint8), mask=valid)
+    else:
+        m = tl.load(m1_ptr + prow, mask=valid, other=0) != 0
     if HAS_M2:
         m = m | (tl.load(m2_ptr + prow, mask=valid, other=0) != 0)
     if FM_MODE == 1:  # write the union mask
@@ -94,29 +109,48 @@ def _tiles_kernel(m1_ptr, m2_ptr, fm_ptr, z_ptr, list_ptr, count_ptr, Ho, Wo, n_
                 c = c0 + tl.arange(0, BZC)
                 tl.store(z_ptr + prow[:, None] * ZC + c[None, :], tl.zeros([TH * TW, BZC], dtype=tl.float32),
                          mask=(m & valid)[:, None] & (c < ZC)[None, :])
+        if NCTR > 0:  # arrival counters of the split-K fixup, one per (tile, channel block)
+            j = tl.arange(0, NCTR_P2)
+            tl.store(ctr_ptr + t.to(tl.int64) * NCTR + j, tl.zeros([NCTR_P2], dtype=tl.int32), mask=j < NCTR)
 
 
-def active_tiles(m1: Tensor, m2: Tensor | None = None, th: int = 8, tw: int = 8, *, final_mask: Tensor | None = None,
-                 fm_mode: int = 0, zero: Tensor | None = None) -> tuple[Tensor, Tensor, tuple[int, int, int]]:
+def active_tiles(m1: Tensor | None, m2: Tensor | None = None, th: int = 8, tw: int = 8, *,
+                 final_mask: Tensor | None = None, fm_mode: int = 0, zero: Tensor | None = None, n_ctr: int = 0,
+                 dilate_from: tuple | None = None) -> tuple[Tensor, Tensor, tuple[int, int, int], Tensor | None, Tensor]:
     """Compact list of th x tw output tiles holding any pixel of m1 | m2, with a device-side count.
 
-    Returns (tile_ids int32 of capacity n_tiles, count int32[1], (n_tiles, n_tw, tiles_per_img)).
-    fm_mode 1 writes m1 | m2 into `final_mask`, 2 clears it. `zero` (fp32 channels_last) gets zeros at
-    every pixel of m1 | m2 in active tiles. List order is not deterministic; the set is.
+    Returns (tile_ids int32 of capacity n_tiles, count int32[1], (n_tiles, n_tw, tiles_per_img),
+    counters, m1). fm_mode 1 writes m1 | m2 into `final_mask`, 2 clears it. `zero` (fp32
+    channels_last) gets zeros at every pixel of m1 | m2 in active tiles. n_ctr > 0 allocates n_ctr
+    int32 counters per tile, zeroed for active tiles. `dilate_from=(x_mask, kernel, stride, pad4,
+    dilation, out_hw)` computes m1 as the receptive-field dilation of x_mask in the same launch.
+    List order is not deterministic; the set is.
     """
-    n, _, ho, wo = m1.shape
+    if dilate_from is not None:
+        xmask, kernel, stride, pad4, dil, (ho, wo) = dilate_from
+        n, _, h, w = xmask.shape
+        xmu = mask_u8(xmask, (n, 1, h, w), "x_mask")
+        m1 = torch.empty(n, 1, ho, wo, dtype=torch.bool, device=xmask.device)
+    else:
+        n, _, ho, wo = m1.shape
+        h = w = 0
+        kernel, stride, pad4, dil = (1, 1), (1, 1), (0, 0, 0, 0), (1, 1)
     n_th, n_tw = triton.cdiv(ho, th), triton.cdiv(wo, tw)
     tiles_per_img = n_th * n_tw
     n_tiles = n * tiles_per_img
     dev = m1.device
     ids = torch.empty(n_tiles, dtype=torch.int32, device=dev)
     count = torch.zeros(1, dtype=torch.int32, device=dev)
-    u1 = mask_u8(m1, (n, 1, ho, wo), "out_mask")
+    u1 = m1.view(torch.uint8) if dilate_from is not None else mask_u8(m1, (n, 1, ho, wo), "out_mask")
     u2 = mask_u8(m2, (n, 1, ho, wo), "residual_mask") if m2 is not None else u1
     fm = final_mask.view(torch.uint8) if final_mask is not None else u1
     zc = zero.shape[1] if zero is not None else 1
     z = zero if zero is not None else ids
-    _tiles_kernel[(n_tiles,)](u1, u2, fm, z, ids, count, ho, wo, n_tw, tiles_per_img, zc,
-                              HAS_M2=m2 is not None, FM_MODE=fm_mode, ZERO=zero is not None, TH=th, TW=tw,
+    ctr = torch.empty(n_tiles * n_ctr, dtype=torch.int32, device=dev) if n_ctr else None
+    _tiles_kernel[(n_tiles,)](u1, u2, fm, z, ids, count, ctr if ctr is not None else ids,
+                              xmu if dilate_from is not None else u1, u1, h, w, ho, wo, n_tw, tiles_per_img, zc,
+                              HAS_M2=m2 is not None, FM_MODE=fm_mode, ZERO=zero is not None, NCTR=n_ctr, NCTR_P2=npow2(n_ctr),
+                              DIL=dilate_from is not None, KH=kernel[0], KW=kernel[1], SH=stride[0], SW=stride[1],
+                              DH=dil[0], DW=dil[1], PT=pad4[0], PL=pad4[2], TH=th, TW=tw,
                               BZC=min(64, npow2(zc)), num_warps=2)
-    return ids, count, (n_tiles, n_tw, tiles_per_img)
+    return ids, count, (n_tiles, n_tw, tiles_per_img), ctr, m1

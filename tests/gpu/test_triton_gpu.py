@@ -1,0 +1,144 @@
+"""Triton kernels on a real GPU at realistic shapes (skipped without CUDA)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    pytest.skip("needs CUDA", allow_module_level=True)
+pytest.importorskip("triton")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from test_triton_kernels import (TOL, check_nonlinear, cl, ref_act, ref_conv, ref_dilate, ref_nonlinear,  # noqa: E402
+                                 rel, zf)
+
+from deltacnn.backends import triton_kernels as tk  # noqa: E402
+
+
+def blob_and_noise(n, h, w, p_noise=0.01, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    m = torch.rand(n, 1, h, w, generator=g) < p_noise
+    for i in range(n):
+        y, x = torch.randint(0, h - 12, (2,), generator=g).tolist()
+        m[i, :, y:y + 12, x:x + 17] = True
+    return m.cuda()
+
+
+def delta(n, c, h, w, dtype, m, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    v = torch.randn(n, c, h, w, generator=g).cuda().to(dtype)
+    return cl(torch.where(m, v, torch.full((), float("nan"), dtype=dtype, device="cuda")))
+
+
+CASES = [(64, 64, 3, 1, 1), (256, 256, 3, 1, 1), (64, 256, 1, 1, 1), (128, 128, 3, 2, 1), (96, 96, 3, 1, 96),
+         (64, 64, 3, 1, 2), (32, 64, 5, 2, 1), (3, 64, 7, 2, 1), (1024, 256, 1, 1, 1)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_conv_realistic(case, dtype):
+    cin, cout, k, s, groups = case
+    n, h, w = 2, 68, 120
+    xm = blob_and_noise(n, h, w, seed=cin)
+    x = delta(n, cin, h, w, dtype, xm, seed=k)
+    wt = (torch.randn(cout, cin // groups, k, k) / (cin // groups * k * k) ** 0.5).cuda().to(dtype)
+    pad = (k // 2,) * 4
+    om = tk.dilate_mask(xm, (k, k), (s, s), pad, (1, 1))
+    assert torch.equal(om, ref_dilate(xm, (k, k), (s, s), pad, (1, 1)))
+    ref = ref_conv(x, xm, wt, (s, s), pad, (1, 1), groups)
+    out = cl(torch.full(ref.shape, float("nan"), dtype=dtype, device="cuda"))
+    y, _ = tk.sparse_conv2d(x, xm, wt, om, (s, s), pad, (1, 1), groups, out, input_precision="ieee")
+    sel = om.expand_as(ref)
+    assert rel(y[sel], ref[sel]) < TOL[dtype]
+    if dtype == torch.float32:
+        y, _ = tk.sparse_conv2d(x, xm, wt, om, (s, s), pad, (1, 1), groups, input_precision="tf32")
+        assert rel(y[sel], ref[sel]) < 3e-3
+
+
+@pytest.mark.parametrize("split_k", [1, 4])
+@pytest.mark.parametrize("cout,fn", [(128, "relu"), (256, "silu"), (512, "gelu")])
+def test_fused_residual_act(cout, fn, split_k):
+    n, h, w, cin = 1, 68, 120, 128
+    xm = blob_and_noise(n, h, w, seed=3)
+    x = delta(n, cin, h, w, torch.float16, xm, seed=4)
+    wt = (torch.randn(cout, cin, 3, 3) / (cin * 9) ** 0.5).cuda().half()
+    om = tk.dilate_mask(xm, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1))
+    rm = blob_and_noise(n, h, w, seed=5)
+    res = delta(n, cout, h, w, torch.float16, rm, seed=6)
+    A = cl(torch.randn(n, cout, h, w, device="cuda"))
+    E = cl(ref_act(fn, A.double()).float() + 0.01 * torch.randn(n, cout, h, w, device="cuda"))
+    tau = 0.05
+    y = ref_conv(x, xm, wt, (1, 1), (1, 1, 1, 1), (1, 1), 1) + zf(res, rm)
+    ref = ref_nonlinear(y, om | rm, A, E, fn, tau, "max", torch.float16)
+    cfg = tk.ConvConfig(split_k=split_k) if split_k > 1 else None
+    o, fm = tk.sparse_conv2d(x, xm, wt, om, (1, 1), (1, 1, 1, 1), residual=res, residual_mask=rm,
+                             act=tk.Act(fn, A, E, tau, "max"), config=cfg)
+    check_nonlinear(o, fm, A, E, ref, 3e-3, tau, 0.01)
+
+
+def test_cuda_graph_capture_and_replay():
+    n, h, w, c = 1, 68, 120, 64
+    xm = torch.zeros(n, 1, h, w, dtype=torch.bool, device="cuda")
+    x = cl(torch.randn(n, c, h, w, device="cuda").half())
+    wt = (torch.randn(c, c, 3, 3, device="cuda") / 24).half()
+    prep = tk.prepare_weight(wt, 1, torch.float16)
+    A = cl(torch.zeros(n, c, h, w, device="cuda"))
+    E = cl(torch.zeros(n, c, h, w, device="cuda"))
+    out = cl(torch.empty(n, c, h, w, device="cuda", dtype=torch.float16))
+    S = cl(torch.zeros(n, c, h, w, device="cuda"))
+
+    def frame():
+        om = tk.dilate_mask(xm, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1))
+        o, fm = tk.sparse_conv2d(x, xm, wt, om, (1, 1), (1, 1, 1, 1), out=out, prepared=prep,
+                                 act=tk.Act("relu", A, E, 0.0))
+        tk.accumulate_(S, o, fm)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        frame()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        frame()
+    A.zero_(), E.zero_(), S.zero_()
+    dense = torch.zeros(n, c, h, w, dtype=torch.float64, device="cuda")
+    for t in range(5):  # the blob moves; inputs change in place; tau = 0 tracks relu(sum of convs) exactly
+        xm.zero_()
+        xm[..., 10 + 5 * t:30 + 5 * t, 20 + 7 * t:45 + 7 * t] = True
+        x.copy_(cl(torch.randn(n, c, h, w, device="cuda").half()))
+        g.replay()
+        dense += ref_conv(x, xm, wt, (1, 1), (1, 1, 1, 1), (1, 1), 1)
+    torch.cuda.synchronize()
+    assert rel(A, dense) < 1e-5
+    assert rel(S, torch.relu(dense)) < 2e-3
+
+
+def test_pointwise_gpu():
+    n, h, w = 2, 135, 240
+    m = blob_and_noise(n, h, w, seed=9)
+    for c, dtype in ((512, torch.float16), (64, torch.bfloat16)):
+        d = delta(n, c, h, w, dtype, m, seed=c)
+        A = cl(torch.randn(n, c, h, w, device="cuda"))
+        E = cl(torch.relu(A) + 0.01)
+        ref = ref_nonlinear(zf(d, m), m, A, E, "relu", 0.1, "l2", dtype)
+        o, fm = tk.sparse_nonlinear(d, m, A, E, "relu", 0.1, "l2")
+        check_nonlinear(o, fm, A, E, ref, TOL[dtype], 0.1, 1e-3)
+        S = cl(torch.randn(n, c, h, w, device="cuda"))
+        S_ref = S.double() + zf(d, m)
+        tk.accumulate_(S, d, m)
+        assert rel(S, S_ref) < 1e-7
+        s2, m2 = tk.sparse_add(d, m, d, m)
+        assert torch.equal(m2, m) and rel(s2[m.expand_as(s2)], 2 * zf(d, m)[m.expand_as(s2)]) < TOL[dtype]
+    x = cl(torch.randn(1, 3, 1080, 1920, device="cuda"))
+    ref = x.clone()
+    ref[..., 100:200, 300:500] += 1.0
+    ref0 = ref.clone()
+    d, dm = tk.sparsify(x, ref, 0.5, 3, out_dtype=torch.float16)
+    mm = torch.zeros_like(dm)
+    mm[..., 99:201, 299:501] = True
+    assert torch.equal(dm, mm)
+    assert rel(d[mm.expand_as(d)], (x - ref0)[mm.expand_as(d)]) < 1e-3
+    assert torch.allclose(ref[mm.expand_as(ref)], ref0[mm.expand_as(ref)] + d[mm.expand_as(d)].float())
