@@ -14,7 +14,9 @@ from typing import Callable
 import torch
 
 SHARED_BENCH = Path(__file__).resolve().parents[1].parent / "shared" / "bench"
-for cand in (SHARED_BENCH, Path(__file__).resolve().parents[1] / "shared" / "bench"):
+# ../shared/bench beside the checkout; on the GPU machine a copy carried in .carry/
+for cand in (SHARED_BENCH, Path(__file__).resolve().parents[1] / "shared" / "bench",
+             Path(__file__).resolve().parents[1] / ".carry"):
     if cand.is_dir():
         sys.path.insert(0, str(cand))
         break
