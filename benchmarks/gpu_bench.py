@@ -12,6 +12,7 @@ and relative error versus dense float32 (no TF32); writes JSON to $OUT (or bench
 from __future__ import annotations
 
 import argparse
+import gc
 import copy
 import math
 import time
@@ -92,6 +93,12 @@ def dense_runs(model32, clip, res: dict) -> dict:
     return {"truth": truth}
 
 
+def free_memory() -> None:
+    """Delta models hold float32 state for every layer (GBs at batch 8, 1080p): drop them now."""
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
@@ -108,6 +115,8 @@ def delta_run(model32, clip, truth, dtype, backend: str, graphed: bool, frames: 
 
     ms = time_sequence(step, frames, warm)
     err = max(rel(o, truth[t]) for t, o in errs[1:])
+    del runner, dm, errs
+    free_memory()
     if not stats:
         return {"ms": median(ms), "max_rel_err": err}
     # statistics in a separate, untimed pass (they read counters on the host)
@@ -122,6 +131,8 @@ def delta_run(model32, clip, truth, dtype, backend: str, graphed: bool, frames: 
             macs.append(s.macs_fraction)
             for k, v in s.layers.items():
                 rates.setdefault(k, []).append(v.update_rate)
+    del dm2
+    free_memory()
     return {"ms": median(ms), "max_rel_err": err, "macs_fraction": sum(macs) / max(1, len(macs)),
             "update_rate": {k: sum(v) / len(v) for k, v in rates.items()}}
 
@@ -171,9 +182,11 @@ def main() -> None:
                            "speedup_vs_graph": (res["cudnn_fp16_graph_ms"] / r["ms"]) if "ms" in r else None,
                            "macs": r.get("macs_fraction"), "err": r.get("max_rel_err"), "note": r.get("error", "")[:60]}
                     rows.append(row)
+                    print("  " + "  ".join(f"{k}={row[k] if not isinstance(row[k], float) else f'{row[k]:.3g}'}"
+                                           for k in row), flush=True)
                 results.append(res)
                 del clip, dense
-                torch.cuda.empty_cache()
+                free_memory()
                 print(f"[{time.time() - t_start:6.0f}s] {mname} N={batch} {dname} done", flush=True)
     env = environment()
     env["triton_backend"] = ok or why
