@@ -115,7 +115,8 @@ def delta_run(model32, clip, truth, dtype, backend: str, graphed: bool, frames: 
 
     ms = time_sequence(step, frames, warm)
     err = max(rel(o, truth[t]) for t, o in errs[1:])
-    del runner, dm, errs
+    runner = dm = None  # noqa: F841 - drop the state before the next variant
+    errs.clear()
     free_memory()
     if not stats:
         return {"ms": median(ms), "max_rel_err": err}
