@@ -145,7 +145,8 @@ def main() -> None:
     ap.add_argument("--densities", default=",".join(DENSITIES))
     ap.add_argument("--frames", type=int, default=14)
     ap.add_argument("--warm", type=int, default=4)
-    ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
+    ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
+                    help="delta compute dtype (float32 runs without TF32, to check exactness)")
     ap.add_argument("--reference-batch1-only", action="store_true", default=True)
     args = ap.parse_args()
     assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
