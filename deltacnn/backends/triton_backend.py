@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..geometry import Window
 from ..tensor import DeltaTensor, to_cl
 from . import triton_kernels as tk
 from .base import ConvParams, PointwiseState
@@ -62,6 +63,14 @@ class TritonBackend(SyncFreeBackend):
         if st.act.kind == "prelu":
             return super().pointwise(d, st)
         out, mask = tk.sparse_nonlinear(to_cl(d.values), d.mask, st.acc, st.emitted, _act(st))
+        return DeltaTensor(out, mask)
+
+    def maxpool(self, d: DeltaTensor, acc: Tensor, emitted: Tensor, win: Window, tau: float, score: str) -> DeltaTensor:
+        tk.accumulate_(acc, to_cl(d.values), d.mask)
+        out_hw = tuple(emitted.shape[2:])
+        cand = tk.dilate_mask(d.mask, win.kernel, win.stride, win.padding, win.dilation, out_hw)
+        out, mask = tk.maxpool_update(acc, cand, emitted, win.kernel, win.stride, win.padding, win.dilation, tau,
+                                      score, out_dtype=d.dtype)
         return DeltaTensor(out, mask)
 
     def add(self, a: DeltaTensor, b: DeltaTensor) -> DeltaTensor:
