@@ -390,6 +390,9 @@ class CenterFaceTask:
         self.threshold = float(threshold)
         self.nms_iou = float(nms_iou)
         self._geom: tuple[int, int, float, float] | None = None  # orig h, w, scale_h, scale_w
+        # thresholds found by `deltacnn tune --budget 'f1>=0.95'` on vtest.avi frames 0-29 at scale 1
+        tuned = pathlib.Path(__file__).parent / "data" / "centerface_f1_95.json"
+        self.default_thresholds = tuned if self.input_scale == 1.0 and tuned.is_file() else None
 
     # -- model -------------------------------------------------------------------------------
     def load_model(self) -> nn.Module:

@@ -382,10 +382,13 @@ def run(video: str | Path | None = None, model: str | Task | None = None, *, thr
     Writes to `out` (default ./deltacnn_out/<clip stem>): annotated video, update heat-map video,
     frames.csv / frames.json (per frame: update rate, MACs versus dense, ms per frame, and with
     `check_dense` the error versus dense), summary.json and plot.png. With neither `threshold` nor
-    `thresholds`, the task's `default_threshold` is used (0, i.e. dense-equivalent, if it has none).
+    `thresholds`, the task's tuned `default_thresholds` file is used if it ships one, else its
+    `default_threshold` (0, i.e. dense-equivalent, if it has none).
     """
     reader = open_video(video, max_frames)
     task = get_task(model)
+    if threshold is None and thresholds is None and getattr(task, "default_thresholds", None) is not None:
+        thresholds = task.default_thresholds  # a tuned file shipped with the task
     if threshold is None:
         threshold = 0.0 if thresholds is not None else float(getattr(task, "default_threshold", 0.0))
     dev = resolve_device(device)
