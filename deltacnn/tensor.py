@@ -87,10 +87,6 @@ class DeltaTensor:
         """Values with inactive pixels set to 0 (dense; for layers computed densely)."""
         return torch.where(self.mask, self.values, torch.zeros((), dtype=self.dtype, device=self.device))
 
-    def update_fraction(self) -> Tensor:
-        """Fraction of updated pixels, as a 0-d device tensor (no host sync)."""
-        return self.mask.float().mean()
-
 
 def empty_delta(n: int, c: int, h: int, w: int, *, dtype: torch.dtype, device: torch.device) -> DeltaTensor:
     """A delta with no updated pixel (values left undefined)."""

@@ -152,6 +152,23 @@ def apply_act(x, FN: tl.constexpr, slope, min_val, max_val, alpha):
 
 
 @triton.jit
+def emit_truncated(o, e, cand, m2, cvalid, offs, prow, pvalid, out_ptr, e_ptr, fm_ptr, tau, SCORE: tl.constexpr):
+    """Truncation shared by every nonlinear delta kernel: candidate change `o` (float32 [P, C], E = `e`)
+    is emitted at pixels whose score over channels (max |o| or L2) exceeds tau; E records what was sent."""
+    o = tl.where(m2, o, 0.0)
+    if SCORE == 0:
+        s = tl.max(tl.abs(o), axis=1)
+    else:
+        s = tl.sqrt(tl.sum(o * o, axis=1))
+    emit = cand & (s > tau)
+    m3 = emit[:, None] & cvalid[None, :]
+    o_r = o.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + offs, o_r, mask=m3)
+    tl.store(e_ptr + offs, e + o_r.to(tl.float32), mask=m3)
+    tl.store(fm_ptr + prow, emit.to(tl.uint8), mask=pvalid)
+
+
+@triton.jit
 def finish_tile(acc, prow, pvalid, omask, cols, cvalid, C,
                 out_ptr, res_ptr, rmask_ptr, a_ptr, e_ptr, fm_ptr,
                 slope, min_val, max_val, alpha, tau,
@@ -176,17 +193,7 @@ def finish_tile(acc, prow, pvalid, omask, cols, cvalid, C,
         tl.store(a_ptr + offs, a, mask=m2)
         e = tl.load(e_ptr + offs, mask=m2, other=0.0)
         o = apply_act(a, FN, slope, min_val, max_val, alpha) - e
-        o = tl.where(m2, o, 0.0)
-        if SCORE == 0:
-            s = tl.max(tl.abs(o), axis=1)
-        else:
-            s = tl.sqrt(tl.sum(o * o, axis=1))
-        emit = cand & (s > tau)
-        m3 = emit[:, None] & cvalid[None, :]
-        o_r = o.to(out_ptr.dtype.element_ty)
-        tl.store(out_ptr + offs, o_r, mask=m3)
-        tl.store(e_ptr + offs, e + o_r.to(tl.float32), mask=m3)
-        tl.store(fm_ptr + prow, emit.to(tl.uint8), mask=pvalid)
+        emit_truncated(o, e, cand, m2, cvalid, offs, prow, pvalid, out_ptr, e_ptr, fm_ptr, tau, SCORE)
     else:
         tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=m2)
         if WRITE_FM:

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import Act, apply_act, as_act, check_state, finish_tile, mask_u8, need_cl, new_cl, npow2
+from ._common import Act, apply_act, check_state, finish_tile, mask_u8, need_cl, new_cl, npow2
 
 
 def _blocks(c: int) -> tuple[int, int, int]:

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import check_state, mask_u8, need_cl, new_cl, npow2
+from ._common import check_state, emit_truncated, mask_u8, need_cl, new_cl, npow2
 
 
 @triton.jit
@@ -43,17 +43,7 @@ def _maxpool_kernel(a_ptr, cm_ptr, e_ptr, out_ptr, fm_ptr, P, H, W, Ho, Wo, tau,
         m2 = cm[:, None] & cvalid[None, :]
         offs = prow[:, None] * C + cols[None, :]
         e = tl.load(e_ptr + offs, mask=m2, other=0.0)
-        o = tl.where(m2, best - e, 0.0)
-        if SCORE == 0:
-            s = tl.max(tl.abs(o), axis=1)
-        else:
-            s = tl.sqrt(tl.sum(o * o, axis=1))
-        emit = cm & (s > tau)
-        me = emit[:, None] & cvalid[None, :]
-        sent = o.to(out_ptr.dtype.element_ty)
-        tl.store(out_ptr + offs, sent, mask=me)
-        tl.store(e_ptr + offs, e + sent.to(tl.float32), mask=me)
-        tl.store(fm_ptr + prow, emit.to(tl.uint8), mask=pvalid)
+        emit_truncated(best - e, e, cm, m2, cvalid, offs, prow, pvalid, out_ptr, e_ptr, fm_ptr, tau, SCORE)
     else:
         tl.store(fm_ptr + prow, tl.zeros([BP], dtype=tl.uint8), mask=pvalid)
 
