@@ -44,7 +44,7 @@ def test_tau0_float32_matches_dense_over_200_frames(name):
     assert worst < 1e-4, f"{name}: worst relative error {worst:.2e}"
 
 
-@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "unet", "hrnet_like"])
+@pytest.mark.parametrize("name", list(CONFIGS))
 def test_tau0_bfloat16_with_float32_accumulators(name):
     """bf16 compute: delta output stays as close to the float32 truth as dense bf16 inference is."""
     m = build(name)
