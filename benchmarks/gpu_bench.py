@@ -2,12 +2,17 @@
 
 ResNet-50 stem + 3 stages at 1920x1080 and the ResNet-18 layout at 1280x720, batch 1 and 8
 (independent streams: the same clip at 8 different time offsets), static clips with about
-100/25/10/5/1 % changed pixels. Implementations: cuDNN fp16 channels_last eager and replayed
+100/25/10/5/1 % changed pixels, and the real clip (CenterFace on OpenCV's vtest.avi, batch 1)
+when its files are found. Implementations: cuDNN fp16 channels_last eager and replayed
 from a CUDA graph, deltacnn (Triton backend, eager and deltacnn.compile) in fp16/bf16, and the
 reference backend. Prints median ms per frame, speedup over cuDNN fp16 + graph, update rates
 and relative error versus dense float32 (no TF32); writes JSON to $OUT (or benchmarks/results).
 
-    python3 benchmarks/gpu_bench.py [--quick] [--models r50,r18] [--batches 1,8]
+    python3 benchmarks/gpu_bench.py [--models r50,r18] [--batches 1,8] [--densities 100%,5%]
+                                    [--real-frames 40] [--no-eager] [--no-reference]
+
+`deltacnn + graph` is deltacnn.compile with its default dense dispatch (frames after one whose
+input changed more than 35% run densely); at 100% a `/no-dispatch` row shows the sparse kernels.
 """
 from __future__ import annotations
 
@@ -86,7 +91,7 @@ def dense_runs(model32, clip, res: dict) -> dict:
         with torch.cuda.graph(g):
             m16(static)
         graph = cuda_ms(g.replay, 30)
-        err16 = max(rel(m16(frames16[t]).float(), truth[t]) for t in range(clip.shape[0]))
+        err16 = max(rel(m16(frames16[t]), truth[t]) for t in range(clip.shape[0]))
     res["cudnn_fp16_eager_ms"] = median(eager)
     res["cudnn_fp16_graph_ms"] = median(graph)
     res["cudnn_fp16_err"] = err16
@@ -99,14 +104,19 @@ def free_memory() -> None:
     torch.cuda.empty_cache()
 
 
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm())
+def rel(a, b) -> float:
+    """Relative L2 error; tuples of outputs (multi-head models) count as one concatenated vector."""
+    a = a if isinstance(a, (tuple, list)) else (a,)
+    b = b if isinstance(b, (tuple, list)) else (b,)
+    num = sum(float((x.float() - y.float()).norm()) ** 2 for x, y in zip(a, b))
+    den = sum(float(y.float().norm()) ** 2 for y in b)
+    return math.sqrt(num / den)
 
 
 def delta_run(model32, clip, truth, dtype, backend: str, graphed: bool, frames: int, warm: int,
-              stats: bool = True) -> dict:
-    dm = deltacnn.convert(model32, clip[0], dtype=dtype, backend=backend)
-    runner = deltacnn.compile(dm) if graphed else dm
+              stats: bool = True, dispatch: bool = True, thresholds_file: str | None = None) -> dict:
+    dm = deltacnn.convert(model32, clip[0], dtype=dtype, backend=backend, thresholds_file=thresholds_file)
+    runner = (deltacnn.compile(dm) if dispatch else deltacnn.compile(dm, dense_above=None)) if graphed else dm
     errs = []
 
     def step(t: int) -> None:
@@ -115,13 +125,14 @@ def delta_run(model32, clip, truth, dtype, backend: str, graphed: bool, frames: 
 
     ms = time_sequence(step, frames, warm)
     err = max(rel(o, truth[t]) for t, o in errs[1:])
+    modes = dict(runner.frames) if graphed else None
     runner = dm = None  # noqa: F841 - drop the state before the next variant
     errs.clear()
     free_memory()
     if not stats:
-        return {"ms": median(ms), "max_rel_err": err}
-    # statistics in a separate, untimed pass (they read counters on the host)
-    dm2 = deltacnn.convert(model32, clip[0], dtype=dtype, backend=backend)
+        return {"ms": median(ms), "max_rel_err": err, "frames": modes}
+    # statistics in a separate, untimed pass of delta frames only (they read counters on the host)
+    dm2 = deltacnn.convert(model32, clip[0], dtype=dtype, backend=backend, thresholds_file=thresholds_file)
     dm2.enable_stats()
     rates = {}
     macs = []
@@ -135,7 +146,44 @@ def delta_run(model32, clip, truth, dtype, backend: str, graphed: bool, frames: 
     del dm2
     free_memory()
     return {"ms": median(ms), "max_rel_err": err, "macs_fraction": sum(macs) / max(1, len(macs)),
-            "update_rate": {k: sum(v) / len(v) for k, v in rates.items()}}
+            "update_rate": {k: sum(v) / len(v) for k, v in rates.items()}, "frames": modes}
+
+
+def real_clip(frames: int) -> tuple[torch.nn.Module, torch.Tensor, str | None] | None:
+    """CenterFace and the first `frames` frames of vtest.avi as (T, 1, 3, H, W), or None if absent."""
+    from deltacnn import pretrained
+    try:
+        task = pretrained.get_task("centerface")
+        model = task.load_model().cuda()
+        clip = torch.stack([task.preprocess(f) for f in pretrained.read_frames(max_frames=frames)]).cuda()
+    except (FileNotFoundError, ImportError, OSError) as e:
+        print(f"real clip skipped: {e}")
+        return None
+    tuned = task.default_thresholds
+    return model, clip, str(tuned) if tuned is not None else None
+
+
+def bench_variants(mname: str, model32, clip, res: dict, impls, args, dtype, rows: list,
+                   thresholds_file: str | None = None) -> None:
+    """Time each (key, backend, graphed, dispatch) variant against the dense runs in `res`."""
+    dense = dense_runs(model32, clip, res)
+    for key, backend, graphed, dispatch in impls:
+        try:
+            r = delta_run(model32, clip, dense["truth"], dtype, backend, graphed, clip.shape[0], args.warm,
+                          stats=not (backend == "triton" and not graphed), dispatch=dispatch,
+                          thresholds_file=thresholds_file)
+        except Exception as e:  # noqa: BLE001 - report and continue with the other variants
+            traceback.print_exc()
+            r = {"error": f"{type(e).__name__}: {e}"}
+        res[key] = r
+        row = {"model": mname, "N": clip.shape[1], "changed": f"{res['changed']:.1%}", "impl": key,
+               "ms": r.get("ms"), "cudnn16": res["cudnn_fp16_eager_ms"], "cudnn16+graph": res["cudnn_fp16_graph_ms"],
+               "speedup_vs_graph": (res["cudnn_fp16_graph_ms"] / r["ms"]) if "ms" in r else None,
+               "macs": r.get("macs_fraction"), "err": r.get("max_rel_err"),
+               "dense_frames": (r.get("frames") or {}).get("dense"), "note": r.get("error", "")[:60]}
+        rows.append(row)
+        print("  " + "  ".join(f"{k}={row[k] if not isinstance(row[k], float) else f'{row[k]:.3g}'}"
+                               for k in row), flush=True)
 
 
 def main() -> None:
@@ -148,13 +196,16 @@ def main() -> None:
     ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
                     help="delta compute dtype (float32 runs without TF32, to check exactness)")
     ap.add_argument("--reference-batch1-only", action="store_true", default=True)
+    ap.add_argument("--no-eager", action="store_true", help="skip the eager (ungraphed) Triton runs")
+    ap.add_argument("--no-reference", action="store_true", help="skip the reference backend runs")
+    ap.add_argument("--real-frames", type=int, default=40, help="frames of the real clip (0: skip it)")
     args = ap.parse_args()
     assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
     dtype = getattr(torch, args.dtype)
     ok, why = deltacnn.backends.triton_available()
     rows, results = [], []
     t_start = time.time()
-    for mname in args.models.split(","):
+    for mname in [m for m in args.models.split(",") if m]:
         h, w = SIZES[mname]
         model32 = workload.backbone(mname).cuda()
         for batch in (int(b) for b in args.batches.split(",")):
@@ -163,39 +214,46 @@ def main() -> None:
                 clip = make_batch_clip(p, args.frames, batch, h, w)
                 changed = float(((clip[1:] - clip[:-1]).abs().amax(2) > 0).float().mean())
                 res = {"model": mname, "size": f"{w}x{h}", "batch": batch, "density": dname, "changed": changed}
-                dense = dense_runs(model32, clip, res)
                 impls = []
                 if ok:
-                    impls += [("triton", True), ("triton", False)]
-                if batch == 1 or not args.reference_batch1_only:
-                    impls += [("reference", False)]
-                for backend, graphed in impls:
-                    key = f"{backend}{'+graph' if graphed else ''}"
-                    try:
-                        r = delta_run(model32, clip, dense["truth"], dtype, backend, graphed, args.frames, args.warm,
-                                      stats=not (backend == "triton" and not graphed))
-                    except Exception as e:  # noqa: BLE001 - report and continue with the other variants
-                        traceback.print_exc()
-                        r = {"error": f"{type(e).__name__}: {e}"}
-                    res[key] = r
-                    row = {"model": mname, "N": batch, "changed": f"{changed:.1%}", "impl": key,
-                           "ms": r.get("ms"), "cudnn16": res["cudnn_fp16_eager_ms"],
-                           "cudnn16+graph": res["cudnn_fp16_graph_ms"],
-                           "speedup_vs_graph": (res["cudnn_fp16_graph_ms"] / r["ms"]) if "ms" in r else None,
-                           "macs": r.get("macs_fraction"), "err": r.get("max_rel_err"), "note": r.get("error", "")[:60]}
-                    rows.append(row)
-                    print("  " + "  ".join(f"{k}={row[k] if not isinstance(row[k], float) else f'{row[k]:.3g}'}"
-                                           for k in row), flush=True)
+                    impls.append(("triton+graph", "triton", True, True))
+                    if p >= 1:
+                        impls.append(("triton+graph/no-dispatch", "triton", True, False))
+                    if not args.no_eager:
+                        impls.append(("triton", "triton", False, True))
+                if not args.no_reference and (batch == 1 or not args.reference_batch1_only):
+                    impls.append(("reference", "reference", False, True))
+                bench_variants(mname, model32, clip, res, impls, args, dtype, rows)
                 results.append(res)
-                del clip, dense
+                del clip
                 free_memory()
                 print(f"[{time.time() - t_start:6.0f}s] {mname} N={batch} {dname} done", flush=True)
+        del model32
+        free_memory()
+    if args.real_frames > 0 and ok:
+        real = real_clip(args.real_frames)
+        if real is not None:
+            model32, clip, tuned = real
+            changed = float(((clip[1:] - clip[:-1]).abs().amax(2) > 0).float().mean())
+            h, w = clip.shape[-2:]
+            for label, tfile in (("tau 0", None), ("tuned f1>=0.95", tuned)):
+                if label != "tau 0" and tfile is None:
+                    continue
+                res = {"model": "centerface (vtest.avi)", "size": f"{w}x{h}", "batch": 1, "density": "real",
+                       "changed": changed, "thresholds": label}
+                impls = [(f"triton+graph {label}", "triton", True, True)]
+                if tfile is None:
+                    impls.append((f"triton+graph/no-dispatch {label}", "triton", True, False))
+                bench_variants("centerface", model32, clip, res, impls, args, dtype, rows, tfile)
+                results.append(res)
+                free_memory()
+            print(f"[{time.time() - t_start:6.0f}s] real clip done", flush=True)
     env = environment()
     env["triton_backend"] = ok or why
     path = write_json("gpu_bench", {"env": env, "dtype": args.dtype, "results": results})
     print(f"\n{env.get('gpu')} torch {env['torch']} commit {env['commit']} dtype {args.dtype}; wrote {path}")
     print_table(rows, ["model", "N", "changed", "impl", "ms", "cudnn16", "cudnn16+graph", "speedup_vs_graph", "macs",
-                       "err", "note"])
+                       "err", "dense_frames", "note"])
 
 
 if __name__ == "__main__":

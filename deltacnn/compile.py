@@ -2,7 +2,14 @@
 
 A delta frame on the Triton backend launches a few kernels per layer and never waits for the
 GPU, so the whole frame can be recorded once and replayed with one launch, which removes the
-per-kernel launch overhead that otherwise dominates at low update rates. Keyframes run eagerly.
+per-kernel launch overhead that otherwise dominates at low update rates.
+
+Frames where most pixels change (scene cuts, camera motion) are cheaper dense: the compiled model
+measures the input change of every frame on the GPU, copies it to pinned host memory without
+waiting, and when the last completed frame changed more than `dense_above` of its pixels it runs
+the next frames as stateless dense frames (cuDNN, also replayed from a graph) until the change
+drops again; then a keyframe re-seeds the delta state. The decision lags by about one frame and
+never synchronises with the device. Keyframes run eagerly.
 """
 from __future__ import annotations
 
@@ -11,22 +18,51 @@ from torch import Tensor
 
 from .model import DeltaModel
 
+# leave dense mode only when the change falls below this fraction of `dense_above`, so that a
+# change rate hovering at the threshold does not pay a keyframe every other frame
+HYSTERESIS = 0.75
+
 
 class GraphedDeltaModel:
-    """Callable like the DeltaModel it wraps; delta frames replay a captured CUDA graph."""
+    """Callable like the DeltaModel it wraps; delta and dense frames replay captured CUDA graphs."""
 
-    def __init__(self, model: DeltaModel, warmup: int = 2) -> None:
+    def __init__(self, model: DeltaModel, warmup: int = 2, dense_above: float | None = 0.35) -> None:
         if not torch.cuda.is_available():
             raise RuntimeError("deltacnn.compile needs a CUDA device; on the CPU call the DeltaModel directly")
         if model.rt.stats.enabled:
             raise ValueError("disable statistics (model.enable_stats(False)) before compiling: they are read on the host")
+        if dense_above is not None and not 0 < dense_above <= 1:
+            raise ValueError(f"dense_above must be in (0, 1] (a fraction of input pixels) or None, got {dense_above}")
         self.model = model
         self.warmup = warmup
-        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, Tensor, object]] = {}
-        self._eager_deltas = 0
+        self.dense_above = dense_above
+        model.rt.track_change = dense_above is not None
+        # (shape, dtype, device, mode) -> (graph, static input, static output, static change fraction)
+        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, Tensor, object, Tensor | None]] = {}
+        self._eager = {"delta": 0, "dense": 0}
+        self._change_host = torch.zeros((), dtype=torch.float32, pin_memory=True)
+        self._change_event: torch.cuda.Event | None = None
+        self._dense_mode = False
+        self.last_change = 0.0  # input change of the last frame whose copy has arrived
+        self.frames = {"keyframe": 0, "delta": 0, "dense": 0}  # how each frame ran
 
     def reset(self) -> None:
         self.model.reset()
+        self._dense_mode = False
+        self._change_event = None
+        self.last_change = 0.0
+
+    def _wants_dense(self) -> bool:
+        """Dense mode from the last input change that has reached the host (no waiting)."""
+        if self.dense_above is None:
+            return False
+        ev = self._change_event
+        if ev is not None and ev.query():
+            self.last_change = float(self._change_host)
+            self._change_event = None
+        limit = self.dense_above * (HYSTERESIS if self._dense_mode else 1.0)
+        self._dense_mode = self.last_change > limit
+        return self._dense_mode
 
     def __call__(self, x: Tensor):
         m = self.model
@@ -34,25 +70,41 @@ class GraphedDeltaModel:
             raise ValueError(f"compiled delta models run on CUDA frames, got a tensor on {x.device}")
         keyframe_next = m.frame_index == 0 or (m.keyframe_interval is not None
                                                and m.frame_index >= m.keyframe_interval)
-        if keyframe_next or self._eager_deltas < self.warmup:
-            out = m(x)  # keyframes and the first delta frames (Triton autotuning, lazy allocations) run eagerly
-            if not keyframe_next:
-                self._eager_deltas += 1
-            return out
-        m._check_input(x)
-        key = (tuple(x.shape), x.dtype, x.device)
-        if key not in self._graphs:
-            self._graphs[key] = self._capture(x)
-        graph, static_in, static_out = self._graphs[key]
-        static_in.copy_(x)
-        graph.replay()
-        m.frame_index += 1
-        return _clone(static_out)
+        if m._stream is not None and self._wants_dense():
+            mode = "dense"
+        else:
+            mode = "keyframe" if keyframe_next else "delta"
+        change = None
+        if mode == "keyframe" or self._eager[mode] < self.warmup:
+            # keyframes and the first frames of each kind (Triton autotuning, cuDNN heuristics,
+            # lazy allocations) run eagerly
+            out = m.dense_frame(x) if mode == "dense" else m(x)
+            if mode != "keyframe":
+                self._eager[mode] += 1
+            change = m.rt.input_change
+        else:
+            m._check_input(x)
+            key = (tuple(x.shape), x.dtype, x.device, mode)
+            if key not in self._graphs:
+                self._graphs[key] = self._capture(x, dense=mode == "dense")
+            graph, static_in, static_out, change = self._graphs[key]
+            static_in.copy_(x)
+            graph.replay()
+            m._stream = (tuple(x.shape), x.dtype, x.device)
+            m.frame_index = 0 if mode == "dense" else m.frame_index + 1
+            out = _clone(static_out)
+        self.frames[mode] += 1
+        if self.dense_above is not None and change is not None:
+            self._change_host.copy_(change, non_blocking=True)
+            self._change_event = torch.cuda.Event()
+            self._change_event.record()
+        return out
 
-    def _capture(self, x: Tensor):
+    def _capture(self, x: Tensor, dense: bool):
         m = self.model
         static_in = x.clone()
-        m.rt.keyframe = False
+        m.rt.keyframe = dense
+        m.rt.stateless = dense
         graph = torch.cuda.CUDAGraph()
         # the frame recorded during capture is not executed: the state stays as it was
         torch.cuda.synchronize()
@@ -64,8 +116,9 @@ class GraphedDeltaModel:
             raise RuntimeError(
                 "could not capture a delta frame in a CUDA graph: some layer synchronises with the host "
                 f"(probably one that runs on the reference backend on this GPU): {e}") from e
-        m._stream = (tuple(x.shape), x.dtype, x.device)
-        return graph, static_in, static_out
+        finally:
+            m.rt.stateless = False
+        return graph, static_in, static_out, m.rt.input_change if m.rt.track_change else None
 
 
 def _clone(out):
@@ -76,8 +129,13 @@ def _clone(out):
     return out
 
 
-def compile(model: DeltaModel, warmup: int = 2) -> GraphedDeltaModel:  # noqa: A001 - mirrors torch.compile
-    """Wrap a converted model so that delta frames replay a CUDA graph captured per input shape."""
+def compile(model: DeltaModel, warmup: int = 2, dense_above: float | None = 0.35) -> GraphedDeltaModel:  # noqa: A001
+    """Wrap a converted model so that frames replay CUDA graphs captured per input shape.
+
+    dense_above: when more than this fraction of input pixels changed in the last completed frame,
+    run frames densely (stateless, at cuDNN speed) until the change drops below 3/4 of it; None
+    always runs delta frames. The best value depends on the model and GPU (`deltacnn bench`).
+    """
     if not isinstance(model, DeltaModel):
         raise TypeError(f"deltacnn.compile takes the result of deltacnn.convert, got {type(model).__name__}")
-    return GraphedDeltaModel(model, warmup)
+    return GraphedDeltaModel(model, warmup, dense_above)

@@ -520,7 +520,8 @@ def convert(model: nn.Module, example_input: Tensor, *, threshold: float = 0.0, 
         on_input_change: "error" (default) or "reset" when shape/dtype/device changes mid-stream.
         keyframe_above: run a frame densely (as a keyframe: exact, and cheaper) when more than this
             fraction of input pixels changed; decided on the host, so backends that must not
-            synchronise (Triton, CUDA graphs) ignore it. None disables it.
+            synchronise (Triton, CUDA graphs) ignore it: there `deltacnn.compile(..., dense_above=)`
+            switches busy frames to dense without waiting. None disables it.
     """
     if keyframe_above is not None and not 0 <= keyframe_above <= 1:
         raise ValueError(f"keyframe_above must be in [0, 1] or None, got {keyframe_above}")

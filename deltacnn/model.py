@@ -95,6 +95,32 @@ class DeltaModel(nn.Module):
                                              and self.frame_index >= self.keyframe_interval)
         if keyframe:
             self.frame_index = 0
+        out = self._run(x, keyframe)
+        if self.rt.keyframe:  # also when the input layer promoted a mostly-changed frame to a keyframe
+            self.frame_index = 0
+        self.frame_index += 1
+        return out
+
+    @torch.no_grad()
+    def dense_frame(self, x: Tensor):
+        """Run the converted network densely on `x` without touching the delta state; returns the output.
+
+        This is what to do with a frame where most pixels changed (a scene cut, a camera move): the
+        folded convolutions run on cuDNN / oneDNN at dense speed, with no state to write. Only the
+        input reference is refreshed (so the next change can be measured); the next ordinary call
+        is a keyframe, because the state no longer matches the stream. `deltacnn.compile` switches
+        to dense frames by itself when the measured change is high.
+        """
+        self._check_input(x)
+        self.frame_index = 0
+        self.rt.stateless = True
+        try:
+            return self._run(x, keyframe=True)
+        finally:
+            self.rt.stateless = False
+            self.frame_index = 0
+
+    def _run(self, x: Tensor, keyframe: bool):
         self.rt.keyframe = keyframe
         self.rt.stats.start_frame()
         try:
@@ -104,9 +130,6 @@ class DeltaModel(nn.Module):
             self._stream = None
             raise
         self._stream = (tuple(x.shape), x.dtype, x.device)
-        if self.rt.keyframe:  # also when the input layer promoted a mostly-changed frame to a keyframe
-            self.frame_index = 0
-        self.frame_index += 1
         return out
 
     # ---- statistics ------------------------------------------------------------------------

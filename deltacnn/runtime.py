@@ -19,6 +19,12 @@ class Runtime:
     backend_name: str | None = None  # None: chosen from the input's device
     keyframe: bool = True
     keyframe_above: float | None = None  # input update fraction above which a frame runs densely
+    # a dense frame that leaves the delta state untouched (DeltaModel.dense_frame); implies keyframe
+    stateless: bool = False
+    # when set, the input layer leaves the fraction of changed input pixels in `input_change` (a
+    # device scalar, no host sync) on every frame, keyframes included; compile's dense dispatch reads it
+    track_change: bool = False
+    input_change: Tensor | None = None
     stats: StatsRecorder = field(default_factory=StatsRecorder)
     input_mask: Tensor | None = None
     _backends: dict[str, Backend] = field(default_factory=dict)

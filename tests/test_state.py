@@ -227,3 +227,30 @@ def test_mostly_changed_frame_runs_as_keyframe():
     quiet(clip[0])
     quiet(clip[1])
     assert not quiet.frame_stats().keyframe
+
+
+@pytest.mark.parametrize("arch", ["mobilenet_v3_small", "unet"])
+def test_dense_frame_leaves_state_alone_and_next_frame_is_keyframe(arch):
+    from deltacnn.models import build, randomize_bn_
+    torch.manual_seed(0)
+    m = randomize_bn_(build(arch).eval())
+    clip = make_video(8, h=64, w=64, noise=0.01, seed=5)
+    dm = deltacnn.convert(m, clip[0], keyframe_above=None)  # noise changes every pixel: no promotion
+    dm.rt.track_change = True
+    dm.enable_stats()
+    with torch.no_grad():
+        for t in range(3):
+            assert rel_err(dm(clip[t]), m(clip[t])) < 1e-5
+        before = {k: v.clone() for k, v in dm.state_dict().items() if "state_" in k and "ref" not in k}
+        out = dm.dense_frame(clip[3])
+        assert rel_err(out, m(clip[3])) < 1e-5
+        assert dm.frame_stats().keyframe
+        # measured against the previous input, not 1.0: a little noise changes every pixel at tau 0
+        assert 0 < float(dm.rt.input_change) <= 1
+        after = {k: v for k, v in dm.state_dict().items() if "state_" in k and "ref" not in k}
+        assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+        dm(clip[4])
+        assert dm.frame_stats().keyframe  # the state is stale after a dense frame
+        for t in range(5, 8):
+            assert rel_err(dm(clip[t]), m(clip[t])) < 1e-5
+            assert not dm.frame_stats().keyframe

@@ -34,18 +34,33 @@ class DeltaLayer(nn.Module):
     def tau(self) -> float:
         return self.rt.thresholds.get(self.name)
 
-    def _seed_state(self, key: str, values: Tensor) -> None:
+    def _seed_state(self, key: str, values: Tensor, *, always: bool = False) -> None:
         """Set float32 channels_last state `key` to a copy of `values` (on keyframes).
 
         The existing buffer is reused when it fits, so that a captured CUDA graph reading it stays
         valid across keyframes, and so that a keyframe costs one copy per state, not an allocation.
+        Stateless dense frames (DeltaModel.dense_frame) skip it unless `always`.
         """
+        if self.rt.stateless and not always:
+            return
         old = self._buffers.get("state_" + key)
         if old is not None and old.shape == values.shape and old.device == values.device:
             old.copy_(values)
         else:
             self._buffers["state_" + key] = to_cl(values.float()).clone() if values.dtype == torch.float32 \
                 else to_cl(values.float())
+
+    def _seed_act(self, y: Tensor, act) -> Tensor:
+        """Keyframe of a nonlinear update: A = y, E = f(A) as sent; returns f(y) in the model dtype.
+
+        A stateless dense frame computes f(y) directly in the model dtype (one pass, no state).
+        """
+        if self.rt.stateless:
+            return act(y).to(self.rt.dtype)
+        self._seed_state("acc", y)
+        out = act(self._state("acc")).to(self.rt.dtype)
+        self._seed_state("emitted", out)
+        return out
 
     def reset_state(self) -> None:
         """Drop cached state (frees memory); the next frame must be a keyframe."""

@@ -74,9 +74,7 @@ class DeltaConv2d(DeltaLayer):
             if residual is not None:
                 y = y + residual.values
             if self.act is not None:
-                self._seed_state("acc", y)
-                y = self.act(self._state("acc")).to(rt.dtype)
-                self._seed_state("emitted", y)
+                y = self._seed_act(y, self.act)
             out = DeltaTensor.keyframe(y)
         else:
             st = None

@@ -22,13 +22,19 @@ class Sparsify(DeltaLayer):
 
     def forward(self, x: Tensor) -> DeltaTensor:
         rt = self.rt
+        track = rt.track_change and self.name == INPUT
         if rt.keyframe:
-            self._seed_state("ref", x)
+            if track:
+                rt.input_change = self._changed_fraction(x)
+            # the input reference is kept even by stateless dense frames: it measures the next change
+            self._seed_state("ref", x, always=True)
             d = DeltaTensor.keyframe(x.to(rt.dtype))
         else:
             ref = self._state("ref")
             backend = rt.backend_for(x)
             d = backend.sparsify(to_cl(x), ref, self.tau(), rt.thresholds.score, self.dilation, rt.dtype)
+            if track:
+                rt.input_change = d.mask.float().mean()
             if (self.name == INPUT and rt.keyframe_above is not None and backend.host_sync_ok
                     and float(d.mask.float().mean()) > rt.keyframe_above):
                 # most of the frame changed: a dense keyframe is cheaper than sparse work, and exact
@@ -39,6 +45,15 @@ class Sparsify(DeltaLayer):
             rt.input_mask = d.mask
         return self.record(d)
 
+    def _changed_fraction(self, x: Tensor) -> Tensor:
+        """Fraction of pixels whose change since the last reference passes the threshold (1 without one)."""
+        ref = self._buffers.get("state_ref")
+        if ref is None or ref.shape != x.shape or ref.device != x.device:
+            return torch.ones((), device=x.device)
+        diff = x.float() - ref
+        s = diff.abs().amax(1) if self.rt.thresholds.score == "max" else torch.linalg.vector_norm(diff, dim=1)
+        return (s > self.tau()).float().mean()
+
 
 class Densify(DeltaLayer):
     """Accumulate deltas into the dense output: O += d at updated pixels; returns O (a copy)."""
@@ -47,6 +62,8 @@ class Densify(DeltaLayer):
 
     def forward(self, d: DeltaTensor) -> Tensor:
         d = check_delta(d, self)
+        if self.rt.stateless:
+            return d.values.to(self.rt.dtype, copy=True)
         if d.dense:
             self._seed_state("out", d.values)
         else:

@@ -27,10 +27,7 @@ class DeltaActivation(DeltaLayer):
         d = check_delta(d, self)
         rt = self.rt
         if d.dense:
-            self._seed_state("acc", d.values)
-            y = self.act(self._state("acc")).to(rt.dtype)
-            self._seed_state("emitted", y)
-            return self.record(DeltaTensor.keyframe(y))
+            return self.record(DeltaTensor.keyframe(self._seed_act(d.values, self.act)))
         st = PointwiseState(self.act, self._state("acc"), self._state("emitted"), self.tau(), rt.thresholds.score)
         return self.record(rt.backend_for(d.values).pointwise(d, st))
 
