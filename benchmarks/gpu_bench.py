@@ -193,6 +193,7 @@ def main() -> None:
     ap.add_argument("--densities", default=",".join(DENSITIES))
     ap.add_argument("--frames", type=int, default=14)
     ap.add_argument("--warm", type=int, default=4)
+    ap.add_argument("--tag", default="", help="suffix of the JSON file name (several runs in one call)")
     ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
                     help="delta compute dtype (float32 runs without TF32, to check exactness)")
     ap.add_argument("--reference-batch1-only", action="store_true", default=True)
@@ -250,7 +251,7 @@ def main() -> None:
             print(f"[{time.time() - t_start:6.0f}s] real clip done", flush=True)
     env = environment()
     env["triton_backend"] = ok or why
-    path = write_json("gpu_bench", {"env": env, "dtype": args.dtype, "results": results})
+    path = write_json("gpu_bench" + (f"_{args.tag}" if args.tag else ""), {"env": env, "dtype": args.dtype, "results": results})
     print(f"\n{env.get('gpu')} torch {env['torch']} commit {env['commit']} dtype {args.dtype}; wrote {path}")
     print_table(rows, ["model", "N", "changed", "impl", "ms", "cudnn16", "cudnn16+graph", "speedup_vs_graph", "macs",
                        "err", "dense_frames", "note"])

@@ -46,10 +46,14 @@ class Sparsify(DeltaLayer):
         return self.record(d)
 
     def _changed_fraction(self, x: Tensor) -> Tensor:
-        """Fraction of pixels whose change since the last reference passes the threshold (1 without one)."""
+        """Fraction of pixels whose change since the last reference passes the threshold.
+
+        0 without a reference (a new stream): nothing to compare with, and the keyframe that
+        starts a stream is no reason to run the next frame densely.
+        """
         ref = self._buffers.get("state_ref")
         if ref is None or ref.shape != x.shape or ref.device != x.device:
-            return torch.ones((), device=x.device)
+            return torch.zeros((), device=x.device)
         diff = x.float() - ref
         s = diff.abs().amax(1) if self.rt.thresholds.score == "max" else torch.linalg.vector_norm(diff, dim=1)
         return (s > self.tau()).float().mean()

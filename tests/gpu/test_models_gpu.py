@@ -74,16 +74,17 @@ def test_compiled_dense_dispatch_on_high_change_then_back_to_delta(name):
     """Busy frames run dense (stateless graph), quiet frames return to delta replay; always close to dense."""
     m = _model(name)
     busy = make_video(12, n=2, h=64, w=96, noise=0.01, seed=5).cuda()  # every pixel changes
-    quiet = make_video(12, n=2, h=64, w=96, noise=0.0, seed=6).cuda()  # a few moving objects
+    quiet = make_video(20, n=2, h=64, w=96, noise=0.0, seed=6).cuda()  # a few moving objects
     clip = torch.cat([quiet[:6], busy, quiet[6:]])
     graphed = deltacnn.compile(deltacnn.convert(m, clip[0], backend="triton", dtype=torch.float32), dense_above=0.3)
     for t in range(clip.shape[0]):
         with torch.no_grad():
             want = m(clip[t])
         assert rel_err(graphed(clip[t]), want) < 1e-5, t
-    assert graphed.frames["dense"] >= 8, graphed.frames  # the busy stretch, after a frame of lag
-    assert graphed.frames["delta"] >= 8, graphed.frames  # before it and after the re-seeding keyframe
-    assert graphed.frames["keyframe"] >= 2, graphed.frames
+    # the busy stretch, entered and left a frame or two late (the decision never waits for the GPU)
+    assert 10 <= graphed.frames["dense"] <= 16, graphed.frames
+    assert graphed.frames["delta"] >= 10, graphed.frames  # before it, and after the re-seeding keyframe
+    assert graphed.frames["keyframe"] == 2, graphed.frames  # the first frame, and the one leaving dense mode
     graphs = {k[3] for k in graphed._graphs}
     assert graphs == {"delta", "dense"}
 
