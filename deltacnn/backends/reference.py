@@ -35,7 +35,7 @@ def _scatter_rows(n: int, c: int, h: int, w: int, idx: Tensor, vals: Tensor, lik
     ext, out = new_rows_ext(n, c, h, w, dtype=vals.dtype, device=like.device)
     ext.index_copy_(0, idx, vals)
     mask = torch.zeros(n, 1, h, w, dtype=torch.bool, device=like.device)
-    mask.view(-1)[idx] = True
+    mask.view(-1).index_fill_(0, idx, True)
     return DeltaTensor(out, mask, _active=idx, ext=ext)
 
 
@@ -62,6 +62,74 @@ def _masked_rows(d: DeltaTensor, idx: Tensor) -> Tensor:
     return _gather(d, torch.where(d.mask.reshape(-1).index_select(0, idx), idx, zero))
 
 
+class _IndexMaps:
+    """Index tensors that depend only on shapes, built once per shape and reused every frame.
+
+    The per-frame work of a gathered conv is then a few ops on the active pixels instead of
+    rebuilding coordinate grids (CPU time per layer matters at low update rates).
+    """
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple, Tensor] = {}
+
+    def _get(self, key: tuple, make) -> Tensor:
+        t = self._cache.get(key)
+        if t is None:
+            if len(self._cache) > 512:  # shapes of a new stream: start over
+                self._cache.clear()
+            t = self._cache[key] = make()
+        return t
+
+    def flat(self, n: int, h: int, w: int, device) -> Tensor:
+        """(N, H, W) long: each pixel's flat row index."""
+        return self._get(("flat", n, h, w, device), lambda: torch.arange(n * h * w, device=device).reshape(n, h, w))
+
+    def padded(self, n: int, hw: tuple[int, int], hp: int, wp: int, top_left: tuple[int, int], device) -> Tensor:
+        """(N, Hp, Wp) long scratch map with the (H, W) interior at `top_left`; its border, never
+        written after this, points at the zero row N*H*W."""
+        h, w = hw
+        return self._get(("pad", n, h, w, hp, wp, top_left, device),
+                         lambda: torch.full((n, hp, wp), n * h * w, dtype=torch.long, device=device))
+
+    def clamped_taps(self, n: int, in_hw: tuple[int, int], out_hw: tuple[int, int], win: Window, device) -> Tensor:
+        """(N*Ho*Wo, taps) long: flat input index of every tap, clamped into the image.
+
+        With dilation 1 a clamped tap lands on a pixel that is also inside the same window, so
+        an order statistic (max) over the clamped taps equals the one over the inside taps.
+        """
+        ho, wo = out_hw
+
+        def make() -> Tensor:
+            flat, _ = receptive_taps(torch.arange(n * ho * wo, device=device), in_hw, out_hw, win)
+            return flat
+        return self._get(("taps", n, in_hw, out_hw, win, device), make)
+
+    def scalar(self, v: int, device) -> Tensor:
+        return self._get(("scalar", v, device), lambda: torch.tensor(v, device=device))
+
+    def bases(self, n: int, out_hw: tuple[int, int], stride: tuple[int, int], hp: int, wp: int, device) -> Tensor:
+        """(N*Ho*Wo,) long: flat index, in the padded map, of each output pixel's first tap."""
+        ho, wo = out_hw
+
+        def make() -> Tensor:
+            b = torch.arange(n, device=device).reshape(n, 1, 1) * (hp * wp)
+            y = torch.arange(ho, device=device).reshape(1, ho, 1) * (stride[0] * wp)
+            x = torch.arange(wo, device=device).reshape(1, 1, wo) * stride[1]
+            return (b + y + x).reshape(-1)
+        return self._get(("base", n, ho, wo, stride, hp, wp, device), make)
+
+    def offsets(self, win: Window, wp: int, device) -> Tensor:
+        """(taps,) long: offset of each tap from the first, in the padded map."""
+        def make() -> Tensor:
+            ky = torch.arange(win.kernel[0], device=device) * (win.dilation[0] * wp)
+            kx = torch.arange(win.kernel[1], device=device) * win.dilation[1]
+            return (ky.unsqueeze(1) + kx.unsqueeze(0)).reshape(-1)
+        return self._get(("offs", win.kernel, win.dilation, wp, device), make)
+
+
+_MAPS = _IndexMaps()
+
+
 def _tap_sources(d: DeltaTensor, idx: Tensor, win: Window, out_hw: tuple[int, int]) -> Tensor:
     """(P, taps) row indices feeding output pixels `idx`; inactive or padding taps point at the zero row.
 
@@ -69,22 +137,18 @@ def _tap_sources(d: DeltaTensor, idx: Tensor, win: Window, out_hw: tuple[int, in
     """
     n, _, h, w = d.shape
     t, b, l, r = win.padding
-    hp, wp = h + t + b, w + l + r
+    ho, wo = out_hw
+    # large enough for every tap of every output pixel (also when the last window overhangs)
+    hp = max(h + t + b, (ho - 1) * win.stride[0] + win.dilation[0] * (win.kernel[0] - 1) + 1)
+    wp = max(w + l + r, (wo - 1) * win.stride[1] + win.dilation[1] * (win.kernel[1] - 1) + 1)
     zero = n * h * w
     dev = idx.device
-    inner = torch.where(d.mask.reshape(n, h, w), torch.arange(zero, device=dev).reshape(n, h, w), zero)
-    imap = torch.full((n, hp, wp), zero, dtype=torch.long, device=dev)
-    imap[:, t:t + h, l:l + w] = inner
-    ho, wo = out_hw
-    bn = idx // (ho * wo)
-    rem = idx - bn * (ho * wo)
-    oy = rem // wo
-    ox = rem - oy * wo
-    base = (bn * hp + oy * win.stride[0]) * wp + ox * win.stride[1]
-    ky = torch.arange(win.kernel[0], device=dev) * (win.dilation[0] * wp)
-    kx = torch.arange(win.kernel[1], device=dev) * win.dilation[1]
-    offs = (ky.unsqueeze(1) + kx.unsqueeze(0)).reshape(-1)
-    return imap.reshape(-1)[base.unsqueeze(1) + offs.unsqueeze(0)]
+    imap = _MAPS.padded(n, (h, w), hp, wp, (t, l), dev)
+    torch.where(d.mask.reshape(n, h, w), _MAPS.flat(n, h, w, dev), _MAPS.scalar(zero, dev),
+                out=imap[:, t:t + h, l:l + w])
+    base = _MAPS.bases(n, out_hw, win.stride, hp, wp, dev).index_select(0, idx)
+    src = base.unsqueeze(1) + _MAPS.offsets(win, wp, dev).unsqueeze(0)
+    return imap.reshape(-1).index_select(0, src.reshape(-1)).reshape(src.shape)
 
 
 class ReferenceBackend(Backend):
@@ -236,8 +300,11 @@ class ReferenceBackend(Backend):
               out_shape: tuple[int, int, int, int]) -> DeltaTensor:
         """Truncate candidate changes `o` at pixels `idx`; send the rest, recording what was sent in E."""
         keep = truncation_score(o, score) > tau
-        idx_e = idx[keep]
-        sent = o[keep].to(dtype)
+        kept = torch.nonzero(keep).squeeze(1)
+        if kept.numel() == idx.numel():  # host-side check: this backend may synchronise
+            idx_e, sent = idx, o.to(dtype)
+        else:
+            idx_e, sent = idx.index_select(0, kept), o.index_select(0, kept).to(dtype)
         rows(emitted).index_add_(0, idx_e, sent.float())
         n, c, h, w = out_shape
         return _scatter_rows(n, c, h, w, idx_e, sent, emitted)
@@ -263,9 +330,13 @@ class ReferenceBackend(Backend):
         ho, wo = emitted.shape[2:]
         out_mask = dilate_mask(d.mask, win, (ho, wo))
         idx = torch.nonzero(out_mask.reshape(-1)).squeeze(1)
-        flat, inside = receptive_taps(idx, (h, w), (ho, wo), win)
-        g = a_rows.index_select(0, flat.reshape(-1)).reshape(idx.numel(), win.taps, c)
-        g = torch.where(inside.unsqueeze(2), g, torch.full((), float("-inf"), device=g.device))
+        if win.dilation == (1, 1):
+            flat = _MAPS.clamped_taps(n, (h, w), (ho, wo), win, idx.device).index_select(0, idx)
+            g = a_rows.index_select(0, flat.reshape(-1)).reshape(idx.numel(), win.taps, c)
+        else:
+            flat, inside = receptive_taps(idx, (h, w), (ho, wo), win)
+            g = a_rows.index_select(0, flat.reshape(-1)).reshape(idx.numel(), win.taps, c)
+            g = torch.where(inside.unsqueeze(2), g, torch.full((), float("-inf"), device=g.device))
         o = g.amax(1) - rows(emitted).index_select(0, idx)
         return self._emit(idx, o, emitted, tau, score, d.dtype, tuple(emitted.shape))
 
