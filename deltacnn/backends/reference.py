@@ -88,7 +88,9 @@ class _IndexMaps:
         """(N, Hp, Wp) long scratch map with the (H, W) interior at `top_left`; its border, never
         written after this, points at the zero row N*H*W."""
         h, w = hw
-        return self._get(("pad", n, h, w, hp, wp, top_left, device),
+        # a scratch buffer: on CUDA one per stream, so that models on different streams never share it
+        stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+        return self._get(("pad", n, h, w, hp, wp, top_left, device, stream),
                          lambda: torch.full((n, hp, wp), n * h * w, dtype=torch.long, device=device))
 
     def clamped_taps(self, n: int, in_hw: tuple[int, int], out_hw: tuple[int, int], win: Window, device) -> Tensor:
