@@ -54,6 +54,16 @@ def _nonneg_float(s: str) -> float:
     return v
 
 
+def _fraction(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1], got {s!r}") from None
+    if not 0 <= v <= 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1], got {s}")
+    return v
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="deltacnn", description="Sparse delta inference for CNNs on video.",
                                  epilog="`deltacnn COMMAND --help` for the options of each command.")
@@ -75,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--demo", action="store_true", help="use the demo clip (same as giving no VIDEO)")
     r.add_argument("--max-frames", "-n", type=_positive_int, default=None, help="stop after N frames")
     r.add_argument("--keyframe-interval", type=_positive_int, default=None, help="dense keyframe every N frames")
+    r.add_argument("--dense-above", type=_fraction, default=0.5, metavar="FRAC",
+                   help="run a frame densely (no state update) when more than this fraction of its input pixels "
+                        "changed; the next quiet frame is a keyframe (default 0.5; 1 never)")
     r.add_argument("--check-dense", action="store_true", help="measure the error versus dense inference per frame")
     r.add_argument("--no-video", action="store_true", help="skip the annotated and heat-map videos")
     r.add_argument("--out", "-o", default=None, help="output directory (default ./deltacnn_out/<clip name>)")
@@ -123,7 +136,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     res = tools.run(video, a.model, threshold=a.threshold, input_threshold=a.input_threshold, thresholds=a.thresholds,
                     device=a.device, out=a.out, max_frames=a.max_frames, dtype=a.dtype,
                     keyframe_interval=a.keyframe_interval, check_dense=a.check_dense, backend=a.backend, quiet=a.quiet,
-                    write_videos=not a.no_video)
+                    write_videos=not a.no_video, dense_above=a.dense_above)
     print(res.table())
     print("outputs:")
     for k, p in res.paths.items():

@@ -17,10 +17,42 @@ import torch
 from torch import Tensor
 
 from .model import DeltaModel
+from .runtime import DENSE_HYSTERESIS as HYSTERESIS
 
-# leave dense mode only when the change falls below this fraction of `dense_above`, so that a
-# change rate hovering at the threshold does not pay a keyframe every other frame
-HYSTERESIS = 0.75
+
+class DenseDispatch:
+    """When to run dense frames: after a frame whose input change exceeded `above`, and until the
+    change drops below HYSTERESIS * `above` (so that a rate hovering at the threshold does not pay
+    a keyframe every other frame). Pure host logic; the caller feeds it the changes it has read."""
+
+    def __init__(self, above: float | None) -> None:
+        if above is not None and not 0 < above <= 1:
+            raise ValueError(f"dense_above must be in (0, 1] (a fraction of input pixels) or None, got {above}")
+        self.above = above
+        self.dense = False
+        self.last_change = 0.0  # input change of the last frame whose value has arrived
+
+    def observe(self, change: float) -> None:
+        self.last_change = change
+
+    def reset(self) -> None:
+        self.dense = False
+        self.last_change = 0.0
+
+    def next_mode(self, model: DeltaModel) -> str:
+        """'dense', 'keyframe' or 'delta' for the model's next frame."""
+        if self.above is not None and model._stream is not None:
+            self.dense = self.last_change > self.above * (HYSTERESIS if self.dense else 1.0)
+            if self.dense:
+                return "dense"
+        keyframe = model.frame_index == 0 or (model.keyframe_interval is not None
+                                              and model.frame_index >= model.keyframe_interval)
+        return "keyframe" if keyframe else "delta"
+
+
+def run_eager(model: DeltaModel, x: Tensor, mode: str):
+    """Run one frame of `mode` without a graph (a dense frame is stateless; see next_mode)."""
+    return model.dense_frame(x) if mode == "dense" else model(x)
 
 
 class GraphedDeltaModel:
@@ -31,8 +63,7 @@ class GraphedDeltaModel:
             raise RuntimeError("deltacnn.compile needs a CUDA device; on the CPU call the DeltaModel directly")
         if model.rt.stats.enabled:
             raise ValueError("disable statistics (model.enable_stats(False)) before compiling: they are read on the host")
-        if dense_above is not None and not 0 < dense_above <= 1:
-            raise ValueError(f"dense_above must be in (0, 1] (a fraction of input pixels) or None, got {dense_above}")
+        self.policy = DenseDispatch(dense_above)
         self.model = model
         self.warmup = warmup
         self.dense_above = dense_above
@@ -42,43 +73,36 @@ class GraphedDeltaModel:
         self._eager = {"delta": 0, "dense": 0}
         self._change_host = torch.zeros((), dtype=torch.float32, pin_memory=True)
         self._change_event: torch.cuda.Event | None = None
-        self._dense_mode = False
-        self.last_change = 0.0  # input change of the last frame whose copy has arrived
         self.frames = {"keyframe": 0, "delta": 0, "dense": 0}  # how each frame ran
+
+    @property
+    def last_change(self) -> float:
+        """Input change of the last frame whose value has reached the host."""
+        return self.policy.last_change
 
     def reset(self) -> None:
         self.model.reset()
-        self._dense_mode = False
+        self.policy.reset()
         self._change_event = None
-        self.last_change = 0.0
 
-    def _wants_dense(self) -> bool:
-        """Dense mode from the last input change that has reached the host (no waiting)."""
-        if self.dense_above is None:
-            return False
+    def _poll_change(self) -> None:
+        """Hand the policy the newest input change that has arrived (never waits for the GPU)."""
         ev = self._change_event
         if ev is not None and ev.query():
-            self.last_change = float(self._change_host)
+            self.policy.observe(float(self._change_host))
             self._change_event = None
-        limit = self.dense_above * (HYSTERESIS if self._dense_mode else 1.0)
-        self._dense_mode = self.last_change > limit
-        return self._dense_mode
 
     def __call__(self, x: Tensor):
         m = self.model
         if x.device.type != "cuda":
             raise ValueError(f"compiled delta models run on CUDA frames, got a tensor on {x.device}")
-        keyframe_next = m.frame_index == 0 or (m.keyframe_interval is not None
-                                               and m.frame_index >= m.keyframe_interval)
-        if m._stream is not None and self._wants_dense():
-            mode = "dense"
-        else:
-            mode = "keyframe" if keyframe_next else "delta"
+        self._poll_change()
+        mode = self.policy.next_mode(m)
         change = None
         if mode == "keyframe" or self._eager[mode] < self.warmup:
             # keyframes and the first frames of each kind (Triton autotuning, cuDNN heuristics,
             # lazy allocations) run eagerly
-            out = m.dense_frame(x) if mode == "dense" else m(x)
+            out = run_eager(m, x, mode)
             if mode != "keyframe":
                 self._eager[mode] += 1
             change = m.rt.input_change

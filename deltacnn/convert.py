@@ -501,7 +501,7 @@ def convert(model: nn.Module, example_input: Tensor, *, threshold: float = 0.0, 
             score: str = "max", thresholds_file: str | None = None, dtype: torch.dtype | None = None,
             keyframe_interval: int | None = None, mask_dilation: int = 1, allow_dense_fallback: bool = False,
             fuse: bool = True, backend: str | None = None, on_input_change: str = "error",
-            keyframe_above: float | None = 0.5) -> DeltaModel:
+            dense_above: float | None = 0.5) -> DeltaModel:
     """Turn an ordinary CNN into a stateful delta model for video.
 
     Args:
@@ -518,13 +518,15 @@ def convert(model: nn.Module, example_input: Tensor, *, threshold: float = 0.0, 
         fuse: fuse conv -> add -> activation chains (identical results; fewer kernels on GPU).
         backend: "reference" or "triton"; default: Triton for CUDA tensors when available.
         on_input_change: "error" (default) or "reset" when shape/dtype/device changes mid-stream.
-        keyframe_above: run a frame densely (as a keyframe: exact, and cheaper) when more than this
-            fraction of input pixels changed; decided on the host, so backends that must not
-            synchronise (Triton, CUDA graphs) ignore it: there `deltacnn.compile(..., dense_above=)`
-            switches busy frames to dense without waiting. None disables it.
+        dense_above: run a frame densely (exact, and cheaper than sparse work) when more than this
+            fraction of its input pixels changed. Busy frames leave the delta state alone (like
+            `DeltaModel.dense_frame`) and the first quiet frame after them is a keyframe. Decided
+            on the host, so backends that must not synchronise (Triton, CUDA graphs) ignore it:
+            there `deltacnn.compile(..., dense_above=)` does the same without waiting. None
+            disables it.
     """
-    if keyframe_above is not None and not 0 <= keyframe_above <= 1:
-        raise ValueError(f"keyframe_above must be in [0, 1] or None, got {keyframe_above}")
+    if dense_above is not None and not 0 <= dense_above <= 1:
+        raise ValueError(f"dense_above must be in [0, 1] or None, got {dense_above}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert() needs an nn.Module, got {type(model).__name__}")
     if not isinstance(example_input, Tensor) or example_input.dim() != 4 or not example_input.is_floating_point():
@@ -564,7 +566,7 @@ def convert(model: nn.Module, example_input: Tensor, *, threshold: float = 0.0, 
     th = Thresholds(default=threshold, input=input_threshold, score=score, known=tuple(names))
     if thresholds_file is not None:
         th.load(thresholds_file)
-    rt = Runtime(th, dtype=dtype, backend_name=backend, keyframe_above=keyframe_above)
+    rt = Runtime(th, dtype=dtype, backend_name=backend, dense_above=dense_above)
     for m in gm.modules():
         if isinstance(m, DeltaLayer):
             m.set_runtime(rt)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .layers.base import DeltaLayer
-from .runtime import Runtime
+from .runtime import DENSE_HYSTERESIS, DENSE_WORK, Runtime
 from .stats import FrameStats
 from .thresholds import Thresholds
 
@@ -39,6 +39,7 @@ class DeltaModel(nn.Module):
         self.on_input_change = on_input_change
         self.frame_index = 0  # frames since the last keyframe (0: next frame is a keyframe)
         self._stream: tuple | None = None  # (shape, dtype, device) of the current stream
+        self.last_mode: str | None = None  # how the last frame ran: "keyframe", "delta" or "dense"
 
     # ---- state -----------------------------------------------------------------------------
     @property
@@ -49,6 +50,7 @@ class DeltaModel(nn.Module):
         """Forget all cached state; the next frame is a keyframe and may have any shape."""
         self.frame_index = 0
         self._stream = None
+        self.rt.dense_limit = None
         for layer in self._all_layers():
             layer.reset_state()
 
@@ -59,6 +61,8 @@ class DeltaModel(nn.Module):
         # moving or casting the model invalidates the caches: start over with a keyframe
         self.frame_index = 0
         self._stream = None
+        if "rt" in self.__dict__:  # not yet set while nn.Module.__init__ runs
+            self.rt.dense_limit = None
         return super()._apply(fn, recurse)
 
     # ---- frames ----------------------------------------------------------------------------
@@ -82,7 +86,7 @@ class DeltaModel(nn.Module):
         if x.device.type == "cpu" and x.numel() and not all(math.isfinite(float(v)) for v in torch.aminmax(x)):
             raise ValueError("input contains NaN or infinity; it would poison the cached state, so it was rejected")
         sig = (tuple(x.shape), x.dtype, x.device)
-        if self._stream is not None and sig != self._stream and self.frame_index > 0:
+        if self._stream is not None and sig != self._stream:
             if self.on_input_change == "reset":
                 self.reset()
             else:
@@ -98,9 +102,25 @@ class DeltaModel(nn.Module):
                                              and self.frame_index >= self.keyframe_interval)
         if keyframe:
             self.frame_index = 0
+        rt = self.rt
+        backend = rt.backend_for(x)
+        work = getattr(backend, "work", None)  # multiply-adds counted by host-side backends
+        if work is not None:
+            work[:] = [0, 0]
         out = self._run(x, keyframe)
-        if self.rt.keyframe:  # also when the input layer promoted a mostly-changed frame to a keyframe
+        if rt.stateless:  # the input layer found the frame busy (dense_above): it ran densely,
+            rt.stateless = False  # without state, so the next frame must be a keyframe
             self.frame_index = 0
+            self.last_mode = "dense"
+            return out
+        self.last_mode = "keyframe" if rt.keyframe else "delta"
+        if keyframe:
+            rt.dense_limit = None
+        elif rt.dense_above is not None and work is not None and work[1]:
+            # deltas did most of a dense frame's work (high update rates through the network): run
+            # dense frames while the input keeps changing about as much as in this frame
+            busy = work[0] > DENSE_WORK * work[1]
+            rt.dense_limit = DENSE_HYSTERESIS * float(rt.input_mask.float().mean()) if busy else None
         self.frame_index += 1
         return out
 
@@ -118,10 +138,12 @@ class DeltaModel(nn.Module):
         self.frame_index = 0
         self.rt.stateless = True
         try:
-            return self._run(x, keyframe=True)
+            out = self._run(x, keyframe=True)
         finally:
             self.rt.stateless = False
             self.frame_index = 0
+        self.last_mode = "dense"
+        return out
 
     def _run(self, x: Tensor, keyframe: bool):
         self.rt.keyframe = keyframe
@@ -131,6 +153,7 @@ class DeltaModel(nn.Module):
         except BaseException:
             self.frame_index = 0  # state may be half-updated: re-synchronise with a keyframe next time
             self._stream = None
+            self.rt.stateless = False
             raise
         self._stream = (tuple(x.shape), x.dtype, x.device)
         return out

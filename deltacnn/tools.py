@@ -255,7 +255,7 @@ def _rel_error(a, b) -> float:
 def build_delta(model: nn.Module, example: Tensor, *, threshold: float = 0.0, input_threshold: float | None = None,
                 thresholds: str | Path | None = None, dtype: torch.dtype | None = None,
                 keyframe_interval: int | None = None,
-                backend: str | None = None) -> DeltaModel:
+                backend: str | None = None, dense_above: float | None = 0.5) -> DeltaModel:
     """Convert with conversion and threshold-file problems reported as UserErrors."""
     if threshold is not None and (not math.isfinite(threshold) or threshold < 0):
         raise UserError(f"--threshold must be a finite number >= 0, got {threshold}")
@@ -263,13 +263,15 @@ def build_delta(model: nn.Module, example: Tensor, *, threshold: float = 0.0, in
         raise UserError(f"--input-threshold must be a finite number >= 0, got {input_threshold}")
     if keyframe_interval is not None and keyframe_interval < 1:
         raise UserError(f"--keyframe-interval must be >= 1, got {keyframe_interval}")
+    if dense_above is not None and not 0 <= dense_above <= 1:
+        raise UserError(f"--dense-above must be a fraction in [0, 1], got {dense_above}")
     if thresholds is not None and not Path(thresholds).is_file():
         raise UserError(f"thresholds file not found: {thresholds}")
     if thresholds is not None and input_threshold is not None:
         raise UserError("give --input-threshold or --thresholds, not both (the file sets the input threshold)")
     try:
         dm = convert(model, example, threshold=threshold or 0.0, input_threshold=input_threshold, dtype=dtype,
-                     keyframe_interval=keyframe_interval, backend=backend)
+                     keyframe_interval=keyframe_interval, backend=backend, dense_above=dense_above)
     except (ConversionError, UnsupportedOperationError) as e:
         raise UserError(f"cannot convert the model: {e}") from None
     if thresholds is not None:
@@ -343,7 +345,7 @@ def frame_record(i: int, dm: DeltaModel, delta_ms: float, dense_ms: float) -> di
     mask = dm.input_mask
     rate = inp.update_rate if inp is not None else (float(mask.float().mean()) if mask is not None else 1.0)
     rates = [s.update_rate for s in fs.layers.values() if s.dense_macs > 0]
-    return {"frame": i, "keyframe": int(fs.keyframe), "update_rate": rate,
+    return {"frame": i, "keyframe": int(fs.keyframe), "mode": dm.last_mode or "", "update_rate": rate,
             "layer_update_rate": _mean(rates) if rates else rate,
             "macs_fraction": fs.macs_fraction if fs.dense_macs else 1.0, "macs": fs.macs, "dense_macs": fs.dense_macs,
             "delta_ms": delta_ms, "dense_ms": dense_ms,
@@ -376,14 +378,15 @@ def run(video: str | Path | None = None, model: str | Task | None = None, *, thr
         thresholds: str | Path | None = None, device: str | None = None, out: str | Path | None = None,
         max_frames: int | None = None, dtype: str | torch.dtype | None = None, keyframe_interval: int | None = None,
         check_dense: bool = False, backend: str | None = None, quiet: bool = False,
-        write_videos: bool = True) -> RunResult:
+        write_videos: bool = True, dense_above: float | None = 0.5) -> RunResult:
     """Run a clip through the delta model (and the dense model, for timing and error).
 
     Writes to `out` (default ./deltacnn_out/<clip stem>): annotated video, update heat-map video,
     frames.csv / frames.json (per frame: update rate, MACs versus dense, ms per frame, and with
     `check_dense` the error versus dense), summary.json and plot.png. With neither `threshold` nor
     `thresholds`, the task's tuned `default_thresholds` file is used if it ships one, else its
-    `default_threshold` (0, i.e. dense-equivalent, if it has none).
+    `default_threshold` (0, i.e. dense-equivalent, if it has none). `dense_above`: see `convert`
+    (frames busier than this run densely; on the CPU only, where the decision may wait for data).
     """
     reader = open_video(video, max_frames)
     task = get_task(model)
@@ -413,7 +416,7 @@ def run(video: str | Path | None = None, model: str | Task | None = None, *, thr
             if dm is None:
                 dm = build_delta(dense, x, threshold=threshold, input_threshold=input_threshold,
                                  thresholds=thresholds, dtype=torch_dtype,
-                                 keyframe_interval=keyframe_interval, backend=backend)
+                                 keyframe_interval=keyframe_interval, backend=backend, dense_above=dense_above)
                 dm.enable_stats(True, keep_masks=write_videos)
                 _timed(dense, x, dev)  # warm-up: the first dense call pays one-off allocation costs
             out_delta, delta_ms = _timed(dm, x, dev)
@@ -455,6 +458,7 @@ def summarize(rows: list[dict], *, task: Task, device: torch.device, video: Path
     s = {"model": task.name, "video": str(video), "frames": len(rows), "device": str(device), "dtype": dtype,
          "threshold": threshold, "thresholds_file": str(thresholds) if thresholds else None,
          "keyframes": sum(r["keyframe"] for r in rows),
+         "modes": {m: sum(r.get("mode") == m for r in rows) for m in ("delta", "keyframe", "dense")},
          "mean_update_rate": _mean([r["update_rate"] for r in rows]),
          "mean_layer_update_rate": _mean([r["layer_update_rate"] for r in rows]),
          "macs_fraction": sum(r["macs"] for r in rows) / max(1, sum(r["dense_macs"] for r in rows)),
@@ -503,6 +507,12 @@ def summary_table(s: dict) -> str:
              f"  multiply-adds saved      {s['macs_saved']:8.1%}",
              f"  ms/frame dense / delta   {s['mean_dense_ms']:8.1f} / {s['mean_delta_ms']:.1f}",
              f"  speedup                  {s['speedup']:8.2f}x"]
+    modes = s.get("modes") or {}
+    if modes.get("dense"):
+        # busy frames ran as dense passes of the converted model (folded BN, channels_last): say so,
+        # since their speed is not a delta speedup
+        lines.append(f"  frames delta/key/dense   {modes['delta']:5d} / {modes['keyframe']} / {modes['dense']}"
+                     "   (dense: too busy for deltas, run densely)")
     if "mean_rel_error" in s:
         lines.append(f"  rel. error vs dense      {s['mean_rel_error']:8.2e}   (max {s['max_rel_error']:.2e})")
         agree = ", ".join(f"{k} {v:.3g}" for k, v in s["agreement"].items() if not k.startswith("n"))

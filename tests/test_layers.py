@@ -121,7 +121,9 @@ def test_syncfree_backend_matches_reference(model):
     torch.manual_seed(0)
     m = model().eval()
     clip = make_video(12, n=2, h=16, w=20, noise=0.01, seed=4)
-    ref = deltacnn.convert(m, clip[0], threshold=0.05, backend="reference")
+    # dense dispatch off: on maps this small deltas do most of the work, and the reference backend
+    # would run such frames densely (exact), which the sync-free backend cannot decide
+    ref = deltacnn.convert(m, clip[0], threshold=0.05, backend="reference", dense_above=None)
     fast = deltacnn.convert(m, clip[0], threshold=0.05, backend="syncfree")
     for t in range(12):
         a, b = ref(clip[t]), fast(clip[t])

@@ -59,7 +59,7 @@ def test_tau_zero_long_clip_matches_dense():
 def test_keyframe_interval_and_reset():
     m = net()
     clip = make_video(12, h=16, w=16, seed=3)
-    dm = deltacnn.convert(m, clip[0], keyframe_interval=4, threshold=0.02, keyframe_above=None)
+    dm = deltacnn.convert(m, clip[0], keyframe_interval=4, threshold=0.02, dense_above=None)
     dm.enable_stats()
     keys = []
     for t in range(12):
@@ -216,13 +216,13 @@ def test_dense_fallback_island_is_correct():
 def test_mostly_changed_frame_runs_as_keyframe():
     m = net()
     clip = make_video(8, h=16, w=16, noise=0.05, seed=3)  # noise changes every pixel at tau 0
-    dm = deltacnn.convert(m, clip[0], keyframe_above=0.5)
+    dm = deltacnn.convert(m, clip[0], dense_above=0.5)
     dm.enable_stats()
     for t in range(8):
         with torch.no_grad():
             assert rel_err(dm(clip[t]), m(clip[t])) < 1e-5
         assert dm.frame_stats().keyframe
-    quiet = deltacnn.convert(m, clip[0], keyframe_above=0.5, input_threshold=1.0)  # hardly anything passes
+    quiet = deltacnn.convert(m, clip[0], dense_above=0.5, input_threshold=1.0)  # hardly anything passes
     quiet.enable_stats()
     quiet(clip[0])
     quiet(clip[1])
@@ -235,7 +235,7 @@ def test_dense_frame_leaves_state_alone_and_next_frame_is_keyframe(arch):
     torch.manual_seed(0)
     m = randomize_bn_(build(arch).eval())
     clip = make_video(8, h=64, w=64, noise=0.01, seed=5)
-    dm = deltacnn.convert(m, clip[0], keyframe_above=None)  # noise changes every pixel: no promotion
+    dm = deltacnn.convert(m, clip[0], dense_above=None)  # noise changes every pixel: no promotion
     dm.rt.track_change = True
     dm.enable_stats()
     with torch.no_grad():
@@ -254,3 +254,84 @@ def test_dense_frame_leaves_state_alone_and_next_frame_is_keyframe(arch):
         for t in range(5, 8):
             assert rel_err(dm(clip[t]), m(clip[t])) < 1e-5
             assert not dm.frame_stats().keyframe
+
+
+@pytest.mark.parametrize("lag", [0, 1])
+def test_dense_dispatch_policy_on_busy_stretch(lag):
+    """compile's dispatch logic, driven eagerly on the CPU: busy frames go dense (stateless), quiet
+    frames come back to delta frames after one keyframe; the output stays equal to dense throughout.
+    `lag` delays each measured change by frames, as the asynchronous copy does on the GPU."""
+    from deltacnn.compile import DenseDispatch, run_eager
+    m = net()
+    quiet = make_video(16, h=32, w=48, noise=0.0, seed=6)  # moving squares on a static scene
+    busy = make_video(10, h=32, w=48, noise=0.05, seed=5)  # every pixel changes every frame
+    clip = torch.cat([quiet[:6], busy, quiet[6:]])
+    dm = deltacnn.convert(m, clip[0], dense_above=None)
+    dm.rt.track_change = True
+    policy = DenseDispatch(0.3)
+    modes, pending = [], []
+    for x in clip:
+        mode = policy.next_mode(dm)
+        with torch.no_grad():
+            assert rel_err(run_eager(dm, x, mode), m(x)) < 1e-5, (len(modes), mode)
+        modes.append(mode)
+        pending.append(float(dm.rt.input_change))
+        if len(pending) > lag:
+            policy.observe(pending.pop(0))
+    first_dense = modes.index("dense")
+    assert modes[0] == "keyframe" and set(modes[1:6]) == {"delta"}
+    assert first_dense == 7 + lag  # the first busy frame (6) runs delta; its change is seen lag frames later
+    back = modes.index("keyframe", first_dense)
+    assert all(md == "dense" for md in modes[first_dense:back])
+    assert back == 6 + len(busy) + 2 + lag  # busy frames, then the cut back to the quiet scene, then lag
+    assert set(modes[back + 1:]) == {"delta"}
+    with pytest.raises(ValueError, match="dense_above"):
+        DenseDispatch(1.5)
+
+
+def test_busy_frames_run_dense_without_state_then_keyframe():
+    """dense_above on the reference backend: busy frames are stateless dense passes (the state
+    is untouched), the first quiet frame re-seeds it as a keyframe, and every output equals dense."""
+    m = net()
+    quiet = make_video(10, h=24, w=32, noise=0.0, seed=8)
+    busy = make_video(4, h=24, w=32, noise=0.05, seed=9)
+    clip = torch.cat([quiet[:4], busy, quiet[4:]])
+    dm = deltacnn.convert(m, clip[0], dense_above=0.5)
+    dm.enable_stats()
+    kinds, states = [], []
+    for t in range(clip.shape[0]):
+        with torch.no_grad():
+            assert rel_err(dm(clip[t]), m(clip[t])) < 1e-5, t
+        kinds.append("key" if dm.frame_stats().keyframe else "delta")
+        states.append({k: v.clone() for k, v in dm.state_dict().items() if "state_" in k and "ref" not in k})
+    assert kinds == ["key"] + ["delta"] * 3 + ["key"] * 6 + ["delta"] * 4, kinds
+    for t in range(5, 9):  # frames 4-8 are busy (frame 8 is the cut back to the quiet scene): no state write
+        assert all(torch.equal(states[t][k], states[3][k]) for k in states[3]), t
+    assert not all(torch.equal(states[9][k], states[3][k]) for k in states[3])  # frame 9 re-seeded it
+
+
+def test_frames_after_a_delta_frame_doing_most_of_the_work_run_dense():
+    """A region flickering under the input limit still spreads through the receptive fields to most
+    of the network: after one such delta frame the reference backend runs dense frames while the
+    input keeps changing as much, and returns to deltas (after a keyframe) when it calms down."""
+    from deltacnn.runtime import DENSE_WORK
+    m = net()
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(1, 3, 32, 32, generator=g)
+    frames = []
+    for t in range(12):
+        f = base.clone()
+        if t < 7:
+            f[:, :, :24, :24] = torch.randn(1, 3, 24, 24, generator=g)  # 56% of the pixels change
+        frames.append(f)
+    dm = deltacnn.convert(m, frames[0], dense_above=0.9)  # the input limit alone would never trigger
+    modes = []
+    for x in frames:
+        with torch.no_grad():
+            assert rel_err(dm(x), m(x)) < 1e-5
+        modes.append(dm.last_mode)
+        if modes[-1] == "delta" and len(modes) == 2:
+            work = dm.rt.backend_for(x).work
+            assert work[0] > DENSE_WORK * work[1]
+    # 7: the calm frame still differs from the last flicker; 8: unchanged, so the state is re-seeded
+    assert modes == ["keyframe", "delta"] + ["dense"] * 6 + ["keyframe"] + ["delta"] * 3, modes

@@ -42,7 +42,7 @@ def test_triton_backend_matches_reference(dtype, tau):
     torch.manual_seed(0)
     m = Block().eval().to(DEV)
     clip = make_video(6, n=2, h=12, w=12, noise=0.01, seed=5).to(DEV)
-    ref = deltacnn.convert(m, clip[0], threshold=tau, dtype=dtype, backend="reference", keyframe_above=None)
+    ref = deltacnn.convert(m, clip[0], threshold=tau, dtype=dtype, backend="reference", dense_above=None)
     fast = deltacnn.convert(m, clip[0], threshold=tau, dtype=dtype, backend="triton")
     tol = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2}[dtype]
     prev = torch.backends.cuda.matmul.allow_tf32

@@ -157,6 +157,16 @@ class ReferenceBackend(Backend):
     name = "reference"
     host_sync_ok = True  # may read device values on the host (decisions, index lists)
 
+    def __init__(self) -> None:
+        # conv multiply-adds (done, dense) since the model last reset it: DeltaModel reads it to
+        # switch to dense frames when deltas do most of a dense frame's work anyway
+        self.work = [0, 0]
+
+    def _count(self, p: ConvParams, done_pixels: int, all_pixels: int) -> None:
+        per_pixel = p.weight.numel()
+        self.work[0] += done_pixels * per_pixel
+        self.work[1] += all_pixels * per_pixel
+
     # ---- input / output -------------------------------------------------------------------
     def sparsify(self, x: Tensor, ref: Tensor, tau: float, score: str, dilation: int, dtype) -> DeltaTensor:
         """d = x - ref where the pixel's score over channels exceeds tau; ref follows what was sent."""
@@ -183,9 +193,11 @@ class ReferenceBackend(Backend):
         ho, wo = p.window.out_size(h, w)
         out_mask = dilate_mask(d.mask, p.window, (ho, wo))
         idx = torch.nonzero(out_mask.reshape(-1)).squeeze(1)
+        dense = idx.numel() > DENSE_SWITCH * out_mask.numel()
+        self._count(p, out_mask.numel() if dense else idx.numel(), out_mask.numel())
         if idx.numel() == 0:
             return empty_delta(n, cout, ho, wo, dtype=_acc_dtype(p.weight), device=d.device)
-        if idx.numel() > DENSE_SWITCH * out_mask.numel():
+        if dense:
             return _with_ext(self._dense_conv(d, p), out_mask, idx)
         return _scatter_rows(n, cout, ho, wo, idx, self._conv_rows_chunked(d, p, idx, (ho, wo)), d.values)
 
@@ -246,7 +258,9 @@ class ReferenceBackend(Backend):
                 raise ValueError(f"residual shape {tuple(residual.shape)} does not match conv output {(n, cout, ho, wo)}")
             cand = cand | residual.mask
         idx = torch.nonzero(cand.reshape(-1)).squeeze(1)
-        if idx.numel() > DENSE_SWITCH * cand.numel():
+        dense = idx.numel() > DENSE_SWITCH * cand.numel()
+        self._count(p, cand.numel() if dense else idx.numel(), cand.numel())
+        if dense:
             y = rows(to_cl(self._dense_conv(d, p))).index_select(0, idx)
         elif idx.numel():
             # pixels that are candidates only through the residual gather all-zero taps: y = 0 there

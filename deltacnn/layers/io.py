@@ -22,24 +22,31 @@ class Sparsify(DeltaLayer):
 
     def forward(self, x: Tensor) -> DeltaTensor:
         rt = self.rt
+        backend = rt.backend_for(x)
         track = rt.track_change and self.name == INPUT
+        # backends that may read device values decide here whether a frame is too busy for deltas
+        limit = rt.busy_limit()
+        promote = self.name == INPUT and limit is not None and backend.host_sync_ok and not rt.stateless
         if rt.keyframe:
-            if track:
-                rt.input_change = self._changed_fraction(x)
+            if track or promote:
+                change = self._changed_fraction(x)
+                if track:
+                    rt.input_change = change
+                if promote and float(change) > limit:
+                    rt.stateless = True  # busy: dense without writing state; the next quiet frame re-seeds it
             # the input reference is kept even by stateless dense frames: it measures the next change
             self._seed_state("ref", x, always=True)
             d = DeltaTensor.keyframe(x.to(rt.dtype))
         else:
             ref = self._state("ref")
-            backend = rt.backend_for(x)
             d = backend.sparsify(to_cl(x), ref, self.tau(), rt.thresholds.score, self.dilation, rt.dtype)
             if track:
                 rt.input_change = d.mask.float().mean()
-            if (self.name == INPUT and rt.keyframe_above is not None and backend.host_sync_ok
-                    and float(d.mask.float().mean()) > rt.keyframe_above):
-                # most of the frame changed: a dense keyframe is cheaper than sparse work, and exact
-                rt.keyframe = True
-                self._seed_state("ref", x)
+            if promote and float(d.mask.float().mean()) > limit:
+                # most of the frame changed: a dense pass is cheaper than sparse work, and exact; it
+                # runs without state (as DeltaModel.dense_frame), so the next frame is a keyframe
+                rt.keyframe = rt.stateless = True
+                self._seed_state("ref", x, always=True)
                 d = DeltaTensor.keyframe(x.to(rt.dtype))
         if self.name == INPUT:
             rt.input_mask = d.mask

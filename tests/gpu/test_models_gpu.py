@@ -92,7 +92,7 @@ def test_compiled_dense_dispatch_on_high_change_then_back_to_delta(name):
 def test_triton_matches_reference_with_thresholds():
     m = _model("mobilenet_v3_small")
     clip = make_video(30, n=3, h=64, w=64, noise=0.003, seed=4).cuda()
-    ref = deltacnn.convert(m, clip[0], backend="reference", threshold=0.02, keyframe_above=None)
+    ref = deltacnn.convert(m, clip[0], backend="reference", threshold=0.02, dense_above=None)
     fast = deltacnn.convert(m, clip[0], backend="triton", threshold=0.02)
     for t in range(clip.shape[0]):
         assert rel_err(fast(clip[t]), ref(clip[t])) < 1e-4, t
