@@ -54,13 +54,15 @@ def _nonneg_float(s: str) -> float:
     return v
 
 
-def _fraction(s: str) -> float:
+def _fraction_or_off(s: str) -> float | None:
+    if s.lower() == "off":
+        return None
     try:
         v = float(s)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1], got {s!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1] or 'off', got {s!r}") from None
     if not 0 <= v <= 1:
-        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1], got {s}")
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1] or 'off', got {s}")
     return v
 
 
@@ -85,9 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--demo", action="store_true", help="use the demo clip (same as giving no VIDEO)")
     r.add_argument("--max-frames", "-n", type=_positive_int, default=None, help="stop after N frames")
     r.add_argument("--keyframe-interval", type=_positive_int, default=None, help="dense keyframe every N frames")
-    r.add_argument("--dense-above", type=_fraction, default=0.5, metavar="FRAC",
+    r.add_argument("--dense-above", type=_fraction_or_off, default=0.5, metavar="FRAC|off",
                    help="run a frame densely (no state update) when more than this fraction of its input pixels "
-                        "changed; the next quiet frame is a keyframe (default 0.5; 1 never)")
+                        "changed, or when the last delta frame did most of a dense frame's work; the next quiet "
+                        "frame is a keyframe (default 0.5; off: always delta frames)")
     r.add_argument("--check-dense", action="store_true", help="measure the error versus dense inference per frame")
     r.add_argument("--no-video", action="store_true", help="skip the annotated and heat-map videos")
     r.add_argument("--out", "-o", default=None, help="output directory (default ./deltacnn_out/<clip name>)")
