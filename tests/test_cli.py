@@ -162,6 +162,18 @@ def test_run_threshold_zero_matches_dense(clip: Path, tmp_path: Path) -> None:
     assert res.summary["agreement"]["pixel_acc"] == 1.0
 
 
+def test_run_dense_dispatch_modes_are_recorded(clip: Path, tmp_path: Path) -> None:
+    """With dense_above 0 every frame after the first is busy: dense frames, exact, counted as such."""
+    res = tools.run(clip, "tiny", threshold=0.0, check_dense=True, out=tmp_path, max_frames=4, device="cpu",
+                    quiet=True, write_videos=False, dense_above=0.0)
+    assert [r["mode"] for r in res.rows] == ["keyframe", "dense", "dense", "dense"]
+    assert res.summary["modes"] == {"delta": 0, "keyframe": 1, "dense": 3}
+    assert max(r["rel_error"] for r in res.rows) < 1e-5
+    off = tools.run(clip, "tiny", threshold=0.0, out=tmp_path, max_frames=4, device="cpu", quiet=True,
+                    write_videos=False, dense_above=None)
+    assert [r["mode"] for r in off.rows] == ["keyframe", "delta", "delta", "delta"]
+
+
 def test_run_default_out_dir(clip: Path, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     assert main(["run", str(clip), "-m", "tiny", "-n", "3", "-q", "--no-video"]) == 0
@@ -219,6 +231,8 @@ def test_missing_thresholds_file(clip: Path, tmp_path: Path, capsys, monkeypatch
 def test_bad_option_value_and_cuda(clip: Path, capsys) -> None:
     assert main(["run", str(clip), "-m", "tiny", "--threshold", "-1"]) == 2
     assert "deltacnn run: error:" in capsys.readouterr().err
+    assert main(["run", str(clip), "-m", "tiny", "--dense-above", "1.5"]) == 2
+    assert "fraction in [0, 1] or 'off'" in capsys.readouterr().err
     if not torch.cuda.is_available():
         assert main(["run", str(clip), "-m", "tiny", "--device", "cuda"]) == 2
         assert "CUDA is not available" in one_line_error(capsys)
