@@ -132,7 +132,8 @@ def delta_run(model32, clip, truth, dtype, backend: str, graphed: bool, frames: 
     if not stats:
         return {"ms": median(ms), "max_rel_err": err, "frames": modes}
     # statistics in a separate, untimed pass of delta frames only (they read counters on the host)
-    dm2 = deltacnn.convert(model32, clip[0], dtype=dtype, backend=backend, thresholds_file=thresholds_file)
+    dm2 = deltacnn.convert(model32, clip[0], dtype=dtype, backend=backend, thresholds_file=thresholds_file,
+                           dense_above=None)
     dm2.enable_stats()
     rates = {}
     macs = []

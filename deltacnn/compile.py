@@ -26,8 +26,8 @@ class DenseDispatch:
     a keyframe every other frame). Pure host logic; the caller feeds it the changes it has read."""
 
     def __init__(self, above: float | None) -> None:
-        if above is not None and not 0 < above <= 1:
-            raise ValueError(f"dense_above must be in (0, 1] (a fraction of input pixels) or None, got {above}")
+        if above is not None and not 0 <= above <= 1:
+            raise ValueError(f"dense_above must be in [0, 1] (a fraction of input pixels) or None, got {above}")
         self.above = above
         self.dense = False
         self.last_change = 0.0  # input change of the last frame whose value has arrived
@@ -116,6 +116,7 @@ class GraphedDeltaModel:
             graph.replay()
             m._stream = (tuple(x.shape), x.dtype, x.device)
             m.frame_index = 0 if mode == "dense" else m.frame_index + 1
+            m.last_mode = mode
             out = _clone(static_out)
         self.frames[mode] += 1
         if self.dense_above is not None and change is not None:

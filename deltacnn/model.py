@@ -116,7 +116,7 @@ class DeltaModel(nn.Module):
         self.last_mode = "keyframe" if rt.keyframe else "delta"
         if keyframe:
             rt.dense_limit = None
-        elif rt.dense_above is not None and work is not None and work[1]:
+        elif rt.dense_above is not None and backend.host_sync_ok and work is not None and work[1]:
             # deltas did most of a dense frame's work (high update rates through the network): run
             # dense frames while the input keeps changing about as much as in this frame
             busy = work[0] > DENSE_WORK * work[1]

@@ -74,6 +74,7 @@ def _check(model: nn.Module, frames: int = 25, tol: float = 1e-5, **kw) -> delta
             m.running_mean.uniform_(-1, 1)
             m.running_var.uniform_(0.5, 2)
     clip = make_video(frames, n=2, h=16, w=20, noise=0.0, seed=3)
+    kw.setdefault("dense_above", None)  # delta frames only: these tests are about the delta layers
     dm = deltacnn.convert(model, clip[0], **kw)
     for t in range(frames):
         got = dm(clip[t])

@@ -37,8 +37,9 @@ def net() -> nn.Module:
 def test_batch_of_streams_equals_each_stream_alone():
     clip = make_video(20, n=3, h=24, w=24, noise=0.005, seed=7)
     for tau in (0.0, 0.05):
-        together = deltacnn.convert(net(), clip[0], threshold=tau)
-        alone = [deltacnn.convert(net(), clip[0, i:i + 1], threshold=tau) for i in range(3)]
+        # delta frames only (dispatch off): noise changes every pixel
+        together = deltacnn.convert(net(), clip[0], threshold=tau, dense_above=None)
+        alone = [deltacnn.convert(net(), clip[0, i:i + 1], threshold=tau, dense_above=None) for i in range(3)]
         for t in range(clip.shape[0]):
             out = together(clip[t])
             for i in range(3):
@@ -48,7 +49,7 @@ def test_batch_of_streams_equals_each_stream_alone():
 def test_tau_zero_long_clip_matches_dense():
     m = net()
     clip = make_video(220, h=20, w=20, noise=0.01, seed=2)
-    dm = deltacnn.convert(m, clip[0])
+    dm = deltacnn.convert(m, clip[0], dense_above=None)  # delta frames only: noise changes every pixel
     worst = 0.0
     for t in range(clip.shape[0]):
         with torch.no_grad():
@@ -104,7 +105,7 @@ def test_thresholds_by_name_and_json_roundtrip(tmp_path):
 def test_positive_threshold_bounded_error_and_sparse(score):
     m = net()
     clip = make_video(200, h=32, w=32, noise=0.004, objects=1, size=6, seed=5)
-    dm = deltacnn.convert(m, clip[0], threshold=0.02, input_threshold=0.03, score=score)
+    dm = deltacnn.convert(m, clip[0], threshold=0.02, input_threshold=0.03, score=score, dense_above=None)
     dm.enable_stats()
     errs, rates = [], []
     for t in range(clip.shape[0]):
