@@ -29,6 +29,22 @@ _FUNCS: dict[str, Callable[["ActSpec", Tensor], Tensor]] = {
 
 ACTIVATIONS = tuple(_FUNCS) + ("prelu",)
 
+# in-place forms, for dense passes that own their intermediate tensors (saves an allocation and a
+# memory pass per layer on the CPU)
+_INPLACE: dict[str, Callable[["ActSpec", Tensor], Tensor]] = {
+    "identity": lambda s, x: x,
+    "relu": lambda s, x: F.relu_(x),
+    "relu6": lambda s, x: F.hardtanh_(x, 0.0, 6.0),
+    "hardtanh": lambda s, x: F.hardtanh_(x, s.min_val, s.max_val),
+    "leaky_relu": lambda s, x: F.leaky_relu_(x, s.slope),
+    "silu": lambda s, x: F.silu(x, inplace=True),
+    "hardswish": lambda s, x: F.hardswish(x, inplace=True),
+    "hardsigmoid": lambda s, x: F.hardsigmoid(x, inplace=True),
+    "sigmoid": lambda s, x: x.sigmoid_(),
+    "tanh": lambda s, x: x.tanh_(),
+    "elu": lambda s, x: F.elu_(x, s.alpha),
+}
+
 
 @dataclass(frozen=True)
 class ActSpec:
@@ -55,6 +71,11 @@ class ActSpec:
             w = w.reshape(shape) if w.numel() > 1 else w.reshape([1] * x.dim())
             return torch.where(x >= 0, x, w * x)
         return _FUNCS[self.kind](self, x)
+
+    def apply_(self, x: Tensor) -> Tensor:
+        """f(x), overwriting `x` where PyTorch has an in-place form (else a new tensor)."""
+        fn = _INPLACE.get(self.kind)
+        return fn(self, x) if fn is not None else self(x)
 
     def describe(self) -> str:
         extra = {"leaky_relu": f"({self.slope})", "hardtanh": f"({self.min_val},{self.max_val})",

@@ -50,13 +50,14 @@ class DeltaLayer(nn.Module):
             self._buffers["state_" + key] = to_cl(values.float()).clone() if values.dtype == torch.float32 \
                 else to_cl(values.float())
 
-    def _seed_act(self, y: Tensor, act) -> Tensor:
+    def _seed_act(self, y: Tensor, act, owned: bool = False) -> Tensor:
         """Keyframe of a nonlinear update: A = y, E = f(A) as sent; returns f(y) in the model dtype.
 
-        A stateless dense frame computes f(y) directly in the model dtype (one pass, no state).
+        A stateless dense frame computes f(y) directly in the model dtype (one pass, no state),
+        in place when the caller `owned` y (a temporary nobody else reads).
         """
         if self.rt.stateless:
-            return act(y).to(self.rt.dtype)
+            return (act.apply_(y) if owned and y.dtype == self.rt.dtype else act(y)).to(self.rt.dtype)
         self._seed_state("acc", y)
         out = act(self._state("acc")).to(self.rt.dtype)
         self._seed_state("emitted", out)

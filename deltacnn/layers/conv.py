@@ -70,11 +70,11 @@ class DeltaConv2d(DeltaLayer):
         d = check_delta(d, self)
         rt = self.rt
         if d.dense:
-            y = self.dense(d.values)
+            y = self.dense(d.values)  # a fresh tensor: the residual and activation may update it in place
             if residual is not None:
-                y = y + residual.values
+                y.add_(residual.values)
             if self.act is not None:
-                y = self._seed_act(y, self.act)
+                y = self._seed_act(y, self.act, owned=True)
             out = DeltaTensor.keyframe(y)
         else:
             st = None
