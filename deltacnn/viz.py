@@ -105,12 +105,16 @@ def plot_run(rows: Sequence[dict], path: str | Path, title: str = "", error_key:
     ax.plot(f, 100 * _col(rows, "update_rate"), label="input pixels updated", color="tab:blue")
     ax.plot(f, 100 * _col(rows, "layer_update_rate"), label="mean layer update rate", color="tab:cyan", lw=1)
     ax.plot(f, 100 * _col(rows, "macs_fraction"), label="multiply-adds vs dense", color="tab:orange")
-    key = _col(rows, "keyframe")
-    for x in f[key > 0]:
+    dense_frame = np.array([r.get("mode") == "dense" for r in rows], dtype=bool)
+    key = (_col(rows, "keyframe") > 0) & ~dense_frame
+    for x in f[key]:
         ax.axvline(x, color="grey", lw=0.6, ls=":")
+    for x in f[dense_frame]:  # frames too busy for deltas, run densely
+        ax.axvspan(x - 0.5, x + 0.5, color="tab:grey", alpha=0.15, lw=0)
     ax.set_ylabel("% of dense")
     ax.set_ylim(0, 105)
-    ax.set_title("Work done by the delta model" + (" (dotted: keyframes)" if key.any() else ""))
+    notes = (["dotted: keyframes"] if key.any() else []) + (["shaded: dense frames"] if dense_frame.any() else [])
+    ax.set_title("Work done by the delta model" + (f" ({'; '.join(notes)})" if notes else ""))
     ax.legend(loc="best", fontsize=8)
 
     ax = axes[1]
