@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..tensor import DeltaTensor, to_cl
+from ..tensor import DeltaTensor
 from ..thresholds import INPUT
 from .base import DeltaLayer, check_delta
 
@@ -39,7 +39,8 @@ class Sparsify(DeltaLayer):
             d = DeltaTensor.keyframe(x.to(rt.dtype))
         else:
             ref = self._state("ref")
-            d = backend.sparsify(to_cl(x), ref, self.tau(), rt.thresholds.score, self.dilation, rt.dtype)
+            # any layout: each backend reads x the way it is fastest for it
+            d = backend.sparsify(x, ref, self.tau(), rt.thresholds.score, self.dilation, rt.dtype)
             if track:
                 rt.input_change = d.mask.float().mean()
             if promote and float(d.mask.float().mean()) > limit:
