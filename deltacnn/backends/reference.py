@@ -346,9 +346,11 @@ class ReferenceBackend(Backend):
     def _pointwise_rows(self, idx: Tensor, d_rows: Tensor, st: PointwiseState, dtype) -> DeltaTensor:
         """A += d at pixels `idx` (rows `d_rows`); emit f(A) - E where it passes truncation."""
         a_rows = rows(st.acc)
-        a = a_rows.index_select(0, idx) + d_rows.float()
+        a = a_rows.index_select(0, idx)
+        a += d_rows
         a_rows.index_copy_(0, idx, a)
-        o = st.act(a, channel_dim=1) - rows(st.emitted).index_select(0, idx)
+        o = st.act.apply_(a)  # A is stored: its gathered copy can become f(A) - E in place
+        o -= rows(st.emitted).index_select(0, idx)
         return self._emit(idx, o, st.emitted, st.tau, st.score, dtype, tuple(st.emitted.shape))
 
     def maxpool(self, d: DeltaTensor, acc: Tensor, emitted: Tensor, win: Window, tau: float, score: str) -> DeltaTensor:
