@@ -12,38 +12,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-_FUNCS: dict[str, Callable[["ActSpec", Tensor], Tensor]] = {
-    "identity": lambda s, x: x,
-    "relu": lambda s, x: F.relu(x),
-    "relu6": lambda s, x: F.hardtanh(x, 0.0, 6.0),
-    "hardtanh": lambda s, x: F.hardtanh(x, s.min_val, s.max_val),
-    "leaky_relu": lambda s, x: F.leaky_relu(x, s.slope),
-    "silu": lambda s, x: F.silu(x),
-    "hardswish": lambda s, x: F.hardswish(x),
-    "hardsigmoid": lambda s, x: F.hardsigmoid(x),
-    "sigmoid": lambda s, x: torch.sigmoid(x),
-    "tanh": lambda s, x: torch.tanh(x),
-    "gelu": lambda s, x: F.gelu(x, approximate=s.approximate),
-    "elu": lambda s, x: F.elu(x, s.alpha),
+# f(spec, x, inplace): with inplace=True, x may be overwritten (dense passes that own their
+# intermediates save an allocation and a memory pass); functions without an in-place form ignore it
+_FUNCS: dict[str, Callable[["ActSpec", Tensor, bool], Tensor]] = {
+    "identity": lambda s, x, ip: x,
+    "relu": lambda s, x, ip: F.relu(x, inplace=ip),
+    "relu6": lambda s, x, ip: F.hardtanh(x, 0.0, 6.0, inplace=ip),
+    "hardtanh": lambda s, x, ip: F.hardtanh(x, s.min_val, s.max_val, inplace=ip),
+    "leaky_relu": lambda s, x, ip: F.leaky_relu(x, s.slope, inplace=ip),
+    "silu": lambda s, x, ip: F.silu(x, inplace=ip),
+    "hardswish": lambda s, x, ip: F.hardswish(x, inplace=ip),
+    "hardsigmoid": lambda s, x, ip: F.hardsigmoid(x, inplace=ip),
+    "sigmoid": lambda s, x, ip: x.sigmoid_() if ip else torch.sigmoid(x),
+    "tanh": lambda s, x, ip: x.tanh_() if ip else torch.tanh(x),
+    "gelu": lambda s, x, ip: F.gelu(x, approximate=s.approximate),
+    "elu": lambda s, x, ip: F.elu(x, s.alpha, inplace=ip),
 }
 
 ACTIVATIONS = tuple(_FUNCS) + ("prelu",)
-
-# in-place forms, for dense passes that own their intermediate tensors (saves an allocation and a
-# memory pass per layer on the CPU)
-_INPLACE: dict[str, Callable[["ActSpec", Tensor], Tensor]] = {
-    "identity": lambda s, x: x,
-    "relu": lambda s, x: F.relu_(x),
-    "relu6": lambda s, x: F.hardtanh_(x, 0.0, 6.0),
-    "hardtanh": lambda s, x: F.hardtanh_(x, s.min_val, s.max_val),
-    "leaky_relu": lambda s, x: F.leaky_relu_(x, s.slope),
-    "silu": lambda s, x: F.silu(x, inplace=True),
-    "hardswish": lambda s, x: F.hardswish(x, inplace=True),
-    "hardsigmoid": lambda s, x: F.hardsigmoid(x, inplace=True),
-    "sigmoid": lambda s, x: x.sigmoid_(),
-    "tanh": lambda s, x: x.tanh_(),
-    "elu": lambda s, x: F.elu_(x, s.alpha),
-}
 
 
 @dataclass(frozen=True)
@@ -70,12 +56,13 @@ class ActSpec:
             shape[channel_dim] = -1
             w = w.reshape(shape) if w.numel() > 1 else w.reshape([1] * x.dim())
             return torch.where(x >= 0, x, w * x)
-        return _FUNCS[self.kind](self, x)
+        return _FUNCS[self.kind](self, x, False)
 
     def apply_(self, x: Tensor) -> Tensor:
         """f(x), overwriting `x` where PyTorch has an in-place form (else a new tensor)."""
-        fn = _INPLACE.get(self.kind)
-        return fn(self, x) if fn is not None else self(x)
+        if self.kind == "prelu":
+            return self(x)
+        return _FUNCS[self.kind](self, x, True)
 
     def describe(self) -> str:
         extra = {"leaky_relu": f"({self.slope})", "hardtanh": f"({self.min_val},{self.max_val})",
@@ -84,7 +71,8 @@ class ActSpec:
 
 
 def truncation_score(o: Tensor, score: str) -> Tensor:
-    """Per-pixel score of a candidate change `o` (rows: pixels, columns: channels)."""
+    """Per-pixel score of a change `o` over its channels, dim 1: rows of a (P, C) matrix or an
+    (N, C, H, W) map."""
     if score == "max":
         return o.abs().amax(dim=1)
     if score == "l2":

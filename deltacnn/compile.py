@@ -66,7 +66,6 @@ class GraphedDeltaModel:
         self.policy = DenseDispatch(dense_above)
         self.model = model
         self.warmup = warmup
-        self.dense_above = dense_above
         model.rt.track_change = dense_above is not None
         # (shape, dtype, device, mode) -> (graph, static input, static output, static change fraction)
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, Tensor, object, Tensor | None]] = {}
@@ -119,7 +118,7 @@ class GraphedDeltaModel:
             m.last_mode = mode
             out = _clone(static_out)
         self.frames[mode] += 1
-        if self.dense_above is not None and change is not None:
+        if self.policy.above is not None and change is not None:
             self._change_host.copy_(change, non_blocking=True)
             self._change_event = torch.cuda.Event()
             self._change_event.record()

@@ -120,7 +120,7 @@ class DeltaModel(nn.Module):
             # deltas did most of a dense frame's work (high update rates through the network): run
             # dense frames while the input keeps changing about as much as in this frame
             busy = work[0] > DENSE_WORK * work[1]
-            rt.dense_limit = DENSE_HYSTERESIS * float(rt.input_mask.float().mean()) if busy else None
+            rt.dense_limit = DENSE_HYSTERESIS * float(rt.input_change) if busy else None  # set by the input layer
         self.frame_index += 1
         return out
 

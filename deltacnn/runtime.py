@@ -34,7 +34,8 @@ class Runtime:
     # a dense frame that leaves the delta state untouched (DeltaModel.dense_frame); implies keyframe
     stateless: bool = False
     # when set, the input layer leaves the fraction of changed input pixels in `input_change` (a
-    # device scalar, no host sync) on every frame, keyframes included; compile's dense dispatch reads it
+    # device scalar, no host sync) on every frame, keyframes included; compile's dense dispatch reads it.
+    # Host backends deciding dense frames (dense_above) measure and leave it there too.
     track_change: bool = False
     input_change: Tensor | None = None
     stats: StatsRecorder = field(default_factory=StatsRecorder)

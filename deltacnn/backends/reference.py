@@ -186,8 +186,7 @@ class ReferenceBackend(Backend):
         """
         n, c, h, w = x.shape
         d = x.float() - ref
-        s = d.abs().amax(1) if score == "max" else torch.linalg.vector_norm(d, dim=1)
-        mask = (s > tau).reshape(n, 1, h, w)
+        mask = (truncation_score(d, score) > tau).reshape(n, 1, h, w)
         if dilation > 1:
             mask = dilate_mask(mask, Window.make(dilation, 1, dilation // 2), (h, w))
         idx = torch.nonzero(mask.reshape(-1)).squeeze(1)

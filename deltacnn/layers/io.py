@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..activations import truncation_score
 from ..tensor import DeltaTensor
 from ..thresholds import INPUT
 from .base import DeltaLayer, check_delta
@@ -29,10 +30,8 @@ class Sparsify(DeltaLayer):
         promote = self.name == INPUT and limit is not None and backend.host_sync_ok and not rt.stateless
         if rt.keyframe:
             if track or promote:
-                change = self._changed_fraction(x)
-                if track:
-                    rt.input_change = change
-                if promote and float(change) > limit:
+                rt.input_change = self._changed_fraction(x)
+                if promote and float(rt.input_change) > limit:
                     rt.stateless = True  # busy: dense without writing state; the next quiet frame re-seeds it
             # the input reference is kept even by stateless dense frames: it measures the next change
             self._seed_state("ref", x, always=True)
@@ -41,9 +40,9 @@ class Sparsify(DeltaLayer):
             ref = self._state("ref")
             # any layout: each backend reads x the way it is fastest for it
             d = backend.sparsify(x, ref, self.tau(), rt.thresholds.score, self.dilation, rt.dtype)
-            if track:
+            if track or promote:
                 rt.input_change = d.mask.float().mean()
-            if promote and float(d.mask.float().mean()) > limit:
+            if promote and float(rt.input_change) > limit:
                 # most of the frame changed: a dense pass is cheaper than sparse work, and exact; it
                 # runs without state (as DeltaModel.dense_frame), so the next frame is a keyframe
                 rt.keyframe = rt.stateless = True
@@ -62,9 +61,7 @@ class Sparsify(DeltaLayer):
         ref = self._buffers.get("state_ref")
         if ref is None or ref.shape != x.shape or ref.device != x.device:
             return torch.zeros((), device=x.device)
-        diff = x.float() - ref
-        s = diff.abs().amax(1) if self.rt.thresholds.score == "max" else torch.linalg.vector_norm(diff, dim=1)
-        return (s > self.tau()).float().mean()
+        return (truncation_score(x.float() - ref, self.rt.thresholds.score) > self.tau()).float().mean()
 
 
 class Densify(DeltaLayer):
