@@ -509,7 +509,7 @@ def summary_table(s: dict) -> str:
              f"  speedup                  {s['speedup']:8.2f}x"]
     modes = s.get("modes") or {}
     if modes.get("dense"):
-        # busy frames ran as dense passes of the converted model (folded BN, channels_last): say so,
+        # busy frames ran as dense passes of the converted model (channels_last, BN folded): say so,
         # since their speed is not a delta speedup
         lines.append(f"  frames delta/key/dense   {modes['delta']:5d} / {modes['keyframe']} / {modes['dense']}"
                      "   (dense: too busy for deltas, run densely)")
