@@ -58,6 +58,12 @@ class ActSpec:
             return torch.where(x >= 0, x, w * x)
         return _FUNCS[self.kind](self, x, False)
 
+    @property
+    def commutes_with_rounding(self) -> bool:
+        """f(x) computed in a low-precision dtype equals f(float32 x) rounded to it (max/min against
+        0 and 6 only), so keyframes may apply f in the model dtype, skipping a float32 temporary."""
+        return self.kind in ("identity", "relu", "relu6")
+
     def apply_(self, x: Tensor) -> Tensor:
         """f(x), overwriting `x` where PyTorch has an in-place form (else a new tensor)."""
         if self.kind == "prelu":

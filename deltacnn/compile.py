@@ -9,7 +9,8 @@ measures the input change of every frame on the GPU, copies it to pinned host me
 waiting, and when the last completed frame changed more than `dense_above` of its pixels it runs
 the next frames as stateless dense frames (cuDNN, also replayed from a graph) until the change
 drops again; then a keyframe re-seeds the delta state. The decision lags by about one frame and
-never synchronises with the device. Keyframes run eagerly.
+never synchronises with the device. Keyframes are replayed from a graph too, once an eager keyframe
+of the same shape has allocated the state they write into.
 """
 from __future__ import annotations
 
@@ -69,7 +70,8 @@ class GraphedDeltaModel:
         model.rt.track_change = dense_above is not None
         # (shape, dtype, device, mode) -> (graph, static input, static output, static change fraction)
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, Tensor, object, Tensor | None]] = {}
-        self._eager = {"delta": 0, "dense": 0}
+        self._eager: dict[tuple, int] = {}  # eager frames per graph key since the state was (re)allocated
+        self._epoch = model.state_epoch  # the graphs read and write the state tensors of this epoch
         self._change_host = torch.zeros((), dtype=torch.float32, pin_memory=True)
         self._change_event: torch.cuda.Event | None = None
         self.frames = {"keyframe": 0, "delta": 0, "dense": 0}  # how each frame ran
@@ -95,26 +97,34 @@ class GraphedDeltaModel:
         m = self.model
         if x.device.type != "cuda":
             raise ValueError(f"compiled delta models run on CUDA frames, got a tensor on {x.device}")
+        m._check_input(x)  # first: it may start a new stream (on_input_change="reset")
+        if m.state_epoch != self._epoch:
+            # reset, moved or cast: the state the graphs point at is gone; capture again
+            self._graphs.clear()
+            self._eager.clear()
+            self._epoch = m.state_epoch
         self._poll_change()
         mode = self.policy.next_mode(m)
+        key = (tuple(x.shape), x.dtype, x.device, mode)
         change = None
-        if mode == "keyframe" or self._eager[mode] < self.warmup:
-            # keyframes and the first frames of each kind (Triton autotuning, cuDNN heuristics,
-            # lazy allocations) run eagerly
+        # the first frames of each kind run eagerly (Triton autotuning, cuDNN heuristics, lazy
+        # allocations; the first keyframe allocates the state that later graphs read and write)
+        n_eager = self._eager.get(key, 0)
+        if n_eager < self.warmup:
             out = run_eager(m, x, mode)
-            if mode != "keyframe":
-                self._eager[mode] += 1
+            self._eager[key] = n_eager + 1
             change = m.rt.input_change
         else:
-            m._check_input(x)
-            key = (tuple(x.shape), x.dtype, x.device, mode)
             if key not in self._graphs:
-                self._graphs[key] = self._capture(x, dense=mode == "dense")
+                self._graphs[key] = self._capture(x, mode)
             graph, static_in, static_out, change = self._graphs[key]
             static_in.copy_(x)
             graph.replay()
             m._stream = (tuple(x.shape), x.dtype, x.device)
-            m.frame_index = 0 if mode == "dense" else m.frame_index + 1
+            # the frame bookkeeping of DeltaModel.forward / dense_frame
+            m.frame_index = {"dense": 0, "keyframe": 1}.get(mode, m.frame_index + 1)
+            if mode == "keyframe":
+                m.rt.dense_limit = None
             m.last_mode = mode
             out = _clone(static_out)
         self.frames[mode] += 1
@@ -124,11 +134,11 @@ class GraphedDeltaModel:
             self._change_event.record()
         return out
 
-    def _capture(self, x: Tensor, dense: bool):
+    def _capture(self, x: Tensor, mode: str):
         m = self.model
         static_in = x.clone()
-        m.rt.keyframe = dense
-        m.rt.stateless = dense
+        m.rt.keyframe = mode != "delta"
+        m.rt.stateless = mode == "dense"
         graph = torch.cuda.CUDAGraph()
         # the frame recorded during capture is not executed: the state stays as it was
         torch.cuda.synchronize()

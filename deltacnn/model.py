@@ -40,6 +40,9 @@ class DeltaModel(nn.Module):
         self.frame_index = 0  # frames since the last keyframe (0: next frame is a keyframe)
         self._stream: tuple | None = None  # (shape, dtype, device) of the current stream
         self.last_mode: str | None = None  # how the last frame ran: "keyframe", "delta" or "dense"
+        # bumped whenever the state tensors may be freed or replaced (reset, .to(), casts): CUDA graphs
+        # captured before read the old memory and must be captured again
+        self.state_epoch = 0
 
     # ---- state -----------------------------------------------------------------------------
     @property
@@ -51,6 +54,7 @@ class DeltaModel(nn.Module):
         self.frame_index = 0
         self._stream = None
         self.rt.dense_limit = None
+        self.state_epoch += 1
         for layer in self._all_layers():
             layer.reset_state()
 
@@ -63,6 +67,7 @@ class DeltaModel(nn.Module):
         self._stream = None
         if "rt" in self.__dict__:  # not yet set while nn.Module.__init__ runs
             self.rt.dense_limit = None
+            self.state_epoch += 1
         return super()._apply(fn, recurse)
 
     # ---- frames ----------------------------------------------------------------------------

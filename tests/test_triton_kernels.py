@@ -249,6 +249,45 @@ def test_sparse_conv2d_fused_act(variant, fn):
     check_nonlinear(o, fm, A, E, ref, TOL[dtype] * 2, tau, 0.02)
 
 
+@pytest.mark.parametrize("variant", ["gemm", "fixup", "grouped", "dw"])
+def test_sparse_conv2d_split_channel_emit_tau0(variant):
+    """tau 0 with Cout split over programs: each program emits its channels and ORs the pixel flag.
+
+    Some pixels get no change in any channel (ReLU stays at 0: not emitted), others none in the
+    first channel block only (emitted, with zeros there); the emit mask must equal the reference's
+    exactly and every emitted value must be written.
+    """
+    dtype = torch.float16
+    case = {"gemm": (8, 40, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1),
+            "fixup": (24, 40, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1),
+            "grouped": (8, 40, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 2),
+            "dw": (40, 40, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 40)}[variant]
+    cout = case[1]
+    g, x, xm, wt, om = _conv_inputs(11, case, dtype)
+    n, _, ho, wo = om.shape
+    A = torch.randn(n, cout, ho, wo, generator=g).to(DEV)
+    pix = torch.rand(n, 1, ho, wo, generator=g).to(DEV)
+    A = torch.where(pix < 0.3, torch.full((), -1e3, device=DEV), A)  # stays negative: no change anywhere
+    first = (pix >= 0.3) & (pix < 0.6) & (torch.arange(cout, device=DEV) < 16).reshape(1, cout, 1, 1)
+    A = torch.where(first, torch.full((), -1e3, device=DEV), A)  # no change in the first channel block
+    E = ref_act("relu", A.double()).float()
+    E = torch.where(A < -100, E, E + 0.05 * torch.randn(E.shape, generator=g).to(DEV))
+    A, E = cl(A), cl(E)
+    y = ref_conv(x, xm, wt, case[3], case[4], case[5], case[6])
+    ref = ref_nonlinear(y, om, A, E, "relu", 0.0, "max", dtype)
+    split = 2 if variant == "fixup" else 1
+    cfg = tk.ConvConfig(th=8, tw=8, bn=16, bk=16, split_k=split)
+    out = cl(torch.full(y.shape, float("nan"), dtype=dtype, device=DEV))
+    o, fm = tk.sparse_conv2d(x, xm, wt, om, case[3], case[4], case[5], case[6], out,
+                             act=tk.Act("relu", A, E, 0.0), config=cfg)
+    A2, E2, o_ref, emit, _ = ref
+    assert emit.any() and (om & ~emit).any(), "the case must have both emitted and silent candidates"
+    assert torch.equal(fm, emit)
+    sel = emit.expand_as(o_ref)
+    assert rel(out.double()[sel], o_ref[sel]) < TOL[dtype] * 2
+    assert rel(A, A2) < 1e-6 and rel(E, E2) < 1e-4  # E holds o rounded to fp16 (summation order may flip an ulp)
+
+
 # ---------------------------------------------------------------- pointwise kernels
 @pytest.mark.parametrize("fn", ACTS)
 def test_activations(fn):

@@ -28,6 +28,9 @@ def _act(st: PointwiseState) -> tk.Act:
 class TritonBackend(SyncFreeBackend):
     name = "triton"
     host_sync_ok = False
+    # compute each conv's candidate mask inside its tile-list launch; a switch only so that
+    # benchmarks can measure both ways (same results)
+    fuse_dilation = True
 
     def sparsify(self, x: Tensor, ref: Tensor, tau: float, score: str, dilation: int, dtype) -> DeltaTensor:
         vals, mask = tk.sparsify(to_cl(x.float()), ref, tau, dilation, score, out_dtype=dtype)
@@ -46,7 +49,9 @@ class TritonBackend(SyncFreeBackend):
         win = p.window
         h, w = d.shape[2:]
         out_hw = win.out_size(h, w)
-        out_mask = tk.dilate_mask(d.mask, win.kernel, win.stride, win.padding, win.dilation, out_hw)
+        # None: the tile-list launch dilates the input mask itself (one launch less per conv)
+        out_mask = None if self.fuse_dilation else \
+            tk.dilate_mask(d.mask, win.kernel, win.stride, win.padding, win.dilation, out_hw)
         x = to_cl(d.values)
         prepared = p.cached(f"triton_{x.dtype}", lambda: tk.prepare_weight(p.weight, p.groups, x.dtype))
         # a linear output feeds accumulators with no correction step: keep it float32 (see reference)
@@ -56,7 +61,7 @@ class TritonBackend(SyncFreeBackend):
             residual=to_cl(residual.values) if residual is not None else None,
             residual_mask=residual.mask if residual is not None else None,
             act=_act(act) if act is not None else None, out_dtype=out_dtype, input_precision=_precision(),
-            prepared=prepared)
+            prepared=prepared, out_hw=out_hw)
         return DeltaTensor(y, ym)
 
     def pointwise(self, d: DeltaTensor, st: PointwiseState) -> DeltaTensor:

@@ -59,7 +59,10 @@ class DeltaLayer(nn.Module):
         if self.rt.stateless:
             return (act.apply_(y) if owned and y.dtype == self.rt.dtype else act(y)).to(self.rt.dtype)
         self._seed_state("acc", y)
-        out = act(self._state("acc")).to(self.rt.dtype)
+        if y.dtype == self.rt.dtype and act.commutes_with_rounding:
+            out = act.apply_(y) if owned else act(y)  # A holds y already; E is f(A) as sent either way
+        else:
+            out = act(self._state("acc")).to(self.rt.dtype)
         self._seed_state("emitted", out)
         return out
 

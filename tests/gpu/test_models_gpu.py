@@ -96,3 +96,25 @@ def test_triton_matches_reference_with_thresholds():
     fast = deltacnn.convert(m, clip[0], backend="triton", threshold=0.02)
     for t in range(clip.shape[0]):
         assert rel_err(fast(clip[t]), ref(clip[t])) < 1e-4, t
+
+
+def test_compiled_keyframes_replay_and_survive_reset():
+    """Periodic keyframes replay their own graph once an eager keyframe allocated the state; reset()
+    frees the state, so the graphs are captured again (never replayed onto freed memory)."""
+    m = _model("resnet50")
+    clip = make_video(24, n=2, h=64, w=96, noise=0.0, seed=7).cuda()
+    dm = deltacnn.convert(m, clip[0], backend="triton", dtype=torch.float32, keyframe_interval=3, threshold=0.05)
+    graphed = deltacnn.compile(dm, dense_above=None)
+    kinds = []
+    for t in range(clip.shape[0]):
+        if t == 14:
+            graphed.reset()
+        with torch.no_grad():
+            want = m(clip[t])
+        err = rel_err(graphed(clip[t]), want)
+        kinds.append(dm.last_mode)
+        # a keyframe is a dense pass: exact even though tau > 0 lets delta frames drift a little
+        assert err < (1e-5 if dm.last_mode == "keyframe" else 0.2), (t, dm.last_mode, err)
+    # keyframes at 0, 3, 6, 9, 12, then reset: 14, 17, 20, 23
+    assert [t for t, k in enumerate(kinds) if k == "keyframe"] == [0, 3, 6, 9, 12, 14, 17, 20, 23], kinds
+    assert {k[3] for k in graphed._graphs} == {"delta", "keyframe"}

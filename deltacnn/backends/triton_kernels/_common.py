@@ -152,20 +152,34 @@ def apply_act(x, FN: tl.constexpr, slope, min_val, max_val, alpha):
 
 
 @triton.jit
-def emit_truncated(o, e, cand, m2, cvalid, offs, prow, pvalid, out_ptr, e_ptr, fm_ptr, tau, SCORE: tl.constexpr):
+def emit_truncated(o, e, cand, m2, cvalid, offs, prow, pvalid, out_ptr, e_ptr, fm_ptr, tau, SCORE: tl.constexpr,
+                   OR_FM: tl.constexpr):
     """Truncation shared by every nonlinear delta kernel: candidate change `o` (float32 [P, C], E = `e`)
-    is emitted at pixels whose score over channels (max |o| or L2) exceeds tau; E records what was sent."""
+    is emitted at pixels whose score over channels (max |o| or L2) exceeds tau; E records what was sent.
+
+    OR_FM (only for tau <= 0): this tile holds only some of the pixel's channels. With tau <= 0 a
+    pixel is emitted iff any channel changed, which each tile can see for its own channels: it writes
+    its channels at every candidate (zeros where nothing changed, so E += 0 there) and sets the flag
+    where one of its channels changed. The flags were cleared before the launch, so they OR up.
+    """
     o = tl.where(m2, o, 0.0)
-    if SCORE == 0:
-        s = tl.max(tl.abs(o), axis=1)
-    else:
-        s = tl.sqrt(tl.sum(o * o, axis=1))
-    emit = cand & (s > tau)
-    m3 = emit[:, None] & cvalid[None, :]
     o_r = o.to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + offs, o_r, mask=m3)
-    tl.store(e_ptr + offs, e + o_r.to(tl.float32), mask=m3)
-    tl.store(fm_ptr + prow, emit.to(tl.uint8), mask=pvalid)
+    if OR_FM:
+        # any nonzero channel (not the L2 norm, whose square could underflow to 0 for a tiny change)
+        emit = cand & (tl.max(tl.abs(o), axis=1) > tau)
+        tl.store(out_ptr + offs, o_r, mask=m2)
+        tl.store(e_ptr + offs, e + o_r.to(tl.float32), mask=m2)
+        tl.store(fm_ptr + prow, tl.full([o.shape[0]], 1, tl.uint8), mask=emit & pvalid)
+    else:
+        if SCORE == 0:
+            s = tl.max(tl.abs(o), axis=1)
+        else:
+            s = tl.sqrt(tl.sum(o * o, axis=1))
+        emit = cand & (s > tau)
+        m3 = emit[:, None] & cvalid[None, :]
+        tl.store(out_ptr + offs, o_r, mask=m3)
+        tl.store(e_ptr + offs, e + o_r.to(tl.float32), mask=m3)
+        tl.store(fm_ptr + prow, emit.to(tl.uint8), mask=pvalid)
 
 
 @triton.jit
@@ -173,12 +187,13 @@ def finish_tile(acc, prow, pvalid, omask, cols, cvalid, C,
                 out_ptr, res_ptr, rmask_ptr, a_ptr, e_ptr, fm_ptr,
                 slope, min_val, max_val, alpha, tau,
                 HAS_RES: tl.constexpr, HAS_ACT: tl.constexpr, FN: tl.constexpr, SCORE: tl.constexpr,
-                WRITE_FM: tl.constexpr):
+                WRITE_FM: tl.constexpr, OR_FM: tl.constexpr):
     """Epilogue for a [P, C] float32 tile `acc` of pixels `prow` (int64 rows of a (pixels, C) matrix).
 
     Adds the residual where its mask is set; without an activation stores acc at candidate pixels
     (omask | residual mask) and, if WRITE_FM, the candidate mask; with one runs the nonlinear delta
-    update (all C channels must be in this tile) and writes the emit mask for every valid pixel.
+    update (all C channels must be in this tile, or OR_FM: see emit_truncated) and writes the emit mask
+    for every valid pixel (OR_FM: sets it where this tile's channels changed).
     """
     cand = omask
     offs = prow[:, None] * C + cols[None, :]
@@ -193,7 +208,7 @@ def finish_tile(acc, prow, pvalid, omask, cols, cvalid, C,
         tl.store(a_ptr + offs, a, mask=m2)
         e = tl.load(e_ptr + offs, mask=m2, other=0.0)
         o = apply_act(a, FN, slope, min_val, max_val, alpha) - e
-        emit_truncated(o, e, cand, m2, cvalid, offs, prow, pvalid, out_ptr, e_ptr, fm_ptr, tau, SCORE)
+        emit_truncated(o, e, cand, m2, cvalid, offs, prow, pvalid, out_ptr, e_ptr, fm_ptr, tau, SCORE, OR_FM)
     else:
         tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=m2)
         if WRITE_FM:

@@ -33,7 +33,7 @@ def _conv_gemm_kernel(x_ptr, xm_ptr, w_ptr, out_ptr, om_ptr, res_ptr, rm_ptr, a_
                       HAS_RES: tl.constexpr, HAS_ACT: tl.constexpr, FN: tl.constexpr, SCORE: tl.constexpr,
                       WRITE_FM: tl.constexpr, ATOMIC: tl.constexpr, PREC: tl.constexpr, IS_F32: tl.constexpr,
                       NKC: tl.constexpr, N_IT: tl.constexpr, IT_PER: tl.constexpr, UPCAST: tl.constexpr,
-                      FIXUP: tl.constexpr):
+                      FIXUP: tl.constexpr, OR_FM: tl.constexpr):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     PER_TILE: tl.constexpr = G * NB * SPLIT_K
@@ -108,10 +108,11 @@ def _conv_gemm_kernel(x_ptr, xm_ptr, w_ptr, out_ptr, om_ptr, res_ptr, rm_ptr, a_
             if old == SPLIT_K - 1:
                 tot = tl.load(ws_ptr + woffs, mask=wmask, other=0.0, cache_modifier=".cg")
                 finish_tile(tot, prow, pvalid, om, cols, cvalid, Cout, out_ptr, res_ptr, rm_ptr, a_ptr, e_ptr, fm_ptr,
-                            slope, min_val, max_val, alpha, tau, HAS_RES, HAS_ACT, FN, SCORE, WRITE_FM)
+                            slope, min_val, max_val, alpha, tau, HAS_RES, HAS_ACT, FN, SCORE, WRITE_FM,
+                            OR_FM)
         else:
             finish_tile(acc, prow, pvalid, om, cols, cvalid, Cout, out_ptr, res_ptr, rm_ptr, a_ptr, e_ptr, fm_ptr,
-                        slope, min_val, max_val, alpha, tau, HAS_RES, HAS_ACT, FN, SCORE, WRITE_FM)
+                        slope, min_val, max_val, alpha, tau, HAS_RES, HAS_ACT, FN, SCORE, WRITE_FM, OR_FM)
         w += nprog
 
 
@@ -124,7 +125,7 @@ def _conv_dw_kernel(x_ptr, xm_ptr, w_ptr, out_ptr, om_ptr, res_ptr, rm_ptr, a_pt
                     DH: tl.constexpr, DW: tl.constexpr, PT: tl.constexpr, PL: tl.constexpr,
                     TH: tl.constexpr, TW: tl.constexpr, BC: tl.constexpr, NCB: tl.constexpr,
                     HAS_RES: tl.constexpr, HAS_ACT: tl.constexpr, FN: tl.constexpr, SCORE: tl.constexpr,
-                    WRITE_FM: tl.constexpr):
+                    WRITE_FM: tl.constexpr, OR_FM: tl.constexpr):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     total = tl.load(count_ptr) * NCB
@@ -154,8 +155,14 @@ def _conv_dw_kernel(x_ptr, xm_ptr, w_ptr, out_ptr, om_ptr, res_ptr, rm_ptr, a_pt
                 wv = tl.load(w_ptr + (ky * KW + kx) * C + cols, mask=cvalid, other=0.0)
                 acc += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
         finish_tile(acc, prow, pvalid, om, cols, cvalid, C, out_ptr, res_ptr, rm_ptr, a_ptr, e_ptr, fm_ptr,
-                    slope, min_val, max_val, alpha, tau, HAS_RES, HAS_ACT, FN, SCORE, WRITE_FM)
+                    slope, min_val, max_val, alpha, tau, HAS_RES, HAS_ACT, FN, SCORE, WRITE_FM, OR_FM)
         w += nprog
+
+
+# At tau <= 0, fuse the nonlinear update into the conv even when its output channels are split
+# over programs (one launch and no float32 round trip instead of conv + sparse_nonlinear). A switch
+# only so that benchmarks can measure both; the results are the same.
+SPLIT_CHANNEL_EMIT = True
 
 
 @dataclass(frozen=True)
@@ -268,7 +275,11 @@ def sparse_conv2d(x: Tensor, x_mask: Tensor, weight: Tensor, out_mask: Tensor | 
     cfg = config or default_config(n, cin, cout, groups, (kh, kw), (ho, wo), x.dtype, act is not None)
     split_k = 1 if depthwise else cfg.split_k
     bn = cfg.bn if (act is not None or depthwise) else min(cfg.bn, max(16, npow2(og)))
-    fusable = act is not None and bn >= cout and (depthwise or groups == 1)
+    # the nonlinear update runs in the conv's epilogue when one program holds all Cout of its pixels,
+    # or at tau <= 0 in any channel split (the emit test is then per channel: see emit_truncated)
+    whole = bn >= cout and (depthwise or groups == 1)
+    or_fm = act is not None and not whole and SPLIT_CHANNEL_EMIT and act.tau <= 0
+    fusable = act is not None and (whole or or_fm)
     if act is not None and not fusable:
         # two passes: the conv into a float32 buffer, then the epilogue as a pointwise kernel
         tmp = new_cl(n, cout, ho, wo, torch.float32, dev)
@@ -312,7 +323,7 @@ def sparse_conv2d(x: Tensor, x_mask: Tensor, weight: Tensor, out_mask: Tensor | 
                               KH=kh, KW=kw, SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1],
                               PT=padding[0], PL=padding[2], TH=cfg.th, TW=cfg.tw, BC=cfg.bn, NCB=ncb,
                               HAS_RES=has_res, HAS_ACT=act is not None, FN=fn, SCORE=sc, WRITE_FM=False,
-                              num_warps=cfg.num_warps)
+                              OR_FM=or_fm, num_warps=cfg.num_warps)
         return out, fm
     work = n_tiles * groups * nb * split_k
     nkc = triton.cdiv(cg, cfg.bk)
@@ -329,6 +340,6 @@ def sparse_conv2d(x: Tensor, x_mask: Tensor, weight: Tensor, out_mask: Tensor | 
                             SPLIT_K=split_k, HAS_RES=has_res, HAS_ACT=act is not None, FN=fn, SCORE=sc,
                             WRITE_FM=False, ATOMIC=atomic, PREC=input_precision,
                             IS_F32=x.dtype == torch.float32, NKC=nkc, N_IT=n_it, IT_PER=it_per,
-                            UPCAST=INTERPRET and x.dtype == torch.bfloat16, FIXUP=fixup,
+                            UPCAST=INTERPRET and x.dtype == torch.bfloat16, FIXUP=fixup, OR_FM=or_fm,
                             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out, fm

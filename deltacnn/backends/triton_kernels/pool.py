@@ -43,7 +43,7 @@ def _maxpool_kernel(a_ptr, cm_ptr, e_ptr, out_ptr, fm_ptr, P, H, W, Ho, Wo, tau,
         m2 = cm[:, None] & cvalid[None, :]
         offs = prow[:, None] * C + cols[None, :]
         e = tl.load(e_ptr + offs, mask=m2, other=0.0)
-        emit_truncated(best - e, e, cm, m2, cvalid, offs, prow, pvalid, out_ptr, e_ptr, fm_ptr, tau, SCORE)
+        emit_truncated(best - e, e, cm, m2, cvalid, offs, prow, pvalid, out_ptr, e_ptr, fm_ptr, tau, SCORE, False)
     else:
         tl.store(fm_ptr + prow, tl.zeros([BP], dtype=tl.uint8), mask=pvalid)
 

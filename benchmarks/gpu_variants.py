@@ -1,0 +1,116 @@
+"""GPU A/B of the Triton backend's switches on ResNet-50 @1080p, all in one process, plus keyframe cost.
+
+Variants (same results, different launch structure): `fuse_dilation` (each conv's candidate mask
+computed inside its tile-list launch instead of a separate dilation launch) and
+`SPLIT_CHANNEL_EMIT` (at tau 0, the nonlinear update fused into convs whose output channels are
+split over programs, instead of conv + a separate nonlinear pass). Each variant is timed as
+deltacnn.compile replays against cuDNN fp16 + CUDA graph of the same run. Keyframes: the eager
+keyframe (DeltaModel call after reset) and the graph-replayed keyframe (keyframe_interval=1).
+
+    python3 benchmarks/gpu_variants.py [--cases b1:5%,b1:25%,b8:5%] [--frames 12] [--profile b1:5%]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+import deltacnn
+from deltacnn.backends import triton_kernels as tk
+from deltacnn.backends.triton_backend import TritonBackend
+from common import environment, median, print_table, workload, write_json
+from gpu_bench import DENSITIES, SIZES, cuda_ms, delta_run, dense_runs, free_memory, make_batch_clip, rel, time_sequence
+from profile_frame import kernel_profile, print_profile
+
+VARIANTS = {  # name: (fuse_dilation, SPLIT_CHANNEL_EMIT)
+    "before": (False, False),
+    "+fused dilation": (True, False),
+    "+split emit": (False, True),
+    "both": (True, True),
+}
+
+
+def set_variant(name: str) -> None:
+    TritonBackend.fuse_dilation, tk.conv.SPLIT_CHANNEL_EMIT = VARIANTS[name]
+
+
+def keyframe_times(model32, clip, truth, dtype) -> dict:
+    """Eager keyframe (after reset) and graph-replayed keyframe, ms; error of the replayed one."""
+    dm = deltacnn.convert(model32, clip[0], dtype=dtype, backend="triton")
+    for _ in range(2):
+        dm.reset()
+        dm(clip[0])
+
+    def eager_kf():
+        dm.reset()
+        dm(clip[0])
+    eager = cuda_ms(eager_kf, 5)
+    del dm
+    free_memory()
+    dm = deltacnn.convert(model32, clip[0], dtype=dtype, backend="triton", keyframe_interval=1)
+    g = deltacnn.compile(dm, dense_above=None)
+    outs = []
+    ms = time_sequence(lambda t: outs.append((t, g(clip[t]))), clip.shape[0], 4)
+    err = max(rel(o, truth[t]) for t, o in outs[4:])
+    frames = dict(g.frames)
+    del g, dm, outs
+    free_memory()
+    return {"eager_keyframe_ms": median(eager), "graph_keyframe_ms": median(ms), "graph_keyframe_err": err,
+            "frames": frames}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", default="b1:5%,b1:25%,b8:5%")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--frames", type=int, default=12)
+    ap.add_argument("--warm", type=int, default=4)
+    ap.add_argument("--keyframes", default="b1:5%,b8:5%", help="cases whose keyframes are timed ('' for none)")
+    ap.add_argument("--profile", default="b1:5%,b1:25%", help="cases profiled per kernel with all switches on")
+    args = ap.parse_args()
+    dtype = torch.float16
+    h, w = SIZES["r50"]
+    model32 = workload.backbone("r50").cuda()
+    rows, t0 = [], time.time()
+    for case in args.cases.split(","):
+        b, d = case.split(":")
+        batch, p = int(b[1:]), DENSITIES[d]
+        clip = make_batch_clip(p, args.frames, batch, h, w)
+        res = {}
+        truth = dense_runs(model32, clip, res)["truth"]
+        graph_ms = res["cudnn_fp16_graph_ms"]
+        variants = args.variants.split(",")
+        if case != args.cases.split(",")[0]:  # each switch alone only in the first case (device time)
+            variants = [v for v in variants if v in ("before", "both")]
+        for v in variants:
+            set_variant(v)
+            r = delta_run(model32, clip, truth, dtype, "triton", True, args.frames, args.warm, stats=False)
+            rows.append({"case": case, "variant": v, "ms": r["ms"], "cudnn16+graph": graph_ms,
+                         "speedup": graph_ms / r["ms"], "err": r["max_rel_err"]})
+            print(f"[{time.time() - t0:5.0f}s] {rows[-1]}", flush=True)
+        set_variant("both")
+        if case in args.keyframes.split(","):
+            k = keyframe_times(model32, clip, truth, dtype)
+            rows.append({"case": case, "variant": "keyframe eager", "ms": k["eager_keyframe_ms"],
+                         "cudnn16+graph": graph_ms, "speedup": graph_ms / k["eager_keyframe_ms"]})
+            rows.append({"case": case, "variant": "keyframe graph", "ms": k["graph_keyframe_ms"],
+                         "cudnn16+graph": graph_ms, "speedup": graph_ms / k["graph_keyframe_ms"],
+                         "err": k["graph_keyframe_err"]})
+            print(f"[{time.time() - t0:5.0f}s] keyframes {k}", flush=True)
+        if case in args.profile.split(","):
+            dm = deltacnn.convert(model32, clip[0], dtype=dtype, backend="triton")
+            total, prof = kernel_profile(dm, clip)
+            print_profile(f"r50 {case} fp16, all switches on", total, prof, top=15)
+            rows.append({"case": case, "variant": "profile (eager, kernel time)", "ms": total})
+            del dm
+        del clip, truth
+        free_memory()
+        write_json("gpu_variants", {"env": environment(), "rows": rows})
+    env = environment()
+    print(f"\n{env.get('gpu')} torch {env['torch']} commit {env['commit']}")
+    print_table(rows, ["case", "variant", "ms", "cudnn16+graph", "speedup", "err"])
+
+
+if __name__ == "__main__":
+    main()
