@@ -23,16 +23,21 @@ from common import environment, median, print_table, workload, write_json
 from gpu_bench import DENSITIES, SIZES, cuda_ms, delta_run, dense_runs, free_memory, make_batch_clip, rel, time_sequence
 from profile_frame import kernel_profile, print_profile
 
-VARIANTS = {  # name: (fuse_dilation, SPLIT_CHANNEL_EMIT)
-    "before": (False, False),
-    "+fused dilation": (True, False),
-    "+split emit": (False, True),
-    "both": (True, True),
+VARIANTS = {  # name: (fuse_dilation, SPLIT_CHANNEL_EMIT, BIG_MAP_TILE, NUM_STAGES)
+    "before": (False, False, (8, 8), 3),
+    "+fused dilation": (True, False, (8, 8), 3),
+    "+split emit": (False, True, (8, 8), 3),
+    "both": (True, True, (8, 8), 3),
+    "both t8x16": (True, True, (8, 16), 3),
+    "both t16x8": (True, True, (16, 8), 3),
+    "both s4": (True, True, (8, 8), 4),
+    "both t8x16 s4": (True, True, (8, 16), 4),
 }
+DEFAULT = "both"
 
 
 def set_variant(name: str) -> None:
-    TritonBackend.fuse_dilation, tk.conv.SPLIT_CHANNEL_EMIT = VARIANTS[name]
+    TritonBackend.fuse_dilation, tk.conv.SPLIT_CHANNEL_EMIT, tk.conv.BIG_MAP_TILE, tk.conv.NUM_STAGES = VARIANTS[name]
 
 
 def keyframe_times(model32, clip, truth, dtype) -> dict:
@@ -64,6 +69,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", default="b1:5%,b1:25%,b8:5%")
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--first-case-only", default="+", help="variants whose name starts with this run in the first case only")
     ap.add_argument("--frames", type=int, default=12)
     ap.add_argument("--warm", type=int, default=4)
     ap.add_argument("--keyframes", default="b1:5%,b8:5%", help="cases whose keyframes are timed ('' for none)")
@@ -81,15 +87,15 @@ def main() -> None:
         truth = dense_runs(model32, clip, res)["truth"]
         graph_ms = res["cudnn_fp16_graph_ms"]
         variants = args.variants.split(",")
-        if case != args.cases.split(",")[0]:  # each switch alone only in the first case (device time)
-            variants = [v for v in variants if v in ("before", "both")]
+        if case != args.cases.split(",")[0]:  # e.g. each switch alone only in the first case (device time)
+            variants = [v for v in variants if not v.startswith(args.first_case_only)]
         for v in variants:
             set_variant(v)
             r = delta_run(model32, clip, truth, dtype, "triton", True, args.frames, args.warm, stats=False)
             rows.append({"case": case, "variant": v, "ms": r["ms"], "cudnn16+graph": graph_ms,
                          "speedup": graph_ms / r["ms"], "err": r["max_rel_err"]})
             print(f"[{time.time() - t0:5.0f}s] {rows[-1]}", flush=True)
-        set_variant("both")
+        set_variant(DEFAULT)
         if case in args.keyframes.split(","):
             k = keyframe_times(model32, clip, truth, dtype)
             rows.append({"case": case, "variant": "keyframe eager", "ms": k["eager_keyframe_ms"],

@@ -163,6 +163,10 @@ def _conv_dw_kernel(x_ptr, xm_ptr, w_ptr, out_ptr, om_ptr, res_ptr, rm_ptr, a_pt
 # over programs (one launch and no float32 round trip instead of conv + sparse_nonlinear). A switch
 # only so that benchmarks can measure both; the results are the same.
 SPLIT_CHANNEL_EMIT = True
+# Output tile (rows, cols) of convs on large maps (N*Ho*Wo >= 32768) and software pipeline depth;
+# module settings so that benchmarks/gpu_variants.py can compare launch shapes in one process.
+BIG_MAP_TILE = (8, 8)
+NUM_STAGES = 3
 
 
 @dataclass(frozen=True)
@@ -208,14 +212,15 @@ def default_config(n: int, cin: int, cout: int, groups: int, kernel: tuple[int, 
         bn = max(16, npow2(cout))
     else:
         bn = min(128 if big else 64, max(16, npow2(og)))
-    warps = 8 if bn >= 256 else 4
+    th, tw = BIG_MAP_TILE if big and bn * BIG_MAP_TILE[0] * BIG_MAP_TILE[1] <= 128 * 128 else (8, 8)
+    warps = 8 if bn * th * tw >= 128 * 128 else 4
     # small maps with a long K loop: too few (tile, channel block) items to fill 132 SMs at low
     # density, so split K (measured on H100: 3x3 256->256 @68x120, 1%: 29.9 -> 20.0 us with 4 splits)
     split = 1
     if n * out_hw[0] * out_hw[1] < 32768:
         k_len = kh * kw * cg
         split = 4 if k_len >= 2048 else 2 if k_len >= 1024 else 1
-    return ConvConfig(bn=bn, bk=bk, num_warps=warps, split_k=split)
+    return ConvConfig(th=th, tw=tw, bn=bn, bk=bk, num_warps=warps, split_k=split, num_stages=NUM_STAGES)
 
 
 def sparse_conv2d(x: Tensor, x_mask: Tensor, weight: Tensor, out_mask: Tensor | None,
