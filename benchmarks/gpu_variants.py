@@ -21,7 +21,7 @@ from deltacnn.backends import triton_kernels as tk
 from deltacnn.backends.triton_backend import TritonBackend
 from common import environment, median, print_table, workload, write_json
 from gpu_bench import DENSITIES, SIZES, cuda_ms, delta_run, dense_runs, free_memory, make_batch_clip, rel, time_sequence
-from profile_frame import kernel_profile, print_profile
+from profile_frame import conv_layer_profile, kernel_profile, print_profile
 
 VARIANTS = {  # name: (fuse_dilation, SPLIT_CHANNEL_EMIT, BIG_MAP_TILE, NUM_STAGES)
     "before": (False, False, (8, 8), 3),
@@ -109,6 +109,13 @@ def main() -> None:
             total, prof = kernel_profile(dm, clip)
             print_profile(f"r50 {case} fp16, all switches on", total, prof, top=15)
             rows.append({"case": case, "variant": "profile (eager, kernel time)", "ms": total})
+            del dm
+            dm = deltacnn.convert(model32, clip[0], dtype=dtype, backend="triton")
+            layers = conv_layer_profile(dm, clip)
+            print(f"per conv layer, one delta frame of {case} (us; macs in GMAC):")
+            for r in layers:
+                r["macs"] = r["macs"] / 1e9 if r["macs"] is not None else None
+            print_table(layers, ["layer", "conv", "in_hw", "out_rate", "macs", "tiles_us", "conv_us", "nonlinear_us"])
             del dm
         del clip, truth
         free_memory()

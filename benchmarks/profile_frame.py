@@ -37,6 +37,46 @@ def kernel_profile(dm, clip: torch.Tensor, warm: int = 6) -> tuple[float, list[t
     return sum(r[1] for r in rows) / 1e3, rows
 
 
+def conv_layer_profile(dm, clip: torch.Tensor, warm: int = 6) -> list[dict]:
+    """GPU time of each conv layer's kernels in frame `warm` of `clip` (eager delta model `dm`).
+
+    Kernels are matched to layers by launch order: every conv launches exactly one conv kernel,
+    preceded by its tile-list kernel (and followed by a nonlinear kernel where not fused)."""
+    from deltacnn.layers.conv import DeltaConv2d
+    for t in range(warm):
+        dm(clip[t])
+    convs: list[tuple[str, DeltaConv2d, tuple]] = []
+    hooks = [mod.register_forward_hook(lambda mod, inp, out: convs.append((mod.name, mod, tuple(inp[0].shape))))
+             for mod in dm.modules() if isinstance(mod, DeltaConv2d)]
+    dm.enable_stats(True)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        dm(clip[warm])
+        torch.cuda.synchronize()
+    for h in hooks:
+        h.remove()
+    stats = dm.frame_stats()
+    dm.enable_stats(False)
+    kernels = sorted(((e.time_range.start, e.name.split("(")[0], e.device_time_total if hasattr(e, "device_time_total")
+                       else e.cuda_time_total) for e in prof.events()
+                      if e.device_type == torch.autograd.DeviceType.CUDA), key=lambda k: k[0])
+    rows, i, pending = [], 0, 0.0
+    for _, name, us in kernels:
+        if name == "_tiles_kernel":
+            pending += us
+        elif name in ("_conv_gemm_kernel", "_conv_dw_kernel") and i < len(convs):
+            lname, mod, in_shape = convs[i]
+            w = mod.weight
+            ls = stats.layers.get(lname)
+            rows.append({"layer": lname, "conv": f"{w.shape[1]}->{w.shape[0]} k{w.shape[2]} s{mod.window.stride[0]}",
+                         "in_hw": f"{in_shape[2]}x{in_shape[3]}", "out_rate": ls.update_rate if ls else None,
+                         "macs": ls.macs if ls else None, "tiles_us": pending, "conv_us": us})
+            pending, i = 0.0, i + 1
+        elif name == "_nonlinear_kernel" and rows:
+            rows[-1]["nonlinear_us"] = rows[-1].get("nonlinear_us", 0.0) + us
+    return rows
+
+
 def print_profile(title: str, total_ms: float, rows, top: int = 25) -> None:
     print(f"{title}: GPU kernel time {total_ms:.3f} ms per frame")
     print(f"{'kernel':60s} {'us/frame':>9s} {'calls/frame':>11s} {'share':>6s}")
