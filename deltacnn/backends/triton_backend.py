@@ -33,7 +33,7 @@ class TritonBackend(SyncFreeBackend):
     fuse_dilation = True
 
     def sparsify(self, x: Tensor, ref: Tensor, tau: float, score: str, dilation: int, dtype) -> DeltaTensor:
-        vals, mask = tk.sparsify(to_cl(x.float()), ref, tau, dilation, score, out_dtype=dtype)
+        vals, mask = tk.sparsify(x, ref, tau, dilation, score, out_dtype=dtype)  # reads x in its layout
         return DeltaTensor(vals, mask)
 
     def accumulate(self, state: Tensor, d: DeltaTensor) -> None:

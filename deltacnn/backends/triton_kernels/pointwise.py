@@ -167,7 +167,16 @@ def accumulate_(out_state: Tensor, d: Tensor, d_mask: Tensor) -> Tensor:
 
 
 @triton.jit
-def _score_kernel(x_ptr, r_ptr, m_ptr, P, C: tl.constexpr, tau, SCORE: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr):
+def _frame_offsets(prow, cols, HW, sN, sP, sC):
+    """Offsets of (pixel, channel) in a frame whose pixels are evenly spaced within an image
+    (channels_last: sP = C, sC = 1; NCHW: sP = 1, sC = H*W), so frames are read without a copy."""
+    img = prow // HW
+    return (img * sN + (prow - img * HW) * sP)[:, None] + cols[None, :].to(tl.int64) * sC
+
+
+@triton.jit
+def _score_kernel(x_ptr, r_ptr, m_ptr, P, C: tl.constexpr, HW, sN, sP, sC, tau, SCORE: tl.constexpr,
+                  BP: tl.constexpr, BC: tl.constexpr):
     prow = tl.program_id(0).to(tl.int64) * BP + tl.arange(0, BP)
     pvalid = prow < P
     s = tl.zeros([BP], dtype=tl.float32)
@@ -175,7 +184,8 @@ def _score_kernel(x_ptr, r_ptr, m_ptr, P, C: tl.constexpr, tau, SCORE: tl.conste
         cols = c0 + tl.arange(0, BC)
         m2 = pvalid[:, None] & (cols < C)[None, :]
         offs = prow[:, None] * C + cols[None, :]
-        dd = tl.load(x_ptr + offs, mask=m2, other=0.0).to(tl.float32) - tl.load(r_ptr + offs, mask=m2, other=0.0)
+        xoffs = _frame_offsets(prow, cols, HW, sN, sP, sC)
+        dd = tl.load(x_ptr + xoffs, mask=m2, other=0.0).to(tl.float32) - tl.load(r_ptr + offs, mask=m2, other=0.0)
         if SCORE == 0:
             s = tl.maximum(s, tl.max(tl.abs(dd), axis=1))
         else:
@@ -186,7 +196,7 @@ def _score_kernel(x_ptr, r_ptr, m_ptr, P, C: tl.constexpr, tau, SCORE: tl.conste
 
 
 @triton.jit
-def _sparsify_kernel(x_ptr, r_ptr, m0_ptr, out_ptr, fm_ptr, P, C: tl.constexpr, H, W, tau,
+def _sparsify_kernel(x_ptr, r_ptr, m0_ptr, out_ptr, fm_ptr, P, C: tl.constexpr, H, W, sN, sP, sC, tau,
                      K: tl.constexpr, SCORE: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr):
     prow = tl.program_id(0).to(tl.int64) * BP + tl.arange(0, BP)
     pvalid = prow < P
@@ -196,7 +206,8 @@ def _sparsify_kernel(x_ptr, r_ptr, m0_ptr, out_ptr, fm_ptr, P, C: tl.constexpr, 
             cols = c0 + tl.arange(0, BC)
             m2 = pvalid[:, None] & (cols < C)[None, :]
             offs = prow[:, None] * C + cols[None, :]
-            dd = tl.load(x_ptr + offs, mask=m2, other=0.0).to(tl.float32) - tl.load(r_ptr + offs, mask=m2, other=0.0)
+            xoffs = _frame_offsets(prow, cols, H * W, sN, sP, sC)
+            dd = tl.load(x_ptr + xoffs, mask=m2, other=0.0).to(tl.float32) - tl.load(r_ptr + offs, mask=m2, other=0.0)
             if SCORE == 0:
                 s = tl.maximum(s, tl.max(tl.abs(dd), axis=1))
             else:
@@ -223,7 +234,8 @@ def _sparsify_kernel(x_ptr, r_ptr, m0_ptr, out_ptr, fm_ptr, P, C: tl.constexpr, 
             m2 = m[:, None] & (cols < C)[None, :]
             offs = prow[:, None] * C + cols[None, :]
             r = tl.load(r_ptr + offs, mask=m2, other=0.0)
-            sent = (tl.load(x_ptr + offs, mask=m2, other=0.0).to(tl.float32) - r).to(out_ptr.dtype.element_ty)
+            xoffs = _frame_offsets(prow, cols, H * W, sN, sP, sC)
+            sent = (tl.load(x_ptr + xoffs, mask=m2, other=0.0).to(tl.float32) - r).to(out_ptr.dtype.element_ty)
             tl.store(out_ptr + offs, sent, mask=m2)
             tl.store(r_ptr + offs, r + sent.to(tl.float32), mask=m2)
     tl.store(fm_ptr + prow, m.to(tl.uint8), mask=pvalid)
@@ -233,9 +245,13 @@ def sparsify(x: Tensor, ref: Tensor, tau: float, dilation_k: int = 1, score: str
              out_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
     """Input layer: d = x - ref; mask = score_c(d) > tau, dilated by a k x k window ('same', k // 2);
     where mask: delta = d rounded to out_dtype (default x.dtype) and ref += delta (ref float32, in place).
-    Returns (delta, mask). x is channels_last; one launch (two with dilation)."""
-    need_cl(x, "x")
+    Returns (delta, mask). x is channels_last or NCHW-contiguous (read in place, any float dtype);
+    one launch (two with dilation)."""
     n, c, h, w = x.shape
+    sN, sC, sH, sW = x.stride()
+    if sH != w * sW and h > 1:  # pixels not evenly spaced within an image: copy once
+        x = x.contiguous(memory_format=torch.channels_last)
+        sN, sC, sH, sW = x.stride()
     check_state(ref, x.shape, "ref")
     if score not in ("max", "l2"):
         raise ValueError(f"truncation score must be 'max' or 'l2', got {score!r}")
@@ -249,9 +265,9 @@ def sparsify(x: Tensor, ref: Tensor, tau: float, dilation_k: int = 1, score: str
     k = int(dilation_k)
     if k > 1:
         m0 = torch.empty(n, 1, h, w, dtype=torch.uint8, device=x.device)
-        _score_kernel[grid](x, ref, m0, P, c, float(tau), SCORE=sc, BP=bp, BC=bc)
+        _score_kernel[grid](x, ref, m0, P, c, h * w, sN, sW, sC, float(tau), SCORE=sc, BP=bp, BC=bc)
     else:
         m0 = fm.view(torch.uint8)
-    _sparsify_kernel[grid](x, ref, m0, out, fm.view(torch.uint8), P, c, h, w, float(tau), K=max(k, 1), SCORE=sc,
-                           BP=bp, BC=bc)
+    _sparsify_kernel[grid](x, ref, m0, out, fm.view(torch.uint8), P, c, h, w, sN, sW, sC, float(tau), K=max(k, 1),
+                           SCORE=sc, BP=bp, BC=bc)
     return out, fm
