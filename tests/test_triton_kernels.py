@@ -169,6 +169,22 @@ def test_sparse_conv2d(case, dtype):
     assert rel(y[sel], ref[sel]) < TOL[dtype]
 
 
+@pytest.mark.parametrize("pack", [False, True])
+@pytest.mark.parametrize("case,dtype", [(CONV_CASES[2], torch.float16), (CONV_CASES[6], torch.float32),
+                                        (CONV_CASES[7], torch.bfloat16), (CONV_CASES[1], torch.float16)],
+                         ids=lambda v: _conv_id(v) if isinstance(v, tuple) else str(v)[6:])
+def test_sparse_conv2d_packed_k(case, dtype, pack):
+    """K flattened over (tap, channel) (automatic below PACK_K_BELOW channels) or per (tap, channel block)."""
+    cin, cout, kernel, stride, pad, dil, groups = case
+    g, x, xm, wt, om = _conv_inputs(12, case, dtype)
+    ref = ref_conv(x, xm, wt, stride, pad, dil, groups)
+    cfg = tk.ConvConfig(th=8, tw=8, bn=16, bk=16, pack_k=pack, split_k=2 if pack else 1)
+    out = cl(torch.full(ref.shape, float("nan"), dtype=torch.float32, device=DEV))
+    y, ym = tk.sparse_conv2d(x, xm, wt, om, stride, pad, dil, groups, out, input_precision="ieee", config=cfg)
+    sel = om.expand_as(ref)
+    assert rel(y[sel], ref[sel]) < (1e-5 if dtype == torch.float32 else 1e-6)  # fp32 accumulation of exact products
+
+
 def test_sparse_conv2d_float32_out_of_half_inputs():
     case = CONV_CASES[0]
     g, x, xm, wt, om = _conv_inputs(8, case, torch.float16)

@@ -33,7 +33,7 @@ def _conv_gemm_kernel(x_ptr, xm_ptr, w_ptr, out_ptr, om_ptr, res_ptr, rm_ptr, a_
                       HAS_RES: tl.constexpr, HAS_ACT: tl.constexpr, FN: tl.constexpr, SCORE: tl.constexpr,
                       WRITE_FM: tl.constexpr, ATOMIC: tl.constexpr, PREC: tl.constexpr, IS_F32: tl.constexpr,
                       NKC: tl.constexpr, N_IT: tl.constexpr, IT_PER: tl.constexpr, UPCAST: tl.constexpr,
-                      FIXUP: tl.constexpr, OR_FM: tl.constexpr):
+                      FIXUP: tl.constexpr, OR_FM: tl.constexpr, PACK_K: tl.constexpr):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     PER_TILE: tl.constexpr = G * NB * SPLIT_K
@@ -63,20 +63,38 @@ def _conv_gemm_kernel(x_ptr, xm_ptr, w_ptr, out_ptr, om_ptr, res_ptr, rm_ptr, a_
         for j in range(0, IT_PER):
             it = it0 + j
             live = it < N_IT
-            tap = it // NKC
-            kc = it % NKC
-            ky = tap // KW
-            kx = tap % KW
-            iy = oy * SH - PT + ky * DH
-            ix = ox * SW - PL + kx * DW
-            inb = pvalid & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W) & live
-            irow = (n * H + iy).to(tl.int64) * W + ix
-            xm = (tl.load(xm_ptr + irow, mask=inb, other=0) != 0) & inb
-            k = kc * BK + kk
-            kv = (k < Cg) & live
-            a = tl.load(x_ptr + irow[:, None] * Cin + (g * Cg + k)[None, :], mask=xm[:, None] & kv[None, :], other=0.0)
-            b = tl.load(w_ptr + ((g * (KH * KW) + tap) * Cg + k)[:, None] * Og + cols_g[None, :],
-                        mask=kv[:, None] & cvalid[None, :], other=0.0)
+            if PACK_K:
+                # few input channels (the RGB stem): K = (tap, channel) flattened, so a BK step
+                # covers several taps instead of padding 3 channels to BK; gathered per element
+                k = it * BK + kk
+                kv = (k < KH * KW * Cg) & live
+                tap = k // Cg
+                ky = tap // KW
+                kx = tap % KW
+                iy = oy[:, None] * SH - PT + (ky * DH)[None, :]
+                ix = ox[:, None] * SW - PL + (kx * DW)[None, :]
+                inb = pvalid[:, None] & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W) & kv[None, :]
+                irow = (n * H + iy).to(tl.int64) * W + ix
+                xm = (tl.load(xm_ptr + irow, mask=inb, other=0) != 0) & inb
+                a = tl.load(x_ptr + irow * Cin + (g * Cg + k % Cg)[None, :], mask=xm, other=0.0)
+                b = tl.load(w_ptr + (g * (KH * KW * Cg) + k)[:, None] * Og + cols_g[None, :],
+                            mask=kv[:, None] & cvalid[None, :], other=0.0)
+            else:
+                tap = it // NKC
+                kc = it % NKC
+                ky = tap // KW
+                kx = tap % KW
+                iy = oy * SH - PT + ky * DH
+                ix = ox * SW - PL + kx * DW
+                inb = pvalid & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W) & live
+                irow = (n * H + iy).to(tl.int64) * W + ix
+                xm = (tl.load(xm_ptr + irow, mask=inb, other=0) != 0) & inb
+                k = kc * BK + kk
+                kv = (k < Cg) & live
+                a = tl.load(x_ptr + irow[:, None] * Cin + (g * Cg + k)[None, :], mask=xm[:, None] & kv[None, :],
+                            other=0.0)
+                b = tl.load(w_ptr + ((g * (KH * KW) + tap) * Cg + k)[:, None] * Og + cols_g[None, :],
+                            mask=kv[:, None] & cvalid[None, :], other=0.0)
             if IS_F32:
                 acc = tl.dot(a, b, acc, input_precision=PREC)
             elif UPCAST:  # the CPU interpreter's dot mishandles bf16: exact fp32 products instead
@@ -167,6 +185,12 @@ SPLIT_CHANNEL_EMIT = True
 # module settings so that benchmarks/gpu_variants.py can compare launch shapes in one process.
 BIG_MAP_TILE = (8, 8)
 NUM_STAGES = 3
+# Below this many input channels per group a K step of (tap, channel block) would be mostly
+# padding (3 of 16 for an RGB stem), so K is flattened over (tap, channel) instead.
+PACK_K_BELOW = 16
+# Output channels per program of a conv whose nonlinear update is fused with split channels
+# (tau <= 0); None: all channels in one program where the heuristic would do that anyway.
+SPLIT_EMIT_BN: int | None = None
 
 
 @dataclass(frozen=True)
@@ -182,6 +206,8 @@ class ConvConfig:
     num_warps: int = 4
     num_stages: int = 3
     programs_per_sm: int = 4
+    # flatten K over (tap, channel) instead of (tap, channel block); None: when Cin/groups < PACK_K_BELOW
+    pack_k: bool | None = None
 
 
 def prepare_weight(weight: Tensor, groups: int, dtype: torch.dtype | None = None) -> Tensor:
@@ -196,19 +222,23 @@ def prepare_weight(weight: Tensor, groups: int, dtype: torch.dtype | None = None
 
 
 def default_config(n: int, cin: int, cout: int, groups: int, kernel: tuple[int, int], out_hw: tuple[int, int],
-                   dtype: torch.dtype, fused_act: bool) -> ConvConfig:
-    """Shape-only heuristic (never data-dependent, so it is capture-safe)."""
+                   dtype: torch.dtype, fused_act: bool, split_emit: bool = False) -> ConvConfig:
+    """Shape-only heuristic (never data-dependent, so it is capture-safe). `split_emit`: the fused
+    nonlinear update may split output channels over programs (tau <= 0)."""
     cg, og = cin // groups, cout // groups
     kh, kw = kernel
     if cg == 1 and og == 1:  # depthwise
         bc = max(16, npow2(cout)) if fused_act and cout <= 256 else min(64, max(16, npow2(cout)))
         return ConvConfig(bn=bc, bk=16, num_warps=4 if bc <= 64 else 8)
     bk_max = 32 if dtype == torch.float32 else 64
-    bk = min(bk_max, max(16, npow2(cg)))
+    # packed K (few channels): a step spans several taps
+    bk = min(bk_max, max(16, npow2(cg if cg >= PACK_K_BELOW else kh * kw * cg)))
     big = n * out_hw[0] * out_hw[1] >= 32768
     # the fused epilogue needs all Cout of a pixel in one program; on small maps that leaves too few
     # programs (H100, 3x3 256->256+relu @68x120, 1%: fused 29.3 us vs conv + sparse_nonlinear 21.0 us)
-    if fused_act and groups == 1 and cout <= 256 and (big or cout <= 64):
+    if fused_act and split_emit and SPLIT_EMIT_BN is not None:
+        bn = min(SPLIT_EMIT_BN, max(16, npow2(og)))
+    elif fused_act and groups == 1 and cout <= 256 and (big or cout <= 64):
         bn = max(16, npow2(cout))
     else:
         bn = min(128 if big else 64, max(16, npow2(og)))
@@ -277,7 +307,8 @@ def sparse_conv2d(x: Tensor, x_mask: Tensor, weight: Tensor, out_mask: Tensor | 
         prepared = prepare_weight(weight, groups, x.dtype)
     if prepared.dtype != x.dtype:
         raise ValueError(f"weight dtype {prepared.dtype} must equal x dtype {x.dtype}")
-    cfg = config or default_config(n, cin, cout, groups, (kh, kw), (ho, wo), x.dtype, act is not None)
+    cfg = config or default_config(n, cin, cout, groups, (kh, kw), (ho, wo), x.dtype, act is not None,
+                                   act is not None and SPLIT_CHANNEL_EMIT and act.tau <= 0)
     split_k = 1 if depthwise else cfg.split_k
     bn = cfg.bn if (act is not None or depthwise) else min(cfg.bn, max(16, npow2(og)))
     # the nonlinear update runs in the conv's epilogue when one program holds all Cout of its pixels,
@@ -331,8 +362,9 @@ def sparse_conv2d(x: Tensor, x_mask: Tensor, weight: Tensor, out_mask: Tensor | 
                               OR_FM=or_fm, num_warps=cfg.num_warps)
         return out, fm
     work = n_tiles * groups * nb * split_k
+    pack = cfg.pack_k if cfg.pack_k is not None else cg < PACK_K_BELOW
     nkc = triton.cdiv(cg, cfg.bk)
-    n_it = kh * kw * nkc
+    n_it = triton.cdiv(kh * kw * cg, cfg.bk) if pack else kh * kw * nkc
     it_per = triton.cdiv(n_it, split_k)
     grid = (max(1, min(work, num_sms(dev) * cfg.programs_per_sm)),)
     if input_precision not in ("tf32", "ieee", "tf32x3"):
@@ -345,6 +377,6 @@ def sparse_conv2d(x: Tensor, x_mask: Tensor, weight: Tensor, out_mask: Tensor | 
                             SPLIT_K=split_k, HAS_RES=has_res, HAS_ACT=act is not None, FN=fn, SCORE=sc,
                             WRITE_FM=False, ATOMIC=atomic, PREC=input_precision,
                             IS_F32=x.dtype == torch.float32, NKC=nkc, N_IT=n_it, IT_PER=it_per,
-                            UPCAST=INTERPRET and x.dtype == torch.bfloat16, FIXUP=fixup, OR_FM=or_fm,
+                            UPCAST=INTERPRET and x.dtype == torch.bfloat16, FIXUP=fixup, OR_FM=or_fm, PACK_K=pack,
                             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out, fm
