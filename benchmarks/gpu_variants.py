@@ -36,8 +36,9 @@ VARIANTS = {
     "both+pack": (True, True, (8, 8), 3, 16, None),
     "both+pack bn128": (True, True, (8, 8), 3, 16, 128),
     "both+pack bn64": (True, True, (8, 8), 3, 16, 64),
+    "both+pack bn32": (True, True, (8, 8), 3, 16, 32),
 }
-DEFAULT = "both+pack"
+DEFAULT = "both+pack bn64"  # the library's defaults
 
 
 def set_variant(name: str) -> None:

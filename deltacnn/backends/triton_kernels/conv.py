@@ -189,8 +189,11 @@ NUM_STAGES = 3
 # padding (3 of 16 for an RGB stem), so K is flattened over (tap, channel) instead.
 PACK_K_BELOW = 16
 # Output channels per program of a conv whose nonlinear update is fused with split channels
-# (tau <= 0); None: all channels in one program where the heuristic would do that anyway.
-SPLIT_EMIT_BN: int | None = None
+# (tau <= 0); None: all channels in one program where the heuristic would do that anyway. The
+# epilogue holds four [pixels x BN] float32 tiles (sum, residual, A, E): at BN 256 they spill.
+# H100, R50 1080p fp16, tau 0, ms per frame (None / 128 / 64): b1 5% 1.13 / 1.22 / 1.06,
+# b1 25% 2.46 / 2.54 / 2.28, b8 5% 5.47 / 5.27 / 4.93 (benchmarks/gpu_variants.py).
+SPLIT_EMIT_BN: int | None = 64
 
 
 @dataclass(frozen=True)
