@@ -111,7 +111,7 @@ def test_active_tiles():
     g = torch.Generator().manual_seed(2)
     m = rand_mask(g, 2, 19, 21, 0.01)
     ids, count, (n_tiles, n_tw, tpi), _, _ = tk.active_tiles(m, None, 8, 8)
-    k = int(count.item())
+    k = int(count[0])
     got = sorted(ids[:k].tolist())
     mp = F.pad(m.float(), (0, 24 - 21, 0, 24 - 19))
     want = torch.nonzero(F.max_pool2d(mp, 8, 8).reshape(-1) > 0).squeeze(1).tolist()
@@ -183,6 +183,23 @@ def test_sparse_conv2d_packed_k(case, dtype, pack):
     y, ym = tk.sparse_conv2d(x, xm, wt, om, stride, pad, dil, groups, out, input_precision="ieee", config=cfg)
     sel = om.expand_as(ref)
     assert rel(y[sel], ref[sel]) < (1e-5 if dtype == torch.float32 else 1e-6)  # fp32 accumulation of exact products
+
+
+@pytest.mark.parametrize("case", [CONV_CASES[0], CONV_CASES[8]], ids=_conv_id)
+def test_sparse_conv2d_persistent_counter(case):
+    """A counter reused across calls (as each layer does every frame) is left zeroed by every call."""
+    counter = torch.zeros(2, dtype=torch.int32, device=DEV)
+    for seed in (21, 22, 23):  # different masks, so a stale count would show
+        g, x, xm, wt, om = _conv_inputs(seed, case, torch.float32, p=0.1 * (seed - 20))
+        ref = ref_conv(x, xm, wt, case[3], case[4], case[5], case[6])
+        out = cl(torch.full(ref.shape, float("nan"), dtype=torch.float32, device=DEV))
+        y, ym = tk.sparse_conv2d(x, xm, wt, None, case[3], case[4], case[5], case[6], out, input_precision="ieee",
+                                 counter=counter)
+        sel = ym.expand_as(ref)
+        assert torch.equal(ym, om) and rel(y[sel], ref[sel]) < 1e-5
+        assert counter.tolist() == [0, 0]
+    with pytest.raises(ValueError, match="counter"):
+        tk.sparse_conv2d(x, xm, wt, None, case[3], case[4], case[5], case[6], counter=counter.long())
 
 
 def test_sparse_conv2d_float32_out_of_half_inputs():

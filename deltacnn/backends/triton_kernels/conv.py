@@ -33,7 +33,7 @@ def _conv_gemm_kernel(x_ptr, xm_ptr, w_ptr, out_ptr, om_ptr, res_ptr, rm_ptr, a_
                       HAS_RES: tl.constexpr, HAS_ACT: tl.constexpr, FN: tl.constexpr, SCORE: tl.constexpr,
                       WRITE_FM: tl.constexpr, ATOMIC: tl.constexpr, PREC: tl.constexpr, IS_F32: tl.constexpr,
                       NKC: tl.constexpr, N_IT: tl.constexpr, IT_PER: tl.constexpr, UPCAST: tl.constexpr,
-                      FIXUP: tl.constexpr, OR_FM: tl.constexpr, PACK_K: tl.constexpr):
+                      FIXUP: tl.constexpr, OR_FM: tl.constexpr, PACK_K: tl.constexpr, SELF_RESET: tl.constexpr):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     PER_TILE: tl.constexpr = G * NB * SPLIT_K
@@ -132,6 +132,18 @@ def _conv_gemm_kernel(x_ptr, xm_ptr, w_ptr, out_ptr, om_ptr, res_ptr, rm_ptr, a_
             finish_tile(acc, prow, pvalid, om, cols, cvalid, Cout, out_ptr, res_ptr, rm_ptr, a_ptr, e_ptr, fm_ptr,
                         slope, min_val, max_val, alpha, tau, HAS_RES, HAS_ACT, FN, SCORE, WRITE_FM, OR_FM)
         w += nprog
+    if SELF_RESET:
+        _reset_counter(count_ptr, nprog)
+
+
+@triton.jit
+def _reset_counter(count_ptr, nprog):
+    """[tile count, arrivals] of a persistent counter: the last program to finish (every program read
+    the count before arriving) zeroes both, so the next call needs no zeroing launch."""
+    done = tl.atomic_add(count_ptr + 1, 1, sem="acq_rel")
+    if done == nprog - 1:
+        tl.store(count_ptr, 0)
+        tl.store(count_ptr + 1, 0)
 
 
 @triton.jit
@@ -143,7 +155,7 @@ def _conv_dw_kernel(x_ptr, xm_ptr, w_ptr, out_ptr, om_ptr, res_ptr, rm_ptr, a_pt
                     DH: tl.constexpr, DW: tl.constexpr, PT: tl.constexpr, PL: tl.constexpr,
                     TH: tl.constexpr, TW: tl.constexpr, BC: tl.constexpr, NCB: tl.constexpr,
                     HAS_RES: tl.constexpr, HAS_ACT: tl.constexpr, FN: tl.constexpr, SCORE: tl.constexpr,
-                    WRITE_FM: tl.constexpr, OR_FM: tl.constexpr):
+                    WRITE_FM: tl.constexpr, OR_FM: tl.constexpr, SELF_RESET: tl.constexpr):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     total = tl.load(count_ptr) * NCB
@@ -175,6 +187,8 @@ def _conv_dw_kernel(x_ptr, xm_ptr, w_ptr, out_ptr, om_ptr, res_ptr, rm_ptr, a_pt
         finish_tile(acc, prow, pvalid, om, cols, cvalid, C, out_ptr, res_ptr, rm_ptr, a_ptr, e_ptr, fm_ptr,
                     slope, min_val, max_val, alpha, tau, HAS_RES, HAS_ACT, FN, SCORE, WRITE_FM, OR_FM)
         w += nprog
+    if SELF_RESET:
+        _reset_counter(count_ptr, nprog)
 
 
 # At tau <= 0, fuse the nonlinear update into the conv even when its output channels are split
@@ -262,7 +276,7 @@ def sparse_conv2d(x: Tensor, x_mask: Tensor, weight: Tensor, out_mask: Tensor | 
                   residual: Tensor | None = None, residual_mask: Tensor | None = None, act: Act | dict | None = None,
                   out_dtype: torch.dtype | None = None, input_precision: str = "tf32",
                   prepared: Tensor | None = None, config: ConvConfig | None = None,
-                  out_hw: tuple[int, int] | None = None) -> tuple[Tensor, Tensor]:
+                  out_hw: tuple[int, int] | None = None, counter: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Sparse conv of a delta (no bias) at the candidate pixels out_mask | residual_mask.
 
     x: (N, Cin, H, W) channels_last fp16/bf16/fp32, zero where x_mask (N, 1, H, W) bool is 0 (never read).
@@ -274,6 +288,9 @@ def sparse_conv2d(x: Tensor, x_mask: Tensor, weight: Tensor, out_mask: Tensor | 
     residual). With `act` (see Act): A += y, emits o = f(A) - E where the per-pixel score exceeds tau,
     returns (o, emit mask). Output dtype: `out.dtype`, else `out_dtype`, else x.dtype. fp32 inputs use
     `input_precision` ("tf32" or exact "ieee"). No host synchronisation: CUDA-graph capturable.
+    `counter`: a persistent int32[2] zero buffer the call uses for its tile count and leaves zeroed
+    again (saves a zeroing launch per call; cache one per layer and device, never share it between
+    calls that may run concurrently). Default: a fresh one per call.
     """
     need_cl(x, "x")
     n, cin, h, w = x.shape
@@ -290,6 +307,10 @@ def sparse_conv2d(x: Tensor, x_mask: Tensor, weight: Tensor, out_mask: Tensor | 
         mask_u8(out_mask, (n, 1, ho, wo), "out_mask")
     act = as_act(act)
     dev = x.device
+    if input_precision not in ("tf32", "ieee", "tf32x3"):
+        raise ValueError("input_precision must be 'tf32', 'tf32x3' or 'ieee'")
+    if counter is not None and (counter.dtype != torch.int32 or counter.numel() < 2 or counter.device != dev):
+        raise ValueError(f"counter must be an int32 tensor of >= 2 elements on {dev}")
     odt = out.dtype if out is not None else (out_dtype or x.dtype)
     if out is None:
         out = new_cl(n, cout, ho, wo, odt, dev)
@@ -324,7 +345,7 @@ def sparse_conv2d(x: Tensor, x_mask: Tensor, weight: Tensor, out_mask: Tensor | 
         tmp = new_cl(n, cout, ho, wo, torch.float32, dev)
         y, ym = sparse_conv2d(x, x_mask, weight, out_mask, stride, padding, dilation, groups, tmp,
                               residual=residual, residual_mask=residual_mask, input_precision=input_precision,
-                              prepared=prepared, config=cfg, out_hw=(ho, wo))
+                              prepared=prepared, config=cfg, out_hw=(ho, wo), counter=counter)
         return sparse_nonlinear(y, ym, act.acc, act.emitted, act, out=out)
     atomic = split_k > 1 and act is None and odt == torch.float32  # partials go straight into `out`
     fixup = split_k > 1 and not atomic
@@ -342,44 +363,48 @@ def sparse_conv2d(x: Tensor, x_mask: Tensor, weight: Tensor, out_mask: Tensor | 
     ids, count, (n_tiles, n_tw, tpi), ctr, om_t = active_tiles(
         out_mask, residual_mask if has_res else None, cfg.th, cfg.tw, final_mask=fm, fm_mode=fm_mode,
         zero=out if atomic else ws, n_ctr=groups * nb if fixup else 0,
-        dilate_from=None if out_mask is not None else (x_mask, (kh, kw), stride, padding, dilation, (ho, wo)))
-    if fm is None:
-        fm = om_t
-    om = om_t.view(torch.uint8)
-    res = residual if has_res else out
-    rm = rmu if has_res else om
-    a_t = act.acc if act is not None else out
-    e_t = act.emitted if act is not None else out
-    fn = act.code() if act is not None else 0
-    sc = act.score_code() if act is not None else 0
-    ap = (act.slope, act.min_val, act.max_val, act.alpha, float(act.tau)) if act is not None else (0.0, 0.0, 0.0, 0.0, 0.0)
-    if depthwise:
-        ncb = triton.cdiv(cout, cfg.bn)
-        work = n_tiles * ncb
+        dilate_from=None if out_mask is not None else (x_mask, (kh, kw), stride, padding, dilation, (ho, wo)),
+        count=counter)
+    try:
+        if fm is None:
+            fm = om_t
+        om = om_t.view(torch.uint8)
+        res = residual if has_res else out
+        rm = rmu if has_res else om
+        a_t = act.acc if act is not None else out
+        e_t = act.emitted if act is not None else out
+        fn = act.code() if act is not None else 0
+        sc = act.score_code() if act is not None else 0
+        ap = (act.slope, act.min_val, act.max_val, act.alpha, float(act.tau)) if act is not None else (0.0, 0.0, 0.0, 0.0, 0.0)
+        if depthwise:
+            ncb = triton.cdiv(cout, cfg.bn)
+            work = n_tiles * ncb
+            grid = (max(1, min(work, num_sms(dev) * cfg.programs_per_sm)),)
+            _conv_dw_kernel[grid](x, xm, prepared, out, om, res, rm, a_t, e_t, fm.view(torch.uint8), ids, count,
+                                  h, w, ho, wo, cout, n_tw, tpi, *ap,
+                                  KH=kh, KW=kw, SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1],
+                                  PT=padding[0], PL=padding[2], TH=cfg.th, TW=cfg.tw, BC=cfg.bn, NCB=ncb,
+                                  HAS_RES=has_res, HAS_ACT=act is not None, FN=fn, SCORE=sc, WRITE_FM=False,
+                                  OR_FM=or_fm, SELF_RESET=counter is not None, num_warps=cfg.num_warps)
+            return out, fm
+        work = n_tiles * groups * nb * split_k
+        pack = cfg.pack_k if cfg.pack_k is not None else cg < PACK_K_BELOW
+        nkc = triton.cdiv(cg, cfg.bk)
+        n_it = triton.cdiv(kh * kw * cg, cfg.bk) if pack else kh * kw * nkc
+        it_per = triton.cdiv(n_it, split_k)
         grid = (max(1, min(work, num_sms(dev) * cfg.programs_per_sm)),)
-        _conv_dw_kernel[grid](x, xm, prepared, out, om, res, rm, a_t, e_t, fm.view(torch.uint8), ids, count,
-                              h, w, ho, wo, cout, n_tw, tpi, *ap,
-                              KH=kh, KW=kw, SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1],
-                              PT=padding[0], PL=padding[2], TH=cfg.th, TW=cfg.tw, BC=cfg.bn, NCB=ncb,
-                              HAS_RES=has_res, HAS_ACT=act is not None, FN=fn, SCORE=sc, WRITE_FM=False,
-                              OR_FM=or_fm, num_warps=cfg.num_warps)
+        _conv_gemm_kernel[grid](x, xm, prepared, out, om, res, rm, a_t, e_t, fm.view(torch.uint8), ids, count,
+                                ws if fixup else out, ctr if fixup else ids,
+                                h, w, ho, wo, cin, cout, cg, og, n_tw, tpi, *ap,
+                                KH=kh, KW=kw, SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1],
+                                PT=padding[0], PL=padding[2], TH=cfg.th, TW=cfg.tw, BN=bn, BK=cfg.bk, NB=nb, G=groups,
+                                SPLIT_K=split_k, HAS_RES=has_res, HAS_ACT=act is not None, FN=fn, SCORE=sc,
+                                WRITE_FM=False, ATOMIC=atomic, PREC=input_precision,
+                                IS_F32=x.dtype == torch.float32, NKC=nkc, N_IT=n_it, IT_PER=it_per,
+                                UPCAST=INTERPRET and x.dtype == torch.bfloat16, FIXUP=fixup, OR_FM=or_fm, PACK_K=pack,
+                                SELF_RESET=counter is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         return out, fm
-    work = n_tiles * groups * nb * split_k
-    pack = cfg.pack_k if cfg.pack_k is not None else cg < PACK_K_BELOW
-    nkc = triton.cdiv(cg, cfg.bk)
-    n_it = triton.cdiv(kh * kw * cg, cfg.bk) if pack else kh * kw * nkc
-    it_per = triton.cdiv(n_it, split_k)
-    grid = (max(1, min(work, num_sms(dev) * cfg.programs_per_sm)),)
-    if input_precision not in ("tf32", "ieee", "tf32x3"):
-        raise ValueError("input_precision must be 'tf32', 'tf32x3' or 'ieee'")
-    _conv_gemm_kernel[grid](x, xm, prepared, out, om, res, rm, a_t, e_t, fm.view(torch.uint8), ids, count,
-                            ws if fixup else out, ctr if fixup else ids,
-                            h, w, ho, wo, cin, cout, cg, og, n_tw, tpi, *ap,
-                            KH=kh, KW=kw, SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1],
-                            PT=padding[0], PL=padding[2], TH=cfg.th, TW=cfg.tw, BN=bn, BK=cfg.bk, NB=nb, G=groups,
-                            SPLIT_K=split_k, HAS_RES=has_res, HAS_ACT=act is not None, FN=fn, SCORE=sc,
-                            WRITE_FM=False, ATOMIC=atomic, PREC=input_precision,
-                            IS_F32=x.dtype == torch.float32, NKC=nkc, N_IT=n_it, IT_PER=it_per,
-                            UPCAST=INTERPRET and x.dtype == torch.bfloat16, FIXUP=fixup, OR_FM=or_fm, PACK_K=pack,
-                            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return out, fm
+    except BaseException:
+        if counter is not None:  # the tile count was written but never consumed: leave it zeroed
+            counter.zero_()
+        raise

@@ -116,15 +116,18 @@ def _tiles_kernel(m1_ptr, m2_ptr, fm_ptr, z_ptr, list_ptr, count_ptr, ctr_ptr, x
 
 def active_tiles(m1: Tensor | None, m2: Tensor | None = None, th: int = 8, tw: int = 8, *,
                  final_mask: Tensor | None = None, fm_mode: int = 0, zero: Tensor | None = None, n_ctr: int = 0,
-                 dilate_from: tuple | None = None) -> tuple[Tensor, Tensor, tuple[int, int, int], Tensor | None, Tensor]:
+                 dilate_from: tuple | None = None, count: Tensor | None = None
+                 ) -> tuple[Tensor, Tensor, tuple[int, int, int], Tensor | None, Tensor]:
     """Compact list of th x tw output tiles holding any pixel of m1 | m2, with a device-side count.
 
-    Returns (tile_ids int32 of capacity n_tiles, count int32[1], (n_tiles, n_tw, tiles_per_img),
+    Returns (tile_ids int32 of capacity n_tiles, count int32[2] (the tile count, then the arrival
+    counter the conv kernels use to reset it), (n_tiles, n_tw, tiles_per_img),
     counters, m1). fm_mode 1 writes m1 | m2 into `final_mask`, 2 clears it. `zero` (fp32
     channels_last) gets zeros at every pixel of m1 | m2 in active tiles. n_ctr > 0 allocates n_ctr
     int32 counters per tile, zeroed for active tiles. `dilate_from=(x_mask, kernel, stride, pad4,
     dilation, out_hw)` computes m1 as the receptive-field dilation of x_mask in the same launch.
-    List order is not deterministic; the set is.
+    List order is not deterministic; the set is. `count`: an int32 buffer whose first element is 0,
+    to use instead of a freshly zeroed one (the conv kernels reset theirs after use).
     """
     if dilate_from is not None:
         xmask, kernel, stride, pad4, dil, (ho, wo) = dilate_from
@@ -140,7 +143,8 @@ def active_tiles(m1: Tensor | None, m2: Tensor | None = None, th: int = 8, tw: i
     n_tiles = n * tiles_per_img
     dev = m1.device
     ids = torch.empty(n_tiles, dtype=torch.int32, device=dev)
-    count = torch.zeros(1, dtype=torch.int32, device=dev)
+    if count is None:
+        count = torch.zeros(2, dtype=torch.int32, device=dev)
     u1 = m1.view(torch.uint8) if dilate_from is not None else mask_u8(m1, (n, 1, ho, wo), "out_mask")
     u2 = mask_u8(m2, (n, 1, ho, wo), "residual_mask") if m2 is not None else u1
     fm = final_mask.view(torch.uint8) if final_mask is not None else u1
