@@ -25,6 +25,9 @@ import workload  # noqa: E402  (the DESIGN.md models and clips)
 
 
 def commit() -> str:
+    """The checkout's commit; DELTACNN_COMMIT overrides it where the copy's .git is stale (the GPU machine)."""
+    if os.environ.get("DELTACNN_COMMIT"):
+        return os.environ["DELTACNN_COMMIT"]
     try:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
                                        cwd=Path(__file__).parent, stderr=subprocess.DEVNULL).strip()
