@@ -251,8 +251,9 @@ def default_config(n: int, cin: int, cout: int, groups: int, kernel: tuple[int, 
     # packed K (few channels): a step spans several taps
     bk = min(bk_max, max(16, npow2(cg if cg >= PACK_K_BELOW else kh * kw * cg)))
     big = n * out_hw[0] * out_hw[1] >= 32768
-    # the fused epilogue needs all Cout of a pixel in one program; on small maps that leaves too few
-    # programs (H100, 3x3 256->256+relu @68x120, 1%: fused 29.3 us vs conv + sparse_nonlinear 21.0 us)
+    # at tau <= 0 the fused epilogue may split Cout (SPLIT_EMIT_BN channels per program); otherwise it
+    # needs all Cout of a pixel in one program, and on small maps that leaves too few programs (H100,
+    # 3x3 256->256+relu @68x120, 1%: fused 29.3 us vs conv + sparse_nonlinear 21.0 us)
     if fused_act and split_emit and SPLIT_EMIT_BN is not None:
         bn = min(SPLIT_EMIT_BN, max(16, npow2(og)))
     elif fused_act and groups == 1 and cout <= 256 and (big or cout <= 64):
