@@ -23,30 +23,29 @@ from common import environment, median, print_table, workload, write_json
 from gpu_bench import DENSITIES, SIZES, cuda_ms, delta_run, dense_runs, free_memory, make_batch_clip, rel, time_sequence
 from profile_frame import conv_layer_profile, kernel_profile, print_profile
 
-# name: (fuse_dilation, SPLIT_CHANNEL_EMIT, BIG_MAP_TILE, NUM_STAGES, PACK_K_BELOW, SPLIT_EMIT_BN)
+# name: (fuse_dilation, SPLIT_CHANNEL_EMIT, BIG_MAP_TILE, NUM_STAGES, PACK_K_BELOW, SPLIT_EMIT_BN,
+#        persistent_counter)
 VARIANTS = {
-    "before": (False, False, (8, 8), 3, 0, None),
-    "+fused dilation": (True, False, (8, 8), 3, 0, None),
-    "+split emit": (False, True, (8, 8), 3, 0, None),
-    "both": (True, True, (8, 8), 3, 0, None),
-    "both t8x16": (True, True, (8, 16), 3, 0, None),
-    "both t16x8": (True, True, (16, 8), 3, 0, None),
-    "both s4": (True, True, (8, 8), 4, 0, None),
-    "both t8x16 s4": (True, True, (8, 16), 4, 0, None),
-    "both+pack": (True, True, (8, 8), 3, 16, None),
-    "both+pack bn128": (True, True, (8, 8), 3, 16, 128),
-    "both+pack bn64": (True, True, (8, 8), 3, 16, 64),
-    "both+pack bn32": (True, True, (8, 8), 3, 16, 32),
+    "before": (False, False, (8, 8), 3, 0, None, False),
+    "+fused dilation": (True, False, (8, 8), 3, 0, None, False),
+    "+split emit": (False, True, (8, 8), 3, 0, None, False),
+    "both": (True, True, (8, 8), 3, 0, None, False),
+    "both t8x16": (True, True, (8, 16), 3, 0, None, False),
+    "both t16x8": (True, True, (16, 8), 3, 0, None, False),
+    "both s4": (True, True, (8, 8), 4, 0, None, False),
+    "both t8x16 s4": (True, True, (8, 16), 4, 0, None, False),
+    "both+pack": (True, True, (8, 8), 3, 16, None, False),
+    "both+pack bn128": (True, True, (8, 8), 3, 16, 128, False),
+    "both+pack bn64": (True, True, (8, 8), 3, 16, 64, False),
+    "both+pack bn32": (True, True, (8, 8), 3, 16, 32, False),
+    "default": (True, True, (8, 8), 3, 16, 64, True),  # the library's defaults
 }
-# the library's defaults: both+pack bn64 with one persistent self-resetting tile counter per conv
 DEFAULT = "default"
-VARIANTS[DEFAULT] = VARIANTS["both+pack bn64"]
 
 
 def set_variant(name: str) -> None:
     (TritonBackend.fuse_dilation, tk.conv.SPLIT_CHANNEL_EMIT, tk.conv.BIG_MAP_TILE, tk.conv.NUM_STAGES,
-     tk.conv.PACK_K_BELOW, tk.conv.SPLIT_EMIT_BN) = VARIANTS[name]
-    TritonBackend.persistent_counter = name == DEFAULT  # the earlier variants zeroed a counter per call
+     tk.conv.PACK_K_BELOW, tk.conv.SPLIT_EMIT_BN, TritonBackend.persistent_counter) = VARIANTS[name]
 
 
 def keyframe_times(model32, clip, truth, dtype) -> dict:

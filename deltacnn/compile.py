@@ -120,12 +120,7 @@ class GraphedDeltaModel:
             graph, static_in, static_out, change = self._graphs[key]
             static_in.copy_(x)
             graph.replay()
-            m._stream = (tuple(x.shape), x.dtype, x.device)
-            # the frame bookkeeping of DeltaModel.forward / dense_frame
-            m.frame_index = {"dense": 0, "keyframe": 1}.get(mode, m.frame_index + 1)
-            if mode == "keyframe":
-                m.rt.dense_limit = None
-            m.last_mode = mode
+            m._end_frame(mode, x)
             out = _clone(static_out)
         self.frames[mode] += 1
         if self.policy.above is not None and change is not None:

@@ -115,19 +115,28 @@ class DeltaModel(nn.Module):
         out = self._run(x, keyframe)
         if rt.stateless:  # the input layer found the frame busy (dense_above): it ran densely,
             rt.stateless = False  # without state, so the next frame must be a keyframe
-            self.frame_index = 0
-            self.last_mode = "dense"
+            self._end_frame("dense", x)
             return out
-        self.last_mode = "keyframe" if rt.keyframe else "delta"
-        if keyframe:
-            rt.dense_limit = None
-        elif rt.dense_above is not None and backend.host_sync_ok and work is not None and work[1]:
+        if not keyframe and rt.dense_above is not None and backend.host_sync_ok and work is not None and work[1]:
             # deltas did most of a dense frame's work (high update rates through the network): run
             # dense frames while the input keeps changing about as much as in this frame
             busy = work[0] > DENSE_WORK * work[1]
             rt.dense_limit = DENSE_HYSTERESIS * float(rt.input_change) if busy else None  # set by the input layer
-        self.frame_index += 1
+        self._end_frame("keyframe" if keyframe else "delta", x)
         return out
+
+    def _end_frame(self, mode: str, x: Tensor) -> None:
+        """Bookkeeping after a frame of `mode` ("keyframe", "delta" or "dense") ran on `x`, eagerly
+        here or replayed from a CUDA graph by deltacnn.compile."""
+        self._stream = (tuple(x.shape), x.dtype, x.device)
+        self.last_mode = mode
+        if mode == "dense":  # the state no longer matches the stream: the next frame is a keyframe
+            self.frame_index = 0
+            return
+        if mode == "keyframe":
+            self.frame_index = 0
+            self.rt.dense_limit = None
+        self.frame_index += 1
 
     @torch.no_grad()
     def dense_frame(self, x: Tensor):
@@ -146,8 +155,7 @@ class DeltaModel(nn.Module):
             out = self._run(x, keyframe=True)
         finally:
             self.rt.stateless = False
-            self.frame_index = 0
-        self.last_mode = "dense"
+        self._end_frame("dense", x)
         return out
 
     def _run(self, x: Tensor, keyframe: bool):
@@ -160,7 +168,6 @@ class DeltaModel(nn.Module):
             self._stream = None
             self.rt.stateless = False
             raise
-        self._stream = (tuple(x.shape), x.dtype, x.device)
         return out
 
     # ---- statistics ------------------------------------------------------------------------

@@ -336,3 +336,21 @@ def test_frames_after_a_delta_frame_doing_most_of_the_work_run_dense():
             assert work[0] > DENSE_WORK * work[1]
     # 7: the calm frame still differs from the last flicker; 8: unchanged, so the state is re-seeded
     assert modes == ["keyframe", "delta"] + ["dense"] * 6 + ["keyframe"] + ["delta"] * 3, modes
+
+
+def test_end_frame_bookkeeping_matches_eager_frames():
+    """compile's graph replays call DeltaModel._end_frame instead of forward: it must leave the model
+    where an eager frame of the same mode leaves it (the next call then picks the same mode)."""
+    m = net()
+    clip = make_video(6, h=24, w=32, noise=0.0, seed=10)
+    eager = deltacnn.convert(m, clip[0], dense_above=None, keyframe_interval=3)
+    replay = deltacnn.convert(m, clip[0], dense_above=None, keyframe_interval=3)
+    with torch.no_grad():
+        for t, mode in enumerate(["keyframe", "delta", "delta", "keyframe", "dense", "keyframe"]):
+            eager.dense_frame(clip[t]) if mode == "dense" else eager(clip[t])
+            assert eager.last_mode == mode
+            replay.rt.dense_limit = 0.3  # a keyframe clears it
+            replay._end_frame(mode, clip[t])
+            assert (replay.frame_index, replay.last_mode, replay._stream) == \
+                (eager.frame_index, eager.last_mode, eager._stream), (t, mode)
+            assert (replay.rt.dense_limit is None) == (mode == "keyframe")
