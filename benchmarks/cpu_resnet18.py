@@ -1,8 +1,10 @@
 """CPU: ResNet-18 layout at 640x360 on a static clip with ~5% changed pixels per frame,
-dense PyTorch versus deltacnn's reference backend (sparse gathers), in float32. Dense and
-delta passes alternate (A B A B), so that both see the same drift in machine load.
+dense PyTorch versus deltacnn's CPU backends, in float32: "cpu" (the default on CPU tensors:
+the reference with its gather, candidate and nonlinear-update stages fused in C++) and
+"reference" (pure PyTorch). Dense and delta passes alternate (A B A B), so that both see the
+same drift in machine load.
 
-    python3 benchmarks/cpu_resnet18.py [--frames 24] [--threads 2]
+    python3 benchmarks/cpu_resnet18.py [--frames 24] [--threads 2] [--backends cpu,reference]
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ def main() -> None:
     ap.add_argument("--size", default="640x360")
     ap.add_argument("--frac", type=float, default=0.3, help="moving square side / min(H, W) (0.3: ~5%% changed)")
     ap.add_argument("--thresholds", default="0,0.01,0.03", help="comma-separated taus for the delta runs")
+    ap.add_argument("--backends", default="cpu,reference", help="comma-separated deltacnn backends to time")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     w, h = (int(v) for v in args.size.split("x"))
@@ -31,8 +34,10 @@ def main() -> None:
     with torch.no_grad():
         dense_out = [model(clip[t]) for t in range(args.frames)]
     rows = []
-    for tau in (float(v) for v in args.thresholds.split(",")):
-        dm = deltacnn.convert(model, clip[0], threshold=tau)
+    cases = [(b, float(v)) for b in args.backends.split(",") for v in args.thresholds.split(",")]
+    for backend, tau in cases:
+        dm = deltacnn.convert(model, clip[0], threshold=tau, backend=backend)
+        used = dm.rt.backend_for(clip[0]).name  # "cpu" falls back to "reference" if it cannot compile
         errs, rates, macs, dense_ms, ms = [], [], [], [], []
         # this VM's speed drifts by up to 20% over minutes: time dense and delta passes in turn,
         # twice (A B A B), and take medians over both; stats cost a host sync and are collected
@@ -52,7 +57,7 @@ def main() -> None:
                 rates.append(s.layers["input"].update_rate)
                 macs.append(s.macs_fraction)
         dense_med, delta_med = median(dense_ms), median(ms)
-        rows.append({"impl": "deltacnn reference fp32", "tau": tau, "dense_ms": dense_med, "ms": delta_med,
+        rows.append({"impl": f"deltacnn {used} fp32", "tau": tau, "dense_ms": dense_med, "ms": delta_med,
                      "speedup": dense_med / delta_med, "input_update": sum(rates) / len(rates),
                      "macs_vs_dense": sum(macs) / len(macs), "max_rel_err": max(errs)})
     print(f"ResNet-18 layout {w}x{h}, {changed:.1%} pixels changed per frame, {args.threads} CPU threads, "

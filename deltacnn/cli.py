@@ -28,8 +28,9 @@ def _common(p: argparse.ArgumentParser, video_help: str) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                    help="delta model compute dtype (default float32)")
-    p.add_argument("--backend", choices=["reference", "triton"], default=None,
-                   help="delta kernels (default: triton on CUDA when installed, else reference)")
+    p.add_argument("--backend", choices=["reference", "cpu", "triton"], default=None,
+                   help="delta kernels (default: triton on CUDA when installed, the fused cpu kernels on the "
+                        "CPU when they compile, else reference)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
 

@@ -516,7 +516,9 @@ def convert(model: nn.Module, example_input: Tensor, *, threshold: float = 0.0, 
         mask_dilation: dilate the input update mask by a k x k window (odd k) to absorb noise.
         allow_dense_fallback: run ops without a delta version densely instead of raising.
         fuse: fuse conv -> add -> activation chains (identical results; fewer kernels on GPU).
-        backend: "reference" or "triton"; default: Triton for CUDA tensors when available.
+        backend: "reference" (pure PyTorch), "cpu" (reference with fused C++ stages, built on first
+            use) or "triton"; default: Triton for CUDA tensors and "cpu" for CPU tensors when they are
+            available, else the reference backend.
         on_input_change: "error" (default) or "reset" when shape/dtype/device changes mid-stream.
         dense_above: run a frame densely (exact, and cheaper than sparse work) when more than this
             fraction of its input pixels changed. Busy frames leave the delta state alone (like

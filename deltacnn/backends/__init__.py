@@ -1,4 +1,4 @@
-"""Backend selection: the reference backend everywhere, the Triton backend for CUDA tensors."""
+"""Backend selection: fused C++ kernels on the CPU, Triton on CUDA, the reference backend everywhere else."""
 from __future__ import annotations
 
 import os
@@ -8,7 +8,7 @@ import torch
 from .base import Backend, ConvParams, PointwiseState
 from .reference import ReferenceBackend
 
-BACKENDS = ("reference", "syncfree", "triton")
+BACKENDS = ("reference", "cpu", "syncfree", "triton")
 
 
 def triton_available() -> tuple[bool, str]:
@@ -21,9 +21,15 @@ def triton_available() -> tuple[bool, str]:
 
 
 def get_backend(device: torch.device, name: str | None = None) -> Backend:
-    """The backend for tensors on `device`: `name` if given, else Triton on CUDA when available."""
+    """The backend for tensors on `device`: `name` if given, else Triton on CUDA when available and
+    the fused CPU kernels on the CPU when they build (each falls back to the reference backend)."""
     if name not in (None, *BACKENDS):
         raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS}")
+    if name == "cpu" and device.type != "cpu":
+        raise ValueError(f"the cpu backend needs CPU tensors, got device {device}")
+    if name == "cpu" or (name is None and device.type == "cpu"):
+        from .cpu_fused import fused_cpu_backend
+        return fused_cpu_backend()
     if name == "reference" or (name is None and device.type != "cuda"):
         return ReferenceBackend()
     if name == "syncfree":

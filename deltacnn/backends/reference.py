@@ -204,8 +204,7 @@ class ReferenceBackend(Backend):
         n, cin, h, w = d.shape
         cout = p.weight.shape[0]
         ho, wo = p.window.out_size(h, w)
-        out_mask = dilate_mask(d.mask, p.window, (ho, wo))
-        idx = torch.nonzero(out_mask.reshape(-1)).squeeze(1)
+        idx, out_mask = self._candidates(d, p.window, (ho, wo))
         dense = idx.numel() > DENSE_SWITCH * out_mask.numel()
         self._count(p, out_mask.numel() if dense else idx.numel(), out_mask.numel())
         if idx.numel() == 0:
@@ -227,8 +226,21 @@ class ReferenceBackend(Backend):
         x = F.pad(d.zero_filled().to(acc), (l, r, t, b))
         return F.conv2d(x, p.weight.to(acc), None, p.window.stride, 0, p.window.dilation, p.groups)
 
-    @staticmethod
-    def _conv_rows(d: DeltaTensor, p: ConvParams, idx: Tensor, out_hw: tuple[int, int]) -> Tensor:
+    def _candidates(self, d: DeltaTensor, win: Window, out_hw: tuple[int, int],
+                    extra: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Output pixels whose receptive field touches an update of `d`, or set in `extra`:
+        (flat indices ascending, (N, 1, Ho, Wo) bool mask)."""
+        cand = dilate_mask(d.mask, win, out_hw)
+        if extra is not None:
+            cand = cand | extra
+        return torch.nonzero(cand.reshape(-1)).squeeze(1), cand
+
+    def _taps(self, d: DeltaTensor, idx: Tensor, win: Window, out_hw: tuple[int, int]) -> Tensor:
+        """(P, taps * Cin) implicit-GEMM rows of output pixels `idx`: zeros for taps outside the
+        image or on pixels without an update."""
+        return _gather(d, _tap_sources(d, idx, win, out_hw)).reshape(idx.numel(), -1)
+
+    def _conv_rows(self, d: DeltaTensor, p: ConvParams, idx: Tensor, out_hw: tuple[int, int]) -> Tensor:
         """Implicit GEMM over the gathered receptive fields of output pixels `idx`.
 
         Low-precision weights are applied with float32 arithmetic, like tensor cores with float32
@@ -236,7 +248,7 @@ class ReferenceBackend(Backend):
         with no correction step, and rounding it every frame would drift.
         """
         cin = d.shape[1]
-        g = _gather(d, _tap_sources(d, idx, p.window, out_hw))
+        g = self._taps(d, idx, p.window, out_hw)
         P, K, G = idx.numel(), p.window.taps, p.groups
         cout = p.weight.shape[0]
         cg, og = cin // G, cout // G
@@ -265,12 +277,9 @@ class ReferenceBackend(Backend):
         n, _, h, w = d.shape
         cout = p.weight.shape[0]
         ho, wo = p.window.out_size(h, w)
-        cand = dilate_mask(d.mask, p.window, (ho, wo))
-        if residual is not None:
-            if tuple(residual.shape) != (n, cout, ho, wo):
-                raise ValueError(f"residual shape {tuple(residual.shape)} does not match conv output {(n, cout, ho, wo)}")
-            cand = cand | residual.mask
-        idx = torch.nonzero(cand.reshape(-1)).squeeze(1)
+        if residual is not None and tuple(residual.shape) != (n, cout, ho, wo):
+            raise ValueError(f"residual shape {tuple(residual.shape)} does not match conv output {(n, cout, ho, wo)}")
+        idx, cand = self._candidates(d, p.window, (ho, wo), residual.mask if residual is not None else None)
         dense = idx.numel() > DENSE_SWITCH * cand.numel()
         self._count(p, cand.numel() if dense else idx.numel(), cand.numel())
         if dense:
@@ -280,11 +289,18 @@ class ReferenceBackend(Backend):
             y = self._conv_rows_chunked(d, p, idx, (ho, wo))
         else:
             y = torch.zeros(0, cout, dtype=_acc_dtype(p.weight), device=d.device)
+        if act is None:
+            if residual is not None:
+                y = y + _masked_rows(residual, idx)
+            return _scatter_rows(n, cout, ho, wo, idx, y, d.values)
+        return self._act_rows(idx, y, residual, act, d.dtype)
+
+    def _act_rows(self, idx: Tensor, y: Tensor, residual: DeltaTensor | None, st: PointwiseState,
+                  dtype) -> DeltaTensor:
+        """The nonlinear update of conv_block: y (+ residual) at candidate pixels `idx`."""
         if residual is not None:
             y = y + _masked_rows(residual, idx)
-        if act is None:
-            return _scatter_rows(n, cout, ho, wo, idx, y, d.values)
-        return self._pointwise_rows(idx, y, act, d.dtype)
+        return self._pointwise_rows(idx, y, st, dtype)
 
     # ---- linear: elementwise / structural -----------------------------------------------------
     def add(self, a: DeltaTensor, b: DeltaTensor) -> DeltaTensor:

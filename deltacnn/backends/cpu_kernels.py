@@ -1,0 +1,49 @@
+"""Loader of the fused CPU kernels (cpu_kernels.cpp), compiled once per machine on first use.
+
+The C++ source is built with PyTorch's JIT extension builder (needs a C++ compiler and ninja;
+both come with the package's setup) into PyTorch's extension cache, so only the first CPU run on a
+machine pays the ~40 s build. When the build is impossible, `load()` returns None with the reason
+in `load_error()`, and the CPU backend falls back to the pure-PyTorch reference.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+_SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+_module: ModuleType | None = None
+_error: str | None = None
+
+# activation kinds the fused update implements, with their codes in cpu_kernels.cpp
+ACT_CODES = {"identity": 0, "relu": 1, "relu6": 2, "hardtanh": 2, "leaky_relu": 3}
+
+
+def load() -> ModuleType | None:
+    """The compiled module, building it if needed; None if it cannot be built here."""
+    global _module, _error
+    if _module is not None or _error is not None:
+        return _module
+    if os.environ.get("DELTACNN_NO_CPU_KERNELS") == "1":
+        _error = "disabled by DELTACNN_NO_CPU_KERNELS=1"
+        return None
+    try:
+        from torch.utils import cpp_extension
+        build_dir = cpp_extension._get_build_directory("deltacnn_cpu_kernels", verbose=False)
+        if not any(Path(build_dir).glob("*.so")):
+            print("deltacnn: compiling the CPU kernels (once per machine, about a minute)...", file=sys.stderr)
+        _module = cpp_extension.load(
+            name="deltacnn_cpu_kernels", sources=[str(_SOURCE)], extra_cflags=["-O3", "-fopenmp"],
+            extra_ldflags=["-fopenmp"], verbose=False)
+    except Exception as e:  # no compiler, no ninja, a build error: run the reference code instead
+        _error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+        warnings.warn(f"deltacnn: fused CPU kernels unavailable ({_error}); using the slower pure-PyTorch "
+                      "reference backend", RuntimeWarning, stacklevel=2)
+    return _module
+
+
+def load_error() -> str | None:
+    """Why load() returned None (None if it has not failed)."""
+    return _error

@@ -1,0 +1,135 @@
+"""The fused CPU kernels (backends/cpu_kernels.cpp) against the pure-PyTorch reference backend."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import deltacnn
+from deltacnn.activations import ActSpec
+from deltacnn.backends import get_backend
+from deltacnn.backends.base import PointwiseState
+from deltacnn.backends.cpu_fused import FusedCpuBackend
+from deltacnn.backends.cpu_kernels import load, load_error
+from deltacnn.backends.reference import ReferenceBackend, _scatter_rows
+from deltacnn.geometry import Window
+from deltacnn.tensor import DeltaTensor, new_cl
+
+if load() is None:
+    pytest.skip(f"CPU kernels do not build here: {load_error()}", allow_module_level=True)
+
+REF = ReferenceBackend()
+FUSED = get_backend(torch.device("cpu"))
+
+
+def _delta(n: int, c: int, h: int, w: int, rate: float, gen: torch.Generator) -> DeltaTensor:
+    """A random delta with an ext matrix (as produced by the backends) at about `rate` of the pixels."""
+    mask = torch.rand(n, 1, h, w, generator=gen) < rate
+    idx = torch.nonzero(mask.reshape(-1)).squeeze(1)
+    vals = torch.randn(idx.numel(), c, generator=gen)
+    return _scatter_rows(n, c, h, w, idx, vals, vals)
+
+
+WINDOWS = [Window.make(1), Window.make(3, 1, 1), Window.make(3, 2, 1), Window.make(7, 2, 3),
+           Window.make(3, 1, 2, 2), Window.make((1, 3), 1, (0, 1)), Window.make(2, 2, 0),
+           Window((3, 3), (2, 1), (0, 2, 1, 0), (1, 1)), Window.make(5, 3, 1)]
+
+
+def test_default_cpu_backend_is_fused() -> None:
+    assert isinstance(FUSED, FusedCpuBackend)
+    assert type(get_backend(torch.device("cpu"), "reference")) is ReferenceBackend
+
+
+@pytest.mark.parametrize("win", WINDOWS, ids=str)
+@pytest.mark.parametrize("rate", [0.0, 0.1, 0.6])
+def test_candidates_and_taps_equal_reference(win: Window, rate: float) -> None:
+    gen = torch.Generator().manual_seed(7)
+    d = _delta(2, 5, 11, 13, rate, gen)
+    out_hw = win.out_size(11, 13)
+    extra = torch.rand(2, 1, *out_hw, generator=gen) < 0.1
+    for ex in (None, extra):
+        i_ref, m_ref = REF._candidates(d, win, out_hw, ex)
+        i_f, m_f = FUSED._candidates(d, win, out_hw, ex)
+        assert torch.equal(m_ref, m_f) and torch.equal(i_ref, i_f)
+    idx = torch.arange(out_hw[0] * out_hw[1] * 2)  # every output pixel, active or not
+    assert torch.equal(REF._taps(d, idx, win, out_hw), FUSED._taps(d, idx, win, out_hw))
+
+
+ACTS = [ActSpec("relu"), ActSpec("relu6"), ActSpec("hardtanh", min_val=-0.5, max_val=0.7),
+        ActSpec("leaky_relu", slope=0.2), ActSpec("identity"), ActSpec("silu")]  # silu: the fallback path
+
+
+@pytest.mark.parametrize("act", ACTS, ids=lambda a: a.describe())
+@pytest.mark.parametrize("tau,score", [(0.0, "max"), (0.3, "max"), (0.5, "l2")])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_act_update_equals_reference(act: ActSpec, tau: float, score: str, with_residual: bool) -> None:
+    gen = torch.Generator().manual_seed(3)
+    n, c, h, w = 2, 6, 5, 7
+    residual = _delta(n, c, h, w, 0.3, gen) if with_residual else None
+    cand = torch.rand(n, 1, h, w, generator=gen) < 0.5
+    if residual is not None:
+        cand |= residual.mask
+    idx = torch.nonzero(cand.reshape(-1)).squeeze(1)
+    # half the candidates get no change: with no pending change either, they are truncated at any tau
+    y = torch.randn(idx.numel(), c, generator=gen) * (torch.rand(idx.numel(), 1, generator=gen) < 0.5)
+    results = []
+    for be in (REF, FUSED):
+        g = torch.Generator().manual_seed(5)
+        acc = new_cl(n, c, h, w, dtype=torch.float32, device="cpu")
+        acc.copy_(torch.randn(n, c, h, w, generator=g))
+        em = new_cl(n, c, h, w, dtype=torch.float32, device="cpu")
+        pending = 0.2 * torch.randn(n, c, h, w, generator=g) * (torch.rand(n, 1, h, w, generator=g) < 0.5)
+        em.copy_(act(acc) + pending)  # untransmitted change at some pixels
+        out = be._act_rows(idx, y.clone(), residual, PointwiseState(act, acc, em, tau, score), torch.float32)
+        results.append((out, acc, em))
+    (o1, a1, e1), (o2, a2, e2) = results
+    assert torch.equal(o1.mask, o2.mask) and 0 < int(o1.mask.sum()) < idx.numel()
+    assert torch.equal(o1.active(), o2.active())
+    m = o1.mask.expand_as(o1.values)
+    torch.testing.assert_close(o2.values[m], o1.values[m], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(a2, a1, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(e2, e1, rtol=1e-6, atol=1e-6)
+
+
+class _Net(nn.Module):
+    """Stride, residual, max pooling, downsampling and two activation kinds (one not fused in C++)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 5, 2, 2)
+        self.pool = nn.MaxPool2d(3, 2, 1)
+        self.c1 = nn.Conv2d(8, 8, 3, 1, 1)
+        self.c2 = nn.Conv2d(8, 8, 3, 1, 1)
+        self.down = nn.Conv2d(8, 16, 1, 2)
+        self.c3 = nn.Conv2d(8, 16, 3, 2, 1)
+        self.head = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(torch.relu(self.stem(x)))
+        x = torch.relu(self.c2(torch.relu(self.c1(x))) + x)
+        x = nn.functional.leaky_relu(self.c3(x) + self.down(x), 0.1)
+        return self.head(nn.functional.silu(x))
+
+
+def test_model_on_fused_backend_equals_reference_and_dense() -> None:
+    torch.manual_seed(0)
+    net = _Net().eval()
+    frames = torch.randn(1, 3, 40, 56).repeat(6, 1, 1, 1)
+    for t in range(1, 6):  # a moving patch of fresh noise: a few percent of pixels per frame
+        frames[t:, :, 4 + 3 * t:14 + 3 * t, 10 + 4 * t:22 + 4 * t] = torch.randn(3, 10, 12)
+    outs = {}
+    for be in ("cpu", "reference"):
+        dm = deltacnn.convert(net, frames[:1], threshold=0.0, backend=be)
+        assert dm.rt.backend_for(frames).name == be
+        with torch.no_grad():
+            outs[be] = [dm(frames[t:t + 1]) for t in range(6)]
+    with torch.no_grad():
+        for t in range(6):
+            dense = net(frames[t:t + 1])
+            torch.testing.assert_close(outs["cpu"][t], outs["reference"][t], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(outs["cpu"][t], dense, rtol=1e-4, atol=1e-4)
+
+
+def test_cpu_backend_rejects_cuda_device() -> None:
+    with pytest.raises(ValueError, match="cpu backend needs CPU tensors"):
+        get_backend(torch.device("cuda"), "cpu")
