@@ -91,6 +91,53 @@ def test_act_update_equals_reference(act: ActSpec, tau: float, score: str, with_
     torch.testing.assert_close(e2, e1, rtol=1e-6, atol=1e-6)
 
 
+def _same_delta(a: DeltaTensor, b: DeltaTensor) -> None:
+    assert torch.equal(a.mask, b.mask) and torch.equal(a.active(), b.active())
+    m = a.mask.expand_as(a.values)
+    torch.testing.assert_close(b.values[m], a.values[m], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("tau,score", [(0.0, "max"), (0.8, "max"), (1.0, "l2")])
+def test_sparsify_equals_reference(layout: str, tau: float, score: str) -> None:
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 3, 9, 14, generator=gen)
+    x = x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
+    ref0 = new_cl(2, 3, 9, 14, dtype=torch.float32, device="cpu")
+    ref0.copy_(x + 0.5 * torch.randn(2, 3, 9, 14, generator=gen) * (torch.rand(2, 1, 9, 14, generator=gen) < 0.4))
+    outs = []
+    for be in (REF, FUSED):
+        ref = ref0.clone(memory_format=torch.channels_last)
+        outs.append((be.sparsify(x, ref, tau, score, 1, torch.float32), ref))
+    (d1, r1), (d2, r2) = outs
+    assert 0 < int(d1.mask.sum()) < d1.mask.numel()
+    _same_delta(d1, d2)
+    torch.testing.assert_close(r2, r1, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("win", [Window.make(3, 2, 1), Window.make(2, 2, 0), Window.make(3, 1, 1, 2),
+                                 Window.make(3, 2, 1, ceil_mode=True)], ids=str)
+@pytest.mark.parametrize("tau", [0.0, 0.5])
+def test_maxpool_equals_reference(win: Window, tau: float) -> None:
+    gen = torch.Generator().manual_seed(13)
+    n, c, h, w = 2, 4, 10, 13
+    d = _delta(n, c, h, w, 0.15, gen)
+    ho, wo = win.out_size(h, w)
+    outs = []
+    for be in (REF, FUSED):
+        g = torch.Generator().manual_seed(17)
+        acc = new_cl(n, c, h, w, dtype=torch.float32, device="cpu")
+        acc.copy_(torch.randn(n, c, h, w, generator=g))
+        em = new_cl(n, c, ho, wo, dtype=torch.float32, device="cpu")
+        em.copy_(torch.randn(n, c, ho, wo, generator=g) * 0.1 + 1.0)
+        outs.append((be.maxpool(d, acc, em, win, tau, "max"), acc, em))
+    (o1, a1, e1), (o2, a2, e2) = outs
+    assert int(o1.mask.sum()) > 0
+    _same_delta(o1, o2)
+    torch.testing.assert_close(a2, a1, rtol=0, atol=0)
+    torch.testing.assert_close(e2, e1, rtol=0, atol=0)
+
+
 class _Net(nn.Module):
     """Stride, residual, max pooling, downsampling and two activation kinds (one not fused in C++)."""
 

@@ -3,9 +3,10 @@
 A sparse conv in the reference backend is ~35 small PyTorch ops (candidate mask, tap indices,
 gathers, the nonlinear update, truncation, scatter); on a 2-core CPU their fixed costs take as
 long as the GEMMs at 5% changed pixels. Here three of those stages are one C++ pass each
-(cpu_kernels.cpp): candidate pixels, the tap gather, and the fused nonlinear update + emit.
+(cpu_kernels.cpp): candidate pixels, the tap gather, and the fused nonlinear update + emit; so
+are the input layer's sparsify and max pooling.
 Everything else, and every case the kernels do not cover (non-float32 deltas, activations other
-than the piecewise-linear ones), is the reference code, so semantics are the reference's.
+than the piecewise-linear ones, input mask dilation), is the reference code, so semantics are the reference's.
 """
 from __future__ import annotations
 
@@ -17,6 +18,9 @@ from ..tensor import DeltaTensor, new_rows_ext, rows, to_cl
 from . import cpu_kernels
 from .base import PointwiseState
 from .reference import ReferenceBackend
+
+
+_SCORES = {"max": 0, "l2": 1}
 
 
 def _u8(mask: Tensor) -> Tensor:
@@ -40,6 +44,27 @@ class FusedCpuBackend(ReferenceBackend):
     def __init__(self, module) -> None:
         super().__init__()
         self._k = module
+
+    def sparsify(self, x: Tensor, ref: Tensor, tau: float, score: str, dilation: int, dtype) -> DeltaTensor:
+        if x.dtype != torch.float32 or dtype != torch.float32 or dilation > 1:
+            return super().sparsify(x, ref, tau, score, dilation, dtype)
+        n, c, h, w = x.shape
+        ext, out = new_rows_ext(n, c, h, w, dtype=torch.float32, device=x.device)
+        mask = torch.zeros(n, 1, h, w, dtype=torch.bool)
+        idx = self._k.sparsify(x, rows(ref), float(tau), _SCORES[score], ext, _u8(mask))
+        return DeltaTensor(out, mask, _active=idx, ext=ext)
+
+    def maxpool(self, d: DeltaTensor, acc: Tensor, emitted: Tensor, win: Window, tau: float, score: str) -> DeltaTensor:
+        if d.dtype != torch.float32:
+            return super().maxpool(d, acc, emitted, win, tau, score)
+        n, c, h, w = d.shape
+        out_hw = tuple(emitted.shape[2:])
+        cand_idx, _ = self._candidates(d, win, out_hw)
+        ext, out = new_rows_ext(n, c, *out_hw, dtype=torch.float32, device=d.device)
+        mask = torch.zeros(n, 1, *out_hw, dtype=torch.bool)
+        idx = self._k.maxpool_update(_rows_f32(d), d.active(), cand_idx, rows(acc), rows(emitted),
+                                     _geometry(n, (h, w), out_hw, win), float(tau), _SCORES[score], ext, _u8(mask))
+        return DeltaTensor(out, mask, _active=idx, ext=ext)
 
     def _candidates(self, d: DeltaTensor, win: Window, out_hw: tuple[int, int],
                     extra: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -70,7 +95,7 @@ class FusedCpuBackend(ReferenceBackend):
         idx_e = self._k.act_update(
             y.contiguous(), idx, _rows_f32(residual) if residual is not None else torch.empty(0, 0),
             _u8(residual.mask) if residual is not None else empty, rows(st.acc), rows(st.emitted),
-            code, lo, hi, a.slope, float(st.tau), 0 if st.score == "max" else 1, ext, mask.view(torch.uint8).reshape(-1))
+            code, lo, hi, a.slope, float(st.tau), _SCORES[st.score], ext, mask.view(torch.uint8).reshape(-1))
         return DeltaTensor(out, mask, _active=idx_e, ext=ext)
 
 

@@ -35,6 +35,40 @@ void check_rows(const torch::Tensor& t, int64_t rows, const char* name) {
               name, " must be a row-contiguous float32 matrix of at least ", rows, " rows");
 }
 
+// Flat indices of the set entries of `flags`, ascending; with `base`, the entries of base instead.
+torch::Tensor compact(const uint8_t* flags, int64_t count_all, const int64_t* base = nullptr) {
+  int64_t count = 0;
+  for (int64_t i = 0; i < count_all; ++i) count += flags[i] != 0;
+  auto idx = torch::empty({count}, torch::kLong);
+  int64_t* ip = idx.data_ptr<int64_t>();
+  for (int64_t i = 0, k = 0; i < count_all; ++i)
+    if (flags[i]) ip[k++] = base ? base[i] : i;
+  return idx;
+}
+
+// Truncation score of a change row: 0 max |o|, 1 L2 norm.
+template <int SCORE>
+inline float row_score(const float* o, int64_t c) {
+  float s = 0.f;
+  if (SCORE == 0) {
+#pragma omp simd reduction(max : s)
+    for (int64_t j = 0; j < c; ++j) s = std::max(s, std::fabs(o[j]));
+    return s;
+  }
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < c; ++j) s += o[j] * o[j];
+  return std::sqrt(s);
+}
+
+// Send change row o of pixel r: out row = o, state row += o (E, or the input layer's reference).
+inline void send_row(const float* o, float* out, float* state, int64_t c) {
+#pragma omp simd
+  for (int64_t j = 0; j < c; ++j) {
+    out[j] = o[j];
+    state[j] += o[j];
+  }
+}
+
 }  // namespace
 
 // Candidate output pixels: the receptive-field dilation of `in_mask` (N*H*W bytes), OR `extra`
@@ -85,14 +119,7 @@ std::vector<torch::Tensor> candidates(torch::Tensor in_mask, torch::Tensor extra
       }
     }
   });
-  const int64_t total = g.n * g.ho * g.wo;
-  int64_t count = 0;
-  for (int64_t i = 0; i < total; ++i) count += o[i];
-  auto idx = torch::empty({count}, torch::kLong);
-  int64_t* ip = idx.data_ptr<int64_t>();
-  for (int64_t i = 0, k = 0; i < total; ++i)
-    if (o[i]) ip[k++] = i;
-  return {idx, out};
+  return {compact(o, g.n * g.ho * g.wo), out};
 }
 
 // Implicit-GEMM operand: row p holds, for each tap of output pixel idx[p], the Cin values of the
@@ -174,30 +201,11 @@ void act_pixel(const ActArgs& k, int64_t p, float* o) {
 #pragma omp simd
     for (int64_t j = 0; j < c; ++j) ar[j] += yr[j];
   }
-  float s = 0.f;
-  if (SCORE == 0) {
-#pragma omp simd reduction(max : s)
-    for (int64_t j = 0; j < c; ++j) {
-      o[j] = activate<CODE>(ar[j], k.lo, k.hi, k.slope) - er[j];
-      s = std::max(s, std::fabs(o[j]));
-    }
-  } else {
-#pragma omp simd reduction(+ : s)
-    for (int64_t j = 0; j < c; ++j) {
-      o[j] = activate<CODE>(ar[j], k.lo, k.hi, k.slope) - er[j];
-      s += o[j] * o[j];
-    }
-    s = std::sqrt(s);
-  }
-  k.keep[p] = s > k.tau;
-  if (k.keep[p]) {
-    float* out = k.out + r * c;
-    float* ew = k.emitted + r * c;
 #pragma omp simd
-    for (int64_t j = 0; j < c; ++j) {
-      out[j] = o[j];
-      ew[j] += o[j];
-    }
+  for (int64_t j = 0; j < c; ++j) o[j] = activate<CODE>(ar[j], k.lo, k.hi, k.slope) - er[j];
+  k.keep[p] = row_score<SCORE>(o, c) > k.tau;
+  if (k.keep[p]) {
+    send_row(o, k.out + r * c, k.emitted + r * c, c);
     k.out_mask[r] = 1;
   }
 }
@@ -253,18 +261,111 @@ torch::Tensor act_update(torch::Tensor y, torch::Tensor idx, torch::Tensor res_e
       default: act_range_score<0>(k, score, b, end); break;
     }
   });
-  int64_t count = 0;
-  for (int64_t p = 0; p < p_count; ++p) count += keep[p];
-  auto out_idx = torch::empty({count}, torch::kLong);
-  int64_t* oi = out_idx.data_ptr<int64_t>();
-  const int64_t* ip = k.idx;
-  for (int64_t p = 0, j = 0; p < p_count; ++p)
-    if (keep[p]) oi[j++] = ip[p];
-  return out_idx;
+  return compact(keep.data(), p_count, k.idx);
+}
+
+// Input layer: d = x - ref per pixel (x: float32 (N, C, H, W), any strides; ref: float32 rows);
+// where score(d) > tau: out row = d, ref += d, out_mask = 1. Returns the sent pixel indices.
+torch::Tensor sparsify(torch::Tensor x, torch::Tensor ref, double tau, int64_t score, torch::Tensor out_ext,
+                       torch::Tensor out_mask) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && x.dim() == 4, "x must be a float32 (N, C, H, W) tensor");
+  const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3), total = n * h * w;
+  check_rows(ref, total, "ref");
+  check_rows(out_ext, total, "out_ext");
+  check_u8(out_mask, total, "out_mask");
+  TORCH_CHECK(ref.size(1) == c && out_ext.size(1) == c, "channel counts differ");
+  const int64_t sn = x.stride(0), sc = x.stride(1), sh = x.stride(2), sw = x.stride(3);
+  const float* xp = x.data_ptr<float>();
+  float* rp = ref.data_ptr<float>();
+  float* op = out_ext.data_ptr<float>();
+  uint8_t* om = out_mask.data_ptr<uint8_t>();
+  const float ftau = tau;
+  at::parallel_for(0, total, 256, [&](int64_t b, int64_t end) {
+    std::vector<float> d(c);
+    for (int64_t q = b; q < end; ++q) {
+      const int64_t i = q / (h * w), rem = q % (h * w);
+      const float* xq = xp + i * sn + (rem / w) * sh + (rem % w) * sw;
+      float* rr = rp + q * c;
+      for (int64_t j = 0; j < c; ++j) d[j] = xq[j * sc] - rr[j];
+      const float s = score == 0 ? row_score<0>(d.data(), c) : row_score<1>(d.data(), c);
+      if (s > ftau) {
+        send_row(d.data(), op + q * c, rr, c);
+        om[q] = 1;
+      }
+    }
+  });
+  return compact(om, total);
+}
+
+// Max pooling: acc += d at the updated input pixels d_idx, then at candidate outputs cand_idx
+// o = max over the in-image taps of acc - E, emitted where score(o) > tau (as act_update).
+torch::Tensor maxpool_update(torch::Tensor d_rows, torch::Tensor d_idx, torch::Tensor cand_idx, torch::Tensor acc,
+                             torch::Tensor emitted, std::vector<int64_t> geo, double tau, int64_t score,
+                             torch::Tensor out_ext, torch::Tensor out_mask) {
+  const Geometry g = geometry(geo);
+  const int64_t c = acc.size(1), in_total = g.n * g.h * g.w, out_total = g.n * g.ho * g.wo;
+  check_rows(d_rows, in_total, "d_rows");
+  check_rows(acc, in_total, "acc");
+  check_rows(emitted, out_total, "emitted");
+  check_rows(out_ext, out_total, "out_ext");
+  check_u8(out_mask, out_total, "out_mask");
+  TORCH_CHECK(d_idx.scalar_type() == torch::kLong && d_idx.is_contiguous() && cand_idx.scalar_type() == torch::kLong &&
+                  cand_idx.is_contiguous(), "indices must be contiguous int64");
+  TORCH_CHECK(d_rows.size(1) == c && emitted.size(1) == c && out_ext.size(1) == c, "channel counts differ");
+  const float* dp = d_rows.data_ptr<float>();
+  const int64_t* di = d_idx.data_ptr<int64_t>();
+  float* ap = acc.data_ptr<float>();
+  at::parallel_for(0, d_idx.numel(), 256, [&](int64_t b, int64_t end) {
+    for (int64_t p = b; p < end; ++p) {
+      float* ar = ap + di[p] * c;
+      const float* dr = dp + di[p] * c;
+#pragma omp simd
+      for (int64_t j = 0; j < c; ++j) ar[j] += dr[j];
+    }
+  });
+  const int64_t p_count = cand_idx.numel();
+  const int64_t* ci = cand_idx.data_ptr<int64_t>();
+  float* ep = emitted.data_ptr<float>();
+  float* op = out_ext.data_ptr<float>();
+  uint8_t* om = out_mask.data_ptr<uint8_t>();
+  std::vector<uint8_t> keep(p_count);
+  const float ftau = tau;
+  at::parallel_for(0, p_count, 64, [&](int64_t b, int64_t end) {
+    std::vector<float> o(c);
+    for (int64_t p = b; p < end; ++p) {
+      const int64_t q = ci[p];
+      const int64_t n = q / (g.ho * g.wo), rem = q % (g.ho * g.wo);
+      const int64_t oy = rem / g.wo, ox = rem % g.wo;
+      std::fill(o.begin(), o.end(), -INFINITY);
+      for (int64_t ky = 0; ky < g.kh; ++ky) {
+        const int64_t iy = oy * g.sh - g.pt + ky * g.dh;
+        if (iy < 0 || iy >= g.h) continue;
+        for (int64_t kx = 0; kx < g.kw; ++kx) {
+          const int64_t ix = ox * g.sw - g.pl + kx * g.dw;
+          if (ix < 0 || ix >= g.w) continue;
+          const float* ar = ap + ((n * g.h + iy) * g.w + ix) * c;
+#pragma omp simd
+          for (int64_t j = 0; j < c; ++j) o[j] = std::max(o[j], ar[j]);
+        }
+      }
+      const float* er = ep + q * c;
+#pragma omp simd
+      for (int64_t j = 0; j < c; ++j) o[j] -= er[j];
+      const float s = score == 0 ? row_score<0>(o.data(), c) : row_score<1>(o.data(), c);
+      keep[p] = s > ftau;
+      if (keep[p]) {
+        send_row(o.data(), op + q * c, ep + q * c, c);
+        om[q] = 1;
+      }
+    }
+  });
+  return compact(keep.data(), p_count, ci);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("candidates", &candidates, "candidate output pixels of a sliding window");
   m.def("gather_taps", &gather_taps, "implicit-GEMM rows of the active taps");
   m.def("act_update", &act_update, "fused nonlinear update with truncation and scatter");
+  m.def("sparsify", &sparsify, "input layer: send the pixels whose change passes the threshold");
+  m.def("maxpool_update", &maxpool_update, "max pooling on deltas with truncation");
 }
