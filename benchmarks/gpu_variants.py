@@ -24,28 +24,30 @@ from gpu_bench import DENSITIES, SIZES, cuda_ms, delta_run, dense_runs, free_mem
 from profile_frame import conv_layer_profile, kernel_profile, print_profile
 
 # name: (fuse_dilation, SPLIT_CHANNEL_EMIT, BIG_MAP_TILE, NUM_STAGES, PACK_K_BELOW, SPLIT_EMIT_BN,
-#        persistent_counter)
+#        persistent_counter, fuse_keyframe_seed)
 VARIANTS = {
-    "before": (False, False, (8, 8), 3, 0, None, False),
-    "+fused dilation": (True, False, (8, 8), 3, 0, None, False),
-    "+split emit": (False, True, (8, 8), 3, 0, None, False),
-    "both": (True, True, (8, 8), 3, 0, None, False),
-    "both t8x16": (True, True, (8, 16), 3, 0, None, False),
-    "both t16x8": (True, True, (16, 8), 3, 0, None, False),
-    "both s4": (True, True, (8, 8), 4, 0, None, False),
-    "both t8x16 s4": (True, True, (8, 16), 4, 0, None, False),
-    "both+pack": (True, True, (8, 8), 3, 16, None, False),
-    "both+pack bn128": (True, True, (8, 8), 3, 16, 128, False),
-    "both+pack bn64": (True, True, (8, 8), 3, 16, 64, False),
-    "both+pack bn32": (True, True, (8, 8), 3, 16, 32, False),
-    "default": (True, True, (8, 8), 3, 16, 64, True),  # the library's defaults
+    "before": (False, False, (8, 8), 3, 0, None, False, False),
+    "+fused dilation": (True, False, (8, 8), 3, 0, None, False, False),
+    "+split emit": (False, True, (8, 8), 3, 0, None, False, False),
+    "both": (True, True, (8, 8), 3, 0, None, False, False),
+    "both t8x16": (True, True, (8, 16), 3, 0, None, False, False),
+    "both t16x8": (True, True, (16, 8), 3, 0, None, False, False),
+    "both s4": (True, True, (8, 8), 4, 0, None, False, False),
+    "both t8x16 s4": (True, True, (8, 16), 4, 0, None, False, False),
+    "both+pack": (True, True, (8, 8), 3, 16, None, False, False),
+    "both+pack bn128": (True, True, (8, 8), 3, 16, 128, False, False),
+    "both+pack bn64": (True, True, (8, 8), 3, 16, 64, False, False),
+    "both+pack bn32": (True, True, (8, 8), 3, 16, 32, False, False),
+    "unfused keyframe seed": (True, True, (8, 8), 3, 16, 64, True, False),
+    "default": (True, True, (8, 8), 3, 16, 64, True, True),  # the library's defaults
 }
 DEFAULT = "default"
 
 
 def set_variant(name: str) -> None:
     (TritonBackend.fuse_dilation, tk.conv.SPLIT_CHANNEL_EMIT, tk.conv.BIG_MAP_TILE, tk.conv.NUM_STAGES,
-     tk.conv.PACK_K_BELOW, tk.conv.SPLIT_EMIT_BN, TritonBackend.persistent_counter) = VARIANTS[name]
+     tk.conv.PACK_K_BELOW, tk.conv.SPLIT_EMIT_BN, TritonBackend.persistent_counter,
+     TritonBackend.fuse_keyframe_seed) = VARIANTS[name]
 
 
 def keyframe_times(model32, clip, truth, dtype) -> dict:
@@ -81,6 +83,7 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=12)
     ap.add_argument("--warm", type=int, default=4)
     ap.add_argument("--keyframes", default="b1:5%,b8:5%", help="cases whose keyframes are timed ('' for none)")
+    ap.add_argument("--keyframe-variants", default=DEFAULT, help="variants whose keyframes are timed")
     ap.add_argument("--profile", default="b1:5%,b1:25%", help="cases profiled per kernel with all switches on")
     args = ap.parse_args()
     dtype = torch.float16
@@ -103,15 +106,16 @@ def main() -> None:
             rows.append({"case": case, "variant": v, "ms": r["ms"], "cudnn16+graph": graph_ms,
                          "speedup": graph_ms / r["ms"], "err": r["max_rel_err"]})
             print(f"[{time.time() - t0:5.0f}s] {rows[-1]}", flush=True)
-        set_variant(DEFAULT)
-        if case in args.keyframes.split(","):
+        for v in args.keyframe_variants.split(",") if case in args.keyframes.split(",") else []:
+            set_variant(v)
             k = keyframe_times(model32, clip, truth, dtype)
-            rows.append({"case": case, "variant": "keyframe eager", "ms": k["eager_keyframe_ms"],
+            rows.append({"case": case, "variant": f"keyframe eager ({v})", "ms": k["eager_keyframe_ms"],
                          "cudnn16+graph": graph_ms, "speedup": graph_ms / k["eager_keyframe_ms"]})
-            rows.append({"case": case, "variant": "keyframe graph", "ms": k["graph_keyframe_ms"],
+            rows.append({"case": case, "variant": f"keyframe graph ({v})", "ms": k["graph_keyframe_ms"],
                          "cudnn16+graph": graph_ms, "speedup": graph_ms / k["graph_keyframe_ms"],
                          "err": k["graph_keyframe_err"]})
-            print(f"[{time.time() - t0:5.0f}s] keyframes {k}", flush=True)
+            print(f"[{time.time() - t0:5.0f}s] keyframes ({v}) {k}", flush=True)
+        set_variant(DEFAULT)
         if case in args.profile.split(","):
             dm = deltacnn.convert(model32, clip[0], dtype=dtype, backend="triton")
             total, prof = kernel_profile(dm, clip)

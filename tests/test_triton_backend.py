@@ -13,6 +13,9 @@ if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
 
 import deltacnn  # noqa: E402
 from conftest import make_video  # noqa: E402
+from deltacnn import models  # noqa: E402
+from deltacnn.backends import triton_kernels as tk  # noqa: E402
+from deltacnn.models.resnet import BasicBlock, Bottleneck  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -54,3 +57,49 @@ def test_triton_backend_matches_reference(dtype, tau):
             assert err < tol, f"frame {t}: {err:.2e}"
     finally:
         torch.backends.cuda.matmul.allow_tf32 = prev
+
+
+class ResidualNet(nn.Module):
+    """Stem, a BasicBlock and a strided Bottleneck with a downsample path (torchvision layout): after
+    conversion every block ends in a conv fused with the residual add and the ReLU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.basic = BasicBlock(8, 8)
+        down = nn.Sequential(nn.Conv2d(8, 16, 1, 2, bias=False), nn.BatchNorm2d(16))
+        self.bottleneck = Bottleneck(8, 4, stride=2, downsample=down)
+        self.head = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        return self.head(self.bottleneck(self.basic(self.stem(x))))
+
+
+def _states(model) -> dict:
+    return {k: v for k, v in model.state_dict().items() if ".state_" in k or k.startswith("state_")}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_fused_keyframe_seeding_in_residual_blocks(dtype, monkeypatch):
+    """Keyframe: every conv + residual + ReLU seeds its state in one kernel, bit for bit what the
+    reference backend's PyTorch path stores; the delta frames after it still match the reference."""
+    torch.manual_seed(0)
+    m = models.randomize_bn_(ResidualNet().eval(), 3).to(DEV)
+    clip = make_video(4, n=2, h=12, w=12, noise=0.01, seed=7).to(DEV)
+    ref = deltacnn.convert(m, clip[0], dtype=dtype, backend="reference", dense_above=None)
+    fast = deltacnn.convert(m, clip[0], dtype=dtype, backend="triton")
+    seeded = []
+    real = tk.seed_act_state_
+    monkeypatch.setattr(tk, "seed_act_state_", lambda y, r, *a: seeded.append(r is not None) or real(y, r, *a))
+    a, b = ref(clip[0]), fast(clip[0])
+    # stem, basic.conv1, bottleneck.conv1 and conv2 alone; basic.conv2 and bottleneck.conv3 with their residual
+    assert seeded == [False, False, True, False, False, True], seeded
+    assert torch.equal(a, b)
+    sa, sb = _states(ref), _states(fast)
+    assert sa.keys() == sb.keys() and len(sa) > 10
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+    tol = {torch.float32: 1e-4, torch.float16: 3e-3}[dtype]
+    for t in range(1, clip.shape[0]):
+        a, b = ref(clip[t]), fast(clip[t])
+        assert float((a.float() - b.float()).norm() / a.float().norm()) < tol, t

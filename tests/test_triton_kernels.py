@@ -349,6 +349,71 @@ def test_sparse_nonlinear(c, dtype):
         check_nonlinear(o, fm, A, E, ref, 1e-5 if dtype == torch.float32 else TOL[dtype], tau, 1e-3)
 
 
+# ---------------------------------------------------------------- keyframe seeding (dense pass)
+SEED_SPECS = [ActSpec("identity"), ActSpec("relu"), ActSpec("relu6"), ActSpec("leaky_relu", slope=0.2), ActSpec("silu"),
+              ActSpec("sigmoid"), ActSpec("hardswish"), ActSpec("hardsigmoid"), ActSpec("tanh"), ActSpec("gelu"),
+              ActSpec("gelu", approximate="tanh"), ActSpec("hardtanh", min_val=-0.5, max_val=2.0),
+              ActSpec("elu", alpha=0.7)]
+ULP = {torch.float32: 2.0 ** -23, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}  # relative, at 1.0
+# the kernel's float32 exp/erf differ from PyTorch's in the last bits: an ulp or two of the model dtype
+# (absolute near 0, where GELU's 1 + erf(x) cancels)
+SEED_TOL = {dt: dict(rtol=2 * u, atol=4 * u if dt == torch.float32 else u) for dt, u in ULP.items()}
+# the Triton 3.6 interpreter truncates float32 -> bfloat16 (a GPU rounds to nearest even)
+BF16_TRUNCATES = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def ref_seed(y, residual, spec):
+    """What a conv keyframe stores today (DeltaConv2d: y.add_(residual), then DeltaLayer._seed_act):
+    (output in y.dtype, A, E)."""
+    v = y.clone()
+    if residual is not None:
+        v.add_(residual)
+    a = v.to(torch.float32, copy=True)
+    out = spec.apply_(v) if spec.commutes_with_rounding else spec(a).to(y.dtype)
+    return out, a, out.float()
+
+
+@pytest.mark.parametrize("with_res", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("c", [5, 24])
+def test_seed_act_state(c, dtype, with_res):
+    """One pass writes y = f(y + r), A and E exactly as the PyTorch keyframe path does: bit for bit for
+    the activations that commute with rounding, within an ulp or two of the model dtype for the rest."""
+    g = torch.Generator().manual_seed(c + 100 * with_res)
+    shape = (2, c, 3, 11)  # 1584 elements for c = 24: two programs, the second partly masked
+    y = cl((2 * torch.randn(shape, generator=g) + 0.1).to(DEV).to(dtype))
+    r = cl(torch.randn(shape, generator=g).to(DEV).to(dtype)) if with_res else None
+    faithful = dtype != torch.bfloat16 or not BF16_TRUNCATES
+    for spec in SEED_SPECS:
+        out_ref, a_ref, e_ref = ref_seed(y, r, spec)
+        A = cl(torch.full(shape, float("nan"), device=DEV))
+        E = cl(torch.full(shape, float("nan"), device=DEV))
+        out = y.clone()
+        assert tk.seed_act_state_(out, r, A, E, tk.Act.from_spec(spec, A, E, 0.0)) is out
+        assert torch.equal(E, out.float()), spec  # E is exactly what was sent
+        if not faithful:
+            torch.testing.assert_close(A, a_ref, rtol=ULP[dtype], atol=0)
+            torch.testing.assert_close(out, out_ref, rtol=4 * ULP[dtype], atol=ULP[dtype])
+            continue
+        assert torch.equal(A, a_ref), spec
+        if spec.commutes_with_rounding:
+            assert torch.equal(out, out_ref) and torch.equal(E, e_ref), spec
+        else:
+            torch.testing.assert_close(out, out_ref, **SEED_TOL[dtype], msg=lambda m: f"{spec.describe()}: {m}")
+            torch.testing.assert_close(E, e_ref, **SEED_TOL[dtype], msg=lambda m: f"{spec.describe()}: {m}")
+
+
+def test_seed_act_state_checks_layouts():
+    A = cl(torch.zeros(1, 4, 2, 3, device=DEV))
+    y = torch.ones(1, 4, 2, 3, device=DEV)  # NCHW
+    with pytest.raises(ValueError, match="channels_last"):
+        tk.seed_act_state_(y, None, A, A.clone(), "relu")
+    with pytest.raises(ValueError, match="float32"):
+        tk.seed_act_state_(cl(y), None, A.half(), A, "relu")
+    with pytest.raises(ValueError, match="residual"):
+        tk.seed_act_state_(cl(y), cl(torch.ones(1, 4, 2, 2, device=DEV)), A, A.clone(), "relu")
+
+
 @pytest.mark.parametrize("c", [3, 40, 260])
 def test_sparse_add_and_accumulate(c):
     g = torch.Generator().manual_seed(11)

@@ -68,5 +68,11 @@ class Backend:
     def pointwise(self, d: DeltaTensor, st: PointwiseState) -> DeltaTensor:
         raise NotImplementedError
 
+    def seed_act(self, y: Tensor, residual: Tensor | None, acc: Tensor, emitted: Tensor, act: ActSpec) -> bool:
+        """Keyframe of a conv's residual add + nonlinear update in one pass, for backends that fuse it:
+        y = f(y + residual) in place (y's dtype, f in float32), acc = y + residual, emitted = f(...) as
+        sent (both float32, overwritten). False: not done, the layer runs its generic PyTorch path."""
+        return False
+
     def add(self, a: DeltaTensor, b: DeltaTensor) -> DeltaTensor:
         raise NotImplementedError

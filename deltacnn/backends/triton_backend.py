@@ -9,9 +9,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..activations import ActSpec
 from ..geometry import Window
 from ..tensor import DeltaTensor, to_cl
 from . import triton_kernels as tk
+from .triton_kernels._common import INTERPRET, is_cl
 from .base import ConvParams, PointwiseState
 from .syncfree import SyncFreeBackend
 
@@ -25,6 +27,16 @@ def _act(st: PointwiseState) -> tk.Act:
     return tk.Act.from_spec(st.act, st.acc, st.emitted, st.tau, st.score)
 
 
+def _fused(spec: ActSpec) -> bool:
+    """Whether the kernels apply this activation themselves (PReLU's per-channel slope: PyTorch path)."""
+    return spec.kind != "prelu"
+
+
+def _flat_alike(y: Tensor, residual: Tensor | None) -> bool:
+    """y and the residual (if any) are channels_last blocks of one shape: one flat index reads both."""
+    return is_cl(y) and (residual is None or (residual.shape == y.shape and is_cl(residual)))
+
+
 class TritonBackend(SyncFreeBackend):
     name = "triton"
     host_sync_ok = False
@@ -34,6 +46,9 @@ class TritonBackend(SyncFreeBackend):
     # reuse one self-resetting tile counter per conv layer instead of zeroing a new one every call
     # (a switch only for benchmarks)
     persistent_counter = True
+    # keyframes: seed each conv's residual add + nonlinear state in one pass (seed_act); a switch
+    # only for benchmarks (same results)
+    fuse_keyframe_seed = True
 
     def sparsify(self, x: Tensor, ref: Tensor, tau: float, score: str, dilation: int, dtype) -> DeltaTensor:
         vals, mask = tk.sparsify(x, ref, tau, dilation, score, out_dtype=dtype)  # reads x in its layout
@@ -47,7 +62,7 @@ class TritonBackend(SyncFreeBackend):
 
     def conv_block(self, d: DeltaTensor, p: ConvParams, residual: DeltaTensor | None,
                    act: PointwiseState | None) -> DeltaTensor:
-        if act is not None and act.act.kind == "prelu":
+        if act is not None and not _fused(act.act):
             return super().conv_block(d, p, residual, act)
         win = p.window
         h, w = d.shape[2:]
@@ -71,10 +86,17 @@ class TritonBackend(SyncFreeBackend):
         return DeltaTensor(y, ym)
 
     def pointwise(self, d: DeltaTensor, st: PointwiseState) -> DeltaTensor:
-        if st.act.kind == "prelu":
+        if not _fused(st.act):
             return super().pointwise(d, st)
         out, mask = tk.sparse_nonlinear(to_cl(d.values), d.mask, st.acc, st.emitted, _act(st))
         return DeltaTensor(out, mask)
+
+    def seed_act(self, y: Tensor, residual: Tensor | None, acc: Tensor, emitted: Tensor, act: ActSpec) -> bool:
+        if not self.fuse_keyframe_seed or not _fused(act) or not (y.is_cuda or INTERPRET) or \
+                not _flat_alike(y, residual):
+            return False
+        tk.seed_act_state_(y, residual, acc, emitted, tk.Act.from_spec(act, acc, emitted, 0.0))
+        return True
 
     def maxpool(self, d: DeltaTensor, acc: Tensor, emitted: Tensor, win: Window, tau: float, score: str) -> DeltaTensor:
         tk.accumulate_(acc, to_cl(d.values), d.mask)

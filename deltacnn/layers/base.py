@@ -4,9 +4,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..activations import ActSpec
 from ..runtime import Runtime
 from ..thresholds import Thresholds
-from ..tensor import DeltaTensor, to_cl
+from ..tensor import DeltaTensor, new_cl
 
 
 def standalone_runtime() -> Runtime:
@@ -34,21 +35,27 @@ class DeltaLayer(nn.Module):
     def tau(self) -> float:
         return self.rt.thresholds.get(self.name)
 
-    def _seed_state(self, key: str, values: Tensor, *, always: bool = False) -> None:
-        """Set float32 channels_last state `key` to a copy of `values` (on keyframes).
+    def _state_buffer(self, key: str, like: Tensor) -> Tensor:
+        """The float32 channels_last state `key` shaped like `like`, for the caller to overwrite.
 
         The existing buffer is reused when it fits, so that a captured CUDA graph reading it stays
-        valid across keyframes, and so that a keyframe costs one copy per state, not an allocation.
+        valid across keyframes, and so that a keyframe costs one pass per state, not an allocation.
+        """
+        old = self._buffers.get("state_" + key)
+        if old is not None and old.shape == like.shape and old.device == like.device and old.dtype == torch.float32:
+            return old
+        n, c, h, w = like.shape
+        buf = self._buffers["state_" + key] = new_cl(n, c, h, w, dtype=torch.float32, device=like.device)
+        return buf
+
+    def _seed_state(self, key: str, values: Tensor, *, always: bool = False) -> None:
+        """Set state `key` to a copy of `values` (on keyframes).
+
         Stateless dense frames (DeltaModel.dense_frame) skip it unless `always`.
         """
         if self.rt.stateless and not always:
             return
-        old = self._buffers.get("state_" + key)
-        if old is not None and old.shape == values.shape and old.device == values.device:
-            old.copy_(values)
-        else:
-            self._buffers["state_" + key] = to_cl(values.float()).clone() if values.dtype == torch.float32 \
-                else to_cl(values.float())
+        self._state_buffer(key, values).copy_(values)
 
     def _seed_act(self, y: Tensor, act, owned: bool = False) -> Tensor:
         """Keyframe of a nonlinear update: A = y, E = f(A) as sent; returns f(y) in the model dtype.
@@ -65,6 +72,15 @@ class DeltaLayer(nn.Module):
             out = act(self._state("acc")).to(self.rt.dtype)
         self._seed_state("emitted", out)
         return out
+
+    def _seed_act_fused(self, y: Tensor, residual: Tensor | None, act: ActSpec) -> bool:
+        """`_seed_act` of y + residual in one backend pass where the backend has one (y is overwritten
+        with the output); False: nothing done, the caller adds and seeds the generic way."""
+        rt = self.rt
+        if rt.stateless or y.dtype != rt.dtype:  # no state to seed, or an output dtype y cannot hold
+            return False
+        acc, emitted = self._state_buffer("acc", y), self._state_buffer("emitted", y)
+        return rt.backend_for(y).seed_act(y, residual, acc, emitted, act)
 
     def reset_state(self) -> None:
         """Drop cached state (frees memory); the next frame must be a keyframe."""

@@ -71,10 +71,12 @@ class DeltaConv2d(DeltaLayer):
         rt = self.rt
         if d.dense:
             y = self.dense(d.values)  # a fresh tensor: the residual and activation may update it in place
-            if residual is not None:
-                y.add_(residual.values)
-            if self.act is not None:
-                y = self._seed_act(y, self.act, owned=True)
+            r = residual.values if residual is not None else None
+            if self.act is None or not self._seed_act_fused(y, r, self.act):
+                if r is not None:
+                    y.add_(r)
+                if self.act is not None:
+                    y = self._seed_act(y, self.act, owned=True)
             out = DeltaTensor.keyframe(y)
         else:
             st = None

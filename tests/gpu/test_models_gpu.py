@@ -13,6 +13,8 @@ if not torch.cuda.is_available():
 
 import deltacnn  # noqa: E402
 from deltacnn import models  # noqa: E402
+from deltacnn.backends.base import Backend  # noqa: E402
+from deltacnn.backends.triton_backend import TritonBackend  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import make_video, rel_err  # noqa: E402
@@ -118,3 +120,28 @@ def test_compiled_keyframes_replay_and_survive_reset():
     # keyframes at 0, 3, 6, 9, 12, then reset: 14, 17, 20, 23
     assert [t for t, k in enumerate(kinds) if k == "keyframe"] == [0, 3, 6, 9, 12, 14, 17, 20, 23], kinds
     assert {k[3] for k in graphed._graphs} == {"delta", "keyframe"}
+
+
+@pytest.mark.parametrize("name", ["resnet50", "mobilenet_v3_small"])
+def test_fused_keyframe_equals_unfused(name, monkeypatch):
+    """fp16 keyframe: the one-pass Triton seeding of conv + residual + activation stores the same
+    output and state as the generic PyTorch path (bit for bit for ReLU nets; an ulp for hardswish),
+    and the delta frames after it agree."""
+    m = _model(name)
+    clip = make_video(4, n=2, h=64, w=96, noise=0.003, seed=8).cuda()
+    fused = deltacnn.convert(m, clip[0], backend="triton", dtype=torch.float16)
+    unfused = deltacnn.convert(m, clip[0], backend="triton", dtype=torch.float16)
+    out_f = fused(clip[0])
+    monkeypatch.setattr(TritonBackend, "seed_act", Backend.seed_act)  # the generic keyframe path
+    out_u = unfused(clip[0])
+    sf, su = (dict(d.named_buffers()) for d in (fused, unfused))
+    states = [k for k in sf if k.rsplit(".", 1)[-1].startswith("state_")]
+    assert len(states) > 20 and sf.keys() == su.keys()
+    for k in states + ["out"]:
+        a, b = (out_f, out_u) if k == "out" else (sf[k], su[k])
+        if name == "resnet50":
+            assert torch.equal(a, b), k
+        else:
+            assert rel_err(a, b) < 2e-3, k
+    for t in range(1, clip.shape[0]):
+        assert rel_err(fused(clip[t]), unfused(clip[t])) < (1e-6 if name == "resnet50" else 5e-3), t

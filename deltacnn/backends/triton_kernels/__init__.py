@@ -3,16 +3,16 @@
 Public API:
     dilate_mask, active_tiles                     (masks.py)
     sparse_conv2d, prepare_weight, ConvConfig     (conv.py)
-    sparse_nonlinear, sparse_add, sparsify, accumulate_   (pointwise.py)
+    sparse_nonlinear, sparse_add, sparsify, accumulate_, seed_act_state_   (pointwise.py)
     maxpool_update                                (pool.py)
     Act                                           (fused nonlinear epilogue spec)
 """
 from ._common import ACT_CODES, Act
 from .conv import ConvConfig, default_config, prepare_weight, sparse_conv2d
 from .masks import active_tiles, dilate_mask, out_size
-from .pointwise import accumulate_, sparse_add, sparse_nonlinear, sparsify
+from .pointwise import accumulate_, seed_act_state_, sparse_add, sparse_nonlinear, sparsify
 from .pool import maxpool_update
 
 __all__ = ["ACT_CODES", "Act", "ConvConfig", "default_config", "prepare_weight", "sparse_conv2d", "active_tiles",
-           "dilate_mask", "out_size", "accumulate_", "sparse_add", "sparse_nonlinear", "sparsify",
-           "maxpool_update"]
+           "dilate_mask", "out_size", "accumulate_", "seed_act_state_", "sparse_add", "sparse_nonlinear",
+           "sparsify", "maxpool_update"]

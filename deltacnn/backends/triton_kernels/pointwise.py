@@ -1,4 +1,5 @@
-"""Memory-bound delta kernels: nonlinear update, add, sparsify (input layer), accumulate (output layer).
+"""Memory-bound delta kernels: nonlinear update, add, sparsify (input layer), accumulate (output layer),
+and the keyframe seeding of a nonlinear update's state.
 
 Each program owns BP consecutive pixels (rows of the (N*H*W, C) channels_last matrix); it reads the
 pixels' masks first and touches values only when one of them is active, so the cost follows the
@@ -90,6 +91,47 @@ def sparse_nonlinear(d: Tensor, d_mask: Tensor, acc: Tensor, emitted: Tensor, fn
                                             act.slope, act.min_val, act.max_val, act.alpha, float(act.tau),
                                             FN=act.code(), SCORE=act.score_code(), BP=bp, BC=bc, NCB=ncb)
     return out, fm
+
+
+_SEED_BLOCK = 1024  # elements per program of the dense keyframe pass (8 per thread with 4 warps)
+
+
+@triton.jit
+def _seed_act_kernel(y_ptr, r_ptr, a_ptr, e_ptr, numel, slope, min_val, max_val, alpha,
+                     FN: tl.constexpr, HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < numel
+    v = tl.load(y_ptr + offs, mask=m, other=0.0)
+    if HAS_RES:  # one float32 add rounded once to the model dtype, as PyTorch's y.add_(r)
+        v = (v.to(tl.float32) + tl.load(r_ptr + offs, mask=m, other=0.0).to(tl.float32)).to(y_ptr.dtype.element_ty)
+    a = v.to(tl.float32)
+    out = apply_act(a, FN, slope, min_val, max_val, alpha).to(y_ptr.dtype.element_ty)
+    tl.store(a_ptr + offs, a, mask=m)
+    tl.store(e_ptr + offs, out.to(tl.float32), mask=m)
+    tl.store(y_ptr + offs, out, mask=m)
+
+
+def seed_act_state_(y: Tensor, residual: Tensor | None, acc: Tensor, emitted: Tensor, act: str | Act) -> Tensor:
+    """Keyframe of a (residual add +) nonlinear update in one memory pass instead of three or four:
+    v = y + residual (rounded to y.dtype); A = v; y = f(A) (float32 math, rounded to y.dtype); E = y.
+
+    y (overwritten) and residual are channels_last; acc (A) and emitted (E) are float32 channels_last
+    buffers of y's shape, overwritten entirely. `act` is an activation name or an Act (its fn and
+    parameters are used, its acc/emitted/tau/score ignored). One launch, no host sync. Returns y.
+    """
+    act = act if isinstance(act, Act) else Act(act, acc, emitted)
+    need_cl(y, "y")
+    check_state(acc, y.shape, "acc")
+    check_state(emitted, y.shape, "emitted")
+    if residual is not None:
+        need_cl(residual, "residual")
+        if residual.shape != y.shape:
+            raise ValueError(f"residual must have y's shape {tuple(y.shape)}, got {tuple(residual.shape)}")
+    if y.numel():
+        _seed_act_kernel[(triton.cdiv(y.numel(), _SEED_BLOCK),)](
+            y, residual if residual is not None else y, acc, emitted, y.numel(), act.slope, act.min_val, act.max_val,
+            act.alpha, FN=act.code(), HAS_RES=residual is not None, BLOCK=_SEED_BLOCK, num_warps=4)
+    return y
 
 
 @triton.jit
