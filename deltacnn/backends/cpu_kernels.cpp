@@ -36,12 +36,20 @@ void check_rows(const torch::Tensor& t, int64_t rows, const char* name) {
 }
 
 // Flat indices of the set entries of `flags`, ascending; with `base`, the entries of base instead.
-torch::Tensor compact(const uint8_t* flags, int64_t count_all, const int64_t* base = nullptr) {
+torch::Tensor compact(const uint8_t* __restrict flags, int64_t count_all, const int64_t* base = nullptr) {
   int64_t count = 0;
   for (int64_t i = 0; i < count_all; ++i) count += flags[i] != 0;
   auto idx = torch::empty({count}, torch::kLong);
   int64_t* ip = idx.data_ptr<int64_t>();
-  for (int64_t i = 0, k = 0; i < count_all; ++i)
+  int64_t i = 0, k = 0;
+  for (; i + 8 <= count_all; i += 8) {  // skip 8 clear flags at a time (most of a sparse mask)
+    uint64_t word;
+    std::memcpy(&word, flags + i, 8);
+    if (!word) continue;
+    for (int64_t j = i; j < i + 8; ++j)
+      if (flags[j]) ip[k++] = base ? base[j] : j;
+  }
+  for (; i < count_all; ++i)
     if (flags[i]) ip[k++] = base ? base[i] : i;
   return idx;
 }
@@ -81,41 +89,50 @@ std::vector<torch::Tensor> candidates(torch::Tensor in_mask, torch::Tensor extra
   if (has_extra) check_u8(extra, g.n * g.ho * g.wo, "extra");
   auto cols = torch::empty({g.n, g.h, g.wo}, torch::kUInt8);
   auto out = torch::empty({g.n * g.ho * g.wo}, torch::kUInt8);
-  const uint8_t* m = in_mask.data_ptr<uint8_t>();
-  uint8_t* c = cols.data_ptr<uint8_t>();
-  uint8_t* o = out.data_ptr<uint8_t>();
-  const uint8_t* e = has_extra ? extra.data_ptr<uint8_t>() : nullptr;
-  at::parallel_for(0, g.n * g.h, 16, [&](int64_t b, int64_t end) {
+  const uint8_t* __restrict m = in_mask.data_ptr<uint8_t>();
+  uint8_t* __restrict c = cols.data_ptr<uint8_t>();
+  uint8_t* __restrict o = out.data_ptr<uint8_t>();
+  const uint8_t* __restrict e = has_extra ? extra.data_ptr<uint8_t>() : nullptr;
+  // byte passes are cheap: threads only pay off on very large maps (waking them costs more)
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(1, g.w));
+  at::parallel_for(0, g.n * g.h, grain, [&](int64_t b, int64_t end) {
+    // private copies: the lambda's captures are references, which byte stores could alias
+    const int64_t w = g.w, wo = g.wo, kw = g.kw, sw = g.sw, dw = g.dw, pl = g.pl;
     for (int64_t r = b; r < end; ++r) {
-      const uint8_t* row = m + r * g.w;
-      uint8_t* crow = c + r * g.wo;
-      std::memset(crow, 0, g.wo);
+      const uint8_t* __restrict row = m + r * w;
+      uint8_t* __restrict crow = c + r * wo;
+      std::memset(crow, 0, wo);
       uint8_t any = 0;
-      for (int64_t ix = 0; ix < g.w; ++ix) any |= row[ix];
+      for (int64_t ix = 0; ix < w; ++ix) any |= row[ix];
       if (!any) continue;  // most rows of a sparse mask
-      for (int64_t kx = 0; kx < g.kw; ++kx) {
+      for (int64_t kx = 0; kx < kw; ++kx) {
         // output columns whose tap kx lands inside the row: 0 <= ox * sw + off < w
-        const int64_t off = kx * g.dw - g.pl;
-        const int64_t lo = off >= 0 ? 0 : (-off + g.sw - 1) / g.sw;
-        const int64_t hi = std::min(g.wo, g.w - 1 - off >= 0 ? (g.w - 1 - off) / g.sw + 1 : 0);
-        for (int64_t ox = lo; ox < hi; ++ox) crow[ox] |= row[ox * g.sw + off] != 0;
+        const int64_t off = kx * dw - pl;
+        const int64_t lo = off >= 0 ? 0 : (-off + sw - 1) / sw;
+        const int64_t hi = std::min(wo, w - 1 - off >= 0 ? (w - 1 - off) / sw + 1 : 0);
+        if (sw == 1) {
+          for (int64_t ox = lo; ox < hi; ++ox) crow[ox] |= row[ox + off];
+        } else {
+          for (int64_t ox = lo; ox < hi; ++ox) crow[ox] |= row[ox * sw + off];
+        }
       }
     }
   });
-  at::parallel_for(0, g.n * g.ho, 16, [&](int64_t b, int64_t end) {
+  at::parallel_for(0, g.n * g.ho, grain, [&](int64_t b, int64_t end) {
+    const int64_t h = g.h, ho = g.ho, wo = g.wo, kh = g.kh, sh = g.sh, dh = g.dh, pt = g.pt;
     for (int64_t r = b; r < end; ++r) {
-      const int64_t n = r / g.ho, oy = r % g.ho;
-      uint8_t* orow = o + r * g.wo;
-      std::memset(orow, 0, g.wo);
-      for (int64_t ky = 0; ky < g.kh; ++ky) {
-        const int64_t iy = oy * g.sh - g.pt + ky * g.dh;
-        if (iy < 0 || iy >= g.h) continue;
-        const uint8_t* crow = c + (n * g.h + iy) * g.wo;
-        for (int64_t ox = 0; ox < g.wo; ++ox) orow[ox] |= crow[ox];
+      const int64_t n = r / ho, oy = r % ho;
+      uint8_t* __restrict orow = o + r * wo;
+      std::memset(orow, 0, wo);
+      for (int64_t ky = 0; ky < kh; ++ky) {
+        const int64_t iy = oy * sh - pt + ky * dh;
+        if (iy < 0 || iy >= h) continue;
+        const uint8_t* __restrict crow = c + (n * h + iy) * wo;
+        for (int64_t ox = 0; ox < wo; ++ox) orow[ox] |= crow[ox];
       }
       if (e) {
-        const uint8_t* erow = e + r * g.wo;
-        for (int64_t ox = 0; ox < g.wo; ++ox) orow[ox] |= erow[ox] != 0;
+        const uint8_t* __restrict erow = e + r * wo;
+        for (int64_t ox = 0; ox < wo; ++ox) orow[ox] |= erow[ox] != 0;
       }
     }
   });
@@ -280,17 +297,23 @@ torch::Tensor sparsify(torch::Tensor x, torch::Tensor ref, double tau, int64_t s
   float* op = out_ext.data_ptr<float>();
   uint8_t* om = out_mask.data_ptr<uint8_t>();
   const float ftau = tau;
-  at::parallel_for(0, total, 256, [&](int64_t b, int64_t end) {
+  at::parallel_for(0, n * h, 4, [&](int64_t b, int64_t end) {  // image rows: no division per pixel
     std::vector<float> d(c);
-    for (int64_t q = b; q < end; ++q) {
-      const int64_t i = q / (h * w), rem = q % (h * w);
-      const float* xq = xp + i * sn + (rem / w) * sh + (rem % w) * sw;
-      float* rr = rp + q * c;
-      for (int64_t j = 0; j < c; ++j) d[j] = xq[j * sc] - rr[j];
-      const float s = score == 0 ? row_score<0>(d.data(), c) : row_score<1>(d.data(), c);
-      if (s > ftau) {
-        send_row(d.data(), op + q * c, rr, c);
-        om[q] = 1;
+    for (int64_t row = b; row < end; ++row) {
+      const float* xrow = xp + (row / h) * sn + (row % h) * sh;
+      for (int64_t xi = 0, q = row * w; xi < w; ++xi, ++q) {
+        const float* xq = xrow + xi * sw;
+        float* rr = rp + q * c;
+        float s = 0.f;  // a plain loop: frames have few channels, too few for vector code
+        for (int64_t j = 0; j < c; ++j) {
+          d[j] = xq[j * sc] - rr[j];
+          s = score == 0 ? std::max(s, std::fabs(d[j])) : s + d[j] * d[j];
+        }
+        if (score != 0) s = std::sqrt(s);
+        if (s > ftau) {
+          send_row(d.data(), op + q * c, rr, c);
+          om[q] = 1;
+        }
       }
     }
   });
