@@ -24,16 +24,39 @@ Geometry geometry(const std::vector<int64_t>& g) {
   return {g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], g[8], g[9], g[10], g[11], g[12]};
 }
 
-void check_u8(const torch::Tensor& t, int64_t numel, const char* name) {
-  TORCH_CHECK(t.scalar_type() == torch::kUInt8 && t.is_contiguous() && t.numel() == numel,
-              name, " must be a contiguous uint8 tensor of ", numel, " elements");
+// A bool (or uint8) mask of `numel` 0/1 bytes.
+const uint8_t* mask_ptr(const torch::Tensor& t, int64_t numel, const char* name) {
+  TORCH_CHECK((t.scalar_type() == torch::kBool || t.scalar_type() == torch::kUInt8) && t.is_contiguous() &&
+                  t.numel() == numel,
+              name, " must be a contiguous bool mask of ", numel, " elements");
+  return static_cast<const uint8_t*>(t.data_ptr());
 }
 
-void check_rows(const torch::Tensor& t, int64_t rows, const char* name) {
-  TORCH_CHECK(t.scalar_type() == torch::kFloat && t.dim() == 2 && t.stride(1) == 1 &&
-                  t.stride(0) == t.size(1) && t.size(0) >= rows,
-              name, " must be a row-contiguous float32 matrix of at least ", rows, " rows");
+// float32 rows of `c` channels: a row-contiguous matrix of at least `rows` rows (an ext matrix), or
+// an (N, C, H, W) channels_last tensor with N*H*W == rows.
+float* rows_ptr(const torch::Tensor& t, int64_t rows, int64_t c, const char* name) {
+  TORCH_CHECK(t.scalar_type() == torch::kFloat, name, " must be float32");
+  if (t.dim() == 2) {
+    TORCH_CHECK(t.size(1) == c && t.stride(1) == 1 && t.stride(0) == c && t.size(0) >= rows,
+                name, " must be a row-contiguous matrix of at least ", rows, " rows of ", c, " channels");
+  } else {
+    TORCH_CHECK(t.dim() == 4 && t.size(1) == c && t.size(0) * t.size(2) * t.size(3) == rows &&
+                    t.is_contiguous(at::MemoryFormat::ChannelsLast),
+                name, " must be a channels_last (N, ", c, ", H, W) tensor of ", rows, " pixels");
+  }
+  return t.data_ptr<float>();
 }
+
+// A new delta of (N, C, H, W): its (N*H*W + 1, C) ext matrix (last row zero), the channels_last
+// values view of the ext's first rows, and an all-false (N, 1, H, W) mask.
+std::vector<torch::Tensor> new_delta(int64_t n, int64_t c, int64_t h, int64_t w) {
+  auto ext = torch::empty({n * h * w + 1, c}, torch::kFloat);
+  ext[n * h * w].zero_();
+  auto values = ext.narrow(0, 0, n * h * w).view({n, h, w, c}).permute({0, 3, 1, 2});
+  return {ext, values, torch::zeros({n, 1, h, w}, torch::kBool)};
+}
+
+uint8_t* mask_out(const torch::Tensor& mask) { return static_cast<uint8_t*>(mask.data_ptr()); }
 
 // Flat indices of the set entries of `flags`, ascending; with `base`, the entries of base instead.
 torch::Tensor compact(const uint8_t* __restrict flags, int64_t count_all, const int64_t* base = nullptr) {
@@ -82,17 +105,15 @@ inline void send_row(const float* o, float* out, float* state, int64_t c) {
 // Candidate output pixels: the receptive-field dilation of `in_mask` (N*H*W bytes), OR `extra`
 // (N*Ho*Wo bytes, may be empty). Returns (flat indices ascending, the mask as N*Ho*Wo bytes).
 // Separable: OR over the kernel's columns, then over its rows (out-of-bounds taps never count).
-std::vector<torch::Tensor> candidates(torch::Tensor in_mask, torch::Tensor extra, std::vector<int64_t> geo) {
+std::vector<torch::Tensor> candidates(torch::Tensor in_mask, c10::optional<torch::Tensor> extra,
+                                      std::vector<int64_t> geo) {
   const Geometry g = geometry(geo);
-  check_u8(in_mask, g.n * g.h * g.w, "in_mask");
-  const bool has_extra = extra.numel() > 0;
-  if (has_extra) check_u8(extra, g.n * g.ho * g.wo, "extra");
+  const uint8_t* __restrict m = mask_ptr(in_mask, g.n * g.h * g.w, "in_mask");
+  const uint8_t* __restrict e = extra ? mask_ptr(*extra, g.n * g.ho * g.wo, "extra") : nullptr;
   auto cols = torch::empty({g.n, g.h, g.wo}, torch::kUInt8);
-  auto out = torch::empty({g.n * g.ho * g.wo}, torch::kUInt8);
-  const uint8_t* __restrict m = in_mask.data_ptr<uint8_t>();
+  auto out = torch::empty({g.n, 1, g.ho, g.wo}, torch::kBool);
   uint8_t* __restrict c = cols.data_ptr<uint8_t>();
-  uint8_t* __restrict o = out.data_ptr<uint8_t>();
-  const uint8_t* __restrict e = has_extra ? extra.data_ptr<uint8_t>() : nullptr;
+  uint8_t* __restrict o = mask_out(out);
   // byte passes are cheap: threads only pay off on very large maps (waking them costs more)
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(1, g.w));
   at::parallel_for(0, g.n * g.h, grain, [&](int64_t b, int64_t end) {
@@ -144,13 +165,11 @@ std::vector<torch::Tensor> candidates(torch::Tensor in_mask, torch::Tensor extra
 // ext: (>= N*H*W, Cin) float32 rows of the input delta (rows of non-updated pixels are never read).
 torch::Tensor gather_taps(torch::Tensor ext, torch::Tensor in_mask, torch::Tensor idx, std::vector<int64_t> geo) {
   const Geometry g = geometry(geo);
-  check_u8(in_mask, g.n * g.h * g.w, "in_mask");
-  check_rows(ext, g.n * g.h * g.w, "ext");
+  const uint8_t* m = mask_ptr(in_mask, g.n * g.h * g.w, "in_mask");
   TORCH_CHECK(idx.scalar_type() == torch::kLong && idx.is_contiguous(), "idx must be contiguous int64");
   const int64_t cin = ext.size(1), taps = g.kh * g.kw, p_count = idx.numel();
+  const float* x = rows_ptr(ext, g.n * g.h * g.w, cin, "ext");
   auto out = torch::empty({p_count, taps * cin}, torch::kFloat);
-  const float* x = ext.data_ptr<float>();
-  const uint8_t* m = in_mask.data_ptr<uint8_t>();
   const int64_t* ip = idx.data_ptr<int64_t>();
   float* op = out.data_ptr<float>();
   const size_t row_bytes = sizeof(float) * cin;
@@ -243,31 +262,25 @@ void act_range_score(const ActArgs& k, int64_t score, int64_t b, int64_t end) {
 
 // Nonlinear update at candidate pixels idx with incoming change rows y (P, C):
 //   v = y (+ residual rows where res_mask), A += v, o = f(A) - E, emit where score(o) > tau,
-//   E += o there, and write o into out_ext rows and 1 into out_mask (N*Ho*Wo bytes, zeroed).
-// Returns the emitted pixel indices (ascending, as idx is). score: 0 max |o|, 1 L2 norm.
+//   E += o there. acc, emitted (and residual): channels_last (N, C, H, W) float32.
+// Returns the emitted delta: [pixel indices (ascending, as idx is), ext, values, mask]
+// (see new_delta). score: 0 max |o|, 1 L2 norm.
 // (A += y + r rounds like the reference's A + (y + r): the sum y + r is formed first.)
-torch::Tensor act_update(torch::Tensor y, torch::Tensor idx, torch::Tensor res_ext, torch::Tensor res_mask,
-                         torch::Tensor acc, torch::Tensor emitted, int64_t code, double lo, double hi,
-                         double slope, double tau, int64_t score, torch::Tensor out_ext, torch::Tensor out_mask) {
-  const int64_t p_count = idx.numel(), c = y.size(1), total = out_mask.numel();
+std::vector<torch::Tensor> act_update(torch::Tensor y, torch::Tensor idx, c10::optional<torch::Tensor> residual,
+                                      c10::optional<torch::Tensor> res_mask, torch::Tensor acc, torch::Tensor emitted,
+                                      int64_t code, double lo, double hi, double slope, double tau, int64_t score) {
+  TORCH_CHECK(emitted.dim() == 4, "emitted must be (N, C, H, W)");
+  const int64_t n = emitted.size(0), c = emitted.size(1), h = emitted.size(2), w = emitted.size(3);
+  const int64_t p_count = idx.numel(), total = n * h * w;
   TORCH_CHECK(idx.scalar_type() == torch::kLong && idx.is_contiguous(), "idx must be contiguous int64");
   TORCH_CHECK(code >= 0 && code <= 3, "unknown activation code ", code);
-  check_rows(y, p_count, "y");
-  check_rows(acc, total, "acc");
-  check_rows(emitted, total, "emitted");
-  check_rows(out_ext, total, "out_ext");
-  check_u8(out_mask, total, "out_mask");
-  const bool has_res = res_mask.numel() > 0;
-  if (has_res) {
-    check_u8(res_mask, total, "res_mask");
-    check_rows(res_ext, total, "res_ext");
-  }
-  TORCH_CHECK(acc.size(1) == c && emitted.size(1) == c && out_ext.size(1) == c && (!has_res || res_ext.size(1) == c),
-              "channel counts differ");
+  TORCH_CHECK(residual.has_value() == res_mask.has_value(), "residual and res_mask come together");
+  auto out = new_delta(n, c, h, w);
   std::vector<uint8_t> keep(p_count);
-  const ActArgs k{y.data_ptr<float>(), idx.data_ptr<int64_t>(), has_res ? res_ext.data_ptr<float>() : nullptr,
-                  has_res ? res_mask.data_ptr<uint8_t>() : nullptr, acc.data_ptr<float>(),
-                  emitted.data_ptr<float>(), out_ext.data_ptr<float>(), out_mask.data_ptr<uint8_t>(), keep.data(),
+  const ActArgs k{rows_ptr(y, p_count, c, "y"), idx.data_ptr<int64_t>(),
+                  residual ? rows_ptr(*residual, total, c, "residual") : nullptr,
+                  res_mask ? mask_ptr(*res_mask, total, "res_mask") : nullptr, rows_ptr(acc, total, c, "acc"),
+                  rows_ptr(emitted, total, c, "emitted"), out[0].data_ptr<float>(), mask_out(out[2]), keep.data(),
                   c, static_cast<float>(lo), static_cast<float>(hi), static_cast<float>(slope),
                   static_cast<float>(tau)};
   at::parallel_for(0, p_count, 64, [&](int64_t b, int64_t end) {
@@ -278,24 +291,20 @@ torch::Tensor act_update(torch::Tensor y, torch::Tensor idx, torch::Tensor res_e
       default: act_range_score<0>(k, score, b, end); break;
     }
   });
-  return compact(keep.data(), p_count, k.idx);
+  return {compact(keep.data(), p_count, k.idx), out[0], out[1], out[2]};
 }
 
-// Input layer: d = x - ref per pixel (x: float32 (N, C, H, W), any strides; ref: float32 rows);
-// where score(d) > tau: out row = d, ref += d, out_mask = 1. Returns the sent pixel indices.
-torch::Tensor sparsify(torch::Tensor x, torch::Tensor ref, double tau, int64_t score, torch::Tensor out_ext,
-                       torch::Tensor out_mask) {
+// Input layer: d = x - ref per pixel (x: float32 (N, C, H, W), any strides; ref: channels_last
+// float32); where score(d) > tau: send d and ref += d. Returns the sent delta as act_update does.
+std::vector<torch::Tensor> sparsify(torch::Tensor x, torch::Tensor ref, double tau, int64_t score) {
   TORCH_CHECK(x.scalar_type() == torch::kFloat && x.dim() == 4, "x must be a float32 (N, C, H, W) tensor");
   const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3), total = n * h * w;
-  check_rows(ref, total, "ref");
-  check_rows(out_ext, total, "out_ext");
-  check_u8(out_mask, total, "out_mask");
-  TORCH_CHECK(ref.size(1) == c && out_ext.size(1) == c, "channel counts differ");
+  float* rp = rows_ptr(ref, total, c, "ref");
+  auto out = new_delta(n, c, h, w);
   const int64_t sn = x.stride(0), sc = x.stride(1), sh = x.stride(2), sw = x.stride(3);
   const float* xp = x.data_ptr<float>();
-  float* rp = ref.data_ptr<float>();
-  float* op = out_ext.data_ptr<float>();
-  uint8_t* om = out_mask.data_ptr<uint8_t>();
+  float* op = out[0].data_ptr<float>();
+  uint8_t* om = mask_out(out[2]);
   const float ftau = tau;
   at::parallel_for(0, n * h, 4, [&](int64_t b, int64_t end) {  // image rows: no division per pixel
     std::vector<float> d(c);
@@ -317,27 +326,24 @@ torch::Tensor sparsify(torch::Tensor x, torch::Tensor ref, double tau, int64_t s
       }
     }
   });
-  return compact(om, total);
+  return {compact(om, total), out[0], out[1], out[2]};
 }
 
 // Max pooling: acc += d at the updated input pixels d_idx, then at candidate outputs cand_idx
 // o = max over the in-image taps of acc - E, emitted where score(o) > tau (as act_update).
-torch::Tensor maxpool_update(torch::Tensor d_rows, torch::Tensor d_idx, torch::Tensor cand_idx, torch::Tensor acc,
-                             torch::Tensor emitted, std::vector<int64_t> geo, double tau, int64_t score,
-                             torch::Tensor out_ext, torch::Tensor out_mask) {
+std::vector<torch::Tensor> maxpool_update(torch::Tensor d_rows, torch::Tensor d_idx, torch::Tensor cand_idx,
+                                          torch::Tensor acc, torch::Tensor emitted, std::vector<int64_t> geo,
+                                          double tau, int64_t score) {
   const Geometry g = geometry(geo);
-  const int64_t c = acc.size(1), in_total = g.n * g.h * g.w, out_total = g.n * g.ho * g.wo;
-  check_rows(d_rows, in_total, "d_rows");
-  check_rows(acc, in_total, "acc");
-  check_rows(emitted, out_total, "emitted");
-  check_rows(out_ext, out_total, "out_ext");
-  check_u8(out_mask, out_total, "out_mask");
+  const int64_t c = acc.size(1), in_total = g.n * g.h * g.w;
   TORCH_CHECK(d_idx.scalar_type() == torch::kLong && d_idx.is_contiguous() && cand_idx.scalar_type() == torch::kLong &&
                   cand_idx.is_contiguous(), "indices must be contiguous int64");
-  TORCH_CHECK(d_rows.size(1) == c && emitted.size(1) == c && out_ext.size(1) == c, "channel counts differ");
-  const float* dp = d_rows.data_ptr<float>();
+  TORCH_CHECK(emitted.dim() == 4 && emitted.size(2) == g.ho && emitted.size(3) == g.wo, "emitted must be (N, C, Ho, Wo)");
+  auto out = new_delta(g.n, c, g.ho, g.wo);
+  const float* dp = rows_ptr(d_rows, in_total, c, "d_rows");
+  float* ap = rows_ptr(acc, in_total, c, "acc");
+  float* ep = rows_ptr(emitted, g.n * g.ho * g.wo, c, "emitted");
   const int64_t* di = d_idx.data_ptr<int64_t>();
-  float* ap = acc.data_ptr<float>();
   at::parallel_for(0, d_idx.numel(), 256, [&](int64_t b, int64_t end) {
     for (int64_t p = b; p < end; ++p) {
       float* ar = ap + di[p] * c;
@@ -348,9 +354,8 @@ torch::Tensor maxpool_update(torch::Tensor d_rows, torch::Tensor d_idx, torch::T
   });
   const int64_t p_count = cand_idx.numel();
   const int64_t* ci = cand_idx.data_ptr<int64_t>();
-  float* ep = emitted.data_ptr<float>();
-  float* op = out_ext.data_ptr<float>();
-  uint8_t* om = out_mask.data_ptr<uint8_t>();
+  float* op = out[0].data_ptr<float>();
+  uint8_t* om = mask_out(out[2]);
   std::vector<uint8_t> keep(p_count);
   const float ftau = tau;
   at::parallel_for(0, p_count, 64, [&](int64_t b, int64_t end) {
@@ -382,7 +387,7 @@ torch::Tensor maxpool_update(torch::Tensor d_rows, torch::Tensor d_idx, torch::T
       }
     }
   });
-  return compact(keep.data(), p_count, ci);
+  return {compact(keep.data(), p_count, ci), out[0], out[1], out[2]};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
