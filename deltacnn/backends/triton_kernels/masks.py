@@ -65,35 +65,15 @@ def dilate_mask(mask: Tensor, kernel: tuple[int, int], stride: tuple[int, int] =
     return out
 
 
-# Tiles each program of the tile-list launch checks. One per program launches thousands of tiny
-# programs on large maps (2040 at 270x480), and scheduling them may cost more than their work.
-TILES_PER_PROGRAM = 8
-
-
 @triton.jit
 def _tiles_kernel(m1_ptr, m2_ptr, fm_ptr, z_ptr, list_ptr, count_ptr, ctr_ptr, xm_ptr, om_ptr,
-                  H, W, Ho, Wo, n_tw, tiles_per_img, n_tiles, ZC: tl.constexpr,
+                  H, W, Ho, Wo, n_tw, tiles_per_img, ZC: tl.constexpr,
                   HAS_M2: tl.constexpr, FM_MODE: tl.constexpr, ZERO: tl.constexpr, NCTR: tl.constexpr,
                   NCTR_P2: tl.constexpr,
                   DIL: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
                   DH: tl.constexpr, DW: tl.constexpr, PT: tl.constexpr, PL: tl.constexpr,
-                  TH: tl.constexpr, TW: tl.constexpr, BZC: tl.constexpr, TPP: tl.constexpr):
-    for i in range(TPP):  # TPP consecutive tiles per program
-        t = tl.program_id(0) * TPP + i
-        if t < n_tiles:
-            _one_tile(t, m1_ptr, m2_ptr, fm_ptr, z_ptr, list_ptr, count_ptr, ctr_ptr, xm_ptr, om_ptr,
-                      H, W, Ho, Wo, n_tw, tiles_per_img, ZC, HAS_M2, FM_MODE, ZERO, NCTR, NCTR_P2,
-                      DIL, KH, KW, SH, SW, DH, DW, PT, PL, TH, TW, BZC)
-
-
-@triton.jit
-def _one_tile(t, m1_ptr, m2_ptr, fm_ptr, z_ptr, list_ptr, count_ptr, ctr_ptr, xm_ptr, om_ptr,
-              H, W, Ho, Wo, n_tw, tiles_per_img, ZC: tl.constexpr,
-              HAS_M2: tl.constexpr, FM_MODE: tl.constexpr, ZERO: tl.constexpr, NCTR: tl.constexpr,
-              NCTR_P2: tl.constexpr,
-              DIL: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-              DH: tl.constexpr, DW: tl.constexpr, PT: tl.constexpr, PL: tl.constexpr,
-              TH: tl.constexpr, TW: tl.constexpr, BZC: tl.constexpr):
+                  TH: tl.constexpr, TW: tl.constexpr, BZC: tl.constexpr):
+    t = tl.program_id(0)
     n = t // tiles_per_img
     r = t % tiles_per_img
     ty = r // n_tw
@@ -171,11 +151,10 @@ def active_tiles(m1: Tensor | None, m2: Tensor | None = None, th: int = 8, tw: i
     zc = zero.shape[1] if zero is not None else 1
     z = zero if zero is not None else ids
     ctr = torch.empty(n_tiles * n_ctr, dtype=torch.int32, device=dev) if n_ctr else None
-    tpp = TILES_PER_PROGRAM
-    _tiles_kernel[(triton.cdiv(n_tiles, tpp),)](u1, u2, fm, z, ids, count, ctr if ctr is not None else ids,
-                              xmu if dilate_from is not None else u1, u1, h, w, ho, wo, n_tw, tiles_per_img, n_tiles, zc,
+    _tiles_kernel[(n_tiles,)](u1, u2, fm, z, ids, count, ctr if ctr is not None else ids,
+                              xmu if dilate_from is not None else u1, u1, h, w, ho, wo, n_tw, tiles_per_img, zc,
                               HAS_M2=m2 is not None, FM_MODE=fm_mode, ZERO=zero is not None, NCTR=n_ctr, NCTR_P2=npow2(n_ctr),
                               DIL=dilate_from is not None, KH=kernel[0], KW=kernel[1], SH=stride[0], SW=stride[1],
                               DH=dil[0], DW=dil[1], PT=pad4[0], PL=pad4[2], TH=th, TW=tw,
-                              BZC=min(64, npow2(zc)), TPP=tpp, num_warps=2)
+                              BZC=min(64, npow2(zc)), num_warps=2)
     return ids, count, (n_tiles, n_tw, tiles_per_img), ctr, m1
