@@ -443,6 +443,8 @@ def run(video: str | Path | None = None, model: str | Task | None = None, *, thr
         threshold = threshold if dm.thresholds.input is None else {"default": threshold, "input": dm.thresholds.input}
     summary = summarize(rows, task=task, device=dev, video=reader.path, threshold=threshold, thresholds=thresholds,
                         dtype=str(torch_dtype or torch.float32).replace("torch.", ""), metric_keys=metric_keys)
+    if dm is not None:
+        summary["backend"] = dm.rt.backend_for(torch.empty(0, device=dev)).name
     paths = write_run_outputs(outdir, rows, summary, metric_keys, title=f"{task.name} on {reader.path.name}")
     if write_videos:
         paths = {"annotated": annotated.path, "updates": updates.path, **paths}
@@ -502,7 +504,8 @@ def summary_table(s: dict) -> str:
     th = s["threshold"]
     th = (f"thresholds {s['thresholds_file']}" if s["thresholds_file"] else
           f"threshold {th['default']:g} (input {th['input']:g})" if isinstance(th, dict) else f"threshold {th:g}")
-    lines = [f"{s['model']} on {Path(s['video']).name}: {s['frames']} frames, {s['device']}, {s['dtype']}, {th}",
+    backend = f", {s['backend']} backend" if s.get("backend") else ""
+    lines = [f"{s['model']} on {Path(s['video']).name}: {s['frames']} frames, {s['device']}{backend}, {s['dtype']}, {th}",
              f"  mean input update rate   {s['mean_update_rate']:8.1%}   (layers: {s['mean_layer_update_rate']:.1%})",
              f"  multiply-adds saved      {s['macs_saved']:8.1%}",
              f"  ms/frame dense / delta   {s['mean_dense_ms']:8.1f} / {s['mean_delta_ms']:.1f}",
@@ -818,7 +821,7 @@ def bench(video: str | Path | None = None, model: str | Task | None = None, *,
                              fs.macs, fs.dense_macs))
         d, t = _median(dense_ms), _median(delta_ms[1:])
         rows.append({"model": task.name, "device": str(dev), "dtype": str(torch_dtype or torch.float32)[6:],
-                     "input": "x".join(str(s) for s in xs[0].shape[-2:][::-1]), "frames": len(xs),
+                     "backend": dm.rt.backend_for(xs[0]).name, "input": "x".join(str(s) for s in xs[0].shape[-2:][::-1]), "frames": len(xs),
                      "threshold": str(spec), "dense_ms": d, "delta_ms": t, "speedup": d / t if t > 0 else float("nan"),
                      "update_rate": _mean([r[0] for r in recs]),
                      "macs_fraction": sum(r[1] for r in recs) / max(1, sum(r[2] for r in recs))})
@@ -838,7 +841,8 @@ def bench_table(rows: list[dict]) -> str:
     if not rows:
         return "(no results)"
     r0 = rows[0]
-    head = (f"{r0['model']} on {r0['device']} ({r0['dtype']}), input {r0['input']}, {r0['frames']} frames; "
+    head = (f"{r0['model']} on {r0['device']} ({r0['dtype']}, {r0['backend']} backend), input {r0['input']}, "
+            f"{r0['frames']} frames; "
             "median ms per frame (delta: non-keyframes)")
     cols = f"{'threshold':>16} {'dense ms':>9} {'delta ms':>9} {'speedup':>8} {'input upd.':>10} {'MACs':>7}"
     lines = [head, cols]
