@@ -41,7 +41,7 @@ def test_default_cpu_backend_is_fused() -> None:
 
 
 @pytest.mark.parametrize("win", WINDOWS, ids=str)
-@pytest.mark.parametrize("rate", [0.0, 0.1, 0.6])
+@pytest.mark.parametrize("rate", [0.0, 0.1, 0.6, 1.0])
 def test_candidates_and_taps_equal_reference(win: Window, rate: float) -> None:
     gen = torch.Generator().manual_seed(7)
     d = _delta(2, 5, 11, 13, rate, gen)
