@@ -321,22 +321,34 @@ std::vector<torch::Tensor> sparsify(torch::Tensor x, torch::Tensor ref, double t
   uint8_t* om = mask_out(out[2]);
   const float ftau = tau;
   at::parallel_for(0, n * h, 4, [&](int64_t b, int64_t end) {  // image rows: no division per pixel
-    std::vector<float> d(c);
+    // private copies (see candidates); scores of a whole row first, channel by channel, so that
+    // the loops run over pixels and vectorise (frames have few channels)
+    const int64_t W = w, C = c, SC = sc, SW = sw, H = h, SN = sn, SH = sh;
+    const int score_kind = static_cast<int>(score);
+    std::vector<float> srow(W), d(C);
     for (int64_t row = b; row < end; ++row) {
-      const float* xrow = xp + (row / h) * sn + (row % h) * sh;
-      for (int64_t xi = 0, q = row * w; xi < w; ++xi, ++q) {
-        const float* xq = xrow + xi * sw;
-        float* rr = rp + q * c;
-        float s = 0.f;  // a plain loop: frames have few channels, too few for vector code
-        for (int64_t j = 0; j < c; ++j) {
-          d[j] = xq[j * sc] - rr[j];
-          s = score == 0 ? std::max(s, std::fabs(d[j])) : s + d[j] * d[j];
+      const float* xrow = xp + (row / H) * SN + (row % H) * SH;
+      const float* rrow = rp + row * W * C;
+      float* __restrict sr = srow.data();
+      std::fill(sr, sr + W, 0.f);
+      for (int64_t j = 0; j < C; ++j) {
+        const float* xj = xrow + j * SC;
+        if (score_kind == 0) {
+          for (int64_t xi = 0; xi < W; ++xi) sr[xi] = std::max(sr[xi], std::fabs(xj[xi * SW] - rrow[xi * C + j]));
+        } else {
+          for (int64_t xi = 0; xi < W; ++xi) {
+            const float dj = xj[xi * SW] - rrow[xi * C + j];
+            sr[xi] += dj * dj;
+          }
         }
-        if (score != 0) s = std::sqrt(s);
-        if (s > ftau) {
-          send_row(d.data(), op + q * c, rr, c);
-          om[q] = 1;
-        }
+      }
+      for (int64_t xi = 0; xi < W; ++xi) {
+        if (!((score_kind == 0 ? sr[xi] : std::sqrt(sr[xi])) > ftau)) continue;
+        const int64_t q = row * W + xi;
+        float* rr = rp + q * C;
+        for (int64_t j = 0; j < C; ++j) d[j] = xrow[j * SC + xi * SW] - rr[j];
+        send_row(d.data(), op + q * C, rr, C);
+        om[q] = 1;
       }
     }
   });
