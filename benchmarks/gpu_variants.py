@@ -24,22 +24,23 @@ from gpu_bench import DENSITIES, SIZES, cuda_ms, delta_run, dense_runs, free_mem
 from profile_frame import conv_layer_profile, kernel_profile, print_profile
 
 # name: (fuse_dilation, SPLIT_CHANNEL_EMIT, BIG_MAP_TILE, NUM_STAGES, PACK_K_BELOW, SPLIT_EMIT_BN,
-#        persistent_counter, fuse_keyframe_seed)
+#        persistent_counter, fuse_keyframe_seed, pointwise.SPARSIFY_MAX_PIXELS)
 VARIANTS = {
-    "before": (False, False, (8, 8), 3, 0, None, False, False),
-    "+fused dilation": (True, False, (8, 8), 3, 0, None, False, False),
-    "+split emit": (False, True, (8, 8), 3, 0, None, False, False),
-    "both": (True, True, (8, 8), 3, 0, None, False, False),
-    "both t8x16": (True, True, (8, 16), 3, 0, None, False, False),
-    "both t16x8": (True, True, (16, 8), 3, 0, None, False, False),
-    "both s4": (True, True, (8, 8), 4, 0, None, False, False),
-    "both t8x16 s4": (True, True, (8, 16), 4, 0, None, False, False),
-    "both+pack": (True, True, (8, 8), 3, 16, None, False, False),
-    "both+pack bn128": (True, True, (8, 8), 3, 16, 128, False, False),
-    "both+pack bn64": (True, True, (8, 8), 3, 16, 64, False, False),
-    "both+pack bn32": (True, True, (8, 8), 3, 16, 32, False, False),
-    "unfused keyframe seed": (True, True, (8, 8), 3, 16, 64, True, False),
-    "default": (True, True, (8, 8), 3, 16, 64, True, True),  # the library's defaults
+    "before": (False, False, (8, 8), 3, 0, None, False, False, 32),
+    "+fused dilation": (True, False, (8, 8), 3, 0, None, False, False, 32),
+    "+split emit": (False, True, (8, 8), 3, 0, None, False, False, 32),
+    "both": (True, True, (8, 8), 3, 0, None, False, False, 32),
+    "both t8x16": (True, True, (8, 16), 3, 0, None, False, False, 32),
+    "both t16x8": (True, True, (16, 8), 3, 0, None, False, False, 32),
+    "both s4": (True, True, (8, 8), 4, 0, None, False, False, 32),
+    "both t8x16 s4": (True, True, (8, 16), 4, 0, None, False, False, 32),
+    "both+pack": (True, True, (8, 8), 3, 16, None, False, False, 32),
+    "both+pack bn128": (True, True, (8, 8), 3, 16, 128, False, False, 32),
+    "both+pack bn64": (True, True, (8, 8), 3, 16, 64, False, False, 32),
+    "both+pack bn32": (True, True, (8, 8), 3, 16, 32, False, False, 32),
+    "unfused keyframe seed": (True, True, (8, 8), 3, 16, 64, True, False, 32),
+    "sparsify 64 px": (True, True, (8, 8), 3, 16, 64, True, True, 32),
+    "default": (True, True, (8, 8), 3, 16, 64, True, True, 1024),  # the library's defaults
 }
 DEFAULT = "default"
 
@@ -47,7 +48,7 @@ DEFAULT = "default"
 def set_variant(name: str) -> None:
     (TritonBackend.fuse_dilation, tk.conv.SPLIT_CHANNEL_EMIT, tk.conv.BIG_MAP_TILE, tk.conv.NUM_STAGES,
      tk.conv.PACK_K_BELOW, tk.conv.SPLIT_EMIT_BN, TritonBackend.persistent_counter,
-     TritonBackend.fuse_keyframe_seed) = VARIANTS[name]
+     TritonBackend.fuse_keyframe_seed, tk.pointwise.SPARSIFY_MAX_PIXELS) = VARIANTS[name]
 
 
 def keyframe_times(model32, clip, truth, dtype) -> dict:

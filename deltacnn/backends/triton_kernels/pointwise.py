@@ -283,6 +283,11 @@ def _sparsify_kernel(x_ptr, r_ptr, m0_ptr, out_ptr, fm_ptr, P, C: tl.constexpr, 
     tl.store(fm_ptr + prow, m.to(tl.uint8), mask=pvalid)
 
 
+# Pixels per program of the input layer. The generic 64 made a 1080p RGB frame 32K programs of
+# 256 elements each; a switch only so that benchmarks can compare (same results).
+SPARSIFY_MAX_PIXELS = 1024
+
+
 def sparsify(x: Tensor, ref: Tensor, tau: float, dilation_k: int = 1, score: str = "max", *,
              out_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
     """Input layer: d = x - ref; mask = score_c(d) > tau, dilated by a k x k window ('same', k // 2);
@@ -302,7 +307,7 @@ def sparsify(x: Tensor, ref: Tensor, tau: float, dilation_k: int = 1, score: str
     fm = torch.empty(n, 1, h, w, dtype=torch.bool, device=x.device)
     P = n * h * w
     bp, bc, _ = _blocks(c)
-    bp = max(bp, 32)
+    bp = max(bp, min(SPARSIFY_MAX_PIXELS, 4096 // bc))  # frames have few channels: many pixels per program
     grid = (triton.cdiv(P, bp),)
     k = int(dilation_k)
     if k > 1:
