@@ -24,10 +24,9 @@ Geometry geometry(const std::vector<int64_t>& g) {
   return {g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], g[8], g[9], g[10], g[11], g[12]};
 }
 
-// A bool (or uint8) mask of `numel` 0/1 bytes.
+// A bool mask of `numel` elements, read as 0/1 bytes (the kernels OR them without normalising).
 const uint8_t* mask_ptr(const torch::Tensor& t, int64_t numel, const char* name) {
-  TORCH_CHECK((t.scalar_type() == torch::kBool || t.scalar_type() == torch::kUInt8) && t.is_contiguous() &&
-                  t.numel() == numel,
+  TORCH_CHECK(t.scalar_type() == torch::kBool && t.is_contiguous() && t.numel() == numel,
               name, " must be a contiguous bool mask of ", numel, " elements");
   return static_cast<const uint8_t*>(t.data_ptr());
 }
@@ -47,8 +46,9 @@ float* rows_ptr(const torch::Tensor& t, int64_t rows, int64_t c, const char* nam
   return t.data_ptr<float>();
 }
 
-// A new delta of (N, C, H, W): its (N*H*W + 1, C) ext matrix (last row zero), the channels_last
-// values view of the ext's first rows, and an all-false (N, 1, H, W) mask.
+// A new delta of (N, C, H, W), laid out as tensor.new_rows_ext does: its (N*H*W + 1, C) ext
+// matrix (last row zero), the channels_last values view of the ext's first rows, and an
+// all-false (N, 1, H, W) mask.
 std::vector<torch::Tensor> new_delta(int64_t n, int64_t c, int64_t h, int64_t w) {
   auto ext = torch::empty({n * h * w + 1, c}, torch::kFloat);
   ext[n * h * w].zero_();
@@ -102,8 +102,8 @@ inline void send_row(const float* o, float* out, float* state, int64_t c) {
 
 }  // namespace
 
-// Candidate output pixels: the receptive-field dilation of `in_mask` (N*H*W bytes), OR `extra`
-// (N*Ho*Wo bytes, may be empty). Returns (flat indices ascending, the mask as N*Ho*Wo bytes).
+// Candidate output pixels: the receptive-field dilation of `in_mask` ((N, 1, H, W) bool), OR
+// `extra` ((N, 1, Ho, Wo) bool, optional). Returns (flat indices ascending, the (N, 1, Ho, Wo) mask).
 // Separable: OR over the kernel's columns, then over its rows (out-of-bounds taps never count).
 std::vector<torch::Tensor> candidates(torch::Tensor in_mask, c10::optional<torch::Tensor> extra,
                                       std::vector<int64_t> geo) {
@@ -153,7 +153,7 @@ std::vector<torch::Tensor> candidates(torch::Tensor in_mask, c10::optional<torch
       }
       if (e) {
         const uint8_t* __restrict erow = e + r * wo;
-        for (int64_t ox = 0; ox < wo; ++ox) orow[ox] |= erow[ox] != 0;
+        for (int64_t ox = 0; ox < wo; ++ox) orow[ox] |= erow[ox];
       }
     }
   });
@@ -162,7 +162,7 @@ std::vector<torch::Tensor> candidates(torch::Tensor in_mask, c10::optional<torch
 
 // Implicit-GEMM operand: row p holds, for each tap of output pixel idx[p], the Cin values of the
 // input pixel it reads, or zeros where that pixel is outside the image or not updated.
-// ext: (>= N*H*W, Cin) float32 rows of the input delta (rows of non-updated pixels are never read).
+// ext: the input delta's float32 rows (see rows_ptr; rows of non-updated pixels are never read).
 torch::Tensor gather_taps(torch::Tensor ext, torch::Tensor in_mask, torch::Tensor idx, std::vector<int64_t> geo) {
   const Geometry g = geometry(geo);
   const uint8_t* m = mask_ptr(in_mask, g.n * g.h * g.w, "in_mask");
