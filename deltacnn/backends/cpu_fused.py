@@ -4,9 +4,9 @@ A sparse conv in the reference backend is ~35 small PyTorch ops (candidate mask,
 gathers, the nonlinear update, truncation, scatter); on a 2-core CPU their fixed costs take as
 long as the GEMMs at 5% changed pixels. Here three of those stages are one C++ pass each
 (cpu_kernels.cpp): candidate pixels, the tap gather, and the fused nonlinear update + emit; so
-are the input layer's sparsify and max pooling.
-Everything else, and every case the kernels do not cover (non-float32 deltas, activations other
-than the piecewise-linear ones, input mask dilation), is the reference code, so semantics are the reference's.
+are the input layer's sparsify and max pooling. Everything else, and every case the kernels do
+not cover (non-float32 deltas, activations other than the piecewise-linear ones, input mask
+dilation), is the reference code, so the semantics are the reference's.
 """
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ class FusedCpuBackend(ReferenceBackend):
                     extra: Tensor | None = None) -> tuple[Tensor, Tensor]:
         n, _, h, w = d.shape
         idx, mask = self._k.candidates(d.mask, extra, _geometry(n, (h, w), out_hw, win))
-        return idx, mask
+        return idx, mask  # the C++ returns a list
 
     def _taps(self, d: DeltaTensor, idx: Tensor, win: Window, out_hw: tuple[int, int]) -> Tensor:
         if d.dtype != torch.float32:
