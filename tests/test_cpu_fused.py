@@ -13,7 +13,7 @@ from deltacnn.backends.cpu_fused import FusedCpuBackend
 from deltacnn.backends.cpu_kernels import load, load_error
 from deltacnn.backends.reference import ReferenceBackend, _scatter_rows
 from deltacnn.geometry import Window
-from deltacnn.tensor import DeltaTensor, new_cl
+from deltacnn.tensor import DeltaTensor
 
 if load() is None:
     pytest.skip(f"CPU kernels do not build here: {load_error()}", allow_module_level=True)
@@ -28,6 +28,17 @@ def _delta(n: int, c: int, h: int, w: int, rate: float, gen: torch.Generator) ->
     idx = torch.nonzero(mask.reshape(-1)).squeeze(1)
     vals = torch.randn(idx.numel(), c, generator=gen)
     return _scatter_rows(n, c, h, w, idx, vals, vals)
+
+
+def _state(values: torch.Tensor) -> torch.Tensor:
+    """A float32 channels_last state tensor holding `values` (as the layers keep A and E)."""
+    return values.float().contiguous(memory_format=torch.channels_last)
+
+
+def _same_delta(a: DeltaTensor, b: DeltaTensor) -> None:
+    assert torch.equal(a.mask, b.mask) and torch.equal(a.active(), b.active())
+    m = a.mask.expand_as(a.values)
+    torch.testing.assert_close(b.values[m], a.values[m], rtol=1e-6, atol=1e-6)
 
 
 WINDOWS = [Window.make(1), Window.make(3, 1, 1), Window.make(3, 2, 1), Window.make(7, 2, 3),
@@ -75,26 +86,16 @@ def test_act_update_equals_reference(act: ActSpec, tau: float, score: str, with_
     results = []
     for be in (REF, FUSED):
         g = torch.Generator().manual_seed(5)
-        acc = new_cl(n, c, h, w, dtype=torch.float32, device="cpu")
-        acc.copy_(torch.randn(n, c, h, w, generator=g))
-        em = new_cl(n, c, h, w, dtype=torch.float32, device="cpu")
+        acc = _state(torch.randn(n, c, h, w, generator=g))
         pending = 0.2 * torch.randn(n, c, h, w, generator=g) * (torch.rand(n, 1, h, w, generator=g) < 0.5)
-        em.copy_(act(acc) + pending)  # untransmitted change at some pixels
+        em = _state(act(acc) + pending)  # untransmitted change at some pixels
         out = be._act_rows(idx, y.clone(), residual, PointwiseState(act, acc, em, tau, score), torch.float32)
         results.append((out, acc, em))
     (o1, a1, e1), (o2, a2, e2) = results
-    assert torch.equal(o1.mask, o2.mask) and 0 < int(o1.mask.sum()) < idx.numel()
-    assert torch.equal(o1.active(), o2.active())
-    m = o1.mask.expand_as(o1.values)
-    torch.testing.assert_close(o2.values[m], o1.values[m], rtol=1e-6, atol=1e-6)
+    assert 0 < int(o1.mask.sum()) < idx.numel()
+    _same_delta(o1, o2)
     torch.testing.assert_close(a2, a1, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(e2, e1, rtol=1e-6, atol=1e-6)
-
-
-def _same_delta(a: DeltaTensor, b: DeltaTensor) -> None:
-    assert torch.equal(a.mask, b.mask) and torch.equal(a.active(), b.active())
-    m = a.mask.expand_as(a.values)
-    torch.testing.assert_close(b.values[m], a.values[m], rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
@@ -103,8 +104,7 @@ def test_sparsify_equals_reference(layout: str, tau: float, score: str) -> None:
     gen = torch.Generator().manual_seed(11)
     x = torch.randn(2, 3, 9, 14, generator=gen)
     x = x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
-    ref0 = new_cl(2, 3, 9, 14, dtype=torch.float32, device="cpu")
-    ref0.copy_(x + 0.5 * torch.randn(2, 3, 9, 14, generator=gen) * (torch.rand(2, 1, 9, 14, generator=gen) < 0.4))
+    ref0 = _state(x + 0.5 * torch.randn(2, 3, 9, 14, generator=gen) * (torch.rand(2, 1, 9, 14, generator=gen) < 0.4))
     outs = []
     for be in (REF, FUSED):
         ref = ref0.clone(memory_format=torch.channels_last)
@@ -126,10 +126,8 @@ def test_maxpool_equals_reference(win: Window, tau: float) -> None:
     outs = []
     for be in (REF, FUSED):
         g = torch.Generator().manual_seed(17)
-        acc = new_cl(n, c, h, w, dtype=torch.float32, device="cpu")
-        acc.copy_(torch.randn(n, c, h, w, generator=g))
-        em = new_cl(n, c, ho, wo, dtype=torch.float32, device="cpu")
-        em.copy_(torch.randn(n, c, ho, wo, generator=g) * 0.1 + 1.0)
+        acc = _state(torch.randn(n, c, h, w, generator=g))
+        em = _state(torch.randn(n, c, ho, wo, generator=g) * 0.1 + 1.0)
         outs.append((be.maxpool(d, acc, em, win, tau, "max"), acc, em))
     (o1, a1, e1), (o2, a2, e2) = outs
     assert int(o1.mask.sum()) > 0
