@@ -569,6 +569,8 @@ def convert(model: nn.Module, example_input: Tensor, *, threshold: float = 0.0, 
     if thresholds_file is not None:
         th.load(thresholds_file)
     rt = Runtime(th, dtype=dtype, backend_name=backend, dense_above=dense_above)
+    if example_input.device.type == "cpu" and backend in (None, "cpu"):
+        rt.backend_for(example_input)  # builds the CPU kernels now (once per machine), not in frame 1's time
     for m in gm.modules():
         if isinstance(m, DeltaLayer):
             m.set_runtime(rt)
