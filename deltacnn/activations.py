@@ -76,6 +76,10 @@ class ActSpec:
         return self.kind + extra.get(self.kind, "")
 
 
+# the truncation scores by the codes compiled kernels (Triton, C++) take for them
+SCORE_CODES = {"max": 0, "l2": 1}
+
+
 def truncation_score(o: Tensor, score: str) -> Tensor:
     """Per-pixel score of a change `o` over its channels, dim 1: rows of a (P, C) matrix or an
     (N, C, H, W) map."""

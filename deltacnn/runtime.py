@@ -49,7 +49,11 @@ class Runtime:
         return self.dense_above if self.dense_limit is None else min(self.dense_above, self.dense_limit)
 
     def backend_for(self, t: Tensor) -> Backend:
-        b = self._backends.get(t.device.type)
+        return self.backend_on(t.device)
+
+    def backend_on(self, device: torch.device) -> Backend:
+        """The backend for tensors on `device` (one per device type, made on first use)."""
+        b = self._backends.get(device.type)
         if b is None:
-            b = self._backends[t.device.type] = get_backend(t.device, self.backend_name)
+            b = self._backends[device.type] = get_backend(device, self.backend_name)
         return b

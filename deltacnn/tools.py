@@ -444,7 +444,7 @@ def run(video: str | Path | None = None, model: str | Task | None = None, *, thr
     summary = summarize(rows, task=task, device=dev, video=reader.path, threshold=threshold, thresholds=thresholds,
                         dtype=str(torch_dtype or torch.float32).replace("torch.", ""), metric_keys=metric_keys)
     if dm is not None:
-        summary["backend"] = dm.rt.backend_for(torch.empty(0, device=dev)).name
+        summary["backend"] = dm.rt.backend_on(dev).name
     paths = write_run_outputs(outdir, rows, summary, metric_keys, title=f"{task.name} on {reader.path.name}")
     if write_videos:
         paths = {"annotated": annotated.path, "updates": updates.path, **paths}
@@ -821,7 +821,8 @@ def bench(video: str | Path | None = None, model: str | Task | None = None, *,
                              fs.macs, fs.dense_macs))
         d, t = _median(dense_ms), _median(delta_ms[1:])
         rows.append({"model": task.name, "device": str(dev), "dtype": str(torch_dtype or torch.float32)[6:],
-                     "backend": dm.rt.backend_for(xs[0]).name, "input": "x".join(str(s) for s in xs[0].shape[-2:][::-1]), "frames": len(xs),
+                     "backend": dm.rt.backend_for(xs[0]).name,
+                     "input": "x".join(str(s) for s in xs[0].shape[-2:][::-1]), "frames": len(xs),
                      "threshold": str(spec), "dense_ms": d, "delta_ms": t, "speedup": d / t if t > 0 else float("nan"),
                      "update_rate": _mean([r[0] for r in recs]),
                      "macs_fraction": sum(r[1] for r in recs) / max(1, sum(r[2] for r in recs))})

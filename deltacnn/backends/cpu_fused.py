@@ -13,14 +13,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..activations import SCORE_CODES
 from ..geometry import Window
 from ..tensor import DeltaTensor, to_cl
 from . import cpu_kernels
 from .base import PointwiseState
 from .reference import ReferenceBackend
 
-
-_SCORES = {"max": 0, "l2": 1}
 
 
 def _geometry(n: int, in_hw: tuple[int, int], out_hw: tuple[int, int], win: Window) -> list[int]:
@@ -48,7 +47,7 @@ class FusedCpuBackend(ReferenceBackend):
     def sparsify(self, x: Tensor, ref: Tensor, tau: float, score: str, dilation: int, dtype) -> DeltaTensor:
         if x.dtype != torch.float32 or dtype != torch.float32 or dilation > 1:
             return super().sparsify(x, ref, tau, score, dilation, dtype)
-        return _delta(self._k.sparsify(x, ref, float(tau), _SCORES[score]))
+        return _delta(self._k.sparsify(x, ref, float(tau), SCORE_CODES[score]))
 
     def maxpool(self, d: DeltaTensor, acc: Tensor, emitted: Tensor, win: Window, tau: float, score: str) -> DeltaTensor:
         if d.dtype != torch.float32:
@@ -57,7 +56,7 @@ class FusedCpuBackend(ReferenceBackend):
         out_hw = tuple(emitted.shape[2:])
         cand_idx, _ = self._candidates(d, win, out_hw)
         return _delta(self._k.maxpool_update(_rows(d), d.active(), cand_idx, acc, emitted,
-                                             _geometry(n, (h, w), out_hw, win), float(tau), _SCORES[score]))
+                                             _geometry(n, (h, w), out_hw, win), float(tau), SCORE_CODES[score]))
 
     def _candidates(self, d: DeltaTensor, win: Window, out_hw: tuple[int, int],
                     extra: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -82,7 +81,7 @@ class FusedCpuBackend(ReferenceBackend):
         return _delta(self._k.act_update(
             y.contiguous(), idx, _rows(residual) if residual is not None else None,
             residual.mask if residual is not None else None, st.acc, st.emitted, code, lo, hi, a.slope,
-            float(st.tau), _SCORES[st.score]))
+            float(st.tau), SCORE_CODES[st.score]))
 
 
 def fused_cpu_backend() -> ReferenceBackend:

@@ -14,6 +14,7 @@ from pathlib import Path
 from types import ModuleType
 
 _SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+_NAME = "deltacnn_cpu_kernels"
 _module: ModuleType | None = None
 _error: str | None = None
 
@@ -29,19 +30,27 @@ def load() -> ModuleType | None:
     if os.environ.get("DELTACNN_NO_CPU_KERNELS") == "1":
         _error = "disabled by DELTACNN_NO_CPU_KERNELS=1"
         return None
+    if not _built():
+        print("deltacnn: compiling the CPU kernels (once per machine, about a minute)...", file=sys.stderr)
     try:
         from torch.utils import cpp_extension
-        build_dir = cpp_extension._get_build_directory("deltacnn_cpu_kernels", verbose=False)
-        if not any(Path(build_dir).glob("*.so")):
-            print("deltacnn: compiling the CPU kernels (once per machine, about a minute)...", file=sys.stderr)
         _module = cpp_extension.load(
-            name="deltacnn_cpu_kernels", sources=[str(_SOURCE)], extra_cflags=["-O3", "-fopenmp"],
+            name=_NAME, sources=[str(_SOURCE)], extra_cflags=["-O3", "-fopenmp"],
             extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # no compiler, no ninja, a build error: run the reference code instead
         _error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
         warnings.warn(f"deltacnn: fused CPU kernels unavailable ({_error}); using the slower pure-PyTorch "
                       "reference backend", RuntimeWarning, stacklevel=2)
     return _module
+
+
+def _built() -> bool:
+    """Whether PyTorch's extension cache already holds a build (only decides the progress message)."""
+    try:
+        from torch.utils import cpp_extension
+        return any(Path(cpp_extension._get_build_directory(_NAME, verbose=False)).glob("*.so"))
+    except Exception:  # a private helper of PyTorch's: if it moves, just print the message
+        return False
 
 
 def load_error() -> str | None:

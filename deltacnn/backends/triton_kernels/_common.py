@@ -9,12 +9,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ...activations import SCORE_CODES
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # activation codes (constexpr inside kernels)
 ACT_CODES = {"none": 0, "identity": 0, "relu": 1, "relu6": 2, "leaky_relu": 3, "silu": 4, "hardswish": 5,
              "hardsigmoid": 6, "sigmoid": 7, "tanh": 8, "gelu": 9, "gelu_tanh": 10, "hardtanh": 11, "elu": 12}
-SCORE_CODES = {"max": 0, "l2": 1}
 
 
 @dataclass
