@@ -19,28 +19,30 @@ import torch
 import deltacnn
 from deltacnn.backends import triton_kernels as tk
 from deltacnn.backends.triton_backend import TritonBackend
+from deltacnn.backends.triton_kernels import _common as tk_common
 from common import environment, median, print_table, workload, write_json
 from gpu_bench import DENSITIES, SIZES, cuda_ms, delta_run, dense_runs, free_memory, make_batch_clip, rel, time_sequence
 from profile_frame import conv_layer_profile, kernel_profile, print_profile
 
 # name: (fuse_dilation, SPLIT_CHANNEL_EMIT, BIG_MAP_TILE, NUM_STAGES, PACK_K_BELOW, SPLIT_EMIT_BN,
-#        persistent_counter, fuse_keyframe_seed, pointwise.SPARSIFY_MAX_PIXELS)
+#        persistent_counter, fuse_keyframe_seed, pointwise.SPARSIFY_MAX_PIXELS, programmatic dependent launch)
 VARIANTS = {
-    "before": (False, False, (8, 8), 3, 0, None, False, False, 32),
-    "+fused dilation": (True, False, (8, 8), 3, 0, None, False, False, 32),
-    "+split emit": (False, True, (8, 8), 3, 0, None, False, False, 32),
-    "both": (True, True, (8, 8), 3, 0, None, False, False, 32),
-    "both t8x16": (True, True, (8, 16), 3, 0, None, False, False, 32),
-    "both t16x8": (True, True, (16, 8), 3, 0, None, False, False, 32),
-    "both s4": (True, True, (8, 8), 4, 0, None, False, False, 32),
-    "both t8x16 s4": (True, True, (8, 16), 4, 0, None, False, False, 32),
-    "both+pack": (True, True, (8, 8), 3, 16, None, False, False, 32),
-    "both+pack bn128": (True, True, (8, 8), 3, 16, 128, False, False, 32),
-    "both+pack bn64": (True, True, (8, 8), 3, 16, 64, False, False, 32),
-    "both+pack bn32": (True, True, (8, 8), 3, 16, 32, False, False, 32),
-    "unfused keyframe seed": (True, True, (8, 8), 3, 16, 64, True, False, 32),
-    "sparsify 64 px": (True, True, (8, 8), 3, 16, 64, True, True, 32),
-    "default": (True, True, (8, 8), 3, 16, 64, True, True, 1024),  # the library's defaults
+    "before": (False, False, (8, 8), 3, 0, None, False, False, 32, False),
+    "+fused dilation": (True, False, (8, 8), 3, 0, None, False, False, 32, False),
+    "+split emit": (False, True, (8, 8), 3, 0, None, False, False, 32, False),
+    "both": (True, True, (8, 8), 3, 0, None, False, False, 32, False),
+    "both t8x16": (True, True, (8, 16), 3, 0, None, False, False, 32, False),
+    "both t16x8": (True, True, (16, 8), 3, 0, None, False, False, 32, False),
+    "both s4": (True, True, (8, 8), 4, 0, None, False, False, 32, False),
+    "both t8x16 s4": (True, True, (8, 16), 4, 0, None, False, False, 32, False),
+    "both+pack": (True, True, (8, 8), 3, 16, None, False, False, 32, False),
+    "both+pack bn128": (True, True, (8, 8), 3, 16, 128, False, False, 32, False),
+    "both+pack bn64": (True, True, (8, 8), 3, 16, 64, False, False, 32, False),
+    "both+pack bn32": (True, True, (8, 8), 3, 16, 32, False, False, 32, False),
+    "unfused keyframe seed": (True, True, (8, 8), 3, 16, 64, True, False, 32, False),
+    "sparsify 64 px": (True, True, (8, 8), 3, 16, 64, True, True, 32, False),
+    "no pdl": (True, True, (8, 8), 3, 16, 64, True, True, 1024, False),
+    "default": (True, True, (8, 8), 3, 16, 64, True, True, 1024, True),  # the library's defaults
 }
 DEFAULT = "default"
 
@@ -48,7 +50,7 @@ DEFAULT = "default"
 def set_variant(name: str) -> None:
     (TritonBackend.fuse_dilation, tk.conv.SPLIT_CHANNEL_EMIT, tk.conv.BIG_MAP_TILE, tk.conv.NUM_STAGES,
      tk.conv.PACK_K_BELOW, tk.conv.SPLIT_EMIT_BN, TritonBackend.persistent_counter,
-     TritonBackend.fuse_keyframe_seed, tk.pointwise.SPARSIFY_MAX_PIXELS) = VARIANTS[name]
+     TritonBackend.fuse_keyframe_seed, tk.pointwise.SPARSIFY_MAX_PIXELS, tk_common.PDL) = VARIANTS[name]
 
 
 def keyframe_times(model32, clip, truth, dtype) -> dict:
@@ -86,6 +88,7 @@ def main() -> None:
     ap.add_argument("--keyframes", default="b1:5%,b8:5%", help="cases whose keyframes are timed ('' for none)")
     ap.add_argument("--keyframe-variants", default=DEFAULT, help="variants whose keyframes are timed")
     ap.add_argument("--profile", default="b1:5%,b1:25%", help="cases profiled per kernel with all switches on")
+    ap.add_argument("--profile-keyframes", default="", help="cases whose eager keyframes are profiled per kernel")
     args = ap.parse_args()
     dtype = torch.float16
     h, w = SIZES["r50"]
@@ -117,6 +120,12 @@ def main() -> None:
                          "err": k["graph_keyframe_err"]})
             print(f"[{time.time() - t0:5.0f}s] keyframes ({v}) {k}", flush=True)
         set_variant(DEFAULT)
+        if case in args.profile_keyframes.split(","):
+            dm = deltacnn.convert(model32, clip[0], dtype=dtype, backend="triton")
+            total, prof = kernel_profile(dm, clip, keyframes=True)
+            print_profile(f"r50 {case} fp16 keyframes (eager)", total, prof, top=20)
+            rows.append({"case": case, "variant": "keyframe profile (eager, kernel time)", "ms": total})
+            del dm
         if case in args.profile.split(","):
             dm = deltacnn.convert(model32, clip[0], dtype=dtype, backend="triton")
             total, prof = kernel_profile(dm, clip)

@@ -14,17 +14,23 @@ from common import workload
 from gpu_bench import SIZES, make_batch_clip
 
 
-def kernel_profile(dm, clip: torch.Tensor, warm: int = 6) -> tuple[float, list[tuple[str, float, float]]]:
-    """Run `warm` frames, then profile the rest of `clip` on the (eager) delta model `dm`.
+def kernel_profile(dm, clip: torch.Tensor, warm: int = 6, keyframes: bool = False
+                   ) -> tuple[float, list[tuple[str, float, float]]]:
+    """Run `warm` frames, then profile the rest of `clip` on the (eager) delta model `dm`
+    (`keyframes`: every frame after a reset(), i.e. a keyframe).
 
     Returns (GPU kernel ms per frame, [(kernel, us per frame, calls per frame)] by time)."""
-    for t in range(warm):
+    def step(t: int) -> None:
+        if keyframes:
+            dm.reset()
         dm(clip[t])
+    for t in range(warm):
+        step(t)
     torch.cuda.synchronize()
     frames = clip.shape[0] - warm
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for t in range(warm, clip.shape[0]):
-            dm(clip[t])
+            step(t)
         torch.cuda.synchronize()
     stats: dict[str, list[float]] = {}
     for e in prof.events():

@@ -459,3 +459,16 @@ def test_sparsify(k, score, dtype):
     assert rel(d[sel], dd[sel]) < TOL[dtype]
     ref_new = torch.where(m, ref0.double() + d.double(), ref0.double())
     assert rel(ref, ref_new) < 1e-7
+
+
+def test_launch_opts_off_without_hopper_gpu(monkeypatch):
+    """Programmatic dependent launch only on CUDA devices of compute capability >= 9, never in the
+    interpreter; kernels then skip griddepcontrol (the interpreter cannot run it)."""
+    from deltacnn.backends.triton_kernels import _common
+    assert _common.launch_opts(torch.device("cpu")) == {"GDC": False}
+    monkeypatch.setattr(_common, "INTERPRET", False)
+    monkeypatch.setattr(_common, "_CAPS", {0: True, 1: False})
+    assert _common.launch_opts(torch.device("cuda", 0)) == {"GDC": True, "launch_pdl": True}
+    assert _common.launch_opts(torch.device("cuda", 1)) == {"GDC": False}
+    monkeypatch.setattr(_common, "PDL", False)
+    assert _common.launch_opts(torch.device("cuda", 0)) == {"GDC": False}

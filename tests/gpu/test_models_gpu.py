@@ -145,3 +145,21 @@ def test_fused_keyframe_equals_unfused(name, monkeypatch):
             assert rel_err(a, b) < 2e-3, k
     for t in range(1, clip.shape[0]):
         assert rel_err(fused(clip[t]), unfused(clip[t])) < (1e-6 if name == "resnet50" else 5e-3), t
+
+
+def test_pdl_launches_match_plain_launches(monkeypatch):
+    """Programmatic dependent launch changes only when kernels start, never what they compute: a
+    graph-replayed clip (keyframes included) gives the same outputs with and without it."""
+    from deltacnn.backends.triton_kernels import _common
+    if torch.cuda.get_device_capability()[0] >= 9:
+        assert _common.launch_opts(torch.device("cuda")) == {"GDC": True, "launch_pdl": True}
+    m = _model("resnet50")
+    clip = make_video(12, n=2, h=64, w=96, noise=0.003, seed=9).cuda()
+    outs = {}
+    for pdl in (False, True):
+        monkeypatch.setattr(_common, "PDL", pdl)
+        dm = deltacnn.convert(m, clip[0], backend="triton", dtype=torch.float16, keyframe_interval=5)
+        g = deltacnn.compile(dm, dense_above=None)
+        outs[pdl] = [g(clip[t]).clone() for t in range(clip.shape[0])]
+    for t, (a, b) in enumerate(zip(outs[False], outs[True])):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3, msg=f"frame {t}")

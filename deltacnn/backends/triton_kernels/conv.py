@@ -16,7 +16,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import INTERPRET, Act, as_act, check_state, finish_tile, mask_u8, need_cl, new_cl, npow2, num_sms
+from ._common import (INTERPRET, Act, as_act, check_state, finish_tile, gdc_start, launch_opts, mask_u8, need_cl,
+                      new_cl, npow2, num_sms)
 from .masks import active_tiles, out_size
 from .pointwise import sparse_nonlinear
 
@@ -33,7 +34,9 @@ def _conv_gemm_kernel(x_ptr, xm_ptr, w_ptr, out_ptr, om_ptr, res_ptr, rm_ptr, a_
                       HAS_RES: tl.constexpr, HAS_ACT: tl.constexpr, FN: tl.constexpr, SCORE: tl.constexpr,
                       WRITE_FM: tl.constexpr, ATOMIC: tl.constexpr, PREC: tl.constexpr, IS_F32: tl.constexpr,
                       NKC: tl.constexpr, N_IT: tl.constexpr, IT_PER: tl.constexpr, UPCAST: tl.constexpr,
-                      FIXUP: tl.constexpr, OR_FM: tl.constexpr, PACK_K: tl.constexpr, SELF_RESET: tl.constexpr):
+                      FIXUP: tl.constexpr, OR_FM: tl.constexpr, PACK_K: tl.constexpr, SELF_RESET: tl.constexpr,
+                      GDC: tl.constexpr):
+    gdc_start(GDC)
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     PER_TILE: tl.constexpr = G * NB * SPLIT_K
@@ -155,7 +158,8 @@ def _conv_dw_kernel(x_ptr, xm_ptr, w_ptr, out_ptr, om_ptr, res_ptr, rm_ptr, a_pt
                     DH: tl.constexpr, DW: tl.constexpr, PT: tl.constexpr, PL: tl.constexpr,
                     TH: tl.constexpr, TW: tl.constexpr, BC: tl.constexpr, NCB: tl.constexpr,
                     HAS_RES: tl.constexpr, HAS_ACT: tl.constexpr, FN: tl.constexpr, SCORE: tl.constexpr,
-                    WRITE_FM: tl.constexpr, OR_FM: tl.constexpr, SELF_RESET: tl.constexpr):
+                    WRITE_FM: tl.constexpr, OR_FM: tl.constexpr, SELF_RESET: tl.constexpr, GDC: tl.constexpr):
+    gdc_start(GDC)
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     total = tl.load(count_ptr) * NCB
@@ -386,7 +390,8 @@ def sparse_conv2d(x: Tensor, x_mask: Tensor, weight: Tensor, out_mask: Tensor | 
                                   KH=kh, KW=kw, SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1],
                                   PT=padding[0], PL=padding[2], TH=cfg.th, TW=cfg.tw, BC=cfg.bn, NCB=ncb,
                                   HAS_RES=has_res, HAS_ACT=act is not None, FN=fn, SCORE=sc, WRITE_FM=False,
-                                  OR_FM=or_fm, SELF_RESET=counter is not None, num_warps=cfg.num_warps)
+                                  OR_FM=or_fm, SELF_RESET=counter is not None, num_warps=cfg.num_warps,
+                                  **launch_opts(dev))
             return out, fm
         work = n_tiles * groups * nb * split_k
         pack = cfg.pack_k if cfg.pack_k is not None else cg < PACK_K_BELOW
@@ -403,7 +408,8 @@ def sparse_conv2d(x: Tensor, x_mask: Tensor, weight: Tensor, out_mask: Tensor | 
                                 WRITE_FM=False, ATOMIC=atomic, PREC=input_precision,
                                 IS_F32=x.dtype == torch.float32, NKC=nkc, N_IT=n_it, IT_PER=it_per,
                                 UPCAST=INTERPRET and x.dtype == torch.bfloat16, FIXUP=fixup, OR_FM=or_fm, PACK_K=pack,
-                                SELF_RESET=counter is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                                SELF_RESET=counter is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                                **launch_opts(dev))
         return out, fm
     except BaseException:
         if counter is not None:  # the tile count was written but never consumed: leave it zeroed

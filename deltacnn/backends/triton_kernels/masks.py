@@ -6,14 +6,15 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import mask_u8, npow2
+from ._common import gdc_start, launch_opts, mask_u8, npow2
 
 
 @triton.jit
 def _dilate_kernel(m_ptr, o_ptr, H, W, Ho, Wo, n_bw,
                    KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
                    DH: tl.constexpr, DW: tl.constexpr, PT: tl.constexpr, PL: tl.constexpr,
-                   BH: tl.constexpr, BW: tl.constexpr):
+                   BH: tl.constexpr, BW: tl.constexpr, GDC: tl.constexpr):
+    gdc_start(GDC)
     pid = tl.program_id(0)
     n = tl.program_id(1)
     by = pid // n_bw
@@ -61,7 +62,8 @@ def dilate_mask(mask: Tensor, kernel: tuple[int, int], stride: tuple[int, int] =
     n_bw = triton.cdiv(wo, BW)
     grid = (triton.cdiv(ho, BH) * n_bw, n)
     _dilate_kernel[grid](m, out.view(torch.uint8), h, w, ho, wo, n_bw, KH=kh, KW=kw, SH=stride[0], SW=stride[1],
-                         DH=dilation[0], DW=dilation[1], PT=padding[0], PL=padding[2], BH=BH, BW=BW)
+                         DH=dilation[0], DW=dilation[1], PT=padding[0], PL=padding[2], BH=BH, BW=BW,
+                         **launch_opts(mask.device))
     return out
 
 
@@ -72,7 +74,8 @@ def _tiles_kernel(m1_ptr, m2_ptr, fm_ptr, z_ptr, list_ptr, count_ptr, ctr_ptr, x
                   NCTR_P2: tl.constexpr,
                   DIL: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
                   DH: tl.constexpr, DW: tl.constexpr, PT: tl.constexpr, PL: tl.constexpr,
-                  TH: tl.constexpr, TW: tl.constexpr, BZC: tl.constexpr):
+                  TH: tl.constexpr, TW: tl.constexpr, BZC: tl.constexpr, GDC: tl.constexpr):
+    gdc_start(GDC)
     t = tl.program_id(0)
     n = t // tiles_per_img
     r = t % tiles_per_img
@@ -156,5 +159,5 @@ def active_tiles(m1: Tensor | None, m2: Tensor | None = None, th: int = 8, tw: i
                               HAS_M2=m2 is not None, FM_MODE=fm_mode, ZERO=zero is not None, NCTR=n_ctr, NCTR_P2=npow2(n_ctr),
                               DIL=dilate_from is not None, KH=kernel[0], KW=kernel[1], SH=stride[0], SW=stride[1],
                               DH=dil[0], DW=dil[1], PT=pad4[0], PL=pad4[2], TH=th, TW=tw,
-                              BZC=min(64, npow2(zc)), num_warps=2)
+                              BZC=min(64, npow2(zc)), num_warps=2, **launch_opts(dev))
     return ids, count, (n_tiles, n_tw, tiles_per_img), ctr, m1

@@ -12,7 +12,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import Act, apply_act, check_state, finish_tile, mask_u8, need_cl, new_cl, npow2
+from ._common import (Act, apply_act, check_state, finish_tile, gdc_start, launch_opts, mask_u8, need_cl, new_cl,
+                      npow2)
 
 
 def _blocks(c: int) -> tuple[int, int, int]:
@@ -25,7 +26,9 @@ def _blocks(c: int) -> tuple[int, int, int]:
 @triton.jit
 def _nonlinear_kernel(d_ptr, dm_ptr, a_ptr, e_ptr, out_ptr, fm_ptr, P, C: tl.constexpr,
                       slope, min_val, max_val, alpha, tau,
-                      FN: tl.constexpr, SCORE: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr, NCB: tl.constexpr):
+                      FN: tl.constexpr, SCORE: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr, NCB: tl.constexpr,
+                      GDC: tl.constexpr):
+    gdc_start(GDC)
     prow = tl.program_id(0).to(tl.int64) * BP + tl.arange(0, BP)
     pvalid = prow < P
     dm = (tl.load(dm_ptr + prow, mask=pvalid, other=0) != 0) & pvalid
@@ -89,7 +92,8 @@ def sparse_nonlinear(d: Tensor, d_mask: Tensor, acc: Tensor, emitted: Tensor, fn
     P = n * h * w
     _nonlinear_kernel[(triton.cdiv(P, bp),)](d, dm, acc, emitted, out, fm.view(torch.uint8), P, c,
                                             act.slope, act.min_val, act.max_val, act.alpha, float(act.tau),
-                                            FN=act.code(), SCORE=act.score_code(), BP=bp, BC=bc, NCB=ncb)
+                                            FN=act.code(), SCORE=act.score_code(), BP=bp, BC=bc, NCB=ncb,
+                                            **launch_opts(d.device))
     return out, fm
 
 
@@ -98,7 +102,8 @@ _SEED_BLOCK = 1024  # elements per program of the dense keyframe pass (8 per thr
 
 @triton.jit
 def _seed_act_kernel(y_ptr, r_ptr, a_ptr, e_ptr, numel, slope, min_val, max_val, alpha,
-                     FN: tl.constexpr, HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+                     FN: tl.constexpr, HAS_RES: tl.constexpr, BLOCK: tl.constexpr, GDC: tl.constexpr):
+    gdc_start(GDC)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < numel
     v = tl.load(y_ptr + offs, mask=m, other=0.0)
@@ -130,13 +135,15 @@ def seed_act_state_(y: Tensor, residual: Tensor | None, acc: Tensor, emitted: Te
     if y.numel():
         _seed_act_kernel[(triton.cdiv(y.numel(), _SEED_BLOCK),)](
             y, residual if residual is not None else y, acc, emitted, y.numel(), act.slope, act.min_val, act.max_val,
-            act.alpha, FN=act.code(), HAS_RES=residual is not None, BLOCK=_SEED_BLOCK, num_warps=4)
+            act.alpha, FN=act.code(), HAS_RES=residual is not None, BLOCK=_SEED_BLOCK, num_warps=4,
+            **launch_opts(y.device))
     return y
 
 
 @triton.jit
 def _add_kernel(a_ptr, am_ptr, b_ptr, bm_ptr, out_ptr, fm_ptr, P, C: tl.constexpr,
-                HAS_B: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr):
+                HAS_B: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr, GDC: tl.constexpr):
+    gdc_start(GDC)
     prow = tl.program_id(0).to(tl.int64) * BP + tl.arange(0, BP)
     pvalid = prow < P
     am = (tl.load(am_ptr + prow, mask=pvalid, other=0) != 0) & pvalid
@@ -178,12 +185,14 @@ def sparse_add(a: Tensor, a_mask: Tensor, b: Tensor | None, b_mask: Tensor | Non
     bp, bc, _ = _blocks(c)
     P = n * h * w
     _add_kernel[(triton.cdiv(P, bp),)](a, am, b if b is not None else a, bm if b is not None else am, out,
-                                      fm.view(torch.uint8), P, c, HAS_B=b is not None, BP=bp, BC=bc)
+                                      fm.view(torch.uint8), P, c, HAS_B=b is not None, BP=bp, BC=bc,
+                                      **launch_opts(a.device))
     return out, fm
 
 
 @triton.jit
-def _accum_kernel(s_ptr, d_ptr, dm_ptr, P, C: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr):
+def _accum_kernel(s_ptr, d_ptr, dm_ptr, P, C: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr, GDC: tl.constexpr):
+    gdc_start(GDC)
     prow = tl.program_id(0).to(tl.int64) * BP + tl.arange(0, BP)
     pvalid = prow < P
     dm = (tl.load(dm_ptr + prow, mask=pvalid, other=0) != 0) & pvalid
@@ -204,7 +213,7 @@ def accumulate_(out_state: Tensor, d: Tensor, d_mask: Tensor) -> Tensor:
     dm = mask_u8(d_mask, (n, 1, h, w), "d_mask")
     bp, bc, _ = _blocks(c)
     P = n * h * w
-    _accum_kernel[(triton.cdiv(P, bp),)](out_state, d, dm, P, c, BP=bp, BC=bc)
+    _accum_kernel[(triton.cdiv(P, bp),)](out_state, d, dm, P, c, BP=bp, BC=bc, **launch_opts(d.device))
     return out_state
 
 
@@ -218,7 +227,8 @@ def _frame_offsets(prow, cols, HW, sN, sP, sC):
 
 @triton.jit
 def _score_kernel(x_ptr, r_ptr, m_ptr, P, C: tl.constexpr, HW, sN, sP, sC, tau, SCORE: tl.constexpr,
-                  BP: tl.constexpr, BC: tl.constexpr):
+                  BP: tl.constexpr, BC: tl.constexpr, GDC: tl.constexpr):
+    gdc_start(GDC)
     prow = tl.program_id(0).to(tl.int64) * BP + tl.arange(0, BP)
     pvalid = prow < P
     s = tl.zeros([BP], dtype=tl.float32)
@@ -239,7 +249,8 @@ def _score_kernel(x_ptr, r_ptr, m_ptr, P, C: tl.constexpr, HW, sN, sP, sC, tau, 
 
 @triton.jit
 def _sparsify_kernel(x_ptr, r_ptr, m0_ptr, out_ptr, fm_ptr, P, C: tl.constexpr, H, W, sN, sP, sC, tau,
-                     K: tl.constexpr, SCORE: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr):
+                     K: tl.constexpr, SCORE: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr, GDC: tl.constexpr):
+    gdc_start(GDC)
     prow = tl.program_id(0).to(tl.int64) * BP + tl.arange(0, BP)
     pvalid = prow < P
     if K == 1:  # score and send in one pass over the pixel block
@@ -312,9 +323,10 @@ def sparsify(x: Tensor, ref: Tensor, tau: float, dilation_k: int = 1, score: str
     k = int(dilation_k)
     if k > 1:
         m0 = torch.empty(n, 1, h, w, dtype=torch.uint8, device=x.device)
-        _score_kernel[grid](x, ref, m0, P, c, h * w, sN, sW, sC, float(tau), SCORE=sc, BP=bp, BC=bc)
+        _score_kernel[grid](x, ref, m0, P, c, h * w, sN, sW, sC, float(tau), SCORE=sc, BP=bp, BC=bc,
+                            **launch_opts(x.device))
     else:
         m0 = fm.view(torch.uint8)
     _sparsify_kernel[grid](x, ref, m0, out, fm.view(torch.uint8), P, c, h, w, sN, sW, sC, float(tau), K=max(k, 1),
-                           SCORE=sc, BP=bp, BC=bc)
+                           SCORE=sc, BP=bp, BC=bc, **launch_opts(x.device))
     return out, fm

@@ -12,14 +12,15 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import check_state, emit_truncated, mask_u8, need_cl, new_cl, npow2
+from ._common import check_state, emit_truncated, gdc_start, launch_opts, mask_u8, need_cl, new_cl, npow2
 
 
 @triton.jit
 def _maxpool_kernel(a_ptr, cm_ptr, e_ptr, out_ptr, fm_ptr, P, H, W, Ho, Wo, tau, C: tl.constexpr,
                     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PT: tl.constexpr,
                     PL: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, SCORE: tl.constexpr,
-                    BP: tl.constexpr, BC: tl.constexpr):
+                    BP: tl.constexpr, BC: tl.constexpr, GDC: tl.constexpr):
+    gdc_start(GDC)
     prow = tl.program_id(0).to(tl.int64) * BP + tl.arange(0, BP)
     pvalid = prow < P
     cm = (tl.load(cm_ptr + prow, mask=pvalid, other=0) != 0) & pvalid
@@ -71,5 +72,5 @@ def maxpool_update(acc: Tensor, cand: Tensor, emitted: Tensor, kernel: tuple[int
     _maxpool_kernel[(triton.cdiv(P, bp),)](acc, cm, emitted, out, fm.view(torch.uint8), P, h, w, ho, wo, float(tau),
                                           C=c, KH=kernel[0], KW=kernel[1], SH=stride[0], SW=stride[1], PT=padding[0],
                                           PL=padding[2], DH=dilation[0], DW=dilation[1],
-                                          SCORE=0 if score == "max" else 1, BP=bp, BC=bc)
+                                          SCORE=0 if score == "max" else 1, BP=bp, BC=bc, **launch_opts(acc.device))
     return out, fm
