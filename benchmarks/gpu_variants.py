@@ -24,33 +24,65 @@ from common import environment, median, print_table, workload, write_json
 from gpu_bench import DENSITIES, SIZES, cuda_ms, delta_run, dense_runs, free_memory, make_batch_clip, rel, time_sequence
 from profile_frame import conv_layer_profile, kernel_profile, print_profile
 
-# name: (fuse_dilation, SPLIT_CHANNEL_EMIT, BIG_MAP_TILE, NUM_STAGES, PACK_K_BELOW, SPLIT_EMIT_BN,
-#        persistent_counter, fuse_keyframe_seed, pointwise.SPARSIFY_MAX_PIXELS, programmatic dependent launch)
+# Module and class settings the variants switch, and where they live (the library's defaults are
+# whatever those hold at import; a variant overrides some of them; earlier variants predate later
+# settings and so switch those off)
+SETTINGS = {
+    "fuse_dilation": (TritonBackend, "fuse_dilation"),
+    "split_channel_emit": (tk.conv, "SPLIT_CHANNEL_EMIT"),
+    "big_map_tile": (tk.conv, "BIG_MAP_TILE"),
+    "num_stages": (tk.conv, "NUM_STAGES"),
+    "pack_k_below": (tk.conv, "PACK_K_BELOW"),
+    "split_emit_bn": (tk.conv, "SPLIT_EMIT_BN"),
+    "persistent_counter": (TritonBackend, "persistent_counter"),
+    "fuse_keyframe_seed": (TritonBackend, "fuse_keyframe_seed"),
+    "sparsify_max_pixels": (tk.pointwise, "SPARSIFY_MAX_PIXELS"),
+    "pdl": (tk_common, "PDL"),
+    "fuse_conv_bias": (TritonBackend, "fuse_conv_bias"),
+}
+LIBRARY_DEFAULTS = {k: getattr(obj, attr) for k, (obj, attr) in SETTINGS.items()}
 VARIANTS = {
-    "before": (False, False, (8, 8), 3, 0, None, False, False, 32, False),
-    "+fused dilation": (True, False, (8, 8), 3, 0, None, False, False, 32, False),
-    "+split emit": (False, True, (8, 8), 3, 0, None, False, False, 32, False),
-    "both": (True, True, (8, 8), 3, 0, None, False, False, 32, False),
-    "both t8x16": (True, True, (8, 16), 3, 0, None, False, False, 32, False),
-    "both t16x8": (True, True, (16, 8), 3, 0, None, False, False, 32, False),
-    "both s4": (True, True, (8, 8), 4, 0, None, False, False, 32, False),
-    "both t8x16 s4": (True, True, (8, 16), 4, 0, None, False, False, 32, False),
-    "both+pack": (True, True, (8, 8), 3, 16, None, False, False, 32, False),
-    "both+pack bn128": (True, True, (8, 8), 3, 16, 128, False, False, 32, False),
-    "both+pack bn64": (True, True, (8, 8), 3, 16, 64, False, False, 32, False),
-    "both+pack bn32": (True, True, (8, 8), 3, 16, 32, False, False, 32, False),
-    "unfused keyframe seed": (True, True, (8, 8), 3, 16, 64, True, False, 32, False),
-    "sparsify 64 px": (True, True, (8, 8), 3, 16, 64, True, True, 32, False),
-    "no pdl": (True, True, (8, 8), 3, 16, 64, True, True, 1024, False),
-    "default": (True, True, (8, 8), 3, 16, 64, True, True, 1024, True),  # the library's defaults
+    "before": dict(fuse_dilation=False, split_channel_emit=False, pack_k_below=0, split_emit_bn=None,
+        persistent_counter=False, fuse_keyframe_seed=False, sparsify_max_pixels=32, pdl='off',
+        fuse_conv_bias=False),
+    "+fused dilation": dict(split_channel_emit=False, pack_k_below=0, split_emit_bn=None, persistent_counter=False,
+        fuse_keyframe_seed=False, sparsify_max_pixels=32, pdl='off', fuse_conv_bias=False),
+    "+split emit": dict(fuse_dilation=False, pack_k_below=0, split_emit_bn=None, persistent_counter=False,
+        fuse_keyframe_seed=False, sparsify_max_pixels=32, pdl='off', fuse_conv_bias=False),
+    "both": dict(pack_k_below=0, split_emit_bn=None, persistent_counter=False, fuse_keyframe_seed=False,
+        sparsify_max_pixels=32, pdl='off', fuse_conv_bias=False),
+    "both t8x16": dict(big_map_tile=(8, 16), pack_k_below=0, split_emit_bn=None, persistent_counter=False,
+        fuse_keyframe_seed=False, sparsify_max_pixels=32, pdl='off', fuse_conv_bias=False),
+    "both t16x8": dict(big_map_tile=(16, 8), pack_k_below=0, split_emit_bn=None, persistent_counter=False,
+        fuse_keyframe_seed=False, sparsify_max_pixels=32, pdl='off', fuse_conv_bias=False),
+    "both s4": dict(num_stages=4, pack_k_below=0, split_emit_bn=None, persistent_counter=False,
+        fuse_keyframe_seed=False, sparsify_max_pixels=32, pdl='off', fuse_conv_bias=False),
+    "both t8x16 s4": dict(big_map_tile=(8, 16), num_stages=4, pack_k_below=0, split_emit_bn=None,
+        persistent_counter=False, fuse_keyframe_seed=False, sparsify_max_pixels=32, pdl='off',
+        fuse_conv_bias=False),
+    "both+pack": dict(split_emit_bn=None, persistent_counter=False, fuse_keyframe_seed=False,
+        sparsify_max_pixels=32, pdl='off', fuse_conv_bias=False),
+    "both+pack bn128": dict(split_emit_bn=128, persistent_counter=False, fuse_keyframe_seed=False,
+        sparsify_max_pixels=32, pdl='off', fuse_conv_bias=False),
+    "both+pack bn64": dict(persistent_counter=False, fuse_keyframe_seed=False, sparsify_max_pixels=32, pdl='off',
+        fuse_conv_bias=False),
+    "both+pack bn32": dict(split_emit_bn=32, persistent_counter=False, fuse_keyframe_seed=False,
+        sparsify_max_pixels=32, pdl='off', fuse_conv_bias=False),
+    "unfused keyframe seed": dict(fuse_keyframe_seed=False, sparsify_max_pixels=32, pdl='off', fuse_conv_bias=False),
+    "sparsify 64 px": dict(sparsify_max_pixels=32, pdl='off', fuse_conv_bias=False),
+    "no pdl": dict(pdl='off'),
+    "pdl exit": dict(pdl='exit'),
+    "conv bias unfused": dict(fuse_conv_bias=False),
+    "dense epilogue off": dict(fuse_keyframe_seed=False),
+    "default": dict(),  # the library's defaults
 }
 DEFAULT = "default"
 
 
 def set_variant(name: str) -> None:
-    (TritonBackend.fuse_dilation, tk.conv.SPLIT_CHANNEL_EMIT, tk.conv.BIG_MAP_TILE, tk.conv.NUM_STAGES,
-     tk.conv.PACK_K_BELOW, tk.conv.SPLIT_EMIT_BN, TritonBackend.persistent_counter,
-     TritonBackend.fuse_keyframe_seed, tk.pointwise.SPARSIFY_MAX_PIXELS, tk_common.PDL) = VARIANTS[name]
+    values = {**LIBRARY_DEFAULTS, **VARIANTS[name]}
+    for key, (obj, attr) in SETTINGS.items():
+        setattr(obj, attr, values[key])
 
 
 def keyframe_times(model32, clip, truth, dtype) -> dict:

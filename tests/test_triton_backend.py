@@ -79,6 +79,36 @@ def _states(model) -> dict:
     return {k: v for k, v in model.state_dict().items() if ".state_" in k or k.startswith("state_")}
 
 
+def test_triton_dense_epilogue_adds_conv_bias_and_runs_stateless_frames(monkeypatch):
+    """On CUDA each conv leaves its bias to the fused dense pass (PyTorch adds it in a pass of its own
+    there too). Forced here on the CPU: keyframes match the reference backend with the bias passed
+    to every fused call, and a stateless dense frame runs the same pass without writing any state."""
+    from deltacnn.backends.triton_backend import TritonBackend
+    torch.manual_seed(0)
+    m = models.randomize_bn_(ResidualNet().eval(), 3).to(DEV)
+    clip = make_video(3, n=2, h=12, w=12, noise=0.01, seed=7).to(DEV)
+    ref = deltacnn.convert(m, clip[0], backend="reference", dense_above=None)
+    fast = deltacnn.convert(m, clip[0], backend="triton")
+    monkeypatch.setattr(TritonBackend, "fuses_conv_bias", lambda self, x: True)
+    calls = []
+    real = tk.seed_act_state_
+
+    def spy(y, r, a, e, act, bias=None):
+        calls.append((a is not None, bias is not None))
+        return real(y, r, a, e, act, bias)
+    monkeypatch.setattr(tk, "seed_act_state_", spy)
+    torch.testing.assert_close(fast(clip[0]), ref(clip[0]), rtol=1e-5, atol=1e-6)
+    assert len(calls) == 6 and set(calls) == {(True, True)}, calls  # every conv + ReLU (BN folded: a bias)
+    before = {k: v.clone() for k, v in _states(fast).items() if "input" not in k}
+    calls.clear()
+    with torch.no_grad():
+        want = m(clip[1])
+    torch.testing.assert_close(fast.dense_frame(clip[1]), want, rtol=1e-5, atol=1e-5)
+    assert len(calls) == 6 and set(calls) == {(False, True)}, calls
+    after = _states(fast)
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_triton_fused_keyframe_seeding_in_residual_blocks(dtype, monkeypatch):
     """Keyframe: every conv + residual + ReLU seeds its state in one kernel, bit for bit what the

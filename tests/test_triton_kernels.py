@@ -362,10 +362,12 @@ SEED_TOL = {dt: dict(rtol=2 * u, atol=4 * u if dt == torch.float32 else u) for d
 BF16_TRUNCATES = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def ref_seed(y, residual, spec):
-    """What a conv keyframe stores today (DeltaConv2d: y.add_(residual), then DeltaLayer._seed_act):
-    (output in y.dtype, A, E)."""
+def ref_seed(y, residual, spec, bias=None):
+    """What a conv keyframe stores without the fused pass (PyTorch's y.add_(bias) after cuDNN, then
+    DeltaConv2d: y.add_(residual), then DeltaLayer._seed_act): (output in y.dtype, A, E)."""
     v = y.clone()
+    if bias is not None:
+        v.add_(bias.view(1, -1, 1, 1))
     if residual is not None:
         v.add_(residual)
     a = v.to(torch.float32, copy=True)
@@ -373,27 +375,35 @@ def ref_seed(y, residual, spec):
     return out, a, out.float()
 
 
+@pytest.mark.parametrize("with_bias", [False, True], ids=["", "bias"])
 @pytest.mark.parametrize("with_res", [False, True], ids=["plain", "residual"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("c", [5, 24])
-def test_seed_act_state(c, dtype, with_res):
-    """One pass writes y = f(y + r), A and E exactly as the PyTorch keyframe path does: bit for bit for
-    the activations that commute with rounding, within an ulp or two of the model dtype for the rest."""
-    g = torch.Generator().manual_seed(c + 100 * with_res)
-    shape = (2, c, 3, 11)  # 1584 elements for c = 24: two programs, the second partly masked
+@pytest.mark.parametrize("c", [5, 300])
+def test_seed_act_state(c, dtype, with_res, with_bias):
+    """One pass writes y = f(y + bias + r), A and E exactly as the PyTorch keyframe path does: bit for
+    bit for the activations that commute with rounding, within an ulp or two of the model dtype for
+    the rest; a stateless dense frame (no A, E) writes the same y."""
+    g = torch.Generator().manual_seed(c + 100 * with_res + 1000 * with_bias)
+    # c = 5: one partly masked channel block; c = 300: two, the second partly masked (few pixels: the
+    # interpreter is slow)
+    shape = (2, c, 3, 11) if c < 100 else (1, c, 2, 3)
     y = cl((2 * torch.randn(shape, generator=g) + 0.1).to(DEV).to(dtype))
     r = cl(torch.randn(shape, generator=g).to(DEV).to(dtype)) if with_res else None
+    bias = torch.randn(c, generator=g).to(DEV).to(dtype) if with_bias else None
     faithful = dtype != torch.bfloat16 or not BF16_TRUNCATES
     for spec in SEED_SPECS:
-        out_ref, a_ref, e_ref = ref_seed(y, r, spec)
+        out_ref, a_ref, e_ref = ref_seed(y, r, spec, bias)
         A = cl(torch.full(shape, float("nan"), device=DEV))
         E = cl(torch.full(shape, float("nan"), device=DEV))
         out = y.clone()
-        assert tk.seed_act_state_(out, r, A, E, tk.Act.from_spec(spec, A, E, 0.0)) is out
+        assert tk.seed_act_state_(out, r, A, E, tk.Act.from_spec(spec, A, E, 0.0), bias) is out
         assert torch.equal(E, out.float()), spec  # E is exactly what was sent
-        if not faithful:
-            torch.testing.assert_close(A, a_ref, rtol=ULP[dtype], atol=0)
-            torch.testing.assert_close(out, out_ref, rtol=4 * ULP[dtype], atol=ULP[dtype])
+        stateless = y.clone()
+        tk.seed_act_state_(stateless, r, None, None, tk.Act.from_spec(spec, A, E, 0.0), bias)
+        assert torch.equal(stateless, out), spec
+        if not faithful:  # each truncated add is off by up to an ulp of its (|value| < 8) result
+            torch.testing.assert_close(A, a_ref, rtol=2 * ULP[dtype], atol=8 * ULP[dtype])
+            torch.testing.assert_close(out, out_ref, rtol=4 * ULP[dtype], atol=8 * ULP[dtype])
             continue
         assert torch.equal(A, a_ref), spec
         if spec.commutes_with_rounding:
@@ -412,6 +422,10 @@ def test_seed_act_state_checks_layouts():
         tk.seed_act_state_(cl(y), None, A.half(), A, "relu")
     with pytest.raises(ValueError, match="residual"):
         tk.seed_act_state_(cl(y), cl(torch.ones(1, 4, 2, 2, device=DEV)), A, A.clone(), "relu")
+    with pytest.raises(ValueError, match="both"):
+        tk.seed_act_state_(cl(y), None, A, None, "relu")
+    with pytest.raises(ValueError, match="bias"):
+        tk.seed_act_state_(cl(y), None, A, A.clone(), "relu", torch.ones(3, device=DEV))
 
 
 @pytest.mark.parametrize("c", [3, 40, 260])
@@ -465,10 +479,12 @@ def test_launch_opts_off_without_hopper_gpu(monkeypatch):
     """Programmatic dependent launch only on CUDA devices of compute capability >= 9, never in the
     interpreter; kernels then skip griddepcontrol (the interpreter cannot run it)."""
     from deltacnn.backends.triton_kernels import _common
-    assert _common.launch_opts(torch.device("cpu")) == {"GDC": False}
+    assert _common.launch_opts(torch.device("cpu")) == {"GDC": 0}
     monkeypatch.setattr(_common, "INTERPRET", False)
     monkeypatch.setattr(_common, "_CAPS", {0: True, 1: False})
-    assert _common.launch_opts(torch.device("cuda", 0)) == {"GDC": True, "launch_pdl": True}
-    assert _common.launch_opts(torch.device("cuda", 1)) == {"GDC": False}
-    monkeypatch.setattr(_common, "PDL", False)
-    assert _common.launch_opts(torch.device("cuda", 0)) == {"GDC": False}
+    assert _common.launch_opts(torch.device("cuda", 0)) == {"GDC": 2, "launch_pdl": True}
+    assert _common.launch_opts(torch.device("cuda", 1)) == {"GDC": 0}
+    monkeypatch.setattr(_common, "PDL", "exit")
+    assert _common.launch_opts(torch.device("cuda", 0)) == {"GDC": 1, "launch_pdl": True}
+    monkeypatch.setattr(_common, "PDL", "off")
+    assert _common.launch_opts(torch.device("cuda", 0)) == {"GDC": 0}

@@ -68,10 +68,17 @@ class Backend:
     def pointwise(self, d: DeltaTensor, st: PointwiseState) -> DeltaTensor:
         raise NotImplementedError
 
-    def seed_act(self, y: Tensor, residual: Tensor | None, acc: Tensor, emitted: Tensor, act: ActSpec) -> bool:
-        """Keyframe of a conv's residual add + nonlinear update in one pass, for backends that fuse it:
-        y = f(y + residual) in place (y's dtype, f in float32), acc = y + residual, emitted = f(...) as
-        sent (both float32, overwritten). False: not done, the layer runs its generic PyTorch path."""
+    def fuses_conv_bias(self, x: Tensor) -> bool:
+        """Whether `seed_act` may run and add the bias for a conv on tensors like x (the conv leaves it out)."""
+        return False
+
+    def seed_act(self, y: Tensor, residual: Tensor | None, acc: Tensor | None, emitted: Tensor | None,
+                 act: ActSpec, bias: Tensor | None = None) -> bool:
+        """Dense frame of a conv's bias + residual add + nonlinear update in one pass, for backends that
+        fuse it: y = f(y + bias + residual) in place (y's dtype, f in float32); on keyframes also
+        acc = y + bias + residual, emitted = f(...) as sent (both float32, overwritten); acc and emitted
+        are None on stateless dense frames. False: nothing done (y unchanged), the layer adds the bias
+        and runs its generic PyTorch path."""
         return False
 
     def add(self, a: DeltaTensor, b: DeltaTensor) -> DeltaTensor:

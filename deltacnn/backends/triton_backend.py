@@ -46,9 +46,11 @@ class TritonBackend(SyncFreeBackend):
     # reuse one self-resetting tile counter per conv layer instead of zeroing a new one every call
     # (a switch only for benchmarks)
     persistent_counter = True
-    # keyframes: seed each conv's residual add + nonlinear state in one pass (seed_act); a switch
-    # only for benchmarks (same results)
+    # dense frames: each conv's bias + residual add + activation (+ keyframe state) in one pass
+    # (seed_act) instead of PyTorch's separate passes; a switch only for benchmarks (same results)
     fuse_keyframe_seed = True
+    # ... with the conv's bias added in that pass instead of by PyTorch after cuDNN (a switch for benchmarks)
+    fuse_conv_bias = True
 
     def sparsify(self, x: Tensor, ref: Tensor, tau: float, score: str, dilation: int, dtype) -> DeltaTensor:
         vals, mask = tk.sparsify(x, ref, tau, dilation, score, out_dtype=dtype)  # reads x in its layout
@@ -91,12 +93,20 @@ class TritonBackend(SyncFreeBackend):
         out, mask = tk.sparse_nonlinear(to_cl(d.values), d.mask, st.acc, st.emitted, _act(st))
         return DeltaTensor(out, mask)
 
-    def seed_act(self, y: Tensor, residual: Tensor | None, acc: Tensor, emitted: Tensor, act: ActSpec) -> bool:
-        if not self.fuse_keyframe_seed or not _fused(act) or not (y.is_cuda or INTERPRET) or \
-                not _flat_alike(y, residual):
+    def fuses_dense_act(self, x: Tensor) -> bool:
+        return self.fuse_keyframe_seed and (x.is_cuda or INTERPRET)
+
+    def seed_act(self, y: Tensor, residual: Tensor | None, acc: Tensor | None, emitted: Tensor | None,
+                 act: ActSpec, bias: Tensor | None = None) -> bool:
+        if not self.fuses_dense_act(y) or not _fused(act) or not _flat_alike(y, residual):
             return False
-        tk.seed_act_state_(y, residual, acc, emitted, tk.Act.from_spec(act, acc, emitted, 0.0))
+        tk.seed_act_state_(y, residual, acc, emitted, tk.Act.from_spec(act, acc, emitted, 0.0), bias)
         return True
+
+    def fuses_conv_bias(self, x: Tensor) -> bool:
+        # CUDA only: there PyTorch too adds the bias after cuDNN, so the result is bit for bit the same
+        # (oneDNN on the CPU adds it inside the conv's accumulation)
+        return self.fuse_conv_bias and x.is_cuda and self.fuses_dense_act(x)
 
     def maxpool(self, d: DeltaTensor, acc: Tensor, emitted: Tensor, win: Window, tau: float, score: str) -> DeltaTensor:
         tk.accumulate_(acc, to_cl(d.values), d.mask)

@@ -73,14 +73,17 @@ class DeltaLayer(nn.Module):
         self._seed_state("emitted", out)
         return out
 
-    def _seed_act_fused(self, y: Tensor, residual: Tensor | None, act: ActSpec) -> bool:
-        """`_seed_act` of y + residual in one backend pass where the backend has one (y is overwritten
-        with the output); False: nothing done, the caller adds and seeds the generic way."""
+    def _seed_act_fused(self, y: Tensor, residual: Tensor | None, act: ActSpec, bias: Tensor | None = None) -> bool:
+        """`_seed_act` of y + bias + residual in one backend pass where the backend has one (y is
+        overwritten with the output; stateless dense frames write no state); False: nothing done, the
+        caller adds and seeds the generic way."""
         rt = self.rt
-        if rt.stateless or y.dtype != rt.dtype:  # no state to seed, or an output dtype y cannot hold
+        if y.dtype != rt.dtype:  # an output dtype y cannot hold
             return False
-        acc, emitted = self._state_buffer("acc", y), self._state_buffer("emitted", y)
-        return rt.backend_for(y).seed_act(y, residual, acc, emitted, act)
+        acc = emitted = None
+        if not rt.stateless:
+            acc, emitted = self._state_buffer("acc", y), self._state_buffer("emitted", y)
+        return rt.backend_for(y).seed_act(y, residual, acc, emitted, act, bias)
 
     def reset_state(self) -> None:
         """Drop cached state (frees memory); the next frame must be a keyframe."""

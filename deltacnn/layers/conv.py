@@ -59,20 +59,27 @@ class DeltaConv2d(DeltaLayer):
             self._params_key = key
         return self._params
 
-    def dense(self, x: Tensor) -> Tensor:
+    def dense(self, x: Tensor, bias: bool = True) -> Tensor:
         t, b, l, r = self.window.padding
+        bias_t = self.bias if bias else None
         if (t, l) == (b, r):
-            return F.conv2d(x, self.weight, self.bias, self.window.stride, (t, l), self.window.dilation, self.groups)
-        return F.conv2d(F.pad(x, (l, r, t, b)), self.weight, self.bias, self.window.stride, 0,
+            return F.conv2d(x, self.weight, bias_t, self.window.stride, (t, l), self.window.dilation, self.groups)
+        return F.conv2d(F.pad(x, (l, r, t, b)), self.weight, bias_t, self.window.stride, 0,
                         self.window.dilation, self.groups)
 
     def forward(self, d: DeltaTensor, residual: DeltaTensor | None = None) -> DeltaTensor:
         d = check_delta(d, self)
         rt = self.rt
         if d.dense:
-            y = self.dense(d.values)  # a fresh tensor: the residual and activation may update it in place
+            # PyTorch adds a conv's bias in its own pass after cuDNN; a backend that fuses the dense
+            # epilogue adds it there instead
+            late_bias = self.bias if self.act is not None and rt.backend_for(d.values).fuses_conv_bias(d.values) \
+                else None
+            y = self.dense(d.values, bias=late_bias is None)  # a fresh tensor: updated in place below
             r = residual.values if residual is not None else None
-            if self.act is None or not self._seed_act_fused(y, r, self.act):
+            if self.act is None or not self._seed_act_fused(y, r, self.act, late_bias):
+                if late_bias is not None:  # the fused pass declined: add the bias as the conv would have
+                    y.add_(late_bias.view(1, -1, 1, 1))
                 if r is not None:
                     y.add_(r)
                 if self.act is not None:

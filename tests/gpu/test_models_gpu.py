@@ -124,15 +124,16 @@ def test_compiled_keyframes_replay_and_survive_reset():
 
 @pytest.mark.parametrize("name", ["resnet50", "mobilenet_v3_small"])
 def test_fused_keyframe_equals_unfused(name, monkeypatch):
-    """fp16 keyframe: the one-pass Triton seeding of conv + residual + activation stores the same
-    output and state as the generic PyTorch path (bit for bit for ReLU nets; an ulp for hardswish),
-    and the delta frames after it agree."""
+    """fp16 keyframe: the one-pass Triton seeding of conv bias + residual + activation stores the same
+    output and state as the generic PyTorch path, whose cuDNN conv adds the bias itself (bit for bit
+    for ReLU nets; an ulp for hardswish), and the delta frames after it agree."""
     m = _model(name)
     clip = make_video(4, n=2, h=64, w=96, noise=0.003, seed=8).cuda()
     fused = deltacnn.convert(m, clip[0], backend="triton", dtype=torch.float16)
     unfused = deltacnn.convert(m, clip[0], backend="triton", dtype=torch.float16)
     out_f = fused(clip[0])
     monkeypatch.setattr(TritonBackend, "seed_act", Backend.seed_act)  # the generic keyframe path
+    monkeypatch.setattr(TritonBackend, "fuses_conv_bias", Backend.fuses_conv_bias)  # bias inside F.conv2d
     out_u = unfused(clip[0])
     sf, su = (dict(d.named_buffers()) for d in (fused, unfused))
     states = [k for k in sf if k.rsplit(".", 1)[-1].startswith("state_")]
@@ -152,14 +153,15 @@ def test_pdl_launches_match_plain_launches(monkeypatch):
     graph-replayed clip (keyframes included) gives the same outputs with and without it."""
     from deltacnn.backends.triton_kernels import _common
     if torch.cuda.get_device_capability()[0] >= 9:
-        assert _common.launch_opts(torch.device("cuda")) == {"GDC": True, "launch_pdl": True}
+        assert _common.launch_opts(torch.device("cuda"))["launch_pdl"]
     m = _model("resnet50")
     clip = make_video(12, n=2, h=64, w=96, noise=0.003, seed=9).cuda()
     outs = {}
-    for pdl in (False, True):
+    for pdl in ("off", "early", "exit"):
         monkeypatch.setattr(_common, "PDL", pdl)
         dm = deltacnn.convert(m, clip[0], backend="triton", dtype=torch.float16, keyframe_interval=5)
         g = deltacnn.compile(dm, dense_above=None)
         outs[pdl] = [g(clip[t]).clone() for t in range(clip.shape[0])]
-    for t, (a, b) in enumerate(zip(outs[False], outs[True])):
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3, msg=f"frame {t}")
+    for mode in ("early", "exit"):
+        for t, (a, b) in enumerate(zip(outs["off"], outs[mode])):
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3, msg=f"{mode}, frame {t}")

@@ -112,28 +112,32 @@ def num_sms(device: torch.device) -> int:
 # Programmatic dependent launch (Hopper and later): each kernel is launched with `launch_pdl` and
 # begins with griddepcontrol.wait, so the next kernel is launched and its programs are placed on the
 # SMs while the previous one drains, instead of after it (a delta frame is ~90 short launches). The
-# wait comes before every memory access, so results are the same; a switch so that benchmarks can
-# compare both.
-PDL = True
+# wait comes before every memory access, so results are the same. "early": each program lets the
+# next kernel launch right after its wait; "exit": the next kernel launches as the programs exit;
+# "off": plain launches. A module setting so that benchmarks can compare.
+PDL = "early"
+_GDC_MODES = {"early": 2, "exit": 1}
 _CAPS: dict = {}
 
 
 def launch_opts(device: torch.device) -> dict:
     """Extra launch arguments for a kernel that takes `GDC: tl.constexpr` and starts with gdc_start."""
-    if INTERPRET or not PDL or device.type != "cuda":
-        return {"GDC": False}
+    if INTERPRET or PDL not in _GDC_MODES or device.type != "cuda":
+        return {"GDC": 0}
     key = device.index if device.index is not None else torch.cuda.current_device()
     if key not in _CAPS:
         _CAPS[key] = torch.cuda.get_device_capability(key)[0] >= 9
-    return {"GDC": True, "launch_pdl": True} if _CAPS[key] else {"GDC": False}
+    return {"GDC": _GDC_MODES[PDL], "launch_pdl": True} if _CAPS[key] else {"GDC": 0}
 
 
 @triton.jit
 def gdc_start(GDC: tl.constexpr):
-    """First statement of every kernel: wait until the previous kernel in the stream has finished and
-    its writes are visible, then let the next kernel launch (its programs wait here in turn)."""
-    if GDC:
+    """First statement of every kernel (GDC > 0 under programmatic dependent launch): wait until the
+    previous kernel in the stream has finished and its writes are visible; GDC 2: then let the next
+    kernel launch (its programs wait here in turn)."""
+    if GDC > 0:
         tl.extra.cuda.gdc_wait()
+    if GDC == 2:
         tl.extra.cuda.gdc_launch_dependents()
 
 

@@ -97,46 +97,69 @@ def sparse_nonlinear(d: Tensor, d_mask: Tensor, acc: Tensor, emitted: Tensor, fn
     return out, fm
 
 
-_SEED_BLOCK = 1024  # elements per program of the dense keyframe pass (8 per thread with 4 warps)
+_SEED_ELEMS = 1024  # elements per program of the dense epilogue (8 per thread with 4 warps)
 
 
 @triton.jit
-def _seed_act_kernel(y_ptr, r_ptr, a_ptr, e_ptr, numel, slope, min_val, max_val, alpha,
-                     FN: tl.constexpr, HAS_RES: tl.constexpr, BLOCK: tl.constexpr, GDC: tl.constexpr):
+def _dense_act_kernel(y_ptr, b_ptr, r_ptr, a_ptr, e_ptr, P, C, slope, min_val, max_val, alpha,
+                      FN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, STATE: tl.constexpr,
+                      BP: tl.constexpr, BC: tl.constexpr, GDC: tl.constexpr):
     gdc_start(GDC)
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    m = offs < numel
+    prow = tl.program_id(0).to(tl.int64) * BP + tl.arange(0, BP)
+    cols = tl.program_id(1) * BC + tl.arange(0, BC)
+    cv = cols < C
+    m = (prow < P)[:, None] & cv[None, :]
+    offs = prow[:, None] * C + cols[None, :]
     v = tl.load(y_ptr + offs, mask=m, other=0.0)
-    if HAS_RES:  # one float32 add rounded once to the model dtype, as PyTorch's y.add_(r)
+    # each add in float32, rounded once to the model dtype, as PyTorch's y.add_(bias) after cuDNN and
+    # y.add_(residual) round them
+    if HAS_BIAS:
+        b = tl.load(b_ptr + cols, mask=cv, other=0.0).to(tl.float32)
+        v = (v.to(tl.float32) + b[None, :]).to(y_ptr.dtype.element_ty)
+    if HAS_RES:
         v = (v.to(tl.float32) + tl.load(r_ptr + offs, mask=m, other=0.0).to(tl.float32)).to(y_ptr.dtype.element_ty)
     a = v.to(tl.float32)
     out = apply_act(a, FN, slope, min_val, max_val, alpha).to(y_ptr.dtype.element_ty)
-    tl.store(a_ptr + offs, a, mask=m)
-    tl.store(e_ptr + offs, out.to(tl.float32), mask=m)
+    if STATE:
+        tl.store(a_ptr + offs, a, mask=m)
+        tl.store(e_ptr + offs, out.to(tl.float32), mask=m)
     tl.store(y_ptr + offs, out, mask=m)
 
 
-def seed_act_state_(y: Tensor, residual: Tensor | None, acc: Tensor, emitted: Tensor, act: str | Act) -> Tensor:
-    """Keyframe of a (residual add +) nonlinear update in one memory pass instead of three or four:
-    v = y + residual (rounded to y.dtype); A = v; y = f(A) (float32 math, rounded to y.dtype); E = y.
+def seed_act_state_(y: Tensor, residual: Tensor | None, acc: Tensor | None, emitted: Tensor | None,
+                    act: str | Act, bias: Tensor | None = None) -> Tensor:
+    """Dense epilogue of a conv in one memory pass instead of up to five: v = y + bias + residual (each
+    add rounded to y.dtype); y = f(v) (float32 math, rounded to y.dtype); on keyframes also A = v, E = y.
 
-    y (overwritten) and residual are channels_last; acc (A) and emitted (E) are float32 channels_last
-    buffers of y's shape, overwritten entirely. `act` is an activation name or an Act (its fn and
-    parameters are used, its acc/emitted/tau/score ignored). One launch, no host sync. Returns y.
+    PyTorch adds a conv's bias in a separate pass after cuDNN: leave it out of the conv and pass it
+    here ((C,) of any float dtype). y (overwritten) and residual are channels_last; acc (A) and
+    emitted (E) are float32 channels_last buffers of y's shape, overwritten entirely, or both None
+    (a stateless dense frame). `act` is an activation name or an Act (its fn and parameters are used,
+    its acc/emitted/tau/score ignored). One launch, no host sync. Returns y.
     """
     act = act if isinstance(act, Act) else Act(act, acc, emitted)
     need_cl(y, "y")
-    check_state(acc, y.shape, "acc")
-    check_state(emitted, y.shape, "emitted")
+    n, c, h, w = y.shape
+    if (acc is None) != (emitted is None):
+        raise ValueError("acc and emitted must both be given (keyframe) or both be None (stateless frame)")
+    if acc is not None:
+        check_state(acc, y.shape, "acc")
+        check_state(emitted, y.shape, "emitted")
     if residual is not None:
         need_cl(residual, "residual")
         if residual.shape != y.shape:
             raise ValueError(f"residual must have y's shape {tuple(y.shape)}, got {tuple(residual.shape)}")
+    if bias is not None and (bias.shape != (c,) or not bias.is_contiguous() or bias.device != y.device):
+        raise ValueError(f"bias must be a contiguous ({c},) tensor on {y.device}, got {tuple(bias.shape)} "
+                         f"on {bias.device}")
     if y.numel():
-        _seed_act_kernel[(triton.cdiv(y.numel(), _SEED_BLOCK),)](
-            y, residual if residual is not None else y, acc, emitted, y.numel(), act.slope, act.min_val, act.max_val,
-            act.alpha, FN=act.code(), HAS_RES=residual is not None, BLOCK=_SEED_BLOCK, num_warps=4,
-            **launch_opts(y.device))
+        bc = min(npow2(c), 256)
+        bp = max(1, _SEED_ELEMS // bc)
+        _dense_act_kernel[(triton.cdiv(n * h * w, bp), triton.cdiv(c, bc))](
+            y, bias if bias is not None else y, residual if residual is not None else y,
+            acc if acc is not None else y, emitted if emitted is not None else y, n * h * w, c,
+            act.slope, act.min_val, act.max_val, act.alpha, FN=act.code(), HAS_BIAS=bias is not None,
+            HAS_RES=residual is not None, STATE=acc is not None, BP=bp, BC=bc, num_warps=4, **launch_opts(y.device))
     return y
 
 
