@@ -39,6 +39,9 @@ SETTINGS = {
     "sparsify_max_pixels": (tk.pointwise, "SPARSIFY_MAX_PIXELS"),
     "pdl": (tk_common, "PDL"),
     "fuse_conv_bias": (TritonBackend, "fuse_conv_bias"),
+    "pack_k_bk": (tk.conv, "PACK_K_BK"),
+    "pack_k_warps": (tk.conv, "PACK_K_WARPS"),
+    "programs_per_sm": (tk.conv, "PROGRAMS_PER_SM"),
 }
 LIBRARY_DEFAULTS = {k: getattr(obj, attr) for k, (obj, attr) in SETTINGS.items()}
 VARIANTS = {
@@ -72,8 +75,13 @@ VARIANTS = {
     "sparsify 64 px": dict(sparsify_max_pixels=32, pdl='off', fuse_conv_bias=False),
     "no pdl": dict(pdl='off'),
     "pdl exit": dict(pdl='exit'),
+    "pdl early": dict(pdl='early'),
     "conv bias unfused": dict(fuse_conv_bias=False),
     "dense epilogue off": dict(fuse_keyframe_seed=False),
+    "stem w8 bk32": dict(pack_k_warps=8, pack_k_bk=32),
+    "stem w8 bk64": dict(pack_k_warps=8, pack_k_bk=64),
+    "stem w4 bk32": dict(pack_k_warps=4, pack_k_bk=32),
+    "2 programs/SM": dict(programs_per_sm=2),
     "default": dict(),  # the library's defaults
 }
 DEFAULT = "default"

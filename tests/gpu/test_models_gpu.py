@@ -157,11 +157,11 @@ def test_pdl_launches_match_plain_launches(monkeypatch):
     m = _model("resnet50")
     clip = make_video(12, n=2, h=64, w=96, noise=0.003, seed=9).cuda()
     outs = {}
-    for pdl in ("off", "early", "exit"):
+    for pdl in ("off", "early", "exit", "auto"):
         monkeypatch.setattr(_common, "PDL", pdl)
         dm = deltacnn.convert(m, clip[0], backend="triton", dtype=torch.float16, keyframe_interval=5)
         g = deltacnn.compile(dm, dense_above=None)
         outs[pdl] = [g(clip[t]).clone() for t in range(clip.shape[0])]
-    for mode in ("early", "exit"):
+    for mode in ("early", "exit", "auto"):
         for t, (a, b) in enumerate(zip(outs["off"], outs[mode])):
             torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3, msg=f"{mode}, frame {t}")

@@ -112,22 +112,27 @@ def num_sms(device: torch.device) -> int:
 # Programmatic dependent launch (Hopper and later): each kernel is launched with `launch_pdl` and
 # begins with griddepcontrol.wait, so the next kernel is launched and its programs are placed on the
 # SMs while the previous one drains, instead of after it (a delta frame is ~90 short launches). The
-# wait comes before every memory access, so results are the same. "early": each program lets the
-# next kernel launch right after its wait; "exit": the next kernel launches as the programs exit;
-# "off": plain launches. A module setting so that benchmarks can compare.
-PDL = "early"
-_GDC_MODES = {"early": 2, "exit": 1}
+# wait comes before every memory access, so results are the same. Modes: "early": every program
+# lets the next kernel launch right after its wait; "exit": the next kernel launches as the programs
+# exit; "auto": early for short kernels, at exit for the persistent convs (whose dependants would
+# otherwise wait on the SMs for the whole conv); "off": plain launches. A module setting so that
+# benchmarks can compare.
+PDL = "auto"
 _CAPS: dict = {}
 
 
-def launch_opts(device: torch.device) -> dict:
-    """Extra launch arguments for a kernel that takes `GDC: tl.constexpr` and starts with gdc_start."""
-    if INTERPRET or PDL not in _GDC_MODES or device.type != "cuda":
+def launch_opts(device: torch.device, long_running: bool = False) -> dict:
+    """Extra launch arguments for a kernel that takes `GDC: tl.constexpr` and starts with gdc_start
+    (`long_running`: a persistent kernel that may run long, see PDL)."""
+    if INTERPRET or PDL not in ("early", "exit", "auto") or device.type != "cuda":
         return {"GDC": 0}
     key = device.index if device.index is not None else torch.cuda.current_device()
     if key not in _CAPS:
         _CAPS[key] = torch.cuda.get_device_capability(key)[0] >= 9
-    return {"GDC": _GDC_MODES[PDL], "launch_pdl": True} if _CAPS[key] else {"GDC": 0}
+    if not _CAPS[key]:
+        return {"GDC": 0}
+    early = PDL == "early" or (PDL == "auto" and not long_running)
+    return {"GDC": 2 if early else 1, "launch_pdl": True}
 
 
 @triton.jit

@@ -206,6 +206,14 @@ NUM_STAGES = 3
 # Below this many input channels per group a K step of (tap, channel block) would be mostly
 # padding (3 of 16 for an RGB stem), so K is flattened over (tap, channel) instead.
 PACK_K_BELOW = 16
+# K step and warps of packed-K convs. Packed K gathers each (tap, channel) element on its own, so
+# the [pixels x BK] index tensors are large: at 4 warps and BK 64 the R50 stem needs 255 registers
+# and spills 240 bytes per thread (ptxas -v for sm_90a); 8 warps and BK 32: 140 registers, no spill.
+PACK_K_BK = 64
+PACK_K_WARPS = 4
+# Persistent programs per SM (ConvConfig.programs_per_sm's default). Most conv variants use
+# 230-245 registers per thread at 4 warps, so only 2 programs of 128 threads fit an SM at a time.
+PROGRAMS_PER_SM = 4
 # Output channels per program of a conv whose nonlinear update is fused with split channels
 # (tau <= 0); None: all channels in one program where the heuristic would do that anyway. The
 # epilogue holds four [pixels x BN] float32 tiles (sum, residual, A, E): at BN 256 they spill.
@@ -253,7 +261,10 @@ def default_config(n: int, cin: int, cout: int, groups: int, kernel: tuple[int, 
         return ConvConfig(bn=bc, bk=16, num_warps=4 if bc <= 64 else 8)
     bk_max = 32 if dtype == torch.float32 else 64
     # packed K (few channels): a step spans several taps
-    bk = min(bk_max, max(16, npow2(cg if cg >= PACK_K_BELOW else kh * kw * cg)))
+    packed = cg < PACK_K_BELOW
+    bk = min(bk_max, max(16, npow2(kh * kw * cg if packed else cg)))
+    if packed:
+        bk = min(bk, PACK_K_BK)
     big = n * out_hw[0] * out_hw[1] >= 32768
     # at tau <= 0 the fused epilogue may split Cout (SPLIT_EMIT_BN channels per program); otherwise it
     # needs all Cout of a pixel in one program, and on small maps that leaves too few programs (H100,
@@ -265,14 +276,15 @@ def default_config(n: int, cin: int, cout: int, groups: int, kernel: tuple[int, 
     else:
         bn = min(128 if big else 64, max(16, npow2(og)))
     th, tw = BIG_MAP_TILE if big and bn * BIG_MAP_TILE[0] * BIG_MAP_TILE[1] <= 128 * 128 else (8, 8)
-    warps = 8 if bn * th * tw >= 128 * 128 else 4
+    warps = PACK_K_WARPS if packed else 8 if bn * th * tw >= 128 * 128 else 4
     # small maps with a long K loop: too few (tile, channel block) items to fill 132 SMs at low
     # density, so split K (measured on H100: 3x3 256->256 @68x120, 1%: 29.9 -> 20.0 us with 4 splits)
     split = 1
     if n * out_hw[0] * out_hw[1] < 32768:
         k_len = kh * kw * cg
         split = 4 if k_len >= 2048 else 2 if k_len >= 1024 else 1
-    return ConvConfig(th=th, tw=tw, bn=bn, bk=bk, num_warps=warps, split_k=split, num_stages=NUM_STAGES)
+    return ConvConfig(th=th, tw=tw, bn=bn, bk=bk, num_warps=warps, split_k=split, num_stages=NUM_STAGES,
+                      programs_per_sm=PROGRAMS_PER_SM)
 
 
 def sparse_conv2d(x: Tensor, x_mask: Tensor, weight: Tensor, out_mask: Tensor | None,
@@ -391,7 +403,7 @@ def sparse_conv2d(x: Tensor, x_mask: Tensor, weight: Tensor, out_mask: Tensor | 
                                   PT=padding[0], PL=padding[2], TH=cfg.th, TW=cfg.tw, BC=cfg.bn, NCB=ncb,
                                   HAS_RES=has_res, HAS_ACT=act is not None, FN=fn, SCORE=sc, WRITE_FM=False,
                                   OR_FM=or_fm, SELF_RESET=counter is not None, num_warps=cfg.num_warps,
-                                  **launch_opts(dev))
+                                  **launch_opts(dev, long_running=True))
             return out, fm
         work = n_tiles * groups * nb * split_k
         pack = cfg.pack_k if cfg.pack_k is not None else cg < PACK_K_BELOW
@@ -409,7 +421,7 @@ def sparse_conv2d(x: Tensor, x_mask: Tensor, weight: Tensor, out_mask: Tensor | 
                                 IS_F32=x.dtype == torch.float32, NKC=nkc, N_IT=n_it, IT_PER=it_per,
                                 UPCAST=INTERPRET and x.dtype == torch.bfloat16, FIXUP=fixup, OR_FM=or_fm, PACK_K=pack,
                                 SELF_RESET=counter is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                                **launch_opts(dev))
+                                **launch_opts(dev, long_running=True))
         return out, fm
     except BaseException:
         if counter is not None:  # the tile count was written but never consumed: leave it zeroed
