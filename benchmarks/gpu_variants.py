@@ -76,11 +76,13 @@ VARIANTS = {
     "no pdl": dict(pdl='off'),
     "pdl exit": dict(pdl='exit'),
     "pdl early": dict(pdl='early'),
+    "pdl short": dict(pdl='short'),
     "conv bias unfused": dict(fuse_conv_bias=False),
     "dense epilogue off": dict(fuse_keyframe_seed=False),
     "stem w8 bk32": dict(pack_k_warps=8, pack_k_bk=32),
     "stem w8 bk64": dict(pack_k_warps=8, pack_k_bk=64),
     "stem w4 bk32": dict(pack_k_warps=4, pack_k_bk=32),
+    "stem w4 bk64": dict(pack_k_warps=4, pack_k_bk=64),
     "2 programs/SM": dict(programs_per_sm=2),
     "default": dict(),  # the library's defaults
 }

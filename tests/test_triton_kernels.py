@@ -487,6 +487,9 @@ def test_launch_opts_off_without_hopper_gpu(monkeypatch):
     assert _common.launch_opts(torch.device("cuda", 1)) == {"GDC": 0}
     monkeypatch.setattr(_common, "PDL", "early")
     assert _common.launch_opts(torch.device("cuda", 0), long_running=True) == {"GDC": 2, "launch_pdl": True}
+    monkeypatch.setattr(_common, "PDL", "short")
+    assert _common.launch_opts(torch.device("cuda", 0), long_running=True) == {"GDC": 0}
+    assert _common.launch_opts(torch.device("cuda", 0)) == {"GDC": 2, "launch_pdl": True}
     monkeypatch.setattr(_common, "PDL", "exit")
     assert _common.launch_opts(torch.device("cuda", 0)) == {"GDC": 1, "launch_pdl": True}
     monkeypatch.setattr(_common, "PDL", "off")

@@ -115,8 +115,8 @@ def num_sms(device: torch.device) -> int:
 # wait comes before every memory access, so results are the same. Modes: "early": every program
 # lets the next kernel launch right after its wait; "exit": the next kernel launches as the programs
 # exit; "auto": early for short kernels, at exit for the persistent convs (whose dependants would
-# otherwise wait on the SMs for the whole conv); "off": plain launches. A module setting so that
-# benchmarks can compare.
+# otherwise wait on the SMs for the whole conv); "short": early for short kernels, the persistent
+# convs launched plainly; "off": plain launches. A module setting so that benchmarks can compare.
 PDL = "auto"
 _CAPS: dict = {}
 
@@ -124,14 +124,15 @@ _CAPS: dict = {}
 def launch_opts(device: torch.device, long_running: bool = False) -> dict:
     """Extra launch arguments for a kernel that takes `GDC: tl.constexpr` and starts with gdc_start
     (`long_running`: a persistent kernel that may run long, see PDL)."""
-    if INTERPRET or PDL not in ("early", "exit", "auto") or device.type != "cuda":
+    if INTERPRET or PDL not in ("early", "exit", "auto", "short") or device.type != "cuda" or \
+            (PDL == "short" and long_running):
         return {"GDC": 0}
     key = device.index if device.index is not None else torch.cuda.current_device()
     if key not in _CAPS:
         _CAPS[key] = torch.cuda.get_device_capability(key)[0] >= 9
     if not _CAPS[key]:
         return {"GDC": 0}
-    early = PDL == "early" or (PDL == "auto" and not long_running)
+    early = PDL == "early" or (PDL in ("auto", "short") and not long_running)
     return {"GDC": 2 if early else 1, "launch_pdl": True}
 
 

@@ -208,8 +208,10 @@ NUM_STAGES = 3
 PACK_K_BELOW = 16
 # K step and warps of packed-K convs. Packed K gathers each (tap, channel) element on its own, so
 # the [pixels x BK] index tensors are large: at 4 warps and BK 64 the R50 stem needs 255 registers
-# and spills 240 bytes per thread (ptxas -v for sm_90a); 8 warps and BK 32: 140 registers, no spill.
-PACK_K_BK = 64
+# and spills 240 bytes per thread (ptxas -v for sm_90a); BK 32: 255 registers, no spill (8 warps:
+# 140, but slower at batch 8). H100, ms per frame (BK 64 / BK 32 at 4 warps): b1 5% 1.02-1.03 /
+# 1.02, b1 25% 2.26-2.28 / 2.25, b8 5% 4.98-5.00 / 4.93 (benchmarks/gpu_variants.py, run 13).
+PACK_K_BK = 32
 PACK_K_WARPS = 4
 # Persistent programs per SM (ConvConfig.programs_per_sm's default). Most conv variants use
 # 230-245 registers per thread at 4 warps, so only 2 programs of 128 threads fit an SM at a time.
