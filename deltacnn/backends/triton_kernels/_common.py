@@ -110,14 +110,16 @@ def num_sms(device: torch.device) -> int:
 
 
 # Programmatic dependent launch (Hopper and later): each kernel is launched with `launch_pdl` and
-# begins with griddepcontrol.wait, so the next kernel is launched and its programs are placed on the
-# SMs while the previous one drains, instead of after it (a delta frame is ~90 short launches). The
-# wait comes before every memory access, so results are the same. Modes: "early": every program
-# lets the next kernel launch right after its wait; "exit": the next kernel launches as the programs
-# exit; "auto": early for short kernels, at exit for the persistent convs (whose dependants would
-# otherwise wait on the SMs for the whole conv); "short": early for short kernels, the persistent
-# convs launched plainly; "off": plain launches. A module setting so that benchmarks can compare.
-PDL = "auto"
+# begins with griddepcontrol.wait, so the next kernel is launched while the previous one drains
+# instead of after it (a delta frame is ~90 short launches). The wait comes before every memory
+# access, so results are the same. Modes: "exit": the next kernel launches as the programs exit;
+# "early": each program lets the next kernel launch right after its wait; "auto": early for short
+# kernels, at exit for the persistent convs; "short": early for short kernels, the convs launched
+# plainly; "off": plain launches. A module setting so that benchmarks can compare. H100, R50 1080p
+# fp16, ms per frame (benchmarks/gpu_variants.py run 14; off / exit / early-for-short-kernels):
+# b1 5% 1.06-1.07 / 1.05 / 1.07, b8 5% 4.92-4.96 / 4.90-4.91 / 5.04-5.06. Programs placed early
+# and waiting on the SMs cost the running kernel more than the earlier launch saves at batch 8.
+PDL = "exit"
 _CAPS: dict = {}
 
 
