@@ -257,8 +257,10 @@ FUSED = [("fixup", "hardsigmoid"), ("gemm", "relu"), ("gemm", "silu"), ("gemm", 
          ("twopass", "leaky_relu"), ("twopass", "tanh")]
 
 
+@pytest.mark.parametrize("loads_first", [True, False], ids=["loads_first", "loads_in_order"])
 @pytest.mark.parametrize("variant,fn", FUSED)
-def test_sparse_conv2d_fused_act(variant, fn):
+def test_sparse_conv2d_fused_act(variant, fn, loads_first, monkeypatch):
+    monkeypatch.setattr(tk.conv, "EPILOGUE_LOADS_FIRST", loads_first)  # epilogue memory order (same result)
     dtype = torch.float16 if variant != "twopass" else torch.bfloat16
     case = {"gemm": (8, 16, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1),
             "dw": (16, 16, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 16),

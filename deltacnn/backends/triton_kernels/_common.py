@@ -224,30 +224,44 @@ def emit_truncated(o, e, cand, m2, cvalid, offs, prow, pvalid, out_ptr, e_ptr, f
 
 
 @triton.jit
-def finish_tile(acc, prow, pvalid, omask, cols, cvalid, C,
+def finish_tile(acc, prow, pvalid, omask, rmask, cols, cvalid, C,
                 out_ptr, res_ptr, rmask_ptr, a_ptr, e_ptr, fm_ptr,
                 slope, min_val, max_val, alpha, tau,
                 HAS_RES: tl.constexpr, HAS_ACT: tl.constexpr, FN: tl.constexpr, SCORE: tl.constexpr,
-                WRITE_FM: tl.constexpr, OR_FM: tl.constexpr):
+                WRITE_FM: tl.constexpr, OR_FM: tl.constexpr, LOADS_FIRST: tl.constexpr):
     """Epilogue for a [P, C] float32 tile `acc` of pixels `prow` (int64 rows of a (pixels, C) matrix).
 
     Adds the residual where its mask is set; without an activation stores acc at candidate pixels
     (omask | residual mask) and, if WRITE_FM, the candidate mask; with one runs the nonlinear delta
     update (all C channels must be in this tile, or OR_FM: see emit_truncated) and writes the emit mask
     for every valid pixel (OR_FM: sets it where this tile's channels changed).
+
+    LOADS_FIRST: `rmask` is the residual mask, loaded by the caller before its main loop, and E is
+    loaded together with A, before A is stored (a store to a pointer the compiler cannot prove
+    distinct keeps later loads behind it: one memory round trip more per tile). Otherwise the
+    residual mask is loaded here from rmask_ptr and E after the A store.
     """
     cand = omask
     offs = prow[:, None] * C + cols[None, :]
     if HAS_RES:
-        rm = tl.load(rmask_ptr + prow, mask=pvalid, other=0) != 0
+        if LOADS_FIRST:
+            rm = rmask
+        else:
+            rm = tl.load(rmask_ptr + prow, mask=pvalid, other=0) != 0
         r = tl.load(res_ptr + offs, mask=rm[:, None] & cvalid[None, :], other=0.0)
         acc = acc + r.to(tl.float32)
         cand = cand | rm
     m2 = cand[:, None] & cvalid[None, :]
     if HAS_ACT:
-        a = tl.load(a_ptr + offs, mask=m2, other=0.0) + acc
-        tl.store(a_ptr + offs, a, mask=m2)
-        e = tl.load(e_ptr + offs, mask=m2, other=0.0)
+        a = tl.load(a_ptr + offs, mask=m2, other=0.0)
+        if LOADS_FIRST:
+            e = tl.load(e_ptr + offs, mask=m2, other=0.0)
+            a += acc
+            tl.store(a_ptr + offs, a, mask=m2)
+        else:
+            a += acc
+            tl.store(a_ptr + offs, a, mask=m2)
+            e = tl.load(e_ptr + offs, mask=m2, other=0.0)
         o = apply_act(a, FN, slope, min_val, max_val, alpha) - e
         emit_truncated(o, e, cand, m2, cvalid, offs, prow, pvalid, out_ptr, e_ptr, fm_ptr, tau, SCORE, OR_FM)
     else:

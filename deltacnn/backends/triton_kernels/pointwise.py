@@ -37,8 +37,8 @@ def _nonlinear_kernel(d_ptr, dm_ptr, a_ptr, e_ptr, out_ptr, fm_ptr, P, C: tl.con
             cols = tl.arange(0, BC)
             cvalid = cols < C
             d = tl.load(d_ptr + prow[:, None] * C + cols[None, :], mask=dm[:, None] & cvalid[None, :], other=0.0)
-            finish_tile(d.to(tl.float32), prow, pvalid, dm, cols, cvalid, C, out_ptr, out_ptr, dm_ptr, a_ptr, e_ptr,
-                        fm_ptr, slope, min_val, max_val, alpha, tau, False, True, FN, SCORE, False, False)
+            finish_tile(d.to(tl.float32), prow, pvalid, dm, dm, cols, cvalid, C, out_ptr, out_ptr, dm_ptr, a_ptr,
+                        e_ptr, fm_ptr, slope, min_val, max_val, alpha, tau, False, True, FN, SCORE, False, False, True)
         else:
             s = tl.zeros([BP], dtype=tl.float32)
             for c0 in range(0, C, BC):
