@@ -88,7 +88,6 @@ VARIANTS = {
     "2 programs/SM": dict(programs_per_sm=2),
     "epilogue loads in order": dict(epilogue_loads_first=False),
     "gather mask first": dict(gather_mask_after=False),
-    "gather mask after": dict(gather_mask_after=True),
     "default": dict(),  # the library's defaults
 }
 DEFAULT = "default"

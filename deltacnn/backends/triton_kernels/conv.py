@@ -248,11 +248,8 @@ EPILOGUE_LOADS_FIRST = True
 # Input gather: load the input's values together with its mask and zero the unmasked pixels after
 # (their values are undefined, so they are read but never used), instead of loading the mask first
 # and the values under it (two dependent memory round trips per K step). Costs bytes read at
-# unmasked pixels of a tile's window. True: every conv; "1x1": 1x1 convs only; False: none. Same
-# results. H100, R50 1080p fp16, ms per frame, every conv (True) / none (False) (run 18): b1 5%
-# 1.12 / 1.02, b1 25% 2.48 / 2.25, b8 5% 5.15 / 4.64-4.74: the 3x3 convs lost (36 -> 45 us at
-# 25%), the 1x1 convs with a residual gained (103 -> 83 us).
-GATHER_MASK_AFTER: bool | str = "1x1"
+# unmasked pixels of a tile's window. A switch so that benchmarks can compare (same results).
+GATHER_MASK_AFTER = True
 # Persistent programs per SM (ConvConfig.programs_per_sm's default). Most conv variants use
 # 230-245 registers per thread at 4 warps, so only 2 programs of 128 threads fit an SM at a time.
 PROGRAMS_PER_SM = 4
@@ -445,7 +442,7 @@ def sparse_conv2d(x: Tensor, x_mask: Tensor, weight: Tensor, out_mask: Tensor | 
                                   PT=padding[0], PL=padding[2], TH=cfg.th, TW=cfg.tw, BC=cfg.bn, NCB=ncb,
                                   HAS_RES=has_res, HAS_ACT=act is not None, FN=fn, SCORE=sc, WRITE_FM=False,
                                   OR_FM=or_fm, SELF_RESET=counter is not None, LOADS_FIRST=EPILOGUE_LOADS_FIRST,
-                                  MASK_AFTER=GATHER_MASK_AFTER is True, num_warps=cfg.num_warps,
+                                  MASK_AFTER=GATHER_MASK_AFTER, num_warps=cfg.num_warps,
                                   **launch_opts(dev, long_running=True))
             return out, fm
         work = n_tiles * groups * nb * split_k
@@ -454,7 +451,6 @@ def sparse_conv2d(x: Tensor, x_mask: Tensor, weight: Tensor, out_mask: Tensor | 
         n_it = triton.cdiv(kh * kw * cg, cfg.bk) if pack else kh * kw * nkc
         it_per = triton.cdiv(n_it, split_k)
         grid = (max(1, min(work, num_sms(dev) * cfg.programs_per_sm)),)
-        mask_after = GATHER_MASK_AFTER is True or (GATHER_MASK_AFTER == "1x1" and kh * kw == 1)
         _conv_gemm_kernel[grid](x, xm, prepared, out, om, res, rm, a_t, e_t, fm.view(torch.uint8), ids, count,
                                 ws if fixup else out, ctr if fixup else ids,
                                 h, w, ho, wo, cin, cout, cg, og, n_tw, tpi, *ap,
@@ -465,7 +461,7 @@ def sparse_conv2d(x: Tensor, x_mask: Tensor, weight: Tensor, out_mask: Tensor | 
                                 IS_F32=x.dtype == torch.float32, NKC=nkc, N_IT=n_it, IT_PER=it_per,
                                 UPCAST=INTERPRET and x.dtype == torch.bfloat16, FIXUP=fixup, OR_FM=or_fm, PACK_K=pack,
                                 SELF_RESET=counter is not None, LOADS_FIRST=EPILOGUE_LOADS_FIRST,
-                                MASK_AFTER=mask_after, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                                MASK_AFTER=GATHER_MASK_AFTER, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                                 **launch_opts(dev, long_running=True))
         return out, fm
     except BaseException:
