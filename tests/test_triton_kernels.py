@@ -156,10 +156,7 @@ BIG_TILES = tk.ConvConfig(th=16, tw=16, bn=16, bk=16)  # fewer interpreted progr
 
 
 @pytest.mark.parametrize("case,dtype", CONV_PARAMS, ids=[f"{_conv_id(c)}-{str(d)[6:]}" for c, d in CONV_PARAMS])
-def test_sparse_conv2d(case, dtype, monkeypatch):
-    # the two input-gather orders (same results) over every configuration: mask after the values for
-    # float32, mask first for the low-precision dtypes
-    monkeypatch.setattr(tk.conv, "GATHER_MASK_AFTER", dtype == torch.float32)
+def test_sparse_conv2d(case, dtype):
     cin, cout, kernel, stride, pad, dil, groups = case
     g, x, xm, wt, om = _conv_inputs(3, case, dtype)
     ref = ref_conv(x, xm, wt, stride, pad, dil, groups)
@@ -172,15 +169,12 @@ def test_sparse_conv2d(case, dtype, monkeypatch):
     assert rel(y[sel], ref[sel]) < TOL[dtype]
 
 
-@pytest.mark.parametrize("mask_after", [True, False], ids=["mask_after", "mask_first"])
 @pytest.mark.parametrize("pack", [False, True])
 @pytest.mark.parametrize("case,dtype", [(CONV_CASES[2], torch.float16), (CONV_CASES[6], torch.float32),
                                         (CONV_CASES[7], torch.bfloat16), (CONV_CASES[1], torch.float16)],
                          ids=lambda v: _conv_id(v) if isinstance(v, tuple) else str(v)[6:])
-def test_sparse_conv2d_packed_k(case, dtype, pack, mask_after, monkeypatch):
-    """K flattened over (tap, channel) (automatic below PACK_K_BELOW channels) or per (tap, channel block),
-    with either input-gather order."""
-    monkeypatch.setattr(tk.conv, "GATHER_MASK_AFTER", mask_after)
+def test_sparse_conv2d_packed_k(case, dtype, pack):
+    """K flattened over (tap, channel) (automatic below PACK_K_BELOW channels) or per (tap, channel block)."""
     cin, cout, kernel, stride, pad, dil, groups = case
     g, x, xm, wt, om = _conv_inputs(12, case, dtype)
     ref = ref_conv(x, xm, wt, stride, pad, dil, groups)
@@ -266,9 +260,7 @@ FUSED = [("fixup", "hardsigmoid"), ("gemm", "relu"), ("gemm", "silu"), ("gemm", 
 @pytest.mark.parametrize("loads_first", [True, False], ids=["loads_first", "loads_in_order"])
 @pytest.mark.parametrize("variant,fn", FUSED)
 def test_sparse_conv2d_fused_act(variant, fn, loads_first, monkeypatch):
-    # the memory orders of the epilogue and of the input gather (same results)
-    monkeypatch.setattr(tk.conv, "EPILOGUE_LOADS_FIRST", loads_first)
-    monkeypatch.setattr(tk.conv, "GATHER_MASK_AFTER", loads_first)
+    monkeypatch.setattr(tk.conv, "EPILOGUE_LOADS_FIRST", loads_first)  # epilogue memory order (same result)
     dtype = torch.float16 if variant != "twopass" else torch.bfloat16
     case = {"gemm": (8, 16, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1),
             "dw": (16, 16, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 16),

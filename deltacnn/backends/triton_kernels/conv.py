@@ -35,7 +35,7 @@ def _conv_gemm_kernel(x_ptr, xm_ptr, w_ptr, out_ptr, om_ptr, res_ptr, rm_ptr, a_
                       WRITE_FM: tl.constexpr, ATOMIC: tl.constexpr, PREC: tl.constexpr, IS_F32: tl.constexpr,
                       NKC: tl.constexpr, N_IT: tl.constexpr, IT_PER: tl.constexpr, UPCAST: tl.constexpr,
                       FIXUP: tl.constexpr, OR_FM: tl.constexpr, PACK_K: tl.constexpr, SELF_RESET: tl.constexpr,
-                      LOADS_FIRST: tl.constexpr, MASK_AFTER: tl.constexpr, GDC: tl.constexpr):
+                      LOADS_FIRST: tl.constexpr, GDC: tl.constexpr):
     gdc_start(GDC)
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -81,13 +81,8 @@ def _conv_gemm_kernel(x_ptr, xm_ptr, w_ptr, out_ptr, om_ptr, res_ptr, rm_ptr, a_
                 ix = ox[:, None] * SW - PL + (kx * DW)[None, :]
                 inb = pvalid[:, None] & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W) & kv[None, :]
                 irow = (n * H + iy).to(tl.int64) * W + ix
-                if MASK_AFTER:  # values and mask in one round trip; values of unmasked pixels dropped
-                    xmv = tl.load(xm_ptr + irow, mask=inb, other=0)
-                    a = tl.load(x_ptr + irow * Cin + (g * Cg + k % Cg)[None, :], mask=inb, other=0.0)
-                    a = tl.where((xmv != 0) & inb, a, tl.zeros_like(a))
-                else:
-                    xm = (tl.load(xm_ptr + irow, mask=inb, other=0) != 0) & inb
-                    a = tl.load(x_ptr + irow * Cin + (g * Cg + k % Cg)[None, :], mask=xm, other=0.0)
+                xm = (tl.load(xm_ptr + irow, mask=inb, other=0) != 0) & inb
+                a = tl.load(x_ptr + irow * Cin + (g * Cg + k % Cg)[None, :], mask=xm, other=0.0)
                 b = tl.load(w_ptr + (g * (KH * KW * Cg) + k)[:, None] * Og + cols_g[None, :],
                             mask=kv[:, None] & cvalid[None, :], other=0.0)
             else:
@@ -99,17 +94,11 @@ def _conv_gemm_kernel(x_ptr, xm_ptr, w_ptr, out_ptr, om_ptr, res_ptr, rm_ptr, a_
                 ix = ox * SW - PL + kx * DW
                 inb = pvalid & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W) & live
                 irow = (n * H + iy).to(tl.int64) * W + ix
+                xm = (tl.load(xm_ptr + irow, mask=inb, other=0) != 0) & inb
                 k = kc * BK + kk
                 kv = (k < Cg) & live
-                if MASK_AFTER:  # values and mask in one round trip; values of unmasked pixels dropped
-                    xmv = tl.load(xm_ptr + irow, mask=inb, other=0)
-                    a = tl.load(x_ptr + irow[:, None] * Cin + (g * Cg + k)[None, :],
-                                mask=inb[:, None] & kv[None, :], other=0.0)
-                    a = tl.where(((xmv != 0) & inb)[:, None], a, tl.zeros_like(a))
-                else:
-                    xm = (tl.load(xm_ptr + irow, mask=inb, other=0) != 0) & inb
-                    a = tl.load(x_ptr + irow[:, None] * Cin + (g * Cg + k)[None, :],
-                                mask=xm[:, None] & kv[None, :], other=0.0)
+                a = tl.load(x_ptr + irow[:, None] * Cin + (g * Cg + k)[None, :], mask=xm[:, None] & kv[None, :],
+                            other=0.0)
                 b = tl.load(w_ptr + ((g * (KH * KW) + tap) * Cg + k)[:, None] * Og + cols_g[None, :],
                             mask=kv[:, None] & cvalid[None, :], other=0.0)
             if IS_F32:
@@ -177,7 +166,7 @@ def _conv_dw_kernel(x_ptr, xm_ptr, w_ptr, out_ptr, om_ptr, res_ptr, rm_ptr, a_pt
                     TH: tl.constexpr, TW: tl.constexpr, BC: tl.constexpr, NCB: tl.constexpr,
                     HAS_RES: tl.constexpr, HAS_ACT: tl.constexpr, FN: tl.constexpr, SCORE: tl.constexpr,
                     WRITE_FM: tl.constexpr, OR_FM: tl.constexpr, SELF_RESET: tl.constexpr, LOADS_FIRST: tl.constexpr,
-                    MASK_AFTER: tl.constexpr, GDC: tl.constexpr):
+                    GDC: tl.constexpr):
     gdc_start(GDC)
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -206,15 +195,8 @@ def _conv_dw_kernel(x_ptr, xm_ptr, w_ptr, out_ptr, om_ptr, res_ptr, rm_ptr, a_pt
                 ix = ox * SW - PL + kx * DW
                 inb = pvalid & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
                 irow = (n * H + iy).to(tl.int64) * W + ix
-                if MASK_AFTER:  # values and mask in one round trip; values of unmasked pixels dropped
-                    xmv = tl.load(xm_ptr + irow, mask=inb, other=0)
-                    xv = tl.load(x_ptr + irow[:, None] * C + cols[None, :], mask=inb[:, None] & cvalid[None, :],
-                                 other=0.0)
-                    xv = tl.where(((xmv != 0) & inb)[:, None], xv, tl.zeros_like(xv))
-                else:
-                    xm = (tl.load(xm_ptr + irow, mask=inb, other=0) != 0) & inb
-                    xv = tl.load(x_ptr + irow[:, None] * C + cols[None, :], mask=xm[:, None] & cvalid[None, :],
-                                 other=0.0)
+                xm = (tl.load(xm_ptr + irow, mask=inb, other=0) != 0) & inb
+                xv = tl.load(x_ptr + irow[:, None] * C + cols[None, :], mask=xm[:, None] & cvalid[None, :], other=0.0)
                 wv = tl.load(w_ptr + (ky * KW + kx) * C + cols, mask=cvalid, other=0.0)
                 acc += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
         finish_tile(acc, prow, pvalid, om, rm, cols, cvalid, C, out_ptr, res_ptr, rm_ptr, a_ptr, e_ptr, fm_ptr,
@@ -245,11 +227,6 @@ PACK_K_WARPS = 4
 # Epilogue memory order (see finish_tile): the residual mask fetched before the main loop, and E
 # loaded with A rather than behind the A store; a switch so that benchmarks can compare (same results).
 EPILOGUE_LOADS_FIRST = True
-# Input gather: load the input's values together with its mask and zero the unmasked pixels after
-# (their values are undefined, so they are read but never used), instead of loading the mask first
-# and the values under it (two dependent memory round trips per K step). Costs bytes read at
-# unmasked pixels of a tile's window. A switch so that benchmarks can compare (same results).
-GATHER_MASK_AFTER = True
 # Persistent programs per SM (ConvConfig.programs_per_sm's default). Most conv variants use
 # 230-245 registers per thread at 4 warps, so only 2 programs of 128 threads fit an SM at a time.
 PROGRAMS_PER_SM = 4
@@ -442,7 +419,7 @@ def sparse_conv2d(x: Tensor, x_mask: Tensor, weight: Tensor, out_mask: Tensor | 
                                   PT=padding[0], PL=padding[2], TH=cfg.th, TW=cfg.tw, BC=cfg.bn, NCB=ncb,
                                   HAS_RES=has_res, HAS_ACT=act is not None, FN=fn, SCORE=sc, WRITE_FM=False,
                                   OR_FM=or_fm, SELF_RESET=counter is not None, LOADS_FIRST=EPILOGUE_LOADS_FIRST,
-                                  MASK_AFTER=GATHER_MASK_AFTER, num_warps=cfg.num_warps,
+                                  num_warps=cfg.num_warps,
                                   **launch_opts(dev, long_running=True))
             return out, fm
         work = n_tiles * groups * nb * split_k
@@ -461,7 +438,7 @@ def sparse_conv2d(x: Tensor, x_mask: Tensor, weight: Tensor, out_mask: Tensor | 
                                 IS_F32=x.dtype == torch.float32, NKC=nkc, N_IT=n_it, IT_PER=it_per,
                                 UPCAST=INTERPRET and x.dtype == torch.bfloat16, FIXUP=fixup, OR_FM=or_fm, PACK_K=pack,
                                 SELF_RESET=counter is not None, LOADS_FIRST=EPILOGUE_LOADS_FIRST,
-                                MASK_AFTER=GATHER_MASK_AFTER, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                                 **launch_opts(dev, long_running=True))
         return out, fm
     except BaseException:
