@@ -43,6 +43,7 @@ SETTINGS = {
     "pack_k_warps": (tk.conv, "PACK_K_WARPS"),
     "programs_per_sm": (tk.conv, "PROGRAMS_PER_SM"),
     "epilogue_loads_first": (tk.conv, "EPILOGUE_LOADS_FIRST"),
+    "reuse_out_mask": (tk.conv, "REUSE_OUT_MASK"),
 }
 LIBRARY_DEFAULTS = {k: getattr(obj, attr) for k, (obj, attr) in SETTINGS.items()}
 VARIANTS = {
@@ -86,6 +87,7 @@ VARIANTS = {
     "stem w4 bk64": dict(pack_k_warps=4, pack_k_bk=64),
     "2 programs/SM": dict(programs_per_sm=2),
     "epilogue loads in order": dict(epilogue_loads_first=False),
+    "1x1 loads x mask": dict(reuse_out_mask=False),
     "default": dict(),  # the library's defaults
 }
 DEFAULT = "default"

@@ -35,7 +35,7 @@ def _conv_gemm_kernel(x_ptr, xm_ptr, w_ptr, out_ptr, om_ptr, res_ptr, rm_ptr, a_
                       WRITE_FM: tl.constexpr, ATOMIC: tl.constexpr, PREC: tl.constexpr, IS_F32: tl.constexpr,
                       NKC: tl.constexpr, N_IT: tl.constexpr, IT_PER: tl.constexpr, UPCAST: tl.constexpr,
                       FIXUP: tl.constexpr, OR_FM: tl.constexpr, PACK_K: tl.constexpr, SELF_RESET: tl.constexpr,
-                      LOADS_FIRST: tl.constexpr, GDC: tl.constexpr):
+                      LOADS_FIRST: tl.constexpr, XM_IS_OM: tl.constexpr, GDC: tl.constexpr):
     gdc_start(GDC)
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -94,7 +94,10 @@ def _conv_gemm_kernel(x_ptr, xm_ptr, w_ptr, out_ptr, om_ptr, res_ptr, rm_ptr, a_
                 ix = ox * SW - PL + kx * DW
                 inb = pvalid & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W) & live
                 irow = (n * H + iy).to(tl.int64) * W + ix
-                xm = (tl.load(xm_ptr + irow, mask=inb, other=0) != 0) & inb
+                if XM_IS_OM:  # 1x1, stride 1, no padding, om computed from x's mask: the same mask
+                    xm = om & live
+                else:
+                    xm = (tl.load(xm_ptr + irow, mask=inb, other=0) != 0) & inb
                 k = kc * BK + kk
                 kv = (k < Cg) & live
                 a = tl.load(x_ptr + irow[:, None] * Cin + (g * Cg + k)[None, :], mask=xm[:, None] & kv[None, :],
@@ -227,6 +230,9 @@ PACK_K_WARPS = 4
 # Epilogue memory order (see finish_tile): the residual mask fetched before the main loop, and E
 # loaded with A rather than behind the A store; a switch so that benchmarks can compare (same results).
 EPILOGUE_LOADS_FIRST = True
+# 1x1 stride-1 convs take x's mask from the candidate mask instead of loading it in the K loop (see
+# sparse_conv2d); a switch so that benchmarks can compare (same results).
+REUSE_OUT_MASK = True
 # Persistent programs per SM (ConvConfig.programs_per_sm's default). Most conv variants use
 # 230-245 registers per thread at 4 warps, so only 2 programs of 128 threads fit an SM at a time.
 PROGRAMS_PER_SM = 4
@@ -428,6 +434,10 @@ def sparse_conv2d(x: Tensor, x_mask: Tensor, weight: Tensor, out_mask: Tensor | 
         n_it = triton.cdiv(kh * kw * cg, cfg.bk) if pack else kh * kw * nkc
         it_per = triton.cdiv(n_it, split_k)
         grid = (max(1, min(work, num_sms(dev) * cfg.programs_per_sm)),)
+        # a 1x1 stride-1 conv without padding whose candidate mask the tile-list launch computed from
+        # x's mask: that mask is x's, so the K loop need not load it again (one dependent load less)
+        xm_is_om = REUSE_OUT_MASK and out_mask is None and (kh, kw) == (1, 1) and tuple(stride) == (1, 1) \
+            and tuple(padding) == (0, 0, 0, 0) and not pack
         _conv_gemm_kernel[grid](x, xm, prepared, out, om, res, rm, a_t, e_t, fm.view(torch.uint8), ids, count,
                                 ws if fixup else out, ctr if fixup else ids,
                                 h, w, ho, wo, cin, cout, cg, og, n_tw, tpi, *ap,
@@ -438,7 +448,7 @@ def sparse_conv2d(x: Tensor, x_mask: Tensor, weight: Tensor, out_mask: Tensor | 
                                 IS_F32=x.dtype == torch.float32, NKC=nkc, N_IT=n_it, IT_PER=it_per,
                                 UPCAST=INTERPRET and x.dtype == torch.bfloat16, FIXUP=fixup, OR_FM=or_fm, PACK_K=pack,
                                 SELF_RESET=counter is not None, LOADS_FIRST=EPILOGUE_LOADS_FIRST,
-                                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                                XM_IS_OM=xm_is_om, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                                 **launch_opts(dev, long_running=True))
         return out, fm
     except BaseException:
