@@ -44,7 +44,6 @@ SETTINGS = {
     "programs_per_sm": (tk.conv, "PROGRAMS_PER_SM"),
     "epilogue_loads_first": (tk.conv, "EPILOGUE_LOADS_FIRST"),
     "reuse_out_mask": (tk.conv, "REUSE_OUT_MASK"),
-    "preload_x_mask": (tk.conv, "PRELOAD_X_MASK"),
 }
 LIBRARY_DEFAULTS = {k: getattr(obj, attr) for k, (obj, attr) in SETTINGS.items()}
 VARIANTS = {
@@ -89,7 +88,6 @@ VARIANTS = {
     "2 programs/SM": dict(programs_per_sm=2),
     "epilogue loads in order": dict(epilogue_loads_first=False),
     "1x1 loads x mask": dict(reuse_out_mask=False),
-    "x mask per K step": dict(preload_x_mask=False),
     "default": dict(),  # the library's defaults
 }
 DEFAULT = "default"

@@ -156,9 +156,7 @@ BIG_TILES = tk.ConvConfig(th=16, tw=16, bn=16, bk=16)  # fewer interpreted progr
 
 
 @pytest.mark.parametrize("case,dtype", CONV_PARAMS, ids=[f"{_conv_id(c)}-{str(d)[6:]}" for c, d in CONV_PARAMS])
-def test_sparse_conv2d(case, dtype, monkeypatch):
-    # x's mask fetched per K step (float32) or for all taps before the K loop (the low-precision dtypes)
-    monkeypatch.setattr(tk.conv, "PRELOAD_X_MASK", dtype != torch.float32)
+def test_sparse_conv2d(case, dtype):
     cin, cout, kernel, stride, pad, dil, groups = case
     g, x, xm, wt, om = _conv_inputs(3, case, dtype)
     ref = ref_conv(x, xm, wt, stride, pad, dil, groups)

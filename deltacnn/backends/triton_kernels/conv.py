@@ -35,8 +35,7 @@ def _conv_gemm_kernel(x_ptr, xm_ptr, w_ptr, out_ptr, om_ptr, res_ptr, rm_ptr, a_
                       WRITE_FM: tl.constexpr, ATOMIC: tl.constexpr, PREC: tl.constexpr, IS_F32: tl.constexpr,
                       NKC: tl.constexpr, N_IT: tl.constexpr, IT_PER: tl.constexpr, UPCAST: tl.constexpr,
                       FIXUP: tl.constexpr, OR_FM: tl.constexpr, PACK_K: tl.constexpr, SELF_RESET: tl.constexpr,
-                      LOADS_FIRST: tl.constexpr, XM_IS_OM: tl.constexpr, XM_TAPS: tl.constexpr,
-                      GDC: tl.constexpr):
+                      LOADS_FIRST: tl.constexpr, XM_IS_OM: tl.constexpr, GDC: tl.constexpr):
     gdc_start(GDC)
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -66,14 +65,6 @@ def _conv_gemm_kernel(x_ptr, xm_ptr, w_ptr, out_ptr, om_ptr, res_ptr, rm_ptr, a_
         cols_g = nb * BN + tl.arange(0, BN)
         cvalid = cols_g < Og
         acc = tl.zeros([TH * TW, BN], dtype=tl.float32)
-        if XM_TAPS > 0:
-            # x's mask at every tap of the tile's pixels, fetched once: the K loop then picks its tap's
-            # row from registers instead of loading it right before the values it masks
-            tq = tl.arange(0, XM_TAPS)
-            iyq = oy[None, :] * SH - PT + ((tq // KW) * DH)[:, None]
-            ixq = ox[None, :] * SW - PL + ((tq % KW) * DW)[:, None]
-            inq = (tq < KH * KW)[:, None] & pvalid[None, :] & (iyq >= 0) & (iyq < H) & (ixq >= 0) & (ixq < W)
-            xm_taps = tl.load(xm_ptr + (n * H + iyq).to(tl.int64) * W + ixq, mask=inq, other=0).to(tl.int32)
         it0 = ks * IT_PER
         for j in range(0, IT_PER):
             it = it0 + j
@@ -105,8 +96,6 @@ def _conv_gemm_kernel(x_ptr, xm_ptr, w_ptr, out_ptr, om_ptr, res_ptr, rm_ptr, a_
                 irow = (n * H + iy).to(tl.int64) * W + ix
                 if XM_IS_OM:  # 1x1, stride 1, no padding, om computed from x's mask: the same mask
                     xm = om & live
-                elif XM_TAPS > 0:  # zero where the tap is out of bounds (loaded as 0)
-                    xm = (tl.max(tl.where(tq[:, None] == tap, xm_taps, 0), axis=0) != 0) & live
                 else:
                     xm = (tl.load(xm_ptr + irow, mask=inb, other=0) != 0) & inb
                 k = kc * BK + kk
@@ -244,9 +233,6 @@ EPILOGUE_LOADS_FIRST = True
 # 1x1 stride-1 convs take x's mask from the candidate mask instead of loading it in the K loop (see
 # sparse_conv2d); a switch so that benchmarks can compare (same results).
 REUSE_OUT_MASK = True
-# Convs with up to 16 taps fetch x's mask at all taps of a tile before the K loop (see the kernel);
-# a switch so that benchmarks can compare (same results).
-PRELOAD_X_MASK = True
 # Persistent programs per SM (ConvConfig.programs_per_sm's default). Most conv variants use
 # 230-245 registers per thread at 4 warps, so only 2 programs of 128 threads fit an SM at a time.
 PROGRAMS_PER_SM = 4
@@ -452,8 +438,6 @@ def sparse_conv2d(x: Tensor, x_mask: Tensor, weight: Tensor, out_mask: Tensor | 
         # x's mask: that mask is x's, so the K loop need not load it again (one dependent load less)
         xm_is_om = REUSE_OUT_MASK and out_mask is None and (kh, kw) == (1, 1) and tuple(stride) == (1, 1) \
             and tuple(padding) == (0, 0, 0, 0) and not pack
-        # x's mask at all taps fetched before the K loop (a power-of-2 row count; 0: loaded per K step)
-        xm_taps = npow2(kh * kw) if PRELOAD_X_MASK and not pack and not xm_is_om and kh * kw <= 16 else 0
         _conv_gemm_kernel[grid](x, xm, prepared, out, om, res, rm, a_t, e_t, fm.view(torch.uint8), ids, count,
                                 ws if fixup else out, ctr if fixup else ids,
                                 h, w, ho, wo, cin, cout, cg, og, n_tw, tpi, *ap,
@@ -464,8 +448,7 @@ def sparse_conv2d(x: Tensor, x_mask: Tensor, weight: Tensor, out_mask: Tensor | 
                                 IS_F32=x.dtype == torch.float32, NKC=nkc, N_IT=n_it, IT_PER=it_per,
                                 UPCAST=INTERPRET and x.dtype == torch.bfloat16, FIXUP=fixup, OR_FM=or_fm, PACK_K=pack,
                                 SELF_RESET=counter is not None, LOADS_FIRST=EPILOGUE_LOADS_FIRST,
-                                XM_IS_OM=xm_is_om, XM_TAPS=xm_taps, num_warps=cfg.num_warps,
-                                num_stages=cfg.num_stages,
+                                XM_IS_OM=xm_is_om, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                                 **launch_opts(dev, long_running=True))
         return out, fm
     except BaseException:
