@@ -88,6 +88,9 @@ VARIANTS = {
     "2 programs/SM": dict(programs_per_sm=2),
     "epilogue loads in order": dict(epilogue_loads_first=False),
     "1x1 loads x mask": dict(reuse_out_mask=False),
+    "stages 2": dict(num_stages=2),
+    "stages 4": dict(num_stages=4),
+    "3 programs/SM": dict(programs_per_sm=3),
     "default": dict(),  # the library's defaults
 }
 DEFAULT = "default"

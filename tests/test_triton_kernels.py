@@ -212,10 +212,12 @@ def test_sparse_conv2d_float32_out_of_half_inputs():
 
 
 @pytest.mark.parametrize("reuse", [True, False], ids=["reuse_mask", "load_mask"])
-@pytest.mark.parametrize("case", [CONV_CASES[2], CONV_CASES[6], CONV_CASES[8], CONV_CASES[1]], ids=_conv_id)
+@pytest.mark.parametrize("case", [CONV_CASES[2], CONV_CASES[6], CONV_CASES[8], CONV_CASES[1], CONV_CASES[10]],
+                         ids=_conv_id)
 def test_sparse_conv2d_fused_mask_dilation(case, reuse, monkeypatch):
-    """out_mask=None: the output mask is computed in the tile-list launch (for the 1x1 case it is x's
-    mask, which the K loop then reuses or loads again: same results, NaN garbage never read)."""
+    """out_mask=None: the output mask is computed in the tile-list launch (for the 1x1 cases it is x's
+    mask at each pixel's tap, which the K loop then reuses or loads again: same results, NaN garbage
+    never read)."""
     monkeypatch.setattr(tk.conv, "REUSE_OUT_MASK", reuse)
     g, x, xm, wt, om = _conv_inputs(9, case, torch.float16)
     ref = ref_conv(x, xm, wt, case[3], case[4], case[5], case[6])

@@ -94,7 +94,7 @@ def _conv_gemm_kernel(x_ptr, xm_ptr, w_ptr, out_ptr, om_ptr, res_ptr, rm_ptr, a_
                 ix = ox * SW - PL + kx * DW
                 inb = pvalid & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W) & live
                 irow = (n * H + iy).to(tl.int64) * W + ix
-                if XM_IS_OM:  # 1x1, stride 1, no padding, om computed from x's mask: the same mask
+                if XM_IS_OM:  # 1x1, no padding, om computed from x's mask: x's mask at this tap
                     xm = om & live
                 else:
                     xm = (tl.load(xm_ptr + irow, mask=inb, other=0) != 0) & inb
@@ -230,7 +230,7 @@ PACK_K_WARPS = 4
 # Epilogue memory order (see finish_tile): the residual mask fetched before the main loop, and E
 # loaded with A rather than behind the A store; a switch so that benchmarks can compare (same results).
 EPILOGUE_LOADS_FIRST = True
-# 1x1 stride-1 convs take x's mask from the candidate mask instead of loading it in the K loop (see
+# 1x1 convs take x's mask from the candidate mask instead of loading it in the K loop (see
 # sparse_conv2d); a switch so that benchmarks can compare (same results).
 REUSE_OUT_MASK = True
 # Persistent programs per SM (ConvConfig.programs_per_sm's default). Most conv variants use
@@ -434,10 +434,11 @@ def sparse_conv2d(x: Tensor, x_mask: Tensor, weight: Tensor, out_mask: Tensor | 
         n_it = triton.cdiv(kh * kw * cg, cfg.bk) if pack else kh * kw * nkc
         it_per = triton.cdiv(n_it, split_k)
         grid = (max(1, min(work, num_sms(dev) * cfg.programs_per_sm)),)
-        # a 1x1 stride-1 conv without padding whose candidate mask the tile-list launch computed from
-        # x's mask: that mask is x's, so the K loop need not load it again (one dependent load less)
-        xm_is_om = REUSE_OUT_MASK and out_mask is None and (kh, kw) == (1, 1) and tuple(stride) == (1, 1) \
-            and tuple(padding) == (0, 0, 0, 0) and not pack
+        # a 1x1 conv without padding whose candidate mask the tile-list launch computed from x's mask:
+        # each output pixel's one tap is an input pixel, and the candidate mask is x's mask there, so
+        # the K loop need not load it again (one dependent load less)
+        xm_is_om = REUSE_OUT_MASK and out_mask is None and (kh, kw) == (1, 1) and tuple(padding) == (0, 0, 0, 0) \
+            and not pack
         _conv_gemm_kernel[grid](x, xm, prepared, out, om, res, rm, a_t, e_t, fm.view(torch.uint8), ids, count,
                                 ws if fixup else out, ctr if fixup else ids,
                                 h, w, ho, wo, cin, cout, cg, og, n_tw, tpi, *ap,
