@@ -25,8 +25,9 @@ from gpu_bench import DENSITIES, SIZES, cuda_ms, delta_run, dense_runs, free_mem
 from profile_frame import conv_layer_profile, kernel_profile, print_profile
 
 # Module and class settings the variants switch, and where they live (the library's defaults are
-# whatever those hold at import; a variant overrides some of them; earlier variants predate later
-# settings and so switch those off)
+# whatever those hold at import; a variant overrides some of them). The variants up to "sparsify 64
+# px" are the code of earlier sessions, so they also switch off what the fourth session added
+# (PREDATES_S4); each later variant is the default of its run with one change (BENCHMARKS.md).
 SETTINGS = {
     "fuse_dilation": (TritonBackend, "fuse_dilation"),
     "split_channel_emit": (tk.conv, "SPLIT_CHANNEL_EMIT"),
@@ -46,35 +47,33 @@ SETTINGS = {
     "reuse_out_mask": (tk.conv, "REUSE_OUT_MASK"),
 }
 LIBRARY_DEFAULTS = {k: getattr(obj, attr) for k, (obj, attr) in SETTINGS.items()}
+PREDATES_S4 = dict(pdl="off", fuse_conv_bias=False, pack_k_bk=64, epilogue_loads_first=False, reuse_out_mask=False)
 VARIANTS = {
     "before": dict(fuse_dilation=False, split_channel_emit=False, pack_k_below=0, split_emit_bn=None,
-        persistent_counter=False, fuse_keyframe_seed=False, sparsify_max_pixels=32, pdl='off',
-        fuse_conv_bias=False),
+        persistent_counter=False, fuse_keyframe_seed=False, sparsify_max_pixels=32, **PREDATES_S4),
     "+fused dilation": dict(split_channel_emit=False, pack_k_below=0, split_emit_bn=None, persistent_counter=False,
-        fuse_keyframe_seed=False, sparsify_max_pixels=32, pdl='off', fuse_conv_bias=False),
+        fuse_keyframe_seed=False, sparsify_max_pixels=32, **PREDATES_S4),
     "+split emit": dict(fuse_dilation=False, pack_k_below=0, split_emit_bn=None, persistent_counter=False,
-        fuse_keyframe_seed=False, sparsify_max_pixels=32, pdl='off', fuse_conv_bias=False),
+        fuse_keyframe_seed=False, sparsify_max_pixels=32, **PREDATES_S4),
     "both": dict(pack_k_below=0, split_emit_bn=None, persistent_counter=False, fuse_keyframe_seed=False,
-        sparsify_max_pixels=32, pdl='off', fuse_conv_bias=False),
+        sparsify_max_pixels=32, **PREDATES_S4),
     "both t8x16": dict(big_map_tile=(8, 16), pack_k_below=0, split_emit_bn=None, persistent_counter=False,
-        fuse_keyframe_seed=False, sparsify_max_pixels=32, pdl='off', fuse_conv_bias=False),
+        fuse_keyframe_seed=False, sparsify_max_pixels=32, **PREDATES_S4),
     "both t16x8": dict(big_map_tile=(16, 8), pack_k_below=0, split_emit_bn=None, persistent_counter=False,
-        fuse_keyframe_seed=False, sparsify_max_pixels=32, pdl='off', fuse_conv_bias=False),
+        fuse_keyframe_seed=False, sparsify_max_pixels=32, **PREDATES_S4),
     "both s4": dict(num_stages=4, pack_k_below=0, split_emit_bn=None, persistent_counter=False,
-        fuse_keyframe_seed=False, sparsify_max_pixels=32, pdl='off', fuse_conv_bias=False),
+        fuse_keyframe_seed=False, sparsify_max_pixels=32, **PREDATES_S4),
     "both t8x16 s4": dict(big_map_tile=(8, 16), num_stages=4, pack_k_below=0, split_emit_bn=None,
-        persistent_counter=False, fuse_keyframe_seed=False, sparsify_max_pixels=32, pdl='off',
-        fuse_conv_bias=False),
+        persistent_counter=False, fuse_keyframe_seed=False, sparsify_max_pixels=32, **PREDATES_S4),
     "both+pack": dict(split_emit_bn=None, persistent_counter=False, fuse_keyframe_seed=False,
-        sparsify_max_pixels=32, pdl='off', fuse_conv_bias=False),
+        sparsify_max_pixels=32, **PREDATES_S4),
     "both+pack bn128": dict(split_emit_bn=128, persistent_counter=False, fuse_keyframe_seed=False,
-        sparsify_max_pixels=32, pdl='off', fuse_conv_bias=False),
-    "both+pack bn64": dict(persistent_counter=False, fuse_keyframe_seed=False, sparsify_max_pixels=32, pdl='off',
-        fuse_conv_bias=False),
+        sparsify_max_pixels=32, **PREDATES_S4),
+    "both+pack bn64": dict(persistent_counter=False, fuse_keyframe_seed=False, sparsify_max_pixels=32, **PREDATES_S4),
     "both+pack bn32": dict(split_emit_bn=32, persistent_counter=False, fuse_keyframe_seed=False,
-        sparsify_max_pixels=32, pdl='off', fuse_conv_bias=False),
-    "unfused keyframe seed": dict(fuse_keyframe_seed=False, sparsify_max_pixels=32, pdl='off', fuse_conv_bias=False),
-    "sparsify 64 px": dict(sparsify_max_pixels=32, pdl='off', fuse_conv_bias=False),
+        sparsify_max_pixels=32, **PREDATES_S4),
+    "unfused keyframe seed": dict(fuse_keyframe_seed=False, sparsify_max_pixels=32, **PREDATES_S4),
+    "sparsify 64 px": dict(sparsify_max_pixels=32, **PREDATES_S4),
     "no pdl": dict(pdl='off'),
     "pdl exit": dict(pdl='exit'),
     "pdl early": dict(pdl='early'),
