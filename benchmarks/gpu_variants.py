@@ -27,7 +27,8 @@ from profile_frame import conv_layer_profile, kernel_profile, print_profile
 # Module and class settings the variants switch, and where they live (the library's defaults are
 # whatever those hold at import; a variant overrides some of them). The variants up to "sparsify 64
 # px" are the code of earlier sessions, so they also switch off what the fourth session added
-# (PREDATES_S4); each later variant is the default of its run with one change (BENCHMARKS.md).
+# (PREDATES_S4); each later variant is the default of its run with one change (BENCHMARKS.md), and
+# every variant of an earlier session also switches off what the fifth added (PREDATES_S5).
 SETTINGS = {
     "fuse_dilation": (TritonBackend, "fuse_dilation"),
     "split_channel_emit": (tk.conv, "SPLIT_CHANNEL_EMIT"),
@@ -45,10 +46,14 @@ SETTINGS = {
     "programs_per_sm": (tk.conv, "PROGRAMS_PER_SM"),
     "epilogue_loads_first": (tk.conv, "EPILOGUE_LOADS_FIRST"),
     "reuse_out_mask": (tk.conv, "REUSE_OUT_MASK"),
+    "bordered_input": (TritonBackend, "bordered_input"),
+    "tap_conv_tile": (tk.conv, "TAP_CONV_TILE"),
 }
 LIBRARY_DEFAULTS = {k: getattr(obj, attr) for k, (obj, attr) in SETTINGS.items()}
 PREDATES_S4 = dict(pdl="off", fuse_conv_bias=False, pack_k_bk=64, epilogue_loads_first=False, reuse_out_mask=False)
-VARIANTS = {
+# the fifth session's settings, switched off in every earlier variant
+PREDATES_S5 = dict(bordered_input=False)
+EARLIER_VARIANTS = {
     "before": dict(fuse_dilation=False, split_channel_emit=False, pack_k_below=0, split_emit_bn=None,
         persistent_counter=False, fuse_keyframe_seed=False, sparsify_max_pixels=32, **PREDATES_S4),
     "+fused dilation": dict(split_channel_emit=False, pack_k_below=0, split_emit_bn=None, persistent_counter=False,
@@ -90,8 +95,13 @@ VARIANTS = {
     "stages 2": dict(num_stages=2),
     "stages 4": dict(num_stages=4),
     "3 programs/SM": dict(programs_per_sm=3),
-    "default": dict(),  # the library's defaults
 }
+VARIANTS = {name: {**PREDATES_S5, **v} for name, v in EARLIER_VARIANTS.items()}
+VARIANTS.update({
+    "stem per-tap gathers": dict(bordered_input=False),
+    "tap convs 4x8 tiles": dict(tap_conv_tile=(4, 8)),
+    "default": dict(),  # the library's defaults
+})
 DEFAULT = "default"
 
 

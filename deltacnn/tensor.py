@@ -40,6 +40,20 @@ def rows(t: Tensor) -> Tensor:
     return t.permute(0, 2, 3, 1).view(n * h * w, c)
 
 
+@dataclass(frozen=True)
+class Bordered:
+    """A zero-filled, zero-bordered copy of a delta's values, for gathers that need neither masks nor
+    bounds checks (the RGB stem reads whole window rows of it as aligned vectors).
+
+    `values` is (N, H + 2 * border, Wp, cp) in the delta's dtype, Wp = W + 2 * border rounded up to a
+    multiple of 16; pixel (n, y, x) of the delta is values[n, y + border, x + border, :C], channels C..cp
+    are 0, and every pixel outside the delta's mask or the image is 0.
+    """
+
+    values: Tensor
+    border: int
+
+
 @dataclass
 class DeltaTensor:
     """A sparse feature map flowing between delta layers.
@@ -55,6 +69,8 @@ class DeltaTensor:
     # optional (N*H*W + 1, C) matrix whose first rows are `values` and whose last row is zero, so
     # gathers can route inactive or out-of-bounds taps to zeros without a masking pass
     ext: Tensor | None = field(default=None, repr=False)
+    # optional zero-filled, bordered copy of `values` (the input layer of the Triton backend writes it)
+    bordered: Bordered | None = field(default=None, repr=False)
 
     @classmethod
     def keyframe(cls, values: Tensor) -> "DeltaTensor":

@@ -133,3 +133,47 @@ def test_triton_fused_keyframe_seeding_in_residual_blocks(dtype, monkeypatch):
     for t in range(1, clip.shape[0]):
         a, b = ref(clip[t]), fast(clip[t])
         assert float((a.float() - b.float()).norm() / a.float().norm()) < tol, t
+
+
+class RGBStem(nn.Module):
+    """The ResNet stem (7x7 stride 2 on RGB), then a 1x1 conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 7, 2, 3)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.stem(x)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_stem_reads_the_bordered_input(dtype, monkeypatch):
+    """The input layer's bordered copy reaches the RGB stem, which reads window rows of it; over
+    frames whose changes move, the outputs match the reference and the per-tap gathers."""
+    from deltacnn.backends.triton_backend import TritonBackend
+    torch.manual_seed(0)
+    m = RGBStem().eval().to(DEV)
+    clip = make_video(5, n=2, h=18, w=20, noise=0.01, seed=9).to(DEV)
+    seen = []
+    real = tk.sparse_conv2d
+
+    def spy(x, *a, **kw):
+        seen.append(kw.get("bordered") is not None and kw.get("window_weight") is not None)
+        return real(x, *a, **kw)
+    monkeypatch.setattr(tk, "sparse_conv2d", spy)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # exact float32 GEMMs on a GPU too
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    tol = {torch.float32: 1e-5, torch.float16: 3e-3}[dtype]
+    ref = deltacnn.convert(m, clip[0], dtype=dtype, backend="reference", dense_above=None)
+    outs = {}
+    for bordered in (True, False):
+        monkeypatch.setattr(TritonBackend, "bordered_input", bordered)
+        seen.clear()
+        fast = deltacnn.convert(m, clip[0], dtype=dtype, backend="triton")
+        outs[bordered] = [fast(clip[t]) for t in range(clip.shape[0])]
+        assert seen == [bordered, False] * (clip.shape[0] - 1), seen  # the stem only, on delta frames
+    for t in range(clip.shape[0]):
+        a = ref(clip[t]).float()
+        for b in (outs[True][t].float(), outs[False][t].float()):
+            assert float((a - b).norm() / a.norm()) < tol, t

@@ -185,6 +185,59 @@ def test_sparse_conv2d_packed_k(case, dtype, pack):
     assert rel(y[sel], ref[sel]) < (1e-5 if dtype == torch.float32 else 1e-6)  # fp32 accumulation of exact products
 
 
+def bordered_of(x, xm, border=4):
+    """The Bordered copy sparsify would write for delta (x, xm), built with plain PyTorch."""
+    from deltacnn.tensor import Bordered
+    n, c, h, w = x.shape
+    wb = -(-(w + 2 * border) // 16) * 16
+    vals = torch.zeros(n, h + 2 * border, wb, tk.BORDERED_CP, dtype=x.dtype, device=x.device)
+    vals[:, border:border + h, border:border + w, :c] = zf(x, xm).to(x.dtype).permute(0, 2, 3, 1)
+    return Bordered(vals, border)
+
+
+WINDOW_CASES = [  # few input channels, groups 1, no column dilation: the convs that read window rows
+    (3, 16, (7, 7), (2, 2), (3, 3, 3, 3), (1, 1), 1),  # the RGB stem: 8-pixel rows, one pixel of shift
+    (3, 8, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1),  # 4-pixel rows: a 16-deep K step
+    (4, 16, (5, 5), (2, 2), (2, 1, 2, 0), (2, 1), 1),  # row dilation, asymmetric padding, shift 0
+    (2, 16, (3, 5), (1, 2), (0, 0, 4, 2), (1, 1), 1),  # padding up to the border
+]
+WINDOW_PARAMS = [(c, dt) for c in WINDOW_CASES for dt in (torch.float32, torch.float16, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("case,dtype", WINDOW_PARAMS, ids=[f"{_conv_id(c)}-{str(d)[6:]}" for c, d in WINDOW_PARAMS])
+def test_sparse_conv2d_window_rows(case, dtype):
+    """Convs reading window rows of the bordered copy match the reference, and the per-tap gathers."""
+    cin, cout, kernel, stride, pad, dil, groups = case
+    g, x, xm, wt, om = _conv_inputs(31, case, dtype, h=13, w=21)
+    ref = ref_conv(x, xm, wt, stride, pad, dil, groups)
+    bd = bordered_of(x, xm)
+    plan = tk.window_plan(tuple(x.shape), tuple(wt.shape), stride, pad, dil, groups, tuple(ref.shape[2:]), bd)
+    assert plan is not None and plan.npx * plan.cp in (16, 32)
+    cfg = tk.ConvConfig(th=8, tw=8, bn=16, bk=16)
+    outs = []
+    for b in (bd, None):
+        out = cl(torch.full(ref.shape, float("nan"), dtype=torch.float32, device=DEV))
+        y, ym = tk.sparse_conv2d(x, xm, wt, om, stride, pad, dil, groups, out, input_precision="ieee", config=cfg,
+                                 bordered=b)
+        sel = om.expand_as(ref)
+        assert rel(y[sel], ref[sel]) < (1e-5 if dtype == torch.float32 else 1e-6)  # fp32 sums of exact products
+        outs.append(y[sel])
+    assert rel(outs[0], outs[1]) < 1e-6
+
+
+def test_window_plan_declines():
+    """Convs the window rows cannot serve gather per tap instead."""
+    x, xm = rand_delta(torch.Generator().manual_seed(1), 1, 3, 16, 16, torch.float16)
+    bd = bordered_of(x, xm)
+    shape = tuple(x.shape)
+    assert tk.window_plan(shape, (8, 3, 7, 7), (2, 2), (3, 3, 3, 3), (1, 1), 1, (8, 8), bd) is not None
+    assert tk.window_plan(shape, (8, 3, 1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 1, (16, 16), bd) is None  # K step < 16
+    assert tk.window_plan(shape, (8, 3, 3, 3), (1, 1), (1, 1, 1, 1), (1, 2), 1, (16, 14), bd) is None  # col dilation
+    assert tk.window_plan(shape, (8, 3, 11, 11), (1, 1), (5, 5, 5, 5), (1, 1), 1, (16, 16), bd) is None  # > border
+    assert tk.window_plan((1, 3, 15, 16), (8, 3, 3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1, (15, 16), bd) is None  # not its copy
+    assert tk.window_plan((1, 3, 16, 40), (8, 3, 3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1, (16, 40), bd) is None
+
+
 @pytest.mark.parametrize("case", [CONV_CASES[0], CONV_CASES[8]], ids=_conv_id)
 def test_sparse_conv2d_persistent_counter(case):
     """A counter reused across calls (as each layer does every frame) is left zeroed by every call."""
@@ -480,6 +533,28 @@ def test_sparsify(k, score, dtype):
     assert rel(d[sel], dd[sel]) < TOL[dtype]
     ref_new = torch.where(m, ref0.double() + d.double(), ref0.double())
     assert rel(ref, ref_new) < 1e-7
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_sparsify_bordered_copy(k, dtype, monkeypatch):
+    """Over frames whose changes move, the bordered copy always equals the zero-filled delta inside
+    a zero border: blocks sent earlier but not now are cleared, untouched ones stay zero."""
+    from deltacnn.backends.triton_kernels import pointwise
+    monkeypatch.setattr(pointwise, "SPARSIFY_MAX_PIXELS", 16)  # many program blocks on a small frame
+    g = torch.Generator().manual_seed(5 + k)
+    n, c, h, w = 2, 3, 9, 13
+    ref = cl(torch.randn(n, c, h, w, generator=g).to(DEV))
+    bvals, flags, border = tk.bordered_like(n, c, h, w, dtype, DEV)
+    x = ref.clone()
+    for t in range(4):
+        moved = torch.zeros(n, 1, h, w, dtype=torch.bool)
+        moved[:, :, 2 * t:2 * t + 3, (3 * t) % w:(3 * t) % w + 4] = True  # a patch that moves each frame
+        x = x + (torch.randn(n, c, h, w, generator=g) * moved).to(DEV)
+        d, dm = tk.sparsify(x, ref, 0.05, k, "max", out_dtype=dtype, bordered=(bvals, flags, border))
+        want = torch.zeros_like(bvals)
+        want[:, border:border + h, border:border + w, :c] = torch.where(dm, d, torch.zeros((), dtype=dtype, device=DEV)).permute(0, 2, 3, 1)
+        assert dm.any() and torch.equal(bvals, want), f"frame {t}"
 
 
 def test_launch_opts_off_without_hopper_gpu(monkeypatch):

@@ -52,7 +52,10 @@ class Backend:
     name = "abstract"
     host_sync_ok = False  # True if the backend may read device values on the host mid-frame
 
-    def sparsify(self, x: Tensor, ref: Tensor, tau: float, score: str, dilation: int, dtype) -> DeltaTensor:
+    def sparsify(self, x: Tensor, ref: Tensor, tau: float, score: str, dilation: int, dtype,
+                 scratch: dict | None = None) -> DeltaTensor:
+        """The input layer's delta (see ReferenceBackend.sparsify). `scratch`: a dict the calling layer
+        keeps between frames and empties on reset, where a backend may keep buffers of its own."""
         raise NotImplementedError
 
     def accumulate(self, state: Tensor, d: DeltaTensor) -> None:

@@ -44,7 +44,8 @@ class FusedCpuBackend(ReferenceBackend):
         super().__init__()
         self._k = module
 
-    def sparsify(self, x: Tensor, ref: Tensor, tau: float, score: str, dilation: int, dtype) -> DeltaTensor:
+    def sparsify(self, x: Tensor, ref: Tensor, tau: float, score: str, dilation: int, dtype,
+                 scratch: dict | None = None) -> DeltaTensor:
         if x.dtype != torch.float32 or dtype != torch.float32 or dilation > 1:
             return super().sparsify(x, ref, tau, score, dilation, dtype)
         return _delta(self._k.sparsify(x, ref, float(tau), SCORE_CODES[score]))

@@ -177,7 +177,8 @@ class ReferenceBackend(Backend):
         self.work[1] += all_pixels * per_pixel
 
     # ---- input / output -------------------------------------------------------------------
-    def sparsify(self, x: Tensor, ref: Tensor, tau: float, score: str, dilation: int, dtype) -> DeltaTensor:
+    def sparsify(self, x: Tensor, ref: Tensor, tau: float, score: str, dilation: int, dtype,
+                 scratch: dict | None = None) -> DeltaTensor:
         """d = x - ref where the pixel's score over channels exceeds tau; ref follows what was sent.
 
         x may have any layout: the difference and score are computed in x's layout (for a

@@ -35,7 +35,8 @@ class SyncFreeBackend(ReferenceBackend):
     name = "syncfree"
     host_sync_ok = False
 
-    def sparsify(self, x: Tensor, ref: Tensor, tau: float, score: str, dilation: int, dtype) -> DeltaTensor:
+    def sparsify(self, x: Tensor, ref: Tensor, tau: float, score: str, dilation: int, dtype,
+                 scratch: dict | None = None) -> DeltaTensor:
         d = x.float() - ref
         mask = _score(d, score) > tau
         if dilation > 1:

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ..activations import ActSpec
 from ..geometry import Window
-from ..tensor import DeltaTensor, to_cl
+from ..tensor import Bordered, DeltaTensor, to_cl
 from . import triton_kernels as tk
 from .triton_kernels._common import INTERPRET, is_cl
 from .base import ConvParams, PointwiseState
@@ -51,10 +51,28 @@ class TritonBackend(SyncFreeBackend):
     fuse_keyframe_seed = True
     # ... with the conv's bias added in that pass instead of by PyTorch after cuDNN (a switch for benchmarks)
     fuse_conv_bias = True
+    # the input layer also writes a zero-filled, bordered copy of few-channel frames, from which convs
+    # such as the RGB stem gather whole window rows without masks (a switch for benchmarks; same results)
+    bordered_input = True
 
-    def sparsify(self, x: Tensor, ref: Tensor, tau: float, score: str, dilation: int, dtype) -> DeltaTensor:
-        vals, mask = tk.sparsify(x, ref, tau, dilation, score, out_dtype=dtype)  # reads x in its layout
-        return DeltaTensor(vals, mask)
+    def sparsify(self, x: Tensor, ref: Tensor, tau: float, score: str, dilation: int, dtype,
+                 scratch: dict | None = None) -> DeltaTensor:
+        bordered = self._bordered_buffers(x, dtype, scratch)
+        vals, mask = tk.sparsify(x, ref, tau, dilation, score, out_dtype=dtype,  # reads x in its layout
+                                 bordered=bordered)
+        return DeltaTensor(vals, mask, bordered=Bordered(bordered[0], bordered[2]) if bordered else None)
+
+    def _bordered_buffers(self, x: Tensor, dtype: torch.dtype, scratch: dict | None):
+        """The bordered copy (and its flags) this input layer keeps in `scratch`, for frames of few
+        channels (the convs that read them: sparse_conv2d's `bordered`); None where not wanted."""
+        n, c, h, w = x.shape
+        if not self.bordered_input or scratch is None or c > tk.BORDERED_CP or not (x.is_cuda or INTERPRET):
+            return None
+        key = (n, c, h, w, dtype, x.device)
+        if scratch.get("bordered_key") != key:
+            scratch["bordered"] = tk.bordered_like(n, c, h, w, dtype, x.device)
+            scratch["bordered_key"] = key
+        return scratch["bordered"]
 
     def accumulate(self, state: Tensor, d: DeltaTensor) -> None:
         tk.accumulate_(state, to_cl(d.values), d.mask)
@@ -84,8 +102,20 @@ class TritonBackend(SyncFreeBackend):
             residual=to_cl(residual.values) if residual is not None else None,
             residual_mask=residual.mask if residual is not None else None,
             act=_act(act) if act is not None else None, out_dtype=out_dtype, input_precision=_precision(),
-            prepared=prepared, out_hw=out_hw, counter=counter)
+            prepared=prepared, out_hw=out_hw, counter=counter, **self._window(d, p, out_hw))
         return DeltaTensor(y, ym)
+
+    @staticmethod
+    def _window(d: DeltaTensor, p: ConvParams, out_hw: tuple[int, int]) -> dict:
+        """sparse_conv2d's window-row arguments where this conv can read d's bordered copy."""
+        b = d.bordered
+        plan = None if b is None else tk.window_plan(tuple(d.shape), tuple(p.weight.shape), p.window.stride,
+                                                      p.window.padding, p.window.dilation, p.groups, out_hw, b)
+        if plan is None:
+            return {}
+        dt = d.values.dtype
+        w = p.cached(f"triton_window_{dt}_{plan}", lambda: tk.prepare_window_weight(p.weight, plan, dt))
+        return {"bordered": b, "window_weight": w}
 
     def pointwise(self, d: DeltaTensor, st: PointwiseState) -> DeltaTensor:
         if not _fused(st.act):

@@ -20,6 +20,11 @@ class Sparsify(DeltaLayer):
         if dilation < 1:
             raise ValueError(f"mask dilation must be >= 1, got {dilation}")
         self.dilation = dilation
+        self._scratch: dict = {}  # the backend's own buffers between frames (see Backend.sparsify)
+
+    def reset_state(self) -> None:
+        super().reset_state()
+        self._scratch.clear()
 
     def forward(self, x: Tensor) -> DeltaTensor:
         rt = self.rt
@@ -39,7 +44,8 @@ class Sparsify(DeltaLayer):
         else:
             ref = self._state("ref")
             # any layout: each backend reads x the way it is fastest for it
-            d = backend.sparsify(x, ref, self.tau(), rt.thresholds.score, self.dilation, rt.dtype)
+            d = backend.sparsify(x, ref, self.tau(), rt.thresholds.score, self.dilation, rt.dtype,
+                                 scratch=self._scratch)
             if track or promote:
                 rt.input_change = d.mask.float().mean()
             if promote and float(rt.input_change) > limit:

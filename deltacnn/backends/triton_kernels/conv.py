@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ...tensor import Bordered
 from ._common import (INTERPRET, Act, as_act, check_state, finish_tile, gdc_start, launch_opts, mask_u8, need_cl,
                       new_cl, npow2, num_sms)
 from .masks import active_tiles, out_size
@@ -35,7 +36,8 @@ def _conv_gemm_kernel(x_ptr, xm_ptr, w_ptr, out_ptr, om_ptr, res_ptr, rm_ptr, a_
                       WRITE_FM: tl.constexpr, ATOMIC: tl.constexpr, PREC: tl.constexpr, IS_F32: tl.constexpr,
                       NKC: tl.constexpr, N_IT: tl.constexpr, IT_PER: tl.constexpr, UPCAST: tl.constexpr,
                       FIXUP: tl.constexpr, OR_FM: tl.constexpr, PACK_K: tl.constexpr, SELF_RESET: tl.constexpr,
-                      LOADS_FIRST: tl.constexpr, XM_IS_OM: tl.constexpr, GDC: tl.constexpr):
+                      LOADS_FIRST: tl.constexpr, XM_IS_OM: tl.constexpr, WINDOW: tl.constexpr,
+                      BORD: tl.constexpr, SHIFT: tl.constexpr, CPX: tl.constexpr, GDC: tl.constexpr):
     gdc_start(GDC)
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -69,7 +71,18 @@ def _conv_gemm_kernel(x_ptr, xm_ptr, w_ptr, out_ptr, om_ptr, res_ptr, rm_ptr, a_
         for j in range(0, IT_PER):
             it = it0 + j
             live = it < N_IT
-            if PACK_K:
+            if WINDOW:
+                # x is a bordered copy (H, W its padded size; see Bordered): step `it` is kernel row
+                # `it`, and each pixel's K slice is BK consecutive elements of that row (BK / CPX
+                # pixels from SHIFT left of its first tap), zero outside the mask and the image, so
+                # it is loaded as aligned vectors with neither a mask load nor bounds checks
+                iy = oy * SH - PT + it * DH + BORD
+                jx = ox * SW - PL - SHIFT + BORD
+                base = ((n * H + iy).to(tl.int64) * W + jx) * CPX
+                a = tl.load(x_ptr + base[:, None] + kk[None, :], mask=(pvalid & live)[:, None], other=0.0)
+                b = tl.load(w_ptr + (it * BK + kk)[:, None] * Og + cols_g[None, :], mask=live & cvalid[None, :],
+                            other=0.0)
+            elif PACK_K:
                 # few input channels (the RGB stem): K = (tap, channel) flattened, so a BK step
                 # covers several taps instead of padding 3 channels to BK; gathered per element
                 k = it * BK + kk
@@ -233,6 +246,9 @@ EPILOGUE_LOADS_FIRST = True
 # 1x1 convs take x's mask from the candidate mask instead of loading it in the K loop (see
 # sparse_conv2d); a switch so that benchmarks can compare (same results).
 REUSE_OUT_MASK = True
+# Output tile of convs with several taps on large maps, where not None (instead of BIG_MAP_TILE):
+# a setting only so that benchmarks can try smaller work items for the latency-bound 3x3 convs.
+TAP_CONV_TILE: tuple[int, int] | None = None
 # Persistent programs per SM (ConvConfig.programs_per_sm's default). Most conv variants use
 # 230-245 registers per thread at 4 warps, so only 2 programs of 128 threads fit an SM at a time.
 PROGRAMS_PER_SM = 4
@@ -272,6 +288,51 @@ def prepare_weight(weight: Tensor, groups: int, dtype: torch.dtype | None = None
     return w.reshape(groups, og, cg, kh, kw).permute(0, 3, 4, 2, 1).contiguous()
 
 
+@dataclass(frozen=True)
+class WindowPlan:
+    """How a conv reads window rows of a bordered copy: `npx` pixels per kernel row (a power of two,
+    npx * cp elements = one K step), starting `shift` pixels left of the first tap so that rows of a
+    stride-2 conv start on 16-byte boundaries (the extra pixels get zero weights)."""
+
+    npx: int
+    shift: int
+    cp: int
+
+
+def window_plan(x_shape: tuple[int, ...], w_shape: tuple[int, ...], stride: tuple[int, int],
+                padding: tuple[int, int, int, int], dilation: tuple[int, int], groups: int,
+                out_hw: tuple[int, int], bordered: Bordered) -> WindowPlan | None:
+    """The window-row plan of this conv on `bordered`, or None where the conv must gather per tap
+    (groups, column dilation, more channels than the copy holds, a window wider than 64 elements
+    or narrower than a 16-deep K step, taps beyond the border, or a copy of another shape)."""
+    n, cin, h, w = x_shape
+    cout, cg, kh, kw = w_shape
+    bn_, hb, wb, cp = bordered.values.shape
+    border = bordered.border
+    if groups != 1 or dilation[1] != 1 or cin > cp or bn_ != n or hb != h + 2 * border \
+            or wb != triton.cdiv(w + 2 * border, 16) * 16:  # not a copy of this x
+        return None
+    sh, sw = stride
+    pt, _, pl, _ = padding
+    shift = (border - pl) % 2 if sw % 2 == 0 else 0
+    npx = npow2(kw + shift)
+    ho, wo = out_hw
+    if not 16 <= npx * cp <= 64 or pt > border or pl + shift > border:
+        return None
+    if (ho - 1) * sh - pt + (kh - 1) * dilation[0] + border >= hb or (wo - 1) * sw - pl - shift + npx + border > wb:
+        return None
+    return WindowPlan(npx, shift, cp)
+
+
+def prepare_window_weight(weight: Tensor, plan: WindowPlan, dtype: torch.dtype | None = None) -> Tensor:
+    """GEMM form of a conv weight for window rows: (kh * npx * cp, Cout), zero for the shift pixels,
+    the pixels past the kernel's width and the padding channels. Cache it per weight tensor."""
+    cout, cin, kh, kw = weight.shape
+    w = torch.zeros(kh, plan.npx, plan.cp, cout, dtype=dtype or weight.dtype, device=weight.device)
+    w[:, plan.shift:plan.shift + kw, :cin, :] = weight.permute(2, 3, 1, 0).to(w.dtype)
+    return w.reshape(kh * plan.npx * plan.cp, cout)
+
+
 def default_config(n: int, cin: int, cout: int, groups: int, kernel: tuple[int, int], out_hw: tuple[int, int],
                    dtype: torch.dtype, fused_act: bool, split_emit: bool = False) -> ConvConfig:
     """Shape-only heuristic (never data-dependent, so it is capture-safe). `split_emit`: the fused
@@ -298,6 +359,8 @@ def default_config(n: int, cin: int, cout: int, groups: int, kernel: tuple[int, 
     else:
         bn = min(128 if big else 64, max(16, npow2(og)))
     th, tw = BIG_MAP_TILE if big and bn * BIG_MAP_TILE[0] * BIG_MAP_TILE[1] <= 128 * 128 else (8, 8)
+    if big and TAP_CONV_TILE is not None and kh * kw > 1 and not packed:
+        th, tw = TAP_CONV_TILE
     warps = PACK_K_WARPS if packed else 8 if bn * th * tw >= 128 * 128 else 4
     # small maps with a long K loop: too few (tile, channel block) items to fill 132 SMs at low
     # density, so split K (measured on H100: 3x3 256->256 @68x120, 1%: 29.9 -> 20.0 us with 4 splits)
@@ -315,7 +378,8 @@ def sparse_conv2d(x: Tensor, x_mask: Tensor, weight: Tensor, out_mask: Tensor | 
                   residual: Tensor | None = None, residual_mask: Tensor | None = None, act: Act | dict | None = None,
                   out_dtype: torch.dtype | None = None, input_precision: str = "tf32",
                   prepared: Tensor | None = None, config: ConvConfig | None = None,
-                  out_hw: tuple[int, int] | None = None, counter: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                  out_hw: tuple[int, int] | None = None, counter: Tensor | None = None,
+                  bordered: Bordered | None = None, window_weight: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Sparse conv of a delta (no bias) at the candidate pixels out_mask | residual_mask.
 
     x: (N, Cin, H, W) channels_last fp16/bf16/fp32, zero where x_mask (N, 1, H, W) bool is 0 (never read).
@@ -330,6 +394,9 @@ def sparse_conv2d(x: Tensor, x_mask: Tensor, weight: Tensor, out_mask: Tensor | 
     `counter`: a persistent int32[2] zero buffer the call uses for its tile count and leaves zeroed
     again (saves a zeroing launch per call; cache one per layer and device, never share it between
     calls that may run concurrently). Default: a fresh one per call.
+    `bordered`: a zero-filled bordered copy of x (see deltacnn.tensor.Bordered, written by sparsify);
+    where `window_plan` allows, the conv reads whole window rows of it instead of gathering x per tap
+    (`window_weight`: prepare_window_weight's result for that plan, else made here).
     """
     need_cl(x, "x")
     n, cin, h, w = x.shape
@@ -429,27 +496,40 @@ def sparse_conv2d(x: Tensor, x_mask: Tensor, weight: Tensor, out_mask: Tensor | 
                                   **launch_opts(dev, long_running=True))
             return out, fm
         work = n_tiles * groups * nb * split_k
+        plan = None if bordered is None else window_plan((n, cin, h, w), (cout, cg, kh, kw), stride, padding,
+                                                          dilation, groups, (ho, wo), bordered)
         pack = cfg.pack_k if cfg.pack_k is not None else cg < PACK_K_BELOW
-        nkc = triton.cdiv(cg, cfg.bk)
-        n_it = triton.cdiv(kh * kw * cg, cfg.bk) if pack else kh * kw * nkc
+        bk = cfg.bk
+        nkc = triton.cdiv(cg, bk)
+        n_it = triton.cdiv(kh * kw * cg, bk) if pack else kh * kw * nkc
+        x_in, w_in, hx, wx, border = x, prepared, h, w, 0
+        if plan is not None:  # one kernel row per K step, read from the bordered copy
+            pack, bk, n_it = False, plan.npx * plan.cp, kh
+            x_in, border = bordered.values, bordered.border
+            hx, wx = x_in.shape[1:3]
+            w_in = window_weight if window_weight is not None else prepare_window_weight(weight, plan, x.dtype)
+            if x_in.dtype != x.dtype or w_in.dtype != x.dtype or tuple(w_in.shape) != (kh * bk, cout):
+                raise ValueError("bordered copy and window weight must match x's dtype and the window plan")
         it_per = triton.cdiv(n_it, split_k)
         grid = (max(1, min(work, num_sms(dev) * cfg.programs_per_sm)),)
         # a 1x1 conv without padding whose candidate mask the tile-list launch computed from x's mask:
         # each output pixel's one tap is an input pixel, and the candidate mask is x's mask there, so
         # the K loop need not load it again (one dependent load less)
         xm_is_om = REUSE_OUT_MASK and out_mask is None and (kh, kw) == (1, 1) and tuple(padding) == (0, 0, 0, 0) \
-            and not pack
-        _conv_gemm_kernel[grid](x, xm, prepared, out, om, res, rm, a_t, e_t, fm.view(torch.uint8), ids, count,
+            and not pack and plan is None
+        _conv_gemm_kernel[grid](x_in, xm, w_in, out, om, res, rm, a_t, e_t, fm.view(torch.uint8), ids, count,
                                 ws if fixup else out, ctr if fixup else ids,
-                                h, w, ho, wo, cin, cout, cg, og, n_tw, tpi, *ap,
+                                hx, wx, ho, wo, cin, cout, cg, og, n_tw, tpi, *ap,
                                 KH=kh, KW=kw, SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1],
-                                PT=padding[0], PL=padding[2], TH=cfg.th, TW=cfg.tw, BN=bn, BK=cfg.bk, NB=nb, G=groups,
+                                PT=padding[0], PL=padding[2], TH=cfg.th, TW=cfg.tw, BN=bn, BK=bk, NB=nb, G=groups,
                                 SPLIT_K=split_k, HAS_RES=has_res, HAS_ACT=act is not None, FN=fn, SCORE=sc,
                                 WRITE_FM=False, ATOMIC=atomic, PREC=input_precision,
                                 IS_F32=x.dtype == torch.float32, NKC=nkc, N_IT=n_it, IT_PER=it_per,
                                 UPCAST=INTERPRET and x.dtype == torch.bfloat16, FIXUP=fixup, OR_FM=or_fm, PACK_K=pack,
                                 SELF_RESET=counter is not None, LOADS_FIRST=EPILOGUE_LOADS_FIRST,
-                                XM_IS_OM=xm_is_om, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                                XM_IS_OM=xm_is_om, WINDOW=plan is not None, BORD=border,
+                                SHIFT=plan.shift if plan is not None else 0, CPX=plan.cp if plan is not None else 1,
+                                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                                 **launch_opts(dev, long_running=True))
         return out, fm
     except BaseException:

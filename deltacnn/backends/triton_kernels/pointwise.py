@@ -271,10 +271,12 @@ def _score_kernel(x_ptr, r_ptr, m_ptr, P, C: tl.constexpr, HW, sN, sP, sC, tau, 
 
 
 @triton.jit
-def _sparsify_kernel(x_ptr, r_ptr, m0_ptr, out_ptr, fm_ptr, P, C: tl.constexpr, H, W, sN, sP, sC, tau,
-                     K: tl.constexpr, SCORE: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr, GDC: tl.constexpr):
+def _sparsify_kernel(x_ptr, r_ptr, m0_ptr, out_ptr, fm_ptr, bd_ptr, dirty_ptr, P, C: tl.constexpr, H, W, sN, sP, sC,
+                     tau, Hb, Wb, K: tl.constexpr, SCORE: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr,
+                     BORDERED: tl.constexpr, BORDER: tl.constexpr, CP: tl.constexpr, GDC: tl.constexpr):
     gdc_start(GDC)
-    prow = tl.program_id(0).to(tl.int64) * BP + tl.arange(0, BP)
+    pid = tl.program_id(0)
+    prow = pid.to(tl.int64) * BP + tl.arange(0, BP)
     pvalid = prow < P
     if K == 1:  # score and send in one pass over the pixel block
         s = tl.zeros([BP], dtype=tl.float32)
@@ -304,7 +306,19 @@ def _sparsify_kernel(x_ptr, r_ptr, m0_ptr, out_ptr, fm_ptr, P, C: tl.constexpr, 
                 v = pvalid & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
                 acc = acc | (tl.load(m0_ptr + (img * H + iy) * W + ix, mask=v, other=0) != 0).to(tl.int32)
         m = pvalid & (acc != 0)
-    if tl.max(m.to(tl.int32), axis=0) > 0:
+    any_m = tl.max(m.to(tl.int32), axis=0) > 0
+    if BORDERED:
+        # the bordered copy (one channel block: C <= BC): this block's pixels are rewritten when any is
+        # sent now or was sent when the block was last written (its dirty flag), so that every pixel
+        # outside the mask reads 0 without a pass over the whole frame
+        cols = tl.arange(0, BC)
+        img = prow // (H * W)
+        yx = prow - img * (H * W)
+        boffs = (((img * Hb + yx // W + BORDER) * Wb + yx % W + BORDER) * CP)[:, None] + cols[None, :]
+        bmask = pvalid[:, None] & (cols < CP)[None, :]
+        rewrite = any_m | (tl.load(dirty_ptr + pid) != 0)
+        tl.store(dirty_ptr + pid, any_m.to(tl.uint8))
+    if any_m:
         for c0 in range(0, C, BC):
             cols = c0 + tl.arange(0, BC)
             m2 = m[:, None] & (cols < C)[None, :]
@@ -314,6 +328,11 @@ def _sparsify_kernel(x_ptr, r_ptr, m0_ptr, out_ptr, fm_ptr, P, C: tl.constexpr, 
             sent = (tl.load(x_ptr + xoffs, mask=m2, other=0.0).to(tl.float32) - r).to(out_ptr.dtype.element_ty)
             tl.store(out_ptr + offs, sent, mask=m2)
             tl.store(r_ptr + offs, r + sent.to(tl.float32), mask=m2)
+            if BORDERED:
+                tl.store(bd_ptr + boffs, tl.where(m2, sent, 0.0).to(bd_ptr.dtype.element_ty), mask=bmask)
+    elif BORDERED:
+        if rewrite:
+            tl.store(bd_ptr + boffs, tl.zeros([BP, BC], dtype=bd_ptr.dtype.element_ty), mask=bmask)
     tl.store(fm_ptr + prow, m.to(tl.uint8), mask=pvalid)
 
 
@@ -322,12 +341,41 @@ def _sparsify_kernel(x_ptr, r_ptr, m0_ptr, out_ptr, fm_ptr, P, C: tl.constexpr, 
 SPARSIFY_MAX_PIXELS = 1024
 
 
+# Border (pixels) of the bordered copy the input layer writes for few-channel frames: enough for
+# convs up to 9 x 9 with 'same' padding (the R50 stem: 7 x 7, padding 3).
+BORDER = 4
+# Channels per pixel of the bordered copy: an RGB pixel padded to 8 bytes (fp16), so that a window
+# row of 2 pixels starts on a 16-byte boundary.
+BORDERED_CP = 4
+
+
+def bordered_like(n: int, c: int, h: int, w: int, dtype: torch.dtype, device) -> tuple[Tensor, Tensor, int]:
+    """A zeroed bordered copy for sparsify (see deltacnn.tensor.Bordered) and its zeroed per-program
+    dirty flags; returns (values, flags, border)."""
+    if c > BORDERED_CP:
+        raise ValueError(f"a bordered copy holds at most {BORDERED_CP} channels, got {c}")
+    wb = triton.cdiv(w + 2 * BORDER, 16) * 16
+    vals = torch.zeros(n, h + 2 * BORDER, wb, BORDERED_CP, dtype=dtype, device=device)
+    flags = torch.zeros(triton.cdiv(n * h * w, _sparsify_pixels(c)), dtype=torch.uint8, device=device)
+    return vals, flags, BORDER
+
+
+def _sparsify_pixels(c: int) -> int:
+    bp, bc, _ = _blocks(c)
+    return max(bp, min(SPARSIFY_MAX_PIXELS, 4096 // bc))  # frames have few channels: many pixels per program
+
+
 def sparsify(x: Tensor, ref: Tensor, tau: float, dilation_k: int = 1, score: str = "max", *,
-             out_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+             out_dtype: torch.dtype | None = None,
+             bordered: tuple[Tensor, Tensor, int] | None = None) -> tuple[Tensor, Tensor]:
     """Input layer: d = x - ref; mask = score_c(d) > tau, dilated by a k x k window ('same', k // 2);
     where mask: delta = d rounded to out_dtype (default x.dtype) and ref += delta (ref float32, in place).
     Returns (delta, mask). x is channels_last or NCHW-contiguous (read in place, any float dtype);
-    one launch (two with dilation)."""
+    one launch (two with dilation).
+
+    `bordered`: (values, flags, border) from `bordered_like` (kept between frames, never shared):
+    also leaves the zero-filled delta in values (deltacnn.tensor.Bordered), rewriting only the
+    program blocks that are sent now or were last time (the flags)."""
     n, c, h, w = x.shape
     sN, sC, sH, sW = x.stride()
     if sH != w * sW and h > 1:  # pixels not evenly spaced within an image: copy once
@@ -337,12 +385,23 @@ def sparsify(x: Tensor, ref: Tensor, tau: float, dilation_k: int = 1, score: str
     if score not in ("max", "l2"):
         raise ValueError(f"truncation score must be 'max' or 'l2', got {score!r}")
     sc = 0 if score == "max" else 1
-    out = new_cl(n, c, h, w, out_dtype or x.dtype, x.device)
+    odt = out_dtype or x.dtype
+    out = new_cl(n, c, h, w, odt, x.device)
     fm = torch.empty(n, 1, h, w, dtype=torch.bool, device=x.device)
     P = n * h * w
-    bp, bc, _ = _blocks(c)
-    bp = max(bp, min(SPARSIFY_MAX_PIXELS, 4096 // bc))  # frames have few channels: many pixels per program
+    _, bc, _ = _blocks(c)
+    bp = _sparsify_pixels(c)
     grid = (triton.cdiv(P, bp),)
+    if bordered is not None:
+        bvals, flags, border = bordered
+        wb = triton.cdiv(w + 2 * border, 16) * 16
+        if (bvals.shape != (n, h + 2 * border, wb, BORDERED_CP) or bvals.dtype != odt or bvals.device != x.device
+                or not bvals.is_contiguous() or flags.shape != (grid[0],) or flags.dtype != torch.uint8):
+            raise ValueError(f"bordered copy must come from bordered_like({n}, {c}, {h}, {w}, {odt}, ...)")
+        if c > bc:
+            raise ValueError(f"a bordered copy needs all {c} channels in one block")
+    else:
+        bvals, flags, border, wb = out, fm, 0, 0
     k = int(dilation_k)
     if k > 1:
         m0 = torch.empty(n, 1, h, w, dtype=torch.uint8, device=x.device)
@@ -350,6 +409,7 @@ def sparsify(x: Tensor, ref: Tensor, tau: float, dilation_k: int = 1, score: str
                             **launch_opts(x.device))
     else:
         m0 = fm.view(torch.uint8)
-    _sparsify_kernel[grid](x, ref, m0, out, fm.view(torch.uint8), P, c, h, w, sN, sW, sC, float(tau), K=max(k, 1),
-                           SCORE=sc, BP=bp, BC=bc, **launch_opts(x.device))
+    _sparsify_kernel[grid](x, ref, m0, out, fm.view(torch.uint8), bvals, flags.view(torch.uint8), P, c, h, w,
+                           sN, sW, sC, float(tau), h + 2 * border, wb, K=max(k, 1), SCORE=sc, BP=bp, BC=bc,
+                           BORDERED=bordered is not None, BORDER=border, CP=BORDERED_CP, **launch_opts(x.device))
     return out, fm
