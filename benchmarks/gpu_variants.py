@@ -47,12 +47,14 @@ SETTINGS = {
     "epilogue_loads_first": (tk.conv, "EPILOGUE_LOADS_FIRST"),
     "reuse_out_mask": (tk.conv, "REUSE_OUT_MASK"),
     "bordered_input": (TritonBackend, "bordered_input"),
-    "tap_conv_tile": (tk.conv, "TAP_CONV_TILE"),
+    "pool_reads_running_sum": (TritonBackend, "pool_reads_running_sum"),
+    "window_tile": (tk.conv, "WINDOW_TILE"),
+    "window_warps": (tk.conv, "WINDOW_WARPS"),
 }
 LIBRARY_DEFAULTS = {k: getattr(obj, attr) for k, (obj, attr) in SETTINGS.items()}
 PREDATES_S4 = dict(pdl="off", fuse_conv_bias=False, pack_k_bk=64, epilogue_loads_first=False, reuse_out_mask=False)
 # the fifth session's settings, switched off in every earlier variant
-PREDATES_S5 = dict(bordered_input=False)
+PREDATES_S5 = dict(bordered_input=False, pool_reads_running_sum=False)
 EARLIER_VARIANTS = {
     "before": dict(fuse_dilation=False, split_channel_emit=False, pack_k_below=0, split_emit_bn=None,
         persistent_counter=False, fuse_keyframe_seed=False, sparsify_max_pixels=32, **PREDATES_S4),
@@ -99,7 +101,9 @@ EARLIER_VARIANTS = {
 VARIANTS = {name: {**PREDATES_S5, **v} for name, v in EARLIER_VARIANTS.items()}
 VARIANTS.update({
     "stem per-tap gathers": dict(bordered_input=False),
-    "tap convs 4x8 tiles": dict(tap_conv_tile=(4, 8)),
+    "pool accumulates its input": dict(pool_reads_running_sum=False),
+    "stem window 8 warps": dict(window_warps=8),
+    "stem window 8x16 tiles": dict(window_tile=(8, 16)),
     "default": dict(),  # the library's defaults
 })
 DEFAULT = "default"

@@ -71,6 +71,9 @@ class DeltaTensor:
     ext: Tensor | None = field(default=None, repr=False)
     # optional zero-filled, bordered copy of `values` (the input layer of the Triton backend writes it)
     bordered: Bordered | None = field(default=None, repr=False)
+    # optional float32 sum of every delta this stream has carried since its keyframe, i.e. its dense
+    # value (a nonlinear layer's emitted state E), for consumers that would otherwise keep that sum
+    running_sum: Tensor | None = field(default=None, repr=False)
 
     @classmethod
     def keyframe(cls, values: Tensor) -> "DeltaTensor":

@@ -177,3 +177,26 @@ def test_triton_stem_reads_the_bordered_input(dtype, monkeypatch):
         a = ref(clip[t]).float()
         for b in (outs[True][t].float(), outs[False][t].float()):
             assert float((a - b).norm() / a.norm()) < tol, t
+
+
+@pytest.mark.parametrize("tau", [0.0, 0.03])
+def test_triton_pool_reads_the_producers_running_sum(tau, monkeypatch):
+    """A max pool after a fused conv + ReLU reads the conv's emitted state instead of accumulating its
+    input into its own copy: no accumulation launch, and bit for bit the same outputs."""
+    from deltacnn.backends.triton_backend import TritonBackend
+    torch.manual_seed(0)
+    m = Block().eval().to(DEV)
+    clip = make_video(5, n=2, h=12, w=12, noise=0.01, seed=5).to(DEV)
+    accumulated = []
+    real = tk.accumulate_
+    monkeypatch.setattr(tk, "accumulate_", lambda s, v, mk: accumulated.append(tuple(s.shape)) or real(s, v, mk))
+    outs = {}
+    for reads in (True, False):
+        monkeypatch.setattr(TritonBackend, "pool_reads_running_sum", reads)
+        accumulated.clear()
+        fast = deltacnn.convert(m, clip[0], threshold=tau, dtype=torch.float16, backend="triton")
+        outs[reads] = [fast(clip[t]) for t in range(clip.shape[0])]
+        pooled = [s for s in accumulated if s[1:] == (8, 12, 12)]  # the first pool's input: conv `a`'s output
+        assert len(pooled) == (0 if reads else clip.shape[0] - 1), accumulated
+    for a, b in zip(outs[True], outs[False]):
+        assert torch.equal(a, b)

@@ -225,6 +225,21 @@ def test_sparse_conv2d_window_rows(case, dtype):
     assert rel(outs[0], outs[1]) < 1e-6
 
 
+@pytest.mark.parametrize("tile,warps", [(None, None), ((8, 16), 8)])
+def test_sparse_conv2d_window_rows_default_config(tile, warps, monkeypatch):
+    """The shape heuristic's launch for window rows, and the tile and warps benchmarks may set."""
+    from deltacnn.backends.triton_kernels import conv
+    monkeypatch.setattr(conv, "WINDOW_TILE", tile)
+    monkeypatch.setattr(conv, "WINDOW_WARPS", warps)
+    case = WINDOW_CASES[0]
+    g, x, xm, wt, om = _conv_inputs(33, case, torch.float16, h=13, w=21)
+    ref = ref_conv(x, xm, wt, case[3], case[4], case[5], 1)
+    y, ym = tk.sparse_conv2d(x, xm, wt, None, case[3], case[4], case[5], 1, out_dtype=torch.float32,
+                             bordered=bordered_of(x, xm))
+    sel = ym.expand_as(ref)
+    assert torch.equal(ym, om) and rel(y[sel], ref[sel]) < 1e-6
+
+
 def test_window_plan_declines():
     """Convs the window rows cannot serve gather per tap instead."""
     x, xm = rand_delta(torch.Generator().manual_seed(1), 1, 3, 16, 16, torch.float16)

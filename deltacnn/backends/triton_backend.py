@@ -54,6 +54,9 @@ class TritonBackend(SyncFreeBackend):
     # the input layer also writes a zero-filled, bordered copy of few-channel frames, from which convs
     # such as the RGB stem gather whole window rows without masks (a switch for benchmarks; same results)
     bordered_input = True
+    # max pools after a nonlinear layer read its emitted state instead of accumulating their input
+    # into a copy of it (a switch for benchmarks; same results)
+    pool_reads_running_sum = True
 
     def sparsify(self, x: Tensor, ref: Tensor, tau: float, score: str, dilation: int, dtype,
                  scratch: dict | None = None) -> DeltaTensor:
@@ -103,7 +106,8 @@ class TritonBackend(SyncFreeBackend):
             residual_mask=residual.mask if residual is not None else None,
             act=_act(act) if act is not None else None, out_dtype=out_dtype, input_precision=_precision(),
             prepared=prepared, out_hw=out_hw, counter=counter, **self._window(d, p, out_hw))
-        return DeltaTensor(y, ym)
+        # E sums what this layer sent: the stream's dense value, which a max pool after it can read
+        return DeltaTensor(y, ym, running_sum=act.emitted if act is not None else None)
 
     @staticmethod
     def _window(d: DeltaTensor, p: ConvParams, out_hw: tuple[int, int]) -> dict:
@@ -121,7 +125,7 @@ class TritonBackend(SyncFreeBackend):
         if not _fused(st.act):
             return super().pointwise(d, st)
         out, mask = tk.sparse_nonlinear(to_cl(d.values), d.mask, st.acc, st.emitted, _act(st))
-        return DeltaTensor(out, mask)
+        return DeltaTensor(out, mask, running_sum=st.emitted)
 
     def fuses_dense_act(self, x: Tensor) -> bool:
         return self.fuse_keyframe_seed and (x.is_cuda or INTERPRET)
@@ -139,7 +143,13 @@ class TritonBackend(SyncFreeBackend):
         return self.fuse_conv_bias and x.is_cuda and self.fuses_dense_act(x)
 
     def maxpool(self, d: DeltaTensor, acc: Tensor, emitted: Tensor, win: Window, tau: float, score: str) -> DeltaTensor:
-        tk.accumulate_(acc, to_cl(d.values), d.mask)
+        if self.pool_reads_running_sum and d.running_sum is not None and d.running_sum.shape == acc.shape:
+            # the producer's E is, bit for bit, what acc would hold after accumulating this delta (both
+            # add the same rounded values to the same keyframe seed): read it, skip the accumulation.
+            # A layer's producer is the same every delta frame, so acc is either always or never used.
+            acc = d.running_sum
+        else:
+            tk.accumulate_(acc, to_cl(d.values), d.mask)
         out_hw = tuple(emitted.shape[2:])
         cand = tk.dilate_mask(d.mask, win.kernel, win.stride, win.padding, win.dilation, out_hw)
         out, mask = tk.maxpool_update(acc, cand, emitted, win.kernel, win.stride, win.padding, win.dilation, tau,

@@ -9,7 +9,7 @@ runs the fused epilogue (residual, nonlinear delta update) on the tile.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -246,9 +246,10 @@ EPILOGUE_LOADS_FIRST = True
 # 1x1 convs take x's mask from the candidate mask instead of loading it in the K loop (see
 # sparse_conv2d); a switch so that benchmarks can compare (same results).
 REUSE_OUT_MASK = True
-# Output tile of convs with several taps on large maps, where not None (instead of BIG_MAP_TILE):
-# a setting only so that benchmarks can try smaller work items for the latency-bound 3x3 convs.
-TAP_CONV_TILE: tuple[int, int] | None = None
+# Output tile and warps of convs that read window rows of a bordered copy (the RGB stem); None: the
+# shape heuristic's. Settings so that benchmarks can compare.
+WINDOW_TILE: tuple[int, int] | None = None
+WINDOW_WARPS: int | None = None
 # Persistent programs per SM (ConvConfig.programs_per_sm's default). Most conv variants use
 # 230-245 registers per thread at 4 warps, so only 2 programs of 128 threads fit an SM at a time.
 PROGRAMS_PER_SM = 4
@@ -359,8 +360,6 @@ def default_config(n: int, cin: int, cout: int, groups: int, kernel: tuple[int, 
     else:
         bn = min(128 if big else 64, max(16, npow2(og)))
     th, tw = BIG_MAP_TILE if big and bn * BIG_MAP_TILE[0] * BIG_MAP_TILE[1] <= 128 * 128 else (8, 8)
-    if big and TAP_CONV_TILE is not None and kh * kw > 1 and not packed:
-        th, tw = TAP_CONV_TILE
     warps = PACK_K_WARPS if packed else 8 if bn * th * tw >= 128 * 128 else 4
     # small maps with a long K loop: too few (tile, channel block) items to fill 132 SMs at low
     # density, so split K (measured on H100: 3x3 256->256 @68x120, 1%: 29.9 -> 20.0 us with 4 splits)
@@ -439,6 +438,11 @@ def sparse_conv2d(x: Tensor, x_mask: Tensor, weight: Tensor, out_mask: Tensor | 
         raise ValueError(f"weight dtype {prepared.dtype} must equal x dtype {x.dtype}")
     cfg = config or default_config(n, cin, cout, groups, (kh, kw), (ho, wo), x.dtype, act is not None,
                                    act is not None and SPLIT_CHANNEL_EMIT and act.tau <= 0)
+    plan = None if bordered is None or depthwise else window_plan(
+        (n, cin, h, w), (cout, cg, kh, kw), stride, padding, dilation, groups, (ho, wo), bordered)
+    if plan is not None and config is None:
+        th, tw = WINDOW_TILE or (cfg.th, cfg.tw)
+        cfg = replace(cfg, th=th, tw=tw, num_warps=WINDOW_WARPS or cfg.num_warps)
     split_k = 1 if depthwise else cfg.split_k
     bn = cfg.bn if (act is not None or depthwise) else min(cfg.bn, max(16, npow2(og)))
     # the nonlinear update runs in the conv's epilogue when one program holds all Cout of its pixels,
@@ -496,8 +500,6 @@ def sparse_conv2d(x: Tensor, x_mask: Tensor, weight: Tensor, out_mask: Tensor | 
                                   **launch_opts(dev, long_running=True))
             return out, fm
         work = n_tiles * groups * nb * split_k
-        plan = None if bordered is None else window_plan((n, cin, h, w), (cout, cg, kh, kw), stride, padding,
-                                                          dilation, groups, (ho, wo), bordered)
         pack = cfg.pack_k if cfg.pack_k is not None else cg < PACK_K_BELOW
         bk = cfg.bk
         nkc = triton.cdiv(cg, bk)

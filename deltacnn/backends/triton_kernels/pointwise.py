@@ -249,6 +249,20 @@ def _frame_offsets(prow, cols, HW, sN, sP, sC):
 
 
 @triton.jit
+def _bordered_offsets(pid, P, H, W, Hb, Wb, BORDER: tl.constexpr, CP: tl.constexpr, BP: tl.constexpr,
+                      BC: tl.constexpr):
+    """Offsets (and store mask) of a sparsify block's pixels x channels in the bordered copy; the
+    divisions run in int32 (sparsify checks that pixel indices fit), which costs far less than int64."""
+    q = pid * BP + tl.arange(0, BP)
+    img = q // (H * W)
+    yx = q - img * (H * W)
+    yy = yx // W
+    cols = tl.arange(0, BC)
+    boffs = (((img * Hb + yy + BORDER).to(tl.int64) * Wb + (yx - yy * W) + BORDER) * CP)[:, None] + cols[None, :]
+    return boffs, (q < P)[:, None] & (cols < CP)[None, :]
+
+
+@triton.jit
 def _score_kernel(x_ptr, r_ptr, m_ptr, P, C: tl.constexpr, HW, sN, sP, sC, tau, SCORE: tl.constexpr,
                   BP: tl.constexpr, BC: tl.constexpr, GDC: tl.constexpr):
     gdc_start(GDC)
@@ -311,14 +325,11 @@ def _sparsify_kernel(x_ptr, r_ptr, m0_ptr, out_ptr, fm_ptr, bd_ptr, dirty_ptr, P
         # the bordered copy (one channel block: C <= BC): this block's pixels are rewritten when any is
         # sent now or was sent when the block was last written (its dirty flag), so that every pixel
         # outside the mask reads 0 without a pass over the whole frame
-        cols = tl.arange(0, BC)
-        img = prow // (H * W)
-        yx = prow - img * (H * W)
-        boffs = (((img * Hb + yx // W + BORDER) * Wb + yx % W + BORDER) * CP)[:, None] + cols[None, :]
-        bmask = pvalid[:, None] & (cols < CP)[None, :]
         rewrite = any_m | (tl.load(dirty_ptr + pid) != 0)
         tl.store(dirty_ptr + pid, any_m.to(tl.uint8))
     if any_m:
+        if BORDERED:
+            boffs, bmask = _bordered_offsets(pid, P, H, W, Hb, Wb, BORDER, CP, BP, BC)
         for c0 in range(0, C, BC):
             cols = c0 + tl.arange(0, BC)
             m2 = m[:, None] & (cols < C)[None, :]
@@ -332,6 +343,7 @@ def _sparsify_kernel(x_ptr, r_ptr, m0_ptr, out_ptr, fm_ptr, bd_ptr, dirty_ptr, P
                 tl.store(bd_ptr + boffs, tl.where(m2, sent, 0.0).to(bd_ptr.dtype.element_ty), mask=bmask)
     elif BORDERED:
         if rewrite:
+            boffs, bmask = _bordered_offsets(pid, P, H, W, Hb, Wb, BORDER, CP, BP, BC)
             tl.store(bd_ptr + boffs, tl.zeros([BP, BC], dtype=bd_ptr.dtype.element_ty), mask=bmask)
     tl.store(fm_ptr + prow, m.to(tl.uint8), mask=pvalid)
 
@@ -398,8 +410,8 @@ def sparsify(x: Tensor, ref: Tensor, tau: float, dilation_k: int = 1, score: str
         if (bvals.shape != (n, h + 2 * border, wb, BORDERED_CP) or bvals.dtype != odt or bvals.device != x.device
                 or not bvals.is_contiguous() or flags.shape != (grid[0],) or flags.dtype != torch.uint8):
             raise ValueError(f"bordered copy must come from bordered_like({n}, {c}, {h}, {w}, {odt}, ...)")
-        if c > bc:
-            raise ValueError(f"a bordered copy needs all {c} channels in one block")
+        if c > bc or P + bp >= 2 ** 31:
+            raise ValueError(f"a bordered copy needs all {c} channels in one block and < 2^31 pixels")
     else:
         bvals, flags, border, wb = out, fm, 0, 0
     k = int(dilation_k)
