@@ -50,11 +50,12 @@ SETTINGS = {
     "pool_reads_running_sum": (TritonBackend, "pool_reads_running_sum"),
     "window_tile": (tk.conv, "WINDOW_TILE"),
     "window_warps": (tk.conv, "WINDOW_WARPS"),
+    "tiles_per_program": (tk.masks, "TILES_PER_PROGRAM"),
 }
 LIBRARY_DEFAULTS = {k: getattr(obj, attr) for k, (obj, attr) in SETTINGS.items()}
 PREDATES_S4 = dict(pdl="off", fuse_conv_bias=False, pack_k_bk=64, epilogue_loads_first=False, reuse_out_mask=False)
 # the fifth session's settings, switched off in every earlier variant
-PREDATES_S5 = dict(bordered_input=False, pool_reads_running_sum=False)
+PREDATES_S5 = dict(bordered_input=False, pool_reads_running_sum=False, tiles_per_program=1)
 EARLIER_VARIANTS = {
     "before": dict(fuse_dilation=False, split_channel_emit=False, pack_k_below=0, split_emit_bn=None,
         persistent_counter=False, fuse_keyframe_seed=False, sparsify_max_pixels=32, **PREDATES_S4),
@@ -104,6 +105,8 @@ VARIANTS.update({
     "pool accumulates its input": dict(pool_reads_running_sum=False),
     "stem window 8 warps": dict(window_warps=8),
     "stem window 8x16 tiles": dict(window_tile=(8, 16)),
+    "tile lists 1 tile/program": dict(tiles_per_program=1),
+    "tile lists 8 tiles/program": dict(tiles_per_program=8),
     "default": dict(),  # the library's defaults
 })
 DEFAULT = "default"
@@ -151,6 +154,7 @@ def main() -> None:
     ap.add_argument("--keyframe-variants", default=DEFAULT, help="variants whose keyframes are timed")
     ap.add_argument("--profile", default="b1:5%,b1:25%", help="cases profiled per kernel with all switches on")
     ap.add_argument("--profile-keyframes", default="", help="cases whose eager keyframes are profiled per kernel")
+    ap.add_argument("--profile-variants", default=DEFAULT, help="variants profiled in the --profile cases")
     args = ap.parse_args()
     dtype = torch.float16
     h, w = SIZES["r50"]
@@ -188,19 +192,22 @@ def main() -> None:
             print_profile(f"r50 {case} fp16 keyframes (eager)", total, prof, top=20)
             rows.append({"case": case, "variant": "keyframe profile (eager, kernel time)", "ms": total})
             del dm
-        if case in args.profile.split(","):
+        for v in args.profile_variants.split(",") if case in args.profile.split(",") else []:
+            set_variant(v)
+            label = "" if v == DEFAULT else f" {v}"
             dm = deltacnn.convert(model32, clip[0], dtype=dtype, backend="triton")
             total, prof = kernel_profile(dm, clip)
-            print_profile(f"r50 {case} fp16, all switches on", total, prof, top=15)
-            rows.append({"case": case, "variant": "profile (eager, kernel time)", "ms": total})
+            print_profile(f"r50 {case} fp16, variant {v!r}", total, prof, top=15)
+            rows.append({"case": case, "variant": f"profile{label} (eager, kernel time)", "ms": total})
             del dm
             dm = deltacnn.convert(model32, clip[0], dtype=dtype, backend="triton")
             layers = conv_layer_profile(dm, clip)
-            print(f"per conv layer, one delta frame of {case} (us; macs in GMAC):")
+            print(f"per conv layer, one delta frame of {case}, variant {v!r} (us; macs in GMAC):")
             for r in layers:
                 r["macs"] = r["macs"] / 1e9 if r["macs"] is not None else None
             print_table(layers, ["layer", "conv", "in_hw", "out_rate", "macs", "tiles_us", "conv_us", "nonlinear_us"])
             del dm
+        set_variant(DEFAULT)
         del clip, truth
         free_memory()
         write_json("gpu_variants", {"env": environment(), "rows": rows})

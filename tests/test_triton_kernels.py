@@ -107,15 +107,24 @@ def test_dilate_mask(kernel, stride, pad, dil):
     assert out.dtype == torch.bool and torch.equal(out, ref)
 
 
-def test_active_tiles():
+@pytest.mark.parametrize("tpp", [1, 2, 4, 8])
+def test_active_tiles(tpp, monkeypatch):
+    """The listed tiles are exactly those holding an active pixel, however many tiles a program scans
+    (18 tiles here: the last program's spare slots must list nothing); split-K counters are zeroed
+    for every listed tile and the zeroed workspace rows are exactly the active pixels."""
+    from deltacnn.backends.triton_kernels import masks
+    monkeypatch.setattr(masks, "TILES_PER_PROGRAM", tpp)
     g = torch.Generator().manual_seed(2)
-    m = rand_mask(g, 2, 19, 21, 0.01)
-    ids, count, (n_tiles, n_tw, tpi), _, _ = tk.active_tiles(m, None, 8, 8)
+    m = rand_mask(g, 2, 19, 21, 0.03)
+    z = cl(torch.full((2, 5, 19, 21), float("nan"), device=DEV))
+    ids, count, (n_tiles, n_tw, tpi), ctr, _ = tk.active_tiles(m, None, 8, 8, zero=z, n_ctr=3)
     k = int(count[0])
     got = sorted(ids[:k].tolist())
     mp = F.pad(m.float(), (0, 24 - 21, 0, 24 - 19))
     want = torch.nonzero(F.max_pool2d(mp, 8, 8).reshape(-1) > 0).squeeze(1).tolist()
-    assert got == want and n_tiles == 2 * 9
+    assert got == want and n_tiles == 2 * 9 and 0 < k < n_tiles
+    assert (ctr.view(n_tiles, 3)[want] == 0).all()
+    assert torch.equal(torch.isnan(z).logical_not(), m.expand_as(z)) and (z[m.expand_as(z)] == 0).all()
 
 
 # ---------------------------------------------------------------- sparse_conv2d

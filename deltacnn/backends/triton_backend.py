@@ -69,7 +69,8 @@ class TritonBackend(SyncFreeBackend):
         """The bordered copy (and its flags) this input layer keeps in `scratch`, for frames of few
         channels (the convs that read them: sparse_conv2d's `bordered`); None where not wanted."""
         n, c, h, w = x.shape
-        if not self.bordered_input or scratch is None or c > tk.BORDERED_CP or not (x.is_cuda or INTERPRET):
+        if not self.bordered_input or scratch is None or not tk.bordered_fits(n, c, h, w) \
+                or not (x.is_cuda or INTERPRET):
             return None
         key = (n, c, h, w, dtype, x.device)
         if scratch.get("bordered_key") != key:

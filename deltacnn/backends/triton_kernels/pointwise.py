@@ -251,14 +251,15 @@ def _frame_offsets(prow, cols, HW, sN, sP, sC):
 @triton.jit
 def _bordered_offsets(pid, P, H, W, Hb, Wb, BORDER: tl.constexpr, CP: tl.constexpr, BP: tl.constexpr,
                       BC: tl.constexpr):
-    """Offsets (and store mask) of a sparsify block's pixels x channels in the bordered copy; the
-    divisions run in int32 (sparsify checks that pixel indices fit), which costs far less than int64."""
+    """Offsets (and store mask) of a sparsify block's pixels x channels in the bordered copy, all in
+    int32 (sparsify checks that the copy's indices fit): int64 divisions are slow, and [BP, BC] int64
+    offsets next to the kernel's own would exceed the registers of a 1024-pixel block."""
     q = pid * BP + tl.arange(0, BP)
     img = q // (H * W)
     yx = q - img * (H * W)
     yy = yx // W
     cols = tl.arange(0, BC)
-    boffs = (((img * Hb + yy + BORDER).to(tl.int64) * Wb + (yx - yy * W) + BORDER) * CP)[:, None] + cols[None, :]
+    boffs = (((img * Hb + yy + BORDER) * Wb + (yx - yy * W) + BORDER) * CP)[:, None] + cols[None, :]
     return boffs, (q < P)[:, None] & (cols < CP)[None, :]
 
 
@@ -361,11 +362,17 @@ BORDER = 4
 BORDERED_CP = 4
 
 
+def bordered_fits(n: int, c: int, h: int, w: int) -> bool:
+    """Whether sparsify can keep a bordered copy of (n, c, h, w) frames (few channels, int32 indices)."""
+    return c <= BORDERED_CP and n * (h + 2 * BORDER) * triton.cdiv(w + 2 * BORDER, 16) * 16 * BORDERED_CP < 2 ** 31
+
+
 def bordered_like(n: int, c: int, h: int, w: int, dtype: torch.dtype, device) -> tuple[Tensor, Tensor, int]:
     """A zeroed bordered copy for sparsify (see deltacnn.tensor.Bordered) and its zeroed per-program
     dirty flags; returns (values, flags, border)."""
-    if c > BORDERED_CP:
-        raise ValueError(f"a bordered copy holds at most {BORDERED_CP} channels, got {c}")
+    if not bordered_fits(n, c, h, w):
+        raise ValueError(f"no bordered copy of {(n, c, h, w)} frames: at most {BORDERED_CP} channels and "
+                         "2^31 elements")
     wb = triton.cdiv(w + 2 * BORDER, 16) * 16
     vals = torch.zeros(n, h + 2 * BORDER, wb, BORDERED_CP, dtype=dtype, device=device)
     flags = torch.zeros(triton.cdiv(n * h * w, _sparsify_pixels(c)), dtype=torch.uint8, device=device)
@@ -410,8 +417,8 @@ def sparsify(x: Tensor, ref: Tensor, tau: float, dilation_k: int = 1, score: str
         if (bvals.shape != (n, h + 2 * border, wb, BORDERED_CP) or bvals.dtype != odt or bvals.device != x.device
                 or not bvals.is_contiguous() or flags.shape != (grid[0],) or flags.dtype != torch.uint8):
             raise ValueError(f"bordered copy must come from bordered_like({n}, {c}, {h}, {w}, {odt}, ...)")
-        if c > bc or P + bp >= 2 ** 31:
-            raise ValueError(f"a bordered copy needs all {c} channels in one block and < 2^31 pixels")
+        if c > bc or P + bp >= 2 ** 31 or bvals.numel() >= 2 ** 31:
+            raise ValueError(f"a bordered copy needs all {c} channels in one block and < 2^31 elements")
     else:
         bvals, flags, border, wb = out, fm, 0, 0
     k = int(dilation_k)
