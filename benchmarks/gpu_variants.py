@@ -50,12 +50,12 @@ SETTINGS = {
     "pool_reads_running_sum": (TritonBackend, "pool_reads_running_sum"),
     "window_tile": (tk.conv, "WINDOW_TILE"),
     "window_warps": (tk.conv, "WINDOW_WARPS"),
-    "tiles_per_program": (tk.masks, "TILES_PER_PROGRAM"),
+    "sparsify_warps": (tk.pointwise, "SPARSIFY_WARPS"),
 }
 LIBRARY_DEFAULTS = {k: getattr(obj, attr) for k, (obj, attr) in SETTINGS.items()}
 PREDATES_S4 = dict(pdl="off", fuse_conv_bias=False, pack_k_bk=64, epilogue_loads_first=False, reuse_out_mask=False)
 # the fifth session's settings, switched off in every earlier variant
-PREDATES_S5 = dict(bordered_input=False, pool_reads_running_sum=False, tiles_per_program=1)
+PREDATES_S5 = dict(bordered_input=False, pool_reads_running_sum=False, sparsify_warps=4)
 EARLIER_VARIANTS = {
     "before": dict(fuse_dilation=False, split_channel_emit=False, pack_k_below=0, split_emit_bn=None,
         persistent_counter=False, fuse_keyframe_seed=False, sparsify_max_pixels=32, **PREDATES_S4),
@@ -105,8 +105,7 @@ VARIANTS.update({
     "pool accumulates its input": dict(pool_reads_running_sum=False),
     "stem window 8 warps": dict(window_warps=8),
     "stem window 8x16 tiles": dict(window_tile=(8, 16)),
-    "tile lists 1 tile/program": dict(tiles_per_program=1),
-    "tile lists 8 tiles/program": dict(tiles_per_program=8),
+    "sparsify 4 warps": dict(sparsify_warps=4),
     "default": dict(),  # the library's defaults
 })
 DEFAULT = "default"

@@ -69,27 +69,25 @@ def dilate_mask(mask: Tensor, kernel: tuple[int, int], stride: tuple[int, int] =
 
 @triton.jit
 def _tiles_kernel(m1_ptr, m2_ptr, fm_ptr, z_ptr, list_ptr, count_ptr, ctr_ptr, xm_ptr, om_ptr,
-                  H, W, Ho, Wo, n_tw, tiles_per_img, n_tiles, ZC: tl.constexpr,
+                  H, W, Ho, Wo, n_tw, tiles_per_img, ZC: tl.constexpr,
                   HAS_M2: tl.constexpr, FM_MODE: tl.constexpr, ZERO: tl.constexpr, NCTR: tl.constexpr,
                   NCTR_P2: tl.constexpr,
                   DIL: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
                   DH: tl.constexpr, DW: tl.constexpr, PT: tl.constexpr, PL: tl.constexpr,
-                  TH: tl.constexpr, TW: tl.constexpr, TPP: tl.constexpr, BZC: tl.constexpr, GDC: tl.constexpr):
-    # TPP tiles per program, side by side in one vector (their loads all in flight at once)
+                  TH: tl.constexpr, TW: tl.constexpr, BZC: tl.constexpr, GDC: tl.constexpr):
     gdc_start(GDC)
-    TP: tl.constexpr = TH * TW
-    tiles = tl.program_id(0) * TPP + tl.arange(0, TPP)
-    e = tl.arange(0, TPP * TP)
-    t = tl.program_id(0) * TPP + e // TP
-    p = e % TP
+    t = tl.program_id(0)
     n = t // tiles_per_img
     r = t % tiles_per_img
-    oy = (r // n_tw) * TH + p // TW
-    ox = (r % n_tw) * TW + p % TW
-    valid = (oy < Ho) & (ox < Wo) & (t < n_tiles)
+    ty = r // n_tw
+    tx = r % n_tw
+    p = tl.arange(0, TH * TW)
+    oy = ty * TH + p // TW
+    ox = tx * TW + p % TW
+    valid = (oy < Ho) & (ox < Wo)
     prow = (n * Ho + oy).to(tl.int64) * Wo + ox
     if DIL:  # out mask = receptive-field dilation of the input mask, computed here and written out
-        acc = tl.zeros([TPP * TP], dtype=tl.int32)
+        acc = tl.zeros([TH * TW], dtype=tl.int32)
         for ky in tl.static_range(KH):
             iy = oy * SH - PT + ky * DH
             for kx in tl.static_range(KW):
@@ -102,30 +100,21 @@ def _tiles_kernel(m1_ptr, m2_ptr, fm_ptr, z_ptr, list_ptr, count_ptr, ctr_ptr, x
         m = tl.load(m1_ptr + prow, mask=valid, other=0) != 0
     if HAS_M2:
         m = m | (tl.load(m2_ptr + prow, mask=valid, other=0) != 0)
-    m = m & valid
     if FM_MODE == 1:  # write the union mask
         tl.store(fm_ptr + prow, m.to(tl.uint8), mask=valid)
     if FM_MODE == 2:  # clear the final mask (a later kernel sets emitted pixels)
-        tl.store(fm_ptr + prow, tl.zeros([TPP * TP], dtype=tl.uint8), mask=valid)
-    active = tl.max(tl.reshape(m.to(tl.int32), [TPP, TP]), axis=1) > 0
-    # one slot per active tile (each element's atomic returns its own slot)
-    slot = tl.atomic_add(count_ptr + tl.zeros([TPP], dtype=tl.int32), 1, mask=active)
-    tl.store(list_ptr + slot, tiles, mask=active)
-    if ZERO:  # zero the candidate rows of an fp32 split-K accumulation target
-        for c0 in range(0, ZC, BZC):
-            c = c0 + tl.arange(0, BZC)
-            tl.store(z_ptr + prow[:, None] * ZC + c[None, :], tl.zeros([TPP * TP, BZC], dtype=tl.float32),
-                     mask=m[:, None] & (c < ZC)[None, :])
-    if NCTR > 0:  # arrival counters of the split-K fixup, one per (tile, channel block)
-        j = tl.arange(0, NCTR_P2)
-        tl.store(ctr_ptr + tiles.to(tl.int64)[:, None] * NCTR + j[None, :], tl.zeros([TPP, NCTR_P2], dtype=tl.int32),
-                 mask=active[:, None] & (j < NCTR)[None, :])
-
-
-# Output tiles per tile-list program: a frame launches ~44 tile lists, and at one 8 x 8 tile per
-# program one at 270 x 480 is 2025 tiny programs whose scheduling, not their work, sets its time.
-# A setting so that benchmarks can compare (same set of tiles; list order is never deterministic).
-TILES_PER_PROGRAM = 4
+        tl.store(fm_ptr + prow, tl.zeros([TH * TW], dtype=tl.uint8), mask=valid)
+    if tl.max(m.to(tl.int32), axis=0) > 0:
+        slot = tl.atomic_add(count_ptr, 1)
+        tl.store(list_ptr + slot, t)
+        if ZERO:  # zero the candidate rows of an fp32 split-K accumulation target
+            for c0 in range(0, ZC, BZC):
+                c = c0 + tl.arange(0, BZC)
+                tl.store(z_ptr + prow[:, None] * ZC + c[None, :], tl.zeros([TH * TW, BZC], dtype=tl.float32),
+                         mask=(m & valid)[:, None] & (c < ZC)[None, :])
+        if NCTR > 0:  # arrival counters of the split-K fixup, one per (tile, channel block)
+            j = tl.arange(0, NCTR_P2)
+            tl.store(ctr_ptr + t.to(tl.int64) * NCTR + j, tl.zeros([NCTR_P2], dtype=tl.int32), mask=j < NCTR)
 
 
 def active_tiles(m1: Tensor | None, m2: Tensor | None = None, th: int = 8, tw: int = 8, *,
@@ -165,14 +154,10 @@ def active_tiles(m1: Tensor | None, m2: Tensor | None = None, th: int = 8, tw: i
     zc = zero.shape[1] if zero is not None else 1
     z = zero if zero is not None else ids
     ctr = torch.empty(n_tiles * n_ctr, dtype=torch.int32, device=dev) if n_ctr else None
-    tpp = TILES_PER_PROGRAM
-    if tpp < 1 or tpp & (tpp - 1):
-        raise ValueError(f"TILES_PER_PROGRAM must be a power of two, got {tpp}")
-    _tiles_kernel[(triton.cdiv(n_tiles, tpp),)](u1, u2, fm, z, ids, count, ctr if ctr is not None else ids,
-                              xmu if dilate_from is not None else u1, u1, h, w, ho, wo, n_tw, tiles_per_img, n_tiles,
-                              zc,
+    _tiles_kernel[(n_tiles,)](u1, u2, fm, z, ids, count, ctr if ctr is not None else ids,
+                              xmu if dilate_from is not None else u1, u1, h, w, ho, wo, n_tw, tiles_per_img, zc,
                               HAS_M2=m2 is not None, FM_MODE=fm_mode, ZERO=zero is not None, NCTR=n_ctr, NCTR_P2=npow2(n_ctr),
                               DIL=dilate_from is not None, KH=kernel[0], KW=kernel[1], SH=stride[0], SW=stride[1],
-                              DH=dil[0], DW=dil[1], PT=pad4[0], PL=pad4[2], TH=th, TW=tw, TPP=tpp,
-                              BZC=min(64, npow2(zc)), num_warps=2 * tpp if tpp <= 4 else 8, **launch_opts(dev))
+                              DH=dil[0], DW=dil[1], PT=pad4[0], PL=pad4[2], TH=th, TW=tw,
+                              BZC=min(64, npow2(zc)), num_warps=2, **launch_opts(dev))
     return ids, count, (n_tiles, n_tw, tiles_per_img), ctr, m1

@@ -352,6 +352,10 @@ def _sparsify_kernel(x_ptr, r_ptr, m0_ptr, out_ptr, fm_ptr, bd_ptr, dirty_ptr, P
 # Pixels per program of the input layer. The generic 64 made a 1080p RGB frame 32K programs of
 # 256 elements each; a switch only so that benchmarks can compare (same results).
 SPARSIFY_MAX_PIXELS = 1024
+# Warps of a sparsify program of >= 4096 elements. At 4 warps its [1024 x 4] offset and value tiles
+# need 254 registers per thread and 8 bytes of spills, and 556 bytes with the bordered copy; 8 warps:
+# 180 and 203 registers, no spills (ptxas -v for sm_90a, RGB frames, 1024 pixels per program).
+SPARSIFY_WARPS = 8
 
 
 # Border (pixels) of the bordered copy the input layer writes for few-channel frames: enough for
@@ -430,5 +434,6 @@ def sparsify(x: Tensor, ref: Tensor, tau: float, dilation_k: int = 1, score: str
         m0 = fm.view(torch.uint8)
     _sparsify_kernel[grid](x, ref, m0, out, fm.view(torch.uint8), bvals, flags.view(torch.uint8), P, c, h, w,
                            sN, sW, sC, float(tau), h + 2 * border, wb, K=max(k, 1), SCORE=sc, BP=bp, BC=bc,
-                           BORDERED=bordered is not None, BORDER=border, CP=BORDERED_CP, **launch_opts(x.device))
+                           BORDERED=bordered is not None, BORDER=border, CP=BORDERED_CP,
+                           num_warps=SPARSIFY_WARPS if bp * bc >= 4096 else 4, **launch_opts(x.device))
     return out, fm
