@@ -51,6 +51,7 @@ SETTINGS = {
     "window_tile": (tk.conv, "WINDOW_TILE"),
     "window_warps": (tk.conv, "WINDOW_WARPS"),
     "sparsify_warps": (tk.pointwise, "SPARSIFY_WARPS"),
+    "window_bn": (tk.conv, "WINDOW_BN"),
 }
 LIBRARY_DEFAULTS = {k: getattr(obj, attr) for k, (obj, attr) in SETTINGS.items()}
 PREDATES_S4 = dict(pdl="off", fuse_conv_bias=False, pack_k_bk=64, epilogue_loads_first=False, reuse_out_mask=False)
@@ -106,6 +107,9 @@ VARIANTS.update({
     "stem window 8 warps": dict(window_warps=8),
     "stem window 8x16 tiles": dict(window_tile=(8, 16)),
     "sparsify 4 warps": dict(sparsify_warps=4),
+    "stem window 32 channels/program": dict(window_bn=32),
+    "pool dilation launched apart": dict(fuse_dilation=False),
+    "pdl early (fifth session)": dict(pdl="early"),
     "default": dict(),  # the library's defaults
 })
 DEFAULT = "default"

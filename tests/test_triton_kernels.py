@@ -230,12 +230,13 @@ def test_sparse_conv2d_window_rows(case, dtype):
     assert rel(outs[0], outs[1]) < 1e-6
 
 
-@pytest.mark.parametrize("tile,warps", [(None, None), ((8, 16), 8)])
-def test_sparse_conv2d_window_rows_default_config(tile, warps, monkeypatch):
-    """The shape heuristic's launch for window rows, and the tile and warps benchmarks may set."""
+@pytest.mark.parametrize("tile,warps,bn", [(None, None, None), ((8, 16), 8, 32)])
+def test_sparse_conv2d_window_rows_default_config(tile, warps, bn, monkeypatch):
+    """The shape heuristic's launch for window rows, and the tile, warps and channels benchmarks may set."""
     from deltacnn.backends.triton_kernels import conv
     monkeypatch.setattr(conv, "WINDOW_TILE", tile)
     monkeypatch.setattr(conv, "WINDOW_WARPS", warps)
+    monkeypatch.setattr(conv, "WINDOW_BN", bn)
     case = WINDOW_CASES[0]
     g, x, xm, wt, om = _conv_inputs(33, case, torch.float16, h=13, w=21)
     ref = ref_conv(x, xm, wt, case[3], case[4], case[5], 1)
@@ -553,6 +554,39 @@ def test_sparsify(k, score, dtype):
     assert rel(d[sel], dd[sel]) < TOL[dtype]
     ref_new = torch.where(m, ref0.double() + d.double(), ref0.double())
     assert rel(ref, ref_new) < 1e-7
+
+
+@pytest.mark.parametrize("window", [((3, 3), (2, 2), (1, 1, 1, 1)), ((2, 2), (2, 2), (0, 0, 0, 0)),
+                                    ((3, 2), (1, 2), (1, 1, 0, 1))])
+@pytest.mark.parametrize("fused", [False, True])
+def test_maxpool_update(window, fused):
+    """Max pooling of the accumulated input at candidate pixels, the candidates given (dilate_mask)
+    or computed in the pooling launch from the input's mask, against float64 PyTorch."""
+    kernel, stride, pad = window
+    g = torch.Generator().manual_seed(17)
+    n, c, h, w, tau = 2, 24, 11, 13, 0.05
+    A = cl(torch.randn(n, c, h, w, generator=g).to(DEV))
+    xm = rand_mask(g, n, h, w, 0.15)
+    t, b, l, r = pad
+    pooled = F.max_pool2d(F.pad(A.double(), (l, r, t, b), value=float("-inf")), kernel, stride)
+    ho, wo = pooled.shape[2:]
+    cand = ref_dilate(xm, kernel, stride, pad, (1, 1))[..., :ho, :wo]
+    moved = (torch.rand(n, 1, ho, wo, generator=g) < 0.5).to(DEV)  # elsewhere E is up to date: no emit
+    E = cl((pooled + 0.1 * torch.randn(n, c, ho, wo, generator=g).to(DEV).double() * moved).float())
+    E0 = E.clone()
+    o_want = pooled - E0.double()
+    s = o_want.abs().amax(1, keepdim=True)
+    emit = cand & (s > tau)
+    if fused:
+        out, fm = tk.maxpool_update(A, None, E, kernel, stride, pad, (1, 1), tau, x_mask=xm)
+    else:
+        out, fm = tk.maxpool_update(A, tk.dilate_mask(xm, kernel, stride, pad, (1, 1), (ho, wo)), E, kernel, stride,
+                                    pad, (1, 1), tau)
+    assert torch.equal(fm, emit) and emit.any() and (cand & ~emit).any()
+    sel = emit.expand_as(o_want)
+    assert rel(out.double()[sel], o_want[sel]) < 1e-7
+    E_want = torch.where(emit, pooled, E0.double())
+    assert rel(E.double(), E_want) < 1e-7
 
 
 @pytest.mark.parametrize("k", [1, 3])

@@ -246,10 +246,11 @@ EPILOGUE_LOADS_FIRST = True
 # 1x1 convs take x's mask from the candidate mask instead of loading it in the K loop (see
 # sparse_conv2d); a switch so that benchmarks can compare (same results).
 REUSE_OUT_MASK = True
-# Output tile and warps of convs that read window rows of a bordered copy (the RGB stem); None: the
-# shape heuristic's. Settings so that benchmarks can compare.
+# Output tile, warps and output channels per program of convs that read window rows of a bordered
+# copy (the RGB stem); None: the shape heuristic's. Settings so that benchmarks can compare.
 WINDOW_TILE: tuple[int, int] | None = None
 WINDOW_WARPS: int | None = None
+WINDOW_BN: int | None = None
 # Persistent programs per SM (ConvConfig.programs_per_sm's default). Most conv variants use
 # 230-245 registers per thread at 4 warps, so only 2 programs of 128 threads fit an SM at a time.
 PROGRAMS_PER_SM = 4
@@ -442,7 +443,10 @@ def sparse_conv2d(x: Tensor, x_mask: Tensor, weight: Tensor, out_mask: Tensor | 
         (n, cin, h, w), (cout, cg, kh, kw), stride, padding, dilation, groups, (ho, wo), bordered)
     if plan is not None and config is None:
         th, tw = WINDOW_TILE or (cfg.th, cfg.tw)
-        cfg = replace(cfg, th=th, tw=tw, num_warps=WINDOW_WARPS or cfg.num_warps)
+        # a channel split keeps the update fused only at tau <= 0 (see or_fm below)
+        split_ok = act is None or (SPLIT_CHANNEL_EMIT and act.tau <= 0)
+        cfg = replace(cfg, th=th, tw=tw, num_warps=WINDOW_WARPS or cfg.num_warps,
+                      bn=WINDOW_BN if WINDOW_BN and split_ok else cfg.bn)
     split_k = 1 if depthwise else cfg.split_k
     bn = cfg.bn if (act is not None or depthwise) else min(cfg.bn, max(16, npow2(og)))
     # the nonlinear update runs in the conv's epilogue when one program holds all Cout of its pixels,
