@@ -52,6 +52,7 @@ SETTINGS = {
     "window_warps": (tk.conv, "WINDOW_WARPS"),
     "sparsify_warps": (tk.pointwise, "SPARSIFY_WARPS"),
     "window_bn": (tk.conv, "WINDOW_BN"),
+    "conv_maxnreg": (tk.conv, "CONV_MAXNREG"),
 }
 LIBRARY_DEFAULTS = {k: getattr(obj, attr) for k, (obj, attr) in SETTINGS.items()}
 PREDATES_S4 = dict(pdl="off", fuse_conv_bias=False, pack_k_bk=64, epilogue_loads_first=False, reuse_out_mask=False)
@@ -108,8 +109,8 @@ VARIANTS.update({
     "stem window 8x16 tiles": dict(window_tile=(8, 16)),
     "sparsify 4 warps": dict(sparsify_warps=4),
     "stem window 32 channels/program": dict(window_bn=32),
-    "pool dilation launched apart": dict(fuse_dilation=False),
     "pdl early (fifth session)": dict(pdl="early"),
+    "conv 168 registers": dict(conv_maxnreg=168),
     "default": dict(),  # the library's defaults
 })
 DEFAULT = "default"

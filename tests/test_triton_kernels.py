@@ -558,10 +558,8 @@ def test_sparsify(k, score, dtype):
 
 @pytest.mark.parametrize("window", [((3, 3), (2, 2), (1, 1, 1, 1)), ((2, 2), (2, 2), (0, 0, 0, 0)),
                                     ((3, 2), (1, 2), (1, 1, 0, 1))])
-@pytest.mark.parametrize("fused", [False, True])
-def test_maxpool_update(window, fused):
-    """Max pooling of the accumulated input at candidate pixels, the candidates given (dilate_mask)
-    or computed in the pooling launch from the input's mask, against float64 PyTorch."""
+def test_maxpool_update(window):
+    """Max pooling of the accumulated input at candidate pixels, against float64 PyTorch."""
     kernel, stride, pad = window
     g = torch.Generator().manual_seed(17)
     n, c, h, w, tau = 2, 24, 11, 13, 0.05
@@ -577,11 +575,8 @@ def test_maxpool_update(window, fused):
     o_want = pooled - E0.double()
     s = o_want.abs().amax(1, keepdim=True)
     emit = cand & (s > tau)
-    if fused:
-        out, fm = tk.maxpool_update(A, None, E, kernel, stride, pad, (1, 1), tau, x_mask=xm)
-    else:
-        out, fm = tk.maxpool_update(A, tk.dilate_mask(xm, kernel, stride, pad, (1, 1), (ho, wo)), E, kernel, stride,
-                                    pad, (1, 1), tau)
+    out, fm = tk.maxpool_update(A, tk.dilate_mask(xm, kernel, stride, pad, (1, 1), (ho, wo)), E, kernel, stride,
+                                pad, (1, 1), tau)
     assert torch.equal(fm, emit) and emit.any() and (cand & ~emit).any()
     sel = emit.expand_as(o_want)
     assert rel(out.double()[sel], o_want[sel]) < 1e-7

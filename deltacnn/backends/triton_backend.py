@@ -40,8 +40,8 @@ def _flat_alike(y: Tensor, residual: Tensor | None) -> bool:
 class TritonBackend(SyncFreeBackend):
     name = "triton"
     host_sync_ok = False
-    # compute each conv's (and max pool's) candidate mask inside its tile-list (pooling) launch; a
-    # switch only so that benchmarks can measure both ways (same results)
+    # compute each conv's candidate mask inside its tile-list launch; a switch only so that
+    # benchmarks can measure both ways (same results)
     fuse_dilation = True
     # reuse one self-resetting tile counter per conv layer instead of zeroing a new one every call
     # (a switch only for benchmarks)
@@ -151,11 +151,10 @@ class TritonBackend(SyncFreeBackend):
             acc = d.running_sum
         else:
             tk.accumulate_(acc, to_cl(d.values), d.mask)
-        # candidates (the input mask dilated by the window) computed inside the pooling launch
-        cand = None if self.fuse_dilation else \
-            tk.dilate_mask(d.mask, win.kernel, win.stride, win.padding, win.dilation, tuple(emitted.shape[2:]))
+        out_hw = tuple(emitted.shape[2:])
+        cand = tk.dilate_mask(d.mask, win.kernel, win.stride, win.padding, win.dilation, out_hw)
         out, mask = tk.maxpool_update(acc, cand, emitted, win.kernel, win.stride, win.padding, win.dilation, tau,
-                                      score, out_dtype=d.dtype, x_mask=d.mask if cand is None else None)
+                                      score, out_dtype=d.dtype)
         return DeltaTensor(out, mask)
 
     def add(self, a: DeltaTensor, b: DeltaTensor) -> DeltaTensor:

@@ -251,6 +251,10 @@ REUSE_OUT_MASK = True
 WINDOW_TILE: tuple[int, int] | None = None
 WINDOW_WARPS: int | None = None
 WINDOW_BN: int | None = None
+# Register cap per thread of the gathered-GEMM conv kernel (None: ptxas's choice, 230-255 registers,
+# so 2 programs of 4 warps per SM). 168 fits 3 programs per SM at the cost of some spills (ptxas -v
+# for sm_90a: 168 bytes for a 3x3 64->64 + ReLU, 64 for a 1x1 with residual); a setting for benchmarks.
+CONV_MAXNREG: int | None = None
 # Persistent programs per SM (ConvConfig.programs_per_sm's default). Most conv variants use
 # 230-245 registers per thread at 4 warps, so only 2 programs of 128 threads fit an SM at a time.
 PROGRAMS_PER_SM = 4
@@ -536,6 +540,7 @@ def sparse_conv2d(x: Tensor, x_mask: Tensor, weight: Tensor, out_mask: Tensor | 
                                 XM_IS_OM=xm_is_om, WINDOW=plan is not None, BORD=border,
                                 SHIFT=plan.shift if plan is not None else 0, CPX=plan.cp if plan is not None else 1,
                                 num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                                **({"maxnreg": CONV_MAXNREG} if CONV_MAXNREG and not INTERPRET else {}),
                                 **launch_opts(dev, long_running=True))
         return out, fm
     except BaseException:

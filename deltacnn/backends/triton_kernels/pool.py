@@ -1,7 +1,7 @@
 """Max pooling on deltas: re-evaluate max over the accumulated input only at candidate output pixels.
 
-Candidates are output pixels whose window touches an updated input (dilate_mask, or the same test
-inside the pooling launch); A has already received the deltas (accumulate_). One program owns BP output pixels and all channels (the
+Candidates are output pixels whose window touches an updated input (dilate_mask); A has already
+received the deltas (accumulate_). One program owns BP output pixels and all channels (the
 truncation score is a reduction over channels); programs whose pixels are all non-candidates
 only clear their part of the emit mask. No host synchronisation.
 """
@@ -19,26 +19,16 @@ from ._common import check_state, emit_truncated, gdc_start, launch_opts, mask_u
 def _maxpool_kernel(a_ptr, cm_ptr, e_ptr, out_ptr, fm_ptr, P, H, W, Ho, Wo, tau, C: tl.constexpr,
                     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PT: tl.constexpr,
                     PL: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, SCORE: tl.constexpr,
-                    BP: tl.constexpr, BC: tl.constexpr, DIL: tl.constexpr, GDC: tl.constexpr):
+                    BP: tl.constexpr, BC: tl.constexpr, GDC: tl.constexpr):
     gdc_start(GDC)
     prow = tl.program_id(0).to(tl.int64) * BP + tl.arange(0, BP)
     pvalid = prow < P
-    n = prow // (Ho * Wo)
-    r = prow - n * (Ho * Wo)
-    oy = r // Wo
-    ox = r - oy * Wo
-    if DIL:  # cm_ptr is the input's mask: candidates are the pixels whose window holds an update
-        hit = tl.zeros([BP], dtype=tl.int32)
-        for ky in tl.static_range(KH):
-            for kx in tl.static_range(KW):
-                iy = oy * SH - PT + ky * DH
-                ix = ox * SW - PL + kx * DW
-                ok = pvalid & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
-                hit = hit | (tl.load(cm_ptr + (n * H + iy) * W + ix, mask=ok, other=0) != 0).to(tl.int32)
-        cm = hit != 0
-    else:
-        cm = (tl.load(cm_ptr + prow, mask=pvalid, other=0) != 0) & pvalid
+    cm = (tl.load(cm_ptr + prow, mask=pvalid, other=0) != 0) & pvalid
     if tl.max(cm.to(tl.int32), axis=0) > 0:
+        n = prow // (Ho * Wo)
+        r = prow - n * (Ho * Wo)
+        oy = r // Wo
+        ox = r - oy * Wo
         cols = tl.arange(0, BC)
         cvalid = cols < C
         best = tl.full([BP, BC], float("-inf"), tl.float32)
@@ -59,24 +49,19 @@ def _maxpool_kernel(a_ptr, cm_ptr, e_ptr, out_ptr, fm_ptr, P, H, W, Ho, Wo, tau,
         tl.store(fm_ptr + prow, tl.zeros([BP], dtype=tl.uint8), mask=pvalid)
 
 
-def maxpool_update(acc: Tensor, cand: Tensor | None, emitted: Tensor, kernel: tuple[int, int],
-                   stride: tuple[int, int], padding: tuple[int, int, int, int], dilation: tuple[int, int],
-                   tau: float = 0.0, score: str = "max", *, out_dtype: torch.dtype | None = None,
-                   x_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def maxpool_update(acc: Tensor, cand: Tensor, emitted: Tensor, kernel: tuple[int, int], stride: tuple[int, int],
+                   padding: tuple[int, int, int, int], dilation: tuple[int, int], tau: float = 0.0,
+                   score: str = "max", *, out_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
     """o = maxpool(A) - E at candidate pixels `cand` (N, 1, Ho, Wo); emit where score_c(o) > tau; E += o there.
 
     acc: float32 (N, C, H, W) channels_last, already holding this frame's deltas; emitted: float32
     (N, C, Ho, Wo). Returns (o, emit mask), o in out_dtype (default float32); E records o as rounded.
-    cand=None: the candidates are computed in the same launch from `x_mask` (N, 1, H, W), the mask of
-    the input's updated pixels (what dilate_mask would give for the pooling window).
     """
     need_cl(acc, "acc")
     n, c, h, w = acc.shape
-    ho, wo = emitted.shape[2:]
+    ho, wo = cand.shape[2:]
     check_state(emitted, (n, c, ho, wo), "emitted")
-    if (cand is None) == (x_mask is None):
-        raise ValueError("pass exactly one of cand (output candidates) and x_mask (the input's mask)")
-    cm = mask_u8(cand, (n, 1, ho, wo), "cand") if cand is not None else mask_u8(x_mask, (n, 1, h, w), "x_mask")
+    cm = mask_u8(cand, (n, 1, ho, wo), "cand")
     if score not in ("max", "l2"):
         raise ValueError(f"truncation score must be 'max' or 'l2', got {score!r}")
     out = new_cl(n, c, ho, wo, out_dtype or torch.float32, acc.device)
@@ -87,6 +72,5 @@ def maxpool_update(acc: Tensor, cand: Tensor | None, emitted: Tensor, kernel: tu
     _maxpool_kernel[(triton.cdiv(P, bp),)](acc, cm, emitted, out, fm.view(torch.uint8), P, h, w, ho, wo, float(tau),
                                           C=c, KH=kernel[0], KW=kernel[1], SH=stride[0], SW=stride[1], PT=padding[0],
                                           PL=padding[2], DH=dilation[0], DW=dilation[1],
-                                          SCORE=0 if score == "max" else 1, BP=bp, BC=bc, DIL=cand is None,
-                                          **launch_opts(acc.device))
+                                          SCORE=0 if score == "max" else 1, BP=bp, BC=bc, **launch_opts(acc.device))
     return out, fm
