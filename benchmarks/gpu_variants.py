@@ -52,12 +52,12 @@ SETTINGS = {
     "window_warps": (tk.conv, "WINDOW_WARPS"),
     "sparsify_warps": (tk.pointwise, "SPARSIFY_WARPS"),
     "window_bn": (tk.conv, "WINDOW_BN"),
-    "conv_maxnreg": (tk.conv, "CONV_MAXNREG"),
+    "small_map_maxnreg": (tk.conv, "SMALL_MAP_MAXNREG"),
 }
 LIBRARY_DEFAULTS = {k: getattr(obj, attr) for k, (obj, attr) in SETTINGS.items()}
 PREDATES_S4 = dict(pdl="off", fuse_conv_bias=False, pack_k_bk=64, epilogue_loads_first=False, reuse_out_mask=False)
 # the fifth session's settings, switched off in every earlier variant
-PREDATES_S5 = dict(bordered_input=False, pool_reads_running_sum=False, sparsify_warps=4)
+PREDATES_S5 = dict(bordered_input=False, pool_reads_running_sum=False, sparsify_warps=4, small_map_maxnreg=None)
 EARLIER_VARIANTS = {
     "before": dict(fuse_dilation=False, split_channel_emit=False, pack_k_below=0, split_emit_bn=None,
         persistent_counter=False, fuse_keyframe_seed=False, sparsify_max_pixels=32, **PREDATES_S4),
@@ -110,7 +110,7 @@ VARIANTS.update({
     "sparsify 4 warps": dict(sparsify_warps=4),
     "stem window 32 channels/program": dict(window_bn=32),
     "pdl early (fifth session)": dict(pdl="early"),
-    "conv 168 registers": dict(conv_maxnreg=168),
+    "no register cap": dict(small_map_maxnreg=None),
     "default": dict(),  # the library's defaults
 })
 DEFAULT = "default"

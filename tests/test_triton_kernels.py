@@ -246,6 +246,16 @@ def test_sparse_conv2d_window_rows_default_config(tile, warps, bn, monkeypatch):
     assert torch.equal(ym, om) and rel(y[sel], ref[sel]) < 1e-6
 
 
+def test_default_config_caps_registers_on_small_maps():
+    """Small maps (few work items) get the register cap that fits a third program per SM; large maps
+    and the packed-K stem do not."""
+    small = tk.default_config(1, 256, 256, 1, (3, 3), (68, 120), torch.float16, True, True)
+    big = tk.default_config(1, 64, 64, 1, (3, 3), (270, 480), torch.float16, True, True)
+    stem = tk.default_config(1, 3, 64, 1, (7, 7), (540, 960), torch.float16, True, True)
+    from deltacnn.backends.triton_kernels import conv
+    assert small.maxnreg == conv.SMALL_MAP_MAXNREG == 168 and big.maxnreg is None and stem.maxnreg is None
+
+
 def test_window_plan_declines():
     """Convs the window rows cannot serve gather per tap instead."""
     x, xm = rand_delta(torch.Generator().manual_seed(1), 1, 3, 16, 16, torch.float16)

@@ -251,10 +251,14 @@ REUSE_OUT_MASK = True
 WINDOW_TILE: tuple[int, int] | None = None
 WINDOW_WARPS: int | None = None
 WINDOW_BN: int | None = None
-# Register cap per thread of the gathered-GEMM conv kernel (None: ptxas's choice, 230-255 registers,
-# so 2 programs of 4 warps per SM). 168 fits 3 programs per SM at the cost of some spills (ptxas -v
-# for sm_90a: 168 bytes for a 3x3 64->64 + ReLU, 64 for a 1x1 with residual); a setting for benchmarks.
-CONV_MAXNREG: int | None = None
+# Register cap per thread of the gathered-GEMM conv kernel on small maps (< 32768 output pixels; None:
+# no cap). Uncapped, the kernel takes 230-255 registers, so 2 programs of 4 warps per SM; at 168, 3
+# fit, at the cost of some spills (ptxas -v for sm_90a: 168 bytes for a 3x3 64->64 + ReLU, 64 for a
+# 1x1 with residual). Small maps have few work items, each bound by the latency of its gathers, and
+# the third program hides some of it; on large maps the spills cost more. H100, R50 1080p fp16, the
+# cap on every conv (benchmarks/gpu_variants.py run 29): the convs on small maps -85 us per b1 25%
+# frame, those on large maps +33 us; b8 5% 4.26 -> 4.41 ms.
+SMALL_MAP_MAXNREG: int | None = 168
 # Persistent programs per SM (ConvConfig.programs_per_sm's default). Most conv variants use
 # 230-245 registers per thread at 4 warps, so only 2 programs of 128 threads fit an SM at a time.
 PROGRAMS_PER_SM = 4
@@ -281,6 +285,8 @@ class ConvConfig:
     programs_per_sm: int = 4
     # flatten K over (tap, channel) instead of (tap, channel block); None: when Cin/groups < PACK_K_BELOW
     pack_k: bool | None = None
+    # register cap per thread (a launch option of the GEMM kernel); None: the compiler's choice
+    maxnreg: int | None = None
 
 
 def prepare_weight(weight: Tensor, groups: int, dtype: torch.dtype | None = None) -> Tensor:
@@ -373,7 +379,7 @@ def default_config(n: int, cin: int, cout: int, groups: int, kernel: tuple[int, 
         k_len = kh * kw * cg
         split = 4 if k_len >= 2048 else 2 if k_len >= 1024 else 1
     return ConvConfig(th=th, tw=tw, bn=bn, bk=bk, num_warps=warps, split_k=split, num_stages=NUM_STAGES,
-                      programs_per_sm=PROGRAMS_PER_SM)
+                      programs_per_sm=PROGRAMS_PER_SM, maxnreg=None if big else SMALL_MAP_MAXNREG)
 
 
 def sparse_conv2d(x: Tensor, x_mask: Tensor, weight: Tensor, out_mask: Tensor | None,
@@ -540,7 +546,7 @@ def sparse_conv2d(x: Tensor, x_mask: Tensor, weight: Tensor, out_mask: Tensor | 
                                 XM_IS_OM=xm_is_om, WINDOW=plan is not None, BORD=border,
                                 SHIFT=plan.shift if plan is not None else 0, CPX=plan.cp if plan is not None else 1,
                                 num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                                **({"maxnreg": CONV_MAXNREG} if CONV_MAXNREG and not INTERPRET else {}),
+                                **({"maxnreg": cfg.maxnreg} if cfg.maxnreg and not INTERPRET else {}),
                                 **launch_opts(dev, long_running=True))
         return out, fm
     except BaseException:
