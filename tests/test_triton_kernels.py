@@ -267,6 +267,9 @@ def test_window_plan_declines():
     assert tk.window_plan(shape, (8, 3, 11, 11), (1, 1), (5, 5, 5, 5), (1, 1), 1, (16, 16), bd) is None  # > border
     assert tk.window_plan((1, 3, 15, 16), (8, 3, 3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1, (15, 16), bd) is None  # not its copy
     assert tk.window_plan((1, 3, 16, 40), (8, 3, 3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1, (16, 40), bd) is None
+    from deltacnn.tensor import Bordered
+    strided = Bordered(torch.zeros(1, 24, 32, 8, dtype=x.dtype, device=x.device)[..., :4], 4)
+    assert tk.window_plan(shape, (8, 3, 3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1, (16, 16), strided) is None
 
 
 @pytest.mark.parametrize("case", [CONV_CASES[0], CONV_CASES[8]], ids=_conv_id)

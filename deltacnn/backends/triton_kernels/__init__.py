@@ -2,8 +2,9 @@
 
 Public API:
     dilate_mask, active_tiles                     (masks.py)
-    sparse_conv2d, prepare_weight, ConvConfig, window_plan, prepare_window_weight     (conv.py)
-    sparse_nonlinear, sparse_add, sparsify, bordered_like, bordered_fits, accumulate_, seed_act_state_   (pointwise.py)
+    sparse_conv2d, prepare_weight, ConvConfig, window_plan, prepare_window_weight   (conv.py)
+    sparse_nonlinear, sparse_add, sparsify, bordered_like, bordered_fits, accumulate_,
+    seed_act_state_                                                                 (pointwise.py)
     maxpool_update                                (pool.py)
     Act                                           (fused nonlinear epilogue spec)
 """

@@ -316,13 +316,13 @@ def window_plan(x_shape: tuple[int, ...], w_shape: tuple[int, ...], stride: tupl
                 out_hw: tuple[int, int], bordered: Bordered) -> WindowPlan | None:
     """The window-row plan of this conv on `bordered`, or None where the conv must gather per tap
     (groups, column dilation, more channels than the copy holds, a window wider than 64 elements
-    or narrower than a 16-deep K step, taps beyond the border, or a copy of another shape)."""
+    or narrower than a 16-deep K step, taps beyond the border, or a copy of another shape or layout)."""
     n, cin, h, w = x_shape
     cout, cg, kh, kw = w_shape
     bn_, hb, wb, cp = bordered.values.shape
     border = bordered.border
     if groups != 1 or dilation[1] != 1 or cin > cp or bn_ != n or hb != h + 2 * border \
-            or wb != triton.cdiv(w + 2 * border, 16) * 16:  # not a copy of this x
+            or wb != triton.cdiv(w + 2 * border, 16) * 16 or not bordered.values.is_contiguous():
         return None
     sh, sw = stride
     pt, _, pl, _ = padding
@@ -469,7 +469,8 @@ def sparse_conv2d(x: Tensor, x_mask: Tensor, weight: Tensor, out_mask: Tensor | 
         tmp = new_cl(n, cout, ho, wo, torch.float32, dev)
         y, ym = sparse_conv2d(x, x_mask, weight, out_mask, stride, padding, dilation, groups, tmp,
                               residual=residual, residual_mask=residual_mask, input_precision=input_precision,
-                              prepared=prepared, config=cfg, out_hw=(ho, wo), counter=counter)
+                              prepared=prepared, config=cfg, out_hw=(ho, wo), counter=counter, bordered=bordered,
+                              window_weight=window_weight)
         return sparse_nonlinear(y, ym, act.acc, act.emitted, act, out=out)
     atomic = split_k > 1 and act is None and odt == torch.float32  # partials go straight into `out`
     fixup = split_k > 1 and not atomic
