@@ -21,7 +21,6 @@ from .base import PointwiseState
 from .reference import ReferenceBackend
 
 
-
 def _geometry(n: int, in_hw: tuple[int, int], out_hw: tuple[int, int], win: Window) -> list[int]:
     return [n, *in_hw, *out_hw, *win.kernel, *win.stride, *win.dilation, win.padding[0], win.padding[2]]
 

@@ -12,8 +12,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import (Act, apply_act, check_state, finish_tile, gdc_start, launch_opts, mask_u8, need_cl, new_cl,
-                      npow2)
+from ._common import (SCORE_CODES, Act, apply_act, check_state, finish_tile, gdc_start, launch_opts, mask_u8,
+                      need_cl, new_cl, npow2)
 
 
 def _blocks(c: int) -> tuple[int, int, int]:
@@ -407,7 +407,7 @@ def sparsify(x: Tensor, ref: Tensor, tau: float, dilation_k: int = 1, score: str
     check_state(ref, x.shape, "ref")
     if score not in ("max", "l2"):
         raise ValueError(f"truncation score must be 'max' or 'l2', got {score!r}")
-    sc = 0 if score == "max" else 1
+    sc = SCORE_CODES[score]
     odt = out_dtype or x.dtype
     out = new_cl(n, c, h, w, odt, x.device)
     fm = torch.empty(n, 1, h, w, dtype=torch.bool, device=x.device)

@@ -12,7 +12,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import check_state, emit_truncated, gdc_start, launch_opts, mask_u8, need_cl, new_cl, npow2
+from ._common import (SCORE_CODES, check_state, emit_truncated, gdc_start, launch_opts, mask_u8, need_cl, new_cl,
+                      npow2)
 
 
 @triton.jit
@@ -72,5 +73,5 @@ def maxpool_update(acc: Tensor, cand: Tensor, emitted: Tensor, kernel: tuple[int
     _maxpool_kernel[(triton.cdiv(P, bp),)](acc, cm, emitted, out, fm.view(torch.uint8), P, h, w, ho, wo, float(tau),
                                           C=c, KH=kernel[0], KW=kernel[1], SH=stride[0], SW=stride[1], PT=padding[0],
                                           PL=padding[2], DH=dilation[0], DW=dilation[1],
-                                          SCORE=0 if score == "max" else 1, BP=bp, BC=bc, **launch_opts(acc.device))
+                                          SCORE=SCORE_CODES[score], BP=bp, BC=bc, **launch_opts(acc.device))
     return out, fm
