@@ -181,8 +181,10 @@ def test_run_default_out_dir(clip: Path, tmp_path: Path, monkeypatch) -> None:
 
 
 def test_run_demo_uses_default_clip(clip: Path, tmp_path: Path, monkeypatch, capsys) -> None:
-    monkeypatch.setattr(tools, "default_clip", lambda: clip)
-    monkeypatch.setattr(tools, "default_model", lambda: "tiny")
+    from deltacnn.commands import common
+
+    monkeypatch.setattr(common, "default_clip", lambda: clip)
+    monkeypatch.setattr(common, "default_model", lambda: "tiny")
     assert main(["run", "--max-frames", "3", "-q", "--no-video", "--out", str(tmp_path)]) == 0
     assert "tiny on static.mp4: 3 frames" in capsys.readouterr().out
 
@@ -242,7 +244,9 @@ def test_internal_error_is_one_line(clip: Path, capsys, monkeypatch) -> None:
     def boom(*a, **k):
         raise RuntimeError("kaput")
 
-    monkeypatch.setattr(tools, "run", boom)
+    import deltacnn.commands.run
+
+    monkeypatch.setattr(deltacnn.commands.run, "run", boom)
     assert main(["run", str(clip), "-m", "tiny"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["deltacnn: error: internal error: RuntimeError: kaput (run with --debug for the traceback)"]
