@@ -1,11 +1,13 @@
 """`deltacnn` command line: run a video through a delta model, tune thresholds, benchmark.
 
-    deltacnn run [VIDEO] [--model NAME] [--threshold T | --thresholds FILE] [--check-dense] [--out DIR]
+    deltacnn run [SOURCE] [--model NAME] [--threshold T | --thresholds FILE] [--check-dense] [--out DIR]
     deltacnn tune [VIDEO] --budget 'f1>=0.95' [--frames 30] [--max-evals 40] [--out FILE]
     deltacnn bench [VIDEO] [--threshold 0 0.02 FILE ...] [--json FILE]
     deltacnn models
 
-Without VIDEO the real demo clip and the default pretrained model are used. Problems with the
+SOURCE: a video file, an image folder, a camera index (`0`) or a stream URL (`rtsp://`, `http://`).
+Without it the real demo clip and the default pretrained model are used. Speedups are against the
+strongest dense peer of the device (deltacnn.peers), named in every summary. Problems with the
 input print one line `deltacnn: error: ...` and exit with status 2; `--debug` shows tracebacks.
 """
 from __future__ import annotations
@@ -31,8 +33,18 @@ def _common(p: argparse.ArgumentParser, video_help: str) -> None:
     p.add_argument("--backend", choices=["reference", "cpu", "triton"], default=None,
                    help="delta kernels (default: triton on CUDA when installed, the fused cpu kernels on the "
                         "CPU when they compile, else reference)")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="CPU threads for the delta model and its dense peer alike (default: torch's default)")
+    p.add_argument("--reader", choices=["auto", "opencv", "pyav"], default="auto",
+                   help="how to read VIDEO: OpenCV or PyAV (auto: PyAV for streams when installed, else OpenCV)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+
+
+SOURCE_HELP = ("a video file, a folder of .jpg/.png images (name order), a camera index (0, 1, ...) or a stream URL "
+               "(rtsp://, http://, https://)")
+COMPILE_HELP = ("on a GPU, also try torch.compile(mode='max-autotune') as the dense peer (minutes of compiling; "
+                "its compile time is reported)")
 
 
 def _positive_int(s: str) -> int:
@@ -77,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run a video through the delta model and the dense model; write the task output "
                                    "drawn on the frames, an update heat-map video, per-frame CSV/JSON, summary.json "
                                    "and plot.png.")
-    _common(r, "input video (default: the bundled demo clip)")
+    _common(r, SOURCE_HELP + " (default: the demo clip); Ctrl-C ends the run with its outputs written")
     g = r.add_mutually_exclusive_group()
     g.add_argument("--threshold", "-t", type=_nonneg_float, default=None,
                    help="global truncation threshold (default: the task's default_threshold, else 0 = "
@@ -94,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "frame is a keyframe (default 0.5; off: always delta frames)")
     r.add_argument("--check-dense", action="store_true", help="measure the error versus dense inference per frame")
     r.add_argument("--no-video", action="store_true", help="skip the annotated and heat-map videos")
+    r.add_argument("--compile-peer", action="store_true", help=COMPILE_HELP)
     r.add_argument("--out", "-o", default=None, help="output directory (default ./deltacnn_out/<clip name>)")
 
     t = sub.add_parser("tune", help="find per-layer thresholds within an accuracy budget versus dense",
@@ -101,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "dense output on a calibration clip while skipping as much work as possible: a "
                                    "global threshold by bracketing and geometric bisection, then per-layer doubling, "
                                    "largest downstream multiply-adds first. Writes the JSON `run --thresholds` reads.")
-    _common(t, "calibration video (default: the bundled demo clip)")
+    _common(t, "calibration source: " + SOURCE_HELP + " (default: the demo clip)")
     t.add_argument("--budget", "-b", required=True,
                    help="e.g. 'f1>=0.95', 'rel_error<=0.01', or a number for the task's main metric")
     t.add_argument("--aggregate", choices=["mean", "worst"], default="mean",
@@ -114,12 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="dense versus delta timing on this device, as a table",
                        description="Median time per frame of the dense and the delta model on the current device.")
-    _common(b, "video (default: the bundled demo clip)")
+    _common(b, SOURCE_HELP + " (default: the demo clip)")
     b.add_argument("--threshold", "-t", nargs="+", default=["0"], metavar="T|FILE",
                    help="global thresholds and/or thresholds JSON files, one table row each (default 0)")
     b.add_argument("--frames", type=_positive_int, default=30, help="frames to time (default 30)")
     b.add_argument("--warmup", type=int, default=3, help="untimed warm-up frames (default 3)")
     b.add_argument("--json", default=None, metavar="FILE", help="also write the rows as JSON")
+    b.add_argument("--compile-peer", action="store_true", help=COMPILE_HELP)
 
     sub.add_parser("models", help="list the model names --model accepts")
     return ap
@@ -139,10 +153,12 @@ def cmd_run(a: argparse.Namespace) -> int:
         raise UserError("give either VIDEO or --demo, not both")
     video = None if a.demo else a.video
     res = run(video, a.model, threshold=a.threshold, input_threshold=a.input_threshold, thresholds=a.thresholds,
-                    device=a.device, out=a.out, max_frames=a.max_frames, dtype=a.dtype,
-                    keyframe_interval=a.keyframe_interval, check_dense=a.check_dense, backend=a.backend, quiet=a.quiet,
-                    write_videos=not a.no_video, dense_above=a.dense_above)
+              device=a.device, out=a.out, max_frames=a.max_frames, dtype=a.dtype,
+              keyframe_interval=a.keyframe_interval, check_dense=a.check_dense, backend=a.backend, quiet=a.quiet,
+              write_videos=not a.no_video, dense_above=a.dense_above, reader=a.reader, compile_peer=a.compile_peer)
     print(res.table())
+    if res.summary.get("interrupted"):
+        print(f"stopped by Ctrl-C after {res.summary['frames']} frames; the outputs cover those frames")
     print("outputs:")
     for k, p in res.paths.items():
         print(f"  {k:12s} {p}")
@@ -158,8 +174,8 @@ def cmd_tune(a: argparse.Namespace) -> int:
         stem = Path(a.video).stem if a.video else default_clip().stem
         out = Path("deltacnn_out") / stem / "thresholds.json"
     res = tune(a.video, a.model, budget=a.budget, aggregate=a.aggregate, frames=a.frames, max_evals=a.max_evals,
-                     device=a.device, dtype=a.dtype, keyframe_interval=a.keyframe_interval, backend=a.backend,
-                     out=out, quiet=a.quiet)
+               device=a.device, dtype=a.dtype, keyframe_interval=a.keyframe_interval, backend=a.backend,
+               out=out, quiet=a.quiet, reader=a.reader)
     print(res.table())
     print(f"use it with:  deltacnn run {a.video or ''} --thresholds {res.path}".replace("  --", " --"))
     return 0
@@ -170,7 +186,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
     from .commands.common import save_json
 
     rows = bench(a.video, a.model, thresholds=a.threshold, frames=a.frames, warmup=a.warmup, device=a.device,
-                       dtype=a.dtype, backend=a.backend, quiet=a.quiet)
+                 dtype=a.dtype, backend=a.backend, quiet=a.quiet, reader=a.reader, compile_peer=a.compile_peer)
     print(bench_table(rows))
     if a.json:
         print(f"written: {save_json(rows, a.json)}")

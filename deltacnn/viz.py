@@ -87,11 +87,11 @@ def _col(rows: Sequence[dict], key: str) -> np.ndarray:
 
 
 def plot_run(rows: Sequence[dict], path: str | Path, title: str = "", error_key: str | None = None,
-             agreement_keys: Sequence[str] = ()) -> Path:
+             agreement_keys: Sequence[str] = (), peer: str | None = None) -> Path:
     """Three stacked panels over the clip: work done, time per frame, error versus dense.
 
     rows: the per-frame records written to frames.json (keys `update_rate`, `macs_fraction`,
-    `delta_ms`, `dense_ms`, and optionally `rel_error` and task agreement metrics).
+    `delta_ms`, `peer_ms` (the strongest dense peer), and optionally `rel_error` and task agreement metrics).
     """
     import matplotlib
 
@@ -118,13 +118,13 @@ def plot_run(rows: Sequence[dict], path: str | Path, title: str = "", error_key:
     ax.legend(loc="best", fontsize=8)
 
     ax = axes[1]
-    dense, delta = _col(rows, "dense_ms"), _col(rows, "delta_ms")
-    ax.plot(f, dense, label="dense", color="tab:grey")
+    dense, delta = _col(rows, "peer_ms"), _col(rows, "delta_ms")
+    ax.plot(f, dense, label=f"dense peer{f' ({peer})' if peer else ''}", color="tab:grey")
     ax.plot(f, delta, label="delta", color="tab:green")
     ax.set_ylabel("time per frame (ms)")
     ax.set_ylim(bottom=0)
     ax2 = ax.twinx()
-    ax2.plot(f, dense / delta, color="tab:red", lw=1, ls="--", label="speedup (dense / delta)")
+    ax2.plot(f, dense / delta, color="tab:red", lw=1, ls="--", label="speedup (peer / delta)")
     ax2.axhline(1.0, color="tab:red", lw=0.5, alpha=0.5)
     ax2.set_ylabel("speedup (x)", color="tab:red")
     ax2.set_ylim(bottom=0)

@@ -6,7 +6,15 @@ task is exercised by its own tests and by the README command.
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -130,7 +138,9 @@ def test_run_end_to_end(clip: Path, tmp_path: Path, capsys) -> None:
                "--device", "cpu", "--quiet"])
     assert rc == 0
     printed = capsys.readouterr().out
-    assert "speedup" in printed and str(out / "plot.png") in printed
+    assert "speedup vs peer" in printed and str(out / "plot.png") in printed
+    s = json.loads((out / "summary.json").read_text())
+    assert f"dense peer               {s['peer']}" in printed  # the summary names the peer it compares with
     for name in ("frames.csv", "frames.json", "summary.json", "plot.png"):
         assert (out / name).stat().st_size > 0, name
     videos = {p.stem: p for p in out.iterdir() if p.suffix in (".mp4", ".avi")}
@@ -141,16 +151,18 @@ def test_run_end_to_end(clip: Path, tmp_path: Path, capsys) -> None:
     assert rows[0]["keyframe"] == "1" and float(rows[0]["update_rate"]) == 1.0
     data = json.loads((out / "frames.json").read_text())
     assert len(data) == T
-    keys = {"frame", "update_rate", "macs_fraction", "delta_ms", "dense_ms", "rel_error", "task_pixel_acc"}
+    keys = {"frame", "update_rate", "macs_fraction", "delta_ms", "peer_ms", "speedup", "rel_error", "task_pixel_acc"}
     assert keys <= set(data[0])
     later = data[1:]
     assert all(r["keyframe"] == 0 for r in later)
     assert max(r["update_rate"] for r in later) < 0.5  # mostly static clip
     assert all(0 < r["macs_fraction"] < 1 for r in later)
     assert all(r["rel_error"] < 0.2 and r["task_pixel_acc"] > 0.9 for r in later)
-    s = json.loads((out / "summary.json").read_text())
     assert s["frames"] == T and 0 < s["macs_saved"] < 1 and s["mean_update_rate"] < 1
-    assert {"mean_delta_ms", "mean_dense_ms", "speedup", "mean_rel_error", "agreement"} <= set(s)
+    assert {"delta_frame_mean_ms", "delta_frame_median_ms", "all_frame_mean_ms", "speedup_delta_frames",
+            "speedup_all_frames", "peer", "peer_candidates", "mean_rel_error", "agreement"} <= set(s)
+    assert "speedup" not in s and "mean_dense_ms" not in s  # no speedup against a weaker baseline
+    assert s["interrupted"] is False and s["source"] == "video"
     assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -187,6 +199,96 @@ def test_run_demo_uses_default_clip(clip: Path, tmp_path: Path, monkeypatch, cap
     monkeypatch.setattr(common, "default_model", lambda: "tiny")
     assert main(["run", "--max-frames", "3", "-q", "--no-video", "--out", str(tmp_path)]) == 0
     assert "tiny on static.mp4: 3 frames" in capsys.readouterr().out
+
+
+def test_run_summary_separates_delta_and_all_frames(clip: Path, tmp_path: Path) -> None:
+    """The summary's rates follow from the per-frame records: delta frames only, and all frames."""
+    res = tools.run(clip, "tiny", threshold=0.05, out=tmp_path, device="cpu", quiet=True, write_videos=False)
+    rows, s = res.rows, res.summary
+    delta = [r for r in rows if r["mode"] == "delta"]
+    assert s["delta_frames"] == len(delta) == s["modes"]["delta"] and 0 < len(delta) < len(rows)
+    assert s["delta_frame_mean_ms"] == pytest.approx(sum(r["delta_ms"] for r in delta) / len(delta))
+    assert s["all_frame_mean_ms"] == pytest.approx(sum(r["delta_ms"] for r in rows) / len(rows))
+    assert s["speedup_delta_frames"] == pytest.approx(sum(r["peer_ms"] for r in delta) / sum(r["delta_ms"] for r in delta))
+    assert s["speedup_all_frames"] == pytest.approx(sum(r["peer_ms"] for r in rows) / sum(r["delta_ms"] for r in rows))
+    assert s["peer_candidates"][s["peer"]] == min(s["peer_candidates"].values())
+    table = res.table()
+    assert s["peer"] in table and "delta frames ms" in table and "all frames ms" in table
+
+
+def test_run_image_folder(tmp_path: Path, capsys) -> None:
+    import cv2
+
+    folder = tmp_path / "shots"
+    folder.mkdir()
+    for i, f in enumerate(synthetic_frames(5)):
+        cv2.imwrite(str(folder / f"img{i}.png"), cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
+    out = tmp_path / "out"
+    assert main(["run", str(folder), "-m", "tiny", "--check-dense", "-q", "--no-video", "--out", str(out)]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["frames"] == 5 and s["source"] == "image folder" and s["agreement"]["pixel_acc"] > 0.9
+
+
+def test_run_reads_a_loopback_stream(tmp_path: Path) -> None:
+    """A live MJPEG stream served on 127.0.0.1, read through the same source API as files."""
+    from test_sources import MJPEGServer
+
+    srv = MJPEGServer(synthetic_frames(8))
+    try:
+        res = tools.run(srv.url, "tiny", threshold=0.05, out=tmp_path, device="cpu", quiet=True)
+    finally:
+        srv.close()
+    assert res.summary["source"] == "stream" and res.summary["frames"] == 8 and not res.summary["interrupted"]
+    assert len(list(VideoReader(res.paths["annotated"]))) == 8
+
+
+def test_missing_camera_and_empty_folder_are_one_line_errors(tmp_path: Path, capsys) -> None:
+    if not Path("/dev/video7").exists():
+        assert main(["run", "7", "-m", "tiny", "--out", str(tmp_path / "o")]) == 2
+        assert "camera 7 not found" in one_line_error(capsys)
+    (tmp_path / "empty").mkdir()
+    assert main(["run", str(tmp_path / "empty"), "-m", "tiny", "--out", str(tmp_path / "o")]) == 2
+    assert "no .jpg or .png images" in one_line_error(capsys)
+
+
+def test_sigint_mid_run_writes_complete_outputs(tmp_path: Path) -> None:
+    """Ctrl-C (SIGINT) to a `python3 -m deltacnn.cli run` process: it stops after the frame in
+    progress and writes every output for the frames done."""
+    n = 400
+    clip = write_video(tmp_path / "long.avi", synthetic_frames(n), fps=10)
+    out = tmp_path / "out"
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen([sys.executable, "-m", "deltacnn.cli", "run", str(clip), "-m", "resnet18", "--device",
+                             "cpu", "--check-dense", "--out", str(out)], cwd=root, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    err: list[str] = []
+    reader = threading.Thread(target=lambda: err.extend(iter(lambda: proc.stderr.read(64), "")), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:  # wait for a few frames of progress
+            done = [int(m) for m in re.findall(r"(\d+)/%d" % n, "".join(err))]
+            if done and max(done) >= 4:
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None, "".join(err)[-2000:]
+        proc.send_signal(signal.SIGINT)
+        stdout, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    reader.join(5)
+    assert proc.returncode == 0, "".join(err)[-2000:]
+    assert "stopped by Ctrl-C after" in stdout
+    s = json.loads((out / "summary.json").read_text())
+    assert s["interrupted"] is True and 4 <= s["frames"] < n
+    assert len(list(csv.DictReader((out / "frames.csv").open()))) == s["frames"]
+    assert len(json.loads((out / "frames.json").read_text())) == s["frames"]
+    videos = {p.stem: p for p in out.iterdir() if p.suffix in (".mp4", ".avi")}
+    assert {k: len(list(VideoReader(v))) for k, v in videos.items()} == {"annotated": s["frames"],
+                                                                         "updates": s["frames"]}
+    assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 # ---- bad input -----------------------------------------------------------------------------------
@@ -311,10 +413,19 @@ def test_bench_table_and_json(clip: Path, tmp_path: Path, capsys) -> None:
     assert main(["bench", str(clip), "-m", "tiny", "--frames", "5", "--warmup", "1", "-t", "0", "0.05",
                  "--json", str(j), "-q", "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
-    assert "dense ms" in printed and "speedup" in printed
     rows = json.loads(j.read_text())
+    assert f"dense peer: {rows[0]['peer']}" in printed and "peer ms" in printed and "speedup" in printed
+    assert "dense ms" not in printed
     assert [r["threshold"] for r in rows] == ["0", "0.05"]
-    assert all(r["dense_ms"] > 0 and r["delta_ms"] > 0 and 0 <= r["update_rate"] < 1 for r in rows)
+    expected = {"torch channels_last fp32", "torch as loaded fp32"} | (
+        {"onnxruntime fp32"} if importlib.util.find_spec("onnxruntime") else set())
+    for r in rows:
+        assert set(r["peer_candidates"]) == expected, r["peer_rejected"]
+        assert r["peer_candidates"][r["peer"]] == min(r["peer_candidates"].values()) and r["peer_ms"] > 0
+        assert r["delta_frames"] == r["modes"]["delta"] and r["modes"]["keyframe"] == 1
+        assert r["delta_frame_median_ms"] > 0 and r["all_frame_mean_ms"] > 0 and 0 <= r["update_rate"] < 1
+        assert r["speedup_delta_frames"] == pytest.approx(r["peer_ms"] / r["delta_frame_median_ms"])
+        assert r["speedup_all_frames"] == pytest.approx(r["peer_mean_ms"] / r["all_frame_mean_ms"])
 
 
 def test_models_lists_names(capsys) -> None:

@@ -8,9 +8,8 @@ from __future__ import annotations
 import json
 import math
 import statistics
-import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -22,7 +21,8 @@ from ..convert import ConversionError, UnsupportedOperationError, convert
 from ..model import DeltaModel
 from ..tasks.base import Task
 from ..tasks.zoo import ZooTask
-from ..video import VideoError, VideoReader
+from ..timing import sync as sync_device, timed  # noqa: F401 - re-exported for the commands
+from ..video import FrameSource, VideoError, open_source
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -103,27 +103,15 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return DTYPES[dtype]
 
 
-def open_video(path: str | Path | None, max_frames: int | None = None) -> VideoReader:
-    """A validated reader; no path means the default clip."""
+def open_video(source: str | int | Path | None, max_frames: int | None = None, reader: str = "auto",
+               timeout_s: float = 10.0) -> FrameSource:
+    """A validated frame source (video file, image folder, camera index, stream URL); None means the
+    default clip. Every problem with it is a UserError."""
     try:
-        return VideoReader(default_clip() if path is None else path, max_frames)
+        return open_source(default_clip() if source is None else source, max_frames, reader=reader,
+                           timeout_s=timeout_s)
     except VideoError as e:
         raise UserError(str(e)) from None
-
-
-def sync_device(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn: Callable[[Tensor], Any], x: Tensor, device: torch.device) -> tuple[Any, float]:
-    """fn(x) and its wall time in ms (the device is synchronised on both sides)."""
-    sync_device(device)
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        y = fn(x)
-    sync_device(device)
-    return y, (time.perf_counter() - t0) * 1e3
 
 
 def build_delta(model: nn.Module, example: Tensor, *, threshold: float = 0.0, input_threshold: float | None = None,
@@ -168,6 +156,7 @@ def load_thresholds(dm: DeltaModel, path: str | Path) -> None:
 
 
 def progress(iterable: Iterable, total: int | None, desc: str, quiet: bool):
+    """A tqdm progress bar; without a total (live sources) it shows the count and frames per second."""
     if quiet:
         return iterable
     from tqdm import tqdm

@@ -1,5 +1,6 @@
-"""`deltacnn run`: a clip through the delta model (and the dense model, for timing and error), with
-annotated and update heat-map videos, per-frame records, a summary and a plot."""
+"""`deltacnn run`: a source (file, image folder, camera, stream) through the delta model and the
+strongest dense peer (for timing; the model as loaded for the error), with annotated and update
+heat-map videos, per-frame records, a summary and a plot. Ctrl-C ends it cleanly."""
 from __future__ import annotations
 
 import csv
@@ -15,6 +16,8 @@ import torch
 from .. import viz
 from ..model import DeltaModel
 from ..tasks.base import Task, rel_error, to_float
+from ..interrupt import StopOnInterrupt
+from ..peers import FP32_TOLERANCE, PeerChoice, PeerError, strongest_peer
 from ..video import VideoWriter
 from .common import (UserError, build_delta, finite_mean, finite_median, get_task, json_safe, load_model, open_video,
                      progress, resolve_device, resolve_dtype, timed)
@@ -35,8 +38,12 @@ class RunResult:
         return summary_table(self.summary)
 
 
-def frame_record(i: int, dm: DeltaModel, delta_ms: float, dense_ms: float) -> dict:
-    """One row of frames.csv from the delta model's statistics of the frame just run."""
+def frame_record(i: int, dm: DeltaModel, delta_ms: float, peer_ms: float) -> dict:
+    """One row of frames.csv from the delta model's statistics of the frame just run.
+
+    `peer_ms`: the same frame through the strongest dense peer (deltacnn.peers); `speedup` is
+    peer_ms / delta_ms.
+    """
     fs = dm.frame_stats()
     inp = fs.layers.get("input")
     mask = dm.input_mask
@@ -45,8 +52,8 @@ def frame_record(i: int, dm: DeltaModel, delta_ms: float, dense_ms: float) -> di
     return {"frame": i, "keyframe": int(fs.keyframe), "mode": dm.last_mode or "", "update_rate": rate,
             "layer_update_rate": finite_mean(rates) if rates else rate,
             "macs_fraction": fs.macs_fraction if fs.dense_macs else 1.0, "macs": fs.macs, "dense_macs": fs.dense_macs,
-            "delta_ms": delta_ms, "dense_ms": dense_ms,
-            "speedup": dense_ms / delta_ms if delta_ms > 0 else float("nan")}
+            "delta_ms": delta_ms, "peer_ms": peer_ms,
+            "speedup": peer_ms / delta_ms if delta_ms > 0 else float("nan")}
 
 
 def spatial_heatmap(dm: DeltaModel, size: tuple[int, int]) -> np.ndarray:
@@ -67,25 +74,35 @@ def spatial_heatmap(dm: DeltaModel, size: tuple[int, int]) -> np.ndarray:
 def _hud(row: dict) -> list[str]:
     kf = " keyframe" if row["keyframe"] else ""
     return [f"frame {row['frame']}{kf}", f"input updated {row['update_rate']:.1%}  MACs {row['macs_fraction']:.1%}",
-            f"{row['delta_ms']:.1f} ms (dense {row['dense_ms']:.1f} ms)"]
+            f"{row['delta_ms']:.1f} ms (dense peer {row['peer_ms']:.1f} ms)"]
 
 
-def run(video: str | Path | None = None, model: str | Task | None = None, *, threshold: float | None = None,
+def run(video: str | int | Path | None = None, model: str | Task | None = None, *, threshold: float | None = None,
         input_threshold: float | None = None,
         thresholds: str | Path | None = None, device: str | None = None, out: str | Path | None = None,
         max_frames: int | None = None, dtype: str | torch.dtype | None = None, keyframe_interval: int | None = None,
         check_dense: bool = False, backend: str | None = None, quiet: bool = False,
-        write_videos: bool = True, dense_above: float | None = 0.5) -> RunResult:
-    """Run a clip through the delta model (and the dense model, for timing and error).
+        write_videos: bool = True, dense_above: float | None = 0.5, reader: str = "auto",
+        compile_peer: bool = False) -> RunResult:
+    """Run a source through the delta model and, for timing, through the strongest dense peer.
 
-    Writes to `out` (default ./deltacnn_out/<clip stem>): annotated video, update heat-map video,
-    frames.csv / frames.json (per frame: update rate, MACs versus dense, ms per frame, and with
-    `check_dense` the error versus dense), summary.json and plot.png. With neither `threshold` nor
-    `thresholds`, the task's tuned `default_thresholds` file is used if it ships one, else its
-    `default_threshold` (0, i.e. dense-equivalent, if it has none). `dense_above`: see `convert`
-    (frames busier than this run densely; on the CPU only, where the decision may wait for data).
+    `video`: a video file, an image folder, a camera index (`0`) or a stream URL (`rtsp://`,
+    `http://`; see `deltacnn.video.open_source`, `reader` picks OpenCV or PyAV); None: the demo clip.
+    The dense peer is the fastest dense deployment of the same model on the device
+    (`deltacnn.peers.strongest_peer`, timed on the first frame); every speedup is against it.
+    Writes to `out` (default ./deltacnn_out/<source name>): annotated video, update heat-map video,
+    frames.csv / frames.json (per frame: update rate, MACs versus dense, ms per frame of the delta
+    model and of the peer, and with `check_dense` the error versus dense), summary.json and
+    plot.png. Ctrl-C ends the run after the current frame with all of these written for the
+    frames done (summary["interrupted"]); a second Ctrl-C stops at once (the annotated video may
+    then hold one frame more than the records). With neither `threshold` nor `thresholds`, the task's
+    tuned `default_thresholds` file is used if it ships one, else its `default_threshold` (0, i.e.
+    dense-equivalent, if it has none). `dense_above`: see `convert`. `compile_peer`: on a GPU,
+    also try torch.compile(mode="max-autotune") as a peer (minutes of compiling).
+    `check_dense` compares with the model as loaded (fp32); on the CPU the peer's own outputs
+    serve, since it was checked to reproduce the model to 1e-4.
     """
-    reader = open_video(video, max_frames)
+    source = open_video(video, max_frames, reader=reader)
     task = get_task(model)
     if threshold is None and thresholds is None and getattr(task, "default_thresholds", None) is not None:
         thresholds = task.default_thresholds  # a tuned file shipped with the task
@@ -93,67 +110,111 @@ def run(video: str | Path | None = None, model: str | Task | None = None, *, thr
         threshold = 0.0 if thresholds is not None else float(getattr(task, "default_threshold", 0.0))
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype)
+    if compile_peer and dev.type != "cuda":
+        raise UserError("--compile-peer is a GPU peer (torch.compile max-autotune); it needs --device cuda")
     if thresholds is not None and not Path(thresholds).is_file():
         raise UserError(f"thresholds file not found: {thresholds}")
     dense = load_model(task, dev)
-    outdir = Path(out) if out is not None else Path("deltacnn_out") / reader.path.stem
+    outdir = Path(out) if out is not None else Path("deltacnn_out") / source.name
     try:
         outdir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create output directory {outdir}: {e.strerror}") from None
 
-    annotated = VideoWriter(outdir / "annotated.mp4", reader.fps) if write_videos else None
-    updates = VideoWriter(outdir / "updates.mp4", reader.fps) if write_videos else None
+    annotated = VideoWriter(outdir / "annotated.mp4", source.fps) if write_videos else None
+    updates = VideoWriter(outdir / "updates.mp4", source.fps) if write_videos else None
     rows: list[dict] = []
     metric_keys: list[str] = []
     dm: DeltaModel | None = None
+    choice: PeerChoice | None = None
+    interrupted = False
+    bar = progress(source, source.expected_frames, "deltacnn run", quiet)
     try:
-        for i, frame in enumerate(progress(reader, reader.expected_frames, "deltacnn run", quiet)):
-            x = task.preprocess(frame).to(dev)
-            if dm is None:
-                dm = build_delta(dense, x, threshold=threshold, input_threshold=input_threshold,
-                                 thresholds=thresholds, dtype=torch_dtype,
-                                 keyframe_interval=keyframe_interval, backend=backend, dense_above=dense_above)
-                dm.enable_stats(True, keep_masks=write_videos)
-                timed(dense, x, dev)  # warm-up: the first dense call pays one-off allocation costs
-            out_delta, delta_ms = timed(dm, x, dev)
-            out_dense, dense_ms = timed(dense, x, dev)
-            row = frame_record(i, dm, delta_ms, dense_ms)
-            result = task.postprocess(to_float(out_delta))
-            if check_dense:
-                row["rel_error"] = rel_error(out_delta, out_dense)
-                ref = task.postprocess(out_dense)
-                metrics = {f"task_{k}": float(v) for k, v in task.agreement(result, ref).items()}
-                metric_keys += [k for k in metrics if k not in metric_keys]
-                row.update(metrics)
-            if write_videos:
-                annotated.write(viz.put_text(task.draw(frame, result), _hud(row)))
-                heat = spatial_heatmap(dm, frame.shape[:2])
-                updates.write(viz.put_text(viz.heatmap_overlay(frame, heat), _hud(row)))
-            rows.append(row)
+        with StopOnInterrupt() as stop:
+            for i, frame in enumerate(bar):
+                x = task.preprocess(frame).to(dev)
+                if dm is None:
+                    choice = _choose_peer(dense, x, compile_peer)
+                    dm = build_delta(dense, x, threshold=threshold, input_threshold=input_threshold,
+                                     thresholds=thresholds, dtype=torch_dtype,
+                                     keyframe_interval=keyframe_interval, backend=backend, dense_above=dense_above)
+                    dm.enable_stats(True, keep_masks=write_videos)
+                out_delta, delta_ms = timed(dm, x, dev)
+                out_peer, peer_ms = timed(choice.peer, x, dev)
+                row = frame_record(i, dm, delta_ms, peer_ms)
+                result = task.postprocess(to_float(out_delta))
+                if check_dense:
+                    out_dense = out_peer if choice.peer.tolerance <= FP32_TOLERANCE else _dense(dense, x)
+                    row["rel_error"] = rel_error(out_delta, out_dense)
+                    ref = task.postprocess(out_dense)
+                    metrics = {f"task_{k}": float(v) for k, v in task.agreement(result, ref).items()}
+                    metric_keys += [k for k in metrics if k not in metric_keys]
+                    row.update(metrics)
+                if write_videos:
+                    annotated.write(viz.put_text(task.draw(frame, result), _hud(row)))
+                    heat = spatial_heatmap(dm, frame.shape[:2])
+                    updates.write(viz.put_text(viz.heatmap_overlay(frame, heat), _hud(row)))
+                rows.append(row)
+                if stop.requested:
+                    interrupted = True
+                    break
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside the frame loop's reach
+        interrupted = True
     finally:
+        if hasattr(bar, "close"):
+            bar.close()
+        source.close()
         for w in (annotated, updates):
             if w is not None:
                 w.close()
+    if not rows:
+        raise UserError(f"the run was stopped before its first frame was done; nothing written to {outdir}")
 
     if dm is not None and thresholds is None:
         threshold = threshold if dm.thresholds.input is None else {"default": threshold, "input": dm.thresholds.input}
-    summary = summarize(rows, task=task, device=dev, video=reader.path, threshold=threshold, thresholds=thresholds,
-                        dtype=str(torch_dtype or torch.float32).replace("torch.", ""), metric_keys=metric_keys)
+    summary = summarize(rows, task=task, device=dev, video=source.label, threshold=threshold, thresholds=thresholds,
+                        dtype=str(torch_dtype or torch.float32).replace("torch.", ""), metric_keys=metric_keys,
+                        peer=choice)
+    summary["source"] = source.kind
+    summary["interrupted"] = interrupted
     if dm is not None:
         summary["backend"] = dm.rt.backend_on(dev).name
-    paths = write_run_outputs(outdir, rows, summary, metric_keys, title=f"{task.name} on {reader.path.name}")
+    paths = write_run_outputs(outdir, rows, summary, metric_keys, title=f"{task.name} on {source.name}")
     if write_videos:
         paths = {"annotated": annotated.path, "updates": updates.path, **paths}
     return RunResult(rows, summary, paths)
 
 
-def summarize(rows: list[dict], *, task: Task, device: torch.device, video: Path, threshold: float | dict,
-              thresholds: str | Path | None, dtype: str, metric_keys: Sequence[str]) -> dict:
-    """Clip averages. Rates and errors are means over all frames (keyframes included); the speedup is
-    total dense time over total delta time, i.e. the throughput ratio."""
-    dense_ms = sum(r["dense_ms"] for r in rows)
-    delta_ms = sum(r["delta_ms"] for r in rows)
+def _dense(model, x):
+    with torch.no_grad():
+        return model(x)
+
+
+def _choose_peer(dense, x, compile_peer: bool) -> PeerChoice:
+    try:
+        return strongest_peer(dense, [x], compile=compile_peer, calls=5)
+    except PeerError as e:
+        raise UserError(f"no dense peer to compare with: {e}") from None
+
+
+def summarize(rows: list[dict], *, task: Task, device: torch.device, video: str | Path, threshold: float | dict,
+              thresholds: str | Path | None, dtype: str, metric_keys: Sequence[str],
+              peer: PeerChoice | None = None) -> dict:
+    """Clip averages, with the delta frames and all frames reported separately.
+
+    Rates and errors are means over all frames (keyframes included). Times: the delta frames
+    (mode "delta": neither keyframes nor frames run densely) have their mean and median; all
+    frames their mean. Speedups are against the dense peer on the same frames: over the delta
+    frames mean/mean (and median/median), over all frames total peer time over total delta time
+    (the throughput ratio).
+    """
+    delta_rows = [r for r in rows if r.get("mode") == "delta"]
+    peer_all = sum(r["peer_ms"] for r in rows)
+    delta_all = sum(r["delta_ms"] for r in rows)
+    d_mean = finite_mean([r["delta_ms"] for r in delta_rows])
+    d_med = finite_median([r["delta_ms"] for r in delta_rows])
+    p_mean = finite_mean([r["peer_ms"] for r in delta_rows])
+    p_med = finite_median([r["peer_ms"] for r in delta_rows])
     s = {"model": task.name, "video": str(video), "frames": len(rows), "device": str(device), "dtype": dtype,
          "threshold": threshold, "thresholds_file": str(thresholds) if thresholds else None,
          "keyframes": sum(r["keyframe"] for r in rows),
@@ -161,10 +222,19 @@ def summarize(rows: list[dict], *, task: Task, device: torch.device, video: Path
          "mean_update_rate": finite_mean([r["update_rate"] for r in rows]),
          "mean_layer_update_rate": finite_mean([r["layer_update_rate"] for r in rows]),
          "macs_fraction": sum(r["macs"] for r in rows) / max(1, sum(r["dense_macs"] for r in rows)),
-         "mean_delta_ms": delta_ms / len(rows), "mean_dense_ms": dense_ms / len(rows),
-         "median_delta_ms": finite_median([r["delta_ms"] for r in rows]),
-         "median_dense_ms": finite_median([r["dense_ms"] for r in rows]),
-         "speedup": dense_ms / delta_ms if delta_ms > 0 else float("nan")}
+         "delta_frames": len(delta_rows),
+         "delta_frame_mean_ms": d_mean, "delta_frame_median_ms": d_med,
+         "all_frame_mean_ms": delta_all / len(rows),
+         "peer_mean_ms": peer_all / len(rows), "peer_median_ms": finite_median([r["peer_ms"] for r in rows]),
+         "speedup_delta_frames": p_mean / d_mean if d_mean > 0 else float("nan"),
+         "speedup_delta_frames_median": p_med / d_med if d_med > 0 else float("nan"),
+         "speedup_all_frames": peer_all / delta_all if delta_all > 0 else float("nan")}
+    if peer is not None:
+        s["peer"] = peer.peer.name
+        s["peer_threads"] = peer.peer.threads
+        s["peer_candidates"] = {c.name: c.ms for c in peer.candidates.values()}
+        s["peer_rejected"] = dict(peer.rejected)
+        s["peer_description"] = peer.describe()
     s["macs_saved"] = 1.0 - s["macs_fraction"]
     if rows and "rel_error" in rows[0]:
         s["mean_rel_error"] = finite_mean([r["rel_error"] for r in rows])
@@ -192,27 +262,34 @@ def write_run_outputs(outdir: Path, rows: list[dict], summary: dict, metric_keys
     # task metrics for the plot: agreement-like ones (errors are already the left axis)
     main_metric = [k for k in metric_keys if not k.startswith("task_n") and not LOWER_BETTER.search(k)][:2]
     plot_path = viz.plot_run(rows, outdir / "plot.png", title=title,
-                             error_key="rel_error" if "rel_error" in keys else None, agreement_keys=main_metric)
+                             error_key="rel_error" if "rel_error" in keys else None, agreement_keys=main_metric,
+                             peer=summary.get("peer"))
     return {"frames_csv": csv_path, "frames_json": json_path, "summary": summary_path, "plot": plot_path}
 
 
 def summary_table(s: dict) -> str:
-    """The few numbers a user wants after a run, as aligned text."""
+    """The few numbers a user wants after a run, as aligned text; every speedup is against the peer."""
     th = s["threshold"]
     th = (f"thresholds {s['thresholds_file']}" if s["thresholds_file"] else
           f"threshold {th['default']:g} (input {th['input']:g})" if isinstance(th, dict) else f"threshold {th:g}")
     backend = f", {s['backend']} backend" if s.get("backend") else ""
-    lines = [f"{s['model']} on {Path(s['video']).name}: {s['frames']} frames, {s['device']}{backend}, {s['dtype']}, {th}",
+    stopped = "  (stopped by Ctrl-C)" if s.get("interrupted") else ""
+    modes = s.get("modes") or {}
+    lines = [f"{s['model']} on {Path(s['video']).name}: {s['frames']} frames{stopped}, {s['device']}{backend}, "
+             f"{s['dtype']}, {th}",
+             f"  dense peer               {s.get('peer_description') or s.get('peer') or 'none'}",
              f"  mean input update rate   {s['mean_update_rate']:8.1%}   (layers: {s['mean_layer_update_rate']:.1%})",
              f"  multiply-adds saved      {s['macs_saved']:8.1%}",
-             f"  ms/frame dense / delta   {s['mean_dense_ms']:8.1f} / {s['mean_delta_ms']:.1f}",
-             f"  speedup                  {s['speedup']:8.2f}x"]
-    modes = s.get("modes") or {}
-    if modes.get("dense"):
-        # busy frames ran as dense passes of the converted model (channels_last, BN folded): say so,
-        # since their speed is not a delta speedup
-        lines.append(f"  frames delta/key/dense   {modes['delta']:5d} / {modes['keyframe']} / {modes['dense']}"
-                     "   (dense: too busy for deltas, run densely)")
+             f"  frames delta/key/dense   {modes.get('delta', 0):5d} / {modes.get('keyframe', 0)} / "
+             f"{modes.get('dense', 0)}" + ("   (dense: too busy for deltas, run densely)" if modes.get("dense") else "")]
+    if s["delta_frames"]:
+        lines.append(f"  delta frames ms          {s['delta_frame_mean_ms']:8.1f} mean, {s['delta_frame_median_ms']:.1f} "
+                     f"median   speedup vs peer {s['speedup_delta_frames']:.2f}x "
+                     f"(median {s['speedup_delta_frames_median']:.2f}x)")
+    else:
+        lines.append("  delta frames             none (every frame was a keyframe or ran densely)")
+    lines.append(f"  all frames ms            {s['all_frame_mean_ms']:8.1f} mean   peer {s['peer_mean_ms']:.1f} mean   "
+                 f"speedup vs peer {s['speedup_all_frames']:.2f}x")
     if "mean_rel_error" in s:
         lines.append(f"  rel. error vs dense      {s['mean_rel_error']:8.2e}   (max {s['max_rel_error']:.2e})")
         agree = ", ".join(f"{k} {v:.3g}" for k, v in s["agreement"].items() if not k.startswith("n"))

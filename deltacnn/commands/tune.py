@@ -153,10 +153,10 @@ class _Evaluator:
         return self.budget.score(metrics), (macs / dense if dense else 1.0)
 
 
-def tune(video: str | Path | None = None, model: str | Task | None = None, *, budget: str | float | Budget = 0.95,
+def tune(video: str | int | Path | None = None, model: str | Task | None = None, *, budget: str | float | Budget = 0.95,
          aggregate: str = "mean", frames: int = 30, max_evals: int = 40, device: str | None = None,
          dtype: str | torch.dtype | None = None, keyframe_interval: int | None = None, backend: str | None = None,
-         out: str | Path | None = None, start: float = 1e-3, quiet: bool = False) -> TuneResult:
+         out: str | Path | None = None, start: float = 1e-3, quiet: bool = False, reader: str = "auto") -> TuneResult:
     """Find per-layer thresholds that keep the task output within `budget` of dense, skipping most work.
 
     Search (bounded by `max_evals` passes over `frames` calibration frames):
@@ -173,7 +173,7 @@ def tune(video: str | Path | None = None, model: str | Task | None = None, *, bu
     if not start > 0:
         raise UserError(f"start threshold must be > 0, got {start}")
     b = budget if isinstance(budget, Budget) else parse_budget(budget, aggregate)
-    reader = open_video(video, frames)
+    reader = open_video(video, frames, reader=reader)  # `reader` (OpenCV/PyAV) becomes the frame source
     task = get_task(model)
     dev = resolve_device(device)
     dense = load_model(task, dev)
