@@ -59,6 +59,16 @@ def time_frames(step: Callable[[int], object], frames: range, cuda: bool = False
     return out
 
 
+def dense_peer(model, frames, compile: bool = False):
+    """The strongest dense deployment of `model` on its device (deltacnn.peers.strongest_peer), printed
+    with every candidate's time: the baseline every benchmark speedup is quoted against."""
+    from deltacnn.peers import strongest_peer
+
+    choice = strongest_peer(model, frames, compile=compile)
+    print(f"dense peer: {choice.describe()}" + (f"; not candidates: {choice.rejected}" if choice.rejected else ""))
+    return choice
+
+
 def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
