@@ -13,12 +13,14 @@ from typing import Callable
 
 from .base import Task, box_f1, iou_matrix, nms
 from .centerface import CenterFaceTask, centerface_x2
+from .yolov8 import YOLOv8Task
 from .zoo import ZooTask
 
-# name -> factory(**kwargs) -> Task.  "centerface": native 768x576 input (cheap, misses some of the
+# name -> factory(**kwargs) -> Task.  "yolov8n": COCO detection, the default; "centerface": native 768x576 input (cheap, misses some of the
 # 8-20 px faces); "centerface_x2": frame upscaled 2x to 1536x1152 (better recall, 4x the MACs).
-TASKS: dict[str, Callable[..., Task]] = {"centerface": CenterFaceTask, "centerface_x2": centerface_x2}
-DEFAULT_TASK = "centerface"
+TASKS: dict[str, Callable[..., Task]] = {"yolov8n": YOLOv8Task, "centerface": CenterFaceTask,
+                                         "centerface_x2": centerface_x2}
+DEFAULT_TASK = "yolov8n"
 
 
 def register_task(name: str, factory: Callable[..., Task]) -> None:
@@ -35,5 +37,5 @@ def get_task(name: str, **kwargs) -> Task:
     return factory(**kwargs)
 
 
-__all__ = ["Task", "TASKS", "DEFAULT_TASK", "register_task", "get_task", "CenterFaceTask", "ZooTask", "box_f1",
+__all__ = ["Task", "TASKS", "DEFAULT_TASK", "register_task", "get_task", "CenterFaceTask", "YOLOv8Task", "ZooTask", "box_f1",
            "iou_matrix", "nms"]

@@ -42,13 +42,16 @@ def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
 
 
-def box_f1(boxes: np.ndarray, scores: np.ndarray, ref_boxes: np.ndarray,
-           iou_thr: float = 0.5) -> dict[str, float]:
-    """Greedy (by score) one-to-one matching at IoU >= iou_thr. Both empty counts as F1 = 1."""
+def box_f1(boxes: np.ndarray, scores: np.ndarray, ref_boxes: np.ndarray, iou_thr: float = 0.5,
+           classes: np.ndarray | None = None, ref_classes: np.ndarray | None = None) -> dict[str, float]:
+    """Greedy (by score) one-to-one matching at IoU >= iou_thr (and the same class when both class arrays
+    are given). Both empty counts as F1 = 1."""
     n, m = len(boxes), len(ref_boxes)
     if n == 0 and m == 0:
         return {"f1": 1.0, "precision": 1.0, "recall": 1.0, "mean_iou": 1.0, "n": 0.0, "n_ref": 0.0}
     iou = iou_matrix(boxes, ref_boxes) if n and m else np.zeros((n, m))
+    if classes is not None and ref_classes is not None and n and m:
+        iou = np.where(np.asarray(classes)[:, None] == np.asarray(ref_classes)[None, :], iou, 0.0)
     taken = np.zeros(m, bool)
     matched: list[float] = []
     for i in np.argsort(-np.asarray(scores)):
@@ -92,6 +95,21 @@ def draw_rect(img: np.ndarray, box, color, thickness: int = 2) -> None:
     img[y1:y2 + 1, max(x2 - t + 1, 0):x2 + 1] = color
 
 
+def draw_labelled_box(img: np.ndarray, box, color, label: str, thickness: int = 2) -> None:
+    """A rectangle with `label` on a filled strip above it (inside the frame when the box touches the top)."""
+    import cv2
+
+    draw_rect(img, box, color, thickness)
+    h, w = img.shape[:2]
+    x1, y1 = max(0, min(int(round(box[0])), w - 1)), max(0, min(int(round(box[1])), h - 1))
+    scale = 0.4
+    (tw, th), base = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
+    top = y1 - th - base - 2 if y1 - th - base - 2 >= 0 else y1
+    img[top:top + th + base + 2, x1:min(w, x1 + tw + 4)] = color
+    text = (255, 255, 255) if sum(color) < 400 else (0, 0, 0)
+    cv2.putText(img, label, (x1 + 2, top + th + 1), cv2.FONT_HERSHEY_SIMPLEX, scale, text, 1, cv2.LINE_AA)
+
+
 # ---- raw outputs ---------------------------------------------------------------------------------
 def output_tensors(out) -> list[Tensor]:
     if isinstance(out, Tensor):
@@ -128,4 +146,3 @@ def rel_error(a, b) -> float:
         return float("nan")
     denom = float(fb.norm())
     return float((fa - fb).norm()) / denom if denom > 0 else float((fa - fb).norm())
-
