@@ -281,9 +281,11 @@ def summary_table(s: dict) -> str:
              f"  mean input update rate   {s['mean_update_rate']:8.1%}   (layers: {s['mean_layer_update_rate']:.1%})",
              f"  multiply-adds saved      {s['macs_saved']:8.1%}",
              f"  frames delta/key/dense   {modes.get('delta', 0):5d} / {modes.get('keyframe', 0)} / "
-             f"{modes.get('dense', 0)}" + ("   (dense: too busy for deltas, run densely)" if modes.get("dense") else "")]
+             f"{modes.get('dense', 0)}" + ("   (dense: too busy for deltas, run densely)" if modes.get("dense")
+                                           else "")]
     if s["delta_frames"]:
-        lines.append(f"  delta frames ms          {s['delta_frame_mean_ms']:8.1f} mean, {s['delta_frame_median_ms']:.1f} "
+        lines.append(f"  delta frames ms          {s['delta_frame_mean_ms']:8.1f} mean, "
+                     f"{s['delta_frame_median_ms']:.1f} "
                      f"median   speedup vs peer {s['speedup_delta_frames']:.2f}x "
                      f"(median {s['speedup_delta_frames_median']:.2f}x)")
     else:
