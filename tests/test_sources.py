@@ -171,3 +171,21 @@ def test_video_file_through_each_reader(tmp_path: Path, reader: str) -> None:
     assert src.kind == "video" and not src.live and src.name == "c" and abs(src.fps - 10) < 0.5
     got = list(src)
     assert [frame_index(f) for f in got] == list(range(6))
+
+
+def test_stop_on_interrupt_first_sigint_asks_second_stops(capsys) -> None:
+    import os
+    import signal
+
+    from deltacnn.interrupt import StopOnInterrupt
+
+    before = signal.getsignal(signal.SIGINT)
+    with StopOnInterrupt() as stop:
+        assert not stop.requested
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # the handler runs between bytecodes of the main thread
+        assert stop.requested and "stopping after this frame" in capsys.readouterr().err
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.5)
+    assert signal.getsignal(signal.SIGINT) is before
