@@ -109,17 +109,26 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--compile-peer", action="store_true", help=COMPILE_HELP)
     r.add_argument("--out", "-o", default=None, help="output directory (default ./deltacnn_out/<clip name>)")
 
-    t = sub.add_parser("tune", help="find per-layer thresholds within an accuracy budget versus dense",
-                       description="Search per-layer thresholds that keep the task output within the budget of the "
-                                   "dense output on a calibration clip while skipping as much work as possible: a "
-                                   "global threshold by bracketing and geometric bisection, then per-layer doubling, "
-                                   "largest downstream multiply-adds first. Writes the JSON `run --thresholds` reads.")
+    t = sub.add_parser("tune", help="find input and per-layer thresholds within an accuracy budget versus dense",
+                       description="Search the thresholds with the lowest measured delta-frame time whose task output "
+                                   "stays within the budget of the dense output on calibration frames: the input "
+                                   "threshold first, then input and layer thresholds together, then per layer, "
+                                   "largest downstream multiply-adds first. Thresholds are relative (input: fraction "
+                                   "of the frame's value range; layers: fraction of their activation scale). Writes "
+                                   "the JSON `run --thresholds` reads, a Pareto table and plot of time against "
+                                   "agreement, and with --heldout-frames reports frames tuning never saw.")
     _common(t, "calibration source: " + SOURCE_HELP + " (default: the demo clip)")
     t.add_argument("--budget", "-b", required=True,
                    help="e.g. 'f1>=0.95', 'rel_error<=0.01', or a number for the task's main metric")
     t.add_argument("--aggregate", choices=["mean", "worst"], default="mean",
                    help="budget over the clip's frames: mean (default) or worst frame")
     t.add_argument("--frames", type=_positive_int, default=30, help="calibration frames (default 30)")
+    t.add_argument("--start-frame", type=int, default=0, help="first calibration frame (default 0)")
+    t.add_argument("--heldout-frames", type=int, default=0,
+                   help="also report the tuned thresholds on this many frames after the calibration segment")
+    t.add_argument("--heldout-start", type=int, default=None, help="first held-out frame (default: after calibration)")
+    t.add_argument("--min-blob", type=_positive_int, default=1,
+                   help="send input changes only where they cover a k x k square (odd k; 1: off)")
     t.add_argument("--max-evals", type=_positive_int, default=40, help="passes over the clip at most (default 40)")
     t.add_argument("--keyframe-interval", type=_positive_int, default=None, help="dense keyframe every N frames")
     t.add_argument("--out", "-o", default=None,
@@ -174,8 +183,9 @@ def cmd_tune(a: argparse.Namespace) -> int:
         stem = Path(a.video).stem if a.video else default_clip().stem
         out = Path("deltacnn_out") / stem / "thresholds.json"
     res = tune(a.video, a.model, budget=a.budget, aggregate=a.aggregate, frames=a.frames, max_evals=a.max_evals,
-               device=a.device, dtype=a.dtype, keyframe_interval=a.keyframe_interval, backend=a.backend,
-               out=out, quiet=a.quiet, reader=a.reader)
+               start_frame=a.start_frame, heldout_frames=a.heldout_frames, heldout_start=a.heldout_start,
+               min_blob=a.min_blob, device=a.device, dtype=a.dtype, keyframe_interval=a.keyframe_interval,
+               backend=a.backend, out=out, quiet=a.quiet, reader=a.reader)
     print(res.table())
     print(f"use it with:  deltacnn run {a.video or ''} --thresholds {res.path}".replace("  --", " --"))
     return 0

@@ -18,6 +18,7 @@ from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .activations import ActSpec
+from .layers.io import check_min_blob
 from .layers import (DeltaActivation, DeltaAdd, DeltaCat, DeltaChannelSlice, DeltaConv2d, DeltaConvTranspose2d,
                      DeltaGlobalAvgPool, DeltaLayer, DeltaLinearMap, DeltaMaxPool2d, DeltaMul, DeltaScale,
                      DenseIsland, Densify, Sparsify)
@@ -501,7 +502,7 @@ def convert(model: nn.Module, example_input: Tensor, *, threshold: float = 0.0, 
             score: str = "max", thresholds_file: str | None = None, dtype: torch.dtype | None = None,
             keyframe_interval: int | None = None, mask_dilation: int = 1, allow_dense_fallback: bool = False,
             fuse: bool = True, backend: str | None = None, on_input_change: str = "error",
-            dense_above: float | None = 0.5) -> DeltaModel:
+            dense_above: float | None = 0.5, min_blob: int = 1) -> DeltaModel:
     """Turn an ordinary CNN into a stateful delta model for video.
 
     Args:
@@ -514,6 +515,8 @@ def convert(model: nn.Module, example_input: Tensor, *, threshold: float = 0.0, 
         dtype: compute dtype (float32, float16, bfloat16); accumulators always stay float32.
         keyframe_interval: run a dense keyframe every N frames (None: only the first / after reset()).
         mask_dilation: dilate the input update mask by a k x k window (odd k) to absorb noise.
+        min_blob: send input changes only where they cover a k x k square (odd k; 1: off): isolated
+            noise pixels are held back (Sparsify._without_small_blobs) instead of densifying the network.
         allow_dense_fallback: run ops without a delta version densely instead of raising.
         fuse: fuse conv -> add -> activation chains (identical results; fewer kernels on GPU).
         backend: "reference" (pure PyTorch), "cpu" (reference with fused C++ stages, built on first
@@ -574,4 +577,6 @@ def convert(model: nn.Module, example_input: Tensor, *, threshold: float = 0.0, 
     for m in gm.modules():
         if isinstance(m, DeltaLayer):
             m.set_runtime(rt)
+        if isinstance(m, Sparsify) and m.name == INPUT:
+            m.min_blob = check_min_blob(min_blob)
     return DeltaModel(gm, rt, layers, example_input.shape[1], keyframe_interval, on_input_change)

@@ -2,6 +2,13 @@
 
 Names are the converted model's layer names (the original module's qualified name, or the
 torch.fx node name for functional calls), never indices, so a file survives re-conversion.
+
+Units. "absolute" thresholds are compared with the truncation score as it is. "relative"
+thresholds are fractions of a scale measured once per model on a keyframe
+(`deltacnn.calibration.measure_scales`): for a layer, the mean over pixels of its output's score
+over channels (its typical activation magnitude); for the input, the frame's value range. A
+relative file therefore carries across models and input scalings (0..1 or 0..255 frames), and
+one number means the same thing at every depth.
 """
 from __future__ import annotations
 
@@ -12,6 +19,7 @@ from pathlib import Path
 
 INPUT = "input"  # the name of the input sparsification layer
 SCORES = ("max", "l2")
+UNITS = ("absolute", "relative")
 
 
 def _check_tau(name: str, tau: float) -> float:
@@ -31,8 +39,14 @@ class Thresholds:
     score: str = "max"
     overrides: dict[str, float] = field(default_factory=dict)
     known: tuple[str, ...] = ()  # layer names of the model these belong to (set by convert)
+    units: str = "absolute"
+    scales: dict[str, float] = field(default_factory=dict)  # relative units: the scale of each layer and the input
 
     def __post_init__(self) -> None:
+        if self.units not in UNITS:
+            raise ValueError(f"units must be one of {UNITS}, got {self.units!r}")
+        for k, v in list(self.scales.items()):
+            self.scales[k] = _check_tau(f"scale of {k}", v)
         self.default = _check_tau("default", self.default)
         if self.input is not None:
             self.input = _check_tau(INPUT, self.input)
@@ -42,6 +56,19 @@ class Thresholds:
             self.overrides[k] = _check_tau(k, v)
 
     def get(self, name: str) -> float:
+        """The absolute threshold of layer `name` (relative values times the layer's measured scale)."""
+        raw = self.raw(name)
+        if self.units == "absolute" or raw == 0:
+            return raw
+        scale = self.scales.get(name)
+        if scale is None:
+            raise RuntimeError(f"relative thresholds need the scale of layer {name!r}, which was not measured: run "
+                               "deltacnn.calibration.measure_scales(model, frame) on a representative frame first "
+                               "(deltacnn tune and files it writes do this)")
+        return raw * scale
+
+    def raw(self, name: str) -> float:
+        """The threshold of layer `name` in this object's units."""
         if name in self.overrides:
             return self.overrides[name]
         if name == INPUT and self.input is not None:
@@ -60,8 +87,11 @@ class Thresholds:
                            f"See model.thresholds.known for all {len(self.known)} names.")
 
     def to_dict(self) -> dict:
-        return {"format": "deltacnn-thresholds/1", "default": self.default, "input": self.input,
-                "score": self.score, "layers": dict(sorted(self.overrides.items()))}
+        d = {"format": "deltacnn-thresholds/1", "default": self.default, "input": self.input,
+             "score": self.score, "layers": dict(sorted(self.overrides.items()))}
+        if self.units != "absolute":
+            d.update(units=self.units, scales=dict(sorted(self.scales.items())))
+        return d
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
@@ -73,11 +103,24 @@ class Thresholds:
         layers = data.get("layers", {})
         if not isinstance(layers, dict):
             raise ValueError(f"{source}: \"layers\" must be an object mapping layer names to thresholds")
-        new = Thresholds(default=data.get("default", 0.0), input=data.get("input"),
-                         score=data.get("score", "max"), overrides=dict(layers), known=self.known)
+        scales = data.get("scales", {})
+        if not isinstance(scales, dict):
+            raise ValueError(f"{source}: \"scales\" must be an object mapping layer names to scales")
+        try:
+            new = Thresholds(default=data.get("default", 0.0), input=data.get("input"),
+                             score=data.get("score", "max"), overrides=dict(layers), known=self.known,
+                             units=data.get("units", "absolute"), scales=dict(scales))
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
         for name in new.overrides:
             new._check_name(name)
+        if new.units == "relative":
+            missing = [n for n in self.known if n not in new.scales]
+            if missing:
+                raise ValueError(f"{source}: relative thresholds without the scale of {len(missing)} layer(s) of this "
+                                 f"model (e.g. {missing[0]!r}); the file was tuned for another model")
         self.default, self.input, self.score, self.overrides = new.default, new.input, new.score, new.overrides
+        self.units, self.scales = new.units, new.scales
 
     def load(self, path: str | Path) -> None:
         p = Path(path)

@@ -14,14 +14,15 @@ from .commands.bench import bench, bench_table
 from .commands.common import (DTYPES, UserError, available_models, build_delta, default_clip, default_model, get_task,
                               load_model, load_thresholds, open_video, resolve_device, resolve_dtype, save_json)
 from .commands.run import RunResult, frame_record, run, spatial_heatmap, summarize, summary_table, write_run_outputs
-from .commands.tune import Budget, TuneResult, controlled_macs, parse_budget, tune
+from .commands.tune import Budget, Trial, TuneResult, controlled_macs, pareto_front, parse_budget, tune
 from .tasks import register_task
 from .tasks.base import Task
 from .tasks.zoo import ZooTask
 from .video import read_frames
 
 __all__ = ["UserError", "Task", "ZooTask", "register_task", "available_models", "get_task", "run", "tune", "bench",
-           "RunResult", "TuneResult", "Budget", "parse_budget", "summary_table", "bench_table", "controlled_macs",
+           "RunResult", "TuneResult", "Trial", "pareto_front", "Budget", "parse_budget", "summary_table", "bench_table",
+           "controlled_macs",
            "read_frames", "DTYPES", "build_delta", "default_clip", "default_model", "load_model", "load_thresholds",
            "open_video", "resolve_device", "resolve_dtype", "save_json", "frame_record", "spatial_heatmap",
            "summarize", "write_run_outputs"]

@@ -163,3 +163,36 @@ def plot_run(rows: Sequence[dict], path: str | Path, title: str = "", error_key:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def pareto_plot(trials: Sequence[tuple[float, float, bool]], front: Sequence[tuple[float, float]],
+                chosen: tuple[float, float], metric: str, budget: float, path: str | Path) -> Path:
+    """Delta-frame time against task agreement for every tuning trial, the Pareto front and the choice.
+
+    A person picks an operating point from this faster than from a table: how much agreement each
+    millisecond costs, and where the budget line cuts the front.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5), constrained_layout=True)
+    ok = [(ms, s) for ms, s, good in trials if good]
+    bad = [(ms, s) for ms, s, good in trials if not good]
+    if ok:
+        ax.scatter(*zip(*ok), s=14, color="tab:blue", alpha=0.6, label="trial within budget")
+    if bad:
+        ax.scatter(*zip(*bad), s=14, color="tab:grey", alpha=0.5, marker="x", label="trial over budget")
+    if front:
+        ax.plot(*zip(*front), color="tab:orange", lw=1.5, drawstyle="steps-post", label="Pareto front")
+    ax.scatter([chosen[0]], [chosen[1]], s=80, facecolors="none", edgecolors="tab:red", lw=2, label="chosen")
+    ax.axhline(budget, color="tab:red", lw=0.8, ls="--", label=f"budget {metric} = {budget:g}")
+    ax.set_xlabel("median delta-frame time (ms)")
+    ax.set_ylabel(f"{metric} against dense")
+    ax.set_title("Threshold tuning: speed against task agreement")
+    ax.legend(loc="lower right", fontsize=8)
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -391,11 +391,27 @@ def test_tune_writes_thresholds_that_run_accepts(clip: Path, tmp_path: Path, cap
     assert s["thresholds_file"] == str(th)
 
 
-def test_tune_api_is_bounded_and_monotone(clip: Path) -> None:
-    res = tools.tune(clip, "tiny", budget="rel_error<=0.05", frames=5, max_evals=8, quiet=True)
+def test_tune_api_is_bounded_and_monotone(clip: Path, tmp_path: Path) -> None:
+    res = tools.tune(clip, "tiny", budget="rel_error<=0.05", frames=5, max_evals=8, heldout_frames=3,
+                     out=tmp_path / "th.json", quiet=True)
     assert res.evals <= 8 and res.budget.holds(res.score)
-    assert res.macs_fraction <= res.dense_macs_fraction
-    assert all(h["ok"] == res.budget.holds(h["score"]) for h in res.history)
+    assert res.macs_fraction <= res.exact.macs_fraction
+    assert all(t.ok == res.budget.holds(t.score) for t in res.history)
+    # the answer is the fastest trial within budget, and the Pareto front starts at the fastest trial
+    assert res.best.ms == min(t.ms for t in res.history if t.ok)
+    front = tools.pareto_front(res.history)
+    assert front[0].ms == min(t.ms for t in res.history)
+    assert all(a.score < b.score and a.ms <= b.ms for a, b in zip(front, front[1:]))
+    # the held-out segment follows the calibration frames and never overlaps them
+    assert res.calib_frames == (0, 5) and res.heldout["frames"] == (5, 8)
+    assert res.pareto_path.is_file() and res.plot_path.is_file()
+    data = json.loads((tmp_path / "th.json").read_text())
+    assert data["units"] == "relative" and data["scales"]["input"] > 0
+
+
+def test_tune_rejects_overlapping_heldout(clip: Path) -> None:
+    with pytest.raises(tools.UserError, match="overlap"):
+        tools.tune(clip, "tiny", budget="rel_error<=0.05", frames=5, heldout_frames=3, heldout_start=2, quiet=True)
 
 
 def test_tune_impossible_budget(clip: Path, capsys) -> None:

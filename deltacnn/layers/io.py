@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..activations import truncation_score
@@ -10,16 +11,23 @@ from ..thresholds import INPUT
 from .base import DeltaLayer, check_delta
 
 
+def check_min_blob(k: int) -> int:
+    if not isinstance(k, int) or k < 1 or k % 2 == 0:
+        raise ValueError(f"min_blob must be an odd window size >= 1 (1: off), got {k!r}")
+    return k
+
+
 class Sparsify(DeltaLayer):
     """Turn frames into deltas against the last transmitted frame (threshold over channels, optional dilation)."""
 
     kind = "sparsify"
 
-    def __init__(self, name: str = INPUT, dilation: int = 1) -> None:
+    def __init__(self, name: str = INPUT, dilation: int = 1, min_blob: int = 1) -> None:
         super().__init__(name)
         if dilation < 1:
             raise ValueError(f"mask dilation must be >= 1, got {dilation}")
         self.dilation = dilation
+        self.min_blob = check_min_blob(min_blob)
         self._scratch: dict = {}  # the backend's own buffers between frames (see Backend.sparsify)
 
     def reset_state(self) -> None:
@@ -43,6 +51,8 @@ class Sparsify(DeltaLayer):
             d = DeltaTensor.keyframe(x.to(rt.dtype))
         else:
             ref = self._state("ref")
+            if self.min_blob > 1:
+                x = self._without_small_blobs(x, ref)
             # any layout: each backend reads x the way it is fastest for it
             d = backend.sparsify(x, ref, self.tau(), rt.thresholds.score, self.dilation, rt.dtype,
                                  scratch=self._scratch)
@@ -57,6 +67,22 @@ class Sparsify(DeltaLayer):
         if self.name == INPUT:
             rt.input_mask = d.mask
         return self.record(d)
+
+    def _without_small_blobs(self, x: Tensor, ref: Tensor) -> Tensor:
+        """x where the changed pixels form blobs of at least min_blob x min_blob, else the reference.
+
+        Codec noise and sensor speckle pass the input threshold in isolated pixels that every
+        receptive field then spreads through the network; a morphological opening (erosion, then
+        dilation, by a k x k window) of the changed-pixel mask keeps only changes that cover a k x k
+        square somewhere. Nothing is lost: held-back change stays in x - ref and is sent once its
+        blob grows (or at the next keyframe). The backend then sends exactly the opened mask, since
+        every pixel in it passed the threshold and every other one now has a zero difference.
+        """
+        d = x.float() - ref
+        k = self.min_blob
+        changed = (truncation_score(d, self.rt.thresholds.score) > self.tau()).unsqueeze(1).float()
+        kept = F.max_pool2d(-F.max_pool2d(-changed, k, 1, k // 2), k, 1, k // 2) > 0
+        return torch.where(kept, x.float(), ref)
 
     def _changed_fraction(self, x: Tensor) -> Tensor:
         """Fraction of pixels whose change since the last reference passes the threshold.
