@@ -241,7 +241,7 @@ def _frames(video, start: int, count: int, task: Task, dense, dev: torch.device,
             xs.append(x)
             refs.append(task.postprocess(dense(x)))
     if len(xs) < 2:
-        raise UserError(f"{what} frames {start}-{start + count - 1}: the source {src.path} has only "
+        raise UserError(f"{what} frames {start}-{start + count - 1}: the source {src.label} has only "
                         f"{start + len(xs)} frame(s); need at least 2 in the segment")
     return xs, refs
 
