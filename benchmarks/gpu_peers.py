@@ -34,6 +34,8 @@ import deltacnn
 from common import environment, median, print_table, workload, write_json
 from gpu_bench import SIZES, cuda_ms, free_memory, rel, time_sequence
 
+# deltacnn variants (module settings of the Triton kernels), timed one after the other per workload
+VARIANTS = {"default": {}, "tile lists": {"PIXEL_LISTS": False}}
 TAU = 0.02
 NOISE, NOISE_INPUT_THRESHOLD = 0.01, 0.05
 N_OBJ = 24
@@ -144,7 +146,22 @@ def truth_fp32(model32, clip: torch.Tensor) -> list[torch.Tensor]:
         return [model32(clip[t]) for t in range(clip.shape[0])]
 
 
-def delta_row(model32, clip: torch.Tensor, wl: dict, warm: int, truth=None, dispatch: bool = True) -> dict:
+def _conv_module():
+    from deltacnn.backends.triton_kernels import conv
+    return conv
+
+
+# the library's values of every setting some variant changes
+_DEFAULTS = {k: getattr(_conv_module(), k) for d in VARIANTS.values() for k in d}
+
+
+def set_variant(name: str) -> None:
+    for key, value in {**_DEFAULTS, **VARIANTS[name]}.items():
+        setattr(_conv_module(), key, value)
+
+
+def delta_row(model32, clip: torch.Tensor, wl: dict, warm: int, truth=None, dispatch: bool = True,
+              stats: bool = True) -> dict:
     """deltacnn.compile (Triton, fp16) over the clip: median ms of frames >= warm, MACs done
     (a separate untimed pass with statistics), error against dense fp32."""
     kw = dict(threshold=wl["tau"], input_threshold=wl["input_threshold"], dtype=torch.float16, backend="triton")
@@ -157,6 +174,8 @@ def delta_row(model32, clip: torch.Tensor, wl: dict, warm: int, truth=None, disp
     runner = dm = None  # noqa: F841
     outs.clear()
     free_memory()
+    if not stats:
+        return {"ms": median(ms), "ms_all": ms, "err": err, "frames": frames}
     dm = deltacnn.convert(model32, clip[0], dense_above=None, **kw)
     dm.enable_stats()
     macs = []
@@ -191,20 +210,36 @@ def kernel_profile_row(model32, clip: torch.Tensor, wl: dict) -> str:
     return buf.getvalue()
 
 
+def table_row(mname: str, batch: int, wl: dict, changed: float, variant: str, r: dict, ok: dict, best: str) -> dict:
+    """One printed row: deltacnn against the strongest peer and its ideal (MACs done x peer time)."""
+    return {"model": mname, "N": batch, "workload": wl["name"], "changed": f"{changed:.1%}", "variant": variant,
+            "cudnn+g": ok["cudnn+graph"], "peer": ok[best], "peer_is": best.replace("compile:", ""),
+            "deltacnn": r.get("ms"), "macs": r.get("macs"),
+            "ideal": r["macs"] * ok[best] if r.get("macs") is not None else None,
+            "x_ideal": r["ms"] / (r["macs"] * ok[best]) if r.get("macs") and "ms" in r else None,
+            "vs_peer": ok[best] / r["ms"] if "ms" in r else None,
+            "vs_cudnn_g": ok["cudnn+graph"] / r["ms"] if "ms" in r else None,
+            "err": r.get("err"), "dense_fr": (r.get("frames") or {}).get("dense"), "note": r.get("error", "")[:50]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--plan", default=DEFAULT_PLAN, help="model:batch:workload,... groups separated by ';'")
     ap.add_argument("--autotune", default="r50:1,r18:1", help="model:batch shapes that get max-autotune")
+    ap.add_argument("--autotune-inline", action=argparse.BooleanOptionalAction, default=True,
+                    help="max-autotune also in groups with workloads (off: only in peer-only groups)")
     ap.add_argument("--reduce-overhead", default="all", help="'all', 'none' or model:batch shapes")
     ap.add_argument("--profile", default="r50:1:crowd5t,r50:1:static", help="model:batch:workload profiled per kernel")
     ap.add_argument("--frames", type=int, default=16)
     ap.add_argument("--warm", type=int, default=4)
     ap.add_argument("--budget-s", type=float, default=1e9, help="skip compiled peers once this many seconds have passed")
+    ap.add_argument("--variants", default="default", help=f"deltacnn variants, of {list(VARIANTS)}")
     ap.add_argument("--tag", default="")
     ap.add_argument("--dry", action="store_true", help="parse the plan and build small clips on the CPU, then exit")
     args = ap.parse_args()
     groups = [g.split(":") for g in args.plan.split(";") if g]
-    plan = [(m, int(b), [parse_workload(w) for w in ws.split(",")]) for m, b, ws in groups]
+    # a group without workloads ("r50:1:") measures only the peers (e.g. max-autotune after the A/B)
+    plan = [(m, int(b), [parse_workload(w) for w in ws.split(",") if w]) for m, b, ws in groups]
     autotune = set(args.autotune.split(",")) if args.autotune else set()
     profile = set(args.profile.split(",")) if args.profile else set()
     if args.dry:
@@ -225,7 +260,7 @@ def main() -> None:
         shape = f"{mname}:{batch}"
         modes = []
         if time.time() - t0 < args.budget_s:
-            if shape in autotune:
+            if shape in autotune and (args.autotune_inline or not wls):
                 modes.append("max-autotune")
             elif args.reduce_overhead == "all" or shape in args.reduce_overhead.split(","):
                 modes.append("reduce-overhead")
@@ -239,28 +274,26 @@ def main() -> None:
         for wl in wls:
             clip = make_clip(wl, args.frames, batch, h, w)
             changed = float(((clip[1:] - clip[:-1]).abs().amax(2) > 0).float().mean())
-            try:
-                truth = truth_fp32(model32, clip) if batch <= 8 else None
-                r = delta_row(model32, clip, wl, args.warm, truth)
-                del truth
-            except Exception as e:  # noqa: BLE001
-                traceback.print_exc()
-                r = {"error": f"{type(e).__name__}: {e}"[:200]}
-            free_memory()
-            r.update(workload=wl["name"], changed=changed)
-            group["rows"].append(r)
-            row = {"model": mname, "N": batch, "workload": wl["name"], "changed": f"{changed:.1%}",
-                   "cudnn+g": ok["cudnn+graph"], "peer": ok[best], "peer_is": best.replace("compile:", ""),
-                   "deltacnn": r.get("ms"), "macs": r.get("macs"),
-                   "ideal": r["macs"] * ok[best] if "macs" in r else None,
-                   "x_ideal": r["ms"] / (r["macs"] * ok[best]) if r.get("macs") else None,
-                   "vs_peer": ok[best] / r["ms"] if "ms" in r else None,
-                   "vs_cudnn_g": ok["cudnn+graph"] / r["ms"] if "ms" in r else None,
-                   "err": r.get("err"), "dense_fr": (r.get("frames") or {}).get("dense"),
-                   "note": r.get("error", "")[:50]}
-            rows.append(row)
-            print(f"[{time.time() - t0:5.0f}s] " + "  ".join(
-                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+            truth = truth_fp32(model32, clip) if batch <= 8 else None
+            macs = None
+            for vi, variant in enumerate(args.variants.split(",")):
+                set_variant(variant)
+                try:
+                    r = delta_row(model32, clip, wl, args.warm, truth, stats=vi == 0)
+                except Exception as e:  # noqa: BLE001
+                    traceback.print_exc()
+                    r = {"error": f"{type(e).__name__}: {e}"[:200]}
+                macs = r.get("macs", macs)
+                if macs is not None:
+                    r["macs"] = macs  # the same frames: the first variant's statistics
+                free_memory()
+                r.update(workload=wl["name"], changed=changed, variant=variant)
+                group["rows"].append(r)
+                rows.append(table_row(mname, batch, wl, changed, variant, r, ok, best))
+                print(f"[{time.time() - t0:5.0f}s] " + "  ".join(
+                    f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rows[-1].items()), flush=True)
+            set_variant("default")
+            del truth
             if f"{mname}:{batch}:{wl['name']}" in profile:
                 try:
                     text = kernel_profile_row(model32, clip, wl)
@@ -284,7 +317,7 @@ def main() -> None:
         print(f"  {g['model']} {g['size']} N={g['batch']}: " + ", ".join(
             f"{k} {v['ms']:.3f}" + (f" ({v['compile_s']:.0f} s)" if "compile_s" in v else "") if "ms" in v
             else f"{k} failed" for k, v in g["peers"].items()))
-    print_table(rows, ["model", "N", "workload", "changed", "cudnn+g", "peer", "peer_is", "deltacnn", "macs", "ideal",
+    print_table(rows, ["model", "N", "workload", "changed", "variant", "cudnn+g", "peer", "peer_is", "deltacnn", "macs", "ideal",
                        "x_ideal", "vs_peer", "vs_cudnn_g", "err", "dense_fr", "note"])
 
 
