@@ -132,12 +132,13 @@ def _version() -> str:
 
 
 def cmd_run(a: argparse.Namespace) -> int:
-    from . import tools
+    from .commands.common import UserError
+    from .commands.run import run
 
     if a.demo and a.video:
-        raise tools.UserError("give either VIDEO or --demo, not both")
+        raise UserError("give either VIDEO or --demo, not both")
     video = None if a.demo else a.video
-    res = tools.run(video, a.model, threshold=a.threshold, input_threshold=a.input_threshold, thresholds=a.thresholds,
+    res = run(video, a.model, threshold=a.threshold, input_threshold=a.input_threshold, thresholds=a.thresholds,
                     device=a.device, out=a.out, max_frames=a.max_frames, dtype=a.dtype,
                     keyframe_interval=a.keyframe_interval, check_dense=a.check_dense, backend=a.backend, quiet=a.quiet,
                     write_videos=not a.no_video, dense_above=a.dense_above)
@@ -149,13 +150,14 @@ def cmd_run(a: argparse.Namespace) -> int:
 
 
 def cmd_tune(a: argparse.Namespace) -> int:
-    from . import tools
+    from .commands.common import default_clip
+    from .commands.tune import tune
 
     out = a.out
     if out is None:
-        stem = Path(a.video).stem if a.video else tools.default_clip().stem
+        stem = Path(a.video).stem if a.video else default_clip().stem
         out = Path("deltacnn_out") / stem / "thresholds.json"
-    res = tools.tune(a.video, a.model, budget=a.budget, aggregate=a.aggregate, frames=a.frames, max_evals=a.max_evals,
+    res = tune(a.video, a.model, budget=a.budget, aggregate=a.aggregate, frames=a.frames, max_evals=a.max_evals,
                      device=a.device, dtype=a.dtype, keyframe_interval=a.keyframe_interval, backend=a.backend,
                      out=out, quiet=a.quiet)
     print(res.table())
@@ -164,20 +166,21 @@ def cmd_tune(a: argparse.Namespace) -> int:
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
-    from . import tools
+    from .commands.bench import bench, bench_table
+    from .commands.common import save_json
 
-    rows = tools.bench(a.video, a.model, thresholds=a.threshold, frames=a.frames, warmup=a.warmup, device=a.device,
+    rows = bench(a.video, a.model, thresholds=a.threshold, frames=a.frames, warmup=a.warmup, device=a.device,
                        dtype=a.dtype, backend=a.backend, quiet=a.quiet)
-    print(tools.bench_table(rows))
+    print(bench_table(rows))
     if a.json:
-        print(f"written: {tools.save_json(rows, a.json)}")
+        print(f"written: {save_json(rows, a.json)}")
     return 0
 
 
 def cmd_models(a: argparse.Namespace) -> int:
-    from . import tools
+    from .commands.common import available_models
 
-    for name in tools.available_models():
+    for name in available_models():
         print(name)
     return 0
 
@@ -201,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USER
-    from .tools import UserError
+    from .commands.common import UserError
 
     try:
         return COMMANDS[args.command](args)

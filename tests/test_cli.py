@@ -181,8 +181,10 @@ def test_run_default_out_dir(clip: Path, tmp_path: Path, monkeypatch) -> None:
 
 
 def test_run_demo_uses_default_clip(clip: Path, tmp_path: Path, monkeypatch, capsys) -> None:
-    monkeypatch.setattr(tools, "default_clip", lambda: clip)
-    monkeypatch.setattr(tools, "default_model", lambda: "tiny")
+    from deltacnn.commands import common
+
+    monkeypatch.setattr(common, "default_clip", lambda: clip)
+    monkeypatch.setattr(common, "default_model", lambda: "tiny")
     assert main(["run", "--max-frames", "3", "-q", "--no-video", "--out", str(tmp_path)]) == 0
     assert "tiny on static.mp4: 3 frames" in capsys.readouterr().out
 
@@ -242,7 +244,9 @@ def test_internal_error_is_one_line(clip: Path, capsys, monkeypatch) -> None:
     def boom(*a, **k):
         raise RuntimeError("kaput")
 
-    monkeypatch.setattr(tools, "run", boom)
+    import deltacnn.commands.run
+
+    monkeypatch.setattr(deltacnn.commands.run, "run", boom)
     assert main(["run", str(clip), "-m", "tiny"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["deltacnn: error: internal error: RuntimeError: kaput (run with --debug for the traceback)"]
@@ -316,7 +320,25 @@ def test_bench_table_and_json(clip: Path, tmp_path: Path, capsys) -> None:
 def test_models_lists_names(capsys) -> None:
     assert main(["models"]) == 0
     names = capsys.readouterr().out.split()
-    assert "tiny" in names and "resnet18" in names
+    assert names[0] == tools.default_model() == "yolov8n"
+    assert {"yolov8n", "centerface", "tiny", "resnet18"} <= set(names)
+
+
+def test_run_with_the_default_model(clip: Path, tmp_path: Path, capsys) -> None:
+    """No --model: YOLOv8n with the official weights (the 48x64 clip is padded to 64x64)."""
+    from deltacnn.tasks import yolov8
+
+    try:
+        yolov8.yolov8n_checkpoint_path()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    out = tmp_path / "o"
+    assert main(["run", str(clip), "-n", "3", "-q", "--no-video", "--check-dense", "--threshold", "0",
+                 "--device", "cpu", "--out", str(out)]) == 0
+    assert "yolov8n on static.mp4: 3 frames" in capsys.readouterr().out
+    s = json.loads((out / "summary.json").read_text())
+    assert s["model"] == "yolov8n" and s["agreement"]["f1"] == 1.0 and s["agreement"]["f1_stable"] == 1.0
+    assert s["max_rel_error"] < 1e-4
 
 
 # ---- pictures ------------------------------------------------------------------------------------

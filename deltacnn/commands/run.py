@@ -1,0 +1,223 @@
+"""`deltacnn run`: a clip through the delta model (and the dense model, for timing and error), with
+annotated and update heat-map videos, per-frame records, a summary and a plot."""
+from __future__ import annotations
+
+import csv
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .. import viz
+from ..model import DeltaModel
+from ..tasks.base import Task, rel_error, to_float
+from ..video import VideoWriter
+from .common import (UserError, build_delta, finite_mean, finite_median, get_task, json_safe, load_model, open_video,
+                     progress, resolve_device, resolve_dtype, timed)
+
+# metric names that mean "lower is better" when a budget does not say (e.g. `--budget 0.95`)
+LOWER_BETTER = re.compile(r"err|dist|abs|diff|loss|rmse|mae|mse|px|drift", re.I)
+
+
+@dataclass
+class RunResult:
+    """Per-frame records, the clip summary and the files written (None where not written)."""
+
+    rows: list[dict]
+    summary: dict
+    paths: dict[str, Path] = field(default_factory=dict)
+
+    def table(self) -> str:
+        return summary_table(self.summary)
+
+
+def frame_record(i: int, dm: DeltaModel, delta_ms: float, dense_ms: float) -> dict:
+    """One row of frames.csv from the delta model's statistics of the frame just run."""
+    fs = dm.frame_stats()
+    inp = fs.layers.get("input")
+    mask = dm.input_mask
+    rate = inp.update_rate if inp is not None else (float(mask.float().mean()) if mask is not None else 1.0)
+    rates = [s.update_rate for s in fs.layers.values() if s.dense_macs > 0]
+    return {"frame": i, "keyframe": int(fs.keyframe), "mode": dm.last_mode or "", "update_rate": rate,
+            "layer_update_rate": finite_mean(rates) if rates else rate,
+            "macs_fraction": fs.macs_fraction if fs.dense_macs else 1.0, "macs": fs.macs, "dense_macs": fs.dense_macs,
+            "delta_ms": delta_ms, "dense_ms": dense_ms,
+            "speedup": dense_ms / delta_ms if delta_ms > 0 else float("nan")}
+
+
+def spatial_heatmap(dm: DeltaModel, size: tuple[int, int]) -> np.ndarray:
+    """(H, W) fraction of the *spatial* layers that recomputed each pixel of the first stream.
+
+    Like dm.update_heatmap, but layers with a 1x1 map (global pooling, squeeze-excitation, dense
+    heads) are left out: stretched to the frame they would tint every pixel and hide where the
+    work actually went.
+    """
+    masks = getattr(getattr(dm.rt, "stats", None), "masks", None) or {}
+    spatial = [m for m in masks.values() if m.dim() == 4 and m.shape[-1] * m.shape[-2] > 1]
+    if not spatial:
+        return dm.update_heatmap(size=size)[0, 0].float().cpu().numpy()
+    acc = sum(torch.nn.functional.interpolate(m[:1].float(), size=size, mode="nearest") for m in spatial)
+    return (acc / len(spatial))[0, 0].cpu().numpy()
+
+
+def _hud(row: dict) -> list[str]:
+    kf = " keyframe" if row["keyframe"] else ""
+    return [f"frame {row['frame']}{kf}", f"input updated {row['update_rate']:.1%}  MACs {row['macs_fraction']:.1%}",
+            f"{row['delta_ms']:.1f} ms (dense {row['dense_ms']:.1f} ms)"]
+
+
+def run(video: str | Path | None = None, model: str | Task | None = None, *, threshold: float | None = None,
+        input_threshold: float | None = None,
+        thresholds: str | Path | None = None, device: str | None = None, out: str | Path | None = None,
+        max_frames: int | None = None, dtype: str | torch.dtype | None = None, keyframe_interval: int | None = None,
+        check_dense: bool = False, backend: str | None = None, quiet: bool = False,
+        write_videos: bool = True, dense_above: float | None = 0.5) -> RunResult:
+    """Run a clip through the delta model (and the dense model, for timing and error).
+
+    Writes to `out` (default ./deltacnn_out/<clip stem>): annotated video, update heat-map video,
+    frames.csv / frames.json (per frame: update rate, MACs versus dense, ms per frame, and with
+    `check_dense` the error versus dense), summary.json and plot.png. With neither `threshold` nor
+    `thresholds`, the task's tuned `default_thresholds` file is used if it ships one, else its
+    `default_threshold` (0, i.e. dense-equivalent, if it has none). `dense_above`: see `convert`
+    (frames busier than this run densely; on the CPU only, where the decision may wait for data).
+    """
+    reader = open_video(video, max_frames)
+    task = get_task(model)
+    if threshold is None and thresholds is None and getattr(task, "default_thresholds", None) is not None:
+        thresholds = task.default_thresholds  # a tuned file shipped with the task
+    if threshold is None:
+        threshold = 0.0 if thresholds is not None else float(getattr(task, "default_threshold", 0.0))
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype)
+    if thresholds is not None and not Path(thresholds).is_file():
+        raise UserError(f"thresholds file not found: {thresholds}")
+    dense = load_model(task, dev)
+    outdir = Path(out) if out is not None else Path("deltacnn_out") / reader.path.stem
+    try:
+        outdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create output directory {outdir}: {e.strerror}") from None
+
+    annotated = VideoWriter(outdir / "annotated.mp4", reader.fps) if write_videos else None
+    updates = VideoWriter(outdir / "updates.mp4", reader.fps) if write_videos else None
+    rows: list[dict] = []
+    metric_keys: list[str] = []
+    dm: DeltaModel | None = None
+    try:
+        for i, frame in enumerate(progress(reader, reader.expected_frames, "deltacnn run", quiet)):
+            x = task.preprocess(frame).to(dev)
+            if dm is None:
+                dm = build_delta(dense, x, threshold=threshold, input_threshold=input_threshold,
+                                 thresholds=thresholds, dtype=torch_dtype,
+                                 keyframe_interval=keyframe_interval, backend=backend, dense_above=dense_above)
+                dm.enable_stats(True, keep_masks=write_videos)
+                timed(dense, x, dev)  # warm-up: the first dense call pays one-off allocation costs
+            out_delta, delta_ms = timed(dm, x, dev)
+            out_dense, dense_ms = timed(dense, x, dev)
+            row = frame_record(i, dm, delta_ms, dense_ms)
+            result = task.postprocess(to_float(out_delta))
+            if check_dense:
+                row["rel_error"] = rel_error(out_delta, out_dense)
+                ref = task.postprocess(out_dense)
+                metrics = {f"task_{k}": float(v) for k, v in task.agreement(result, ref).items()}
+                metric_keys += [k for k in metrics if k not in metric_keys]
+                row.update(metrics)
+            if write_videos:
+                annotated.write(viz.put_text(task.draw(frame, result), _hud(row)))
+                heat = spatial_heatmap(dm, frame.shape[:2])
+                updates.write(viz.put_text(viz.heatmap_overlay(frame, heat), _hud(row)))
+            rows.append(row)
+    finally:
+        for w in (annotated, updates):
+            if w is not None:
+                w.close()
+
+    if dm is not None and thresholds is None:
+        threshold = threshold if dm.thresholds.input is None else {"default": threshold, "input": dm.thresholds.input}
+    summary = summarize(rows, task=task, device=dev, video=reader.path, threshold=threshold, thresholds=thresholds,
+                        dtype=str(torch_dtype or torch.float32).replace("torch.", ""), metric_keys=metric_keys)
+    if dm is not None:
+        summary["backend"] = dm.rt.backend_on(dev).name
+    paths = write_run_outputs(outdir, rows, summary, metric_keys, title=f"{task.name} on {reader.path.name}")
+    if write_videos:
+        paths = {"annotated": annotated.path, "updates": updates.path, **paths}
+    return RunResult(rows, summary, paths)
+
+
+def summarize(rows: list[dict], *, task: Task, device: torch.device, video: Path, threshold: float | dict,
+              thresholds: str | Path | None, dtype: str, metric_keys: Sequence[str]) -> dict:
+    """Clip averages. Rates and errors are means over all frames (keyframes included); the speedup is
+    total dense time over total delta time, i.e. the throughput ratio."""
+    dense_ms = sum(r["dense_ms"] for r in rows)
+    delta_ms = sum(r["delta_ms"] for r in rows)
+    s = {"model": task.name, "video": str(video), "frames": len(rows), "device": str(device), "dtype": dtype,
+         "threshold": threshold, "thresholds_file": str(thresholds) if thresholds else None,
+         "keyframes": sum(r["keyframe"] for r in rows),
+         "modes": {m: sum(r.get("mode") == m for r in rows) for m in ("delta", "keyframe", "dense")},
+         "mean_update_rate": finite_mean([r["update_rate"] for r in rows]),
+         "mean_layer_update_rate": finite_mean([r["layer_update_rate"] for r in rows]),
+         "macs_fraction": sum(r["macs"] for r in rows) / max(1, sum(r["dense_macs"] for r in rows)),
+         "mean_delta_ms": delta_ms / len(rows), "mean_dense_ms": dense_ms / len(rows),
+         "median_delta_ms": finite_median([r["delta_ms"] for r in rows]),
+         "median_dense_ms": finite_median([r["dense_ms"] for r in rows]),
+         "speedup": dense_ms / delta_ms if delta_ms > 0 else float("nan")}
+    s["macs_saved"] = 1.0 - s["macs_fraction"]
+    if rows and "rel_error" in rows[0]:
+        s["mean_rel_error"] = finite_mean([r["rel_error"] for r in rows])
+        s["max_rel_error"] = max((r["rel_error"] for r in rows), default=float("nan"))
+        s["agreement"] = {k[len("task_"):]: finite_mean([r.get(k, float("nan")) for r in rows]) for k in metric_keys}
+    return s
+
+
+def write_run_outputs(outdir: Path, rows: list[dict], summary: dict, metric_keys: Sequence[str],
+                      title: str = "") -> dict[str, Path]:
+    """frames.csv, frames.json, summary.json and plot.png in `outdir`."""
+    keys = list(rows[0].keys())
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    csv_path = outdir / "frames.csv"
+    with csv_path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    json_path = outdir / "frames.json"
+    json_path.write_text(json.dumps(json_safe(rows), indent=1) + "\n")
+    summary_path = outdir / "summary.json"
+    summary_path.write_text(json.dumps(json_safe(summary), indent=2) + "\n")
+    # task metrics for the plot: agreement-like ones (errors are already the left axis)
+    main_metric = [k for k in metric_keys if not k.startswith("task_n") and not LOWER_BETTER.search(k)][:2]
+    plot_path = viz.plot_run(rows, outdir / "plot.png", title=title,
+                             error_key="rel_error" if "rel_error" in keys else None, agreement_keys=main_metric)
+    return {"frames_csv": csv_path, "frames_json": json_path, "summary": summary_path, "plot": plot_path}
+
+
+def summary_table(s: dict) -> str:
+    """The few numbers a user wants after a run, as aligned text."""
+    th = s["threshold"]
+    th = (f"thresholds {s['thresholds_file']}" if s["thresholds_file"] else
+          f"threshold {th['default']:g} (input {th['input']:g})" if isinstance(th, dict) else f"threshold {th:g}")
+    backend = f", {s['backend']} backend" if s.get("backend") else ""
+    lines = [f"{s['model']} on {Path(s['video']).name}: {s['frames']} frames, {s['device']}{backend}, {s['dtype']}, {th}",
+             f"  mean input update rate   {s['mean_update_rate']:8.1%}   (layers: {s['mean_layer_update_rate']:.1%})",
+             f"  multiply-adds saved      {s['macs_saved']:8.1%}",
+             f"  ms/frame dense / delta   {s['mean_dense_ms']:8.1f} / {s['mean_delta_ms']:.1f}",
+             f"  speedup                  {s['speedup']:8.2f}x"]
+    modes = s.get("modes") or {}
+    if modes.get("dense"):
+        # busy frames ran as dense passes of the converted model (channels_last, BN folded): say so,
+        # since their speed is not a delta speedup
+        lines.append(f"  frames delta/key/dense   {modes['delta']:5d} / {modes['keyframe']} / {modes['dense']}"
+                     "   (dense: too busy for deltas, run densely)")
+    if "mean_rel_error" in s:
+        lines.append(f"  rel. error vs dense      {s['mean_rel_error']:8.2e}   (max {s['max_rel_error']:.2e})")
+        agree = ", ".join(f"{k} {v:.3g}" for k, v in s["agreement"].items() if not k.startswith("n"))
+        if agree:
+            lines.append(f"  task agreement vs dense  {agree}")
+    else:
+        lines.append("  error vs dense           not measured (use --check-dense)")
+    return "\n".join(lines)

@@ -1,0 +1,254 @@
+"""YOLOv8 detection network (n/s/m/l/x), written from its published structure, parameter names as in
+Ultralytics' checkpoints (``model.N....``) so their state dicts load as they are.
+
+Structure (Jocher et al., Ultralytics 2023): a CSP backbone of Conv (conv + BN + SiLU) and C2f blocks
+with an SPPF at the end; a PAN neck (nearest upsampling, channel concatenation, C2f, strided Conv);
+a decoupled anchor-free head (per level two 3x3 Convs and a 1x1 conv for the box distribution, the
+same for the class logits), boxes as a distribution over 16 bins per side (DFL).
+
+Written for delta conversion: C2f splits its channels with slices (``y[:, :c]``, ``y[:, c:]``), every
+conv is an ordinary module, and only the box decode (DFL softmax, anchors, reshapes) runs after the
+last feature maps, as one traced function the converter keeps as a dense tail.
+"""
+from __future__ import annotations
+
+import math
+import torch
+import torch.fx
+from torch import Tensor, nn
+
+__all__ = ["YOLOv8", "SCALES", "yolov8", "decode_boxes", "infer_scale"]
+
+# scale -> (depth multiple, width multiple, max channels), as in the published yolov8.yaml
+SCALES: dict[str, tuple[float, float, int]] = {
+    "n": (0.33, 0.25, 1024), "s": (0.33, 0.50, 1024), "m": (0.67, 0.75, 768),
+    "l": (1.00, 1.00, 512), "x": (1.00, 1.25, 512),
+}
+REG_MAX = 16
+STRIDES = (8, 16, 32)
+
+
+class Conv(nn.Module):
+    """conv (no bias) + BatchNorm (eps 1e-3) + SiLU, 'same' padding for odd kernels."""
+
+    def __init__(self, c1: int, c2: int, k: int = 1, s: int = 1) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c1, c2, k, s, k // 2, bias=False)
+        self.bn = nn.BatchNorm2d(c2, eps=1e-3, momentum=0.03)
+        self.act = nn.SiLU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(self.bn(self.conv(x)))
+
+
+class Bottleneck(nn.Module):
+    """Two 3x3 Convs, with a residual add when asked and the widths match."""
+
+    def __init__(self, c1: int, c2: int, shortcut: bool = True) -> None:
+        super().__init__()
+        self.cv1 = Conv(c1, c2, 3)
+        self.cv2 = Conv(c2, c2, 3)
+        self.add = shortcut and c1 == c2
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.cv2(self.cv1(x))
+        return x + y if self.add else y
+
+
+class C2f(nn.Module):
+    """1x1 Conv to 2c channels, split in halves; n Bottlenecks chained on the second half; all pieces
+    concatenated and mixed by a 1x1 Conv. The split is two channel slices (a delta-convertible op)."""
+
+    def __init__(self, c1: int, c2: int, n: int = 1, shortcut: bool = False) -> None:
+        super().__init__()
+        self.c = c2 // 2
+        self.cv1 = Conv(c1, 2 * self.c, 1)
+        self.cv2 = Conv((2 + n) * self.c, c2, 1)
+        self.m = nn.ModuleList(Bottleneck(self.c, self.c, shortcut) for _ in range(n))
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.cv1(x)
+        ys = [y[:, :self.c], y[:, self.c:]]
+        for m in self.m:
+            ys.append(m(ys[-1]))
+        return self.cv2(torch.cat(ys, 1))
+
+
+class SPPF(nn.Module):
+    """Spatial pyramid pooling, fast: a 1x1 Conv, three chained stride-1 max-pools, concat, 1x1 Conv."""
+
+    def __init__(self, c1: int, c2: int, k: int = 5) -> None:
+        super().__init__()
+        c_ = c1 // 2
+        self.cv1 = Conv(c1, c_, 1)
+        self.cv2 = Conv(4 * c_, c2, 1)
+        self.m = nn.MaxPool2d(k, 1, k // 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y0 = self.cv1(x)
+        y1 = self.m(y0)
+        y2 = self.m(y1)
+        return self.cv2(torch.cat([y0, y1, y2, self.m(y2)], 1))
+
+
+class Concat(nn.Module):
+    """Channel concatenation (a parameter-free layer, kept so the layer indices match the checkpoints)."""
+
+    def forward(self, xs: list[Tensor]) -> Tensor:
+        return torch.cat(xs, 1)
+
+
+class DFL(nn.Module):
+    """The fixed 1x1 conv whose weights are 0..reg_max-1: the expectation of each side's bin distribution."""
+
+    def __init__(self, reg_max: int = REG_MAX) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(reg_max, 1, 1, bias=False).requires_grad_(False)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.arange(reg_max, dtype=torch.float32).view(1, reg_max, 1, 1))
+
+
+class Detect(nn.Module):
+    """Per level: box branch (Conv 3x3, Conv 3x3, conv 1x1 to 4*reg_max) and class branch (to nc logits).
+
+    `forward` returns the raw per-level maps (B, 4*reg_max + nc, H/s, W/s); `decode_boxes` turns them
+    into boxes."""
+
+    def __init__(self, nc: int, ch: tuple[int, ...]) -> None:
+        super().__init__()
+        self.nc, self.nl, self.reg_max = nc, len(ch), REG_MAX
+        c2 = max(16, ch[0] // 4, 4 * REG_MAX)
+        c3 = max(ch[0], min(nc, 100))
+        self.cv2 = nn.ModuleList(nn.Sequential(Conv(c, c2, 3), Conv(c2, c2, 3), nn.Conv2d(c2, 4 * REG_MAX, 1))
+                                 for c in ch)
+        self.cv3 = nn.ModuleList(nn.Sequential(Conv(c, c3, 3), Conv(c3, c3, 3), nn.Conv2d(c3, nc, 1)) for c in ch)
+        self.dfl = DFL(REG_MAX)
+
+    def forward(self, xs: list[Tensor]) -> list[Tensor]:
+        return [torch.cat([self.cv2[i](x), self.cv3[i](x)], 1) for i, x in enumerate(xs)]
+
+
+_ANCHORS: dict[tuple, tuple[Tensor, Tensor]] = {}
+
+
+def _anchors(shapes: tuple[tuple[int, int], ...], device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Cell centres (2, A) in grid units and the stride of each anchor (1, A), cached per shape."""
+    key = (shapes, str(device), dtype)
+    if key not in _ANCHORS:
+        pts, strides = [], []
+        for (h, w), s in zip(shapes, STRIDES):
+            ys, xs = torch.meshgrid(torch.arange(h, device=device, dtype=dtype) + 0.5,
+                                    torch.arange(w, device=device, dtype=dtype) + 0.5, indexing="ij")
+            pts.append(torch.stack([xs.reshape(-1), ys.reshape(-1)]))
+            strides.append(torch.full((1, h * w), float(s), device=device, dtype=dtype))
+        _ANCHORS[key] = (torch.cat(pts, 1), torch.cat(strides, 1))
+    return _ANCHORS[key]
+
+
+@torch.fx.wrap
+def decode_boxes(feats: list[Tensor], nc: int, dfl_weight: Tensor) -> Tensor:
+    """Raw head maps -> (B, 4 + nc, A): boxes (cx, cy, w, h in input pixels) and class probabilities.
+
+    Each side's distance is the expectation of a softmax over reg_max bins (the DFL weights), measured
+    from the cell centre in units of the level's stride. One fx leaf, so delta conversion keeps it as
+    the dense tail after the head's feature maps.
+    """
+    b = feats[0].shape[0]
+    reg = dfl_weight.shape[1]
+    flat = torch.cat([f.reshape(b, 4 * reg + nc, -1) for f in feats], 2)
+    box, cls = flat[:, :4 * reg], flat[:, 4 * reg:]
+    a = box.shape[-1]
+    dist = (box.reshape(b, 4, reg, a).softmax(2) * dfl_weight.reshape(1, 1, reg, 1).to(box.dtype)).sum(2)
+    anchors, strides = _anchors(tuple((int(f.shape[2]), int(f.shape[3])) for f in feats), box.device, box.dtype)
+    lt, rb = dist[:, :2], dist[:, 2:]
+    x1y1, x2y2 = anchors - lt, anchors + rb
+    xywh = torch.cat([(x1y1 + x2y2) / 2, x2y2 - x1y1], 1) * strides
+    return torch.cat([xywh, cls.sigmoid()], 1)
+
+
+def _width(c: int, width: float, max_ch: int) -> int:
+    return int(math.ceil(min(c, max_ch) * width / 8) * 8)
+
+
+def _depth(n: int, depth: float) -> int:
+    return max(round(n * depth), 1)
+
+
+class YOLOv8(nn.Module):
+    """YOLOv8 detect model: (B, 3, H, W) RGB in [0, 1], H and W multiples of 32 -> (B, 4 + nc, A).
+
+    `model` holds the 23 layers in the checkpoints' order (backbone 0-9, neck 10-21, Detect 22).
+    """
+
+    def __init__(self, scale: str = "n", nc: int = 80, names: dict[int, str] | None = None) -> None:
+        super().__init__()
+        if scale not in SCALES:
+            raise ValueError(f"unknown YOLOv8 scale {scale!r}; use one of {', '.join(SCALES)}")
+        depth, width, max_ch = SCALES[scale]
+        self.scale, self.nc = scale, nc
+        self.names = dict(names) if names else {i: f"class {i}" for i in range(nc)}
+        c = {k: _width(k, width, max_ch) for k in (64, 128, 256, 512, 1024)}
+        d = {k: _depth(k, depth) for k in (3, 6)}
+        layers: list[nn.Module] = [
+            Conv(3, c[64], 3, 2), Conv(c[64], c[128], 3, 2), C2f(c[128], c[128], d[3], True),      # 0-2
+            Conv(c[128], c[256], 3, 2), C2f(c[256], c[256], d[6], True),                          # 3-4 (P3)
+            Conv(c[256], c[512], 3, 2), C2f(c[512], c[512], d[6], True),                          # 5-6 (P4)
+            Conv(c[512], c[1024], 3, 2), C2f(c[1024], c[1024], d[3], True), SPPF(c[1024], c[1024], 5),  # 7-9
+            nn.Upsample(scale_factor=2.0, mode="nearest"), Concat(), C2f(c[1024] + c[512], c[512], d[3]),  # 10-12
+            nn.Upsample(scale_factor=2.0, mode="nearest"), Concat(), C2f(c[512] + c[256], c[256], d[3]),   # 13-15
+            Conv(c[256], c[256], 3, 2), Concat(), C2f(c[256] + c[512], c[512], d[3]),              # 16-18
+            Conv(c[512], c[512], 3, 2), Concat(), C2f(c[512] + c[1024], c[1024], d[3]),            # 19-21
+            Detect(nc, (c[256], c[512], c[1024])),                                                 # 22
+        ]
+        self.model = nn.ModuleList(layers)
+        self.stride = STRIDES
+
+    def features(self, x: Tensor) -> list[Tensor]:
+        """The head's raw per-level maps (strides 8, 16, 32): everything before the box decode."""
+        m = self.model
+        x = m[1](m[0](x))
+        x = m[2](x)
+        p3 = m[4](m[3](x))
+        p4 = m[6](m[5](p3))
+        p5 = m[9](m[8](m[7](p4)))
+        h12 = m[12](m[11]([m[10](p5), p4]))
+        h15 = m[15](m[14]([m[13](h12), p3]))
+        h18 = m[18](m[17]([m[16](h15), h12]))
+        h21 = m[21](m[20]([m[19](h18), p5]))
+        return m[22]([h15, h18, h21])
+
+    def forward(self, x: Tensor) -> Tensor:
+        return decode_boxes(self.features(x), self.nc, self.model[22].dfl.conv.weight)
+
+
+def infer_scale(state_dict: dict[str, Tensor]) -> tuple[str, int]:
+    """(scale, number of classes) of a YOLOv8 detect state dict, from its first conv's width and the
+    number of bottlenecks in layer 2; ValueError when no scale matches."""
+    try:
+        c0 = state_dict["model.0.conv.weight"].shape[0]
+        n2 = len({k.split(".")[3] for k in state_dict if k.startswith("model.2.m.")})
+        nc = state_dict["model.22.cv3.0.2.weight"].shape[0]
+    except KeyError as e:
+        raise ValueError(f"not a YOLOv8 detect state dict: no {e.args[0]!r}") from None
+    for s, (depth, width, max_ch) in SCALES.items():
+        if _width(64, width, max_ch) == c0 and _depth(3, depth) == n2:
+            return s, int(nc)
+    raise ValueError(f"not a YOLOv8 detect state dict: first conv width {c0} and {n2} bottleneck(s) in layer 2 "
+                     f"match none of the scales {', '.join(SCALES)}")
+
+
+def yolov8(scale: str = "n", nc: int = 80, state_dict: dict[str, Tensor] | None = None,
+           names: dict[int, str] | None = None) -> YOLOv8:
+    """A YOLOv8 detect model in eval mode (random weights unless `state_dict` is given, loaded strictly)."""
+    model = YOLOv8(scale, nc, names)
+    if state_dict is not None:
+        sd = {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
+        try:
+            missing, unexpected = model.load_state_dict(sd, strict=False)
+        except RuntimeError as e:  # shapes differ
+            raise ValueError(f"state dict does not fit YOLOv8{scale} (nc={nc}): {e}") from None
+        if missing or unexpected:
+            raise ValueError(f"state dict does not fit YOLOv8{scale} (nc={nc}): missing {missing[:4]}"
+                             f"{'...' if len(missing) > 4 else ''}, unexpected {unexpected[:4]}"
+                             f"{'...' if len(unexpected) > 4 else ''}")
+    return model.eval()
