@@ -53,6 +53,7 @@ SETTINGS = {
     "sparsify_warps": (tk.pointwise, "SPARSIFY_WARPS"),
     "window_bn": (tk.conv, "WINDOW_BN"),
     "small_map_maxnreg": (tk.conv, "SMALL_MAP_MAXNREG"),
+    "pixel_lists": (tk.conv, "PIXEL_LISTS"),
 }
 LIBRARY_DEFAULTS = {k: getattr(obj, attr) for k, (obj, attr) in SETTINGS.items()}
 PREDATES_S4 = dict(pdl="off", fuse_conv_bias=False, pack_k_bk=64, epilogue_loads_first=False, reuse_out_mask=False)
@@ -101,16 +102,19 @@ EARLIER_VARIANTS = {
     "stages 4": dict(num_stages=4),
     "3 programs/SM": dict(programs_per_sm=3),
 }
-VARIANTS = {name: {**PREDATES_S5, **v} for name, v in EARLIER_VARIANTS.items()}
+# the sixth session's conv work units of candidate pixels, switched off in every earlier variant
+PREDATES_S6 = dict(pixel_lists=False)
+VARIANTS = {name: {**PREDATES_S5, **PREDATES_S6, **v} for name, v in EARLIER_VARIANTS.items()}
 VARIANTS.update({
-    "stem per-tap gathers": dict(bordered_input=False),
-    "pool accumulates its input": dict(pool_reads_running_sum=False),
-    "stem window 8 warps": dict(window_warps=8),
-    "stem window 8x16 tiles": dict(window_tile=(8, 16)),
-    "sparsify 4 warps": dict(sparsify_warps=4),
-    "stem window 32 channels/program": dict(window_bn=32),
-    "pdl early (fifth session)": dict(pdl="early"),
-    "no register cap": dict(small_map_maxnreg=None),
+    "stem per-tap gathers": dict(bordered_input=False, **PREDATES_S6),
+    "pool accumulates its input": dict(pool_reads_running_sum=False, **PREDATES_S6),
+    "stem window 8 warps": dict(window_warps=8, **PREDATES_S6),
+    "stem window 8x16 tiles": dict(window_tile=(8, 16), **PREDATES_S6),
+    "sparsify 4 warps": dict(sparsify_warps=4, **PREDATES_S6),
+    "stem window 32 channels/program": dict(window_bn=32, **PREDATES_S6),
+    "pdl early (fifth session)": dict(pdl="early", **PREDATES_S6),
+    "no register cap": dict(small_map_maxnreg=None, **PREDATES_S6),
+    "tile lists": dict(pixel_lists=False),
     "default": dict(),  # the library's defaults
 })
 DEFAULT = "default"

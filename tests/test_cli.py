@@ -448,7 +448,25 @@ def test_bench_table_and_json(clip: Path, tmp_path: Path, capsys) -> None:
 def test_models_lists_names(capsys) -> None:
     assert main(["models"]) == 0
     names = capsys.readouterr().out.split()
-    assert "tiny" in names and "resnet18" in names
+    assert names[0] == tools.default_model() == "yolov8n"
+    assert {"yolov8n", "centerface", "tiny", "resnet18"} <= set(names)
+
+
+def test_run_with_the_default_model(clip: Path, tmp_path: Path, capsys) -> None:
+    """No --model: YOLOv8n with the official weights (the 48x64 clip is padded to 64x64)."""
+    from deltacnn.tasks import yolov8
+
+    try:
+        yolov8.yolov8n_checkpoint_path()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    out = tmp_path / "o"
+    assert main(["run", str(clip), "-n", "3", "-q", "--no-video", "--check-dense", "--threshold", "0",
+                 "--device", "cpu", "--out", str(out)]) == 0
+    assert "yolov8n on static.mp4: 3 frames" in capsys.readouterr().out
+    s = json.loads((out / "summary.json").read_text())
+    assert s["model"] == "yolov8n" and s["agreement"]["f1"] == 1.0 and s["agreement"]["f1_stable"] == 1.0
+    assert s["max_rel_error"] < 1e-4
 
 
 # ---- pictures ------------------------------------------------------------------------------------

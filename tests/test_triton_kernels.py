@@ -123,6 +123,71 @@ def test_active_tiles():
     assert torch.equal(torch.isnan(z).logical_not(), m.expand_as(z)) and (z[m.expand_as(z)] == 0).all()
 
 
+def test_active_tiles_pixel_list():
+    """Pixel mode lists exactly the candidate pixels, each tile's pixels together, and zeroes the
+    fixup counters of every work unit of th*tw list entries."""
+    g = torch.Generator().manual_seed(3)
+    m = rand_mask(g, 2, 19, 21, 0.06)
+    m2 = rand_mask(g, 2, 19, 21, 0.02)
+    ids, count, (n_tiles, _, _), ctr, _ = tk.active_tiles(m, m2, 8, 8, n_ctr=2, pixels=True)
+    k = int(count[0])
+    want = torch.nonzero((m | m2).reshape(-1)).squeeze(1).tolist()
+    assert sorted(ids[:k].tolist()) == want and k == len(want) > 64
+    units = -(-k // 64)
+    assert (ctr.view(n_tiles, 2)[:units] == 0).all()
+    tile_of = [(p // (19 * 21), (p % (19 * 21)) // 21 // 8, p % 21 // 8) for p in ids[:k].tolist()]
+    runs = [t for i, t in enumerate(tile_of) if i == 0 or t != tile_of[i - 1]]
+    assert len(runs) == len(set(runs)), "a tile's pixels must be contiguous in the list"
+
+
+PIXEL_LIST_CASES = {  # cin, cout, kernel, stride, pad4, dilation, groups; split-K; act; tau
+    "fixup+res+relu tau>0": ((24, 16, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1), 3, "relu", 0.3),
+    "split emit tau 0": ((8, 40, (3, 3), (2, 2), (1, 1, 1, 1), (1, 1), 1), 1, "relu", 0.0),
+    "two-pass tau>0": ((8, 40, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 1), 2, "silu", 0.2),
+    "packed stem, linear": ((3, 16, (7, 7), (2, 2), (3, 3, 3, 3), (1, 1), 1), 2, None, 0.0),
+}
+
+
+@pytest.mark.parametrize("name", list(PIXEL_LIST_CASES))
+def test_sparse_conv2d_pixel_lists(name, monkeypatch):
+    """Work units of listed candidate pixels (scattered over tiles, several images) give the
+    reference's results, as whole tiles do; a residual is read at its own mask."""
+    case, split, fn, tau = PIXEL_LIST_CASES[name]
+    dtype = torch.float16
+    cout = case[1]
+    results = []
+    for pixels in (True, False):
+        monkeypatch.setattr(tk.conv, "PIXEL_LISTS", pixels)
+        g, x, xm, wt, om = _conv_inputs(41, case, dtype, h=23, w=19, p=0.04)
+        n, _, ho, wo = om.shape
+        res, rm = rand_delta(g, n, cout, ho, wo, dtype, 0.03)
+        y = ref_conv(x, xm, wt, case[3], case[4], case[5], case[6]) + zf(res, rm)
+        cfg = tk.ConvConfig(th=8, tw=8, bn=16, bk=16, split_k=split)
+        counter = torch.zeros(2, dtype=torch.int32, device=DEV)
+        if fn is None:
+            out = cl(torch.full(y.shape, float("nan"), dtype=torch.float32, device=DEV))
+            o, fm = tk.sparse_conv2d(x, xm, wt, None, case[3], case[4], case[5], case[6], out, residual=res,
+                                     residual_mask=rm, config=cfg, counter=counter)
+            assert torch.equal(fm, om | rm)
+            sel = fm.expand_as(y)
+            assert rel(o[sel], y[sel]) < 1e-6
+            results.append(o[sel])
+        else:
+            A = cl(torch.randn(n, cout, ho, wo, generator=g).to(DEV))
+            E = cl(ref_act(fn, A.double()).float() + 0.05 * torch.randn(n, cout, ho, wo, generator=g).to(DEV))
+            ref = ref_nonlinear(y, om | rm, A, E, fn, tau, "max", dtype)
+            out = cl(torch.full(y.shape, float("nan"), dtype=dtype, device=DEV))
+            o, fm = tk.sparse_conv2d(x, xm, wt, None, case[3], case[4], case[5], case[6], out, residual=res,
+                                     residual_mask=rm, act=tk.Act(fn, A, E, tau), config=cfg, counter=counter)
+            check_nonlinear(o, fm, A, E, ref, TOL[dtype] * 2, tau, 0.02)
+            results.append((fm, A))
+        assert counter.tolist() == [0, 0]
+    if fn is not None:
+        assert torch.equal(results[0][0], results[1][0]) and rel(results[0][1], results[1][1]) < 1e-6
+    else:
+        assert rel(results[0], results[1]) < 1e-6
+
+
 # ---------------------------------------------------------------- sparse_conv2d
 CONV_CASES = [
     # cin, cout, kernel, stride, pad4, dilation, groups

@@ -165,3 +165,19 @@ def test_pdl_launches_match_plain_launches(monkeypatch):
     for mode in ("early", "exit", "auto"):
         for t, (a, b) in enumerate(zip(outs["off"], outs[mode])):
             torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3, msg=f"{mode}, frame {t}")
+
+
+@pytest.mark.parametrize("tau", [0.0, 0.02])
+def test_pixel_lists_match_tile_lists(tau, monkeypatch):
+    """Conv work units of listed candidate pixels or of whole tiles: the same graph-replayed outputs."""
+    from deltacnn.backends.triton_kernels import conv
+    m = _model("resnet50")
+    clip = make_video(12, n=2, h=64, w=96, noise=0.003, seed=10).cuda()
+    outs = {}
+    for pixels in (False, True):
+        monkeypatch.setattr(conv, "PIXEL_LISTS", pixels)
+        dm = deltacnn.convert(m, clip[0], backend="triton", dtype=torch.float16, threshold=tau)
+        g = deltacnn.compile(dm, dense_above=None)
+        outs[pixels] = [g(clip[t]).clone() for t in range(clip.shape[0])]
+    for t, (a, b) in enumerate(zip(outs[False], outs[True])):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3, msg=f"frame {t}")

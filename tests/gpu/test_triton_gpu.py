@@ -182,3 +182,39 @@ def test_pointwise_gpu():
     assert torch.equal(dm, mm)
     assert rel(d[mm.expand_as(d)], (x - ref0)[mm.expand_as(d)]) < 1e-3
     assert torch.allclose(ref[mm.expand_as(ref)], ref0[mm.expand_as(ref)] + d[mm.expand_as(d)].float())
+
+
+@pytest.mark.parametrize("tau", [0.0, 0.02])
+@pytest.mark.parametrize("case", [(256, 256, 3, 1), (64, 256, 1, 1), (128, 128, 3, 2), (1024, 256, 1, 1)], ids=str)
+def test_conv_pixel_lists_realistic(case, tau, monkeypatch):
+    """Work units of listed candidate pixels against whole tiles and the float64 reference, on
+    scattered masks at realistic shapes (split-K fixup on the 68x120 maps, residual, fused ReLU)."""
+    from deltacnn.backends.triton_kernels import conv
+    cin, cout, k, s = case
+    n, h, w = 2, 68, 120
+    xm = blob_and_noise(n, h, w, p_noise=0.02, seed=cin + k)
+    x = delta(n, cin, h, w, torch.float16, xm, seed=k)
+    wt = (torch.randn(cout, cin, k, k) / (cin * k * k) ** 0.5).cuda().half()
+    pad = (k // 2,) * 4
+    om = ref_dilate(xm, (k, k), (s, s), pad, (1, 1))
+    ho, wo = om.shape[2:]
+    rm = blob_and_noise(n, ho, wo, p_noise=0.01, seed=7)
+    res = delta(n, cout, ho, wo, torch.float16, rm, seed=8)
+    y = ref_conv(x, xm, wt, (s, s), pad, (1, 1), 1) + zf(res, rm)
+    g = torch.Generator().manual_seed(5)
+    A0 = torch.randn(n, cout, ho, wo, generator=g).cuda()
+    E0 = ref_act("relu", A0.double()).float() + 0.05 * torch.randn(n, cout, ho, wo, generator=g).cuda()
+    ref = ref_nonlinear(y, om | rm, A0, E0, "relu", tau, "max", torch.float16)
+    masks = []
+    for pixels in (False, True):
+        monkeypatch.setattr(conv, "PIXEL_LISTS", pixels)
+        A, E = cl(A0.clone()), cl(E0.clone())
+        out = cl(torch.full(y.shape, float("nan"), dtype=torch.float16, device="cuda"))
+        counter = torch.zeros(2, dtype=torch.int32, device="cuda")
+        o, fm = tk.sparse_conv2d(x, xm, wt, None, (s, s), pad, (1, 1), 1, out, residual=res, residual_mask=rm,
+                                 act=tk.Act("relu", A, E, tau), counter=counter)
+        check_nonlinear(o, fm, A, E, ref, TOL[torch.float16] * 2, tau, 0.02)
+        assert counter.tolist() == [0, 0]
+        masks.append(fm)
+    far = (ref[4] - tau).abs() > 0.02
+    assert torch.equal(masks[0] & far, masks[1] & far)

