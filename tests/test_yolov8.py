@@ -251,6 +251,20 @@ def test_agreement_same_class_and_borderline():
     assert abs(m["f1"] - 0.5) < 1e-9 and m["f1_stable"] == 1.0
 
 
+def test_borderline_twin_does_not_drop_the_sure_box():
+    """A confident box overlapping a borderline one (IoU >= 0.5) stays in the stable F1: only the box
+    matched one-to-one to the borderline box leaves (the first version dropped both: F1 0.67 on equal inputs)."""
+    task = Y.YOLOv8Task(model=YOLOv8("n"))
+    e = np.zeros((0, 4), np.float32)
+    r = {"boxes": np.array([[0, 0, 10, 10], [1, 1, 11, 11]], np.float32), "scores": np.array([0.9, 0.27]),
+         "classes": np.array([0, 0]), "low_boxes": e, "low_scores": np.zeros(0), "low_classes": np.zeros(0, int)}
+    m = task.agreement(r, r)
+    assert m["f1"] == 1.0 and m["f1_stable"] == 1.0 and m["n_borderline"] == 1
+    miss = {**r, "boxes": r["boxes"][:1], "scores": r["scores"][:1], "classes": r["classes"][:1]}
+    m = task.agreement(miss, r)
+    assert m["f1"] < 1.0 and m["f1_stable"] == 1.0  # only the borderline box was missed
+
+
 # ---- delta conversion ----------------------------------------------------------------------------
 def test_conversion_tau0_equals_dense_over_real_frames(official):
     """Every conv a delta layer, only the box decode dense; at threshold 0 the delta model gives the dense

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..models.yolov8 import YOLOv8, infer_scale, yolov8
 from ..safe_unpickle import load_checkpoint, module_state_dict
-from .base import box_f1, draw_labelled_box, iou_matrix, nms
+from .base import box_f1, draw_labelled_box, f1_counts, match_boxes, nms
 
 __all__ = ["YOLOv8Task", "yolov8n_checkpoint_path", "load_yolov8_checkpoint", "from_ultralytics",
            "YOLOV8N_INSTALL_HINT"]
@@ -212,19 +212,18 @@ class YOLOv8Task:
         ``f1_stable``: the same with the borderline objects left out on both sides."""
         out = box_f1(result["boxes"], result["scores"], reference["boxes"], 0.5, result["classes"],
                      reference["classes"])
-        # borderline: dense boxes with score in [conf - b, conf + b); delta boxes matching one of them
+        # borderline: dense boxes with score in [conf - b, conf + b). Each delta box is matched one-to-one
+        # against all dense boxes down to conf - b; those matched to a borderline one leave with it, so a
+        # confident box next to a borderline twin is not dropped by mistake
         ref_all = np.concatenate([reference["boxes"], reference["low_boxes"]]).reshape(-1, 4)
         ref_sc = np.concatenate([reference["scores"], reference["low_scores"]])
         ref_cl = np.concatenate([reference["classes"], reference["low_classes"]])
         border = ref_sc < self.conf + self.borderline
-        ref_keep = ~border[:len(reference["boxes"])]
-        res_keep = np.ones(len(result["boxes"]), bool)
-        if border.any() and len(result["boxes"]):
-            iou = iou_matrix(result["boxes"], ref_all[border])
-            same = result["classes"][:, None] == ref_cl[border][None, :]
-            res_keep = ~((iou >= 0.5) & same).any(1)
-        stable = box_f1(result["boxes"][res_keep], result["scores"][res_keep], reference["boxes"][ref_keep], 0.5,
-                        result["classes"][res_keep], reference["classes"][ref_keep])
+        match, _ = match_boxes(result["boxes"], result["scores"], ref_all, 0.5, result["classes"], ref_cl)
+        kept = (match < 0) | ~border[np.maximum(match, 0)]
+        tp = int(((match >= 0) & kept).sum())
+        f1_s, _, _ = f1_counts(tp, int(kept.sum()), int((~border).sum()))
+        stable = {"f1": f1_s}
         out["f1_stable"] = stable["f1"]
         out["n_borderline"] = float(border.sum())
         return out
