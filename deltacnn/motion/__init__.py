@@ -1,0 +1,13 @@
+"""Moving cameras: delta state aligned to the scene, so that pans and tilts stay sparse.
+
+    mm = deltacnn.motion.MotionDeltaModel(deltacnn.convert(cnn, frame), motion="auto")
+    out = mm(frame)        # camera coordinates; equals dense inference for pans by multiples of the stride
+
+See aligned.py for the design and its costs, estimate.py for the motion conventions.
+"""
+from .aligned import MotionNotSupportedError, StateAligner, StateGeometry, map_outputs, probe_geometry, translate
+from .estimate import MIN_CONFIDENCE, MotionEstimate, PhaseCorrelator, given_motion
+from .model import MotionDeltaModel
+
+__all__ = ["MotionDeltaModel", "PhaseCorrelator", "MotionEstimate", "given_motion", "translate", "map_outputs",
+           "probe_geometry", "StateAligner", "StateGeometry", "MotionNotSupportedError", "MIN_CONFIDENCE"]

@@ -1,0 +1,342 @@
+"""Delta state kept in scene coordinates, so that a panning or tilting camera stays sparse.
+
+Design of this first slice (translations only; reference and cpu backends):
+
+* The network sees a *view* of the scene whose origin v stays on a multiple of the network's total
+  stride S. The camera is at c (accumulated motion, float); the frame is translated by the residual
+  r = c - v (|r| <= S/2) before it enters the network, and every spatial output is translated back by
+  -r / s_out, so outputs are in camera coordinates. With `resample="nearest"` (default) the frame is
+  shifted by round(r) whole pixels (an exact copy; the alignment is off by < 0.5 px); "bilinear"
+  shifts by r exactly (which low-passes the frame a little). Outputs at stride > 1 are always
+  translated bilinearly. So the result equals dense inference on the camera frame when the motion is
+  a multiple of S, and is a sub-stride-shifted (and re-sampled) version of it otherwise.
+* When v moves by D = k*S, every cached buffer (input reference, A/E of nonlinear layers, pooling
+  state, output accumulators: every `state_*` buffer a layer keeps) moves by D / s_l, s_l its
+  layer's cumulative stride. This slice shifts the buffers in place (about two copies of all the
+  state per frame with motion; wrap-around buffers with per-layer offsets would make it free but
+  need every backend kernel to index with offsets).
+* Then the state is made exactly what the dense network computes on the new view's reference
+  (the shifted old reference, and the new frame where the view uncovered the scene). Wrong after the
+  shift are: the uncovered strip, the band within R of the old view's border (it saw the old
+  padding) and the band within R of the new view's border (it did not see padding): R is a bound
+  of the network's receptive-field radius. Feature maps there are not zero after biases and
+  activations, so they are recomputed: a keyframe of the network on a crop of the new reference
+  that covers the bands plus R of context (where the crop ends inside the view its padding is not the
+  view's, and only pixels further than R from that end are kept), pasted into the buffers at the
+  bands. Per moving axis that costs (4R + |D|) / W of a dense frame; when that reaches a whole frame
+  (large receptive fields, small frames) the stream takes a keyframe instead.
+* Then the ordinary delta step runs on the aligned frame: only what moved in the scene changes.
+
+What a backend must provide for this is nothing new on the reference and cpu backends (the host
+decides the strips). The Triton backend would need the state rolled in place (or offset-indexed
+kernels), Sparsify's bordered scratch invalidated on a shift, and, for CUDA graphs, strips of fixed
+size decided on the device.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ..layers import (DeltaConv2d, DeltaConvTranspose2d, DeltaLayer, DeltaLinearMap, DeltaMaxPool2d, DenseIsland,
+                      Sparsify)
+from ..stats import StatsRecorder
+from ..tensor import DeltaTensor
+from ..thresholds import INPUT
+
+
+class MotionNotSupportedError(NotImplementedError):
+    """The converted model keeps state that cannot follow a moving view in this implementation."""
+
+
+# ---- translating images ------------------------------------------------------------------------------
+def translate(x: Tensor, t: Tensor | list, mode: str = "bilinear") -> Tensor:
+    """out[i](q) = x[i](q - t[i]) per stream (content moves by +t[i] = (tx, ty)); borders replicated.
+
+    Whole-pixel shifts are exact copies; fractional ones are separable linear interpolation
+    ("nearest" rounds them first).
+    """
+    t = torch.as_tensor(t, dtype=torch.float64).reshape(-1, 2).tolist()
+    if len(t) not in (1, x.shape[0]):
+        raise ValueError(f"{len(t)} translations for a batch of {x.shape[0]}")
+    out = torch.empty_like(x)
+    for i in range(x.shape[0]):
+        tx, ty = t[i] if len(t) > 1 else t[0]
+        if mode == "nearest":
+            tx, ty = float(round(tx)), float(round(ty))
+        out[i] = _translate_axis(_translate_axis(x[i], ty, 1), tx, 2)
+    return out
+
+
+def _translate_axis(x: Tensor, t: float, dim: int) -> Tensor:
+    n = x.shape[dim]
+    lo = math.floor(t)
+    frac = t - lo
+    src = torch.arange(n, device=x.device) - lo  # out[q] = (1 - frac) x[q - lo] + frac x[q - lo - 1]
+    a = x.index_select(dim, src.clamp(0, n - 1))
+    if frac == 0.0:
+        return a
+    b = x.index_select(dim, (src - 1).clamp(0, n - 1))
+    return a * (1 - frac) + b * frac
+
+
+# ---- geometry of a converted model ------------------------------------------------------------------
+@dataclass
+class StateGeometry:
+    """Where each cached buffer lives relative to the frame, and how far padding effects reach."""
+
+    frame_hw: tuple[int, int]
+    strides: dict[tuple[int, str], int]  # (id(layer), state key) -> cumulative stride
+    total_stride: int  # S: every state stride divides it
+    halo: int  # R: a multiple of S, > the receptive-field radius of every state pixel (input pixels)
+    layers: list[DeltaLayer] = field(default_factory=list)
+
+
+def _state_keys(layer: DeltaLayer) -> list[str]:
+    return [k for k, v in layer._buffers.items() if k.startswith("state_") and v is not None]
+
+
+def _window_reach(win, s_in: float) -> float:
+    """How far (frame pixels) a window op's output pixel reads beyond its own block of the frame.
+
+    Output pixel j (block [j*s_out, (j+1)*s_out)) reads input pixels j*stride - pad .. j*stride - pad +
+    (k-1)*dil, i.e. the frame range [j*s_out - pad*s_in, (j+1)*s_out + ((k-1)*dil - pad + 1 - stride)*s_in).
+    """
+    reach = 0
+    for ax in (0, 1):
+        k, s, d = win.kernel[ax], win.stride[ax], win.dilation[ax]
+        lo, hi = win.padding[2 * ax], win.padding[2 * ax + 1]
+        reach = max(reach, lo, hi, (k - 1) * d - lo + 1 - s)
+    return reach * s_in
+
+
+def _map_reach(layer: DeltaLinearMap, in_hw: tuple[int, int], s_in: float, frame_hw: tuple[int, int]) -> float:
+    """Reach of a parameter-free spatial op, from its own mask rule applied to one pixel."""
+    h, w = in_hw
+    m = torch.zeros(1, 1, h, w, dtype=torch.bool)
+    cy, cx = h // 2, w // 2
+    m[0, 0, cy, cx] = True
+    out = layer.mask_fn(m)
+    ho, wo = out.shape[2:]
+    s_out = frame_hw[0] / ho
+    ys, xs = torch.nonzero(out[0, 0], as_tuple=True)
+    if ys.numel() == 0:
+        return 0.0
+    reach = 0.0
+    for o, c in ((ys, cy), (xs, cx)):
+        lo, hi = float(o.min()) * s_out, (float(o.max()) + 1) * s_out
+        reach = max(reach, c * s_in - lo, hi - (c + 1) * s_in)
+    return max(0.0, reach)
+
+
+def probe_geometry(dm, frame: Tensor) -> tuple[StateGeometry, object]:
+    """Run a keyframe on `frame` (this seeds dm's state, as the first frame of a stream does) and
+    derive every buffer's stride and the receptive-field bound R from the layers that ran; returns the
+    geometry and the keyframe's output."""
+    H, W = frame.shape[2:]
+    inputs: dict[int, tuple[DeltaLayer, tuple[int, int]]] = {}
+
+    def hook(mod, args):
+        a = args[0] if args else None
+        v = a.values if isinstance(a, DeltaTensor) else a
+        if isinstance(v, Tensor) and v.dim() == 4:
+            inputs.setdefault(id(mod), (mod, tuple(v.shape[2:])))
+
+    layers = [m for m in dm.modules() if isinstance(m, DeltaLayer)]
+    handles = [m.register_forward_pre_hook(hook) for m in layers]
+    try:
+        dm.reset()
+        out = dm(frame)
+    finally:
+        for hd in handles:
+            hd.remove()
+    strides: dict[tuple[int, str], int] = {}
+    for m in layers:
+        for k in _state_keys(m):
+            h, w = m._buffers[k].shape[2:]
+            if H % h or W % w or H // h != W // w or (h == 1 and H > 1):
+                raise MotionNotSupportedError(
+                    f"layer {m.name!r} keeps state {k[6:]!r} of spatial size {h}x{w} for a {H}x{W} frame; motion "
+                    "alignment needs every cached map to be the frame divided by its stride (no global pooling "
+                    "or squeeze-excitation state, no unpadded convs); pad the frame to a multiple of the stride")
+            strides[(id(m), k)] = H // h
+    total = 1
+    for s in strides.values():
+        total = math.lcm(total, s)
+    for o in _spatial_outputs(out):
+        if H % o.shape[2] or W % o.shape[3] or H // o.shape[2] != W // o.shape[3]:
+            raise MotionNotSupportedError(f"an output of spatial size {tuple(o.shape[2:])} is not the {H}x{W} frame "
+                                          "divided by a stride; it cannot be mapped back to camera coordinates")
+        total = math.lcm(total, H // o.shape[2])
+    reach = 0.0
+    for mod, (h, w) in inputs.values():
+        s_in = H / h
+        if isinstance(mod, DenseIsland):
+            raise MotionNotSupportedError(f"dense island {mod.name!r} runs an op of unknown receptive field; "
+                                          "motion alignment cannot bound which pixels it makes depend on the border")
+        if isinstance(mod, (DeltaConv2d, DeltaMaxPool2d)):
+            reach += _window_reach(mod.window, s_in)
+        elif isinstance(mod, DeltaConvTranspose2d):
+            reach += max(mod.weight.shape[2:]) * s_in
+        elif isinstance(mod, DeltaLinearMap):
+            reach += _map_reach(mod, (h, w), s_in, (H, W))
+    if H % total or W % total:
+        raise MotionNotSupportedError(f"motion alignment needs the frame ({H}x{W}) to be a multiple of the network's "
+                                      f"total stride {total}; pad or crop the frames")
+    halo = total * math.ceil((reach + total) / total)
+    return StateGeometry((H, W), strides, total, halo, layers), out
+
+
+def _spatial_outputs(out) -> list[Tensor]:
+    if isinstance(out, Tensor):
+        return [out] if out.dim() == 4 else []
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in _spatial_outputs(o)]
+    if isinstance(out, dict):
+        return [t for o in out.values() for t in _spatial_outputs(o)]
+    return []
+
+
+def map_outputs(out, shift: Tensor | list, frame_hw: tuple[int, int]):
+    """Translate every spatial output map by `shift` (input pixels, per stream) at its own stride."""
+    if isinstance(out, Tensor):
+        if out.dim() != 4:
+            return out
+        s = frame_hw[0] / out.shape[2]
+        t = (torch.as_tensor(shift, dtype=torch.float64).reshape(-1, 2) / s)
+        if not bool(t.any()):
+            return out
+        return translate(out, t, "bilinear")
+    if isinstance(out, tuple):
+        return tuple(map_outputs(o, shift, frame_hw) for o in out)
+    if isinstance(out, list):
+        return [map_outputs(o, shift, frame_hw) for o in out]
+    if isinstance(out, dict):
+        return {k: map_outputs(o, shift, frame_hw) for k, o in out.items()}
+    return out
+
+
+# ---- moving the state ---------------------------------------------------------------------------
+def _strips(d: int, size: int, halo: int) -> list[tuple[int, int, int, int]] | None:
+    """(write_lo, write_hi, crop_lo, crop_hi) along one axis for a view shift d (a multiple of S);
+    None: the strips would cover the axis, recompute the whole view."""
+    if d == 0:
+        return []
+    a = abs(d)
+    if 4 * halo + a >= size:
+        return None
+    if d > 0:  # new content at the high end; old border at size - d
+        return [(0, halo, 0, 2 * halo), (size - a - halo, size, size - a - 2 * halo, size)]
+    return [(0, a + halo, 0, a + 2 * halo), (size - halo, size, size - 2 * halo, size)]
+
+
+class StateAligner:
+    """Moves a converted model's cached state with the view (see the module docstring)."""
+
+    def __init__(self, dm, geometry: StateGeometry) -> None:
+        self.dm = dm
+        self.geo = geometry
+        self.input_layer = next(m for m in geometry.layers if isinstance(m, Sparsify) and m.name == INPUT)
+        self.recomputed_pixels = 0  # input pixels recomputed densely by the last shift (all streams)
+        self.recompute_macs = 0  # their multiply-adds (counted only while the model records statistics)
+
+    def shift(self, view_shift: list[tuple[int, int]], frame: Tensor, full: list[bool]) -> None:
+        """Move stream i's view origin by view_shift[i] = (dx, dy) (multiples of S) and make its state the
+        dense network's on the new reference; `frame` (aligned, N, C, H, W) fills uncovered pixels. Streams
+        with full[i] (a failed estimate, a cut) are recomputed on `frame` entirely (a per-stream keyframe)."""
+        H, W = self.geo.frame_hw
+        S = self.geo.total_stride
+        self.recomputed_pixels = 0
+        self.recompute_macs = 0
+        for i, ((dx, dy), whole) in enumerate(zip(view_shift, full)):
+            if dx % S or dy % S:
+                raise ValueError(f"view shift ({dx}, {dy}) is not a multiple of the total stride {S}")
+            if whole:
+                self._recompute(i, frame[i:i + 1], [((0, H, 0, H), (0, W, 0, W))])
+                continue
+            if dx == 0 and dy == 0:
+                continue
+            sx, sy = _strips(dx, W, self.geo.halo), _strips(dy, H, self.geo.halo)
+            if sx is None or sy is None or sum(c1 - c0 for *_, c0, c1 in sx) * H + \
+                    sum(c1 - c0 for *_, c0, c1 in sy) * W >= H * W:  # the strips cost more than the view
+                self._recompute(i, frame[i:i + 1], [((0, H, 0, H), (0, W, 0, W))])
+                continue
+            self._roll(i, dx, dy)
+            ref = self.input_layer._state("ref")
+            self._fill_uncovered(ref[i], frame[i], dx, dy)
+            regions = [((0, H, 0, H), xs) for xs in sx] + [(ys, (0, W, 0, W)) for ys in sy]
+            self._recompute(i, ref[i:i + 1], regions)
+
+    def _roll(self, i: int, dx: int, dy: int) -> None:
+        """Move stream i's state so that new[j] = old[j + D / s]; what would wrap around is left as it
+        was, because it lies in the uncovered strip, which is recomputed (one copy of the overlap plus a
+        temporary, in the buffers' NHWC memory order: torch.roll on the strided view is ~10x slower)."""
+        for m in self.geo.layers:
+            for k in _state_keys(m):
+                s = self.geo.strides[(id(m), k)]
+                v = m._buffers[k][i].permute(1, 2, 0)  # (h, w, C)
+                ky, kx = dy // s, dx // s
+                h, w = v.shape[:2]
+                src = v[max(ky, 0):h + min(ky, 0), max(kx, 0):w + min(kx, 0)]
+                v[max(-ky, 0):h + min(-ky, 0), max(-kx, 0):w + min(-kx, 0)].copy_(src.clone())
+
+    @staticmethod
+    def _fill_uncovered(ref: Tensor, frame: Tensor, dx: int, dy: int) -> None:
+        H, W = ref.shape[1:]
+        f = frame.to(ref.dtype)
+        if dx > 0:
+            ref[:, :, W - dx:] = f[:, :, W - dx:]
+        elif dx < 0:
+            ref[:, :, :-dx] = f[:, :, :-dx]
+        if dy > 0:
+            ref[:, H - dy:] = f[:, H - dy:]
+        elif dy < 0:
+            ref[:, :-dy] = f[:, :-dy]
+
+    def _recompute(self, i: int, src: Tensor, regions) -> None:
+        """For each ((wy0, wy1, cy0, cy1), (wx0, wx1, cx0, cx1)): run a keyframe on src's crop [cy0:cy1,
+        cx0:cx1] and paste every state it seeds into stream i's buffers at the write window."""
+        dtype = next((p.dtype for p in self.dm.parameters()), src.dtype)
+        for (wy0, wy1, cy0, cy1), (wx0, wx1, cx0, cx1) in regions:
+            crop = src[:, :, cy0:cy1, cx0:cx1].to(dtype)
+            states = self._crop_keyframe(crop)
+            for m in self.geo.layers:
+                for k in _state_keys(m):
+                    s = self.geo.strides[(id(m), k)]
+                    new = states[(id(m), k)]
+                    m._buffers[k][i, :, wy0 // s:wy1 // s, wx0 // s:wx1 // s] = \
+                        new[0, :, (wy0 - cy0) // s:(wy1 - cy0) // s, (wx0 - cx0) // s:(wx1 - cx0) // s]
+            self.recomputed_pixels += crop.shape[2] * crop.shape[3]
+
+    def _crop_keyframe(self, crop: Tensor) -> dict[tuple[int, str], Tensor]:
+        """The state a keyframe on `crop` seeds in every layer, leaving the model's own state, runtime
+        flags and statistics as they were."""
+        dm, rt = self.dm, self.dm.rt
+        saved = {id(m): {k: m._buffers[k] for k in _state_keys(m)} for m in self.geo.layers}
+        scratch = {id(m): dict(m._scratch) for m in self.geo.layers if isinstance(m, Sparsify)}
+        flags = (rt.keyframe, rt.stateless, rt.dense_above, rt.dense_limit, rt.track_change, rt.input_change,
+                 rt.input_mask, rt.stats)
+        try:
+            for m in self.geo.layers:
+                for k in saved[id(m)]:
+                    m._buffers[k] = None  # the keyframe allocates crop-sized state instead of reusing these
+                if isinstance(m, Sparsify):
+                    m._scratch.clear()
+            rt.keyframe, rt.stateless, rt.dense_above, rt.dense_limit, rt.track_change = True, False, None, None, False
+            rt.stats = StatsRecorder(enabled=flags[7].enabled)
+            rt.stats.start_frame()
+            dm.graph_module(crop)
+            if rt.stats.enabled:
+                self.recompute_macs += rt.stats.frame(True).macs
+            return {(id(m), k): m._buffers[k] for m in self.geo.layers for k in saved[id(m)]}
+        finally:
+            for m in self.geo.layers:
+                for k, v in saved[id(m)].items():
+                    m._buffers[k] = v
+                if isinstance(m, Sparsify):
+                    m._scratch.clear()
+                    m._scratch.update(scratch[id(m)])
+            (rt.keyframe, rt.stateless, rt.dense_above, rt.dense_limit, rt.track_change, rt.input_change,
+             rt.input_mask, rt.stats) = flags

@@ -1,0 +1,195 @@
+"""Moving cameras: state aligned to the scene must reproduce dense inference on the camera frames."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import deltacnn
+from deltacnn.motion import MotionDeltaModel, MotionNotSupportedError, PhaseCorrelator, given_motion, translate
+from deltacnn.motion.estimate import MIN_CONFIDENCE
+
+H, W = 112, 144  # multiples of the test net's total stride 8, and larger than its 4R + |D| (R = 24)
+
+
+class PanNet(nn.Module):
+    """Strided padded convs, ReLU, max pool, a residual add: total stride 8."""
+
+    def __init__(self, c: int = 6) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, c, 3, 1, 1)
+        self.c2 = nn.Conv2d(c, c, 3, 2, 1)
+        self.c3 = nn.Conv2d(c, c, 3, 1, 1)
+        self.c4 = nn.Conv2d(c, c, 3, 2, 1)
+        self.head = nn.Conv2d(c, 3, 1)
+
+    def forward(self, x):
+        x = F.relu(self.c1(x))
+        x = F.relu(self.c2(x))
+        x = F.max_pool2d(x, 2)
+        x = F.relu(self.c3(x) + x)
+        return self.head(F.relu(self.c4(x)))
+
+
+def _scene(seed: int, h: int = 320, w: int = 400) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (F.interpolate(torch.randn(1, 3, h // 4, w // 4, generator=g), size=(h, w), mode="bilinear",
+                          align_corners=False) + 0.1 * torch.randn(1, 3, h, w, generator=g))
+
+
+def _camera(scene: torch.Tensor, cx: int, cy: int, t: int) -> torch.Tensor:
+    """The camera's view at (cx, cy) of the scene at time t, with two objects moving in the scene."""
+    s = scene.clone()
+    s[:, :, 120 + 2 * t:136 + 2 * t, 150 + 3 * t:170 + 3 * t] = 1.5
+    s[:, :, 200 - 3 * t:212 - 3 * t, 190:204] = -1.0
+    return s[:, :, cy:cy + H, cx:cx + W]
+
+
+PATH = [(100, 80), (108, 80), (116, 72), (116, 72), (100, 80), (92, 96), (84, 104), (84, 112)]
+
+
+@pytest.fixture(scope="module")
+def net():
+    torch.manual_seed(0)
+    return PanNet().eval()
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_pan_by_multiples_of_the_stride_is_exact(net, backend):
+    scene = _scene(1)
+    mm = MotionDeltaModel(deltacnn.convert(net, torch.zeros(1, 3, H, W), backend=backend), motion="none")
+    mm = MotionDeltaModel(mm.dm, motion="auto")
+    rates = []
+    for t, (cx, cy) in enumerate(PATH):
+        x = _camera(scene, cx, cy, t)
+        out = mm(x)
+        torch.testing.assert_close(out, net(x), atol=2e-5, rtol=0, msg=f"frame {t}")
+        if t:
+            rates.append(float(mm.dm.input_mask.float().mean()))
+            moved = [a != b for a, b in zip(PATH[t], PATH[t - 1])]
+            if sum(moved) == 1:  # along one axis: strips, not the whole view
+                assert 0 < mm.aligner.recomputed_pixels < H * W
+    assert mm.view[0] == [84 - 100, 112 - 80]
+    assert max(rates) < 0.15, rates  # aligned: only the moving objects changed
+
+
+def test_too_small_halo_breaks_exactness(net):
+    """The border bands matter: recomputing less than R around the borders gives wrong outputs."""
+    scene = _scene(2)
+    mm = MotionDeltaModel(deltacnn.convert(net, torch.zeros(1, 3, H, W), backend="reference"), motion="auto")
+    mm(_camera(scene, *PATH[0], 0))
+    mm.aligner.geo.halo = mm.aligner.geo.total_stride
+    x = _camera(scene, *PATH[1], 1)
+    assert (mm(x) - net(x)).abs().max() > 1e-3
+
+
+def test_streams_move_independently_and_a_cut_recomputes_its_stream(net):
+    scenes = [_scene(3), _scene(4)]
+    mm = MotionDeltaModel(deltacnn.convert(net, torch.zeros(2, 3, H, W), backend="reference"), motion="auto")
+    path1 = [(60, 60), (60, 60), (68, 52), (68, 52)]
+    for t in range(4):
+        x1 = _camera(scenes[1], *path1[t], t)
+        if t >= 2:  # stream 1 cuts to another scene, without the objects
+            x1 = _scene(5)[:, :, path1[t][1]:path1[t][1] + H, path1[t][0]:path1[t][0] + W]
+        x = torch.cat([_camera(scenes[0], *PATH[t], t), x1])
+        out = mm(x)
+        torch.testing.assert_close(out, net(x), atol=2e-5, rtol=0, msg=f"frame {t}")
+        if t == 2:
+            assert mm.last_full == [False, True]
+            assert float(mm.last_estimate.confidence[1]) < MIN_CONFIDENCE
+    assert mm.view[0] == [16, -8]
+
+
+def test_sub_stride_pan_is_exact_on_the_aligned_view_and_close_to_dense(net):
+    """3 px/frame: the output is exactly the dense output of the aligned view (the frame moved by the
+    whole-pixel residual) mapped back to the camera; on a smooth scene that is close to dense inference on
+    the camera frame, closer than without mapping back (the rest is the net's own stride-8 aliasing)."""
+    g = torch.Generator().manual_seed(6)
+    scene = F.interpolate(torch.randn(1, 3, 20, 25, generator=g), size=(320, 400), mode="bilinear", align_corners=False)
+    seq = torch.tensor([[0.0, 0.0]] + [[3.0, -2.0]] * 7)
+    mm = MotionDeltaModel(deltacnn.convert(net, torch.zeros(1, 3, H, W), backend="reference"), motion=seq)
+    errs, unmapped = [], []
+    inner = (slice(None), slice(None), slice(2, -2), slice(2, -2))  # away from the replicated border
+    rel = lambda a, b: float((a - b)[inner].abs().mean() / b[inner].abs().mean())  # noqa: E731
+    with torch.no_grad():
+        for t in range(8):
+            x = _camera(scene, 100 + 3 * t, 100 - 2 * t, t)
+            out = mm(x)
+            r = torch.tensor(mm.residual).round()
+            view_out = net(translate(x, r, "nearest"))
+            torch.testing.assert_close(out, deltacnn.motion.map_outputs(view_out, -r, (H, W)), atol=2e-5, rtol=0,
+                                       msg=f"frame {t}")
+            if r.abs().sum() > 0:
+                errs.append(rel(out, net(x)))
+                unmapped.append(rel(view_out, net(x)))
+    assert mm.view[0] == [24, -16]
+    assert len(errs) >= 5 and max(errs) < 0.15, errs
+    assert sum(errs) < sum(unmapped), (errs, unmapped)
+
+
+def test_estimator_recovers_shifts_despite_moving_objects():
+    scene = _scene(7, 400, 480)
+    pc = PhaseCorrelator()
+    shifts = [(5, -3), (-8, 7), (0, 0), (2, 6)]
+    prev = torch.cat([scene[:, :, 100:220, 100:260]] * len(shifts))
+    cur = torch.cat([scene[:, :, 100 + dy:220 + dy, 100 + dx:260 + dx] for dx, dy in shifts]).clone()
+    cur[:, :, 20:50, 30:60] = 2.0  # objects that appear or move: they must not pull the estimate
+    cur[1, :, 70:100, 100:140] = -2.0
+    est = pc(prev, cur)
+    torch.testing.assert_close(est.shift, torch.tensor(shifts, dtype=torch.float32), atol=0.25, rtol=0)
+    assert (est.confidence > MIN_CONFIDENCE).all(), est.confidence
+    assert est.shift.device == prev.device and est.shift.shape == (4, 2)
+
+
+def test_estimator_reports_low_confidence_on_a_cut():
+    a = _scene(8, 120, 160)
+    b = _scene(9, 120, 160)
+    est = PhaseCorrelator()(torch.cat([a, a]), torch.cat([b, torch.zeros_like(a)]))
+    assert (est.confidence < MIN_CONFIDENCE).all(), est.confidence
+
+
+def test_given_motion_translations_and_homographies():
+    est = given_motion([2.0, -1.0], 2, (60, 80), "cpu")
+    assert est.shift.tolist() == [[2.0, -1.0], [2.0, -1.0]]
+    hm = torch.eye(3)
+    hm[0, 2], hm[1, 2] = -4.0, 3.0  # content moves by (-4, 3): the camera moved by (4, -3)
+    assert given_motion(hm, 1, (60, 80), "cpu").shift.tolist() == [[4.0, -3.0]]
+    rot = torch.tensor([[0.99, -0.1, 0.0], [0.1, 0.99, 0.0], [0.0, 0.0, 1.0]])
+    with pytest.warns(UserWarning, match="not a translation"):
+        given_motion(rot, 1, (60, 80), "cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        given_motion(hm, 1, (60, 80), "cpu")
+    with pytest.raises(ValueError, match="translation of shape"):
+        given_motion(torch.zeros(3), 1, (60, 80), "cpu")
+
+
+def test_translate_whole_and_fractional_pixels():
+    x = torch.randn(2, 3, 10, 12)
+    y = translate(x, torch.tensor([[2.0, -1.0], [0.0, 0.0]]))
+    assert torch.equal(y[0, :, 1:9, 2:], x[0, :, 2:10, :-2]) and torch.equal(y[1], x[1])
+    half = translate(x[:1], torch.tensor([[0.5, 0.0]]))
+    torch.testing.assert_close(half[0, :, :, 1:], 0.5 * (x[0, :, :, 1:] + x[0, :, :, :-1]))
+
+
+def test_unsupported_models_and_frames_are_refused(net):
+    class SE(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv2d(3, 4, 3, 1, 1)
+
+        def forward(self, x):
+            y = F.relu(self.c(x))
+            return y * torch.sigmoid(y.mean((2, 3), keepdim=True))
+
+    mm = MotionDeltaModel(deltacnn.convert(SE().eval(), torch.zeros(1, 3, 32, 32), backend="reference"))
+    with pytest.raises(MotionNotSupportedError, match="1x1"):
+        mm(torch.randn(1, 3, 32, 32))
+    mm = MotionDeltaModel(deltacnn.convert(net, torch.zeros(1, 3, 36, 36), backend="reference"))
+    with pytest.raises(MotionNotSupportedError, match="pad the frame"):
+        mm(torch.randn(1, 3, 36, 36))
+    with pytest.raises(ValueError, match="motion must be"):
+        MotionDeltaModel(mm.dm, motion="gyro")
