@@ -251,6 +251,24 @@ def test_agreement_same_class_and_borderline():
     assert abs(m["f1"] - 0.5) < 1e-9 and m["f1_stable"] == 1.0
 
 
+def test_agreement_with_itself_is_perfect_for_overlapping_borderline_boxes():
+    """A result agrees fully with itself, also when a borderline box overlaps a sure box of the same class
+    (it must not take the sure box's match away: this happened on vtest.avi before the one-to-one rule)."""
+    task = Y.YOLOv8Task(model=YOLOv8("n"))
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        n, k = int(rng.integers(0, 8)), int(rng.integers(0, 4))
+        xy = rng.uniform(0, 60, (n + k, 2))
+        wh = rng.uniform(5, 30, (n + k, 2))
+        boxes = np.concatenate([xy, xy + wh], 1).astype(np.float32)
+        scores = np.concatenate([rng.uniform(0.25, 0.4, n), rng.uniform(0.2, 0.25, k)])
+        classes = rng.integers(0, 2, n + k)
+        r = {"boxes": boxes[:n], "scores": scores[:n], "classes": classes[:n], "low_boxes": boxes[n:],
+             "low_scores": scores[n:], "low_classes": classes[n:]}
+        m = task.agreement(r, r)
+        assert m["f1"] == 1.0 and m["f1_stable"] == 1.0, (r, m)
+
+
 # ---- delta conversion ----------------------------------------------------------------------------
 def test_conversion_tau0_equals_dense_over_real_frames(official):
     """Every conv a delta layer, only the box decode dense; at threshold 0 the delta model gives the dense

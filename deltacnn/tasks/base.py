@@ -42,32 +42,44 @@ def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
 
 
-def box_f1(boxes: np.ndarray, scores: np.ndarray, ref_boxes: np.ndarray, iou_thr: float = 0.5,
-           classes: np.ndarray | None = None, ref_classes: np.ndarray | None = None) -> dict[str, float]:
+def match_boxes(boxes: np.ndarray, scores: np.ndarray, ref_boxes: np.ndarray, iou_thr: float = 0.5,
+                classes: np.ndarray | None = None, ref_classes: np.ndarray | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
     """Greedy (by score) one-to-one matching at IoU >= iou_thr (and the same class when both class arrays
-    are given). Both empty counts as F1 = 1."""
+    are given): for each box the index of its reference box (-1: none), and the IoU of the pair."""
     n, m = len(boxes), len(ref_boxes)
-    if n == 0 and m == 0:
-        return {"f1": 1.0, "precision": 1.0, "recall": 1.0, "mean_iou": 1.0, "n": 0.0, "n_ref": 0.0}
-    iou = iou_matrix(boxes, ref_boxes) if n and m else np.zeros((n, m))
-    if classes is not None and ref_classes is not None and n and m:
+    match, ious = np.full(n, -1, np.int64), np.zeros(n)
+    if n == 0 or m == 0:
+        return match, ious
+    iou = iou_matrix(boxes, ref_boxes)
+    if classes is not None and ref_classes is not None:
         iou = np.where(np.asarray(classes)[:, None] == np.asarray(ref_classes)[None, :], iou, 0.0)
     taken = np.zeros(m, bool)
-    matched: list[float] = []
-    for i in np.argsort(-np.asarray(scores)):
-        if m == 0:
-            break
+    for i in np.argsort(-np.asarray(scores), kind="stable"):
         cand = np.where(~taken, iou[i], -1.0)
         j = int(np.argmax(cand))
         if cand[j] >= iou_thr:
-            taken[j] = True
-            matched.append(float(cand[j]))
-    tp = len(matched)
+            taken[j], match[i], ious[i] = True, j, cand[j]
+    return match, ious
+
+
+def f1_scores(tp: int, n: int, n_ref: int) -> dict[str, float]:
+    """F1, precision and recall of `tp` matches among `n` boxes and `n_ref` reference boxes (0 of 0: 1)."""
     p = tp / n if n else 1.0
-    r = tp / m if m else 1.0
-    f1 = 2 * p * r / (p + r) if p + r > 0 else 0.0
-    return {"f1": f1, "precision": p, "recall": r,
-            "mean_iou": float(np.mean(matched)) if matched else 0.0, "n": float(n), "n_ref": float(m)}
+    r = tp / n_ref if n_ref else 1.0
+    return {"f1": 2 * p * r / (p + r) if p + r > 0 else 0.0, "precision": p, "recall": r}
+
+
+def box_f1(boxes: np.ndarray, scores: np.ndarray, ref_boxes: np.ndarray, iou_thr: float = 0.5,
+           classes: np.ndarray | None = None, ref_classes: np.ndarray | None = None) -> dict[str, float]:
+    """F1 / precision / recall / mean matched IoU of `match_boxes`. Both empty counts as F1 = 1."""
+    n, m = len(boxes), len(ref_boxes)
+    if n == 0 and m == 0:
+        return {"f1": 1.0, "precision": 1.0, "recall": 1.0, "mean_iou": 1.0, "n": 0.0, "n_ref": 0.0}
+    match, ious = match_boxes(boxes, scores, ref_boxes, iou_thr, classes, ref_classes)
+    hit = match >= 0
+    return {**f1_scores(int(hit.sum()), n, m), "mean_iou": float(ious[hit].mean()) if hit.any() else 0.0,
+            "n": float(n), "n_ref": float(m)}
 
 
 def nms(boxes: np.ndarray, scores: np.ndarray, thr: float) -> np.ndarray:
