@@ -251,9 +251,27 @@ def test_agreement_same_class_and_borderline():
     assert abs(m["f1"] - 0.5) < 1e-9 and m["f1_stable"] == 1.0
 
 
+def test_agreement_with_itself_is_perfect_for_overlapping_borderline_boxes():
+    """A result agrees fully with itself, also when a borderline box overlaps a sure box of the same class
+    (it must not take the sure box's match away: this happened on vtest.avi before the one-to-one rule)."""
+    task = Y.YOLOv8Task(model=YOLOv8("n"))
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        n, k = int(rng.integers(0, 8)), int(rng.integers(0, 4))
+        xy = rng.uniform(0, 60, (n + k, 2))
+        wh = rng.uniform(5, 30, (n + k, 2))
+        boxes = np.concatenate([xy, xy + wh], 1).astype(np.float32)
+        scores = np.concatenate([rng.uniform(0.25, 0.4, n), rng.uniform(0.2, 0.25, k)])
+        classes = rng.integers(0, 2, n + k)
+        r = {"boxes": boxes[:n], "scores": scores[:n], "classes": classes[:n], "low_boxes": boxes[n:],
+             "low_scores": scores[n:], "low_classes": classes[n:]}
+        m = task.agreement(r, r)
+        assert m["f1"] == 1.0 and m["f1_stable"] == 1.0, (r, m)
+
+
 def test_borderline_twin_does_not_drop_the_sure_box():
-    """A confident box overlapping a borderline one (IoU >= 0.5) stays in the stable F1: only the box
-    matched one-to-one to the borderline box leaves (the first version dropped both: F1 0.67 on equal inputs)."""
+    """A confident box overlapping a borderline one (IoU >= 0.5) stays in the stable F1 on equal inputs,
+    and missing only the borderline box costs the plain F1 but not the stable one."""
     task = Y.YOLOv8Task(model=YOLOv8("n"))
     e = np.zeros((0, 4), np.float32)
     r = {"boxes": np.array([[0, 0, 10, 10], [1, 1, 11, 11]], np.float32), "scores": np.array([0.9, 0.27]),
@@ -262,7 +280,7 @@ def test_borderline_twin_does_not_drop_the_sure_box():
     assert m["f1"] == 1.0 and m["f1_stable"] == 1.0 and m["n_borderline"] == 1
     miss = {**r, "boxes": r["boxes"][:1], "scores": r["scores"][:1], "classes": r["classes"][:1]}
     m = task.agreement(miss, r)
-    assert m["f1"] < 1.0 and m["f1_stable"] == 1.0  # only the borderline box was missed
+    assert m["f1"] < 1.0 and m["f1_stable"] == 1.0
 
 
 # ---- delta conversion ----------------------------------------------------------------------------

@@ -43,13 +43,13 @@ def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def match_boxes(boxes: np.ndarray, scores: np.ndarray, ref_boxes: np.ndarray, iou_thr: float = 0.5,
-                classes: np.ndarray | None = None, ref_classes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                classes: np.ndarray | None = None, ref_classes: np.ndarray | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
     """Greedy (by score) one-to-one matching at IoU >= iou_thr (and the same class when both class arrays
-    are given): for each box the index of its reference box (-1: unmatched), and the matched IoUs."""
+    are given): for each box the index of its reference box (-1: none), and the IoU of the pair."""
     n, m = len(boxes), len(ref_boxes)
-    match = np.full(n, -1, np.int64)
-    ious = np.zeros(n)
-    if not (n and m):
+    match, ious = np.full(n, -1, np.int64), np.zeros(n)
+    if n == 0 or m == 0:
         return match, ious
     iou = iou_matrix(boxes, ref_boxes)
     if classes is not None and ref_classes is not None:
@@ -63,23 +63,23 @@ def match_boxes(boxes: np.ndarray, scores: np.ndarray, ref_boxes: np.ndarray, io
     return match, ious
 
 
-def f1_counts(tp: int, n: int, m: int) -> tuple[float, float, float]:
-    """F1, precision, recall of tp matches among n boxes against m reference boxes (both empty: 1)."""
+def f1_scores(tp: int, n: int, n_ref: int) -> dict[str, float]:
+    """F1, precision and recall of `tp` matches among `n` boxes and `n_ref` reference boxes (0 of 0: 1)."""
     p = tp / n if n else 1.0
-    r = tp / m if m else 1.0
-    return (2 * p * r / (p + r) if p + r > 0 else 0.0), p, r
+    r = tp / n_ref if n_ref else 1.0
+    return {"f1": 2 * p * r / (p + r) if p + r > 0 else 0.0, "precision": p, "recall": r}
 
 
 def box_f1(boxes: np.ndarray, scores: np.ndarray, ref_boxes: np.ndarray, iou_thr: float = 0.5,
            classes: np.ndarray | None = None, ref_classes: np.ndarray | None = None) -> dict[str, float]:
-    """F1 of `boxes` against `ref_boxes` under match_boxes' one-to-one matching. Both empty counts as F1 = 1."""
+    """F1 / precision / recall / mean matched IoU of `match_boxes`. Both empty counts as F1 = 1."""
     n, m = len(boxes), len(ref_boxes)
     if n == 0 and m == 0:
         return {"f1": 1.0, "precision": 1.0, "recall": 1.0, "mean_iou": 1.0, "n": 0.0, "n_ref": 0.0}
     match, ious = match_boxes(boxes, scores, ref_boxes, iou_thr, classes, ref_classes)
-    f1, p, r = f1_counts(int((match >= 0).sum()), n, m)
-    return {"f1": f1, "precision": p, "recall": r,
-            "mean_iou": float(ious[match >= 0].mean()) if (match >= 0).any() else 0.0, "n": float(n), "n_ref": float(m)}
+    hit = match >= 0
+    return {**f1_scores(int(hit.sum()), n, m), "mean_iou": float(ious[hit].mean()) if hit.any() else 0.0,
+            "n": float(n), "n_ref": float(m)}
 
 
 def nms(boxes: np.ndarray, scores: np.ndarray, thr: float) -> np.ndarray:

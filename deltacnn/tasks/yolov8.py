@@ -22,7 +22,7 @@ from torch import nn
 
 from ..models.yolov8 import YOLOv8, infer_scale, yolov8
 from ..safe_unpickle import load_checkpoint, module_state_dict
-from .base import box_f1, draw_labelled_box, f1_counts, match_boxes, nms
+from .base import box_f1, draw_labelled_box, f1_scores, iou_matrix, match_boxes, nms
 
 __all__ = ["YOLOv8Task", "yolov8n_checkpoint_path", "load_yolov8_checkpoint", "from_ultralytics",
            "YOLOV8N_INSTALL_HINT"]
@@ -212,18 +212,25 @@ class YOLOv8Task:
         ``f1_stable``: the same with the borderline objects left out on both sides."""
         out = box_f1(result["boxes"], result["scores"], reference["boxes"], 0.5, result["classes"],
                      reference["classes"])
-        # borderline: dense boxes with score in [conf - b, conf + b). Each delta box is matched one-to-one
-        # against all dense boxes down to conf - b; those matched to a borderline one leave with it, so a
-        # confident box next to a borderline twin is not dropped by mistake
-        ref_all = np.concatenate([reference["boxes"], reference["low_boxes"]]).reshape(-1, 4)
-        ref_sc = np.concatenate([reference["scores"], reference["low_scores"]])
-        ref_cl = np.concatenate([reference["classes"], reference["low_classes"]])
-        border = ref_sc < self.conf + self.borderline
-        match, _ = match_boxes(result["boxes"], result["scores"], ref_all, 0.5, result["classes"], ref_cl)
-        kept = (match < 0) | ~border[np.maximum(match, 0)]
-        tp = int(((match >= 0) & kept).sum())
-        f1_s, _, _ = f1_counts(tp, int(kept.sum()), int((~border).sum()))
-        stable = {"f1": f1_s}
-        out["f1_stable"] = stable["f1"]
-        out["n_borderline"] = float(border.sum())
+        out["f1_stable"] = self._f1_stable(result, reference)
+        out["n_borderline"] = float(np.sum(reference["scores"] < self.conf + self.borderline)
+                                    + len(reference["low_scores"]))
         return out
+
+    def _f1_stable(self, result, reference) -> float:
+        """F1 without the borderline objects: dense boxes scored in [conf - b, conf + b) and the delta boxes
+        matched to them (or, left unmatched, overlapping one at IoU 0.5 with the same class) are left out."""
+        ref_boxes = np.concatenate([reference["boxes"], reference["low_boxes"]]).reshape(-1, 4)
+        ref_scores = np.concatenate([reference["scores"], reference["low_scores"]])
+        ref_classes = np.concatenate([reference["classes"], reference["low_classes"]])
+        border = ref_scores < self.conf + self.borderline
+        match, _ = match_boxes(result["boxes"], result["scores"], ref_boxes, 0.5, result["classes"], ref_classes)
+        tp = int(np.sum((match >= 0) & ~border[np.maximum(match, 0)]))
+        keep = np.ones(len(match), bool)
+        keep[match >= 0] = ~border[match[match >= 0]]
+        unmatched = np.flatnonzero(match < 0)
+        if len(unmatched) and border.any():
+            iou = iou_matrix(result["boxes"][unmatched], ref_boxes[border])
+            same = result["classes"][unmatched][:, None] == ref_classes[border][None, :]
+            keep[unmatched] = ~((iou >= 0.5) & same).any(1)
+        return f1_scores(tp, int(keep.sum()), int((~border).sum()))["f1"]
