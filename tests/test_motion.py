@@ -142,6 +142,8 @@ def test_estimator_recovers_shifts_despite_moving_objects():
     torch.testing.assert_close(est.shift, torch.tensor(shifts, dtype=torch.float32), atol=0.25, rtol=0)
     assert (est.confidence > MIN_CONFIDENCE).all(), est.confidence
     assert est.shift.device == prev.device and est.shift.shape == (4, 2)
+    pooled = PhaseCorrelator(max_size=64)(prev, cur)  # 3x3 average pooling first: coarser, still sub-pixel
+    torch.testing.assert_close(pooled.shift, torch.tensor(shifts, dtype=torch.float32), atol=0.5, rtol=0)
 
 
 def test_estimator_reports_low_confidence_on_a_cut():

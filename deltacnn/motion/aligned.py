@@ -300,7 +300,7 @@ class StateAligner:
         cx0:cx1] and paste every state it seeds into stream i's buffers at the write window."""
         dtype = next((p.dtype for p in self.dm.parameters()), src.dtype)
         for (wy0, wy1, cy0, cy1), (wx0, wx1, cx0, cx1) in regions:
-            crop = src[:, :, cy0:cy1, cx0:cx1].to(dtype)
+            crop = src[:, :, cy0:cy1, cx0:cx1].to(dtype).contiguous()  # NCHW, as frames come
             states = self._crop_keyframe(crop)
             for m in self.geo.layers:
                 for k in _state_keys(m):

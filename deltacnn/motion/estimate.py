@@ -50,7 +50,7 @@ class PhaseCorrelator:
     confidence.
     """
 
-    def __init__(self, max_size: int = 512, exclude: int = 3) -> None:
+    def __init__(self, max_size: int = 256, exclude: int = 3) -> None:
         if max_size < 16:
             raise ValueError(f"max_size must be >= 16 pixels, got {max_size}")
         self.max_size = max_size
