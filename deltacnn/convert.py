@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import operator
 import re
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +18,7 @@ from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .activations import ActSpec
+from .errors import ConversionError, UnsupportedOperationError
 from .layers import (DeltaActivation, DeltaAdd, DeltaCat, DeltaChannelSlice, DeltaConv2d, DeltaConvTranspose2d,
                      DeltaGlobalAvgPool, DeltaLayer, DeltaLinearMap, DeltaMaxPool2d, DeltaMul, DeltaScale,
                      DenseIsland, Densify, Sparsify)
@@ -25,14 +26,9 @@ from .model import DeltaModel
 from .runtime import Runtime
 from .tensor import DeltaTensor
 from .thresholds import INPUT, Thresholds
+from .tracing import trace
 
 
-class UnsupportedOperationError(NotImplementedError):
-    """An op on the video stream has no delta version (and dense fallback is off)."""
-
-
-class ConversionError(RuntimeError):
-    """The model cannot be converted as it is (not traceable, wrong example input, ...)."""
 
 
 # ---- activation recognition ----------------------------------------------------------------------
@@ -501,7 +497,7 @@ def convert(model: nn.Module, example_input: Tensor, *, threshold: float = 0.0, 
             score: str = "max", thresholds_file: str | None = None, dtype: torch.dtype | None = None,
             keyframe_interval: int | None = None, mask_dilation: int = 1, allow_dense_fallback: bool = False,
             fuse: bool = True, backend: str | None = None, on_input_change: str = "error",
-            dense_above: float | None = 0.5) -> DeltaModel:
+            dense_above: float | None = 0.5, leaf_modules: Iterable[type | str] = ()) -> DeltaModel:
     """Turn an ordinary CNN into a stateful delta model for video.
 
     Args:
@@ -526,6 +522,9 @@ def convert(model: nn.Module, example_input: Tensor, *, threshold: float = 0.0, 
             on the host, so backends that must not synchronise (Triton, CUDA graphs) ignore it:
             there `deltacnn.compile(..., dense_above=)` does the same without waiting. None
             disables it.
+        leaf_modules: module classes or qualified names that tracing keeps as one call instead of
+            tracing into (for modules with data-dependent control flow); without a delta version
+            they run as dense islands (needs allow_dense_fallback=True).
     """
     if dense_above is not None and not 0 <= dense_above <= 1:
         raise ValueError(f"dense_above must be in [0, 1] or None, got {dense_above}")
@@ -540,13 +539,7 @@ def convert(model: nn.Module, example_input: Tensor, *, threshold: float = 0.0, 
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
     model = copy.deepcopy(model).eval()
-    try:
-        traced = fx.symbolic_trace(model)
-    except Exception as e:  # noqa: BLE001 - any tracing failure gets the same advice
-        raise ConversionError(
-            f"torch.fx could not trace {type(model).__name__}: {type(e).__name__}: {e}. deltacnn needs a forward() "
-            "without data-dependent Python control flow; move such logic out of the model or mark the offending "
-            "function with torch.fx.wrap.") from e
+    traced = trace(model, example_input, leaf_modules)
     device = next(model.parameters(), example_input).device
     with torch.no_grad():
         try:
