@@ -220,15 +220,8 @@ class _Converter:
         return n
 
     def _tail(self, node: fx.Node, macs: int) -> None:
-        meta = _shape(node)
-        if node.op == "call_module" and isinstance(self.modules[node.target], (nn.Conv2d, nn.ConvTranspose2d)) \
-                and not self.allow_fallback:
-            raise UnsupportedOperationError(
-                f"{describe_node(node)} is a convolution on a map that left the delta stream (after an op "
-                f"without a delta version), so it would run densely on every frame. Pass allow_dense_fallback=True "
-                "to allow that, or change the op before it (see deltacnn.SUPPORTED_OPS).")
+        """Record an op of a dense tail (after the last feature maps): allowed, but listed by convert()."""
         self.tails.append(DenseReport(node.name, _target_name(node), macs, node.meta.get(SOURCE)))
-        del meta
 
     def _dense_call(self, node: fx.Node, args: tuple, kwargs: dict, flat: list, macs: int) -> fx.Node:
         template, inputs = _template(args, kwargs, flat)
@@ -249,6 +242,8 @@ class _Converter:
         else:
             return None
         out = _shape(node)
+        if all(o[1] == "contiguous" for o in chain.ops):
+            return chain.src  # contiguous() on a map: a no-op on deltas
         if chain.shape is not None and out is not None and len(out) == 4 and out[0] == chain.shape[0] \
                 and tuple(out[2:]) == tuple(chain.shape[2:]):
             perm = chain.channel_permutation()
@@ -604,7 +599,7 @@ class _Chain:
 
         Found by running the chain on a tensor holding each element's own index (float64: exact)."""
         n, c, h, w = self.shape
-        if n * c * h * w > 2 ** 26:
+        if n * c * h * w > 2 ** 24:  # the probe is float64: at most 128 MB
             return None
         probe = torch.arange(n * c * h * w, dtype=torch.float64).view(n, c, h, w)
         try:
@@ -726,9 +721,14 @@ SUPPORTED_OPS = (
     "Conv2d (any kernel/stride/padding incl. 'same'/dilation/groups, bias), ConvTranspose2d, BatchNorm2d (folded or "
     "scale+shift), ReLU, ReLU6, LeakyReLU, PReLU, ELU, Hardtanh, SiLU, Hardswish, Hardsigmoid, Sigmoid, Tanh, GELU "
     "(modules, functions and tensor methods), MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, Upsample/interpolate "
-    "(nearest, bilinear), add/sub of two streams or a constant, mul of two streams (broadcast allowed) or by a "
-    "constant, division by a constant, neg, torch.cat on channels, channel slicing x[:, a:b], mean over (2, 3) "
-    "with keepdim, Identity/Dropout; anything after the feature map stops being 4-D (flatten, Linear) runs densely."
+    "(nearest, nearest-exact, bilinear, bicubic, area; static size or scale_factor, also from x.shape), add/sub of "
+    "two streams or a constant, mul of two streams (broadcast allowed) or by a constant, division by a constant, neg, "
+    "torch.cat on channels, chunk/split/tensor_split along channels, rows or columns (and getitem/unpacking of "
+    "their parts), slicing x[:, a:b:s, ..., ::2, ::2] (bounds may come from x.shape), narrow, view/reshape/permute/"
+    "transpose/flatten chains that come back to a map as a channel permutation (channel shuffle), pixel_shuffle, "
+    "pixel_unshuffle, roll, flip, F.pad / nn.*Pad2d (constant, reflect, replicate, circular), mean over (2, 3) with "
+    "keepdim, Identity/Dropout; anything after the feature map stops being 4-D (flatten, Linear, box decodes) runs "
+    "densely as a reported dense tail."
 )
 
 
