@@ -18,19 +18,6 @@ FRAMES = 20
 BACKENDS = ["reference", "cpu"]
 
 
-class Sandwich(nn.Module):
-    """conv -> relu -> op -> conv -> relu: the op sits between two stateful layers, as in real networks."""
-
-    def __init__(self, op, cin_after: int, stride: int = 1) -> None:
-        super().__init__()
-        self.a = nn.Conv2d(3, 8, 3, stride=stride, padding=1)
-        self.op = op
-        self.b = nn.Conv2d(cin_after, 4, 3, padding=1)
-
-    def forward(self, x):
-        return torch.relu(self.b(self.op(torch.relu(self.a(x)), x)))
-
-
 class Op(nn.Module):
     def __init__(self, fn) -> None:
         super().__init__()
@@ -108,23 +95,23 @@ class _ModuleOp(nn.Module):
         return self.m(y)
 
 
-def build(name: str) -> nn.Module:
-    torch.manual_seed(0)
-    fn, cin, stride, _ = CASES[name]
-    op = _ModuleOp(fn) if isinstance(fn, nn.Module) else Op(fn)
-    return Sandwich(op, cin, stride).eval()
-
-
 class Bank(nn.Module):
-    """Several cases side by side (one conversion, one clip), each its own output, so each is checked alone."""
+    """Cases side by side, each conv -> relu -> op -> conv -> relu (the op between two stateful layers, as in
+    real networks) with its own output, so each is checked alone; the first conv is shared (fewer layers)."""
 
     def __init__(self, names: list[str]) -> None:
         super().__init__()
+        torch.manual_seed(0)
         self.names = names
-        self.cases = nn.ModuleList(build(n) for n in names)
+        self.first = nn.ModuleList([nn.Conv2d(3, 8, 3, 1, 1), nn.Conv2d(3, 8, 3, 2, 1)])
+        self.strided = [CASES[n][2] == 2 for n in names]
+        self.ops = nn.ModuleList(_ModuleOp(CASES[n][0]) if isinstance(CASES[n][0], nn.Module) else Op(CASES[n][0])
+                                 for n in names)
+        self.last = nn.ModuleList(nn.Conv2d(CASES[n][1], 4, 3, padding=1) for n in names)
 
     def forward(self, x):
-        return tuple(c(x) for c in self.cases)
+        y = [torch.relu(self.first[0](x)), torch.relu(self.first[1](x)) if any(self.strided) else None]
+        return tuple(torch.relu(last(op(y[s], x))) for op, last, s in zip(self.ops, self.last, self.strided))
 
 
 def _run(model: nn.Module, backend: str, frames: int = FRAMES, **kw) -> tuple[deltacnn.DeltaModel, list[float]]:
