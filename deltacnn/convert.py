@@ -207,7 +207,7 @@ class _Converter:
     def _dense_node(self, node: fx.Node, args: tuple, kwargs: dict, flat: list) -> fx.Node:
         """A node off the stream: a copy, or (when it does multiply-adds) a DenseCall that records them."""
         derived = any(a in self.dense_derived for a in flat)
-        macs = self._node_macs
+        macs = int(node.meta.get("macs", 0))  # not _node_macs: densifying the inputs may have used it
         if derived:
             self._tail(node, macs)
         if macs > 0 and node.op in ("call_module", "call_function", "call_method"):
@@ -527,7 +527,7 @@ class _Converter:
                 "ops (see deltacnn.SUPPORTED_OPS).")
         flat = _flatten_nodes((args, kwargs))
         template, inputs = _template(args, kwargs, flat)
-        macs = self._node_macs
+        macs = int(node.meta.get("macs", 0))
         island = DenseIsland(self._name(node), _as_callable(node, self.modules), 0, reenter=True, template=template,
                              streams=[a in self.streams for a in inputs], macs=macs, what=what)
         self.islands.append(DenseReport(node.name, what, macs, node.meta.get(SOURCE)))

@@ -266,7 +266,7 @@ def test_island_work_is_counted_dense_in_stats_and_summary():
 
         def forward(self, x):
             y = self.b(self.leaf(torch.relu(self.a(x))))
-            return y, self.fc(y.mean((2, 3)))
+            return y, self.fc(torch.flatten(y.mean((2, 3), keepdim=True), 1))
 
     m = Net().eval()
     clip = make_video(4, h=12, w=12, noise=0.0)
