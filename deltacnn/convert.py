@@ -19,8 +19,9 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from .activations import ActSpec
 from .layers import (DeltaActivation, DeltaAdd, DeltaCat, DeltaChannelSlice, DeltaConv2d, DeltaConvTranspose2d,
-                     DeltaGlobalAvgPool, DeltaLayer, DeltaLinearMap, DeltaMaxPool2d, DeltaMul, DeltaScale,
-                     DenseIsland, Densify, Sparsify)
+                     DeltaGlobalAvgPool, DeltaLayer, DeltaLayerNorm, DeltaLinearMap, DeltaMaxPool2d, DeltaMul,
+                     DeltaScale, DenseIsland, Densify, Sparsify)
+from .geometry import Window
 from .model import DeltaModel
 from .runtime import Runtime
 from .tensor import DeltaTensor
@@ -113,6 +114,9 @@ class _Converter:
         self.layers: dict[str, DeltaLayer] = {}
         self.holder = nn.Module()
         self.uses: dict[str, int] = {}
+        # source-graph nodes whose stream is a channels-last view x.permute(0, 2, 3, 1) of a map: the
+        # DeltaTensor keeps its (N, C, H, W) layout and ops on the view act on its channels
+        self.nhwc: set[fx.Node] = set()
 
     # naming: a module called once keeps its qualified name; later calls get _1, _2 ...
     def _name(self, node: fx.Node) -> str:
@@ -165,6 +169,8 @@ class _Converter:
         return self._densify(m) if m in self.streams else m
 
     def _convert(self, node: fx.Node) -> fx.Node:
+        if any(a in self.nhwc for a in _flatten_nodes((node.args, node.kwargs))):
+            return self._convert_nhwc(node)
         args = fx.node.map_arg(node.args, lambda n: self.env[n])
         kwargs = fx.node.map_arg(node.kwargs, lambda n: self.env[n])
         flat: list = []
@@ -212,6 +218,15 @@ class _Converter:
                                                                  size=m.size))
             return None
         key = t if op == "call_function" else (t if op == "call_method" else None)
+        if op == "call_function" and _identity_in_eval(t, args, kwargs):
+            return args[0] if args else kwargs.get("input")
+        if _permute_dims(node) == (0, 2, 3, 1) and self._is_stream(args[0]) and _ndim(node.args[0]) == 4:
+            self.nhwc.add(node)  # a channels-last view: the stream itself, ops on it see channels last
+            return args[0]
+        if key in _SHAPE_ONLY and len(args) == 2 and self._is_stream(args[1]) and not self._is_stream(args[0]):
+            # s.expand_as(x) and friends read only x's shape: take it from the stream's values
+            v = self.graph.call_function(_values, (args[1],))
+            return self.graph.call_method(key, (args[0], v))
         if key in _FN_ACTS:
             stream = args[0]
             act = _FN_ACTS[key](*args, **kwargs)
@@ -290,6 +305,9 @@ class _Converter:
             return self._add_layer(DeltaAdd(name), (a, b))
         const = _constant(b if self._is_stream(a) else a, self.src)
         if const is None:
+            return self._add_dense_operand(node, a, b, negate, name)
+        const = _shift_constant(const, _ndim(node.args[0] if self._is_stream(a) else node.args[1]))
+        if const is None:
             return None
         stream = a if self._is_stream(a) else b
         if self._is_stream(a):  # x + c, x - c
@@ -312,14 +330,160 @@ class _Converter:
             return None  # c / x is nonlinear
         const = _constant(b if self._is_stream(a) else a, self.src)
         if const is None:
+            return self._mul_dense_operand(node, a, b, div, name)
+        const = _channel_constant(const, channels_last=False)
+        if const is None:
             return None
-        if isinstance(const, Tensor) and not (const.numel() == 1 or (const.dim() >= 3 and const.shape[-2:] == (1, 1))
-                                              or const.dim() == 1):
-            return None
-        if isinstance(const, Tensor):
-            const = const.reshape(-1)
         scale = 1.0 / const if div else const
         return self._add_layer(DeltaScale(scale, 0.0, name), (a if self._is_stream(a) else b,))
+
+    # ---- a stream combined with a tensor computed densely (SE gates from Linear layers, attention) ----
+    def _dense_tensor(self, new: Any, old: Any) -> bool:
+        """Whether `new` is a non-stream floating-point tensor of a 4-D (or broadcastable) shape."""
+        meta = old.meta.get("tensor_meta") if isinstance(old, fx.Node) else None
+        return (isinstance(new, fx.Node) and not self._is_stream(new) and meta is not None
+                and hasattr(meta, "shape") and meta.dtype.is_floating_point and len(meta.shape) == 4)
+
+    def _as_stream(self, dense: fx.Node, name: str) -> fx.Node:
+        """Sparsify a densely computed tensor into a second stream: its deltas are exact at tau 0, and
+        where it changes (a per-image gate changes everywhere) every pixel it touches is updated."""
+        return self._add_layer(Sparsify(f"{name}.operand"), (dense,))
+
+    def _unexpanded(self, old: fx.Node) -> fx.Node:
+        """`old` without a trailing expand/expand_as (the product broadcasts by itself)."""
+        if old.op == "call_method" and old.target in ("expand", "expand_as") and _ndim(old.args[0]) == 4:
+            return self.env[old.args[0]]
+        return self.env[old]
+
+    def _mul_dense_operand(self, node: fx.Node, a: Any, b: Any, div: bool, name: str) -> fx.Node | None:
+        sa = self._is_stream(a)
+        dense_new, dense_old = (b, node.args[1]) if sa else (a, node.args[0])
+        if not self._dense_tensor(dense_new, dense_old):
+            return None
+        stream, stream_old = (a, node.args[0]) if sa else (b, node.args[1])
+        out_shape = tuple(node.meta["tensor_meta"].shape) if "tensor_meta" in node.meta else None
+        if out_shape != tuple(stream_old.meta["tensor_meta"].shape):
+            return None  # the dense operand is the larger one: not a gate on the stream
+        gate = self._unexpanded(dense_old)
+        if div:
+            gate = self.graph.call_function(torch.reciprocal, (gate,))
+        return self._add_layer(DeltaMul(name), (stream, self._as_stream(gate, name)))
+
+    def _add_dense_operand(self, node: fx.Node, a: Any, b: Any, negate: bool, name: str) -> fx.Node | None:
+        sa = self._is_stream(a)
+        dense_new, dense_old = (b, node.args[1]) if sa else (a, node.args[0])
+        if not self._dense_tensor(dense_new, dense_old):
+            return None
+        stream, stream_old = (a, node.args[0]) if sa else (b, node.args[1])
+        shape = tuple(stream_old.meta["tensor_meta"].shape)
+        if tuple(node.meta["tensor_meta"].shape) != shape:
+            return None
+        other = dense_new
+        if tuple(dense_old.meta["tensor_meta"].shape) != shape:  # broadcast: DeltaAdd adds equal shapes
+            other = self.graph.call_method("contiguous", (self.graph.call_method("expand", (other, shape)),))
+        if negate and sa:
+            other = self.graph.call_function(operator.neg, (other,))
+        other = self._as_stream(other, name)
+        if negate and not sa:
+            stream = self._add_layer(DeltaScale(-1.0, 0.0, f"{name}.neg"), (stream,))
+        return self._add_layer(DeltaAdd(name), (stream, other))
+
+    # ---- channels-last views (ConvNeXt: permute -> LayerNorm -> Linear -> GELU -> Linear -> permute) ----
+    def _convert_nhwc(self, node: fx.Node) -> fx.Node:
+        """An op reading a channels-last view of a stream: LayerNorm and Linear over channels, pointwise
+        functions and channel constants have delta forms; permute(0, 3, 1, 2) returns to the map."""
+        args = fx.node.map_arg(node.args, lambda n: self.env[n])
+        kwargs = fx.node.map_arg(node.kwargs, lambda n: self.env[n])
+        made = self._nhwc_op(node, args, kwargs)
+        if made is not None:
+            return made
+        if _permute_dims(node) == (0, 3, 1, 2) and node.args[0] in self.nhwc:
+            return args[0]  # back to (N, C, H, W): the stream as it is
+        meta = node.meta.get("tensor_meta")
+        if meta is not None and hasattr(meta, "shape") and len(meta.shape) == 4:
+            raise UnsupportedOperationError(
+                f"graph node {node.name!r} calls {_target_name(node)} on a channels-last view of a feature map "
+                "(x.permute(0, 2, 3, 1)); there deltacnn supports LayerNorm and Linear over the channels, pointwise "
+                "activations, dropout/identity, add/mul of two such views or by a per-channel constant, and "
+                "permute(0, 3, 1, 2) back. Rewrite the op on the (N, C, H, W) map.")
+        # the view leaves the image stream (flatten, pooling to vectors): a dense tail of the real view
+        args = fx.node.map_arg(node.args, lambda n: self._materialise_nhwc(n) if n in self.nhwc else self.env[n])
+        kwargs = fx.node.map_arg(node.kwargs, lambda n: self._materialise_nhwc(n) if n in self.nhwc else self.env[n])
+        if any(self._is_stream(a) for a in _flatten_nodes((args, kwargs))):
+            return self._unsupported(node, args, kwargs)
+        return self.graph.create_node(node.op, node.target, args, kwargs, node.name)
+
+    def _materialise_nhwc(self, old: fx.Node) -> fx.Node:
+        return self.graph.call_method("permute", (self._densify(self.env[old]), (0, 2, 3, 1)))
+
+    def _nhwc_op(self, node: fx.Node, args: tuple, kwargs: dict) -> fx.Node | None:
+        op, t = node.op, node.target
+        x_old = next((a for a in node.args if isinstance(a, fx.Node) and a in self.nhwc), None)
+        if x_old is None:
+            return None
+        c = x_old.meta["tensor_meta"].shape[-1]
+        made = None
+        if op == "call_module":
+            m = self.modules[t]
+            if isinstance(m, (nn.Identity, nn.Dropout)):
+                made = args[0]
+            elif isinstance(m, nn.LayerNorm) and tuple(m.normalized_shape) == (c,):
+                made = self._add_layer(DeltaLayerNorm(c, m.weight, m.bias, m.eps, self._name(node)), args[:1])
+            elif isinstance(m, nn.Linear) and m.in_features == c:
+                w = m.weight.detach().reshape(m.out_features, c, 1, 1)
+                made = self._add_layer(DeltaConv2d(w, m.bias, Window((1, 1)), 1, self._name(node)), args[:1])
+            elif _module_act(m) is not None:
+                made = self._add_layer(DeltaActivation(_module_act(m), self._name(node)), args[:1])
+        else:
+            key = t
+            if op == "call_function" and _identity_in_eval(t, args, kwargs):
+                made = args[0]
+            elif key is F.layer_norm:
+                p = _bind(lambda input, normalized_shape, weight=None, bias=None, eps=1e-5: locals(), args, kwargs)
+                w, b = _constant(p["weight"], self.src), _constant(p["bias"], self.src)
+                if (tuple(p["normalized_shape"]) == (c,) and (p["weight"] is None or isinstance(w, Tensor))
+                        and (p["bias"] is None or isinstance(b, Tensor))):
+                    made = self._add_layer(DeltaLayerNorm(c, w, b, p["eps"], self._name(node)), (args[0],))
+            elif key in _FN_ACTS:
+                made = self._add_layer(DeltaActivation(_FN_ACTS[key](*args, **kwargs), self._name(node)), (args[0],))
+            elif key in _PASS:
+                made = args[0]
+            elif (key in _ADD | _SUB | _MUL | _DIV) and len(args) == 2 and not kwargs:
+                made = self._nhwc_arith(node, args, key)
+        if made is not None:
+            self.nhwc.add(node)
+        return made
+
+    def _nhwc_arith(self, node: fx.Node, args: tuple, key: Any) -> fx.Node | None:
+        a, b = args
+        oa, ob = node.args
+        name = self._name(node)
+        if self._is_stream(a) and self._is_stream(b):
+            if not (oa in self.nhwc and ob in self.nhwc) or _shape(oa) != _shape(ob):
+                return None
+            if key in _ADD:
+                return self._add_layer(DeltaAdd(name), (a, b))
+            if key in _SUB:
+                return self._add_layer(DeltaAdd(name), (a, self._add_layer(DeltaScale(-1.0, 0.0, f"{name}.neg"), (b,))))
+            if key in _MUL:
+                return self._add_layer(DeltaMul(name), (a, b))
+            return None
+        if not self._is_stream(a) and key in _DIV:
+            return None
+        const = _constant(b if self._is_stream(a) else a, self.src)
+        const = _channel_constant(const, channels_last=True) if const is not None else None
+        if const is None:
+            return None
+        stream = a if self._is_stream(a) else b
+        if key in _MUL:
+            return self._add_layer(DeltaScale(const, 0.0, name), (stream,))
+        if key in _DIV:
+            return self._add_layer(DeltaScale(1.0 / const, 0.0, name), (stream,))
+        if key in _ADD:
+            return self._add_layer(DeltaScale(1.0, const, name), (stream,))
+        if self._is_stream(a):
+            return self._add_layer(DeltaScale(1.0, -const, name), (stream,))
+        return self._add_layer(DeltaScale(-1.0, const, name), (stream,))
 
     def _cat(self, node: fx.Node, args: tuple, kwargs: dict) -> fx.Node | None:
         p = _bind(lambda tensors, dim=0: locals(), args, kwargs)
@@ -356,6 +520,94 @@ class _Converter:
         n_streams = sum(1 for a in _flatten_nodes((args, kwargs)) if a in self.streams)
         island = DenseIsland(self._name(node), _as_callable(node, self.modules), n_streams, reenter=True)
         return self._add_layer(island, args, kwargs)
+
+
+_SHAPE_ONLY = {"expand_as", "view_as", "reshape_as", "type_as"}
+
+
+def _shape(n: Any) -> tuple | None:
+    meta = n.meta.get("tensor_meta") if isinstance(n, fx.Node) else None
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+def _ndim(n: Any) -> int | None:
+    s = _shape(n)
+    return len(s) if s is not None else None
+
+
+def _permute_dims(node: fx.Node) -> tuple | None:
+    """The dims of a permute call (method or function, dims as varargs or one sequence), else None."""
+    if node.op == "call_method" and node.target == "permute":
+        dims = node.args[1:]
+    elif node.op == "call_function" and node.target is torch.permute:
+        dims = node.args[1:] or (node.kwargs.get("dims"),)
+    else:
+        return None
+    if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+        dims = tuple(dims[0])
+    try:
+        return tuple(int(d) % 4 for d in dims) if len(dims) == 4 else None
+    except TypeError:
+        return None
+
+
+def _channel_constant(const: Tensor | float, channels_last: bool) -> Tensor | float | None:
+    """A constant operand of an elementwise op on a stream as a scalar or a (C,) per-channel tensor,
+    or None when it varies over space or batch (then it is not a per-channel scale).
+
+    On an (N, C, H, W) map a per-channel constant has shape (C, 1, 1) or (1, C, 1, 1); a 1-D
+    tensor would broadcast over W, not C. On a channels-last view it has shape (C,) or (1, 1, 1, C).
+    """
+    if not isinstance(const, Tensor):
+        return const
+    if const.numel() == 1:
+        return const.reshape(())
+    shape = list(const.shape)
+    if channels_last:
+        return const.reshape(-1) if all(s == 1 for s in shape[:-1]) else None
+    if len(shape) >= 3 and shape[-2:] == [1, 1] and all(s == 1 for s in shape[:-3]):
+        return const.reshape(-1)
+    return None
+
+
+def _shift_constant(const: Tensor | float, ndim: int | None) -> Tensor | float | None:
+    """An added constant in DeltaScale's form (scalar or (C,)); spatially varying constants are kept as
+    given only when they already have the map's 4 dimensions (DeltaScale broadcasts them then)."""
+    if isinstance(const, Tensor) and const.dim() == 4 and ndim == 4:
+        per_channel = _channel_constant(const, channels_last=False)
+        return per_channel if per_channel is not None else const
+    return _channel_constant(const, channels_last=False)
+
+
+def _eval_identities() -> dict[Any, Callable[..., bool]]:
+    """Functions that return their input unchanged in eval mode, each with a test of its arguments."""
+    drop = lambda input, p=0.5, training=True, inplace=False: training is False or p == 0  # noqa: E731
+    table: dict[Any, Callable[..., bool]] = {f: drop for f in (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
+                                                              F.alpha_dropout, F.feature_alpha_dropout)}
+    try:
+        from torchvision.ops import stochastic_depth  # traced as one call (torchvision fx-wraps it)
+        table[stochastic_depth] = lambda input, p, mode, training=True: training is False or p == 0
+    except Exception:  # noqa: BLE001 - torchvision is optional
+        pass
+    return table
+
+
+_EVAL_IDENTITIES: dict | None = None
+
+
+def _identity_in_eval(target: Any, args: tuple, kwargs: dict) -> bool:
+    """True if calling `target` with these (constant) arguments returns its input: dropout with
+    training=False, torchvision's stochastic_depth in eval (timm's drop_path traces away by itself)."""
+    global _EVAL_IDENTITIES
+    if _EVAL_IDENTITIES is None:
+        _EVAL_IDENTITIES = _eval_identities()
+    test = _EVAL_IDENTITIES.get(target) if not isinstance(target, str) else None
+    if test is None:
+        return False
+    try:
+        return bool(test(*args, **kwargs))
+    except TypeError:
+        return False
 
 
 def _flatten_nodes(x) -> list:
@@ -423,6 +675,59 @@ def _interp(_unused, scale_factor, mode, align_corners, size=None):
 
 
 # ---- graph passes ------------------------------------------------------------------------------------
+def _get_attr(root: nn.Module, a: Any) -> Tensor | None:
+    """The tensor behind a get_attr node (a parameter or buffer), else None."""
+    if not (isinstance(a, fx.Node) and a.op == "get_attr"):
+        return None
+    obj: Any = root
+    for part in a.target.split("."):
+        obj = getattr(obj, part)
+    return obj if isinstance(obj, Tensor) else None
+
+
+def functional_batchnorms_to_modules(gm: fx.GraphModule) -> int:
+    """Turn each eval-mode `F.batch_norm` on a 4-D map (timm's BatchNormAct2d calls it) into a
+    BatchNorm2d module call, so that `fold_batchnorms` folds it and the converter knows it.
+
+    Only calls with constant running statistics and training=False: that is a fixed per-channel
+    scale and shift. Returns how many were replaced.
+    """
+    done = 0
+    for n in list(gm.graph.nodes):
+        if not (n.op == "call_function" and n.target is F.batch_norm):
+            continue
+        p = _bind(lambda input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
+                  eps=1e-5: locals(), n.args, n.kwargs)
+        meta = n.meta.get("tensor_meta")
+        mean, var = _get_attr(gm, p["running_mean"]), _get_attr(gm, p["running_var"])
+        weight, bias = _get_attr(gm, p["weight"]), _get_attr(gm, p["bias"])
+        if (p["training"] is not False or mean is None or var is None or meta is None or len(meta.shape) != 4
+                or (p["weight"] is not None and weight is None) or (p["bias"] is not None and bias is None)):
+            continue
+        c = mean.numel()
+        bn = nn.BatchNorm2d(c, eps=float(p["eps"]), affine=True).to(mean.device)
+        with torch.no_grad():
+            bn.running_mean.copy_(mean)
+            bn.running_var.copy_(var)
+            bn.weight.copy_(weight if weight is not None else torch.ones(c))
+            bn.bias.copy_(bias if bias is not None else torch.zeros(c))
+        bn.eval()
+        qual = re.sub(r"\.?running_mean$", "", p["running_mean"].target) or "bn"
+        key = qual.replace(".", "_") + "_bn"
+        while hasattr(gm, key):
+            key += "_"
+        gm.add_module(key, bn)
+        with gm.graph.inserting_before(n):
+            m = gm.graph.call_module(key, (p["input"],))
+        m.meta = dict(n.meta)
+        n.replace_all_uses_with(m)
+        gm.graph.erase_node(n)
+        done += 1
+    gm.graph.lint()
+    gm.recompile()
+    return done
+
+
 def fold_batchnorms(gm: fx.GraphModule) -> int:
     """Fold every BatchNorm2d that directly follows a conv used only there into the conv's weights."""
     modules = dict(gm.named_modules())
@@ -554,6 +859,7 @@ def convert(model: nn.Module, example_input: Tensor, *, threshold: float = 0.0, 
         except Exception as e:  # noqa: BLE001
             raise ConversionError(f"running the model on example_input of shape {tuple(example_input.shape)} "
                                   f"failed: {type(e).__name__}: {e}") from e
+    functional_batchnorms_to_modules(traced)
     fold_batchnorms(traced)
     conv = _Converter(traced, allow_dense_fallback, mask_dilation)
     gm = conv.run()
@@ -563,7 +869,7 @@ def convert(model: nn.Module, example_input: Tensor, *, threshold: float = 0.0, 
     layers = {m.name: m for m in gm.modules() if isinstance(m, DeltaLayer)}
     names = [INPUT] + sorted({m.act_name if isinstance(m, DeltaConv2d) else m.name
                               for m in layers.values()
-                              if isinstance(m, (DeltaActivation, DeltaMaxPool2d, DeltaMul, Sparsify))
+                              if isinstance(m, (DeltaActivation, DeltaMaxPool2d, DeltaMul, DeltaLayerNorm, Sparsify))
                               or (isinstance(m, DeltaConv2d) and m.act is not None)} - {INPUT})
     th = Thresholds(default=threshold, input=input_threshold, score=score, known=tuple(names))
     if thresholds_file is not None:
