@@ -331,11 +331,24 @@ class _Converter:
         const = _constant(b if self._is_stream(a) else a, self.src)
         if const is None:
             return self._mul_dense_operand(node, a, b, div, name)
-        const = _channel_constant(const, channels_last=False)
-        if const is None:
-            return None
-        scale = 1.0 / const if div else const
+        per_channel = _channel_constant(const, channels_last=False)
+        if per_channel is None:
+            return self._spatial_constant_mul(node, a if self._is_stream(a) else b, const, div, name)
+        scale = 1.0 / per_channel if div else per_channel
         return self._add_layer(DeltaScale(scale, 0.0, name), (a if self._is_stream(a) else b,))
+
+    def _spatial_constant_mul(self, node: fx.Node, stream: fx.Node, const: Tensor, div: bool,
+                              name: str) -> fx.Node | None:
+        """x * c with a constant c that varies over space (or broadcasts over width): a linear map."""
+        shape = _shape(node)
+        if shape is None or len(shape) != 4 or torch.broadcast_shapes(tuple(const.shape), shape) != shape:
+            return None
+        c = (1.0 / const if div else const).clone()
+        n_in = _shape(node.args[0] if stream is self.env.get(node.args[0]) else node.args[1])
+        if n_in != shape:
+            return None
+        return self._add_layer(DeltaLinearMap(lambda v: v * c.to(v.dtype), lambda m: m, name,
+                                              f"mul by a constant of shape {tuple(c.shape)}"), (stream,))
 
     # ---- a stream combined with a tensor computed densely (SE gates from Linear layers, attention) ----
     def _dense_tensor(self, new: Any, old: Any) -> bool:
@@ -760,6 +773,48 @@ def _set_module(root: nn.Module, qualname: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, leaf, module)
 
 
+def fold_scales(gm: fx.GraphModule) -> int:
+    """conv -> DeltaScale (an unfolded batch norm, `x * c + b`) becomes one conv with scaled weights and
+    bias, when the conv has no other user and the scale and shift are scalars or per output channel."""
+    mods = dict(gm.named_modules())
+    folded = 0
+    for n in list(gm.graph.nodes):
+        conv = mods.get(n.target) if n.op == "call_module" else None
+        if not isinstance(conv, DeltaConv2d) or conv.act is not None or conv.residual:
+            continue
+        while len(n.users) == 1:  # conv -> scale -> scale ...: fold them one after another
+            user = next(iter(n.users))
+            sc = mods.get(user.target) if user.op == "call_module" else None
+            if not isinstance(sc, DeltaScale) or user.args[0] is not n:
+                break
+            if not _fold_scale(conv, sc):
+                break
+            user.replace_all_uses_with(n)
+            gm.graph.erase_node(user)
+            folded += 1
+    gm.graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return folded
+
+
+def _fold_scale(conv: DeltaConv2d, sc: DeltaScale) -> bool:
+    """conv.weight *= scale, conv.bias = bias * scale + shift (per output channel); False if it cannot."""
+    cout = conv.weight.shape[0]
+    scale, shift = sc.scale.reshape(-1), sc.shift.reshape(-1)
+    if scale.numel() not in (1, cout) or shift.numel() not in (1, cout):
+        return False
+    with torch.no_grad():
+        w = conv.weight.float() * scale.reshape(-1, 1, 1, 1)
+        b = (conv.bias.float() if conv.bias is not None else torch.zeros(cout, device=w.device)) * scale + shift
+        conv.weight.copy_(w.to(conv.weight.dtype))
+        if conv.bias is None:
+            conv.bias = nn.Parameter(b.to(conv.weight.dtype), requires_grad=False)
+        else:
+            conv.bias.copy_(b.to(conv.bias.dtype))
+    return True
+
+
 def fuse_epilogues(gm: fx.GraphModule) -> int:
     """conv -> [add another stream] -> [activation] becomes one DeltaConv2d when each link has one user."""
     mods = dict(gm.named_modules())
@@ -864,6 +919,7 @@ def convert(model: nn.Module, example_input: Tensor, *, threshold: float = 0.0, 
     conv = _Converter(traced, allow_dense_fallback, mask_dilation)
     gm = conv.run()
     if fuse:
+        fold_scales(gm)
         fuse_epilogues(gm)
     gm = gm.to(dtype)
     layers = {m.name: m for m in gm.modules() if isinstance(m, DeltaLayer)}
