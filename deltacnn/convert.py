@@ -10,30 +10,31 @@ from __future__ import annotations
 import copy
 import operator
 import re
-from typing import Any, Callable
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
+from torch.utils.flop_counter import FlopCounterMode
 
 from .activations import ActSpec
-from .layers import (DeltaActivation, DeltaAdd, DeltaCat, DeltaChannelSlice, DeltaConv2d, DeltaConvTranspose2d,
-                     DeltaGlobalAvgPool, DeltaLayer, DeltaLayerNorm, DeltaLinearMap, DeltaMaxPool2d, DeltaMul,
-                     DeltaScale, DenseIsland, Densify, Sparsify)
+from .errors import ConversionError, UnsupportedOperationError
+from . import linear_maps as lm
 from .geometry import Window
+from .layers import (DeltaActivation, DeltaAdd, DeltaCat, DeltaConv2d, DeltaConvTranspose2d, DeltaGlobalAvgPool,
+                     DeltaLayer, DeltaLayerNorm, DeltaLinearMap, DeltaMaxPool2d, DeltaMul, DeltaScale, DeltaSlice,
+                     DenseCall, DenseIsland, Densify, Sparsify)
+from .layers.io import Slot
 from .model import DeltaModel
 from .runtime import Runtime
 from .tensor import DeltaTensor
 from .thresholds import INPUT, Thresholds
+from .tracing import META, SOURCE, describe_node, trace
 
 
-class UnsupportedOperationError(NotImplementedError):
-    """An op on the video stream has no delta version (and dense fallback is off)."""
-
-
-class ConversionError(RuntimeError):
-    """The model cannot be converted as it is (not traceable, wrong example input, ...)."""
 
 
 # ---- activation recognition ----------------------------------------------------------------------
@@ -84,7 +85,14 @@ _ADD = {operator.add, operator.iadd, torch.add, "add", "add_"}
 _SUB = {operator.sub, operator.isub, torch.sub, "sub"}
 _MUL = {operator.mul, operator.imul, torch.mul, "mul", "mul_"}
 _DIV = {operator.truediv, operator.itruediv, torch.div, "div"}
-_PASS = {"contiguous", "clone", "detach"}
+_PASS = {"clone", "detach"}
+# ops that only re-index a tensor: a chain of them from a feature map back to one is a channel permutation
+_VIEWS = {"view", "reshape", "permute", "transpose", "flatten", "unflatten", "swapaxes", "swapdims", "contiguous",
+          "squeeze", "unsqueeze", torch.reshape, torch.permute, torch.transpose, torch.flatten, torch.swapaxes,
+          torch.swapdims, torch.squeeze, torch.unsqueeze, torch.unflatten}
+_SPLITS = {"chunk", "split", "tensor_split", torch.chunk, torch.split, torch.tensor_split}
+_DENSE_WORK = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.Linear)
+_DENSE_FNS = {F.conv2d, F.conv_transpose2d, F.linear, torch.conv2d, torch.conv_transpose2d}
 _SHAPE = {"size", "dim"}
 
 
@@ -104,6 +112,9 @@ def _target_name(node: fx.Node) -> str:
 class _Converter:
     def __init__(self, traced: fx.GraphModule, allow_dense_fallback: bool, mask_dilation: int) -> None:
         self.src = traced
+        self.islands: list[DenseReport] = []  # ops run densely between a densify and a sparsify
+        self.tails: list[DenseReport] = []  # ops after the last feature maps (dense, no permission needed)
+        self.macs: dict[str, int] = {}  # layer name -> multiply-adds of a dense frame
         self.modules = dict(traced.named_modules())
         self.allow_fallback = allow_dense_fallback
         self.mask_dilation = mask_dilation
@@ -117,6 +128,8 @@ class _Converter:
         # source-graph nodes whose stream is a channels-last view x.permute(0, 2, 3, 1) of a map: the
         # DeltaTensor keeps its (N, C, H, W) layout and ops on the view act on its channels
         self.nhwc: set[fx.Node] = set()
+        self.dense_derived: set[fx.Node] = set()  # new-graph nodes computed from densified streams
+        self._node_macs = 0
 
     # naming: a module called once keeps its qualified name; later calls get _1, _2 ...
     def _name(self, node: fx.Node) -> str:
@@ -125,12 +138,15 @@ class _Converter:
         self.uses[base] = k + 1
         return base if k == 0 else f"{base}_{k}"
 
-    def _add_layer(self, layer: DeltaLayer, args: tuple, kwargs: dict | None = None, stream: bool = True) -> fx.Node:
+    def _add_layer(self, layer: DeltaLayer, args: tuple, kwargs: dict | None = None, stream: bool = True,
+                   macs: int | None = None) -> fx.Node:
         key = re.sub(r"[^0-9a-zA-Z_]", "_", layer.name)
         while hasattr(self.holder, key):
             key += "_"
         self.holder.add_module(key, layer)
         self.layers[layer.name] = layer
+        self.macs[layer.name] = self._node_macs if macs is None else macs
+        self._node_macs = 0  # a node's work goes to the first layer made for it
         n = self.graph.call_module(f"_delta.{key}", args, kwargs or {})
         if stream:
             self.streams.add(n)
@@ -139,7 +155,8 @@ class _Converter:
     def _densify(self, n: fx.Node) -> fx.Node:
         if n not in self.densified:
             self.densified[n] = self._add_layer(Densify(f"{n.name}.densify" if n.name else "densify"), (n,),
-                                                stream=False)
+                                                stream=False, macs=0)
+            self.dense_derived.add(self.densified[n])
         return self.densified[n]
 
     def _is_stream(self, a: Any) -> bool:
@@ -164,23 +181,116 @@ class _Converter:
         gm = fx.GraphModule(root, self.graph)
         return gm
 
-    def _output_arg(self, n: fx.Node) -> fx.Node:
-        m = self.env[n]
-        return self._densify(m) if m in self.streams else m
+    def _output_arg(self, n: fx.Node) -> Any:
+        m = self._get(n)
+        return fx.node.map_arg(m, lambda x: self._densify(x) if x in self.streams else x)
 
-    def _convert(self, node: fx.Node) -> fx.Node:
+    def _get(self, n: fx.Node) -> Any:
+        """The new-graph value of old node n; a pending view chain is materialised first."""
+        v = self.env[n]
+        if isinstance(v, _Chain):
+            v = self.env[n] = self._materialize(v)
+        return v
+
+    def _convert(self, node: fx.Node) -> Any:
+        self._node_macs = int(node.meta.get("macs", 0))
         if any(a in self.nhwc for a in _flatten_nodes((node.args, node.kwargs))):
             return self._convert_nhwc(node)
-        args = fx.node.map_arg(node.args, lambda n: self.env[n])
-        kwargs = fx.node.map_arg(node.kwargs, lambda n: self.env[n])
-        flat: list = []
-        fx.node.map_arg((args, kwargs), lambda n: flat.append(n) or n)
+        if _permute_dims(node) == (0, 2, 3, 1) and self._is_stream(self.env.get(node.args[0])) \
+                and _ndim(node.args[0]) == 4:
+            self.nhwc.add(node)  # a channels-last view: the stream itself, ops on it see channels last
+            return self.env[node.args[0]]
+        if _key(node) in _VIEWS and node.args and isinstance(node.args[0], fx.Node):
+            chained = self._view(node)
+            if chained is not None:
+                return chained
+        args = fx.node.map_arg(node.args, self._get)
+        kwargs = fx.node.map_arg(node.kwargs, self._get)
+        flat = _flatten_nodes((args, kwargs))
+        self._node_macs = int(node.meta.get("macs", 0))  # materialising an argument's view chain reset it
         if not any(self._is_stream(a) for a in flat):
-            return self.graph.node_copy(node, lambda n: self.env[n])
+            return self._dense_node(node, args, kwargs, flat)
         made = self._delta_op(node, args, kwargs)
         if made is not None:
             return made
         return self._unsupported(node, args, kwargs)
+
+    def _dense_node(self, node: fx.Node, args: tuple, kwargs: dict, flat: list) -> fx.Node:
+        """A node off the stream: a copy, or (when it does multiply-adds) a DenseCall that records them."""
+        derived = any(a in self.dense_derived for a in flat)
+        macs = self._node_macs
+        if derived:
+            self._tail(node, macs)
+        if macs > 0 and node.op in ("call_module", "call_function", "call_method"):
+            n = self._dense_call(node, args, kwargs, flat, macs)
+        else:
+            n = self.graph.create_node(node.op, node.target, args, kwargs, node.name)
+            n.meta = dict(node.meta)
+        if derived:
+            self.dense_derived.add(n)
+        return n
+
+    def _tail(self, node: fx.Node, macs: int) -> None:
+        meta = _shape(node)
+        if node.op == "call_module" and isinstance(self.modules[node.target], (nn.Conv2d, nn.ConvTranspose2d)) \
+                and not self.allow_fallback:
+            raise UnsupportedOperationError(
+                f"{describe_node(node)} is a convolution on a map that left the delta stream (after an op "
+                f"without a delta version), so it would run densely on every frame. Pass allow_dense_fallback=True "
+                "to allow that, or change the op before it (see deltacnn.SUPPORTED_OPS).")
+        self.tails.append(DenseReport(node.name, _target_name(node), macs, node.meta.get(SOURCE)))
+        del meta
+
+    def _dense_call(self, node: fx.Node, args: tuple, kwargs: dict, flat: list, macs: int) -> fx.Node:
+        template, inputs = _template(args, kwargs, flat)
+        layer = DenseCall(self._name(node), _as_callable(node, self.modules), template, macs, _target_name(node))
+        return self._add_layer(layer, inputs, stream=False, macs=macs)
+
+    # ---- view chains: reshape/permute sequences that may come back to a feature map ------------------
+    def _view(self, node: fx.Node) -> Any:
+        src = self.env[node.args[0]]
+        rest, kw = node.args[1:], node.kwargs
+        if _flatten_nodes((rest, kw)):
+            return None  # a shape given by a graph value: not static
+        op = (node.op, node.target, rest, dict(kw))
+        if isinstance(src, _Chain):
+            chain = _Chain(src.src, src.shape, [*src.ops, op], node)
+        elif self._is_stream(src):
+            chain = _Chain(src, _shape(node.args[0]), [op], node)
+        else:
+            return None
+        out = _shape(node)
+        if chain.shape is not None and out is not None and len(out) == 4 and out[0] == chain.shape[0] \
+                and tuple(out[2:]) == tuple(chain.shape[2:]):
+            perm = chain.channel_permutation()
+            if perm is not None:
+                if perm == list(range(chain.shape[1])):
+                    return chain.src
+                return self._add_layer(DeltaSlice(perm, name=self._name(node)), (chain.src,))
+        return chain
+
+    def _materialize(self, chain: "_Chain") -> fx.Node:
+        """A view chain used by something else than a view: run it densely (a tail, or an island if it is a map)."""
+        node = chain.last
+        out = _shape(node)
+        is_map = out is not None and len(out) == 4 and _is_float(node)
+        if is_map:
+            self._node_macs = 0
+            if not self.allow_fallback:
+                raise UnsupportedOperationError(
+                    f"{describe_node(node)} ends a chain of view/reshape/permute ops that moves values between "
+                    "pixels, which has no delta version. Pass allow_dense_fallback=True to run it as a dense island "
+                    "(correct, but a dense pass every frame), or rearrange only channels (see deltacnn.SUPPORTED_OPS).")
+            island = DenseIsland(self._name(node), chain.replay, 0, reenter=True, template=((Slot(0),), {}),
+                                 streams=[True], macs=0, what=chain.describe())
+            self.islands.append(DenseReport(node.name, chain.describe(), 0, node.meta.get(SOURCE)))
+            return self._add_layer(island, (chain.src,), macs=0)
+        n = self._densify(chain.src)
+        for op, target, rest, kw in chain.ops:
+            n = self.graph.create_node(op, target, (n, *rest), kw)
+            self.dense_derived.add(n)
+        self.tails.append(DenseReport(node.name, chain.describe(), 0, node.meta.get(SOURCE)))
+        return n
 
     # every op that has a delta version
     def _delta_op(self, node: fx.Node, args: tuple, kwargs: dict) -> fx.Node | None:
@@ -209,20 +319,27 @@ class _Converter:
                 return self._add_layer(DeltaMaxPool2d(m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode,
                                                       name()), args[:1])
             if isinstance(m, nn.AvgPool2d):
-                return self._linear_map(name(), args[0], _avg_pool(m.kernel_size, m.stride, m.padding, m.ceil_mode,
-                                                                   m.count_include_pad, m.divisor_override))
+                return self._linear_map(name(), args[0], lm.avg_pool(m.kernel_size, m.stride, m.padding, m.ceil_mode,
+                                                                     m.count_include_pad, m.divisor_override))
+            if isinstance(m, (nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d,
+                              nn.CircularPad2d)):
+                mode = {nn.ReflectionPad2d: "reflect", nn.ReplicationPad2d: "replicate",
+                        nn.CircularPad2d: "circular"}.get(type(m), "constant")
+                return self._linear_map(name(), args[0], lm.pad(m.padding, mode, getattr(m, "value", 0.0)))
+            if isinstance(m, nn.PixelShuffle):
+                return self._linear_map(name(), args[0], lm.pixel_shuffle(m.upscale_factor))
+            if isinstance(m, nn.PixelUnshuffle):
+                return self._linear_map(name(), args[0], lm.pixel_unshuffle(m.downscale_factor))
             if isinstance(m, nn.AdaptiveAvgPool2d):
                 return self._adaptive(name(), args[0], m.output_size, node)
             if isinstance(m, nn.Upsample):
-                return self._linear_map(name(), args[0], _interp(None, m.scale_factor, m.mode, m.align_corners,
-                                                                 size=m.size))
+                return self._linear_map(name(), args[0], lm.interpolate(m.size, m.scale_factor, m.mode,
+                                                                        m.align_corners,
+                                                                        getattr(m, "recompute_scale_factor", None)))
             return None
         key = t if op == "call_function" else (t if op == "call_method" else None)
         if op == "call_function" and _identity_in_eval(t, args, kwargs):
             return args[0] if args else kwargs.get("input")
-        if _permute_dims(node) == (0, 2, 3, 1) and self._is_stream(args[0]) and _ndim(node.args[0]) == 4:
-            self.nhwc.add(node)  # a channels-last view: the stream itself, ops on it see channels last
-            return args[0]
         if key in _SHAPE_ONLY and len(args) == 2 and self._is_stream(args[1]) and not self._is_stream(args[0]):
             # s.expand_as(x) and friends read only x's shape: take it from the stream's values
             v = self.graph.call_function(_values, (args[1],))
@@ -257,19 +374,43 @@ class _Converter:
         if key is F.avg_pool2d:
             p = _bind(lambda input, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
                       divisor_override=None: locals(), args, kwargs)
-            return self._linear_map(name(), args[0], _avg_pool(p["kernel_size"], p["stride"], p["padding"],
-                                                               p["ceil_mode"], p["count_include_pad"],
-                                                               p["divisor_override"]))
+            return self._linear_map(name(), args[0], lm.avg_pool(p["kernel_size"], p["stride"], p["padding"],
+                                                                 p["ceil_mode"], p["count_include_pad"],
+                                                                 p["divisor_override"]))
         if key is F.adaptive_avg_pool2d:
             p = _bind(lambda input, output_size: locals(), args, kwargs)
             return self._adaptive(name(), args[0], p["output_size"], node)
         if key in (F.interpolate, F.upsample):
             p = _bind(lambda input, size=None, scale_factor=None, mode="nearest", align_corners=None,
                       recompute_scale_factor=None, antialias=False: locals(), args, kwargs)
-            if p["antialias"] or not isinstance(p["size"], (type(None), int, tuple, list)):
+            if _flatten_nodes({k: v for k, v in p.items() if k != "input"}):
+                return None  # a size computed in the graph: not static
+            return self._linear_map(name(), args[0], lm.interpolate(p["size"], p["scale_factor"], p["mode"],
+                                                                    p["align_corners"], p["recompute_scale_factor"],
+                                                                    p["antialias"]))
+        if key is F.pad:
+            p = _bind(lambda input, pad, mode="constant", value=None: locals(), args, kwargs)
+            if _flatten_nodes((p["pad"], p["value"])):
                 return None
-            return self._linear_map(name(), args[0], _interp(None, p["scale_factor"], p["mode"], p["align_corners"],
-                                                             size=p["size"]))
+            return self._linear_map(name(), args[0], lm.pad(p["pad"], p["mode"], p["value"]))
+        if key in (torch.roll, "roll"):
+            p = _bind(lambda input, shifts, dims=None: locals(), args, kwargs)
+            return self._linear_map(name(), args[0], lm.roll(p["shifts"], p["dims"]))
+        if key in (torch.flip, "flip"):
+            p = _bind(lambda input, *dims: locals(), args, kwargs)
+            dims = p["dims"][0] if len(p["dims"]) == 1 and isinstance(p["dims"][0], (tuple, list)) else p["dims"]
+            return self._linear_map(name(), args[0], lm.flip(dims))
+        if key is F.pixel_shuffle:
+            return self._linear_map(name(), args[0], lm.pixel_shuffle(_bind(lambda input, upscale_factor: upscale_factor,
+                                                                            args, kwargs)))
+        if key is F.pixel_unshuffle:
+            return self._linear_map(name(), args[0], lm.pixel_unshuffle(
+                _bind(lambda input, downscale_factor: downscale_factor, args, kwargs)))
+        if key in _SPLITS:
+            return self._split(node, args, kwargs)
+        if key in ("narrow", torch.narrow):
+            p = _bind(lambda input, dim, start, length: locals(), args, kwargs)
+            return self._slice_dim(node, args[0], p["dim"], slice(p["start"], p["start"] + p["length"]))
         if key in (torch.mean, "mean"):
             p = _bind(lambda input, dim=None, keepdim=False, dtype=None: locals(), args, kwargs)
             dims = p["dim"]
@@ -278,21 +419,23 @@ class _Converter:
             if dims == (2, 3) and p["keepdim"] and p["dtype"] is None:
                 return self._add_layer(DeltaGlobalAvgPool(name()), (args[0],))
             return None
-        if op == "call_function" and t is operator.getitem and self._is_stream(args[0]):
-            return self._channel_slice(node, args)
+        if op == "call_function" and t is operator.getitem:
+            if isinstance(args[0], (tuple, list)):  # a part of chunk/split outputs (or any tuple of streams)
+                return args[0][args[1]]
+            if self._is_stream(args[0]):
+                return self._getitem(node, args)
         return None
 
-    def _linear_map(self, name: str, stream: fx.Node, fns) -> fx.Node:
-        fn, mask_fn, what = fns
-        return self._add_layer(DeltaLinearMap(fn, mask_fn, name, what), (stream,))
+    def _linear_map(self, name: str, stream: fx.Node, spec: lm.LinearMapSpec | None) -> fx.Node | None:
+        if spec is None:
+            return None
+        return self._add_layer(DeltaLinearMap(spec.fn, spec.mask_fn, name, spec.what, spec.key_fn), (stream,))
 
     def _adaptive(self, name: str, stream: fx.Node, output_size, node: fx.Node) -> fx.Node:
         size = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
         if size == (1, 1):
             return self._add_layer(DeltaGlobalAvgPool(name), (stream,))
-        return self._linear_map(name, stream, (lambda x: F.adaptive_avg_pool2d(x, output_size),
-                                               lambda m: F.adaptive_max_pool2d(m.float(), output_size) > 0,
-                                               f"adaptive_avg_pool2d({output_size})"))
+        return self._linear_map(name, stream, lm.adaptive_avg_pool(output_size))
 
     def _add_like(self, node: fx.Node, args: tuple, kwargs: dict, negate: bool) -> fx.Node | None:
         if kwargs.get("alpha", 1) != 1 or len(args) != 2:
@@ -353,9 +496,7 @@ class _Converter:
     # ---- a stream combined with a tensor computed densely (SE gates from Linear layers, attention) ----
     def _dense_tensor(self, new: Any, old: Any) -> bool:
         """Whether `new` is a non-stream floating-point tensor of a 4-D (or broadcastable) shape."""
-        meta = old.meta.get("tensor_meta") if isinstance(old, fx.Node) else None
-        return (isinstance(new, fx.Node) and not self._is_stream(new) and meta is not None
-                and hasattr(meta, "shape") and meta.dtype.is_floating_point and len(meta.shape) == 4)
+        return (isinstance(new, fx.Node) and not self._is_stream(new) and _ndim(old) == 4 and _is_float(old))
 
     def _as_stream(self, dense: fx.Node, name: str) -> fx.Node:
         """Sparsify a densely computed tensor into a second stream: its deltas are exact at tau 0, and
@@ -365,8 +506,8 @@ class _Converter:
     def _unexpanded(self, old: fx.Node) -> fx.Node:
         """`old` without a trailing expand/expand_as (the product broadcasts by itself)."""
         if old.op == "call_method" and old.target in ("expand", "expand_as") and _ndim(old.args[0]) == 4:
-            return self.env[old.args[0]]
-        return self.env[old]
+            return self._get(old.args[0])
+        return self._get(old)
 
     def _mul_dense_operand(self, node: fx.Node, a: Any, b: Any, div: bool, name: str) -> fx.Node | None:
         sa = self._is_stream(a)
@@ -374,8 +515,7 @@ class _Converter:
         if not self._dense_tensor(dense_new, dense_old):
             return None
         stream, stream_old = (a, node.args[0]) if sa else (b, node.args[1])
-        out_shape = tuple(node.meta["tensor_meta"].shape) if "tensor_meta" in node.meta else None
-        if out_shape != tuple(stream_old.meta["tensor_meta"].shape):
+        if _shape(node) is None or _shape(node) != _shape(stream_old):
             return None  # the dense operand is the larger one: not a gate on the stream
         gate = self._unexpanded(dense_old)
         if div:
@@ -388,11 +528,11 @@ class _Converter:
         if not self._dense_tensor(dense_new, dense_old):
             return None
         stream, stream_old = (a, node.args[0]) if sa else (b, node.args[1])
-        shape = tuple(stream_old.meta["tensor_meta"].shape)
-        if tuple(node.meta["tensor_meta"].shape) != shape:
+        shape = _shape(stream_old)
+        if shape is None or _shape(node) != shape:
             return None
         other = dense_new
-        if tuple(dense_old.meta["tensor_meta"].shape) != shape:  # broadcast: DeltaAdd adds equal shapes
+        if _shape(dense_old) != shape:  # broadcast: DeltaAdd adds equal shapes
             other = self.graph.call_method("contiguous", (self.graph.call_method("expand", (other, shape)),))
         if negate and sa:
             other = self.graph.call_function(operator.neg, (other,))
@@ -405,36 +545,38 @@ class _Converter:
     def _convert_nhwc(self, node: fx.Node) -> fx.Node:
         """An op reading a channels-last view of a stream: LayerNorm and Linear over channels, pointwise
         functions and channel constants have delta forms; permute(0, 3, 1, 2) returns to the map."""
-        args = fx.node.map_arg(node.args, lambda n: self.env[n])
-        kwargs = fx.node.map_arg(node.kwargs, lambda n: self.env[n])
+        args = fx.node.map_arg(node.args, self._get)
+        kwargs = fx.node.map_arg(node.kwargs, self._get)
         made = self._nhwc_op(node, args, kwargs)
         if made is not None:
             return made
         if _permute_dims(node) == (0, 3, 1, 2) and node.args[0] in self.nhwc:
             return args[0]  # back to (N, C, H, W): the stream as it is
-        meta = node.meta.get("tensor_meta")
-        if meta is not None and hasattr(meta, "shape") and len(meta.shape) == 4:
+        if _ndim(node) == 4:
             raise UnsupportedOperationError(
-                f"graph node {node.name!r} calls {_target_name(node)} on a channels-last view of a feature map "
+                f"{describe_node(node)} calls {_target_name(node)} on a channels-last view of a feature map "
                 "(x.permute(0, 2, 3, 1)); there deltacnn supports LayerNorm and Linear over the channels, pointwise "
                 "activations, dropout/identity, add/mul of two such views or by a per-channel constant, and "
                 "permute(0, 3, 1, 2) back. Rewrite the op on the (N, C, H, W) map.")
         # the view leaves the image stream (flatten, pooling to vectors): a dense tail of the real view
-        args = fx.node.map_arg(node.args, lambda n: self._materialise_nhwc(n) if n in self.nhwc else self.env[n])
-        kwargs = fx.node.map_arg(node.kwargs, lambda n: self._materialise_nhwc(n) if n in self.nhwc else self.env[n])
-        if any(self._is_stream(a) for a in _flatten_nodes((args, kwargs))):
+        args = fx.node.map_arg(node.args, lambda n: self._materialise_nhwc(n) if n in self.nhwc else self._get(n))
+        kwargs = fx.node.map_arg(node.kwargs, lambda n: self._materialise_nhwc(n) if n in self.nhwc else self._get(n))
+        flat = _flatten_nodes((args, kwargs))
+        if any(self._is_stream(a) for a in flat):
             return self._unsupported(node, args, kwargs)
-        return self.graph.create_node(node.op, node.target, args, kwargs, node.name)
+        return self._dense_node(node, args, kwargs, flat)
 
     def _materialise_nhwc(self, old: fx.Node) -> fx.Node:
-        return self.graph.call_method("permute", (self._densify(self.env[old]), (0, 2, 3, 1)))
+        n = self.graph.call_method("permute", (self._densify(self._get(old)), (0, 2, 3, 1)))
+        self.dense_derived.add(n)
+        return n
 
     def _nhwc_op(self, node: fx.Node, args: tuple, kwargs: dict) -> fx.Node | None:
         op, t = node.op, node.target
         x_old = next((a for a in node.args if isinstance(a, fx.Node) and a in self.nhwc), None)
         if x_old is None:
             return None
-        c = x_old.meta["tensor_meta"].shape[-1]
+        c = _shape(x_old)[-1]
         made = None
         if op == "call_module":
             m = self.modules[t]
@@ -506,41 +648,76 @@ class _Converter:
             return None
         return self._add_layer(DeltaCat(self._name(node)), tuple(parts))
 
-    def _channel_slice(self, node: fx.Node, args: tuple) -> fx.Node | None:
-        idx = args[1]
-        if not (isinstance(idx, tuple) and len(idx) == 2 and idx[0] == slice(None) and isinstance(idx[1], slice)
-                and idx[1].step in (None, 1)):
+    def _getitem(self, node: fx.Node, args: tuple) -> fx.Node | None:
+        """x[...] with static slices only (any step): channels and/or a strided pixel window."""
+        shape = _shape(node.args[0])
+        idx = args[1] if isinstance(args[1], tuple) else (args[1],)
+        if shape is None or any(not (isinstance(i, slice) or i is Ellipsis) for i in idx) or idx.count(Ellipsis) > 1:
             return None
-        c = node.args[0].meta["tensor_meta"].shape[1]
-        start, stop, _ = idx[1].indices(c)
-        return self._add_layer(DeltaChannelSlice(start, stop, self._name(node)), (args[0],))
+        if _flatten_nodes(idx):
+            return None
+        if Ellipsis in idx:
+            k = idx.index(Ellipsis)
+            idx = idx[:k] + (slice(None),) * (4 - len(idx) + 1) + idx[k + 1:]
+        idx = idx + (slice(None),) * (4 - len(idx))
+        if len(idx) != 4 or slice(*idx[0].indices(shape[0])) != slice(0, shape[0], 1):
+            return None  # batch indexing or too many indices
+        full = [slice(*i.indices(n)) == slice(0, n, 1) for i, n in zip(idx, shape)]
+        if all(full):
+            return args[0]
+        c, h, w = (slice(*i.indices(n)) for i, n in zip(idx[1:], shape[1:]))
+        return self._add_layer(DeltaSlice(c, h, w, self._name(node)), (args[0],))
+
+    def _slice_dim(self, node: fx.Node, stream: fx.Node, dim: int, sl: slice, name: str | None = None) -> fx.Node | None:
+        d = dim % 4
+        if d == 0:
+            return None
+        parts = [slice(None)] * 3
+        parts[d - 1] = sl
+        return self._add_layer(DeltaSlice(*parts, name=name or self._name(node)), (stream,))
+
+    def _split(self, node: fx.Node, args: tuple, kwargs: dict) -> tuple | None:
+        """chunk / split / tensor_split on a stream: one slice per part, sizes as the example run made them."""
+        key = _key(node)
+        name = key if isinstance(key, str) else key.__name__
+        sig = {"chunk": lambda input, chunks, dim=0: dim, "split": lambda tensor, split_size_or_sections, dim=0: dim,
+               "tensor_split": lambda input, indices_or_sections, dim=0: dim}[name]
+        dim = _bind(sig, args, kwargs)
+        metas = node.meta.get("tensor_meta")
+        if not isinstance(dim, int) or not isinstance(metas, (tuple, list)) or dim % 4 == 0:
+            return None
+        base, start, parts = self._name(node), 0, []
+        for i, m in enumerate(metas):
+            size = m.shape[dim]
+            parts.append(self._slice_dim(node, args[0], dim, slice(start, start + size), f"{base}.{i}"))
+            start += size
+        return tuple(parts)
 
     def _unsupported(self, node: fx.Node, args: tuple, kwargs: dict) -> fx.Node:
-        meta = node.meta.get("tensor_meta")
-        is_map = meta is not None and hasattr(meta, "shape") and len(meta.shape) == 4 and meta.dtype.is_floating_point
+        meta = _shape(node)
+        is_map = meta is not None and len(meta) == 4 and _is_float(node)
         what = _target_name(node)
         if not is_map:
-            # the image stream ends here (flatten, Linear on pooled features, ...): a dense tail
+            # the image stream ends here (flatten, Linear on pooled features, a box decode): a dense tail
             new_args = fx.node.map_arg(args, lambda n: self._densify(n) if n in self.streams else n)
             new_kwargs = fx.node.map_arg(kwargs, lambda n: self._densify(n) if n in self.streams else n)
-            return self.graph.create_node(node.op, node.target, new_args, new_kwargs, node.name)
+            return self._dense_node(node, new_args, new_kwargs, _flatten_nodes((new_args, new_kwargs)))
         if not self.allow_fallback:
             raise UnsupportedOperationError(
-                f"graph node {node.name!r} calls {what}, which has no delta version. Either pass "
+                f"{describe_node(node)} calls {what}, which has no delta version. Either pass "
                 "allow_dense_fallback=True to convert() to run it densely between a densify and a sparsify "
                 "(correct, but that op costs a dense pass every frame), or replace it in the model with supported "
                 "ops (see deltacnn.SUPPORTED_OPS).")
-        n_streams = sum(1 for a in _flatten_nodes((args, kwargs)) if a in self.streams)
-        island = DenseIsland(self._name(node), _as_callable(node, self.modules), n_streams, reenter=True)
-        return self._add_layer(island, args, kwargs)
+        flat = _flatten_nodes((args, kwargs))
+        template, inputs = _template(args, kwargs, flat)
+        macs = self._node_macs
+        island = DenseIsland(self._name(node), _as_callable(node, self.modules), 0, reenter=True, template=template,
+                             streams=[a in self.streams for a in inputs], macs=macs, what=what)
+        self.islands.append(DenseReport(node.name, what, macs, node.meta.get(SOURCE)))
+        return self._add_layer(island, inputs, macs=macs)
 
 
 _SHAPE_ONLY = {"expand_as", "view_as", "reshape_as", "type_as"}
-
-
-def _shape(n: Any) -> tuple | None:
-    meta = n.meta.get("tensor_meta") if isinstance(n, fx.Node) else None
-    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
 
 def _ndim(n: Any) -> int | None:
@@ -624,9 +801,89 @@ def _identity_in_eval(target: Any, args: tuple, kwargs: dict) -> bool:
 
 
 def _flatten_nodes(x) -> list:
+    """The distinct graph nodes inside x, in order of first appearance."""
     out: list = []
-    fx.node.map_arg(x, lambda n: out.append(n) or n)
+    fx.node.map_arg(x, lambda n: out.append(n) if n not in out else None)
     return out
+
+
+def _template(args: tuple, kwargs: dict, nodes: list) -> tuple[tuple, tuple]:
+    """(args, kwargs) with Slot(i) for nodes[i]; and the nodes as the layer's inputs."""
+    slots = {n: Slot(i) for i, n in enumerate(nodes)}
+    return fx.node.map_aggregate((args, kwargs), lambda a: slots[a] if isinstance(a, fx.Node) else a), tuple(nodes)
+
+
+def _key(node: fx.Node) -> Any:
+    return node.target if node.op in ("call_function", "call_method") else None
+
+
+def _shape(node: Any) -> tuple | None:
+    """The static shape of a node's tensor result (from the example run, else from tracing)."""
+    if not isinstance(node, fx.Node):
+        return None
+    m = node.meta.get("tensor_meta")
+    if m is not None and hasattr(m, "shape"):
+        return tuple(m.shape)
+    m = node.meta.get(META)
+    return tuple(m.shape) if isinstance(m, Tensor) else None
+
+
+def _is_float(node: fx.Node) -> bool:
+    m = node.meta.get("tensor_meta")
+    if m is not None and hasattr(m, "dtype"):
+        return m.dtype.is_floating_point
+    m = node.meta.get(META)
+    return isinstance(m, Tensor) and m.is_floating_point()
+
+
+@dataclass
+class DenseReport:
+    """An op that runs densely: graph node, op, dense multiply-adds per frame, the user's source line."""
+
+    node: str
+    op: str
+    macs: int
+    source: str | None = None
+
+
+class _Chain:
+    """View-like ops (view/reshape/permute/transpose/flatten) applied to a stream, not yet back at a map."""
+
+    def __init__(self, src: fx.Node, shape: tuple | None, ops: list, last: fx.Node) -> None:
+        self.src, self.shape, self.ops, self.last = src, shape, ops, last
+
+    def replay(self, x: Tensor) -> Tensor:
+        for op, target, rest, kw in self.ops:
+            x = getattr(x, target)(*rest, **kw) if op == "call_method" else target(x, *rest, **kw)
+        return x
+
+    def describe(self) -> str:
+        return " -> ".join(t if isinstance(t, str) else t.__name__ for _, t, _, _ in self.ops)
+
+    def channel_permutation(self) -> list[int] | None:
+        """Source channel of each output channel when the chain maps every pixel to itself, else None.
+
+        Found by running the chain on a tensor holding each element's own index (float64: exact)."""
+        n, c, h, w = self.shape
+        if n * c * h * w > 2 ** 26:
+            return None
+        probe = torch.arange(n * c * h * w, dtype=torch.float64).view(n, c, h, w)
+        try:
+            out = self.replay(probe)
+        except Exception:  # noqa: BLE001 - the shapes were right when traced; be safe anyway
+            return None
+        if out.dim() != 4 or out.shape[0] != n or tuple(out.shape[2:]) != (h, w):
+            return None
+        src = out.long()
+        pix = torch.arange(h * w).view(1, 1, h, w)
+        batch = torch.arange(n).view(n, 1, 1, 1)
+        chan = (src - batch * (c * h * w) - pix)
+        if bool((chan % (h * w)).ne(0).any()):
+            return None
+        chan = chan // (h * w)
+        if bool((chan != chan[:1, :, :1, :1]).any()) or bool(((chan < 0) | (chan >= c)).any()):
+            return None
+        return chan[0, :, 0, 0].tolist()
 
 
 def _as_callable(node: fx.Node, modules: dict) -> Callable:
@@ -659,32 +916,6 @@ def _constant(a: Any, root: nn.Module) -> Tensor | float | None:
             obj = getattr(obj, part)
         return obj.detach().float()
     return None
-
-
-def _avg_pool(kernel, stride, padding, ceil_mode, count_include_pad, divisor_override):
-    stride = kernel if stride is None or stride == [] else stride
-
-    def fn(x: Tensor) -> Tensor:
-        return F.avg_pool2d(x, kernel, stride, padding, ceil_mode, count_include_pad, divisor_override)
-
-    def mask_fn(m: Tensor) -> Tensor:
-        return F.max_pool2d(m.float(), kernel, stride, padding, 1, ceil_mode) > 0
-
-    return fn, mask_fn, f"avg_pool2d(kernel={kernel}, stride={stride}, padding={padding})"
-
-
-def _interp(_unused, scale_factor, mode, align_corners, size=None):
-    if mode not in ("nearest", "bilinear"):
-        raise UnsupportedOperationError(f"interpolate mode {mode!r} is not supported (use 'nearest' or 'bilinear')")
-    ac = align_corners if mode == "bilinear" else None
-
-    def fn(x: Tensor) -> Tensor:
-        return F.interpolate(x, size=size, scale_factor=scale_factor, mode=mode, align_corners=ac)
-
-    def mask_fn(m: Tensor) -> Tensor:
-        return F.interpolate(m.float(), size=size, scale_factor=scale_factor, mode=mode, align_corners=ac) > 0
-
-    return fn, mask_fn, f"interpolate(size={size}, scale_factor={scale_factor}, mode={mode})"
 
 
 # ---- graph passes ------------------------------------------------------------------------------------
@@ -861,7 +1092,7 @@ def convert(model: nn.Module, example_input: Tensor, *, threshold: float = 0.0, 
             score: str = "max", thresholds_file: str | None = None, dtype: torch.dtype | None = None,
             keyframe_interval: int | None = None, mask_dilation: int = 1, allow_dense_fallback: bool = False,
             fuse: bool = True, backend: str | None = None, on_input_change: str = "error",
-            dense_above: float | None = 0.5) -> DeltaModel:
+            dense_above: float | None = 0.5, leaf_modules: Iterable[type | str] = ()) -> DeltaModel:
     """Turn an ordinary CNN into a stateful delta model for video.
 
     Args:
@@ -886,6 +1117,9 @@ def convert(model: nn.Module, example_input: Tensor, *, threshold: float = 0.0, 
             on the host, so backends that must not synchronise (Triton, CUDA graphs) ignore it:
             there `deltacnn.compile(..., dense_above=)` does the same without waiting. None
             disables it.
+        leaf_modules: module classes or qualified names that tracing keeps as one call instead of
+            tracing into (for modules with data-dependent control flow); without a delta version
+            they run as dense islands (needs allow_dense_fallback=True).
     """
     if dense_above is not None and not 0 <= dense_above <= 1:
         raise ValueError(f"dense_above must be in [0, 1] or None, got {dense_above}")
@@ -900,17 +1134,11 @@ def convert(model: nn.Module, example_input: Tensor, *, threshold: float = 0.0, 
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
     model = copy.deepcopy(model).eval()
-    try:
-        traced = fx.symbolic_trace(model)
-    except Exception as e:  # noqa: BLE001 - any tracing failure gets the same advice
-        raise ConversionError(
-            f"torch.fx could not trace {type(model).__name__}: {type(e).__name__}: {e}. deltacnn needs a forward() "
-            "without data-dependent Python control flow; move such logic out of the model or mark the offending "
-            "function with torch.fx.wrap.") from e
+    traced = trace(model, example_input, leaf_modules)
     device = next(model.parameters(), example_input).device
     with torch.no_grad():
         try:
-            ShapeProp(traced).propagate(example_input.to(device))
+            _Profile(traced).propagate(example_input.to(device))
         except Exception as e:  # noqa: BLE001
             raise ConversionError(f"running the model on example_input of shape {tuple(example_input.shape)} "
                                   f"failed: {type(e).__name__}: {e}") from e
@@ -921,6 +1149,11 @@ def convert(model: nn.Module, example_input: Tensor, *, threshold: float = 0.0, 
     if fuse:
         fold_scales(gm)
         fuse_epilogues(gm)
+    else:
+        gm.graph.eliminate_dead_code()
+        gm.delete_all_unused_submodules()
+        gm.recompile()
+    check_no_silent_dense(gm)
     gm = gm.to(dtype)
     layers = {m.name: m for m in gm.modules() if isinstance(m, DeltaLayer)}
     names = [INPUT] + sorted({m.act_name if isinstance(m, DeltaConv2d) else m.name
@@ -936,4 +1169,66 @@ def convert(model: nn.Module, example_input: Tensor, *, threshold: float = 0.0, 
     for m in gm.modules():
         if isinstance(m, DeltaLayer):
             m.set_runtime(rt)
-    return DeltaModel(gm, rt, layers, example_input.shape[1], keyframe_interval, on_input_change)
+    dm = DeltaModel(gm, rt, layers, example_input.shape[1], keyframe_interval, on_input_change)
+    total = sum(int(n.meta.get("macs", 0)) for n in traced.graph.nodes)
+    dm.report = ConversionReport(islands=conv.islands, tails=conv.tails, total_macs=total,
+                                 layer_macs={k: conv.macs.get(k, 0) for k in layers})
+    if conv.islands or conv.tails:
+        warnings.warn(dm.report.describe(), DenseOpsWarning, stacklevel=2)
+    return dm
+
+
+class DenseOpsWarning(UserWarning):
+    """convert() lists the ops that run densely: dense islands (allowed by the user) and dense tails."""
+
+
+@dataclass
+class ConversionReport:
+    """What convert() made dense, with each op's share of a dense frame's multiply-adds."""
+
+    islands: list[DenseReport]
+    tails: list[DenseReport]
+    total_macs: int
+    layer_macs: dict[str, int]
+
+    def share(self, macs: int) -> float:
+        return macs / self.total_macs if self.total_macs else 0.0
+
+    def describe(self) -> str:
+        lines = [f"deltacnn.convert: {len(self.islands)} dense island(s) (allow_dense_fallback=True) and "
+                 f"{len(self.tails)} op(s) in dense tails run densely on every frame:"]
+        for r in self.islands:
+            lines.append(f"  dense island {r.node!r}: {r.op}, {self.share(r.macs):.1%} of the model's MACs"
+                         + (f" (at {r.source})" if r.source else ""))
+        if self.tails:
+            macs = sum(r.macs for r in self.tails)
+            names = ", ".join(f"{r.node} ({r.op})" for r in self.tails[:8]) + (", ..." if len(self.tails) > 8 else "")
+            lines.append(f"  dense tail after the last feature maps: {names}; {self.share(macs):.1%} of the MACs")
+        return "\n".join(lines)
+
+
+class _Profile(ShapeProp):
+    """ShapeProp that also records each node's multiply-adds on the example input (node.meta['macs'])."""
+
+    def run_node(self, n: fx.Node) -> Any:
+        with FlopCounterMode(display=False) as fc:
+            out = super().run_node(n)
+        n.meta["macs"] = fc.get_total_flops() // 2
+        return out
+
+
+def check_no_silent_dense(gm: fx.GraphModule) -> None:
+    """Raise if a convolution or Linear is called by the converted graph outside a delta or dense layer.
+
+    Every such call must be a delta layer, a reported dense island or a reported dense tail
+    (DenseCall); anything else is a converter bug that would run densely on every frame unseen.
+    """
+    mods = dict(gm.named_modules())
+    for n in gm.graph.nodes:
+        bad = (n.op == "call_module" and isinstance(mods.get(n.target), _DENSE_WORK)) or \
+            (n.op == "call_function" and n.target in _DENSE_FNS)
+        if bad:
+            raise ConversionError(
+                f"internal converter error: graph node {n.name!r} ({n.target}) calls a convolution/Linear outside "
+                "every delta layer and every reported dense island or tail, so it would run densely on every frame "
+                "without being reported. Please report this model; allow_dense_fallback does not change it.")

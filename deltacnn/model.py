@@ -180,6 +180,17 @@ class DeltaModel(nn.Module):
         """Statistics of the last frame."""
         return self.rt.stats.frame(self.rt.keyframe)
 
+    def summary(self, show: bool = True) -> str:
+        """Per layer: name, kind (delta / dense island / dense tail), dense MACs per frame, share of the
+        model's MACs, and the last frame's update rate when statistics are on. Printed unless show=False."""
+        from .stats import summary_table
+        report = getattr(self, "report", None)
+        last = self.rt.stats.frame(self.rt.keyframe) if self.rt.stats.enabled and self.rt.stats._rows else None
+        table = summary_table(self.layers, report.layer_macs if report is not None else {}, last)
+        if show:
+            print(table)
+        return table
+
     @property
     def input_mask(self) -> Tensor | None:
         """(N, 1, H, W) bool: which input pixels the last frame transmitted."""

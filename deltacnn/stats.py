@@ -65,6 +65,12 @@ class StatsRecorder:
         if self.keep_masks:
             self.masks[name] = mask
 
+    def record_work(self, name: str, kind: str, macs: int) -> None:
+        """A layer that ran densely (dense island or tail): all of its `macs` done, every output updated."""
+        if not self.enabled:
+            return
+        self._rows.append((name, kind, torch.ones((), dtype=torch.float64), 1, int(macs)))
+
     def frame(self, keyframe: bool) -> FrameStats:
         if not self.enabled:
             raise RuntimeError("statistics are off: call model.enable_stats() before running frames")
@@ -73,3 +79,22 @@ class StatsRecorder:
         for (name, kind, _, total, mpp), cnt in zip(self._rows, counts):
             layers[name] = LayerStats(name, kind, cnt / total if total else 0.0, int(cnt) * mpp, total * mpp)
         return FrameStats(layers, keyframe)
+
+
+def summary_table(layers: dict, layer_macs: dict[str, int], last: FrameStats | None) -> str:
+    """One row per layer: name, kind (delta / dense island / dense tail), dense MACs per frame, share of
+    the model's MACs, and the update rate of the last frame when statistics are on."""
+    from .layers.io import DenseCall, DenseIsland  # the layers import this module's users, not the reverse
+
+    total = sum(layer_macs.values())
+    lines = [f"{'layer':44s} {'kind':12s} {'MACs/frame':>14s} {'share':>7s} {'updated':>8s}"]
+    for name, layer in layers.items():
+        kind = "dense island" if isinstance(layer, DenseIsland) else "dense tail" if isinstance(layer, DenseCall) \
+            else "delta"
+        macs = layer_macs.get(name, 0)
+        share = f"{macs / total:7.1%}" if total else " " * 7
+        row = last.layers.get(name) if last is not None else None
+        upd = f"{row.update_rate:8.1%}" if row is not None else f"{'-':>8s}"
+        lines.append(f"{name[:44]:44s} {kind:12s} {macs:14,d} {share} {upd}")
+    lines.append(f"{'total':44s} {'':12s} {total:14,d}")
+    return "\n".join(lines)

@@ -1,6 +1,8 @@
 """Where dense tensors enter and leave the delta world."""
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -86,18 +88,78 @@ class Densify(DeltaLayer):
         return self._state("out").to(self.rt.dtype, copy=True)
 
 
-class DenseIsland(DeltaLayer):
+class Slot:
+    """Where the i-th graph value goes in a dense call's argument template."""
+
+    __slots__ = ("i",)
+
+    def __init__(self, i: int) -> None:
+        self.i = i
+
+    def __repr__(self) -> str:
+        return f"Slot({self.i})"
+
+
+def fill_template(t: Any, vals: tuple) -> Any:
+    """The template's structure with every Slot(i) replaced by vals[i]."""
+    if isinstance(t, Slot):
+        return vals[t.i]
+    if isinstance(t, tuple):
+        return tuple(fill_template(x, vals) for x in t)
+    if isinstance(t, list):
+        return [fill_template(x, vals) for x in t]
+    if isinstance(t, dict):
+        return {k: fill_template(x, vals) for k, x in t.items()}
+    if isinstance(t, slice):
+        return slice(fill_template(t.start, vals), fill_template(t.stop, vals), fill_template(t.step, vals))
+    return t
+
+
+class DenseCall(DeltaLayer):
+    """An op of a dense tail (after the last feature map: classifier head, box decode) run as written.
+
+    `template` is the original call's (args, kwargs) with Slot(i) where the i-th input of this
+    layer goes, so every argument, tensor or not, reaches the op. Its work (`macs`, measured at
+    conversion) is recorded as done densely on every frame.
+    """
+
+    kind = "dense-tail"
+
+    def __init__(self, name: str, fn, template: tuple | None = None, macs: int = 0, what: str = "") -> None:
+        super().__init__(name)
+        self.fn, self.template, self.macs, self.what = fn, template, int(macs), what
+
+    def _call(self, vals: tuple, kw: dict) -> Any:
+        if self.template is None:
+            return self.fn(*vals, **kw)
+        args, kwargs = fill_template(self.template, vals)
+        return self.fn(*args, **kwargs)
+
+    def forward(self, *vals, **kw):
+        y = self._call(vals, kw)
+        self.rt.stats.record_work(self.name, self.kind, self.macs)
+        return y
+
+    def extra_repr(self) -> str:
+        return self.what
+
+
+class DenseIsland(DenseCall):
     """An op with no delta form, run densely: densify its stream inputs, run it, sparsify again (tau 0).
 
     Correct for any op, at the cost of a dense pass; enabled by convert(allow_dense_fallback=True).
+    With a `template`, inputs are the op's graph values in order and `streams[i]` says which are
+    delta streams (densified first); without one, the first `n_streams` inputs are streams and
+    keyword arguments pass through.
     """
 
     kind = "dense-island"
 
-    def __init__(self, name: str, fn, n_streams: int, reenter: bool) -> None:
-        super().__init__(name)
-        self.fn = fn
-        self.inputs = torch.nn.ModuleList(Densify(f"{name}.in{i}") for i in range(n_streams))
+    def __init__(self, name: str, fn, n_streams: int, reenter: bool, template: tuple | None = None,
+                 streams: list[bool] | None = None, macs: int = 0, what: str = "") -> None:
+        super().__init__(name, fn, template, macs, what)
+        self.is_stream = list(streams) if streams is not None else [True] * n_streams
+        self.inputs = torch.nn.ModuleList(Densify(f"{name}.in{i}") for i in range(sum(self.is_stream)))
         self.output = Sparsify(f"{name}.out") if reenter else None
 
     def set_runtime(self, rt) -> None:
@@ -107,10 +169,15 @@ class DenseIsland(DeltaLayer):
         if self.output is not None:
             self.output.set_runtime(rt)
 
-    def forward(self, *streams: DeltaTensor, **kw):
-        dense = [m(s) for m, s in zip(self.inputs, streams)]
-        y = self.fn(*dense, **kw)
+    def forward(self, *vals, **kw):
+        dense, k = [], 0
+        for i, v in enumerate(vals):
+            if i < len(self.is_stream) and self.is_stream[i]:
+                v = self.inputs[k](v)
+                k += 1
+            dense.append(v)
+        y = self._call(tuple(dense), kw)
+        self.rt.stats.record_work(self.name, self.kind, self.macs)
         if self.output is None:
             return y
         return self.output(y)
-

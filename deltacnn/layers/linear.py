@@ -81,33 +81,68 @@ class DeltaGlobalAvgPool(DeltaLayer):
 
 
 class DeltaLinearMap(DeltaLayer):
-    """A parameter-free linear spatial op (avg pooling, up/down-sampling) given as `fn`, with its mask rule."""
+    """A parameter-free linear op (pooling, resampling, padding, roll, pixel shuffle) given as `fn`, with its mask rule.
+
+    Deltas go through the backend's `dense_linear`: `fn` on the zero-filled delta, which is exact for
+    any linear op and costs about one dense pass of an op that is cheap anyway (no weights), so a
+    sparse kernel per op would not pay off. `mask_fn` maps the (N, 1, H, W) update mask: an output
+    pixel is updated iff any input pixel it reads is. `key_fn` (default `fn`) runs on keyframes,
+    for ops with a constant part (a pad value) that enters on keyframes only.
+    """
 
     kind = "linear_map"
 
     def __init__(self, fn: Callable[[Tensor], Tensor], mask_fn: Callable[[Tensor], Tensor], name: str = "",
-                 what: str = "") -> None:
+                 what: str = "", key_fn: Callable[[Tensor], Tensor] | None = None) -> None:
         super().__init__(name)
-        self.fn, self.mask_fn, self.what = fn, mask_fn, what
+        self.fn, self.mask_fn, self.what, self.key_fn = fn, mask_fn, what, key_fn
 
     def forward(self, d: DeltaTensor) -> DeltaTensor:
         d = check_delta(d, self)
         if d.dense:
-            return self.record(DeltaTensor.keyframe(self.fn(d.values)))
+            return self.record(DeltaTensor.keyframe((self.key_fn or self.fn)(d.values)))
         return self.record(self.rt.backend_for(d.values).dense_linear(d, self.fn, self.mask_fn))
 
     def extra_repr(self) -> str:
         return self.what
 
 
-class DeltaChannelSlice(DeltaLayer):
+class DeltaSlice(DeltaLayer):
+    """Select channels (a slice or an index list) and a strided window of pixels: values and mask alike.
+
+    A pure gather, exact on deltas and keyframes, with no zero-filling: channel-only selections
+    keep the mask (and its active list) as they are, spatial ones slice the mask the same way.
+    Channel slices, `chunk`/`split` parts, space-to-depth slices (`x[..., ::2, ::2]`) and channel
+    shuffles (a view/transpose/view chain is a channel permutation) land here.
+    """
+
     kind = "slice"
 
-    def __init__(self, start: int, stop: int, name: str = "") -> None:
+    def __init__(self, channels: slice | list[int] = slice(None), rows: slice = slice(None),
+                 cols: slice = slice(None), name: str = "") -> None:
         super().__init__(name)
-        self.start, self.stop = start, stop
+        self.channels, self.rows, self.cols = channels, rows, cols
+        if isinstance(channels, list):
+            self.register_buffer("index", torch.tensor(channels, dtype=torch.long), persistent=False)
+        self.spatial = rows != slice(None) or cols != slice(None)
 
     def forward(self, d: DeltaTensor) -> DeltaTensor:
         d = check_delta(d, self)
-        v = to_cl(d.values[:, self.start:self.stop])
-        return DeltaTensor(v, d.mask, dense=d.dense, _active=d._active)
+        v = d.values
+        v = v.index_select(1, self.index.to(v.device)) if isinstance(self.channels, list) else v[:, self.channels]
+        if not self.spatial:
+            return DeltaTensor(to_cl(v), d.mask, dense=d.dense, _active=d._active)
+        v = v[:, :, self.rows, self.cols]
+        return DeltaTensor(to_cl(v), d.mask[:, :, self.rows, self.cols].contiguous(), dense=d.dense)
+
+    def extra_repr(self) -> str:
+        c = self.channels if isinstance(self.channels, slice) else f"[{len(self.channels)} channels]"
+        return f"channels={c}, rows={self.rows}, cols={self.cols}"
+
+
+class DeltaChannelSlice(DeltaSlice):
+    """x[:, start:stop] (kept for code that builds delta models by hand)."""
+
+    def __init__(self, start: int, stop: int, name: str = "") -> None:
+        super().__init__(slice(start, stop), name=name)
+        self.start, self.stop = start, stop
