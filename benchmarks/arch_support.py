@@ -4,7 +4,7 @@ For each architecture of tests/arch_zoo.py (torchvision, timm, Ultralytics; rand
 downloads): convert it strictly, and if that fails with allow_dense_fallback=True; count the
 convs that became delta layers, sit in dense islands, or stay plain dense module calls; and run
 a synthetic clip (textured background, moving objects, noise) through both models at tau 0,
-reporting the worst error leaf by leaf.
+reporting the worst error leaf by leaf (max abs error / max abs dense value, per leaf).
 
     python3 benchmarks/arch_support.py [--frames 60] [--only tv_resnet18,yolov8n] [--json out.json]
 """
@@ -26,12 +26,10 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import deltacnn  # noqa: E402
 import arch_zoo  # noqa: E402
-from conftest import make_video  # noqa: E402
 
 
 def clip_for(arch: arch_zoo.Arch, frames: int, seed: int = 5) -> torch.Tensor:
-    h, w = arch.size
-    return make_video(frames, h=h, w=w, noise=0.01, seed=seed, objects=4, size=max(6, h // 6))
+    return arch_zoo.moving_clip(frames, *arch.size, seed=seed)  # the clip the tests use
 
 
 def leaf_errors(got, want) -> tuple[float, float]:
@@ -73,9 +71,18 @@ def check(arch: arch_zoo.Arch, frames: int) -> dict:
         row["status"] = "does not convert"
         return row
     cov = arch_zoo.conv_coverage(model, dm, clip[0])
-    row.update({k: cov[k] for k in ("convs", "delta_mac_share", "island_mac_share", "dense_mac_share")})
-    row.update({"delta_convs": len(cov["delta"]), "island_convs": cov["island"], "dense_convs": cov["dense"],
-                "missing_convs": cov["missing"], "islands": island_names(dm)})
+    row.update({k: cov[k] for k in ("convs", "delta_mac_share", "island_mac_share", "tail_mac_share",
+                                    "dense_mac_share")})
+    row.update({"delta_convs": len(cov["delta"]), "island_convs": cov["island"], "tail_convs": cov["tail"],
+                "dense_convs": cov["dense"], "missing_convs": cov["missing"]})
+    report = getattr(dm, "report", None)
+    if report is not None:
+        row["islands"] = [{"node": r.node, "op": r.op, "mac_share": report.share(r.macs)} for r in report.islands]
+        row["island_op_mac_share"] = sum(report.share(r.macs) for r in report.islands)
+        row["tails"] = [r.node for r in report.tails]
+        row["tail_op_mac_share"] = sum(report.share(r.macs) for r in report.tails)
+    else:
+        row["islands"] = island_names(dm)
     worst_abs, worst_rel = 0.0, 0.0
     t0 = time.perf_counter()
     try:
@@ -93,16 +100,17 @@ def check(arch: arch_zoo.Arch, frames: int) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    head = f"{'architecture':36s} {'status':18s} {'convs':>5s} {'delta':>5s} {'isl.':>4s} {'dense':>5s} " \
-           f"{'delta MAC':>9s} {'islands':>7s} {'max rel err':>11s} {'run s':>6s}"
+    head = (f"{'architecture':36s} {'status':18s} {'convs':>5s} {'delta':>5s} {'isl.c':>5s} {'tail':>4s} "
+            f"{'plain':>5s} {'islands':>7s} {'isl.MAC':>7s} {'tail MAC':>8s} {'max rel err':>11s} {'run s':>6s}")
     lines = [head]
     for r in rows:
         st = r["status"] if len(r["status"]) <= 18 else r["status"][:17] + "~"
         if "convs" not in r:
             lines.append(f"{r['arch']:36s} {st:18s}")
             continue
-        lines.append(f"{r['arch']:36s} {st:18s} {r['convs']:5d} {r['delta_convs']:5d} {len(r['island_convs']):4d} "
-                     f"{len(r['dense_convs']):5d} {r['delta_mac_share']:9.1%} {len(r['islands']):7d} "
+        lines.append(f"{r['arch']:36s} {st:18s} {r['convs']:5d} {r['delta_convs']:5d} {len(r['island_convs']):5d} "
+                     f"{len(r['tail_convs']):4d} {len(r['dense_convs']):5d} {len(r['islands']):7d} "
+                     f"{r.get('island_op_mac_share', 0):7.1%} {r.get('tail_op_mac_share', 0):8.1%} "
                      f"{r.get('max_rel_err', float('nan')):11.1e} {r.get('frames_run_s', 0):6.1f}")
     return "\n".join(lines)
 

@@ -231,15 +231,8 @@ class _Converter:
         return n
 
     def _tail(self, node: fx.Node, macs: int) -> None:
-        meta = _shape(node)
-        if node.op == "call_module" and isinstance(self.modules[node.target], (nn.Conv2d, nn.ConvTranspose2d)) \
-                and not self.allow_fallback:
-            raise UnsupportedOperationError(
-                f"{describe_node(node)} is a convolution on a map that left the delta stream (after an op "
-                f"without a delta version), so it would run densely on every frame. Pass allow_dense_fallback=True "
-                "to allow that, or change the op before it (see deltacnn.SUPPORTED_OPS).")
+        """Record an op of a dense tail (after the last feature maps): allowed, but listed by convert()."""
         self.tails.append(DenseReport(node.name, _target_name(node), macs, node.meta.get(SOURCE)))
-        del meta
 
     def _dense_call(self, node: fx.Node, args: tuple, kwargs: dict, flat: list, macs: int) -> fx.Node:
         template, inputs = _template(args, kwargs, flat)
@@ -1079,12 +1072,16 @@ def fuse_epilogues(gm: fx.GraphModule) -> int:
 
 
 SUPPORTED_OPS = (
-    "Conv2d (any kernel/stride/padding incl. 'same'/dilation/groups, bias), ConvTranspose2d, BatchNorm2d (folded or "
-    "scale+shift), ReLU, ReLU6, LeakyReLU, PReLU, ELU, Hardtanh, SiLU, Hardswish, Hardsigmoid, Sigmoid, Tanh, GELU "
+    "Conv2d (any kernel/stride/padding incl. 'same'/dilation/groups, bias), ConvTranspose2d, BatchNorm2d and eval-mode "
+    "F.batch_norm (folded into the conv, else scale+shift; constant scales after a conv fold too), ReLU, ReLU6, LeakyReLU, PReLU, ELU, Hardtanh, SiLU, Hardswish, Hardsigmoid, Sigmoid, Tanh, GELU "
     "(modules, functions and tensor methods), MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, Upsample/interpolate "
     "(nearest, bilinear), add/sub of two streams or a constant, mul of two streams (broadcast allowed) or by a "
     "constant, division by a constant, neg, torch.cat on channels, channel slicing x[:, a:b], mean over (2, 3) "
-    "with keepdim, Identity/Dropout; anything after the feature map stops being 4-D (flatten, Linear) runs densely."
+    "with keepdim, Identity/Dropout (also F.dropout*, torchvision stochastic_depth in eval); a stream times, plus or "
+    "divided by a tensor computed densely (a squeeze-excitation gate from Linear layers: sparsified as a second "
+    "stream, exact); on a channels-last view x.permute(0, 2, 3, 1) (ConvNeXt): LayerNorm over channels (a per-pixel "
+    "nonlinear delta layer), Linear over channels (a 1x1 delta conv), activations, per-channel constants, "
+    "permute back; anything after the feature map stops being 4-D (flatten, Linear) runs densely."
 )
 
 

@@ -31,7 +31,7 @@ class Arch:
     id: str
     package: str
     build: Callable[[], nn.Module]
-    size: tuple[int, int] = (64, 64)
+    size: tuple[int, int] = (32, 32)  # the smallest input every listed architecture takes (stride 32)
     islands: int = 0
     tail_convs: tuple[str, ...] = field(default=())
 
@@ -96,8 +96,11 @@ ARCHS: list[Arch] = [
     Arch("timm_regnety_002", "timm", _timm("regnety_002")),
     Arch("timm_cs3darknet_s", "timm", _timm("cs3darknet_s")),
     Arch("timm_hrnet_w18_small", "timm", _timm("hrnet_w18_small")),
-    Arch("yolov8n", "ultralytics", _yolo("yolov8n.yaml")),
-    Arch("yolo11n", "ultralytics", _yolo("yolo11n.yaml")),
+    # the box decode (DFL's fixed 1x1 conv over softmaxed bins, anchors) runs after the maps: a dense tail
+    Arch("yolov8n", "ultralytics", _yolo("yolov8n.yaml"), size=(64, 64), tail_convs=("model.22.dfl.conv",)),
+    # C2PSA's attention (view, transpose, matmul, softmax, matmul, reshape, view) mixes all pixels: 8 islands,
+    # its convs (qkv, proj, positional) stay delta layers
+    Arch("yolo11n", "ultralytics", _yolo("yolo11n.yaml"), size=(64, 64), islands=8, tail_convs=("model.23.dfl.conv",)),
 ]
 
 
@@ -136,18 +139,27 @@ def conv_macs(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
     return macs
 
 
+def _has(model: nn.Module, qualname: str) -> bool:
+    try:
+        model.get_submodule(qualname)
+        return True
+    except AttributeError:
+        return False
+
+
 def _conv_names(m: nn.Module, prefix: str) -> list[str]:
     return [f"{prefix}.{n}" if n else prefix for n, s in m.named_modules() if isinstance(s, nn.Conv2d)]
 
 
 def conv_coverage(model: nn.Module, dm, x: torch.Tensor) -> dict:
-    """Where each Conv2d of `model` ended up in the converted `dm`: a delta layer, inside a dense
-    island, or a plain (dense) module call left in the graph; with each group's share of the dense
-    model's conv multiply-adds."""
+    """Where each Conv2d of `model` that runs ended up in the converted `dm`: a delta layer, inside a
+    dense island, inside a dense tail (DenseCall), or a plain module call left in the graph (a
+    silent dense op); with each group's share of the dense model's conv multiply-adds."""
     from deltacnn.layers import DeltaConv2d, DenseIsland
+    from deltacnn.layers.io import DenseCall
     macs = conv_macs(model, x)
     orig = set(macs)  # convs that run (unused modules are not counted)
-    delta, island, dense = set(), set(), set()
+    delta, island, tail, plain = set(), set(), set(), set()
     for layer in dm.layers.values():
         if isinstance(layer, DeltaConv2d):
             name = layer.name
@@ -157,21 +169,21 @@ def conv_coverage(model: nn.Module, dm, x: torch.Tensor) -> dict:
             delta.add(name)
     gm = dm.graph_module
     mods = dict(gm.named_modules())
-    for mname, m in mods.items():
-        if isinstance(m, DenseIsland) and isinstance(m.fn, nn.Module):
-            src = next((n for n, s in mods.items() if s is m.fn and not n.startswith("_delta")), None)
-            island.update(_conv_names(m.fn, src) if src else [])
+    for m in mods.values():
+        if isinstance(m, DenseCall) and isinstance(m.fn, nn.Module):
+            # a dense call of a module is named after it (a second call of it gets _1, _2 ...)
+            src = m.name if _has(model, m.name) else m.name.rsplit("_", 1)[0]
+            (island if isinstance(m, DenseIsland) else tail).update(_conv_names(m.fn, src))
     for node in gm.graph.nodes:
         if node.op == "call_module" and not str(node.target).startswith("_delta."):
-            dense.update(_conv_names(mods[node.target], node.target))
-    dense -= delta | island
-    island -= delta
-    missing = orig - delta - island - dense
+            plain.update(_conv_names(mods[node.target], node.target))
+    missing = orig - delta - island - tail - plain
     total = sum(macs.values()) or 1
     share = lambda names: sum(macs.get(n, 0) for n in names) / total  # noqa: E731
     return {"convs": len(orig), "delta": sorted(delta & orig), "island": sorted(island & orig),
-            "dense": sorted(dense & orig), "missing": sorted(missing),
-            "delta_mac_share": share(delta), "island_mac_share": share(island), "dense_mac_share": share(dense)}
+            "tail": sorted(tail & orig), "dense": sorted(plain & orig), "missing": sorted(missing),
+            "delta_mac_share": share(delta), "island_mac_share": share(island), "tail_mac_share": share(tail),
+            "dense_mac_share": share(plain)}
 
 
 def leaves(out) -> list[torch.Tensor]:
@@ -194,3 +206,27 @@ def structure(out) -> object:
     if isinstance(out, (list, tuple)):
         return [structure(o) for o in out]
     return out
+
+
+def moving_clip(frames: int, h: int, w: int, seed: int = 5, objects: int = 4, noise: float = 0.01,
+                noisy_fraction: float = 0.15) -> torch.Tensor:
+    """(T, 1, 3, H, W): a random textured background, `objects` textured squares moving at different
+    speeds, and sensor noise on a random `noisy_fraction` of the pixels each frame (never all: the
+    delta paths then gather and scatter real subsets of pixels, not just every pixel)."""
+    g = torch.Generator().manual_seed(seed)
+    bg = torch.nn.functional.interpolate(torch.randn(1, 3, h // 4 + 2, w // 4 + 2, generator=g), size=(h, w),
+                                         mode="bilinear", align_corners=False) + 0.3 * torch.randn(1, 3, h, w, generator=g)
+    size = max(6, h // 6)
+    tex = torch.randn(objects, 3, size, size, generator=g)
+    speed = torch.randint(1, 4, (objects, 2), generator=g)
+    start = torch.randint(0, max(1, min(h, w) - size), (objects, 2), generator=g)
+    out = []
+    for t in range(frames):
+        f = bg.clone()
+        for k in range(objects):
+            y = int(start[k, 0] + speed[k, 0] * t) % (h - size)
+            x = int(start[k, 1] + speed[k, 1] * t) % (w - size)
+            f[0, :, y:y + size, x:x + size] = tex[k]
+        noisy = (torch.rand(1, 1, h, w, generator=g) < noisy_fraction).float()
+        out.append(f + noise * noisy * torch.randn(1, 3, h, w, generator=g))
+    return torch.stack(out)
