@@ -218,7 +218,7 @@ class _Converter:
     def _dense_node(self, node: fx.Node, args: tuple, kwargs: dict, flat: list) -> fx.Node:
         """A node off the stream: a copy, or (when it does multiply-adds) a DenseCall that records them."""
         derived = any(a in self.dense_derived for a in flat)
-        macs = self._node_macs
+        macs = int(node.meta.get("macs", 0))  # not _node_macs: densifying the inputs may have used it
         if derived:
             self._tail(node, macs)
         if macs > 0 and node.op in ("call_module", "call_function", "call_method"):
@@ -253,6 +253,8 @@ class _Converter:
         else:
             return None
         out = _shape(node)
+        if all(o[1] == "contiguous" for o in chain.ops):
+            return chain.src  # contiguous() on a map: a no-op on deltas
         if chain.shape is not None and out is not None and len(out) == 4 and out[0] == chain.shape[0] \
                 and tuple(out[2:]) == tuple(chain.shape[2:]):
             perm = chain.channel_permutation()
@@ -703,7 +705,7 @@ class _Converter:
                 "ops (see deltacnn.SUPPORTED_OPS).")
         flat = _flatten_nodes((args, kwargs))
         template, inputs = _template(args, kwargs, flat)
-        macs = self._node_macs
+        macs = int(node.meta.get("macs", 0))
         island = DenseIsland(self._name(node), _as_callable(node, self.modules), 0, reenter=True, template=template,
                              streams=[a in self.streams for a in inputs], macs=macs, what=what)
         self.islands.append(DenseReport(node.name, what, macs, node.meta.get(SOURCE)))
@@ -858,7 +860,7 @@ class _Chain:
 
         Found by running the chain on a tensor holding each element's own index (float64: exact)."""
         n, c, h, w = self.shape
-        if n * c * h * w > 2 ** 26:
+        if n * c * h * w > 2 ** 24:  # the probe is float64: at most 128 MB
             return None
         probe = torch.arange(n * c * h * w, dtype=torch.float64).view(n, c, h, w)
         try:
@@ -1072,16 +1074,22 @@ def fuse_epilogues(gm: fx.GraphModule) -> int:
 
 
 SUPPORTED_OPS = (
-    "Conv2d (any kernel/stride/padding incl. 'same'/dilation/groups, bias), ConvTranspose2d, BatchNorm2d and eval-mode "
-    "F.batch_norm (folded into the conv, else scale+shift; constant scales after a conv fold too), ReLU, ReLU6, LeakyReLU, PReLU, ELU, Hardtanh, SiLU, Hardswish, Hardsigmoid, Sigmoid, Tanh, GELU "
+    "Conv2d (any kernel/stride/padding incl. 'same'/dilation/groups, bias), ConvTranspose2d, BatchNorm2d and "
+    "eval-mode F.batch_norm (folded into the conv, else scale+shift; constant scales after a conv fold too), ReLU, "
+    "ReLU6, LeakyReLU, PReLU, ELU, Hardtanh, SiLU, Hardswish, Hardsigmoid, Sigmoid, Tanh, GELU "
     "(modules, functions and tensor methods), MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, Upsample/interpolate "
-    "(nearest, bilinear), add/sub of two streams or a constant, mul of two streams (broadcast allowed) or by a "
-    "constant, division by a constant, neg, torch.cat on channels, channel slicing x[:, a:b], mean over (2, 3) "
-    "with keepdim, Identity/Dropout (also F.dropout*, torchvision stochastic_depth in eval); a stream times, plus or "
+    "(nearest, nearest-exact, bilinear, bicubic, area; static size or scale_factor, also from x.shape), add/sub of "
+    "two streams or a constant, mul of two streams (broadcast allowed) or by a constant, division by a constant, neg, "
+    "torch.cat on channels, chunk/split/tensor_split along channels, rows or columns (and getitem/unpacking of "
+    "their parts), slicing x[:, a:b:s, ..., ::2, ::2] (bounds may come from x.shape), narrow, view/reshape/permute/"
+    "transpose/flatten chains that come back to a map as a channel permutation (channel shuffle), pixel_shuffle, "
+    "pixel_unshuffle, roll, flip, F.pad / nn.*Pad2d (constant, reflect, replicate, circular), mean over (2, 3) with "
+    "keepdim, Identity/Dropout (also F.dropout*, torchvision stochastic_depth in eval); a stream times, plus or "
     "divided by a tensor computed densely (a squeeze-excitation gate from Linear layers: sparsified as a second "
     "stream, exact); on a channels-last view x.permute(0, 2, 3, 1) (ConvNeXt): LayerNorm over channels (a per-pixel "
-    "nonlinear delta layer), Linear over channels (a 1x1 delta conv), activations, per-channel constants, "
-    "permute back; anything after the feature map stops being 4-D (flatten, Linear) runs densely."
+    "nonlinear delta layer), Linear over channels (a 1x1 delta conv), activations, per-channel constants, permute "
+    "back; anything after the feature map stops being 4-D (flatten, Linear, box decodes) runs densely as a reported "
+    "dense tail."
 )
 
 

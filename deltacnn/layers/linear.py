@@ -131,9 +131,9 @@ class DeltaSlice(DeltaLayer):
         v = d.values
         v = v.index_select(1, self.index.to(v.device)) if isinstance(self.channels, list) else v[:, self.channels]
         if not self.spatial:
-            return DeltaTensor(to_cl(v), d.mask, dense=d.dense, _active=d._active)
+            return self.record(DeltaTensor(to_cl(v), d.mask, dense=d.dense, _active=d._active))
         v = v[:, :, self.rows, self.cols]
-        return DeltaTensor(to_cl(v), d.mask[:, :, self.rows, self.cols].contiguous(), dense=d.dense)
+        return self.record(DeltaTensor(to_cl(v), d.mask[:, :, self.rows, self.cols].contiguous(), dense=d.dense))
 
     def extra_repr(self) -> str:
         c = self.channels if isinstance(self.channels, slice) else f"[{len(self.channels)} channels]"
