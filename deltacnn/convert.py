@@ -848,6 +848,7 @@ class _Chain:
         self.src, self.shape, self.ops, self.last = src, shape, ops, last
 
     def replay(self, x: Tensor) -> Tensor:
+        x = x.contiguous()  # densified streams are channels_last; view() in the chain expects the model's layout
         for op, target, rest, kw in self.ops:
             x = getattr(x, target)(*rest, **kw) if op == "call_method" else target(x, *rest, **kw)
         return x
