@@ -24,9 +24,10 @@ from .activations import ActSpec
 from .layers.io import check_min_blob
 from .errors import ConversionError, UnsupportedOperationError
 from . import linear_maps as lm
+from .geometry import Window
 from .layers import (DeltaActivation, DeltaAdd, DeltaCat, DeltaConv2d, DeltaConvTranspose2d, DeltaGlobalAvgPool,
-                     DeltaLayer, DeltaLinearMap, DeltaMaxPool2d, DeltaMul, DeltaScale, DeltaSlice, DenseCall,
-                     DenseIsland, Densify, Sparsify)
+                     DeltaLayer, DeltaLayerNorm, DeltaLinearMap, DeltaMaxPool2d, DeltaMul, DeltaScale, DeltaSlice,
+                     DenseCall, DenseIsland, Densify, Sparsify)
 from .layers.io import Slot
 from .model import DeltaModel
 from .runtime import Runtime
@@ -125,6 +126,9 @@ class _Converter:
         self.layers: dict[str, DeltaLayer] = {}
         self.holder = nn.Module()
         self.uses: dict[str, int] = {}
+        # source-graph nodes whose stream is a channels-last view x.permute(0, 2, 3, 1) of a map: the
+        # DeltaTensor keeps its (N, C, H, W) layout and ops on the view act on its channels
+        self.nhwc: set[fx.Node] = set()
         self.dense_derived: set[fx.Node] = set()  # new-graph nodes computed from densified streams
         self._node_macs = 0
 
@@ -191,6 +195,12 @@ class _Converter:
 
     def _convert(self, node: fx.Node) -> Any:
         self._node_macs = int(node.meta.get("macs", 0))
+        if any(a in self.nhwc for a in _flatten_nodes((node.args, node.kwargs))):
+            return self._convert_nhwc(node)
+        if _permute_dims(node) == (0, 2, 3, 1) and self._is_stream(self.env.get(node.args[0])) \
+                and _ndim(node.args[0]) == 4:
+            self.nhwc.add(node)  # a channels-last view: the stream itself, ops on it see channels last
+            return self.env[node.args[0]]
         if _key(node) in _VIEWS and node.args and isinstance(node.args[0], fx.Node):
             chained = self._view(node)
             if chained is not None:
@@ -198,6 +208,7 @@ class _Converter:
         args = fx.node.map_arg(node.args, self._get)
         kwargs = fx.node.map_arg(node.kwargs, self._get)
         flat = _flatten_nodes((args, kwargs))
+        self._node_macs = int(node.meta.get("macs", 0))  # materialising an argument's view chain reset it
         if not any(self._is_stream(a) for a in flat):
             return self._dense_node(node, args, kwargs, flat)
         made = self._delta_op(node, args, kwargs)
@@ -323,6 +334,12 @@ class _Converter:
                                                                         getattr(m, "recompute_scale_factor", None)))
             return None
         key = t if op == "call_function" else (t if op == "call_method" else None)
+        if op == "call_function" and _identity_in_eval(t, args, kwargs):
+            return args[0] if args else kwargs.get("input")
+        if key in _SHAPE_ONLY and len(args) == 2 and self._is_stream(args[1]) and not self._is_stream(args[0]):
+            # s.expand_as(x) and friends read only x's shape: take it from the stream's values
+            v = self.graph.call_function(_values, (args[1],))
+            return self.graph.call_method(key, (args[0], v))
         if key in _FN_ACTS:
             stream = args[0]
             act = _FN_ACTS[key](*args, **kwargs)
@@ -427,6 +444,9 @@ class _Converter:
             return self._add_layer(DeltaAdd(name), (a, b))
         const = _constant(b if self._is_stream(a) else a, self.src)
         if const is None:
+            return self._add_dense_operand(node, a, b, negate, name)
+        const = _shift_constant(const, _ndim(node.args[0] if self._is_stream(a) else node.args[1]))
+        if const is None:
             return None
         stream = a if self._is_stream(a) else b
         if self._is_stream(a):  # x + c, x - c
@@ -449,14 +469,172 @@ class _Converter:
             return None  # c / x is nonlinear
         const = _constant(b if self._is_stream(a) else a, self.src)
         if const is None:
-            return None
-        if isinstance(const, Tensor) and not (const.numel() == 1 or (const.dim() >= 3 and const.shape[-2:] == (1, 1))
-                                              or const.dim() == 1):
-            return None
-        if isinstance(const, Tensor):
-            const = const.reshape(-1)
-        scale = 1.0 / const if div else const
+            return self._mul_dense_operand(node, a, b, div, name)
+        per_channel = _channel_constant(const, channels_last=False)
+        if per_channel is None:
+            return self._spatial_constant_mul(node, a if self._is_stream(a) else b, const, div, name)
+        scale = 1.0 / per_channel if div else per_channel
         return self._add_layer(DeltaScale(scale, 0.0, name), (a if self._is_stream(a) else b,))
+
+    def _spatial_constant_mul(self, node: fx.Node, stream: fx.Node, const: Tensor, div: bool,
+                              name: str) -> fx.Node | None:
+        """x * c with a constant c that varies over space (or broadcasts over width): a linear map."""
+        shape = _shape(node)
+        if shape is None or len(shape) != 4 or torch.broadcast_shapes(tuple(const.shape), shape) != shape:
+            return None
+        c = (1.0 / const if div else const).clone()
+        n_in = _shape(node.args[0] if stream is self.env.get(node.args[0]) else node.args[1])
+        if n_in != shape:
+            return None
+        return self._add_layer(DeltaLinearMap(lambda v: v * c.to(v.dtype), lambda m: m, name,
+                                              f"mul by a constant of shape {tuple(c.shape)}"), (stream,))
+
+    # ---- a stream combined with a tensor computed densely (SE gates from Linear layers, attention) ----
+    def _dense_tensor(self, new: Any, old: Any) -> bool:
+        """Whether `new` is a non-stream floating-point tensor of a 4-D (or broadcastable) shape."""
+        return (isinstance(new, fx.Node) and not self._is_stream(new) and _ndim(old) == 4 and _is_float(old))
+
+    def _as_stream(self, dense: fx.Node, name: str) -> fx.Node:
+        """Sparsify a densely computed tensor into a second stream: its deltas are exact at tau 0, and
+        where it changes (a per-image gate changes everywhere) every pixel it touches is updated."""
+        return self._add_layer(Sparsify(f"{name}.operand"), (dense,))
+
+    def _unexpanded(self, old: fx.Node) -> fx.Node:
+        """`old` without a trailing expand/expand_as (the product broadcasts by itself)."""
+        if old.op == "call_method" and old.target in ("expand", "expand_as") and _ndim(old.args[0]) == 4:
+            return self._get(old.args[0])
+        return self._get(old)
+
+    def _mul_dense_operand(self, node: fx.Node, a: Any, b: Any, div: bool, name: str) -> fx.Node | None:
+        sa = self._is_stream(a)
+        dense_new, dense_old = (b, node.args[1]) if sa else (a, node.args[0])
+        if not self._dense_tensor(dense_new, dense_old):
+            return None
+        stream, stream_old = (a, node.args[0]) if sa else (b, node.args[1])
+        if _shape(node) is None or _shape(node) != _shape(stream_old):
+            return None  # the dense operand is the larger one: not a gate on the stream
+        gate = self._unexpanded(dense_old)
+        if div:
+            gate = self.graph.call_function(torch.reciprocal, (gate,))
+        return self._add_layer(DeltaMul(name), (stream, self._as_stream(gate, name)))
+
+    def _add_dense_operand(self, node: fx.Node, a: Any, b: Any, negate: bool, name: str) -> fx.Node | None:
+        sa = self._is_stream(a)
+        dense_new, dense_old = (b, node.args[1]) if sa else (a, node.args[0])
+        if not self._dense_tensor(dense_new, dense_old):
+            return None
+        stream, stream_old = (a, node.args[0]) if sa else (b, node.args[1])
+        shape = _shape(stream_old)
+        if shape is None or _shape(node) != shape:
+            return None
+        other = dense_new
+        if _shape(dense_old) != shape:  # broadcast: DeltaAdd adds equal shapes
+            other = self.graph.call_method("contiguous", (self.graph.call_method("expand", (other, shape)),))
+        if negate and sa:
+            other = self.graph.call_function(operator.neg, (other,))
+        other = self._as_stream(other, name)
+        if negate and not sa:
+            stream = self._add_layer(DeltaScale(-1.0, 0.0, f"{name}.neg"), (stream,))
+        return self._add_layer(DeltaAdd(name), (stream, other))
+
+    # ---- channels-last views (ConvNeXt: permute -> LayerNorm -> Linear -> GELU -> Linear -> permute) ----
+    def _convert_nhwc(self, node: fx.Node) -> fx.Node:
+        """An op reading a channels-last view of a stream: LayerNorm and Linear over channels, pointwise
+        functions and channel constants have delta forms; permute(0, 3, 1, 2) returns to the map."""
+        args = fx.node.map_arg(node.args, self._get)
+        kwargs = fx.node.map_arg(node.kwargs, self._get)
+        made = self._nhwc_op(node, args, kwargs)
+        if made is not None:
+            return made
+        if _permute_dims(node) == (0, 3, 1, 2) and node.args[0] in self.nhwc:
+            return args[0]  # back to (N, C, H, W): the stream as it is
+        if _ndim(node) == 4:
+            raise UnsupportedOperationError(
+                f"{describe_node(node)} calls {_target_name(node)} on a channels-last view of a feature map "
+                "(x.permute(0, 2, 3, 1)); there deltacnn supports LayerNorm and Linear over the channels, pointwise "
+                "activations, dropout/identity, add/mul of two such views or by a per-channel constant, and "
+                "permute(0, 3, 1, 2) back. Rewrite the op on the (N, C, H, W) map.")
+        # the view leaves the image stream (flatten, pooling to vectors): a dense tail of the real view
+        args = fx.node.map_arg(node.args, lambda n: self._materialise_nhwc(n) if n in self.nhwc else self._get(n))
+        kwargs = fx.node.map_arg(node.kwargs, lambda n: self._materialise_nhwc(n) if n in self.nhwc else self._get(n))
+        flat = _flatten_nodes((args, kwargs))
+        if any(self._is_stream(a) for a in flat):
+            return self._unsupported(node, args, kwargs)
+        return self._dense_node(node, args, kwargs, flat)
+
+    def _materialise_nhwc(self, old: fx.Node) -> fx.Node:
+        n = self.graph.call_method("permute", (self._densify(self._get(old)), (0, 2, 3, 1)))
+        self.dense_derived.add(n)
+        return n
+
+    def _nhwc_op(self, node: fx.Node, args: tuple, kwargs: dict) -> fx.Node | None:
+        op, t = node.op, node.target
+        x_old = next((a for a in node.args if isinstance(a, fx.Node) and a in self.nhwc), None)
+        if x_old is None:
+            return None
+        c = _shape(x_old)[-1]
+        made = None
+        if op == "call_module":
+            m = self.modules[t]
+            if isinstance(m, (nn.Identity, nn.Dropout)):
+                made = args[0]
+            elif isinstance(m, nn.LayerNorm) and tuple(m.normalized_shape) == (c,):
+                made = self._add_layer(DeltaLayerNorm(c, m.weight, m.bias, m.eps, self._name(node)), args[:1])
+            elif isinstance(m, nn.Linear) and m.in_features == c:
+                w = m.weight.detach().reshape(m.out_features, c, 1, 1)
+                made = self._add_layer(DeltaConv2d(w, m.bias, Window((1, 1)), 1, self._name(node)), args[:1])
+            elif _module_act(m) is not None:
+                made = self._add_layer(DeltaActivation(_module_act(m), self._name(node)), args[:1])
+        else:
+            key = t
+            if op == "call_function" and _identity_in_eval(t, args, kwargs):
+                made = args[0]
+            elif key is F.layer_norm:
+                p = _bind(lambda input, normalized_shape, weight=None, bias=None, eps=1e-5: locals(), args, kwargs)
+                w, b = _constant(p["weight"], self.src), _constant(p["bias"], self.src)
+                if (tuple(p["normalized_shape"]) == (c,) and (p["weight"] is None or isinstance(w, Tensor))
+                        and (p["bias"] is None or isinstance(b, Tensor))):
+                    made = self._add_layer(DeltaLayerNorm(c, w, b, p["eps"], self._name(node)), (args[0],))
+            elif key in _FN_ACTS:
+                made = self._add_layer(DeltaActivation(_FN_ACTS[key](*args, **kwargs), self._name(node)), (args[0],))
+            elif key in _PASS:
+                made = args[0]
+            elif (key in _ADD | _SUB | _MUL | _DIV) and len(args) == 2 and not kwargs:
+                made = self._nhwc_arith(node, args, key)
+        if made is not None:
+            self.nhwc.add(node)
+        return made
+
+    def _nhwc_arith(self, node: fx.Node, args: tuple, key: Any) -> fx.Node | None:
+        a, b = args
+        oa, ob = node.args
+        name = self._name(node)
+        if self._is_stream(a) and self._is_stream(b):
+            if not (oa in self.nhwc and ob in self.nhwc) or _shape(oa) != _shape(ob):
+                return None
+            if key in _ADD:
+                return self._add_layer(DeltaAdd(name), (a, b))
+            if key in _SUB:
+                return self._add_layer(DeltaAdd(name), (a, self._add_layer(DeltaScale(-1.0, 0.0, f"{name}.neg"), (b,))))
+            if key in _MUL:
+                return self._add_layer(DeltaMul(name), (a, b))
+            return None
+        if not self._is_stream(a) and key in _DIV:
+            return None
+        const = _constant(b if self._is_stream(a) else a, self.src)
+        const = _channel_constant(const, channels_last=True) if const is not None else None
+        if const is None:
+            return None
+        stream = a if self._is_stream(a) else b
+        if key in _MUL:
+            return self._add_layer(DeltaScale(const, 0.0, name), (stream,))
+        if key in _DIV:
+            return self._add_layer(DeltaScale(1.0 / const, 0.0, name), (stream,))
+        if key in _ADD:
+            return self._add_layer(DeltaScale(1.0, const, name), (stream,))
+        if self._is_stream(a):
+            return self._add_layer(DeltaScale(1.0, -const, name), (stream,))
+        return self._add_layer(DeltaScale(-1.0, const, name), (stream,))
 
     def _cat(self, node: fx.Node, args: tuple, kwargs: dict) -> fx.Node | None:
         p = _bind(lambda tensors, dim=0: locals(), args, kwargs)
@@ -535,6 +713,89 @@ class _Converter:
         return self._add_layer(island, inputs, macs=macs)
 
 
+_SHAPE_ONLY = {"expand_as", "view_as", "reshape_as", "type_as"}
+
+
+def _ndim(n: Any) -> int | None:
+    s = _shape(n)
+    return len(s) if s is not None else None
+
+
+def _permute_dims(node: fx.Node) -> tuple | None:
+    """The dims of a permute call (method or function, dims as varargs or one sequence), else None."""
+    if node.op == "call_method" and node.target == "permute":
+        dims = node.args[1:]
+    elif node.op == "call_function" and node.target is torch.permute:
+        dims = node.args[1:] or (node.kwargs.get("dims"),)
+    else:
+        return None
+    if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+        dims = tuple(dims[0])
+    try:
+        return tuple(int(d) % 4 for d in dims) if len(dims) == 4 else None
+    except TypeError:
+        return None
+
+
+def _channel_constant(const: Tensor | float, channels_last: bool) -> Tensor | float | None:
+    """A constant operand of an elementwise op on a stream as a scalar or a (C,) per-channel tensor,
+    or None when it varies over space or batch (then it is not a per-channel scale).
+
+    On an (N, C, H, W) map a per-channel constant has shape (C, 1, 1) or (1, C, 1, 1); a 1-D
+    tensor would broadcast over W, not C. On a channels-last view it has shape (C,) or (1, 1, 1, C).
+    """
+    if not isinstance(const, Tensor):
+        return const
+    if const.numel() == 1:
+        return const.reshape(())
+    shape = list(const.shape)
+    if channels_last:
+        return const.reshape(-1) if all(s == 1 for s in shape[:-1]) else None
+    if len(shape) >= 3 and shape[-2:] == [1, 1] and all(s == 1 for s in shape[:-3]):
+        return const.reshape(-1)
+    return None
+
+
+def _shift_constant(const: Tensor | float, ndim: int | None) -> Tensor | float | None:
+    """An added constant in DeltaScale's form (scalar or (C,)); spatially varying constants are kept as
+    given only when they already have the map's 4 dimensions (DeltaScale broadcasts them then)."""
+    if isinstance(const, Tensor) and const.dim() == 4 and ndim == 4:
+        per_channel = _channel_constant(const, channels_last=False)
+        return per_channel if per_channel is not None else const
+    return _channel_constant(const, channels_last=False)
+
+
+def _eval_identities() -> dict[Any, Callable[..., bool]]:
+    """Functions that return their input unchanged in eval mode, each with a test of its arguments."""
+    drop = lambda input, p=0.5, training=True, inplace=False: training is False or p == 0  # noqa: E731
+    table: dict[Any, Callable[..., bool]] = {f: drop for f in (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
+                                                              F.alpha_dropout, F.feature_alpha_dropout)}
+    try:
+        from torchvision.ops import stochastic_depth  # traced as one call (torchvision fx-wraps it)
+        table[stochastic_depth] = lambda input, p, mode, training=True: training is False or p == 0
+    except Exception:  # noqa: BLE001 - torchvision is optional
+        pass
+    return table
+
+
+_EVAL_IDENTITIES: dict | None = None
+
+
+def _identity_in_eval(target: Any, args: tuple, kwargs: dict) -> bool:
+    """True if calling `target` with these (constant) arguments returns its input: dropout with
+    training=False, torchvision's stochastic_depth in eval (timm's drop_path traces away by itself)."""
+    global _EVAL_IDENTITIES
+    if _EVAL_IDENTITIES is None:
+        _EVAL_IDENTITIES = _eval_identities()
+    test = _EVAL_IDENTITIES.get(target) if not isinstance(target, str) else None
+    if test is None:
+        return False
+    try:
+        return bool(test(*args, **kwargs))
+    except TypeError:
+        return False
+
+
 def _flatten_nodes(x) -> list:
     """The distinct graph nodes inside x, in order of first appearance."""
     out: list = []
@@ -588,6 +849,7 @@ class _Chain:
         self.src, self.shape, self.ops, self.last = src, shape, ops, last
 
     def replay(self, x: Tensor) -> Tensor:
+        x = x.contiguous()  # densified streams are channels_last; view() in the chain expects the model's layout
         for op, target, rest, kw in self.ops:
             x = getattr(x, target)(*rest, **kw) if op == "call_method" else target(x, *rest, **kw)
         return x
@@ -654,6 +916,59 @@ def _constant(a: Any, root: nn.Module) -> Tensor | float | None:
 
 
 # ---- graph passes ------------------------------------------------------------------------------------
+def _get_attr(root: nn.Module, a: Any) -> Tensor | None:
+    """The tensor behind a get_attr node (a parameter or buffer), else None."""
+    if not (isinstance(a, fx.Node) and a.op == "get_attr"):
+        return None
+    obj: Any = root
+    for part in a.target.split("."):
+        obj = getattr(obj, part)
+    return obj if isinstance(obj, Tensor) else None
+
+
+def functional_batchnorms_to_modules(gm: fx.GraphModule) -> int:
+    """Turn each eval-mode `F.batch_norm` on a 4-D map (timm's BatchNormAct2d calls it) into a
+    BatchNorm2d module call, so that `fold_batchnorms` folds it and the converter knows it.
+
+    Only calls with constant running statistics and training=False: that is a fixed per-channel
+    scale and shift. Returns how many were replaced.
+    """
+    done = 0
+    for n in list(gm.graph.nodes):
+        if not (n.op == "call_function" and n.target is F.batch_norm):
+            continue
+        p = _bind(lambda input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
+                  eps=1e-5: locals(), n.args, n.kwargs)
+        meta = n.meta.get("tensor_meta")
+        mean, var = _get_attr(gm, p["running_mean"]), _get_attr(gm, p["running_var"])
+        weight, bias = _get_attr(gm, p["weight"]), _get_attr(gm, p["bias"])
+        if (p["training"] is not False or mean is None or var is None or meta is None or len(meta.shape) != 4
+                or (p["weight"] is not None and weight is None) or (p["bias"] is not None and bias is None)):
+            continue
+        c = mean.numel()
+        bn = nn.BatchNorm2d(c, eps=float(p["eps"]), affine=True).to(mean.device)
+        with torch.no_grad():
+            bn.running_mean.copy_(mean)
+            bn.running_var.copy_(var)
+            bn.weight.copy_(weight if weight is not None else torch.ones(c))
+            bn.bias.copy_(bias if bias is not None else torch.zeros(c))
+        bn.eval()
+        qual = re.sub(r"\.?running_mean$", "", p["running_mean"].target) or "bn"
+        key = qual.replace(".", "_") + "_bn"
+        while hasattr(gm, key):
+            key += "_"
+        gm.add_module(key, bn)
+        with gm.graph.inserting_before(n):
+            m = gm.graph.call_module(key, (p["input"],))
+        m.meta = dict(n.meta)
+        n.replace_all_uses_with(m)
+        gm.graph.erase_node(n)
+        done += 1
+    gm.graph.lint()
+    gm.recompile()
+    return done
+
+
 def fold_batchnorms(gm: fx.GraphModule) -> int:
     """Fold every BatchNorm2d that directly follows a conv used only there into the conv's weights."""
     modules = dict(gm.named_modules())
@@ -684,6 +999,48 @@ def fold_batchnorms(gm: fx.GraphModule) -> int:
 def _set_module(root: nn.Module, qualname: str, module: nn.Module) -> None:
     parent, _, leaf = qualname.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, leaf, module)
+
+
+def fold_scales(gm: fx.GraphModule) -> int:
+    """conv -> DeltaScale (an unfolded batch norm, `x * c + b`) becomes one conv with scaled weights and
+    bias, when the conv has no other user and the scale and shift are scalars or per output channel."""
+    mods = dict(gm.named_modules())
+    folded = 0
+    for n in list(gm.graph.nodes):
+        conv = mods.get(n.target) if n.op == "call_module" else None
+        if not isinstance(conv, DeltaConv2d) or conv.act is not None or conv.residual:
+            continue
+        while len(n.users) == 1:  # conv -> scale -> scale ...: fold them one after another
+            user = next(iter(n.users))
+            sc = mods.get(user.target) if user.op == "call_module" else None
+            if not isinstance(sc, DeltaScale) or user.args[0] is not n:
+                break
+            if not _fold_scale(conv, sc):
+                break
+            user.replace_all_uses_with(n)
+            gm.graph.erase_node(user)
+            folded += 1
+    gm.graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return folded
+
+
+def _fold_scale(conv: DeltaConv2d, sc: DeltaScale) -> bool:
+    """conv.weight *= scale, conv.bias = bias * scale + shift (per output channel); False if it cannot."""
+    cout = conv.weight.shape[0]
+    scale, shift = sc.scale.reshape(-1), sc.shift.reshape(-1)
+    if scale.numel() not in (1, cout) or shift.numel() not in (1, cout):
+        return False
+    with torch.no_grad():
+        w = conv.weight.float() * scale.reshape(-1, 1, 1, 1)
+        b = (conv.bias.float() if conv.bias is not None else torch.zeros(cout, device=w.device)) * scale + shift
+        conv.weight.copy_(w.to(conv.weight.dtype))
+        if conv.bias is None:
+            conv.bias = nn.Parameter(b.to(conv.weight.dtype), requires_grad=False)
+        else:
+            conv.bias.copy_(b.to(conv.bias.dtype))
+    return True
 
 
 def fuse_epilogues(gm: fx.GraphModule) -> int:
@@ -719,8 +1076,9 @@ def fuse_epilogues(gm: fx.GraphModule) -> int:
 
 
 SUPPORTED_OPS = (
-    "Conv2d (any kernel/stride/padding incl. 'same'/dilation/groups, bias), ConvTranspose2d, BatchNorm2d (folded or "
-    "scale+shift), ReLU, ReLU6, LeakyReLU, PReLU, ELU, Hardtanh, SiLU, Hardswish, Hardsigmoid, Sigmoid, Tanh, GELU "
+    "Conv2d (any kernel/stride/padding incl. 'same'/dilation/groups, bias), ConvTranspose2d, BatchNorm2d and "
+    "eval-mode F.batch_norm (folded into the conv, else scale+shift; constant scales after a conv fold too), ReLU, "
+    "ReLU6, LeakyReLU, PReLU, ELU, Hardtanh, SiLU, Hardswish, Hardsigmoid, Sigmoid, Tanh, GELU "
     "(modules, functions and tensor methods), MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, Upsample/interpolate "
     "(nearest, nearest-exact, bilinear, bicubic, area; static size or scale_factor, also from x.shape), add/sub of "
     "two streams or a constant, mul of two streams (broadcast allowed) or by a constant, division by a constant, neg, "
@@ -728,8 +1086,12 @@ SUPPORTED_OPS = (
     "their parts), slicing x[:, a:b:s, ..., ::2, ::2] (bounds may come from x.shape), narrow, view/reshape/permute/"
     "transpose/flatten chains that come back to a map as a channel permutation (channel shuffle), pixel_shuffle, "
     "pixel_unshuffle, roll, flip, F.pad / nn.*Pad2d (constant, reflect, replicate, circular), mean over (2, 3) with "
-    "keepdim, Identity/Dropout; anything after the feature map stops being 4-D (flatten, Linear, box decodes) runs "
-    "densely as a reported dense tail."
+    "keepdim, Identity/Dropout (also F.dropout*, torchvision stochastic_depth in eval); a stream times, plus or "
+    "divided by a tensor computed densely (a squeeze-excitation gate from Linear layers: sparsified as a second "
+    "stream, exact); on a channels-last view x.permute(0, 2, 3, 1) (ConvNeXt): LayerNorm over channels (a per-pixel "
+    "nonlinear delta layer), Linear over channels (a 1x1 delta conv), activations, per-channel constants, permute "
+    "back; anything after the feature map stops being 4-D (flatten, Linear, box decodes) runs densely as a reported "
+    "dense tail."
 )
 
 
@@ -790,10 +1152,12 @@ def convert(model: nn.Module, example_input: Tensor, *, threshold: float = 0.0, 
         except Exception as e:  # noqa: BLE001
             raise ConversionError(f"running the model on example_input of shape {tuple(example_input.shape)} "
                                   f"failed: {type(e).__name__}: {e}") from e
+    functional_batchnorms_to_modules(traced)
     fold_batchnorms(traced)
     conv = _Converter(traced, allow_dense_fallback, mask_dilation)
     gm = conv.run()
     if fuse:
+        fold_scales(gm)
         fuse_epilogues(gm)
     else:
         gm.graph.eliminate_dead_code()
@@ -804,7 +1168,7 @@ def convert(model: nn.Module, example_input: Tensor, *, threshold: float = 0.0, 
     layers = {m.name: m for m in gm.modules() if isinstance(m, DeltaLayer)}
     names = [INPUT] + sorted({m.act_name if isinstance(m, DeltaConv2d) else m.name
                               for m in layers.values()
-                              if isinstance(m, (DeltaActivation, DeltaMaxPool2d, DeltaMul, Sparsify))
+                              if isinstance(m, (DeltaActivation, DeltaMaxPool2d, DeltaMul, DeltaLayerNorm, Sparsify))
                               or (isinstance(m, DeltaConv2d) and m.act is not None)} - {INPUT})
     th = Thresholds(default=threshold, input=input_threshold, score=score, known=tuple(names))
     if thresholds_file is not None:

@@ -5,7 +5,8 @@ from .io import DenseCall, DenseIsland, Densify, Sparsify
 from .linear import (DeltaAdd, DeltaCat, DeltaChannelSlice, DeltaGlobalAvgPool, DeltaLinearMap, DeltaScale,
                      DeltaSlice)
 from .nonlinear import DeltaActivation, DeltaMaxPool2d, DeltaMul
+from .norm import DeltaLayerNorm
 
 __all__ = ["DeltaLayer", "DeltaConv2d", "DeltaConvTranspose2d", "DenseCall", "DenseIsland", "Densify", "Sparsify", "DeltaAdd",
            "DeltaCat", "DeltaChannelSlice", "DeltaGlobalAvgPool", "DeltaLinearMap", "DeltaScale", "DeltaSlice", "DeltaActivation",
-           "DeltaMaxPool2d", "DeltaMul"]
+           "DeltaMaxPool2d", "DeltaMul", "DeltaLayerNorm"]
