@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import operator
 import re
+import threading
 from typing import Any, Callable
 
 import torch
@@ -497,6 +498,11 @@ SUPPORTED_OPS = (
 )
 
 
+# torch.fx tracing swaps module-level functions for the duration of a trace (a process-wide
+# patcher): two traces at once in two threads break each other, so they take turns
+TRACE_LOCK = threading.Lock()
+
+
 def convert(model: nn.Module, example_input: Tensor, *, threshold: float = 0.0, input_threshold: float | None = None,
             score: str = "max", thresholds_file: str | None = None, dtype: torch.dtype | None = None,
             keyframe_interval: int | None = None, mask_dilation: int = 1, allow_dense_fallback: bool = False,
@@ -541,7 +547,8 @@ def convert(model: nn.Module, example_input: Tensor, *, threshold: float = 0.0, 
         raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
     model = copy.deepcopy(model).eval()
     try:
-        traced = fx.symbolic_trace(model)
+        with TRACE_LOCK:  # torch.fx patches torch functions process-wide while it traces
+            traced = fx.symbolic_trace(model)
     except Exception as e:  # noqa: BLE001 - any tracing failure gets the same advice
         raise ConversionError(
             f"torch.fx could not trace {type(model).__name__}: {type(e).__name__}: {e}. deltacnn needs a forward() "
