@@ -29,7 +29,11 @@ class DeltaModel(nn.Module):
     is new, at its own `keyframe_interval`, or when its values leave the range it had at its last
     keyframe (`rt.range_ratio`, 16x up or down: a frame with 1e4 or 1e38 in a patch would otherwise
     leave rounding error of that size in the state); a dense frame when most of it changed
-    (`dense_above`, and the multiply-add rule of DENSE_WORK); deltas otherwise. Streams that differ
+    (`dense_above`, and the multiply-add rule of DENSE_WORK); a keyframe again once its delta frames
+    have done `rt.refresh_work` dense frames' worth of multiply-adds (REFRESH_WORK, 300: float32
+    accumulators gather rounding error like a random walk, and the refresh keeps the tau-0 error at
+    the level it has after that much work, for clips of any length, for at most ~1/300 of the time;
+    host backends only, which count the work); deltas otherwise. Streams that differ
     from the rest of the batch run in a dense pass of their own after the batch's delta pass, which
     writes only their rows of the state. Frames holding NaN or infinity are rejected with a
     ValueError before anything runs, so the state stays as it was (CPU frames; on CUDA the check
@@ -57,6 +61,8 @@ class DeltaModel(nn.Module):
         self._since: list[int] = []
         # per stream: the largest |value| of its last keyframe (None: not known)
         self._scale: list[float | None] = []
+        # per stream: conv work of its delta frames since its last keyframe, in dense frames (refresh_work)
+        self._work: list[float] = []
         self._amax: list[float] | None = None  # per stream: the largest |value| of the frame being run
         self._stream: tuple | None = None  # (shape, dtype, device) of the current stream
         self.last_mode: str | None = None  # how the last frame ran: "keyframe", "delta", "dense" or "mixed"
@@ -96,7 +102,7 @@ class DeltaModel(nn.Module):
             layer.reset_state()
 
     def _forget(self) -> None:
-        self._since, self._scale = [], []
+        self._since, self._scale, self._work = [], [], []
         self._stream = None
         self.rt.dense_limit = None
         self.state_epoch += 1
@@ -163,6 +169,8 @@ class DeltaModel(nn.Module):
         since = self._since[i]
         if since == 0 or (self.keyframe_interval is not None and since >= self.keyframe_interval):
             return True
+        if self.rt.refresh_work is not None and self._work[i] >= self.rt.refresh_work:
+            return True
         ratio = self.rt.range_ratio
         if ratio is None or self._amax is None or self._scale[i] is None:
             return False
@@ -179,7 +187,7 @@ class DeltaModel(nn.Module):
         rt = self.rt
         n = x.shape[0]
         if len(self._since) != n:  # a new stream batch
-            self._since, self._scale = [0] * n, [None] * n
+            self._since, self._scale, self._work = [0] * n, [None] * n, [0.0] * n
         due = [self._due(i) for i in range(n)]
         backend = rt.backend_for(x)
         work = getattr(backend, "work", None)  # multiply-adds counted by host-side backends
@@ -188,7 +196,7 @@ class DeltaModel(nn.Module):
         if work is not None:
             work[:] = [0, 0]
             # per-stream counts, for the multiply-add rule of each stream (one stream: the totals)
-            backend.work_streams = torch.zeros(n, dtype=torch.long, device=x.device) if decides and n > 1 else None
+            backend.work_streams = torch.zeros(n, dtype=torch.long, device=x.device) if n > 1 else None
         keyframe = all(due)
         plan = rt.plan = StreamPlan(due, limits)
         try:
@@ -203,17 +211,21 @@ class DeltaModel(nn.Module):
         left = plan.left_out()
         if left:
             out = self._run_streams(x, out, modes, left)
-        if first == "delta" and decides and work is not None and work[1]:
-            # deltas did most of a dense frame's work (high update rates through the network): the stream
-            # runs dense frames while its input keeps changing about as much as in this frame
+        if first == "delta" and work is not None and work[1]:
             done = backend.work_streams.tolist() if backend.work_streams is not None else [work[0]]
             per_stream = work[1] / n
             lim = list(rt.dense_limit) if isinstance(rt.dense_limit, list) else [rt.dense_limit] * n
             for i, m in enumerate(modes):
-                if m == "delta":
+                if m != "delta":
+                    continue
+                self._work[i] += done[i] / per_stream
+                if decides:
+                    # deltas did most of a dense frame's work (high update rates through the network): the
+                    # stream runs dense frames while its input keeps changing about as much as in this frame
                     busy = done[i] > DENSE_WORK * per_stream
                     lim[i] = DENSE_HYSTERESIS * plan.change[i] if busy else None
-            rt.dense_limit = lim
+            if decides:
+                rt.dense_limit = lim
         self._end_streams(modes, x)
         return out
 
@@ -245,7 +257,7 @@ class DeltaModel(nn.Module):
         `x`, eagerly here or replayed from a CUDA graph by deltacnn.compile."""
         n = x.shape[0]
         if len(self._since) != n:
-            self._since, self._scale = [0] * n, [None] * n
+            self._since, self._scale, self._work = [0] * n, [None] * n, [0.0] * n
         self._end_streams([mode] * n, x)
 
     def _end_streams(self, modes: list[str], x: Tensor) -> None:
@@ -261,6 +273,7 @@ class DeltaModel(nn.Module):
                 continue
             if mode == "keyframe":
                 self._since[i] = 0
+                self._work[i] = 0.0
                 self._scale[i] = self._amax[i] if self._amax is not None else None
                 lim[i] = None
             self._since[i] += 1

@@ -25,6 +25,13 @@ DENSE_WORK = 0.6
 # later frame; 1e38: inf and NaN), while a keyframe starts the stream's state afresh. Within the
 # factor the rounding stays at float tolerance (about RANGE_RATIO ulps of the output).
 RANGE_RATIO = 16.0
+# a stream re-seeds its state with a keyframe once its delta frames have done this many dense frames'
+# worth of conv multiply-adds since its last keyframe: float32 accumulators gather rounding error like
+# a random walk (tau-0 error 2e-7 at frame 10, 7e-7 at 590 when every pixel changes), and a keyframe
+# starts it over, so the error stays at the level of this many frames instead of growing with the clip.
+# A keyframe costs about one dense frame and sparse multiply-adds cost no less than dense ones, so the
+# refresh takes at most about 1/REFRESH_WORK of the time (host backends, which count the work).
+REFRESH_WORK = 300.0
 
 
 @dataclass
@@ -96,6 +103,8 @@ class Runtime:
     # keyframe (or dense) of streams whose largest |value| leaves [1/range_ratio, range_ratio] times its
     # value at their last keyframe (CPU frames; None: never)
     range_ratio: float | None = RANGE_RATIO
+    # keyframe of a stream after this many dense frames' worth of delta work (None: never; host backends)
+    refresh_work: float | None = REFRESH_WORK
     _backends: dict[str, Backend] = field(default_factory=dict)
 
     def busy_limit(self) -> float | None:

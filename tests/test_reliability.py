@@ -190,3 +190,99 @@ def test_stream_modes_follow_their_own_events():
     assert col[1] == "k" + "d" * 5 + "Dk" + "d" * 16, col[1]  # the cut at 6: dense, then a keyframe
     assert col[2] == "k" + "d" * 9 + "DDDDDk" + "d" * 8, col[2]  # busy 10-13, 14 differs from 13: dense
     assert col[3][:2] == "kd" and "D" in col[3][2:10] and col[3][-5:] == "ddddd", col[3]
+
+
+# ---- huge values, NaN and infinity -------------------------------------------------------------
+def _small_net() -> nn.Module:
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(8, 4, 1)).eval()
+
+
+@pytest.mark.parametrize("huge", [1e4, 1e38])
+def test_a_frame_of_huge_values_does_not_corrupt_the_state(huge):
+    """A patch of 1e4 (or 1e38) in one frame: that frame and the next run as keyframes (the values
+    leave the stream's range 16x), and every later frame is exact again (without the range check the
+    error stayed at 7e-4, or 0.7, on every later frame)."""
+    m = _small_net()
+    clip = make_video(16, h=16, w=16, noise=0.01, seed=4)
+    clip[6, :, :, 3:7, 3:7] = huge
+    errs = {}
+    for ratio in (deltacnn.runtime.RANGE_RATIO, None):
+        dm = deltacnn.convert(m, clip[0], dense_above=None)
+        dm.rt.range_ratio = ratio
+        modes, err = [], []
+        for t in range(clip.shape[0]):
+            out = dm(clip[t])
+            modes.append(dm.last_mode)
+            with torch.no_grad():
+                err.append(rel_err(out, m(clip[t])) if t != 6 else 0.0)
+        errs[ratio] = max(err[8:])
+        if ratio is not None:
+            assert modes[6:8] == ["keyframe", "keyframe"] and set(modes[8:]) == {"delta"}, modes
+    assert errs[deltacnn.runtime.RANGE_RATIO] < 1e-5, errs
+    assert errs[None] > 1e-4, errs  # the check is what keeps it exact
+
+
+def test_a_stream_that_dims_keyframes_once():
+    """Values falling far below the keyframe's (lights off) re-seed the stream once, then deltas resume."""
+    m = _small_net()
+    clip = make_video(10, h=16, w=16, noise=0.01, seed=5)
+    clip[4:] *= 0.01
+    dm = deltacnn.convert(m, clip[0], dense_above=None)
+    modes = []
+    for t in range(clip.shape[0]):
+        out = dm(clip[t])
+        modes.append(dm.last_mode)
+        with torch.no_grad():
+            assert rel_err(out, m(clip[t])) < 1e-5, t
+    assert modes == ["keyframe"] + ["delta"] * 3 + ["keyframe"] + ["delta"] * 5, modes
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_nan_or_inf_frame_is_rejected_and_the_state_kept(bad):
+    m = _small_net()
+    clip = make_video(8, n=2, h=16, w=16, noise=0.01, seed=6)
+    dm = deltacnn.convert(m, clip[0], dense_above=None)
+    for t in range(3):
+        dm(clip[t])
+    before = {k: v.clone() for k, v in dm.state_dict().items() if "state_" in k}
+    x = clip[3].clone()
+    x[1, 0, 5, 5] = bad
+    with pytest.raises(ValueError, match=r"stream\(s\) \[1\] contain NaN or infinity.*state left as it was"):
+        dm(x)
+    after = {k: v for k, v in dm.state_dict().items() if "state_" in k}
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    for t in range(3, 8):
+        out = dm(clip[t])
+        assert dm.last_mode == "delta"
+        with torch.no_grad():
+            assert rel_err(out, m(clip[t])) < 1e-5, t
+
+
+# ---- tau-0 error over long clips ---------------------------------------------------------------
+def test_tau_zero_error_stays_flat_with_the_refresh():
+    """Every pixel changes every frame (noise): float32 accumulators gather rounding error like a random
+    walk (~sqrt(T)); the work-based refresh re-seeds the stream, so the error late in the clip stays
+    at the level of the first refresh period, while without it the error keeps growing."""
+    torch.manual_seed(2)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                      nn.Conv2d(8, 4, 1)).eval()
+    frames, period = 600, 40
+    clip = make_video(frames, h=12, w=12, noise=0.02, seed=8)
+    with torch.no_grad():
+        want = [m(clip[t]) for t in range(frames)]
+    errs, keys = {}, {}
+    for refresh in (period, None):
+        dm = deltacnn.convert(m, clip[0], dense_above=None)
+        dm.rt.refresh_work = refresh
+        e, k = [], 0
+        for t in range(frames):
+            e.append(rel_err(dm(clip[t]), want[t]))
+            k += dm.last_mode == "keyframe"
+        errs[refresh], keys[refresh] = e, k
+    assert keys[None] == 1 and frames // period - 2 <= keys[period] <= frames // period + 1, keys
+    early = max(errs[period][1:period])
+    late = max(errs[period][-100:])
+    assert late < 2 * early, (early, late)
+    assert max(errs[None][-100:]) > 1.5 * late, (max(errs[None][-100:]), late)  # what the refresh prevents
