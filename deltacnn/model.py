@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import math
+import threading
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .layers.base import DeltaLayer
-from .runtime import DENSE_HYSTERESIS, DENSE_WORK, Runtime
+from .runtime import DENSE_HYSTERESIS, DENSE_WORK, Runtime, StreamPlan
 from .stats import FrameStats
 from .thresholds import Thresholds
 
@@ -22,6 +24,23 @@ class DeltaModel(nn.Module):
 
     The first frame (and the first after `reset()`, and every `keyframe_interval` frames) runs
     densely and fills the caches; later frames propagate only what changed.
+
+    Every stream (batch element) decides for itself, exactly as it would alone: a keyframe when it
+    is new, at its own `keyframe_interval`, or when its values leave the range it had at its last
+    keyframe (`rt.range_ratio`, 16x up or down: a frame with 1e4 or 1e38 in a patch would otherwise
+    leave rounding error of that size in the state); a dense frame when most of it changed
+    (`dense_above`, and the multiply-add rule of DENSE_WORK); a keyframe again once its delta frames
+    have done `rt.refresh_work` dense frames' worth of multiply-adds (REFRESH_WORK, 300: float32
+    accumulators gather rounding error like a random walk, and the refresh keeps the tau-0 error at
+    the level it has after that much work, for clips of any length, for at most ~1/300 of the time;
+    host backends only, which count the work); deltas otherwise. Streams that differ
+    from the rest of the batch run in a dense pass of their own after the batch's delta pass, which
+    writes only their rows of the state. Frames holding NaN or infinity are rejected with a
+    ValueError before anything runs, so the state stays as it was (CPU frames; on CUDA the check
+    would wait for the device, so it is not made there, and neither is the range check).
+
+    A model holds one batch's state: use one model per thread (a second thread entering a model
+    mid-frame gets a RuntimeError). Different models may run in different threads at once.
     """
 
     def __init__(self, graph_module: nn.Module, rt: Runtime, layers: dict[str, DeltaLayer], in_channels: int,
@@ -34,40 +53,67 @@ class DeltaModel(nn.Module):
         self.graph_module = graph_module
         object.__setattr__(self, "rt", rt)
         object.__setattr__(self, "layers", layers)
+        object.__setattr__(self, "_frame_lock", threading.Lock())
         self.in_channels = in_channels
         self.keyframe_interval = keyframe_interval
         self.on_input_change = on_input_change
-        self.frame_index = 0  # frames since the last keyframe (0: next frame is a keyframe)
+        # per stream: frames since its last keyframe (0: its next frame is a keyframe)
+        self._since: list[int] = []
+        # per stream: the largest |value| of its last keyframe (None: not known)
+        self._scale: list[float | None] = []
+        # per stream: conv work of its delta frames since its last keyframe, in dense frames (refresh_work)
+        self._work: list[float] = []
+        self._amax: list[float] | None = None  # per stream: the largest |value| of the frame being run
         self._stream: tuple | None = None  # (shape, dtype, device) of the current stream
-        self.last_mode: str | None = None  # how the last frame ran: "keyframe", "delta" or "dense"
+        self.last_mode: str | None = None  # how the last frame ran: "keyframe", "delta", "dense" or "mixed"
+        self.last_modes: list[str] = []  # ... per stream
         # bumped whenever the state tensors may be freed or replaced (reset, .to(), casts): CUDA graphs
         # captured before read the old memory and must be captured again
         self.state_epoch = 0
+
+    def __getstate__(self):
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
+        state = dict(state)
+        state.pop("_frame_lock", None)  # copies and pickles get a lock of their own
+        return state
+
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        object.__setattr__(self, "_frame_lock", threading.Lock())
 
     # ---- state -----------------------------------------------------------------------------
     @property
     def thresholds(self) -> Thresholds:
         return self.rt.thresholds
 
+    @property
+    def frame_index(self) -> int:
+        """Frames since the last keyframe (the least over the streams; 0: the next frame is a keyframe)."""
+        return min(self._since) if self._since else 0
+
+    @frame_index.setter
+    def frame_index(self, value: int) -> None:
+        self._since = [value] * len(self._since)
+
     def reset(self) -> None:
         """Forget all cached state; the next frame is a keyframe and may have any shape."""
-        self.frame_index = 0
+        self._forget()
+        for layer in self._all_layers():
+            layer.reset_state()
+
+    def _forget(self) -> None:
+        self._since, self._scale, self._work = [], [], []
         self._stream = None
         self.rt.dense_limit = None
         self.state_epoch += 1
-        for layer in self._all_layers():
-            layer.reset_state()
 
     def _all_layers(self):
         return (m for m in self.modules() if isinstance(m, DeltaLayer))
 
     def _apply(self, fn, recurse=True):
         # moving or casting the model invalidates the caches: start over with a keyframe
-        self.frame_index = 0
-        self._stream = None
         if "rt" in self.__dict__:  # not yet set while nn.Module.__init__ runs
-            self.rt.dense_limit = None
-            self.state_epoch += 1
+            self._forget()
         return super()._apply(fn, recurse)
 
     # ---- frames ----------------------------------------------------------------------------
@@ -87,9 +133,17 @@ class DeltaModel(nn.Module):
         if param is not None and param.device != x.device:
             raise ValueError(f"input is on {x.device} but the model is on {param.device}; move one of them "
                              "(model.to(device) also resets the stream)")
-        # min and max propagate NaN and hold any infinity: one cheap pass instead of isfinite(x).all()
-        if x.device.type == "cpu" and x.numel() and not all(math.isfinite(float(v)) for v in torch.aminmax(x)):
-            raise ValueError("input contains NaN or infinity; it would poison the cached state, so it was rejected")
+        self._amax = None
+        if x.device.type == "cpu" and x.numel():
+            # min and max per stream propagate NaN and hold any infinity: one pass, no isfinite tensor
+            flat = x.permute(0, 2, 3, 1) if x.is_contiguous(memory_format=torch.channels_last) else x
+            lo, hi = torch.aminmax(flat.reshape(x.shape[0], -1), dim=1)
+            lo, hi = lo.tolist(), hi.tolist()
+            bad = [i for i, (a, b) in enumerate(zip(lo, hi)) if not (math.isfinite(a) and math.isfinite(b))]
+            if bad:
+                raise ValueError(f"input stream(s) {bad} contain NaN or infinity; it would poison the cached state, "
+                                 "so the frame was rejected and the state left as it was")
+            self._amax = [max(-a, b) for a, b in zip(lo, hi)]
         sig = (tuple(x.shape), x.dtype, x.device)
         if self._stream is not None and sig != self._stream:
             if self.on_input_change == "reset":
@@ -100,43 +154,130 @@ class DeltaModel(nn.Module):
                     f"input changed mid-stream from shape {was[0]}, {was[1]}, {was[2]} to {sig[0]}, {sig[1]}, {sig[2]}; "
                     "call model.reset() to start a new stream (or convert with on_input_change='reset')")
 
+    @contextmanager
+    def _frame(self):
+        if not self._frame_lock.acquire(blocking=False):
+            raise RuntimeError("this DeltaModel is running a frame in another thread (or was re-entered): a model "
+                               "holds one batch of streams' state; convert one model per thread")
+        try:
+            yield
+        finally:
+            self._frame_lock.release()
+
+    def _due(self, i: int) -> bool:
+        """Whether stream i's next frame must be a keyframe (new, interval reached, values out of range)."""
+        since = self._since[i]
+        if since == 0 or (self.keyframe_interval is not None and since >= self.keyframe_interval):
+            return True
+        if self.rt.refresh_work is not None and self._work[i] >= self.rt.refresh_work:
+            return True
+        ratio = self.rt.range_ratio
+        if ratio is None or self._amax is None or self._scale[i] is None:
+            return False
+        now, then = self._amax[i], self._scale[i]
+        return now > ratio * then or then > ratio * now
+
     @torch.no_grad()
     def forward(self, x: Tensor):
-        self._check_input(x)
-        keyframe = self.frame_index == 0 or (self.keyframe_interval is not None
-                                             and self.frame_index >= self.keyframe_interval)
-        if keyframe:
-            self.frame_index = 0
+        with self._frame():
+            self._check_input(x)
+            return self._forward(x)
+
+    def _forward(self, x: Tensor):
         rt = self.rt
+        n = x.shape[0]
+        if len(self._since) != n:  # a new stream batch
+            self._since, self._scale, self._work = [0] * n, [None] * n, [0.0] * n
+        due = [self._due(i) for i in range(n)]
         backend = rt.backend_for(x)
         work = getattr(backend, "work", None)  # multiply-adds counted by host-side backends
+        decides = rt.dense_above is not None and backend.host_sync_ok
+        limits = rt.busy_limits(n) if decides else None
         if work is not None:
             work[:] = [0, 0]
-        out = self._run(x, keyframe)
-        if rt.stateless:  # the input layer found the frame busy (dense_above): it ran densely,
-            rt.stateless = False  # without state, so the next frame must be a keyframe
-            self._end_frame("dense", x)
-            return out
-        if not keyframe and rt.dense_above is not None and backend.host_sync_ok and work is not None and work[1]:
-            # deltas did most of a dense frame's work (high update rates through the network): run
-            # dense frames while the input keeps changing about as much as in this frame
-            busy = work[0] > DENSE_WORK * work[1]
-            rt.dense_limit = DENSE_HYSTERESIS * float(rt.input_change) if busy else None  # set by the input layer
-        self._end_frame("keyframe" if keyframe else "delta", x)
+            # per-stream counts, for the multiply-add rule of each stream (one stream: the totals)
+            backend.work_streams = torch.zeros(n, dtype=torch.long, device=x.device) if n > 1 else None
+        keyframe = all(due)
+        plan = rt.plan = StreamPlan(due, limits)
+        try:
+            out = self._run(x, keyframe)
+        finally:
+            rt.plan = None
+        modes = plan.modes if plan.modes is not None else ["keyframe" if keyframe else "delta"] * n
+        first = plan.first or ("keyframe" if keyframe else "delta")
+        if first == "dense":  # the input layer found every stream busy: it ran densely without state
+            rt.stateless = False
+        rt.keyframe = first != "delta"
+        left = plan.left_out()
+        if left:
+            out = self._run_streams(x, out, modes, left)
+        if first == "delta" and work is not None and work[1]:
+            done = backend.work_streams.tolist() if backend.work_streams is not None else [work[0]]
+            per_stream = work[1] / n
+            lim = list(rt.dense_limit) if isinstance(rt.dense_limit, list) else [rt.dense_limit] * n
+            for i, m in enumerate(modes):
+                if m != "delta":
+                    continue
+                self._work[i] += done[i] / per_stream
+                if decides:
+                    # deltas did most of a dense frame's work (high update rates through the network): the
+                    # stream runs dense frames while its input keeps changing about as much as in this frame
+                    busy = done[i] > DENSE_WORK * per_stream
+                    lim[i] = DENSE_HYSTERESIS * plan.change[i] if busy else None
+            if decides:
+                rt.dense_limit = lim
+        self._end_streams(modes, x)
+        return out
+
+    def _run_streams(self, x: Tensor, out, modes: list[str], left: list[int]):
+        """Run the streams `left` out of the delta pass densely, each pass writing only their state rows
+        (keyframes) or none (busy streams), and put their outputs into `out`."""
+        rt = self.rt
+        mask = rt.input_mask.clone() if rt.input_mask is not None else None
+        for mode in ("keyframe", "dense"):
+            rows = [i for i in left if modes[i] == mode]
+            if not rows:
+                continue
+            idx = torch.tensor(rows, device=x.device)
+            rt.streams, rt.stateless, rt.keyframe = idx, mode == "dense", True
+            rt.stats.merging = True
+            try:
+                sub = self._run(x.index_select(0, idx), keyframe=True, start=False)
+            finally:
+                rt.streams, rt.stateless, rt.keyframe = None, False, False
+                rt.stats.merging = False
+            out = _put_rows(out, idx, sub, x.shape[0])
+            if mask is not None:
+                mask[idx] = True
+        rt.input_mask = mask
         return out
 
     def _end_frame(self, mode: str, x: Tensor) -> None:
-        """Bookkeeping after a frame of `mode` ("keyframe", "delta" or "dense") ran on `x`, eagerly
-        here or replayed from a CUDA graph by deltacnn.compile."""
+        """Bookkeeping after a frame of `mode` ("keyframe", "delta" or "dense") ran on every stream of
+        `x`, eagerly here or replayed from a CUDA graph by deltacnn.compile."""
+        n = x.shape[0]
+        if len(self._since) != n:
+            self._since, self._scale, self._work = [0] * n, [None] * n, [0.0] * n
+        self._end_streams([mode] * n, x)
+
+    def _end_streams(self, modes: list[str], x: Tensor) -> None:
+        """Per-stream bookkeeping after a frame in which stream i ran as modes[i]."""
         self._stream = (tuple(x.shape), x.dtype, x.device)
-        self.last_mode = mode
-        if mode == "dense":  # the state no longer matches the stream: the next frame is a keyframe
-            self.frame_index = 0
-            return
-        if mode == "keyframe":
-            self.frame_index = 0
-            self.rt.dense_limit = None
-        self.frame_index += 1
+        self.last_modes = modes
+        self.last_mode = modes[0] if len(set(modes)) == 1 else "mixed"
+        lim = self.rt.dense_limit
+        lim = list(lim) if isinstance(lim, list) else [lim] * len(modes)
+        for i, mode in enumerate(modes):
+            if mode == "dense":  # the state no longer matches the stream: its next frame is a keyframe
+                self._since[i] = 0
+                continue
+            if mode == "keyframe":
+                self._since[i] = 0
+                self._work[i] = 0.0
+                self._scale[i] = self._amax[i] if self._amax is not None else None
+                lim[i] = None
+            self._since[i] += 1
+        self.rt.dense_limit = None if all(v is None for v in lim) else (lim[0] if len(set(lim)) == 1 else lim)
 
     @torch.no_grad()
     def dense_frame(self, x: Tensor):
@@ -148,25 +289,27 @@ class DeltaModel(nn.Module):
         is a keyframe, because the state no longer matches the stream. `deltacnn.compile` switches
         to dense frames by itself when the measured change is high.
         """
-        self._check_input(x)
-        self.frame_index = 0
-        self.rt.stateless = True
-        try:
-            out = self._run(x, keyframe=True)
-        finally:
-            self.rt.stateless = False
-        self._end_frame("dense", x)
-        return out
+        with self._frame():
+            self._check_input(x)
+            self.rt.stateless = True
+            try:
+                out = self._run(x, keyframe=True)
+            finally:
+                self.rt.stateless = False
+            self._end_frame("dense", x)
+            return out
 
-    def _run(self, x: Tensor, keyframe: bool):
-        self.rt.keyframe = keyframe
-        self.rt.stats.start_frame()
+    def _run(self, x: Tensor, keyframe: bool, start: bool = True):
+        rt = self.rt
+        rt.keyframe = keyframe
+        if start:
+            rt.stats.start_frame()
         try:
             out = self.graph_module(x)
         except BaseException:
-            self.frame_index = 0  # state may be half-updated: re-synchronise with a keyframe next time
+            self._since = [0] * len(self._since)  # state may be half-updated: re-synchronise with a keyframe
             self._stream = None
-            self.rt.stateless = False
+            rt.stateless = False
             raise
         return out
 
@@ -214,3 +357,19 @@ class DeltaModel(nn.Module):
 
     def extra_repr(self) -> str:
         return f"layers={len(self.layers)}, thresholds={self.rt.thresholds.to_dict()}"
+
+
+def _put_rows(full, idx: Tensor, sub, n: int):
+    """`full` (an output of the whole batch: a tensor or a tuple, list or dict of them) with batch rows
+    `idx` replaced by `sub` (the same structure, computed for those rows only)."""
+    if isinstance(full, Tensor):
+        if full.dim() == 0 or full.shape[0] != n:
+            raise RuntimeError(f"the model's output of shape {tuple(full.shape)} has no batch dimension of {n} "
+                               "streams first, so streams cannot run keyframes of their own; use batch 1 per model")
+        return full.index_copy(0, idx, sub.to(full.dtype))
+    if isinstance(full, (tuple, list)):
+        vals = [_put_rows(f, idx, s, n) for f, s in zip(full, sub)]
+        return type(full)(*vals) if hasattr(full, "_fields") else type(full)(vals)
+    if isinstance(full, dict):
+        return type(full)((k, _put_rows(v, idx, sub[k], n)) for k, v in full.items())
+    return full

@@ -52,17 +52,26 @@ class StatsRecorder:
     keep_masks: bool = False
     _rows: list = field(default_factory=list)
     masks: dict[str, Tensor] = field(default_factory=dict)
+    # set while a pass over some streams of the batch runs (DeltaModel's per-stream keyframes): its
+    # updates add to the rows the frame's first pass recorded, whose totals cover the whole batch
+    merging: bool = False
 
     def start_frame(self) -> None:
         self._rows = []
         self.masks = {}
+        self.merging = False
 
     def record(self, name: str, kind: str, mask: Tensor, macs_per_pixel: int = 0, dense: bool = False) -> None:
         if not self.enabled:
             return
         count = mask.sum() if not dense else torch.tensor(mask.numel())
+        if self.merging:
+            for i, (n, k, c, total, mpp) in enumerate(self._rows):
+                if n == name:
+                    self._rows[i] = (n, k, c + count.to(c.device), total, mpp)
+                    return
         self._rows.append((name, kind, count, mask.numel(), macs_per_pixel))
-        if self.keep_masks:
+        if self.keep_masks and not self.merging:
             self.masks[name] = mask
 
     def record_work(self, name: str, kind: str, macs: int) -> None:

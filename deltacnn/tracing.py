@@ -15,6 +15,8 @@ model asks for it).
 """
 from __future__ import annotations
 
+import threading
+
 import linecache
 import os
 import sys
@@ -280,11 +282,17 @@ class ShapeTracer(fx.Tracer):
         raise self.data_dependent(obj, "iteration (its length is not known while tracing)")
 
 
+# torch.fx tracing swaps module-level functions for the duration of a trace (a process-wide
+# patcher): two traces at once in two threads break each other, so they take turns
+TRACE_LOCK = threading.Lock()
+
+
 def trace(model: nn.Module, example_input: Tensor, leaf_modules: Iterable[type | str] = ()) -> fx.GraphModule:
     """Trace `model` with static shapes of `example_input`; failures raise ConversionError with the source line."""
     tracer = ShapeTracer(example_input, leaf_modules)
     try:
-        graph = tracer.trace(model)
+        with TRACE_LOCK:
+            graph = tracer.trace(model)
     except ConversionError:
         raise
     except Exception as e:  # noqa: BLE001 - every tracing failure gets the same advice

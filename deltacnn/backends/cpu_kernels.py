@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -17,6 +18,7 @@ _SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 _NAME = "deltacnn_cpu_kernels"
 _module: ModuleType | None = None
 _error: str | None = None
+_lock = threading.Lock()  # two threads making their first CPU model at once build and load it once
 
 # activation kinds the fused update implements, with their codes in cpu_kernels.cpp
 ACT_CODES = {"identity": 0, "relu": 1, "relu6": 2, "hardtanh": 2, "leaky_relu": 3}
@@ -24,6 +26,13 @@ ACT_CODES = {"identity": 0, "relu": 1, "relu6": 2, "hardtanh": 2, "leaky_relu": 
 
 def load() -> ModuleType | None:
     """The compiled module, building it if needed; None if it cannot be built here."""
+    if _module is not None or _error is not None:
+        return _module
+    with _lock:
+        return _load_locked()
+
+
+def _load_locked() -> ModuleType | None:
     global _module, _error
     if _module is not None or _error is not None:
         return _module

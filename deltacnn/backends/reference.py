@@ -7,6 +7,7 @@ the CUDA fast path.
 """
 from __future__ import annotations
 
+import threading
 from typing import Callable
 
 import torch
@@ -75,11 +76,15 @@ class _IndexMaps:
     """Index tensors that depend only on shapes, built once per shape and reused every frame.
 
     The per-frame work of a gathered conv is then a few ops on the active pixels instead of
-    rebuilding coordinate grids (CPU time per layer matters at low update rates).
+    rebuilding coordinate grids (CPU time per layer matters at low update rates). Every map but
+    `padded` is read-only once built, so one process-wide cache serves all models and threads;
+    `padded` is a scratch buffer written on every call and so is private to a thread (and on CUDA
+    to a stream): two models used from two threads must never share it.
     """
 
     def __init__(self) -> None:
         self._cache: dict[tuple, Tensor] = {}
+        self._local = threading.local()  # per-thread scratch maps
 
     def _get(self, key: tuple, make) -> Tensor:
         t = self._cache.get(key)
@@ -97,10 +102,19 @@ class _IndexMaps:
         """(N, Hp, Wp) long scratch map with the (H, W) interior at `top_left`; its border, never
         written after this, points at the zero row N*H*W."""
         h, w = hw
-        # a scratch buffer: on CUDA one per stream, so that models on different streams never share it
+        # a scratch buffer: one per thread, and on CUDA one per stream, so that models running at the
+        # same time never write into each other's map
         stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-        return self._get(("pad", n, h, w, hp, wp, top_left, device, stream),
-                         lambda: torch.full((n, hp, wp), n * h * w, dtype=torch.long, device=device))
+        scratch = getattr(self._local, "maps", None)
+        if scratch is None:
+            scratch = self._local.maps = {}
+        key = (n, h, w, hp, wp, top_left, device, stream)
+        t = scratch.get(key)
+        if t is None:
+            if len(scratch) > 64:  # shapes of a new stream: start over
+                scratch.clear()
+            t = scratch[key] = torch.full((n, hp, wp), n * h * w, dtype=torch.long, device=device)
+        return t
 
     def clamped_taps(self, n: int, in_hw: tuple[int, int], out_hw: tuple[int, int], win: Window, device) -> Tensor:
         """(N*Ho*Wo, taps) long: flat input index of every tap, clamped into the image.
@@ -170,11 +184,23 @@ class ReferenceBackend(Backend):
         # conv multiply-adds (done, dense) since the model last reset it: DeltaModel reads it to
         # switch to dense frames when deltas do most of a dense frame's work anyway
         self.work = [0, 0]
+        # (N,) int64 or None: the multiply-adds done per stream, counted when DeltaModel sets it (each
+        # stream of a batch applies the multiply-add rule to its own work)
+        self.work_streams: Tensor | None = None
 
-    def _count(self, p: ConvParams, done_pixels: int, all_pixels: int) -> None:
+    def _count(self, p: ConvParams, done_pixels: int, all_pixels: int, idx: Tensor | None = None,
+               n: int = 1) -> None:
         per_pixel = p.weight.numel()
         self.work[0] += done_pixels * per_pixel
         self.work[1] += all_pixels * per_pixel
+        if self.work_streams is not None and idx is not None:
+            # candidates per stream (idx ascends), counted as that stream alone would: all pixels above
+            # DENSE_SWITCH, where it would run the conv densely
+            per_stream = all_pixels // n
+            bounds = torch.arange(n + 1, device=idx.device) * per_stream
+            c = torch.searchsorted(idx, bounds).diff()
+            c = torch.where(c > DENSE_SWITCH * per_stream, per_stream, c)
+            self.work_streams += c * per_pixel
 
     # ---- input / output -------------------------------------------------------------------
     def sparsify(self, x: Tensor, ref: Tensor, tau: float, score: str, dilation: int, dtype,
@@ -207,7 +233,7 @@ class ReferenceBackend(Backend):
         ho, wo = p.window.out_size(h, w)
         idx, out_mask = self._candidates(d, p.window, (ho, wo))
         dense = idx.numel() > DENSE_SWITCH * out_mask.numel()
-        self._count(p, out_mask.numel() if dense else idx.numel(), out_mask.numel())
+        self._count(p, out_mask.numel() if dense else idx.numel(), out_mask.numel(), idx, n)
         if idx.numel() == 0:
             return empty_delta(n, cout, ho, wo, dtype=_acc_dtype(p.weight), device=d.device)
         if dense:
@@ -282,7 +308,7 @@ class ReferenceBackend(Backend):
             raise ValueError(f"residual shape {tuple(residual.shape)} does not match conv output {(n, cout, ho, wo)}")
         idx, cand = self._candidates(d, p.window, (ho, wo), residual.mask if residual is not None else None)
         dense = idx.numel() > DENSE_SWITCH * cand.numel()
-        self._count(p, cand.numel() if dense else idx.numel(), cand.numel())
+        self._count(p, cand.numel() if dense else idx.numel(), cand.numel(), idx, n)
         if dense:
             y = rows(to_cl(self._dense_conv(d, p))).index_select(0, idx)
         elif idx.numel():

@@ -41,6 +41,9 @@ class DeltaLayer(nn.Module):
         The existing buffer is reused when it fits, so that a captured CUDA graph reading it stays
         valid across keyframes, and so that a keyframe costs one pass per state, not an allocation.
         """
+        if self.rt.streams is not None:
+            raise RuntimeError(f"layer {self.name!r}: a keyframe of some streams writes state rows through "
+                               "_seed_state, not a whole new buffer")
         old = self._buffers.get("state_" + key)
         if old is not None and old.shape == like.shape and old.device == like.device and old.dtype == torch.float32:
             return old
@@ -51,9 +54,14 @@ class DeltaLayer(nn.Module):
     def _seed_state(self, key: str, values: Tensor, *, always: bool = False) -> None:
         """Set state `key` to a copy of `values` (on keyframes).
 
-        Stateless dense frames (DeltaModel.dense_frame) skip it unless `always`.
+        Stateless dense frames (DeltaModel.dense_frame) skip it unless `always`. A pass over some
+        streams of the batch (rt.streams) overwrites only their rows.
         """
-        if self.rt.stateless and not always:
+        rt = self.rt
+        if rt.stateless and not always:
+            return
+        if rt.streams is not None:
+            self._state(key).index_copy_(0, rt.streams, values.to(torch.float32))
             return
         self._state_buffer(key, values).copy_(values)
 
@@ -65,6 +73,12 @@ class DeltaLayer(nn.Module):
         """
         if self.rt.stateless:
             return (act.apply_(y) if owned and y.dtype == self.rt.dtype else act(y)).to(self.rt.dtype)
+        if self.rt.streams is not None:  # some streams' rows: A = y, E = f(A) as sent, from y's values
+            a = y.float()
+            out = act(a).to(self.rt.dtype)
+            self._seed_state("acc", a)
+            self._seed_state("emitted", out)
+            return out
         self._seed_state("acc", y)
         if y.dtype == self.rt.dtype and act.commutes_with_rounding:
             out = act.apply_(y) if owned else act(y)  # A holds y already; E is f(A) as sent either way
@@ -78,7 +92,7 @@ class DeltaLayer(nn.Module):
         overwritten with the output; stateless dense frames write no state); False: nothing done, the
         caller adds and seeds the generic way."""
         rt = self.rt
-        if y.dtype != rt.dtype:  # an output dtype y cannot hold
+        if y.dtype != rt.dtype or rt.streams is not None:  # an output dtype y cannot hold; some streams' rows
             return False
         acc = emitted = None
         if not rt.stateless:

@@ -39,15 +39,20 @@ class Sparsify(DeltaLayer):
     def forward(self, x: Tensor) -> DeltaTensor:
         rt = self.rt
         backend = rt.backend_for(x)
-        track = rt.track_change and self.name == INPUT
-        # backends that may read device values decide here whether a frame is too busy for deltas
-        limit = rt.busy_limit()
-        promote = self.name == INPUT and limit is not None and backend.host_sync_ok and not rt.stateless
+        first = self.name == INPUT and rt.streams is None  # the frame's input layer, not a pass of some streams
+        track = rt.track_change and first
+        # the model's per-stream routing: each stream's change decides whether it runs densely
+        plan = rt.plan if first else None
+        measure = plan is not None and plan.limits is not None and not rt.stateless
         if rt.keyframe:
-            if track or promote:
-                rt.input_change = self._changed_fraction(x)
-                if promote and float(rt.input_change) > limit:
+            if measure:
+                change = self._changed_fraction(x)
+                rt.input_change = change.mean()
+                plan.route(change.tolist(), keyframe_pass=True)
+                if plan.first == "dense":
                     rt.stateless = True  # busy: dense without writing state; the next quiet frame re-seeds it
+            elif track:
+                rt.input_change = self._changed_fraction(x).mean()
             # the input reference is kept even by stateless dense frames: it measures the next change
             self._seed_state("ref", x, always=True)
             d = DeltaTensor.keyframe(x.to(rt.dtype))
@@ -58,15 +63,27 @@ class Sparsify(DeltaLayer):
             # any layout: each backend reads x the way it is fastest for it
             d = backend.sparsify(x, ref, self.tau(), rt.thresholds.score, self.dilation, rt.dtype,
                                  scratch=self._scratch)
-            if track or promote:
+            change = None
+            if measure:
+                change = d.mask.reshape(d.shape[0], -1).float().mean(1)
+                rt.input_change = change.mean()
+            elif track:
                 rt.input_change = d.mask.float().mean()
-            if promote and float(rt.input_change) > limit:
-                # most of the frame changed: a dense pass is cheaper than sparse work, and exact; it
-                # runs without state (as DeltaModel.dense_frame), so the next frame is a keyframe
-                rt.keyframe = rt.stateless = True
-                self._seed_state("ref", x, always=True)
-                d = DeltaTensor.keyframe(x.to(rt.dtype))
-        if self.name == INPUT:
+            if plan is not None:
+                plan.route(change.tolist() if change is not None else None, keyframe_pass=False)
+                if plan.first != "delta":
+                    # no stream runs deltas (most of the frame changed, or keyframes due): a dense pass is
+                    # exact and cheaper than sparse work; without state when all streams are busy (as
+                    # DeltaModel.dense_frame), so that their next frame is a keyframe
+                    rt.keyframe = True
+                    rt.stateless = plan.first == "dense"
+                    self._seed_state("ref", x, always=True)
+                    d = DeltaTensor.keyframe(x.to(rt.dtype))
+                elif plan.left_out():
+                    # these streams run densely after this pass: here they send nothing (their reference
+                    # is re-seeded by that pass)
+                    d = _without_streams(d, torch.tensor(plan.left_out(), device=x.device))
+        if first:
             rt.input_mask = d.mask
         return self.record(d)
 
@@ -87,15 +104,24 @@ class Sparsify(DeltaLayer):
         return torch.where(kept, x.float(), ref)
 
     def _changed_fraction(self, x: Tensor) -> Tensor:
-        """Fraction of pixels whose change since the last reference passes the threshold.
+        """Per stream (N,), the fraction of pixels whose change since the last reference passes the threshold.
 
         0 without a reference (a new stream): nothing to compare with, and the keyframe that
         starts a stream is no reason to run the next frame densely.
         """
         ref = self._buffers.get("state_ref")
         if ref is None or ref.shape != x.shape or ref.device != x.device:
-            return torch.zeros((), device=x.device)
-        return (truncation_score(x.float() - ref, self.rt.thresholds.score) > self.tau()).float().mean()
+            return torch.zeros(x.shape[0], device=x.device)
+        changed = truncation_score(x.float() - ref, self.rt.thresholds.score) > self.tau()
+        return changed.reshape(x.shape[0], -1).float().mean(1)
+
+
+def _without_streams(d: DeltaTensor, streams: Tensor) -> DeltaTensor:
+    """`d` with no update in the batch rows `streams` (their values become undefined, as everywhere
+    a mask is False); the bordered copy, which would still hold them, is left out."""
+    mask = d.mask.clone()
+    mask[streams] = False
+    return DeltaTensor(d.values, mask, ext=d.ext)
 
 
 class Densify(DeltaLayer):
@@ -109,6 +135,8 @@ class Densify(DeltaLayer):
             return d.values.to(self.rt.dtype, copy=True)
         if d.dense:
             self._seed_state("out", d.values)
+            if self.rt.streams is not None:  # some streams' keyframe: their rows are this pass's output
+                return d.values.to(self.rt.dtype, copy=True)
         else:
             self.rt.backend_for(d.values).accumulate(self._state("out"), d)
         return self._state("out").to(self.rt.dtype, copy=True)
