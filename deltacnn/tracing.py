@@ -15,11 +15,10 @@ model asks for it).
 """
 from __future__ import annotations
 
-import threading
-
 import linecache
 import os
 import sys
+import threading
 import types
 from typing import Any, Iterable, Iterator
 
