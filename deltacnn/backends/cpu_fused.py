@@ -73,15 +73,48 @@ class FusedCpuBackend(ReferenceBackend):
     def _act_rows(self, idx: Tensor, y: Tensor, residual: DeltaTensor | None, st: PointwiseState,
                   dtype) -> DeltaTensor:
         code = cpu_kernels.ACT_CODES.get(st.act.kind)
-        if code is None or dtype != torch.float32 or y.dtype != torch.float32 or \
+        if dtype != torch.float32 or y.dtype != torch.float32 or \
                 (residual is not None and residual.dtype != torch.float32):
             return super()._act_rows(idx, y, residual, st, dtype)
+        if code is None:  # f is an ATen op: A += v and the emit in C++, f(A) on the gathered rows
+            a = self._k.accumulate_rows(y.contiguous(), idx, _rows(residual) if residual is not None else None,
+                                        residual.mask if residual is not None else None, st.acc, False)
+            return self._emit_f(idx, a, st)
         a = st.act
         lo, hi = (0.0, 6.0) if a.kind == "relu6" else (a.min_val, a.max_val)
         return _delta(self._k.act_update(
             y.contiguous(), idx, _rows(residual) if residual is not None else None,
             residual.mask if residual is not None else None, st.acc, st.emitted, code, lo, hi, a.slope,
             float(st.tau), SCORE_CODES[st.score]))
+
+
+    def _emit_f(self, idx: Tensor, a: Tensor, st: PointwiseState) -> DeltaTensor:
+        """f(A) on the new A rows `a` (in place, the same op on the same (P, C) matrix as the
+        reference backend, so bit-identical), then o = f(A) - E, truncation and emit in C++."""
+        return _delta(self._k.emit_rows(st.act.apply_(a), idx, st.emitted, float(st.tau), SCORE_CODES[st.score]))
+
+    def pointwise(self, d: DeltaTensor, st: PointwiseState) -> DeltaTensor:
+        if d.dtype != torch.float32 or cpu_kernels.ACT_CODES.get(st.act.kind) is not None:
+            return super().pointwise(d, st)  # piecewise-linear ones: the reference's few ops suffice
+        idx = d.active()
+        return self._emit_f(idx, self._k.accumulate_rows(_rows(d), idx, None, None, st.acc, True), st)
+
+    def add(self, a: DeltaTensor, b: DeltaTensor) -> DeltaTensor:
+        if a.dtype != torch.float32 or b.dtype != torch.float32 or a.shape != b.shape:
+            return super().add(a, b)  # the reference also names a shape mismatch
+        return _delta(self._k.merge_streams([_rows(a), _rows(b)], [a.mask, b.mask], True))
+
+    def cat(self, ds: list[DeltaTensor]) -> DeltaTensor:
+        if any(d.dtype != torch.float32 for d in ds):
+            return super().cat(ds)
+        return _delta(self._k.merge_streams([_rows(d) for d in ds], [d.mask for d in ds], False))
+
+    def channel_slice(self, d: DeltaTensor, start: int, stop: int) -> DeltaTensor:
+        if d.dtype != torch.float32:
+            return super().channel_slice(d, start, stop)
+        n, c, h, w = d.shape
+        ext, values = self._k.slice_rows(_rows(d), d.active(), n, h, w, c, start, stop)
+        return DeltaTensor(values, d.mask, _active=d.active(), ext=ext)
 
 
 def fused_cpu_backend() -> ReferenceBackend:

@@ -321,6 +321,10 @@ class ReferenceBackend(Backend):
         n, _, h, w = ds[0].shape
         return _scatter_rows(n, vals.shape[1], h, w, idx, vals, ds[0].values)
 
+    def channel_slice(self, d: DeltaTensor, start: int, stop: int) -> DeltaTensor:
+        """Channels [start, stop) of a delta (same mask)."""
+        return DeltaTensor(to_cl(d.values[:, start:stop]), d.mask, _active=d._active)
+
     def scale(self, d: DeltaTensor, scale: Tensor) -> DeltaTensor:
         """Multiply by a constant (scalar or per-channel (C,)) at updated pixels."""
         idx = d.active()

@@ -109,5 +109,7 @@ class DeltaChannelSlice(DeltaLayer):
 
     def forward(self, d: DeltaTensor) -> DeltaTensor:
         d = check_delta(d, self)
+        if not d.dense:  # a backend copies only the updated pixels' rows
+            return self.rt.backend_for(d.values).channel_slice(d, self.start, self.stop)
         v = to_cl(d.values[:, self.start:self.stop])
         return DeltaTensor(v, d.mask, dense=d.dense, _active=d._active)
