@@ -31,6 +31,9 @@ from cpu_models import load_frames, yolov8n_pretrained, yolov8n_standin
 from deltacnn.layers.base import DeltaLayer
 
 
+_now = time.perf_counter
+
+
 def load_model(name: str, frames: list[torch.Tensor], weights: str | None) -> tuple[nn.Module, str, str | None]:
     """(model, description, ONNX path or None for an export)."""
     if name == "centerface":
@@ -94,10 +97,10 @@ class LayerClock:
 
     def _pre(self, mod, inp) -> None:
         self.w0[mod.name] = self._work()
-        self.t0[mod.name] = time.perf_counter()
+        self.t0[mod.name] = _now()
 
     def _post(self, mod, inp, out) -> None:
-        dt = time.perf_counter() - self.t0[mod.name]
+        dt = _now() - self.t0[mod.name]
         w = self._work()
         done, dense = w[0] - self.w0[mod.name][0], w[1] - self.w0[mod.name][1]
         r = self.rows.setdefault(mod.name, [])
@@ -121,7 +124,12 @@ def main() -> None:
     ap.add_argument("--backend", default="cpu")
     ap.add_argument("--layers", action="store_true", help="per-layer table (one extra pass with hooks per point)")
     ap.add_argument("--no-ort", action="store_true", help="leave onnxruntime out of the dense peers")
+    ap.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                    help="cpu: process CPU time instead of wall-clock (robust to a loaded machine's preemption; "
+                         "with --threads 1 it is the single thread's time)")
     args = ap.parse_args()
+    global _now
+    _now = time.perf_counter if args.clock == "wall" else time.process_time
     torch.set_num_threads(args.threads)
     scale_01 = args.model == "yolov8n"
     points = args.points or ("0/0,0.08/0.10" if scale_01 else "0/0,16/0.5")
@@ -136,7 +144,7 @@ def main() -> None:
         dense_out = [[t.clone() for t in _flat(model_cl(f))] for f in frames_cl]
     env = environment()
     print(f"{desc}, vtest.avi {args.frames} frames {tuple(frames[0].shape[2:])}, {args.threads} threads, "
-          f"backend {args.backend}, commit {env['commit']}; onnxruntime: {'yes' if sess else why}")
+          f"backend {args.backend}, {args.clock} clock, commit {env['commit']}; onnxruntime: {'yes' if sess else why}")
     warm = 2  # frames 0 (keyframe) and 1 are left out of every median
     results = []
     for tau_in, tau in points:
@@ -146,20 +154,20 @@ def main() -> None:
         with torch.no_grad():
             for _ in range(args.repeats):
                 for i in range(warm, args.frames):
-                    t0 = time.perf_counter()
+                    t0 = _now()
                     model_cl(frames_cl[i])
-                    torch_ms.append((time.perf_counter() - t0) * 1e3)
+                    torch_ms.append((_now() - t0) * 1e3)
                 if sess is not None:
                     for i in range(warm, args.frames):
                         x = frames[i].numpy()
-                        t0 = time.perf_counter()
+                        t0 = _now()
                         sess.run(None, {in_name: x})
-                        ort_ms.append((time.perf_counter() - t0) * 1e3)
+                        ort_ms.append((_now() - t0) * 1e3)
                 dm.reset()
                 for i in range(args.frames):
-                    t0 = time.perf_counter()
+                    t0 = _now()
                     out = dm(frames[i])
-                    dt = (time.perf_counter() - t0) * 1e3
+                    dt = (_now() - t0) * 1e3
                     if i >= warm:
                         delta_ms.append(dt)
                         errs.append(max(float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
@@ -199,7 +207,7 @@ def main() -> None:
         if args.layers:
             print_layers(row["layers"])
     path = write_json(f"cpu_real_{args.model}", {"env": env, "model": desc, "frames": args.frames,
-                                                  "threads": args.threads, "rows": results})
+                                                  "threads": args.threads, "clock": args.clock, "rows": results})
     print(f"\nwrote {path}")
 
 
