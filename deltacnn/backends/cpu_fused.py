@@ -4,9 +4,12 @@ A sparse conv in the reference backend is ~35 small PyTorch ops (candidate mask,
 gathers, the nonlinear update, truncation, scatter); on a 2-core CPU their fixed costs take as
 long as the GEMMs at 5% changed pixels. Here three of those stages are one C++ pass each
 (cpu_kernels.cpp): candidate pixels, the tap gather, and the fused nonlinear update + emit; so
-are the input layer's sparsify and max pooling. Everything else, and every case the kernels do
-not cover (non-float32 deltas, activations other than the piecewise-linear ones, input mask
-dilation), is the reference code, so the semantics are the reference's.
+are the input layer's sparsify and max pooling, stream adds, concatenations and channel slices.
+Activations that are not piecewise linear (SiLU, sigmoid, ...) keep their ATen op, run on the
+same (P, C) rows as in the reference (so bit-identical), between two C++ stages (accumulate;
+truncate + emit). A conv run densely hands its output map straight to the C++ update. Every case
+the kernels do not cover (non-float32 deltas, input mask dilation) is the reference code, so the
+semantics are the reference's.
 """
 from __future__ import annotations
 
