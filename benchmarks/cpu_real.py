@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,10 +26,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-import deltacnn
-from common import environment, write_json
-from cpu_models import load_frames, yolov8n_pretrained, yolov8n_standin
-from deltacnn.layers.base import DeltaLayer
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's deltacnn, not an installed one
+import deltacnn  # noqa: E402
+from common import environment, write_json  # noqa: E402
+from cpu_models import load_frames, yolov8n_pretrained, yolov8n_standin  # noqa: E402
+from deltacnn.layers.base import DeltaLayer  # noqa: E402
 
 
 _now = time.perf_counter
