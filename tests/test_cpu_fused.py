@@ -67,7 +67,8 @@ def test_candidates_and_taps_equal_reference(win: Window, rate: float) -> None:
 
 
 ACTS = [ActSpec("relu"), ActSpec("relu6"), ActSpec("hardtanh", min_val=-0.5, max_val=0.7),
-        ActSpec("leaky_relu", slope=0.2), ActSpec("identity"), ActSpec("silu")]  # silu: the fallback path
+        ActSpec("leaky_relu", slope=0.2), ActSpec("identity"),
+        ActSpec("silu"), ActSpec("sigmoid")]  # f by ATen between the C++ accumulate and emit stages
 
 
 @pytest.mark.parametrize("act", ACTS, ids=lambda a: a.describe())
@@ -134,6 +135,67 @@ def test_maxpool_equals_reference(win: Window, tau: float) -> None:
     _same_delta(o1, o2)
     torch.testing.assert_close(a2, a1, rtol=0, atol=0)
     torch.testing.assert_close(e2, e1, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("act", [ActSpec("silu"), ActSpec("sigmoid"), ActSpec("relu")], ids=lambda a: a.describe())
+@pytest.mark.parametrize("tau", [0.0, 0.3])
+def test_pointwise_equals_reference(act: ActSpec, tau: float) -> None:
+    gen = torch.Generator().manual_seed(19)
+    n, c, h, w = 2, 5, 6, 9
+    d = _delta(n, c, h, w, 0.4, gen)
+    outs = []
+    for be in (REF, FUSED):
+        g = torch.Generator().manual_seed(23)
+        acc = _state(torch.randn(n, c, h, w, generator=g))
+        em = _state(act(acc) + 0.2 * torch.randn(n, c, h, w, generator=g))
+        outs.append((be.pointwise(d, PointwiseState(act, acc, em, tau, "max")), acc, em))
+    (o1, a1, e1), (o2, a2, e2) = outs
+    assert int(o1.mask.sum()) > 0
+    _same_delta(o1, o2)
+    torch.testing.assert_close(a2, a1, rtol=0, atol=0)
+    torch.testing.assert_close(e2, e1, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("rates", [(0.0, 0.3), (0.2, 0.5), (1.0, 0.1)])
+def test_add_cat_slice_equal_reference(rates: tuple[float, float]) -> None:
+    gen = torch.Generator().manual_seed(29)
+    a, b = _delta(2, 6, 7, 5, rates[0], gen), _delta(2, 6, 7, 5, rates[1], gen)
+    c3 = _delta(2, 3, 7, 5, 0.3, gen)
+    _same_delta(REF.add(a, b), FUSED.add(a, b))
+    _same_delta(REF.cat([a, c3, b]), FUSED.cat([a, c3, b]))
+    for start, stop in ((0, 3), (2, 6), (0, 6)):
+        _same_delta(REF.channel_slice(b, start, stop), FUSED.channel_slice(b, start, stop))
+    with pytest.raises(ValueError, match="equal shapes"):
+        FUSED.add(a, c3)
+
+
+@pytest.mark.parametrize("act", [ActSpec("relu"), ActSpec("silu")], ids=lambda a: a.describe())
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("win", [Window.make(3, 1, 1), Window.make(3, 2, 1), Window((3, 3), (1, 1), (0, 2, 1, 1), (1, 1))],
+                         ids=str)
+def test_dense_conv_block_equals_reference(act: ActSpec, with_residual: bool, win: Window,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """conv_block's dense case (every candidate computed by one dense conv) on the C++ update path."""
+    from deltacnn.backends import reference
+    from deltacnn.backends.base import ConvParams
+    monkeypatch.setattr(reference, "DENSE_SWITCH", 0.0)
+    gen = torch.Generator().manual_seed(31)
+    n, cin, cout, h, w = 1, 4, 6, 9, 11
+    d = _delta(n, cin, h, w, 0.3, gen)
+    p = ConvParams(torch.randn(cout, cin, 3, 3, generator=gen), win, 1)
+    ho, wo = win.out_size(h, w)
+    residual = _delta(n, cout, ho, wo, 0.2, gen) if with_residual else None
+    outs = []
+    for be in (REF, FUSED):
+        g = torch.Generator().manual_seed(37)
+        acc = _state(torch.randn(n, cout, ho, wo, generator=g))
+        em = _state(act(acc) + 0.1 * torch.randn(n, cout, ho, wo, generator=g))
+        outs.append((be.conv_block(d, p, residual, PointwiseState(act, acc, em, 0.05, "max")), acc, em))
+    (o1, a1, e1), (o2, a2, e2) = outs
+    assert int(o1.mask.sum()) > 0
+    _same_delta(o1, o2)
+    torch.testing.assert_close(a2, a1, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(e2, e1, rtol=1e-6, atol=1e-6)
 
 
 class _Net(nn.Module):

@@ -4,20 +4,24 @@ A sparse conv in the reference backend is ~35 small PyTorch ops (candidate mask,
 gathers, the nonlinear update, truncation, scatter); on a 2-core CPU their fixed costs take as
 long as the GEMMs at 5% changed pixels. Here three of those stages are one C++ pass each
 (cpu_kernels.cpp): candidate pixels, the tap gather, and the fused nonlinear update + emit; so
-are the input layer's sparsify and max pooling. Everything else, and every case the kernels do
-not cover (non-float32 deltas, activations other than the piecewise-linear ones, input mask
-dilation), is the reference code, so the semantics are the reference's.
+are the input layer's sparsify and max pooling, stream adds, concatenations and channel slices.
+Activations that are not piecewise linear (SiLU, sigmoid, ...) keep their ATen op, run on the
+same (P, C) rows as in the reference (so bit-identical), between two C++ stages (accumulate;
+truncate + emit). A conv run densely hands its output map straight to the C++ update. Every case
+the kernels do not cover (non-float32 deltas, input mask dilation) is the reference code, so the
+semantics are the reference's.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..activations import SCORE_CODES
 from ..geometry import Window
-from ..tensor import DeltaTensor, to_cl
+from ..tensor import DeltaTensor, rows, to_cl
 from . import cpu_kernels
-from .base import PointwiseState
+from .base import ConvParams, PointwiseState
 from .reference import ReferenceBackend
 
 
@@ -73,15 +77,75 @@ class FusedCpuBackend(ReferenceBackend):
     def _act_rows(self, idx: Tensor, y: Tensor, residual: DeltaTensor | None, st: PointwiseState,
                   dtype) -> DeltaTensor:
         code = cpu_kernels.ACT_CODES.get(st.act.kind)
-        if code is None or dtype != torch.float32 or y.dtype != torch.float32 or \
+        if dtype != torch.float32 or y.dtype != torch.float32 or \
                 (residual is not None and residual.dtype != torch.float32):
             return super()._act_rows(idx, y, residual, st, dtype)
+        if code is None:  # f is an ATen op: A += v and the emit in C++, f(A) on the gathered rows
+            a = self._k.accumulate_rows(y.contiguous(), idx, _rows(residual) if residual is not None else None,
+                                        residual.mask if residual is not None else None, st.acc, False)
+            return self._emit_f(idx, a, st)
         a = st.act
         lo, hi = (0.0, 6.0) if a.kind == "relu6" else (a.min_val, a.max_val)
         return _delta(self._k.act_update(
             y.contiguous(), idx, _rows(residual) if residual is not None else None,
             residual.mask if residual is not None else None, st.acc, st.emitted, code, lo, hi, a.slope,
-            float(st.tau), SCORE_CODES[st.score]))
+            float(st.tau), SCORE_CODES[st.score], False))
+
+    @staticmethod
+    def _dense_conv(d: DeltaTensor, p: ConvParams) -> Tensor:
+        """The conv of the zero-filled delta over the whole map, channels_last in and out; symmetric
+        padding is the conv's own (no padded copy of the input)."""
+        t, b, l, r = p.window.padding
+        if (t, l) != (b, r) or d.dtype != torch.float32 or p.weight.dtype != torch.float32:
+            return ReferenceBackend._dense_conv(d, p)
+        return F.conv2d(d.zero_filled(), p.weight, None, p.window.stride, (t, l), p.window.dilation, p.groups)
+
+    def _dense_act_block(self, d: DeltaTensor, p: ConvParams, idx: Tensor, residual: DeltaTensor | None,
+                         st: PointwiseState) -> DeltaTensor | None:
+        """Dense conv, then the nonlinear update reading the conv's output map in place (no gather of
+        its rows)."""
+        if d.dtype != torch.float32 or p.weight.dtype != torch.float32 or \
+                (residual is not None and residual.dtype != torch.float32):
+            return None
+        y = rows(to_cl(self._dense_conv(d, p)))
+        res = _rows(residual) if residual is not None else None
+        res_mask = residual.mask if residual is not None else None
+        code = cpu_kernels.ACT_CODES.get(st.act.kind)
+        if code is None:
+            return self._emit_f(idx, self._k.accumulate_rows(y, idx, res, res_mask, st.acc, True), st)
+        a = st.act
+        lo, hi = (0.0, 6.0) if a.kind == "relu6" else (a.min_val, a.max_val)
+        return _delta(self._k.act_update(y, idx, res, res_mask, st.acc, st.emitted, code, lo, hi, a.slope,
+                                         float(st.tau), SCORE_CODES[st.score], True))
+
+
+    def _emit_f(self, idx: Tensor, a: Tensor, st: PointwiseState) -> DeltaTensor:
+        """f(A) on the new A rows `a` (in place, the same op on the same (P, C) matrix as the
+        reference backend, so bit-identical), then o = f(A) - E, truncation and emit in C++."""
+        return _delta(self._k.emit_rows(st.act.apply_(a), idx, st.emitted, float(st.tau), SCORE_CODES[st.score]))
+
+    def pointwise(self, d: DeltaTensor, st: PointwiseState) -> DeltaTensor:
+        if d.dtype != torch.float32 or cpu_kernels.ACT_CODES.get(st.act.kind) is not None:
+            return super().pointwise(d, st)  # piecewise-linear ones: the reference's few ops suffice
+        idx = d.active()
+        return self._emit_f(idx, self._k.accumulate_rows(_rows(d), idx, None, None, st.acc, True), st)
+
+    def add(self, a: DeltaTensor, b: DeltaTensor) -> DeltaTensor:
+        if a.dtype != torch.float32 or b.dtype != torch.float32 or a.shape != b.shape:
+            return super().add(a, b)  # the reference also names a shape mismatch
+        return _delta(self._k.merge_streams([_rows(a), _rows(b)], [a.mask, b.mask], True))
+
+    def cat(self, ds: list[DeltaTensor]) -> DeltaTensor:
+        if any(d.dtype != torch.float32 for d in ds):
+            return super().cat(ds)
+        return _delta(self._k.merge_streams([_rows(d) for d in ds], [d.mask for d in ds], False))
+
+    def channel_slice(self, d: DeltaTensor, start: int, stop: int) -> DeltaTensor:
+        if d.dtype != torch.float32:
+            return super().channel_slice(d, start, stop)
+        n, c, h, w = d.shape
+        ext, values = self._k.slice_rows(_rows(d), d.active(), n, h, w, c, start, stop)
+        return DeltaTensor(values, d.mask, _active=d.active(), ext=ext)
 
 
 def fused_cpu_backend() -> ReferenceBackend:

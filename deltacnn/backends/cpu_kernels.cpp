@@ -233,6 +233,7 @@ struct ActArgs {
   uint8_t* keep;
   int64_t c;
   float lo, hi, slope, tau;
+  bool by_pixel;  // y holds a full map's rows (indexed by pixel), not one row per candidate
 };
 
 // One candidate pixel p: A += v, o = f(A) - E into `o`; emit when the score passes tau.
@@ -240,7 +241,7 @@ struct ActArgs {
 template <int CODE, int SCORE>
 void act_pixel(const ActArgs& k, int64_t p, float* o) {
   const int64_t r = k.idx[p], c = k.c;
-  const float* yr = k.y + p * c;
+  const float* yr = k.y + (k.by_pixel ? r : p) * c;
   float* ar = k.acc + r * c;
   const float* er = k.emitted + r * c;
   if (k.res && k.res_mask[r]) {
@@ -274,7 +275,8 @@ void act_range_score(const ActArgs& k, int64_t score, int64_t b, int64_t end) {
 
 }  // namespace
 
-// Nonlinear update at candidate pixels idx with incoming change rows y (P, C):
+// Nonlinear update at candidate pixels idx with incoming change rows y (P, C), or with by_pixel
+// a full map's rows (channels_last (N, C, H, W) or ext, a dense conv's output) indexed by pixel:
 //   v = y (+ residual rows where res_mask), A += v, o = f(A) - E, emit where score(o) > tau,
 //   E += o there. acc, emitted (and residual): channels_last (N, C, H, W) float32.
 // Returns the emitted delta: [pixel indices (ascending, as idx is), ext, values, mask]
@@ -282,7 +284,8 @@ void act_range_score(const ActArgs& k, int64_t score, int64_t b, int64_t end) {
 // (A += y + r rounds like the reference's A + (y + r): the sum y + r is formed first.)
 std::vector<torch::Tensor> act_update(torch::Tensor y, torch::Tensor idx, c10::optional<torch::Tensor> residual,
                                       c10::optional<torch::Tensor> res_mask, torch::Tensor acc, torch::Tensor emitted,
-                                      int64_t code, double lo, double hi, double slope, double tau, int64_t score) {
+                                      int64_t code, double lo, double hi, double slope, double tau, int64_t score,
+                                      bool by_pixel) {
   TORCH_CHECK(emitted.dim() == 4, "emitted must be (N, C, H, W)");
   const int64_t n = emitted.size(0), c = emitted.size(1), h = emitted.size(2), w = emitted.size(3);
   const int64_t p_count = idx.numel(), total = n * h * w;
@@ -291,12 +294,12 @@ std::vector<torch::Tensor> act_update(torch::Tensor y, torch::Tensor idx, c10::o
   TORCH_CHECK(residual.has_value() == res_mask.has_value(), "residual and res_mask come together");
   auto out = new_delta(n, c, h, w);
   std::vector<uint8_t> keep(p_count);
-  const ActArgs k{rows_ptr(y, p_count, c, "y"), idx.data_ptr<int64_t>(),
+  const ActArgs k{rows_ptr(y, by_pixel ? total : p_count, c, "y"), idx.data_ptr<int64_t>(),
                   residual ? rows_ptr(*residual, total, c, "residual") : nullptr,
                   res_mask ? mask_ptr(*res_mask, total, "res_mask") : nullptr, rows_ptr(acc, total, c, "acc"),
                   rows_ptr(emitted, total, c, "emitted"), out[0].data_ptr<float>(), mask_out(out[2]), keep.data(),
                   c, static_cast<float>(lo), static_cast<float>(hi), static_cast<float>(slope),
-                  static_cast<float>(tau)};
+                  static_cast<float>(tau), by_pixel};
   at::parallel_for(0, p_count, 64, [&](int64_t b, int64_t end) {
     switch (code) {
       case 1: act_range_score<1>(k, score, b, end); break;
@@ -416,10 +419,166 @@ std::vector<torch::Tensor> maxpool_update(torch::Tensor d_rows, torch::Tensor d_
   return {compact(keep.data(), p_count, ci), out[0], out[1], out[2]};
 }
 
+// ---- stages for activations computed by ATen (SiLU, sigmoid, ...) and for stream merges ----------
+
+namespace {
+
+// Rows of change values for pixels idx[p]: one row per candidate (P, C), or, with by_pixel, a full
+// map's rows indexed by the pixel itself (a dense conv's output).
+inline const float* change_row(const float* y, const int64_t* idx, int64_t p, int64_t c, bool by_pixel) {
+  return y + (by_pixel ? idx[p] : p) * c;
+}
+
+}  // namespace
+
+// First half of a nonlinear update whose f is an ATen op: A += y (+ residual rows where res_mask)
+// at pixels idx; returns the new A rows (P, C), for the caller to apply f in place (as the
+// reference backend does on the same (P, C) matrix, so the result is bit-identical) and pass to
+// emit_rows. y: (P, C) rows, or with by_pixel a channels_last map / ext indexed by pixel.
+torch::Tensor accumulate_rows(torch::Tensor y, torch::Tensor idx, c10::optional<torch::Tensor> residual,
+                              c10::optional<torch::Tensor> res_mask, torch::Tensor acc, bool by_pixel) {
+  TORCH_CHECK(acc.dim() == 4, "acc must be (N, C, H, W)");
+  const int64_t c = acc.size(1), total = acc.size(0) * acc.size(2) * acc.size(3), p_count = idx.numel();
+  TORCH_CHECK(idx.scalar_type() == torch::kLong && idx.is_contiguous(), "idx must be contiguous int64");
+  TORCH_CHECK(residual.has_value() == res_mask.has_value(), "residual and res_mask come together");
+  const float* yp = rows_ptr(y, by_pixel ? total : p_count, c, "y");
+  const float* rp = residual ? rows_ptr(*residual, total, c, "residual") : nullptr;
+  const uint8_t* rm = res_mask ? mask_ptr(*res_mask, total, "res_mask") : nullptr;
+  float* ap = rows_ptr(acc, total, c, "acc");
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  auto out = torch::empty({p_count, c}, torch::kFloat);
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, p_count, 64, [&](int64_t b, int64_t end) {
+    for (int64_t p = b; p < end; ++p) {
+      const int64_t r = ip[p];
+      const float* yr = change_row(yp, ip, p, c, by_pixel);
+      float* ar = ap + r * c;
+      float* o = op + p * c;
+      if (rp && rm[r]) {
+        const float* rr = rp + r * c;
+#pragma omp simd
+        for (int64_t j = 0; j < c; ++j) o[j] = ar[j] = ar[j] + (yr[j] + rr[j]);
+      } else {
+#pragma omp simd
+        for (int64_t j = 0; j < c; ++j) o[j] = ar[j] = ar[j] + yr[j];
+      }
+    }
+  });
+  return out;
+}
+
+// Second half: o = f(A) rows (P, C) at pixels idx (overwritten with f(A) - E); emit where
+// score(o) > tau, E += o there. Returns the emitted delta as act_update does.
+std::vector<torch::Tensor> emit_rows(torch::Tensor f_rows, torch::Tensor idx, torch::Tensor emitted, double tau,
+                                     int64_t score) {
+  TORCH_CHECK(emitted.dim() == 4, "emitted must be (N, C, H, W)");
+  const int64_t n = emitted.size(0), c = emitted.size(1), h = emitted.size(2), w = emitted.size(3);
+  const int64_t p_count = idx.numel(), total = n * h * w;
+  TORCH_CHECK(idx.scalar_type() == torch::kLong && idx.is_contiguous(), "idx must be contiguous int64");
+  float* fp = rows_ptr(f_rows, p_count, c, "f_rows");
+  float* ep = rows_ptr(emitted, total, c, "emitted");
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  auto out = new_delta(n, c, h, w);
+  float* op = out[0].data_ptr<float>();
+  uint8_t* om = mask_out(out[2]);
+  std::vector<uint8_t> keep(p_count);
+  const float ftau = tau;
+  at::parallel_for(0, p_count, 64, [&](int64_t b, int64_t end) {
+    for (int64_t p = b; p < end; ++p) {
+      const int64_t r = ip[p];
+      float* o = fp + p * c;
+      const float* er = ep + r * c;
+#pragma omp simd
+      for (int64_t j = 0; j < c; ++j) o[j] -= er[j];
+      keep[p] = (score == 0 ? row_score<0>(o, c) : row_score<1>(o, c)) > ftau;
+      if (keep[p]) {
+        send_row(o, op + r * c, ep + r * c, c);
+        om[r] = 1;
+      }
+    }
+  });
+  return {compact(keep.data(), p_count, ip), out[0], out[1], out[2]};
+}
+
+// Merge of streams of equal (N, H, W) at the union of their masks: `add` sums them (every one
+// has C channels), otherwise their channels are concatenated; a stream without an update at a
+// pixel contributes zeros. rows[i]: float32 rows (see rows_ptr). Returns a delta as act_update.
+std::vector<torch::Tensor> merge_streams(std::vector<torch::Tensor> rows, std::vector<torch::Tensor> masks,
+                                         bool add) {
+  TORCH_CHECK(!rows.empty() && rows.size() == masks.size(), "merge_streams needs one mask per stream");
+  const auto& m0 = masks[0];
+  TORCH_CHECK(m0.dim() == 4, "masks must be (N, 1, H, W)");
+  const int64_t n = m0.size(0), h = m0.size(2), w = m0.size(3), total = n * h * w;
+  const size_t k = rows.size();
+  std::vector<const float*> src(k);
+  std::vector<const uint8_t*> msk(k);
+  std::vector<int64_t> ch(k), off(k);
+  int64_t c_out = 0;
+  for (size_t i = 0; i < k; ++i) {
+    ch[i] = rows[i].size(1);
+    src[i] = rows_ptr(rows[i], total, ch[i], "stream rows");
+    msk[i] = mask_ptr(masks[i], total, "stream mask");
+    off[i] = add ? 0 : c_out;
+    c_out = add ? ch[0] : c_out + ch[i];
+    TORCH_CHECK(!add || ch[i] == ch[0], "added streams need equal channel counts");
+  }
+  auto out = new_delta(n, c_out, h, w);
+  uint8_t* om = mask_out(out[2]);
+  for (size_t i = 0; i < k; ++i) {
+    const uint8_t* __restrict mi = msk[i];
+    for (int64_t q = 0; q < total; ++q) om[q] |= mi[q];
+  }
+  auto idx = compact(om, total);
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  float* op = out[0].data_ptr<float>();
+  at::parallel_for(0, idx.numel(), 64, [&](int64_t b, int64_t end) {
+    for (int64_t p = b; p < end; ++p) {
+      const int64_t r = ip[p];
+      float* o = op + r * c_out;
+      if (add) {
+        std::memset(o, 0, sizeof(float) * c_out);
+        for (size_t i = 0; i < k; ++i) {
+          if (!msk[i][r]) continue;
+          const float* s = src[i] + r * c_out;
+#pragma omp simd
+          for (int64_t j = 0; j < c_out; ++j) o[j] += s[j];
+        }
+      } else {
+        for (size_t i = 0; i < k; ++i) {
+          if (msk[i][r]) std::memcpy(o + off[i], src[i] + r * ch[i], sizeof(float) * ch[i]);
+          else std::memset(o + off[i], 0, sizeof(float) * ch[i]);
+        }
+      }
+    }
+  });
+  return {idx, out[0], out[1], out[2]};
+}
+
+// Channels [start, stop) of a delta's rows at its updated pixels idx (the others stay undefined).
+// Returns [ext, values] of the new (N, stop - start, H, W) delta (its mask is the input's).
+std::vector<torch::Tensor> slice_rows(torch::Tensor src_rows, torch::Tensor idx, int64_t n, int64_t h, int64_t w,
+                                      int64_t c, int64_t start, int64_t stop) {
+  TORCH_CHECK(0 <= start && start < stop && stop <= c, "bad channel range");
+  const float* sp = rows_ptr(src_rows, n * h * w, c, "src_rows");
+  const int64_t co = stop - start;
+  auto out = new_delta(n, co, h, w);
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  float* op = out[0].data_ptr<float>();
+  at::parallel_for(0, idx.numel(), 256, [&](int64_t b, int64_t end) {
+    for (int64_t p = b; p < end; ++p)
+      std::memcpy(op + ip[p] * co, sp + ip[p] * c + start, sizeof(float) * co);
+  });
+  return {out[0], out[1]};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("candidates", &candidates, "candidate output pixels of a sliding window");
   m.def("gather_taps", &gather_taps, "implicit-GEMM rows of the active taps");
   m.def("act_update", &act_update, "fused nonlinear update with truncation and scatter");
   m.def("sparsify", &sparsify, "input layer: send the pixels whose change passes the threshold");
   m.def("maxpool_update", &maxpool_update, "max pooling on deltas with truncation");
+  m.def("accumulate_rows", &accumulate_rows, "A += y at candidate pixels, returning the new A rows");
+  m.def("emit_rows", &emit_rows, "o = f(A) - E with truncation and emit");
+  m.def("merge_streams", &merge_streams, "add or concatenate streams at the union of their masks");
+  m.def("slice_rows", &slice_rows, "channel range of a delta at its updated pixels");
 }

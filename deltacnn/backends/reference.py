@@ -309,6 +309,10 @@ class ReferenceBackend(Backend):
         idx, cand = self._candidates(d, p.window, (ho, wo), residual.mask if residual is not None else None)
         dense = idx.numel() > DENSE_SWITCH * cand.numel()
         self._count(p, cand.numel() if dense else idx.numel(), cand.numel(), idx, n)
+        if dense and act is not None:
+            out = self._dense_act_block(d, p, idx, residual, act)
+            if out is not None:
+                return out
         if dense:
             y = rows(to_cl(self._dense_conv(d, p))).index_select(0, idx)
         elif idx.numel():
@@ -321,6 +325,11 @@ class ReferenceBackend(Backend):
                 y = y + _masked_rows(residual, idx)
             return _scatter_rows(n, cout, ho, wo, idx, y, d.values)
         return self._act_rows(idx, y, residual, act, d.dtype)
+
+    def _dense_act_block(self, d: DeltaTensor, p: ConvParams, idx: Tensor, residual: DeltaTensor | None,
+                         st: PointwiseState) -> DeltaTensor | None:
+        """conv_block's dense case in one backend pass (a fast backend's hook); None: not handled."""
+        return None
 
     def _act_rows(self, idx: Tensor, y: Tensor, residual: DeltaTensor | None, st: PointwiseState,
                   dtype) -> DeltaTensor:
@@ -346,6 +355,10 @@ class ReferenceBackend(Backend):
         vals = torch.cat([_masked_rows(d, idx) for d in ds], dim=1)
         n, _, h, w = ds[0].shape
         return _scatter_rows(n, vals.shape[1], h, w, idx, vals, ds[0].values)
+
+    def channel_slice(self, d: DeltaTensor, start: int, stop: int) -> DeltaTensor:
+        """Channels [start, stop) of a delta (same mask)."""
+        return DeltaTensor(to_cl(d.values[:, start:stop]), d.mask, _active=d._active)
 
     def scale(self, d: DeltaTensor, scale: Tensor) -> DeltaTensor:
         """Multiply by a constant (scalar or per-channel (C,)) at updated pixels."""

@@ -128,8 +128,13 @@ class DeltaSlice(DeltaLayer):
 
     def forward(self, d: DeltaTensor) -> DeltaTensor:
         d = check_delta(d, self)
+        ch = self.channels
+        if not self.spatial and not d.dense and isinstance(ch, slice) and ch.step in (None, 1):
+            # a contiguous channel range of a delta: the backend copies only the updated pixels' rows
+            start, stop, _ = ch.indices(d.values.shape[1])
+            return self.record(self.rt.backend_for(d.values).channel_slice(d, start, stop))
         v = d.values
-        v = v.index_select(1, self.index.to(v.device)) if isinstance(self.channels, list) else v[:, self.channels]
+        v = v.index_select(1, self.index.to(v.device)) if isinstance(ch, list) else v[:, ch]
         if not self.spatial:
             return self.record(DeltaTensor(to_cl(v), d.mask, dense=d.dense, _active=d._active))
         v = v[:, :, self.rows, self.cols]
