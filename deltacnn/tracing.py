@@ -111,6 +111,23 @@ def _to_meta(v: Any) -> Any:
     return v
 
 
+def _plain_attr(root: nn.Module, target: str) -> Any:
+    """The tensor (or other object) at `target`, read without the tracer's patched Module.__getattr__
+    (which would turn a parameter read into a new get_attr proxy, e.g. timm's BatchNormAct2d bias)."""
+    obj: Any = root
+    for part in target.split("."):
+        if isinstance(obj, nn.Module):
+            for store in (obj._parameters, obj._buffers, obj._modules):
+                if part in store:
+                    obj = store[part]
+                    break
+            else:
+                obj = object.__getattribute__(obj, part)
+        else:
+            obj = getattr(obj, part)
+    return obj
+
+
 class ShapeProxy(fx.Proxy):
     """A proxy whose node carries a meta value: shape queries return concrete values."""
 
@@ -244,10 +261,7 @@ class ShapeTracer(fx.Tracer):
         if kind == "placeholder":
             return self.example_meta
         if kind == "get_attr":
-            obj: Any = self.root
-            for part in target.split("."):
-                obj = getattr(obj, part)
-            return _to_meta(obj)
+            return _to_meta(_plain_attr(self.root, target))
         if kind == "output":
             return _UNKNOWN
         a, k = _to_meta(args), _to_meta(kwargs)
