@@ -17,7 +17,7 @@ from .. import viz
 from ..model import DeltaModel
 from ..tasks.base import Task, rel_error, to_float
 from ..interrupt import StopOnInterrupt
-from ..peers import FP32_TOLERANCE, PeerChoice, PeerError, strongest_peer
+from ..peers import PeerChoice, PeerError, strongest_peer
 from ..video import VideoWriter
 from .common import (UserError, build_delta, finite_mean, finite_median, get_task, json_safe, load_model, open_video,
                      progress, resolve_device, resolve_dtype, timed)
@@ -99,8 +99,8 @@ def run(video: str | int | Path | None = None, model: str | Task | None = None, 
     tuned `default_thresholds` file is used if it ships one, else its `default_threshold` (0, i.e.
     dense-equivalent, if it has none). `dense_above`: see `convert`. `compile_peer`: on a GPU,
     also try torch.compile(mode="max-autotune") as a peer (minutes of compiling).
-    `check_dense` compares with the model as loaded (fp32); on the CPU the peer's own outputs
-    serve, since it was checked to reproduce the model to 1e-4.
+    `check_dense` compares with the model as loaded (fp32), run once more per frame (the peer's
+    outputs match it to 1e-4 only, which is enough to flip a borderline detection).
     """
     source = open_video(video, max_frames, reader=reader)
     task = get_task(model)
@@ -140,11 +140,12 @@ def run(video: str | int | Path | None = None, model: str | Task | None = None, 
                                      keyframe_interval=keyframe_interval, backend=backend, dense_above=dense_above)
                     dm.enable_stats(True, keep_masks=write_videos)
                 out_delta, delta_ms = timed(dm, x, dev)
-                out_peer, peer_ms = timed(choice.peer, x, dev)
+                _, peer_ms = timed(choice.peer, x, dev)
                 row = frame_record(i, dm, delta_ms, peer_ms)
                 result = task.postprocess(to_float(out_delta))
                 if check_dense:
-                    out_dense = out_peer if choice.peer.tolerance <= FP32_TOLERANCE else _dense(dense, x)
+                    # the model itself, not the peer: a 1e-4 difference (onnxruntime) flips borderline boxes
+                    out_dense = _dense(dense, x)
                     row["rel_error"] = rel_error(out_delta, out_dense)
                     ref = task.postprocess(out_dense)
                     metrics = {f"task_{k}": float(v) for k, v in task.agreement(result, ref).items()}
