@@ -397,8 +397,10 @@ def test_tune_api_is_bounded_and_monotone(clip: Path, tmp_path: Path) -> None:
     assert res.evals <= 8 and res.budget.holds(res.score)
     assert res.macs_fraction <= res.exact.macs_fraction
     assert all(t.ok == res.budget.holds(t.score) for t in res.history)
-    # the answer is the fastest trial within budget, and the Pareto front starts at the fastest trial
-    assert res.best.ms == min(t.ms for t in res.history if t.ok)
+    # the answer is the fastest trial within budget (ties within 3%: fewest MACs); the front starts at the fastest
+    fastest = min(t.ms for t in res.history if t.ok)
+    assert res.best.ok and res.best.ms <= fastest * 1.03
+    assert res.best.macs_fraction == min(t.macs_fraction for t in res.history if t.ok and t.ms <= fastest * 1.03)
     front = tools.pareto_front(res.history)
     assert front[0].ms == min(t.ms for t in res.history)
     assert all(a.score < b.score and a.ms <= b.ms for a, b in zip(front, front[1:]))

@@ -264,7 +264,8 @@ def tune(video: str | int | Path | None = None, model: str | Task | None = None,
          threshold (x1.5 each), keep whichever move holds the budget and is fastest;
       3. per layer, largest lever first (dense MACs downstream): double while the budget holds and
          time does not grow by more than `time_tolerance` (timing noise).
-    The answer is the fastest trial within budget. With `heldout_frames`, it is then measured on the
+    The answer is the fastest trial within budget (within `time_tolerance` of it, the one with the
+    fewest multiply-adds: differences below the timing noise decide nothing). With `heldout_frames`, it is then measured on the
     disjoint segment [heldout_start, +heldout_frames) (default: right after the calibration frames).
     Writes the thresholds JSON to `out` if given, with a Pareto table (pareto.md) and plot (pareto.png)
     of time against agreement beside it.
@@ -342,7 +343,7 @@ def tune(video: str | int | Path | None = None, model: str | Task | None = None,
             ti, tg = m.input, m.default
         # 3. per layer, largest lever first
         overrides: dict[str, float] = {}
-        ref_ms = _best(history).ms
+        ref_ms = _best(history, time_tolerance).ms
         levers = controlled_macs(dm, _first_delta_stats(dm, xs))
         for name in sorted((n for n in levers if levers[n] > 0 and n != INPUT), key=lambda n: -levers[n]):
             for _ in range(3):
@@ -359,7 +360,7 @@ def tune(video: str | int | Path | None = None, model: str | Task | None = None,
     finally:
         if bar is not None:
             bar.close()
-    best = _best(history)
+    best = _best(history, time_tolerance)
     ev.set(best.input, best.default, best.overrides)
     heldout = None
     if heldout_frames:
@@ -375,10 +376,14 @@ def tune(video: str | int | Path | None = None, model: str | Task | None = None,
     return res
 
 
-def _best(history: Sequence[Trial]) -> Trial:
-    """The fastest trial within budget (fewest MACs among equally fast ones)."""
+def _best(history: Sequence[Trial], time_tolerance: float = 0.03) -> Trial:
+    """The fastest trial within budget; trials within `time_tolerance` of the fastest count as equally
+    fast (timing noise), and of those the one with the fewest multiply-adds wins."""
     ok = [t for t in history if t.ok and math.isfinite(t.ms)]
-    return min(ok, key=lambda t: (t.ms, t.macs_fraction)) if ok else history[0]
+    if not ok:
+        return history[0]
+    fastest = min(t.ms for t in ok)
+    return min((t for t in ok if t.ms <= fastest * (1 + time_tolerance)), key=lambda t: (t.macs_fraction, t.ms))
 
 
 def _write(res: TuneResult, dm: DeltaModel, path: Path) -> None:
