@@ -33,7 +33,7 @@ from .model import DeltaModel
 from .runtime import Runtime
 from .tensor import DeltaTensor
 from .thresholds import INPUT, Thresholds
-from .tracing import META, SOURCE, describe_node, trace
+from .tracing import META, SOURCE, TRACE_LOCK, describe_node, trace
 
 
 
@@ -1144,26 +1144,29 @@ def convert(model: nn.Module, example_input: Tensor, *, threshold: float = 0.0, 
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
     model = copy.deepcopy(model).eval()
-    traced = trace(model, example_input, leaf_modules)
-    device = next(model.parameters(), example_input).device
-    with torch.no_grad():
-        try:
-            _Profile(traced).propagate(example_input.to(device))
-        except Exception as e:  # noqa: BLE001
-            raise ConversionError(f"running the model on example_input of shape {tuple(example_input.shape)} "
-                                  f"failed: {type(e).__name__}: {e}") from e
-    functional_batchnorms_to_modules(traced)
-    fold_batchnorms(traced)
-    conv = _Converter(traced, allow_dense_fallback, mask_dilation)
-    gm = conv.run()
-    if fuse:
-        fold_scales(gm)
-        fuse_epilogues(gm)
-    else:
-        gm.graph.eliminate_dead_code()
-        gm.delete_all_unused_submodules()
-        gm.recompile()
-    check_no_silent_dense(gm)
+    # tracing, shape propagation and the graph passes patch or cache process-wide state in torch.fx and
+    # in the dispatcher: conversions in two threads take turns (a second thread's ShapeProp failed)
+    with TRACE_LOCK:
+        traced = trace(model, example_input, leaf_modules)
+        device = next(model.parameters(), example_input).device
+        with torch.no_grad():
+            try:
+                _Profile(traced).propagate(example_input.to(device))
+            except Exception as e:  # noqa: BLE001
+                raise ConversionError(f"running the model on example_input of shape {tuple(example_input.shape)} "
+                                      f"failed: {type(e).__name__}: {e}") from e
+        functional_batchnorms_to_modules(traced)
+        fold_batchnorms(traced)
+        conv = _Converter(traced, allow_dense_fallback, mask_dilation)
+        gm = conv.run()
+        if fuse:
+            fold_scales(gm)
+            fuse_epilogues(gm)
+        else:
+            gm.graph.eliminate_dead_code()
+            gm.delete_all_unused_submodules()
+            gm.recompile()
+        check_no_silent_dense(gm)
     gm = gm.to(dtype)
     layers = {m.name: m for m in gm.modules() if isinstance(m, DeltaLayer)}
     names = [INPUT] + sorted({m.act_name if isinstance(m, DeltaConv2d) else m.name

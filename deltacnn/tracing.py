@@ -296,8 +296,9 @@ class ShapeTracer(fx.Tracer):
 
 
 # torch.fx tracing swaps module-level functions for the duration of a trace (a process-wide
-# patcher): two traces at once in two threads break each other, so they take turns
-TRACE_LOCK = threading.Lock()
+# patcher): two traces at once in two threads break each other, so they take turns (re-entrant:
+# convert() holds it around the whole conversion, trace() inside it)
+TRACE_LOCK = threading.RLock()
 
 
 def trace(model: nn.Module, example_input: Tensor, leaf_modules: Iterable[type | str] = ()) -> fx.GraphModule:
