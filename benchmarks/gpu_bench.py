@@ -260,3 +260,14 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def steady_macs(dm, clip, warm: int) -> float:
+    """Mean fraction of the dense multiply-adds a converted model does over clip[warm:] (stats on)."""
+    dm.enable_stats()
+    macs = []
+    for t in range(clip.shape[0]):
+        dm(clip[t])
+        if t >= warm:
+            macs.append(dm.frame_stats().macs_fraction)
+    return sum(macs) / len(macs)

@@ -32,7 +32,7 @@ import torch
 
 import deltacnn
 from common import environment, median, print_table, workload, write_json
-from gpu_bench import SIZES, cuda_ms, free_memory, rel, time_sequence
+from gpu_bench import SIZES, cuda_ms, free_memory, rel, steady_macs, time_sequence
 
 # deltacnn variants (module settings of the Triton kernels), timed one after the other per workload
 VARIANTS = {"default": {}, "tile lists": {"PIXEL_LISTS": False}}
@@ -177,15 +177,10 @@ def delta_row(model32, clip: torch.Tensor, wl: dict, warm: int, truth=None, disp
     if not stats:
         return {"ms": median(ms), "ms_all": ms, "err": err, "frames": frames}
     dm = deltacnn.convert(model32, clip[0], dense_above=None, **kw)
-    dm.enable_stats()
-    macs = []
-    for t in range(clip.shape[0]):
-        dm(clip[t])
-        if t >= warm:
-            macs.append(dm.frame_stats().macs_fraction)
+    macs = steady_macs(dm, clip, warm)
     del dm
     free_memory()
-    return {"ms": median(ms), "ms_all": ms, "macs": sum(macs) / len(macs), "err": err, "frames": frames}
+    return {"ms": median(ms), "ms_all": ms, "macs": macs, "err": err, "frames": frames}
 
 
 def kernel_profile_row(model32, clip: torch.Tensor, wl: dict) -> str:

@@ -20,7 +20,7 @@ import torch
 
 import deltacnn
 from common import environment, median, print_table, write_json
-from gpu_bench import free_memory, time_sequence
+from gpu_bench import free_memory, steady_macs, time_sequence
 from gpu_peers import dense_peers
 
 
@@ -67,15 +67,10 @@ def delta_yolo(task, model32, clip: torch.Tensor, tau: float, warm: int, truth, 
     del g, dm, outs
     free_memory()
     dm = deltacnn.convert(model32, clip[0], threshold=tau, dtype=torch.float16, backend="triton", dense_above=None)
-    dm.enable_stats()
-    macs = []
-    for t in range(clip.shape[0]):
-        dm(clip[t])
-        if t >= warm:
-            macs.append(dm.frame_stats().macs_fraction)
+    macs = steady_macs(dm, clip, warm)
     del dm
     free_memory()
-    return {"ms": median(ms), "macs": float(np.mean(macs)), "frames": frames, **agree}
+    return {"ms": median(ms), "macs": macs, "frames": frames, **agree}
 
 
 def main() -> None:
