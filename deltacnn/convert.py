@@ -92,6 +92,9 @@ _VIEWS = {"view", "reshape", "permute", "transpose", "flatten", "unflatten", "sw
           "squeeze", "unsqueeze", torch.reshape, torch.permute, torch.transpose, torch.flatten, torch.swapaxes,
           torch.swapdims, torch.squeeze, torch.unsqueeze, torch.unflatten}
 _SPLITS = {"chunk", "split", "tensor_split", torch.chunk, torch.split, torch.tensor_split}
+_UNBIND = {"unbind", torch.unbind}
+_SELECT = {"select", torch.select}
+_STACK = {"stack", torch.stack}
 _DENSE_WORK = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.Linear)
 _DENSE_FNS = {F.conv2d, F.conv_transpose2d, F.linear, torch.conv2d, torch.conv_transpose2d}
 _SHAPE = {"size", "dim"}
@@ -187,10 +190,13 @@ class _Converter:
         return fx.node.map_arg(m, lambda x: self._densify(x) if x in self.streams else x)
 
     def _get(self, n: fx.Node) -> Any:
-        """The new-graph value of old node n; a pending view chain is materialised first."""
+        """The new-graph value of old node n; a pending view chain is materialised first (also the chains
+        inside a tuple, such as the parts of unbind passed on as a whole)."""
         v = self.env[n]
         if isinstance(v, _Chain):
             v = self.env[n] = self._materialize(v)
+        elif isinstance(v, (tuple, list)) and any(isinstance(e, _Chain) for e in v):
+            v = self.env[n] = type(v)(self._materialize(e) if isinstance(e, _Chain) else e for e in v)
         return v
 
     def _convert(self, node: fx.Node) -> Any:
@@ -201,10 +207,16 @@ class _Converter:
                 and _ndim(node.args[0]) == 4:
             self.nhwc.add(node)  # a channels-last view: the stream itself, ops on it see channels last
             return self.env[node.args[0]]
+        if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], fx.Node) \
+                and isinstance(self.env.get(node.args[0]), tuple) and isinstance(node.args[1], (int, slice)):
+            return self.env[node.args[0]][node.args[1]]  # a part of chunk/split/unbind: kept as it is (even a chain)
         if _key(node) in _VIEWS and node.args and isinstance(node.args[0], fx.Node):
             chained = self._view(node)
             if chained is not None:
                 return chained
+        squeezed = self._squeezed(node)
+        if squeezed is not None:
+            return squeezed
         args = fx.node.map_arg(node.args, self._get)
         kwargs = fx.node.map_arg(node.kwargs, self._get)
         flat = _flatten_nodes((args, kwargs))
@@ -404,6 +416,11 @@ class _Converter:
                 _bind(lambda input, downscale_factor: downscale_factor, args, kwargs)))
         if key in _SPLITS:
             return self._split(node, args, kwargs)
+        if key in _UNBIND:
+            return self._unbind(node, args, kwargs)
+        if key in _SELECT:
+            p = _bind(lambda input, dim, index: locals(), args, kwargs)
+            return self._index_parts(node, args[0], {p["dim"]: p["index"]})
         if key in ("narrow", torch.narrow):
             p = _bind(lambda input, dim, start, length: locals(), args, kwargs)
             return self._slice_dim(node, args[0], p["dim"], slice(p["start"], p["start"] + p["length"]))
@@ -648,6 +665,9 @@ class _Converter:
         """x[...] with static slices only (any step): channels and/or a strided pixel window."""
         shape = _shape(node.args[0])
         idx = args[1] if isinstance(args[1], tuple) else (args[1],)
+        if shape is not None and idx.count(Ellipsis) <= 1 and any(isinstance(i, int) for i in idx) \
+                and all(isinstance(i, (int, slice)) or i is Ellipsis for i in idx):
+            return self._int_getitem(node, args, shape, idx)
         if shape is None or any(not (isinstance(i, slice) or i is Ellipsis) for i in idx) or idx.count(Ellipsis) > 1:
             return None
         if _flatten_nodes(idx):
@@ -688,6 +708,99 @@ class _Converter:
             parts.append(self._slice_dim(node, args[0], dim, slice(start, start + size), f"{base}.{i}"))
             start += size
         return tuple(parts)
+
+    # ---- parts with a dim indexed away (unbind, select, x[:, i]): 3-D, but still a stream's pixels ----------
+    def _unbind(self, node: fx.Node, args: tuple, kwargs: dict) -> tuple | None:
+        """unbind on a stream: one squeezed part per index (see _index_parts)."""
+        p = _bind(lambda input, dim=0: locals(), args, kwargs)
+        shape = _shape(node.args[0])
+        if shape is None or len(shape) != 4 or not isinstance(p["dim"], int) or p["dim"] % 4 == 0:
+            return None
+        d = p["dim"] % 4
+        return tuple(self._index_parts(node, args[0], {d: i}, f"{self._name(node)}.{i}") for i in range(shape[d]))
+
+    def _int_getitem(self, node: fx.Node, args: tuple, shape: tuple, idx: tuple) -> "_Chain | None":
+        """x[..., i, ...] with static integer indices (and slices): a slice, then the indexed dims squeezed."""
+        if _flatten_nodes(idx):
+            return None
+        if Ellipsis in idx:
+            k = idx.index(Ellipsis)
+            idx = idx[:k] + (slice(None),) * (4 - len(idx) + 1) + idx[k + 1:]
+        idx = idx + (slice(None),) * (4 - len(idx))
+        if len(idx) != 4 or not isinstance(idx[0], slice) or slice(*idx[0].indices(shape[0])) != slice(0, shape[0], 1):
+            return None  # batch indexing or too many indices
+        stream = args[0]
+        slices = [i for i in idx[1:]]
+        if any(isinstance(i, slice) and slice(*i.indices(n)) != slice(0, n, 1) for i, n in zip(slices, shape[1:])):
+            c, h, w = (i if isinstance(i, slice) else slice(None) for i in slices)
+            stream = self._add_layer(DeltaSlice(c, h, w, f"{self._name(node)}.slice"), (stream,))
+            shape = (shape[0], *(len(range(*s.indices(n))) if isinstance(s, slice) else n
+                                 for s, n in zip(slices, shape[1:])))
+        return self._index_parts(node, stream, {d: i for d, i in enumerate(idx) if isinstance(i, int)},
+                                 shape=shape)
+
+    def _index_parts(self, node: fx.Node, stream: fx.Node, index: dict, name: str | None = None,
+                     shape: tuple | None = None) -> "_Chain | None":
+        """The stream at static integer `index` ({dim: i}) of some of dims 1-3: a size-1 slice kept as a stream,
+        with the squeeze of those dims pending. The part is 3-D (no feature map), but its deltas are the
+        stream's, so ops on it and its way back to a map (unsqueeze, stack) stay delta; anything else
+        materialises it densely as the model would have it."""
+        shape = tuple(shape or _shape(node.args[0]) or ())
+        if len(shape) != 4 or not index or any(not isinstance(i, int) or isinstance(i, bool) for i in index.values()):
+            return None
+        dims = sorted({d % 4 for d in index})
+        if 0 in dims:
+            return None
+        parts, sub = [slice(None)] * 3, list(shape)
+        for d, i in index.items():
+            d = d % 4
+            if not -shape[d] <= i < shape[d]:
+                return None
+            i %= shape[d]
+            parts[d - 1], sub[d] = slice(i, i + 1), 1
+        part = self._add_layer(DeltaSlice(*parts, name=name or self._name(node)), (stream,))
+        ops = [("call_method", "squeeze", (d,), {}) for d in reversed(dims)]
+        return _Chain(part, tuple(sub), ops, node)
+
+    def _squeezed(self, node: fx.Node) -> Any:
+        """Ops whose stream inputs are all squeezed parts (see _index_parts) of the same dims and shape:
+        elementwise ops run on the 4-D parts (the result squeezed alike), stack along the squeezed
+        channel dim is a channel concatenation. None: not such an op, handled as usual."""
+        if _key(node) in _STACK:
+            return self._stack(node)
+        ins = _flatten_nodes((node.args, node.kwargs))
+        vals = [self.env.get(a) for a in ins]
+        if not vals or not all(isinstance(v, _Chain) and v.squeezed() is not None for v in vals):
+            return None
+        first = vals[0]
+        if any(v.squeezed() != first.squeezed() or v.shape != first.shape for v in vals):
+            return None
+        if not _elementwise(node, self.modules):
+            return None
+        part = dict(zip(ins, vals))
+        args = fx.node.map_arg(node.args, lambda n: part[n].src)
+        kwargs = fx.node.map_arg(node.kwargs, lambda n: part[n].src)
+        self._node_macs = int(node.meta.get("macs", 0))
+        made = self._delta_op(node, args, kwargs)
+        if not self._is_stream(made):
+            return None  # no delta form on the 4-D parts (nothing was added): the usual path decides
+        return _Chain(made, first.shape, list(first.ops), node)
+
+    def _stack(self, node: fx.Node) -> fx.Node | None:
+        p = _bind(lambda tensors, dim=0: locals(), node.args, node.kwargs)
+        tensors, dim = p["tensors"], p["dim"]
+        if isinstance(tensors, fx.Node):
+            parts = self.env.get(tensors)
+            parts = list(parts) if isinstance(parts, tuple) else None
+        else:
+            parts = [self.env.get(t) if isinstance(t, fx.Node) else None for t in tensors]
+        if not parts or not isinstance(dim, int) or not all(isinstance(v, _Chain) for v in parts):
+            return None
+        if any(v.squeezed() != (1,) for v in parts) or dim % 4 != 1:
+            return None  # only a stack along channels is a concatenation of the 4-D parts
+        if len({v.shape[2:] for v in parts}) != 1:
+            return None
+        return self._add_layer(DeltaCat(self._name(node)), tuple(v.src for v in parts))
 
     def _unsupported(self, node: fx.Node, args: tuple, kwargs: dict) -> fx.Node:
         meta = _shape(node)
@@ -813,6 +926,16 @@ def _key(node: fx.Node) -> Any:
     return node.target if node.op in ("call_function", "call_method") else None
 
 
+def _elementwise(node: fx.Node, modules: dict) -> bool:
+    """Whether the op acts on each element alone (or adds/multiplies two of the same shape): such an op
+    commutes with indexing a dim away, so it can run on the 4-D part before the squeeze."""
+    if node.op == "call_module":
+        m = modules[node.target]
+        return isinstance(m, (nn.Identity, nn.Dropout)) or _module_act(m) is not None
+    key = _key(node)
+    return key in _ADD | _SUB | _MUL | _DIV | _PASS | set(_FN_ACTS) | {operator.neg, "neg"}
+
+
 def _shape(node: Any) -> tuple | None:
     """The static shape of a node's tensor result (from the example run, else from tracing)."""
     if not isinstance(node, fx.Node):
@@ -856,6 +979,12 @@ class _Chain:
 
     def describe(self) -> str:
         return " -> ".join(t if isinstance(t, str) else t.__name__ for _, t, _, _ in self.ops)
+
+    def squeezed(self) -> tuple[int, ...] | None:
+        """The dims a chain of squeezes only removes (the parts of unbind / select), else None."""
+        if not self.ops or any(op != "call_method" or t != "squeeze" or len(r) != 1 or kw for op, t, r, kw in self.ops):
+            return None
+        return tuple(sorted(r[0] for _, _, r, _ in self.ops))
 
     def channel_permutation(self) -> list[int] | None:
         """Source channel of each output channel when the chain maps every pixel to itself, else None.
@@ -1083,7 +1212,10 @@ SUPPORTED_OPS = (
     "(nearest, nearest-exact, bilinear, bicubic, area; static size or scale_factor, also from x.shape), add/sub of "
     "two streams or a constant, mul of two streams (broadcast allowed) or by a constant, division by a constant, neg, "
     "torch.cat on channels, chunk/split/tensor_split along channels, rows or columns (and getitem/unpacking of "
-    "their parts), slicing x[:, a:b:s, ..., ::2, ::2] (bounds may come from x.shape), narrow, view/reshape/permute/"
+    "their parts), unbind / select / integer indexing x[:, i] along channels, rows or columns (the 3-D parts stay "
+    "delta through elementwise ops and come back to a map by unsqueeze or stack along channels; used otherwise, "
+    "e.g. in a box decode, they end as a listed dense tail), slicing x[:, a:b:s, ..., ::2, ::2] (bounds may come "
+    "from x.shape), narrow, view/reshape/permute/"
     "transpose/flatten chains that come back to a map as a channel permutation (channel shuffle), pixel_shuffle, "
     "pixel_unshuffle, roll, flip, F.pad / nn.*Pad2d (constant, reflect, replicate, circular), mean over (2, 3) with "
     "keepdim, Identity/Dropout (also F.dropout*, torchvision stochastic_depth in eval); a stream times, plus or "

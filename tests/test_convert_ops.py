@@ -47,6 +47,11 @@ def _c2f(y, x):  # Ultralytics C2f: list(chunk), then extend
     return torch.cat(parts, 1)
 
 
+def _unbind_gray(y, x):  # unbind, elementwise ops on the 3-D parts, back to a map
+    parts = y.unbind(1)
+    return (parts[0] * 0.5 + torch.relu(parts[1]) - parts[2] / 4.0).unsqueeze(1)
+
+
 # name -> (op, input channels of the next conv, stride of the first conv, delta layer kind that must appear)
 CASES = {
     "chunk_unpack": (_chunk_unpack, 8, 1, "DeltaSlice"),
@@ -54,6 +59,13 @@ CASES = {
     "split_list": (lambda y, x: torch.cat(y.split([3, 5], 1)[::-1], 1), 8, 1, "DeltaSlice"),
     "torch_split_int": (lambda y, x: sum(torch.split(y, 4, dim=1)), 4, 1, "DeltaSlice"),
     "tensor_split": (lambda y, x: torch.cat(torch.tensor_split(y, 3, dim=1)[:2], 1), 6, 1, "DeltaSlice"),
+    "unbind_gray": (_unbind_gray, 1, 1, "DeltaSlice"),
+    "unbind_stack": (lambda y, x: torch.stack(y.unbind(1)[::-1], 1), 8, 1, "DeltaCat"),
+    "unbind_rows": (lambda y, x: torch.cat([y.unbind(2)[3].unsqueeze(2), y.unbind(-2)[-5].unsqueeze(2)], 1), 16, 1,
+                    "DeltaSlice"),
+    "select_index": (lambda y, x: torch.cat([y[:, 2:3], y[:, 0].unsqueeze(1), y.select(1, -1).unsqueeze(1)], 1), 3, 1,
+                     "DeltaSlice"),
+    "index_cols_sliced": (lambda y, x: y[:, 1:5, ..., 4].unsqueeze(-1), 4, 1, "DeltaSlice"),
     "chunk_rows": (lambda y, x: torch.cat(y.chunk(2, 2), 1), 16, 1, "DeltaSlice"),
     "split_cols": (lambda y, x: torch.cat(torch.split(y, 8, dim=-1), 1), 16, 1, "DeltaSlice"),
     "slice_step_shape_bound": (lambda y, x: y[:, 1: y.shape[1]: 2], 4, 1, "DeltaSlice"),
@@ -129,7 +141,7 @@ def _run(model: nn.Module, backend: str, frames: int = FRAMES, **kw) -> tuple[de
 
 
 GROUPS = {
-    "tuple_ops": [n for n in CASES if "split" in n or "chunk" in n or "c2f" in n],
+    "tuple_ops": [n for n in CASES if any(k in n for k in ("split", "chunk", "c2f", "unbind", "select", "index"))],
     "slices": ["slice_step_shape_bound", "slice_half", "narrow", "focus", "channel_shuffle"],
     "rearrange": ["pixel_shuffle", "pixel_unshuffle", "roll", "flip"],
     "pads": [n for n in CASES if "pad" in n],
@@ -154,6 +166,23 @@ def test_ops_match_dense_at_tau0(group, backend):
     assert dm.report.islands == [] and dm.report.tails == []
     bad = {n: f"{w:.2e}" for n, w in zip(names, worst) if not w < 1e-5}
     assert not bad, f"{group} ({backend}): worst relative errors {bad}"
+
+
+def test_unbind_parts_as_outputs_are_a_listed_tail():
+    """Parts of unbind that never come back to a map (a box decode's x, y, w, h) end as a dense tail: exact and listed."""
+    class Decode(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c = nn.Conv2d(3, 4, 3, padding=1)
+
+        def forward(self, x):
+            cx, cy, w, h = torch.sigmoid(self.c(x)).unbind(1)
+            return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1)
+
+    m = Decode().eval()
+    dm, worst = _run(m, "reference")
+    assert worst[0] < 1e-5
+    assert dm.report.islands == [] and dm.report.tails, "the decode should be listed as a dense tail"
 
 
 def test_mask_rule_matters():
