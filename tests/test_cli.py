@@ -483,3 +483,36 @@ def test_heatmap_overlay_marks_only_recomputed_pixels() -> None:
     still, hot = img[60, 120], img[20, 20]
     assert still[0] == still[1] == still[2]  # untouched pixels stay grey
     assert int(hot[0]) - int(hot[2]) > 40  # all layers recomputed: red end of the colour map
+
+
+# ---- the README's first command ------------------------------------------------------------------
+def test_readme_first_command_runs_on_the_real_clip(tmp_path: Path) -> None:
+    """The README's first command after its install step (which CI runs on a fresh machine), as written
+    but for 3 frames instead of 40: the installed console script, the default real clip and model."""
+    import shlex
+    import shutil
+
+    from deltacnn import clips
+    from deltacnn.tasks import yolov8
+
+    block = (Path(__file__).resolve().parents[1] / "README.md").read_text().split("```bash\n", 1)[1]
+    install, run = block.splitlines()[0].split(" && ")
+    assert install == "bash .ci/install"
+    argv = shlex.split(run)
+    assert argv[:2] == ["deltacnn", "run"] and "--max-frames" in argv
+    argv[argv.index("--max-frames") + 1] = "3"
+    try:
+        yolov8.yolov8n_checkpoint_path()
+        clips.default_clip_path()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    exe = shutil.which("deltacnn")
+    assert exe is not None, "the deltacnn console script is not installed (pip install -e .)"
+    out = tmp_path / "o"
+    proc = subprocess.run([exe, *argv[1:], "--out", str(out), "--quiet"], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    s = json.loads((out / "summary.json").read_text())
+    assert s["model"] == "yolov8n" and s["frames"] == 3 and s["peer"], s
+    assert "f1" in s["agreement"] and "f1_stable" in s["agreement"]
+    assert any(out.glob("annotated.*")) and any(out.glob("updates.*"))
