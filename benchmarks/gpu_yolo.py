@@ -120,6 +120,28 @@ def delta_macs(model32, base, batch: int, setting: str, start: int, frames: int)
     return float(np.mean(macs))
 
 
+def profile(model32, base, batch: int, setting: str, start: int = 300, frames: int = 12) -> str:
+    """Per-kernel and per-conv GPU time of eager delta frames (profile_frame's tables)."""
+    from profile_frame import conv_layer_profile, kernel_profile, print_profile
+    import contextlib
+    import io
+    clip = torch.stack([batch_at(base, t, batch) for t in range(start, start + frames)])
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        dm = convert(model32, clip[0], setting, dense_above=None)
+        total, rows = kernel_profile(dm, clip, warm=4)
+        print_profile(f"profile yolov8n N={batch} {setting}", total, rows, top=20)
+        del dm
+        dm = convert(model32, clip[0], setting, dense_above=None)
+        layers = conv_layer_profile(dm, clip, warm=4)
+        for r in layers:
+            r["macs"] = r["macs"] / 1e9 if r["macs"] is not None else None
+        print_table(layers, ["layer", "conv", "in_hw", "out_rate", "macs", "tiles_us", "conv_us", "nonlinear_us"])
+        del dm
+    free_memory()
+    return buf.getvalue()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", default="1,16")
@@ -129,6 +151,8 @@ def main() -> None:
     ap.add_argument("--macs-frames", type=int, default=150, help="delta frames of the statistics pass")
     ap.add_argument("--thresholds", default="0", help="comma-separated: numbers or thresholds files")
     ap.add_argument("--autotune", default="1", help="batch sizes that also get torch.compile max-autotune")
+    ap.add_argument("--profile", default="", help="batch:threshold setting profiled per kernel (eager delta frames "
+                    "from frame 300), e.g. 1:path.json")
     ap.add_argument("--tag", default="yolo")
     args = ap.parse_args()
     assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
@@ -186,6 +210,13 @@ def main() -> None:
         write_json(f"gpu_yolo_{args.tag}", {"env": env, "args": vars(args), "groups": results})
         del truth
         free_memory()
+    if args.profile:
+        batch, setting = args.profile.split(":", 1)
+        try:
+            print(profile(model32, base, int(batch), setting), flush=True)
+        except Exception:  # noqa: BLE001
+            import traceback
+            traceback.print_exc()
     print(f"\n{env.get('gpu')} torch {env['torch']} commit {env['commit']}; frames {T}, agreement on "
           f"{args.eval_from}..{T - 1}; modes = frames delta/keyframe/dense/mixed")
     for g in results:

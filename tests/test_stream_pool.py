@@ -65,23 +65,27 @@ def test_scene_cut_in_one_stream_equals_that_stream_alone(backend):
     """Stream 1 cuts to another clip at frame 4 and is reset there: its rows equal the cut clip run
     alone (and dense), and streams 0 and 2 give the same outputs as in a batch without the cut."""
     m = _net()
-    clip, other = _clips(6)
+    # the interpreter is slow: the Triton variant runs fewer frames and leaves out the uncut batch
+    # (its other rows are still checked against dense)
+    cut_at, frames = (4, 6) if backend == "reference" else (2, 4)
+    clip, other = _clips(frames)
     cut = clip.clone()
-    cut[4:, 1] = other[4:, 0]
+    cut[cut_at:, 1] = other[cut_at:, 0]
     g = _compiled(m, clip[0], backend)
-    plain = _compiled(m, clip[0], backend)
+    plain = _compiled(m, clip[0], backend) if backend == "reference" else None
     alone = _compiled(m, cut[:, 1:2][0], backend)
     for t in range(clip.shape[0]):
-        if t == 4:
+        if t == cut_at:
             g.reset_stream(1)
-        got, ref = g(cut[t]), plain(clip[t])
+        got = g(cut[t])
         solo = alone(cut[t, 1:2])
         with torch.no_grad():
             want = m(cut[t])
         assert rel_err(got, want) < 1e-5, t
         assert rel_err(got[1:2], solo) < 1e-5, t
-        torch.testing.assert_close(got[0::2], ref[0::2], rtol=1e-5, atol=1e-6)
-        if t == 4:
+        if plain is not None:
+            torch.testing.assert_close(got[0::2], plain(clip[t])[0::2], rtol=1e-5, atol=1e-6)
+        if t == cut_at:
             assert g.last_modes == ["delta", "keyframe", "delta"]
     assert g.frames["mixed"] == 1 and g.stream_frames["keyframe"] == 4, (g.frames, g.stream_frames)
 
