@@ -270,9 +270,10 @@ class StreamGraphedDeltaModel:
             done = self._pending.pop(0)
         if done is None:
             return
-        frame_no, _, host = done[0], done[1], self._bufs["host"][done[0] % 4] if self._bufs else None
-        if host is None:
+        if self._bufs is None:
             return
+        frame_no = done[0]
+        host = self._bufs["host"][frame_no % 4]
         change, bad = host[0].tolist(), host[1].tolist()
         for k, c in enumerate(change):
             # a keyframe at or after that frame re-seeded the stream: its change then says nothing
