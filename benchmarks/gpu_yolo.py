@@ -1,14 +1,20 @@
 """GPU: YOLOv8n on a real clip (vtest.avi), deltacnn against the strongest dense peers, one process.
 
-Batch 1 and B streams (the clip at offsets of 3 frames each); peers as in gpu_peers.py (cuDNN
-eager and + graph, torch.compile reduce-overhead, max-autotune for the batches in --autotune);
-deltacnn.compile in fp16 at each tau of --taus. Each row: median ms per frame, MACs done, the ideal
-(MACs x the strongest peer), speedup, and task agreement: F1 of the detections (IoU 0.5, same
-class) against the dense fp32 model's, mean and worst over streams and frames >= 1, and the same
-without borderline objects (``f1_stable``, see YOLOv8Task.agreement).
+Every frame of the clip (795 for vtest.avi) at batch 1 and as B streams (stream k sees the clip 3k
+frames later, wrapping around at the end: each stream then has one scene cut of its own, which
+deltacnn.compile's per-stream passes handle in that stream alone). Peers as in gpu_peers.py (cuDNN
+eager and + CUDA graph, torch.compile reduce-overhead, max-autotune for the batches in --autotune,
+its compile time reported); deltacnn.compile in fp16 at each threshold setting of --thresholds
+(a number: one absolute threshold everywhere; a path: a thresholds file such as `deltacnn tune`
+writes). Each row: ms per frame as the median over delta frames (every stream ran deltas) and as
+the mean over all frames (keyframes, dense and mixed frames included; frames that captured a CUDA
+graph left out), MACs done on delta frames and over all frames, the ideal (MACs x the strongest
+peer) and time / ideal, speedup, and task agreement against the dense fp32 model on frames
+--eval-from.. (F1 at IoU 0.5, same class, conf >= 0.25; ``f1_stable`` leaves out the borderline
+objects, see YOLOv8Task.agreement).
 
     DELTACNN_CLIP=vtest.avi DELTACNN_YOLOV8_PT=yolov8n.pt python3 benchmarks/gpu_yolo.py [--batches 1,16]
-        [--frames 40] [--taus 0,0.02] [--autotune 1] [--tag yolo]
+        [--frames 0 (all)] [--eval-from 200] [--thresholds 0,path.json] [--autotune 1] [--tag yolo]
 """
 from __future__ import annotations
 
@@ -20,66 +26,133 @@ import torch
 
 import deltacnn
 from common import environment, median, print_table, write_json
-from gpu_bench import free_memory, steady_macs, time_sequence
+from gpu_bench import free_memory
 from gpu_peers import dense_peers
 
+OFFSET = 3  # frames between consecutive streams
 
-def load_clip(task, frames: int, batch: int) -> torch.Tensor:
-    """(T, B, 3, H, W) float32 on the GPU: stream k starts 3k frames into the clip."""
+
+def load_frames(task, frames: int, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """(T, 3, H, W) float32 on the GPU, the clip's first `frames` frames (0: all), optionally resized
+    (bilinear) to size = (H, W)."""
     from deltacnn import clips
-    raw = [task.preprocess(f) for f in clips.read_frames(max_frames=frames + 3 * (batch - 1))]
-    if len(raw) < frames + 3 * (batch - 1):
-        raise ValueError(f"the clip has {len(raw)} frames, {frames + 3 * (batch - 1)} needed")
+    raw = [task.preprocess(f) for f in clips.read_frames(max_frames=frames or None)]
     base = torch.cat(raw).cuda()
-    return torch.stack([base[3 * k:3 * k + frames] for k in range(batch)], 1).contiguous()
+    if size is not None and tuple(base.shape[-2:]) != size:
+        base = torch.nn.functional.interpolate(base, size=size, mode="bilinear", align_corners=False)
+    return base.contiguous()
+
+
+def batch_at(base: torch.Tensor, t: int, batch: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, 3, H, W): stream k at clip frame (t + OFFSET k) mod T."""
+    idx = (t + OFFSET * torch.arange(batch, device=base.device)) % base.shape[0]
+    return torch.index_select(base, 0, idx, out=out) if out is not None else base.index_select(0, idx)
 
 
 def detections(task, out, hw: tuple[int, int]) -> list[dict]:
-    """Per-stream detections of one batched model output."""
+    """Per-stream detections of one batched model output (one device-to-host copy)."""
     y = out[0] if isinstance(out, (tuple, list)) else out
+    y = y.float().cpu()
     return [task.postprocess(y[b:b + 1], hw) for b in range(y.shape[0])]
 
 
-def agreement(task, outs: list, truth: list[list[dict]], hw: tuple[int, int]) -> dict:
+def agreement(task, got: dict[int, list[dict]], truth: dict[int, list[dict]]) -> dict:
     f1, stable = [], []
-    for t, out in enumerate(outs):
-        if t == 0:
-            continue  # the first frame is a dense keyframe
-        for got, want in zip(detections(task, out, hw), truth[t]):
-            a = task.agreement(got, want)
+    for t, dets in got.items():
+        for a_, b_ in zip(dets, truth[t]):
+            a = task.agreement(a_, b_)
             f1.append(a["f1"])
             stable.append(a["f1_stable"])
     return {"f1_mean": float(np.mean(f1)), "f1_min": float(np.min(f1)), "f1_stable_mean": float(np.mean(stable)),
-            "f1_stable_min": float(np.min(stable))}
+            "f1_stable_min": float(np.min(stable)), "f1_frames": len(f1)}
 
 
-def delta_yolo(task, model32, clip: torch.Tensor, tau: float, warm: int, truth, hw) -> dict:
-    dm = deltacnn.convert(model32, clip[0], threshold=tau, dtype=torch.float16, backend="triton")
-    g = deltacnn.compile(dm)
-    outs = []
+def convert(model32, x0, setting: str, **kw):
+    """deltacnn.convert fp16 Triton with one threshold setting (a number, or a thresholds file)."""
+    try:
+        tau = float(setting)
+        return deltacnn.convert(model32, x0, threshold=tau, dtype=torch.float16, backend="triton", **kw)
+    except ValueError:
+        return deltacnn.convert(model32, x0, thresholds_file=setting, dtype=torch.float16, backend="triton", **kw)
 
-    def step(t):
-        o = g(clip[t])
-        outs.append(o.clone() if isinstance(o, torch.Tensor) else o)
-    ms = time_sequence(step, clip.shape[0], warm)
-    agree = agreement(task, outs, truth, hw)
-    frames = dict(g.frames)
-    del g, dm, outs
+
+def run_delta(task, model32, base, batch: int, setting: str, warm: int, eval_from: int, hw) -> dict:
+    """Time deltacnn.compile over every frame; detections on frames >= eval_from."""
+    x = batch_at(base, 0, batch)
+    g = deltacnn.compile(convert(model32, x, setting))
+    ms, kinds, got = [], [], {}
+    for t in range(base.shape[0]):
+        batch_at(base, t, batch, out=x)
+        n_graphs = len(g._graphs)
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        o = g(x)
+        b.record()
+        b.synchronize()
+        kind = g.last_modes
+        if t >= warm and len(g._graphs) == n_graphs:
+            ms.append(a.elapsed_time(b))
+            kinds.append("delta" if set(kind) == {"delta"} else ("mixed" if len(set(kind)) > 1 else kind[0]))
+        if t >= eval_from:
+            got[t] = detections(task, o, hw)
+    delta_ms = [m for m, k in zip(ms, kinds) if k == "delta"]
+    res = {"ms_delta": median(delta_ms), "ms_all": float(np.mean(ms)), "n_timed": len(ms),
+           "n_delta": len(delta_ms), "frames": dict(g.frames), "stream_frames": dict(g.stream_frames),
+           "captures": len(g._graphs), "got": got}
+    del g
     free_memory()
-    dm = deltacnn.convert(model32, clip[0], threshold=tau, dtype=torch.float16, backend="triton", dense_above=None)
-    macs = steady_macs(dm, clip, warm)
+    return res
+
+
+def delta_macs(model32, base, batch: int, setting: str, start: int, frames: int) -> float:
+    """Mean fraction of the dense multiply-adds of delta frames (eager, statistics on, no dense
+    dispatch), over `frames` frames after a keyframe at `start` - 5."""
+    x = batch_at(base, start - 5, batch)
+    dm = convert(model32, x, setting, dense_above=None)
+    dm.enable_stats()
+    macs = []
+    for t in range(start - 5, min(start + frames, base.shape[0])):
+        dm(batch_at(base, t, batch))
+        if t >= start:
+            macs.append(dm.frame_stats().macs_fraction)
     del dm
     free_memory()
-    return {"ms": median(ms), "macs": macs, "frames": frames, **agree}
+    return float(np.mean(macs))
+
+
+def profile(model32, base, batch: int, setting: str, start: int = 300, frames: int = 12) -> str:
+    """Per-kernel and per-conv GPU time of eager delta frames (profile_frame's tables)."""
+    from profile_frame import conv_layer_profile, kernel_profile, print_profile
+    import contextlib
+    import io
+    clip = torch.stack([batch_at(base, t, batch) for t in range(start, start + frames)])
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        dm = convert(model32, clip[0], setting, dense_above=None)
+        total, rows = kernel_profile(dm, clip, warm=4)
+        print_profile(f"profile yolov8n N={batch} {setting}", total, rows, top=20)
+        del dm
+        dm = convert(model32, clip[0], setting, dense_above=None)
+        layers = conv_layer_profile(dm, clip, warm=4)
+        for r in layers:
+            r["macs"] = r["macs"] / 1e9 if r["macs"] is not None else None
+        print_table(layers, ["layer", "conv", "in_hw", "out_rate", "macs", "tiles_us", "conv_us", "nonlinear_us"])
+        del dm
+    free_memory()
+    return buf.getvalue()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", default="1,16")
-    ap.add_argument("--frames", type=int, default=40)
-    ap.add_argument("--warm", type=int, default=4)
-    ap.add_argument("--taus", default="0,0.02")
+    ap.add_argument("--frames", type=int, default=0, help="clip frames to use (0: all)")
+    ap.add_argument("--eval-from", type=int, default=200, help="first frame of the agreement")
+    ap.add_argument("--warm", type=int, default=6)
+    ap.add_argument("--macs-frames", type=int, default=150, help="delta frames of the statistics pass")
+    ap.add_argument("--thresholds", default="0", help="comma-separated: numbers or thresholds files")
     ap.add_argument("--autotune", default="1", help="batch sizes that also get torch.compile max-autotune")
+    ap.add_argument("--profile", default="", help="batch:threshold setting profiled per kernel (eager delta frames "
+                    "from frame 300), e.g. 1:path.json")
     ap.add_argument("--tag", default="yolo")
     args = ap.parse_args()
     assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
@@ -87,50 +160,71 @@ def main() -> None:
     task = YOLOv8Task()
     model32 = task.load_model().cuda().eval()
     env = environment()
+    base = load_frames(task, args.frames)
+    T, hw = base.shape[0], tuple(base.shape[-2:])
     rows, results, t0 = [], [], time.time()
     for batch in (int(b) for b in args.batches.split(",")):
-        clip = load_clip(task, args.frames, batch)
-        hw = tuple(clip.shape[-2:])
-        changed = float(((clip[1:] - clip[:-1]).abs().amax(2) > 0).float().mean())
+        changed = float(((base[1:] - base[:-1]).abs().amax(1) > 0).float().mean())
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        truth = {}
         with torch.no_grad():
-            truth = [detections(task, model32(clip[t]), hw) for t in range(clip.shape[0])]
+            for t in range(args.eval_from, T):
+                truth[t] = detections(task, model32(batch_at(base, t, batch)), hw)
         modes = ["reduce-overhead"] + (["max-autotune"] if str(batch) in args.autotune.split(",") else [])
-        peers = dense_peers(model32, clip[0], modes)
+        peers = dense_peers(model32, batch_at(base, 0, batch), modes)
         ok = {k: v["ms"] for k, v in peers.items() if "ms" in v}
         best = min(ok, key=ok.get)
-        print(f"[{time.time() - t0:5.0f}s] N={batch} {hw} changed {changed:.1%} peers {peers}; strongest {best}",
+        print(f"[{time.time() - t0:5.0f}s] N={batch} {hw} T={T} changed {changed:.1%} peers {peers}; strongest {best}",
               flush=True)
-        group = {"batch": batch, "size": f"{hw[1]}x{hw[0]}", "changed": changed, "peers": peers, "strongest": best,
-                 "rows": []}
-        for tau in (float(t) for t in args.taus.split(",")):
+        group = {"batch": batch, "size": f"{hw[1]}x{hw[0]}", "frames": T, "changed": changed, "peers": peers,
+                 "strongest": best, "rows": []}
+        for setting in args.thresholds.split(","):
             try:
-                r = delta_yolo(task, model32, clip, tau, args.warm, truth, hw)
+                r = run_delta(task, model32, base, batch, setting, args.warm, args.eval_from, hw)
+                r.update(agreement(task, r.pop("got"), truth))
+                r["macs_delta"] = delta_macs(model32, base, batch, setting, args.eval_from, args.macs_frames)
+                sf = r["stream_frames"]
+                live = sum(v for k, v in sf.items() if k != "idle")
+                # keyframes and dense frames do a dense frame's work (or more)
+                r["macs_all"] = (sf["delta"] * r["macs_delta"] + live - sf["delta"]) / live
             except Exception as e:  # noqa: BLE001 - report and go on
                 import traceback
                 traceback.print_exc()
                 r = {"error": f"{type(e).__name__}: {e}"[:200]}
-            r["tau"] = tau
+            r["thresholds"] = setting
             group["rows"].append(r)
-            row = {"N": batch, "tau": tau, "changed": f"{changed:.1%}", "cudnn+g": ok["cudnn+graph"], "peer": ok[best],
-                   "peer_is": best.replace("compile:", ""), "deltacnn": r.get("ms"), "macs": r.get("macs"),
-                   "x_ideal": r["ms"] / (r["macs"] * ok[best]) if r.get("macs") else None,
-                   "vs_peer": ok[best] / r["ms"] if "ms" in r else None,
-                   "f1": r.get("f1_mean"), "f1_min": r.get("f1_min"), "f1_stable": r.get("f1_stable_mean"),
-                   "dense_fr": (r.get("frames") or {}).get("dense"), "note": r.get("error", "")[:40]}
+            peer = ok[best]
+            row = {"N": batch, "thr": setting.rsplit("/", 1)[-1][:18], "cudnn+g": ok["cudnn+graph"], "peer": peer,
+                   "peer_is": best.replace("compile:", ""), "ms_delta": r.get("ms_delta"), "ms_all": r.get("ms_all"),
+                   "macs_d": r.get("macs_delta"), "macs_all": r.get("macs_all"),
+                   "ideal": r["macs_delta"] * peer if r.get("macs_delta") else None,
+                   "x_ideal": r["ms_delta"] / (r["macs_delta"] * peer) if r.get("macs_delta") else None,
+                   "vs_peer_d": peer / r["ms_delta"] if r.get("ms_delta") else None,
+                   "vs_peer_all": peer / r["ms_all"] if r.get("ms_all") else None,
+                   "f1": r.get("f1_mean"), "f1_min": r.get("f1_min"), "f1_stab": r.get("f1_stable_mean"),
+                   "modes": "/".join(f"{r['frames'][k]}" for k in ("delta", "keyframe", "dense", "mixed"))
+                   if "frames" in r else "", "note": r.get("error", "")[:40]}
             rows.append(row)
             print(f"[{time.time() - t0:5.0f}s] {row}", flush=True)
         results.append(group)
-        write_json(f"gpu_yolo_{args.tag}", {"env": env, "groups": results})
-        del clip, truth
+        write_json(f"gpu_yolo_{args.tag}", {"env": env, "args": vars(args), "groups": results})
+        del truth
         free_memory()
-    print(f"\n{env.get('gpu')} torch {env['torch']} commit {env['commit']}")
+    if args.profile:
+        batch, setting = args.profile.split(":", 1)
+        try:
+            print(profile(model32, base, int(batch), setting), flush=True)
+        except Exception:  # noqa: BLE001
+            import traceback
+            traceback.print_exc()
+    print(f"\n{env.get('gpu')} torch {env['torch']} commit {env['commit']}; frames {T}, agreement on "
+          f"{args.eval_from}..{T - 1}; modes = frames delta/keyframe/dense/mixed")
     for g in results:
         print(f"  N={g['batch']}: " + ", ".join(f"{k} {v['ms']:.3f}" + (f" ({v['compile_s']:.0f} s)" if "compile_s" in v
                                                                       else "") if "ms" in v else f"{k} failed"
                                              for k, v in g["peers"].items()))
-    print_table(rows, ["N", "tau", "changed", "cudnn+g", "peer", "peer_is", "deltacnn", "macs", "x_ideal", "vs_peer",
-                       "f1", "f1_min", "f1_stable", "dense_fr", "note"])
+    print_table(rows, ["N", "thr", "cudnn+g", "peer", "peer_is", "ms_delta", "ms_all", "macs_d", "macs_all", "ideal",
+                       "x_ideal", "vs_peer_d", "vs_peer_all", "f1", "f1_min", "f1_stab", "modes", "note"])
 
 
 if __name__ == "__main__":

@@ -11,14 +11,29 @@ the next frames as stateless dense frames (cuDNN, also replayed from a graph) un
 drops again; then a keyframe re-seeds the delta state. The decision lags by about one frame and
 never synchronises with the device. Keyframes are replayed from a graph too, once an eager keyframe
 of the same shape has allocated the state they write into.
+
+Per-stream modes (the default, `per_stream=True`): each stream (batch row) decides for itself, as it
+would alone. A frame in which every stream runs deltas replays the delta graph; a frame in which some
+streams need a keyframe (new, reset, `keyframe_interval`, values out of range) or run densely (their
+own input change above `dense_above`) replays the same delta graph with those streams left out (a
+per-stream flag on the device, so the graph stays the same for every pattern), then one captured
+single-stream keyframe or dense graph per such stream, whose stream index is a device scalar: a
+scene cut in slot k costs slot k's keyframe, whatever k is, and no recapture. Streams join, leave and
+reset with `join(k)`, `leave(k)` and `reset_stream(k)`. Every delta frame also checks each stream's
+values on the device: a frame holding NaN or infinity, or whose largest |value| leaves
+[1/RANGE_RATIO, RANGE_RATIO] times the stream's value at its keyframe, raises a per-stream flag
+that the host reads without waiting (with the input change), and the stream's next frame after the
+host has read it is a keyframe. Until then (usually one or two frames) that stream's outputs are
+wrong (NaN for a NaN frame); the other streams are never affected.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from .model import DeltaModel
+from .model import DeltaModel, _put_rows
 from .runtime import DENSE_HYSTERESIS as HYSTERESIS
+from .runtime import RANGE_RATIO
 
 
 class DenseDispatch:
@@ -150,6 +165,282 @@ class GraphedDeltaModel:
         return graph, static_in, static_out, m.rt.input_change if m.rt.track_change else None
 
 
+class StreamGraphedDeltaModel:
+    """Callable like the DeltaModel it wraps; every stream of the batch runs delta, keyframe or dense
+    frames for itself, and every pass replays a CUDA graph captured once per input shape (module
+    docstring). `cuda_graphs=False` runs the same passes eagerly (CPU tests, TRITON_INTERPRET)."""
+
+    def __init__(self, model: DeltaModel, warmup: int = 2, dense_above: float | None = 0.35,
+                 cuda_graphs: bool = True, range_ratio: float | None = RANGE_RATIO) -> None:
+        if cuda_graphs and not torch.cuda.is_available():
+            raise RuntimeError("deltacnn.compile needs a CUDA device; on the CPU call the DeltaModel directly "
+                               "(or pass cuda_graphs=False)")
+        if model.rt.stats.enabled:
+            raise ValueError("disable statistics (model.enable_stats(False)) before compiling: they are read on the host")
+        if dense_above is not None and not 0 <= dense_above <= 1:
+            raise ValueError(f"dense_above must be in [0, 1] (a fraction of input pixels) or None, got {dense_above}")
+        if range_ratio is not None and not range_ratio > 1:
+            raise ValueError(f"range_ratio must be > 1 or None, got {range_ratio}")
+        self.model = model
+        self.warmup = warmup
+        self.above = dense_above
+        self.range_ratio = range_ratio
+        self.cuda_graphs = cuda_graphs
+        model.rt.track_change = False
+        model.rt.track_streams = True
+        self._graphs: dict[tuple, tuple] = {}  # (pass, shape, dtype, device) -> (graph, static input, static output)
+        self._eager: dict[tuple, int] = {}
+        self._epoch = model.state_epoch
+        self._bufs: dict | None = None  # per-stream device buffers of the current batch shape
+        self._dense: list[bool] = []  # per stream: in dense mode (hysteresis)
+        self._change: list[float] = []  # per stream: input change of the last frame whose value arrived
+        self._flagged: list[bool] = []  # per stream: a frame left its range or held NaN/inf (device check)
+        self._active: list[bool] = []  # per stream: a camera is in this slot (leave/join)
+        self._asked: set[int] = set()  # streams whose next frame is a keyframe (reset_stream, join)
+        self._last_key: list[int] = []  # per stream: the frame number of its last keyframe
+        self._pending: list[tuple[int, torch.cuda.Event | None]] = []  # (frame number, event) of reports in flight
+        self._frame_no = 0
+        self.frames = {"keyframe": 0, "delta": 0, "dense": 0, "mixed": 0}  # how each frame ran (all streams)
+        self.stream_frames = {"keyframe": 0, "delta": 0, "dense": 0, "idle": 0}  # ... per stream and frame
+        self.flagged_frames: list[tuple[int, int]] = []  # (frame number, stream) of range / NaN flags seen
+        self.last_modes: list[str] = []
+
+    # ---- streams ---------------------------------------------------------------------------
+    @property
+    def last_change(self) -> float:
+        """Mean input change over the streams, of the last frame whose values reached the host."""
+        return sum(self._change) / len(self._change) if self._change else 0.0
+
+    def reset(self) -> None:
+        self.model.reset()
+        self._sized(0)
+        self._pending.clear()
+
+    def reset_stream(self, k: int) -> None:
+        """Slot k's next frame is a keyframe (a scene cut, or another camera in the slot); the others go on."""
+        self._asked.add(self._slot(k))
+
+    def leave(self, k: int) -> None:
+        """Slot k has no camera: its frames are left out of every pass (its output rows repeat its last
+        output) until join(k)."""
+        self._active[self._slot(k)] = False
+
+    def join(self, k: int) -> None:
+        """A camera takes slot k: its next frame is a keyframe."""
+        k = self._slot(k)
+        self._active[k] = True
+        self._asked.add(k)
+
+    def _slot(self, k: int) -> int:
+        if not 0 <= k < len(self._active):
+            raise IndexError(f"stream slot {k} does not exist: the model has run a batch of {len(self._active)} "
+                             "streams (run a first frame of the full batch before joining, leaving or resetting slots)")
+        return k
+
+    def _sized(self, n: int) -> None:
+        self._dense, self._change, self._flagged = [False] * n, [0.0] * n, [False] * n
+        self._active, self._last_key = [True] * n, [-1] * n
+        self._asked = set()
+        self._bufs = None
+        m = self.model
+        if len(m._since) != n:
+            m._since, m._scale, m._work = [0] * n, [None] * n, [0.0] * n
+
+    def _buffers(self, x: Tensor) -> dict:
+        n = x.shape[0]
+        b = self._bufs
+        if b is None or b["n"] != n or b["device"] != x.device:
+            dev = x.device
+            b = self._bufs = {
+                "n": n, "device": dev,
+                "keep": torch.ones(n, dtype=torch.bool, device=dev), "keep_host": [True] * n,
+                "idx": torch.zeros(1, dtype=torch.long, device=dev),
+                "scale": torch.zeros(n, dtype=torch.float32, device=dev),  # |x| max at each stream's keyframe
+                "bad": torch.zeros(n, dtype=torch.bool, device=dev),  # range / NaN flag since its keyframe
+                "report": torch.zeros(2, n, dtype=torch.float32, device=dev),  # change, bad
+                "host": [torch.zeros(2, n, dtype=torch.float32, pin_memory=dev.type == "cuda") for _ in range(4)],
+            }
+        return b
+
+    # ---- host decisions (never wait for the device) --------------------------------------------
+    def _poll(self) -> None:
+        """Take the newest per-stream report that has arrived; older ones are dropped."""
+        done = None
+        while self._pending and (self._pending[0][1] is None or self._pending[0][1].query()):
+            done = self._pending.pop(0)
+        if done is None:
+            return
+        if self._bufs is None:
+            return
+        frame_no = done[0]
+        host = self._bufs["host"][frame_no % 4]
+        change, bad = host[0].tolist(), host[1].tolist()
+        for k, c in enumerate(change):
+            # a keyframe at or after that frame re-seeded the stream: its change then says nothing
+            self._change[k] = c if frame_no > self._last_key[k] else 0.0
+        for k, flag in enumerate(bad):
+            # a flag from a frame before the stream's last keyframe was already dealt with by it
+            if flag and frame_no > self._last_key[k] and not self._flagged[k]:
+                self._flagged[k] = True
+                self.flagged_frames.append((frame_no, k))
+
+    def _modes(self, n: int) -> list[str]:
+        m = self.model
+        modes = []
+        for k in range(n):
+            if not self._active[k]:
+                modes.append("idle")
+                continue
+            if self.above is not None and m._stream is not None:
+                self._dense[k] = self._change[k] > self.above * (HYSTERESIS if self._dense[k] else 1.0)
+            due = m._due(k) or k in self._asked or self._flagged[k]
+            modes.append("dense" if self._dense[k] and not self._flagged[k] else ("keyframe" if due else "delta"))
+        return modes
+
+    # ---- frames ----------------------------------------------------------------------------
+    def __call__(self, x: Tensor):
+        m = self.model
+        if self.cuda_graphs and x.device.type != "cuda":
+            raise ValueError(f"compiled delta models run on CUDA frames, got a tensor on {x.device}")
+        m._check_input(x)  # first: it may start a new stream (on_input_change="reset")
+        n = x.shape[0]
+        if m.state_epoch != self._epoch or len(self._active) != n:
+            # reset, moved or cast: the state the graphs point at is gone; capture again
+            self._graphs.clear()
+            self._eager.clear()
+            self._epoch = m.state_epoch
+            self._pending.clear()
+            if len(self._active) != n or m._stream is None:
+                self._sized(n)
+        b = self._buffers(x)
+        self._poll()
+        modes = self._modes(n)
+        live = [mo for mo in modes if mo != "idle"]
+        if live and "delta" not in live and "idle" not in modes:
+            # no stream runs deltas: one batched pass (busy streams due a keyframe are seeded too)
+            mode = "dense" if set(live) == {"dense"} else "keyframe"
+            modes = [mode] * n
+            out = self._replay(("batch", mode), x, lambda t: self._batch_pass(t, mode))
+        else:
+            keep = [mo == "delta" for mo in modes]
+            if keep != b["keep_host"]:
+                b["keep"].fill_(True)
+                for k, kept in enumerate(keep):
+                    if not kept:
+                        b["keep"][k:k + 1].fill_(False)
+                b["keep_host"] = keep
+            out = _clone(self._replay(("delta",), x, self._delta_pass))
+            for k, mo in enumerate(modes):
+                if mo in ("keyframe", "dense"):
+                    b["idx"].fill_(k)
+                    rows = self._replay(("rows", mo), x, lambda t, mo=mo: self._rows_pass(t, mo))
+                    out = _put_rows(out, b["idx"], rows, n)
+        self._report(b)
+        for k, mo in enumerate(modes):
+            self.stream_frames[mo] += 1
+            if mo == "keyframe":
+                self._last_key[k] = self._frame_no
+                self._flagged[k] = self._dense[k] = False
+                self._change[k] = 0.0
+                self._asked.discard(k)
+        uniform = len(set(modes)) == 1 and modes[0] != "idle"
+        self.frames[modes[0] if uniform else "mixed"] += 1
+        self.last_modes = modes
+        m._end_streams(["dense" if mo == "idle" else mo for mo in modes], x)
+        self._frame_no += 1
+        return out
+
+    def _report(self, b: dict) -> None:
+        """Copy the frame's per-stream change and flags towards the host without waiting."""
+        host = b["host"][self._frame_no % 4]
+        if len(self._pending) >= 3:  # the host is far behind the device: forget the oldest report
+            self._pending.pop(0)
+        host.copy_(b["report"], non_blocking=self.cuda_graphs)
+        ev = None
+        if self.cuda_graphs:
+            ev = torch.cuda.Event()
+            ev.record()
+        self._pending.append((self._frame_no, ev))
+
+    # ---- passes (each run eagerly `warmup` times, then captured once and replayed) ---------------
+    def _replay(self, kind: tuple, x: Tensor, fn):
+        key = kind + (tuple(x.shape), x.dtype, x.device)
+        n_eager = self._eager.get(key, 0)
+        if not self.cuda_graphs or n_eager < self.warmup:
+            self._eager[key] = n_eager + 1
+            with torch.no_grad():
+                return fn(x)
+        if key not in self._graphs:
+            static_in = x.clone()
+            graph = torch.cuda.CUDAGraph()
+            torch.cuda.synchronize()  # the frame recorded during capture is not executed
+            try:
+                with torch.cuda.graph(graph), torch.no_grad():
+                    static_out = fn(static_in)
+            except RuntimeError as e:
+                raise RuntimeError(
+                    "could not capture a delta frame in a CUDA graph: some layer synchronises with the host "
+                    f"(probably one that runs on the reference backend on this GPU): {e}") from e
+            self._graphs[key] = (graph, static_in, static_out)
+        graph, static_in, static_out = self._graphs[key]
+        static_in.copy_(x)
+        graph.replay()
+        return static_out
+
+    def _abs_max(self, x: Tensor) -> Tensor:
+        """(N,) largest |value| per stream (NaN where a stream holds NaN)."""
+        return torch.maximum(x.amax(dim=(1, 2, 3)), -x.amin(dim=(1, 2, 3))).float()
+
+    def _delta_pass(self, x: Tensor):
+        rt, b = self.model.rt, self._bufs
+        rt.keyframe, rt.stateless, rt.keep = False, False, b["keep"]
+        try:
+            out = self.model.graph_module(x)
+        finally:
+            rt.keep = None
+        a, scale = self._abs_max(x), b["scale"]
+        bad = ~torch.isfinite(a)
+        if self.range_ratio is not None:
+            bad |= (a > self.range_ratio * scale) | (scale > self.range_ratio * a)
+        b["bad"].logical_or_(bad & b["keep"])
+        b["report"][0].copy_(rt.stream_change)
+        b["report"][1].copy_(b["bad"])
+        return out
+
+    def _batch_pass(self, x: Tensor, mode: str):
+        rt, b = self.model.rt, self._bufs
+        rt.keyframe, rt.stateless = True, mode == "dense"
+        try:
+            out = self.model.graph_module(x)
+        finally:
+            rt.stateless = False
+        if mode == "keyframe":
+            a = self._abs_max(x)
+            b["scale"].copy_(a)
+            b["bad"].copy_(~torch.isfinite(a))
+        b["report"][0].copy_(rt.stream_change)
+        b["report"][1].copy_(b["bad"])
+        return out
+
+    def _rows_pass(self, x: Tensor, mode: str):
+        """A keyframe (or stateless dense frame) of the one stream b["idx"], writing only its state rows."""
+        rt, b = self.model.rt, self._bufs
+        idx = b["idx"]
+        sub = x.index_select(0, idx)
+        rt.streams, rt.keyframe, rt.stateless = idx, True, mode == "dense"
+        rt.stats.merging = True
+        try:
+            out = self.model.graph_module(sub)
+        finally:
+            rt.streams, rt.stateless = None, False
+            rt.stats.merging = False
+        if mode == "keyframe":
+            a = self._abs_max(sub)
+            b["scale"].index_copy_(0, idx, a)
+            b["bad"].index_copy_(0, idx, ~torch.isfinite(a))
+        return out
+
+
 def _clone(out):
     if isinstance(out, Tensor):
         return out.clone()
@@ -158,13 +449,23 @@ def _clone(out):
     return out
 
 
-def compile(model: DeltaModel, warmup: int = 2, dense_above: float | None = 0.35) -> GraphedDeltaModel:  # noqa: A001
+def compile(model: DeltaModel, warmup: int = 2, dense_above: float | None = 0.35,  # noqa: A001
+            per_stream: bool = True, cuda_graphs: bool = True):
     """Wrap a converted model so that frames replay CUDA graphs captured per input shape.
 
-    dense_above: when more than this fraction of input pixels changed in the last completed frame,
-    run frames densely (stateless, at cuDNN speed) until the change drops below 3/4 of it; None
-    always runs delta frames. The best value depends on the model and GPU (`deltacnn bench`).
+    dense_above: when more than this fraction of a stream's input pixels changed in its last
+    completed frame, run its frames densely (stateless, at cuDNN speed) until the change drops below
+    3/4 of it; None always runs delta frames. The best value depends on the model and GPU
+    (`deltacnn bench`).
+    per_stream: every stream decides delta / keyframe / dense for itself and is range- and NaN-checked
+    on the device (StreamGraphedDeltaModel: `reset_stream(k)`, `join(k)`, `leave(k)`); False: one
+    decision for the whole batch (GraphedDeltaModel, the earlier behaviour).
+    cuda_graphs: False runs the per-stream passes eagerly (for tests on the CPU; per_stream only).
     """
     if not isinstance(model, DeltaModel):
         raise TypeError(f"deltacnn.compile takes the result of deltacnn.convert, got {type(model).__name__}")
+    if per_stream:
+        return StreamGraphedDeltaModel(model, warmup, dense_above, cuda_graphs)
+    if not cuda_graphs:
+        raise ValueError("cuda_graphs=False needs per_stream=True")
     return GraphedDeltaModel(model, warmup, dense_above)

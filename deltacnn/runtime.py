@@ -92,6 +92,13 @@ class Runtime:
     # Host backends deciding dense frames (dense_above) measure and leave it there too.
     track_change: bool = False
     input_change: Tensor | None = None
+    # per-stream passes (deltacnn.compile): when set, the input layer leaves each stream's fraction of
+    # changed input pixels in `stream_change` ((N,) float32 on the device, no host sync), and a delta
+    # frame sends nothing for the streams whose entry of `keep` ((N,) bool on the device) is False
+    # (they run a keyframe or dense pass of their own, which re-seeds their input reference)
+    track_streams: bool = False
+    stream_change: Tensor | None = None
+    keep: Tensor | None = None
     stats: StatsRecorder = field(default_factory=StatsRecorder)
     input_mask: Tensor | None = None
     # the current frame's per-stream routing, read by the input layer (None: the whole batch runs as

@@ -53,6 +53,8 @@ class Sparsify(DeltaLayer):
                     rt.stateless = True  # busy: dense without writing state; the next quiet frame re-seeds it
             elif track:
                 rt.input_change = self._changed_fraction(x).mean()
+            if first and rt.track_streams:
+                rt.stream_change = self._changed_fraction(x)
             # the input reference is kept even by stateless dense frames: it measures the next change
             self._seed_state("ref", x, always=True)
             d = DeltaTensor.keyframe(x.to(rt.dtype))
@@ -69,6 +71,13 @@ class Sparsify(DeltaLayer):
                 rt.input_change = change.mean()
             elif track:
                 rt.input_change = d.mask.float().mean()
+            if first and rt.track_streams:
+                rt.stream_change = d.mask.reshape(d.shape[0], -1).float().mean(1)
+            if first and rt.keep is not None:
+                # whole streams left out (an index-free mask product: no host sync, capturable); the
+                # bordered copy stays: no output pixel of a left-out stream is a candidate, and a
+                # window never reaches into another stream
+                d = DeltaTensor(d.values, d.mask & rt.keep.view(-1, 1, 1, 1), ext=d.ext, bordered=d.bordered)
             if plan is not None:
                 plan.route(change.tolist() if change is not None else None, keyframe_pass=False)
                 if plan.first != "delta":

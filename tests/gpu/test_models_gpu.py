@@ -71,24 +71,37 @@ def test_graph_replay_equals_eager(tau):
     assert graphed.frames["dense"] == 0
 
 
+def _kinds(g) -> set[str]:
+    """Which passes a compiled model captured: 'delta', 'dense', 'keyframe' (whole batch), 'rows:<mode>'."""
+    if hasattr(g, "stream_frames"):  # per-stream model: keys (pass, [mode,] shape, dtype, device)
+        return {k[0] if k[0] == "delta" else (k[1] if k[0] == "batch" else f"rows:{k[1]}") for k in g._graphs}
+    return {k[3] for k in g._graphs}
+
+
+@pytest.mark.parametrize("per_stream", [False, True])
 @pytest.mark.parametrize("name", ["resnet50", "unet"])
-def test_compiled_dense_dispatch_on_high_change_then_back_to_delta(name):
+def test_compiled_dense_dispatch_on_high_change_then_back_to_delta(name, per_stream):
     """Busy frames run dense (stateless graph), quiet frames return to delta replay; always close to dense."""
     m = _model(name)
     busy = make_video(12, n=2, h=64, w=96, noise=0.01, seed=5).cuda()  # every pixel changes
     quiet = make_video(20, n=2, h=64, w=96, noise=0.0, seed=6).cuda()  # a few moving objects
     clip = torch.cat([quiet[:6], busy, quiet[6:]])
-    graphed = deltacnn.compile(deltacnn.convert(m, clip[0], backend="triton", dtype=torch.float32), dense_above=0.3)
+    graphed = deltacnn.compile(deltacnn.convert(m, clip[0], backend="triton", dtype=torch.float32), dense_above=0.3,
+                               per_stream=per_stream)
     for t in range(clip.shape[0]):
         with torch.no_grad():
             want = m(clip[t])
         assert rel_err(graphed(clip[t]), want) < 1e-5, t
+    if per_stream:  # each stream enters and leaves dense mode by its own change (counted per stream)
+        f = graphed.stream_frames
+        assert 20 <= f["dense"] <= 32 and f["delta"] >= 20 and f["keyframe"] >= 4, f
+        assert {"delta", "dense"} <= _kinds(graphed), _kinds(graphed)
+        return
     # the busy stretch, entered and left a frame or two late (the decision never waits for the GPU)
     assert 10 <= graphed.frames["dense"] <= 16, graphed.frames
     assert graphed.frames["delta"] >= 10, graphed.frames  # before it, and after the re-seeding keyframe
     assert graphed.frames["keyframe"] == 2, graphed.frames  # the first frame, and the one leaving dense mode
-    graphs = {k[3] for k in graphed._graphs}
-    assert graphs == {"delta", "dense"}
+    assert _kinds(graphed) == {"delta", "dense"}
 
 
 def test_triton_matches_reference_with_thresholds():
@@ -119,7 +132,7 @@ def test_compiled_keyframes_replay_and_survive_reset():
         assert err < (1e-5 if dm.last_mode == "keyframe" else 0.2), (t, dm.last_mode, err)
     # keyframes at 0, 3, 6, 9, 12, then reset: 14, 17, 20, 23
     assert [t for t, k in enumerate(kinds) if k == "keyframe"] == [0, 3, 6, 9, 12, 14, 17, 20, 23], kinds
-    assert {k[3] for k in graphed._graphs} == {"delta", "keyframe"}
+    assert _kinds(graphed) == {"delta", "keyframe"}
 
 
 @pytest.mark.parametrize("name", ["resnet50", "mobilenet_v3_small"])
