@@ -138,3 +138,29 @@ def test_real_clip_when_installed(name):
     assert len(frames) == 2 and frames[0].shape == (clip.height, clip.width, 3)
     if clip.sha256 and path in C._candidates(clip):  # the package's own file, not a user's $DELTACNN_CLIP_* copy
         assert C._sha256(path) == clip.sha256
+
+
+def test_yolov8n_on_bikes_street_pads_272_to_288():
+    """A real clip whose height is not a multiple of 32: YOLOv8n's task pads it at the bottom with grey 114
+    (frame coordinates unchanged), finds the cars, and reports boxes inside the 640x272 frame."""
+    import torch
+
+    from deltacnn.tasks.yolov8 import YOLOv8Task, yolov8n_checkpoint_path
+
+    try:
+        C.clip_path("bikes-street")
+        yolov8n_checkpoint_path()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    task = YOLOv8Task()
+    model = task.load_model()
+    f = next(C.read_clip("bikes-street", start=10, max_frames=1))
+    x = task.preprocess(f)
+    assert x.shape == (1, 3, 288, 640)
+    assert torch.equal(x[0, :, :272], torch.from_numpy(f).permute(2, 0, 1).float() / 255)
+    assert torch.all(x[0, :, 272:] == 114 / 255)
+    with torch.no_grad():
+        r = task.postprocess(model(x), f.shape[:2])
+    cars = r["classes"] == 2
+    assert cars.sum() >= 2, r
+    assert (r["boxes"][:, [1, 3]] <= 272).all() and (r["boxes"][:, [0, 2]] <= 640).all() and (r["boxes"] >= 0).all()
