@@ -13,6 +13,9 @@ any thresholds files given (their relative values, scales re-measured on the cli
   count of frames that ran as delta / dense (busy, `dense_above`) / keyframe;
 - the input update rate (fraction of input pixels sent) over the delta frames.
 
+By default every frame after the first runs as a delta frame (`dense_above` off); `--dense-above 0.5` gives
+the library's default, where busy frames run densely (counted at full multiply-adds, exact output).
+
 Multiply-adds and F1 do not depend on machine load; nothing here is timed (use benchmarks/cpu_real.py
 or gpu_yolo.py on a quiet machine for time).
 
@@ -149,7 +152,9 @@ def run_clip_model(clip: str, model: str, points, files, args) -> list[dict]:
         return converted[min_blob]
 
     settings = [(f"{ti:g}/{tl:g}/{mb}", ti, tl, mb, None) for ti, tl, mb in points]
-    settings += [(f"file {Path(p).name}", None, None, args.file_min_blob, p) for p in files]
+    # a file's own min_blob (files written by deltacnn tune carry it), else --file-min-blob
+    settings += [(f"file {Path(p).name}", None, None, int(json.loads(Path(p).read_text()).get("min_blob") or
+                                                         args.file_min_blob), p) for p in files]
     for label, ti, tl, mb, path in settings:
         dm = delta_model(mb)
         th = dm.thresholds
@@ -198,7 +203,10 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=None, help="at most this many frames of each clip's segment")
     ap.add_argument("--centerface-frames", type=int, default=60, help="CenterFace is ~10x YOLOv8n's cost a frame")
     ap.add_argument("--backend", default=None, help="reference / cpu (default: convert's choice)")
-    ap.add_argument("--dense-above", type=float, default=0.5, help="convert(dense_above=); -1: off (all delta frames)")
+    ap.add_argument("--dense-above", type=float, default=-1.0,
+                    help="convert(dense_above=) (the library's default is 0.5); default -1: off, every frame after the "
+                         "first is a delta frame, so the numbers are the delta path's (busy frames would otherwise run "
+                         "dense and hide what the thresholds hold back)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--tag", default=None, help="results file benchmarks/results/real_clips_<tag>.json")
     args = ap.parse_args()
