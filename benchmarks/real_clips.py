@@ -201,7 +201,7 @@ def main() -> None:
                     help="use a relative file's own scales (measured on its tuning clip) instead of this clip's")
     ap.add_argument("--file-min-blob", type=int, default=3, help="min_blob for the thresholds files' settings")
     ap.add_argument("--frames", type=int, default=None, help="at most this many frames of each clip's segment")
-    ap.add_argument("--centerface-frames", type=int, default=60, help="CenterFace is ~10x YOLOv8n's cost a frame")
+    ap.add_argument("--centerface-frames", type=int, default=60, help="at most this many frames for CenterFace (~10x YOLOv8n's cost a frame)")
     ap.add_argument("--backend", default=None, help="reference / cpu (default: convert's choice)")
     ap.add_argument("--dense-above", type=float, default=-1.0,
                     help="convert(dense_above=) (the library's default is 0.5); default -1: off, every frame after the "
@@ -228,8 +228,10 @@ def main() -> None:
         for model in args.models.split(","):
             if model in MODELS_FOR and clip not in MODELS_FOR[model]:
                 continue
-            sub = argparse.Namespace(**{**vars(args), "frames": args.centerface_frames if model == "centerface"
-                                        and args.frames is None else args.frames})
+            n = args.frames
+            if model == "centerface":
+                n = args.centerface_frames if n is None else min(n, args.centerface_frames)
+            sub = argparse.Namespace(**{**vars(args), "frames": n})
             rows += run_clip_model(clip, model, points, args.thresholds, sub)
             save()
     print("\n" + HEADER)
