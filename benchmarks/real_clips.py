@@ -100,6 +100,7 @@ def load_segment(name: str, a: int, b: int) -> list[np.ndarray]:
 def play(dm, task, xs, refs, hw) -> dict:
     """One pass from a keyframe: agreement per frame after the first, MACs, modes, input update rate."""
     dm.reset()
+    sums: dict[str, float] = {}
     f1, f1s, macs, dense, dmacs, ddense, rates, modes = [], [], 0, 0, 0, 0, [], {"delta": 0, "dense": 0, "keyframe": 0}
     with torch.no_grad():
         for i, x in enumerate(xs):
@@ -116,6 +117,9 @@ def play(dm, task, xs, refs, hw) -> dict:
                 if inp is not None:
                     rates.append(inp.update_rate)
             a = task.agreement(task.postprocess(to_float(y), hw), refs[i])
+            for k, v in a.items():  # every metric the task reports (CenterFace: heat-map differences too)
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    sums[k] = sums.get(k, 0.0) + float(v)
             f1.append(a["f1"])
             if "f1_stable" in a:
                 f1s.append(a["f1_stable"])
@@ -123,7 +127,8 @@ def play(dm, task, xs, refs, hw) -> dict:
     return {"f1_mean": float(np.mean(f1)), "f1_worst": float(np.min(f1)),
             "f1_stable_mean": float(np.mean(f1s)) if f1s else nan, "f1_stable_worst": float(np.min(f1s)) if f1s else nan,
             "macs_all": macs / dense if dense else nan, "macs_delta": dmacs / ddense if ddense else nan,
-            "input_update_delta": float(np.mean(rates)) if rates else nan, "modes": modes, "frames_scored": len(f1)}
+            "input_update_delta": float(np.mean(rates)) if rates else nan, "modes": modes, "frames_scored": len(f1),
+            "metric_means": {k: v / len(f1) for k, v in sums.items()} if f1 else {}}
 
 
 def run_clip_model(clip: str, model: str, points, files, args) -> list[dict]:
