@@ -347,7 +347,8 @@ def open_source(spec: str | int | Path, max_frames: int | None = None, *, reader
     - an existing file: a video file (OpenCV; PyAV with reader="pyav");
     - `0`, `1`, ...: a camera by index;
     - `rtsp://`, `http://`, `https://` (and rtsps, rtmp, udp, tcp, srt): a network stream; reader
-      "auto" uses PyAV when it is installed (precise errors), else OpenCV's FFmpeg backend.
+      "auto" uses PyAV when it is installed (precise errors), else OpenCV's FFmpeg backend;
+    - `clip:NAME`: a real clip of `deltacnn.clips` by name (its whole file; `python3 -m deltacnn.clips list`).
     `timeout_s` bounds opening a stream and waiting for each of its frames.
     """
     if reader not in READERS:
@@ -355,6 +356,12 @@ def open_source(spec: str | int | Path, max_frames: int | None = None, *, reader
     if isinstance(spec, int):
         return CameraSource(spec, max_frames)
     s = str(spec)
+    if s.startswith("clip:"):
+        from .clips import ClipNotInstalled, clip_path
+        try:
+            s = str(clip_path(s[len("clip:"):]))
+        except (ClipNotInstalled, KeyError) as e:
+            raise VideoError(e.args[0] if e.args else str(e)) from None
     if is_stream(s):
         if reader == "pyav" or (reader == "auto" and have_pyav()):
             return PyAVSource(s, max_frames, timeout_s)
