@@ -270,17 +270,31 @@ class StateAligner:
             self._recompute(i, ref[i:i + 1], regions)
 
     def _roll(self, i: int, dx: int, dy: int) -> None:
-        """Move stream i's state so that new[j] = old[j + D / s]; what would wrap around is left as it
-        was, because it lies in the uncovered strip, which is recomputed (one copy of the overlap plus a
-        temporary, in the buffers' NHWC memory order: torch.roll on the strided view is ~10x slower)."""
+        """Move stream i's state so that new[j] = old[j + D / s]. One stream: each buffer is replaced by a
+        fresh one holding the shifted overlap (one copy; the uncovered strip is left unwritten, because
+        the caller recomputes it); several streams: stream i's rows are shifted in place through a
+        temporary (two copies). Both work in the buffers' NHWC memory order: torch.roll on the strided
+        view is ~10x slower. (Wrap-around buffers with per-layer offsets would need no copy at all, but
+        every backend kernel would have to index with the offsets.)"""
+        single = self.dm_streams() == 1
         for m in self.geo.layers:
             for k in _state_keys(m):
                 s = self.geo.strides[(id(m), k)]
-                v = m._buffers[k][i].permute(1, 2, 0)  # (h, w, C)
+                buf = m._buffers[k]
                 ky, kx = dy // s, dx // s
-                h, w = v.shape[:2]
-                src = v[max(ky, 0):h + min(ky, 0), max(kx, 0):w + min(kx, 0)]
-                v[max(-ky, 0):h + min(-ky, 0), max(-kx, 0):w + min(-kx, 0)].copy_(src.clone())
+                h, w = buf.shape[2:]
+                src = (slice(max(ky, 0), h + min(ky, 0)), slice(max(kx, 0), w + min(kx, 0)))
+                dst = (slice(max(-ky, 0), h + min(-ky, 0)), slice(max(-kx, 0), w + min(-kx, 0)))
+                if single:
+                    new = torch.empty_like(buf)  # keeps the memory format (NHWC state stays NHWC)
+                    new[:, :, dst[0], dst[1]] = buf[:, :, src[0], src[1]]
+                    m._buffers[k] = new
+                else:
+                    v = buf[i].permute(1, 2, 0)  # (h, w, C)
+                    v[dst].copy_(v[src].clone())
+
+    def dm_streams(self) -> int:
+        return self.input_layer._state("ref").shape[0]
 
     @staticmethod
     def _fill_uncovered(ref: Tensor, frame: Tensor, dx: int, dy: int) -> None:
