@@ -77,7 +77,6 @@ class MotionDeltaModel(nn.Module):
     def reset_motion(self) -> None:
         self._frames = 0
         self._shape: tuple | None = None
-        self._prev: Tensor | None = None  # the previous camera frame (for "auto")
         self.camera: list[list[float]] = []  # per stream: accumulated camera position (x, y), pixels
         self.view: list[list[int]] = []  # per stream: view origin, a multiple of the total stride
         self.last_estimate: MotionEstimate | None = None
@@ -117,7 +116,8 @@ class MotionDeltaModel(nn.Module):
             self.aligner = StateAligner(self.dm, geometry)
             self.input_shift = [[0.0, 0.0] for _ in range(n)]
             if self.mode == "auto":
-                self._prev = x
+                self.estimator.forget()
+                self.estimator.step(x)
             self._frames = 1
             return out
         est = self._motion(x, motion)
@@ -200,8 +200,9 @@ class MotionDeltaModel(nn.Module):
                 raise MotionSequenceError(f"the motion sequence has {self._sequence.shape[0]} frames; frame {t} has none "
                                  "(pass motion= to the call, or give a longer sequence)")
             return given_motion(self._sequence[t], n, hw, x.device)
-        est = self.estimator(self._prev, x)
-        self._prev = x
+        est = self.estimator.step(x)
+        if est is None:  # cannot happen while the stream's shape is fixed; kept as a clear failure
+            raise RuntimeError("motion estimator lost the previous frame")
         return est
 
 
