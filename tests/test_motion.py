@@ -195,3 +195,26 @@ def test_unsupported_models_and_frames_are_refused(net):
         mm(torch.randn(1, 3, 36, 36))
     with pytest.raises(ValueError, match="motion must be"):
         MotionDeltaModel(mm.dm, motion="gyro")
+
+
+def test_narrow_halo_is_cheaper_with_bounded_error(net):
+    """halo= below the receptive-field bound: fewer pixels recomputed per view step, and an error that
+    stays small (the old border's padding leaks only through the outer layers' taps) but is not zero."""
+    scene = _scene(10)
+    exact = MotionDeltaModel(deltacnn.convert(net, torch.zeros(1, 3, H, W), backend="reference"), motion="auto")
+    narrow = MotionDeltaModel(deltacnn.convert(net, torch.zeros(1, 3, H, W), backend="reference"), motion="auto",
+                              halo=8)
+    errs, cost = [], {"exact": 0, "narrow": 0}
+    for t, (cx, cy) in enumerate(PATH[:5]):
+        x = _camera(scene, cx, cy, t)
+        with torch.no_grad():
+            ref = net(x)
+        torch.testing.assert_close(exact(x), ref, atol=2e-5, rtol=0)
+        errs.append(float((narrow(x) - ref).abs().max() / ref.abs().max()))
+        cost["exact"] += exact.aligner.recomputed_pixels
+        cost["narrow"] += narrow.aligner.recomputed_pixels
+    assert narrow.aligner.geo.halo == 8 < exact.aligner.geo.halo
+    assert cost["narrow"] < 0.7 * cost["exact"], cost
+    assert max(errs) > 1e-4 and max(errs) < 0.15, errs  # measured: 0.06-0.07 of the output's range
+    with pytest.raises(ValueError, match="halo"):
+        MotionDeltaModel(exact.dm, halo=-1)
