@@ -106,12 +106,9 @@ def test_run_with_motion_matches_dense_and_stays_sparse(folder, tmp_path, motion
         assert abs(r["motion_dx"] - STEP) < 0.3 and abs(r["motion_dy"]) < 0.3, r
         assert r["update_rate"] < 0.2, r  # aligned: only the square and the uncovered strip changed
         assert r["macs"] >= r["band_macs"] > 0  # the border bands' work is counted
-    plain = tmp_path / "p"
-    assert main(["run", str(folder), "-m", "tiny_pan", "-t", "0", "-q", "--no-video", "--backend", "reference",
-                 "--dense-above", "off", "--out", str(plain)]) == 0
-    plain_rows = json.loads((plain / "frames.json").read_text())
-    assert min(r["update_rate"] for r in plain_rows[1:]) > 0.5  # without alignment every pixel changes
-    assert sum(r["macs"] for r in rows[1:]) < 0.6 * sum(r["macs"] for r in plain_rows[1:])
+    # plain delta inference would run every frame densely here (every pixel changes): the aligned run
+    # does a fraction of that, band recomputation included
+    assert sum(r["macs"] for r in rows[1:]) < 0.6 * sum(r["dense_macs"] for r in rows[1:])
 
 
 @pytest.mark.parametrize("text, needle", [
