@@ -144,11 +144,13 @@ class MotionDeltaModel(nn.Module):
         self.input_shift = res
         aligned = translate(x, torch.tensor(res), self.resample) if any(any(r) for r in res) else x
         due = self._due_streams(n)
+        keyframes = [i for i, d in enumerate(due) if d]
         if not all(due):  # streams due for a keyframe (interval, refresh, after dense frames) need no shift
-            self.aligner.shift([(0, 0) if d else v for d, v in zip(due, view_shift)], aligned,
-                               [f and not d for f, d in zip(full, due)])
+            keyframes += self.aligner.shift([(0, 0) if d else v for d, v in zip(due, view_shift)], aligned,
+                                            [f and not d for f, d in zip(full, due)])
         else:
             self.aligner.recomputed_pixels = self.aligner.recompute_macs = 0
+        self._as_keyframes(keyframes, aligned)
         self._frames += 1
         out = self.dm(aligned)
         return map_outputs(out, torch.tensor(res).neg(), self.aligner.geo.frame_hw)
@@ -182,6 +184,17 @@ class MotionDeltaModel(nn.Module):
                     b[:, 1::2] = b[:, 1::2].clip(0, h)
                 out[k] = b.astype(v.dtype) if hasattr(b, "astype") else b
         return out
+
+    def _as_keyframes(self, streams: list[int], aligned: Tensor) -> None:
+        """Make the converted model run `streams` as keyframes on the aligned frame: due, and with the
+        aligned frame as their input reference, so that the busy-stream rule (which compares the frame
+        with the reference, here an old view's) does not turn the keyframe into a stateless dense
+        frame, and a moving camera into dense frames for good."""
+        ref = self.aligner.input_layer._buffers.get("state_ref")
+        for i in streams:
+            self.dm._since[i] = 0
+            if ref is not None:
+                ref[i].copy_(aligned[i].to(ref.dtype))
 
     def _due_streams(self, n: int) -> list[bool]:
         """Per stream, whether the converted model will run it as a keyframe next (its state is rebuilt)."""
