@@ -97,7 +97,9 @@ class MotionDeltaModel(nn.Module):
     def forward(self, x: Tensor, motion=None):
         if self.mode == "none":
             return self.dm(x)
-        self.dm._check_input(x)
+        if not isinstance(x, Tensor) or x.dim() != 4 or self._shape is None:
+            self.dm._check_input(x)  # the full check (a pass over the frame) runs again in dm before any state
+            # changes, and here only before the state is moved (below)
         n = x.shape[0]
         sig = (tuple(x.shape), x.dtype, x.device)
         if self._shape is not None and sig != self._shape:
@@ -145,6 +147,8 @@ class MotionDeltaModel(nn.Module):
         aligned = translate(x, torch.tensor(res), self.resample) if any(any(r) for r in res) else x
         due = self._due_streams(n)
         keyframes = [i for i, d in enumerate(due) if d]
+        if any(any(v) for v in view_shift) or any(full) or keyframes:
+            self.dm._check_input(x)  # NaN or infinity: rejected before the state moves
         if not all(due):  # streams due for a keyframe (interval, refresh, after dense frames) need no shift
             keyframes += self.aligner.shift([(0, 0) if d else v for d, v in zip(due, view_shift)], aligned,
                                             [f and not d for f, d in zip(full, due)])
