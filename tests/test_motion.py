@@ -222,3 +222,19 @@ def test_narrow_halo_is_cheaper_with_bounded_error(net):
     assert max(errs) > 1e-4 and max(errs) < 0.15, errs  # measured: 0.06-0.07 of the output's range
     with pytest.raises(ValueError, match="halo"):
         MotionDeltaModel(exact.dm, halo=-1)
+
+
+def test_estimates_do_not_drift_on_a_static_noisy_camera(net):
+    """Auto motion on a static camera with sensor noise: estimates are taken against an anchor frame, so
+    their noise does not add up into a whole-pixel shift of the input (a frame where everything changes)."""
+    g = torch.Generator().manual_seed(11)
+    scene = _scene(12)[:, :, 100:100 + H, 100:100 + W]
+    mm = MotionDeltaModel(deltacnn.convert(net, torch.zeros(1, 3, H, W), backend="reference"), motion="auto")
+    total = 0.0
+    for t in range(30):
+        mm(scene + 0.8 * torch.randn(scene.shape, generator=g))  # chained estimates: > 0.5 px off in 30 frames
+        if t:
+            total += abs(float(mm.last_estimate.shift[0, 0])) + abs(float(mm.last_estimate.shift[0, 1]))
+    assert total > 1.0  # the frame-to-frame estimates are noisy ...
+    assert mm.view[0] == [0, 0] and mm.input_shift == [[0.0, 0.0]]  # ... but the position is not
+    assert max(abs(c) for c in mm.camera[0]) < 0.5, mm.camera

@@ -82,6 +82,7 @@ class MotionDeltaModel(nn.Module):
         self.last_estimate: MotionEstimate | None = None
         self.last_full: list[bool] = []  # streams recomputed entirely in the last frame (low confidence)
         self.input_shift: list[list[float]] = []  # per stream: the translation applied to the last frame
+        self._anchor: Tensor | None = None  # "auto": spectra of the anchor frames (see _estimate_from_anchor)
 
     def reset(self) -> None:
         """Forget all state (the converted model's and the camera's); the next frame is a keyframe."""
@@ -118,8 +119,7 @@ class MotionDeltaModel(nn.Module):
             self.aligner = StateAligner(self.dm, geometry)
             self.input_shift = [[0.0, 0.0] for _ in range(n)]
             if self.mode == "auto":
-                self.estimator.forget()
-                self.estimator.step(x)
+                self._anchor_to(x, list(range(n)))
             self._frames = 1
             return out
         est = self._motion(x, motion)
@@ -217,10 +217,55 @@ class MotionDeltaModel(nn.Module):
                 raise MotionSequenceError(f"the motion sequence has {self._sequence.shape[0]} frames; frame {t} has none "
                                  "(pass motion= to the call, or give a longer sequence)")
             return given_motion(self._sequence[t], n, hw, x.device)
-        est = self.estimator.step(x)
-        if est is None:  # cannot happen while the stream's shape is fixed; kept as a clear failure
-            raise RuntimeError("motion estimator lost the previous frame")
-        return est
+        return self._estimate_from_anchor(x)
+
+    # ---- "auto": estimates against an anchor frame, so that estimator noise does not accumulate -----
+    REANCHOR_PX = 16.0  # a new anchor once the camera moved this far from the anchor (keeps the overlap large)
+    REANCHOR_FRAMES = 50  # ... or this many frames after it (the scene's movers drift away from the anchor)
+
+    def _anchor_to(self, x: Tensor, streams: list[int], spec: Tensor | None = None) -> None:
+        """Make the current frame (its spectrum `spec`) the anchor of `streams`, at their camera positions."""
+        if spec is None:
+            b, _ = self.estimator.prepare(x)
+            spec = torch.fft.rfft2(b)
+        if getattr(self, "_anchor", None) is None or self._anchor.shape != spec.shape or len(streams) == x.shape[0]:
+            self._anchor = spec.clone()
+            self._anchor_cam = [list(c) for c in (self.camera or [[0.0, 0.0]] * x.shape[0])]
+            self._anchor_age = [0] * x.shape[0]
+            return
+        for i in streams:
+            self._anchor[i] = spec[i]
+            self._anchor_cam[i] = list(self.camera[i])
+            self._anchor_age[i] = 0
+
+    def _estimate_from_anchor(self, x: Tensor) -> MotionEstimate:
+        """The camera displacement since the last frame, as (position vs the anchor) - (last position).
+
+        Chaining frame-to-frame estimates adds their noise up (a random walk of ~0.1 px per frame, which
+        on a static camera soon rounds to a 1 px shift of the whole input, i.e. a frame where every
+        pixel changes); measured against an anchor frame the position error stays that of one estimate.
+        """
+        b, f = self.estimator.prepare(x)
+        spec = torch.fft.rfft2(b)
+        est = self.estimator.correlate(None, b, f, spectra=(self._anchor, spec))
+        d = est.shift.double().cpu().tolist()
+        conf = est.confidence.cpu().tolist()
+        step, renew = [], []
+        for i in range(x.shape[0]):
+            ok = conf[i] >= self.min_confidence
+            pos = [a + v for a, v in zip(self._anchor_cam[i], d[i])] if ok else list(self.camera[i])
+            step.append([p - c for p, c in zip(pos, self.camera[i])])
+            self._anchor_age[i] += 1
+            if not ok or max(abs(v) for v in d[i]) >= self.REANCHOR_PX or self._anchor_age[i] >= self.REANCHOR_FRAMES:
+                renew.append(i)
+        shift = torch.tensor(step, dtype=torch.float32, device=x.device)
+        if renew:  # anchored at the position this frame will have (forward adds `step` to the camera)
+            saved = [list(c) for c in self.camera]
+            for i in renew:
+                self.camera[i] = [c + v for c, v in zip(self.camera[i], step[i])]
+            self._anchor_to(x, renew, spec)
+            self.camera = saved
+        return MotionEstimate(shift, est.confidence, est.peak_ratio)
 
 
 def motion_record(mm: MotionDeltaModel, stream: int = 0) -> dict:
