@@ -2,6 +2,10 @@
 of dense inference, plain delta inference and motion-aligned delta inference (deltacnn.motion).
 
     PYTHONPATH=. python3 benchmarks/motion_pan.py [--frames 16] [--model pannet|resnet18s8] [--speeds 2,4,8] [--auto]
+        [--clock cpu|wall]
+
+--clock cpu (default): 1 thread, time.process_time, so that a loaded machine slows every variant alike;
+--clock wall: perf_counter at torch's thread count (for a quiet machine).
 
 (set TORCH_EXTENSIONS_DIR to a private folder on a machine where several worktrees build the CPU kernels)
 
@@ -76,12 +80,13 @@ def clip(speed: int, frames: int, axis: str) -> tuple[list[torch.Tensor], list[t
     return out, motion
 
 
-def run(model_name: str, speeds: list[int], frames: int, auto: bool) -> None:
+def run(model_name: str, speeds: list[int], frames: int, auto: bool, clock=time.perf_counter) -> None:
     torch.manual_seed(0)
     net = (PanNet() if model_name == "pannet" else resnet18_s8()).eval()
     ex = torch.zeros(1, 3, H, W)
     print(f"model {model_name}, view {H}x{W}, {frames} frames, tau 0, backend cpu, threads {torch.get_num_threads()}")
-    print(f"{'motion':>14s} {'variant':>10s} {'MACs/dense':>10s} {'ms/frame':>9s} {'recomp':>7s} {'max err':>9s}")
+    print(f"{'motion':>14s} {'variant':>10s} {'MACs/dense':>10s} {'ms/frame':>9s} {'ms mean':>8s} {'recomp':>7s} "
+          f"{'max err':>9s}")
     for axis, speed in [("static", 0)] + [(a, v) for a in ("pan", "tilt+pan") for v in speeds]:
         frames_, motion = clip(speed, frames, axis)
         plain = deltacnn.convert(net, ex, backend="cpu")
@@ -101,9 +106,9 @@ def run(model_name: str, speeds: list[int], frames: int, auto: bool) -> None:
                 mm.reset()
                 for t, x in enumerate(frames_):
                     for name, m in variants.items():
-                        t0 = time.perf_counter()
+                        t0 = clock()
                         y = net(x) if m is None else m(x)
-                        dt = time.perf_counter() - t0
+                        dt = clock() - t0
                         if t == 0:
                             if rec and name == "delta":
                                 dense_macs = plain.frame_stats().dense_macs  # a keyframe: the dense work
@@ -132,7 +137,8 @@ def run(model_name: str, speeds: list[int], frames: int, auto: bool) -> None:
                 vals = [dense_macs if v is None else v for v in macs[name]]  # dense frames: a dense frame's work
                 frac = sum(vals) / (len(vals) * dense_macs)
             rc = f"{statistics.mean(recomp):7.1%}" if name == "aligned" else ""
-            print(f"{label:>14s} {name:>10s} {frac:10.1%} {statistics.median(times[name]):9.1f} {rc:>7s} "
+            print(f"{label:>14s} {name:>10s} {frac:10.1%} {statistics.median(times[name]):9.1f} "
+                  f"{statistics.mean(times[name]):8.1f} {rc:>7s} "
                   f"{err[name]:9.2e}")
 
 
@@ -142,8 +148,12 @@ def main() -> None:
     ap.add_argument("--model", choices=("pannet", "resnet18s8"), default="pannet")
     ap.add_argument("--speeds", default="2,4,8")
     ap.add_argument("--auto", action="store_true", help="estimate the motion (phase correlation) instead of giving it")
+    ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
     a = ap.parse_args()
-    run(a.model, [int(s) for s in a.speeds.split(",")], a.frames, a.auto)
+    if a.clock == "cpu":
+        torch.set_num_threads(1)
+    run(a.model, [int(s) for s in a.speeds.split(",")], a.frames, a.auto,
+        time.process_time if a.clock == "cpu" else time.perf_counter)
 
 
 if __name__ == "__main__":

@@ -108,6 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-video", action="store_true", help="skip the annotated and heat-map videos")
     r.add_argument("--compile-peer", action="store_true", help=COMPILE_HELP)
     r.add_argument("--out", "-o", default=None, help="output directory (default ./deltacnn_out/<clip name>)")
+    r.add_argument("--motion", default="none", metavar="auto|none|FILE",
+                   help="moving camera: keep the delta state aligned to the scene; auto: estimate the motion "
+                        "(phase correlation), FILE: one 'dx dy' (or 9-number homography) line per frame "
+                        "(default none: static camera)")
+    r.add_argument("--motion-halo", type=_positive_int, default=None, metavar="PX",
+                   help="border bands recomputed when the view moves, in pixels (default: the exact receptive-"
+                        "field bound; smaller is cheaper and approximate)")
 
     t = sub.add_parser("tune", help="find input and per-layer thresholds within an accuracy budget versus dense",
                        description="Search the thresholds with the lowest measured delta-frame time whose task output "
@@ -164,7 +171,8 @@ def cmd_run(a: argparse.Namespace) -> int:
     res = run(video, a.model, threshold=a.threshold, input_threshold=a.input_threshold, thresholds=a.thresholds,
               device=a.device, out=a.out, max_frames=a.max_frames, dtype=a.dtype,
               keyframe_interval=a.keyframe_interval, check_dense=a.check_dense, backend=a.backend, quiet=a.quiet,
-              write_videos=not a.no_video, dense_above=a.dense_above, reader=a.reader, compile_peer=a.compile_peer)
+              write_videos=not a.no_video, dense_above=a.dense_above, reader=a.reader, compile_peer=a.compile_peer,
+              motion=a.motion, motion_halo=a.motion_halo)
     print(res.table())
     if res.summary.get("interrupted"):
         print(f"stopped by Ctrl-C after {res.summary['frames']} frames; the outputs cover those frames")

@@ -1232,7 +1232,7 @@ def convert(model: nn.Module, example_input: Tensor, *, threshold: float = 0.0, 
             keyframe_interval: int | None = None, mask_dilation: int = 1, allow_dense_fallback: bool = False,
             fuse: bool = True, backend: str | None = None, on_input_change: str = "error",
             dense_above: float | None = 0.5, leaf_modules: Iterable[type | str] = (),
-            min_blob: int = 1) -> DeltaModel:
+            min_blob: int = 1, motion=None) -> DeltaModel:
     """Turn an ordinary CNN into a stateful delta model for video.
 
     Args:
@@ -1262,7 +1262,13 @@ def convert(model: nn.Module, example_input: Tensor, *, threshold: float = 0.0, 
         leaf_modules: module classes or qualified names that tracing keeps as one call instead of
             tracing into (for modules with data-dependent control flow); without a delta version
             they run as dense islands (needs allow_dense_fallback=True).
+        motion: None or "none": a static camera. "auto", a motion file or a (T, [N,] 2) / (T, [N,] 3, 3)
+            sequence: returns a deltacnn.motion.MotionDeltaModel around the delta model, whose state
+            follows the camera (see deltacnn/motion; construct it yourself for its other options).
     """
+    if motion is not None:  # a bad motion file fails before the conversion's work
+        from .motion import resolve_motion
+        motion = resolve_motion(motion)
     if dense_above is not None and not 0 <= dense_above <= 1:
         raise ValueError(f"dense_above must be in [0, 1] or None, got {dense_above}")
     if not isinstance(model, nn.Module):
@@ -1322,6 +1328,9 @@ def convert(model: nn.Module, example_input: Tensor, *, threshold: float = 0.0, 
                                  layer_macs={k: conv.macs.get(k, 0) for k in layers})
     if conv.islands or conv.tails:
         warnings.warn(dm.report.describe(), DenseOpsWarning, stacklevel=2)
+    if motion is not None and not (isinstance(motion, str) and motion == "none"):
+        from .motion import MotionDeltaModel
+        return MotionDeltaModel(dm, motion)
     return dm
 
 

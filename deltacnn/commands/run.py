@@ -83,7 +83,7 @@ def run(video: str | int | Path | None = None, model: str | Task | None = None, 
         max_frames: int | None = None, dtype: str | torch.dtype | None = None, keyframe_interval: int | None = None,
         check_dense: bool = False, backend: str | None = None, quiet: bool = False,
         write_videos: bool = True, dense_above: float | None = 0.5, reader: str = "auto",
-        compile_peer: bool = False) -> RunResult:
+        compile_peer: bool = False, motion: str | Path | None = None, motion_halo: int | None = None) -> RunResult:
     """Run a source through the delta model and, for timing, through the strongest dense peer.
 
     `video`: a video file, an image folder, a camera index (`0`) or a stream URL (`rtsp://`,
@@ -101,7 +101,11 @@ def run(video: str | int | Path | None = None, model: str | Task | None = None, 
     also try torch.compile(mode="max-autotune") as a peer (minutes of compiling).
     `check_dense` compares with the model as loaded (fp32), run once more per frame (the peer's
     outputs match it to 1e-4 only, which is enough to flip a borderline detection).
+    `motion`: "none" (default), "auto" or a motion file (deltacnn/motion/files.py): the delta state
+    follows the camera (deltacnn.motion.MotionDeltaModel, band width `motion_halo`); the records then
+    carry the motion, its confidence, the view origin and the border-band work (counted in `macs`).
     """
+    motion = _resolve_motion(motion)
     source = open_video(video, max_frames, reader=reader)
     task = get_task(model)
     if threshold is None and thresholds is None and getattr(task, "default_thresholds", None) is not None:
@@ -126,6 +130,7 @@ def run(video: str | int | Path | None = None, model: str | Task | None = None, 
     rows: list[dict] = []
     metric_keys: list[str] = []
     dm: DeltaModel | None = None
+    mm = None  # the MotionDeltaModel around dm, with a moving camera
     choice: PeerChoice | None = None
     interrupted = False
     bar = progress(source, source.expected_frames, "deltacnn run", quiet)
@@ -139,10 +144,14 @@ def run(video: str | int | Path | None = None, model: str | Task | None = None, 
                                      thresholds=thresholds, dtype=torch_dtype,
                                      keyframe_interval=keyframe_interval, backend=backend, dense_above=dense_above)
                     dm.enable_stats(True, keep_masks=write_videos)
-                out_delta, delta_ms = timed(dm, x, dev)
+                    mm = _motion_model(dm, motion, motion_halo)
+                out_delta, delta_ms = _timed_motion(mm, x, dev) if mm is not None else timed(dm, x, dev)
                 _, peer_ms = timed(choice.peer, x, dev)
                 row = frame_record(i, dm, delta_ms, peer_ms)
                 result = task.postprocess(to_float(out_delta))
+                if mm is not None:
+                    row.update(_motion_fields(mm, row))
+                    result = mm.camera_result(result, frame.shape[:2])
                 if check_dense:
                     # the model itself, not the peer: a 1e-4 difference (onnxruntime) flips borderline boxes
                     out_dense = _dense(dense, x)
@@ -177,6 +186,7 @@ def run(video: str | int | Path | None = None, model: str | Task | None = None, 
                         dtype=str(torch_dtype or torch.float32).replace("torch.", ""), metric_keys=metric_keys,
                         peer=choice)
     summary["source"] = source.kind
+    summary["motion"] = "none" if motion is None else motion if isinstance(motion, str) else f"{len(motion)} given"
     summary["interrupted"] = interrupted
     if dm is not None:
         summary["backend"] = dm.rt.backend_on(dev).name
@@ -184,6 +194,43 @@ def run(video: str | int | Path | None = None, model: str | Task | None = None, 
     if write_videos:
         paths = {"annotated": annotated.path, "updates": updates.path, **paths}
     return RunResult(rows, summary, paths)
+
+
+def _resolve_motion(motion):
+    from ..motion import MotionFileError, resolve_motion
+    try:
+        motion = resolve_motion("none" if motion is None else motion)
+    except MotionFileError as e:
+        raise UserError(str(e)) from None
+    return None if isinstance(motion, str) and motion == "none" else motion
+
+
+def _motion_model(dm: DeltaModel, motion, halo: int | None):
+    if motion is None:
+        return None
+    from ..motion import MotionDeltaModel
+    try:
+        return MotionDeltaModel(dm, motion, halo=halo)
+    except ValueError as e:
+        raise UserError(f"--motion: {e}") from None
+
+
+def _timed_motion(mm, x, dev):
+    from ..motion import MotionNotSupportedError, MotionSequenceError
+    try:
+        return timed(mm, x, dev)
+    except MotionSequenceError as e:
+        raise UserError(f"--motion: {e}") from None
+    except MotionNotSupportedError as e:
+        raise UserError(f"--motion: this model cannot follow a moving camera: {e}") from None
+
+
+def _motion_fields(mm, row: dict) -> dict:
+    """The motion columns of a record; the border bands' work is added to the frame's MACs."""
+    from ..motion import motion_record
+    rec = motion_record(mm)
+    macs = row["macs"] + rec["band_macs"]
+    return {**rec, "macs": macs, "macs_fraction": macs / row["dense_macs"] if row["dense_macs"] else 1.0}
 
 
 def _dense(model, x):

@@ -7,7 +7,9 @@ See aligned.py for the design and its costs, estimate.py for the motion conventi
 """
 from .aligned import MotionNotSupportedError, StateAligner, StateGeometry, map_outputs, probe_geometry, translate
 from .estimate import MIN_CONFIDENCE, MotionEstimate, PhaseCorrelator, given_motion
-from .model import MotionDeltaModel
+from .files import MotionFileError, load_motion_file, resolve_motion
+from .model import MotionDeltaModel, MotionSequenceError, motion_record
 
 __all__ = ["MotionDeltaModel", "PhaseCorrelator", "MotionEstimate", "given_motion", "translate", "map_outputs",
-           "probe_geometry", "StateAligner", "StateGeometry", "MotionNotSupportedError", "MIN_CONFIDENCE"]
+           "probe_geometry", "StateAligner", "StateGeometry", "MotionNotSupportedError", "MIN_CONFIDENCE",
+           "MotionFileError", "MotionSequenceError", "load_motion_file", "resolve_motion", "motion_record"]

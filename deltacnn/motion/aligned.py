@@ -242,45 +242,66 @@ class StateAligner:
         self.recomputed_pixels = 0  # input pixels recomputed densely by the last shift (all streams)
         self.recompute_macs = 0  # their multiply-adds (counted only while the model records statistics)
 
-    def shift(self, view_shift: list[tuple[int, int]], frame: Tensor, full: list[bool]) -> None:
+    def shift(self, view_shift: list[tuple[int, int]], frame: Tensor, full: list[bool]) -> list[int]:
         """Move stream i's view origin by view_shift[i] = (dx, dy) (multiples of S) and make its state the
-        dense network's on the new reference; `frame` (aligned, N, C, H, W) fills uncovered pixels. Streams
-        with full[i] (a failed estimate, a cut) are recomputed on `frame` entirely (a per-stream keyframe)."""
+        dense network's on the new reference; `frame` (aligned, N, C, H, W) fills uncovered pixels.
+
+        Returns the streams whose whole view must be recomputed instead (full[i]: a failed estimate, a
+        cut; or bands that would cover the view): the caller runs them as keyframes of the converted
+        model on `frame` (one dense pass, where recomputing here and then running a delta step would
+        be two)."""
         H, W = self.geo.frame_hw
         S = self.geo.total_stride
         self.recomputed_pixels = 0
         self.recompute_macs = 0
+        keyframes = []
         for i, ((dx, dy), whole) in enumerate(zip(view_shift, full)):
             if dx % S or dy % S:
                 raise ValueError(f"view shift ({dx}, {dy}) is not a multiple of the total stride {S}")
             if whole:
-                self._recompute(i, frame[i:i + 1], [((0, H, 0, H), (0, W, 0, W))])
+                keyframes.append(i)
                 continue
             if dx == 0 and dy == 0:
                 continue
             sx, sy = _strips(dx, W, self.geo.halo), _strips(dy, H, self.geo.halo)
             if sx is None or sy is None or sum(c1 - c0 for *_, c0, c1 in sx) * H + \
                     sum(c1 - c0 for *_, c0, c1 in sy) * W >= H * W:  # the strips cost more than the view
-                self._recompute(i, frame[i:i + 1], [((0, H, 0, H), (0, W, 0, W))])
+                keyframes.append(i)
                 continue
             self._roll(i, dx, dy)
             ref = self.input_layer._state("ref")
             self._fill_uncovered(ref[i], frame[i], dx, dy)
             regions = [((0, H, 0, H), xs) for xs in sx] + [(ys, (0, W, 0, W)) for ys in sy]
             self._recompute(i, ref[i:i + 1], regions)
+        self.recomputed_pixels += len(keyframes) * H * W
+        return keyframes
 
     def _roll(self, i: int, dx: int, dy: int) -> None:
-        """Move stream i's state so that new[j] = old[j + D / s]; what would wrap around is left as it
-        was, because it lies in the uncovered strip, which is recomputed (one copy of the overlap plus a
-        temporary, in the buffers' NHWC memory order: torch.roll on the strided view is ~10x slower)."""
+        """Move stream i's state so that new[j] = old[j + D / s]. One stream: each buffer is replaced by a
+        fresh one holding the shifted overlap (one copy; the uncovered strip is left unwritten, because
+        the caller recomputes it); several streams: stream i's rows are shifted in place through a
+        temporary (two copies). Both work in the buffers' NHWC memory order: torch.roll on the strided
+        view is ~10x slower. (Wrap-around buffers with per-layer offsets would need no copy at all, but
+        every backend kernel would have to index with the offsets.)"""
+        single = self.dm_streams() == 1
         for m in self.geo.layers:
             for k in _state_keys(m):
                 s = self.geo.strides[(id(m), k)]
-                v = m._buffers[k][i].permute(1, 2, 0)  # (h, w, C)
+                buf = m._buffers[k]
                 ky, kx = dy // s, dx // s
-                h, w = v.shape[:2]
-                src = v[max(ky, 0):h + min(ky, 0), max(kx, 0):w + min(kx, 0)]
-                v[max(-ky, 0):h + min(-ky, 0), max(-kx, 0):w + min(-kx, 0)].copy_(src.clone())
+                h, w = buf.shape[2:]
+                src = (slice(max(ky, 0), h + min(ky, 0)), slice(max(kx, 0), w + min(kx, 0)))
+                dst = (slice(max(-ky, 0), h + min(-ky, 0)), slice(max(-kx, 0), w + min(-kx, 0)))
+                if single:
+                    new = torch.empty_like(buf)  # keeps the memory format (NHWC state stays NHWC)
+                    new[:, :, dst[0], dst[1]] = buf[:, :, src[0], src[1]]
+                    m._buffers[k] = new
+                else:
+                    v = buf[i].permute(1, 2, 0)  # (h, w, C)
+                    v[dst].copy_(v[src].clone())
+
+    def dm_streams(self) -> int:
+        return self.input_layer._state("ref").shape[0]
 
     @staticmethod
     def _fill_uncovered(ref: Tensor, frame: Tensor, dx: int, dy: int) -> None:

@@ -66,6 +66,10 @@ class PhaseCorrelator:
         if f > 1:
             g = F.avg_pool2d(g, f)
         g = g[:, 0]
+        h, w = g.shape[1:]
+        sh, sw = _smooth_size(h), _smooth_size(w)  # FFT-friendly: a pooled 214 px side (2 * 107) is 2x slower
+        if (sh, sw) != (h, w):
+            g = g[:, (h - sh) // 2:(h - sh) // 2 + sh, (w - sw) // 2:(w - sw) // 2 + sw]
         g = g - g.mean((1, 2), keepdim=True)
         h, w = g.shape[1:]
         key = (h, w, g.device)
@@ -83,16 +87,34 @@ class PhaseCorrelator:
         b, _ = self.prepare(cur)
         return self.correlate(a, b, f)
 
-    def correlate(self, a: Tensor, b: Tensor, factor: int = 1) -> MotionEstimate:
-        """Estimate from two prepared grey batches (see `prepare`)."""
-        n, h, w = a.shape
-        cross = torch.fft.rfft2(a) * torch.fft.rfft2(b).conj()
+    def step(self, cur: Tensor) -> MotionEstimate | None:
+        """Camera displacement from the frame of the last `step` to `cur` (None on the first call, or after
+        a change of shape): the previous frame's spectrum is kept, so each frame is prepared and
+        transformed once."""
+        b, f = self.prepare(cur)
+        spec = torch.fft.rfft2(b)
+        last = getattr(self, "_last", None)
+        self._last = (tuple(cur.shape), spec, f)
+        if last is None or last[0] != tuple(cur.shape):
+            return None
+        return self.correlate(None, b, f, spectra=(last[1], spec))
+
+    def forget(self) -> None:
+        """Drop the frame kept by `step` (a new stream)."""
+        self._last = None
+
+    def correlate(self, a: Tensor | None, b: Tensor, factor: int = 1,
+                  spectra: tuple[Tensor, Tensor] | None = None) -> MotionEstimate:
+        """Estimate from two prepared grey batches (see `prepare`), or from their rfft2 `spectra`."""
+        n, h, w = b.shape
+        fa, fb = spectra if spectra is not None else (torch.fft.rfft2(a), torch.fft.rfft2(b))
+        cross = fa * fb.conj()
         cross = cross / cross.abs().clamp_min(1e-12 * float(h * w))
         surf = torch.fft.irfft2(cross, s=(h, w))  # peak at the displacement d: cur(p) = prev(p + d)
         flat = surf.reshape(n, -1)
         peak, arg = flat.max(1)
         py, px = arg // w, arg % w
-        rows = torch.arange(n, device=a.device)
+        rows = torch.arange(n, device=b.device)
 
         def at(dy: int, dx: int) -> Tensor:
             return surf[rows, (py + dy) % h, (px + dx) % w]
@@ -106,8 +128,8 @@ class PhaseCorrelator:
         sub_y = parabola(at(-1, 0), peak, at(1, 0))
         sub_x = parabola(at(0, -1), peak, at(0, 1))
         # the second peak: the maximum outside the (wrapped) neighbourhood of the first
-        yy = torch.arange(h, device=a.device).view(1, h, 1)
-        xx = torch.arange(w, device=a.device).view(1, 1, w)
+        yy = torch.arange(h, device=b.device).view(1, h, 1)
+        xx = torch.arange(w, device=b.device).view(1, 1, w)
         dy = (yy - py.view(n, 1, 1)).remainder(h)
         dx = (xx - px.view(n, 1, 1)).remainder(w)
         e = self.exclude
@@ -123,6 +145,20 @@ class PhaseCorrelator:
         sx = torch.where(px > w // 2, px - w, px).float() + sub_x
         shift = torch.stack([sx, sy], 1) * factor
         return MotionEstimate(shift, conf.float(), ratio.float())
+
+
+def _smooth_size(n: int) -> int:
+    """The largest m <= n whose prime factors are 2, 3 and 5 (fast FFT sizes); n itself below 16."""
+    if n < 16:
+        return n
+    for m in range(n, 0, -1):
+        k = m
+        for p in (2, 3, 5):
+            while k % p == 0:
+                k //= p
+        if k == 1:
+            return m
+    return n
 
 
 def given_motion(motion, n: int, frame_hw: tuple[int, int], device) -> MotionEstimate:

@@ -7,11 +7,19 @@
 """
 from __future__ import annotations
 
+import os
+
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from .aligned import StateAligner, map_outputs, probe_geometry, translate
+from .files import MOTION_CHOICES, load_motion_file
 from .estimate import MIN_CONFIDENCE, MotionEstimate, PhaseCorrelator, given_motion
+
+
+class MotionSequenceError(IndexError):
+    """A given motion sequence ended before the clip did."""
 
 
 class MotionDeltaModel(nn.Module):
@@ -28,19 +36,35 @@ class MotionDeltaModel(nn.Module):
         resample: how the frame is moved by the sub-stride residual: "nearest" (whole pixels, an
             exact copy) or "bilinear".
         estimator: a PhaseCorrelator to use for "auto".
+        halo: width (input pixels, rounded up to a multiple of the total stride) of the border bands
+            recomputed when the view moves. None: the network's receptive-field bound R, which makes
+            the result exact but, for deep nets (YOLOv8n: R = 832 px), recomputes the whole view on
+            every view step. A smaller halo is an approximation: the state within R of the view
+            border keeps a trace of the old border's padding (measure it, e.g. with task F1).
     """
 
     def __init__(self, dm, motion="auto", *, min_confidence: float = MIN_CONFIDENCE, resample: str = "nearest",
-                 estimator: PhaseCorrelator | None = None) -> None:
+                 estimator: PhaseCorrelator | None = None, halo: int | None = None) -> None:
         super().__init__()
         if resample not in ("nearest", "bilinear"):
             raise ValueError(f"resample must be 'nearest' or 'bilinear', got {resample!r}")
+        if halo is not None and (not isinstance(halo, int) or halo < 0):
+            raise ValueError(f"halo must be a number of pixels >= 0 or None (the exact bound), got {halo!r}")
+        self.halo = halo
+        if isinstance(motion, (str, os.PathLike)) and motion not in MOTION_CHOICES:
+            if not os.path.isfile(motion):
+                raise ValueError(f"motion must be 'auto', 'none', a motion file or a tensor of per-frame motions; "
+                                 f"{str(motion)!r} is none of these (no such file)")
+            motion = load_motion_file(motion)
         if isinstance(motion, str):
-            if motion not in ("auto", "none"):
-                raise ValueError(f"motion must be 'auto', 'none' or a tensor of per-frame motions, got {motion!r}")
             self._sequence = None
         else:
             self._sequence = torch.as_tensor(motion, dtype=torch.float64)
+            if self._sequence.dim() not in (2, 3, 4) or self._sequence.shape[-1] not in (2, 3) or \
+                    (self._sequence.shape[-1] == 3 and self._sequence.shape[-2] != 3) or \
+                    (self._sequence.shape[-1] == 2 and self._sequence.dim() == 4):
+                raise ValueError("a motion sequence must be (T, 2) / (T, N, 2) translations or (T, 3, 3) / "
+                                 f"(T, N, 3, 3) homographies; got shape {tuple(self._sequence.shape)}")
             motion = "given"
         self.dm = dm
         self.mode = motion
@@ -53,11 +77,12 @@ class MotionDeltaModel(nn.Module):
     def reset_motion(self) -> None:
         self._frames = 0
         self._shape: tuple | None = None
-        self._prev: Tensor | None = None  # the previous camera frame (for "auto")
         self.camera: list[list[float]] = []  # per stream: accumulated camera position (x, y), pixels
         self.view: list[list[int]] = []  # per stream: view origin, a multiple of the total stride
         self.last_estimate: MotionEstimate | None = None
         self.last_full: list[bool] = []  # streams recomputed entirely in the last frame (low confidence)
+        self.input_shift: list[list[float]] = []  # per stream: the translation applied to the last frame
+        self._anchor: Tensor | None = None  # "auto": spectra of the anchor frames (see _estimate_from_anchor)
 
     def reset(self) -> None:
         """Forget all state (the converted model's and the camera's); the next frame is a keyframe."""
@@ -73,7 +98,9 @@ class MotionDeltaModel(nn.Module):
     def forward(self, x: Tensor, motion=None):
         if self.mode == "none":
             return self.dm(x)
-        self.dm._check_input(x)
+        if not isinstance(x, Tensor) or x.dim() != 4 or self._shape is None:
+            self.dm._check_input(x)  # the full check (a pass over the frame) runs again in dm before any state
+            # changes, and here only before the state is moved (below)
         n = x.shape[0]
         sig = (tuple(x.shape), x.dtype, x.device)
         if self._shape is not None and sig != self._shape:
@@ -86,9 +113,13 @@ class MotionDeltaModel(nn.Module):
             self.view = [[0, 0] for _ in range(n)]
             self.last_full = [False] * n
             geometry, out = probe_geometry(self.dm, x)
+            if self.halo is not None:  # the caller's approximation: narrower bands than the exact bound
+                S = geometry.total_stride
+                geometry.halo = min(geometry.halo, S * -(-self.halo // S))
             self.aligner = StateAligner(self.dm, geometry)
+            self.input_shift = [[0.0, 0.0] for _ in range(n)]
             if self.mode == "auto":
-                self._prev = x
+                self._anchor_to(x, list(range(n)))
             self._frames = 1
             return out
         est = self._motion(x, motion)
@@ -112,18 +143,69 @@ class MotionDeltaModel(nn.Module):
         res = self.residual
         if self.resample == "nearest":
             res = [[float(round(r)) for r in rs] for rs in res]
+        self.input_shift = res
         aligned = translate(x, torch.tensor(res), self.resample) if any(any(r) for r in res) else x
-        if not self._next_is_keyframe():
-            self.aligner.shift(view_shift, aligned, full)
+        due = self._due_streams(n)
+        keyframes = [i for i, d in enumerate(due) if d]
+        if any(any(v) for v in view_shift) or any(full) or keyframes:
+            self.dm._check_input(x)  # NaN or infinity: rejected before the state moves
+        if not all(due):  # streams due for a keyframe (interval, refresh, after dense frames) need no shift
+            keyframes += self.aligner.shift([(0, 0) if d else v for d, v in zip(due, view_shift)], aligned,
+                                            [f and not d for f, d in zip(full, due)])
         else:
             self.aligner.recomputed_pixels = self.aligner.recompute_macs = 0
+        self._as_keyframes(keyframes, aligned)
         self._frames += 1
         out = self.dm(aligned)
         return map_outputs(out, torch.tensor(res).neg(), self.aligner.geo.frame_hw)
 
-    def _next_is_keyframe(self) -> bool:
+    def camera_boxes(self, boxes, stream: int = 0):
+        """Boxes (..., 4) xyxy that the model's outputs gave in view coordinates, in camera coordinates
+        (spatial output maps are mapped back by forward itself; decoded boxes are not maps)."""
+        if not self.input_shift:
+            return boxes
+        tx, ty = self.input_shift[stream]
+        if not (tx or ty):
+            return boxes
+        off = [tx, ty, tx, ty]
+        if isinstance(boxes, Tensor):
+            return boxes - torch.tensor(off, dtype=boxes.dtype, device=boxes.device)
+        return np.asarray(boxes, dtype=np.float64) - np.asarray(off)
+
+    def camera_result(self, result, frame_hw: tuple[int, int] | None = None, stream: int = 0):
+        """A task's decoded result (a dict with ``boxes``-like xyxy arrays) moved to camera coordinates,
+        the boxes clipped to the frame (`frame_hw`, default the model's input size)."""
+        if not isinstance(result, dict):
+            return result
+        h, w = frame_hw or (self.aligner.geo.frame_hw if self.aligner is not None else (None, None))
+        out = dict(result)
+        for k, v in result.items():
+            if k.endswith("boxes") and getattr(v, "ndim", 0) == 2 and v.shape[-1] == 4:
+                b = self.camera_boxes(v, stream)
+                if w is not None:
+                    b = b.copy() if not isinstance(b, Tensor) else b.clone()
+                    b[:, 0::2] = b[:, 0::2].clip(0, w)
+                    b[:, 1::2] = b[:, 1::2].clip(0, h)
+                out[k] = b.astype(v.dtype) if hasattr(b, "astype") else b
+        return out
+
+    def _as_keyframes(self, streams: list[int], aligned: Tensor) -> None:
+        """Make the converted model run `streams` as keyframes on the aligned frame: due, and with the
+        aligned frame as their input reference, so that the busy-stream rule (which compares the frame
+        with the reference, here an old view's) does not turn the keyframe into a stateless dense
+        frame, and a moving camera into dense frames for good."""
+        ref = self.aligner.input_layer._buffers.get("state_ref")
+        for i in streams:
+            self.dm._since[i] = 0
+            if ref is not None:
+                ref[i].copy_(aligned[i].to(ref.dtype))
+
+    def _due_streams(self, n: int) -> list[bool]:
+        """Per stream, whether the converted model will run it as a keyframe next (its state is rebuilt)."""
         dm = self.dm
-        return dm.frame_index == 0 or (dm.keyframe_interval is not None and dm.frame_index >= dm.keyframe_interval)
+        if dm.frame_index == 0 or len(dm._since) != n:
+            return [True] * n
+        return [dm._due(i) for i in range(n)]
 
     def _motion(self, x: Tensor, motion) -> MotionEstimate:
         n, hw = x.shape[0], tuple(x.shape[2:])
@@ -132,9 +214,70 @@ class MotionDeltaModel(nn.Module):
         if self.mode == "given":
             t = self._frames
             if t >= self._sequence.shape[0]:
-                raise IndexError(f"the motion sequence has {self._sequence.shape[0]} frames; frame {t} has none "
+                raise MotionSequenceError(f"the motion sequence has {self._sequence.shape[0]} frames; frame {t} has none "
                                  "(pass motion= to the call, or give a longer sequence)")
             return given_motion(self._sequence[t], n, hw, x.device)
-        est = self.estimator(self._prev, x)
-        self._prev = x
-        return est
+        return self._estimate_from_anchor(x)
+
+    # ---- "auto": estimates against an anchor frame, so that estimator noise does not accumulate -----
+    REANCHOR_PX = 16.0  # a new anchor once the camera moved this far from the anchor (keeps the overlap large)
+    REANCHOR_FRAMES = 50  # ... or this many frames after it (the scene's movers drift away from the anchor)
+
+    def _anchor_to(self, x: Tensor, streams: list[int], spec: Tensor | None = None) -> None:
+        """Make the current frame (its spectrum `spec`) the anchor of `streams`, at their camera positions."""
+        if spec is None:
+            b, _ = self.estimator.prepare(x)
+            spec = torch.fft.rfft2(b)
+        if getattr(self, "_anchor", None) is None or self._anchor.shape != spec.shape or len(streams) == x.shape[0]:
+            self._anchor = spec.clone()
+            self._anchor_cam = [list(c) for c in (self.camera or [[0.0, 0.0]] * x.shape[0])]
+            self._anchor_age = [0] * x.shape[0]
+            return
+        for i in streams:
+            self._anchor[i] = spec[i]
+            self._anchor_cam[i] = list(self.camera[i])
+            self._anchor_age[i] = 0
+
+    def _estimate_from_anchor(self, x: Tensor) -> MotionEstimate:
+        """The camera displacement since the last frame, as (position vs the anchor) - (last position).
+
+        Chaining frame-to-frame estimates adds their noise up (a random walk of ~0.1 px per frame, which
+        on a static camera soon rounds to a 1 px shift of the whole input, i.e. a frame where every
+        pixel changes); measured against an anchor frame the position error stays that of one estimate.
+        """
+        b, f = self.estimator.prepare(x)
+        spec = torch.fft.rfft2(b)
+        est = self.estimator.correlate(None, b, f, spectra=(self._anchor, spec))
+        d = est.shift.double().cpu().tolist()
+        conf = est.confidence.cpu().tolist()
+        step, renew = [], []
+        for i in range(x.shape[0]):
+            ok = conf[i] >= self.min_confidence
+            pos = [a + v for a, v in zip(self._anchor_cam[i], d[i])] if ok else list(self.camera[i])
+            step.append([p - c for p, c in zip(pos, self.camera[i])])
+            self._anchor_age[i] += 1
+            if not ok or max(abs(v) for v in d[i]) >= self.REANCHOR_PX or self._anchor_age[i] >= self.REANCHOR_FRAMES:
+                renew.append(i)
+        shift = torch.tensor(step, dtype=torch.float32, device=x.device)
+        if renew:  # anchored at the position this frame will have (forward adds `step` to the camera)
+            saved = [list(c) for c in self.camera]
+            for i in renew:
+                self.camera[i] = [c + v for c, v in zip(self.camera[i], step[i])]
+            self._anchor_to(x, renew, spec)
+            self.camera = saved
+        return MotionEstimate(shift, est.confidence, est.peak_ratio)
+
+
+def motion_record(mm: MotionDeltaModel, stream: int = 0) -> dict:
+    """Per-frame motion fields for run records: the camera motion used, its confidence, the view
+    origin, whether the stream was recomputed, and the border-band work of the last frame."""
+    est = mm.last_estimate
+    dx, dy = (est.shift[stream].tolist() if est is not None else (0.0, 0.0))
+    conf = float(est.confidence[stream]) if est is not None else float("inf")
+    al = mm.aligner
+    h, w = al.geo.frame_hw if al is not None else (1, 1)
+    view = mm.view[stream] if mm.view else [0, 0]
+    return {"motion_dx": dx, "motion_dy": dy, "motion_confidence": conf, "view_x": view[0], "view_y": view[1],
+            "motion_recomputed": int(bool(mm.last_full and mm.last_full[stream])),
+            "band_fraction": (al.recomputed_pixels / (h * w * max(1, len(mm.view)))) if al is not None else 0.0,
+            "band_macs": al.recompute_macs if al is not None else 0}
