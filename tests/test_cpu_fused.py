@@ -240,3 +240,32 @@ def test_model_on_fused_backend_equals_reference_and_dense() -> None:
 def test_cpu_backend_rejects_cuda_device() -> None:
     with pytest.raises(ValueError, match="cpu backend needs CPU tensors"):
         get_backend(torch.device("cuda"), "cpu")
+
+
+@pytest.mark.parametrize("win", WINDOWS, ids=str)
+@pytest.mark.parametrize("cin,cout", [(3, 16), (5, 20), (17, 33)])
+def test_implicit_gemm_conv_rows_equal_reference(win: Window, cin: int, cout: int) -> None:
+    """conv_rows (taps read in place, empty taps skipped, panels of 16 output channels) against the
+    reference's tap gather + matmul; and against dense PyTorch on the zero-filled delta."""
+    from deltacnn.backends.base import ConvParams
+    if not FUSED._gemm:
+        pytest.skip("no AVX2/FMA here: the fused backend uses gather + matmul")
+    gen = torch.Generator().manual_seed(41)
+    n, h, w = 2, 11, 13
+    d = _delta(n, cin, h, w, 0.3, gen)
+    p = ConvParams(torch.randn(cout, cin, *win.kernel, generator=gen), win, 1)
+    out_hw = win.out_size(h, w)
+    idx, _ = FUSED._candidates(d, win, out_hw)
+    if idx.numel() % 6 == 0:  # keep a partial block of the 6-pixel micro-kernel
+        idx = idx[:-1]
+    assert idx.numel() > 6
+    y = FUSED._conv_rows_chunked(d, p, idx, out_hw)
+    torch.testing.assert_close(y, REF._conv_rows(d, p, idx, out_hw), rtol=1e-5, atol=1e-5)
+    t, b, l, r = win.padding
+    dense = nn.functional.conv2d(nn.functional.pad(d.zero_filled(), (l, r, t, b)), p.weight, None, win.stride, 0,
+                                 win.dilation)
+    dense_rows = dense.permute(0, 2, 3, 1).reshape(-1, cout).index_select(0, idx)
+    torch.testing.assert_close(y, dense_rows, rtol=1e-5, atol=1e-5)
+    all_idx = torch.arange(n * out_hw[0] * out_hw[1])  # pixels whose every tap is empty give exact zeros
+    torch.testing.assert_close(FUSED._conv_rows(d, p, all_idx, out_hw), REF._conv_rows(d, p, all_idx, out_hw),
+                               rtol=1e-5, atol=1e-5)

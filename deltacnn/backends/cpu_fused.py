@@ -24,6 +24,21 @@ from . import cpu_kernels
 from .base import ConvParams, PointwiseState
 from .reference import ReferenceBackend
 
+# Gathered convs (groups 1, float32) as one implicit-GEMM pass in C++ (conv_rows: taps read in place,
+# empty taps skipped) instead of a tap gather + torch matmul; benchmarks switch it off for A/B runs.
+IMPLICIT_GEMM = True
+PANEL = 16  # output channels per weight panel of conv_rows (GEMM_NR in cpu_kernels.cpp)
+
+
+def packed_weights(w: Tensor) -> Tensor:
+    """conv_rows' weight layout: the (taps * Cin, Cout) GEMM matrix (tap-major, as the tap gather
+    orders its rows) in panels of 16 output channels, zero-padded: (ceil(Cout / 16), taps * Cin, 16)."""
+    cout = w.shape[0]
+    wm = w.float().permute(2, 3, 1, 0).reshape(-1, cout)
+    panels = -(-cout // PANEL)
+    wm = F.pad(wm, (0, panels * PANEL - cout))
+    return wm.reshape(wm.shape[0], panels, PANEL).permute(1, 0, 2).contiguous()
+
 
 def _geometry(n: int, in_hw: tuple[int, int], out_hw: tuple[int, int], win: Window) -> list[int]:
     return [n, *in_hw, *out_hw, *win.kernel, *win.stride, *win.dilation, win.padding[0], win.padding[2]]
@@ -46,6 +61,7 @@ class FusedCpuBackend(ReferenceBackend):
     def __init__(self, module) -> None:
         super().__init__()
         self._k = module
+        self._gemm = bool(module.has_conv_rows())  # AVX2 + FMA: the implicit-GEMM conv runs here
 
     def sparsify(self, x: Tensor, ref: Tensor, tau: float, score: str, dilation: int, dtype,
                  scratch: dict | None = None) -> DeltaTensor:
@@ -73,6 +89,23 @@ class FusedCpuBackend(ReferenceBackend):
             return super()._taps(d, idx, win, out_hw)
         n, _, h, w = d.shape
         return self._k.gather_taps(_rows(d), d.mask, idx, _geometry(n, (h, w), out_hw, win))
+
+    def _implicit_gemm_ok(self, d: DeltaTensor, p: ConvParams) -> bool:
+        return IMPLICIT_GEMM and self._gemm and p.groups == 1 and d.dtype == torch.float32 and \
+            p.weight.dtype == torch.float32
+
+    def _conv_rows_chunked(self, d: DeltaTensor, p: ConvParams, idx: Tensor, out_hw: tuple[int, int]) -> Tensor:
+        if self._implicit_gemm_ok(d, p):  # no tap matrix to bound: one pass over all pixels
+            return self._conv_rows(d, p, idx, out_hw)
+        return super()._conv_rows_chunked(d, p, idx, out_hw)
+
+    def _conv_rows(self, d: DeltaTensor, p: ConvParams, idx: Tensor, out_hw: tuple[int, int]) -> Tensor:
+        if not self._implicit_gemm_ok(d, p):
+            return super()._conv_rows(d, p, idx, out_hw)
+        n, _, h, w = d.shape
+        packed = p.cached("cpu_panels", lambda: packed_weights(p.weight))
+        return self._k.conv_rows(_rows(d), d.mask, idx, packed, p.weight.shape[0],
+                                 _geometry(n, (h, w), out_hw, p.window))
 
     def _act_rows(self, idx: Tensor, y: Tensor, residual: DeltaTensor | None, st: PointwiseState,
                   dtype) -> DeltaTensor:

@@ -7,6 +7,7 @@
 // (deltacnn/backends/reference.py), which the tests compare against.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <immintrin.h>
 
 #include <algorithm>
 #include <cmath>
@@ -571,6 +572,114 @@ std::vector<torch::Tensor> slice_rows(torch::Tensor src_rows, torch::Tensor idx,
   return {out[0], out[1]};
 }
 
+// ---- implicit GEMM of a gathered conv (AVX2 + FMA; the caller falls back to gather + matmul) ------
+
+namespace {
+
+constexpr int GEMM_MR = 6;   // output pixels per micro-kernel
+constexpr int GEMM_NR = 16;  // output channels per weight panel (two 8-float vectors)
+
+// One block of up to 6 output pixels times one 16-channel weight panel: acc = sum over taps t and
+// input channels k of src[t][r][k] * panel[t * cin + k][:]. Taps whose 6 sources are all the zero
+// row (no update in the window, or outside the image) are skipped: they add nothing.
+__attribute__((target("avx2,fma"))) void gemm_panel(const float* const* src, const uint8_t* any, int64_t taps,
+                                                    int64_t cin, const float* __restrict panel, float* out,
+                                                    int64_t rows, int64_t ldo, int64_t ncols) {
+  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
+  __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+  for (int64_t t = 0; t < taps; ++t) {
+    if (!any[t]) continue;
+    const float* const* s = src + t * GEMM_MR;
+    const float *a0 = s[0], *a1 = s[1], *a2 = s[2], *a3 = s[3], *a4 = s[4], *a5 = s[5];
+    const float* b = panel + t * cin * GEMM_NR;
+    for (int64_t k = 0; k < cin; ++k, b += GEMM_NR) {
+      const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
+      __m256 a = _mm256_broadcast_ss(a0 + k);
+      c00 = _mm256_fmadd_ps(a, b0, c00); c01 = _mm256_fmadd_ps(a, b1, c01);
+      a = _mm256_broadcast_ss(a1 + k);
+      c10 = _mm256_fmadd_ps(a, b0, c10); c11 = _mm256_fmadd_ps(a, b1, c11);
+      a = _mm256_broadcast_ss(a2 + k);
+      c20 = _mm256_fmadd_ps(a, b0, c20); c21 = _mm256_fmadd_ps(a, b1, c21);
+      a = _mm256_broadcast_ss(a3 + k);
+      c30 = _mm256_fmadd_ps(a, b0, c30); c31 = _mm256_fmadd_ps(a, b1, c31);
+      a = _mm256_broadcast_ss(a4 + k);
+      c40 = _mm256_fmadd_ps(a, b0, c40); c41 = _mm256_fmadd_ps(a, b1, c41);
+      a = _mm256_broadcast_ss(a5 + k);
+      c50 = _mm256_fmadd_ps(a, b0, c50); c51 = _mm256_fmadd_ps(a, b1, c51);
+    }
+  }
+  alignas(32) float tile[GEMM_MR][GEMM_NR];
+  _mm256_store_ps(tile[0], c00); _mm256_store_ps(tile[0] + 8, c01);
+  _mm256_store_ps(tile[1], c10); _mm256_store_ps(tile[1] + 8, c11);
+  _mm256_store_ps(tile[2], c20); _mm256_store_ps(tile[2] + 8, c21);
+  _mm256_store_ps(tile[3], c30); _mm256_store_ps(tile[3] + 8, c31);
+  _mm256_store_ps(tile[4], c40); _mm256_store_ps(tile[4] + 8, c41);
+  _mm256_store_ps(tile[5], c50); _mm256_store_ps(tile[5] + 8, c51);
+  for (int64_t r = 0; r < rows; ++r) std::memcpy(out + r * ldo, tile[r], sizeof(float) * ncols);
+}
+
+}  // namespace
+
+// Whether this CPU runs conv_rows (AVX2 and FMA).
+bool has_conv_rows() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
+
+// A gathered (groups 1) conv at output pixels idx, without materialising the tap matrix:
+// y[p] = sum over taps of the input rows each tap reads (zero where the pixel is outside the image or
+// not updated) times the weights. ext: the input delta's float32 rows (see rows_ptr); packed: the
+// (taps * Cin, Cout) GEMM matrix in panels of 16 output channels, (ceil(Cout / 16), taps * Cin, 16)
+// with zero padding (cpu_fused.packed_weights). Returns (P, Cout) float32.
+torch::Tensor conv_rows(torch::Tensor ext, torch::Tensor in_mask, torch::Tensor idx, torch::Tensor packed,
+                        int64_t cout, std::vector<int64_t> geo) {
+  TORCH_CHECK(has_conv_rows(), "conv_rows needs AVX2 and FMA");
+  const Geometry g = geometry(geo);
+  const uint8_t* m = mask_ptr(in_mask, g.n * g.h * g.w, "in_mask");
+  TORCH_CHECK(idx.scalar_type() == torch::kLong && idx.is_contiguous(), "idx must be contiguous int64");
+  const int64_t cin = ext.size(1), taps = g.kh * g.kw, p_count = idx.numel();
+  const int64_t panels = (cout + GEMM_NR - 1) / GEMM_NR;
+  TORCH_CHECK(packed.scalar_type() == torch::kFloat && packed.is_contiguous() && packed.dim() == 3 &&
+                  packed.size(0) == panels && packed.size(1) == taps * cin && packed.size(2) == GEMM_NR,
+              "packed must be a contiguous (", panels, ", ", taps * cin, ", 16) float32 tensor");
+  const float* x = rows_ptr(ext, g.n * g.h * g.w, cin, "ext");
+  const float* wp = packed.data_ptr<float>();
+  auto out = torch::empty({p_count, cout}, torch::kFloat);
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  float* op = out.data_ptr<float>();
+  const std::vector<float> zero(cin, 0.f);
+  const int64_t blocks = (p_count + GEMM_MR - 1) / GEMM_MR;
+  at::parallel_for(0, blocks, 8, [&](int64_t b0, int64_t b1) {
+    std::vector<const float*> src(taps * GEMM_MR);
+    std::vector<uint8_t> any(taps);
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t p0 = blk * GEMM_MR, rows = std::min<int64_t>(GEMM_MR, p_count - p0);
+      std::fill(any.begin(), any.end(), 0);
+      for (int64_t r = 0; r < GEMM_MR; ++r) {
+        if (r >= rows) {
+          for (int64_t t = 0; t < taps; ++t) src[t * GEMM_MR + r] = zero.data();
+          continue;
+        }
+        const int64_t q = ip[p0 + r];
+        const int64_t n = q / (g.ho * g.wo), rem = q % (g.ho * g.wo);
+        const int64_t oy = rem / g.wo, ox = rem % g.wo;
+        for (int64_t ky = 0, t = 0; ky < g.kh; ++ky) {
+          const int64_t iy = oy * g.sh - g.pt + ky * g.dh;
+          const bool vy = iy >= 0 && iy < g.h;
+          for (int64_t kx = 0; kx < g.kw; ++kx, ++t) {
+            const int64_t ix = ox * g.sw - g.pl + kx * g.dw;
+            const int64_t s = (n * g.h + iy) * g.w + ix;
+            const bool live = vy && ix >= 0 && ix < g.w && m[s];
+            src[t * GEMM_MR + r] = live ? x + s * cin : zero.data();
+            any[t] |= live;
+          }
+        }
+      }
+      for (int64_t j = 0; j < panels; ++j)
+        gemm_panel(src.data(), any.data(), taps, cin, wp + j * taps * cin * GEMM_NR, op + p0 * cout + j * GEMM_NR,
+                   rows, cout, std::min<int64_t>(GEMM_NR, cout - j * GEMM_NR));
+    }
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("candidates", &candidates, "candidate output pixels of a sliding window");
   m.def("gather_taps", &gather_taps, "implicit-GEMM rows of the active taps");
@@ -580,5 +689,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("accumulate_rows", &accumulate_rows, "A += y at candidate pixels, returning the new A rows");
   m.def("emit_rows", &emit_rows, "o = f(A) - E with truncation and emit");
   m.def("merge_streams", &merge_streams, "add or concatenate streams at the union of their masks");
+  m.def("has_conv_rows", &has_conv_rows, "whether this CPU runs conv_rows (AVX2 + FMA)");
+  m.def("conv_rows", &conv_rows, "implicit-GEMM conv at output pixels, zero taps skipped");
   m.def("slice_rows", &slice_rows, "channel range of a delta at its updated pixels");
 }
