@@ -269,3 +269,48 @@ def test_implicit_gemm_conv_rows_equal_reference(win: Window, cin: int, cout: in
     all_idx = torch.arange(n * out_hw[0] * out_hw[1])  # pixels whose every tap is empty give exact zeros
     torch.testing.assert_close(FUSED._conv_rows(d, p, all_idx, out_hw), REF._conv_rows(d, p, all_idx, out_hw),
                                rtol=1e-5, atol=1e-5)
+
+
+EPILOGUE_ACTS = [ActSpec("relu"), ActSpec("silu"), ActSpec("sigmoid"), ActSpec("leaky_relu", slope=0.2),
+                 ActSpec("hardtanh", min_val=-0.5, max_val=0.7), ActSpec("identity")]
+
+
+@pytest.mark.parametrize("act", EPILOGUE_ACTS, ids=lambda a: a.describe())
+@pytest.mark.parametrize("tau,score", [(0.0, "max"), (0.05, "max"), (0.1, "l2")])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_conv_act_epilogue_equals_reference(act: ActSpec, tau: float, score: str, with_residual: bool,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """conv_block's gathered case in one C++ pass (implicit GEMM + update in its epilogue; SiLU and
+    sigmoid by a vectorised exp) against the reference's gather, matmul and ATen update."""
+    from deltacnn.backends import reference
+    from deltacnn.backends.base import ConvParams
+    if not FUSED._gemm:
+        pytest.skip("no AVX2/FMA here")
+    monkeypatch.setattr(reference, "DENSE_SWITCH", 1.0)  # every candidate on the gathered path
+    gen = torch.Generator().manual_seed(43)
+    n, cin, cout, h, w = 2, 7, 21, 9, 11
+    win = Window.make(3, 1, 1)
+    d = _delta(n, cin, h, w, 0.2, gen)
+    p = ConvParams(torch.randn(cout, cin, 3, 3, generator=gen) * 0.3, win, 1)
+    residual = _delta(n, cout, h, w, 0.2, gen) if with_residual else None
+    outs = []
+    for be in (REF, FUSED):
+        g = torch.Generator().manual_seed(47)
+        acc = _state(3 * torch.randn(n, cout, h, w, generator=g))  # SiLU/sigmoid over their whole range
+        em = _state(act(acc) + 0.1 * torch.randn(n, cout, h, w, generator=g) * (torch.rand(n, 1, h, w, generator=g) < 0.5))
+        outs.append((be.conv_block(d, p, residual, PointwiseState(act, acc, em, tau, score)), acc, em))
+    (o1, a1, e1), (o2, a2, e2) = outs
+    assert 0 < int(o1.mask.sum()) < o1.mask.numel()
+    _same_delta(o1, o2)
+    torch.testing.assert_close(a2, a1, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(e2, e1, rtol=1e-5, atol=1e-5)
+    # the same update on dense PyTorch: E = f(A) where emitted, A = A0 + conv(zero-filled d) (+ residual)
+    g = torch.Generator().manual_seed(47)
+    acc0 = 3 * torch.randn(n, cout, h, w, generator=g)
+    conv = nn.functional.conv2d(d.zero_filled(), p.weight, None, 1, 1)
+    if residual is not None:
+        conv = conv + residual.zero_filled()
+    cand = (nn.functional.max_pool2d(d.mask.float(), 3, 1, 1) > 0) | (residual.mask if residual is not None else False)
+    torch.testing.assert_close(a2, torch.where(cand, acc0 + conv, acc0), rtol=1e-5, atol=1e-5)
+    m = o2.mask.expand_as(e2)
+    torch.testing.assert_close(e2[m], act(a2)[m], rtol=1e-5, atol=1e-5)

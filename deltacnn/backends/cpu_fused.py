@@ -27,6 +27,11 @@ from .reference import ReferenceBackend
 # Gathered convs (groups 1, float32) as one implicit-GEMM pass in C++ (conv_rows: taps read in place,
 # empty taps skipped) instead of a tap gather + torch matmul; benchmarks switch it off for A/B runs.
 IMPLICIT_GEMM = True
+# ... and with the nonlinear update (A += y, f, truncation, emit) in the same pass (conv_act_rows)
+FUSED_EPILOGUE = True
+# activation codes of conv_act_rows: the piecewise-linear ones of act_update, plus SiLU and sigmoid
+# with a vectorised exp (a few ulp from ATen's: close, not bit-identical)
+EPILOGUE_CODES = {**cpu_kernels.ACT_CODES, "silu": 4, "sigmoid": 5}
 PANEL = 16  # output channels per weight panel of conv_rows (GEMM_NR in cpu_kernels.cpp)
 
 
@@ -106,6 +111,21 @@ class FusedCpuBackend(ReferenceBackend):
         packed = p.cached("cpu_panels", lambda: packed_weights(p.weight))
         return self._k.conv_rows(_rows(d), d.mask, idx, packed, p.weight.shape[0],
                                  _geometry(n, (h, w), out_hw, p.window))
+
+    def _sparse_act_block(self, d: DeltaTensor, p: ConvParams, idx: Tensor, out_hw: tuple[int, int],
+                          residual: DeltaTensor | None, st: PointwiseState) -> DeltaTensor | None:
+        code = EPILOGUE_CODES.get(st.act.kind)
+        if not FUSED_EPILOGUE or code is None or not self._implicit_gemm_ok(d, p) or \
+                (residual is not None and residual.dtype != torch.float32):
+            return None
+        n, _, h, w = d.shape
+        packed = p.cached("cpu_panels", lambda: packed_weights(p.weight))
+        a = st.act
+        lo, hi = (0.0, 6.0) if a.kind == "relu6" else (a.min_val, a.max_val)
+        return _delta(self._k.conv_act_rows(
+            _rows(d), d.mask, idx, packed, _geometry(n, (h, w), out_hw, p.window),
+            _rows(residual) if residual is not None else None, residual.mask if residual is not None else None,
+            st.acc, st.emitted, code, lo, hi, a.slope, float(st.tau), SCORE_CODES[st.score]))
 
     def _act_rows(self, idx: Tensor, y: Tensor, residual: DeltaTensor | None, st: PointwiseState,
                   dtype) -> DeltaTensor:

@@ -313,6 +313,10 @@ class ReferenceBackend(Backend):
             out = self._dense_act_block(d, p, idx, residual, act)
             if out is not None:
                 return out
+        if not dense and act is not None and idx.numel():
+            out = self._sparse_act_block(d, p, idx, (ho, wo), residual, act)
+            if out is not None:
+                return out
         if dense:
             y = rows(to_cl(self._dense_conv(d, p))).index_select(0, idx)
         elif idx.numel():
@@ -329,6 +333,12 @@ class ReferenceBackend(Backend):
     def _dense_act_block(self, d: DeltaTensor, p: ConvParams, idx: Tensor, residual: DeltaTensor | None,
                          st: PointwiseState) -> DeltaTensor | None:
         """conv_block's dense case in one backend pass (a fast backend's hook); None: not handled."""
+        return None
+
+    def _sparse_act_block(self, d: DeltaTensor, p: ConvParams, idx: Tensor, out_hw: tuple[int, int],
+                          residual: DeltaTensor | None, st: PointwiseState) -> DeltaTensor | None:
+        """conv_block's gathered case with its nonlinear update in one backend pass (a fast backend's
+        hook); None: not handled."""
         return None
 
     def _act_rows(self, idx: Tensor, y: Tensor, residual: DeltaTensor | None, st: PointwiseState,
