@@ -26,9 +26,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's deltacnn
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import deltacnn  # noqa: E402
 from deltacnn.backends import cpu_fused  # noqa: E402
-from deltacnn.backends.reference import ReferenceBackend  # noqa: E402
+from deltacnn.backends.reference import ReferenceBackend  # noqa: E402, F401
+from cpu_models import convert_at as _convert_at, load_frames  # noqa: E402
 
 _clock = time.process_time
 
@@ -94,29 +96,14 @@ def patch_acts(clock: StageClock) -> None:
 
 
 def load(model_name: str, start: int, count: int):
-    import numpy as np
-    from deltacnn.clips import read_frames
-    if model_name == "yolov8n":
-        from deltacnn.tasks.yolov8 import YOLOv8Task
-        task = YOLOv8Task()
-    else:
-        from deltacnn.tasks.centerface import CenterFaceTask
-        task = CenterFaceTask()
-    model = task.load_model().eval()
-    frames = [task.preprocess(np.ascontiguousarray(f)) for f in read_frames(max_frames=count, start=start)]
-    return model, frames
+    """The model and `count` frames of vtest.avi from `start` (YOLOv8n: 0-1; CenterFace: 0-255)."""
+    from cpu_real import load_model
+    model, _, _ = load_model(model_name, [], None)
+    return model, load_frames(count, model_name == "yolov8n", start)
 
 
 def convert_at(model, frames, point: str, min_blob: int):
-    relative = point.startswith("r")
-    tau_in, tau = (float(v) for v in point.lstrip("r").split("/"))
-    dm = deltacnn.convert(model, frames[0], threshold=0.0 if relative else tau,
-                          input_threshold=0.0 if relative else tau_in, dense_above=None, min_blob=min_blob)
-    if relative:
-        from deltacnn.calibration import measure_scales
-        measure_scales(dm, frames[0])
-        dm.thresholds.default, dm.thresholds.input = tau, tau_in
-    return dm
+    return _convert_at(model, frames[0], point, min_blob)
 
 
 def parse_variants(spec: str) -> list[tuple[str, dict[str, float]]]:
