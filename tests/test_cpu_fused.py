@@ -314,3 +314,42 @@ def test_conv_act_epilogue_equals_reference(act: ActSpec, tau: float, score: str
     torch.testing.assert_close(a2, torch.where(cand, acc0 + conv, acc0), rtol=1e-5, atol=1e-5)
     m = o2.mask.expand_as(e2)
     torch.testing.assert_close(e2[m], act(a2)[m], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("win", [Window.make(3, 1, 1), Window.make(3, 2, 1), Window.make(5, 1, 2, 2),
+                                 Window((3, 3), (1, 1), (0, 2, 1, 1), (1, 1))], ids=str)
+@pytest.mark.parametrize("act", [None, ActSpec("relu"), ActSpec("silu")], ids=lambda a: a.describe() if a else "none")
+def test_depthwise_rows_equal_reference(win: Window, act: ActSpec | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Depthwise convs read in place (depthwise_rows), alone and with the update, against the reference's
+    gather + weighted tap sum and dense PyTorch."""
+    from deltacnn.backends import reference
+    from deltacnn.backends.base import ConvParams
+    if not FUSED._gemm:
+        pytest.skip("no AVX2/FMA here")
+    monkeypatch.setattr(reference, "DENSE_SWITCH", 1.0)
+    gen = torch.Generator().manual_seed(53)
+    n, c, h, w = 2, 19, 10, 12
+    d = _delta(n, c, h, w, 0.2, gen)
+    p = ConvParams(torch.randn(c, 1, *win.kernel, generator=gen), win, c)
+    out_hw = win.out_size(h, w)
+    idx, _ = FUSED._candidates(d, win, out_hw)
+    y = FUSED._conv_rows(d, p, idx, out_hw)
+    torch.testing.assert_close(y, REF._conv_rows(d, p, idx, out_hw), rtol=1e-5, atol=1e-5)
+    t, b, l, r = win.padding
+    dense = nn.functional.conv2d(nn.functional.pad(d.zero_filled(), (l, r, t, b)), p.weight, None, win.stride, 0,
+                                 win.dilation, c)
+    torch.testing.assert_close(y, dense.permute(0, 2, 3, 1).reshape(-1, c).index_select(0, idx), rtol=1e-5, atol=1e-5)
+    if act is None:
+        return
+    residual = _delta(n, c, *out_hw, 0.2, gen)
+    outs = []
+    for be in (REF, FUSED):
+        g = torch.Generator().manual_seed(59)
+        acc = _state(torch.randn(n, c, *out_hw, generator=g))
+        em = _state(act(acc))
+        outs.append((be.conv_block(d, p, residual, PointwiseState(act, acc, em, 0.05, "max")), acc, em))
+    (o1, a1, e1), (o2, a2, e2) = outs
+    assert int(o1.mask.sum()) > 0
+    _same_delta(o1, o2)
+    torch.testing.assert_close(a2, a1, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(e2, e1, rtol=1e-5, atol=1e-5)

@@ -60,6 +60,16 @@ def _delta(result: list[Tensor]) -> DeltaTensor:
     return DeltaTensor(values, mask, _active=idx, ext=ext)
 
 
+def _depthwise(d: DeltaTensor, p: ConvParams) -> bool:
+    """One filter per channel, as many outputs as inputs (MobileNet-style depthwise convs)."""
+    return p.groups == d.shape[1] == p.weight.shape[0] and p.weight.shape[1] == 1
+
+
+def _depthwise_weights(p: ConvParams) -> Tensor:
+    """depthwise_rows' weights: (taps, C), tap-major as the tap gather orders them."""
+    return p.cached("cpu_dw", lambda: p.weight.float().reshape(p.weight.shape[0], -1).t().contiguous())
+
+
 class FusedCpuBackend(ReferenceBackend):
     name = "cpu"
 
@@ -96,8 +106,9 @@ class FusedCpuBackend(ReferenceBackend):
         return self._k.gather_taps(_rows(d), d.mask, idx, _geometry(n, (h, w), out_hw, win))
 
     def _implicit_gemm_ok(self, d: DeltaTensor, p: ConvParams) -> bool:
-        return IMPLICIT_GEMM and self._gemm and p.groups == 1 and d.dtype == torch.float32 and \
-            p.weight.dtype == torch.float32
+        """Groups 1 (conv_rows / conv_act_rows) or depthwise (depthwise_rows), float32, AVX2 here."""
+        return IMPLICIT_GEMM and self._gemm and (p.groups == 1 or _depthwise(d, p)) and d.dtype == torch.float32 \
+            and p.weight.dtype == torch.float32
 
     def _conv_rows_chunked(self, d: DeltaTensor, p: ConvParams, idx: Tensor, out_hw: tuple[int, int]) -> Tensor:
         if self._implicit_gemm_ok(d, p):  # no tap matrix to bound: one pass over all pixels
@@ -108,9 +119,12 @@ class FusedCpuBackend(ReferenceBackend):
         if not self._implicit_gemm_ok(d, p):
             return super()._conv_rows(d, p, idx, out_hw)
         n, _, h, w = d.shape
+        geo = _geometry(n, (h, w), out_hw, p.window)
+        if p.groups > 1:
+            return self._k.depthwise_rows(_rows(d), d.mask, idx, _depthwise_weights(p), geo, None, None, None, None,
+                                          0, 0.0, 0.0, 0.0, 0.0, 0)[0]
         packed = p.cached("cpu_panels", lambda: packed_weights(p.weight))
-        return self._k.conv_rows(_rows(d), d.mask, idx, packed, p.weight.shape[0],
-                                 _geometry(n, (h, w), out_hw, p.window))
+        return self._k.conv_rows(_rows(d), d.mask, idx, packed, p.weight.shape[0], geo)
 
     def _sparse_act_block(self, d: DeltaTensor, p: ConvParams, idx: Tensor, out_hw: tuple[int, int],
                           residual: DeltaTensor | None, st: PointwiseState) -> DeltaTensor | None:
@@ -119,13 +133,18 @@ class FusedCpuBackend(ReferenceBackend):
                 (residual is not None and residual.dtype != torch.float32):
             return None
         n, _, h, w = d.shape
-        packed = p.cached("cpu_panels", lambda: packed_weights(p.weight))
+        geo = _geometry(n, (h, w), out_hw, p.window)
         a = st.act
         lo, hi = (0.0, 6.0) if a.kind == "relu6" else (a.min_val, a.max_val)
-        return _delta(self._k.conv_act_rows(
-            _rows(d), d.mask, idx, packed, _geometry(n, (h, w), out_hw, p.window),
-            _rows(residual) if residual is not None else None, residual.mask if residual is not None else None,
-            st.acc, st.emitted, code, lo, hi, a.slope, float(st.tau), SCORE_CODES[st.score]))
+        res = _rows(residual) if residual is not None else None
+        res_mask = residual.mask if residual is not None else None
+        if p.groups > 1:
+            return _delta(self._k.depthwise_rows(_rows(d), d.mask, idx, _depthwise_weights(p), geo, res, res_mask,
+                                                 st.acc, st.emitted, code, lo, hi, a.slope, float(st.tau),
+                                                 SCORE_CODES[st.score]))
+        packed = p.cached("cpu_panels", lambda: packed_weights(p.weight))
+        return _delta(self._k.conv_act_rows(_rows(d), d.mask, idx, packed, geo, res, res_mask, st.acc, st.emitted,
+                                            code, lo, hi, a.slope, float(st.tau), SCORE_CODES[st.score]))
 
     def _act_rows(self, idx: Tensor, y: Tensor, residual: DeltaTensor | None, st: PointwiseState,
                   dtype) -> DeltaTensor:

@@ -838,6 +838,87 @@ std::vector<torch::Tensor> conv_act_rows(torch::Tensor ext, torch::Tensor in_mas
   return {compact(keep.data(), p_count, ip), out[0], out[1], out[2]};
 }
 
+// ---- depthwise convs (groups == channels), optionally with the nonlinear update -----------------
+
+namespace {
+
+// y = sum over the live taps of x[src] * w[t] (per channel) for output pixel q.
+__attribute__((target("avx2,fma"))) void depthwise_row(const Geometry& g, const uint8_t* m, const float* x,
+                                                       const float* w, int64_t c, int64_t q, float* y) {
+  std::fill(y, y + c, 0.f);
+  const int64_t n = q / (g.ho * g.wo), rem = q % (g.ho * g.wo);
+  const int64_t oy = rem / g.wo, ox = rem % g.wo;
+  for (int64_t ky = 0, t = 0; ky < g.kh; ++ky) {
+    const int64_t iy = oy * g.sh - g.pt + ky * g.dh;
+    if (iy < 0 || iy >= g.h) {
+      t += g.kw;
+      continue;
+    }
+    for (int64_t kx = 0; kx < g.kw; ++kx, ++t) {
+      const int64_t ix = ox * g.sw - g.pl + kx * g.dw;
+      const int64_t s = (n * g.h + iy) * g.w + ix;
+      if (ix < 0 || ix >= g.w || !m[s]) continue;
+      const float* xr = x + s * c;
+      const float* wr = w + t * c;
+#pragma omp simd
+      for (int64_t j = 0; j < c; ++j) y[j] = std::fma(xr[j], wr[j], y[j]);
+    }
+  }
+}
+
+}  // namespace
+
+// A depthwise conv (one filter per channel) at output pixels idx, reading the taps in place (zero
+// where outside the image or not updated); weights (taps, C). Without acc: returns the (P, C) rows.
+// With acc/emitted: runs the nonlinear update of conv_act_rows on each row and returns the emitted
+// delta [indices, ext, values, mask].
+std::vector<torch::Tensor> depthwise_rows(torch::Tensor ext, torch::Tensor in_mask, torch::Tensor idx,
+                                          torch::Tensor weights, std::vector<int64_t> geo,
+                                          c10::optional<torch::Tensor> residual, c10::optional<torch::Tensor> res_mask,
+                                          c10::optional<torch::Tensor> acc, c10::optional<torch::Tensor> emitted,
+                                          int64_t code, double lo, double hi, double slope, double tau, int64_t score) {
+  TORCH_CHECK(has_conv_rows(), "depthwise_rows needs AVX2 and FMA");
+  const Geometry g = geometry(geo);
+  const uint8_t* m = mask_ptr(in_mask, g.n * g.h * g.w, "in_mask");
+  TORCH_CHECK(idx.scalar_type() == torch::kLong && idx.is_contiguous(), "idx must be contiguous int64");
+  TORCH_CHECK(code >= 0 && code <= 5, "unknown activation code ", code);
+  TORCH_CHECK(acc.has_value() == emitted.has_value(), "acc and emitted come together");
+  TORCH_CHECK(residual.has_value() == res_mask.has_value(), "residual and res_mask come together");
+  const int64_t c = ext.size(1), taps = g.kh * g.kw, p_count = idx.numel(), total = g.n * g.ho * g.wo;
+  TORCH_CHECK(weights.scalar_type() == torch::kFloat && weights.is_contiguous() && weights.dim() == 2 &&
+                  weights.size(0) == taps && weights.size(1) == c, "weights must be a contiguous (", taps, ", ", c,
+              ") float32 tensor");
+  const float* x = rows_ptr(ext, g.n * g.h * g.w, c, "ext");
+  const float* w = weights.data_ptr<float>();
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  if (!acc) {
+    TORCH_CHECK(!residual, "a residual needs the update (acc, emitted)");
+    auto y = torch::empty({p_count, c}, torch::kFloat);
+    float* yp = y.data_ptr<float>();
+    at::parallel_for(0, p_count, 64, [&](int64_t b, int64_t end) {
+      for (int64_t p = b; p < end; ++p) depthwise_row(g, m, x, w, c, ip[p], yp + p * c);
+    });
+    return {y};
+  }
+  TORCH_CHECK(emitted->dim() == 4 && emitted->size(1) == c && emitted->size(2) == g.ho && emitted->size(3) == g.wo,
+              "emitted must be (N, C, Ho, Wo)");
+  auto out = new_delta(g.n, c, g.ho, g.wo);
+  std::vector<uint8_t> keep(p_count);
+  const ActArgs k{nullptr, ip, residual ? rows_ptr(*residual, total, c, "residual") : nullptr,
+                  res_mask ? mask_ptr(*res_mask, total, "res_mask") : nullptr, rows_ptr(*acc, total, c, "acc"),
+                  rows_ptr(*emitted, total, c, "emitted"), out[0].data_ptr<float>(), mask_out(out[2]), keep.data(),
+                  c, static_cast<float>(lo), static_cast<float>(hi), static_cast<float>(slope),
+                  static_cast<float>(tau), false};
+  at::parallel_for(0, p_count, 64, [&](int64_t b, int64_t end) {
+    std::vector<float> y(c), o(c);
+    for (int64_t p = b; p < end; ++p) {
+      depthwise_row(g, m, x, w, c, ip[p], y.data());
+      keep[p] = update_row_any(k, code, score, ip[p], y.data(), o.data());
+    }
+  });
+  return {compact(keep.data(), p_count, ip), out[0], out[1], out[2]};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("candidates", &candidates, "candidate output pixels of a sliding window");
   m.def("gather_taps", &gather_taps, "implicit-GEMM rows of the active taps");
@@ -850,5 +931,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("has_conv_rows", &has_conv_rows, "whether this CPU runs conv_rows (AVX2 + FMA)");
   m.def("conv_rows", &conv_rows, "implicit-GEMM conv at output pixels, zero taps skipped");
   m.def("conv_act_rows", &conv_act_rows, "implicit-GEMM conv with the nonlinear update in its epilogue");
+  m.def("depthwise_rows", &depthwise_rows, "depthwise conv at output pixels, optionally with the update");
   m.def("slice_rows", &slice_rows, "channel range of a delta at its updated pixels");
 }
