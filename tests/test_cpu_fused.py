@@ -9,6 +9,7 @@ import deltacnn
 from deltacnn.activations import ActSpec
 from deltacnn.backends import get_backend
 from deltacnn.backends.base import PointwiseState
+from deltacnn.backends import cpu_fused
 from deltacnn.backends.cpu_fused import FusedCpuBackend
 from deltacnn.backends.cpu_kernels import load, load_error
 from deltacnn.backends.reference import ReferenceBackend, _scatter_rows
@@ -179,6 +180,7 @@ def test_dense_conv_block_equals_reference(act: ActSpec, with_residual: bool, wi
     from deltacnn.backends import reference
     from deltacnn.backends.base import ConvParams
     monkeypatch.setattr(reference, "DENSE_SWITCH", 0.0)
+    monkeypatch.setattr(cpu_fused, "GEMM_DENSE_SWITCH", 0.0)  # the dense conv even where the implicit GEMM runs
     gen = torch.Generator().manual_seed(31)
     n, cin, cout, h, w = 1, 4, 6, 9, 11
     d = _delta(n, cin, h, w, 0.3, gen)
