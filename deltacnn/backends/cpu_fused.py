@@ -32,7 +32,7 @@ FUSED_EPILOGUE = True
 # Candidate fraction above which such a conv runs densely (oneDNN on the zero-filled delta, then the
 # C++ update): 1.0 = never. The implicit GEMM skips empty taps and needs no zero-filled copy or
 # separate update pass, so it beat the dense conv even at 97% candidates (YOLOv8n at tau 0, 1 thread:
-# 386 against 447 ms a frame). Other convs keep reference.DENSE_SWITCH.
+# 386 against 447 ms a frame). Depthwise and other convs keep reference.DENSE_SWITCH.
 GEMM_DENSE_SWITCH = 1.0
 # activation codes of conv_act_rows: the piecewise-linear ones of act_update, plus SiLU and sigmoid
 # with a vectorised exp (a few ulp from ATen's: close, not bit-identical)
@@ -117,7 +117,8 @@ class FusedCpuBackend(ReferenceBackend):
 
     def _dense_fraction(self, d: DeltaTensor, p: ConvParams) -> float:
         from . import reference
-        return GEMM_DENSE_SWITCH if self._implicit_gemm_ok(d, p) else reference.DENSE_SWITCH
+        # depthwise convs keep the dense crossover: only groups-1 convs were measured against oneDNN
+        return GEMM_DENSE_SWITCH if p.groups == 1 and self._implicit_gemm_ok(d, p) else reference.DENSE_SWITCH
 
     def _conv_rows_chunked(self, d: DeltaTensor, p: ConvParams, idx: Tensor, out_hw: tuple[int, int]) -> Tensor:
         if self._implicit_gemm_ok(d, p):  # no tap matrix to bound: one pass over all pixels
