@@ -1,15 +1,17 @@
 """CPU backend: the reference backend with its gathered conv stages fused in C++.
 
 A sparse conv in the reference backend is ~35 small PyTorch ops (candidate mask, tap indices,
-gathers, the nonlinear update, truncation, scatter); on a 2-core CPU their fixed costs take as
-long as the GEMMs at 5% changed pixels. Here three of those stages are one C++ pass each
-(cpu_kernels.cpp): candidate pixels, the tap gather, and the fused nonlinear update + emit; so
-are the input layer's sparsify and max pooling, stream adds, concatenations and channel slices.
-Activations that are not piecewise linear (SiLU, sigmoid, ...) keep their ATen op, run on the
-same (P, C) rows as in the reference (so bit-identical), between two C++ stages (accumulate;
-truncate + emit). A conv run densely hands its output map straight to the C++ update. Every case
-the kernels do not cover (non-float32 deltas, input mask dilation) is the reference code, so the
-semantics are the reference's.
+gathers, the GEMM, the nonlinear update, truncation, scatter). Here a conv (groups 1 or depthwise,
+float32, on a CPU with AVX2 + FMA) is one C++ pass (cpu_kernels.cpp): an implicit GEMM that reads
+each output pixel's taps in place, skips taps with no update, and runs the nonlinear update
+(A += y, f, truncation, emit) in its epilogue, SiLU and sigmoid included (a vectorised exp, a few
+ulp from ATen's). It beat the tap gather + MKL matmul 1.4-2.3x per layer and oneDNN's dense conv
+even at 97% candidates, so such convs never switch to the dense conv. Candidates, the input
+layer's sparsify, max pooling, stream adds, concatenations and channel slices are C++ passes too.
+Activations outside the epilogue's set keep their ATen op between two C++ stages (accumulate;
+truncate + emit), bit-identical to the reference. Every case the kernels do not cover (non-float32
+deltas, grouped convs, input mask dilation, no AVX2) is the reference code, so the semantics are
+the reference's.
 """
 from __future__ import annotations
 
