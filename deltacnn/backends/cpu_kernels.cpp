@@ -3,8 +3,10 @@
 // The pure-PyTorch path spends most of a sparse frame outside the GEMMs: about 35 small tensor
 // ops per conv to find candidate pixels, build tap indices, gather, and run the nonlinear update
 // with truncation. Each function here does one of those stages in a single pass over the active
-// pixels; the GEMM itself stays a torch matmul. Semantics are exactly the reference backend's
-// (deltacnn/backends/reference.py), which the tests compare against.
+// pixels; conv_rows / conv_act_rows / depthwise_rows do the whole conv (an implicit GEMM reading
+// the taps in place, with the update in its epilogue) where AVX2 + FMA are available, else the
+// GEMM stays a torch matmul. Semantics are the reference backend's (deltacnn/backends/reference.py),
+// which the tests compare against.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
