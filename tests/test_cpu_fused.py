@@ -9,6 +9,7 @@ import deltacnn
 from deltacnn.activations import ActSpec
 from deltacnn.backends import get_backend
 from deltacnn.backends.base import PointwiseState
+from deltacnn.backends import cpu_fused
 from deltacnn.backends.cpu_fused import FusedCpuBackend
 from deltacnn.backends.cpu_kernels import load, load_error
 from deltacnn.backends.reference import ReferenceBackend, _scatter_rows
@@ -179,6 +180,7 @@ def test_dense_conv_block_equals_reference(act: ActSpec, with_residual: bool, wi
     from deltacnn.backends import reference
     from deltacnn.backends.base import ConvParams
     monkeypatch.setattr(reference, "DENSE_SWITCH", 0.0)
+    monkeypatch.setattr(cpu_fused, "GEMM_DENSE_SWITCH", 0.0)  # the dense conv even where the implicit GEMM runs
     gen = torch.Generator().manual_seed(31)
     n, cin, cout, h, w = 1, 4, 6, 9, 11
     d = _delta(n, cin, h, w, 0.3, gen)
@@ -240,3 +242,116 @@ def test_model_on_fused_backend_equals_reference_and_dense() -> None:
 def test_cpu_backend_rejects_cuda_device() -> None:
     with pytest.raises(ValueError, match="cpu backend needs CPU tensors"):
         get_backend(torch.device("cuda"), "cpu")
+
+
+@pytest.mark.parametrize("win", WINDOWS, ids=str)
+@pytest.mark.parametrize("cin,cout", [(3, 16), (5, 20), (17, 33)])
+def test_implicit_gemm_conv_rows_equal_reference(win: Window, cin: int, cout: int) -> None:
+    """conv_rows (taps read in place, empty taps skipped, panels of 16 output channels) against the
+    reference's tap gather + matmul; and against dense PyTorch on the zero-filled delta."""
+    from deltacnn.backends.base import ConvParams
+    if not FUSED._gemm:
+        pytest.skip("no AVX2/FMA here: the fused backend uses gather + matmul")
+    gen = torch.Generator().manual_seed(41)
+    n, h, w = 2, 11, 13
+    d = _delta(n, cin, h, w, 0.3, gen)
+    p = ConvParams(torch.randn(cout, cin, *win.kernel, generator=gen), win, 1)
+    out_hw = win.out_size(h, w)
+    idx, _ = FUSED._candidates(d, win, out_hw)
+    if idx.numel() % 6 == 0:  # keep a partial block of the 6-pixel micro-kernel
+        idx = idx[:-1]
+    assert idx.numel() > 6
+    y = FUSED._conv_rows_chunked(d, p, idx, out_hw)
+    torch.testing.assert_close(y, REF._conv_rows(d, p, idx, out_hw), rtol=1e-5, atol=1e-5)
+    t, b, l, r = win.padding
+    dense = nn.functional.conv2d(nn.functional.pad(d.zero_filled(), (l, r, t, b)), p.weight, None, win.stride, 0,
+                                 win.dilation)
+    dense_rows = dense.permute(0, 2, 3, 1).reshape(-1, cout).index_select(0, idx)
+    torch.testing.assert_close(y, dense_rows, rtol=1e-5, atol=1e-5)
+    all_idx = torch.arange(n * out_hw[0] * out_hw[1])  # pixels whose every tap is empty give exact zeros
+    torch.testing.assert_close(FUSED._conv_rows(d, p, all_idx, out_hw), REF._conv_rows(d, p, all_idx, out_hw),
+                               rtol=1e-5, atol=1e-5)
+
+
+EPILOGUE_ACTS = [ActSpec("relu"), ActSpec("silu"), ActSpec("sigmoid"), ActSpec("leaky_relu", slope=0.2),
+                 ActSpec("hardtanh", min_val=-0.5, max_val=0.7), ActSpec("identity")]
+
+
+@pytest.mark.parametrize("act", EPILOGUE_ACTS, ids=lambda a: a.describe())
+@pytest.mark.parametrize("tau,score", [(0.0, "max"), (0.05, "max"), (0.1, "l2")])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_conv_act_epilogue_equals_reference(act: ActSpec, tau: float, score: str, with_residual: bool,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """conv_block's gathered case in one C++ pass (implicit GEMM + update in its epilogue; SiLU and
+    sigmoid by a vectorised exp) against the reference's gather, matmul and ATen update."""
+    from deltacnn.backends import reference
+    from deltacnn.backends.base import ConvParams
+    if not FUSED._gemm:
+        pytest.skip("no AVX2/FMA here")
+    monkeypatch.setattr(reference, "DENSE_SWITCH", 1.0)  # every candidate on the gathered path
+    gen = torch.Generator().manual_seed(43)
+    n, cin, cout, h, w = 2, 7, 21, 9, 11
+    win = Window.make(3, 1, 1)
+    d = _delta(n, cin, h, w, 0.2, gen)
+    p = ConvParams(torch.randn(cout, cin, 3, 3, generator=gen) * 0.3, win, 1)
+    residual = _delta(n, cout, h, w, 0.2, gen) if with_residual else None
+    outs = []
+    for be in (REF, FUSED):
+        g = torch.Generator().manual_seed(47)
+        acc = _state(3 * torch.randn(n, cout, h, w, generator=g))  # SiLU/sigmoid over their whole range
+        em = _state(act(acc) + 0.1 * torch.randn(n, cout, h, w, generator=g) * (torch.rand(n, 1, h, w, generator=g) < 0.5))
+        outs.append((be.conv_block(d, p, residual, PointwiseState(act, acc, em, tau, score)), acc, em))
+    (o1, a1, e1), (o2, a2, e2) = outs
+    assert 0 < int(o1.mask.sum()) < o1.mask.numel()
+    _same_delta(o1, o2)
+    torch.testing.assert_close(a2, a1, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(e2, e1, rtol=1e-5, atol=1e-5)
+    # the same update on dense PyTorch: E = f(A) where emitted, A = A0 + conv(zero-filled d) (+ residual)
+    g = torch.Generator().manual_seed(47)
+    acc0 = 3 * torch.randn(n, cout, h, w, generator=g)
+    conv = nn.functional.conv2d(d.zero_filled(), p.weight, None, 1, 1)
+    if residual is not None:
+        conv = conv + residual.zero_filled()
+    cand = (nn.functional.max_pool2d(d.mask.float(), 3, 1, 1) > 0) | (residual.mask if residual is not None else False)
+    torch.testing.assert_close(a2, torch.where(cand, acc0 + conv, acc0), rtol=1e-5, atol=1e-5)
+    m = o2.mask.expand_as(e2)
+    torch.testing.assert_close(e2[m], act(a2)[m], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("win", [Window.make(3, 1, 1), Window.make(3, 2, 1), Window.make(5, 1, 2, 2),
+                                 Window((3, 3), (1, 1), (0, 2, 1, 1), (1, 1))], ids=str)
+@pytest.mark.parametrize("act", [None, ActSpec("relu"), ActSpec("silu")], ids=lambda a: a.describe() if a else "none")
+def test_depthwise_rows_equal_reference(win: Window, act: ActSpec | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Depthwise convs read in place (depthwise_rows), alone and with the update, against the reference's
+    gather + weighted tap sum and dense PyTorch."""
+    from deltacnn.backends import reference
+    from deltacnn.backends.base import ConvParams
+    if not FUSED._gemm:
+        pytest.skip("no AVX2/FMA here")
+    monkeypatch.setattr(reference, "DENSE_SWITCH", 1.0)
+    gen = torch.Generator().manual_seed(53)
+    n, c, h, w = 2, 19, 10, 12
+    d = _delta(n, c, h, w, 0.2, gen)
+    p = ConvParams(torch.randn(c, 1, *win.kernel, generator=gen), win, c)
+    out_hw = win.out_size(h, w)
+    idx, _ = FUSED._candidates(d, win, out_hw)
+    y = FUSED._conv_rows(d, p, idx, out_hw)
+    torch.testing.assert_close(y, REF._conv_rows(d, p, idx, out_hw), rtol=1e-5, atol=1e-5)
+    t, b, l, r = win.padding
+    dense = nn.functional.conv2d(nn.functional.pad(d.zero_filled(), (l, r, t, b)), p.weight, None, win.stride, 0,
+                                 win.dilation, c)
+    torch.testing.assert_close(y, dense.permute(0, 2, 3, 1).reshape(-1, c).index_select(0, idx), rtol=1e-5, atol=1e-5)
+    if act is None:
+        return
+    residual = _delta(n, c, *out_hw, 0.2, gen)
+    outs = []
+    for be in (REF, FUSED):
+        g = torch.Generator().manual_seed(59)
+        acc = _state(torch.randn(n, c, *out_hw, generator=g))
+        em = _state(act(acc))
+        outs.append((be.conv_block(d, p, residual, PointwiseState(act, acc, em, 0.05, "max")), acc, em))
+    (o1, a1, e1), (o2, a2, e2) = outs
+    assert int(o1.mask.sum()) > 0
+    _same_delta(o1, o2)
+    torch.testing.assert_close(a2, a1, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(e2, e1, rtol=1e-5, atol=1e-5)

@@ -3,10 +3,13 @@
 // The pure-PyTorch path spends most of a sparse frame outside the GEMMs: about 35 small tensor
 // ops per conv to find candidate pixels, build tap indices, gather, and run the nonlinear update
 // with truncation. Each function here does one of those stages in a single pass over the active
-// pixels; the GEMM itself stays a torch matmul. Semantics are exactly the reference backend's
-// (deltacnn/backends/reference.py), which the tests compare against.
+// pixels; conv_rows / conv_act_rows / depthwise_rows do the whole conv (an implicit GEMM reading
+// the taps in place, with the update in its epilogue) where AVX2 + FMA are available, else the
+// GEMM stays a torch matmul. Semantics are the reference backend's (deltacnn/backends/reference.py),
+// which the tests compare against.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <immintrin.h>
 
 #include <algorithm>
 #include <cmath>
@@ -571,6 +574,353 @@ std::vector<torch::Tensor> slice_rows(torch::Tensor src_rows, torch::Tensor idx,
   return {out[0], out[1]};
 }
 
+// ---- implicit GEMM of a gathered conv (AVX2 + FMA; the caller falls back to gather + matmul) ------
+
+namespace {
+
+constexpr int GEMM_MR = 6;   // output pixels per micro-kernel
+constexpr int GEMM_NR = 16;  // output channels per weight panel (two 8-float vectors)
+
+// One block of up to 6 output pixels times one 16-channel weight panel: acc = sum over taps t and
+// input channels k of src[t][r][k] * panel[t * cin + k][:]. Taps whose 6 sources are all the zero
+// row (no update in the window, or outside the image) are skipped: they add nothing.
+__attribute__((target("avx2,fma"))) void gemm_panel(const float* const* src, const uint8_t* any, int64_t taps,
+                                                    int64_t cin, const float* __restrict panel, float* out,
+                                                    int64_t rows, int64_t ldo, int64_t ncols) {
+  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
+  __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+  for (int64_t t = 0; t < taps; ++t) {
+    if (!any[t]) continue;
+    const float* const* s = src + t * GEMM_MR;
+    const float *a0 = s[0], *a1 = s[1], *a2 = s[2], *a3 = s[3], *a4 = s[4], *a5 = s[5];
+    const float* b = panel + t * cin * GEMM_NR;
+    for (int64_t k = 0; k < cin; ++k, b += GEMM_NR) {
+      const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
+      __m256 a = _mm256_broadcast_ss(a0 + k);
+      c00 = _mm256_fmadd_ps(a, b0, c00); c01 = _mm256_fmadd_ps(a, b1, c01);
+      a = _mm256_broadcast_ss(a1 + k);
+      c10 = _mm256_fmadd_ps(a, b0, c10); c11 = _mm256_fmadd_ps(a, b1, c11);
+      a = _mm256_broadcast_ss(a2 + k);
+      c20 = _mm256_fmadd_ps(a, b0, c20); c21 = _mm256_fmadd_ps(a, b1, c21);
+      a = _mm256_broadcast_ss(a3 + k);
+      c30 = _mm256_fmadd_ps(a, b0, c30); c31 = _mm256_fmadd_ps(a, b1, c31);
+      a = _mm256_broadcast_ss(a4 + k);
+      c40 = _mm256_fmadd_ps(a, b0, c40); c41 = _mm256_fmadd_ps(a, b1, c41);
+      a = _mm256_broadcast_ss(a5 + k);
+      c50 = _mm256_fmadd_ps(a, b0, c50); c51 = _mm256_fmadd_ps(a, b1, c51);
+    }
+  }
+  alignas(32) float tile[GEMM_MR][GEMM_NR];
+  _mm256_store_ps(tile[0], c00); _mm256_store_ps(tile[0] + 8, c01);
+  _mm256_store_ps(tile[1], c10); _mm256_store_ps(tile[1] + 8, c11);
+  _mm256_store_ps(tile[2], c20); _mm256_store_ps(tile[2] + 8, c21);
+  _mm256_store_ps(tile[3], c30); _mm256_store_ps(tile[3] + 8, c31);
+  _mm256_store_ps(tile[4], c40); _mm256_store_ps(tile[4] + 8, c41);
+  _mm256_store_ps(tile[5], c50); _mm256_store_ps(tile[5] + 8, c51);
+  for (int64_t r = 0; r < rows; ++r) std::memcpy(out + r * ldo, tile[r], sizeof(float) * ncols);
+}
+
+}  // namespace
+
+// Whether this CPU runs conv_rows (AVX2 and FMA).
+bool has_conv_rows() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
+
+// A gathered (groups 1) conv at output pixels idx, without materialising the tap matrix:
+// y[p] = sum over taps of the input rows each tap reads (zero where the pixel is outside the image or
+// not updated) times the weights. ext: the input delta's float32 rows (see rows_ptr); packed: the
+// (taps * Cin, Cout) GEMM matrix in panels of 16 output channels, (ceil(Cout / 16), taps * Cin, 16)
+// with zero padding (cpu_fused.packed_weights). Returns (P, Cout) float32.
+torch::Tensor conv_rows(torch::Tensor ext, torch::Tensor in_mask, torch::Tensor idx, torch::Tensor packed,
+                        int64_t cout, std::vector<int64_t> geo) {
+  TORCH_CHECK(has_conv_rows(), "conv_rows needs AVX2 and FMA");
+  const Geometry g = geometry(geo);
+  const uint8_t* m = mask_ptr(in_mask, g.n * g.h * g.w, "in_mask");
+  TORCH_CHECK(idx.scalar_type() == torch::kLong && idx.is_contiguous(), "idx must be contiguous int64");
+  const int64_t cin = ext.size(1), taps = g.kh * g.kw, p_count = idx.numel();
+  const int64_t panels = (cout + GEMM_NR - 1) / GEMM_NR;
+  TORCH_CHECK(packed.scalar_type() == torch::kFloat && packed.is_contiguous() && packed.dim() == 3 &&
+                  packed.size(0) == panels && packed.size(1) == taps * cin && packed.size(2) == GEMM_NR,
+              "packed must be a contiguous (", panels, ", ", taps * cin, ", 16) float32 tensor");
+  const float* x = rows_ptr(ext, g.n * g.h * g.w, cin, "ext");
+  const float* wp = packed.data_ptr<float>();
+  auto out = torch::empty({p_count, cout}, torch::kFloat);
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  float* op = out.data_ptr<float>();
+  const std::vector<float> zero(cin, 0.f);
+  const int64_t blocks = (p_count + GEMM_MR - 1) / GEMM_MR;
+  at::parallel_for(0, blocks, 8, [&](int64_t b0, int64_t b1) {
+    std::vector<const float*> src(taps * GEMM_MR);
+    std::vector<uint8_t> any(taps);
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t p0 = blk * GEMM_MR, rows = std::min<int64_t>(GEMM_MR, p_count - p0);
+      std::fill(any.begin(), any.end(), 0);
+      for (int64_t r = 0; r < GEMM_MR; ++r) {
+        if (r >= rows) {
+          for (int64_t t = 0; t < taps; ++t) src[t * GEMM_MR + r] = zero.data();
+          continue;
+        }
+        const int64_t q = ip[p0 + r];
+        const int64_t n = q / (g.ho * g.wo), rem = q % (g.ho * g.wo);
+        const int64_t oy = rem / g.wo, ox = rem % g.wo;
+        for (int64_t ky = 0, t = 0; ky < g.kh; ++ky) {
+          const int64_t iy = oy * g.sh - g.pt + ky * g.dh;
+          const bool vy = iy >= 0 && iy < g.h;
+          for (int64_t kx = 0; kx < g.kw; ++kx, ++t) {
+            const int64_t ix = ox * g.sw - g.pl + kx * g.dw;
+            const int64_t s = (n * g.h + iy) * g.w + ix;
+            const bool live = vy && ix >= 0 && ix < g.w && m[s];
+            src[t * GEMM_MR + r] = live ? x + s * cin : zero.data();
+            any[t] |= live;
+          }
+        }
+      }
+      for (int64_t j = 0; j < panels; ++j)
+        gemm_panel(src.data(), any.data(), taps, cin, wp + j * taps * cin * GEMM_NR, op + p0 * cout + j * GEMM_NR,
+                   rows, cout, std::min<int64_t>(GEMM_NR, cout - j * GEMM_NR));
+    }
+  });
+  return out;
+}
+
+// ---- the same implicit GEMM with the nonlinear update in its epilogue ---------------------------
+
+namespace {
+
+// exp(x) for 8 floats (Cephes' expf polynomial on x - n ln2, times 2^n; within ~2 ulp of expf),
+// inputs clamped to [-87.3, 88.7] so that 2^n stays a normal float.
+__attribute__((target("avx2,fma"))) inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.7f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500E-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507E-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073E-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894E-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459E-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201E-1f));
+  const __m256 y = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), _mm256_set1_ps(1.f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+// o = f(a) - e over c channels for the ATen-style activations: 4 SiLU a / (1 + exp(-a)), 5 sigmoid.
+template <int CODE>
+__attribute__((target("avx2,fma"))) void smooth_minus(const float* a, const float* e, float* o, int64_t c) {
+  const __m256 one = _mm256_set1_ps(1.f);
+  int64_t j = 0;
+  for (; j + 8 <= c; j += 8) {
+    const __m256 x = _mm256_loadu_ps(a + j);
+    const __m256 den = _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), x)));
+    const __m256 f = _mm256_div_ps(CODE == 4 ? x : one, den);
+    _mm256_storeu_ps(o + j, _mm256_sub_ps(f, _mm256_loadu_ps(e + j)));
+  }
+  for (; j < c; ++j) {
+    const float f = (CODE == 4 ? a[j] : 1.f) / (1.f + std::exp(-a[j]));
+    o[j] = f - e[j];
+  }
+}
+
+// The nonlinear update of one candidate pixel r with change row yr (see act_pixel): returns whether
+// it was emitted.
+template <int CODE, int SCORE>
+bool update_row(const ActArgs& k, int64_t r, const float* yr, float* o) {
+  const int64_t c = k.c;
+  float* ar = k.acc + r * c;
+  const float* er = k.emitted + r * c;
+  if (k.res && k.res_mask[r]) {
+    const float* rr = k.res + r * c;
+#pragma omp simd
+    for (int64_t j = 0; j < c; ++j) ar[j] = ar[j] + (yr[j] + rr[j]);
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < c; ++j) ar[j] += yr[j];
+  }
+  if (CODE >= 4) {
+    smooth_minus<CODE>(ar, er, o, c);
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < c; ++j) o[j] = activate<CODE>(ar[j], k.lo, k.hi, k.slope) - er[j];
+  }
+  const bool keep = row_score<SCORE>(o, c) > k.tau;
+  if (keep) {
+    send_row(o, k.out + r * c, k.emitted + r * c, c);
+    k.out_mask[r] = 1;
+  }
+  return keep;
+}
+
+template <int CODE>
+bool update_row_score(const ActArgs& k, int64_t score, int64_t r, const float* yr, float* o) {
+  return score == 0 ? update_row<CODE, 0>(k, r, yr, o) : update_row<CODE, 1>(k, r, yr, o);
+}
+
+bool update_row_any(const ActArgs& k, int64_t code, int64_t score, int64_t r, const float* yr, float* o) {
+  switch (code) {
+    case 1: return update_row_score<1>(k, score, r, yr, o);
+    case 2: return update_row_score<2>(k, score, r, yr, o);
+    case 3: return update_row_score<3>(k, score, r, yr, o);
+    case 4: return update_row_score<4>(k, score, r, yr, o);
+    case 5: return update_row_score<5>(k, score, r, yr, o);
+    default: return update_row_score<0>(k, score, r, yr, o);
+  }
+}
+
+}  // namespace
+
+// conv_rows at candidate pixels idx, then, in the same pass over each block of 6 pixels, the
+// nonlinear update as act_update does it (A += y (+ residual), o = f(A) - E, truncation, emit,
+// E += o), with activation codes 0-3 as act_update's plus 4 SiLU and 5 sigmoid (vectorised exp:
+// within a few ulp of ATen's, not bit-identical). Returns the emitted delta as act_update does.
+std::vector<torch::Tensor> conv_act_rows(torch::Tensor ext, torch::Tensor in_mask, torch::Tensor idx,
+                                         torch::Tensor packed, std::vector<int64_t> geo,
+                                         c10::optional<torch::Tensor> residual, c10::optional<torch::Tensor> res_mask,
+                                         torch::Tensor acc, torch::Tensor emitted, int64_t code, double lo, double hi,
+                                         double slope, double tau, int64_t score) {
+  TORCH_CHECK(has_conv_rows(), "conv_act_rows needs AVX2 and FMA");
+  const Geometry g = geometry(geo);
+  const uint8_t* m = mask_ptr(in_mask, g.n * g.h * g.w, "in_mask");
+  TORCH_CHECK(idx.scalar_type() == torch::kLong && idx.is_contiguous(), "idx must be contiguous int64");
+  TORCH_CHECK(code >= 0 && code <= 5, "unknown activation code ", code);
+  TORCH_CHECK(residual.has_value() == res_mask.has_value(), "residual and res_mask come together");
+  TORCH_CHECK(emitted.dim() == 4 && emitted.size(0) == g.n && emitted.size(2) == g.ho && emitted.size(3) == g.wo,
+              "emitted must be (N, Cout, Ho, Wo)");
+  const int64_t cin = ext.size(1), taps = g.kh * g.kw, p_count = idx.numel(), cout = emitted.size(1);
+  const int64_t total = g.n * g.ho * g.wo, panels = (cout + GEMM_NR - 1) / GEMM_NR;
+  TORCH_CHECK(packed.scalar_type() == torch::kFloat && packed.is_contiguous() && packed.dim() == 3 &&
+                  packed.size(0) == panels && packed.size(1) == taps * cin && packed.size(2) == GEMM_NR,
+              "packed must be a contiguous (", panels, ", ", taps * cin, ", 16) float32 tensor");
+  const float* x = rows_ptr(ext, g.n * g.h * g.w, cin, "ext");
+  const float* wp = packed.data_ptr<float>();
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  auto out = new_delta(g.n, cout, g.ho, g.wo);
+  std::vector<uint8_t> keep(p_count);
+  const ActArgs k{nullptr, ip, residual ? rows_ptr(*residual, total, cout, "residual") : nullptr,
+                  res_mask ? mask_ptr(*res_mask, total, "res_mask") : nullptr, rows_ptr(acc, total, cout, "acc"),
+                  rows_ptr(emitted, total, cout, "emitted"), out[0].data_ptr<float>(), mask_out(out[2]), keep.data(),
+                  cout, static_cast<float>(lo), static_cast<float>(hi), static_cast<float>(slope),
+                  static_cast<float>(tau), false};
+  const std::vector<float> zero(cin, 0.f);
+  const int64_t blocks = (p_count + GEMM_MR - 1) / GEMM_MR;
+  at::parallel_for(0, blocks, 8, [&](int64_t b0, int64_t b1) {
+    std::vector<const float*> src(taps * GEMM_MR);
+    std::vector<uint8_t> any(taps);
+    std::vector<float> y(GEMM_MR * cout), o(cout);
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t p0 = blk * GEMM_MR, rows = std::min<int64_t>(GEMM_MR, p_count - p0);
+      std::fill(any.begin(), any.end(), 0);
+      for (int64_t r = 0; r < GEMM_MR; ++r) {
+        if (r >= rows) {
+          for (int64_t t = 0; t < taps; ++t) src[t * GEMM_MR + r] = zero.data();
+          continue;
+        }
+        const int64_t q = ip[p0 + r];
+        const int64_t n = q / (g.ho * g.wo), rem = q % (g.ho * g.wo);
+        const int64_t oy = rem / g.wo, ox = rem % g.wo;
+        for (int64_t ky = 0, t = 0; ky < g.kh; ++ky) {
+          const int64_t iy = oy * g.sh - g.pt + ky * g.dh;
+          const bool vy = iy >= 0 && iy < g.h;
+          for (int64_t kx = 0; kx < g.kw; ++kx, ++t) {
+            const int64_t ix = ox * g.sw - g.pl + kx * g.dw;
+            const int64_t s = (n * g.h + iy) * g.w + ix;
+            const bool live = vy && ix >= 0 && ix < g.w && m[s];
+            src[t * GEMM_MR + r] = live ? x + s * cin : zero.data();
+            any[t] |= live;
+          }
+        }
+      }
+      for (int64_t j = 0; j < panels; ++j)
+        gemm_panel(src.data(), any.data(), taps, cin, wp + j * taps * cin * GEMM_NR, y.data() + j * GEMM_NR,
+                   rows, cout, std::min<int64_t>(GEMM_NR, cout - j * GEMM_NR));
+      for (int64_t r = 0; r < rows; ++r)
+        keep[p0 + r] = update_row_any(k, code, score, ip[p0 + r], y.data() + r * cout, o.data());
+    }
+  });
+  return {compact(keep.data(), p_count, ip), out[0], out[1], out[2]};
+}
+
+// ---- depthwise convs (groups == channels), optionally with the nonlinear update -----------------
+
+namespace {
+
+// y = sum over the live taps of x[src] * w[t] (per channel) for output pixel q.
+__attribute__((target("avx2,fma"))) void depthwise_row(const Geometry& g, const uint8_t* m, const float* x,
+                                                       const float* w, int64_t c, int64_t q, float* y) {
+  std::fill(y, y + c, 0.f);
+  const int64_t n = q / (g.ho * g.wo), rem = q % (g.ho * g.wo);
+  const int64_t oy = rem / g.wo, ox = rem % g.wo;
+  for (int64_t ky = 0, t = 0; ky < g.kh; ++ky) {
+    const int64_t iy = oy * g.sh - g.pt + ky * g.dh;
+    if (iy < 0 || iy >= g.h) {
+      t += g.kw;
+      continue;
+    }
+    for (int64_t kx = 0; kx < g.kw; ++kx, ++t) {
+      const int64_t ix = ox * g.sw - g.pl + kx * g.dw;
+      const int64_t s = (n * g.h + iy) * g.w + ix;
+      if (ix < 0 || ix >= g.w || !m[s]) continue;
+      const float* xr = x + s * c;
+      const float* wr = w + t * c;
+#pragma omp simd
+      for (int64_t j = 0; j < c; ++j) y[j] = std::fma(xr[j], wr[j], y[j]);
+    }
+  }
+}
+
+}  // namespace
+
+// A depthwise conv (one filter per channel) at output pixels idx, reading the taps in place (zero
+// where outside the image or not updated); weights (taps, C). Without acc: returns the (P, C) rows.
+// With acc/emitted: runs the nonlinear update of conv_act_rows on each row and returns the emitted
+// delta [indices, ext, values, mask].
+std::vector<torch::Tensor> depthwise_rows(torch::Tensor ext, torch::Tensor in_mask, torch::Tensor idx,
+                                          torch::Tensor weights, std::vector<int64_t> geo,
+                                          c10::optional<torch::Tensor> residual, c10::optional<torch::Tensor> res_mask,
+                                          c10::optional<torch::Tensor> acc, c10::optional<torch::Tensor> emitted,
+                                          int64_t code, double lo, double hi, double slope, double tau, int64_t score) {
+  TORCH_CHECK(has_conv_rows(), "depthwise_rows needs AVX2 and FMA");
+  const Geometry g = geometry(geo);
+  const uint8_t* m = mask_ptr(in_mask, g.n * g.h * g.w, "in_mask");
+  TORCH_CHECK(idx.scalar_type() == torch::kLong && idx.is_contiguous(), "idx must be contiguous int64");
+  TORCH_CHECK(code >= 0 && code <= 5, "unknown activation code ", code);
+  TORCH_CHECK(acc.has_value() == emitted.has_value(), "acc and emitted come together");
+  TORCH_CHECK(residual.has_value() == res_mask.has_value(), "residual and res_mask come together");
+  const int64_t c = ext.size(1), taps = g.kh * g.kw, p_count = idx.numel(), total = g.n * g.ho * g.wo;
+  TORCH_CHECK(weights.scalar_type() == torch::kFloat && weights.is_contiguous() && weights.dim() == 2 &&
+                  weights.size(0) == taps && weights.size(1) == c, "weights must be a contiguous (", taps, ", ", c,
+              ") float32 tensor");
+  const float* x = rows_ptr(ext, g.n * g.h * g.w, c, "ext");
+  const float* w = weights.data_ptr<float>();
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  if (!acc) {
+    TORCH_CHECK(!residual, "a residual needs the update (acc, emitted)");
+    auto y = torch::empty({p_count, c}, torch::kFloat);
+    float* yp = y.data_ptr<float>();
+    at::parallel_for(0, p_count, 64, [&](int64_t b, int64_t end) {
+      for (int64_t p = b; p < end; ++p) depthwise_row(g, m, x, w, c, ip[p], yp + p * c);
+    });
+    return {y};
+  }
+  TORCH_CHECK(emitted->dim() == 4 && emitted->size(1) == c && emitted->size(2) == g.ho && emitted->size(3) == g.wo,
+              "emitted must be (N, C, Ho, Wo)");
+  auto out = new_delta(g.n, c, g.ho, g.wo);
+  std::vector<uint8_t> keep(p_count);
+  const ActArgs k{nullptr, ip, residual ? rows_ptr(*residual, total, c, "residual") : nullptr,
+                  res_mask ? mask_ptr(*res_mask, total, "res_mask") : nullptr, rows_ptr(*acc, total, c, "acc"),
+                  rows_ptr(*emitted, total, c, "emitted"), out[0].data_ptr<float>(), mask_out(out[2]), keep.data(),
+                  c, static_cast<float>(lo), static_cast<float>(hi), static_cast<float>(slope),
+                  static_cast<float>(tau), false};
+  at::parallel_for(0, p_count, 64, [&](int64_t b, int64_t end) {
+    std::vector<float> y(c), o(c);
+    for (int64_t p = b; p < end; ++p) {
+      depthwise_row(g, m, x, w, c, ip[p], y.data());
+      keep[p] = update_row_any(k, code, score, ip[p], y.data(), o.data());
+    }
+  });
+  return {compact(keep.data(), p_count, ip), out[0], out[1], out[2]};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("candidates", &candidates, "candidate output pixels of a sliding window");
   m.def("gather_taps", &gather_taps, "implicit-GEMM rows of the active taps");
@@ -580,5 +930,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("accumulate_rows", &accumulate_rows, "A += y at candidate pixels, returning the new A rows");
   m.def("emit_rows", &emit_rows, "o = f(A) - E with truncation and emit");
   m.def("merge_streams", &merge_streams, "add or concatenate streams at the union of their masks");
+  m.def("has_conv_rows", &has_conv_rows, "whether this CPU runs conv_rows (AVX2 + FMA)");
+  m.def("conv_rows", &conv_rows, "implicit-GEMM conv at output pixels, zero taps skipped");
+  m.def("conv_act_rows", &conv_act_rows, "implicit-GEMM conv with the nonlinear update in its epilogue");
+  m.def("depthwise_rows", &depthwise_rows, "depthwise conv at output pixels, optionally with the update");
   m.def("slice_rows", &slice_rows, "channel range of a delta at its updated pixels");
 }

@@ -188,18 +188,23 @@ class ReferenceBackend(Backend):
         # stream of a batch applies the multiply-add rule to its own work)
         self.work_streams: Tensor | None = None
 
+    def _dense_fraction(self, d: DeltaTensor, p: ConvParams) -> float:
+        """Candidate fraction above which conv `p` on `d` runs densely (a backend's own crossover)."""
+        return DENSE_SWITCH
+
     def _count(self, p: ConvParams, done_pixels: int, all_pixels: int, idx: Tensor | None = None,
-               n: int = 1) -> None:
+               n: int = 1, dense_fraction: float | None = None) -> None:
         per_pixel = p.weight.numel()
         self.work[0] += done_pixels * per_pixel
         self.work[1] += all_pixels * per_pixel
         if self.work_streams is not None and idx is not None:
             # candidates per stream (idx ascends), counted as that stream alone would: all pixels above
-            # DENSE_SWITCH, where it would run the conv densely
+            # the dense fraction, where it would run the conv densely
             per_stream = all_pixels // n
             bounds = torch.arange(n + 1, device=idx.device) * per_stream
             c = torch.searchsorted(idx, bounds).diff()
-            c = torch.where(c > DENSE_SWITCH * per_stream, per_stream, c)
+            switch = DENSE_SWITCH if dense_fraction is None else dense_fraction
+            c = torch.where(c > switch * per_stream, per_stream, c)
             self.work_streams += c * per_pixel
 
     # ---- input / output -------------------------------------------------------------------
@@ -232,8 +237,9 @@ class ReferenceBackend(Backend):
         cout = p.weight.shape[0]
         ho, wo = p.window.out_size(h, w)
         idx, out_mask = self._candidates(d, p.window, (ho, wo))
-        dense = idx.numel() > DENSE_SWITCH * out_mask.numel()
-        self._count(p, out_mask.numel() if dense else idx.numel(), out_mask.numel(), idx, n)
+        switch = self._dense_fraction(d, p)
+        dense = idx.numel() > switch * out_mask.numel()
+        self._count(p, out_mask.numel() if dense else idx.numel(), out_mask.numel(), idx, n, switch)
         if idx.numel() == 0:
             return empty_delta(n, cout, ho, wo, dtype=_acc_dtype(p.weight), device=d.device)
         if dense:
@@ -307,10 +313,15 @@ class ReferenceBackend(Backend):
         if residual is not None and tuple(residual.shape) != (n, cout, ho, wo):
             raise ValueError(f"residual shape {tuple(residual.shape)} does not match conv output {(n, cout, ho, wo)}")
         idx, cand = self._candidates(d, p.window, (ho, wo), residual.mask if residual is not None else None)
-        dense = idx.numel() > DENSE_SWITCH * cand.numel()
-        self._count(p, cand.numel() if dense else idx.numel(), cand.numel(), idx, n)
+        switch = self._dense_fraction(d, p)
+        dense = idx.numel() > switch * cand.numel()
+        self._count(p, cand.numel() if dense else idx.numel(), cand.numel(), idx, n, switch)
         if dense and act is not None:
             out = self._dense_act_block(d, p, idx, residual, act)
+            if out is not None:
+                return out
+        if not dense and act is not None and idx.numel():
+            out = self._sparse_act_block(d, p, idx, (ho, wo), residual, act)
             if out is not None:
                 return out
         if dense:
@@ -329,6 +340,12 @@ class ReferenceBackend(Backend):
     def _dense_act_block(self, d: DeltaTensor, p: ConvParams, idx: Tensor, residual: DeltaTensor | None,
                          st: PointwiseState) -> DeltaTensor | None:
         """conv_block's dense case in one backend pass (a fast backend's hook); None: not handled."""
+        return None
+
+    def _sparse_act_block(self, d: DeltaTensor, p: ConvParams, idx: Tensor, out_hw: tuple[int, int],
+                          residual: DeltaTensor | None, st: PointwiseState) -> DeltaTensor | None:
+        """conv_block's gathered case with its nonlinear update in one backend pass (a fast backend's
+        hook); None: not handled."""
         return None
 
     def _act_rows(self, idx: Tensor, y: Tensor, residual: DeltaTensor | None, st: PointwiseState,

@@ -1,0 +1,225 @@
+"""Where a delta frame's CPU time goes, by stage: the C++ kernels, GEMMs, dense convs, ATen
+activations, the other backend code and what is outside the backend (layer Python, dispatch).
+
+Every backend method and every C++ kernel call is timed with the process CPU clock on a stack, so
+each stage's number is its *exclusive* time (a backend method's own Python and small torch ops,
+without the kernels it calls); "outside backend" is the frame's time minus all of it. Use with
+1 thread (`--threads 1`, default) on a loaded machine; the wrappers cost ~1 us a call, about 0.3
+ms of a YOLOv8n frame.
+
+    python3 benchmarks/cpu_profile.py --model yolov8n --start 200 --frames 12 --points 0.08/0.10
+    python3 benchmarks/cpu_profile.py --model yolov8n --points r0.64/0 --min-blob 3
+
+A point "r<in>/<layer>" is in relative units (deltacnn.calibration: input a fraction of the frame's
+range, layers a fraction of their keyframe scale); "<in>/<layer>" absolute. The first frame
+(--start) is the keyframe; the next is left out as warm-up.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's deltacnn
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import deltacnn  # noqa: E402
+from deltacnn.backends import cpu_fused  # noqa: E402
+from deltacnn.backends.reference import ReferenceBackend  # noqa: E402, F401
+from cpu_models import convert_at as _convert_at, load_frames  # noqa: E402
+
+_clock = time.process_time
+
+
+class StageClock:
+    """Exclusive CPU time per stage name, from nested timed calls."""
+
+    def __init__(self) -> None:
+        self.excl: dict[str, float] = defaultdict(float)
+        self.calls: dict[str, int] = defaultdict(int)
+        self._stack: list[list] = []  # [name, start, child time]
+
+    def wrap(self, name: str, fn):
+        def timed(*a, **k):
+            self._stack.append([name, _clock(), 0.0])
+            try:
+                return fn(*a, **k)
+            finally:
+                nm, t0, child = self._stack.pop()
+                dt = _clock() - t0
+                self.excl[nm] += dt - child
+                self.calls[nm] += 1
+                if self._stack:
+                    self._stack[-1][2] += dt
+        return timed
+
+    def reset(self) -> None:
+        self.excl.clear()
+        self.calls.clear()
+
+
+class _TimedModule:
+    """The C++ kernel module with each function timed as 'k:<name>'."""
+
+    def __init__(self, mod, clock: StageClock) -> None:
+        for name in dir(mod):
+            f = getattr(mod, name)
+            if callable(f) and not name.startswith("_"):
+                setattr(self, name, clock.wrap("k:" + name, f))
+
+
+BACKEND_METHODS = ["conv_block", "conv2d", "add", "cat", "channel_slice", "sparsify", "maxpool", "dense_linear",
+                   "pointwise", "scale", "_candidates", "_taps", "_act_rows", "_dense_act_block", "_emit_f",
+                   "_pixel_rows"]
+
+
+def instrument(backend, clock: StageClock) -> None:
+    """Time the backend's methods (instance attributes, so only this backend), its kernels, its GEMMs
+    (_conv_rows less its tap gather), dense convs and ATen activations."""
+    if isinstance(backend, cpu_fused.FusedCpuBackend):
+        backend._k = _TimedModule(backend._k, clock)
+    for m in BACKEND_METHODS:
+        if hasattr(backend, m):
+            setattr(backend, m, clock.wrap("b:" + m, getattr(backend, m)))
+    backend._conv_rows = clock.wrap("gemm (_conv_rows less gathers)", backend._conv_rows)
+    dense = type(backend)._dense_conv
+    backend._dense_conv = clock.wrap("dense conv", dense)
+
+
+def patch_acts(clock: StageClock) -> None:
+    from deltacnn.activations import ActSpec
+    ActSpec.apply_ = clock.wrap("aten activation", ActSpec.apply_)
+
+
+def load(model_name: str, start: int, count: int):
+    """The model and `count` frames of vtest.avi from `start` (YOLOv8n: 0-1; CenterFace: 0-255)."""
+    from cpu_real import load_model
+    model, _, _ = load_model(model_name, [], None)
+    return model, load_frames(count, model_name == "yolov8n", start)
+
+
+def convert_at(model, frames, point: str, min_blob: int):
+    return _convert_at(model, frames[0], point, min_blob)
+
+
+def parse_variants(spec: str) -> list[tuple[str, dict[str, float]]]:
+    """"old:cpu_fused.IMPLICIT_GEMM=0;new:" -> [(name, {"module.ATTR": value})] (module under deltacnn.backends)."""
+    out = []
+    for part in spec.split(";"):
+        name, _, sets = part.partition(":")
+        kv = {}
+        for a in filter(None, sets.split(",")):
+            k, _, v = a.partition("=")
+            kv[k] = float(v)
+        out.append((name, kv))
+    return out
+
+
+def apply_settings(kv: dict[str, float], defaults: dict[str, object]) -> None:
+    import importlib
+    for k, v in {**defaults, **kv}.items():
+        mod, attr = k.rsplit(".", 1)
+        m = importlib.import_module("deltacnn.backends." + mod)
+        old = getattr(m, attr)
+        setattr(m, attr, type(old)(v))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="yolov8n", choices=["yolov8n", "centerface"])
+    ap.add_argument("--start", type=int, default=200)
+    ap.add_argument("--frames", type=int, default=12)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--points", default="0.08/0.10")
+    ap.add_argument("--min-blob", type=int, default=1)
+    ap.add_argument("--variants", default="default:",
+                    help='A/B variants run interleaved frame by frame, e.g. "old:cpu_fused.IMPLICIT_GEMM=0;new:" '
+                         "(module attributes of deltacnn.backends; unset ones keep their defaults)")
+    ap.add_argument("--stages", action="store_true", help="per-stage table (wrappers cost ~1 us a call)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    model, frames = load(args.model, args.start, args.frames)
+    variants = parse_variants(args.variants)
+    import importlib
+    defaults = {k: getattr(importlib.import_module("deltacnn.backends." + k.rsplit(".", 1)[0]), k.rsplit(".", 1)[1])
+                for _, kv in variants for k in kv}
+    clocks = {name: StageClock() for name, _ in variants}
+    if args.stages:
+        patch_acts(_Router(clocks))
+    for point in args.points.split(","):
+        dms = {}
+        for name, _ in variants:
+            dms[name] = convert_at(model, frames, point, args.min_blob)
+            if args.stages:
+                instrument(dms[name].rt.backend_on(torch.device("cpu")), clocks[name])
+        totals = {n: [] for n in dms}
+        macs = {n: [] for n in dms}
+        agg = {n: defaultdict(list) for n in dms}
+        outs = {n: None for n in dms}
+        with torch.no_grad():
+            for dm in dms.values():
+                dm.reset()
+            for i, f in enumerate(frames):
+                for name, kv in variants:
+                    apply_settings(kv, defaults)
+                    _Router.current = name
+                    dm, clock = dms[name], clocks[name]
+                    backend = dm.rt.backend_on(torch.device("cpu"))
+                    backend.work = [0, 0]
+                    clock.reset()
+                    t0 = _clock()
+                    outs[name] = dm(f)
+                    dt = _clock() - t0
+                    if i < 2:
+                        continue
+                    totals[name].append(dt * 1e3)
+                    macs[name].append(backend.work[0] / max(1, backend.work[1]))
+                    if args.stages:
+                        inside = sum(clock.excl.values())
+                        for k, v in clock.excl.items():
+                            agg[name][k].append(v * 1e3)
+                        agg[name]["outside backend (layers, dispatch)"].append((dt - inside) * 1e3)
+                first = next(iter(outs.values()))
+                for name, o in outs.items():  # every variant computes the same frame
+                    err = max(float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+                              for a, b in zip(_flat(o), _flat(first)))
+                    if err > 1e-3:
+                        print(f"   frame {i}: variant {name} differs from {next(iter(outs))} by {err:.1e}")
+        apply_settings({}, defaults)
+        for name in dms:
+            n = len(totals[name])
+            print(f"\n== {args.model} {point} min_blob {args.min_blob} [{name}]: frame "
+                  f"{statistics.median(totals[name]):.1f} ms (median of {n}; mean {statistics.mean(totals[name]):.1f}), "
+                  f"conv MACs {statistics.median(macs[name]):.1%}")
+            if args.stages:
+                for k, v in sorted(agg[name].items(), key=lambda kv: -sum(kv[1])):
+                    print(f"   {k:44s} {sum(v) / n:8.2f} ms/frame   calls {clocks[name].calls.get(k, 0):4d}")
+
+
+class _Router:
+    """Sends the shared ATen-activation wrapper's time to the running variant's clock."""
+
+    current = ""
+
+    def __init__(self, clocks: dict[str, StageClock]) -> None:
+        self.clocks = clocks
+
+    def wrap(self, name, fn):
+        wrapped = {k: c.wrap(name, fn) for k, c in self.clocks.items()}
+        return lambda *a, **k: wrapped[_Router.current](*a, **k)
+
+
+def _flat(out) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    return [t for o in out for t in _flat(o)]
+
+
+if __name__ == "__main__":
+    main()
