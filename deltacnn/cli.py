@@ -99,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="threshold of the input pixels, in the model's input units (default: --threshold)")
     r.add_argument("--demo", action="store_true", help="use the demo clip (same as giving no VIDEO)")
     r.add_argument("--max-frames", "-n", type=_positive_int, default=None, help="stop after N frames")
+    r.add_argument("--start-frame", type=int, default=0,
+                   help="skip the frames before this one (e.g. a tune's held-out segment; default 0)")
     r.add_argument("--keyframe-interval", type=_positive_int, default=None, help="dense keyframe every N frames")
     r.add_argument("--dense-above", type=_fraction_or_off, default=0.5, metavar="FRAC|off",
                    help="run a frame densely (no state update) when more than this fraction of its input pixels "
@@ -164,7 +166,8 @@ def cmd_run(a: argparse.Namespace) -> int:
     res = run(video, a.model, threshold=a.threshold, input_threshold=a.input_threshold, thresholds=a.thresholds,
               device=a.device, out=a.out, max_frames=a.max_frames, dtype=a.dtype,
               keyframe_interval=a.keyframe_interval, check_dense=a.check_dense, backend=a.backend, quiet=a.quiet,
-              write_videos=not a.no_video, dense_above=a.dense_above, reader=a.reader, compile_peer=a.compile_peer)
+              write_videos=not a.no_video, dense_above=a.dense_above, reader=a.reader, compile_peer=a.compile_peer,
+              start_frame=a.start_frame)
     print(res.table())
     if res.summary.get("interrupted"):
         print(f"stopped by Ctrl-C after {res.summary['frames']} frames; the outputs cover those frames")
