@@ -112,11 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", "-o", default=None, help="output directory (default ./deltacnn_out/<clip name>)")
 
     t = sub.add_parser("tune", help="find input and per-layer thresholds within an accuracy budget versus dense",
-                       description="Search the thresholds with the lowest measured delta-frame time whose task output "
-                                   "stays within the budget of the dense output on calibration frames: the input "
-                                   "threshold first, then input and layer thresholds together, then per layer, "
-                                   "largest downstream multiply-adds first. Thresholds are relative (input: fraction "
-                                   "of the frame's value range; layers: fraction of their activation scale). Writes "
+                       description="Search the thresholds with the lowest frame time (a cost model fitted to CPU-clock "
+                                   "timings on this device) whose task output stays within the budget of the dense "
+                                   "output on calibration frames: the input threshold first, then contiguous layer "
+                                   "groups, then single layers, largest downstream multiply-adds first. Thresholds are "
+                                   "relative (input: fraction of the frame's value range; layers: fraction of their "
+                                   "activation scale). Writes "
                                    "the JSON `run --thresholds` reads, a Pareto table and plot of time against "
                                    "agreement, and with --heldout-frames reports frames tuning never saw.")
     _common(t, "calibration source: " + SOURCE_HELP + " (default: the demo clip)")
@@ -132,6 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--min-blob", type=_positive_int, default=1,
                    help="send input changes only where they cover a k x k square (odd k; 1: off)")
     t.add_argument("--max-evals", type=_positive_int, default=40, help="passes over the clip at most (default 40)")
+    t.add_argument("--margin", type=_nonneg_float, default=0.0,
+                   help="calibration frames must beat the budget by this much, so frames tuning never saw keep it "
+                        "(default 0)")
+    t.add_argument("--groups", type=_positive_int, default=4,
+                   help="contiguous layer groups tuned as one lever each before single layers (default 4)")
     t.add_argument("--keyframe-interval", type=_positive_int, default=None, help="dense keyframe every N frames")
     t.add_argument("--out", "-o", default=None,
                    help="thresholds JSON to write (default ./deltacnn_out/<clip name>/thresholds.json)")
@@ -188,7 +194,7 @@ def cmd_tune(a: argparse.Namespace) -> int:
     res = tune(a.video, a.model, budget=a.budget, aggregate=a.aggregate, frames=a.frames, max_evals=a.max_evals,
                start_frame=a.start_frame, heldout_frames=a.heldout_frames, heldout_start=a.heldout_start,
                min_blob=a.min_blob, device=a.device, dtype=a.dtype, keyframe_interval=a.keyframe_interval,
-               backend=a.backend, out=out, quiet=a.quiet, reader=a.reader)
+               backend=a.backend, out=out, quiet=a.quiet, reader=a.reader, margin=a.margin, groups=a.groups)
     print(res.table())
     print(f"use it with:  deltacnn run {a.video or ''} --thresholds {res.path}".replace("  --", " --"))
     return 0
