@@ -172,3 +172,35 @@ def test_a_tuned_file_carries_the_input_gate(tmp_path) -> None:
     with pytest.raises(ValueError, match="min_blob"):
         Thresholds().load(path)
     assert math.isfinite(Thresholds(min_blob=None).default)
+
+
+def test_a_pass_gives_up_once_the_budget_cannot_hold() -> None:
+    """With a mean F1 budget of 0.9 over 10 frames, two frames at 0.4 already make 0.9 impossible."""
+    from deltacnn.commands.tune import _Evaluator
+
+    class Task:
+        name = "t"
+
+        def preprocess(self, f):
+            return f
+
+        def postprocess(self, y):
+            return y
+
+        def agreement(self, r, ref):
+            return {"f1": 1.0 if ref is None else 0.4}
+
+    net = _chain()
+    frames = [torch.rand(1, 3, 16, 16) for _ in range(10)]
+    refs = [None] + [0] * 9  # the keyframe agrees, every later frame scores 0.4
+    dm = build_delta(net, frames[0], dense_above=None)
+    dm.enable_stats(True)
+    ev = _Evaluator(dm, Task(), frames, refs, Budget("f1", ">=", 0.9), torch.device("cpu"))
+    first = ev("a", 0.0, 0.0, {})  # the metric is resolved by the first pass, which plays every frame
+    assert len(first.works) == 9 and not first.ok
+    t = ev("b", 0.0, 0.0, {})
+    # after frame k (0-based) the best mean is (1 + 0.4 k + (9 - k)) / 10 < 0.9 from k = 2 on
+    assert "stopped at frame 3" in t.stage and len(t.works) == 2 and not t.ok
+    loose = _Evaluator(dm, Task(), frames, refs, Budget("f1", ">=", 0.4), torch.device("cpu"))
+    loose("a", 0.0, 0.0, {})
+    assert len(loose("b", 0.0, 0.0, {}).works) == 9

@@ -230,10 +230,13 @@ class Pass:
     wall_ms: list[float]  # the delta frames' wall time
     macs_fraction: float
     modes: dict[str, int]
+    stopped: int | None = None  # the pass gave up after this many frames (the budget could no longer hold)
 
 
-def play(dm: DeltaModel, task: Task, frames: Sequence[Any], refs: Sequence[Any], device: torch.device) -> Pass:
-    """Run `frames` (RGB frames, preprocessed here) from a keyframe on and compare with the dense `refs`."""
+def play(dm: DeltaModel, task: Task, frames: Sequence[Any], refs: Sequence[Any], device: torch.device,
+         give_up: Callable[[list[dict[str, float]]], bool] | None = None) -> Pass:
+    """Run `frames` (RGB frames, preprocessed here) from a keyframe on and compare with the dense `refs`.
+    `give_up(metrics so far)` true ends the pass early (`Pass.stopped`): the budget can no longer hold."""
     dm.reset()
     p = Pass([], [], [], [], 1.0, {})
     macs = dense = 0
@@ -252,6 +255,9 @@ def play(dm: DeltaModel, task: Task, frames: Sequence[Any], refs: Sequence[Any],
                 p.wall_ms.append(ms)
             macs, dense = macs + fs.macs, dense + fs.dense_macs
         p.metrics.append(task.agreement(task.postprocess(to_float(y)), refs[i]))
+        if give_up is not None and i + 1 < len(frames) and give_up(p.metrics):
+            p.stopped = i + 1
+            break
     p.macs_fraction = macs / dense if dense else 1.0
     return p
 
@@ -281,7 +287,7 @@ class _Evaluator:
 
     def __call__(self, stage: str, input_tau: float, default: float, overrides: dict[str, float]) -> Trial:
         self.set(input_tau, default, overrides)
-        p = play(self.dm, self.task, self.frames, self.refs, self.device)
+        p = play(self.dm, self.task, self.frames, self.refs, self.device, self._give_up if self._resolved else None)
         self.evals += 1
         if not self._resolved:  # the metric names are known after the first pass
             self.budget, self._resolved = self.budget.resolve(p.metrics[0], self.task), True
@@ -290,8 +296,24 @@ class _Evaluator:
         self.cost = CostModel.fit(self._works, self._cpu)
         score = self.budget.score(p.metrics)
         means = {k: finite_mean([float(m[k]) for m in p.metrics]) for k in p.metrics[0]}
+        stage = stage if p.stopped is None else f"{stage} (stopped at frame {p.stopped})"
         return Trial(stage, input_tau, default, dict(overrides), score, p.macs_fraction, self.cost.mean_ms(p.works),
-                     self.holds(score), finite_mean(p.cpu_ms), finite_median(p.wall_ms), means, p.modes, p.works)
+                     self.holds(score) and p.stopped is None, finite_mean(p.cpu_ms), finite_median(p.wall_ms), means,
+                     p.modes, p.works)
+
+    def _give_up(self, metrics: list[dict[str, float]]) -> bool:
+        """True when the (margin-tightened) budget cannot hold whatever the remaining frames score: for a
+        mean of a ">=" metric every later frame counted at 1 (F1, accuracy; none give up once a frame
+        scored above 1), of a "<=" metric at 0; for the worst frame, as soon as one frame breaks it."""
+        b, n = self.budget, len(self.frames)
+        vals = [float(m[b.metric]) for m in metrics]
+        if b.aggregate == "worst":
+            return not self.holds(vals[-1])
+        if b.op == ">=":
+            if max(vals) > 1:
+                return False
+            return not self.holds((sum(vals) + (n - len(vals))) / n)
+        return not self.holds(sum(vals) / n)
 
     def reprice(self, trials: Sequence[Trial]) -> None:
         """Every trial's objective under the latest cost model (fitted on all frames timed so far)."""
@@ -488,6 +510,9 @@ def tune(video: str | int | Path | None = None, model: str | Task | None = None,
         t = ev(stage, ti, tg, overrides)
         history.append(t)
         ev.reprice(history)
+        if out is not None:  # progress on disk: a long tune that is stopped still shows its trials
+            save_json({"budget": str(ev.budget), "margin": margin, "in_progress": True,
+                       "trials": [h.row() for h in history]}, Path(out).with_name(Path(out).stem + "_trials.json"))
         if bar is not None:
             bar.update(1)
             bar.set_postfix_str(f"{stage} {ev.budget.metric}={t.score:.4g} MACs={t.macs_fraction:.1%} {t.ms:.1f}ms")
