@@ -506,8 +506,13 @@ def tune(video: str | int | Path | None = None, model: str | Task | None = None,
                                                       dynamic_ncols=True)
     history: list[Trial] = []
 
+    seen: dict[tuple, Trial] = {}
+
     def evaluate(stage: str, ti: float, tg: float, overrides: dict[str, float]) -> Trial:
-        t = ev(stage, ti, tg, overrides)
+        key = (ti, tg, tuple(sorted((k, v) for k, v in overrides.items() if v)))
+        if key in seen:  # the same setting again (e.g. a layer step its group already tried): no new pass
+            return seen[key]
+        t = seen[key] = ev(stage, ti, tg, overrides)
         history.append(t)
         ev.reprice(history)
         if out is not None:  # progress on disk: a long tune that is stopped still shows its trials
