@@ -241,6 +241,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USER
     from .commands.common import UserError
 
+    if getattr(args, "threads", None):  # parsed by every command, applied by none before
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         return COMMANDS[args.command](args)
     except (UserError, VideoError) as e:

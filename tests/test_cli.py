@@ -202,6 +202,19 @@ def test_run_start_frame_runs_only_the_later_segment(clip: Path, tmp_path: Path)
         tools.run(clip, "tiny", start_frame=-1, out=tmp_path / "c", quiet=True, write_videos=False)
 
 
+def test_threads_option_is_applied(monkeypatch) -> None:
+    """--threads sets torch's intra-op threads for the command (it used to be parsed and ignored)."""
+    from deltacnn import cli
+
+    seen = []
+    monkeypatch.setitem(cli.COMMANDS, "tune", lambda a: seen.append(torch.get_num_threads()) or 0)
+    old = torch.get_num_threads()
+    try:
+        assert main(["tune", "--budget", "0.9", "--threads", "1"]) == 0 and seen == [1]
+    finally:
+        torch.set_num_threads(old)
+
+
 def test_run_default_out_dir(clip: Path, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     assert main(["run", str(clip), "-m", "tiny", "-n", "3", "-q", "--no-video"]) == 0
