@@ -52,7 +52,8 @@ class CostModel:
         """Least squares with every coefficient >= 0 (a negative cost is noise, not a finding).
 
         Columns the samples cannot tell apart (e.g. every frame ran every layer) are dropped by the
-        non-negative solve, so their cost is carried by the others. Needs at least one finite sample.
+        non-negative solve, so their cost is carried by the others; when no per-MAC cost is left,
+        time proportional to the multiply-adds. Needs at least one finite sample.
         """
         rows = [(w, t) for w, t in zip(works, ms) if t is not None and math.isfinite(t)]
         if not rows:
@@ -60,6 +61,11 @@ class CostModel:
         a = np.array([[1.0, w.active_layers, w.macs * 1e-9] for w, _ in rows])
         y = np.array([t for _, t in rows])
         coef = _nonneg_lstsq(a, y)
+        if coef[2] == 0 and a[:, 2].sum() > 0:
+            # no per-MAC cost found: the frames' work varied too little against the timing noise (the
+            # first trials of a search). A flat model would rank every setting alike; time
+            # proportional to the work is the better guess until the samples tell more.
+            return cls(0.0, 0.0, float(y.sum() / a[:, 2].sum()))
         return cls(float(coef[0]), float(coef[1]), float(coef[2]))
 
     def describe(self) -> str:
