@@ -99,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="threshold of the input pixels, in the model's input units (default: --threshold)")
     r.add_argument("--demo", action="store_true", help="use the demo clip (same as giving no VIDEO)")
     r.add_argument("--max-frames", "-n", type=_positive_int, default=None, help="stop after N frames")
+    r.add_argument("--start-frame", type=int, default=0,
+                   help="skip the frames before this one (e.g. a tune's held-out segment; default 0)")
     r.add_argument("--keyframe-interval", type=_positive_int, default=None, help="dense keyframe every N frames")
     r.add_argument("--dense-above", type=_fraction_or_off, default=0.5, metavar="FRAC|off",
                    help="run a frame densely (no state update) when more than this fraction of its input pixels "
@@ -117,11 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "field bound; smaller is cheaper and approximate)")
 
     t = sub.add_parser("tune", help="find input and per-layer thresholds within an accuracy budget versus dense",
-                       description="Search the thresholds with the lowest measured delta-frame time whose task output "
-                                   "stays within the budget of the dense output on calibration frames: the input "
-                                   "threshold first, then input and layer thresholds together, then per layer, "
-                                   "largest downstream multiply-adds first. Thresholds are relative (input: fraction "
-                                   "of the frame's value range; layers: fraction of their activation scale). Writes "
+                       description="Search the thresholds with the lowest frame time (a cost model fitted to CPU-clock "
+                                   "timings on this device) whose task output stays within the budget of the dense "
+                                   "output on calibration frames: the input threshold first, then contiguous layer "
+                                   "groups, then single layers, largest downstream multiply-adds first. Thresholds are "
+                                   "relative (input: fraction of the frame's value range; layers: fraction of their "
+                                   "activation scale). Writes "
                                    "the JSON `run --thresholds` reads, a Pareto table and plot of time against "
                                    "agreement, and with --heldout-frames reports frames tuning never saw.")
     _common(t, "calibration source: " + SOURCE_HELP + " (default: the demo clip)")
@@ -137,6 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--min-blob", type=_positive_int, default=1,
                    help="send input changes only where they cover a k x k square (odd k; 1: off)")
     t.add_argument("--max-evals", type=_positive_int, default=40, help="passes over the clip at most (default 40)")
+    t.add_argument("--margin", type=_nonneg_float, default=0.0,
+                   help="calibration frames must beat the budget by this much, so frames tuning never saw keep it "
+                        "(default 0)")
+    t.add_argument("--groups", type=_positive_int, default=4,
+                   help="contiguous layer groups tuned as one lever each before single layers (default 4)")
     t.add_argument("--keyframe-interval", type=_positive_int, default=None, help="dense keyframe every N frames")
     t.add_argument("--out", "-o", default=None,
                    help="thresholds JSON to write (default ./deltacnn_out/<clip name>/thresholds.json)")
@@ -172,7 +180,7 @@ def cmd_run(a: argparse.Namespace) -> int:
               device=a.device, out=a.out, max_frames=a.max_frames, dtype=a.dtype,
               keyframe_interval=a.keyframe_interval, check_dense=a.check_dense, backend=a.backend, quiet=a.quiet,
               write_videos=not a.no_video, dense_above=a.dense_above, reader=a.reader, compile_peer=a.compile_peer,
-              motion=a.motion, motion_halo=a.motion_halo)
+              motion=a.motion, motion_halo=a.motion_halo, start_frame=a.start_frame)
     print(res.table())
     if res.summary.get("interrupted"):
         print(f"stopped by Ctrl-C after {res.summary['frames']} frames; the outputs cover those frames")
@@ -193,7 +201,7 @@ def cmd_tune(a: argparse.Namespace) -> int:
     res = tune(a.video, a.model, budget=a.budget, aggregate=a.aggregate, frames=a.frames, max_evals=a.max_evals,
                start_frame=a.start_frame, heldout_frames=a.heldout_frames, heldout_start=a.heldout_start,
                min_blob=a.min_blob, device=a.device, dtype=a.dtype, keyframe_interval=a.keyframe_interval,
-               backend=a.backend, out=out, quiet=a.quiet, reader=a.reader)
+               backend=a.backend, out=out, quiet=a.quiet, reader=a.reader, margin=a.margin, groups=a.groups)
     print(res.table())
     print(f"use it with:  deltacnn run {a.video or ''} --thresholds {res.path}".replace("  --", " --"))
     return 0
@@ -240,6 +248,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USER
     from .commands.common import UserError
 
+    if getattr(args, "threads", None):  # parsed by every command, applied by none before
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         return COMMANDS[args.command](args)
     except (UserError, VideoError) as e:

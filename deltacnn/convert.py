@@ -1320,8 +1320,8 @@ def convert(model: nn.Module, example_input: Tensor, *, threshold: float = 0.0, 
     for m in gm.modules():
         if isinstance(m, DeltaLayer):
             m.set_runtime(rt)
-        if isinstance(m, Sparsify) and m.name == INPUT:
-            m.min_blob = check_min_blob(min_blob)
+        if isinstance(m, Sparsify) and m.name == INPUT:  # a tuned file's gate unless one is asked for
+            m.min_blob = check_min_blob(th.min_blob if min_blob == 1 and th.min_blob else min_blob)
     dm = DeltaModel(gm, rt, layers, example_input.shape[1], keyframe_interval, on_input_change)
     total = sum(int(n.meta.get("macs", 0)) for n in traced.graph.nodes)
     dm.report = ConversionReport(islands=conv.islands, tails=conv.tails, total_macs=total,

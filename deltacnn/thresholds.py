@@ -41,6 +41,9 @@ class Thresholds:
     known: tuple[str, ...] = ()  # layer names of the model these belong to (set by convert)
     units: str = "absolute"
     scales: dict[str, float] = field(default_factory=dict)  # relative units: the scale of each layer and the input
+    # the input's small-blob gate the thresholds were tuned with (None: not part of the file); it decides
+    # which input changes count, so a tuned file carries it (`deltacnn.convert` and `run --thresholds` apply it)
+    min_blob: int | None = None
 
     def __post_init__(self) -> None:
         if self.units not in UNITS:
@@ -54,6 +57,9 @@ class Thresholds:
             raise ValueError(f"score must be one of {SCORES}, got {self.score!r}")
         for k, v in list(self.overrides.items()):
             self.overrides[k] = _check_tau(k, v)
+        if self.min_blob is not None and (not isinstance(self.min_blob, int) or isinstance(self.min_blob, bool)
+                                          or self.min_blob < 1 or self.min_blob % 2 == 0):
+            raise ValueError(f"min_blob must be an odd integer >= 1, got {self.min_blob!r}")
 
     def get(self, name: str) -> float:
         """The absolute threshold of layer `name` (relative values times the layer's measured scale)."""
@@ -91,6 +97,8 @@ class Thresholds:
              "score": self.score, "layers": dict(sorted(self.overrides.items()))}
         if self.units != "absolute":
             d.update(units=self.units, scales=dict(sorted(self.scales.items())))
+        if self.min_blob is not None:
+            d["min_blob"] = self.min_blob
         return d
 
     def save(self, path: str | Path) -> None:
@@ -109,7 +117,7 @@ class Thresholds:
         try:
             new = Thresholds(default=data.get("default", 0.0), input=data.get("input"),
                              score=data.get("score", "max"), overrides=dict(layers), known=self.known,
-                             units=data.get("units", "absolute"), scales=dict(scales))
+                             units=data.get("units", "absolute"), scales=dict(scales), min_blob=data.get("min_blob"))
         except ValueError as e:
             raise ValueError(f"{source}: {e}") from None
         for name in new.overrides:
@@ -120,7 +128,7 @@ class Thresholds:
                 raise ValueError(f"{source}: relative thresholds without the scale of {len(missing)} layer(s) of this "
                                  f"model (e.g. {missing[0]!r}); the file was tuned for another model")
         self.default, self.input, self.score, self.overrides = new.default, new.input, new.score, new.overrides
-        self.units, self.scales = new.units, new.scales
+        self.units, self.scales, self.min_blob = new.units, new.scales, new.min_blob
 
     def load(self, path: str | Path) -> None:
         p = Path(path)

@@ -166,7 +166,8 @@ def plot_run(rows: Sequence[dict], path: str | Path, title: str = "", error_key:
 
 
 def pareto_plot(trials: Sequence[tuple[float, float, bool]], front: Sequence[tuple[float, float]],
-                chosen: tuple[float, float], metric: str, budget: float, path: str | Path) -> Path:
+                chosen: tuple[float, float], metric: str, budget: float, path: str | Path,
+                xlabel: str = "median delta-frame time (ms)") -> Path:
     """Delta-frame time against task agreement for every tuning trial, the Pareto front and the choice.
 
     A person picks an operating point from this faster than from a table: how much agreement each
@@ -188,7 +189,7 @@ def pareto_plot(trials: Sequence[tuple[float, float, bool]], front: Sequence[tup
         ax.plot(*zip(*front), color="tab:orange", lw=1.5, drawstyle="steps-post", label="Pareto front")
     ax.scatter([chosen[0]], [chosen[1]], s=80, facecolors="none", edgecolors="tab:red", lw=2, label="chosen")
     ax.axhline(budget, color="tab:red", lw=0.8, ls="--", label=f"budget {metric} = {budget:g}")
-    ax.set_xlabel("median delta-frame time (ms)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(f"{metric} against dense")
     ax.set_title("Threshold tuning: speed against task agreement")
     ax.legend(loc="lower right", fontsize=8)

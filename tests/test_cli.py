@@ -186,6 +186,35 @@ def test_run_dense_dispatch_modes_are_recorded(clip: Path, tmp_path: Path) -> No
     assert [r["mode"] for r in off.rows] == ["keyframe", "delta", "delta", "delta"]
 
 
+def test_run_start_frame_runs_only_the_later_segment(clip: Path, tmp_path: Path) -> None:
+    """--start-frame 6: frames 6.. of the source, the first of them a keyframe, numbered as in the source."""
+    assert main(["run", str(clip), "-m", "tiny", "-t", "0.05", "--start-frame", "6", "--check-dense", "-q",
+                 "--no-video", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "frames.json").read_text())
+    assert [r["frame"] for r in rows] == list(range(6, T)) and rows[0]["keyframe"] == 1
+    assert rows[0]["rel_error"] < 1e-5  # the keyframe is source frame 6 itself, run densely
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["start_frame"] == 6 and s["frames"] == T - 6
+    capped = tools.run(clip, "tiny", threshold=0.0, start_frame=3, max_frames=2, out=tmp_path / "b", quiet=True,
+                       write_videos=False)
+    assert [r["frame"] for r in capped.rows] == [3, 4]
+    with pytest.raises(tools.UserError, match="start-frame"):
+        tools.run(clip, "tiny", start_frame=-1, out=tmp_path / "c", quiet=True, write_videos=False)
+
+
+def test_threads_option_is_applied(monkeypatch) -> None:
+    """--threads sets torch's intra-op threads for the command (it used to be parsed and ignored)."""
+    from deltacnn import cli
+
+    seen = []
+    monkeypatch.setitem(cli.COMMANDS, "tune", lambda a: seen.append(torch.get_num_threads()) or 0)
+    old = torch.get_num_threads()
+    try:
+        assert main(["tune", "--budget", "0.9", "--threads", "1"]) == 0 and seen == [1]
+    finally:
+        torch.set_num_threads(old)
+
+
 def test_run_default_out_dir(clip: Path, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     assert main(["run", str(clip), "-m", "tiny", "-n", "3", "-q", "--no-video"]) == 0

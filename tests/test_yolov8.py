@@ -304,3 +304,33 @@ def test_conversion_tau0_equals_dense_over_real_frames(official):
         torch.testing.assert_close(a[:, 4:], b[:, 4:], rtol=1e-4, atol=1e-4)
         assert task.agreement(task.postprocess(a), task.postprocess(b))["f1"] == 1.0
     assert modes[0] == "keyframe" and modes[1:] == ["delta"] * (len(xs) - 1)
+
+
+def test_stable_f1_window_is_the_dense_score_within_005_of_conf():
+    """Borderline means the dense score in [conf - 0.05, conf + 0.05): a dense 0.31 box is sure (missing it
+    costs f1_stable), a dense 0.29 one is not; a delta box with no dense box at >= 0.20 is a false positive."""
+    task = Y.YOLOv8Task(model=YOLOv8("n"))
+    e = np.zeros((0, 4), np.float32)
+    none = {"boxes": e, "scores": np.zeros(0), "classes": np.zeros(0, int), "low_boxes": e,
+            "low_scores": np.zeros(0), "low_classes": np.zeros(0, int)}
+    for score, stable in ((0.31, 0.0), (0.29, 1.0)):
+        ref = {**none, "boxes": np.array([[0, 0, 10, 10]], np.float32), "scores": np.array([score]),
+               "classes": np.array([0])}
+        m = task.agreement(none, ref)
+        assert m["f1"] == 0.0 and m["f1_stable"] == stable, (score, m)
+    ghost = {**none, "boxes": np.array([[40, 40, 50, 50]], np.float32), "scores": np.array([0.26]),
+             "classes": np.array([0])}
+    assert task.agreement(ghost, none)["f1_stable"] == 0.0
+
+
+def test_default_thresholds_are_the_shipped_tuned_file_for_the_shipped_checkpoint_only(official):
+    task, model = official
+    path = task.default_thresholds
+    if path is None:
+        pytest.skip(f"no tuned file deltacnn/data/{Y.TUNED_FILE} in this checkout")
+    assert Y.YOLOv8Task(model=YOLOv8("n")).default_thresholds is None  # a user's model has other scales
+    x = torch.rand(1, 3, 64, 96)
+    dm = deltacnn.convert(model, x, thresholds_file=str(path))
+    th = dm.thresholds
+    assert th.units == "relative" and set(th.known) <= set(th.scales)
+    assert 0 < (th.input or 0) < 0.2 and th.min_blob in (None, 1, 3, 5)

@@ -18,9 +18,11 @@ from torch import Tensor, nn
 from .. import tasks
 from ..clips import default_clip_path
 from ..convert import ConversionError, UnsupportedOperationError, convert
+from ..layers import Sparsify
 from ..model import DeltaModel
 from ..tasks.base import Task
 from ..tasks.zoo import ZooTask
+from ..thresholds import INPUT
 from ..timing import sync as sync_device, timed  # noqa: F401 - re-exported for the commands
 from ..video import FrameSource, VideoError, open_source
 
@@ -156,6 +158,10 @@ def load_thresholds(dm: DeltaModel, path: str | Path) -> None:
     except (ValueError, TypeError) as e:
         msg = str(e)
         raise UserError(msg if str(path) in msg else f"{path}: {msg}") from None
+    if dm.thresholds.min_blob is not None:  # the input gate the file was tuned with
+        for m in dm.graph_module.modules():
+            if isinstance(m, Sparsify) and m.name == INPUT:
+                m.min_blob = dm.thresholds.min_blob
 
 
 def progress(iterable: Iterable, total: int | None, desc: str, quiet: bool):

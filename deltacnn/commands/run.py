@@ -4,6 +4,7 @@ heat-map videos, per-frame records, a summary and a plot. Ctrl-C ends it cleanly
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import re
 from dataclasses import dataclass, field
@@ -83,7 +84,8 @@ def run(video: str | int | Path | None = None, model: str | Task | None = None, 
         max_frames: int | None = None, dtype: str | torch.dtype | None = None, keyframe_interval: int | None = None,
         check_dense: bool = False, backend: str | None = None, quiet: bool = False,
         write_videos: bool = True, dense_above: float | None = 0.5, reader: str = "auto",
-        compile_peer: bool = False, motion: str | Path | None = None, motion_halo: int | None = None) -> RunResult:
+        compile_peer: bool = False, motion: str | Path | None = None, motion_halo: int | None = None,
+        start_frame: int = 0) -> RunResult:
     """Run a source through the delta model and, for timing, through the strongest dense peer.
 
     `video`: a video file, an image folder, a camera index (`0`) or a stream URL (`rtsp://`,
@@ -98,15 +100,21 @@ def run(video: str | int | Path | None = None, model: str | Task | None = None, 
     then hold one frame more than the records). With neither `threshold` nor `thresholds`, the task's
     tuned `default_thresholds` file is used if it ships one, else its `default_threshold` (0, i.e.
     dense-equivalent, if it has none). `dense_above`: see `convert`. `compile_peer`: on a GPU,
-    also try torch.compile(mode="max-autotune") as a peer (minutes of compiling).
+    also try torch.compile(mode="max-autotune") as a peer (minutes of compiling). `start_frame`: skip
+    the source's frames before it (e.g. run only the held-out segment of a tune; `max_frames` counts
+    from it; frame numbers in the records stay the source's).
     `check_dense` compares with the model as loaded (fp32), run once more per frame (the peer's
     outputs match it to 1e-4 only, which is enough to flip a borderline detection).
     `motion`: "none" (default), "auto" or a motion file (deltacnn/motion/files.py): the delta state
     follows the camera (deltacnn.motion.MotionDeltaModel, band width `motion_halo`); the records then
     carry the motion, its confidence, the view origin and the border-band work (counted in `macs`).
     """
+    if start_frame < 0:
+        raise UserError(f"--start-frame must be >= 0, got {start_frame}")
     motion = _resolve_motion(motion)
-    source = open_video(video, max_frames, reader=reader)
+    if isinstance(motion, (list, torch.Tensor)):
+        motion = motion[start_frame:]  # a motion file has one line per frame of the source
+    source = open_video(video, None if max_frames is None else start_frame + max_frames, reader=reader)
     task = get_task(model)
     if threshold is None and thresholds is None and getattr(task, "default_thresholds", None) is not None:
         thresholds = task.default_thresholds  # a tuned file shipped with the task
@@ -133,7 +141,8 @@ def run(video: str | int | Path | None = None, model: str | Task | None = None, 
     mm = None  # the MotionDeltaModel around dm, with a moving camera
     choice: PeerChoice | None = None
     interrupted = False
-    bar = progress(source, source.expected_frames, "deltacnn run", quiet)
+    total = None if source.expected_frames is None else max(0, source.expected_frames - start_frame)
+    bar = progress(itertools.islice(source, start_frame, None), total, "deltacnn run", quiet)
     try:
         with StopOnInterrupt() as stop:
             for i, frame in enumerate(bar):
@@ -147,7 +156,7 @@ def run(video: str | int | Path | None = None, model: str | Task | None = None, 
                     mm = _motion_model(dm, motion, motion_halo)
                 out_delta, delta_ms = _timed_motion(mm, x, dev) if mm is not None else timed(dm, x, dev)
                 _, peer_ms = timed(choice.peer, x, dev)
-                row = frame_record(i, dm, delta_ms, peer_ms)
+                row = frame_record(start_frame + i, dm, delta_ms, peer_ms)
                 result = task.postprocess(to_float(out_delta))
                 if mm is not None:
                     row.update(_motion_fields(mm, row))
@@ -187,6 +196,7 @@ def run(video: str | int | Path | None = None, model: str | Task | None = None, 
                         peer=choice)
     summary["source"] = source.kind
     summary["motion"] = "none" if motion is None else motion if isinstance(motion, str) else f"{len(motion)} given"
+    summary["start_frame"] = start_frame
     summary["interrupted"] = interrupted
     if dm is not None:
         summary["backend"] = dm.rt.backend_on(dev).name

@@ -3,15 +3,17 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from .. import viz
 from ..calibration import measure_scales
+from ..cost_model import CostModel, FrameWork
 from ..model import DeltaModel
 from ..tasks.base import Task, to_float
 from ..thresholds import INPUT
@@ -105,20 +107,32 @@ def controlled_macs(dm: DeltaModel, dense_stats) -> dict[str, int]:
 
 @dataclass
 class Trial:
-    """One evaluation of a threshold setting on the calibration frames."""
+    """One evaluation of a threshold setting on the calibration frames.
+
+    `ms` is the objective: the mean time of a frame after the first (delta, dense and re-keyframes
+    alike, each at the work it did) predicted by the device's cost model (`deltacnn.cost_model`);
+    `cpu_ms` the same frames' measured CPU-clock mean, `wall_ms` the measured median of the delta
+    frames (both noisy on a loaded machine; reported, not decided on).
+    """
 
     stage: str
     input: float
     default: float
     overrides: dict[str, float]
     score: float
-    macs_fraction: float
-    ms: float  # median time of the delta frames (keyframes left out)
+    macs_fraction: float  # multiply-adds of every frame after the first, against dense ones
+    ms: float
     ok: bool
+    cpu_ms: float = float("nan")
+    wall_ms: float = float("nan")
+    metrics: dict[str, float] = field(default_factory=dict)  # every agreement metric, mean over the frames
+    modes: dict[str, int] = field(default_factory=dict)  # frames after the first by how they ran
+    works: list[FrameWork] = field(default_factory=list, repr=False)
 
     def row(self) -> dict:
         return {"stage": self.stage, "input": self.input, "default": self.default, "overrides": dict(self.overrides),
-                "score": self.score, "macs_fraction": self.macs_fraction, "ms": self.ms, "ok": self.ok}
+                "score": self.score, "macs_fraction": self.macs_fraction, "ms": self.ms, "cpu_ms": self.cpu_ms,
+                "wall_ms": self.wall_ms, "ok": self.ok, "metrics": dict(self.metrics), "modes": dict(self.modes)}
 
 
 def pareto_front(trials: Sequence[Trial]) -> list[Trial]:
@@ -147,6 +161,8 @@ class TuneResult:
     heldout: dict | None = None  # the same metrics on frames tuning never saw
     pareto_path: Path | None = None
     plot_path: Path | None = None
+    cost: CostModel | None = None
+    margin: float = 0.0
 
     @property
     def score(self) -> float:
@@ -160,17 +176,23 @@ class TuneResult:
         b, e = self.best, self.exact
         a, z = self.calib_frames
         lines = [
-            f"budget {self.budget}, tuned on frames {a}-{z - 1} (relative thresholds: input x frame range, "
-            "layers x their keyframe activation scale)",
+            f"budget {self.budget}" + (f" (+ margin {self.margin:g} on the calibration frames)" if self.margin else "")
+            + f", tuned on frames {a}-{z - 1} (relative thresholds: input x frame range, layers x their keyframe "
+            "activation scale)",
             f"  input threshold          {b.input:.4g}",
             f"  layer threshold          {b.default:.4g}   (+ {len(b.overrides)} per-layer overrides)",
-            f"  calibration              {self.budget.metric} {b.score:.4g}   MACs {b.macs_fraction:6.1%}   "
-            f"delta frame {b.ms:7.2f} ms   (exact: MACs {e.macs_fraction:.1%}, {e.ms:.2f} ms)",
+            f"  calibration              {self.budget.metric} {b.score:.4g}   "
+            + _other_metrics(b.metrics, self.budget.metric)
+            + f"MACs {b.macs_fraction:6.1%}   cost {b.ms:7.2f} ms (measured CPU {b.cpu_ms:.1f} ms)   "
+            f"(exact: MACs {e.macs_fraction:.1%}, cost {e.ms:.2f} ms)",
         ]
+        if self.cost is not None:
+            lines.append(f"  cost model               {self.cost.describe()} (CPU clock, fitted on the trials' frames)")
         if self.heldout:
             h = self.heldout
             lines.append(f"  held-out frames {h['frames'][0]}-{h['frames'][1] - 1}   {self.budget.metric} "
-                         f"{h['score']:.4g}   MACs {h['macs_fraction']:6.1%}   delta frame {h['ms']:7.2f} ms"
+                         f"{h['score']:.4g}   " + _other_metrics(h.get("metrics", {}), self.budget.metric)
+                         + f"MACs {h['macs_fraction']:6.1%}   cost {h['ms']:7.2f} ms (measured CPU {h['cpu_ms']:.1f} ms)"
                          + ("   (budget met)" if self.budget.holds(h['score']) else "   (BUDGET MISSED on held-out frames)"))
         lines.append(f"  evaluations              {self.evals}")
         if self.path:
@@ -180,95 +202,275 @@ class TuneResult:
         return "\n".join(lines)
 
     def pareto_table(self) -> str:
-        rows = ["| delta frame ms | " + str(self.budget.metric) + " | MACs | input | layers | overrides | stage |",
-                "|---|---|---|---|---|---|---|"]
+        """Every trial on the Pareto front of predicted time against agreement, with what was measured."""
+        extra = [k for k in ("f1",) if k != self.budget.metric and k in self.best.metrics]
+        rows = ["| cost ms | CPU ms | " + str(self.budget.metric) + "".join(f" | {k}" for k in extra)
+                + " | MACs | input | layers | overrides | stage |",
+                "|---|---|---" + "|---" * len(extra) + "|---|---|---|---|---|"]
         for t in pareto_front(self.history):
-            rows.append(f"| {t.ms:.2f} | {t.score:.4f} | {t.macs_fraction:.1%} | {t.input:.4g} | {t.default:.4g} | "
-                        f"{len(t.overrides)} | {t.stage} |")
+            rows.append(f"| {t.ms:.2f} | {t.cpu_ms:.1f} | {t.score:.4f} | "
+                        + "".join(f"{t.metrics.get(k, float('nan')):.4f} | " for k in extra)
+                        + f"{t.macs_fraction:.1%} | {t.input:.4g} | {t.default:.4g} | {len(t.overrides)} | {t.stage} |")
+        if self.cost is not None:
+            rows.append(f"\ncost model: {self.cost.describe()}")
         return "\n".join(rows)
 
 
+def _other_metrics(metrics: dict[str, float], main: str | None) -> str:
+    return "".join(f"{k} {metrics[k]:.4g}   " for k in ("f1",) if k != main and k in metrics)
+
+
+@dataclass
+class Pass:
+    """One pass over a segment from a keyframe on: per-frame agreement and work, measured times."""
+
+    metrics: list[dict[str, float]]
+    works: list[FrameWork]  # every frame after the first, at the work it did (dense frames: all of it)
+    cpu_ms: list[float]  # the same frames' CPU-clock time
+    wall_ms: list[float]  # the delta frames' wall time
+    macs_fraction: float
+    modes: dict[str, int]
+    stopped: int | None = None  # the pass gave up after this many frames (the budget could no longer hold)
+
+
+def play(dm: DeltaModel, task: Task, frames: Sequence[Any], refs: Sequence[Any], device: torch.device,
+         give_up: Callable[[list[dict[str, float]]], bool] | None = None) -> Pass:
+    """Run `frames` (RGB frames, preprocessed here) from a keyframe on and compare with the dense `refs`.
+    `give_up(metrics so far)` true ends the pass early (`Pass.stopped`): the budget can no longer hold."""
+    dm.reset()
+    p = Pass([], [], [], [], 1.0, {})
+    macs = dense = 0
+    for i, f in enumerate(frames):
+        x = task.preprocess(f).to(device)
+        c0 = time.process_time()
+        y, ms = timed(dm, x, device)
+        cpu = (time.process_time() - c0) * 1e3
+        fs = dm.frame_stats()
+        if i > 0:
+            p.works.append(FrameWork.of(fs))
+            p.cpu_ms.append(cpu)
+            mode = dm.last_mode or ("keyframe" if fs.keyframe else "delta")
+            p.modes[mode] = p.modes.get(mode, 0) + 1
+            if mode == "delta":
+                p.wall_ms.append(ms)
+            macs, dense = macs + fs.macs, dense + fs.dense_macs
+        p.metrics.append(task.agreement(task.postprocess(to_float(y)), refs[i]))
+        if give_up is not None and i + 1 < len(frames) and give_up(p.metrics):
+            p.stopped = i + 1
+            break
+    p.macs_fraction = macs / dense if dense else 1.0
+    return p
+
+
 class _Evaluator:
-    """Plays frames through the delta model under given (relative) thresholds.
+    """Plays the calibration frames under given (relative) thresholds and keeps the device's cost model
+    fitted to every frame timed so far (CPU clock), so trials are ranked by the work they do."""
 
-    Returns the budget score against the dense results, the MACs fraction and the median time of the
-    non-keyframes (the steady state thresholds act on).
-    """
-
-    def __init__(self, dm: DeltaModel, task: Task, xs: list[Tensor], refs: list[Any], budget: Budget,
-                 device: torch.device) -> None:
-        self.dm, self.task, self.xs, self.refs, self.budget, self.device = dm, task, xs, refs, budget, device
+    def __init__(self, dm: DeltaModel, task: Task, frames: list, refs: list[Any], budget: Budget,
+                 device: torch.device, margin: float = 0.0) -> None:
+        self.dm, self.task, self.frames, self.refs, self.budget, self.device = dm, task, frames, refs, budget, device
+        self.margin = margin
         self.evals = 0
         self._resolved = False
+        self._works: list[FrameWork] = []
+        self._cpu: list[float] = []
+        self.cost: CostModel | None = None
 
     def set(self, input_tau: float, default: float, overrides: dict[str, float]) -> None:
         th = self.dm.thresholds
         th.default, th.input, th.overrides = default, input_tau, dict(overrides)
 
-    def __call__(self, input_tau: float, default: float, overrides: dict[str, float]) -> tuple[float, float, float]:
+    def holds(self, score: float) -> bool:
+        """The budget tightened by the calibration margin (held-out frames are judged by the budget itself)."""
+        b = self.budget
+        return b.holds(score) and b.holds(score - self.margin if b.op == ">=" else score + self.margin)
+
+    def __call__(self, stage: str, input_tau: float, default: float, overrides: dict[str, float]) -> Trial:
         self.set(input_tau, default, overrides)
-        per_frame, macs, ms = play(self.dm, self.task, self.xs, self.refs, self.device)
+        p = play(self.dm, self.task, self.frames, self.refs, self.device, self._give_up if self._resolved else None)
         self.evals += 1
         if not self._resolved:  # the metric names are known after the first pass
-            self.budget, self._resolved = self.budget.resolve(per_frame[0], self.task), True
-        return self.budget.score(per_frame), macs, ms
+            self.budget, self._resolved = self.budget.resolve(p.metrics[0], self.task), True
+        self._works += p.works
+        self._cpu += p.cpu_ms
+        self.cost = CostModel.fit(self._works, self._cpu)
+        score = self.budget.score(p.metrics)
+        means = {k: finite_mean([float(m[k]) for m in p.metrics]) for k in p.metrics[0]}
+        stage = stage if p.stopped is None else f"{stage} (stopped at frame {p.stopped})"
+        return Trial(stage, input_tau, default, dict(overrides), score, p.macs_fraction, self.cost.mean_ms(p.works),
+                     self.holds(score) and p.stopped is None, finite_mean(p.cpu_ms), finite_median(p.wall_ms), means,
+                     p.modes, p.works)
 
+    def _give_up(self, metrics: list[dict[str, float]]) -> bool:
+        """True when the (margin-tightened) budget cannot hold whatever the remaining frames score: for a
+        mean of a ">=" metric every later frame counted at 1 (F1, accuracy; none give up once a frame
+        scored above 1), of a "<=" metric at 0; for the worst frame, as soon as one frame breaks it."""
+        b, n = self.budget, len(self.frames)
+        vals = [float(m[b.metric]) for m in metrics]
+        if b.aggregate == "worst":
+            return not self.holds(vals[-1])
+        if b.op == ">=":
+            if max(vals) > 1:
+                return False
+            return not self.holds((sum(vals) + (n - len(vals))) / n)
+        return not self.holds(sum(vals) / n)
 
-def play(dm: DeltaModel, task: Task, xs: Sequence[Tensor], refs: Sequence[Any],
-         device: torch.device) -> tuple[list[dict[str, float]], float, float]:
-    """Per-frame agreement, MACs fraction and median delta-frame ms of `xs` from a keyframe on."""
-    dm.reset()
-    metrics, macs, dense, times = [], 0, 0, []
-    for i, x in enumerate(xs):
-        y, ms = timed(dm, x, device)
-        fs = dm.frame_stats()
-        if not fs.keyframe:
-            macs, dense = macs + fs.macs, dense + fs.dense_macs
-            times.append(ms)
-        metrics.append(task.agreement(task.postprocess(to_float(y)), refs[i]))
-    return metrics, (macs / dense if dense else 1.0), (finite_median(times) if times else float("nan"))
+    def reprice(self, trials: Sequence[Trial]) -> None:
+        """Every trial's objective under the latest cost model (fitted on all frames timed so far)."""
+        for t in trials:
+            if t.works and self.cost is not None:
+                t.ms = self.cost.mean_ms(t.works)
 
 
 def _frames(video, start: int, count: int, task: Task, dense, dev: torch.device, what: str, reader: str = "auto"):
-    """`count` frames from `start` of the source, preprocessed, with the dense model's results."""
+    """`count` RGB frames from `start` of the source (kept as uint8: 595 float frames of 768x576 would
+    take 3 GB), with the dense model's results."""
     src = open_video(video, start + count, reader=reader)
-    xs, refs = [], []
+    frames, refs = [], []
     with torch.no_grad():
         for i, f in enumerate(src):
             if i < start:
                 continue
-            x = task.preprocess(f).to(dev)
-            xs.append(x)
-            refs.append(task.postprocess(dense(x)))
-    if len(xs) < 2:
+            frames.append(f)
+            refs.append(task.postprocess(dense(task.preprocess(f).to(dev))))
+    if len(frames) < 2:
         raise UserError(f"{what} frames {start}-{start + count - 1}: the source {src.label} has only "
-                        f"{start + len(xs)} frame(s); need at least 2 in the segment")
-    return xs, refs
+                        f"{start + len(frames)} frame(s); need at least 2 in the segment")
+    return frames, refs
+
+
+def layer_groups(dm: DeltaModel, levers: dict[str, int], k: int = 4) -> list[list[str]]:
+    """The thresholded layers (not the input) in graph order, cut into `k` contiguous groups of about
+    equal controlled multiply-adds (`levers`).
+
+    Neighbouring layers have similar depth and role (stem, backbone, neck, head), so a group is tuned
+    as one lever: the tuner raises the groups one by one and holds a group at 0 when even its smallest
+    step breaks the budget (a sensitive part, such as a detection head, cannot veto the others).
+    """
+    gm = dm.graph_module
+    mods = dict(gm.named_modules())
+    order: list[str] = []
+    for node in gm.graph.nodes:
+        m = mods.get(node.target) if node.op == "call_module" else None
+        name = getattr(m, "act_name", None) if m is not None and getattr(m, "act", None) is not None else \
+            getattr(m, "name", None)
+        if name in levers and name != INPUT and name not in order:
+            order.append(name)
+    order += sorted(n for n in levers if n not in order and n != INPUT)
+    total = sum(levers[n] for n in order) or 1
+    k = min(k, len(order))
+    groups: list[list[str]] = [[]]
+    acc = 0
+    for i, n in enumerate(order):
+        # a new group once this one holds its share, or when each group left needs one of the layers left
+        if groups[-1] and len(groups) < k and (acc >= total * len(groups) / k or len(order) - i <= k - len(groups)):
+            groups.append([])
+        groups[-1].append(n)
+        acc += levers[n]
+    return [g for g in groups if g]
+
+
+def search(evaluate: Callable[[str, float, dict[str, float]], Trial], left: Callable[[], bool], exact: Trial,
+           budget: Budget, margin: float, levers: dict[str, int], parts: Sequence[Sequence[str]], start: float = 0.01,
+           min_gain: float = 0.02) -> Trial:
+    """The search of `tune` (its docstring), on any `evaluate(stage, input_tau, layer_overrides) -> Trial`
+    whose `ok` says the (margin-tightened) budget holds; `left()` says whether evaluations remain.
+    Returns the last accepted trial (the caller picks the answer from every trial)."""
+    sign = 1 if budget.op == ">=" else -1
+
+    def cheaper(t: Trial, ref: Trial) -> bool:
+        return t.ms <= ref.ms * (1 - min_gain)
+
+    # 1. input first, layers exact; it may use half of the slack, the rest is the layers'
+    lim = budget.value + sign * (margin + (sign * (exact.score - budget.value) - margin) / 2)
+
+    def keeps(t: Trial) -> bool:
+        return t.ok and sign * (t.score - lim) >= 0
+
+    cur, hi, tau = exact, None, start
+    while left() and tau <= 1.0:
+        t = evaluate("input", tau, {})
+        if not keeps(t):
+            hi = tau
+            break
+        gained = cheaper(t, cur)
+        cur = t if t.ms < cur.ms else cur
+        if not gained:
+            break
+        tau *= 2
+    if hi is not None and cur.input > 0 and left():
+        t = evaluate("input", math.sqrt(cur.input * hi), {})
+        if keeps(t) and t.ms < cur.ms:
+            cur = t
+    ti = cur.input
+    # 2. layer groups, largest lever first; a group that breaks the budget at once stays exact
+    overrides: dict[str, float] = {}
+    raised: list[Sequence[str]] = []
+    for g in parts:
+        tau = start
+        while left() and tau <= 1.0:
+            trial = {**overrides, **{n: tau for n in g}}
+            t = evaluate(f"group {g[0]}..{g[-1]} ({len(g)})", ti, trial)
+            if not (t.ok and t.ms < cur.ms):
+                break
+            gained = cheaper(t, cur)
+            cur, overrides = t, trial
+            if tau == start:
+                raised.append(g)
+            elif not gained:  # the first step may gain little (a small threshold); later ones must pay
+                break
+            tau *= 2
+    # 3. per layer within the raised groups, largest lever first
+    for name in sorted((n for g in raised for n in g if levers.get(n, 0) > 0), key=lambda n: -levers[n]):
+        if not left():
+            break
+        trial = {**overrides, name: overrides[name] * 2}
+        t = evaluate(f"layer {name}", ti, trial)
+        if t.ok and cheaper(t, cur):
+            cur, overrides = t, trial
+    # 4. the input once more, with the layers set
+    if left() and ti > 0:
+        t = evaluate("input again", ti * 1.5, overrides)
+        if t.ok and t.ms < cur.ms:
+            cur = t
+    return cur
 
 
 def tune(video: str | int | Path | None = None, model: str | Task | None = None, *, budget: str | float | Budget = 0.95,
          aggregate: str = "mean", frames: int = 30, start_frame: int = 0, heldout_frames: int = 0,
          heldout_start: int | None = None, max_evals: int = 40, device: str | None = None,
          dtype: str | torch.dtype | None = None, keyframe_interval: int | None = None, backend: str | None = None,
-         min_blob: int = 1, out: str | Path | None = None, start: float = 0.01, time_tolerance: float = 0.03,
-         quiet: bool = False, reader: str = "auto") -> TuneResult:
-    """Find the input and per-layer thresholds with the lowest measured delta-frame time whose task
-    agreement with dense stays within `budget`, on calibration frames [start_frame, start_frame + frames).
+         min_blob: int = 1, out: str | Path | None = None, start: float = 0.01, time_tolerance: float = 0.01,
+         margin: float = 0.0, groups: int = 4, min_gain: float = 0.02, dense_above: float | None = 0.5,
+         quiet: bool = False,
+         reader: str = "auto") -> TuneResult:
+    """Find the input and per-layer thresholds with the lowest delta-model frame time whose task
+    agreement with dense stays within `budget` (tightened by `margin`), on calibration frames
+    [start_frame, start_frame + frames).
+
+    Time is the device's cost model (`deltacnn.cost_model`: per frame, per active layer and per
+    multiply-add, fitted to the CPU-clock time of every frame played so far), averaged over every
+    frame after the first. Measured times are reported beside it. The search runs delta frames
+    only (no dense fallback): a dense frame is exact, so on a clip whose deltas are busy (scattered
+    changes densify the network) the fallback hides what an input threshold holds back, until the
+    layer thresholds make the deltas cheap and the staleness shows. The held-out segment runs with
+    `dense_above` (run's default 0.5), as `deltacnn run --thresholds FILE` will.
 
     Thresholds are relative (calibration.measure_scales): the input's a fraction of the frame's value
     range, each layer's a fraction of its activation scale on the first calibration frame. Search
-    (bounded by `max_evals` passes over the calibration frames; every pass is timed):
-      1. input first: raise the input threshold x2 from `start` with the layers exact, then bisect to
-         the largest value within budget, and keep half of it so the layers get budget too;
-      2. together: from there, repeatedly try raising the input threshold and the global layer
-         threshold (x1.5 each), keep whichever move holds the budget and is fastest;
-      3. per layer, largest lever first (dense MACs downstream): double while the budget holds and
-         time does not grow by more than `time_tolerance` (timing noise).
-    The answer is the fastest trial within budget (within `time_tolerance` of it, the one with the
-    fewest multiply-adds: differences below the timing noise decide nothing). With `heldout_frames`, it is then measured on the
-    disjoint segment [heldout_start, +heldout_frames) (default: right after the calibration frames).
-    Writes the thresholds JSON to `out` if given, with a Pareto table (pareto.md) and plot (pareto.png)
-    of time against agreement beside it.
+    (bounded by `max_evals` passes over the calibration frames):
+      1. input first, layers exact: x2 from `start` while the score keeps half of the budget's slack
+         for the layers and the cost falls by at least `min_gain`; bisect once when a step fails;
+      2. layer groups (`layer_groups`: `groups` contiguous parts of the network, largest lever
+         first): each raised from `start` x2 while the budget holds and the cost falls (after the
+         first step, by at least `min_gain`); a group whose first step breaks the budget stays exact;
+      3. per layer within the raised groups, largest lever first: x2 while that holds;
+      4. the input once more (x1.5) with the layers set.
+    The answer is the cheapest trial within budget (within `time_tolerance` of it, the one with the
+    fewest multiply-adds). With `heldout_frames`, it is then measured on the disjoint segment
+    [heldout_start, +heldout_frames) (default: right after the calibration frames), against the
+    budget without the margin. Writes the thresholds JSON to `out` if given, with a Pareto table
+    (_pareto.md), plot (_pareto.png) and every trial (_trials.json) beside it.
     """
     if frames < 2:
         raise UserError(f"--frames must be >= 2 (the first frame is a dense keyframe), got {frames}")
@@ -278,6 +480,10 @@ def tune(video: str | int | Path | None = None, model: str | Task | None = None,
         raise UserError(f"start threshold must be > 0, got {start}")
     if start_frame < 0 or heldout_frames < 0:
         raise UserError("frame numbers must be >= 0")
+    if not (math.isfinite(margin) and margin >= 0):
+        raise UserError(f"--margin must be a finite number >= 0, got {margin}")
+    if groups < 1:
+        raise UserError(f"--groups must be >= 1, got {groups}")
     hstart = start_frame + frames if heldout_start is None else heldout_start
     if heldout_frames and hstart < start_frame + frames and hstart + heldout_frames > start_frame:
         raise UserError(f"held-out frames {hstart}-{hstart + heldout_frames - 1} overlap the calibration frames "
@@ -287,22 +493,34 @@ def tune(video: str | int | Path | None = None, model: str | Task | None = None,
     dev = resolve_device(device)
     dense = load_model(task, dev)
     xs, refs = _frames(video, start_frame, frames, task, dense, dev, "calibration", reader)
-    dm = build_delta(dense, xs[0], dtype=resolve_dtype(dtype), keyframe_interval=keyframe_interval, backend=backend,
-                     min_blob=min_blob)
-    measure_scales(dm, xs[0])
+    x0 = task.preprocess(xs[0]).to(dev)
+    # the search sees delta frames only: dense fallback frames (run's --dense-above) are exact, so
+    # they would hide what an input threshold holds back, until layer thresholds made the deltas cheap
+    dm = build_delta(dense, x0, dtype=resolve_dtype(dtype), keyframe_interval=keyframe_interval, backend=backend,
+                     min_blob=min_blob, dense_above=None)
+    measure_scales(dm, x0)
+    dm.thresholds.min_blob = min_blob if min_blob > 1 else None
     dm.enable_stats(True)
-    ev = _Evaluator(dm, task, xs, refs, b, dev)
+    ev = _Evaluator(dm, task, xs, refs, b, dev, margin)
     bar = None if quiet else __import__("tqdm").tqdm(total=max_evals, desc="deltacnn tune", unit="eval", leave=False,
                                                       dynamic_ncols=True)
     history: list[Trial] = []
 
+    seen: dict[tuple, Trial] = {}
+
     def evaluate(stage: str, ti: float, tg: float, overrides: dict[str, float]) -> Trial:
-        score, macs, ms = ev(ti, tg, overrides)
-        t = Trial(stage, ti, tg, dict(overrides), score, macs, ms, ev.budget.holds(score))
+        key = (ti, tg, tuple(sorted((k, v) for k, v in overrides.items() if v)))
+        if key in seen:  # the same setting again (e.g. a layer step its group already tried): no new pass
+            return seen[key]
+        t = seen[key] = ev(stage, ti, tg, overrides)
         history.append(t)
+        ev.reprice(history)
+        if out is not None:  # progress on disk: a long tune that is stopped still shows its trials
+            save_json({"budget": str(ev.budget), "margin": margin, "in_progress": True,
+                       "trials": [h.row() for h in history]}, Path(out).with_name(Path(out).stem + "_trials.json"))
         if bar is not None:
             bar.update(1)
-            bar.set_postfix_str(f"{stage} {ev.budget.metric}={score:.4g} MACs={macs:.1%} {ms:.1f}ms")
+            bar.set_postfix_str(f"{stage} {ev.budget.metric}={t.score:.4g} MACs={t.macs_fraction:.1%} {t.ms:.1f}ms")
         return t
 
     def left() -> bool:
@@ -313,50 +531,10 @@ def tune(video: str | int | Path | None = None, model: str | Task | None = None,
         if not exact.ok:
             raise UserError(f"budget {ev.budget} is not met even at threshold 0 (dense-equivalent output: "
                             f"{ev.budget.metric} = {exact.score:.4g}); loosen the budget")
-        # 1. input first, layers exact: bracket x2, then geometric bisection
-        lo, hi, tau = 0.0, None, start
-        while left() and tau <= 1.0:
-            t = evaluate("input", tau, 0.0, {})
-            if not t.ok:
-                hi = tau
-                break
-            lo, tau = tau, tau * 2
-        while hi is not None and left() and ev.evals < max_evals * 0.3:
-            mid = math.sqrt(lo * hi) if lo > 0 else hi / 2
-            if lo > 0 and hi / lo < 1.3:
-                break
-            t = evaluate("input", mid, 0.0, {})
-            lo, hi = (mid, hi) if t.ok else (lo, mid)
-        # 2. input and layers together: the faster of two moves that keep the budget
-        ti, tg = lo / 2, start
-        cur = evaluate("together", ti, tg, {}) if left() else exact
-        if not cur.ok:
-            ti, tg = lo, 0.0
-        while left() and ev.evals < max_evals * 0.7:
-            moves = [evaluate("together", ti * 1.5, tg, {})]
-            if left():
-                moves.append(evaluate("together", ti, tg * 1.5 if tg else start, {}))
-            good = [m for m in moves if m.ok]
-            if not good:
-                break
-            m = min(good, key=lambda m: m.ms)
-            ti, tg = m.input, m.default
-        # 3. per layer, largest lever first
-        overrides: dict[str, float] = {}
-        ref_ms = _best(history, time_tolerance).ms
-        levers = controlled_macs(dm, _first_delta_stats(dm, xs))
-        for name in sorted((n for n in levers if levers[n] > 0 and n != INPUT), key=lambda n: -levers[n]):
-            for _ in range(3):
-                if not left():
-                    break
-                trial = {**overrides, name: max(overrides.get(name, tg) * 2, start)}
-                t = evaluate(f"layer {name}", ti, tg, trial)
-                if t.ok and t.ms <= ref_ms * (1 + time_tolerance):
-                    overrides, ref_ms = trial, min(ref_ms, t.ms)
-                else:
-                    break
-            if not left():
-                break
+        levers = controlled_macs(dm, _first_delta_stats(dm, task.preprocess(xs[0]).to(dev)))
+        parts = sorted(layer_groups(dm, levers, groups), key=lambda g: -sum(levers[n] for n in g))
+        search(lambda stage, ti, ov: evaluate(stage, ti, 0.0, ov), left, exact, ev.budget, margin, levers, parts,
+               start, min_gain)
     finally:
         if bar is not None:
             bar.close()
@@ -365,18 +543,22 @@ def tune(video: str | int | Path | None = None, model: str | Task | None = None,
     heldout = None
     if heldout_frames:
         hx, hr = _frames(video, hstart, heldout_frames, task, dense, dev, "held-out", reader)
-        scores, macs, ms = play(dm, task, hx, hr, dev)
-        heldout = {"frames": (hstart, hstart + len(hx)), "score": ev.budget.score(scores), "macs_fraction": macs,
-                   "ms": ms}
+        dm.rt.dense_above = dense_above  # as `deltacnn run` will run the file
+        p = play(dm, task, hx, hr, dev)
+        dm.rt.dense_above = None
+        heldout = {"frames": (hstart, hstart + len(hx)), "score": ev.budget.score(p.metrics),
+                   "metrics": {k: finite_mean([float(m[k]) for m in p.metrics]) for k in p.metrics[0]},
+                   "macs_fraction": p.macs_fraction, "ms": ev.cost.mean_ms(p.works), "cpu_ms": finite_mean(p.cpu_ms),
+                   "wall_ms": finite_median(p.wall_ms), "modes": p.modes}
         ev.set(best.input, best.default, best.overrides)
     res = TuneResult(None, dm.thresholds.to_dict(), ev.budget, best, exact, ev.evals, history,
-                     (start_frame, start_frame + len(xs)), heldout)
+                     (start_frame, start_frame + len(xs)), heldout, cost=ev.cost, margin=margin)
     if out is not None:
         _write(res, dm, Path(out))
     return res
 
 
-def _best(history: Sequence[Trial], time_tolerance: float = 0.03) -> Trial:
+def _best(history: Sequence[Trial], time_tolerance: float = 0.01) -> Trial:
     """The fastest trial within budget; trials within `time_tolerance` of the fastest count as equally
     fast (timing noise), and of those the one with the fewest multiply-adds wins."""
     ok = [t for t in history if t.ok and math.isfinite(t.ms)]
@@ -394,18 +576,20 @@ def _write(res: TuneResult, dm: DeltaModel, path: Path) -> None:
         res.path = path
         res.pareto_path = path.with_name(path.stem + "_pareto.md")
         res.pareto_path.write_text(res.pareto_table() + "\n")
-        save_json({"budget": str(res.budget), "best": res.best.row(), "heldout": res.heldout,
+        save_json({"budget": str(res.budget), "margin": res.margin, "best": res.best.row(), "heldout": res.heldout,
+                   "cost_model": None if res.cost is None else vars(res.cost),
                    "trials": [t.row() for t in res.history]}, path.with_name(path.stem + "_trials.json"))
     except OSError as e:
         raise UserError(f"cannot write {path}: {e.strerror}") from None
     res.plot_path = viz.pareto_plot([(t.ms, t.score, t.ok) for t in res.history],
                                     [(t.ms, t.score) for t in pareto_front(res.history)],
                                     (res.best.ms, res.best.score), str(res.budget.metric), res.budget.value,
-                                    path.with_name(path.stem + "_pareto.png"))
+                                    path.with_name(path.stem + "_pareto.png"),
+                                    xlabel="frame time predicted by the cost model (ms, CPU clock)")
 
 
-def _first_delta_stats(dm: DeltaModel, xs: list[Tensor]):
+def _first_delta_stats(dm: DeltaModel, x: Tensor):
     """Statistics of a dense keyframe (every layer at full work): the dense MACs of each layer."""
     dm.reset()
-    dm(xs[0])
+    dm(x)
     return dm.frame_stats()

