@@ -216,3 +216,22 @@ def test_gate_arguments_are_checked() -> None:
         deltacnn.convert(_net(), _clip(1)[0], input_gate={"min_blob": 3})
     with pytest.raises(ValueError, match="growth"):
         deltacnn.convert(_net(), _clip(1)[0], threshold_growth=-1.0)
+
+
+def test_cli_flags_make_the_gate_and_growth() -> None:
+    from deltacnn.cli import _gate, build_parser
+    from deltacnn.commands.common import UserError, build_delta
+
+    a = build_parser().parse_args(["run", "--min-blob", "3", "--tile-gate", "8:4", "--input-low", "0.3",
+                                   "--hysteresis", "both", "--threshold-growth", "0.5"])
+    assert _gate(a) == InputGate(min_blob=3, tile=8, tile_min=4, low=0.3, hysteresis="both")
+    assert a.threshold_growth == 0.5
+    t = build_parser().parse_args(["tune", "--budget", "f1>=0.9", "--input-low", "0.5", "--hysteresis", "temporal"])
+    assert _gate(t) == InputGate(low=0.5, hysteresis="temporal")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["run", "--tile-gate", "8:100"])
+    with pytest.raises(UserError, match="low"):
+        _gate(build_parser().parse_args(["run", "--input-low", "2"]))
+    x0 = _clip(1)[0]
+    dm = build_delta(_net(), x0, input_gate=_gate(a), threshold_growth=0.5)
+    assert _sparsify(dm).gate == _gate(a) and dm.thresholds.growth == 0.5

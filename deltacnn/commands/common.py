@@ -117,7 +117,8 @@ def open_video(source: str | int | Path | None, max_frames: int | None = None, r
 def build_delta(model: nn.Module, example: Tensor, *, threshold: float = 0.0, input_threshold: float | None = None,
                 thresholds: str | Path | None = None, dtype: torch.dtype | None = None,
                 keyframe_interval: int | None = None,
-                backend: str | None = None, dense_above: float | None = 0.5, min_blob: int = 1) -> DeltaModel:
+                backend: str | None = None, dense_above: float | None = 0.5, min_blob: int = 1,
+                input_gate=None, threshold_growth: float = 0.0) -> DeltaModel:
     """Convert with conversion and threshold-file problems reported as UserErrors."""
     if threshold is not None and (not math.isfinite(threshold) or threshold < 0):
         raise UserError(f"--threshold must be a finite number >= 0, got {threshold}")
@@ -131,16 +132,23 @@ def build_delta(model: nn.Module, example: Tensor, *, threshold: float = 0.0, in
         raise UserError(f"thresholds file not found: {thresholds}")
     if min_blob < 1 or min_blob % 2 == 0:
         raise UserError(f"--min-blob must be an odd window size >= 1 (1: off), got {min_blob}")
+    if not math.isfinite(threshold_growth) or threshold_growth < 0:
+        raise UserError(f"--threshold-growth must be a finite number >= 0, got {threshold_growth}")
     if thresholds is not None and input_threshold is not None:
         raise UserError("give --input-threshold or --thresholds, not both (the file sets the input threshold)")
     try:
         dm = convert(model, example, threshold=threshold or 0.0, input_threshold=input_threshold, dtype=dtype,
                      keyframe_interval=keyframe_interval, backend=backend, dense_above=dense_above,
-                     min_blob=min_blob)
+                     min_blob=min_blob, input_gate=input_gate, threshold_growth=threshold_growth)
     except (ConversionError, UnsupportedOperationError) as e:
         raise UserError(f"cannot convert the model: {e}") from None
     if thresholds is not None:
         load_thresholds(dm, thresholds)
+        th = dm.thresholds
+        if threshold_growth and th.growth not in (0.0, threshold_growth):
+            raise UserError(f"--threshold-growth {threshold_growth} and the growth {th.growth} of {thresholds} disagree; "
+                            "give one")
+        th.growth = threshold_growth or th.growth
     return dm
 
 
