@@ -9,6 +9,7 @@ fraction of the frame's range, layers as a fraction of their keyframe activation
     low=0.33       InputGate.low (hysteresis)    hyst=spatial  InputGate.hysteresis (spatial|temporal|both)
     steps=2        InputGate.steps               growth=0.5    Thresholds.growth (deep-layer truncation)
     kf=50          keyframe_interval             refresh=off   rt.refresh_work off (or a number)
+    held=0.005     refresh_held (keyframe once the gates hold back changes in this fraction of the pixels)
 
 Frame `--start` is the keyframe; every later frame is a delta frame (dense_above off) unless a
 keyframe is due. Agreement is deltacnn.tasks.yolov8's (F1 at IoU 0.5, same class, conf 0.25;
@@ -43,7 +44,7 @@ from deltacnn.gating import InputGate  # noqa: E402
 from deltacnn.thresholds import INPUT  # noqa: E402
 
 CLIP = "/usr/share/doc/opencv-doc/examples/data/vtest.avi"
-KEYS = {"in", "layer", "blob", "tile", "low", "hyst", "steps", "growth", "kf", "refresh"}
+KEYS = {"in", "layer", "blob", "tile", "low", "hyst", "steps", "growth", "kf", "refresh", "held"}
 
 
 def environment() -> dict:
@@ -112,7 +113,8 @@ def build(model, x0: torch.Tensor, cfg: dict):
                      hysteresis=cfg.get("hyst", "spatial"))
     dm = deltacnn.convert(model, x0, backend="cpu", dense_above=None, input_gate=gate,
                           threshold_growth=float(cfg.get("growth", 0.0)),
-                          keyframe_interval=int(cfg["kf"]) if "kf" in cfg else None)
+                          keyframe_interval=int(cfg["kf"]) if "kf" in cfg else None,
+                          refresh_held=float(cfg["held"]) if "held" in cfg else None)
     measure_scales(dm, x0)
     dm.thresholds.input = float(cfg.get("in", 0.0))
     dm.thresholds.default = float(cfg.get("layer", 0.0))

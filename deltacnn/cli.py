@@ -103,6 +103,9 @@ def _noise_options(p: argparse.ArgumentParser, min_blob: bool) -> None:
                    help="which hysteresis --input-low applies (default spatial)")
     p.add_argument("--threshold-growth", type=_nonneg_float, default=0.0, metavar="G",
                    help="deep-layer truncation: layer thresholds times (output stride / smallest stride) ** G")
+    p.add_argument("--refresh-held", type=_fraction_or_off, default=None, metavar="FRAC|off",
+                   help="keyframe once the input gates hold back changes in more than FRAC of the pixels "
+                        "(default off)")
 
 
 def _gate(a: argparse.Namespace):
@@ -205,7 +208,7 @@ def cmd_run(a: argparse.Namespace) -> int:
               device=a.device, out=a.out, max_frames=a.max_frames, dtype=a.dtype,
               keyframe_interval=a.keyframe_interval, check_dense=a.check_dense, backend=a.backend, quiet=a.quiet,
               write_videos=not a.no_video, dense_above=a.dense_above, reader=a.reader, compile_peer=a.compile_peer,
-              input_gate=_gate(a), threshold_growth=a.threshold_growth)
+              input_gate=_gate(a), threshold_growth=a.threshold_growth, refresh_held=a.refresh_held)
     print(res.table())
     if res.summary.get("interrupted"):
         print(f"stopped by Ctrl-C after {res.summary['frames']} frames; the outputs cover those frames")
@@ -227,7 +230,7 @@ def cmd_tune(a: argparse.Namespace) -> int:
                start_frame=a.start_frame, heldout_frames=a.heldout_frames, heldout_start=a.heldout_start,
                min_blob=a.min_blob, device=a.device, dtype=a.dtype, keyframe_interval=a.keyframe_interval,
                backend=a.backend, out=out, quiet=a.quiet, reader=a.reader, input_gate=_gate(a),
-               threshold_growth=a.threshold_growth)
+               threshold_growth=a.threshold_growth, refresh_held=a.refresh_held)
     print(res.table())
     print(f"use it with:  deltacnn run {a.video or ''} --thresholds {res.path}".replace("  --", " --"))
     return 0

@@ -1108,7 +1108,7 @@ def convert(model: nn.Module, example_input: Tensor, *, threshold: float = 0.0, 
             fuse: bool = True, backend: str | None = None, on_input_change: str = "error",
             dense_above: float | None = 0.5, leaf_modules: Iterable[type | str] = (),
             min_blob: int = 1, input_gate: InputGate | None = None,
-            threshold_growth: float = 0.0) -> DeltaModel:
+            threshold_growth: float = 0.0, refresh_held: float | None = None) -> DeltaModel:
     """Turn an ordinary CNN into a stateful delta model for video.
 
     Args:
@@ -1128,6 +1128,9 @@ def convert(model: nn.Module, example_input: Tensor, *, threshold: float = 0.0, 
             energy gate, spatial/temporal hysteresis; deltacnn.gating). Held-back change is never lost.
         threshold_growth: deep-layer truncation: every layer threshold times (its output stride / the
             smallest stride) ** growth (Thresholds.growth; 0: off, saved with the thresholds file).
+        refresh_held: a stream runs a keyframe once the input gates hold back changes above the input
+            threshold in more than this fraction of its pixels (changes a gate never lets through, such as
+            a small object that stays, are then sent within a frame; None: off; host backends).
         allow_dense_fallback: run ops without a delta version densely instead of raising.
         fuse: fuse conv -> add -> activation chains (identical results; fewer kernels on GPU).
         backend: "reference" (pure PyTorch), "cpu" (reference with fused C++ stages, built on first
@@ -1198,7 +1201,9 @@ def convert(model: nn.Module, example_input: Tensor, *, threshold: float = 0.0, 
                 raise ValueError(f"threshold_growth={threshold_growth} and the thresholds file's growth {th.growth} "
                                  "disagree; give one")
             th.growth = threshold_growth
-    rt = Runtime(th, dtype=dtype, backend_name=backend, dense_above=dense_above)
+    if refresh_held is not None and not 0 <= refresh_held <= 1:
+        raise ValueError(f"refresh_held must be a fraction in [0, 1] or None, got {refresh_held}")
+    rt = Runtime(th, dtype=dtype, backend_name=backend, dense_above=dense_above, refresh_held=refresh_held)
     if example_input.device.type == "cpu" and backend in (None, "cpu"):
         rt.backend_for(example_input)  # builds the CPU kernels now (once per machine), not in frame 1's time
     for m in gm.modules():

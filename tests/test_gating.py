@@ -223,9 +223,10 @@ def test_cli_flags_make_the_gate_and_growth() -> None:
     from deltacnn.commands.common import UserError, build_delta
 
     a = build_parser().parse_args(["run", "--min-blob", "3", "--tile-gate", "8:4", "--input-low", "0.3",
-                                   "--hysteresis", "both", "--threshold-growth", "0.5"])
+                                   "--hysteresis", "both", "--threshold-growth", "0.5",
+                                   "--refresh-held", "0.01"])
     assert _gate(a) == InputGate(min_blob=3, tile=8, tile_min=4, low=0.3, hysteresis="both")
-    assert a.threshold_growth == 0.5
+    assert a.threshold_growth == 0.5 and a.refresh_held == 0.01
     t = build_parser().parse_args(["tune", "--budget", "f1>=0.9", "--input-low", "0.5", "--hysteresis", "temporal"])
     assert _gate(t) == InputGate(low=0.5, hysteresis="temporal")
     with pytest.raises(SystemExit):
@@ -233,5 +234,33 @@ def test_cli_flags_make_the_gate_and_growth() -> None:
     with pytest.raises(UserError, match="low"):
         _gate(build_parser().parse_args(["run", "--input-low", "2"]))
     x0 = _clip(1)[0]
-    dm = build_delta(_net(), x0, input_gate=_gate(a), threshold_growth=0.5)
-    assert _sparsify(dm).gate == _gate(a) and dm.thresholds.growth == 0.5
+    dm = build_delta(_net(), x0, input_gate=_gate(a), threshold_growth=0.5, refresh_held=a.refresh_held)
+    assert _sparsify(dm).gate == _gate(a) and dm.thresholds.growth == 0.5 and dm.rt.refresh_held == 0.01
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_refresh_held_keyframes_a_stream_whose_gate_holds_change_back(backend: str) -> None:
+    """A small change that stays (below min_blob) is held by the gate for good; with refresh_held the stream
+    runs a keyframe on the next frame and its output is exact again; the other stream of the batch runs on."""
+    model = _net()
+    x0 = torch.cat([_clip(1, 24, 24, seed=1)[0], _clip(1, 24, 24, seed=2)[0]])
+    x1 = x0.clone()
+    x1[0, :, [3, 10, 17], [4, 12, 20]] += 0.5  # three isolated pixels of stream 0 (0.5% of its pixels)
+    outs = {}
+    for refresh in (None, 0.004):
+        dm = deltacnn.convert(model, x0, input_threshold=0.1, backend=backend, dense_above=None, min_blob=3,
+                              refresh_held=refresh)
+        with torch.no_grad():
+            dm(x0)
+            dm(x1)
+            assert dm.last_mode == "delta"
+            y = dm(x1)
+            outs[refresh] = (y, dm.last_modes)
+    with torch.no_grad():
+        dense = model(x1)
+    assert not torch.allclose(outs[None][0][:1], dense[:1], atol=1e-4)  # held back without the refresh
+    assert outs[None][1] == ["delta", "delta"]
+    assert outs[0.004][1] == ["keyframe", "delta"]
+    assert torch.allclose(outs[0.004][0], dense, atol=1e-5)
+    with pytest.raises(ValueError, match="refresh_held"):
+        deltacnn.convert(model, x0, refresh_held=2.0)

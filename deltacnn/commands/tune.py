@@ -251,7 +251,8 @@ def tune(video: str | int | Path | None = None, model: str | Task | None = None,
          heldout_start: int | None = None, max_evals: int = 40, device: str | None = None,
          dtype: str | torch.dtype | None = None, keyframe_interval: int | None = None, backend: str | None = None,
          min_blob: int = 1, out: str | Path | None = None, start: float = 0.01, time_tolerance: float = 0.03,
-         quiet: bool = False, reader: str = "auto", input_gate=None, threshold_growth: float = 0.0) -> TuneResult:
+         quiet: bool = False, reader: str = "auto", input_gate=None, threshold_growth: float = 0.0,
+        refresh_held: float | None = None) -> TuneResult:
     """Find the input and per-layer thresholds with the lowest measured delta-frame time whose task
     agreement with dense stays within `budget`, on calibration frames [start_frame, start_frame + frames).
 
@@ -288,7 +289,8 @@ def tune(video: str | int | Path | None = None, model: str | Task | None = None,
     dense = load_model(task, dev)
     xs, refs = _frames(video, start_frame, frames, task, dense, dev, "calibration", reader)
     dm = build_delta(dense, xs[0], dtype=resolve_dtype(dtype), keyframe_interval=keyframe_interval, backend=backend,
-                     min_blob=min_blob, input_gate=input_gate, threshold_growth=threshold_growth)
+                     min_blob=min_blob, input_gate=input_gate, threshold_growth=threshold_growth,
+                     refresh_held=refresh_held)
     measure_scales(dm, xs[0])
     dm.enable_stats(True)
     ev = _Evaluator(dm, task, xs, refs, b, dev)

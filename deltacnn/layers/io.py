@@ -118,6 +118,9 @@ class Sparsify(DeltaLayer):
         gate = self.gate
         prev = self._sent if gate.temporal and self._sent is not None and self._sent.shape[0] == x.shape[0] else None
         kept = gated_mask(score, tau, gate, prev)
+        if self.rt.refresh_held is not None:
+            held = (score > tau).unsqueeze(1) & ~kept
+            self.rt.input_held = held.reshape(x.shape[0], -1).float().mean(1)
         return torch.where(kept, x.float(), ref)
 
     def _forget_sent(self) -> None:
