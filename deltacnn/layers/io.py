@@ -107,6 +107,9 @@ class Sparsify(DeltaLayer):
             rt.input_mask = d.mask
         return self.record(d)
 
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, dilation={self.dilation}, gate={self.gate.describe()}"
+
     def _gated(self, x: Tensor, ref: Tensor, tau: float) -> Tensor:
         """x where the gate sends the pixel's change, else the reference (deltacnn.gating, self.gate).
 
