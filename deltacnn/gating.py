@@ -22,7 +22,7 @@ dense output of the transmitted frame.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -146,6 +146,5 @@ def gate_from_options(min_blob: int = 1, input_gate: InputGate | None = None) ->
     if min_blob != 1 and input_gate.min_blob not in (1, min_blob):
         raise ValueError(f"min_blob={min_blob} and input_gate.min_blob={input_gate.min_blob} disagree; give one")
     if min_blob != 1:
-        from dataclasses import replace
         return replace(input_gate, min_blob=min_blob)
     return input_gate

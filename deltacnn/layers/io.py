@@ -1,6 +1,7 @@
 """Where dense tensors enter and leave the delta world."""
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -40,7 +41,6 @@ class Sparsify(DeltaLayer):
 
     @min_blob.setter
     def min_blob(self, k: int) -> None:
-        from dataclasses import replace
         self.gate = replace(self.gate, min_blob=check_min_blob(k))
 
     def reset_state(self) -> None:
