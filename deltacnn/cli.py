@@ -79,6 +79,47 @@ def _fraction_or_off(s: str) -> float | None:
     return v
 
 
+def _tile_gate(s: str) -> tuple[int, int]:
+    try:
+        b, m = (int(v) for v in s.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected TILE:MIN (e.g. 8:4), got {s!r}") from None
+    if b < 1 or not 1 <= m <= b * b:
+        raise argparse.ArgumentTypeError(f"expected a tile size >= 1 and 1 <= MIN <= tile*tile, got {s}")
+    return b, m
+
+
+def _noise_options(p: argparse.ArgumentParser, min_blob: bool) -> None:
+    """The input gates and deep-layer truncation (deltacnn.gating.InputGate, Thresholds.growth)."""
+    if min_blob:
+        p.add_argument("--min-blob", type=_positive_int, default=1,
+                       help="send input changes only where they cover a k x k square (odd k; 1: off)")
+    p.add_argument("--tile-gate", type=_tile_gate, default=None, metavar="TILE:MIN",
+                   help="send a TILE x TILE tile's input changes only when at least MIN of its pixels changed")
+    p.add_argument("--input-low", type=_nonneg_float, default=None, metavar="FRAC",
+                   help="hysteresis: pixels above FRAC x the input threshold join the changes they touch "
+                        "(spatial) or continue (temporal); see --hysteresis")
+    p.add_argument("--hysteresis", choices=["spatial", "temporal", "both"], default="spatial",
+                   help="which hysteresis --input-low applies (default spatial)")
+    p.add_argument("--threshold-growth", type=_nonneg_float, default=0.0, metavar="G",
+                   help="deep-layer truncation: layer thresholds times (output stride / smallest stride) ** G")
+    p.add_argument("--refresh-held", type=_fraction_or_off, default=None, metavar="FRAC|off",
+                   help="keyframe once the input gates hold back changes in more than FRAC of the pixels "
+                        "(default off)")
+
+
+def _gate(a: argparse.Namespace):
+    """The InputGate of the parsed flags (None: no gate beyond --min-blob)."""
+    from .commands.common import UserError
+    from .gating import InputGate
+
+    tile, tile_min = a.tile_gate or (1, 1)
+    try:
+        return InputGate(min_blob=a.min_blob, tile=tile, tile_min=tile_min, low=a.input_low, hysteresis=a.hysteresis)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="deltacnn", description="Sparse delta inference for CNNs on video.",
                                  epilog="`deltacnn COMMAND --help` for the options of each command.")
@@ -106,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run a frame densely (no state update) when more than this fraction of its input pixels "
                         "changed, or when the last delta frame did most of a dense frame's work; the next quiet "
                         "frame is a keyframe (default 0.5; off: always delta frames)")
+    _noise_options(r, min_blob=True)
     r.add_argument("--check-dense", action="store_true", help="measure the error versus dense inference per frame")
     r.add_argument("--no-video", action="store_true", help="skip the annotated and heat-map videos")
     r.add_argument("--compile-peer", action="store_true", help=COMPILE_HELP)
@@ -139,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--heldout-start", type=int, default=None, help="first held-out frame (default: after calibration)")
     t.add_argument("--min-blob", type=_positive_int, default=1,
                    help="send input changes only where they cover a k x k square (odd k; 1: off)")
+    _noise_options(t, min_blob=False)
     t.add_argument("--max-evals", type=_positive_int, default=40, help="passes over the clip at most (default 40)")
     t.add_argument("--margin", type=_nonneg_float, default=0.0,
                    help="calibration frames must beat the budget by this much, so frames tuning never saw keep it "
@@ -180,7 +223,8 @@ def cmd_run(a: argparse.Namespace) -> int:
               device=a.device, out=a.out, max_frames=a.max_frames, dtype=a.dtype,
               keyframe_interval=a.keyframe_interval, check_dense=a.check_dense, backend=a.backend, quiet=a.quiet,
               write_videos=not a.no_video, dense_above=a.dense_above, reader=a.reader, compile_peer=a.compile_peer,
-              motion=a.motion, motion_halo=a.motion_halo, start_frame=a.start_frame)
+              motion=a.motion, motion_halo=a.motion_halo, start_frame=a.start_frame,
+              input_gate=_gate(a), threshold_growth=a.threshold_growth, refresh_held=a.refresh_held)
     print(res.table())
     if res.summary.get("interrupted"):
         print(f"stopped by Ctrl-C after {res.summary['frames']} frames; the outputs cover those frames")
@@ -201,7 +245,8 @@ def cmd_tune(a: argparse.Namespace) -> int:
     res = tune(a.video, a.model, budget=a.budget, aggregate=a.aggregate, frames=a.frames, max_evals=a.max_evals,
                start_frame=a.start_frame, heldout_frames=a.heldout_frames, heldout_start=a.heldout_start,
                min_blob=a.min_blob, device=a.device, dtype=a.dtype, keyframe_interval=a.keyframe_interval,
-               backend=a.backend, out=out, quiet=a.quiet, reader=a.reader, margin=a.margin, groups=a.groups)
+               backend=a.backend, out=out, quiet=a.quiet, reader=a.reader, margin=a.margin, groups=a.groups,
+               input_gate=_gate(a), threshold_growth=a.threshold_growth, refresh_held=a.refresh_held)
     print(res.table())
     print(f"use it with:  deltacnn run {a.video or ''} --thresholds {res.path}".replace("  --", " --"))
     return 0

@@ -21,6 +21,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils.flop_counter import FlopCounterMode
 
 from .activations import ActSpec
+from .gating import InputGate, gate_from_options
 from .layers.io import check_min_blob
 from .errors import ConversionError, UnsupportedOperationError
 from . import linear_maps as lm
@@ -134,6 +135,8 @@ class _Converter:
         self.nhwc: set[fx.Node] = set()
         self.dense_derived: set[fx.Node] = set()  # new-graph nodes computed from densified streams
         self._node_macs = 0
+        self._node: fx.Node | None = None  # the source node being converted
+        self.out_hw: dict[str, tuple[int, int]] = {}  # layer name -> its output map's (H, W) (threshold growth)
 
     # naming: a module called once keeps its qualified name; later calls get _1, _2 ...
     def _name(self, node: fx.Node) -> str:
@@ -150,6 +153,9 @@ class _Converter:
         self.holder.add_module(key, layer)
         self.layers[layer.name] = layer
         self.macs[layer.name] = self._node_macs if macs is None else macs
+        shape = _shape(self._node)
+        if shape is not None and len(shape) == 4 and layer.name not in self.out_hw:
+            self.out_hw[layer.name] = (int(shape[2]), int(shape[3]))
         self._node_macs = 0  # a node's work goes to the first layer made for it
         n = self.graph.call_module(f"_delta.{key}", args, kwargs or {})
         if stream:
@@ -201,6 +207,7 @@ class _Converter:
 
     def _convert(self, node: fx.Node) -> Any:
         self._node_macs = int(node.meta.get("macs", 0))
+        self._node = node
         if any(a in self.nhwc for a in _flatten_nodes((node.args, node.kwargs))):
             return self._convert_nhwc(node)
         if _permute_dims(node) == (0, 2, 3, 1) and self._is_stream(self.env.get(node.args[0])) \
@@ -1232,7 +1239,8 @@ def convert(model: nn.Module, example_input: Tensor, *, threshold: float = 0.0, 
             keyframe_interval: int | None = None, mask_dilation: int = 1, allow_dense_fallback: bool = False,
             fuse: bool = True, backend: str | None = None, on_input_change: str = "error",
             dense_above: float | None = 0.5, leaf_modules: Iterable[type | str] = (),
-            min_blob: int = 1, motion=None) -> DeltaModel:
+            min_blob: int = 1, input_gate: InputGate | None = None,
+            threshold_growth: float = 0.0, refresh_held: float | None = None, motion=None) -> DeltaModel:
     """Turn an ordinary CNN into a stateful delta model for video.
 
     Args:
@@ -1246,7 +1254,15 @@ def convert(model: nn.Module, example_input: Tensor, *, threshold: float = 0.0, 
         keyframe_interval: run a dense keyframe every N frames (None: only the first / after reset()).
         mask_dilation: dilate the input update mask by a k x k window (odd k) to absorb noise.
         min_blob: send input changes only where they cover a k x k square (odd k; 1: off): isolated
-            noise pixels are held back (Sparsify._without_small_blobs) instead of densifying the network.
+            noise pixels are held back instead of densifying the network (a shortcut for
+            `input_gate=InputGate(min_blob=k)`).
+        input_gate: a deltacnn.InputGate: which changed input pixels are sent (small-blob opening, tile
+            energy gate, spatial/temporal hysteresis; deltacnn.gating). Held-back change is never lost.
+        threshold_growth: deep-layer truncation: every layer threshold times (its output stride / the
+            smallest stride) ** growth (Thresholds.growth; 0: off, saved with the thresholds file).
+        refresh_held: a stream runs a keyframe once the input gates hold back changes above the input
+            threshold in more than this fraction of its pixels (changes a gate never lets through, such as
+            a small object that stays, are then sent within a frame; None: off; host backends).
         allow_dense_fallback: run ops without a delta version densely instead of raising.
         fuse: fuse conv -> add -> activation chains (identical results; fewer kernels on GPU).
         backend: "reference" (pure PyTorch), "cpu" (reference with fused C++ stages, built on first
@@ -1311,17 +1327,32 @@ def convert(model: nn.Module, example_input: Tensor, *, threshold: float = 0.0, 
                               for m in layers.values()
                               if isinstance(m, (DeltaActivation, DeltaMaxPool2d, DeltaMul, DeltaLayerNorm, Sparsify))
                               or (isinstance(m, DeltaConv2d) and m.act is not None)} - {INPUT})
-    th = Thresholds(default=threshold, input=input_threshold, score=score, known=tuple(names))
+    gate = gate_from_options(check_min_blob(min_blob), input_gate)
+    h_in = example_input.shape[2]
+    strides = {n: h_in / conv.out_hw[n][0] for n in names if n != INPUT and n in conv.out_hw and conv.out_hw[n][0]}
+    th = Thresholds(default=threshold, input=input_threshold, score=score, known=tuple(names),
+                    growth=threshold_growth, strides=strides)
     if thresholds_file is not None:
         th.load(thresholds_file)
-    rt = Runtime(th, dtype=dtype, backend_name=backend, dense_above=dense_above)
+        if threshold_growth and th.growth != threshold_growth:
+            if th.growth:
+                raise ValueError(f"threshold_growth={threshold_growth} and the thresholds file's growth {th.growth} "
+                                 "disagree; give one")
+            th.growth = threshold_growth
+    if refresh_held is not None and not 0 <= refresh_held <= 1:
+        raise ValueError(f"refresh_held must be a fraction in [0, 1] or None, got {refresh_held}")
+    if refresh_held is None and th.refresh_held is not None:  # a tuned file's refresh rule unless one is asked for
+        refresh_held = th.refresh_held
+    rt = Runtime(th, dtype=dtype, backend_name=backend, dense_above=dense_above, refresh_held=refresh_held)
     if example_input.device.type == "cpu" and backend in (None, "cpu"):
         rt.backend_for(example_input)  # builds the CPU kernels now (once per machine), not in frame 1's time
     for m in gm.modules():
         if isinstance(m, DeltaLayer):
             m.set_runtime(rt)
-        if isinstance(m, Sparsify) and m.name == INPUT:  # a tuned file's gate unless one is asked for
-            m.min_blob = check_min_blob(th.min_blob if min_blob == 1 and th.min_blob else min_blob)
+        if isinstance(m, Sparsify) and m.name == INPUT:
+            m.gate = gate
+            if min_blob == 1 and gate.min_blob == 1 and th.min_blob:  # a tuned file's gate unless one is asked for
+                m.min_blob = th.min_blob
     dm = DeltaModel(gm, rt, layers, example_input.shape[1], keyframe_interval, on_input_change)
     total = sum(int(n.meta.get("macs", 0)) for n in traced.graph.nodes)
     dm.report = ConversionReport(islands=conv.islands, tails=conv.tails, total_macs=total,

@@ -63,6 +63,8 @@ class DeltaModel(nn.Module):
         self._scale: list[float | None] = []
         # per stream: conv work of its delta frames since its last keyframe, in dense frames (refresh_work)
         self._work: list[float] = []
+        # per stream: the fraction of its pixels whose change the input gates held back last frame (refresh_held)
+        self._held: list[float] = []
         self._amax: list[float] | None = None  # per stream: the largest |value| of the frame being run
         self._stream: tuple | None = None  # (shape, dtype, device) of the current stream
         self.last_mode: str | None = None  # how the last frame ran: "keyframe", "delta", "dense" or "mixed"
@@ -102,7 +104,7 @@ class DeltaModel(nn.Module):
             layer.reset_state()
 
     def _forget(self) -> None:
-        self._since, self._scale, self._work = [], [], []
+        self._since, self._scale, self._work, self._held = [], [], [], []
         self._stream = None
         self.rt.dense_limit = None
         self.state_epoch += 1
@@ -171,6 +173,8 @@ class DeltaModel(nn.Module):
             return True
         if self.rt.refresh_work is not None and self._work[i] >= self.rt.refresh_work:
             return True
+        if self.rt.refresh_held is not None and i < len(self._held) and self._held[i] > self.rt.refresh_held:
+            return True
         ratio = self.rt.range_ratio
         if ratio is None or self._amax is None or self._scale[i] is None:
             return False
@@ -226,6 +230,9 @@ class DeltaModel(nn.Module):
                     lim[i] = DENSE_HYSTERESIS * plan.change[i] if busy else None
             if decides:
                 rt.dense_limit = lim
+        if rt.refresh_held is not None and rt.input_held is not None and backend.host_sync_ok:
+            self._held = rt.input_held.tolist()
+        rt.input_held = None
         self._end_streams(modes, x)
         return out
 
@@ -274,6 +281,8 @@ class DeltaModel(nn.Module):
             if mode == "keyframe":
                 self._since[i] = 0
                 self._work[i] = 0.0
+                if i < len(self._held):
+                    self._held[i] = 0.0  # a keyframe sent everything
                 self._scale[i] = self._amax[i] if self._amax is not None else None
                 lim[i] = None
             self._since[i] += 1

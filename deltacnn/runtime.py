@@ -112,6 +112,11 @@ class Runtime:
     range_ratio: float | None = RANGE_RATIO
     # keyframe of a stream after this many dense frames' worth of delta work (None: never; host backends)
     refresh_work: float | None = REFRESH_WORK
+    # keyframe of a stream once its input gates (deltacnn.gating) hold back changes above the input threshold in
+    # more than this fraction of its pixels: a change the gate never lets through (a small object that stays)
+    # is otherwise held until the next keyframe of another cause (None: never; host backends)
+    refresh_held: float | None = None
+    input_held: Tensor | None = None  # (N,) that fraction on the last gated frame (set by the input layer)
     _backends: dict[str, Backend] = field(default_factory=dict)
 
     def busy_limit(self) -> float | None:

@@ -9,6 +9,12 @@ thresholds are fractions of a scale measured once per model on a keyframe
 over channels (its typical activation magnitude); for the input, the frame's value range. A
 relative file therefore carries across models and input scalings (0..1 or 0..255 frames), and
 one number means the same thing at every depth.
+
+Deep-layer truncation. With `growth` g > 0 every layer's threshold is multiplied by
+(s / s0) ** g, s being the layer's output stride (input size over its map's size, recorded by
+convert in `strides`) and s0 the smallest stride of a thresholded layer: one knob that truncates
+the deep, wide-receptive-field layers harder, where scattered changes have grown dense. The input
+threshold is left as it is. 0 (the default) changes nothing.
 """
 from __future__ import annotations
 
@@ -44,6 +50,11 @@ class Thresholds:
     # the input's small-blob gate the thresholds were tuned with (None: not part of the file); it decides
     # which input changes count, so a tuned file carries it (`deltacnn.convert` and `run --thresholds` apply it)
     min_blob: int | None = None
+    # the keyframe rule for change the input gates hold back (deltacnn.convert's refresh_held) the thresholds
+    # were tuned with (None: not part of the file); applied like min_blob
+    refresh_held: float | None = None
+    growth: float = 0.0  # deep-layer truncation: thresholds times (stride / smallest stride) ** growth
+    strides: dict[str, float] = field(default_factory=dict)  # each layer's output stride (set by convert)
 
     def __post_init__(self) -> None:
         if self.units not in UNITS:
@@ -60,10 +71,16 @@ class Thresholds:
         if self.min_blob is not None and (not isinstance(self.min_blob, int) or isinstance(self.min_blob, bool)
                                           or self.min_blob < 1 or self.min_blob % 2 == 0):
             raise ValueError(f"min_blob must be an odd integer >= 1, got {self.min_blob!r}")
+        if self.refresh_held is not None and not (isinstance(self.refresh_held, (int, float))
+                                                  and 0 <= self.refresh_held <= 1):
+            raise ValueError(f"refresh_held must be a fraction in [0, 1], got {self.refresh_held!r}")
+        self.growth = _check_tau("growth", self.growth)
 
     def get(self, name: str) -> float:
         """The absolute threshold of layer `name` (relative values times the layer's measured scale)."""
         raw = self.raw(name)
+        if raw and self.growth and name != INPUT:
+            raw *= self.depth_factor(name)
         if self.units == "absolute" or raw == 0:
             return raw
         scale = self.scales.get(name)
@@ -72,6 +89,19 @@ class Thresholds:
                                "deltacnn.calibration.measure_scales(model, frame) on a representative frame first "
                                "(deltacnn tune and files it writes do this)")
         return raw * scale
+
+    def depth_factor(self, name: str) -> float:
+        """(stride of `name` / smallest stride) ** growth: the factor deep-layer truncation applies (1 at growth 0).
+
+        Layers whose stride convert did not record (re-entries after dense islands) keep factor 1.
+        """
+        if not self.growth or name == INPUT:
+            return 1.0
+        if not self.strides:
+            raise RuntimeError("threshold growth needs each layer's output stride, which deltacnn.convert records; "
+                               "thresholds used outside a converted model cannot grow with depth")
+        base = min(self.strides.values())
+        return (self.strides.get(name, base) / base) ** self.growth
 
     def raw(self, name: str) -> float:
         """The threshold of layer `name` in this object's units."""
@@ -99,6 +129,10 @@ class Thresholds:
             d.update(units=self.units, scales=dict(sorted(self.scales.items())))
         if self.min_blob is not None:
             d["min_blob"] = self.min_blob
+        if self.refresh_held is not None:
+            d["refresh_held"] = self.refresh_held
+        if self.growth:
+            d["growth"] = self.growth
         return d
 
     def save(self, path: str | Path) -> None:
@@ -117,7 +151,8 @@ class Thresholds:
         try:
             new = Thresholds(default=data.get("default", 0.0), input=data.get("input"),
                              score=data.get("score", "max"), overrides=dict(layers), known=self.known,
-                             units=data.get("units", "absolute"), scales=dict(scales), min_blob=data.get("min_blob"))
+                             units=data.get("units", "absolute"), scales=dict(scales), min_blob=data.get("min_blob"),
+                             growth=data.get("growth", 0.0), refresh_held=data.get("refresh_held"))
         except ValueError as e:
             raise ValueError(f"{source}: {e}") from None
         for name in new.overrides:
@@ -128,7 +163,8 @@ class Thresholds:
                 raise ValueError(f"{source}: relative thresholds without the scale of {len(missing)} layer(s) of this "
                                  f"model (e.g. {missing[0]!r}); the file was tuned for another model")
         self.default, self.input, self.score, self.overrides = new.default, new.input, new.score, new.overrides
-        self.units, self.scales, self.min_blob = new.units, new.scales, new.min_blob
+        self.units, self.scales, self.min_blob, self.growth = new.units, new.scales, new.min_blob, new.growth
+        self.refresh_held = new.refresh_held
 
     def load(self, path: str | Path) -> None:
         p = Path(path)

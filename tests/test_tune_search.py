@@ -205,3 +205,18 @@ def test_a_pass_gives_up_once_the_budget_cannot_hold() -> None:
     loose = _Evaluator(dm, Task(), frames, refs, Budget("f1", ">=", 0.4), torch.device("cpu"))
     loose("a", 0.0, 0.0, {})
     assert len(loose("b", 0.0, 0.0, {}).works) == 9
+
+
+def test_a_tuned_file_carries_the_refresh_rule(tmp_path) -> None:
+    x = torch.rand(1, 3, 16, 16)
+    dm = build_delta(_chain(), x, refresh_held=0.05)
+    dm.thresholds.refresh_held = 0.05
+    path = tmp_path / "th.json"
+    dm.thresholds.save(path)
+    assert json.loads(path.read_text())["refresh_held"] == 0.05
+    assert build_delta(_chain(), x, thresholds=path).rt.refresh_held == 0.05  # run --thresholds
+    assert deltacnn.convert(_chain(), x, thresholds_file=str(path)).rt.refresh_held == 0.05
+    assert deltacnn.convert(_chain(), x, thresholds_file=str(path), refresh_held=0.2).rt.refresh_held == 0.2
+    assert build_delta(_chain(), x).rt.refresh_held is None
+    with pytest.raises(ValueError, match="refresh_held"):
+        Thresholds(refresh_held=2.0)

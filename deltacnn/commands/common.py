@@ -119,7 +119,8 @@ def open_video(source: str | int | Path | None, max_frames: int | None = None, r
 def build_delta(model: nn.Module, example: Tensor, *, threshold: float = 0.0, input_threshold: float | None = None,
                 thresholds: str | Path | None = None, dtype: torch.dtype | None = None,
                 keyframe_interval: int | None = None,
-                backend: str | None = None, dense_above: float | None = 0.5, min_blob: int = 1) -> DeltaModel:
+                backend: str | None = None, dense_above: float | None = 0.5, min_blob: int = 1,
+                input_gate=None, threshold_growth: float = 0.0, refresh_held: float | None = None) -> DeltaModel:
     """Convert with conversion and threshold-file problems reported as UserErrors."""
     if threshold is not None and (not math.isfinite(threshold) or threshold < 0):
         raise UserError(f"--threshold must be a finite number >= 0, got {threshold}")
@@ -133,16 +134,26 @@ def build_delta(model: nn.Module, example: Tensor, *, threshold: float = 0.0, in
         raise UserError(f"thresholds file not found: {thresholds}")
     if min_blob < 1 or min_blob % 2 == 0:
         raise UserError(f"--min-blob must be an odd window size >= 1 (1: off), got {min_blob}")
+    if refresh_held is not None and not 0 <= refresh_held <= 1:
+        raise UserError(f"--refresh-held must be a fraction in [0, 1], got {refresh_held}")
+    if not math.isfinite(threshold_growth) or threshold_growth < 0:
+        raise UserError(f"--threshold-growth must be a finite number >= 0, got {threshold_growth}")
     if thresholds is not None and input_threshold is not None:
         raise UserError("give --input-threshold or --thresholds, not both (the file sets the input threshold)")
     try:
         dm = convert(model, example, threshold=threshold or 0.0, input_threshold=input_threshold, dtype=dtype,
                      keyframe_interval=keyframe_interval, backend=backend, dense_above=dense_above,
-                     min_blob=min_blob)
+                     min_blob=min_blob, input_gate=input_gate, threshold_growth=threshold_growth,
+                     refresh_held=refresh_held)
     except (ConversionError, UnsupportedOperationError) as e:
         raise UserError(f"cannot convert the model: {e}") from None
     if thresholds is not None:
         load_thresholds(dm, thresholds)
+        th = dm.thresholds
+        if threshold_growth and th.growth not in (0.0, threshold_growth):
+            raise UserError(f"--threshold-growth {threshold_growth} and the growth {th.growth} of {thresholds} disagree; "
+                            "give one")
+        th.growth = threshold_growth or th.growth
     return dm
 
 
@@ -158,6 +169,8 @@ def load_thresholds(dm: DeltaModel, path: str | Path) -> None:
     except (ValueError, TypeError) as e:
         msg = str(e)
         raise UserError(msg if str(path) in msg else f"{path}: {msg}") from None
+    if dm.thresholds.refresh_held is not None and dm.rt.refresh_held is None:  # the file's refresh rule
+        dm.rt.refresh_held = dm.thresholds.refresh_held
     if dm.thresholds.min_blob is not None:  # the input gate the file was tuned with
         for m in dm.graph_module.modules():
             if isinstance(m, Sparsify) and m.name == INPUT:

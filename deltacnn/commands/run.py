@@ -85,7 +85,8 @@ def run(video: str | int | Path | None = None, model: str | Task | None = None, 
         check_dense: bool = False, backend: str | None = None, quiet: bool = False,
         write_videos: bool = True, dense_above: float | None = 0.5, reader: str = "auto",
         compile_peer: bool = False, motion: str | Path | None = None, motion_halo: int | None = None,
-        start_frame: int = 0) -> RunResult:
+        start_frame: int = 0, min_blob: int = 1, input_gate=None, threshold_growth: float = 0.0,
+        refresh_held: float | None = None) -> RunResult:
     """Run a source through the delta model and, for timing, through the strongest dense peer.
 
     `video`: a video file, an image folder, a camera index (`0`) or a stream URL (`rtsp://`,
@@ -151,7 +152,9 @@ def run(video: str | int | Path | None = None, model: str | Task | None = None, 
                     choice = _choose_peer(dense, x, compile_peer)
                     dm = build_delta(dense, x, threshold=threshold, input_threshold=input_threshold,
                                      thresholds=thresholds, dtype=torch_dtype,
-                                     keyframe_interval=keyframe_interval, backend=backend, dense_above=dense_above)
+                                     keyframe_interval=keyframe_interval, backend=backend, dense_above=dense_above,
+                                     min_blob=min_blob, input_gate=input_gate, threshold_growth=threshold_growth,
+                     refresh_held=refresh_held)
                     dm.enable_stats(True, keep_masks=write_videos)
                     mm = _motion_model(dm, motion, motion_halo)
                 out_delta, delta_ms = _timed_motion(mm, x, dev) if mm is not None else timed(dm, x, dev)

@@ -442,8 +442,8 @@ def tune(video: str | int | Path | None = None, model: str | Task | None = None,
          dtype: str | torch.dtype | None = None, keyframe_interval: int | None = None, backend: str | None = None,
          min_blob: int = 1, out: str | Path | None = None, start: float = 0.01, time_tolerance: float = 0.01,
          margin: float = 0.0, groups: int = 4, min_gain: float = 0.02, dense_above: float | None = 0.5,
-         quiet: bool = False,
-         reader: str = "auto") -> TuneResult:
+         quiet: bool = False, reader: str = "auto", input_gate=None, threshold_growth: float = 0.0,
+         refresh_held: float | None = None) -> TuneResult:
     """Find the input and per-layer thresholds with the lowest delta-model frame time whose task
     agreement with dense stays within `budget` (tightened by `margin`), on calibration frames
     [start_frame, start_frame + frames).
@@ -497,9 +497,11 @@ def tune(video: str | int | Path | None = None, model: str | Task | None = None,
     # the search sees delta frames only: dense fallback frames (run's --dense-above) are exact, so
     # they would hide what an input threshold holds back, until layer thresholds made the deltas cheap
     dm = build_delta(dense, x0, dtype=resolve_dtype(dtype), keyframe_interval=keyframe_interval, backend=backend,
-                     min_blob=min_blob, dense_above=None)
+                     min_blob=min_blob, dense_above=None, input_gate=input_gate,
+                     threshold_growth=threshold_growth, refresh_held=refresh_held)
     measure_scales(dm, x0)
     dm.thresholds.min_blob = min_blob if min_blob > 1 else None
+    dm.thresholds.refresh_held = refresh_held
     dm.enable_stats(True)
     ev = _Evaluator(dm, task, xs, refs, b, dev, margin)
     bar = None if quiet else __import__("tqdm").tqdm(total=max_evals, desc="deltacnn tune", unit="eval", leave=False,

@@ -1,6 +1,7 @@
 """Where dense tensors enter and leave the delta world."""
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -8,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..activations import truncation_score
+from ..gating import InputGate, gated_mask
 from ..tensor import DeltaTensor
 from ..thresholds import INPUT
 from .base import DeltaLayer, check_delta
@@ -29,12 +31,22 @@ class Sparsify(DeltaLayer):
         if dilation < 1:
             raise ValueError(f"mask dilation must be >= 1, got {dilation}")
         self.dilation = dilation
-        self.min_blob = check_min_blob(min_blob)
+        self.gate = InputGate(min_blob=check_min_blob(min_blob))  # deltacnn.gating: what of the change is sent
         self._scratch: dict = {}  # the backend's own buffers between frames (see Backend.sparsify)
+        self._sent: Tensor | None = None  # the pixels sent on the last frame (temporal hysteresis only)
+
+    @property
+    def min_blob(self) -> int:
+        return self.gate.min_blob
+
+    @min_blob.setter
+    def min_blob(self, k: int) -> None:
+        self.gate = replace(self.gate, min_blob=check_min_blob(k))
 
     def reset_state(self) -> None:
         super().reset_state()
         self._scratch.clear()
+        self._sent = None
 
     def forward(self, x: Tensor) -> DeltaTensor:
         rt = self.rt
@@ -57,13 +69,18 @@ class Sparsify(DeltaLayer):
                 rt.stream_change = self._changed_fraction(x)
             # the input reference is kept even by stateless dense frames: it measures the next change
             self._seed_state("ref", x, always=True)
+            self._forget_sent()
             d = DeltaTensor.keyframe(x.to(rt.dtype))
         else:
             ref = self._state("ref")
-            if self.min_blob > 1:
-                x = self._without_small_blobs(x, ref)
+            tau = self.tau()
+            gate, sent = self.gate, x
+            if gate.active:
+                # the gated frame goes to the backend only: a dense pass below still runs on x itself
+                sent = self._gated(x, ref, tau)
+                tau = gate.send_threshold(tau)
             # any layout: each backend reads x the way it is fastest for it
-            d = backend.sparsify(x, ref, self.tau(), rt.thresholds.score, self.dilation, rt.dtype,
+            d = backend.sparsify(sent, ref, tau, rt.thresholds.score, self.dilation, rt.dtype,
                                  scratch=self._scratch)
             change = None
             if measure:
@@ -87,30 +104,45 @@ class Sparsify(DeltaLayer):
                     rt.keyframe = True
                     rt.stateless = plan.first == "dense"
                     self._seed_state("ref", x, always=True)
+                    self._forget_sent()
                     d = DeltaTensor.keyframe(x.to(rt.dtype))
                 elif plan.left_out():
                     # these streams run densely after this pass: here they send nothing (their reference
                     # is re-seeded by that pass)
                     d = _without_streams(d, torch.tensor(plan.left_out(), device=x.device))
+        if self.gate.temporal and not rt.keyframe:
+            self._sent = d.mask.clone()  # what went out (dilated, streams left out): continues next frame
         if first:
             rt.input_mask = d.mask
         return self.record(d)
 
-    def _without_small_blobs(self, x: Tensor, ref: Tensor) -> Tensor:
-        """x where the changed pixels form blobs of at least min_blob x min_blob, else the reference.
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, dilation={self.dilation}, gate={self.gate.describe()}"
 
-        Codec noise and sensor speckle pass the input threshold in isolated pixels that every
-        receptive field then spreads through the network; a morphological opening (erosion, then
-        dilation, by a k x k window) of the changed-pixel mask keeps only changes that cover a k x k
-        square somewhere. Nothing is lost: held-back change stays in x - ref and is sent once its
-        blob grows (or at the next keyframe). The backend then sends exactly the opened mask, since
-        every pixel in it passed the threshold and every other one now has a zero difference.
+    def _gated(self, x: Tensor, ref: Tensor, tau: float) -> Tensor:
+        """x where the gate sends the pixel's change, else the reference (deltacnn.gating, self.gate).
+
+        Nothing is lost: held-back change stays in x - ref and is sent once it passes the gate (or at
+        the next keyframe). The backend then sends exactly the gated mask, since every pixel in it
+        passes gate.send_threshold(tau) and every other one now has a zero difference.
         """
-        d = x.float() - ref
-        k = self.min_blob
-        changed = (truncation_score(d, self.rt.thresholds.score) > self.tau()).unsqueeze(1).float()
-        kept = F.max_pool2d(-F.max_pool2d(-changed, k, 1, k // 2), k, 1, k // 2) > 0
+        score = truncation_score(x.float() - ref, self.rt.thresholds.score)
+        gate = self.gate
+        prev = self._sent if gate.temporal and self._sent is not None and self._sent.shape[0] == x.shape[0] else None
+        kept = gated_mask(score, tau, gate, prev)
+        if self.rt.refresh_held is not None:
+            held = (score > tau).unsqueeze(1) & ~kept
+            self.rt.input_held = held.reshape(x.shape[0], -1).float().mean(1)
         return torch.where(kept, x.float(), ref)
+
+    def _forget_sent(self) -> None:
+        """After a keyframe nothing is pending: no pixel continues an update (temporal hysteresis)."""
+        if self._sent is None:
+            return
+        if self.rt.streams is not None and self._sent.shape[0] > int(self.rt.streams.max()):
+            self._sent[self.rt.streams] = False  # a keyframe of some streams: only their rows start over
+        else:
+            self._sent = None
 
     def _changed_fraction(self, x: Tensor) -> Tensor:
         """Per stream (N,), the fraction of pixels whose change since the last reference passes the threshold.
