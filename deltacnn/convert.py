@@ -677,14 +677,9 @@ class _Converter:
             return self._int_getitem(node, args, shape, idx)
         if shape is None or any(not (isinstance(i, slice) or i is Ellipsis) for i in idx) or idx.count(Ellipsis) > 1:
             return None
-        if _flatten_nodes(idx):
+        idx = _index_4d(idx, shape)
+        if idx is None:
             return None
-        if Ellipsis in idx:
-            k = idx.index(Ellipsis)
-            idx = idx[:k] + (slice(None),) * (4 - len(idx) + 1) + idx[k + 1:]
-        idx = idx + (slice(None),) * (4 - len(idx))
-        if len(idx) != 4 or slice(*idx[0].indices(shape[0])) != slice(0, shape[0], 1):
-            return None  # batch indexing or too many indices
         full = [slice(*i.indices(n)) == slice(0, n, 1) for i, n in zip(idx, shape)]
         if all(full):
             return args[0]
@@ -728,14 +723,9 @@ class _Converter:
 
     def _int_getitem(self, node: fx.Node, args: tuple, shape: tuple, idx: tuple) -> "_Chain | None":
         """x[..., i, ...] with static integer indices (and slices): a slice, then the indexed dims squeezed."""
-        if _flatten_nodes(idx):
+        idx = _index_4d(idx, shape)
+        if idx is None:
             return None
-        if Ellipsis in idx:
-            k = idx.index(Ellipsis)
-            idx = idx[:k] + (slice(None),) * (4 - len(idx) + 1) + idx[k + 1:]
-        idx = idx + (slice(None),) * (4 - len(idx))
-        if len(idx) != 4 or not isinstance(idx[0], slice) or slice(*idx[0].indices(shape[0])) != slice(0, shape[0], 1):
-            return None  # batch indexing or too many indices
         stream = args[0]
         slices = [i for i in idx[1:]]
         if any(isinstance(i, slice) and slice(*i.indices(n)) != slice(0, n, 1) for i, n in zip(slices, shape[1:])):
@@ -931,6 +921,20 @@ def _template(args: tuple, kwargs: dict, nodes: list) -> tuple[tuple, tuple]:
 
 def _key(node: fx.Node) -> Any:
     return node.target if node.op in ("call_function", "call_method") else None
+
+
+def _index_4d(idx: tuple, shape: tuple) -> tuple | None:
+    """A static index of a 4-D map written out to four entries (Ellipsis and missing trailing dims as
+    full slices); None for graph values in it, batch indexing or too many indices."""
+    if _flatten_nodes(idx):
+        return None
+    if Ellipsis in idx:
+        k = idx.index(Ellipsis)
+        idx = idx[:k] + (slice(None),) * (4 - len(idx) + 1) + idx[k + 1:]
+    idx = idx + (slice(None),) * (4 - len(idx))
+    if len(idx) != 4 or not isinstance(idx[0], slice) or slice(*idx[0].indices(shape[0])) != slice(0, shape[0], 1):
+        return None
+    return idx
 
 
 def _elementwise(node: fx.Node, modules: dict) -> bool:
