@@ -36,6 +36,28 @@ def make_video(frames: int, n: int = 1, h: int = 32, w: int = 32, c: int = 3, se
     return torch.stack(out)
 
 
+# tiny but structurally complete versions of the repo's zoo: every block kind and every stride is still
+# there (the full-size ones are exercised by benchmarks)
+ZOO_SMALL = {
+    "resnet18": dict(width=8, num_classes=10),
+    "resnet50": dict(width=4, num_classes=10),
+    "mobilenet_v2": dict(width_mult=0.25, num_classes=10),
+    "mobilenet_v3_large": dict(width_mult=0.25, num_classes=10),
+    "mobilenet_v3_small": dict(width_mult=0.25, num_classes=10),
+    "unet": dict(base=4, depth=3, num_classes=2),
+    "unet_transposed": dict(base=4, depth=3, num_classes=2, bilinear=False),
+    "hrnet_like": dict(widths=(4, 8, 16), num_classes=5),
+}
+
+
+def small_zoo_model(name: str) -> torch.nn.Module:
+    """The ZOO_SMALL model `name`, seeded, with random batch-norm statistics so that folding them is exercised."""
+    from deltacnn import models
+    torch.manual_seed(0)
+    m = models.build("unet" if name == "unet_transposed" else name, **ZOO_SMALL[name]).eval()
+    return models.randomize_bn_(m, seed=1)
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
 

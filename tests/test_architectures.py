@@ -5,30 +5,12 @@ import pytest
 import torch
 
 import deltacnn
-from conftest import make_video, rel_err
-from deltacnn import models
+from conftest import ZOO_SMALL, make_video, rel_err, small_zoo_model
 
 FRAMES = 200
 
-# small but complete versions of each architecture (the full-size ones are exercised by benchmarks)
-CONFIGS = {
-    "resnet18": dict(width=8, num_classes=10),
-    "resnet50": dict(width=4, num_classes=10),
-    "mobilenet_v2": dict(width_mult=0.25, num_classes=10),
-    "mobilenet_v3_large": dict(width_mult=0.25, num_classes=10),
-    "mobilenet_v3_small": dict(width_mult=0.25, num_classes=10),
-    "unet": dict(base=4, depth=3, num_classes=2),
-    "unet_transposed": dict(base=4, depth=3, num_classes=2, bilinear=False),
-    "hrnet_like": dict(widths=(4, 8, 16), num_classes=5),
-}
-
-
-def build(name: str) -> torch.nn.Module:
-    torch.manual_seed(0)
-    kw = dict(CONFIGS[name])
-    m = models.build("unet" if name == "unet_transposed" else name, **kw).eval()
-    models.randomize_bn_(m, seed=1)
-    return m
+CONFIGS = ZOO_SMALL
+build = small_zoo_model
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))

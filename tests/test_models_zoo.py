@@ -6,19 +6,10 @@ import torch
 import torch.fx
 from torch import nn
 
+from conftest import ZOO_SMALL, small_zoo_model
 from deltacnn import models
 
-# tiny but structurally complete versions: every block kind and every stride is still there
-SMALL = {
-    "resnet18": dict(width=8, num_classes=10),
-    "resnet50": dict(width=4, num_classes=10),
-    "mobilenet_v2": dict(width_mult=0.25, num_classes=10),
-    "mobilenet_v3_large": dict(width_mult=0.25, num_classes=10),
-    "mobilenet_v3_small": dict(width_mult=0.25, num_classes=10),
-    "unet": dict(base=4, depth=3, num_classes=2),
-    "unet_transposed": dict(base=4, depth=3, num_classes=2, bilinear=False),
-    "hrnet_like": dict(widths=(4, 8, 16), num_classes=5),
-}
+SMALL = ZOO_SMALL
 OUT_SHAPE = {"unet": (2, 2, 64, 64), "unet_transposed": (2, 2, 64, 64), "hrnet_like": (2, 5, 16, 16)}
 
 
@@ -31,10 +22,7 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def small(name: str) -> nn.Module:
-    torch.manual_seed(0)
-    m = models.build("unet" if name == "unet_transposed" else name, **SMALL[name]).eval()
-    return models.randomize_bn_(m, seed=1)
+small = small_zoo_model
 
 
 def test_registry_lists_every_family():
