@@ -1,0 +1,78 @@
+"""deltacnn.compile's keyframe and dense passes traced by torch.compile (dense_compile), and the
+refresh_held rule on its per-stream path, without CUDA graphs on the CPU: "aot_eager" traces the
+same Dynamo graph (state writes as buffer mutations) that Inductor compiles on the GPU, without
+generating code. Graph-replayed Inductor on the GPU: tests/gpu/test_compile_dense_gpu.py."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import deltacnn
+from conftest import make_video, rel_err
+from test_stream_pool import BACKENDS, _clips, _net
+
+
+def _run(m, frames, backend, **kw):
+    g = deltacnn.compile(deltacnn.convert(m, frames[0], backend=backend, dense_above=None),
+                         cuda_graphs=False, dense_above=0.35, **kw)
+    outs, modes = [], []
+    for t in range(frames.shape[0]):
+        if t in (3, 8):
+            g.reset_stream(t % 2)  # a keyframe of one stream alone (rows pass), twice
+        if t in (6, 7):
+            for k in range(frames.shape[1]):
+                g.reset_stream(k)  # a whole-batch keyframe, twice: the second one is compiled
+        outs.append(g(frames[t]))
+        modes.append(list(g.last_modes))
+    return g, outs, modes
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_traced_dense_passes_equal_backend_path_and_dense(backend):
+    """Keyframes (whole batch and one stream) and dense frames of one busy stream through the traced
+    reference path give the outputs of the backend's own path and of dense PyTorch, and the delta
+    frames after them (on the backend) read the state the traced passes wrote."""
+    m = _net()
+    n_frames = 10
+    clip, _ = _clips(n_frames)
+    x = clip.clone()
+    x[2:5, 2] += 0.3 * torch.randn_like(x[2:5, 2])  # stream 2: every pixel changes -> dense frames
+    g, got, modes = _run(m, x, backend, dense_compile="aot_eager")
+    assert not g.dense.failed, g.dense.failed
+    kinds = {k[:2] for k in g.dense.compile_s}
+    assert {("rows", "keyframe"), ("rows", "dense"), ("batch", "keyframe")} <= kinds, kinds
+    assert any(mo[2] == "dense" for mo in modes) and modes[6] == ["keyframe"] * 3, modes
+    _, plain, plain_modes = _run(m, x, backend, dense_compile=None)
+    assert modes == plain_modes
+    for t in range(x.shape[0]):
+        with torch.no_grad():
+            want = m(x[t])
+        assert rel_err(got[t], want) < 1e-5, (t, modes[t])
+        torch.testing.assert_close(got[t], plain[t], rtol=1e-5, atol=1e-6)
+
+
+def test_dense_compile_option_checked():
+    m = _net()
+    clip, _ = _clips(2)
+    dm = deltacnn.convert(m, clip[0], backend="reference")
+    with pytest.raises(ValueError, match="dense_compile"):
+        deltacnn.compile(dm, cuda_graphs=False, dense_compile="tensorrt")
+    assert deltacnn.compile(dm, cuda_graphs=False).dense is None  # auto: no compile without CUDA graphs
+
+
+def test_refresh_held_keyframes_streams_on_the_per_stream_path():
+    """min_blob holds back isolated changed pixels; with refresh_held the per-stream path keyframes a
+    stream once the held-back fraction (read from the device report, a frame or two late) passes it,
+    as the eager model does; without it no stream keyframes after its first frame."""
+    m = _net()
+    clip = make_video(8, n=2, h=16, w=24, noise=0.05, seed=4, size=4)
+    counts = {}
+    for held in (None, 0.01):
+        dm = deltacnn.convert(m, clip[0], backend="reference", threshold=0.02, min_blob=3,
+                              refresh_held=held, dense_above=None)
+        g = deltacnn.compile(dm, cuda_graphs=False, dense_above=None)
+        for t in range(clip.shape[0]):
+            g(clip[t])
+        counts[held] = g.stream_frames["keyframe"]
+    assert counts[None] == 2, counts
+    assert counts[0.01] > 2, counts
