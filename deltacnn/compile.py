@@ -357,7 +357,7 @@ class StreamGraphedDeltaModel:
             }
         return b
 
-    # ---- host decisions (never wait for the device) --------------------------------------------
+    # ---- host decisions (wait for the device only when the host runs 3 frames ahead) -----------
     def _poll(self) -> None:
         """Take the newest per-stream report that has arrived; older ones are dropped."""
         done = None
@@ -452,8 +452,14 @@ class StreamGraphedDeltaModel:
     def _report(self, b: dict) -> None:
         """Copy the frame's per-stream change and flags towards the host without waiting."""
         host = b["host"][self._frame_no % 4]
-        if len(self._pending) >= 3:  # the host is far behind the device: forget the oldest report
-            self._pending.pop(0)
+        if len(self._pending) >= 3:
+            # the host is 3 frames ahead of the device: wait for the oldest report rather than drop it
+            # (a host that always runs ahead would otherwise never read a change or a flag); the device
+            # still has two frames queued, so this costs no throughput
+            ev = self._pending[0][1]
+            if ev is not None:
+                ev.synchronize()
+            self._poll()
         host.copy_(b["report"], non_blocking=self.cuda_graphs)
         ev = None
         if self.cuda_graphs:
