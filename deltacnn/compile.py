@@ -27,17 +27,24 @@ host has read it is a keyframe. Until then (usually one or two frames) that stre
 wrong (NaN for a NaN frame); the other streams are never affected.
 
 Dense passes on Inductor (`dense_compile="inductor"`, the default of the per-stream model on CUDA):
-the whole-batch keyframe and dense passes and the single-stream keyframe and dense passes run the
-converted network's keyframe path through the reference backend's plain PyTorch ops, traced by
-Dynamo and compiled by Inductor, which fuses the state writes (the input reference, each nonlinear
-layer's A and E, the output accumulator) into the kernels that produce those maps, as extra stores,
-instead of cuDNN plus a seeding pass per layer. The compiled function is captured inside the same
-CUDA graphs; delta frames stay on the deltacnn backend. The first frame of each such pass compiles
-(seconds to a minute per pass and shape).
+the whole-batch keyframe and dense passes run the converted network's keyframe path through the
+reference backend's plain PyTorch ops, traced by Dynamo and compiled by Inductor, which fuses the
+state writes (the input reference, each nonlinear layer's A and E, the output accumulator) into the
+kernels that produce those maps, as extra stores, instead of cuDNN plus a seeding pass per layer.
+The compiled function is captured inside the same CUDA graphs; delta frames stay on the deltacnn
+backend. The first frame of each such pass compiles (10-30 s for YOLOv8n). The single-stream passes
+stay on the backend's path: compiled, their row writes into the whole batch's state measured slower
+(H200, YOLOv8n 720p N=16: 14.2 against 13.3 ms for a delta frame plus one stream's keyframe).
+
+When `keyframe_batch_at` or more streams need a keyframe or dense pass in the same frame, every
+stream runs a keyframe instead (one batched pass, exact like any keyframe): at busy operating points
+a batched keyframe costs less than the delta pass plus that many single-stream passes (H200, YOLOv8n
+768x576 N=16, tuned thresholds: 3.2 ms against 14.1 ms for a frame with ~5 streams due).
 """
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 import warnings
 
@@ -214,7 +221,7 @@ class CompiledDensePasses:
     """The converted network's keyframe and dense passes compiled by torch.compile (module docstring).
 
     One compiled function for every pass: Dynamo specialises it on the runtime's flags (keyframe,
-    stateless, the streams of a rows pass) and the input shape. A pass whose first call fails to
+    stateless) and the input shape. A pass whose first call fails to
     compile (a layer Dynamo cannot trace) warns once and runs the deltacnn backend's path from then on.
     """
 
@@ -260,7 +267,8 @@ class StreamGraphedDeltaModel:
 
     def __init__(self, model: DeltaModel, warmup: int = 2, dense_above: float | None = 0.35,
                  cuda_graphs: bool = True, range_ratio: float | None = RANGE_RATIO,
-                 dense_compile: str | None = "auto", dense_compile_mode: str | None = None) -> None:
+                 dense_compile: str | None = "auto", dense_compile_mode: str | None = None,
+                 keyframe_batch_at: int | str | None = "auto") -> None:
         if cuda_graphs and not torch.cuda.is_available():
             raise RuntimeError("deltacnn.compile needs a CUDA device; on the CPU call the DeltaModel directly "
                                "(or pass cuda_graphs=False)")
@@ -270,6 +278,10 @@ class StreamGraphedDeltaModel:
             raise ValueError(f"dense_above must be in [0, 1] (a fraction of input pixels) or None, got {dense_above}")
         if range_ratio is not None and not range_ratio > 1:
             raise ValueError(f"range_ratio must be > 1 or None, got {range_ratio}")
+        if keyframe_batch_at != "auto" and keyframe_batch_at is not None and \
+                (not isinstance(keyframe_batch_at, int) or keyframe_batch_at < 1):
+            raise ValueError(f"keyframe_batch_at must be an int >= 1, 'auto' or None, got {keyframe_batch_at!r}")
+        self.keyframe_batch_at = keyframe_batch_at
         self.model = model
         self.warmup = warmup
         self.above = dense_above
@@ -414,6 +426,10 @@ class StreamGraphedDeltaModel:
         b = self._buffers(x)
         self._poll()
         modes = self._modes(n)
+        due = sum(mo in ("keyframe", "dense") for mo in modes)
+        if due and "delta" in modes and due >= self._batch_at(n):
+            # that many single-stream passes cost more than one batched keyframe: every stream keyframes
+            modes = ["keyframe" if mo != "idle" else mo for mo in modes]
         live = [mo for mo in modes if mo != "idle"]
         if live and "delta" not in live and "idle" not in modes:
             # no stream runs deltas: one batched pass (busy streams due a keyframe are seeded too)
@@ -432,7 +448,7 @@ class StreamGraphedDeltaModel:
             for k, mo in enumerate(modes):
                 if mo in ("keyframe", "dense"):
                     b["idx"].fill_(k)
-                    rows = self._replay(("rows", mo), x, lambda t, first, mo=mo: self._rows_pass(t, mo, first))
+                    rows = self._replay(("rows", mo), x, lambda t, first, mo=mo: self._rows_pass(t, mo))
                     out = _put_rows(out, b["idx"], rows, n)
         self._report(b)
         for k, mo in enumerate(modes):
@@ -448,6 +464,13 @@ class StreamGraphedDeltaModel:
         m._end_streams(["dense" if mo == "idle" else mo for mo in modes], x)
         self._frame_no += 1
         return out
+
+    def _batch_at(self, n: int) -> float:
+        """How many streams due a keyframe or dense pass make the whole batch keyframe instead."""
+        at = self.keyframe_batch_at
+        if at == "auto":
+            return max(2, math.ceil(n / 6))
+        return math.inf if at is None else at
 
     def _report(self, b: dict) -> None:
         """Copy the frame's per-stream change and flags towards the host without waiting."""
@@ -540,7 +563,7 @@ class StreamGraphedDeltaModel:
         b["report"][2].zero_()
         return out
 
-    def _rows_pass(self, x: Tensor, mode: str, first: bool = True):
+    def _rows_pass(self, x: Tensor, mode: str):
         """A keyframe (or stateless dense frame) of the one stream b["idx"], writing only its state rows."""
         rt, b = self.model.rt, self._bufs
         idx = b["idx"]
@@ -548,7 +571,7 @@ class StreamGraphedDeltaModel:
         rt.streams, rt.keyframe, rt.stateless = idx, True, mode == "dense"
         rt.stats.merging = True
         try:
-            out = self._network(sub, ("rows", mode, tuple(x.shape)), first)
+            out = self.model.graph_module(sub)  # the backend's path (module docstring)
         finally:
             rt.streams, rt.stateless = None, False
             rt.stats.merging = False
@@ -569,7 +592,7 @@ def _clone(out):
 
 def compile(model: DeltaModel, warmup: int = 2, dense_above: float | None = 0.35,  # noqa: A001
             per_stream: bool = True, cuda_graphs: bool = True, dense_compile: str | None = "auto",
-            dense_compile_mode: str | None = None):
+            dense_compile_mode: str | None = None, keyframe_batch_at: int | str | None = "auto"):
     """Wrap a converted model so that frames replay CUDA graphs captured per input shape.
 
     dense_above: when more than this fraction of a stream's input pixels changed in its last
@@ -580,19 +603,21 @@ def compile(model: DeltaModel, warmup: int = 2, dense_above: float | None = 0.35
     on the device (StreamGraphedDeltaModel: `reset_stream(k)`, `join(k)`, `leave(k)`); False: one
     decision for the whole batch (GraphedDeltaModel, the earlier behaviour).
     cuda_graphs: False runs the per-stream passes eagerly (for tests on the CPU; per_stream only).
-    dense_compile: the torch.compile backend of the keyframe and dense passes ("inductor": Inductor's
+    dense_compile: the torch.compile backend of the whole-batch keyframe and dense passes ("inductor": Inductor's
     fused kernels write the delta state as they produce each map; "aot_eager" / "eager": traced, not
     compiled, for CPU tests); None: the deltacnn backend's path (cuDNN per conv + a seeding pass);
     "auto" (default): "inductor" with CUDA graphs, None without.
     Each kind of pass compiles on its first frames (seconds to a minute). per_stream only.
     dense_compile_mode: torch.compile's mode for them (None: default; "max-autotune-no-cudagraphs" also
     tunes the convs, minutes per pass).
+    keyframe_batch_at: when this many streams need a keyframe or dense pass in one frame, every stream
+    keyframes in one batched pass instead ("auto": max(2, N / 6) of N streams; None: never). per_stream only.
     """
     if not isinstance(model, DeltaModel):
         raise TypeError(f"deltacnn.compile takes the result of deltacnn.convert, got {type(model).__name__}")
     if per_stream:
         return StreamGraphedDeltaModel(model, warmup, dense_above, cuda_graphs, dense_compile=dense_compile,
-                                       dense_compile_mode=dense_compile_mode)
+                                       dense_compile_mode=dense_compile_mode, keyframe_batch_at=keyframe_batch_at)
     if not cuda_graphs:
         raise ValueError("cuda_graphs=False needs per_stream=True")
     return GraphedDeltaModel(model, warmup, dense_above)

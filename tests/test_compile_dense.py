@@ -14,7 +14,7 @@ from test_stream_pool import BACKENDS, _clips, _net
 
 def _run(m, frames, backend, **kw):
     g = deltacnn.compile(deltacnn.convert(m, frames[0], backend=backend, dense_above=None),
-                         cuda_graphs=False, dense_above=0.35, **kw)
+                         cuda_graphs=False, dense_above=0.35, keyframe_batch_at=None, **kw)
     outs, modes = [], []
     for t in range(frames.shape[0]):
         if t in (3, 8):
@@ -28,8 +28,8 @@ def _run(m, frames, backend, **kw):
 
 
 def test_traced_dense_passes_equal_backend_path_and_dense():
-    """Keyframes (whole batch and one stream) and dense frames of one busy stream through the traced
-    reference path give the outputs of the backend's own path and of dense PyTorch."""
+    """Whole-batch keyframes through the traced reference path, with one-stream keyframes and one busy
+    stream's dense frames between them, give the outputs of the backend's own path and of dense PyTorch."""
     m = _net()
     clip, _ = _clips(10)
     x = clip.clone()
@@ -37,8 +37,9 @@ def test_traced_dense_passes_equal_backend_path_and_dense():
     g, got, modes = _run(m, x, "reference", dense_compile="aot_eager")
     assert not g.dense.failed, g.dense.failed
     kinds = {k[:2] for k in g.dense.compile_s}
-    assert {("rows", "keyframe"), ("rows", "dense"), ("batch", "keyframe")} <= kinds, kinds
-    assert any(mo[2] == "dense" for mo in modes) and modes[6] == ["keyframe"] * 3, modes
+    assert kinds == {("batch", "keyframe")}, kinds  # single-stream passes stay on the backend's path
+    assert any(mo[2] == "dense" and mo[0] == "delta" for mo in modes) and modes[6] == ["keyframe"] * 3, modes
+    assert modes[3] == ["delta", "keyframe", "dense"], modes
     _, plain, plain_modes = _run(m, x, "reference", dense_compile=None)
     assert modes == plain_modes
     for t in range(x.shape[0]):
@@ -91,3 +92,24 @@ def test_refresh_held_keyframes_streams_on_the_per_stream_path():
         counts[held] = g.stream_frames["keyframe"]
     assert counts[None] == 2, counts
     assert counts[0.01] > 2, counts
+
+
+def test_many_streams_due_keyframe_the_whole_batch():
+    """keyframe_batch_at: two of three streams reset in one frame -> every stream keyframes in one
+    batched pass (exact); None keeps the single-stream passes; both equal dense."""
+    m = _net()
+    clip, _ = _clips(5)
+    for at, want in ((2, ["keyframe"] * 3), (None, ["keyframe", "delta", "keyframe"])):
+        g = deltacnn.compile(deltacnn.convert(m, clip[0], backend="reference", dense_above=None),
+                             cuda_graphs=False, dense_above=None, keyframe_batch_at=at)
+        for t in range(clip.shape[0]):
+            if t == 3:
+                g.reset_stream(0)
+                g.reset_stream(2)
+            got = g(clip[t])
+            with torch.no_grad():
+                assert rel_err(got, m(clip[t])) < 1e-5, t
+            if t == 3:
+                assert g.last_modes == want, (at, g.last_modes)
+    with pytest.raises(ValueError, match="keyframe_batch_at"):
+        deltacnn.compile(deltacnn.convert(m, clip[0], backend="reference"), cuda_graphs=False, keyframe_batch_at=0)
