@@ -76,21 +76,25 @@ def convert(model32, x0, setting: str, **kw):
         return deltacnn.convert(model32, x0, thresholds_file=setting, dtype=torch.float16, backend="triton", **kw)
 
 
-def run_delta(task, model32, base, batch: int, setting: str, warm: int, eval_from: int, hw) -> dict:
+def run_delta(task, model32, base, batch: int, setting: str, warm: int, eval_from: int, hw,
+              dense_compile: str | None = "inductor") -> dict:
     """Time deltacnn.compile over every frame; detections on frames >= eval_from."""
     x = batch_at(base, 0, batch)
-    g = deltacnn.compile(convert(model32, x, setting))
+    dm = convert(model32, x, setting)
+    g = deltacnn.compile(dm, dense_compile=dense_compile)
     ms, kinds, got = [], [], {}
     for t in range(base.shape[0]):
         batch_at(base, t, batch, out=x)
-        n_graphs = len(g._graphs)
+        n_graphs, n_compiled = len(g._graphs), len(g.dense.compile_s) if g.dense is not None else 0
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
         o = g(x)
         b.record()
         b.synchronize()
         kind = g.last_modes
-        if t >= warm and len(g._graphs) == n_graphs:
+        # frames that captured a graph or compiled a dense pass are left out of the times
+        compiled = g.dense is not None and len(g.dense.compile_s) != n_compiled
+        if t >= warm and len(g._graphs) == n_graphs and not compiled:
             ms.append(a.elapsed_time(b))
             kinds.append("delta" if set(kind) == {"delta"} else ("mixed" if len(set(kind)) > 1 else kind[0]))
         if t >= eval_from:
@@ -99,7 +103,15 @@ def run_delta(task, model32, base, batch: int, setting: str, warm: int, eval_fro
     res = {"ms_delta": median(delta_ms), "ms_all": float(np.mean(ms)), "n_timed": len(ms),
            "n_delta": len(delta_ms), "frames": dict(g.frames), "stream_frames": dict(g.stream_frames),
            "captures": len(g._graphs), "got": got}
-    del g
+    for kind in ("keyframe", "dense", "mixed"):
+        res[f"ms_{kind}"] = median([m for m, k in zip(ms, kinds) if k == kind])
+    # what the input layer and the refresh rule ran with (the thresholds file's min_blob / refresh_held)
+    res["gate"] = dm.layers["input"].gate.describe() if "input" in dm.layers else "?"
+    res["refresh_held"] = dm.rt.refresh_held
+    if g.dense is not None:
+        res["dense_compile_s"] = {"/".join(map(str, k[:2])): round(v, 1) for k, v in g.dense.compile_s.items()}
+        res["dense_failed"] = {str(k): v for k, v in g.dense.failed.items()}
+    del g, dm
     free_memory()
     return res
 
@@ -153,6 +165,10 @@ def main() -> None:
     ap.add_argument("--autotune", default="1", help="batch sizes that also get torch.compile max-autotune")
     ap.add_argument("--profile", default="", help="batch:threshold setting profiled per kernel (eager delta frames "
                     "from frame 300), e.g. 1:path.json")
+    ap.add_argument("--dense-compile", default="inductor", help="comma-separated deltacnn.compile dense_compile "
+                    "variants, each timed at every threshold setting ('none': cuDNN + seeding)")
+    ap.add_argument("--peers-only", action="store_true", help="time the dense peers only (e.g. max-autotune in "
+                    "a process of its own under a time limit)")
     ap.add_argument("--tag", default="yolo")
     args = ap.parse_args()
     assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
@@ -168,7 +184,7 @@ def main() -> None:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
         truth = {}
         with torch.no_grad():
-            for t in range(args.eval_from, T):
+            for t in range(args.eval_from, T if not args.peers_only else 0):
                 truth[t] = detections(task, model32(batch_at(base, t, batch)), hw)
         modes = ["reduce-overhead"] + (["max-autotune"] if str(batch) in args.autotune.split(",") else [])
         peers = dense_peers(model32, batch_at(base, 0, batch), modes)
@@ -178,9 +194,12 @@ def main() -> None:
               flush=True)
         group = {"batch": batch, "size": f"{hw[1]}x{hw[0]}", "frames": T, "changed": changed, "peers": peers,
                  "strongest": best, "rows": []}
-        for setting in args.thresholds.split(","):
+        variants = [] if args.peers_only else [(s_, dc) for s_ in args.thresholds.split(",")
+                                               for dc in args.dense_compile.split(",")]
+        for setting, dc in variants:
             try:
-                r = run_delta(task, model32, base, batch, setting, args.warm, args.eval_from, hw)
+                r = run_delta(task, model32, base, batch, setting, args.warm, args.eval_from, hw,
+                              None if dc == "none" else dc)
                 r.update(agreement(task, r.pop("got"), truth))
                 r["macs_delta"] = delta_macs(model32, base, batch, setting, args.eval_from, args.macs_frames)
                 sf = r["stream_frames"]
@@ -191,10 +210,10 @@ def main() -> None:
                 import traceback
                 traceback.print_exc()
                 r = {"error": f"{type(e).__name__}: {e}"[:200]}
-            r["thresholds"] = setting
+            r["thresholds"], r["dense_compile"] = setting, dc
             group["rows"].append(r)
             peer = ok[best]
-            row = {"N": batch, "thr": setting.rsplit("/", 1)[-1][:18], "cudnn+g": ok["cudnn+graph"], "peer": peer,
+            row = {"N": batch, "thr": setting.rsplit("/", 1)[-1][:18], "dc": dc, "cudnn+g": ok["cudnn+graph"], "peer": peer,
                    "peer_is": best.replace("compile:", ""), "ms_delta": r.get("ms_delta"), "ms_all": r.get("ms_all"),
                    "macs_d": r.get("macs_delta"), "macs_all": r.get("macs_all"),
                    "ideal": r["macs_delta"] * peer if r.get("macs_delta") else None,
@@ -203,7 +222,10 @@ def main() -> None:
                    "vs_peer_all": peer / r["ms_all"] if r.get("ms_all") else None,
                    "f1": r.get("f1_mean"), "f1_min": r.get("f1_min"), "f1_stab": r.get("f1_stable_mean"),
                    "modes": "/".join(f"{r['frames'][k]}" for k in ("delta", "keyframe", "dense", "mixed"))
-                   if "frames" in r else "", "note": r.get("error", "")[:40]}
+                   if "frames" in r else "", "ms_key": r.get("ms_keyframe"), "ms_dense": r.get("ms_dense"),
+                   "ms_mixed": r.get("ms_mixed"),
+                   "stream_key": r["stream_frames"]["keyframe"] if "stream_frames" in r else None,
+                   "note": (r.get("error", "") or f"{r.get('gate')} held {r.get('refresh_held')}")[:40]}
             rows.append(row)
             print(f"[{time.time() - t0:5.0f}s] {row}", flush=True)
         results.append(group)
@@ -223,8 +245,9 @@ def main() -> None:
         print(f"  N={g['batch']}: " + ", ".join(f"{k} {v['ms']:.3f}" + (f" ({v['compile_s']:.0f} s)" if "compile_s" in v
                                                                       else "") if "ms" in v else f"{k} failed"
                                              for k, v in g["peers"].items()))
-    print_table(rows, ["N", "thr", "cudnn+g", "peer", "peer_is", "ms_delta", "ms_all", "macs_d", "macs_all", "ideal",
-                       "x_ideal", "vs_peer_d", "vs_peer_all", "f1", "f1_min", "f1_stab", "modes", "note"])
+    print_table(rows, ["N", "thr", "dc", "cudnn+g", "peer", "peer_is", "ms_delta", "ms_all", "ms_key", "ms_dense",
+                       "ms_mixed", "macs_d", "macs_all", "ideal", "x_ideal", "vs_peer_d", "vs_peer_all", "f1", "f1_min",
+                       "f1_stab", "modes", "stream_key", "note"])
 
 
 if __name__ == "__main__":

@@ -25,12 +25,34 @@ values on the device: a frame holding NaN or infinity, or whose largest |value| 
 that the host reads without waiting (with the input change), and the stream's next frame after the
 host has read it is a keyframe. Until then (usually one or two frames) that stream's outputs are
 wrong (NaN for a NaN frame); the other streams are never affected.
+
+Dense passes on Inductor (`dense_compile="inductor"`, the default of the per-stream model on CUDA):
+the whole-batch keyframe and dense passes run the converted network's keyframe path through the
+reference backend's plain PyTorch ops, traced by Dynamo and compiled by Inductor, which fuses the
+state writes (the input reference, each nonlinear layer's A and E, the output accumulator) into the
+kernels that produce those maps, as extra stores, instead of cuDNN plus a seeding pass per layer.
+The compiled function is captured inside the same CUDA graphs; delta frames stay on the deltacnn
+backend. The first frame of each such pass compiles (10-30 s for YOLOv8n). The single-stream passes
+stay on the backend's path: compiled, their row writes into the whole batch's state measured slower
+(H200, YOLOv8n 720p N=16: 14.2 against 13.3 ms for a delta frame plus one stream's keyframe).
+
+When `keyframe_batch_at` or more streams need a keyframe or dense pass in the same frame, every
+stream runs a keyframe instead (one batched pass, exact like any keyframe): at busy operating points
+a batched keyframe costs less than the delta pass plus that many single-stream passes (H200, YOLOv8n
+768x576 N=16, tuned thresholds: a batched keyframe 3.2 ms, a frame of deltas plus ~6 single-stream
+keyframes 14.1 ms).
 """
 from __future__ import annotations
+
+import contextlib
+import math
+import time
+import warnings
 
 import torch
 from torch import Tensor
 
+from .backends.reference import ReferenceBackend
 from .model import DeltaModel, _put_rows
 from .runtime import DENSE_HYSTERESIS as HYSTERESIS
 from .runtime import RANGE_RATIO
@@ -164,6 +186,80 @@ class GraphedDeltaModel:
             m.rt.stateless = False
         return graph, static_in, static_out, m.rt.input_change if m.rt.track_change else None
 
+# torch.compile backends for the dense passes ("inductor" on the GPU; "aot_eager" and "eager" trace the
+# same graphs without generating code, for tests on the CPU); None: the deltacnn backend's own path
+DENSE_COMPILERS = ("inductor", "aot_eager", "eager")
+# Dynamo keeps one compiled entry per pass kind, shape and model; a process that runs several models
+# (benchmarks, tests) needs more than Dynamo's default of 8 per code object
+_RECOMPILE_LIMIT = 256
+
+
+@contextlib.contextmanager
+def _plain_torch_backend(model: DeltaModel, device: torch.device):
+    """Layers of `model` on `device` use the reference backend (plain PyTorch ops, traceable) inside."""
+    backends = model.rt._backends
+    had = backends.get(device.type)
+    backends[device.type] = _REFERENCE
+    try:
+        yield
+    finally:
+        if had is None:
+            backends.pop(device.type, None)
+        else:
+            backends[device.type] = had
+
+
+_REFERENCE = ReferenceBackend()
+
+
+def _dynamo_limits():
+    cfg = torch._dynamo.config
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    return cfg.patch(**{name: max(getattr(cfg, name), _RECOMPILE_LIMIT)})
+
+
+class CompiledDensePasses:
+    """The converted network's keyframe and dense passes compiled by torch.compile (module docstring).
+
+    One compiled function for every pass: Dynamo specialises it on the runtime's flags (keyframe,
+    stateless) and the input shape. A pass whose first call fails to compile (a layer Dynamo cannot
+    trace) warns once and runs the deltacnn backend's path from then on.
+    """
+
+    def __init__(self, model: DeltaModel, compiler: str = "inductor", mode: str | None = None) -> None:
+        if compiler not in DENSE_COMPILERS:
+            raise ValueError(f"dense_compile must be one of {DENSE_COMPILERS}, 'auto' or None, got {compiler!r}")
+        self.model = model
+        self.compiler = compiler
+        self.failed: dict[tuple, str] = {}  # pass key -> why it runs the backend path
+        self.compile_s: dict[tuple, float] = {}  # pass key -> seconds its first call took (compile included)
+        gm = model.graph_module
+        self._fn = torch.compile(lambda x: gm(x), backend=compiler, mode=mode, dynamic=False, fullgraph=True)
+
+    def __call__(self, x: Tensor, key: tuple):
+        """Run the pass the runtime's flags describe on x (its kind named by `key`, for reports)."""
+        m = self.model
+        if key in self.failed:
+            return m.graph_module(x)
+        first = key not in self.compile_s
+        t0 = time.perf_counter() if first else 0.0
+        try:
+            with _plain_torch_backend(m, x.device), _dynamo_limits():
+                out = self._fn(x)
+        except Exception as e:  # noqa: BLE001 - reported, then the backend path runs the same frame
+            if not first:
+                raise
+            self.failed[key] = f"{type(e).__name__}: {e}"[:300]
+            warnings.warn(f"deltacnn.compile: the {key[0]} pass could not be compiled by torch.compile "
+                          f"({self.failed[key]}); it runs on the deltacnn backend (cuDNN + seeding) instead; "
+                          "pass dense_compile=None to silence this", RuntimeWarning, stacklevel=3)
+            return m.graph_module(x)
+        if first:
+            if x.is_cuda:
+                torch.cuda.synchronize(x.device)
+            self.compile_s[key] = time.perf_counter() - t0
+        return out
+
 
 class StreamGraphedDeltaModel:
     """Callable like the DeltaModel it wraps; every stream of the batch runs delta, keyframe or dense
@@ -171,7 +267,9 @@ class StreamGraphedDeltaModel:
     docstring). `cuda_graphs=False` runs the same passes eagerly (CPU tests, TRITON_INTERPRET)."""
 
     def __init__(self, model: DeltaModel, warmup: int = 2, dense_above: float | None = 0.35,
-                 cuda_graphs: bool = True, range_ratio: float | None = RANGE_RATIO) -> None:
+                 cuda_graphs: bool = True, range_ratio: float | None = RANGE_RATIO,
+                 dense_compile: str | None = "auto", dense_compile_mode: str | None = None,
+                 keyframe_batch_at: int | str | None = "auto") -> None:
         if cuda_graphs and not torch.cuda.is_available():
             raise RuntimeError("deltacnn.compile needs a CUDA device; on the CPU call the DeltaModel directly "
                                "(or pass cuda_graphs=False)")
@@ -181,11 +279,19 @@ class StreamGraphedDeltaModel:
             raise ValueError(f"dense_above must be in [0, 1] (a fraction of input pixels) or None, got {dense_above}")
         if range_ratio is not None and not range_ratio > 1:
             raise ValueError(f"range_ratio must be > 1 or None, got {range_ratio}")
+        if keyframe_batch_at != "auto" and keyframe_batch_at is not None and \
+                (not isinstance(keyframe_batch_at, int) or keyframe_batch_at < 1):
+            raise ValueError(f"keyframe_batch_at must be an int >= 1, 'auto' or None, got {keyframe_batch_at!r}")
+        self.keyframe_batch_at = keyframe_batch_at
         self.model = model
         self.warmup = warmup
         self.above = dense_above
         self.range_ratio = range_ratio
         self.cuda_graphs = cuda_graphs
+        # keyframe and dense passes compiled by torch.compile (None: the deltacnn backend's path)
+        if dense_compile == "auto":
+            dense_compile = "inductor" if cuda_graphs else None
+        self.dense = CompiledDensePasses(model, dense_compile, dense_compile_mode) if dense_compile else None
         model.rt.track_change = False
         model.rt.track_streams = True
         self._graphs: dict[tuple, tuple] = {}  # (pass, shape, dtype, device) -> (graph, static input, static output)
@@ -245,6 +351,8 @@ class StreamGraphedDeltaModel:
         m = self.model
         if len(m._since) != n:
             m._since, m._scale, m._work = [0] * n, [None] * n, [0.0] * n
+        if len(m._held) != n:
+            m._held = [0.0] * n  # refresh_held: the gates' held-back fraction, read from the device reports
 
     def _buffers(self, x: Tensor) -> dict:
         n = x.shape[0]
@@ -257,12 +365,12 @@ class StreamGraphedDeltaModel:
                 "idx": torch.zeros(1, dtype=torch.long, device=dev),
                 "scale": torch.zeros(n, dtype=torch.float32, device=dev),  # |x| max at each stream's keyframe
                 "bad": torch.zeros(n, dtype=torch.bool, device=dev),  # range / NaN flag since its keyframe
-                "report": torch.zeros(2, n, dtype=torch.float32, device=dev),  # change, bad
-                "host": [torch.zeros(2, n, dtype=torch.float32, pin_memory=dev.type == "cuda") for _ in range(4)],
+                "report": torch.zeros(3, n, dtype=torch.float32, device=dev),  # change, bad, held back
+                "host": [torch.zeros(3, n, dtype=torch.float32, pin_memory=dev.type == "cuda") for _ in range(4)],
             }
         return b
 
-    # ---- host decisions (never wait for the device) --------------------------------------------
+    # ---- host decisions (wait for the device only when the host runs 3 frames ahead) -----------
     def _poll(self) -> None:
         """Take the newest per-stream report that has arrived; older ones are dropped."""
         done = None
@@ -274,10 +382,14 @@ class StreamGraphedDeltaModel:
             return
         frame_no = done[0]
         host = self._bufs["host"][frame_no % 4]
-        change, bad = host[0].tolist(), host[1].tolist()
+        change, bad, held = host[0].tolist(), host[1].tolist(), host[2].tolist()
+        m = self.model
         for k, c in enumerate(change):
             # a keyframe at or after that frame re-seeded the stream: its change then says nothing
-            self._change[k] = c if frame_no > self._last_key[k] else 0.0
+            fresh = frame_no > self._last_key[k]
+            self._change[k] = c if fresh else 0.0
+            if k < len(m._held):  # the model's refresh_held rule (DeltaModel._due) reads it
+                m._held[k] = held[k] if fresh else 0.0
         for k, flag in enumerate(bad):
             # a flag from a frame before the stream's last keyframe was already dealt with by it
             if flag and frame_no > self._last_key[k] and not self._flagged[k]:
@@ -315,12 +427,17 @@ class StreamGraphedDeltaModel:
         b = self._buffers(x)
         self._poll()
         modes = self._modes(n)
+        due = sum(mo in ("keyframe", "dense") for mo in modes)
+        if due and "delta" in modes and due >= self._batch_at(n):
+            # that many single-stream passes cost more than one batched keyframe: every stream keyframes
+            modes = ["keyframe" if mo != "idle" else mo for mo in modes]
         live = [mo for mo in modes if mo != "idle"]
         if live and "delta" not in live and "idle" not in modes:
             # no stream runs deltas: one batched pass (busy streams due a keyframe are seeded too)
             mode = "dense" if set(live) == {"dense"} else "keyframe"
             modes = [mode] * n
-            out = self._replay(("batch", mode), x, lambda t: self._batch_pass(t, mode))
+            # a copy: the graph writes the same static output on every replay
+            out = _clone(self._replay(("batch", mode), x, lambda t, first: self._batch_pass(t, mode, first)))
         else:
             keep = [mo == "delta" for mo in modes]
             if keep != b["keep_host"]:
@@ -329,11 +446,11 @@ class StreamGraphedDeltaModel:
                     if not kept:
                         b["keep"][k:k + 1].fill_(False)
                 b["keep_host"] = keep
-            out = _clone(self._replay(("delta",), x, self._delta_pass))
+            out = _clone(self._replay(("delta",), x, lambda t, first: self._delta_pass(t)))
             for k, mo in enumerate(modes):
                 if mo in ("keyframe", "dense"):
                     b["idx"].fill_(k)
-                    rows = self._replay(("rows", mo), x, lambda t, mo=mo: self._rows_pass(t, mo))
+                    rows = self._replay(("rows", mo), x, lambda t, first, mo=mo: self._rows_pass(t, mo))
                     out = _put_rows(out, b["idx"], rows, n)
         self._report(b)
         for k, mo in enumerate(modes):
@@ -350,11 +467,24 @@ class StreamGraphedDeltaModel:
         self._frame_no += 1
         return out
 
+    def _batch_at(self, n: int) -> float:
+        """How many streams due a keyframe or dense pass make the whole batch keyframe instead."""
+        at = self.keyframe_batch_at
+        if at == "auto":
+            return max(2, math.ceil(n / 6))
+        return math.inf if at is None else at
+
     def _report(self, b: dict) -> None:
         """Copy the frame's per-stream change and flags towards the host without waiting."""
         host = b["host"][self._frame_no % 4]
-        if len(self._pending) >= 3:  # the host is far behind the device: forget the oldest report
-            self._pending.pop(0)
+        if len(self._pending) >= 3:
+            # the host is 3 frames ahead of the device: wait for the oldest report rather than drop it
+            # (a host that always runs ahead would otherwise never read a change or a flag); the device
+            # still has two frames queued, so this costs no throughput
+            ev = self._pending[0][1]
+            if ev is not None:
+                ev.synchronize()
+            self._poll()
         host.copy_(b["report"], non_blocking=self.cuda_graphs)
         ev = None
         if self.cuda_graphs:
@@ -364,19 +494,21 @@ class StreamGraphedDeltaModel:
 
     # ---- passes (each run eagerly `warmup` times, then captured once and replayed) ---------------
     def _replay(self, kind: tuple, x: Tensor, fn):
+        """fn(x, first) (first: the pass's first run since the state was allocated), eagerly for the
+        first `warmup` frames, then replayed from a graph captured once."""
         key = kind + (tuple(x.shape), x.dtype, x.device)
         n_eager = self._eager.get(key, 0)
         if not self.cuda_graphs or n_eager < self.warmup:
             self._eager[key] = n_eager + 1
             with torch.no_grad():
-                return fn(x)
+                return fn(x, n_eager == 0)
         if key not in self._graphs:
             static_in = x.clone()
             graph = torch.cuda.CUDAGraph()
             torch.cuda.synchronize()  # the frame recorded during capture is not executed
             try:
                 with torch.cuda.graph(graph), torch.no_grad():
-                    static_out = fn(static_in)
+                    static_out = fn(static_in, False)
             except RuntimeError as e:
                 raise RuntimeError(
                     "could not capture a delta frame in a CUDA graph: some layer synchronises with the host "
@@ -405,13 +537,23 @@ class StreamGraphedDeltaModel:
         b["bad"].logical_or_(bad & b["keep"])
         b["report"][0].copy_(rt.stream_change)
         b["report"][1].copy_(b["bad"])
+        if rt.input_held is not None:  # the input gates held back this much of each stream's change
+            b["report"][2].copy_(rt.input_held)
+            rt.input_held = None
         return out
 
-    def _batch_pass(self, x: Tensor, mode: str):
+    def _network(self, x: Tensor, key: tuple, first: bool):
+        """One keyframe or dense pass of the network as the runtime's flags say: compiled (dense_compile)
+        once a first eager pass of the same kind has allocated whatever state it writes."""
+        if self.dense is None or first:
+            return self.model.graph_module(x)
+        return self.dense(x, key)
+
+    def _batch_pass(self, x: Tensor, mode: str, first: bool = True):
         rt, b = self.model.rt, self._bufs
         rt.keyframe, rt.stateless = True, mode == "dense"
         try:
-            out = self.model.graph_module(x)
+            out = self._network(x, ("batch", mode, tuple(x.shape)), first)
         finally:
             rt.stateless = False
         if mode == "keyframe":
@@ -420,6 +562,7 @@ class StreamGraphedDeltaModel:
             b["bad"].copy_(~torch.isfinite(a))
         b["report"][0].copy_(rt.stream_change)
         b["report"][1].copy_(b["bad"])
+        b["report"][2].zero_()
         return out
 
     def _rows_pass(self, x: Tensor, mode: str):
@@ -430,7 +573,7 @@ class StreamGraphedDeltaModel:
         rt.streams, rt.keyframe, rt.stateless = idx, True, mode == "dense"
         rt.stats.merging = True
         try:
-            out = self.model.graph_module(sub)
+            out = self.model.graph_module(sub)  # the backend's path (module docstring)
         finally:
             rt.streams, rt.stateless = None, False
             rt.stats.merging = False
@@ -450,7 +593,8 @@ def _clone(out):
 
 
 def compile(model: DeltaModel, warmup: int = 2, dense_above: float | None = 0.35,  # noqa: A001
-            per_stream: bool = True, cuda_graphs: bool = True):
+            per_stream: bool = True, cuda_graphs: bool = True, dense_compile: str | None = "auto",
+            dense_compile_mode: str | None = None, keyframe_batch_at: int | str | None = "auto"):
     """Wrap a converted model so that frames replay CUDA graphs captured per input shape.
 
     dense_above: when more than this fraction of a stream's input pixels changed in its last
@@ -461,11 +605,21 @@ def compile(model: DeltaModel, warmup: int = 2, dense_above: float | None = 0.35
     on the device (StreamGraphedDeltaModel: `reset_stream(k)`, `join(k)`, `leave(k)`); False: one
     decision for the whole batch (GraphedDeltaModel, the earlier behaviour).
     cuda_graphs: False runs the per-stream passes eagerly (for tests on the CPU; per_stream only).
+    dense_compile: the torch.compile backend of the whole-batch keyframe and dense passes ("inductor": Inductor's
+    fused kernels write the delta state as they produce each map; "aot_eager" / "eager": traced, not
+    compiled, for CPU tests); None: the deltacnn backend's path (cuDNN per conv + a seeding pass);
+    "auto" (default): "inductor" with CUDA graphs, None without.
+    Each kind of pass compiles on its first frames (seconds to a minute). per_stream only.
+    dense_compile_mode: torch.compile's mode for them (None: default; "max-autotune-no-cudagraphs" also
+    tunes the convs, minutes per pass).
+    keyframe_batch_at: when this many streams need a keyframe or dense pass in one frame, every stream
+    keyframes in one batched pass instead ("auto": max(2, N / 6) of N streams; None: never). per_stream only.
     """
     if not isinstance(model, DeltaModel):
         raise TypeError(f"deltacnn.compile takes the result of deltacnn.convert, got {type(model).__name__}")
     if per_stream:
-        return StreamGraphedDeltaModel(model, warmup, dense_above, cuda_graphs)
+        return StreamGraphedDeltaModel(model, warmup, dense_above, cuda_graphs, dense_compile=dense_compile,
+                                       dense_compile_mode=dense_compile_mode, keyframe_batch_at=keyframe_batch_at)
     if not cuda_graphs:
         raise ValueError("cuda_graphs=False needs per_stream=True")
     return GraphedDeltaModel(model, warmup, dense_above)

@@ -34,7 +34,9 @@ def _r50():
 
 
 def _compile(m, x0, dtype=torch.float32, dense_above=None, **kw):
-    return deltacnn.compile(deltacnn.convert(m, x0, backend="triton", dtype=dtype, **kw), dense_above=dense_above)
+    # keyframe_batch_at=None: two streams reset in one frame still run single-stream passes (tested here)
+    return deltacnn.compile(deltacnn.convert(m, x0, backend="triton", dtype=dtype, **kw), dense_above=dense_above,
+                            keyframe_batch_at=None)
 
 
 RESETS = {4: [1], 7: [1], 9: [0], 10: [1], 12: [2], 13: [1], 16: [0, 2]}
