@@ -9,9 +9,10 @@ fraction of the frame's range, layers as a fraction of their keyframe activation
     low=0.33       InputGate.low (hysteresis)    hyst=spatial  InputGate.hysteresis (spatial|temporal|both)
     steps=2        InputGate.steps               growth=0.5    Thresholds.growth (deep-layer truncation)
     kf=50          keyframe_interval             refresh=off   rt.refresh_work off (or a number)
-    held=0.005     refresh_held (keyframe once the gates hold back changes in this fraction of the pixels)
+    held=0.005     refresh_held (keyframe once the gates hold back changes in this fraction of the pixels; off)
     flush=all      what `held` runs: a flush of every held pixel instead of a keyframe (flush=16:32: only in
-                   16x16 tiles holding >= 32 held pixels; deltacnn.gating.Refresh)
+                   16x16 tiles holding >= 32 held pixels; all@0.25: layer thresholds x 0.25 on flush
+                   frames; deltacnn.gating.Refresh)
     file=PATH      a thresholds file (its input/layer thresholds, scales, min_blob, refresh rule) under the
                    other keys (`file=shipped`: deltacnn/data/yolov8n_vtest.json)
 
@@ -122,18 +123,23 @@ def build(model, x0: torch.Tensor, cfg: dict):
     gate = InputGate(min_blob=blob, tile=tile, tile_min=tile_min,
                      low=float(cfg["low"]) if "low" in cfg else None, steps=int(cfg.get("steps", 2)),
                      hysteresis=cfg.get("hyst", "spatial"))
-    held = float(cfg["held"]) if "held" in cfg else (fth.refresh_held if fth is not None else None)
-    refresh = None
+    held = (None if cfg["held"] == "off" else float(cfg["held"])) if "held" in cfg else \
+        (fth.refresh_held if fth is not None else None)
+    refresh = fth.refresh if fth is not None else None
     if "flush" in cfg:
-        refresh = "flush" if cfg["flush"] == "all" else f"flush:{cfg['flush']}"
+        body, at, f = cfg["flush"].partition("@")
+        refresh = ("flush" if body == "all" else f"flush:{body}") + (at + f if at else "")
+    kf = fth.keyframe_interval if fth is not None else None
     dm = deltacnn.convert(model, x0, backend="cpu", dense_above=None, input_gate=gate,
                           threshold_growth=float(cfg.get("growth", 0.0)),
-                          keyframe_interval=int(cfg["kf"]) if "kf" in cfg else None,
+                          keyframe_interval=int(cfg["kf"]) if "kf" in cfg else kf,
                           refresh_held=held, refresh=refresh or "keyframe")
     if fth is not None:
         dm.thresholds.update_from_dict(fth.to_dict())
         if "growth" in cfg:
             dm.thresholds.growth = float(cfg["growth"])
+        if "kf" in cfg:
+            dm.keyframe_interval = dm.thresholds.keyframe_interval = int(cfg["kf"])
     else:
         measure_scales(dm, x0)
     if "in" in cfg or fth is None:

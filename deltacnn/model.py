@@ -210,12 +210,15 @@ class DeltaModel(nn.Module):
         # refresh "flush": a stream whose gates held too much back sends it on this delta frame instead
         flush = [not due[i] and self._held_over(i) for i in range(n)] if rt.refresh.flush else [False] * n
         rt.flush = flush if any(flush) else None
+        if rt.flush is not None:
+            rt.thresholds.frame_factor = rt.refresh.layers  # "flush@F": residuals the flush reaches go out too
         plan = rt.plan = StreamPlan(due, limits)
         try:
             out = self._run(x, keyframe)
         finally:
             rt.plan = None
             rt.flush = None
+            rt.thresholds.frame_factor = 1.0
         modes = plan.modes if plan.modes is not None else ["keyframe" if keyframe else "delta"] * n
         first = plan.first or ("keyframe" if keyframe else "delta")
         if first == "dense":  # the input layer found every stream busy: it ran densely without state

@@ -59,6 +59,9 @@ class Thresholds:
     keyframe_interval: int | None = None
     growth: float = 0.0  # deep-layer truncation: thresholds times (stride / smallest stride) ** growth
     strides: dict[str, float] = field(default_factory=dict)  # each layer's output stride (set by convert)
+    # a factor on every layer threshold (not the input's) for the frame being run: set by DeltaModel on
+    # flush frames of a refresh "flush@F" (deltacnn.gating.Refresh), 1 otherwise; never saved
+    frame_factor: float = field(default=1.0, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.units not in UNITS:
@@ -92,6 +95,8 @@ class Thresholds:
         raw = self.raw(name)
         if raw and self.growth and name != INPUT:
             raw *= self.depth_factor(name)
+        if raw and self.frame_factor != 1.0 and name != INPUT:
+            raw *= self.frame_factor
         if self.units == "absolute" or raw == 0:
             return raw
         scale = self.scales.get(name)

@@ -147,3 +147,36 @@ def test_refresh_spec_parsing_and_files(tmp_path) -> None:
     again = deltacnn.convert(_net(), x0, thresholds_file=str(path))
     assert again.rt.refresh == Refresh("flush", 8, 4) and again.rt.refresh_held == 0.05
     assert deltacnn.convert(_net(), x0, thresholds_file=str(path), refresh="keyframe").rt.refresh == Refresh()
+    # the keyframe interval a file was tuned with applies unless one is asked for
+    dm.thresholds.keyframe_interval = 8
+    dm.thresholds.save(path)
+    assert deltacnn.convert(_net(), x0, thresholds_file=str(path)).keyframe_interval == 8
+    assert deltacnn.convert(_net(), x0, thresholds_file=str(path), keyframe_interval=3).keyframe_interval == 3
+    from deltacnn.thresholds import Thresholds
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="keyframe_interval"):
+            Thresholds(keyframe_interval=bad)
+    with pytest.raises(ValueError, match="refresh"):
+        Thresholds(refresh="flush:3")
+
+
+def test_flush_with_a_layer_factor_sends_the_residuals_it_reaches() -> None:
+    """flush@0: on flush frames the layers run at threshold 0 where the flush's deltas arrive, so the
+    output is closer to dense than with a plain flush; the factor holds for that frame only."""
+    model, frames = _net(), _clip(8)
+    with torch.no_grad():
+        dense = [model(x) for x in frames]
+    errs = {}
+    for refresh in ("flush", "flush@0"):
+        dm = deltacnn.convert(model, frames[0], dense_above=None, min_blob=3, refresh_held=0.0, threshold=0.3,
+                              input_threshold=0.0, refresh=refresh)
+        outs, flushed, _ = _play(dm, frames)
+        assert dm.thresholds.frame_factor == 1.0
+        errs[refresh] = sum(float((o - d).abs().max()) for o, d, f in zip(outs, dense, flushed) if f[0])
+        assert any(f[0] for f in flushed)
+    assert errs["flush@0"] < 0.5 * errs["flush"]
+    assert Refresh.parse("flush:8:4@0.25") == Refresh("flush", 8, 4, 0.25)
+    assert Refresh("flush", layers=0.5).spec() == "flush@0.5"
+    for bad in ("keyframe@0.5", "flush@2", "flush@x"):
+        with pytest.raises(ValueError):
+            Refresh.parse(bad)
