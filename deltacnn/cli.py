@@ -196,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="frame schedules to try besides the given one, each 'held=F|off,refresh=keyframe|flush|"
                         "flush:B:M,kf=N|off,growth=G' (keys left out keep the given value; default: a flush and "
                         "keyframes at 2x and 4x --refresh-held, growth 0.25; no SPEC: none)")
+    t.add_argument("--init", default=None, metavar="FILE",
+                   help="continue from this thresholds file (an earlier tune's): its thresholds and schedule are "
+                        "the first trial, then the schedules and the layer groups from there")
     t.add_argument("--out", "-o", default=None,
                    help="thresholds JSON to write (default ./deltacnn_out/<clip name>/thresholds.json)")
 
@@ -255,7 +258,7 @@ def cmd_tune(a: argparse.Namespace) -> int:
                min_blob=a.min_blob, device=a.device, dtype=a.dtype, keyframe_interval=a.keyframe_interval,
                backend=a.backend, out=out, quiet=a.quiet, reader=a.reader, margin=a.margin, groups=a.groups,
                input_gate=_gate(a), threshold_growth=a.threshold_growth, refresh_held=a.refresh_held,
-               refresh=a.refresh, schedules=a.schedules)
+               refresh=a.refresh, schedules=a.schedules, init=a.init)
     print(res.table())
     print(f"use it with:  deltacnn run {a.video or ''} --thresholds {res.path}".replace("  --", " --"))
     return 0

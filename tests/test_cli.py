@@ -457,6 +457,18 @@ def test_tune_searches_the_frame_schedule_and_the_file_carries_it(clip: Path, tm
     assert "schedule" in res.table() and "frames delta/flush/key" in res.pareto_path.read_text()
 
 
+def test_tune_continues_from_an_init_file(clip: Path, tmp_path: Path) -> None:
+    first = tools.tune(clip, "tiny", budget="rel_error<=0.05", frames=5, max_evals=6, refresh_held=0.05, min_blob=3,
+                       out=tmp_path / "a.json", quiet=True)
+    res = tools.tune(clip, "tiny", budget="rel_error<=0.05", frames=5, max_evals=4, min_blob=3,
+                     init=tmp_path / "a.json", schedules=["held=off,kf=2"], out=tmp_path / "b.json", quiet=True)
+    t0 = res.history[0]
+    assert t0.stage == "init" and t0.input == first.best.input and t0.overrides == first.best.overrides
+    assert t0.schedule.refresh_held == first.best.schedule.refresh_held
+    assert res.history[1].schedule.keyframe_interval == 2  # the schedules come first from an init file
+    assert not any(t.stage == "input" for t in res.history) and res.evals <= 4
+
+
 def test_tune_rejects_overlapping_heldout(clip: Path) -> None:
     with pytest.raises(tools.UserError, match="overlap"):
         tools.tune(clip, "tiny", budget="rel_error<=0.05", frames=5, heldout_frames=3, heldout_start=2, quiet=True)

@@ -478,12 +478,14 @@ def layer_groups(dm: DeltaModel, levers: dict[str, int], k: int = 4) -> list[lis
 def search(evaluate: Callable[..., Trial], left: Callable[[], bool], exact: Trial,
            budget: Budget, margin: float, levers: dict[str, int], parts: Sequence[Sequence[str]], start: float = 0.01,
            min_gain: float = 0.02, schedules: Sequence[Schedule] = (),
-           remaining: Callable[[], int] | None = None) -> Trial:
+           remaining: Callable[[], int] | None = None, from_init: bool = False) -> Trial:
     """The search of `tune` (its docstring), on any `evaluate(stage, input_tau, layer_overrides, schedule)
     -> Trial` whose `ok` says the (margin-tightened) budget holds; `left()` says whether evaluations
     remain. `schedules`: frame schedules (refresh rule, keyframe interval, growth) to try besides the
     exact trial's; `remaining()` (evaluations left), when given, keeps two evaluations per schedule (and
     one for the last input step) out of the layer stages, so the schedules are always tried.
+    `from_init`: `exact` is a tuned setting to continue from (tune's `init`): its input stays, the
+    schedules are tried first (layers as they are), then the groups rise from their levels.
     Returns the last accepted trial (the caller picks the answer from every trial)."""
     sign = 1 if budget.op == ">=" else -1
     sched = exact.schedule
@@ -503,7 +505,7 @@ def search(evaluate: Callable[..., Trial], left: Callable[[], bool], exact: Tria
         return t.ok and sign * (t.score - lim) >= 0
 
     cur, hi, tau = exact, None, start
-    while left() and tau <= 1.0:
+    while left() and tau <= 1.0 and not from_init:
         t = evaluate("input", tau, {}, sched)
         if not keeps(t):
             hi = tau
@@ -513,7 +515,7 @@ def search(evaluate: Callable[..., Trial], left: Callable[[], bool], exact: Tria
         if not gained:
             break
         tau *= 2
-    if hi is not None and cur.input > 0 and left():
+    if hi is not None and cur.input > 0 and left() and not from_init:
         t = evaluate("input", math.sqrt(cur.input * hi), {}, sched)
         if keeps(t) and t.ms < cur.ms:
             cur = t
@@ -521,9 +523,9 @@ def search(evaluate: Callable[..., Trial], left: Callable[[], bool], exact: Tria
     # 2. layer groups, largest lever first, round by round (each group one x2 step per round, so every
     # part of the network is reached before any one goes far); a group that breaks the budget at its
     # first step stays exact, one that breaks it or stops paying later stays where it was
-    overrides: dict[str, float] = {}
-    raised: list[Sequence[str]] = []
-    level = {i: 0.0 for i in range(len(parts))}
+    overrides: dict[str, float] = dict(exact.overrides) if from_init else {}
+    level = {i: max((overrides.get(n, 0.0) for n in g), default=0.0) for i, g in enumerate(parts)}
+    raised: list[Sequence[str]] = [g for i, g in enumerate(parts) if level[i] > 0]
 
     def raise_groups(cur: Trial, overrides: dict[str, float], sched: Schedule, rising: list[int]):
         while rising and layers_left():
@@ -548,40 +550,55 @@ def search(evaluate: Callable[..., Trial], left: Callable[[], bool], exact: Tria
                     rising.remove(i)
         return cur, overrides
 
-    cur, overrides = raise_groups(cur, overrides, sched, list(range(len(parts))))
-    # 3. per layer within the raised groups, largest lever first
-    for name in sorted((n for g in raised for n in g if levers.get(n, 0) > 0), key=lambda n: -levers[n]):
-        if not layers_left():
-            break
-        trial = {**overrides, name: overrides[name] * 2}
-        t = evaluate(f"layer {name}", ti, trial, sched)
-        if t.ok and cheaper(t, cur):
-            cur, overrides = t, trial
-    # 4. the frame schedule with the layers set: each candidate (fewer keyframes, a flush, ...) replaces
-    # the current one when it is cheaper over all frames (keyframes at their measured cost) within
-    # budget; one that breaks the budget is tried once more with every layer threshold halved (rarer
-    # refreshes leave truncation error longer in the state, so they need milder layers)
-    changed = False
-    for sc in schedules:
-        if not left():
-            break
-        if sc == sched:
-            continue
-        t = evaluate(f"schedule: {sc.describe()}", ti, overrides, sc)
-        if not t.ok and overrides and left():
-            half = {k: v / 2 for k, v in overrides.items()}
-            t2 = evaluate(f"schedule: {sc.describe()}, layers / 2", ti, half, sc)
-            if t2.ok and cheaper(t2, cur):
-                cur, overrides, sched, changed = t2, half, sc, True
-                for i in level:
-                    level[i] /= 2
-            continue
-        if t.ok and cheaper(t, cur):
-            cur, sched, changed = t, sc, True
-    # 5. after a new schedule, the groups once more from where they are (the reserve is spent now)
-    if changed:
+    def per_layer(cur: Trial, overrides: dict[str, float]):
+        # 3. per layer within the raised groups, largest lever first
+        for name in sorted((n for g in raised for n in g if levers.get(n, 0) > 0 and overrides.get(n, 0) > 0),
+                           key=lambda n: -levers[n]):
+            if not layers_left():
+                break
+            trial = {**overrides, name: overrides[name] * 2}
+            t = evaluate(f"layer {name}", ti, trial, sched)
+            if t.ok and cheaper(t, cur):
+                cur, overrides = t, trial
+        return cur, overrides
+
+    def try_schedules(cur: Trial, overrides: dict[str, float], sched: Schedule):
+        # 4. the frame schedule with the layers set: each candidate (fewer keyframes, a flush, ...) replaces
+        # the current one when it is cheaper over all frames (keyframes at their measured cost) within
+        # budget; one that breaks the budget is tried once more with every layer threshold halved (rarer
+        # refreshes leave truncation error longer in the state, so they need milder layers)
+        changed = False
+        for sc in schedules:
+            if not left():
+                break
+            if sc == sched:
+                continue
+            t = evaluate(f"schedule: {sc.describe()}", ti, overrides, sc)
+            if not t.ok and overrides and left():
+                half = {k: v / 2 for k, v in overrides.items()}
+                t2 = evaluate(f"schedule: {sc.describe()}, layers / 2", ti, half, sc)
+                if t2.ok and cheaper(t2, cur):
+                    cur, overrides, sched, changed = t2, half, sc, True
+                    for i in level:
+                        level[i] /= 2
+                continue
+            if t.ok and cheaper(t, cur):
+                cur, sched, changed = t, sc, True
+        return cur, overrides, sched, changed
+
+    if from_init:  # a tuned setting: its schedule alternatives first, then the layers further
+        cur, overrides, sched, _ = try_schedules(cur, overrides, sched)
         reserve = 1 if ti > 0 else 0
-        cur, overrides = raise_groups(cur, overrides, sched, [i for i in level if level[i] > 0])
+        cur, overrides = raise_groups(cur, overrides, sched, list(range(len(parts))))
+        cur, overrides = per_layer(cur, overrides)
+    else:
+        cur, overrides = raise_groups(cur, overrides, sched, list(range(len(parts))))
+        cur, overrides = per_layer(cur, overrides)
+        cur, overrides, sched, changed = try_schedules(cur, overrides, sched)
+        # 5. after a new schedule, the groups once more from where they are (the reserve is spent now)
+        if changed:
+            reserve = 1 if ti > 0 else 0
+            cur, overrides = raise_groups(cur, overrides, sched, [i for i in level if level[i] > 0])
     # 6. the input once more, with the layers set
     if left() and ti > 0:
         t = evaluate("input again", ti * 1.5, overrides, sched)
@@ -598,7 +615,7 @@ def tune(video: str | int | Path | None = None, model: str | Task | None = None,
          margin: float = 0.0, groups: int = 4, min_gain: float = 0.02, dense_above: float | None = 0.5,
          quiet: bool = False, reader: str = "auto", input_gate=None, threshold_growth: float = 0.0,
          refresh_held: float | None = None, refresh: str | None = None,
-         schedules: Sequence[str | Schedule] | None = None) -> TuneResult:
+         schedules: Sequence[str | Schedule] | None = None, init: str | Path | None = None) -> TuneResult:
     """Find the input and per-layer thresholds with the lowest delta-model frame time whose task
     agreement with dense stays within `budget` (tightened by `margin`), on calibration frames
     [start_frame, start_frame + frames).
@@ -629,6 +646,10 @@ def tune(video: str | int | Path | None = None, model: str | Task | None = None,
          breaks the budget is tried once more with every layer threshold halved;
       5. after a new schedule, the raised groups once more, round by round;
       6. the input once more (x1.5) with the layers set.
+    With `init` (a thresholds file of this model, e.g. an earlier tune's), the search continues from
+    it instead of from exact: its input threshold, layer thresholds and schedule (refresh rule,
+    keyframe interval, growth; the flags given override them) are the first trial, step 1 is left
+    out, the schedules are tried first, then the groups rise from their levels.
     The answer is the cheapest trial within budget (within `time_tolerance` of it, the one with the
     fewest multiply-adds). With `heldout_frames`, it is then measured on the disjoint segment
     [heldout_start, +heldout_frames) (default: right after the calibration frames), against the
@@ -665,6 +686,26 @@ def tune(video: str | int | Path | None = None, model: str | Task | None = None,
     measure_scales(dm, x0)
     dm.thresholds.min_blob = min_blob if min_blob > 1 else None
     dm.enable_stats(True)
+    start_from = None
+    if init is not None:
+        from ..thresholds import Thresholds
+
+        f = Thresholds(known=dm.thresholds.known)
+        try:
+            f.load(init)
+            for name in f.overrides:
+                f._check_name(name)
+        except (OSError, ValueError, KeyError) as e:
+            raise UserError(f"--init {init}: {e}") from None
+        if f.units != "relative":
+            raise UserError(f"--init {init}: the tuner works in relative units; this file is {f.units}")
+        start_from = (f.input or 0.0, f.default, dict(f.overrides))
+        refresh_held = f.refresh_held if refresh_held is None else refresh_held
+        refresh = f.refresh if refresh is None else refresh
+        keyframe_interval = f.keyframe_interval if keyframe_interval is None else keyframe_interval
+        threshold_growth = threshold_growth or f.growth
+        from ..gating import Refresh
+        dm.rt.refresh = Refresh.parse(refresh)
     base = Schedule(refresh_held, dm.rt.refresh.spec(), keyframe_interval, threshold_growth)
     scheds = default_schedules(base) if schedules is None else \
         [sc if isinstance(sc, Schedule) else parse_schedule(sc, base) for sc in schedules]
@@ -696,14 +737,22 @@ def tune(video: str | int | Path | None = None, model: str | Task | None = None,
         return ev.evals < max_evals
 
     try:
-        exact = evaluate("exact", 0.0, 0.0, {})
+        if start_from is not None:
+            ti0, d0, ov0 = start_from
+            exact = evaluate("init", ti0, d0, ov0)
+            if not exact.ok:
+                raise UserError(f"--init {init}: budget {ev.budget} is not met by the file on the calibration frames "
+                                f"({ev.budget.metric} = {exact.score:.4g}); tune from exact instead")
+        else:
+            exact = evaluate("exact", 0.0, 0.0, {})
         if not exact.ok:
             raise UserError(f"budget {ev.budget} is not met even at threshold 0 (dense-equivalent output: "
                             f"{ev.budget.metric} = {exact.score:.4g}); loosen the budget")
         levers = controlled_macs(dm, _first_delta_stats(dm, task.preprocess(xs[0]).to(dev)))
         parts = sorted(layer_groups(dm, levers, groups), key=lambda g: -sum(levers[n] for n in g))
         search(lambda stage, ti, ov, sc=None: evaluate(stage, ti, 0.0, ov, sc), left, exact, ev.budget, margin,
-               levers, parts, start, min_gain, scheds, remaining=lambda: max_evals - ev.evals)
+               levers, parts, start, min_gain, scheds, remaining=lambda: max_evals - ev.evals,
+               from_init=start_from is not None)
     finally:
         if bar is not None:
             bar.close()
