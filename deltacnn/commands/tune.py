@@ -237,7 +237,7 @@ class TuneResult:
     thresholds: dict
     budget: Budget
     best: Trial
-    exact: Trial  # all thresholds 0 (the dense-equivalent delta model)
+    exact: Trial  # all thresholds 0 (the dense-equivalent delta model), or the `init` file's setting
     evals: int
     history: list[Trial]
     calib_frames: tuple[int, int]
@@ -268,7 +268,7 @@ class TuneResult:
             f"  calibration              {self.budget.metric} {b.score:.4g}   "
             + _other_metrics(b.metrics, self.budget.metric)
             + f"MACs {b.macs_fraction:6.1%}   cost {b.ms:7.2f} ms (measured CPU {b.cpu_ms:.1f} ms)   "
-            f"(exact: MACs {e.macs_fraction:.1%}, cost {e.ms:.2f} ms)",
+            f"({e.stage}: MACs {e.macs_fraction:.1%}, cost {e.ms:.2f} ms)",
         ]
         if self.cost is not None:
             lines.append(f"  cost model               {self.cost.describe()} (CPU clock, fitted on the trials' frames)")
