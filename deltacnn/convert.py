@@ -1244,7 +1244,7 @@ def convert(model: nn.Module, example_input: Tensor, *, threshold: float = 0.0, 
             fuse: bool = True, backend: str | None = None, on_input_change: str = "error",
             dense_above: float | None = 0.5, leaf_modules: Iterable[type | str] = (),
             min_blob: int = 1, input_gate: InputGate | None = None,
-            threshold_growth: float = 0.0, refresh_held: float | None = None, refresh: str | None = None,
+            threshold_growth: float = 0.0, refresh_held: float | None = None, refresh: "str | Refresh | None" = None,
             motion=None) -> DeltaModel:
     """Turn an ordinary CNN into a stateful delta model for video.
 
@@ -1270,7 +1270,8 @@ def convert(model: nn.Module, example_input: Tensor, *, threshold: float = 0.0, 
             a small object that stays, are then sent within a frame; None: off; host backends).
         refresh: what that refresh runs (deltacnn.gating.Refresh): "keyframe" (default), "flush" (a delta
             frame that sends the held-back input change, costing what the held area costs) or
-            "flush:B:M" (only in B x B tiles holding at least M held pixels).
+            "flush:B:M" (only in B x B tiles holding at least M held pixels), with "@F" layer thresholds x F
+            on flush frames; a deltacnn.Refresh is accepted too.
         allow_dense_fallback: run ops without a delta version densely instead of raising.
         fuse: fuse conv -> add -> activation chains (identical results; fewer kernels on GPU).
         backend: "reference" (pure PyTorch), "cpu" (reference with fused C++ stages, built on first
