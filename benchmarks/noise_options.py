@@ -9,7 +9,12 @@ fraction of the frame's range, layers as a fraction of their keyframe activation
     low=0.33       InputGate.low (hysteresis)    hyst=spatial  InputGate.hysteresis (spatial|temporal|both)
     steps=2        InputGate.steps               growth=0.5    Thresholds.growth (deep-layer truncation)
     kf=50          keyframe_interval             refresh=off   rt.refresh_work off (or a number)
-    held=0.005     refresh_held (keyframe once the gates hold back changes in this fraction of the pixels)
+    held=0.005     refresh_held (keyframe once the gates hold back changes in this fraction of the pixels; off)
+    flush=all      what `held` runs: a flush of every held pixel instead of a keyframe (flush=16:32: only in
+                   16x16 tiles holding >= 32 held pixels; all@0.25: layer thresholds x 0.25 on flush
+                   frames; deltacnn.gating.Refresh)
+    file=PATH      a thresholds file (its input/layer thresholds, scales, min_blob, refresh rule) under the
+                   other keys (`file=shipped`: deltacnn/data/yolov8n_vtest.json)
 
 Frame `--start` is the keyframe; every later frame is a delta frame (dense_above off) unless a
 keyframe is due. Agreement is deltacnn.tasks.yolov8's (F1 at IoU 0.5, same class, conf 0.25;
@@ -44,7 +49,8 @@ from deltacnn.gating import InputGate  # noqa: E402
 from deltacnn.thresholds import INPUT  # noqa: E402
 
 CLIP = "/usr/share/doc/opencv-doc/examples/data/vtest.avi"
-KEYS = {"in", "layer", "blob", "tile", "low", "hyst", "steps", "growth", "kf", "refresh", "held"}
+KEYS = {"in", "layer", "blob", "tile", "low", "hyst", "steps", "growth", "kf", "refresh", "held", "flush", "file"}
+SHIPPED = Path(__file__).resolve().parents[1] / "deltacnn" / "data" / "yolov8n_vtest.json"
 
 
 def environment() -> dict:
@@ -107,17 +113,41 @@ def dense_results(model, task, xs: list[torch.Tensor], start: int) -> list[dict]
 
 
 def build(model, x0: torch.Tensor, cfg: dict):
+    from deltacnn.thresholds import Thresholds
+    fth = None
+    if "file" in cfg:
+        fth = Thresholds()
+        fth.load(SHIPPED if cfg["file"] == "shipped" else cfg["file"])
     tile, tile_min = (int(v) for v in cfg.get("tile", "1:1").split(":"))
-    gate = InputGate(min_blob=int(cfg.get("blob", 1)), tile=tile, tile_min=tile_min,
+    blob = int(cfg.get("blob", fth.min_blob if fth is not None and fth.min_blob else 1))
+    gate = InputGate(min_blob=blob, tile=tile, tile_min=tile_min,
                      low=float(cfg["low"]) if "low" in cfg else None, steps=int(cfg.get("steps", 2)),
                      hysteresis=cfg.get("hyst", "spatial"))
+    held = (None if cfg["held"] == "off" else float(cfg["held"])) if "held" in cfg else \
+        (fth.refresh_held if fth is not None else None)
+    refresh = fth.refresh if fth is not None else None
+    if "flush" in cfg:
+        body, at, f = cfg["flush"].partition("@")
+        refresh = ("flush" if body == "all" else f"flush:{body}") + (at + f if at else "")
+    kf = fth.keyframe_interval if fth is not None else None
     dm = deltacnn.convert(model, x0, backend="cpu", dense_above=None, input_gate=gate,
                           threshold_growth=float(cfg.get("growth", 0.0)),
-                          keyframe_interval=int(cfg["kf"]) if "kf" in cfg else None,
-                          refresh_held=float(cfg["held"]) if "held" in cfg else None)
-    measure_scales(dm, x0)
-    dm.thresholds.input = float(cfg.get("in", 0.0))
-    dm.thresholds.default = float(cfg.get("layer", 0.0))
+                          keyframe_interval=int(cfg["kf"]) if "kf" in cfg else kf,
+                          refresh_held=held, refresh=refresh or "keyframe")
+    if fth is not None:
+        dm.thresholds.update_from_dict(fth.to_dict())
+        if "growth" in cfg:
+            dm.thresholds.growth = float(cfg["growth"])
+        if "kf" in cfg:
+            dm.keyframe_interval = dm.thresholds.keyframe_interval = int(cfg["kf"])
+    else:
+        measure_scales(dm, x0)
+    if "in" in cfg or fth is None:
+        dm.thresholds.input = float(cfg.get("in", 0.0))
+    if "layer" in cfg or fth is None:
+        dm.thresholds.default = float(cfg.get("layer", 0.0))
+        if fth is not None:
+            dm.thresholds.overrides = {}
     if "refresh" in cfg:
         dm.rt.refresh_work = None if cfg["refresh"] == "off" else float(cfg["refresh"])
     return dm
@@ -129,7 +159,7 @@ def run_config(model, task, xs, refs, spec: str) -> dict:
     dm.enable_stats(True, keep_masks=True)
     backend = dm.rt.backend_on(torch.device("cpu"))
     h_in = xs[0].shape[2]
-    cpu_s, macs, emitted, input_rate, f1, f1s, modes = [], [], [], [], [], [], []
+    cpu_s, macs, emitted, input_rate, f1, f1s, modes, flushes = [], [], [], [], [], [], [], 0
     by_stride: dict[float, list[float]] = {}
     with torch.no_grad():
         for i, x in enumerate(xs):
@@ -139,6 +169,7 @@ def run_config(model, task, xs, refs, spec: str) -> dict:
             if i == 0:
                 continue
             modes.append(dm.last_mode)
+            flushes += any(dm.last_flushed)
             cpu_s.append(dt)
             fs = dm.frame_stats()
             if dm.last_mode == "delta":
@@ -162,7 +193,8 @@ def run_config(model, task, xs, refs, spec: str) -> dict:
     delta_cpu = [t for t, m in zip(cpu_s, modes) if m == "delta"]
     return {"config": spec, "settings": cfg, "gate": dm.layers[INPUT].gate.describe(),
             "growth": dm.thresholds.growth,
-            "frames": len(cpu_s), "keyframes": sum(m != "delta" for m in modes),
+            "frames": len(cpu_s), "keyframes": sum(m != "delta" for m in modes), "flushes": flushes,
+            "macs_delta_frames": statistics.fmean([m for m, md in zip(macs, modes) if md == "delta"] or [float("nan")]),
             "macs": statistics.fmean(macs), "macs_emitted": statistics.fmean(emitted),
             "input_rate": statistics.fmean(input_rate) if input_rate else float("nan"),
             "layer_rate_by_stride": {str(k): statistics.fmean(v) for k, v in sorted(by_stride.items())},
@@ -173,8 +205,8 @@ def run_config(model, task, xs, refs, spec: str) -> dict:
             "per_frame": {"macs": macs, "f1": f1, "f1_stable": f1s, "cpu_ms": [1e3 * t for t in cpu_s]}}
 
 
-COLS = ["config", "macs", "macs_emitted", "input_rate", "f1", "f1_stable", "f1_first_half", "f1_second_half",
-        "keyframes", "cpu_ms_mean", "cpu_ms_delta_median"]
+COLS = ["config", "macs", "macs_delta_frames", "macs_emitted", "input_rate", "f1", "f1_stable", "f1_first_half", "f1_second_half",
+        "keyframes", "flushes", "cpu_ms_mean", "cpu_ms_delta_median"]
 
 
 def main() -> None:
@@ -204,7 +236,8 @@ def main() -> None:
         rows.append(row)
         print(f"{spec:40s} MACs {row['macs']:.1%} (emitted {row['macs_emitted']:.1%}) input {row['input_rate']:.2%} "
               f"F1 {row['f1']:.3f} f1_stable {row['f1_stable']:.3f} halves {row['f1_first_half']:.3f}/"
-              f"{row['f1_second_half']:.3f} kf {row['keyframes']} cpu {row['cpu_ms_mean']:.0f} ms "
+              f"{row['f1_second_half']:.3f} kf {row['keyframes']} flushes {row['flushes']} "
+              f"(delta-frame MACs {row['macs_delta_frames']:.1%}) cpu {row['cpu_ms_mean']:.0f} ms "
               f"(delta median {row['cpu_ms_delta_median']:.0f}) strides "
               + " ".join(f"{k}:{v:.0%}" for k, v in row["layer_rate_by_stride"].items())
               + f"  [{time.time() - t0:.0f} s]", flush=True)

@@ -7,7 +7,7 @@
 from .activations import ActSpec
 from .backends import BACKENDS, get_backend
 from .compile import compile
-from .gating import InputGate
+from .gating import InputGate, Refresh
 from .convert import SUPPORTED_OPS, ConversionError, UnsupportedOperationError, convert
 from .layers import *  # noqa: F401,F403 - the explicit layer classes are public API
 from .layers import __all__ as _layer_names
@@ -18,6 +18,6 @@ from .thresholds import Thresholds
 
 __version__ = "0.1.0"
 
-__all__ = ["convert", "compile", "DeltaModel", "DeltaTensor", "Thresholds", "InputGate", "FrameStats", "LayerStats", "ActSpec",
+__all__ = ["convert", "compile", "DeltaModel", "DeltaTensor", "Thresholds", "InputGate", "Refresh", "FrameStats", "LayerStats", "ActSpec",
            "ConversionError", "UnsupportedOperationError", "InputChangedError", "SUPPORTED_OPS", "BACKENDS",
            "get_backend", *_layer_names]

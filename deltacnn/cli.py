@@ -104,8 +104,11 @@ def _noise_options(p: argparse.ArgumentParser, min_blob: bool) -> None:
     p.add_argument("--threshold-growth", type=_nonneg_float, default=0.0, metavar="G",
                    help="deep-layer truncation: layer thresholds times (output stride / smallest stride) ** G")
     p.add_argument("--refresh-held", type=_fraction_or_off, default=None, metavar="FRAC|off",
-                   help="keyframe once the input gates hold back changes in more than FRAC of the pixels "
-                        "(default off)")
+                   help="refresh once the input gates hold back changes in more than FRAC of the pixels "
+                        "(default off; what runs: --refresh)")
+    p.add_argument("--refresh", default=None, metavar="keyframe|flush|flush:B:M",
+                   help="what --refresh-held runs: a whole keyframe (default), or a delta frame that flushes the "
+                        "held-back input change (all of it, or in B x B tiles holding at least M held pixels)")
 
 
 def _gate(a: argparse.Namespace):
@@ -189,6 +192,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--groups", type=_positive_int, default=4,
                    help="contiguous layer groups tuned as one lever each before single layers (default 4)")
     t.add_argument("--keyframe-interval", type=_positive_int, default=None, help="dense keyframe every N frames")
+    t.add_argument("--schedules", nargs="*", default=None, metavar="SPEC",
+                   help="frame schedules to try besides the given one, each 'held=F|off,refresh=keyframe|flush|"
+                        "flush:B:M,kf=N|off,growth=G' (keys left out keep the given value; default: a flush and "
+                        "keyframes at 2x and 4x --refresh-held, growth 0.25; no SPEC: none)")
+    t.add_argument("--init", default=None, metavar="FILE",
+                   help="continue from this thresholds file (an earlier tune's): its thresholds and schedule are "
+                        "the first trial, then the schedules and the layer groups from there")
     t.add_argument("--out", "-o", default=None,
                    help="thresholds JSON to write (default ./deltacnn_out/<clip name>/thresholds.json)")
 
@@ -224,7 +234,8 @@ def cmd_run(a: argparse.Namespace) -> int:
               keyframe_interval=a.keyframe_interval, check_dense=a.check_dense, backend=a.backend, quiet=a.quiet,
               write_videos=not a.no_video, dense_above=a.dense_above, reader=a.reader, compile_peer=a.compile_peer,
               motion=a.motion, motion_halo=a.motion_halo, start_frame=a.start_frame,
-              input_gate=_gate(a), threshold_growth=a.threshold_growth, refresh_held=a.refresh_held)
+              input_gate=_gate(a), threshold_growth=a.threshold_growth, refresh_held=a.refresh_held,
+              refresh=a.refresh)
     print(res.table())
     if res.summary.get("interrupted"):
         print(f"stopped by Ctrl-C after {res.summary['frames']} frames; the outputs cover those frames")
@@ -246,7 +257,8 @@ def cmd_tune(a: argparse.Namespace) -> int:
                start_frame=a.start_frame, heldout_frames=a.heldout_frames, heldout_start=a.heldout_start,
                min_blob=a.min_blob, device=a.device, dtype=a.dtype, keyframe_interval=a.keyframe_interval,
                backend=a.backend, out=out, quiet=a.quiet, reader=a.reader, margin=a.margin, groups=a.groups,
-               input_gate=_gate(a), threshold_growth=a.threshold_growth, refresh_held=a.refresh_held)
+               input_gate=_gate(a), threshold_growth=a.threshold_growth, refresh_held=a.refresh_held,
+               refresh=a.refresh, schedules=a.schedules, init=a.init)
     print(res.table())
     print(f"use it with:  deltacnn run {a.video or ''} --thresholds {res.path}".replace("  --", " --"))
     return 0

@@ -21,7 +21,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils.flop_counter import FlopCounterMode
 
 from .activations import ActSpec
-from .gating import InputGate, gate_from_options
+from .gating import InputGate, gate_from_options, Refresh
 from .layers.io import check_min_blob
 from .errors import ConversionError, UnsupportedOperationError
 from . import linear_maps as lm
@@ -1244,7 +1244,8 @@ def convert(model: nn.Module, example_input: Tensor, *, threshold: float = 0.0, 
             fuse: bool = True, backend: str | None = None, on_input_change: str = "error",
             dense_above: float | None = 0.5, leaf_modules: Iterable[type | str] = (),
             min_blob: int = 1, input_gate: InputGate | None = None,
-            threshold_growth: float = 0.0, refresh_held: float | None = None, motion=None) -> DeltaModel:
+            threshold_growth: float = 0.0, refresh_held: float | None = None, refresh: "str | Refresh | None" = None,
+            motion=None) -> DeltaModel:
     """Turn an ordinary CNN into a stateful delta model for video.
 
     Args:
@@ -1267,6 +1268,10 @@ def convert(model: nn.Module, example_input: Tensor, *, threshold: float = 0.0, 
         refresh_held: a stream runs a keyframe once the input gates hold back changes above the input
             threshold in more than this fraction of its pixels (changes a gate never lets through, such as
             a small object that stays, are then sent within a frame; None: off; host backends).
+        refresh: what that refresh runs (deltacnn.gating.Refresh): "keyframe" (default), "flush" (a delta
+            frame that sends the held-back input change, costing what the held area costs) or
+            "flush:B:M" (only in B x B tiles holding at least M held pixels), with "@F" layer thresholds x F
+            on flush frames; a deltacnn.Refresh is accepted too.
         allow_dense_fallback: run ops without a delta version densely instead of raising.
         fuse: fuse conv -> add -> activation chains (identical results; fewer kernels on GPU).
         backend: "reference" (pure PyTorch), "cpu" (reference with fused C++ stages, built on first
@@ -1347,7 +1352,10 @@ def convert(model: nn.Module, example_input: Tensor, *, threshold: float = 0.0, 
         raise ValueError(f"refresh_held must be a fraction in [0, 1] or None, got {refresh_held}")
     if refresh_held is None and th.refresh_held is not None:  # a tuned file's refresh rule unless one is asked for
         refresh_held = th.refresh_held
-    rt = Runtime(th, dtype=dtype, backend_name=backend, dense_above=dense_above, refresh_held=refresh_held)
+    if refresh is None and th.refresh is not None:  # the tuned file's refresh unless one is asked for
+        refresh = th.refresh
+    rt = Runtime(th, dtype=dtype, backend_name=backend, dense_above=dense_above, refresh_held=refresh_held,
+                 refresh=Refresh.parse(refresh))
     if example_input.device.type == "cpu" and backend in (None, "cpu"):
         rt.backend_for(example_input)  # builds the CPU kernels now (once per machine), not in frame 1's time
     for m in gm.modules():
@@ -1357,6 +1365,8 @@ def convert(model: nn.Module, example_input: Tensor, *, threshold: float = 0.0, 
             m.gate = gate
             if min_blob == 1 and gate.min_blob == 1 and th.min_blob:  # a tuned file's gate unless one is asked for
                 m.min_blob = th.min_blob
+    if keyframe_interval is None and th.keyframe_interval is not None:  # the tuned file's interval
+        keyframe_interval = th.keyframe_interval
     dm = DeltaModel(gm, rt, layers, example_input.shape[1], keyframe_interval, on_input_change)
     total = sum(int(n.meta.get("macs", 0)) for n in traced.graph.nodes)
     dm.report = ConversionReport(islands=conv.islands, tails=conv.tails, total_macs=total,

@@ -148,3 +148,85 @@ def gate_from_options(min_blob: int = 1, input_gate: InputGate | None = None) ->
     if min_blob != 1:
         return replace(input_gate, min_blob=min_blob)
     return input_gate
+
+
+REFRESH_MODES = ("keyframe", "flush")
+
+
+@dataclass(frozen=True)
+class Refresh:
+    """What a stream runs once its input gates hold back changes in more than `refresh_held` of its pixels.
+
+    - ``"keyframe"``: a whole dense keyframe (also resets every layer's truncation residual; the
+      cost of a dense frame plus seeding the state).
+    - ``"flush"``: a delta frame on which the gate lets the held-back change through: every pixel
+      whose change passes the input threshold goes out as a delta at full precision, so the cost
+      scales with the held area, not the frame. At threshold 0 the state then equals the dense
+      state of that frame (nothing else is pending). Truncation residuals of the layers stay (they
+      are bounded by their thresholds and sent when they pass them).
+    - ``"flush:B:M"``: as flush, but only in B x B tiles holding at least M held pixels: clustered
+      held change (a thin or faint object) goes out, scattered held noise keeps waiting (so this
+      variant is not exact at threshold 0; the next whole flush or keyframe sends the rest).
+    - a suffix ``"@F"`` (``"flush@0.25"``, ``"flush:16:32@0"``): on a flush frame every layer threshold
+      is multiplied by F, so the truncation residuals at the pixels the flush reaches go out too (F 0:
+      all of them; a residual is only looked at where a delta arrives). For the whole batch of streams
+      on that frame (a lower threshold is never less exact).
+    """
+
+    mode: str = "keyframe"
+    tile: int = 1
+    tile_min: int = 1
+    layers: float = 1.0  # layer-threshold factor on flush frames
+
+    def __post_init__(self) -> None:
+        if self.mode not in REFRESH_MODES:
+            raise ValueError(f"refresh mode must be one of {REFRESH_MODES}, got {self.mode!r}")
+        if not isinstance(self.tile, int) or self.tile < 1:
+            raise ValueError(f"flush tile must be an integer >= 1 (1: every held pixel), got {self.tile!r}")
+        if not isinstance(self.tile_min, int) or not 1 <= self.tile_min <= self.tile * self.tile:
+            raise ValueError(f"flush tile minimum must be an integer in [1, tile * tile = {self.tile * self.tile}], "
+                             f"got {self.tile_min!r}")
+        if self.mode == "keyframe" and ((self.tile, self.tile_min) != (1, 1) or self.layers != 1.0):
+            raise ValueError("flush tiles and layer factors are options of refresh 'flush', not of 'keyframe'")
+        if not (isinstance(self.layers, (int, float)) and 0 <= self.layers <= 1):
+            raise ValueError(f"flush layer factor must be in [0, 1], got {self.layers!r}")
+
+    @classmethod
+    def parse(cls, spec: "str | Refresh | None") -> "Refresh":
+        """'keyframe', 'flush' or 'flush:B:M' (None: 'keyframe')."""
+        if spec is None:
+            return cls()
+        if isinstance(spec, Refresh):
+            return spec
+        if not isinstance(spec, str):
+            raise TypeError(f"refresh must be a string such as 'keyframe', 'flush' or 'flush:16:32', got {spec!r}")
+        body, at, factor = spec.strip().partition("@")
+        parts = body.split(":")
+        try:
+            layers = float(factor) if at else 1.0
+            if parts[0] == "flush" and len(parts) == 3:
+                return cls("flush", int(parts[1]), int(parts[2]), layers)
+            if len(parts) == 1:
+                return cls(parts[0], layers=layers)
+        except ValueError as e:
+            if "refresh" in str(e) or "flush" in str(e):
+                raise
+        raise ValueError(f"cannot parse refresh {spec!r}; use 'keyframe', 'flush' or 'flush:B:M' (B x B tiles "
+                         "holding at least M held pixels), optionally with '@F' (layer thresholds x F on flushes)")
+
+    @property
+    def flush(self) -> bool:
+        return self.mode == "flush"
+
+    def spec(self) -> str:
+        """The string `parse` reads back."""
+        at = f"@{self.layers:g}" if self.layers != 1.0 else ""
+        if self.mode == "flush" and self.tile > 1 and self.tile_min > 1:
+            return f"flush:{self.tile}:{self.tile_min}{at}"
+        return self.mode + at
+
+    def flush_mask(self, held: Tensor) -> Tensor:
+        """(N, 1, H, W) bool: the held pixels (`held`, bool, same shape) a flush sends."""
+        if self.tile > 1 and self.tile_min > 1:
+            return tile_gate(held.float(), self.tile, self.tile_min) > 0
+        return held

@@ -69,6 +69,7 @@ class DeltaModel(nn.Module):
         self._stream: tuple | None = None  # (shape, dtype, device) of the current stream
         self.last_mode: str | None = None  # how the last frame ran: "keyframe", "delta", "dense" or "mixed"
         self.last_modes: list[str] = []  # ... per stream
+        self.last_flushed: list[bool] = []  # per stream: the last frame flushed the held input (refresh "flush")
         # bumped whenever the state tensors may be freed or replaced (reset, .to(), casts): CUDA graphs
         # captured before read the old memory and must be captured again
         self.state_epoch = 0
@@ -173,13 +174,17 @@ class DeltaModel(nn.Module):
             return True
         if self.rt.refresh_work is not None and self._work[i] >= self.rt.refresh_work:
             return True
-        if self.rt.refresh_held is not None and i < len(self._held) and self._held[i] > self.rt.refresh_held:
+        if not self.rt.refresh.flush and self._held_over(i):
             return True
         ratio = self.rt.range_ratio
         if ratio is None or self._amax is None or self._scale[i] is None:
             return False
         now, then = self._amax[i], self._scale[i]
         return now > ratio * then or then > ratio * now
+
+    def _held_over(self, i: int) -> bool:
+        """Whether stream i's gates held back more than refresh_held of its pixels on its last frame."""
+        return self.rt.refresh_held is not None and i < len(self._held) and self._held[i] > self.rt.refresh_held
 
     @torch.no_grad()
     def forward(self, x: Tensor):
@@ -202,11 +207,18 @@ class DeltaModel(nn.Module):
             # per-stream counts, for the multiply-add rule of each stream (one stream: the totals)
             backend.work_streams = torch.zeros(n, dtype=torch.long, device=x.device) if n > 1 else None
         keyframe = all(due)
+        # refresh "flush": a stream whose gates held too much back sends it on this delta frame instead
+        flush = [not due[i] and self._held_over(i) for i in range(n)] if rt.refresh.flush else [False] * n
+        rt.flush = flush if any(flush) else None
+        if rt.flush is not None:
+            rt.thresholds.frame_factor = rt.refresh.layers  # "flush@F": residuals the flush reaches go out too
         plan = rt.plan = StreamPlan(due, limits)
         try:
             out = self._run(x, keyframe)
         finally:
             rt.plan = None
+            rt.flush = None
+            rt.thresholds.frame_factor = 1.0
         modes = plan.modes if plan.modes is not None else ["keyframe" if keyframe else "delta"] * n
         first = plan.first or ("keyframe" if keyframe else "delta")
         if first == "dense":  # the input layer found every stream busy: it ran densely without state
@@ -234,6 +246,7 @@ class DeltaModel(nn.Module):
             self._held = rt.input_held.tolist()
         rt.input_held = None
         self._end_streams(modes, x)
+        self.last_flushed = [f and m == "delta" for f, m in zip(flush, modes)]
         return out
 
     def _run_streams(self, x: Tensor, out, modes: list[str], left: list[int]):

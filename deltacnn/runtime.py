@@ -8,6 +8,7 @@ from torch import Tensor
 
 from .backends import get_backend
 from .backends.base import Backend
+from .gating import Refresh
 from .stats import StatsRecorder
 from .thresholds import Thresholds
 
@@ -117,6 +118,10 @@ class Runtime:
     # is otherwise held until the next keyframe of another cause (None: never; host backends)
     refresh_held: float | None = None
     input_held: Tensor | None = None  # (N,) that fraction on the last gated frame (set by the input layer)
+    # what the refresh_held rule runs: a whole keyframe, or a flush of the held-back input change
+    # (deltacnn.gating.Refresh); `flush` lists, per stream, whether this frame flushes (set by DeltaModel)
+    refresh: Refresh = field(default_factory=Refresh)
+    flush: list[bool] | None = None
     _backends: dict[str, Backend] = field(default_factory=dict)
 
     def busy_limit(self) -> float | None:

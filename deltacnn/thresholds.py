@@ -53,8 +53,15 @@ class Thresholds:
     # the keyframe rule for change the input gates hold back (deltacnn.convert's refresh_held) the thresholds
     # were tuned with (None: not part of the file); applied like min_blob
     refresh_held: float | None = None
+    # what that refresh runs ("keyframe", "flush" or "flush:B:M", deltacnn.gating.Refresh; None: not in the file)
+    refresh: str | None = None
+    # the keyframe interval the thresholds were tuned with (None: not part of the file); applied like min_blob
+    keyframe_interval: int | None = None
     growth: float = 0.0  # deep-layer truncation: thresholds times (stride / smallest stride) ** growth
     strides: dict[str, float] = field(default_factory=dict)  # each layer's output stride (set by convert)
+    # a factor on every layer threshold (not the input's) for the frame being run: set by DeltaModel on
+    # flush frames of a refresh "flush@F" (deltacnn.gating.Refresh), 1 otherwise; never saved
+    frame_factor: float = field(default=1.0, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.units not in UNITS:
@@ -74,6 +81,13 @@ class Thresholds:
         if self.refresh_held is not None and not (isinstance(self.refresh_held, (int, float))
                                                   and 0 <= self.refresh_held <= 1):
             raise ValueError(f"refresh_held must be a fraction in [0, 1], got {self.refresh_held!r}")
+        if self.keyframe_interval is not None and (not isinstance(self.keyframe_interval, int)
+                                                   or isinstance(self.keyframe_interval, bool)
+                                                   or self.keyframe_interval < 1):
+            raise ValueError(f"keyframe_interval must be an integer >= 1, got {self.keyframe_interval!r}")
+        if self.refresh is not None:
+            from .gating import Refresh
+            self.refresh = Refresh.parse(self.refresh).spec()  # validated, in its canonical spelling
         self.growth = _check_tau("growth", self.growth)
 
     def get(self, name: str) -> float:
@@ -81,6 +95,8 @@ class Thresholds:
         raw = self.raw(name)
         if raw and self.growth and name != INPUT:
             raw *= self.depth_factor(name)
+        if raw and self.frame_factor != 1.0 and name != INPUT:
+            raw *= self.frame_factor
         if self.units == "absolute" or raw == 0:
             return raw
         scale = self.scales.get(name)
@@ -131,6 +147,10 @@ class Thresholds:
             d["min_blob"] = self.min_blob
         if self.refresh_held is not None:
             d["refresh_held"] = self.refresh_held
+        if self.refresh is not None:
+            d["refresh"] = self.refresh
+        if self.keyframe_interval is not None:
+            d["keyframe_interval"] = self.keyframe_interval
         if self.growth:
             d["growth"] = self.growth
         return d
@@ -152,7 +172,8 @@ class Thresholds:
             new = Thresholds(default=data.get("default", 0.0), input=data.get("input"),
                              score=data.get("score", "max"), overrides=dict(layers), known=self.known,
                              units=data.get("units", "absolute"), scales=dict(scales), min_blob=data.get("min_blob"),
-                             growth=data.get("growth", 0.0), refresh_held=data.get("refresh_held"))
+                             growth=data.get("growth", 0.0), refresh_held=data.get("refresh_held"),
+                             refresh=data.get("refresh"), keyframe_interval=data.get("keyframe_interval"))
         except ValueError as e:
             raise ValueError(f"{source}: {e}") from None
         for name in new.overrides:
@@ -164,7 +185,8 @@ class Thresholds:
                                  f"model (e.g. {missing[0]!r}); the file was tuned for another model")
         self.default, self.input, self.score, self.overrides = new.default, new.input, new.score, new.overrides
         self.units, self.scales, self.min_blob, self.growth = new.units, new.scales, new.min_blob, new.growth
-        self.refresh_held = new.refresh_held
+        self.refresh_held, self.refresh = new.refresh_held, new.refresh
+        self.keyframe_interval = new.keyframe_interval
 
     def load(self, path: str | Path) -> None:
         p = Path(path)

@@ -440,6 +440,35 @@ def test_tune_api_is_bounded_and_monotone(clip: Path, tmp_path: Path) -> None:
     assert data["units"] == "relative" and data["scales"]["input"] > 0
 
 
+def test_tune_searches_the_frame_schedule_and_the_file_carries_it(clip: Path, tmp_path: Path) -> None:
+    """--schedules: the search tries each refresh rule; the file carries the chosen one, and run applies it."""
+    th = tmp_path / "th.json"
+    res = tools.tune(clip, "tiny", budget="rel_error<=0.05", frames=6, max_evals=12, min_blob=3, refresh_held=0.05,
+                     schedules=["refresh=flush", "held=off,kf=3"], out=th, quiet=True)
+    tried = {t.schedule for t in res.history}
+    assert {s.refresh for s in tried} >= {"keyframe"} and len(tried) >= 2
+    assert all(t.ms > 0 for t in res.history) and res.cost.keyframe_ms is not None
+    data = json.loads(th.read_text())
+    b = res.best.schedule
+    assert data.get("refresh_held") == b.refresh_held and data.get("keyframe_interval") == b.keyframe_interval
+    assert data.get("refresh", "keyframe") == b.refresh
+    dm = tools.build_delta(TinyTask().load_model(), torch.rand(1, 3, H, W), thresholds=th)
+    assert dm.rt.refresh.spec() == b.refresh and dm.keyframe_interval == b.keyframe_interval
+    assert "schedule" in res.table() and "frames delta/flush/key" in res.pareto_path.read_text()
+
+
+def test_tune_continues_from_an_init_file(clip: Path, tmp_path: Path) -> None:
+    first = tools.tune(clip, "tiny", budget="rel_error<=0.05", frames=5, max_evals=6, refresh_held=0.05, min_blob=3,
+                       out=tmp_path / "a.json", quiet=True)
+    res = tools.tune(clip, "tiny", budget="rel_error<=0.05", frames=5, max_evals=4, min_blob=3,
+                     init=tmp_path / "a.json", schedules=["held=off,kf=2"], out=tmp_path / "b.json", quiet=True)
+    t0 = res.history[0]
+    assert t0.stage == "init" and t0.input == first.best.input and t0.overrides == first.best.overrides
+    assert t0.schedule.refresh_held == first.best.schedule.refresh_held
+    assert res.history[1].schedule.keyframe_interval == 2  # the schedules come first from an init file
+    assert not any(t.stage == "input" for t in res.history) and res.evals <= 4
+
+
 def test_tune_rejects_overlapping_heldout(clip: Path) -> None:
     with pytest.raises(tools.UserError, match="overlap"):
         tools.tune(clip, "tiny", budget="rel_error<=0.05", frames=5, heldout_frames=3, heldout_start=2, quiet=True)

@@ -72,7 +72,7 @@ def _world(fatal: set[str], input_ok: float = 0.08):
     layers = [f"l{i}" for i in range(8)]
     calls: list[tuple[str, float, dict]] = []
 
-    def evaluate(stage: str, ti: float, ov: dict[str, float]) -> Trial:
+    def evaluate(stage: str, ti: float, ov: dict[str, float], sc=None) -> Trial:
         calls.append((stage, ti, dict(ov)))
         score = 1.0 - 0.01 * ti / input_ok - sum(0.001 * v for v in ov.values())
         if ti > input_ok or any(ov.get(n, 0) > 0 for n in fatal):
@@ -220,3 +220,72 @@ def test_a_tuned_file_carries_the_refresh_rule(tmp_path) -> None:
     assert build_delta(_chain(), x).rt.refresh_held is None
     with pytest.raises(ValueError, match="refresh_held"):
         Thresholds(refresh_held=2.0)
+
+
+def test_search_reaches_every_group_before_any_goes_far() -> None:
+    """Round by round: with 4 groups and evaluations for one round only, every group gets its first step."""
+    layers, calls, evaluate = _world(fatal=set(), input_ok=0.01)
+    parts = [layers[i:i + 2] for i in range(0, 8, 2)]
+    levers = {n: 1 for n in layers}
+    exact = evaluate("exact", 0.0, {})
+    n = [0]
+
+    def left() -> bool:
+        return n[0] < 7  # 3 input evaluations (0.01, 0.02, the bisection), then one round of 4 groups
+
+    def counted(*a):
+        n[0] += 1
+        return evaluate(*a)
+
+    search(counted, left, exact, Budget("score", ">=", 0.98), 0.0, levers, parts, start=0.01, min_gain=0.0)
+    groups = [ov for stage, _, ov in calls if stage.startswith("group")]
+    assert len(groups) == 4
+    assert [sorted(k for k, v in ov.items() if v == 0.01) for ov in groups][-1] == sorted(layers)
+
+
+def test_search_takes_a_cheaper_schedule_that_keeps_the_budget() -> None:
+    from deltacnn.commands.tune import Schedule
+
+    base, cheap, bad = Schedule(0.05), Schedule(0.05, "flush"), Schedule(0.2)
+    calls = []
+
+    def evaluate(stage, ti, ov, sc=None):
+        sc = sc or base
+        calls.append((stage, sc))
+        score = 0.995 - 0.001 * len(ov) - (0.1 if sc == bad else 0.0)
+        ms = 100.0 - 5 * len(ov) - (30 if sc == cheap else 0) - (40 if sc == bad else 0)
+        return Trial(stage, ti, 0.0, dict(ov), score, ms / 100, ms, score >= 0.98, schedule=sc)
+
+    exact = evaluate("exact", 0.0, {}, base)
+    n = [0]
+
+    def left() -> bool:
+        n[0] += 1
+        return n[0] <= 12
+
+    cur = search(evaluate, left, exact, Budget("score", ">=", 0.98), 0.0, {"a": 1, "b": 1}, [["a"], ["b"]],
+                 start=0.01, min_gain=0.02, schedules=[bad, cheap])
+    assert cur.schedule == cheap and cur.overrides  # the layers, then the flush under them
+    stages = [stage for stage, _ in calls]
+    assert any("layers / 2" in st and "0.2" in st for st in stages)  # the bad one got its second chance
+    assert stages.index(next(st for st in stages if "flush" in st)) > stages.index(next(
+        st for st in stages if st.startswith("group")))  # schedules come after the groups
+
+
+def test_cost_model_prices_keyframes_at_their_measured_time_and_schedules_parse() -> None:
+    from deltacnn.commands.common import UserError
+    from deltacnn.commands.tune import Schedule, parse_schedule
+
+    works = [FrameWork(10**9 * k, 5) for k in range(1, 6)] + [FrameWork(10**10, 9, dense=True)] * 2
+    ms = [2.0 + 10.0 * k for k in range(1, 6)] + [60.0, 64.0]
+    c = CostModel.fit(works, ms)
+    assert c.keyframe_ms == pytest.approx(62.0)
+    assert c.predict(FrameWork(10**10, 9, dense=True)) == pytest.approx(62.0)  # not 2 + 100 of the delta fit
+    assert c.predict(FrameWork(2 * 10**9, 5)) == pytest.approx(22.0, rel=1e-3)
+    assert c.mean_ms([FrameWork(10**9, 5), FrameWork(0, 0, dense=True)]) == pytest.approx((12.0 + 62.0) / 2, rel=1e-3)
+    base = Schedule(0.05, "keyframe", None, 0.0)
+    assert parse_schedule("refresh=flush:16:32", base) == Schedule(0.05, "flush:16:32")
+    assert parse_schedule("held=off,kf=50,growth=0.5", base) == Schedule(None, "keyframe", 50, 0.5)
+    for bad in ("held=2", "kf=0", "refresh=flash", "speed=3", "growth=-1"):
+        with pytest.raises(UserError):
+            parse_schedule(bad, base)

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from .. import tasks
 from ..clips import default_clip_path
 from ..convert import ConversionError, UnsupportedOperationError, convert
+from ..gating import Refresh
 from ..layers import Sparsify
 from ..model import DeltaModel
 from ..tasks.base import Task
@@ -120,7 +121,8 @@ def build_delta(model: nn.Module, example: Tensor, *, threshold: float = 0.0, in
                 thresholds: str | Path | None = None, dtype: torch.dtype | None = None,
                 keyframe_interval: int | None = None,
                 backend: str | None = None, dense_above: float | None = 0.5, min_blob: int = 1,
-                input_gate=None, threshold_growth: float = 0.0, refresh_held: float | None = None) -> DeltaModel:
+                input_gate=None, threshold_growth: float = 0.0, refresh_held: float | None = None,
+                refresh: str | None = None) -> DeltaModel:
     """Convert with conversion and threshold-file problems reported as UserErrors."""
     if threshold is not None and (not math.isfinite(threshold) or threshold < 0):
         raise UserError(f"--threshold must be a finite number >= 0, got {threshold}")
@@ -141,14 +143,20 @@ def build_delta(model: nn.Module, example: Tensor, *, threshold: float = 0.0, in
     if thresholds is not None and input_threshold is not None:
         raise UserError("give --input-threshold or --thresholds, not both (the file sets the input threshold)")
     try:
+        Refresh.parse(refresh)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"--refresh: {e}") from None
+    try:
         dm = convert(model, example, threshold=threshold or 0.0, input_threshold=input_threshold, dtype=dtype,
                      keyframe_interval=keyframe_interval, backend=backend, dense_above=dense_above,
                      min_blob=min_blob, input_gate=input_gate, threshold_growth=threshold_growth,
-                     refresh_held=refresh_held)
+                     refresh_held=refresh_held, refresh=refresh)
     except (ConversionError, UnsupportedOperationError) as e:
         raise UserError(f"cannot convert the model: {e}") from None
     if thresholds is not None:
-        load_thresholds(dm, thresholds)
+        load_thresholds(dm, thresholds, refresh_given=refresh is not None)
+        if keyframe_interval is None and dm.thresholds.keyframe_interval is not None:  # the file's interval
+            dm.keyframe_interval = dm.thresholds.keyframe_interval
         th = dm.thresholds
         if threshold_growth and th.growth not in (0.0, threshold_growth):
             raise UserError(f"--threshold-growth {threshold_growth} and the growth {th.growth} of {thresholds} disagree; "
@@ -157,8 +165,9 @@ def build_delta(model: nn.Module, example: Tensor, *, threshold: float = 0.0, in
     return dm
 
 
-def load_thresholds(dm: DeltaModel, path: str | Path) -> None:
-    """dm.thresholds.load with every failure (JSON, format, unknown layer) as one UserError line."""
+def load_thresholds(dm: DeltaModel, path: str | Path, refresh_given: bool = False) -> None:
+    """dm.thresholds.load with every failure (JSON, format, unknown layer) as one UserError line; the file's
+    refresh rule (refresh_held, refresh) applies unless one was asked for."""
     try:
         dm.thresholds.load(path)
     except FileNotFoundError as e:
@@ -171,6 +180,8 @@ def load_thresholds(dm: DeltaModel, path: str | Path) -> None:
         raise UserError(msg if str(path) in msg else f"{path}: {msg}") from None
     if dm.thresholds.refresh_held is not None and dm.rt.refresh_held is None:  # the file's refresh rule
         dm.rt.refresh_held = dm.thresholds.refresh_held
+    if dm.thresholds.refresh is not None and not refresh_given:
+        dm.rt.refresh = Refresh.parse(dm.thresholds.refresh)
     if dm.thresholds.min_blob is not None:  # the input gate the file was tuned with
         for m in dm.graph_module.modules():
             if isinstance(m, Sparsify) and m.name == INPUT:

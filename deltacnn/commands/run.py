@@ -53,7 +53,7 @@ def frame_record(i: int, dm: DeltaModel, delta_ms: float, peer_ms: float) -> dic
     return {"frame": i, "keyframe": int(fs.keyframe), "mode": dm.last_mode or "", "update_rate": rate,
             "layer_update_rate": finite_mean(rates) if rates else rate,
             "macs_fraction": fs.macs_fraction if fs.dense_macs else 1.0, "macs": fs.macs, "dense_macs": fs.dense_macs,
-            "delta_ms": delta_ms, "peer_ms": peer_ms,
+            "flush": int(any(dm.last_flushed)), "delta_ms": delta_ms, "peer_ms": peer_ms,
             "speedup": peer_ms / delta_ms if delta_ms > 0 else float("nan")}
 
 
@@ -86,7 +86,7 @@ def run(video: str | int | Path | None = None, model: str | Task | None = None, 
         write_videos: bool = True, dense_above: float | None = 0.5, reader: str = "auto",
         compile_peer: bool = False, motion: str | Path | None = None, motion_halo: int | None = None,
         start_frame: int = 0, min_blob: int = 1, input_gate=None, threshold_growth: float = 0.0,
-        refresh_held: float | None = None) -> RunResult:
+        refresh_held: float | None = None, refresh: str | None = None) -> RunResult:
     """Run a source through the delta model and, for timing, through the strongest dense peer.
 
     `video`: a video file, an image folder, a camera index (`0`) or a stream URL (`rtsp://`,
@@ -154,7 +154,7 @@ def run(video: str | int | Path | None = None, model: str | Task | None = None, 
                                      thresholds=thresholds, dtype=torch_dtype,
                                      keyframe_interval=keyframe_interval, backend=backend, dense_above=dense_above,
                                      min_blob=min_blob, input_gate=input_gate, threshold_growth=threshold_growth,
-                     refresh_held=refresh_held)
+                                     refresh_held=refresh_held, refresh=refresh)
                     dm.enable_stats(True, keep_masks=write_videos)
                     mm = _motion_model(dm, motion, motion_halo)
                 out_delta, delta_ms = _timed_motion(mm, x, dev) if mm is not None else timed(dm, x, dev)
@@ -279,6 +279,7 @@ def summarize(rows: list[dict], *, task: Task, device: torch.device, video: str 
     s = {"model": task.name, "video": str(video), "frames": len(rows), "device": str(device), "dtype": dtype,
          "threshold": threshold, "thresholds_file": str(thresholds) if thresholds else None,
          "keyframes": sum(r["keyframe"] for r in rows),
+         "flushes": sum(r.get("flush", 0) for r in rows),
          "modes": {m: sum(r.get("mode") == m for r in rows) for m in ("delta", "keyframe", "dense")},
          "mean_update_rate": finite_mean([r["update_rate"] for r in rows]),
          "mean_layer_update_rate": finite_mean([r["layer_update_rate"] for r in rows]),
@@ -343,7 +344,8 @@ def summary_table(s: dict) -> str:
              f"  multiply-adds saved      {s['macs_saved']:8.1%}",
              f"  frames delta/key/dense   {modes.get('delta', 0):5d} / {modes.get('keyframe', 0)} / "
              f"{modes.get('dense', 0)}" + ("   (dense: too busy for deltas, run densely)" if modes.get("dense")
-                                           else "")]
+                                           else "")
+             + (f"   ({s['flushes']} delta frames flushed held input)" if s.get("flushes") else "")]
     if s["delta_frames"]:
         lines.append(f"  delta frames ms          {s['delta_frame_mean_ms']:8.1f} mean, "
                      f"{s['delta_frame_median_ms']:.1f} "

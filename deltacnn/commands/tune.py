@@ -105,12 +105,92 @@ def controlled_macs(dm: DeltaModel, dense_stats) -> dict[str, int]:
     return out
 
 
+@dataclass(frozen=True)
+class Schedule:
+    """When a stream refreshes and how hard deep layers truncate: the frame-schedule part of a setting.
+
+    `refresh_held` / `refresh`: deltacnn.convert's refresh rule (a keyframe, or a flush of the held-back
+    input change, once the input gates hold back more than that fraction of the pixels; None: off);
+    `keyframe_interval`: a keyframe every N frames (None: off); `growth`: Thresholds.growth.
+    """
+
+    refresh_held: float | None = None
+    refresh: str = "keyframe"
+    keyframe_interval: int | None = None
+    growth: float = 0.0
+
+    def describe(self) -> str:
+        parts = []
+        if self.refresh_held is not None:
+            parts.append(f"{self.refresh} when held > {self.refresh_held:g}")
+        if self.keyframe_interval is not None:
+            parts.append(f"keyframe every {self.keyframe_interval}")
+        if self.growth:
+            parts.append(f"growth {self.growth:g}")
+        return ", ".join(parts) or "no refresh"
+
+    def row(self) -> dict:
+        return {"refresh_held": self.refresh_held, "refresh": self.refresh,
+                "keyframe_interval": self.keyframe_interval, "growth": self.growth}
+
+
+def parse_schedule(spec: str, base: Schedule | None = None) -> Schedule:
+    """'held=0.1,refresh=flush,kf=50,growth=0.5' (keys left out keep `base`'s value; held=off, kf=off)."""
+    from ..gating import Refresh
+
+    base = base or Schedule()
+    vals = base.row()
+    keys = {"held": "refresh_held", "refresh": "refresh", "kf": "keyframe_interval", "growth": "growth"}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        k, _, v = part.partition("=")
+        if k not in keys or not v:
+            raise UserError(f"bad schedule item {part!r} in {spec!r}; use held=F|off, refresh=keyframe|flush|flush:B:M, "
+                            "kf=N|off, growth=G (comma-separated)")
+        try:
+            if k == "held":
+                val = None if v == "off" else float(v)
+                if val is not None and not 0 <= val <= 1:
+                    raise ValueError("held must be a fraction in [0, 1]")
+            elif k == "refresh":
+                val = Refresh.parse(v).spec()
+            elif k == "kf":
+                val = None if v == "off" else int(v)
+                if val is not None and val < 1:
+                    raise ValueError("kf must be >= 1")
+            else:
+                val = float(v)
+                if not (math.isfinite(val) and val >= 0):
+                    raise ValueError("growth must be a finite number >= 0")
+        except ValueError as e:
+            raise UserError(f"schedule {spec!r}: {e}") from None
+        vals[keys[k]] = val
+    return Schedule(**vals)
+
+
+def default_schedules(base: Schedule) -> list[Schedule]:
+    """Refresh rules the tuner tries besides `base` (cheapest guess first): with a refresh rule, a flush
+    of the held change at the same fraction, and keyframes at twice and four times the fraction; deep
+    truncation (growth 0.25); without one, a keyframe every 50 frames."""
+    out: list[Schedule] = []
+    if base.refresh_held is not None:
+        q = base.refresh_held
+        if base.refresh == "keyframe":
+            out.append(Schedule(q, "flush", base.keyframe_interval, base.growth))
+        out += [Schedule(min(1.0, f * q), base.refresh, base.keyframe_interval, base.growth) for f in (2, 4)]
+    elif base.keyframe_interval is None:
+        out.append(Schedule(None, base.refresh, 50, base.growth))
+    if not base.growth:
+        out.append(Schedule(base.refresh_held, base.refresh, base.keyframe_interval, 0.25))
+    return [o for o in out if o != base]
+
+
 @dataclass
 class Trial:
     """One evaluation of a threshold setting on the calibration frames.
 
-    `ms` is the objective: the mean time of a frame after the first (delta, dense and re-keyframes
-    alike, each at the work it did) predicted by the device's cost model (`deltacnn.cost_model`);
+    `ms` is the objective: the mean time of a frame after the first (delta frames and flushes at the
+    work they did, keyframes and dense frames at their measured mean time) predicted by the device's
+    cost model (`deltacnn.cost_model`), so a refresh rule is paid for over all frames;
     `cpu_ms` the same frames' measured CPU-clock mean, `wall_ms` the measured median of the delta
     frames (both noisy on a loaded machine; reported, not decided on).
     """
@@ -126,13 +206,16 @@ class Trial:
     cpu_ms: float = float("nan")
     wall_ms: float = float("nan")
     metrics: dict[str, float] = field(default_factory=dict)  # every agreement metric, mean over the frames
-    modes: dict[str, int] = field(default_factory=dict)  # frames after the first by how they ran
+    modes: dict[str, int] = field(default_factory=dict)  # frames after the first by how they ran ("flush": delta
+    # frames that flushed the held input)
     works: list[FrameWork] = field(default_factory=list, repr=False)
+    schedule: Schedule = field(default_factory=Schedule)
 
     def row(self) -> dict:
         return {"stage": self.stage, "input": self.input, "default": self.default, "overrides": dict(self.overrides),
                 "score": self.score, "macs_fraction": self.macs_fraction, "ms": self.ms, "cpu_ms": self.cpu_ms,
-                "wall_ms": self.wall_ms, "ok": self.ok, "metrics": dict(self.metrics), "modes": dict(self.modes)}
+                "wall_ms": self.wall_ms, "ok": self.ok, "metrics": dict(self.metrics), "modes": dict(self.modes),
+                "schedule": self.schedule.row()}
 
 
 def pareto_front(trials: Sequence[Trial]) -> list[Trial]:
@@ -154,7 +237,7 @@ class TuneResult:
     thresholds: dict
     budget: Budget
     best: Trial
-    exact: Trial  # all thresholds 0 (the dense-equivalent delta model)
+    exact: Trial  # all thresholds 0 (the dense-equivalent delta model), or the `init` file's setting
     evals: int
     history: list[Trial]
     calib_frames: tuple[int, int]
@@ -181,10 +264,11 @@ class TuneResult:
             "activation scale)",
             f"  input threshold          {b.input:.4g}",
             f"  layer threshold          {b.default:.4g}   (+ {len(b.overrides)} per-layer overrides)",
+            f"  schedule                 {b.schedule.describe()}",
             f"  calibration              {self.budget.metric} {b.score:.4g}   "
             + _other_metrics(b.metrics, self.budget.metric)
             + f"MACs {b.macs_fraction:6.1%}   cost {b.ms:7.2f} ms (measured CPU {b.cpu_ms:.1f} ms)   "
-            f"(exact: MACs {e.macs_fraction:.1%}, cost {e.ms:.2f} ms)",
+            f"({e.stage}: MACs {e.macs_fraction:.1%}, cost {e.ms:.2f} ms)",
         ]
         if self.cost is not None:
             lines.append(f"  cost model               {self.cost.describe()} (CPU clock, fitted on the trials' frames)")
@@ -205,12 +289,14 @@ class TuneResult:
         """Every trial on the Pareto front of predicted time against agreement, with what was measured."""
         extra = [k for k in ("f1",) if k != self.budget.metric and k in self.best.metrics]
         rows = ["| cost ms | CPU ms | " + str(self.budget.metric) + "".join(f" | {k}" for k in extra)
-                + " | MACs | input | layers | overrides | stage |",
-                "|---|---|---" + "|---" * len(extra) + "|---|---|---|---|---|"]
+                + " | MACs | input | layers | overrides | schedule | frames delta/flush/key | stage |",
+                "|---|---|---" + "|---" * len(extra) + "|---|---|---|---|---|---|---|"]
         for t in pareto_front(self.history):
             rows.append(f"| {t.ms:.2f} | {t.cpu_ms:.1f} | {t.score:.4f} | "
                         + "".join(f"{t.metrics.get(k, float('nan')):.4f} | " for k in extra)
-                        + f"{t.macs_fraction:.1%} | {t.input:.4g} | {t.default:.4g} | {len(t.overrides)} | {t.stage} |")
+                        + f"{t.macs_fraction:.1%} | {t.input:.4g} | {t.default:.4g} | {len(t.overrides)} | "
+                        f"{t.schedule.describe()} | {t.modes.get('delta', 0)}/{t.modes.get('flush', 0)}/"
+                        f"{t.modes.get('keyframe', 0) + t.modes.get('dense', 0)} | {t.stage} |")
         if self.cost is not None:
             rows.append(f"\ncost model: {self.cost.describe()}")
         return "\n".join(rows)
@@ -230,7 +316,8 @@ class Pass:
     wall_ms: list[float]  # the delta frames' wall time
     macs_fraction: float
     modes: dict[str, int]
-    stopped: int | None = None  # the pass gave up after this many frames (the budget could no longer hold)
+    stopped: int | None = None
+    key_cpu_ms: float = float("nan")  # the first frame's (the keyframe's) CPU-clock time  # the pass gave up after this many frames (the budget could no longer hold)
 
 
 def play(dm: DeltaModel, task: Task, frames: Sequence[Any], refs: Sequence[Any], device: torch.device,
@@ -246,11 +333,14 @@ def play(dm: DeltaModel, task: Task, frames: Sequence[Any], refs: Sequence[Any],
         y, ms = timed(dm, x, device)
         cpu = (time.process_time() - c0) * 1e3
         fs = dm.frame_stats()
-        if i > 0:
+        if i == 0:
+            p.key_cpu_ms = cpu
+        else:
             p.works.append(FrameWork.of(fs))
             p.cpu_ms.append(cpu)
             mode = dm.last_mode or ("keyframe" if fs.keyframe else "delta")
-            p.modes[mode] = p.modes.get(mode, 0) + 1
+            counted = "flush" if mode == "delta" and any(dm.last_flushed) else mode
+            p.modes[counted] = p.modes.get(counted, 0) + 1
             if mode == "delta":
                 p.wall_ms.append(ms)
             macs, dense = macs + fs.macs, dense + fs.dense_macs
@@ -270,36 +360,51 @@ class _Evaluator:
                  device: torch.device, margin: float = 0.0) -> None:
         self.dm, self.task, self.frames, self.refs, self.budget, self.device = dm, task, frames, refs, budget, device
         self.margin = margin
+        self.schedule = Schedule()  # the frame schedule of trials that do not name one
         self.evals = 0
         self._resolved = False
         self._works: list[FrameWork] = []
         self._cpu: list[float] = []
         self.cost: CostModel | None = None
 
-    def set(self, input_tau: float, default: float, overrides: dict[str, float]) -> None:
+    def set(self, input_tau: float, default: float, overrides: dict[str, float],
+            schedule: Schedule | None = None) -> None:
+        from ..gating import Refresh
+
         th = self.dm.thresholds
         th.default, th.input, th.overrides = default, input_tau, dict(overrides)
+        if schedule is not None:
+            rt = self.dm.rt
+            rt.refresh_held, rt.refresh = schedule.refresh_held, Refresh.parse(schedule.refresh)
+            self.dm.keyframe_interval = th.keyframe_interval = schedule.keyframe_interval
+            th.growth = schedule.growth
+            # the file carries the rule (convert and run --thresholds apply it)
+            th.refresh_held = schedule.refresh_held
+            th.refresh = schedule.refresh if schedule.refresh_held is not None and schedule.refresh != "keyframe" \
+                else None
 
     def holds(self, score: float) -> bool:
         """The budget tightened by the calibration margin (held-out frames are judged by the budget itself)."""
         b = self.budget
         return b.holds(score) and b.holds(score - self.margin if b.op == ">=" else score + self.margin)
 
-    def __call__(self, stage: str, input_tau: float, default: float, overrides: dict[str, float]) -> Trial:
-        self.set(input_tau, default, overrides)
+    def __call__(self, stage: str, input_tau: float, default: float, overrides: dict[str, float],
+                 schedule: Schedule | None = None) -> Trial:
+        schedule = schedule or self.schedule
+        self.set(input_tau, default, overrides, schedule)
         p = play(self.dm, self.task, self.frames, self.refs, self.device, self._give_up if self._resolved else None)
         self.evals += 1
         if not self._resolved:  # the metric names are known after the first pass
             self.budget, self._resolved = self.budget.resolve(p.metrics[0], self.task), True
-        self._works += p.works
-        self._cpu += p.cpu_ms
+        self._works += p.works + [FrameWork(0, 0, dense=True)]  # the pass's first frame prices keyframes
+        self._cpu += p.cpu_ms + [p.key_cpu_ms]
         self.cost = CostModel.fit(self._works, self._cpu)
         score = self.budget.score(p.metrics)
         means = {k: finite_mean([float(m[k]) for m in p.metrics]) for k in p.metrics[0]}
         stage = stage if p.stopped is None else f"{stage} (stopped at frame {p.stopped})"
         return Trial(stage, input_tau, default, dict(overrides), score, p.macs_fraction, self.cost.mean_ms(p.works),
                      self.holds(score) and p.stopped is None, finite_mean(p.cpu_ms), finite_median(p.wall_ms), means,
-                     p.modes, p.works)
+                     p.modes, p.works, schedule)
 
     def _give_up(self, metrics: list[dict[str, float]]) -> bool:
         """True when the (margin-tightened) budget cannot hold whatever the remaining frames score: for a
@@ -370,13 +475,25 @@ def layer_groups(dm: DeltaModel, levers: dict[str, int], k: int = 4) -> list[lis
     return [g for g in groups if g]
 
 
-def search(evaluate: Callable[[str, float, dict[str, float]], Trial], left: Callable[[], bool], exact: Trial,
+def search(evaluate: Callable[..., Trial], left: Callable[[], bool], exact: Trial,
            budget: Budget, margin: float, levers: dict[str, int], parts: Sequence[Sequence[str]], start: float = 0.01,
-           min_gain: float = 0.02) -> Trial:
-    """The search of `tune` (its docstring), on any `evaluate(stage, input_tau, layer_overrides) -> Trial`
-    whose `ok` says the (margin-tightened) budget holds; `left()` says whether evaluations remain.
+           min_gain: float = 0.02, schedules: Sequence[Schedule] = (),
+           remaining: Callable[[], int] | None = None, from_init: bool = False) -> Trial:
+    """The search of `tune` (its docstring), on any `evaluate(stage, input_tau, layer_overrides, schedule)
+    -> Trial` whose `ok` says the (margin-tightened) budget holds; `left()` says whether evaluations
+    remain. `schedules`: frame schedules (refresh rule, keyframe interval, growth) to try besides the
+    exact trial's; `remaining()` (evaluations left), when given, keeps two evaluations per schedule (and
+    one for the last input step) out of the layer stages, so the schedules are always tried.
+    `from_init`: `exact` is a tuned setting to continue from (tune's `init`): its input stays, the
+    schedules are tried first (layers as they are), then the groups rise from their levels.
     Returns the last accepted trial (the caller picks the answer from every trial)."""
     sign = 1 if budget.op == ">=" else -1
+    sched = exact.schedule
+    reserve = 2 * len(schedules) + 1 if remaining is not None else 0
+    all_left = left
+
+    def layers_left() -> bool:
+        return all_left() and (remaining is None or remaining() > reserve)
 
     def cheaper(t: Trial, ref: Trial) -> bool:
         return t.ms <= ref.ms * (1 - min_gain)
@@ -388,8 +505,8 @@ def search(evaluate: Callable[[str, float, dict[str, float]], Trial], left: Call
         return t.ok and sign * (t.score - lim) >= 0
 
     cur, hi, tau = exact, None, start
-    while left() and tau <= 1.0:
-        t = evaluate("input", tau, {})
+    while left() and tau <= 1.0 and not from_init:
+        t = evaluate("input", tau, {}, sched)
         if not keeps(t):
             hi = tau
             break
@@ -398,39 +515,93 @@ def search(evaluate: Callable[[str, float, dict[str, float]], Trial], left: Call
         if not gained:
             break
         tau *= 2
-    if hi is not None and cur.input > 0 and left():
-        t = evaluate("input", math.sqrt(cur.input * hi), {})
+    if hi is not None and cur.input > 0 and left() and not from_init:
+        t = evaluate("input", math.sqrt(cur.input * hi), {}, sched)
         if keeps(t) and t.ms < cur.ms:
             cur = t
     ti = cur.input
-    # 2. layer groups, largest lever first; a group that breaks the budget at once stays exact
-    overrides: dict[str, float] = {}
-    raised: list[Sequence[str]] = []
-    for g in parts:
-        tau = start
-        while left() and tau <= 1.0:
-            trial = {**overrides, **{n: tau for n in g}}
-            t = evaluate(f"group {g[0]}..{g[-1]} ({len(g)})", ti, trial)
-            if not (t.ok and t.ms < cur.ms):
+    # 2. layer groups, largest lever first, round by round (each group one x2 step per round, so every
+    # part of the network is reached before any one goes far); a group that breaks the budget at its
+    # first step stays exact, one that breaks it or stops paying later stays where it was
+    overrides: dict[str, float] = dict(exact.overrides) if from_init else {}
+    level = {i: max((overrides.get(n, 0.0) for n in g), default=0.0) for i, g in enumerate(parts)}
+    raised: list[Sequence[str]] = [g for i, g in enumerate(parts) if level[i] > 0]
+
+    def raise_groups(cur: Trial, overrides: dict[str, float], sched: Schedule, rising: list[int]):
+        while rising and layers_left():
+            for i in list(rising):
+                if not layers_left():
+                    break
+                g = parts[i]
+                tau = level[i] * 2 if level[i] else start
+                if tau > 1.0:
+                    rising.remove(i)
+                    continue
+                trial = {**overrides, **{n: tau for n in g}}
+                t = evaluate(f"group {g[0]}..{g[-1]} ({len(g)})", ti, trial, sched)
+                if not (t.ok and t.ms < cur.ms):
+                    rising.remove(i)
+                    continue
+                gained = cheaper(t, cur)
+                cur, overrides, level[i] = t, trial, tau
+                if tau == start:
+                    raised.append(g)
+                elif not gained:  # the first step may gain little (a small threshold); later ones must pay
+                    rising.remove(i)
+        return cur, overrides
+
+    def per_layer(cur: Trial, overrides: dict[str, float]):
+        # 3. per layer within the raised groups, largest lever first
+        for name in sorted((n for g in raised for n in g if levers.get(n, 0) > 0 and overrides.get(n, 0) > 0),
+                           key=lambda n: -levers[n]):
+            if not layers_left():
                 break
-            gained = cheaper(t, cur)
-            cur, overrides = t, trial
-            if tau == start:
-                raised.append(g)
-            elif not gained:  # the first step may gain little (a small threshold); later ones must pay
+            trial = {**overrides, name: overrides[name] * 2}
+            t = evaluate(f"layer {name}", ti, trial, sched)
+            if t.ok and cheaper(t, cur):
+                cur, overrides = t, trial
+        return cur, overrides
+
+    def try_schedules(cur: Trial, overrides: dict[str, float], sched: Schedule):
+        # 4. the frame schedule with the layers set: each candidate (fewer keyframes, a flush, ...) replaces
+        # the current one when it is cheaper over all frames (keyframes at their measured cost) within
+        # budget; one that breaks the budget is tried once more with every layer threshold halved (rarer
+        # refreshes leave truncation error longer in the state, so they need milder layers)
+        changed = False
+        for sc in schedules:
+            if not left():
                 break
-            tau *= 2
-    # 3. per layer within the raised groups, largest lever first
-    for name in sorted((n for g in raised for n in g if levers.get(n, 0) > 0), key=lambda n: -levers[n]):
-        if not left():
-            break
-        trial = {**overrides, name: overrides[name] * 2}
-        t = evaluate(f"layer {name}", ti, trial)
-        if t.ok and cheaper(t, cur):
-            cur, overrides = t, trial
-    # 4. the input once more, with the layers set
+            if sc == sched:
+                continue
+            t = evaluate(f"schedule: {sc.describe()}", ti, overrides, sc)
+            if not t.ok and overrides and left():
+                half = {k: v / 2 for k, v in overrides.items()}
+                t2 = evaluate(f"schedule: {sc.describe()}, layers / 2", ti, half, sc)
+                if t2.ok and cheaper(t2, cur):
+                    cur, overrides, sched, changed = t2, half, sc, True
+                    for i in level:
+                        level[i] /= 2
+                continue
+            if t.ok and cheaper(t, cur):
+                cur, sched, changed = t, sc, True
+        return cur, overrides, sched, changed
+
+    if from_init:  # a tuned setting: its schedule alternatives first, then the layers further
+        cur, overrides, sched, _ = try_schedules(cur, overrides, sched)
+        reserve = 1 if ti > 0 else 0
+        cur, overrides = raise_groups(cur, overrides, sched, list(range(len(parts))))
+        cur, overrides = per_layer(cur, overrides)
+    else:
+        cur, overrides = raise_groups(cur, overrides, sched, list(range(len(parts))))
+        cur, overrides = per_layer(cur, overrides)
+        cur, overrides, sched, changed = try_schedules(cur, overrides, sched)
+        # 5. after a new schedule, the groups once more from where they are (the reserve is spent now)
+        if changed:
+            reserve = 1 if ti > 0 else 0
+            cur, overrides = raise_groups(cur, overrides, sched, [i for i in level if level[i] > 0])
+    # 6. the input once more, with the layers set
     if left() and ti > 0:
-        t = evaluate("input again", ti * 1.5, overrides)
+        t = evaluate("input again", ti * 1.5, overrides, sched)
         if t.ok and t.ms < cur.ms:
             cur = t
     return cur
@@ -443,7 +614,8 @@ def tune(video: str | int | Path | None = None, model: str | Task | None = None,
          min_blob: int = 1, out: str | Path | None = None, start: float = 0.01, time_tolerance: float = 0.01,
          margin: float = 0.0, groups: int = 4, min_gain: float = 0.02, dense_above: float | None = 0.5,
          quiet: bool = False, reader: str = "auto", input_gate=None, threshold_growth: float = 0.0,
-         refresh_held: float | None = None) -> TuneResult:
+         refresh_held: float | None = None, refresh: str | None = None,
+         schedules: Sequence[str | Schedule] | None = None, init: str | Path | None = None) -> TuneResult:
     """Find the input and per-layer thresholds with the lowest delta-model frame time whose task
     agreement with dense stays within `budget` (tightened by `margin`), on calibration frames
     [start_frame, start_frame + frames).
@@ -462,10 +634,22 @@ def tune(video: str | int | Path | None = None, model: str | Task | None = None,
       1. input first, layers exact: x2 from `start` while the score keeps half of the budget's slack
          for the layers and the cost falls by at least `min_gain`; bisect once when a step fails;
       2. layer groups (`layer_groups`: `groups` contiguous parts of the network, largest lever
-         first): each raised from `start` x2 while the budget holds and the cost falls (after the
-         first step, by at least `min_gain`); a group whose first step breaks the budget stays exact;
+         first), round by round: each group one x2 step from `start` per round while the budget
+         holds and the cost falls (after the first step, by at least `min_gain`), so the stem, the
+         backbone and the head are all tried before any group goes far; a group whose first step
+         breaks the budget stays exact;
       3. per layer within the raised groups, largest lever first: x2 while that holds;
-      4. the input once more (x1.5) with the layers set.
+      4. the frame schedule with the layers set: each of `schedules` (refresh rule: keyframe or flush
+         and its held fraction, keyframe interval, threshold growth; `parse_schedule` specs; None: a
+         few around the given one, `default_schedules`) replaces the given one when it costs at least
+         `min_gain` less over all frames (keyframes at their measured cost) within budget; one that
+         breaks the budget is tried once more with every layer threshold halved;
+      5. after a new schedule, the raised groups once more, round by round;
+      6. the input once more (x1.5) with the layers set.
+    With `init` (a thresholds file of this model, e.g. an earlier tune's), the search continues from
+    it instead of from exact: its input threshold, layer thresholds and schedule (refresh rule,
+    keyframe interval, growth; the flags given override them) are the first trial, step 1 is left
+    out, the schedules are tried first, then the groups rise from their levels.
     The answer is the cheapest trial within budget (within `time_tolerance` of it, the one with the
     fewest multiply-adds). With `heldout_frames`, it is then measured on the disjoint segment
     [heldout_start, +heldout_frames) (default: right after the calibration frames), against the
@@ -498,23 +682,47 @@ def tune(video: str | int | Path | None = None, model: str | Task | None = None,
     # they would hide what an input threshold holds back, until layer thresholds made the deltas cheap
     dm = build_delta(dense, x0, dtype=resolve_dtype(dtype), keyframe_interval=keyframe_interval, backend=backend,
                      min_blob=min_blob, dense_above=None, input_gate=input_gate,
-                     threshold_growth=threshold_growth, refresh_held=refresh_held)
+                     threshold_growth=threshold_growth, refresh_held=refresh_held, refresh=refresh)
     measure_scales(dm, x0)
     dm.thresholds.min_blob = min_blob if min_blob > 1 else None
-    dm.thresholds.refresh_held = refresh_held
     dm.enable_stats(True)
+    start_from = None
+    if init is not None:
+        from ..thresholds import Thresholds
+
+        f = Thresholds(known=dm.thresholds.known)
+        try:
+            f.load(init)
+            for name in f.overrides:
+                f._check_name(name)
+        except (OSError, ValueError, KeyError) as e:
+            raise UserError(f"--init {init}: {e}") from None
+        if f.units != "relative":
+            raise UserError(f"--init {init}: the tuner works in relative units; this file is {f.units}")
+        start_from = (f.input or 0.0, f.default, dict(f.overrides))
+        refresh_held = f.refresh_held if refresh_held is None else refresh_held
+        refresh = f.refresh if refresh is None else refresh
+        keyframe_interval = f.keyframe_interval if keyframe_interval is None else keyframe_interval
+        threshold_growth = threshold_growth or f.growth
+        from ..gating import Refresh
+        dm.rt.refresh = Refresh.parse(refresh)
+    base = Schedule(refresh_held, dm.rt.refresh.spec(), keyframe_interval, threshold_growth)
+    scheds = default_schedules(base) if schedules is None else \
+        [sc if isinstance(sc, Schedule) else parse_schedule(sc, base) for sc in schedules]
     ev = _Evaluator(dm, task, xs, refs, b, dev, margin)
+    ev.schedule = base
     bar = None if quiet else __import__("tqdm").tqdm(total=max_evals, desc="deltacnn tune", unit="eval", leave=False,
                                                       dynamic_ncols=True)
     history: list[Trial] = []
 
     seen: dict[tuple, Trial] = {}
 
-    def evaluate(stage: str, ti: float, tg: float, overrides: dict[str, float]) -> Trial:
-        key = (ti, tg, tuple(sorted((k, v) for k, v in overrides.items() if v)))
+    def evaluate(stage: str, ti: float, tg: float, overrides: dict[str, float], sc: Schedule | None = None) -> Trial:
+        sc = sc or base
+        key = (ti, tg, tuple(sorted((k, v) for k, v in overrides.items() if v)), sc)
         if key in seen:  # the same setting again (e.g. a layer step its group already tried): no new pass
             return seen[key]
-        t = seen[key] = ev(stage, ti, tg, overrides)
+        t = seen[key] = ev(stage, ti, tg, overrides, sc)
         history.append(t)
         ev.reprice(history)
         if out is not None:  # progress on disk: a long tune that is stopped still shows its trials
@@ -529,19 +737,27 @@ def tune(video: str | int | Path | None = None, model: str | Task | None = None,
         return ev.evals < max_evals
 
     try:
-        exact = evaluate("exact", 0.0, 0.0, {})
+        if start_from is not None:
+            ti0, d0, ov0 = start_from
+            exact = evaluate("init", ti0, d0, ov0)
+            if not exact.ok:
+                raise UserError(f"--init {init}: budget {ev.budget} is not met by the file on the calibration frames "
+                                f"({ev.budget.metric} = {exact.score:.4g}); tune from exact instead")
+        else:
+            exact = evaluate("exact", 0.0, 0.0, {})
         if not exact.ok:
             raise UserError(f"budget {ev.budget} is not met even at threshold 0 (dense-equivalent output: "
                             f"{ev.budget.metric} = {exact.score:.4g}); loosen the budget")
         levers = controlled_macs(dm, _first_delta_stats(dm, task.preprocess(xs[0]).to(dev)))
         parts = sorted(layer_groups(dm, levers, groups), key=lambda g: -sum(levers[n] for n in g))
-        search(lambda stage, ti, ov: evaluate(stage, ti, 0.0, ov), left, exact, ev.budget, margin, levers, parts,
-               start, min_gain)
+        search(lambda stage, ti, ov, sc=None: evaluate(stage, ti, 0.0, ov, sc), left, exact, ev.budget, margin,
+               levers, parts, start, min_gain, scheds, remaining=lambda: max_evals - ev.evals,
+               from_init=start_from is not None)
     finally:
         if bar is not None:
             bar.close()
     best = _best(history, time_tolerance)
-    ev.set(best.input, best.default, best.overrides)
+    ev.set(best.input, best.default, best.overrides, best.schedule)
     heldout = None
     if heldout_frames:
         hx, hr = _frames(video, hstart, heldout_frames, task, dense, dev, "held-out", reader)
@@ -552,7 +768,7 @@ def tune(video: str | int | Path | None = None, model: str | Task | None = None,
                    "metrics": {k: finite_mean([float(m[k]) for m in p.metrics]) for k in p.metrics[0]},
                    "macs_fraction": p.macs_fraction, "ms": ev.cost.mean_ms(p.works), "cpu_ms": finite_mean(p.cpu_ms),
                    "wall_ms": finite_median(p.wall_ms), "modes": p.modes}
-        ev.set(best.input, best.default, best.overrides)
+        ev.set(best.input, best.default, best.overrides, best.schedule)
     res = TuneResult(None, dm.thresholds.to_dict(), ev.budget, best, exact, ev.evals, history,
                      (start_frame, start_frame + len(xs)), heldout, cost=ev.cost, margin=margin)
     if out is not None:

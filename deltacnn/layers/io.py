@@ -130,6 +130,10 @@ class Sparsify(DeltaLayer):
         gate = self.gate
         prev = self._sent if gate.temporal and self._sent is not None and self._sent.shape[0] == x.shape[0] else None
         kept = gated_mask(score, tau, gate, prev)
+        flush = self.rt.flush if self.name == INPUT and self.rt.streams is None else None
+        if flush is not None:  # refresh "flush": these streams send what the gate holds back (Refresh)
+            rows = torch.tensor(flush, device=kept.device).view(-1, 1, 1, 1)
+            kept = kept | (self.rt.refresh.flush_mask((score > tau).unsqueeze(1) & ~kept) & rows)
         if self.rt.refresh_held is not None:
             held = (score > tau).unsqueeze(1) & ~kept
             self.rt.input_held = held.reshape(x.shape[0], -1).float().mean(1)
