@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -222,21 +223,33 @@ class MotionDeltaModel(nn.Module):
     # ---- "auto": estimates against an anchor frame, so that estimator noise does not accumulate -----
     REANCHOR_PX = 16.0  # a new anchor once the camera moved this far from the anchor (keeps the overlap large)
     REANCHOR_FRAMES = 50  # ... or this many frames after it (the scene's movers drift away from the anchor)
+    # ... or once the confidence fell below this fraction of the first estimate's against the anchor (and
+    # below REANCHOR_CONFIDENCE x min_confidence): a stale anchor (a time-lapse: cityCC0's confidence falls
+    # from ~400 to ~40 in 15 frames) brings the frames before a cut close to the threshold that detects
+    # the cut (~6 there). Relative, so that a confidence that is low but steady (sensor noise on a static
+    # camera) does not re-anchor every frame and chain the estimates' noise into a drift.
+    REANCHOR_DECAY = 0.25
+    REANCHOR_CONFIDENCE = 8.0
 
     def _anchor_to(self, x: Tensor, streams: list[int], spec: Tensor | None = None) -> None:
         """Make the current frame (its spectrum `spec`) the anchor of `streams`, at their camera positions."""
         if spec is None:
             b, _ = self.estimator.prepare(x)
             spec = torch.fft.rfft2(b)
+        grey = self.estimator.grey(x[streams] if len(streams) < x.shape[0] else x)  # for the sub-pixel refinement
         if getattr(self, "_anchor", None) is None or self._anchor.shape != spec.shape or len(streams) == x.shape[0]:
             self._anchor = spec.clone()
+            self._anchor_grey = grey if len(streams) == x.shape[0] else self.estimator.grey(x)
             self._anchor_cam = [list(c) for c in (self.camera or [[0.0, 0.0]] * x.shape[0])]
             self._anchor_age = [0] * x.shape[0]
+            self._anchor_conf = [math.inf] * x.shape[0]  # the first estimate's confidence against the anchor
             return
-        for i in streams:
+        for j, i in enumerate(streams):
             self._anchor[i] = spec[i]
+            self._anchor_grey[i] = grey[j]
             self._anchor_cam[i] = list(self.camera[i])
             self._anchor_age[i] = 0
+            self._anchor_conf[i] = math.inf
 
     def _estimate_from_anchor(self, x: Tensor) -> MotionEstimate:
         """The camera displacement since the last frame, as (position vs the anchor) - (last position).
@@ -248,6 +261,7 @@ class MotionDeltaModel(nn.Module):
         b, f = self.estimator.prepare(x)
         spec = torch.fft.rfft2(b)
         est = self.estimator.correlate(None, b, f, spectra=(self._anchor, spec))
+        est.shift = self.estimator.refine(self._anchor_grey, x, est.shift, f)
         d = est.shift.double().cpu().tolist()
         conf = est.confidence.cpu().tolist()
         step, renew = [], []
@@ -256,7 +270,11 @@ class MotionDeltaModel(nn.Module):
             pos = [a + v for a, v in zip(self._anchor_cam[i], d[i])] if ok else list(self.camera[i])
             step.append([p - c for p, c in zip(pos, self.camera[i])])
             self._anchor_age[i] += 1
-            if not ok or max(abs(v) for v in d[i]) >= self.REANCHOR_PX or self._anchor_age[i] >= self.REANCHOR_FRAMES:
+            if self._anchor_age[i] == 1:
+                self._anchor_conf[i] = conf[i]
+            stale = conf[i] < min(self.REANCHOR_DECAY * self._anchor_conf[i], self.REANCHOR_CONFIDENCE * self.min_confidence)
+            if not ok or stale or max(abs(v) for v in d[i]) >= self.REANCHOR_PX or \
+                    self._anchor_age[i] >= self.REANCHOR_FRAMES:
                 renew.append(i)
         shift = torch.tensor(step, dtype=torch.float32, device=x.device)
         if renew:  # anchored at the position this frame will have (forward adds `step` to the camera)
