@@ -259,3 +259,49 @@ def test_estimates_do_not_drift_on_a_static_noisy_camera(net):
     assert total > 1.0  # the frame-to-frame estimates are noisy ...
     assert mm.view[0] == [0, 0] and mm.input_shift == [[0.0, 0.0]]  # ... but the position is not
     assert max(abs(c) for c in mm.camera[0]) < 0.5, mm.camera
+
+
+class TinyNet(nn.Module):
+    """Total stride 4, halo (R rounded up to the stride) 8 px: small enough frames for the Triton interpreter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 4, 3, 1, 1)
+        self.c2 = nn.Conv2d(4, 4, 3, 2, 1)
+        self.c3 = nn.Conv2d(4, 3, 3, 2, 1)
+
+    def forward(self, x):
+        return self.c3(F.relu(self.c2(F.relu(self.c1(x)))))
+
+
+def test_triton_backend_follows_the_camera_like_the_reference():
+    """The Triton backend (TRITON_INTERPRET=1 on the CPU) under motion alignment: a state shift with its
+    border-band crops, sub-stride residuals and a two-axis move give what the reference backend gives,
+    frame by frame, at tau > 0, for two streams with their own motion."""
+    pytest.importorskip("triton")
+    torch.manual_seed(3)
+    tiny = TinyNet().eval()
+    h, w = 48, 64
+    scenes = [_scene(14), _scene(15)]
+    path = [[(100, 80), (104, 80), (106, 79), (110, 75)], [(60, 60), (60, 60), (56, 60), (55, 61)]]
+    seq = torch.tensor([[[0.0, 0.0]] * 2] + [[[p[t][0] - p[t - 1][0], p[t][1] - p[t - 1][1]] for p in path]
+                                             for t in range(1, 4)])
+    mms = {b: MotionDeltaModel(deltacnn.convert(tiny, torch.zeros(2, 3, h, w), backend=b, threshold=0.05),
+                               motion=seq) for b in ("triton", "reference")}
+    modes = []
+    for t in range(4):
+        frames = []
+        for s, p in zip(scenes, path):
+            s = s.clone()
+            s[:, :, 90 + 2 * t:98 + 2 * t, 115 + 3 * t:123 + 3 * t] = 1.5  # an object moving in the scene
+            frames.append(s[:, :, p[t][1]:p[t][1] + h, p[t][0]:p[t][0] + w])
+        x = torch.cat(frames)
+        outs = {b: m(x) for b, m in mms.items()}
+        torch.testing.assert_close(outs["triton"], outs["reference"], atol=1e-4, rtol=0, msg=f"frame {t}")
+        assert mms["triton"].view == mms["reference"].view
+        modes.append(mms["triton"].dm.last_mode)
+        if t == 1:
+            assert mms["triton"].aligner.geo.halo == 8
+            assert 0 < mms["triton"].aligner.recomputed_pixels < 2 * h * w  # stream 0's bands, not a keyframe
+    assert modes[1] == "delta" and modes.count("delta") >= 2, modes
+    assert mms["triton"].input_shift == [[2.0, -1.0], [-1.0, 1.0]]  # sub-stride residuals
