@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import deltacnn
-from deltacnn.motion import MotionDeltaModel, MotionNotSupportedError, PhaseCorrelator, given_motion, translate
+from deltacnn.motion import (MotionDeltaModel, MotionNotSupportedError, PhaseCorrelator, given_motion, map_outputs,
+                             translate)
 from deltacnn.motion.estimate import MIN_CONFIDENCE
 
 H, W = 112, 144  # multiples of the test net's total stride 8, and larger than its 4R + |D| (R = 24)
@@ -305,3 +306,26 @@ def test_triton_backend_follows_the_camera_like_the_reference():
             assert 0 < mms["triton"].aligner.recomputed_pixels < 2 * h * w  # stream 0's bands, not a keyframe
     assert modes[1] == "delta" and modes.count("delta") >= 2, modes
     assert mms["triton"].input_shift == [[2.0, -1.0], [-1.0, 1.0]]  # sub-stride residuals
+
+
+def test_sub_pixel_jitter_does_not_shift_the_input(net):
+    """'nearest' holds the whole-pixel alignment until the camera moved 0.75 px from it: a camera that
+    wanders by +-0.6 px keeps the input where it is (no frame where every pixel changes); a real 1 px
+    move still moves it, and the output stays the dense output of the view it saw."""
+    scene = _scene(16)
+    cam_x = [0.0, 0.6, -0.6, 0.0, 1.0, 1.4, 2.2]  # the motion estimates' camera path
+    img_x = [0, 0, 0, 0, 1, 1, 2]  # where the camera really is (the estimates' jitter is noise)
+    seq = torch.tensor([[0.0, 0.0]] + [[b - a, 0.0] for a, b in zip(cam_x, cam_x[1:])])
+    mm = MotionDeltaModel(deltacnn.convert(net, torch.zeros(1, 3, H, W), backend="reference"), motion=seq)
+    shifts, rates = [], []
+    for t in range(len(cam_x)):
+        x = _camera(scene, 100 + img_x[t], 80, t)
+        out = mm(x)
+        shifts.append(mm.input_shift[0][0])
+        if t:
+            rates.append(float(mm.dm.input_mask.float().mean()))
+        s = torch.tensor(mm.input_shift)
+        torch.testing.assert_close(out, map_outputs(net(translate(x, s, "nearest")), s.neg(), (H, W)), atol=2e-5, rtol=0)
+    assert shifts == [0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 2.0], shifts
+    assert mm.aligned_at[0] == [2, 0]
+    assert max(rates) < 0.15, rates  # every frame changed only where the objects moved

@@ -10,8 +10,10 @@ Hann window removes the frame border's discontinuity, which would otherwise peak
 peak ratio (highest peak over the highest one outside its neighbourhood) is the confidence: ~1 on a
 scene cut or a textureless frame, far above 1 on a real translation; the peak-to-sidelobe ratio
 (the peak in standard deviations of the rest of the surface) separates the two more widely and is the
-confidence used. Everything stays on the frames'
-device, batched over streams: no host sync.
+confidence used. The frames are pooled first (the larger side to at most 256 px); the pooled peak is
+then refined at full resolution in a small window (see PhaseCorrelator.refine), whose cut reads the
+rounded coarse estimate on the host (one sync per frame; the rest stays on the frames' device, batched
+over streams).
 """
 from __future__ import annotations
 

@@ -35,7 +35,7 @@ class MotionDeltaModel(nn.Module):
         min_confidence: streams whose estimate's peak ratio is below it (a cut, a failed estimate)
             are recomputed on the new frame (a per-stream keyframe).
         resample: how the frame is moved by the sub-stride residual: "nearest" (whole pixels, an
-            exact copy) or "bilinear".
+            exact copy; the shift changes once the camera moved HOLD_PX = 0.75 px from it) or "bilinear".
         estimator: a PhaseCorrelator to use for "auto".
         halo: width (input pixels, rounded up to a multiple of the total stride) of the border bands
             recomputed when the view moves. None: the network's receptive-field bound R, which makes
@@ -79,6 +79,7 @@ class MotionDeltaModel(nn.Module):
         self._frames = 0
         self._shape: tuple | None = None
         self.camera: list[list[float]] = []  # per stream: accumulated camera position (x, y), pixels
+        self.aligned_at: list[list[int]] = []  # per stream ("nearest"): the whole-pixel position aligned to
         self.view: list[list[int]] = []  # per stream: view origin, a multiple of the total stride
         self.last_estimate: MotionEstimate | None = None
         self.last_full: list[bool] = []  # streams recomputed entirely in the last frame (low confidence)
@@ -92,7 +93,7 @@ class MotionDeltaModel(nn.Module):
 
     @property
     def residual(self) -> list[list[float]]:
-        """Per stream, camera position minus view origin: the translation applied to the input frame."""
+        """Per stream, camera position minus view origin (`input_shift`: the translation applied to the frame)."""
         return [[c - v for c, v in zip(cs, vs)] for cs, vs in zip(self.camera, self.view)]
 
     @torch.no_grad()
@@ -111,6 +112,7 @@ class MotionDeltaModel(nn.Module):
         if self._shape is None:  # a new stream: its first frame is the keyframe that fixes the geometry
             self._shape = sig
             self.camera = [[0.0, 0.0] for _ in range(n)]
+            self.aligned_at = [[0, 0] for _ in range(n)]
             self.view = [[0, 0] for _ in range(n)]
             self.last_full = [False] * n
             geometry, out = probe_geometry(self.dm, x)
@@ -137,13 +139,21 @@ class MotionDeltaModel(nn.Module):
             cam = self.camera[i]
             cam[0] += shifts[i][0]
             cam[1] += shifts[i][1]
-            v = [S * round(c / S) for c in cam]
+            if self.resample == "nearest":  # the whole-pixel position the input is aligned to, with a hold
+                held = self.aligned_at[i]
+                for ax in (0, 1):
+                    if abs(cam[ax] - held[ax]) >= self.HOLD_PX:
+                        held[ax] = round(cam[ax])
+                v = [S * round(c / S) for c in held]
+            else:
+                v = [S * round(c / S) for c in cam]
             view_shift.append((v[0] - self.view[i][0], v[1] - self.view[i][1]))
             self.view[i] = v
         self.last_full = full
-        res = self.residual
         if self.resample == "nearest":
-            res = [[float(round(r)) for r in rs] for rs in res]
+            res = [[float(a - v) for a, v in zip(al, vs)] for al, vs in zip(self.aligned_at, self.view)]
+        else:
+            res = self.residual
         self.input_shift = res
         aligned = translate(x, torch.tensor(res), self.resample) if any(any(r) for r in res) else x
         due = self._due_streams(n)
@@ -221,6 +231,11 @@ class MotionDeltaModel(nn.Module):
         return self._estimate_from_anchor(x)
 
     # ---- "auto": estimates against an anchor frame, so that estimator noise does not accumulate -----
+    # "nearest": the input's whole-pixel shift follows the camera only once it moved this far from it, so
+    # that sub-pixel jitter (a shaky or forward-moving camera: Market Street's estimates wander within
+    # +-0.6 px) does not shift the whole input by 1 px back and forth (a frame where every pixel changes,
+    # and the detector's own 1 px shift variance: F1 0.8 on those frames there)
+    HOLD_PX = 0.75
     REANCHOR_PX = 16.0  # a new anchor once the camera moved this far from the anchor (keeps the overlap large)
     REANCHOR_FRAMES = 50  # ... or this many frames after it (the scene's movers drift away from the anchor)
     # ... or once the confidence fell below this fraction of the first estimate's against the anchor (and
