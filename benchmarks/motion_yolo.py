@@ -86,7 +86,8 @@ def run_path(args, task: YOLOv8Task, net, name: str, scene_frames: list[np.ndarr
 
     def delta_model():
         dm = deltacnn.convert(net, xs[0], **kw)
-        if args.relative and not args.thresholds:  # thresholds as fractions of each layer's scale (the input's: the frame's range)
+        if args.relative and not args.thresholds:  # thresholds as fractions of each layer's scale
+            # (the input's: the frame's range)
             measure_scales(dm, xs[0], relative=True)
         return dm
 
@@ -261,7 +262,7 @@ def main() -> None:
     ap.add_argument("--min-blob", type=int, default=3)
     ap.add_argument("--relative", action="store_true", help="thresholds relative to each layer's measured scale")
     ap.add_argument("--thresholds", default=None,
-                    help="a tuned thresholds file instead of the global thresholds (e.g. deltacnn/data/yolov8n_vtest.json)")
+                    help="a tuned thresholds file instead of the global ones (e.g. deltacnn/data/yolov8n_vtest.json)")
     ap.add_argument("--peers", type=int, default=4, help="timed calls per dense peer (0: skip)")
     ap.add_argument("--plot", action="store_true")
     ap.add_argument("--video", action="store_true")

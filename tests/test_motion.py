@@ -325,7 +325,27 @@ def test_sub_pixel_jitter_does_not_shift_the_input(net):
         if t:
             rates.append(float(mm.dm.input_mask.float().mean()))
         s = torch.tensor(mm.input_shift)
-        torch.testing.assert_close(out, map_outputs(net(translate(x, s, "nearest")), s.neg(), (H, W)), atol=2e-5, rtol=0)
+        want = map_outputs(net(translate(x, s, "nearest")), s.neg(), (H, W))
+        torch.testing.assert_close(out, want, atol=2e-5, rtol=0)
     assert shifts == [0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 2.0], shifts
     assert mm.aligned_at[0] == [2, 0]
     assert max(rates) < 0.15, rates  # every frame changed only where the objects moved
+
+
+def test_static_camera_refines_once_per_anchor_and_pans_every_frame(net):
+    """The full-resolution refinement runs again only once the pooled estimate moved 0.25 px: a static
+    camera pays it once per anchor, a pan on every frame (and still lands on the true positions)."""
+    scene = _scene(17)
+    calls = []
+    pc = PhaseCorrelator(max_size=64)  # 144 px frames pooled 3x: the refinement is used
+    orig = pc.refine
+    pc.refine = lambda *a: calls.append(1) or orig(*a)
+    mm = MotionDeltaModel(deltacnn.convert(net, torch.zeros(1, 3, H, W), backend="reference"), motion="auto",
+                          estimator=pc)
+    for t in range(5):
+        mm(_camera(scene, 100, 80, t))
+    assert len(calls) == 1 and mm.camera[0] == pytest.approx([0.0, 0.0], abs=0.3), (calls, mm.camera)
+    for t in range(5, 9):
+        mm(_camera(scene, 100 + 3 * (t - 4), 80, t))
+    assert len(calls) == 5, calls
+    assert mm.camera[0] == pytest.approx([12.0, 0.0], abs=0.3) and mm.aligned_at[0] == [12, 0], mm.camera

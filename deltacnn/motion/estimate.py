@@ -52,7 +52,7 @@ class PhaseCorrelator:
     confidence.
     """
 
-    def __init__(self, max_size: int = 256, exclude: int = 3, refine: int = 128) -> None:
+    def __init__(self, max_size: int = 256, exclude: int = 3, refine: int = 192) -> None:
         if max_size < 16:
             raise ValueError(f"max_size must be >= 16 pixels, got {max_size}")
         if refine and refine < 16:
@@ -60,7 +60,8 @@ class PhaseCorrelator:
         self.max_size = max_size
         self.exclude = exclude  # half-width of the neighbourhood of the peak left out of the second peak
         # side of the full-resolution window that refines a pooled estimate (0: off): a parabola on the
-        # pooled peak is biased by up to ~0.3 of the pooling factor (at 640 px: 4 px read as 3.4-5.0)
+        # pooled peak is biased by up to ~0.3 of the pooling factor (at 640 px: 4 px read as 3.4-5.0);
+        # 128 px failed on textureless parts of vtest (the top of a tilt), 192 px did not
         self.refine_size = refine
         self._window: dict = {}
 
@@ -87,13 +88,15 @@ class PhaseCorrelator:
         if not self.refine_size or factor <= 1:
             return coarse
         n, H, W = prev.shape
-        side = min(self.refine_size, _smooth_size(H // 2 * 2 - 2), _smooth_size(W // 2 * 2 - 2))
+        ks = coarse.round().to(torch.int64).cpu().tolist()
+        # a square window that fits in both frames at every stream's displacement
+        side = min(self.refine_size, _smooth_size(H - max(abs(k[1]) for k in ks)),
+                   _smooth_size(W - max(abs(k[0]) for k in ks)))
         if side < 16:
             return coarse
         rad = factor + 1
         win = self._hann(side, side, cur.device)
         out = coarse.clone()
-        ks = coarse.round().to(torch.int64).cpu().tolist()
         rows, pairs = [], []
         for i, (kx, ky) in enumerate(ks):
             y0 = _place((H - side) // 2, ky, H - side)
@@ -128,8 +131,11 @@ class PhaseCorrelator:
         sub_x = _parabola(at(0, -1), peak, at(0, 1))
         e = torch.stack([px.float() - rad + sub_x, py.float() - rad + sub_y], 1)
         k = torch.tensor([ks[i] for i in rows], dtype=torch.float32, device=cur.device)
-        good = (conf >= MIN_CONFIDENCE).unsqueeze(1)
+        # a refined peak further from the coarse one than the pooled estimate's error (~0.3 of the factor)
+        # is another structure in the window (vtest's plain facade at the top of a tilt): keep the coarse
         idx = torch.tensor(rows, device=cur.device)
+        near_coarse = ((k + e - coarse[idx]).abs() <= 0.5 * factor + 0.5).all(1, keepdim=True)
+        good = (conf >= MIN_CONFIDENCE).unsqueeze(1) & near_coarse
         out[idx] = torch.where(good, k + e, coarse[idx])
         return out
 

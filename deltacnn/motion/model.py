@@ -236,6 +236,7 @@ class MotionDeltaModel(nn.Module):
     # +-0.6 px) does not shift the whole input by 1 px back and forth (a frame where every pixel changes,
     # and the detector's own 1 px shift variance: F1 0.8 on those frames there)
     HOLD_PX = 0.75
+    REFINE_PX = 0.25  # "auto": refine again once the pooled estimate moved this far (see _refined)
     REANCHOR_PX = 16.0  # a new anchor once the camera moved this far from the anchor (keeps the overlap large)
     REANCHOR_FRAMES = 50  # ... or this many frames after it (the scene's movers drift away from the anchor)
     # ... or once the confidence fell below this fraction of the first estimate's against the anchor (and
@@ -258,6 +259,7 @@ class MotionDeltaModel(nn.Module):
             self._anchor_cam = [list(c) for c in (self.camera or [[0.0, 0.0]] * x.shape[0])]
             self._anchor_age = [0] * x.shape[0]
             self._anchor_conf = [math.inf] * x.shape[0]  # the first estimate's confidence against the anchor
+            self._refined_at = [None] * x.shape[0]  # per stream: (pooled, refined) estimates at the last refinement
             return
         for j, i in enumerate(streams):
             self._anchor[i] = spec[i]
@@ -265,6 +267,28 @@ class MotionDeltaModel(nn.Module):
             self._anchor_cam[i] = list(self.camera[i])
             self._anchor_age[i] = 0
             self._anchor_conf[i] = math.inf
+            self._refined_at[i] = None
+
+    def _refined(self, x: Tensor, coarse: Tensor, factor: int) -> Tensor:
+        """The pooled estimates (vs the anchor) refined at full resolution, for the streams whose pooled
+        estimate moved more than REFINE_PX since their last refinement; the others reuse that
+        refinement plus the pooled estimate's change (a static camera refines once per anchor: the
+        refinement is ~40% of the estimator's time)."""
+        if factor <= 1 or not self.estimator.refine_size:
+            return coarse
+        c = coarse.double().cpu().tolist()
+        last = self._refined_at
+        todo = [i for i in range(len(c))
+                if last[i] is None or max(abs(a - b) for a, b in zip(c[i], last[i][0])) > self.REFINE_PX]
+        out = [None if last[i] is None else [r + a - b for r, a, b in zip(last[i][1], c[i], last[i][0])]
+               for i in range(len(c))]
+        if todo:
+            sel = torch.tensor(todo, device=x.device)
+            fine = self.estimator.refine(self._anchor_grey[sel], x[sel], coarse[sel], factor).double().cpu().tolist()
+            for j, i in enumerate(todo):
+                out[i] = fine[j]
+                last[i] = (c[i], fine[j])
+        return torch.tensor(out, dtype=coarse.dtype, device=coarse.device)
 
     def _estimate_from_anchor(self, x: Tensor) -> MotionEstimate:
         """The camera displacement since the last frame, as (position vs the anchor) - (last position).
@@ -276,7 +300,7 @@ class MotionDeltaModel(nn.Module):
         b, f = self.estimator.prepare(x)
         spec = torch.fft.rfft2(b)
         est = self.estimator.correlate(None, b, f, spectra=(self._anchor, spec))
-        est.shift = self.estimator.refine(self._anchor_grey, x, est.shift, f)
+        est.shift = self._refined(x, est.shift, f)
         d = est.shift.double().cpu().tolist()
         conf = est.confidence.cpu().tolist()
         step, renew = [], []
@@ -287,7 +311,8 @@ class MotionDeltaModel(nn.Module):
             self._anchor_age[i] += 1
             if self._anchor_age[i] == 1:
                 self._anchor_conf[i] = conf[i]
-            stale = conf[i] < min(self.REANCHOR_DECAY * self._anchor_conf[i], self.REANCHOR_CONFIDENCE * self.min_confidence)
+            stale = conf[i] < min(self.REANCHOR_DECAY * self._anchor_conf[i],
+                                  self.REANCHOR_CONFIDENCE * self.min_confidence)
             if not ok or stale or max(abs(v) for v in d[i]) >= self.REANCHOR_PX or \
                     self._anchor_age[i] >= self.REANCHOR_FRAMES:
                 renew.append(i)
