@@ -81,10 +81,13 @@ def run_path(args, task: YOLOv8Task, net, name: str, scene_frames: list[np.ndarr
         given = torch.tensor([(0, 0)] + [(b[0] - a[0], b[1] - a[1]) for a, b in zip(origins, origins[1:])],
                              dtype=torch.float64)
     kw = dict(input_threshold=args.input_threshold, threshold=args.threshold, min_blob=args.min_blob, backend="cpu")
+    if args.thresholds:  # a tuned file: its thresholds, gate and refresh rule (what `deltacnn run` uses)
+        kw = dict(thresholds_file=args.thresholds, backend="cpu")
 
     def delta_model():
         dm = deltacnn.convert(net, xs[0], **kw)
-        if args.relative:  # thresholds as fractions of each layer's scale (the input's: the frame's range)
+        if args.relative and not args.thresholds:  # thresholds as fractions of each layer's scale
+            # (the input's: the frame's range)
             measure_scales(dm, xs[0], relative=True)
         return dm
 
@@ -258,6 +261,8 @@ def main() -> None:
     ap.add_argument("--threshold", type=float, default=0.0)
     ap.add_argument("--min-blob", type=int, default=3)
     ap.add_argument("--relative", action="store_true", help="thresholds relative to each layer's measured scale")
+    ap.add_argument("--thresholds", default=None,
+                    help="a tuned thresholds file instead of the global ones (e.g. deltacnn/data/yolov8n_vtest.json)")
     ap.add_argument("--peers", type=int, default=4, help="timed calls per dense peer (0: skip)")
     ap.add_argument("--plot", action="store_true")
     ap.add_argument("--video", action="store_true")

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import deltacnn
-from deltacnn.motion import MotionDeltaModel, MotionNotSupportedError, PhaseCorrelator, given_motion, translate
+from deltacnn.motion import (MotionDeltaModel, MotionNotSupportedError, PhaseCorrelator, given_motion, map_outputs,
+                             translate)
 from deltacnn.motion.estimate import MIN_CONFIDENCE
 
 H, W = 112, 144  # multiples of the test net's total stride 8, and larger than its 4R + |D| (R = 24)
@@ -150,6 +151,27 @@ def test_estimator_recovers_shifts_despite_moving_objects():
     torch.testing.assert_close(pooled.shift, torch.tensor(shifts, dtype=torch.float32), atol=0.5, rtol=0)
 
 
+def test_refinement_removes_the_pooled_estimate_bias():
+    """A frame pooled 5x before correlating: the parabola on the pooled peak is off by up to ~0.3 of the
+    pooling factor; the full-resolution window around the rounded estimate brings it within 0.1 px."""
+    scene = _scene(13, 400, 480)
+    shifts = [(4, 0), (-7, 3), (2, 1), (13, -9)]
+    prev = torch.cat([scene[:, :, 100:300, 100:360]] * len(shifts))
+    cur = torch.cat([scene[:, :, 100 + dy:300 + dy, 100 + dx:360 + dx] for dx, dy in shifts]).clone()
+    cur[:, :, 20:50, 30:60] = 2.0  # a mover
+    want = torch.tensor(shifts, dtype=torch.float32)
+    coarse = PhaseCorrelator(max_size=52, refine=0)(prev, cur)
+    fine = PhaseCorrelator(max_size=52)(prev, cur)
+    torch.testing.assert_close(fine.shift, want, atol=0.1, rtol=0)
+    assert (coarse.shift - want).abs().max() > (fine.shift - want).abs().max()
+    torch.testing.assert_close(fine.confidence, coarse.confidence)  # confidence: the whole-frame estimate's
+    pc = PhaseCorrelator(max_size=52)
+    assert pc.step(prev) is None
+    torch.testing.assert_close(pc.step(cur).shift, want, atol=0.1, rtol=0)
+    with pytest.raises(ValueError, match="refine"):
+        PhaseCorrelator(refine=8)
+
+
 def test_estimator_reports_low_confidence_on_a_cut():
     a = _scene(8, 120, 160)
     b = _scene(9, 120, 160)
@@ -238,3 +260,92 @@ def test_estimates_do_not_drift_on_a_static_noisy_camera(net):
     assert total > 1.0  # the frame-to-frame estimates are noisy ...
     assert mm.view[0] == [0, 0] and mm.input_shift == [[0.0, 0.0]]  # ... but the position is not
     assert max(abs(c) for c in mm.camera[0]) < 0.5, mm.camera
+
+
+class TinyNet(nn.Module):
+    """Total stride 4, halo (R rounded up to the stride) 8 px: small enough frames for the Triton interpreter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 4, 3, 1, 1)
+        self.c2 = nn.Conv2d(4, 4, 3, 2, 1)
+        self.c3 = nn.Conv2d(4, 3, 3, 2, 1)
+
+    def forward(self, x):
+        return self.c3(F.relu(self.c2(F.relu(self.c1(x)))))
+
+
+def test_triton_backend_follows_the_camera_like_the_reference():
+    """The Triton backend (TRITON_INTERPRET=1 on the CPU) under motion alignment: a state shift with its
+    border-band crops, sub-stride residuals and a two-axis move give what the reference backend gives,
+    frame by frame, at tau > 0, for two streams with their own motion."""
+    pytest.importorskip("triton")
+    torch.manual_seed(3)
+    tiny = TinyNet().eval()
+    h, w = 48, 64
+    scenes = [_scene(14), _scene(15)]
+    path = [[(100, 80), (104, 80), (106, 79), (110, 75)], [(60, 60), (60, 60), (56, 60), (55, 61)]]
+    seq = torch.tensor([[[0.0, 0.0]] * 2] + [[[p[t][0] - p[t - 1][0], p[t][1] - p[t - 1][1]] for p in path]
+                                             for t in range(1, 4)])
+    mms = {b: MotionDeltaModel(deltacnn.convert(tiny, torch.zeros(2, 3, h, w), backend=b, threshold=0.05),
+                               motion=seq) for b in ("triton", "reference")}
+    modes = []
+    for t in range(4):
+        frames = []
+        for s, p in zip(scenes, path):
+            s = s.clone()
+            s[:, :, 90 + 2 * t:98 + 2 * t, 115 + 3 * t:123 + 3 * t] = 1.5  # an object moving in the scene
+            frames.append(s[:, :, p[t][1]:p[t][1] + h, p[t][0]:p[t][0] + w])
+        x = torch.cat(frames)
+        outs = {b: m(x) for b, m in mms.items()}
+        torch.testing.assert_close(outs["triton"], outs["reference"], atol=1e-4, rtol=0, msg=f"frame {t}")
+        assert mms["triton"].view == mms["reference"].view
+        modes.append(mms["triton"].dm.last_mode)
+        if t == 1:
+            assert mms["triton"].aligner.geo.halo == 8
+            assert 0 < mms["triton"].aligner.recomputed_pixels < 2 * h * w  # stream 0's bands, not a keyframe
+    assert modes[1] == "delta" and modes.count("delta") >= 2, modes
+    assert mms["triton"].input_shift == [[2.0, -1.0], [-1.0, 1.0]]  # sub-stride residuals
+
+
+def test_sub_pixel_jitter_does_not_shift_the_input(net):
+    """'nearest' holds the whole-pixel alignment until the camera moved 0.75 px from it: a camera that
+    wanders by +-0.6 px keeps the input where it is (no frame where every pixel changes); a real 1 px
+    move still moves it, and the output stays the dense output of the view it saw."""
+    scene = _scene(16)
+    cam_x = [0.0, 0.6, -0.6, 0.0, 1.0, 1.4, 2.2]  # the motion estimates' camera path
+    img_x = [0, 0, 0, 0, 1, 1, 2]  # where the camera really is (the estimates' jitter is noise)
+    seq = torch.tensor([[0.0, 0.0]] + [[b - a, 0.0] for a, b in zip(cam_x, cam_x[1:])])
+    mm = MotionDeltaModel(deltacnn.convert(net, torch.zeros(1, 3, H, W), backend="reference"), motion=seq)
+    shifts, rates = [], []
+    for t in range(len(cam_x)):
+        x = _camera(scene, 100 + img_x[t], 80, t)
+        out = mm(x)
+        shifts.append(mm.input_shift[0][0])
+        if t:
+            rates.append(float(mm.dm.input_mask.float().mean()))
+        s = torch.tensor(mm.input_shift)
+        want = map_outputs(net(translate(x, s, "nearest")), s.neg(), (H, W))
+        torch.testing.assert_close(out, want, atol=2e-5, rtol=0)
+    assert shifts == [0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 2.0], shifts
+    assert mm.aligned_at[0] == [2, 0]
+    assert max(rates) < 0.15, rates  # every frame changed only where the objects moved
+
+
+def test_static_camera_refines_once_per_anchor_and_pans_every_frame(net):
+    """The full-resolution refinement runs again only once the pooled estimate moved 0.25 px: a static
+    camera pays it once per anchor, a pan on every frame (and still lands on the true positions)."""
+    scene = _scene(17)
+    calls = []
+    pc = PhaseCorrelator(max_size=64)  # 144 px frames pooled 3x: the refinement is used
+    orig = pc.refine
+    pc.refine = lambda *a: calls.append(1) or orig(*a)
+    mm = MotionDeltaModel(deltacnn.convert(net, torch.zeros(1, 3, H, W), backend="reference"), motion="auto",
+                          estimator=pc)
+    for t in range(5):
+        mm(_camera(scene, 100, 80, t))
+    assert len(calls) == 1 and mm.camera[0] == pytest.approx([0.0, 0.0], abs=0.3), (calls, mm.camera)
+    for t in range(5, 9):
+        mm(_camera(scene, 100 + 3 * (t - 4), 80, t))
+    assert len(calls) == 5, calls
+    assert mm.camera[0] == pytest.approx([12.0, 0.0], abs=0.3) and mm.aligned_at[0] == [12, 0], mm.camera

@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -34,7 +35,7 @@ class MotionDeltaModel(nn.Module):
         min_confidence: streams whose estimate's peak ratio is below it (a cut, a failed estimate)
             are recomputed on the new frame (a per-stream keyframe).
         resample: how the frame is moved by the sub-stride residual: "nearest" (whole pixels, an
-            exact copy) or "bilinear".
+            exact copy; the shift changes once the camera moved HOLD_PX = 0.75 px from it) or "bilinear".
         estimator: a PhaseCorrelator to use for "auto".
         halo: width (input pixels, rounded up to a multiple of the total stride) of the border bands
             recomputed when the view moves. None: the network's receptive-field bound R, which makes
@@ -78,6 +79,7 @@ class MotionDeltaModel(nn.Module):
         self._frames = 0
         self._shape: tuple | None = None
         self.camera: list[list[float]] = []  # per stream: accumulated camera position (x, y), pixels
+        self.aligned_at: list[list[int]] = []  # per stream ("nearest"): the whole-pixel position aligned to
         self.view: list[list[int]] = []  # per stream: view origin, a multiple of the total stride
         self.last_estimate: MotionEstimate | None = None
         self.last_full: list[bool] = []  # streams recomputed entirely in the last frame (low confidence)
@@ -91,7 +93,7 @@ class MotionDeltaModel(nn.Module):
 
     @property
     def residual(self) -> list[list[float]]:
-        """Per stream, camera position minus view origin: the translation applied to the input frame."""
+        """Per stream, camera position minus view origin (`input_shift`: the translation applied to the frame)."""
         return [[c - v for c, v in zip(cs, vs)] for cs, vs in zip(self.camera, self.view)]
 
     @torch.no_grad()
@@ -110,6 +112,7 @@ class MotionDeltaModel(nn.Module):
         if self._shape is None:  # a new stream: its first frame is the keyframe that fixes the geometry
             self._shape = sig
             self.camera = [[0.0, 0.0] for _ in range(n)]
+            self.aligned_at = [[0, 0] for _ in range(n)]
             self.view = [[0, 0] for _ in range(n)]
             self.last_full = [False] * n
             geometry, out = probe_geometry(self.dm, x)
@@ -136,13 +139,21 @@ class MotionDeltaModel(nn.Module):
             cam = self.camera[i]
             cam[0] += shifts[i][0]
             cam[1] += shifts[i][1]
-            v = [S * round(c / S) for c in cam]
+            if self.resample == "nearest":  # the whole-pixel position the input is aligned to, with a hold
+                held = self.aligned_at[i]
+                for ax in (0, 1):
+                    if abs(cam[ax] - held[ax]) >= self.HOLD_PX:
+                        held[ax] = round(cam[ax])
+                v = [S * round(c / S) for c in held]
+            else:
+                v = [S * round(c / S) for c in cam]
             view_shift.append((v[0] - self.view[i][0], v[1] - self.view[i][1]))
             self.view[i] = v
         self.last_full = full
-        res = self.residual
         if self.resample == "nearest":
-            res = [[float(round(r)) for r in rs] for rs in res]
+            res = [[float(a - v) for a, v in zip(al, vs)] for al, vs in zip(self.aligned_at, self.view)]
+        else:
+            res = self.residual
         self.input_shift = res
         aligned = translate(x, torch.tensor(res), self.resample) if any(any(r) for r in res) else x
         due = self._due_streams(n)
@@ -220,23 +231,64 @@ class MotionDeltaModel(nn.Module):
         return self._estimate_from_anchor(x)
 
     # ---- "auto": estimates against an anchor frame, so that estimator noise does not accumulate -----
+    # "nearest": the input's whole-pixel shift follows the camera only once it moved this far from it, so
+    # that sub-pixel jitter (a shaky or forward-moving camera: Market Street's estimates wander within
+    # +-0.6 px) does not shift the whole input by 1 px back and forth (a frame where every pixel changes,
+    # and the detector's own 1 px shift variance: F1 0.8 on those frames there)
+    HOLD_PX = 0.75
+    REFINE_PX = 0.25  # "auto": refine again once the pooled estimate moved this far (see _refined)
     REANCHOR_PX = 16.0  # a new anchor once the camera moved this far from the anchor (keeps the overlap large)
     REANCHOR_FRAMES = 50  # ... or this many frames after it (the scene's movers drift away from the anchor)
+    # ... or once the confidence fell below this fraction of the first estimate's against the anchor (and
+    # below REANCHOR_CONFIDENCE x min_confidence): a stale anchor (a time-lapse: cityCC0's confidence falls
+    # from ~400 to ~40 in 15 frames) brings the frames before a cut close to the threshold that detects
+    # the cut (~6 there). Relative, so that a confidence that is low but steady (sensor noise on a static
+    # camera) does not re-anchor every frame and chain the estimates' noise into a drift.
+    REANCHOR_DECAY = 0.25
+    REANCHOR_CONFIDENCE = 8.0
 
     def _anchor_to(self, x: Tensor, streams: list[int], spec: Tensor | None = None) -> None:
         """Make the current frame (its spectrum `spec`) the anchor of `streams`, at their camera positions."""
         if spec is None:
             b, _ = self.estimator.prepare(x)
             spec = torch.fft.rfft2(b)
+        grey = self.estimator.grey(x[streams] if len(streams) < x.shape[0] else x)  # for the sub-pixel refinement
         if getattr(self, "_anchor", None) is None or self._anchor.shape != spec.shape or len(streams) == x.shape[0]:
             self._anchor = spec.clone()
+            self._anchor_grey = grey if len(streams) == x.shape[0] else self.estimator.grey(x)
             self._anchor_cam = [list(c) for c in (self.camera or [[0.0, 0.0]] * x.shape[0])]
             self._anchor_age = [0] * x.shape[0]
+            self._anchor_conf = [math.inf] * x.shape[0]  # the first estimate's confidence against the anchor
+            self._refined_at = [None] * x.shape[0]  # per stream: (pooled, refined) estimates at the last refinement
             return
-        for i in streams:
+        for j, i in enumerate(streams):
             self._anchor[i] = spec[i]
+            self._anchor_grey[i] = grey[j]
             self._anchor_cam[i] = list(self.camera[i])
             self._anchor_age[i] = 0
+            self._anchor_conf[i] = math.inf
+            self._refined_at[i] = None
+
+    def _refined(self, x: Tensor, coarse: Tensor, factor: int) -> Tensor:
+        """The pooled estimates (vs the anchor) refined at full resolution, for the streams whose pooled
+        estimate moved more than REFINE_PX since their last refinement; the others reuse that
+        refinement plus the pooled estimate's change (a static camera refines once per anchor: the
+        refinement is ~40% of the estimator's time)."""
+        if factor <= 1 or not self.estimator.refine_size:
+            return coarse
+        c = coarse.double().cpu().tolist()
+        last = self._refined_at
+        todo = [i for i in range(len(c))
+                if last[i] is None or max(abs(a - b) for a, b in zip(c[i], last[i][0])) > self.REFINE_PX]
+        out = [None if last[i] is None else [r + a - b for r, a, b in zip(last[i][1], c[i], last[i][0])]
+               for i in range(len(c))]
+        if todo:
+            sel = torch.tensor(todo, device=x.device)
+            fine = self.estimator.refine(self._anchor_grey[sel], x[sel], coarse[sel], factor).double().cpu().tolist()
+            for j, i in enumerate(todo):
+                out[i] = fine[j]
+                last[i] = (c[i], fine[j])
+        return torch.tensor(out, dtype=coarse.dtype, device=coarse.device)
 
     def _estimate_from_anchor(self, x: Tensor) -> MotionEstimate:
         """The camera displacement since the last frame, as (position vs the anchor) - (last position).
@@ -248,6 +300,7 @@ class MotionDeltaModel(nn.Module):
         b, f = self.estimator.prepare(x)
         spec = torch.fft.rfft2(b)
         est = self.estimator.correlate(None, b, f, spectra=(self._anchor, spec))
+        est.shift = self._refined(x, est.shift, f)
         d = est.shift.double().cpu().tolist()
         conf = est.confidence.cpu().tolist()
         step, renew = [], []
@@ -256,7 +309,12 @@ class MotionDeltaModel(nn.Module):
             pos = [a + v for a, v in zip(self._anchor_cam[i], d[i])] if ok else list(self.camera[i])
             step.append([p - c for p, c in zip(pos, self.camera[i])])
             self._anchor_age[i] += 1
-            if not ok or max(abs(v) for v in d[i]) >= self.REANCHOR_PX or self._anchor_age[i] >= self.REANCHOR_FRAMES:
+            if self._anchor_age[i] == 1:
+                self._anchor_conf[i] = conf[i]
+            stale = conf[i] < min(self.REANCHOR_DECAY * self._anchor_conf[i],
+                                  self.REANCHOR_CONFIDENCE * self.min_confidence)
+            if not ok or stale or max(abs(v) for v in d[i]) >= self.REANCHOR_PX or \
+                    self._anchor_age[i] >= self.REANCHOR_FRAMES:
                 renew.append(i)
         shift = torch.tensor(step, dtype=torch.float32, device=x.device)
         if renew:  # anchored at the position this frame will have (forward adds `step` to the camera)

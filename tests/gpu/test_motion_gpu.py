@@ -1,0 +1,112 @@
+"""Moving cameras on a real GPU (skipped without CUDA): motion-aligned delta state with the Triton and
+reference backends on CUDA, the estimator on the frames' device. Self-contained (its own net and scene).
+
+    python3 -m pytest -q tests/gpu/test_motion_gpu.py
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+if not torch.cuda.is_available():
+    pytest.skip("needs CUDA", allow_module_level=True)
+pytest.importorskip("triton")
+
+import deltacnn  # noqa: E402
+from deltacnn.motion import MotionDeltaModel, PhaseCorrelator  # noqa: E402
+
+H, W = 224, 320  # multiples of the net's total stride 8, wider than its 4R + |D| (R = 24) on both axes
+
+
+class PanNet(nn.Module):
+    """Strided padded convs, ReLU, max pool, a residual add: total stride 8."""
+
+    def __init__(self, c: int = 16) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, c, 3, 1, 1)
+        self.c2 = nn.Conv2d(c, c, 3, 2, 1)
+        self.c3 = nn.Conv2d(c, c, 3, 1, 1)
+        self.c4 = nn.Conv2d(c, c, 3, 2, 1)
+        self.head = nn.Conv2d(c, 3, 1)
+
+    def forward(self, x):
+        x = F.relu(self.c1(x))
+        x = F.relu(self.c2(x))
+        x = F.max_pool2d(x, 2)
+        x = F.relu(self.c3(x) + x)
+        return self.head(F.relu(self.c4(x)))
+
+
+@pytest.fixture(autouse=True)
+def no_tf32():
+    a, b = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = a, b
+
+
+def _scene(seed: int, h: int = 480, w: int = 640) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    s = F.interpolate(torch.randn(1, 3, h // 4, w // 4, generator=g), size=(h, w), mode="bilinear",
+                      align_corners=False) + 0.1 * torch.randn(1, 3, h, w, generator=g)
+    return s.cuda()
+
+
+def _camera(scene: torch.Tensor, cx: int, cy: int, t: int) -> torch.Tensor:
+    s = scene.clone()
+    s[:, :, 150 + 2 * t:170 + 2 * t, 200 + 3 * t:224 + 3 * t] = 1.5  # objects moving in the scene
+    s[:, :, 260 - 3 * t:276 - 3 * t, 300:318] = -1.0
+    return s[:, :, cy:cy + H, cx:cx + W].contiguous()
+
+
+PATH = [(120, 100), (128, 100), (136, 100), (136, 92), (136, 92), (128, 92), (120, 100), (120, 108)]
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_pan_by_multiples_of_the_stride_is_exact_on_the_gpu(backend):
+    torch.manual_seed(0)
+    net = PanNet().cuda().eval()
+    scene = _scene(1)
+    mm = MotionDeltaModel(deltacnn.convert(net, _camera(scene, *PATH[0], 0), backend=backend), motion="auto")
+    modes = []
+    with torch.no_grad():
+        for t, (cx, cy) in enumerate(PATH):
+            x = _camera(scene, cx, cy, t)
+            out = mm(x)
+            assert out.device.type == "cuda"
+            torch.testing.assert_close(out, net(x), atol=1e-4, rtol=0, msg=f"frame {t}")
+            modes.append(mm.dm.last_mode)
+    assert mm.view[0] == [0, 8]
+    assert modes.count("delta") >= 5, modes  # the pans stayed sparse: strips + delta steps, no keyframes
+
+
+def test_triton_matches_reference_with_sub_stride_motion_two_streams():
+    torch.manual_seed(1)
+    net = PanNet().cuda().eval()
+    scenes = [_scene(2), _scene(3)]
+    paths = [[(120 + 3 * t, 100 - t) for t in range(8)], [(100 - 5 * t, 80 + 2 * t) for t in range(8)]]
+    seq = torch.tensor([[[0.0, 0.0]] * 2] + [[[p[t][0] - p[t - 1][0], p[t][1] - p[t - 1][1]] for p in paths]
+                                             for t in range(1, 8)])
+    x0 = torch.cat([_camera(s, *p[0], 0) for s, p in zip(scenes, paths)])
+    mms = {b: MotionDeltaModel(deltacnn.convert(net, x0, backend=b, threshold=0.03), motion=seq)
+           for b in ("triton", "reference")}
+    with torch.no_grad():
+        for t in range(8):
+            x = torch.cat([_camera(s, *p[t], t) for s, p in zip(scenes, paths)])
+            outs = {b: m(x) for b, m in mms.items()}
+            torch.testing.assert_close(outs["triton"], outs["reference"], atol=1e-3, rtol=0, msg=f"frame {t}")
+            assert mms["triton"].view == mms["reference"].view
+            assert mms["triton"].dm.last_mode == mms["reference"].dm.last_mode
+    assert mms["triton"].view == [[24, -8], [-32, 16]]
+
+
+def test_estimator_on_the_gpu_is_sub_pixel_and_stays_on_the_device():
+    scene = _scene(4)
+    shifts = [(4, 0), (-7, 3), (13, -9)]
+    prev = torch.cat([scene[:, :, 100:380, 100:520]] * len(shifts))
+    cur = torch.cat([scene[:, :, 100 + dy:380 + dy, 100 + dx:520 + dx] for dx, dy in shifts])
+    est = PhaseCorrelator(max_size=128)(prev, cur)
+    assert est.shift.device.type == "cuda" and est.confidence.device.type == "cuda"
+    torch.testing.assert_close(est.shift.cpu(), torch.tensor(shifts, dtype=torch.float32), atol=0.1, rtol=0)
