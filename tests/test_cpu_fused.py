@@ -355,3 +355,89 @@ def test_depthwise_rows_equal_reference(win: Window, act: ActSpec | None, monkey
     _same_delta(o1, o2)
     torch.testing.assert_close(a2, a1, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(e2, e1, rtol=1e-5, atol=1e-5)
+
+
+DENSE_WINDOWS = [Window.make(1), Window.make(3, 1, 1), Window.make(3, 2, 1), Window.make(5, 1, 2, 2),
+                 Window((3, 3), (2, 1), (0, 2, 1, 0), (1, 1)), Window.make((1, 3), 1, (0, 1)), Window.make(2, 2, 0)]
+
+
+@pytest.mark.parametrize("win", DENSE_WINDOWS, ids=str)
+@pytest.mark.parametrize("cin,cout,layout", [(3, 16, "nchw"), (5, 20, "channels_last"), (40, 33, "channels_last"),
+                                             (17, 7, "slice")])
+def test_dense_conv_equals_pytorch(win: Window, cin: int, cout: int, layout: str) -> None:
+    """Keyframes' conv_dense (every pixel; window rows read as runs or taps in place, border pixels
+    zero-padded) against F.conv2d + bias + residual + f, with the state A and E it writes."""
+    from deltacnn.backends.base import ConvParams
+    if not FUSED._gemm:
+        pytest.skip("no AVX2/FMA here")
+    gen = torch.Generator().manual_seed(61)
+    n, h, w = 2, 11, 14
+    x = torch.randn(n, cin + (3 if layout == "slice" else 0), h, w, generator=gen)
+    if layout != "nchw":
+        x = x.contiguous(memory_format=torch.channels_last)
+    if layout == "slice":  # a channel slice of a channels_last map: channels contiguous, pixels strided
+        x = x[:, 2:2 + cin]
+    p = ConvParams(torch.randn(cout, cin, *win.kernel, generator=gen) * 0.3, win, 1)
+    bias = torch.randn(cout, generator=gen)
+    t, b, l, r = win.padding
+    ref = nn.functional.conv2d(nn.functional.pad(x, (l, r, t, b)), p.weight, bias, win.stride, 0, win.dilation)
+    residual = torch.randn(ref.shape, generator=gen).contiguous(memory_format=torch.channels_last)
+    for act in [None, *EPILOGUE_ACTS]:
+        for res in (None, residual):
+            v = ref + res if res is not None else ref
+            bufs = {}
+
+            def state(shape):
+                bufs["acc"] = torch.full(shape, float("nan")).contiguous(memory_format=torch.channels_last)
+                bufs["em"] = torch.full(shape, float("nan")).contiguous(memory_format=torch.channels_last)
+                return bufs["acc"], bufs["em"]
+            out = FUSED.dense_conv(x, p, bias, res, act, state if act is not None else None)
+            assert out is not None and out.is_contiguous(memory_format=torch.channels_last)
+            want = act(v) if act is not None else v
+            torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+            if act is not None:
+                torch.testing.assert_close(bufs["acc"], v, rtol=1e-5, atol=1e-5)
+                assert torch.equal(bufs["em"], out)
+
+
+def test_dense_conv_declines_what_it_does_not_fuse() -> None:
+    from deltacnn.backends.base import ConvParams
+    x = torch.randn(1, 4, 6, 6).contiguous(memory_format=torch.channels_last)
+    grouped = ConvParams(torch.randn(4, 2, 3, 3), Window.make(3, 1, 1), 2)
+    assert FUSED.dense_conv(x, grouped, None, None, ActSpec("relu"), None) is None
+    plain = ConvParams(torch.randn(4, 4, 3, 3), Window.make(3, 1, 1), 1)
+    assert FUSED.dense_conv(x, plain, None, None, ActSpec("gelu"), None) is None  # f not in the epilogue
+    assert FUSED.dense_conv(x.double(), ConvParams(plain.weight.double(), plain.window, 1), None, None, None,
+                            None) is None
+    assert REF.dense_conv(x, plain, None, None, None, None) is None
+
+
+@pytest.mark.parametrize("mode", ["keyframe", "dense_frame", "streams"])
+def test_keyframes_on_dense_conv_equal_reference(mode: str) -> None:
+    """The fused backend's keyframes (conv_dense with the state writes), stateless dense frames and
+    keyframes of some streams of a batch, then delta frames on the seeded state, against the reference
+    backend and dense PyTorch."""
+    torch.manual_seed(1)
+    net = _Net().eval()
+    frames = torch.randn(2, 3, 40, 56).repeat(5, 1, 1, 1)
+    for t in range(1, 5):  # a moving patch of fresh noise
+        frames[2 * t:, :, 4 + 3 * t:14 + 3 * t, 10 + 4 * t:22 + 4 * t] = torch.randn(3, 10, 12)
+    outs = {}
+    for be in ("cpu", "reference"):
+        dm = deltacnn.convert(net, frames[:2], threshold=0.0, backend=be)
+        res = []
+        with torch.no_grad():
+            for t in range(5):
+                x = frames[2 * t:2 * t + 2]
+                if mode == "dense_frame" and t == 2:
+                    res.append(dm.dense_frame(x))
+                    continue
+                if mode == "streams" and t == 2:
+                    dm._since[1] = 0  # stream 1 is due for a keyframe: it runs a pass of its own
+                res.append(dm(x))
+        outs[be] = res
+    with torch.no_grad():
+        for t in range(5):
+            dense = net(frames[2 * t:2 * t + 2])
+            torch.testing.assert_close(outs["cpu"][t], outs["reference"][t], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(outs["cpu"][t], dense, rtol=1e-4, atol=1e-4)

@@ -8,6 +8,7 @@ override still works and stays correct.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 from torch import Tensor
 
@@ -83,6 +84,17 @@ class Backend:
         are None on stateless dense frames. False: nothing done (y unchanged), the layer adds the bias
         and runs its generic PyTorch path."""
         return False
+
+    def dense_conv(self, x: Tensor, p: ConvParams, bias: Tensor | None, residual: Tensor | None,
+                   act: ActSpec | None, state: Callable[[tuple[int, ...]], tuple[Tensor, Tensor]] | None
+                   ) -> Tensor | None:
+        """Dense frame of a conv with its bias, residual add and activation in one pass, for backends
+        that fuse it: returns out = f(conv(x) + bias + residual) (channels_last, float32). On keyframes
+        `state(shape)` gives the activation's A and E buffers (float32 channels_last of the output's
+        shape), which the pass overwrites with A = conv(x) + bias + residual and E = out; the backend
+        may return E itself as out. `state` is None on stateless dense frames and for convs without an
+        activation. None: nothing done, the layer runs its generic path."""
+        return None
 
     def add(self, a: DeltaTensor, b: DeltaTensor) -> DeltaTensor:
         raise NotImplementedError

@@ -921,6 +921,158 @@ std::vector<torch::Tensor> depthwise_rows(torch::Tensor ext, torch::Tensor in_ma
   return {compact(keep.data(), p_count, ip), out[0], out[1], out[2]};
 }
 
+// ---- dense convs of keyframes and dense frames, with the epilogue and the state writes -----------
+
+namespace {
+
+// f(v) over c channels into f (codes as conv_act_rows: 0 identity, 1 relu, 2 hardtanh, 3 leaky, 4 SiLU,
+// 5 sigmoid; SiLU and sigmoid by exp8, within a few ulp of ATen's).
+__attribute__((target("avx2,fma"))) void activate_row(int64_t code, const float* v, float* f, int64_t c, float lo,
+                                                      float hi, float slope) {
+  int64_t j = 0;
+  if (code >= 4) {
+    const __m256 one = _mm256_set1_ps(1.f);
+    for (; j + 8 <= c; j += 8) {
+      const __m256 x = _mm256_loadu_ps(v + j);
+      const __m256 den = _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), x)));
+      _mm256_storeu_ps(f + j, _mm256_div_ps(code == 4 ? x : one, den));
+    }
+    for (; j < c; ++j) f[j] = (code == 4 ? v[j] : 1.f) / (1.f + std::exp(-v[j]));
+    return;
+  }
+  switch (code) {
+    case 1: for (; j < c; ++j) f[j] = activate<1>(v[j], lo, hi, slope); break;
+    case 2: for (; j < c; ++j) f[j] = activate<2>(v[j], lo, hi, slope); break;
+    case 3: for (; j < c; ++j) f[j] = activate<3>(v[j], lo, hi, slope); break;
+    default: for (; j < c; ++j) f[j] = v[j]; break;
+  }
+}
+
+}  // namespace
+
+// A dense conv (groups 1) over every output pixel, for keyframes and dense frames, in one pass:
+//   v = conv(x) + bias (+ residual), out = f(v); with acc (a keyframe) also A = v, and with emitted
+//   E = out (or pass E itself as out: the keyframe's output is E).
+// x: float32 (N, Cin, H, W) whose channels are contiguous (channels_last, or a channel slice of it);
+// packed: as conv_rows; bias (Cout,) or None; residual, out, acc, emitted: channels_last float32 of the
+// output's shape (out, acc and emitted overwritten). code: the activation as conv_act_rows (0 and no
+// state for a plain conv).
+// The GEMM's operand rows are read in place. When x's pixels are contiguous rows and the window has no
+// column dilation, a window row's kw taps are one run of kw * Cin values: the micro-kernel then loops
+// over kh runs instead of kh * kw taps (the RGB stem: 3 runs of 9 values instead of 9 taps of 3);
+// pixels whose window crosses the left or right border get their runs copied with zeros.
+void conv_dense(torch::Tensor x, torch::Tensor packed, c10::optional<torch::Tensor> bias, std::vector<int64_t> geo,
+                c10::optional<torch::Tensor> residual, torch::Tensor out, c10::optional<torch::Tensor> acc,
+                c10::optional<torch::Tensor> emitted, int64_t code, double lo, double hi, double slope) {
+  TORCH_CHECK(has_conv_rows(), "conv_dense needs AVX2 and FMA");
+  const Geometry g = geometry(geo);
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && x.dim() == 4 && x.size(0) == g.n && x.size(2) == g.h &&
+                  x.size(3) == g.w && x.stride(1) == 1,
+              "x must be a float32 (N, Cin, H, W) tensor of the geometry's input size with contiguous channels");
+  TORCH_CHECK(code >= 0 && code <= 5, "unknown activation code ", code);
+  const int64_t cin = x.size(1), taps = g.kh * g.kw, cout = out.size(1), total = g.n * g.ho * g.wo;
+  TORCH_CHECK(out.dim() == 4 && out.size(0) == g.n && out.size(2) == g.ho && out.size(3) == g.wo,
+              "out must be (N, Cout, Ho, Wo)");
+  const int64_t panels = (cout + GEMM_NR - 1) / GEMM_NR;
+  TORCH_CHECK(packed.scalar_type() == torch::kFloat && packed.is_contiguous() && packed.dim() == 3 &&
+                  packed.size(0) == panels && packed.size(1) == taps * cin && packed.size(2) == GEMM_NR,
+              "packed must be a contiguous (", panels, ", ", taps * cin, ", 16) float32 tensor");
+  const float* bp = nullptr;
+  if (bias) {
+    TORCH_CHECK(bias->scalar_type() == torch::kFloat && bias->is_contiguous() && bias->numel() == cout,
+                "bias must be a contiguous float32 (", cout, ",) tensor");
+    bp = bias->data_ptr<float>();
+  }
+  float* op = rows_ptr(out, total, cout, "out");
+  const float* rp = residual ? rows_ptr(*residual, total, cout, "residual") : nullptr;
+  float* ap = acc ? rows_ptr(*acc, total, cout, "acc") : nullptr;
+  float* ep = emitted ? rows_ptr(*emitted, total, cout, "emitted") : nullptr;
+  const float* xp = x.data_ptr<float>();
+  const int64_t sn = x.stride(0), sy = x.stride(2), sx = x.stride(3);
+  // runs: a window row is kw consecutive pixels' channels, contiguous in memory
+  const bool runs = g.kw > 1 && g.dw == 1 && sx == cin;
+  const int64_t vt = runs ? g.kh : taps, vk = runs ? g.kw * cin : cin;  // the micro-kernel's taps and depth
+  const float* wp = packed.data_ptr<float>();
+  const float flo = lo, fhi = hi, fslope = slope;
+  const int64_t row_blocks = (g.wo + GEMM_MR - 1) / GEMM_MR, blocks = g.n * g.ho * row_blocks;
+  at::parallel_for(0, blocks, 4, [&](int64_t b0, int64_t b1) {
+    const std::vector<float> zero(vk, 0.f);
+    std::vector<float> edge(runs ? GEMM_MR * vt * vk : 0);  // border pixels' runs, zero-filled outside
+    std::vector<const float*> src(vt * GEMM_MR);
+    std::vector<uint8_t> any(vt);
+    std::vector<float> y(GEMM_MR * cout), v(cout);
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t row = blk / row_blocks, ox0 = (blk % row_blocks) * GEMM_MR;
+      const int64_t n = row / g.ho, oy = row % g.ho;
+      const int64_t rows = std::min<int64_t>(GEMM_MR, g.wo - ox0);
+      const float* xn = xp + n * sn;
+      std::fill(any.begin(), any.end(), 0);
+      for (int64_t r = 0; r < GEMM_MR; ++r) {
+        const int64_t ox = ox0 + std::min<int64_t>(r, rows - 1);  // rows past the end repeat the last
+        if (runs) {
+          const int64_t ix0 = ox * g.sw - g.pl;
+          const bool inside = ix0 >= 0 && ix0 + g.kw <= g.w;
+          for (int64_t ky = 0; ky < g.kh; ++ky) {
+            const int64_t iy = oy * g.sh - g.pt + ky * g.dh;
+            if (iy < 0 || iy >= g.h) {
+              src[ky * GEMM_MR + r] = zero.data();
+              continue;
+            }
+            any[ky] = 1;
+            const float* s = xn + iy * sy + ix0 * sx;
+            if (inside) {
+              src[ky * GEMM_MR + r] = s;
+              continue;
+            }
+            float* d = edge.data() + (r * vt + ky) * vk;
+            for (int64_t kx = 0; kx < g.kw; ++kx) {
+              const int64_t ix = ix0 + kx;
+              if (ix >= 0 && ix < g.w) std::memcpy(d + kx * cin, s + kx * sx, sizeof(float) * cin);
+              else std::memset(d + kx * cin, 0, sizeof(float) * cin);
+            }
+            src[ky * GEMM_MR + r] = d;
+          }
+          continue;
+        }
+        for (int64_t ky = 0, t = 0; ky < g.kh; ++ky) {
+          const int64_t iy = oy * g.sh - g.pt + ky * g.dh;
+          const bool vy = iy >= 0 && iy < g.h;
+          for (int64_t kx = 0; kx < g.kw; ++kx, ++t) {
+            const int64_t ix = ox * g.sw - g.pl + kx * g.dw;
+            const bool live = vy && ix >= 0 && ix < g.w;
+            src[t * GEMM_MR + r] = live ? xn + iy * sy + ix * sx : zero.data();
+            any[t] |= live;
+          }
+        }
+      }
+      for (int64_t j = 0; j < panels; ++j)
+        gemm_panel(src.data(), any.data(), vt, vk, wp + j * taps * cin * GEMM_NR, y.data() + j * GEMM_NR, rows, cout,
+                   std::min<int64_t>(GEMM_NR, cout - j * GEMM_NR));
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t q = row * g.wo + ox0 + r;
+        const float* yr = y.data() + r * cout;
+        const float* rr = rp ? rp + q * cout : nullptr;
+        float* vr = ap ? ap + q * cout : v.data();  // A is v itself on keyframes
+        if (bp && rr) {
+#pragma omp simd
+          for (int64_t c = 0; c < cout; ++c) vr[c] = (yr[c] + bp[c]) + rr[c];
+        } else if (bp) {
+#pragma omp simd
+          for (int64_t c = 0; c < cout; ++c) vr[c] = yr[c] + bp[c];
+        } else if (rr) {
+#pragma omp simd
+          for (int64_t c = 0; c < cout; ++c) vr[c] = yr[c] + rr[c];
+        } else {
+          std::memcpy(vr, yr, sizeof(float) * cout);
+        }
+        float* orow = op + q * cout;
+        activate_row(code, vr, orow, cout, flo, fhi, fslope);
+        if (ep) std::memcpy(ep + q * cout, orow, sizeof(float) * cout);
+      }
+    }
+  });
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("candidates", &candidates, "candidate output pixels of a sliding window");
   m.def("gather_taps", &gather_taps, "implicit-GEMM rows of the active taps");
@@ -934,5 +1086,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv_rows", &conv_rows, "implicit-GEMM conv at output pixels, zero taps skipped");
   m.def("conv_act_rows", &conv_act_rows, "implicit-GEMM conv with the nonlinear update in its epilogue");
   m.def("depthwise_rows", &depthwise_rows, "depthwise conv at output pixels, optionally with the update");
+  m.def("conv_dense", &conv_dense, "dense conv with bias, residual, activation and the keyframe state writes");
   m.def("slice_rows", &slice_rows, "channel range of a delta at its updated pixels");
 }
