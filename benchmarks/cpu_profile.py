@@ -103,6 +103,9 @@ def load(model_name: str, start: int, count: int):
 
 
 def convert_at(model, frames, point: str, min_blob: int):
+    if point.endswith(".json"):  # a thresholds file (its min_blob and refresh rule too), as `deltacnn run` loads it
+        from deltacnn.commands.common import build_delta
+        return build_delta(model, frames[0], thresholds=point, dense_above=None)
     return _convert_at(model, frames[0], point, min_blob)
 
 
@@ -134,7 +137,9 @@ def main() -> None:
     ap.add_argument("--start", type=int, default=200)
     ap.add_argument("--frames", type=int, default=12)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--points", default="0.08/0.10")
+    ap.add_argument("--points", default="0.08/0.10",
+                    help='comma-separated points "<in>/<layer>", "r<in>/<layer>" or a thresholds file (*.json, with '
+                         "its min_blob and refresh rule: keyframes then come when the file's rule says)")
     ap.add_argument("--min-blob", type=int, default=1)
     ap.add_argument("--variants", default="default:",
                     help='A/B variants run interleaved frame by frame, e.g. "old:cpu_fused.IMPLICIT_GEMM=0;new:" '
@@ -157,6 +162,7 @@ def main() -> None:
             if args.stages:
                 instrument(dms[name].rt.backend_on(torch.device("cpu")), clocks[name])
         totals = {n: [] for n in dms}
+        modes = {n: [] for n in dms}
         macs = {n: [] for n in dms}
         agg = {n: defaultdict(list) for n in dms}
         outs = {n: None for n in dms}
@@ -177,6 +183,7 @@ def main() -> None:
                     if i < 2:
                         continue
                     totals[name].append(dt * 1e3)
+                    modes[name].append(dm.last_mode)
                     macs[name].append(backend.work[0] / max(1, backend.work[1]))
                     if args.stages:
                         inside = sum(clock.excl.values())
@@ -195,6 +202,9 @@ def main() -> None:
             print(f"\n== {args.model} {point} min_blob {args.min_blob} [{name}]: frame "
                   f"{statistics.median(totals[name]):.1f} ms (median of {n}; mean {statistics.mean(totals[name]):.1f}), "
                   f"conv MACs {statistics.median(macs[name]):.1%}")
+            for mode in sorted(set(modes[name])):
+                ms = [t for t, m in zip(totals[name], modes[name]) if m == mode]
+                print(f"   {mode} frames: {len(ms)}, median {statistics.median(ms):.1f} ms, mean {statistics.mean(ms):.1f}")
             if args.stages:
                 for k, v in sorted(agg[name].items(), key=lambda kv: -sum(kv[1])):
                     print(f"   {k:44s} {sum(v) / n:8.2f} ms/frame   calls {clocks[name].calls.get(k, 0):4d}")

@@ -441,3 +441,55 @@ def test_keyframes_on_dense_conv_equal_reference(mode: str) -> None:
             dense = net(frames[2 * t:2 * t + 2])
             torch.testing.assert_close(outs["cpu"][t], outs["reference"][t], rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(outs["cpu"][t], dense, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("k", [3, 5])
+@pytest.mark.parametrize("layout,score", [("nchw", "max"), ("channels_last", "max"), ("nchw", "l2")])
+def test_sparsify_blobs_equals_gate_then_sparsify(k: int, layout: str, score: str) -> None:
+    """The input layer with the small-blob gate in one C++ pass against the generic path (deltacnn.gating's
+    opening by max pooling, then sparsify) on the reference backend: same sent pixels and values, same
+    reference update, same held-back fraction per stream."""
+    from deltacnn.gating import InputGate
+    from deltacnn.layers.io import Sparsify
+    from deltacnn.runtime import Runtime
+    from deltacnn.thresholds import Thresholds
+    gen = torch.Generator().manual_seed(67)
+    n, c, h, w = 2, 3, 23, 31
+    ref0 = torch.rand(n, c, h, w, generator=gen)
+    x = ref0.clone()
+    # isolated changed pixels (held back), blobs of several sizes (sent or partly eroded), blobs at borders
+    x += 0.5 * torch.randn(n, c, h, w, generator=gen) * (torch.rand(n, 1, h, w, generator=gen) < 0.08)
+    for (i, y0, x0, s) in [(0, 3, 4, 5), (0, 0, 0, 4), (1, 10, 25, 6), (1, 18, 2, 3), (0, 15, 12, 2)]:
+        x[i, :, y0:y0 + s, x0:x0 + s] += 0.7
+    x = x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
+    results = []
+    for be in ("reference", "cpu"):
+        th = Thresholds(input=0.2)
+        th.score = score
+        rt = Runtime(th, backend_name=be, refresh_held=0.5)
+        layer = Sparsify(min_blob=k)
+        layer.set_runtime(rt)
+        layer._seed_state("ref", ref0)
+        rt.keyframe = False
+        d = layer(x)
+        results.append((d, layer._state("ref").clone(), rt.input_held.clone()))
+    (d1, r1, h1), (d2, r2, h2) = results
+    assert 0 < int(d1.mask.sum()) < d1.mask.numel() and bool((h1 > 0).all())
+    _same_delta(d1, d2)
+    torch.testing.assert_close(r2, r1, rtol=0, atol=0)
+    torch.testing.assert_close(h2, h1, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_frame_range_equals_aminmax(layout: str) -> None:
+    gen = torch.Generator().manual_seed(71)
+    x = torch.randn(4, 3, 9, 14, generator=gen) * 5
+    x[1, 2, 3, 4] = float("nan")
+    x[2, 0, 0, 0] = float("inf")
+    x[3, 1, 8, 13] = -float("inf")
+    x = x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
+    lo, hi = FUSED.frame_range(x)
+    rlo, rhi = REF.frame_range(x)
+    assert [str(v) for v in lo] == [str(v) for v in rlo] and [str(v) for v in hi] == [str(v) for v in rhi]
+    assert lo[0] == float(x[0].min()) and hi[0] == float(x[0].max()) and hi[2] == float("inf")
+    assert lo[1] != lo[1] and hi[1] != hi[1]  # NaN

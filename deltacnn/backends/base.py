@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+import torch
 from torch import Tensor
 
 from ..activations import ActSpec
@@ -58,6 +59,21 @@ class Backend:
         """The input layer's delta (see ReferenceBackend.sparsify). `scratch`: a dict the calling layer
         keeps between frames and empties on reset, where a backend may keep buffers of its own."""
         raise NotImplementedError
+
+    def sparsify_blobs(self, x: Tensor, ref: Tensor, tau: float, score: str, k: int,
+                       dtype) -> tuple[DeltaTensor, Tensor] | None:
+        """The input layer's delta with the small-blob gate (deltacnn.gating, min_blob k, nothing else of
+        the gate) in one pass, for backends that fuse it: the pixels whose change passes tau, opened by a
+        k x k square, are sent as `sparsify` sends them. Returns (delta, the (N,) fraction of each
+        stream's pixels that passed tau and were held back); None: not handled."""
+        return None
+
+    def frame_range(self, x: Tensor) -> tuple[list[float], list[float]]:
+        """Per stream (batch row) of a CPU frame batch, its least and largest value; NaN propagates and
+        infinities are kept (the model's input check reads both)."""
+        flat = x.permute(0, 2, 3, 1) if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) else x
+        lo, hi = torch.aminmax(flat.reshape(x.shape[0], -1), dim=1)
+        return lo.tolist(), hi.tolist()
 
     def accumulate(self, state: Tensor, d: DeltaTensor) -> None:
         raise NotImplementedError

@@ -42,6 +42,10 @@ GEMM_DENSE_SWITCH = 1.0
 # implicit GEMM over every pixel, bias, residual, activation and the keyframe's A and E in its epilogue)
 # instead of oneDNN, a bias/residual add, an A copy, the ATen activation and an E copy.
 DENSE_CONV = True
+# The input layer's small-blob gate (min_blob alone) and the frame's range check as C++ passes (benchmarks
+# switch them off for A/B runs; off, the generic PyTorch code runs).
+FUSED_BLOBS = True
+FUSED_RANGE = True
 # activation codes of conv_act_rows: the piecewise-linear ones of act_update, plus SiLU and sigmoid
 # with a vectorised exp (a few ulp from ATen's: close, not bit-identical)
 EPILOGUE_CODES = {**cpu_kernels.ACT_CODES, "silu": 4, "sigmoid": 5}
@@ -96,6 +100,20 @@ class FusedCpuBackend(ReferenceBackend):
         if x.dtype != torch.float32 or dtype != torch.float32 or dilation > 1:
             return super().sparsify(x, ref, tau, score, dilation, dtype)
         return _delta(self._k.sparsify(x, ref, float(tau), SCORE_CODES[score]))
+
+    def sparsify_blobs(self, x: Tensor, ref: Tensor, tau: float, score: str, k: int,
+                       dtype) -> tuple[DeltaTensor, Tensor] | None:
+        if not FUSED_BLOBS or x.dtype != torch.float32 or dtype != torch.float32:
+            return None
+        *d, held = self._k.sparsify_blobs(x, ref, float(tau), SCORE_CODES[score], k)
+        return _delta(d), held
+
+    def frame_range(self, x: Tensor) -> tuple[list[float], list[float]]:
+        if not FUSED_RANGE or x.dtype != torch.float32 or not (x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(
+                memory_format=torch.channels_last))):
+            return super().frame_range(x)
+        lo, hi = self._k.frame_range(x)
+        return lo.tolist(), hi.tolist()
 
     def maxpool(self, d: DeltaTensor, acc: Tensor, emitted: Tensor, win: Window, tau: float, score: str) -> DeltaTensor:
         if d.dtype != torch.float32:
