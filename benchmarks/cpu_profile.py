@@ -122,11 +122,17 @@ def parse_variants(spec: str) -> list[tuple[str, dict[str, float]]]:
     return out
 
 
-def apply_settings(kv: dict[str, float], defaults: dict[str, object]) -> None:
+def _module_of(key: str):
+    """The module of a setting: "cpu_fused.X" (under deltacnn.backends) or a full "deltacnn.models.yolov8.X"."""
     import importlib
+    mod = key.rsplit(".", 1)[0]
+    return importlib.import_module(mod if mod.startswith("deltacnn.") else "deltacnn.backends." + mod)
+
+
+def apply_settings(kv: dict[str, float], defaults: dict[str, object]) -> None:
     for k, v in {**defaults, **kv}.items():
-        mod, attr = k.rsplit(".", 1)
-        m = importlib.import_module("deltacnn.backends." + mod)
+        attr = k.rsplit(".", 1)[1]
+        m = _module_of(k)
         old = getattr(m, attr)
         setattr(m, attr, type(old)(v))
 
@@ -143,15 +149,13 @@ def main() -> None:
     ap.add_argument("--min-blob", type=int, default=1)
     ap.add_argument("--variants", default="default:",
                     help='A/B variants run interleaved frame by frame, e.g. "old:cpu_fused.IMPLICIT_GEMM=0;new:" '
-                         "(module attributes of deltacnn.backends; unset ones keep their defaults)")
+                         "(module attributes of deltacnn.backends, or full names as deltacnn.models.yolov8.CPU_DECODE=0; unset ones keep their defaults)")
     ap.add_argument("--stages", action="store_true", help="per-stage table (wrappers cost ~1 us a call)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model, frames = load(args.model, args.start, args.frames)
     variants = parse_variants(args.variants)
-    import importlib
-    defaults = {k: getattr(importlib.import_module("deltacnn.backends." + k.rsplit(".", 1)[0]), k.rsplit(".", 1)[1])
-                for _, kv in variants for k in kv}
+    defaults = {k: getattr(_module_of(k), k.rsplit(".", 1)[1]) for _, kv in variants for k in kv}
     clocks = {name: StageClock() for name, _ in variants}
     if args.stages:
         patch_acts(_Router(clocks))
@@ -164,7 +168,7 @@ def main() -> None:
         totals = {n: [] for n in dms}
         modes = {n: [] for n in dms}
         macs = {n: [] for n in dms}
-        agg = {n: defaultdict(list) for n in dms}
+        agg = {n: defaultdict(lambda: defaultdict(list)) for n in dms}  # variant -> frame mode -> stage -> ms
         outs = {n: None for n in dms}
         with torch.no_grad():
             for dm in dms.values():
@@ -188,8 +192,8 @@ def main() -> None:
                     if args.stages:
                         inside = sum(clock.excl.values())
                         for k, v in clock.excl.items():
-                            agg[name][k].append(v * 1e3)
-                        agg[name]["outside backend (layers, dispatch)"].append((dt - inside) * 1e3)
+                            agg[name][dm.last_mode][k].append(v * 1e3)
+                        agg[name][dm.last_mode]["outside backend (layers, dispatch)"].append((dt - inside) * 1e3)
                 first = next(iter(outs.values()))
                 for name, o in outs.items():  # every variant computes the same frame
                     err = max(float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
@@ -206,8 +210,11 @@ def main() -> None:
                 ms = [t for t, m in zip(totals[name], modes[name]) if m == mode]
                 print(f"   {mode} frames: {len(ms)}, median {statistics.median(ms):.1f} ms, mean {statistics.mean(ms):.1f}")
             if args.stages:
-                for k, v in sorted(agg[name].items(), key=lambda kv: -sum(kv[1])):
-                    print(f"   {k:44s} {sum(v) / n:8.2f} ms/frame   calls {clocks[name].calls.get(k, 0):4d}")
+                for mode, stages in sorted(agg[name].items()):
+                    n_mode = modes[name].count(mode)
+                    print(f"   stages of the {mode} frames (ms a frame, mean of {n_mode}):")
+                    for k, v in sorted(stages.items(), key=lambda kv: -sum(kv[1])):
+                        print(f"     {k:44s} {sum(v) / n_mode:8.2f} ms/frame   calls {clocks[name].calls.get(k, 0):4d}")
 
 
 class _Router:

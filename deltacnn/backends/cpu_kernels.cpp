@@ -377,28 +377,41 @@ std::vector<torch::Tensor> sparsify(torch::Tensor x, torch::Tensor ref, double t
 
 namespace {
 
-// One pass of a separable k x k square filter over (N, H, W) bytes, along rows (horizontal) or columns:
+// One pass of a separable k x k square filter over (N, H, W) 0/1 bytes, along rows (horizontal) or columns:
 // out = AND (erode) or OR (dilate) over the window's in-image pixels (max pooling with -inf padding).
+// Shift by shift over whole rows, so that the byte loops vectorise.
 void square_pass(const uint8_t* in, uint8_t* out, int64_t n, int64_t h, int64_t w, int64_t k, bool horizontal,
                  bool erode) {
   const int64_t r = k / 2;
-  at::parallel_for(0, n * h, 16, [&](int64_t b, int64_t end) {
+  at::parallel_for(0, n * h, 64, [&](int64_t b, int64_t end) {
+    const int64_t W = w, H = h, R = r;
+    const bool AND = erode, HOR = horizontal;
     for (int64_t row = b; row < end; ++row) {
-      const int64_t y = row % h, base = row - y;  // image n's first row
-      uint8_t* __restrict o = out + row * w;
-      for (int64_t x = 0; x < w; ++x) {
-        uint8_t v = erode ? 1 : 0;
-        if (horizontal) {
-          const uint8_t* __restrict src = in + row * w;
-          for (int64_t t = std::max<int64_t>(0, x - r); t <= std::min(w - 1, x + r); ++t)
-            v = erode ? (v & src[t]) : (v | src[t]);
-        } else {
-          for (int64_t t = std::max<int64_t>(0, y - r); t <= std::min(h - 1, y + r); ++t) {
-            const uint8_t s = in[(base + t) * w + x];
-            v = erode ? (v & s) : (v | s);
+      uint8_t* __restrict o = out + row * W;
+      if (HOR) {
+        const uint8_t* __restrict s = in + row * W;
+        std::memcpy(o, s, W);
+        for (int64_t t = 1; t <= R; ++t) {  // neighbours at -t and +t, where they are inside the row
+          if (AND) {
+            for (int64_t x = t; x < W; ++x) o[x] &= s[x - t];
+            for (int64_t x = 0; x + t < W; ++x) o[x] &= s[x + t];
+          } else {
+            for (int64_t x = t; x < W; ++x) o[x] |= s[x - t];
+            for (int64_t x = 0; x + t < W; ++x) o[x] |= s[x + t];
           }
         }
-        o[x] = v;
+      } else {
+        const int64_t y = row % H, base = row - y;
+        std::memcpy(o, in + row * W, W);
+        for (int64_t t = std::max<int64_t>(0, y - R); t <= std::min(H - 1, y + R); ++t) {
+          if (t == y) continue;
+          const uint8_t* __restrict s = in + (base + t) * W;
+          if (AND) {
+            for (int64_t x = 0; x < W; ++x) o[x] &= s[x];
+          } else {
+            for (int64_t x = 0; x < W; ++x) o[x] |= s[x];
+          }
+        }
       }
     }
   });

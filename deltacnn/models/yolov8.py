@@ -169,12 +169,16 @@ def decode_boxes(feats: list[Tensor], nc: int, dfl_weight: Tensor) -> Tensor:
     return torch.cat([xywh, cls.sigmoid()], 1)
 
 
+# decode_boxes on the C++ kernels where they run (benchmarks switch it off for A/B runs)
+CPU_DECODE = True
+
+
 def _decode_on_cpu_kernels(feats: list[Tensor], nc: int, dfl_weight: Tensor) -> Tensor | None:
     """decode_boxes in one C++ pass over the anchors (cpu_kernels.yolo_decode: ~10 ATen passes, 7 ms a
     768x576 frame at 1 thread, become one) for float32 CPU maps outside tracing and ONNX export, where
     the kernels build (AVX2); None: the PyTorch code above runs. Softmax, expectation and sigmoid use a
     vectorised exp (a few ulp from ATen's)."""
-    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
+    if not CPU_DECODE or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
         return None
     if any(f.device.type != "cpu" or f.dtype != torch.float32 or f.requires_grad or f.dim() != 4 for f in feats):
         return None
