@@ -32,7 +32,7 @@ from deltacnn.backends import cpu_fused  # noqa: E402
 from deltacnn.backends.reference import ReferenceBackend  # noqa: E402, F401
 from cpu_models import convert_at as _convert_at, load_frames  # noqa: E402
 
-_clock = time.process_time
+CLOCK = [time.process_time]  # --clock wall swaps in perf_counter (quiet machines, several threads)
 
 
 class StageClock:
@@ -45,12 +45,12 @@ class StageClock:
 
     def wrap(self, name: str, fn):
         def timed(*a, **k):
-            self._stack.append([name, _clock(), 0.0])
+            self._stack.append([name, CLOCK[0](), 0.0])
             try:
                 return fn(*a, **k)
             finally:
                 nm, t0, child = self._stack.pop()
-                dt = _clock() - t0
+                dt = CLOCK[0]() - t0
                 self.excl[nm] += dt - child
                 self.calls[nm] += 1
                 if self._stack:
@@ -143,6 +143,10 @@ def main() -> None:
     ap.add_argument("--start", type=int, default=200)
     ap.add_argument("--frames", type=int, default=12)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
+                    help="cpu: process CPU time (1 thread on a loaded machine); wall: for several threads, quiet machine")
+    ap.add_argument("--peer", action="store_true",
+                    help="also time onnxruntime (the strongest CPU peer) on the same frames, interleaved")
     ap.add_argument("--points", default="0.08/0.10",
                     help='comma-separated points "<in>/<layer>", "r<in>/<layer>" or a thresholds file (*.json, with '
                          "its min_blob and refresh rule: keyframes then come when the file's rule says)")
@@ -153,12 +157,18 @@ def main() -> None:
     ap.add_argument("--stages", action="store_true", help="per-stage table (wrappers cost ~1 us a call)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.clock == "wall":
+        CLOCK[0] = time.perf_counter
     model, frames = load(args.model, args.start, args.frames)
     variants = parse_variants(args.variants)
     defaults = {k: getattr(_module_of(k), k.rsplit(".", 1)[1]) for _, kv in variants for k in kv}
     clocks = {name: StageClock() for name, _ in variants}
     if args.stages:
         patch_acts(_Router(clocks))
+    peer = None
+    if args.peer:
+        from deltacnn.peers import onnxruntime_peer
+        peer = onnxruntime_peer(model, frames[0], threads=args.threads)
     for point in args.points.split(","):
         dms = {}
         for name, _ in variants:
@@ -170,10 +180,16 @@ def main() -> None:
         macs = {n: [] for n in dms}
         agg = {n: defaultdict(lambda: defaultdict(list)) for n in dms}  # variant -> frame mode -> stage -> ms
         outs = {n: None for n in dms}
+        peer_ms = []
         with torch.no_grad():
             for dm in dms.values():
                 dm.reset()
             for i, f in enumerate(frames):
+                if peer is not None:
+                    t0 = CLOCK[0]()
+                    peer(f)
+                    if i >= 2:
+                        peer_ms.append((CLOCK[0]() - t0) * 1e3)
                 for name, kv in variants:
                     apply_settings(kv, defaults)
                     _Router.current = name
@@ -181,9 +197,9 @@ def main() -> None:
                     backend = dm.rt.backend_on(torch.device("cpu"))
                     backend.work = [0, 0]
                     clock.reset()
-                    t0 = _clock()
+                    t0 = CLOCK[0]()
                     outs[name] = dm(f)
-                    dt = _clock() - t0
+                    dt = CLOCK[0]() - t0
                     if i < 2:
                         continue
                     totals[name].append(dt * 1e3)
@@ -201,6 +217,9 @@ def main() -> None:
                     if err > 1e-3:
                         print(f"   frame {i}: variant {name} differs from {next(iter(outs))} by {err:.1e}")
         apply_settings({}, defaults)
+        if peer_ms:
+            print(f"\n== onnxruntime (the peer), same frames: median {statistics.median(peer_ms):.1f} ms, "
+                  f"mean {statistics.mean(peer_ms):.1f}")
         for name in dms:
             n = len(totals[name])
             print(f"\n== {args.model} {point} min_blob {args.min_blob} [{name}]: frame "
