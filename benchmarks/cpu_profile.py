@@ -222,7 +222,8 @@ def main() -> None:
                   f"mean {statistics.mean(peer_ms):.1f}")
         for name in dms:
             n = len(totals[name])
-            print(f"\n== {args.model} {point} min_blob {args.min_blob} [{name}]: frame "
+            gate = "the file's gate" if point.endswith(".json") else f"min_blob {args.min_blob}"
+            print(f"\n== {args.model} {point} {gate} [{name}]: frame "
                   f"{statistics.median(totals[name]):.1f} ms (median of {n}; mean {statistics.mean(totals[name]):.1f}), "
                   f"conv MACs {statistics.median(macs[name]):.1%}")
             for mode in sorted(set(modes[name])):
