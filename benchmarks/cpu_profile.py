@@ -32,7 +32,7 @@ from deltacnn.backends import cpu_fused  # noqa: E402
 from deltacnn.backends.reference import ReferenceBackend  # noqa: E402, F401
 from cpu_models import convert_at as _convert_at, load_frames  # noqa: E402
 
-_clock = time.process_time
+CLOCK = [time.process_time]  # --clock wall swaps in perf_counter (quiet machines, several threads)
 
 
 class StageClock:
@@ -45,12 +45,12 @@ class StageClock:
 
     def wrap(self, name: str, fn):
         def timed(*a, **k):
-            self._stack.append([name, _clock(), 0.0])
+            self._stack.append([name, CLOCK[0](), 0.0])
             try:
                 return fn(*a, **k)
             finally:
                 nm, t0, child = self._stack.pop()
-                dt = _clock() - t0
+                dt = CLOCK[0]() - t0
                 self.excl[nm] += dt - child
                 self.calls[nm] += 1
                 if self._stack:
@@ -103,6 +103,9 @@ def load(model_name: str, start: int, count: int):
 
 
 def convert_at(model, frames, point: str, min_blob: int):
+    if point.endswith(".json"):  # a thresholds file (its min_blob and refresh rule too), as `deltacnn run` loads it
+        from deltacnn.commands.common import build_delta
+        return build_delta(model, frames[0], thresholds=point, dense_above=None)
     return _convert_at(model, frames[0], point, min_blob)
 
 
@@ -119,11 +122,17 @@ def parse_variants(spec: str) -> list[tuple[str, dict[str, float]]]:
     return out
 
 
-def apply_settings(kv: dict[str, float], defaults: dict[str, object]) -> None:
+def _module_of(key: str):
+    """The module of a setting: "cpu_fused.X" (under deltacnn.backends) or a full "deltacnn.models.yolov8.X"."""
     import importlib
+    mod = key.rsplit(".", 1)[0]
+    return importlib.import_module(mod if mod.startswith("deltacnn.") else "deltacnn.backends." + mod)
+
+
+def apply_settings(kv: dict[str, float], defaults: dict[str, object]) -> None:
     for k, v in {**defaults, **kv}.items():
-        mod, attr = k.rsplit(".", 1)
-        m = importlib.import_module("deltacnn.backends." + mod)
+        attr = k.rsplit(".", 1)[1]
+        m = _module_of(k)
         old = getattr(m, attr)
         setattr(m, attr, type(old)(v))
 
@@ -134,22 +143,32 @@ def main() -> None:
     ap.add_argument("--start", type=int, default=200)
     ap.add_argument("--frames", type=int, default=12)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--points", default="0.08/0.10")
+    ap.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
+                    help="cpu: process CPU time (1 thread on a loaded machine); wall: for several threads, quiet machine")
+    ap.add_argument("--peer", action="store_true",
+                    help="also time onnxruntime (the strongest CPU peer) on the same frames, interleaved")
+    ap.add_argument("--points", default="0.08/0.10",
+                    help='comma-separated points "<in>/<layer>", "r<in>/<layer>" or a thresholds file (*.json, with '
+                         "its min_blob and refresh rule: keyframes then come when the file's rule says)")
     ap.add_argument("--min-blob", type=int, default=1)
     ap.add_argument("--variants", default="default:",
                     help='A/B variants run interleaved frame by frame, e.g. "old:cpu_fused.IMPLICIT_GEMM=0;new:" '
-                         "(module attributes of deltacnn.backends; unset ones keep their defaults)")
+                         "(module attributes of deltacnn.backends, or full names as deltacnn.models.yolov8.CPU_DECODE=0; unset ones keep their defaults)")
     ap.add_argument("--stages", action="store_true", help="per-stage table (wrappers cost ~1 us a call)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.clock == "wall":
+        CLOCK[0] = time.perf_counter
     model, frames = load(args.model, args.start, args.frames)
     variants = parse_variants(args.variants)
-    import importlib
-    defaults = {k: getattr(importlib.import_module("deltacnn.backends." + k.rsplit(".", 1)[0]), k.rsplit(".", 1)[1])
-                for _, kv in variants for k in kv}
+    defaults = {k: getattr(_module_of(k), k.rsplit(".", 1)[1]) for _, kv in variants for k in kv}
     clocks = {name: StageClock() for name, _ in variants}
     if args.stages:
         patch_acts(_Router(clocks))
+    peer = None
+    if args.peer:
+        from deltacnn.peers import onnxruntime_peer
+        peer = onnxruntime_peer(model, frames[0], threads=args.threads)
     for point in args.points.split(","):
         dms = {}
         for name, _ in variants:
@@ -157,13 +176,20 @@ def main() -> None:
             if args.stages:
                 instrument(dms[name].rt.backend_on(torch.device("cpu")), clocks[name])
         totals = {n: [] for n in dms}
+        modes = {n: [] for n in dms}
         macs = {n: [] for n in dms}
-        agg = {n: defaultdict(list) for n in dms}
+        agg = {n: defaultdict(lambda: defaultdict(list)) for n in dms}  # variant -> frame mode -> stage -> ms
         outs = {n: None for n in dms}
+        peer_ms = []
         with torch.no_grad():
             for dm in dms.values():
                 dm.reset()
             for i, f in enumerate(frames):
+                if peer is not None:
+                    t0 = CLOCK[0]()
+                    peer(f)
+                    if i >= 2:
+                        peer_ms.append((CLOCK[0]() - t0) * 1e3)
                 for name, kv in variants:
                     apply_settings(kv, defaults)
                     _Router.current = name
@@ -171,18 +197,19 @@ def main() -> None:
                     backend = dm.rt.backend_on(torch.device("cpu"))
                     backend.work = [0, 0]
                     clock.reset()
-                    t0 = _clock()
+                    t0 = CLOCK[0]()
                     outs[name] = dm(f)
-                    dt = _clock() - t0
+                    dt = CLOCK[0]() - t0
                     if i < 2:
                         continue
                     totals[name].append(dt * 1e3)
+                    modes[name].append(dm.last_mode)
                     macs[name].append(backend.work[0] / max(1, backend.work[1]))
                     if args.stages:
                         inside = sum(clock.excl.values())
                         for k, v in clock.excl.items():
-                            agg[name][k].append(v * 1e3)
-                        agg[name]["outside backend (layers, dispatch)"].append((dt - inside) * 1e3)
+                            agg[name][dm.last_mode][k].append(v * 1e3)
+                        agg[name][dm.last_mode]["outside backend (layers, dispatch)"].append((dt - inside) * 1e3)
                 first = next(iter(outs.values()))
                 for name, o in outs.items():  # every variant computes the same frame
                     err = max(float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
@@ -190,14 +217,24 @@ def main() -> None:
                     if err > 1e-3:
                         print(f"   frame {i}: variant {name} differs from {next(iter(outs))} by {err:.1e}")
         apply_settings({}, defaults)
+        if peer_ms:
+            print(f"\n== onnxruntime (the peer), same frames: median {statistics.median(peer_ms):.1f} ms, "
+                  f"mean {statistics.mean(peer_ms):.1f}")
         for name in dms:
             n = len(totals[name])
-            print(f"\n== {args.model} {point} min_blob {args.min_blob} [{name}]: frame "
+            gate = "the file's gate" if point.endswith(".json") else f"min_blob {args.min_blob}"
+            print(f"\n== {args.model} {point} {gate} [{name}]: frame "
                   f"{statistics.median(totals[name]):.1f} ms (median of {n}; mean {statistics.mean(totals[name]):.1f}), "
                   f"conv MACs {statistics.median(macs[name]):.1%}")
+            for mode in sorted(set(modes[name])):
+                ms = [t for t, m in zip(totals[name], modes[name]) if m == mode]
+                print(f"   {mode} frames: {len(ms)}, median {statistics.median(ms):.1f} ms, mean {statistics.mean(ms):.1f}")
             if args.stages:
-                for k, v in sorted(agg[name].items(), key=lambda kv: -sum(kv[1])):
-                    print(f"   {k:44s} {sum(v) / n:8.2f} ms/frame   calls {clocks[name].calls.get(k, 0):4d}")
+                for mode, stages in sorted(agg[name].items()):
+                    n_mode = modes[name].count(mode)
+                    print(f"   stages of the {mode} frames (ms a frame, mean of {n_mode}):")
+                    for k, v in sorted(stages.items(), key=lambda kv: -sum(kv[1])):
+                        print(f"     {k:44s} {sum(v) / n_mode:8.2f} ms/frame   calls {clocks[name].calls.get(k, 0):4d}")
 
 
 class _Router:

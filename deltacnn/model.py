@@ -139,9 +139,7 @@ class DeltaModel(nn.Module):
         self._amax = None
         if x.device.type == "cpu" and x.numel():
             # min and max per stream propagate NaN and hold any infinity: one pass, no isfinite tensor
-            flat = x.permute(0, 2, 3, 1) if x.is_contiguous(memory_format=torch.channels_last) else x
-            lo, hi = torch.aminmax(flat.reshape(x.shape[0], -1), dim=1)
-            lo, hi = lo.tolist(), hi.tolist()
+            lo, hi = self.rt.backend_for(x).frame_range(x)
             bad = [i for i, (a, b) in enumerate(zip(lo, hi)) if not (math.isfinite(a) and math.isfinite(b))]
             if bad:
                 raise ValueError(f"input stream(s) {bad} contain NaN or infinity; it would poison the cached state, "

@@ -355,3 +355,141 @@ def test_depthwise_rows_equal_reference(win: Window, act: ActSpec | None, monkey
     _same_delta(o1, o2)
     torch.testing.assert_close(a2, a1, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(e2, e1, rtol=1e-5, atol=1e-5)
+
+
+DENSE_WINDOWS = [Window.make(1), Window.make(3, 1, 1), Window.make(3, 2, 1), Window.make(5, 1, 2, 2),
+                 Window((3, 3), (2, 1), (0, 2, 1, 0), (1, 1)), Window.make((1, 3), 1, (0, 1)), Window.make(2, 2, 0)]
+
+
+@pytest.mark.parametrize("win", DENSE_WINDOWS, ids=str)
+@pytest.mark.parametrize("cin,cout,layout", [(3, 16, "nchw"), (5, 20, "channels_last"), (40, 33, "channels_last"),
+                                             (17, 7, "slice")])
+def test_dense_conv_equals_pytorch(win: Window, cin: int, cout: int, layout: str) -> None:
+    """Keyframes' conv_dense (every pixel; window rows read as runs or taps in place, border pixels
+    zero-padded) against F.conv2d + bias + residual + f, with the state A and E it writes."""
+    from deltacnn.backends.base import ConvParams
+    if not FUSED._gemm:
+        pytest.skip("no AVX2/FMA here")
+    gen = torch.Generator().manual_seed(61)
+    n, h, w = 2, 11, 14
+    x = torch.randn(n, cin + (3 if layout == "slice" else 0), h, w, generator=gen)
+    if layout != "nchw":
+        x = x.contiguous(memory_format=torch.channels_last)
+    if layout == "slice":  # a channel slice of a channels_last map: channels contiguous, pixels strided
+        x = x[:, 2:2 + cin]
+    p = ConvParams(torch.randn(cout, cin, *win.kernel, generator=gen) * 0.3, win, 1)
+    bias = torch.randn(cout, generator=gen)
+    t, b, l, r = win.padding
+    ref = nn.functional.conv2d(nn.functional.pad(x, (l, r, t, b)), p.weight, bias, win.stride, 0, win.dilation)
+    residual = torch.randn(ref.shape, generator=gen).contiguous(memory_format=torch.channels_last)
+    for act in [None, *EPILOGUE_ACTS]:
+        for res in (None, residual):
+            v = ref + res if res is not None else ref
+            bufs = {}
+
+            def state(shape):
+                bufs["acc"] = torch.full(shape, float("nan")).contiguous(memory_format=torch.channels_last)
+                bufs["em"] = torch.full(shape, float("nan")).contiguous(memory_format=torch.channels_last)
+                return bufs["acc"], bufs["em"]
+            out = FUSED.dense_conv(x, p, bias, res, act, state if act is not None else None)
+            assert out is not None and out.is_contiguous(memory_format=torch.channels_last)
+            want = act(v) if act is not None else v
+            torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+            if act is not None:
+                torch.testing.assert_close(bufs["acc"], v, rtol=1e-5, atol=1e-5)
+                assert torch.equal(bufs["em"], out)
+
+
+def test_dense_conv_declines_what_it_does_not_fuse() -> None:
+    from deltacnn.backends.base import ConvParams
+    x = torch.randn(1, 4, 6, 6).contiguous(memory_format=torch.channels_last)
+    grouped = ConvParams(torch.randn(4, 2, 3, 3), Window.make(3, 1, 1), 2)
+    assert FUSED.dense_conv(x, grouped, None, None, ActSpec("relu"), None) is None
+    plain = ConvParams(torch.randn(4, 4, 3, 3), Window.make(3, 1, 1), 1)
+    assert FUSED.dense_conv(x, plain, None, None, ActSpec("gelu"), None) is None  # f not in the epilogue
+    assert FUSED.dense_conv(x.double(), ConvParams(plain.weight.double(), plain.window, 1), None, None, None,
+                            None) is None
+    assert REF.dense_conv(x, plain, None, None, None, None) is None
+
+
+@pytest.mark.parametrize("mode", ["keyframe", "dense_frame", "streams"])
+def test_keyframes_on_dense_conv_equal_reference(mode: str) -> None:
+    """The fused backend's keyframes (conv_dense with the state writes), stateless dense frames and
+    keyframes of some streams of a batch, then delta frames on the seeded state, against the reference
+    backend and dense PyTorch."""
+    torch.manual_seed(1)
+    net = _Net().eval()
+    frames = torch.randn(2, 3, 40, 56).repeat(5, 1, 1, 1)
+    for t in range(1, 5):  # a moving patch of fresh noise
+        frames[2 * t:, :, 4 + 3 * t:14 + 3 * t, 10 + 4 * t:22 + 4 * t] = torch.randn(3, 10, 12)
+    outs = {}
+    for be in ("cpu", "reference"):
+        dm = deltacnn.convert(net, frames[:2], threshold=0.0, backend=be)
+        res = []
+        with torch.no_grad():
+            for t in range(5):
+                x = frames[2 * t:2 * t + 2]
+                if mode == "dense_frame" and t == 2:
+                    res.append(dm.dense_frame(x))
+                    continue
+                if mode == "streams" and t == 2:
+                    dm._since[1] = 0  # stream 1 is due for a keyframe: it runs a pass of its own
+                res.append(dm(x))
+        outs[be] = res
+    with torch.no_grad():
+        for t in range(5):
+            dense = net(frames[2 * t:2 * t + 2])
+            torch.testing.assert_close(outs["cpu"][t], outs["reference"][t], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(outs["cpu"][t], dense, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("k", [3, 5])
+@pytest.mark.parametrize("layout,score", [("nchw", "max"), ("channels_last", "max"), ("nchw", "l2")])
+def test_sparsify_blobs_equals_gate_then_sparsify(k: int, layout: str, score: str) -> None:
+    """The input layer with the small-blob gate in one C++ pass against the generic path (deltacnn.gating's
+    opening by max pooling, then sparsify) on the reference backend: same sent pixels and values, same
+    reference update, same held-back fraction per stream."""
+    from deltacnn.gating import InputGate
+    from deltacnn.layers.io import Sparsify
+    from deltacnn.runtime import Runtime
+    from deltacnn.thresholds import Thresholds
+    gen = torch.Generator().manual_seed(67)
+    n, c, h, w = 2, 3, 23, 31
+    ref0 = torch.rand(n, c, h, w, generator=gen)
+    x = ref0.clone()
+    # isolated changed pixels (held back), blobs of several sizes (sent or partly eroded), blobs at borders
+    x += 0.5 * torch.randn(n, c, h, w, generator=gen) * (torch.rand(n, 1, h, w, generator=gen) < 0.08)
+    for (i, y0, x0, s) in [(0, 3, 4, 5), (0, 0, 0, 4), (1, 10, 25, 6), (1, 18, 2, 3), (0, 15, 12, 2)]:
+        x[i, :, y0:y0 + s, x0:x0 + s] += 0.7
+    x = x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
+    results = []
+    for be in ("reference", "cpu"):
+        th = Thresholds(input=0.2)
+        th.score = score
+        rt = Runtime(th, backend_name=be, refresh_held=0.5)
+        layer = Sparsify(min_blob=k)
+        layer.set_runtime(rt)
+        layer._seed_state("ref", ref0)
+        rt.keyframe = False
+        d = layer(x)
+        results.append((d, layer._state("ref").clone(), rt.input_held.clone()))
+    (d1, r1, h1), (d2, r2, h2) = results
+    assert 0 < int(d1.mask.sum()) < d1.mask.numel() and bool((h1 > 0).all())
+    _same_delta(d1, d2)
+    torch.testing.assert_close(r2, r1, rtol=0, atol=0)
+    torch.testing.assert_close(h2, h1, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_frame_range_equals_aminmax(layout: str) -> None:
+    gen = torch.Generator().manual_seed(71)
+    x = torch.randn(4, 3, 9, 14, generator=gen) * 5
+    x[1, 2, 3, 4] = float("nan")
+    x[2, 0, 0, 0] = float("inf")
+    x[3, 1, 8, 13] = -float("inf")
+    x = x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
+    lo, hi = FUSED.frame_range(x)
+    rlo, rhi = REF.frame_range(x)
+    assert [str(v) for v in lo] == [str(v) for v in rlo] and [str(v) for v in hi] == [str(v) for v in rhi]
+    assert lo[0] == float(x[0].min()) and hi[0] == float(x[0].max()) and hi[2] == float("inf")
+    assert lo[1] != lo[1] and hi[1] != hi[1]  # NaN

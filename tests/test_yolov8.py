@@ -105,6 +105,28 @@ def test_decode_matches_direct_computation():
     torch.testing.assert_close(y[0, 4:, a], torch.tensor([0.0, 0.5, 0.0]), atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_decode_on_cpu_kernels_equals_pytorch(layout, monkeypatch):
+    """decode_boxes' one-pass C++ decode (float32 CPU maps) against its PyTorch code on random maps."""
+    from deltacnn.backends import cpu_kernels
+    from deltacnn.models import yolov8 as M
+    k = cpu_kernels.load()
+    if k is None or not k.has_conv_rows():
+        pytest.skip("the CPU kernels (AVX2) do not run here")
+    gen = torch.Generator().manual_seed(5)
+    nc, reg = 7, 16
+    feats = [3 * torch.randn(2, 4 * reg + nc, h, w, generator=gen) for h, w in ((8, 12), (4, 6), (2, 3))]
+    if layout == "channels_last":
+        feats = [f.contiguous(memory_format=torch.channels_last) for f in feats]
+    w = torch.arange(reg, dtype=torch.float32).view(1, reg, 1, 1)
+    fast = decode_boxes(feats, nc, w)
+    assert M._decode_on_cpu_kernels(feats, nc, w) is not None
+    monkeypatch.setattr(M, "_decode_on_cpu_kernels", lambda *a: None)
+    slow = decode_boxes(feats, nc, w)
+    assert fast.shape == slow.shape == (2, 4 + nc, 96 + 24 + 6) and fast.is_contiguous()
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-4)
+
+
 # ---- Ultralytics as the reference ----------------------------------------------------------------
 @pytest.fixture(scope="module")
 def ultralytics_yolo(tmp_path_factory):

@@ -8,7 +8,9 @@ override still works and stays correct.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
+import torch
 from torch import Tensor
 
 from ..activations import ActSpec
@@ -58,6 +60,21 @@ class Backend:
         keeps between frames and empties on reset, where a backend may keep buffers of its own."""
         raise NotImplementedError
 
+    def sparsify_blobs(self, x: Tensor, ref: Tensor, tau: float, score: str, k: int,
+                       dtype) -> tuple[DeltaTensor, Tensor] | None:
+        """The input layer's delta with the small-blob gate (deltacnn.gating, min_blob k, nothing else of
+        the gate) in one pass, for backends that fuse it: the pixels whose change passes tau, opened by a
+        k x k square, are sent as `sparsify` sends them. Returns (delta, the (N,) fraction of each
+        stream's pixels that passed tau and were held back); None: not handled."""
+        return None
+
+    def frame_range(self, x: Tensor) -> tuple[list[float], list[float]]:
+        """Per stream (batch row) of a CPU frame batch, its least and largest value; NaN propagates and
+        infinities are kept (the model's input check reads both)."""
+        flat = x.permute(0, 2, 3, 1) if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) else x
+        lo, hi = torch.aminmax(flat.reshape(x.shape[0], -1), dim=1)
+        return lo.tolist(), hi.tolist()
+
     def accumulate(self, state: Tensor, d: DeltaTensor) -> None:
         raise NotImplementedError
 
@@ -83,6 +100,17 @@ class Backend:
         are None on stateless dense frames. False: nothing done (y unchanged), the layer adds the bias
         and runs its generic PyTorch path."""
         return False
+
+    def dense_conv(self, x: Tensor, p: ConvParams, bias: Tensor | None, residual: Tensor | None,
+                   act: ActSpec | None, state: Callable[[tuple[int, ...]], tuple[Tensor, Tensor]] | None
+                   ) -> Tensor | None:
+        """Dense frame of a conv with its bias, residual add and activation in one pass, for backends
+        that fuse it: returns out = f(conv(x) + bias + residual) (channels_last, float32). On keyframes
+        `state(shape)` gives the activation's A and E buffers (float32 channels_last of the output's
+        shape), which the pass overwrites with A = conv(x) + bias + residual and E = out; the backend
+        may return E itself as out. `state` is None on stateless dense frames and for convs without an
+        activation. None: nothing done, the layer runs its generic path."""
+        return None
 
     def add(self, a: DeltaTensor, b: DeltaTensor) -> DeltaTensor:
         raise NotImplementedError

@@ -15,13 +15,15 @@ the reference's.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..activations import SCORE_CODES
+from ..activations import SCORE_CODES, ActSpec
 from ..geometry import Window
-from ..tensor import DeltaTensor, rows, to_cl
+from ..tensor import DeltaTensor, new_cl, rows, to_cl
 from . import cpu_kernels
 from .base import ConvParams, PointwiseState
 from .reference import ReferenceBackend
@@ -36,6 +38,14 @@ FUSED_EPILOGUE = True
 # separate update pass, so it beat the dense conv even at 97% candidates (YOLOv8n at tau 0, 1 thread:
 # 386 against 447 ms a frame). Depthwise and other convs keep reference.DENSE_SWITCH.
 GEMM_DENSE_SWITCH = 1.0
+# Dense frames (keyframes, dense_frame) of groups-1 float32 convs as one C++ pass (conv_dense: the
+# implicit GEMM over every pixel, bias, residual, activation and the keyframe's A and E in its epilogue)
+# instead of oneDNN, a bias/residual add, an A copy, the ATen activation and an E copy.
+DENSE_CONV = True
+# The input layer's small-blob gate (min_blob alone) and the frame's range check as C++ passes (benchmarks
+# switch them off for A/B runs; off, the generic PyTorch code runs).
+FUSED_BLOBS = True
+FUSED_RANGE = True
 # activation codes of conv_act_rows: the piecewise-linear ones of act_update, plus SiLU and sigmoid
 # with a vectorised exp (a few ulp from ATen's: close, not bit-identical)
 EPILOGUE_CODES = {**cpu_kernels.ACT_CODES, "silu": 4, "sigmoid": 5}
@@ -91,6 +101,20 @@ class FusedCpuBackend(ReferenceBackend):
             return super().sparsify(x, ref, tau, score, dilation, dtype)
         return _delta(self._k.sparsify(x, ref, float(tau), SCORE_CODES[score]))
 
+    def sparsify_blobs(self, x: Tensor, ref: Tensor, tau: float, score: str, k: int,
+                       dtype) -> tuple[DeltaTensor, Tensor] | None:
+        if not FUSED_BLOBS or x.dtype != torch.float32 or dtype != torch.float32:
+            return None
+        *d, held = self._k.sparsify_blobs(x, ref, float(tau), SCORE_CODES[score], k)
+        return _delta(d), held
+
+    def frame_range(self, x: Tensor) -> tuple[list[float], list[float]]:
+        if not FUSED_RANGE or x.dtype != torch.float32 or not (x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(
+                memory_format=torch.channels_last))):
+            return super().frame_range(x)
+        lo, hi = self._k.frame_range(x)
+        return lo.tolist(), hi.tolist()
+
     def maxpool(self, d: DeltaTensor, acc: Tensor, emitted: Tensor, win: Window, tau: float, score: str) -> DeltaTensor:
         if d.dtype != torch.float32:
             return super().maxpool(d, acc, emitted, win, tau, score)
@@ -137,6 +161,29 @@ class FusedCpuBackend(ReferenceBackend):
                                           0, 0.0, 0.0, 0.0, 0.0, 0)[0]
         packed = p.cached("cpu_panels", lambda: packed_weights(p.weight))
         return self._k.conv_rows(_rows(d), d.mask, idx, packed, p.weight.shape[0], geo)
+
+    def dense_conv(self, x: Tensor, p: ConvParams, bias: Tensor | None, residual: Tensor | None,
+                   act: ActSpec | None, state: Callable[[tuple[int, ...]], tuple[Tensor, Tensor]] | None) -> Tensor | None:
+        code = 0 if act is None else EPILOGUE_CODES.get(act.kind)
+        if not (DENSE_CONV and self._gemm and code is not None and p.groups == 1 and x.dtype == torch.float32
+                and p.weight.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32)
+                and (residual is None or residual.dtype == torch.float32)):
+            return None
+        n, _, h, w = x.shape
+        cout = p.weight.shape[0]
+        ho, wo = p.window.out_size(h, w)
+        shape = (n, cout, ho, wo)
+        if residual is not None and tuple(residual.shape) != shape:
+            raise ValueError(f"residual shape {tuple(residual.shape)} does not match conv output {shape}")
+        # on keyframes the output is E itself (E = f(A) as sent): one map written fewer
+        acc, out = state(shape) if state is not None else (None, new_cl(*shape, dtype=torch.float32, device=x.device))
+        lo, hi = (0.0, 6.0) if act is not None and act.kind == "relu6" else \
+            ((act.min_val, act.max_val) if act is not None else (0.0, 0.0))
+        packed = p.cached("cpu_panels", lambda: packed_weights(p.weight))
+        self._k.conv_dense(x if x.stride(1) == 1 else to_cl(x), packed, bias,
+                           _geometry(n, (h, w), (ho, wo), p.window), to_cl(residual) if residual is not None else None,
+                           out, acc, None, code, lo, hi, act.slope if act is not None else 0.0)
+        return out
 
     def _sparse_act_block(self, d: DeltaTensor, p: ConvParams, idx: Tensor, out_hw: tuple[int, int],
                           residual: DeltaTensor | None, st: PointwiseState) -> DeltaTensor | None:

@@ -314,6 +314,44 @@ std::vector<torch::Tensor> act_update(torch::Tensor y, torch::Tensor idx, c10::o
   return {compact(keep.data(), p_count, k.idx), out[0], out[1], out[2]};
 }
 
+namespace {
+
+// Change score of each pixel of image row `row` (n * H + y) of x against ref, into sr (W floats): max |x - ref|
+// over channels (score 0) or the L2 norm (1). Channel by channel, so that the loops run over pixels and
+// vectorise (frames have few channels).
+void row_scores(const float* xp, const float* rp, int64_t row, int64_t H, int64_t W, int64_t C, int64_t SN,
+                int64_t SC, int64_t SH, int64_t SW, int score_kind, float* __restrict sr) {
+  const float* xrow = xp + (row / H) * SN + (row % H) * SH;
+  const float* rrow = rp + row * W * C;
+  std::fill(sr, sr + W, 0.f);
+  for (int64_t j = 0; j < C; ++j) {
+    const float* xj = xrow + j * SC;
+    if (score_kind == 0) {
+      for (int64_t xi = 0; xi < W; ++xi) sr[xi] = std::max(sr[xi], std::fabs(xj[xi * SW] - rrow[xi * C + j]));
+    } else {
+      for (int64_t xi = 0; xi < W; ++xi) {
+        const float dj = xj[xi * SW] - rrow[xi * C + j];
+        sr[xi] += dj * dj;
+      }
+    }
+  }
+  if (score_kind == 1)
+    for (int64_t xi = 0; xi < W; ++xi) sr[xi] = std::sqrt(sr[xi]);
+}
+
+// Send pixel q of image row `row` at column xi: d = x - ref into the delta's row, ref += d.
+inline void send_pixel(const float* xp, float* rp, float* op, uint8_t* om, int64_t row, int64_t xi, int64_t H,
+                       int64_t W, int64_t C, int64_t SN, int64_t SC, int64_t SH, int64_t SW, float* d) {
+  const float* xrow = xp + (row / H) * SN + (row % H) * SH;
+  const int64_t q = row * W + xi;
+  float* rr = rp + q * C;
+  for (int64_t j = 0; j < C; ++j) d[j] = xrow[j * SC + xi * SW] - rr[j];
+  send_row(d, op + q * C, rr, C);
+  om[q] = 1;
+}
+
+}  // namespace
+
 // Input layer: d = x - ref per pixel (x: float32 (N, C, H, W), any strides; ref: channels_last
 // float32); where score(d) > tau: send d and ref += d. Returns the sent delta as act_update does.
 std::vector<torch::Tensor> sparsify(torch::Tensor x, torch::Tensor ref, double tau, int64_t score) {
@@ -327,38 +365,135 @@ std::vector<torch::Tensor> sparsify(torch::Tensor x, torch::Tensor ref, double t
   uint8_t* om = mask_out(out[2]);
   const float ftau = tau;
   at::parallel_for(0, n * h, 4, [&](int64_t b, int64_t end) {  // image rows: no division per pixel
-    // private copies (see candidates); scores of a whole row first, channel by channel, so that
-    // the loops run over pixels and vectorise (frames have few channels)
-    const int64_t W = w, C = c, SC = sc, SW = sw, H = h, SN = sn, SH = sh;
-    const int score_kind = static_cast<int>(score);
-    std::vector<float> srow(W), d(C);
+    std::vector<float> srow(w), d(c);
     for (int64_t row = b; row < end; ++row) {
-      const float* xrow = xp + (row / H) * SN + (row % H) * SH;
-      const float* rrow = rp + row * W * C;
-      float* __restrict sr = srow.data();
-      std::fill(sr, sr + W, 0.f);
-      for (int64_t j = 0; j < C; ++j) {
-        const float* xj = xrow + j * SC;
-        if (score_kind == 0) {
-          for (int64_t xi = 0; xi < W; ++xi) sr[xi] = std::max(sr[xi], std::fabs(xj[xi * SW] - rrow[xi * C + j]));
-        } else {
-          for (int64_t xi = 0; xi < W; ++xi) {
-            const float dj = xj[xi * SW] - rrow[xi * C + j];
-            sr[xi] += dj * dj;
-          }
-        }
-      }
-      for (int64_t xi = 0; xi < W; ++xi) {
-        if (!((score_kind == 0 ? sr[xi] : std::sqrt(sr[xi])) > ftau)) continue;
-        const int64_t q = row * W + xi;
-        float* rr = rp + q * C;
-        for (int64_t j = 0; j < C; ++j) d[j] = xrow[j * SC + xi * SW] - rr[j];
-        send_row(d.data(), op + q * C, rr, C);
-        om[q] = 1;
-      }
+      row_scores(xp, rp, row, h, w, c, sn, sc, sh, sw, static_cast<int>(score), srow.data());
+      for (int64_t xi = 0; xi < w; ++xi)
+        if (srow[xi] > ftau) send_pixel(xp, rp, op, om, row, xi, h, w, c, sn, sc, sh, sw, d.data());
     }
   });
   return {compact(om, total), out[0], out[1], out[2]};
+}
+
+namespace {
+
+// One pass of a separable k x k square filter over (N, H, W) 0/1 bytes, along rows (horizontal) or columns:
+// out = AND (erode) or OR (dilate) over the window's in-image pixels (max pooling with -inf padding).
+// Shift by shift over whole rows, so that the byte loops vectorise.
+void square_pass(const uint8_t* in, uint8_t* out, int64_t n, int64_t h, int64_t w, int64_t k, bool horizontal,
+                 bool erode) {
+  const int64_t r = k / 2;
+  at::parallel_for(0, n * h, 64, [&](int64_t b, int64_t end) {
+    const int64_t W = w, H = h, R = r;
+    const bool AND = erode, HOR = horizontal;
+    for (int64_t row = b; row < end; ++row) {
+      uint8_t* __restrict o = out + row * W;
+      if (HOR) {
+        const uint8_t* __restrict s = in + row * W;
+        std::memcpy(o, s, W);
+        for (int64_t t = 1; t <= R; ++t) {  // neighbours at -t and +t, where they are inside the row
+          if (AND) {
+            for (int64_t x = t; x < W; ++x) o[x] &= s[x - t];
+            for (int64_t x = 0; x + t < W; ++x) o[x] &= s[x + t];
+          } else {
+            for (int64_t x = t; x < W; ++x) o[x] |= s[x - t];
+            for (int64_t x = 0; x + t < W; ++x) o[x] |= s[x + t];
+          }
+        }
+      } else {
+        const int64_t y = row % H, base = row - y;
+        std::memcpy(o, in + row * W, W);
+        for (int64_t t = std::max<int64_t>(0, y - R); t <= std::min(H - 1, y + R); ++t) {
+          if (t == y) continue;
+          const uint8_t* __restrict s = in + (base + t) * W;
+          if (AND) {
+            for (int64_t x = 0; x < W; ++x) o[x] &= s[x];
+          } else {
+            for (int64_t x = 0; x < W; ++x) o[x] |= s[x];
+          }
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+// The input layer with the small-blob gate (deltacnn.gating, min_blob k): the pixels whose score passes
+// tau, opened by a k x k square (erosion then dilation, only in-image pixels counted), are sent as
+// sparsify sends them; the rest keep their change in x - ref. Returns sparsify's delta and, per image,
+// the fraction of its pixels that passed tau but were held back (N,) float32.
+std::vector<torch::Tensor> sparsify_blobs(torch::Tensor x, torch::Tensor ref, double tau, int64_t score, int64_t k) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && x.dim() == 4, "x must be a float32 (N, C, H, W) tensor");
+  TORCH_CHECK(k >= 1 && k % 2 == 1, "the blob window must be odd, got ", k);
+  const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3), total = n * h * w;
+  float* rp = rows_ptr(ref, total, c, "ref");
+  const int64_t sn = x.stride(0), sc = x.stride(1), sh = x.stride(2), sw = x.stride(3);
+  const float* xp = x.data_ptr<float>();
+  const float ftau = tau;
+  std::vector<uint8_t> strong(total), tmp(total), kept(total);
+  at::parallel_for(0, n * h, 4, [&](int64_t b, int64_t end) {
+    std::vector<float> srow(w);
+    for (int64_t row = b; row < end; ++row) {
+      row_scores(xp, rp, row, h, w, c, sn, sc, sh, sw, static_cast<int>(score), srow.data());
+      uint8_t* __restrict sr = strong.data() + row * w;
+      for (int64_t xi = 0; xi < w; ++xi) sr[xi] = srow[xi] > ftau;
+    }
+  });
+  square_pass(strong.data(), tmp.data(), n, h, w, k, true, true);
+  square_pass(tmp.data(), kept.data(), n, h, w, k, false, true);   // eroded
+  square_pass(kept.data(), tmp.data(), n, h, w, k, true, false);
+  square_pass(tmp.data(), kept.data(), n, h, w, k, false, false);  // opened
+  auto out = new_delta(n, c, h, w);
+  float* op = out[0].data_ptr<float>();
+  uint8_t* om = mask_out(out[2]);
+  std::vector<int64_t> held_rows(n * h);
+  at::parallel_for(0, n * h, 4, [&](int64_t b, int64_t end) {
+    std::vector<float> d(c);
+    for (int64_t row = b; row < end; ++row) {
+      const uint8_t* kr = kept.data() + row * w;
+      const uint8_t* sr = strong.data() + row * w;
+      int64_t held = 0;
+      for (int64_t xi = 0; xi < w; ++xi) {
+        held += sr[xi] & !kr[xi];
+        if (kr[xi]) send_pixel(xp, rp, op, om, row, xi, h, w, c, sn, sc, sh, sw, d.data());
+      }
+      held_rows[row] = held;
+    }
+  });
+  auto held = torch::zeros({n}, torch::kFloat);
+  float* hp = held.data_ptr<float>();
+  for (int64_t row = 0; row < n * h; ++row) hp[row / h] += static_cast<float>(held_rows[row]);
+  for (int64_t i = 0; i < n; ++i) hp[i] /= static_cast<float>(h * w);
+  return {compact(om, total), out[0], out[1], out[2], held};
+}
+
+// Per image of a float32 batch whose images are contiguous blocks (NCHW or channels_last), the least
+// and largest value, NaN where the image holds a NaN (infinities are kept): (lo, hi), each (N,) float32.
+std::vector<torch::Tensor> frame_range(torch::Tensor x) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && x.dim() >= 1 &&
+                  (x.is_contiguous() || (x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast))),
+              "x must be a contiguous (or channels_last) float32 batch");
+  const int64_t n = x.size(0), per = n ? x.numel() / n : 0;
+  auto lo = torch::empty({n}, torch::kFloat), hi = torch::empty({n}, torch::kFloat);
+  const float* xp = x.data_ptr<float>();
+  float* lp = lo.data_ptr<float>();
+  float* hp = hi.data_ptr<float>();
+  for (int64_t i = 0; i < n; ++i) {
+    const float* p = xp + i * per;
+    float mn = INFINITY, mx = -INFINITY;
+    int bad = 0;
+#pragma omp simd reduction(min : mn) reduction(max : mx) reduction(| : bad)
+    for (int64_t j = 0; j < per; ++j) {
+      const float v = p[j];
+      mn = std::min(mn, v);
+      mx = std::max(mx, v);
+      bad |= v != v;
+    }
+    lp[i] = bad ? NAN : mn;
+    hp[i] = bad ? NAN : mx;
+  }
+  return {lo, hi};
 }
 
 // Max pooling: acc += d at the updated input pixels d_idx, then at candidate outputs cand_idx
@@ -921,11 +1056,263 @@ std::vector<torch::Tensor> depthwise_rows(torch::Tensor ext, torch::Tensor in_ma
   return {compact(keep.data(), p_count, ip), out[0], out[1], out[2]};
 }
 
+// ---- dense convs of keyframes and dense frames, with the epilogue and the state writes -----------
+
+namespace {
+
+// f(v) over c channels into f (codes as conv_act_rows: 0 identity, 1 relu, 2 hardtanh, 3 leaky, 4 SiLU,
+// 5 sigmoid; SiLU and sigmoid by exp8, within a few ulp of ATen's).
+__attribute__((target("avx2,fma"))) void activate_row(int64_t code, const float* v, float* f, int64_t c, float lo,
+                                                      float hi, float slope) {
+  int64_t j = 0;
+  if (code >= 4) {
+    const __m256 one = _mm256_set1_ps(1.f);
+    for (; j + 8 <= c; j += 8) {
+      const __m256 x = _mm256_loadu_ps(v + j);
+      const __m256 den = _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), x)));
+      _mm256_storeu_ps(f + j, _mm256_div_ps(code == 4 ? x : one, den));
+    }
+    for (; j < c; ++j) f[j] = (code == 4 ? v[j] : 1.f) / (1.f + std::exp(-v[j]));
+    return;
+  }
+  switch (code) {
+    case 1: for (; j < c; ++j) f[j] = activate<1>(v[j], lo, hi, slope); break;
+    case 2: for (; j < c; ++j) f[j] = activate<2>(v[j], lo, hi, slope); break;
+    case 3: for (; j < c; ++j) f[j] = activate<3>(v[j], lo, hi, slope); break;
+    default: for (; j < c; ++j) f[j] = v[j]; break;
+  }
+}
+
+}  // namespace
+
+// A dense conv (groups 1) over every output pixel, for keyframes and dense frames, in one pass:
+//   v = conv(x) + bias (+ residual), out = f(v); with acc (a keyframe) also A = v, and with emitted
+//   E = out (or pass E itself as out: the keyframe's output is E).
+// x: float32 (N, Cin, H, W) whose channels are contiguous (channels_last, or a channel slice of it);
+// packed: as conv_rows; bias (Cout,) or None; residual, out, acc, emitted: channels_last float32 of the
+// output's shape (out, acc and emitted overwritten). code: the activation as conv_act_rows (0 and no
+// state for a plain conv).
+// The GEMM's operand rows are read in place. When x's pixels are contiguous rows and the window has no
+// column dilation, a window row's kw taps are one run of kw * Cin values: the micro-kernel then loops
+// over kh runs instead of kh * kw taps (the RGB stem: 3 runs of 9 values instead of 9 taps of 3);
+// pixels whose window crosses the left or right border get their runs copied with zeros.
+void conv_dense(torch::Tensor x, torch::Tensor packed, c10::optional<torch::Tensor> bias, std::vector<int64_t> geo,
+                c10::optional<torch::Tensor> residual, torch::Tensor out, c10::optional<torch::Tensor> acc,
+                c10::optional<torch::Tensor> emitted, int64_t code, double lo, double hi, double slope) {
+  TORCH_CHECK(has_conv_rows(), "conv_dense needs AVX2 and FMA");
+  const Geometry g = geometry(geo);
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && x.dim() == 4 && x.size(0) == g.n && x.size(2) == g.h &&
+                  x.size(3) == g.w && x.stride(1) == 1,
+              "x must be a float32 (N, Cin, H, W) tensor of the geometry's input size with contiguous channels");
+  TORCH_CHECK(code >= 0 && code <= 5, "unknown activation code ", code);
+  const int64_t cin = x.size(1), taps = g.kh * g.kw, cout = out.size(1), total = g.n * g.ho * g.wo;
+  TORCH_CHECK(out.dim() == 4 && out.size(0) == g.n && out.size(2) == g.ho && out.size(3) == g.wo,
+              "out must be (N, Cout, Ho, Wo)");
+  const int64_t panels = (cout + GEMM_NR - 1) / GEMM_NR;
+  TORCH_CHECK(packed.scalar_type() == torch::kFloat && packed.is_contiguous() && packed.dim() == 3 &&
+                  packed.size(0) == panels && packed.size(1) == taps * cin && packed.size(2) == GEMM_NR,
+              "packed must be a contiguous (", panels, ", ", taps * cin, ", 16) float32 tensor");
+  const float* bp = nullptr;
+  if (bias) {
+    TORCH_CHECK(bias->scalar_type() == torch::kFloat && bias->is_contiguous() && bias->numel() == cout,
+                "bias must be a contiguous float32 (", cout, ",) tensor");
+    bp = bias->data_ptr<float>();
+  }
+  float* op = rows_ptr(out, total, cout, "out");
+  const float* rp = residual ? rows_ptr(*residual, total, cout, "residual") : nullptr;
+  float* ap = acc ? rows_ptr(*acc, total, cout, "acc") : nullptr;
+  float* ep = emitted ? rows_ptr(*emitted, total, cout, "emitted") : nullptr;
+  const float* xp = x.data_ptr<float>();
+  const int64_t sn = x.stride(0), sy = x.stride(2), sx = x.stride(3);
+  // runs: a window row is kw consecutive pixels' channels, contiguous in memory
+  const bool runs = g.kw > 1 && g.dw == 1 && sx == cin;
+  const int64_t vt = runs ? g.kh : taps, vk = runs ? g.kw * cin : cin;  // the micro-kernel's taps and depth
+  const float* wp = packed.data_ptr<float>();
+  const float flo = lo, fhi = hi, fslope = slope;
+  const int64_t row_blocks = (g.wo + GEMM_MR - 1) / GEMM_MR, blocks = g.n * g.ho * row_blocks;
+  at::parallel_for(0, blocks, 4, [&](int64_t b0, int64_t b1) {
+    const std::vector<float> zero(vk, 0.f);
+    std::vector<float> edge(runs ? GEMM_MR * vt * vk : 0);  // border pixels' runs, zero-filled outside
+    std::vector<const float*> src(vt * GEMM_MR);
+    std::vector<uint8_t> any(vt);
+    std::vector<float> y(GEMM_MR * cout), v(cout);
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t row = blk / row_blocks, ox0 = (blk % row_blocks) * GEMM_MR;
+      const int64_t n = row / g.ho, oy = row % g.ho;
+      const int64_t rows = std::min<int64_t>(GEMM_MR, g.wo - ox0);
+      const float* xn = xp + n * sn;
+      std::fill(any.begin(), any.end(), 0);
+      for (int64_t r = 0; r < GEMM_MR; ++r) {
+        const int64_t ox = ox0 + std::min<int64_t>(r, rows - 1);  // rows past the end repeat the last
+        if (runs) {
+          const int64_t ix0 = ox * g.sw - g.pl;
+          const bool inside = ix0 >= 0 && ix0 + g.kw <= g.w;
+          for (int64_t ky = 0; ky < g.kh; ++ky) {
+            const int64_t iy = oy * g.sh - g.pt + ky * g.dh;
+            if (iy < 0 || iy >= g.h) {
+              src[ky * GEMM_MR + r] = zero.data();
+              continue;
+            }
+            any[ky] = 1;
+            const float* s = xn + iy * sy + ix0 * sx;
+            if (inside) {
+              src[ky * GEMM_MR + r] = s;
+              continue;
+            }
+            float* d = edge.data() + (r * vt + ky) * vk;
+            for (int64_t kx = 0; kx < g.kw; ++kx) {
+              const int64_t ix = ix0 + kx;
+              if (ix >= 0 && ix < g.w) std::memcpy(d + kx * cin, s + kx * sx, sizeof(float) * cin);
+              else std::memset(d + kx * cin, 0, sizeof(float) * cin);
+            }
+            src[ky * GEMM_MR + r] = d;
+          }
+          continue;
+        }
+        for (int64_t ky = 0, t = 0; ky < g.kh; ++ky) {
+          const int64_t iy = oy * g.sh - g.pt + ky * g.dh;
+          const bool vy = iy >= 0 && iy < g.h;
+          for (int64_t kx = 0; kx < g.kw; ++kx, ++t) {
+            const int64_t ix = ox * g.sw - g.pl + kx * g.dw;
+            const bool live = vy && ix >= 0 && ix < g.w;
+            src[t * GEMM_MR + r] = live ? xn + iy * sy + ix * sx : zero.data();
+            any[t] |= live;
+          }
+        }
+      }
+      for (int64_t j = 0; j < panels; ++j)
+        gemm_panel(src.data(), any.data(), vt, vk, wp + j * taps * cin * GEMM_NR, y.data() + j * GEMM_NR, rows, cout,
+                   std::min<int64_t>(GEMM_NR, cout - j * GEMM_NR));
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t q = row * g.wo + ox0 + r;
+        const float* yr = y.data() + r * cout;
+        const float* rr = rp ? rp + q * cout : nullptr;
+        float* vr = ap ? ap + q * cout : v.data();  // A is v itself on keyframes
+        if (bp && rr) {
+#pragma omp simd
+          for (int64_t c = 0; c < cout; ++c) vr[c] = (yr[c] + bp[c]) + rr[c];
+        } else if (bp) {
+#pragma omp simd
+          for (int64_t c = 0; c < cout; ++c) vr[c] = yr[c] + bp[c];
+        } else if (rr) {
+#pragma omp simd
+          for (int64_t c = 0; c < cout; ++c) vr[c] = yr[c] + rr[c];
+        } else {
+          std::memcpy(vr, yr, sizeof(float) * cout);
+        }
+        float* orow = op + q * cout;
+        activate_row(code, vr, orow, cout, flo, fhi, fslope);
+        if (ep) std::memcpy(ep + q * cout, orow, sizeof(float) * cout);
+      }
+    }
+  });
+}
+
+// ---- YOLOv8's box decode (deltacnn.models.yolov8.decode_boxes) on channels_last head maps ------------
+
+namespace {
+
+// The expectation of the bins' values w under the softmax of logits lg (reg of them; e: scratch):
+// sum_j e_j w_j / sum_j e_j with e_j = exp(lg_j - max).
+__attribute__((target("avx2,fma"))) float bin_expectation(const float* lg, const float* w, int64_t reg, float* e) {
+  float m = lg[0];
+  for (int64_t j = 1; j < reg; ++j) m = std::max(m, lg[j]);
+  int64_t j = 0;
+  const __m256 mv = _mm256_set1_ps(m);
+  __m256 sv = _mm256_setzero_ps(), dv = sv;
+  for (; j + 8 <= reg; j += 8) {
+    const __m256 ev = exp8(_mm256_sub_ps(_mm256_loadu_ps(lg + j), mv));
+    sv = _mm256_add_ps(sv, ev);
+    dv = _mm256_fmadd_ps(ev, _mm256_loadu_ps(w + j), dv);
+  }
+  alignas(32) float sl[8], dl[8];
+  _mm256_store_ps(sl, sv);
+  _mm256_store_ps(dl, dv);
+  float sum = 0.f, dot = 0.f;
+  for (int k = 0; k < 8; ++k) {
+    sum += sl[k];
+    dot += dl[k];
+  }
+  for (; j < reg; ++j) {
+    const float ej = std::exp(lg[j] - m);
+    sum += ej;
+    dot += ej * w[j];
+  }
+  return dot / sum;
+}
+
+constexpr int64_t DECODE_BLOCK = 8;  // anchors decoded together, so that each output row is written 8 at a time
+
+}  // namespace
+
+// feats[l]: (B, 4 * reg + nc, H_l, W_l) channels_last float32 head maps; anchors (2, A) cell centres in grid
+// units, strides (A,), dfl (reg,) the bins' values; A = sum of H_l * W_l. Per anchor: each side's distance
+// is the expectation of the softmax over its reg bins, the box (cx, cy, w, h) in input pixels, and the
+// nc class probabilities (sigmoid; exp by exp8, a few ulp from ATen's). Returns (B, 4 + nc, A) float32.
+torch::Tensor yolo_decode(std::vector<torch::Tensor> feats, torch::Tensor anchors, torch::Tensor strides,
+                          torch::Tensor dfl, int64_t nc) {
+  TORCH_CHECK(has_conv_rows(), "yolo_decode needs AVX2 and FMA");
+  TORCH_CHECK(!feats.empty(), "yolo_decode needs head maps");
+  TORCH_CHECK(dfl.scalar_type() == torch::kFloat && dfl.is_contiguous() && dfl.dim() == 1, "dfl must be (reg,) float32");
+  const int64_t reg = dfl.size(0), no = 4 * reg + nc, b = feats[0].size(0), co = 4 + nc;
+  std::vector<const float*> fp;
+  std::vector<int64_t> first{0};
+  for (const auto& f : feats) {
+    TORCH_CHECK(f.dim() == 4 && f.size(0) == b && f.size(1) == no, "head maps must be (B, 4 * reg + nc, H, W)");
+    fp.push_back(rows_ptr(f, b * f.size(2) * f.size(3), no, "head map"));
+    first.push_back(first.back() + f.size(2) * f.size(3));
+  }
+  const int64_t a_count = first.back();
+  TORCH_CHECK(anchors.scalar_type() == torch::kFloat && anchors.is_contiguous() && anchors.numel() == 2 * a_count &&
+                  strides.scalar_type() == torch::kFloat && strides.is_contiguous() && strides.numel() == a_count,
+              "anchors must be (2, A) and strides (A,) contiguous float32");
+  const float* ap = anchors.data_ptr<float>();
+  const float* sp = strides.data_ptr<float>();
+  const float* wp = dfl.data_ptr<float>();
+  auto out = torch::empty({b, co, a_count}, torch::kFloat);
+  float* op = out.data_ptr<float>();
+  // work items: blocks of up to 8 consecutive anchors of one level of one image
+  std::vector<int64_t> item_b, item_a, item_l;
+  for (int64_t bi = 0; bi < b; ++bi)
+    for (size_t l = 0; l + 1 < first.size(); ++l)
+      for (int64_t a = first[l]; a < first[l + 1]; a += DECODE_BLOCK) {
+        item_b.push_back(bi);
+        item_a.push_back(a);
+        item_l.push_back(static_cast<int64_t>(l));
+      }
+  at::parallel_for(0, static_cast<int64_t>(item_a.size()), 32, [&](int64_t i0, int64_t i1) {
+    std::vector<float> e(reg), tile(co * DECODE_BLOCK), cls(nc);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t bi = item_b[i], a0 = item_a[i], l = item_l[i];
+      const int64_t hw = first[l + 1] - first[l], count = std::min(DECODE_BLOCK, first[l + 1] - a0);
+      for (int64_t r = 0; r < count; ++r) {
+        const int64_t a = a0 + r;
+        const float* row = fp[l] + (bi * hw + (a - first[l])) * no;
+        float dist[4];
+        for (int64_t side = 0; side < 4; ++side) dist[side] = bin_expectation(row + side * reg, wp, reg, e.data());
+        const float ax = ap[a], ay = ap[a_count + a], st = sp[a];
+        const float x1 = ax - dist[0], y1 = ay - dist[1], x2 = ax + dist[2], y2 = ay + dist[3];
+        tile[0 * DECODE_BLOCK + r] = (x1 + x2) / 2 * st;
+        tile[1 * DECODE_BLOCK + r] = (y1 + y2) / 2 * st;
+        tile[2 * DECODE_BLOCK + r] = (x2 - x1) * st;
+        tile[3 * DECODE_BLOCK + r] = (y2 - y1) * st;
+        activate_row(5, row + 4 * reg, cls.data(), nc, 0.f, 0.f, 0.f);  // sigmoid
+        for (int64_t j = 0; j < nc; ++j) tile[(4 + j) * DECODE_BLOCK + r] = cls[j];
+      }
+      float* o = op + bi * co * a_count + a0;
+      for (int64_t c = 0; c < co; ++c) std::memcpy(o + c * a_count, tile.data() + c * DECODE_BLOCK, sizeof(float) * count);
+    }
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("candidates", &candidates, "candidate output pixels of a sliding window");
   m.def("gather_taps", &gather_taps, "implicit-GEMM rows of the active taps");
   m.def("act_update", &act_update, "fused nonlinear update with truncation and scatter");
   m.def("sparsify", &sparsify, "input layer: send the pixels whose change passes the threshold");
+  m.def("sparsify_blobs", &sparsify_blobs, "input layer with the small-blob gate (min_blob)");
+  m.def("frame_range", &frame_range, "per-image min and max, NaN where an image holds NaN");
   m.def("maxpool_update", &maxpool_update, "max pooling on deltas with truncation");
   m.def("accumulate_rows", &accumulate_rows, "A += y at candidate pixels, returning the new A rows");
   m.def("emit_rows", &emit_rows, "o = f(A) - E with truncation and emit");
@@ -934,5 +1321,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv_rows", &conv_rows, "implicit-GEMM conv at output pixels, zero taps skipped");
   m.def("conv_act_rows", &conv_act_rows, "implicit-GEMM conv with the nonlinear update in its epilogue");
   m.def("depthwise_rows", &depthwise_rows, "depthwise conv at output pixels, optionally with the update");
+  m.def("conv_dense", &conv_dense, "dense conv with bias, residual, activation and the keyframe state writes");
+  m.def("yolo_decode", &yolo_decode, "YOLOv8 box decode of channels_last head maps");
   m.def("slice_rows", &slice_rows, "channel range of a delta at its updated pixels");
 }

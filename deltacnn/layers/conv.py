@@ -70,7 +70,9 @@ class DeltaConv2d(DeltaLayer):
     def forward(self, d: DeltaTensor, residual: DeltaTensor | None = None) -> DeltaTensor:
         d = check_delta(d, self)
         rt = self.rt
-        if d.dense:
+        if d.dense and (y := self._dense_fused(d.values, residual)) is not None:
+            out = DeltaTensor.keyframe(y)
+        elif d.dense:
             # PyTorch adds a conv's bias in its own pass after cuDNN; a backend that fuses the dense
             # epilogue adds it there instead
             late_bias = self.bias if self.act is not None and rt.backend_for(d.values).fuses_conv_bias(d.values) \
@@ -92,6 +94,20 @@ class DeltaConv2d(DeltaLayer):
                                     rt.thresholds.get(self.act_name), rt.thresholds.score)
             out = rt.backend_for(d.values).conv_block(d, self.params(), residual, st)
         return self.record(out, self.macs_per_pixel)
+
+    def _dense_fused(self, x: Tensor, residual: DeltaTensor | None) -> Tensor | None:
+        """A dense frame's conv, bias, residual add and activation, with a keyframe's A and E, in one
+        backend pass where the backend has one (Backend.dense_conv); None: the generic path runs."""
+        rt = self.rt
+        if rt.streams is not None or rt.dtype != torch.float32:  # some streams' state rows; other dtypes
+            return None
+        state = None
+        if self.act is not None and not rt.stateless:
+            def state(shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+                like = torch.empty((), device=x.device).expand(shape)  # the buffers' shape and device
+                return self._state_buffer("acc", like), self._state_buffer("emitted", like)
+        return rt.backend_for(x).dense_conv(x, self.params(), self.bias, residual.values if residual is not None
+                                            else None, self.act, state)
 
     def extra_repr(self) -> str:
         w = self.window

@@ -75,13 +75,15 @@ class Sparsify(DeltaLayer):
             ref = self._state("ref")
             tau = self.tau()
             gate, sent = self.gate, x
-            if gate.active:
+            d = self._blobs_fused(backend, x, ref, tau)
+            if d is None and gate.active:
                 # the gated frame goes to the backend only: a dense pass below still runs on x itself
                 sent = self._gated(x, ref, tau)
                 tau = gate.send_threshold(tau)
-            # any layout: each backend reads x the way it is fastest for it
-            d = backend.sparsify(sent, ref, tau, rt.thresholds.score, self.dilation, rt.dtype,
-                                 scratch=self._scratch)
+            if d is None:
+                # any layout: each backend reads x the way it is fastest for it
+                d = backend.sparsify(sent, ref, tau, rt.thresholds.score, self.dilation, rt.dtype,
+                                     scratch=self._scratch)
             change = None
             if measure:
                 change = d.mask.reshape(d.shape[0], -1).float().mean(1)
@@ -118,6 +120,20 @@ class Sparsify(DeltaLayer):
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, dilation={self.dilation}, gate={self.gate.describe()}"
+
+    def _blobs_fused(self, backend, x: Tensor, ref: Tensor, tau: float) -> DeltaTensor | None:
+        """The delta of a frame gated by min_blob alone, in one backend pass where the backend has one
+        (the same pixels as _gated + sparsify); None: the generic path runs."""
+        g = self.gate
+        if g.min_blob == 1 or (g.tile > 1 and g.tile_min > 1) or g.hysteresis_on or self.dilation > 1:
+            return None
+        got = backend.sparsify_blobs(x, ref, tau, self.rt.thresholds.score, g.min_blob, self.rt.dtype)
+        if got is None:
+            return None
+        d, held = got
+        if self.rt.refresh_held is not None:
+            self.rt.input_held = held
+        return d
 
     def _gated(self, x: Tensor, ref: Tensor, tau: float) -> Tensor:
         """x where the gate sends the pixel's change, else the reference (deltacnn.gating, self.gate).

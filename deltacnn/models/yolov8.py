@@ -153,6 +153,9 @@ def decode_boxes(feats: list[Tensor], nc: int, dfl_weight: Tensor) -> Tensor:
     from the cell centre in units of the level's stride. One fx leaf, so delta conversion keeps it as
     the dense tail after the head's feature maps.
     """
+    fast = _decode_on_cpu_kernels(feats, nc, dfl_weight)
+    if fast is not None:
+        return fast
     b = feats[0].shape[0]
     reg = dfl_weight.shape[1]
     flat = torch.cat([f.reshape(b, 4 * reg + nc, -1) for f in feats], 2)
@@ -164,6 +167,29 @@ def decode_boxes(feats: list[Tensor], nc: int, dfl_weight: Tensor) -> Tensor:
     x1y1, x2y2 = anchors - lt, anchors + rb
     xywh = torch.cat([(x1y1 + x2y2) / 2, x2y2 - x1y1], 1) * strides
     return torch.cat([xywh, cls.sigmoid()], 1)
+
+
+# decode_boxes on the C++ kernels where they run (benchmarks switch it off for A/B runs)
+CPU_DECODE = True
+
+
+def _decode_on_cpu_kernels(feats: list[Tensor], nc: int, dfl_weight: Tensor) -> Tensor | None:
+    """decode_boxes in one C++ pass over the anchors (cpu_kernels.yolo_decode: ~10 ATen passes, 7 ms a
+    768x576 frame at 1 thread, become one) for float32 CPU maps outside tracing and ONNX export, where
+    the kernels build (AVX2); None: the PyTorch code above runs. Softmax, expectation and sigmoid use a
+    vectorised exp (a few ulp from ATen's)."""
+    if not CPU_DECODE or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
+        return None
+    if any(f.device.type != "cpu" or f.dtype != torch.float32 or f.requires_grad or f.dim() != 4 for f in feats):
+        return None
+    from ..backends import cpu_kernels
+    k = cpu_kernels.load()
+    if k is None or not k.has_conv_rows():
+        return None
+    anchors, strides = _anchors(tuple((int(f.shape[2]), int(f.shape[3])) for f in feats), feats[0].device,
+                                torch.float32)
+    maps = [f.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2) for f in feats]  # channels_last (no copy if so)
+    return k.yolo_decode(maps, anchors, strides.reshape(-1), dfl_weight.reshape(-1).float().contiguous(), nc)
 
 
 def _width(c: int, width: float, max_ch: int) -> int:
