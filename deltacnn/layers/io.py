@@ -127,6 +127,8 @@ class Sparsify(DeltaLayer):
         g = self.gate
         if g.min_blob == 1 or (g.tile > 1 and g.tile_min > 1) or g.hysteresis_on or self.dilation > 1:
             return None
+        if self.rt.flush is not None and any(self.rt.flush):  # a refresh flush sends what the gate holds back
+            return None
         got = backend.sparsify_blobs(x, ref, tau, self.rt.thresholds.score, g.min_blob, self.rt.dtype)
         if got is None:
             return None
