@@ -616,7 +616,12 @@ def compile(model: DeltaModel, warmup: int = 2, dense_above: float | None = 0.35
     keyframes in one batched pass instead ("auto": max(2, N / 6) of N streams; None: never). per_stream only.
     """
     if not isinstance(model, DeltaModel):
-        raise TypeError(f"deltacnn.compile takes the result of deltacnn.convert, got {type(model).__name__}")
+        hint = (": moving-camera models (convert(..., motion=)) do not run inside CUDA graphs yet; run the "
+                "MotionDeltaModel eagerly (backend='triton' on the GPU)") if type(model).__name__ == "MotionDeltaModel" else ""
+        raise TypeError(f"deltacnn.compile takes the result of deltacnn.convert, got {type(model).__name__}{hint}")
+    if model.rt.refresh.flush:
+        raise ValueError("deltacnn.compile does not run the refresh 'flush' rule (the held-back input is not "
+                         "flushed inside the graphs); convert with refresh='keyframe' (the default) to compile")
     if per_stream:
         return StreamGraphedDeltaModel(model, warmup, dense_above, cuda_graphs, dense_compile=dense_compile,
                                        dense_compile_mode=dense_compile_mode, keyframe_batch_at=keyframe_batch_at)

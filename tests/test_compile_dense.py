@@ -113,3 +113,16 @@ def test_many_streams_due_keyframe_the_whole_batch():
                 assert g.last_modes == want, (at, g.last_modes)
     with pytest.raises(ValueError, match="keyframe_batch_at"):
         deltacnn.compile(deltacnn.convert(m, clip[0], backend="reference"), cuda_graphs=False, keyframe_batch_at=0)
+
+
+def test_compile_refuses_what_its_graphs_do_not_run():
+    """A refresh 'flush' model and a moving-camera model are refused by name instead of running without the rule."""
+    m = _net()
+    clip, _ = _clips(2)
+    dm = deltacnn.convert(m, clip[0], backend="reference", refresh="flush", refresh_held=0.1)
+    with pytest.raises(ValueError, match="flush"):
+        deltacnn.compile(dm, cuda_graphs=False)
+    from deltacnn.motion.model import MotionDeltaModel
+    mm = MotionDeltaModel(deltacnn.convert(m, clip[0], backend="reference"), motion="auto")
+    with pytest.raises(TypeError, match="moving-camera"):
+        deltacnn.compile(mm, cuda_graphs=False)
