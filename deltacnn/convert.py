@@ -372,6 +372,8 @@ class _Converter:
             return _view_layout(layout, key, node.args[1:], node.kwargs, shape, out)
         if layout is not None and key in _PARTS:
             return _part_layouts(node, layout, shape)
+        if layout is not None and key in _REDUCE:
+            return _reduced_layout(node, layout)
         if out is None:
             return None
         ins = [a for a in _flatten_nodes((node.args, node.kwargs))
@@ -1118,6 +1120,8 @@ def _unsqueezed_constant(const: Tensor, part: "_Chain") -> Tensor | None:
     for d in sorted(dims):
         c = c.unsqueeze(d)
     return c
+
+
 _PARTS = _SPLITS | _UNBIND | _SELECT | {"narrow", torch.narrow}
 # elementwise ops with broadcasting besides those _elementwise knows (for pixel layouts only)
 _BROADCASTING = {torch.where, "where", torch.maximum, "maximum", torch.minimum, "minimum", torch.pow, "pow",
@@ -1138,6 +1142,25 @@ def _reorder(target: Any, rest: tuple, kw: dict, ndim: int) -> list[int] | None:
         return order
     except (TypeError, ValueError, KeyError):
         return None
+
+
+# reductions called as (input, dim, keepdim): a reduced channel dim leaves a map of the stream's pixels
+_REDUCE = {"sum", torch.sum, "mean", torch.mean, "amax", torch.amax, "amin", torch.amin, "max", torch.max, "min",
+           torch.min, "logsumexp", torch.logsumexp, "prod", torch.prod, "median", torch.median, "argmax", torch.argmax,
+           "argmin", torch.argmin}
+
+
+def _reduced_layout(node: fx.Node, layout: pl.Layout) -> Any:
+    """The layout of a reduction over static dims (a tuple of two for max/min/median's values and indices)."""
+    p = _bind(lambda input, dim=None, keepdim=False, *a, **k: (dim, keepdim), node.args, node.kwargs)
+    dims = p[0] if isinstance(p[0], (tuple, list)) else (p[0],)
+    if not all(isinstance(d, int) and not isinstance(d, bool) for d in dims) or not isinstance(p[1], bool):
+        return None  # dim=None (everything) or not static
+    out = pl.reduce(layout, dims, p[1])
+    meta = node.meta.get("tensor_meta")
+    if isinstance(meta, (tuple, list)) and not hasattr(meta, "shape"):  # (values, indices), not one TensorMetadata
+        return (out, out) if len(meta) == 2 and len(meta[0].shape) == len(out.dims) else None
+    return out if _shape(node) is not None and len(_shape(node)) == len(out.dims) else None
 
 
 def _view_layout(layout: pl.Layout, target: Any, rest: tuple, kw: dict, in_shape: tuple,

@@ -17,8 +17,9 @@ Other size-1 dims have no factors. `lost` holds the pixel axes indexed away (a r
 that stacking or concatenating such parts back along one dim makes it a pixel dim again.
 
 The rules follow only ops whose element order is known: reshapes, permutes, indexing, cat and stack,
-elementwise ops with broadcasting, and ops whose output has the shape of an input (softmax, cumsum,
-normalisation: they keep every element where it is). Any other op ends the tracking (None).
+elementwise ops with broadcasting, reductions over given dims (a max over channels is still a map), and
+ops whose output has the shape of an input (softmax, cumsum, normalisation: they keep every element
+where it is). Any other op ends the tracking (None).
 """
 from __future__ import annotations
 
@@ -138,6 +139,13 @@ def index(lay: Layout, shape: Sequence[int], idx: tuple) -> Layout | None:
     return Layout(tuple(dims), frozenset(lost))
 
 
+def reduce(lay: Layout, dims: Sequence[int], keepdim: bool) -> Layout:
+    """sum / mean / amax ... over `dims`: those dims go (or stay, with size 1); the others keep their labels."""
+    gone = {d % len(lay.dims) for d in dims}
+    return Layout(tuple(() if i in gone else fs for i, fs in enumerate(lay.dims) if keepdim or i not in gone),
+                  lay.lost)
+
+
 def _regained(layouts: Sequence[Layout]) -> tuple[str, tuple[int, int]] | None:
     """The pixel axis every part lost (parts of one unbind put back together), if exactly one."""
     common = frozenset.intersection(*(lay.lost for lay in layouts))
@@ -204,12 +212,14 @@ def broadcast(lay: Layout, in_shape: Sequence[int], out_shape: Sequence[int]) ->
 
 
 def is_map(lay: Layout | None, shape: Sequence[int] | None) -> bool:
-    """Whether a tensor with this layout is a feature map of the stream: 4-D, the whole batch first, and
-    its last two dims made of rows and columns of one grid only (in any order, sliced, or flattened
-    into one of them), at least one of them larger than 1. Dim 1 may hold anything (channels)."""
+    """Whether a tensor with this layout is a feature map of the stream: 4-D, the whole batch first, its
+    last two dims made of rows and columns of one grid only (in any order, sliced, or flattened into one
+    of them), at least one of them larger than 1, and its channels (dim 1) holding no pixel axis, so
+    that all values at one position come from one pixel. Not maps: a box decode's (b, 16, 4, anchors)
+    bins, vectors viewed to (N, C, 1, 1), rows folded into channels (N, C * H, 1, W) for a sequence head."""
     if lay is None or shape is None or len(shape) != 4 or len(lay.dims) != 4:
         return False
-    if lay.dims[0] != (Factor("n", int(shape[0])),):
+    if lay.dims[0] != (Factor("n", int(shape[0])),) or any(f.kind in PIXEL for f in lay.dims[1]):
         return False
     pix = lay.dims[2] + lay.dims[3]
     return bool(pix) and all(f.kind in PIXEL for f in pix) and len({f.grid for f in pix}) == 1

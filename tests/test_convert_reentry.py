@@ -136,10 +136,22 @@ class RowsStacked(Stem):
         return self.b(torch.stack([r.softmax(-1) for r in rows], 2))
 
 
+class ChannelPool(Stem):
+    """CBAM's spatial attention: max and mean over the channels, each unsqueezed, a conv over both."""
+
+    def __init__(self) -> None:
+        super().__init__(2)
+
+    def forward(self, x):
+        y = self.stem(x)
+        return self.b(torch.cat([torch.max(y, 1)[0].unsqueeze(1), torch.mean(y, 1).unsqueeze(1)], 1))
+
+
 ISLAND_CASES = {"spatial_softmax": (SpatialSoftmax, "softmax", "y.flatten(2).softmax(-1)"),
                 "pixel_mixer": (PixelMixer, "mix", "self.mix(y.flatten(2))"),
                 "part_times_dense": (PartTimesDense, "softmax", "p[1].flatten(1).softmax(-1)"),
-                "rows_stacked": (RowsStacked, "softmax", "r.softmax(-1)")}
+                "rows_stacked": (RowsStacked, "softmax", "r.softmax(-1)"),
+                "channel_pool": (ChannelPool, "max", "torch.max(y, 1)[0]")}
 
 
 @pytest.mark.parametrize("case", list(ISLAND_CASES))
@@ -254,3 +266,35 @@ def test_yolov8n_box_decode_is_a_tail_without_permission(build):
                    for layer in dm.layers.values())
     convs = [n for n, layer in dm.layers.items() if isinstance(layer, DeltaConv2d)]
     assert len(convs) >= 63
+
+
+# ---- the layout rules themselves -------------------------------------------------------------------------
+def test_pixel_layout_rules():
+    from deltacnn import pixel_layout as pl
+
+    m = pl.of_map((2, 8, 4, 6))
+    flat = pl.reshape(m, (2, 8, 4, 6), (2, 8, 24))
+    assert pl.is_map(pl.reshape(flat, (2, 8, 24), (2, 8, 4, 6)), (2, 8, 4, 6))  # flatten(2) and back
+    assert pl.is_map(pl.permute(m, (0, 1, 3, 2)), (2, 8, 6, 4))  # rows and columns swapped: still pixels
+    assert not pl.is_map(pl.reshape(m, (2, 8, 4, 6), (2, 32, 1, 6)), (2, 32, 1, 6))  # rows folded into channels
+    assert not pl.is_map(pl.reshape(flat, (2, 8, 24), (2, 4, 2, 24)), (2, 4, 2, 24))  # channels split into rows
+    assert pl.reshape(m, (2, 8, 4, 6), (16, 4, 6)) is None  # batch merged
+    # DFL: two grids' anchors concatenated, bins viewed to (b, 4, 16, a) and transposed: not a map
+    m2 = pl.of_map((2, 64, 2, 3))
+    anchors = pl.cat([pl.reshape(pl.of_map((2, 64, 4, 6)), (2, 64, 4, 6), (2, 64, 24)),
+                      pl.reshape(m2, (2, 64, 2, 3), (2, 64, 6))], [(2, 64, 24), (2, 64, 6)], 2)
+    bins = pl.permute(pl.reshape(anchors, (2, 64, 30), (2, 4, 16, 30)), (0, 2, 1, 3))
+    assert not pl.is_map(bins, (2, 16, 4, 30))
+    # a single grid's bins are not a map either: their rows are the 4 box sides
+    one = pl.permute(pl.reshape(pl.reshape(pl.of_map((2, 64, 4, 6)), (2, 64, 4, 6), (2, 64, 24)), (2, 64, 24),
+                                (2, 4, 16, 24)), (0, 2, 1, 3))
+    assert not pl.is_map(one, (2, 16, 4, 24))
+    # a pooled map (1x1) viewed to vectors and back: no pixels
+    pooled = pl.of_map((2, 8, 1, 1))
+    assert not pl.is_map(pl.reshape(pl.reshape(pooled, (2, 8, 1, 1), (2, 8)), (2, 8), (2, 8, 1, 1)), (2, 8, 1, 1))
+    # rows indexed away and stacked back; a row part unsqueezed again
+    rows = [pl.index(m, (2, 8, 4, 6), (slice(None), slice(None), i)) for i in range(4)]
+    assert pl.is_map(pl.stack(rows, 2), (2, 8, 4, 6))
+    assert pl.is_map(pl.reshape(rows[1], (2, 8, 6), (2, 8, 1, 6)), (2, 8, 1, 6))
+    # a max over channels keeps the pixels
+    assert pl.is_map(pl.reshape(pl.reduce(m, (1,), False), (2, 4, 6), (2, 1, 4, 6)), (2, 1, 4, 6))
