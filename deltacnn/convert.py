@@ -4,6 +4,12 @@ Steps: trace; record shapes on the example input; fold batch norms into their co
 rebuild the graph with a delta layer for every op that carries the video stream (dense
 tails such as flatten + Linear stay dense behind a Densify); fuse conv -> add -> activation
 chains into one layer so fast backends can run them in one kernel.
+
+What runs densely, and who allows it: an op on the stream with no delta form whose result is a
+4-D map is a dense island (needs allow_dense_fallback=True); one whose result is not a map
+starts a dense tail (allowed). Dense values are followed by their pixel layout
+(deltacnn/pixel_layout.py): a dense value that is a feature map of the stream's pixels again
+ends a dense island instead (_Converter._reenter has the rule).
 """
 from __future__ import annotations
 
@@ -297,9 +303,9 @@ class _Converter:
             raise UnsupportedOperationError(
                 f"{describe_node(node)} turns values computed densely from the feature maps (by {ops}{where}) back "
                 f"into a feature map of shape {_shape(node)} on the stream's pixels, which later layers use. Work on "
-                "feature maps must not run densely unasked: pass allow_dense_fallback=True to run those ops as a dense island "
-                "(exact, but a dense pass every frame; the map re-enters the delta stream after them), or replace "
-                "them with supported ops (see deltacnn.SUPPORTED_OPS).")
+                "feature maps must not run densely unasked: pass allow_dense_fallback=True to run those ops as a "
+                "dense island (exact, but a dense pass every frame; the map re-enters the delta stream after them), "
+                "or replace them with supported ops (see deltacnn.SUPPORTED_OPS).")
         for n in region:
             report = self.reports_at.get(n)
             if report is not None and report in self.tails:
@@ -851,7 +857,8 @@ class _Converter:
             size = m.shape[dim]
             parts.append(self._slice_dim(node, args[0], dim, slice(start, start + size), f"{base}.{i}"))
             if isinstance(layout, pl.Layout) and shape is not None:
-                self.layouts[parts[-1]] = pl.index(layout, shape, (slice(None),) * (dim % 4) + (slice(start, start + size),))
+                part_index = (slice(None),) * (dim % 4) + (slice(start, start + size),)
+                self.layouts[parts[-1]] = pl.index(layout, shape, part_index)
             start += size
         return tuple(parts)
 
@@ -1103,7 +1110,8 @@ def _elementwise(node: fx.Node, modules: dict) -> bool:
 
 
 _CAT = {torch.cat, torch.concat}
-_ARITH = {**{k: "add" for k in _ADD}, **{k: "sub" for k in _SUB}, **{k: "mul" for k in _MUL}, **{k: "div" for k in _DIV}}
+_ARITH = {**{k: "add" for k in _ADD}, **{k: "sub" for k in _SUB}, **{k: "mul" for k in _MUL},
+          **{k: "div" for k in _DIV}}
 
 
 def _unsqueezed_constant(const: Tensor, part: "_Chain") -> Tensor | None:
@@ -1486,8 +1494,9 @@ SUPPORTED_OPS = (
     "two streams or a constant, mul of two streams (broadcast allowed) or by a constant, division by a constant, neg, "
     "torch.cat on channels, chunk/split/tensor_split along channels, rows or columns (and getitem/unpacking of "
     "their parts), unbind / select / integer indexing x[:, i] along channels, rows or columns (the 3-D parts stay "
-    "delta through elementwise ops and come back to a map by unsqueeze or stack along channels; used otherwise, "
-    "e.g. in a box decode, they end as a listed dense tail), slicing x[:, a:b:s, ..., ::2, ::2] (bounds may come "
+    "delta through elementwise ops, also with tensor constants such as per-pixel or per-row weights, and come back "
+    "to a map by unsqueeze or stack along channels; used otherwise, e.g. in a box decode, they end as a listed "
+    "dense tail), slicing x[:, a:b:s, ..., ::2, ::2] (bounds may come "
     "from x.shape), narrow, view/reshape/permute/"
     "transpose/flatten chains that come back to a map as a channel permutation (channel shuffle), pixel_shuffle, "
     "pixel_unshuffle, roll, flip, F.pad / nn.*Pad2d (constant, reflect, replicate, circular), mean over (2, 3) with "
@@ -1496,7 +1505,9 @@ SUPPORTED_OPS = (
     "stream, exact); on a channels-last view x.permute(0, 2, 3, 1) (ConvNeXt): LayerNorm over channels (a per-pixel "
     "nonlinear delta layer), Linear over channels (a 1x1 delta conv), activations, per-channel constants, permute "
     "back; anything after the feature map stops being 4-D (flatten, Linear, box decodes) runs densely as a reported "
-    "dense tail."
+    "dense tail, unless it becomes a feature map of the stream's pixels again (a softmax over the flattened pixels "
+    "viewed back, a max over channels unsqueezed; deltacnn/pixel_layout.py): then those dense ops are a dense "
+    "island (allow_dense_fallback=True) and the map re-enters the delta stream."
 )
 
 
