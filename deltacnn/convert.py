@@ -265,7 +265,10 @@ class _Converter:
             return n
         self.dense_derived.add(n)
         self.reports_at[n] = report
-        layout = self._dense_layout(node)
+        try:
+            layout = self._dense_layout(node)
+        except (TypeError, ValueError, IndexError, KeyError, AttributeError):
+            layout = None  # arguments the rules do not know (not static): unknown, as for any other op
         if layout is not None:
             self.layouts[n] = layout
         if isinstance(layout, pl.Layout) and pl.is_map(layout, _shape(node)) and _is_float(node) \
