@@ -19,7 +19,8 @@ that stacking or concatenating such parts back along one dim makes it a pixel di
 The rules follow only ops whose element order is known: reshapes, permutes, indexing, cat and stack,
 elementwise ops with broadcasting, reductions over given dims (a max over channels is still a map), and
 ops whose output has the shape of an input (softmax, cumsum, normalisation: they keep every element
-where it is). Any other op ends the tracking (None).
+where it is). Any other op ends the tracking (None). Which layouts are feature maps: `is_map`; what the
+converter does with them: `deltacnn.convert._Converter._reenter`.
 """
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ PIXEL = ("h", "w")
 
 
 class Factor(NamedTuple):
+    """One factor of a dim's index: what it counts and how many."""
+
     kind: str  # "n", "h", "w" or "?"
     size: int
     grid: tuple[int, int] | None = None  # (H, W) of the stream grid, for "h" and "w"
@@ -37,6 +40,8 @@ class Factor(NamedTuple):
 
 @dataclass(frozen=True)
 class Layout:
+    """Per dim of a tensor, its factors outermost first; `lost`: the (axis, grid) pixel axes indexed away."""
+
     dims: tuple[tuple[Factor, ...], ...]
     lost: frozenset[tuple[str, tuple[int, int]]] = frozenset()
 
