@@ -4,6 +4,12 @@ Steps: trace; record shapes on the example input; fold batch norms into their co
 rebuild the graph with a delta layer for every op that carries the video stream (dense
 tails such as flatten + Linear stay dense behind a Densify); fuse conv -> add -> activation
 chains into one layer so fast backends can run them in one kernel.
+
+What runs densely, and who allows it: an op on the stream with no delta form whose result is a
+4-D map is a dense island (needs allow_dense_fallback=True); one whose result is not a map
+starts a dense tail (allowed). Dense values are followed by their pixel layout
+(deltacnn/pixel_layout.py): a dense value that is a feature map of the stream's pixels again
+ends a dense island instead (_Converter._reenter has the rule).
 """
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ from .gating import InputGate, gate_from_options, Refresh
 from .layers.io import check_min_blob
 from .errors import ConversionError, UnsupportedOperationError
 from . import linear_maps as lm
+from . import pixel_layout as pl
 from .geometry import Window
 from .layers import (DeltaActivation, DeltaAdd, DeltaCat, DeltaConv2d, DeltaConvTranspose2d, DeltaGlobalAvgPool,
                      DeltaLayer, DeltaLayerNorm, DeltaLinearMap, DeltaMaxPool2d, DeltaMul, DeltaScale, DeltaSlice,
@@ -134,6 +141,10 @@ class _Converter:
         # DeltaTensor keeps its (N, C, H, W) layout and ops on the view act on its channels
         self.nhwc: set[fx.Node] = set()
         self.dense_derived: set[fx.Node] = set()  # new-graph nodes computed from densified streams
+        # new-graph node -> where its elements sit on a stream's pixel grid (pixel_layout.Layout; a tuple of
+        # them for tuple values): streams, and dense values computed from streams while it is known
+        self.layouts: dict[fx.Node, Any] = {}
+        self.reports_at: dict[fx.Node, DenseReport] = {}  # new-graph node -> its dense tail / island report
         self._node_macs = 0
         self._node: fx.Node | None = None  # the source node being converted
         self.out_hw: dict[str, tuple[int, int]] = {}  # layer name -> its output map's (H, W) (threshold growth)
@@ -160,6 +171,8 @@ class _Converter:
         n = self.graph.call_module(f"_delta.{key}", args, kwargs or {})
         if stream:
             self.streams.add(n)
+            if shape is not None and len(shape) == 4:
+                self.layouts[n] = pl.of_map(shape)  # callers whose node is not the map (parts) set their own
         return n
 
     def _densify(self, n: fx.Node) -> fx.Node:
@@ -167,6 +180,8 @@ class _Converter:
             self.densified[n] = self._add_layer(Densify(f"{n.name}.densify" if n.name else "densify"), (n,),
                                                 stream=False, macs=0)
             self.dense_derived.add(self.densified[n])
+            if n in self.layouts:
+                self.layouts[self.densified[n]] = self.layouts[n]
         return self.densified[n]
 
     def _is_stream(self, a: Any) -> bool:
@@ -236,28 +251,145 @@ class _Converter:
         return self._unsupported(node, args, kwargs)
 
     def _dense_node(self, node: fx.Node, args: tuple, kwargs: dict, flat: list) -> fx.Node:
-        """A node off the stream: a copy, or (when it does multiply-adds) a DenseCall that records them."""
+        """A node off the stream: a copy, or (when it does multiply-adds) a DenseCall that records them.
+        Computed from the stream, it is a dense tail, unless its result is a feature map again (_reenter)."""
         derived = any(a in self.dense_derived for a in flat)
         macs = int(node.meta.get("macs", 0))  # not _node_macs: densifying the inputs may have used it
-        if derived:
-            self._tail(node, macs)
+        report = self._tail(node, macs) if derived else None
         if macs > 0 and node.op in ("call_module", "call_function", "call_method"):
             n = self._dense_call(node, args, kwargs, flat, macs)
         else:
             n = self.graph.create_node(node.op, node.target, args, kwargs, node.name)
             n.meta = dict(node.meta)
-        if derived:
-            self.dense_derived.add(n)
+        if not derived:
+            return n
+        self.dense_derived.add(n)
+        self.reports_at[n] = report
+        try:
+            layout = self._dense_layout(node)
+        except (TypeError, ValueError, IndexError, KeyError, AttributeError):
+            layout = None  # arguments the rules do not know (not static): unknown, as for any other op
+        if layout is not None:
+            self.layouts[n] = layout
+        if isinstance(layout, pl.Layout) and pl.is_map(layout, _shape(node)) and _is_float(node) \
+                and not all(u.op == "output" for u in node.users):
+            return self._reenter(node, n)
         return n
 
-    def _tail(self, node: fx.Node, macs: int) -> None:
+    def _tail(self, node: fx.Node, macs: int) -> DenseReport:
         """Record an op of a dense tail (after the last feature maps): allowed, but listed by convert()."""
-        self.tails.append(DenseReport(node.name, _target_name(node), macs, node.meta.get(SOURCE)))
+        report = DenseReport(node.name, _target_name(node), macs, node.meta.get(SOURCE))
+        self.tails.append(report)
+        return report
+
+    # ---- dense values that are feature maps again: the end of a dense island -------------------------
+    def _reenter(self, node: fx.Node, dense: fx.Node) -> fx.Node:
+        """A value computed densely from the stream that is a feature map again goes back into the stream.
+
+        The rule: a dense value is a *feature map of the stream* when pixel_layout.is_map holds for it
+        (4-D, the whole batch first, its last two dims rows and columns of one stream grid with more
+        than one pixel): a squeezed part unsqueezed again, a view chain back to a grid, elementwise ops
+        and shape-keeping ops (softmax, cumsum) on such values. Such a value that anything but the
+        model's output uses is sparsified back into a stream here (so the convs after it stay delta
+        layers), and every dense op between the stream and it is a dense island: allowed only with
+        allow_dense_fallback=True, then listed with its share of MACs and counted as dense-island
+        work. Dense values that never become such a map (a box decode's bins and anchors, pooled
+        vectors, squeeze-excitation gates of shape (N, C, 1, 1)) stay dense tails, needing no permission.
+        """
+        region = self._dense_region(dense)
+        reports = [self.reports_at[n] for n in region if self.reports_at.get(n) is not None]
+        if not self.allow_fallback:
+            ops = ", ".join(dict.fromkeys(r.op for r in reports)) or _target_name(node)
+            first = reports[0] if reports else None
+            where = f" (the first, {first.node!r}, made at {first.source})" if first is not None and first.source \
+                else ""
+            raise UnsupportedOperationError(
+                f"{describe_node(node)} turns values computed densely from the feature maps (by {ops}{where}) back "
+                f"into a feature map of shape {_shape(node)} on the stream's pixels, which later layers use. Work on "
+                "feature maps must not run densely unasked: pass allow_dense_fallback=True to run those ops as a "
+                "dense island (exact, but a dense pass every frame; the map re-enters the delta stream after them), "
+                "or replace them with supported ops (see deltacnn.SUPPORTED_OPS).")
+        for n in region:
+            report = self.reports_at.get(n)
+            if report is not None and report in self.tails:
+                self.tails.remove(report)
+                self.islands.append(report)
+            if n.op == "call_module" and isinstance(layer := self.holder.get_submodule(n.target[len("_delta."):]),
+                                                    DenseCall):
+                layer.kind = DenseIsland.kind  # its stats rows and the summary count it as island work
+        layout = self.layouts.get(dense)
+        stream = self._add_layer(Sparsify(f"{self._name(node)}.reenter"), (dense,), macs=0)
+        self.layouts[stream] = layout
+        return stream
+
+    def _dense_region(self, dense: fx.Node) -> list[fx.Node]:
+        """The dense-derived new-graph nodes `dense` is computed from (back to the densified streams), in
+        graph order."""
+        seen, todo = set(), [dense]
+        while todo:
+            n = todo.pop()
+            if n in seen or n not in self.dense_derived:
+                continue
+            seen.add(n)
+            todo.extend(n.all_input_nodes)
+        return [n for n in self.graph.nodes if n in seen]
 
     def _dense_call(self, node: fx.Node, args: tuple, kwargs: dict, flat: list, macs: int) -> fx.Node:
         template, inputs = _template(args, kwargs, flat)
         layer = DenseCall(self._name(node), _as_callable(node, self.modules), template, macs, _target_name(node))
         return self._add_layer(layer, inputs, stream=False, macs=macs)
+
+    # ---- pixel layouts of dense values (deltacnn/pixel_layout.py) ------------------------------------
+    def _layout_of(self, old: Any) -> Any:
+        """The layout of old node `old`'s new-graph value (a channels-last view's: its map's, permuted)."""
+        new = self.env.get(old) if isinstance(old, fx.Node) else None
+        layout = self.layouts.get(new) if isinstance(new, fx.Node) else None
+        if old in self.nhwc and isinstance(layout, pl.Layout):
+            return pl.permute(layout, (0, 2, 3, 1))
+        return layout
+
+    def _dense_layout(self, node: fx.Node) -> Any:
+        """Where the elements of dense op `node`'s result sit on a stream grid, from its inputs' layouts:
+        views, indexing, parts, cat/stack and elementwise ops follow pixel_layout's rules; any other op
+        keeps the layout of an input of its output's shape (softmax, cumsum); else None (unknown)."""
+        key, out = _key(node), _shape(node)
+        src = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+        layout, shape = self._layout_of(src), _shape(src)
+        if node.op == "call_function" and node.target is operator.getitem and src is not None:
+            if isinstance(layout, tuple):
+                return layout[node.args[1]] if isinstance(node.args[1], int) else None
+            idx = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+            ok = isinstance(layout, pl.Layout) and shape is not None and not _flatten_nodes(idx)
+            return pl.index(layout, shape, idx) if ok else None
+        if key in _CAT | _STACK:
+            p = _bind(lambda tensors, dim=0: locals(), node.args, node.kwargs)
+            parts = p["tensors"]
+            if isinstance(parts, fx.Node) or not isinstance(p["dim"], int):
+                return None  # a tuple value as a whole: its parts' layouts are not followed
+            layouts = [self._layout_of(t) for t in parts]
+            if key in _STACK:
+                return pl.stack(layouts, p["dim"])
+            return pl.cat(layouts, [_shape(t) or () for t in parts], p["dim"])
+        if not isinstance(layout, pl.Layout) or shape is None:
+            layout = None
+        if key in _SHAPE_ONLY | {"expand"}:  # the other operand gives only a shape
+            if layout is None or out is None:
+                return None
+            return pl.broadcast(layout, shape, out) if key in ("expand", "expand_as") else \
+                layout if key == "type_as" else pl.reshape(layout, shape, out)
+        if layout is not None and key in _VIEWS and out is not None:
+            return _view_layout(layout, key, node.args[1:], node.kwargs, shape, out)
+        if layout is not None and key in _PARTS:
+            return _part_layouts(node, layout, shape)
+        if layout is not None and key in _REDUCE:
+            return _reduced_layout(node, layout)
+        if out is None:
+            return None
+        ins = [a for a in _flatten_nodes((node.args, node.kwargs))
+               if isinstance(self._layout_of(a), pl.Layout) and _shape(a) is not None]
+        if _elementwise(node, self.modules) or key in _BROADCASTING:
+            return next((b for a in ins if (b := pl.broadcast(self._layout_of(a), _shape(a), out)) is not None), None)
+        return next((self._layout_of(a) for a in ins if _shape(a) == out), None)
 
     # ---- view chains: reshape/permute sequences that may come back to a feature map ------------------
     def _view(self, node: fx.Node) -> Any:
@@ -301,10 +433,17 @@ class _Converter:
             self.islands.append(DenseReport(node.name, chain.describe(), 0, node.meta.get(SOURCE)))
             return self._add_layer(island, (chain.src,), macs=0)
         n = self._densify(chain.src)
+        layout, probe = self.layouts.get(chain.src), torch.empty(chain.shape or (), device="meta")
         for op, target, rest, kw in chain.ops:
             n = self.graph.create_node(op, target, (n, *rest), kw)
             self.dense_derived.add(n)
+            if isinstance(layout, pl.Layout) and chain.shape is not None:
+                out = _Chain.apply(probe, op, target, rest, kw)
+                layout, probe = _view_layout(layout, target, rest, kw, tuple(probe.shape), tuple(out.shape)), out
+        if layout is not None and chain.shape is not None:
+            self.layouts[n] = layout
         self.tails.append(DenseReport(node.name, chain.describe(), 0, node.meta.get(SOURCE)))
+        self.reports_at[n] = self.tails[-1]
         return n
 
     # every op that has a delta version
@@ -358,7 +497,7 @@ class _Converter:
         if key in _SHAPE_ONLY and len(args) == 2 and self._is_stream(args[1]) and not self._is_stream(args[0]):
             # s.expand_as(x) and friends read only x's shape: take it from the stream's values
             v = self.graph.call_function(_values, (args[1],))
-            return self.graph.call_method(key, (args[0], v))
+            return self._dense_node(node, (args[0], v), kwargs, [args[0], v])
         if key in _FN_ACTS:
             stream = args[0]
             act = _FN_ACTS[key](*args, **kwargs)
@@ -469,13 +608,9 @@ class _Converter:
         const = _constant(b if self._is_stream(a) else a, self.src)
         if const is None:
             return self._add_dense_operand(node, a, b, negate, name)
-        const = _shift_constant(const, _ndim(node.args[0] if self._is_stream(a) else node.args[1]))
-        if const is None:
-            return None
-        stream = a if self._is_stream(a) else b
-        if self._is_stream(a):  # x + c, x - c
-            return self._add_layer(DeltaScale(1.0, -const if negate else const, name), (stream,))
-        return self._add_layer(DeltaScale(-1.0 if negate else 1.0, const, name), (stream,))  # c + x, c - x
+        first = self._is_stream(a)
+        return self._constant_op(name, a if first else b, const, "sub" if negate else "add", first,
+                                 _shape(node.args[0] if first else node.args[1]), _shape(node))
 
     def _mul_like(self, node: fx.Node, args: tuple, kwargs: dict, div: bool) -> fx.Node | None:
         if kwargs or len(args) != 2:
@@ -494,23 +629,38 @@ class _Converter:
         const = _constant(b if self._is_stream(a) else a, self.src)
         if const is None:
             return self._mul_dense_operand(node, a, b, div, name)
-        per_channel = _channel_constant(const, channels_last=False)
-        if per_channel is None:
-            return self._spatial_constant_mul(node, a if self._is_stream(a) else b, const, div, name)
-        scale = 1.0 / per_channel if div else per_channel
-        return self._add_layer(DeltaScale(scale, 0.0, name), (a if self._is_stream(a) else b,))
+        first = self._is_stream(a)
+        return self._constant_op(name, a if first else b, const, "div" if div else "mul", first,
+                                 _shape(node.args[0] if first else node.args[1]), _shape(node))
 
-    def _spatial_constant_mul(self, node: fx.Node, stream: fx.Node, const: Tensor, div: bool,
-                              name: str) -> fx.Node | None:
-        """x * c with a constant c that varies over space (or broadcasts over width): a linear map."""
-        shape = _shape(node)
-        if shape is None or len(shape) != 4 or torch.broadcast_shapes(tuple(const.shape), shape) != shape:
+    def _constant_op(self, name: str, stream: fx.Node, const: Tensor | float, op: str, stream_first: bool,
+                     shape: tuple | None, out: tuple | None = None) -> fx.Node | None:
+        """`stream op const` (or `const op stream` when not stream_first) for op in add/sub/mul/div and a
+        compile-time constant: a number, or a tensor that broadcasts against the stream's 4-D `shape`
+        without enlarging it (`out`: the op's result shape, when known). A scalar or per-channel constant
+        is a DeltaScale; one that varies over space or batch is a DeltaScale shift when added (constants
+        enter on keyframes only) and a linear map when it multiplies. None: no delta form (c / x)."""
+        if op == "div" and not stream_first:
             return None
-        c = (1.0 / const if div else const).clone()
-        n_in = _shape(node.args[0] if stream is self.env.get(node.args[0]) else node.args[1])
-        if n_in != shape:
-            return None
-        return self._add_layer(DeltaLinearMap(lambda v: v * c.to(v.dtype), lambda m: m, name,
+        if isinstance(const, Tensor):
+            if shape is None or len(shape) != 4 or const.dim() > 4 or (out is not None and tuple(out) != tuple(shape)):
+                return None
+            const = const.reshape((1,) * (4 - const.dim()) + tuple(const.shape))  # PyTorch broadcasts from the right
+            try:
+                if tuple(torch.broadcast_shapes(tuple(const.shape), tuple(shape))) != tuple(shape):
+                    return None
+            except RuntimeError:
+                return None
+        per_channel = _channel_constant(const, channels_last=False)
+        if op in ("add", "sub"):
+            shift = const if per_channel is None else per_channel
+            if stream_first:  # x + c, x - c
+                return self._add_layer(DeltaScale(1.0, -shift if op == "sub" else shift, name), (stream,))
+            return self._add_layer(DeltaScale(-1.0 if op == "sub" else 1.0, shift, name), (stream,))  # c + x, c - x
+        if per_channel is not None:
+            return self._add_layer(DeltaScale(1.0 / per_channel if op == "div" else per_channel, 0.0, name), (stream,))
+        c = (1.0 / const if op == "div" else const).clone()
+        return self._add_layer(DeltaLinearMap(lambda v: v * c.to(v.device, v.dtype), lambda m: m, name,
                                               f"mul by a constant of shape {tuple(c.shape)}"), (stream,))
 
     # ---- a stream combined with a tensor computed densely (SE gates from Linear layers, attention) ----
@@ -705,9 +855,13 @@ class _Converter:
         if not isinstance(dim, int) or not isinstance(metas, (tuple, list)) or dim % 4 == 0:
             return None
         base, start, parts = self._name(node), 0, []
+        layout, shape = self.layouts.get(args[0]), _shape(node.args[0])
         for i, m in enumerate(metas):
             size = m.shape[dim]
             parts.append(self._slice_dim(node, args[0], dim, slice(start, start + size), f"{base}.{i}"))
+            if isinstance(layout, pl.Layout) and shape is not None:
+                part_index = (slice(None),) * (dim % 4) + (slice(start, start + size),)
+                self.layouts[parts[-1]] = pl.index(layout, shape, part_index)
             start += size
         return tuple(parts)
 
@@ -756,6 +910,8 @@ class _Converter:
             i %= shape[d]
             parts[d - 1], sub[d] = slice(i, i + 1), 1
         part = self._add_layer(DeltaSlice(*parts, name=name or self._name(node)), (stream,))
+        source = self.layouts.get(stream) or pl.of_map(shape)
+        self.layouts[part] = pl.index(source, shape, (slice(None), *parts))  # a size-1 slice: the row is "lost"
         ops = [("call_method", "squeeze", (d,), {}) for d in reversed(dims)]
         return _Chain(part, tuple(sub), ops, node)
 
@@ -766,22 +922,40 @@ class _Converter:
         if _key(node) in _STACK:
             return self._stack(node)
         ins = _flatten_nodes((node.args, node.kwargs))
-        vals = [self.env.get(a) for a in ins]
-        if not vals or not all(isinstance(v, _Chain) and v.squeezed() is not None for v in vals):
+        vals = {a: self.env.get(a) for a in ins}
+        chains = [v for v in vals.values() if isinstance(v, _Chain)]
+        others = [a for a, v in vals.items() if not isinstance(v, _Chain)]
+        if not chains or not all(v.squeezed() is not None for v in chains):
             return None
-        first = vals[0]
-        if any(v.squeezed() != first.squeezed() or v.shape != first.shape for v in vals):
+        first = chains[0]
+        if any(v.squeezed() != first.squeezed() or v.shape != first.shape for v in chains):
             return None
         if not _elementwise(node, self.modules):
             return None
-        part = dict(zip(ins, vals))
-        args = fx.node.map_arg(node.args, lambda n: part[n].src)
-        kwargs = fx.node.map_arg(node.kwargs, lambda n: part[n].src)
         self._node_macs = int(node.meta.get("macs", 0))
-        made = self._delta_op(node, args, kwargs)
+        if others:
+            made = self._part_constant_op(node, first, others)
+        else:
+            args = fx.node.map_arg(node.args, lambda n: vals[n].src)
+            kwargs = fx.node.map_arg(node.kwargs, lambda n: vals[n].src)
+            made = self._delta_op(node, args, kwargs)
         if not self._is_stream(made):
             return None  # no delta form on the 4-D parts (nothing was added): the usual path decides
+        self.layouts[made] = self.layouts.get(first.src)
         return _Chain(made, first.shape, list(first.ops), node)
+
+    def _part_constant_op(self, node: fx.Node, part: "_Chain", others: list) -> fx.Node | None:
+        """`part op c` or `c op part` (add/sub/mul/div) with a tensor constant c (a parameter or buffer, such
+        as per-pixel or per-row weights): c broadcasts against the squeezed part, so with the squeezed dims
+        put back it broadcasts the same way against the 4-D part, where _constant_op makes the layer."""
+        op = _ARITH.get(_key(node))
+        if op is None or len(node.args) != 2 or node.kwargs or len(others) != 1:
+            return None
+        const = _constant(self.env.get(others[0]), self.src)
+        const = _unsqueezed_constant(const, part) if isinstance(const, Tensor) else None
+        if const is None:
+            return None
+        return self._constant_op(self._name(node), part.src, const, op, node.args[1] is others[0], part.shape)
 
     def _stack(self, node: fx.Node) -> fx.Node | None:
         p = _bind(lambda tensors, dim=0: locals(), node.args, node.kwargs)
@@ -866,15 +1040,6 @@ def _channel_constant(const: Tensor | float, channels_last: bool) -> Tensor | fl
     return None
 
 
-def _shift_constant(const: Tensor | float, ndim: int | None) -> Tensor | float | None:
-    """An added constant in DeltaScale's form (scalar or (C,)); spatially varying constants are kept as
-    given only when they already have the map's 4 dimensions (DeltaScale broadcasts them then)."""
-    if isinstance(const, Tensor) and const.dim() == 4 and ndim == 4:
-        per_channel = _channel_constant(const, channels_last=False)
-        return per_channel if per_channel is not None else const
-    return _channel_constant(const, channels_last=False)
-
-
 def _eval_identities() -> dict[Any, Callable[..., bool]]:
     """Functions that return their input unchanged in eval mode, each with a test of its arguments."""
     drop = lambda input, p=0.5, training=True, inplace=False: training is False or p == 0  # noqa: E731
@@ -947,6 +1112,107 @@ def _elementwise(node: fx.Node, modules: dict) -> bool:
     return key in _ADD | _SUB | _MUL | _DIV | _PASS | set(_FN_ACTS) | {operator.neg, "neg"}
 
 
+_CAT = {torch.cat, torch.concat}
+_ARITH = {**{k: "add" for k in _ADD}, **{k: "sub" for k in _SUB}, **{k: "mul" for k in _MUL},
+          **{k: "div" for k in _DIV}}
+
+
+def _unsqueezed_constant(const: Tensor, part: "_Chain") -> Tensor | None:
+    """A constant that broadcasts against a squeezed part (the part's 4-D shape without its squeezed dims),
+    reshaped to broadcast the same way against the 4-D part; None if it would enlarge the part."""
+    dims = part.squeezed() or ()
+    out = tuple(s for i, s in enumerate(part.shape) if i not in dims)
+    try:
+        if tuple(torch.broadcast_shapes(tuple(const.shape), out)) != out:
+            return None
+    except RuntimeError:
+        return None
+    c = const.reshape((1,) * (len(out) - const.dim()) + tuple(const.shape))
+    for d in sorted(dims):
+        c = c.unsqueeze(d)
+    return c
+
+
+_PARTS = _SPLITS | _UNBIND | _SELECT | {"narrow", torch.narrow}
+# elementwise ops with broadcasting besides those _elementwise knows (for pixel layouts only)
+_BROADCASTING = {torch.where, "where", torch.maximum, "maximum", torch.minimum, "minimum", torch.pow, "pow",
+                 operator.pow}
+_REORDER = {"permute", torch.permute, "transpose", torch.transpose, "swapaxes", torch.swapaxes, "swapdims",
+            torch.swapdims}
+
+
+def _reorder(target: Any, rest: tuple, kw: dict, ndim: int) -> list[int] | None:
+    """The dim order of a permute / transpose / swapaxes call on an ndim-D tensor (None if not static)."""
+    try:
+        if target in ("permute", torch.permute):
+            dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest or kw.get("dims")
+            return [int(d) % ndim for d in dims]
+        d0, d1 = rest[:2] if len(rest) >= 2 else (kw["dim0"], kw["dim1"])
+        order = list(range(ndim))
+        order[int(d0) % ndim], order[int(d1) % ndim] = order[int(d1) % ndim], order[int(d0) % ndim]
+        return order
+    except (TypeError, ValueError, KeyError):
+        return None
+
+
+# reductions called as (input, dim, keepdim): a reduced channel dim leaves a map of the stream's pixels
+_REDUCE = {"sum", torch.sum, "mean", torch.mean, "amax", torch.amax, "amin", torch.amin, "max", torch.max, "min",
+           torch.min, "logsumexp", torch.logsumexp, "prod", torch.prod, "median", torch.median, "argmax", torch.argmax,
+           "argmin", torch.argmin}
+
+
+def _reduced_layout(node: fx.Node, layout: pl.Layout) -> Any:
+    """The layout of a reduction over static dims (a tuple of two for max/min/median's values and indices)."""
+    p = _bind(lambda input, dim=None, keepdim=False, *a, **k: (dim, keepdim), node.args, node.kwargs)
+    dims = p[0] if isinstance(p[0], (tuple, list)) else (p[0],)
+    if not all(isinstance(d, int) and not isinstance(d, bool) for d in dims) or not isinstance(p[1], bool):
+        return None  # dim=None (everything) or not static
+    out = pl.reduce(layout, dims, p[1])
+    meta = node.meta.get("tensor_meta")
+    if isinstance(meta, (tuple, list)) and not hasattr(meta, "shape"):  # (values, indices), not one TensorMetadata
+        return (out, out) if len(meta) == 2 and len(meta[0].shape) == len(out.dims) else None
+    return out if _shape(node) is not None and len(_shape(node)) == len(out.dims) else None
+
+
+def _view_layout(layout: pl.Layout, target: Any, rest: tuple, kw: dict, in_shape: tuple,
+                 out_shape: tuple) -> pl.Layout | None:
+    """The layout after one view-like op: permutes reorder the dims, all others regroup them."""
+    if target in _REORDER:
+        order = _reorder(target, rest, kw, len(in_shape))
+        return pl.permute(layout, order) if order is not None else None
+    if target == "contiguous":
+        return layout
+    return pl.reshape(layout, in_shape, out_shape)
+
+
+def _part_layouts(node: fx.Node, layout: pl.Layout, shape: tuple) -> Any:
+    """The layouts of select / narrow (one) and unbind / chunk / split / tensor_split (a tuple) on a dense value."""
+    key, nd = _key(node), len(shape)
+    try:
+        if key in _SELECT:
+            p = _bind(lambda input, dim, index: locals(), node.args, node.kwargs)
+            return pl.index(layout, shape, (slice(None),) * (p["dim"] % nd) + (int(p["index"]),))
+        if key in ("narrow", torch.narrow):
+            p = _bind(lambda input, dim, start, length: locals(), node.args, node.kwargs)
+            sl = slice(int(p["start"]), int(p["start"]) + int(p["length"]))
+            return pl.index(layout, shape, (slice(None),) * (p["dim"] % nd) + (sl,))
+        if key in _UNBIND:
+            d = _bind(lambda input, dim=0: dim, node.args, node.kwargs) % nd
+            return tuple(pl.index(layout, shape, (slice(None),) * d + (i,)) for i in range(shape[d]))
+        metas = node.meta.get("tensor_meta")
+        name = key if isinstance(key, str) else key.__name__
+        sig = {"chunk": lambda input, chunks, dim=0: dim, "split": lambda tensor, split_size_or_sections, dim=0: dim,
+               "tensor_split": lambda input, indices_or_sections, dim=0: dim}[name]
+        d = _bind(sig, node.args, node.kwargs) % nd
+        parts, start = [], 0
+        for m in metas:
+            parts.append(pl.index(layout, shape, (slice(None),) * d + (slice(start, start + m.shape[d]),)))
+            start += m.shape[d]
+        return tuple(parts)
+    except (TypeError, ValueError, KeyError, AttributeError):
+        return None
+
+
 def _shape(node: Any) -> tuple | None:
     """The static shape of a node's tensor result (from the example run, else from tracing)."""
     if not isinstance(node, fx.Node):
@@ -985,8 +1251,13 @@ class _Chain:
     def replay(self, x: Tensor) -> Tensor:
         x = x.contiguous()  # densified streams are channels_last; view() in the chain expects the model's layout
         for op, target, rest, kw in self.ops:
-            x = getattr(x, target)(*rest, **kw) if op == "call_method" else target(x, *rest, **kw)
+            x = self.apply(x, op, target, rest, kw)
         return x
+
+    @staticmethod
+    def apply(x: Tensor, op: str, target: Any, rest: tuple, kw: dict) -> Tensor:
+        """One op of a chain on x."""
+        return getattr(x, target)(*rest, **kw) if op == "call_method" else target(x, *rest, **kw)
 
     def describe(self) -> str:
         return " -> ".join(t if isinstance(t, str) else t.__name__ for _, t, _, _ in self.ops)
@@ -1169,6 +1440,8 @@ def fold_scales(gm: fx.GraphModule) -> int:
 def _fold_scale(conv: DeltaConv2d, sc: DeltaScale) -> bool:
     """conv.weight *= scale, conv.bias = bias * scale + shift (per output channel); False if it cannot."""
     cout = conv.weight.shape[0]
+    if sc.scale.dim() > 1 or sc.shift.dim() > 1:
+        return False  # a spatially varying shift: not a per-channel bias
     scale, shift = sc.scale.reshape(-1), sc.shift.reshape(-1)
     if scale.numel() not in (1, cout) or shift.numel() not in (1, cout):
         return False
@@ -1224,8 +1497,9 @@ SUPPORTED_OPS = (
     "two streams or a constant, mul of two streams (broadcast allowed) or by a constant, division by a constant, neg, "
     "torch.cat on channels, chunk/split/tensor_split along channels, rows or columns (and getitem/unpacking of "
     "their parts), unbind / select / integer indexing x[:, i] along channels, rows or columns (the 3-D parts stay "
-    "delta through elementwise ops and come back to a map by unsqueeze or stack along channels; used otherwise, "
-    "e.g. in a box decode, they end as a listed dense tail), slicing x[:, a:b:s, ..., ::2, ::2] (bounds may come "
+    "delta through elementwise ops, also with tensor constants such as per-pixel or per-row weights, and come back "
+    "to a map by unsqueeze or stack along channels; used otherwise, e.g. in a box decode, they end as a listed "
+    "dense tail), slicing x[:, a:b:s, ..., ::2, ::2] (bounds may come "
     "from x.shape), narrow, view/reshape/permute/"
     "transpose/flatten chains that come back to a map as a channel permutation (channel shuffle), pixel_shuffle, "
     "pixel_unshuffle, roll, flip, F.pad / nn.*Pad2d (constant, reflect, replicate, circular), mean over (2, 3) with "
@@ -1234,7 +1508,9 @@ SUPPORTED_OPS = (
     "stream, exact); on a channels-last view x.permute(0, 2, 3, 1) (ConvNeXt): LayerNorm over channels (a per-pixel "
     "nonlinear delta layer), Linear over channels (a 1x1 delta conv), activations, per-channel constants, permute "
     "back; anything after the feature map stops being 4-D (flatten, Linear, box decodes) runs densely as a reported "
-    "dense tail."
+    "dense tail, unless it becomes a feature map of the stream's pixels again (a softmax over the flattened pixels "
+    "viewed back, a max over channels unsqueezed; deltacnn/pixel_layout.py): then those dense ops are a dense "
+    "island (allow_dense_fallback=True) and the map re-enters the delta stream."
 )
 
 

@@ -173,7 +173,9 @@ def conv_coverage(model: nn.Module, dm, x: torch.Tensor) -> dict:
         if isinstance(m, DenseCall) and isinstance(m.fn, nn.Module):
             # a dense call of a module is named after it (a second call of it gets _1, _2 ...)
             src = m.name if _has(model, m.name) else m.name.rsplit("_", 1)[0]
-            (island if isinstance(m, DenseIsland) else tail).update(_conv_names(m.fn, src))
+            # by kind: the converter marks dense calls whose result re-enters the maps as island work
+            is_island = isinstance(m, DenseIsland) or m.kind == DenseIsland.kind
+            (island if is_island else tail).update(_conv_names(m.fn, src))
     for node in gm.graph.nodes:
         if node.op == "call_module" and not str(node.target).startswith("_delta."):
             plain.update(_conv_names(mods[node.target], node.target))
