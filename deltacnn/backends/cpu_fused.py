@@ -180,7 +180,11 @@ class FusedCpuBackend(ReferenceBackend):
         lo, hi = (0.0, 6.0) if act is not None and act.kind == "relu6" else \
             ((act.min_val, act.max_val) if act is not None else (0.0, 0.0))
         packed = p.cached("cpu_panels", lambda: packed_weights(p.weight))
-        self._k.conv_dense(x if x.stride(1) == 1 else to_cl(x), packed, bias,
+        if x.stride(1) != 1:
+            x = to_cl(x)
+        if x.stride(1) != 1 and x.shape[1] == 1:  # one channel: channels_last in memory whatever its stride says
+            x = x.as_strided(x.shape, (x.stride(0), 1, x.stride(2), x.stride(3)))
+        self._k.conv_dense(x, packed, bias,
                            _geometry(n, (h, w), (ho, wo), p.window), to_cl(residual) if residual is not None else None,
                            out, acc, None, code, lo, hi, act.slope if act is not None else 0.0)
         return out

@@ -101,6 +101,8 @@ class DeltaConv2d(DeltaLayer):
         rt = self.rt
         if rt.streams is not None or rt.dtype != torch.float32:  # some streams' state rows; other dtypes
             return None
+        if torch.compiler.is_compiling():  # deltacnn.compile traces the plain PyTorch path (Inductor fuses it)
+            return None
         state = None
         if self.act is not None and not rt.stateless:
             def state(shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
