@@ -760,6 +760,37 @@ __attribute__((target("avx2,fma"))) void gemm_panel(const float* const* src, con
 // Whether this CPU runs conv_rows (AVX2 and FMA).
 bool has_conv_rows() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
 
+// The GEMM operand rows of one block of GEMM_MR output pixels (ip[0..rows), the rest padding), read in
+// place: src[t * GEMM_MR + r] is the input row tap t of pixel r reads, or the zero row where that input
+// pixel is outside the image or not updated (mask m); any[t]: some pixel of the block has tap t live, so
+// the GEMM skips the taps without a live source. Shared by conv_rows and conv_act_rows.
+static inline void gather_block_taps(const Geometry& g, const int64_t* ip, int64_t rows, const float* x,
+                                     const uint8_t* m, int64_t cin, const float* zero, const float** src,
+                                     uint8_t* any) {
+  const int64_t taps = g.kh * g.kw;
+  std::fill(any, any + taps, 0);
+  for (int64_t r = 0; r < GEMM_MR; ++r) {
+    if (r >= rows) {
+      for (int64_t t = 0; t < taps; ++t) src[t * GEMM_MR + r] = zero;
+      continue;
+    }
+    const int64_t q = ip[r];
+    const int64_t n = q / (g.ho * g.wo), rem = q % (g.ho * g.wo);
+    const int64_t oy = rem / g.wo, ox = rem % g.wo;
+    for (int64_t ky = 0, t = 0; ky < g.kh; ++ky) {
+      const int64_t iy = oy * g.sh - g.pt + ky * g.dh;
+      const bool vy = iy >= 0 && iy < g.h;
+      for (int64_t kx = 0; kx < g.kw; ++kx, ++t) {
+        const int64_t ix = ox * g.sw - g.pl + kx * g.dw;
+        const int64_t s = (n * g.h + iy) * g.w + ix;
+        const bool live = vy && ix >= 0 && ix < g.w && m[s];
+        src[t * GEMM_MR + r] = live ? x + s * cin : zero;
+        any[t] |= live;
+      }
+    }
+  }
+}
+
 // A gathered (groups 1) conv at output pixels idx, without materialising the tap matrix:
 // y[p] = sum over taps of the input rows each tap reads (zero where the pixel is outside the image or
 // not updated) times the weights. ext: the input delta's float32 rows (see rows_ptr); packed: the
@@ -788,27 +819,7 @@ torch::Tensor conv_rows(torch::Tensor ext, torch::Tensor in_mask, torch::Tensor 
     std::vector<uint8_t> any(taps);
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t p0 = blk * GEMM_MR, rows = std::min<int64_t>(GEMM_MR, p_count - p0);
-      std::fill(any.begin(), any.end(), 0);
-      for (int64_t r = 0; r < GEMM_MR; ++r) {
-        if (r >= rows) {
-          for (int64_t t = 0; t < taps; ++t) src[t * GEMM_MR + r] = zero.data();
-          continue;
-        }
-        const int64_t q = ip[p0 + r];
-        const int64_t n = q / (g.ho * g.wo), rem = q % (g.ho * g.wo);
-        const int64_t oy = rem / g.wo, ox = rem % g.wo;
-        for (int64_t ky = 0, t = 0; ky < g.kh; ++ky) {
-          const int64_t iy = oy * g.sh - g.pt + ky * g.dh;
-          const bool vy = iy >= 0 && iy < g.h;
-          for (int64_t kx = 0; kx < g.kw; ++kx, ++t) {
-            const int64_t ix = ox * g.sw - g.pl + kx * g.dw;
-            const int64_t s = (n * g.h + iy) * g.w + ix;
-            const bool live = vy && ix >= 0 && ix < g.w && m[s];
-            src[t * GEMM_MR + r] = live ? x + s * cin : zero.data();
-            any[t] |= live;
-          }
-        }
-      }
+      gather_block_taps(g, ip + p0, rows, x, m, cin, zero.data(), src.data(), any.data());
       for (int64_t j = 0; j < panels; ++j)
         gemm_panel(src.data(), any.data(), taps, cin, wp + j * taps * cin * GEMM_NR, op + p0 * cout + j * GEMM_NR,
                    rows, cout, std::min<int64_t>(GEMM_NR, cout - j * GEMM_NR));
@@ -944,27 +955,7 @@ std::vector<torch::Tensor> conv_act_rows(torch::Tensor ext, torch::Tensor in_mas
     std::vector<float> y(GEMM_MR * cout), o(cout);
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t p0 = blk * GEMM_MR, rows = std::min<int64_t>(GEMM_MR, p_count - p0);
-      std::fill(any.begin(), any.end(), 0);
-      for (int64_t r = 0; r < GEMM_MR; ++r) {
-        if (r >= rows) {
-          for (int64_t t = 0; t < taps; ++t) src[t * GEMM_MR + r] = zero.data();
-          continue;
-        }
-        const int64_t q = ip[p0 + r];
-        const int64_t n = q / (g.ho * g.wo), rem = q % (g.ho * g.wo);
-        const int64_t oy = rem / g.wo, ox = rem % g.wo;
-        for (int64_t ky = 0, t = 0; ky < g.kh; ++ky) {
-          const int64_t iy = oy * g.sh - g.pt + ky * g.dh;
-          const bool vy = iy >= 0 && iy < g.h;
-          for (int64_t kx = 0; kx < g.kw; ++kx, ++t) {
-            const int64_t ix = ox * g.sw - g.pl + kx * g.dw;
-            const int64_t s = (n * g.h + iy) * g.w + ix;
-            const bool live = vy && ix >= 0 && ix < g.w && m[s];
-            src[t * GEMM_MR + r] = live ? x + s * cin : zero.data();
-            any[t] |= live;
-          }
-        }
-      }
+      gather_block_taps(g, ip + p0, rows, x, m, cin, zero.data(), src.data(), any.data());
       for (int64_t j = 0; j < panels; ++j)
         gemm_panel(src.data(), any.data(), taps, cin, wp + j * taps * cin * GEMM_NR, y.data() + j * GEMM_NR,
                    rows, cout, std::min<int64_t>(GEMM_NR, cout - j * GEMM_NR));
