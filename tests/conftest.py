@@ -58,6 +58,15 @@ def small_zoo_model(name: str) -> torch.nn.Module:
     return models.randomize_bn_(m, seed=1)
 
 
+@pytest.fixture
+def no_tf32():
+    """float32 matmuls and convs without TF32 for the test (GPU tests compare against float32 references)."""
+    a, b = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = a, b
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
 

@@ -27,12 +27,7 @@ def _model(name: str):
     return models.randomize_bn_(models.build(name, **kw).eval(), 1).cuda()
 
 
-@pytest.fixture(autouse=True)
-def no_tf32():
-    a, b = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = a, b
+pytestmark = pytest.mark.usefixtures("no_tf32")  # tests/conftest.py: exact float32 on the GPU
 
 
 @pytest.mark.parametrize("name", ["resnet18", "resnet50", "mobilenet_v3_small", "unet", "hrnet_like"])

@@ -1,14 +1,17 @@
 """Moving cameras on a real GPU (skipped without CUDA): motion-aligned delta state with the Triton and
-reference backends on CUDA, the estimator on the frames' device. Self-contained (its own net and scene).
+reference backends on CUDA, the estimator on the frames' device. Its own scene; the net is
+tests/test_motion.py's PanNet.
 
     python3 -m pytest -q tests/gpu/test_motion_gpu.py
 """
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 if not torch.cuda.is_available():
     pytest.skip("needs CUDA", allow_module_level=True)
@@ -17,34 +20,12 @@ pytest.importorskip("triton")
 import deltacnn  # noqa: E402
 from deltacnn.motion import MotionDeltaModel, PhaseCorrelator  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from test_motion import PanNet  # noqa: E402  (the CPU suite's test net: stride 8, padded convs, a residual)
+
 H, W = 224, 320  # multiples of the net's total stride 8, wider than its 4R + |D| (R = 24) on both axes
 
-
-class PanNet(nn.Module):
-    """Strided padded convs, ReLU, max pool, a residual add: total stride 8."""
-
-    def __init__(self, c: int = 16) -> None:
-        super().__init__()
-        self.c1 = nn.Conv2d(3, c, 3, 1, 1)
-        self.c2 = nn.Conv2d(c, c, 3, 2, 1)
-        self.c3 = nn.Conv2d(c, c, 3, 1, 1)
-        self.c4 = nn.Conv2d(c, c, 3, 2, 1)
-        self.head = nn.Conv2d(c, 3, 1)
-
-    def forward(self, x):
-        x = F.relu(self.c1(x))
-        x = F.relu(self.c2(x))
-        x = F.max_pool2d(x, 2)
-        x = F.relu(self.c3(x) + x)
-        return self.head(F.relu(self.c4(x)))
-
-
-@pytest.fixture(autouse=True)
-def no_tf32():
-    a, b = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = a, b
+pytestmark = pytest.mark.usefixtures("no_tf32")  # tests/conftest.py: exact float32 on the GPU
 
 
 def _scene(seed: int, h: int = 480, w: int = 640) -> torch.Tensor:
@@ -67,7 +48,7 @@ PATH = [(120, 100), (128, 100), (136, 100), (136, 92), (136, 92), (128, 92), (12
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 def test_pan_by_multiples_of_the_stride_is_exact_on_the_gpu(backend):
     torch.manual_seed(0)
-    net = PanNet().cuda().eval()
+    net = PanNet(16).cuda().eval()
     scene = _scene(1)
     mm = MotionDeltaModel(deltacnn.convert(net, _camera(scene, *PATH[0], 0), backend=backend), motion="auto")
     modes = []
@@ -84,7 +65,7 @@ def test_pan_by_multiples_of_the_stride_is_exact_on_the_gpu(backend):
 
 def test_triton_matches_reference_with_sub_stride_motion_two_streams():
     torch.manual_seed(1)
-    net = PanNet().cuda().eval()
+    net = PanNet(16).cuda().eval()
     scenes = [_scene(2), _scene(3)]
     paths = [[(120 + 3 * t, 100 - t) for t in range(8)], [(100 - 5 * t, 80 + 2 * t) for t in range(8)]]
     seq = torch.tensor([[[0.0, 0.0]] * 2] + [[[p[t][0] - p[t - 1][0], p[t][1] - p[t - 1][1]] for p in paths]

@@ -20,12 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import make_video, rel_err  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def no_tf32():
-    a, b = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = a, b
+pytestmark = pytest.mark.usefixtures("no_tf32")  # tests/conftest.py: exact float32 on the GPU
 
 
 def _r50():
