@@ -25,14 +25,18 @@ import workload  # noqa: E402  (the DESIGN.md models and clips)
 
 
 def commit() -> str:
-    """The checkout's commit; DELTACNN_COMMIT overrides it where the copy's .git is stale (the GPU machine)."""
+    """The checkout's commit, "+" when deltacnn/ has uncommitted changes; DELTACNN_COMMIT overrides it where the copy's .git is stale (the GPU machine)."""
     if os.environ.get("DELTACNN_COMMIT"):
         return os.environ["DELTACNN_COMMIT"]
+    root = Path(__file__).resolve().parents[1]
     try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                       cwd=Path(__file__).parent, stderr=subprocess.DEVNULL).strip()
+        rev = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
+                                      cwd=root, stderr=subprocess.DEVNULL).strip()
+        dirty = subprocess.call(["git", "diff", "--quiet", "HEAD", "--", "deltacnn"], cwd=root,
+                                stderr=subprocess.DEVNULL) != 0
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+    return rev + ("+" if dirty else "")  # "+": the library differs from the commit
 
 
 def environment() -> dict:

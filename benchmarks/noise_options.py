@@ -32,9 +32,7 @@ import argparse
 import json
 import os
 import pickle
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -44,6 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's deltacnn, not an installed one
 import deltacnn  # noqa: E402
+from common import environment as common_environment  # noqa: E402
 from deltacnn.calibration import measure_scales  # noqa: E402
 from deltacnn.gating import InputGate  # noqa: E402
 from deltacnn.thresholds import INPUT  # noqa: E402
@@ -54,14 +53,8 @@ SHIPPED = Path(__file__).resolve().parents[1] / "deltacnn" / "data" / "yolov8n_v
 
 
 def environment() -> dict:
-    try:
-        rev = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                      cwd=Path(__file__).parent, stderr=subprocess.DEVNULL).strip()
-        dirty = subprocess.call(["git", "diff", "--quiet", "HEAD", "--", "deltacnn"], cwd=Path(__file__).parent) != 0
-    except (OSError, subprocess.CalledProcessError):
-        rev, dirty = "unknown", False
-    return {"torch": torch.__version__, "python": platform.python_version(), "commit": rev + ("+" if dirty else ""),
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": platform.processor() or platform.machine(),
+    """common.environment plus the load average (these runs are CPU-clock timed on a shared machine)."""
+    return {**common_environment(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "load_average": os.getloadavg()}
 
 
