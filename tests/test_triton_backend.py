@@ -217,6 +217,7 @@ class CatBlock(nn.Module):
         return self.c(torch.cat([y0, y1, z], 1))
 
 
+@pytest.mark.usefixtures("no_tf32")  # tests/conftest.py: exact float32 convs on a GPU
 def test_triton_cat_matches_reference(monkeypatch):
     """The delta cat runs sparse_cat (counted) and matches the reference backend at tau > 0."""
     from deltacnn.backends.triton_backend import TritonBackend
