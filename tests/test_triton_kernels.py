@@ -711,7 +711,8 @@ def test_launch_opts_off_without_hopper_gpu(monkeypatch):
 def test_sparse_cat(chans):
     g = torch.Generator().manual_seed(17 + len(chans))
     dts = [torch.float16, torch.float32]
-    ds = [rand_delta(g, 2, c, 5, 7, dts[i % 2] if len(chans) > 1 else torch.float16, p=0.3) for i, c in enumerate(chans)]
+    ds = [rand_delta(g, 2, c, 5, 7, dts[i % 2] if len(chans) > 1 else torch.float16, p=0.3)
+          for i, c in enumerate(chans)]
     out, m = tk.sparse_cat([v for v, _ in ds], [mk for _, mk in ds])
     u = ds[0][1]
     for _, mk in ds[1:]:

@@ -263,7 +263,8 @@ def _cat_kernel(x0, m0, x1, m1, x2, m2, x3, m3, out_ptr, fm_ptr, P, CT: tl.const
 CAT_INPUTS = 4  # inputs per launch of _cat_kernel
 
 
-def sparse_cat(values: list[Tensor], masks: list[Tensor], *, out_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+def sparse_cat(values: list[Tensor], masks: list[Tensor], *,
+               out_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
     """Channel concatenation of deltas in one launch (up to CAT_INPUTS inputs; more take one launch per
     CAT_INPUTS after a union of the masks): out = cat(values_i zero-filled outside masks_i), mask = OR of the masks.
 
@@ -277,7 +278,8 @@ def sparse_cat(values: list[Tensor], masks: list[Tensor], *, out_dtype: torch.dt
     for i, v in enumerate(values):
         need_cl(v, f"values[{i}]")
         if v.dim() != 4 or (v.shape[0], v.shape[2], v.shape[3]) != (n, h, w):
-            raise ValueError(f"sparse_cat: values[{i}] has shape {tuple(v.shape)}, expected (N, C, {h}, {w}) with N={n}")
+            raise ValueError(f"sparse_cat: values[{i}] has shape {tuple(v.shape)}, "
+                             f"expected (N, C, {h}, {w}) with N={n}")
     ms = [mask_u8(m, (n, 1, h, w), f"masks[{i}]") for i, m in enumerate(masks)]
     chans = [int(v.shape[1]) for v in values]
     ct = sum(chans)
