@@ -167,6 +167,8 @@ def main() -> None:
                     "from frame 300), e.g. 1:path.json")
     ap.add_argument("--dense-compile", default="inductor", help="comma-separated deltacnn.compile dense_compile "
                     "variants, each timed at every threshold setting ('none': cuDNN + seeding)")
+    ap.add_argument("--cat-off", default="", help="batch sizes whose settings are also timed with the delta cats on "
+                    "PyTorch (TritonBackend.fuse_cat off: the A/B of sparse_cat)")
     ap.add_argument("--peers-only", action="store_true", help="time the dense peers only (e.g. max-autotune in "
                     "a process of its own under a time limit)")
     ap.add_argument("--tag", default="yolo")
@@ -194,14 +196,20 @@ def main() -> None:
               flush=True)
         group = {"batch": batch, "size": f"{hw[1]}x{hw[0]}", "frames": T, "changed": changed, "peers": peers,
                  "strongest": best, "rows": []}
-        variants = [] if args.peers_only else [(s_, dc) for s_ in args.thresholds.split(",")
-                                               for dc in args.dense_compile.split(",")]
-        for setting, dc in variants:
+        cat_ab = [True, False] if str(batch) in args.cat_off.split(",") else [True]
+        variants = [] if args.peers_only else [(s_, dc, fc) for s_ in args.thresholds.split(",")
+                                               for dc in args.dense_compile.split(",") for fc in cat_ab]
+        from deltacnn.backends.triton_backend import TritonBackend
+        macs_cache: dict[str, float] = {}
+        for setting, dc, fuse_cat in variants:
+            TritonBackend.fuse_cat = fuse_cat
             try:
                 r = run_delta(task, model32, base, batch, setting, args.warm, args.eval_from, hw,
                               None if dc == "none" else dc)
                 r.update(agreement(task, r.pop("got"), truth))
-                r["macs_delta"] = delta_macs(model32, base, batch, setting, args.eval_from, args.macs_frames)
+                if setting not in macs_cache:  # the same frames and thresholds: one statistics pass per setting
+                    macs_cache[setting] = delta_macs(model32, base, batch, setting, args.eval_from, args.macs_frames)
+                r["macs_delta"] = macs_cache[setting]
                 sf = r["stream_frames"]
                 live = sum(v for k, v in sf.items() if k != "idle")
                 # keyframes and dense frames do a dense frame's work (or more)
@@ -210,7 +218,10 @@ def main() -> None:
                 import traceback
                 traceback.print_exc()
                 r = {"error": f"{type(e).__name__}: {e}"[:200]}
-            r["thresholds"], r["dense_compile"] = setting, dc
+            TritonBackend.fuse_cat = True
+            r["thresholds"], r["dense_compile"], r["fuse_cat"] = setting, dc, fuse_cat
+            if not fuse_cat:
+                dc = f"{dc}/cat_off"
             group["rows"].append(r)
             peer = ok[best]
             row = {"N": batch, "thr": setting.rsplit("/", 1)[-1][:18], "dc": dc, "cudnn+g": ok["cudnn+graph"], "peer": peer,

@@ -104,7 +104,8 @@ class DeltaTensor:
 
     def zero_filled(self) -> Tensor:
         """Values with inactive pixels set to 0 (dense; for layers computed densely)."""
-        return torch.where(self.mask, self.values, torch.zeros((), dtype=self.dtype, device=self.device))
+        # a Python 0 (not a 0-d tensor on the device, whose creation is a launch of its own on a GPU)
+        return torch.where(self.mask, self.values, 0.0)
 
 
 def empty_delta(n: int, c: int, h: int, w: int, *, dtype: torch.dtype, device: torch.device) -> DeltaTensor:

@@ -200,3 +200,36 @@ def test_triton_pool_reads_the_producers_running_sum(tau, monkeypatch):
         assert len(pooled) == (0 if reads else clip.shape[0] - 1), accumulated
     for a, b in zip(outs[True], outs[False]):
         assert torch.equal(a, b)
+
+
+class CatBlock(nn.Module):
+    """A C2f-like block: chunk, a conv on one part, cat of the parts (three inputs, mixed producers)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(4, 4, 3, padding=1)
+        self.c = nn.Conv2d(12, 5, 1)
+
+    def forward(self, x):
+        y0, y1 = torch.nn.functional.silu(self.a(x)).chunk(2, 1)
+        z = torch.nn.functional.silu(self.b(y1))
+        return self.c(torch.cat([y0, y1, z], 1))
+
+
+@pytest.mark.usefixtures("no_tf32")  # tests/conftest.py: exact float32 convs on a GPU
+def test_triton_cat_matches_reference(monkeypatch):
+    """The delta cat runs sparse_cat (counted) and matches the reference backend at tau > 0."""
+    from deltacnn.backends.triton_backend import TritonBackend
+    calls = []
+    monkeypatch.setattr(tk, "sparse_cat", lambda *a, _f=tk.sparse_cat, **k: calls.append(1) or _f(*a, **k))
+    assert TritonBackend.fuse_cat
+    torch.manual_seed(1)
+    m = CatBlock().eval().to(DEV)
+    clip = make_video(3, n=2, h=8, w=10, noise=0.01, seed=7).to(DEV)
+    ref = deltacnn.convert(m, clip[0], threshold=0.02, backend="reference", dense_above=None)
+    fast = deltacnn.convert(m, clip[0], threshold=0.02, backend="triton")
+    for t in range(clip.shape[0]):
+        a, b = ref(clip[t]), fast(clip[t])
+        assert float((a - b).norm() / a.norm()) < 1e-4, t
+    assert len(calls) == clip.shape[0] - 1  # one per delta frame

@@ -705,3 +705,31 @@ def test_launch_opts_off_without_hopper_gpu(monkeypatch):
     assert _common.launch_opts(torch.device("cuda", 0)) == {"GDC": 1, "launch_pdl": True}
     monkeypatch.setattr(_common, "PDL", "off")
     assert _common.launch_opts(torch.device("cuda", 0)) == {"GDC": 0}
+
+
+@pytest.mark.parametrize("chans", [(5,), (3, 40), (16, 8, 260), (8, 8, 16, 4), (4, 6, 8, 3, 5, 7)])
+def test_sparse_cat(chans):
+    g = torch.Generator().manual_seed(17 + len(chans))
+    dts = [torch.float16, torch.float32]
+    ds = [rand_delta(g, 2, c, 5, 7, dts[i % 2] if len(chans) > 1 else torch.float16, p=0.3)
+          for i, c in enumerate(chans)]
+    out, m = tk.sparse_cat([v for v, _ in ds], [mk for _, mk in ds])
+    u = ds[0][1]
+    for _, mk in ds[1:]:
+        u = u | mk
+    assert torch.equal(m, u)
+    assert out.dtype == (torch.float32 if len(chans) > 1 else torch.float16) and tk._common.is_cl(out)
+    ref = torch.cat([zf(v, mk) for v, mk in ds], 1)
+    sel = u.expand_as(out)
+    assert torch.equal(out[sel].double(), ref[sel])  # a copy: exact, zeros where an input was not updated
+
+
+def test_sparse_cat_rejects_bad_inputs():
+    v = cl(torch.ones(1, 4, 3, 3, device=DEV))
+    m = torch.ones(1, 1, 3, 3, dtype=torch.bool, device=DEV)
+    with pytest.raises(ValueError, match="one mask per input"):
+        tk.sparse_cat([v, v], [m])
+    with pytest.raises(ValueError, match="shape"):
+        tk.sparse_cat([v, cl(torch.ones(1, 4, 3, 2, device=DEV))], [m, m])
+    with pytest.raises(ValueError, match="channels_last"):
+        tk.sparse_cat([torch.ones(1, 4, 3, 3, device=DEV)], [m])

@@ -27,8 +27,9 @@ def _score(o: Tensor, score: str) -> Tensor:
     return torch.linalg.vector_norm(o, dim=1, keepdim=True)
 
 
-def _zero(like: Tensor) -> Tensor:
-    return torch.zeros((), dtype=like.dtype, device=like.device)
+def _zero(like: Tensor) -> float:
+    """The `other` of a masked where: a Python 0 (a 0-d device tensor would cost a fill launch per call)."""
+    return 0.0
 
 
 class SyncFreeBackend(ReferenceBackend):
