@@ -168,7 +168,7 @@ def main() -> None:
     ap.add_argument("--dense-compile", default="inductor", help="comma-separated deltacnn.compile dense_compile "
                     "variants, each timed at every threshold setting ('none': cuDNN + seeding)")
     ap.add_argument("--cat-off", default="", help="batch sizes whose settings are also timed with the delta cats on "
-                    "PyTorch (TritonBackend.fuse_cat off: the A/B of sparse_cat)")
+                    "PyTorch (TritonBackend.cat patched to the sync-free backend's PyTorch form: the A/B of sparse_cat)")
     ap.add_argument("--peers-only", action="store_true", help="time the dense peers only (e.g. max-autotune in "
                     "a process of its own under a time limit)")
     ap.add_argument("--tag", default="yolo")
@@ -199,10 +199,12 @@ def main() -> None:
         cat_ab = [True, False] if str(batch) in args.cat_off.split(",") else [True]
         variants = [] if args.peers_only else [(s_, dc, fc) for s_ in args.thresholds.split(",")
                                                for dc in args.dense_compile.split(",") for fc in cat_ab]
+        from deltacnn.backends.syncfree import SyncFreeBackend
         from deltacnn.backends.triton_backend import TritonBackend
+        fused_cat = TritonBackend.cat
         macs_cache: dict[str, float] = {}
         for setting, dc, fuse_cat in variants:
-            TritonBackend.fuse_cat = fuse_cat
+            TritonBackend.cat = fused_cat if fuse_cat else SyncFreeBackend.cat  # this benchmark's A/B only
             try:
                 r = run_delta(task, model32, base, batch, setting, args.warm, args.eval_from, hw,
                               None if dc == "none" else dc)
@@ -218,7 +220,7 @@ def main() -> None:
                 import traceback
                 traceback.print_exc()
                 r = {"error": f"{type(e).__name__}: {e}"[:200]}
-            TritonBackend.fuse_cat = True
+            TritonBackend.cat = fused_cat
             r["thresholds"], r["dense_compile"], r["fuse_cat"] = setting, dc, fuse_cat
             if not fuse_cat:
                 dc = f"{dc}/cat_off"

@@ -58,10 +58,6 @@ class TritonBackend(SyncFreeBackend):
     # into a copy of it (a switch for benchmarks; same results)
     pool_reads_running_sum = True
 
-    # channel concatenation of deltas in one launch (sparse_cat) instead of PyTorch's where per input, OR
-    # per mask and cat (~3 launches per input); a switch only for benchmarks (same results)
-    fuse_cat = True
-
     def sparsify(self, x: Tensor, ref: Tensor, tau: float, score: str, dilation: int, dtype,
                  scratch: dict | None = None) -> DeltaTensor:
         bordered = self._bordered_buffers(x, dtype, scratch)
@@ -162,10 +158,12 @@ class TritonBackend(SyncFreeBackend):
         return DeltaTensor(out, mask)
 
     def cat(self, ds: list[DeltaTensor]) -> DeltaTensor:
+        """Channel concatenation of deltas in one launch (sparse_cat) instead of PyTorch's where per input,
+        OR per mask and cat (~3 launches per input); same results."""
         n, _, h, w = ds[0].shape
-        if not self.fuse_cat or any(tuple(d.mask.shape) != (n, 1, h, w) or d.shape[0] != n or
+        if any(tuple(d.mask.shape) != (n, 1, h, w) or d.shape[0] != n or
                                     tuple(d.shape[2:]) != (h, w) for d in ds):
-            return super().cat(ds)  # broadcast masks or a benchmark's switch: the PyTorch form
+            return super().cat(ds)  # broadcast masks: the PyTorch form
         out, mask = tk.sparse_cat([to_cl(d.values) for d in ds], [d.mask.contiguous() for d in ds])
         return DeltaTensor(out, mask)
 
