@@ -203,6 +203,19 @@ def test_translate_whole_and_fractional_pixels():
     torch.testing.assert_close(half[0, :, :, 1:], 0.5 * (x[0, :, :, 1:] + x[0, :, :, :-1]))
 
 
+@pytest.mark.parametrize("t", [(3, -5), (-7, 4), (11, 0), (0, -9), (-11, 9), (30, 2)])
+def test_whole_pixel_translate_replicates_borders_like_clamped_indexing(t):
+    """The slice-copy fast path (whole pixels) against clamped gather indexing, in both memory formats."""
+    x = torch.randn(2, 3, 10, 12)
+    tx, ty = t
+    ys = (torch.arange(10) - ty).clamp(0, 9)
+    xs = (torch.arange(12) - tx).clamp(0, 11)
+    want = x[0][:, ys][:, :, xs]
+    for inp in (x, x.contiguous(memory_format=torch.channels_last)):
+        got = translate(inp, torch.tensor([[float(tx), float(ty)], [0.0, 0.0]]), "nearest")
+        assert torch.equal(got[0], want) and torch.equal(got[1], x[1])
+
+
 def test_unsupported_models_and_frames_are_refused(net):
     class SE(nn.Module):
         def __init__(self):
