@@ -135,6 +135,32 @@ def test_sub_stride_pan_is_exact_on_the_aligned_view_and_close_to_dense(net):
     assert sum(errs) < sum(unmapped), (errs, unmapped)
 
 
+def test_max_residual_steps_the_view_half_as_often_and_stays_exact_on_the_view(net):
+    """max_residual = S: a steady 2 px/frame pan (S = 8) steps the view by 2S every 8 frames instead of by S
+    every 4 (2 steps instead of 4 in 30 px); the output is still dense inference on the view it saw (the frame moved by the residual, up to S)."""
+    scene = _scene(12)
+    steps = {}
+    for m in (None, 8):
+        seq = torch.tensor([[0.0, 0.0]] + [[2.0, 0.0]] * 15)
+        mm = MotionDeltaModel(deltacnn.convert(net, torch.zeros(1, 3, H, W), backend="reference"), motion=seq,
+                              max_residual=m)
+        views, res = [], []
+        with torch.no_grad():
+            for t in range(16):
+                x = _camera(scene, 60 + 2 * t, 80, t)
+                out = mm(x)
+                r = torch.tensor(mm.input_shift)
+                want = deltacnn.motion.map_outputs(net(translate(x, r, "nearest")), -r, (H, W))
+                torch.testing.assert_close(out, want, atol=2e-5, rtol=0, msg=f"max_residual {m}, frame {t}")
+                views.append(mm.view[0][0])
+                res.append(abs(r[0, 0].item()))
+        steps[m] = [b - a for a, b in zip(views, views[1:]) if b != a]
+        assert max(res) <= (4 if m is None else 8), (m, res)
+    assert steps[None] == [8] * 4 and steps[8] == [16, 16], steps
+    with pytest.raises(ValueError, match="max_residual"):
+        MotionDeltaModel(mm.dm, max_residual=-1)
+
+
 def test_estimator_recovers_shifts_despite_moving_objects():
     scene = _scene(7, 400, 480)
     pc = PhaseCorrelator()

@@ -37,6 +37,14 @@ class MotionDeltaModel(nn.Module):
         resample: how the frame is moved by the sub-stride residual: "nearest" (whole pixels, an
             exact copy; the shift changes once the camera moved HOLD_PX = 0.75 px from it) or "bilinear".
         estimator: a PhaseCorrelator to use for "auto".
+        max_residual: how far (input pixels) the camera may drift from the view origin before the view
+            steps. None (default): S / 2, the view origin is the multiple of S nearest the camera, so
+            motion by multiples of S leaves no residual (exact, item 3). A larger value M steps the view
+            less often and by more (it lands M - S/2 ahead of the camera in the direction it drifted:
+            at M = S a steady pan steps 2S every 2S px instead of S every S); on YOLOv8n every view
+            step is a keyframe, so that halves them, at the cost of up to M px at the frame's edge that
+            the camera did not see (replicated border) and outputs equal to dense on the camera frame
+            moved by a residual up to M instead of S / 2.
         halo: width (input pixels, rounded up to a multiple of the total stride) of the border bands
             recomputed when the view moves. None: the network's receptive-field bound R, which makes
             the result exact but, for deep nets (YOLOv8n: R = 832 px), recomputes the whole view on
@@ -45,8 +53,13 @@ class MotionDeltaModel(nn.Module):
     """
 
     def __init__(self, dm, motion="auto", *, min_confidence: float = MIN_CONFIDENCE, resample: str = "nearest",
-                 estimator: PhaseCorrelator | None = None, halo: int | None = None) -> None:
+                 estimator: PhaseCorrelator | None = None, halo: int | None = None,
+                 max_residual: float | None = None) -> None:
         super().__init__()
+        if max_residual is not None and not (isinstance(max_residual, (int, float)) and max_residual >= 0):
+            raise ValueError(f"max_residual must be a number of pixels >= 0 or None (half the total stride), "
+                             f"got {max_residual!r}")
+        self.max_residual = max_residual
         if resample not in ("nearest", "bilinear"):
             raise ValueError(f"resample must be 'nearest' or 'bilinear', got {resample!r}")
         if halo is not None and (not isinstance(halo, int) or halo < 0):
@@ -144,9 +157,9 @@ class MotionDeltaModel(nn.Module):
                 for ax in (0, 1):
                     if abs(cam[ax] - held[ax]) >= self.HOLD_PX:
                         held[ax] = round(cam[ax])
-                v = [S * round(c / S) for c in held]
+                v = self._view_origin(held, self.view[i], S)
             else:
-                v = [S * round(c / S) for c in cam]
+                v = self._view_origin(cam, self.view[i], S)
             view_shift.append((v[0] - self.view[i][0], v[1] - self.view[i][1]))
             self.view[i] = v
         self.last_full = full
@@ -169,6 +182,17 @@ class MotionDeltaModel(nn.Module):
         self._frames += 1
         out = self.dm(aligned)
         return map_outputs(out, torch.tensor(res).neg(), self.aligner.geo.frame_hw)
+
+    def _view_origin(self, pos, view: list[int], S: int) -> list[int]:
+        """The view origin (multiples of S) for a camera at `pos`, the view being at `view` (see max_residual)."""
+        M = self.max_residual
+        if M is None or M <= S / 2:
+            return [S * round(c / S) for c in pos]
+        out = []
+        for c, v in zip(pos, view):
+            r = c - v
+            out.append(v if abs(r) <= M else S * round((c + math.copysign(M - S / 2, r)) / S))
+        return out
 
     def camera_boxes(self, boxes, stream: int = 0):
         """Boxes (..., 4) xyxy that the model's outputs gave in view coordinates, in camera coordinates
