@@ -52,6 +52,18 @@ def _camera(scene: torch.Tensor, cx: int, cy: int, t: int) -> torch.Tensor:
 PATH = [(100, 80), (108, 80), (116, 72), (116, 72), (100, 80), (92, 96), (84, 104), (84, 112)]
 
 
+def _view_frame(mm: MotionDeltaModel, x: torch.Tensor) -> torch.Tensor:
+    """The frame the aligned model saw, checked: the camera frame moved by the whole-pixel residual,
+    except the edge band the camera does not reach (held from the reference there, see edge=)."""
+    v = mm.view_frame
+    r = torch.tensor(mm.input_shift).round()
+    moved = translate(x, r, "nearest")
+    for i, (tx, ty) in enumerate(r.int().tolist()):
+        win = (slice(None), slice(max(ty, 0), H + min(ty, 0)), slice(max(tx, 0), W + min(tx, 0)))
+        assert torch.equal(v[i][win], moved[i][win])
+    return v
+
+
 @pytest.fixture(scope="module")
 def net():
     torch.manual_seed(0)
@@ -124,7 +136,7 @@ def test_sub_stride_pan_is_exact_on_the_aligned_view_and_close_to_dense(net):
             x = _camera(scene, 100 + 3 * t, 100 - 2 * t, t)
             out = mm(x)
             r = torch.tensor(mm.residual).round()
-            view_out = net(translate(x, r, "nearest"))
+            view_out = net(_view_frame(mm, x))
             torch.testing.assert_close(out, deltacnn.motion.map_outputs(view_out, -r, (H, W)), atol=2e-5, rtol=0,
                                        msg=f"frame {t}")
             if r.abs().sum() > 0:
@@ -150,7 +162,7 @@ def test_max_residual_steps_the_view_half_as_often_and_stays_exact_on_the_view(n
                 x = _camera(scene, 60 + 2 * t, 80, t)
                 out = mm(x)
                 r = torch.tensor(mm.input_shift)
-                want = deltacnn.motion.map_outputs(net(translate(x, r, "nearest")), -r, (H, W))
+                want = deltacnn.motion.map_outputs(net(_view_frame(mm, x)), -r, (H, W))
                 torch.testing.assert_close(out, want, atol=2e-5, rtol=0, msg=f"max_residual {m}, frame {t}")
                 views.append(mm.view[0][0])
                 res.append(abs(r[0, 0].item()))
@@ -159,6 +171,35 @@ def test_max_residual_steps_the_view_half_as_often_and_stays_exact_on_the_view(n
     assert steps[None] == [8] * 4 and steps[8] == [16, 16], steps
     with pytest.raises(ValueError, match="max_residual"):
         MotionDeltaModel(mm.dm, max_residual=-1)
+
+
+def test_held_edge_is_no_change_where_replicated_edges_change_every_frame(net):
+    """A 3 px/frame pan: with edge="hold" (default) the band the camera does not reach keeps the reference (no input
+    update there, fewer updates overall); with "replicate" it is the camera frame's edge repeated."""
+    scene = _scene(13)
+    seq = torch.tensor([[0.0, 0.0]] + [[3.0, 0.0]] * 2)
+    rates = {}
+    for edge in ("hold", "replicate"):  # max_residual 8: residuals 3, 6 (no view step)
+        mm = MotionDeltaModel(deltacnn.convert(net, torch.zeros(1, 3, H, W), backend="reference",
+                                               input_threshold=1e-3), motion=seq, edge=edge, max_residual=8)
+        rates[edge] = []
+        for t in range(3):
+            x = _camera(scene, 60 + 3 * t, 80, t)
+            ref = mm.aligner.input_layer._state("ref").clone() if t else None
+            mm(x)
+            v = _view_frame(mm, x)
+            r = int(round(mm.input_shift[0][0]))
+            if t:
+                assert r > 0 and mm.dm.last_mode == "delta"
+                if edge == "hold":
+                    assert torch.equal(v[:, :, :, :r], ref[:, :, :, :r].to(v.dtype))
+                    assert not bool(mm.dm.input_mask[..., :r].any())
+                else:
+                    assert torch.equal(v, translate(x, torch.tensor(mm.input_shift), "nearest"))
+                rates[edge].append(float(mm.dm.input_mask.float().mean()))
+    assert sum(rates["hold"]) < sum(rates["replicate"]), rates
+    with pytest.raises(ValueError, match="edge"):
+        MotionDeltaModel(mm.dm, edge="wrap")
 
 
 def test_estimator_recovers_shifts_despite_moving_objects():
@@ -364,7 +405,7 @@ def test_sub_pixel_jitter_does_not_shift_the_input(net):
         if t:
             rates.append(float(mm.dm.input_mask.float().mean()))
         s = torch.tensor(mm.input_shift)
-        want = map_outputs(net(translate(x, s, "nearest")), s.neg(), (H, W))
+        want = map_outputs(net(_view_frame(mm, x)), s.neg(), (H, W))
         torch.testing.assert_close(out, want, atol=2e-5, rtol=0)
     assert shifts == [0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 2.0], shifts
     assert mm.aligned_at[0] == [2, 0]
