@@ -199,8 +199,11 @@ class MotionDeltaModel(nn.Module):
         self.input_shift = res
         aligned = translate(x, torch.tensor(res), self.resample) if any(any(r) for r in res) else x
         due = self._due_streams(n)
-        keyframes = [i for i, d in enumerate(due) if d]
-        if any(any(v) for v in view_shift) or any(full) or keyframes:
+        # due and moved: the stream's reference is an old view's, so it must not take the converted model's
+        # busy-stream rule (see _as_keyframes); due but still: the converted model's own schedule decides,
+        # exactly as without alignment (a held camera, e.g. forward motion, is then plain delta inference)
+        keyframes = [i for i, d in enumerate(due) if d and (any(view_shift[i]) or full[i])]
+        if any(any(v) for v in view_shift) or any(full) or any(due):
             self.dm._check_input(x)  # NaN or infinity: rejected before the state moves
         if not all(due):  # streams due for a keyframe (interval, refresh, after dense frames) need no shift
             keyframes += self.aligner.shift([(0, 0) if d else v for d, v in zip(due, view_shift)], aligned,
