@@ -42,6 +42,7 @@ def main() -> None:
     ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-residual", type=int, default=None, help="MotionDeltaModel(max_residual=...)")
+    ap.add_argument("--edge", choices=("hold", "replicate"), default="hold")
     ap.add_argument("--tag", default="")
     a = ap.parse_args()
     clock = time.process_time if a.clock == "cpu" else time.perf_counter
@@ -61,7 +62,7 @@ def main() -> None:
     dm = deltacnn.convert(net, xs[0], input_threshold=0.04, threshold=0.05, min_blob=3, backend="cpu")
     measure_scales(dm, xs[0], relative=True)
     dm.enable_stats(True)
-    kw = {} if a.max_residual is None else {"max_residual": a.max_residual}
+    kw = {"edge": a.edge} if a.max_residual is None else {"max_residual": a.max_residual, "edge": a.edge}
     mm = MotionDeltaModel(dm, motion="auto" if a.auto or given is None else given, **kw)
 
     acc: dict[str, float] = defaultdict(float)

@@ -96,7 +96,7 @@ def run_path(args, task: YOLOv8Task, net, name: str, scene_frames: list[np.ndarr
         halo = None if h == "exact" else int(h)
         motion = "auto" if args.auto or given is None else given
         models[f"aligned_{h}"] = MotionDeltaModel(delta_model(), motion=motion, halo=halo,
-                                                  max_residual=args.max_residual)
+                                                  max_residual=args.max_residual, edge=args.edge)
     for m in models.values():
         (m.dm if isinstance(m, MotionDeltaModel) else m).enable_stats(True, keep_masks=args.video)
     rows = []
@@ -268,6 +268,7 @@ def main() -> None:
     ap.add_argument("--halo", default="exact,64", help="aligned variants: band widths (exact: the bound R)")
     ap.add_argument("--max-residual", type=float, default=None,
                     help="MotionDeltaModel(max_residual=...): px the camera may drift before the view steps")
+    ap.add_argument("--edge", choices=("hold", "replicate"), default="hold", help="MotionDeltaModel(edge=...)")
     ap.add_argument("--input-threshold", type=float, default=0.04)
     ap.add_argument("--threshold", type=float, default=0.0)
     ap.add_argument("--min-blob", type=int, default=3)
