@@ -202,6 +202,49 @@ def test_held_edge_is_no_change_where_replicated_edges_change_every_frame(net):
         MotionDeltaModel(mm.dm, edge="wrap")
 
 
+def _zoom_pan(scene: torch.Tensor, t: int, zoom: float, pan: float) -> torch.Tensor:
+    """Frame t of a camera moving forward (the view shrinks by `zoom` per frame) while panning `pan` px."""
+    s = 1 - zoom * t
+    h, w = int(H * 1.6 * s), int(W * 1.6 * s)
+    cy, cx = 160, 200 + int(pan * t)
+    crop = scene[:, :, cy - h // 2:cy - h // 2 + h, cx - w // 2:cx - w // 2 + w]
+    return F.interpolate(crop, size=(H, W), mode="bilinear", align_corners=False)
+
+
+def test_unexplained_change_separates_pans_from_forward_motion():
+    scene = _scene(21, 320, 400)
+    pc = PhaseCorrelator()
+    for zoom, lo, hi in ((0.0, 0.0, 0.2), (0.02, 0.8, 1.0)):
+        a, f = pc.pooled(_zoom_pan(scene, 0, zoom, 3.0))
+        x = _zoom_pan(scene, 4, zoom, 3.0)
+        est = pc(_zoom_pan(scene, 0, zoom, 3.0), x)
+        u = float(deltacnn.motion.estimate.unexplained_change(a, pc.pooled(x)[0], est.shift / f)[0])
+        assert lo <= u <= hi, (zoom, u)
+
+
+@pytest.mark.parametrize("max_unexplained", [None, 0.0])
+def test_a_held_camera_is_plain_delta_inference(net, max_unexplained):
+    """max_unexplained 0 holds every moving camera: the input is never shifted and the outputs equal plain
+    delta inference's (thresholds > 0, so equal means the same updates); None follows the pan."""
+    scene = _scene(22, 320, 400)
+    kw = dict(backend="reference", input_threshold=0.05, threshold=0.02)
+    plain = deltacnn.convert(net, torch.zeros(1, 3, H, W), **kw)
+    mm = MotionDeltaModel(deltacnn.convert(net, torch.zeros(1, 3, H, W), **kw), motion="auto",
+                          max_unexplained=max_unexplained)
+    with torch.no_grad():
+        for t in range(5):
+            x = _zoom_pan(scene, t, 0.0, 3.0)
+            out, want = mm(x), plain(x)
+            if t:
+                assert mm.translating == [max_unexplained is None]
+                rec = deltacnn.motion.motion_record(mm)
+                assert rec["motion_translating"] == int(max_unexplained is None) and rec["motion_dx"] > 1.0
+            if max_unexplained == 0.0:
+                assert mm.input_shift == [[0.0, 0.0]]
+                torch.testing.assert_close(out, want, atol=1e-6, rtol=0, msg=f"frame {t}")
+    assert (mm.camera[0][0] > 4.0) == (max_unexplained is None), mm.camera  # followed, or held at 0
+
+
 def test_estimator_recovers_shifts_despite_moving_objects():
     scene = _scene(7, 400, 480)
     pc = PhaseCorrelator()
