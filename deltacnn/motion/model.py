@@ -392,7 +392,7 @@ class MotionDeltaModel(nn.Module):
         d = est.shift.double().cpu().tolist()
         conf = est.confidence.cpu().tolist()
         unexplained = [0.0] * x.shape[0]
-        if self.max_unexplained is not None:
+        if self.max_unexplained is not None and any(max(abs(v) for v in di) >= self.STILL_PX for di in d):
             unexplained = unexplained_change(self._anchor_pooled, g, est.shift / f).tolist()
         step, renew = [], []
         for i in range(x.shape[0]):
