@@ -211,7 +211,10 @@ class MotionDeltaModel(nn.Module):
                                             [f and not d for f, d in zip(full, due)])
         else:
             self.aligner.recomputed_pixels = self.aligner.recompute_macs = 0
-        self._as_keyframes(keyframes, aligned)
+        # a stream recomputed on a cut or failed estimate whose view did not move keeps a reference of this
+        # view: the converted model's busy-stream rule decides between keyframe and dense frame, as without
+        # alignment (forcing a keyframe there made cityCC0's busy frames after its cut delta frames)
+        self._as_keyframes(keyframes, aligned, copy_ref=[bool(any(v)) for v in view_shift])
         if self.edge == "hold" and aligned is not x:
             self._hold_edges(aligned, res, set(keyframes))
         self.view_frame = aligned
@@ -260,15 +263,15 @@ class MotionDeltaModel(nn.Module):
                 out[k] = b.astype(v.dtype) if hasattr(b, "astype") else b
         return out
 
-    def _as_keyframes(self, streams: list[int], aligned: Tensor) -> None:
-        """Make the converted model run `streams` as keyframes on the aligned frame: due, and with the
-        aligned frame as their input reference, so that the busy-stream rule (which compares the frame
-        with the reference, here an old view's) does not turn the keyframe into a stateless dense
-        frame, and a moving camera into dense frames for good."""
+    def _as_keyframes(self, streams: list[int], aligned: Tensor, copy_ref: list[bool] | None = None) -> None:
+        """Make the converted model run `streams` as keyframes on the aligned frame: due, and (where
+        copy_ref, default all: their view moved) with the aligned frame as their input reference, so that
+        the busy-stream rule (which compares the frame with the reference, here an old view's) does not
+        turn the keyframe into a stateless dense frame, and a moving camera into dense frames for good."""
         ref = self.aligner.input_layer._buffers.get("state_ref")
         for i in streams:
             self.dm._since[i] = 0
-            if ref is not None:
+            if ref is not None and (copy_ref is None or copy_ref[i]):
                 ref[i].copy_(aligned[i].to(ref.dtype))
 
     def _hold_edges(self, aligned: Tensor, res: list[list[float]], skip: set[int]) -> None:
