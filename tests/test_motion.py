@@ -149,7 +149,8 @@ def test_sub_stride_pan_is_exact_on_the_aligned_view_and_close_to_dense(net):
 
 def test_max_residual_steps_the_view_half_as_often_and_stays_exact_on_the_view(net):
     """max_residual = S: a steady 2 px/frame pan (S = 8) steps the view by 2S every 8 frames instead of by S
-    every 4 (2 steps instead of 4 in 30 px); the output is still dense inference on the view it saw (the frame moved by the residual, up to S)."""
+    every 4 (2 steps instead of 4 in 30 px); the output is still dense inference on the view it saw (the
+    frame moved by the residual, up to S)."""
     scene = _scene(12)
     steps = {}
     for m in (None, 8):
