@@ -7,8 +7,8 @@ Design (translations only; reference, cpu and Triton backends, outside CUDA grap
   r = c - v (|r| <= S/2, or MotionDeltaModel's max_residual) before it enters the network, and every
   spatial output is translated back by -r / s_out, so outputs are in camera coordinates. The band of
   the translated frame that the camera does not reach keeps the input reference there (edge="hold",
-  no change for the delta step) or repeats the frame's edge (edge="replicate"). With `resample="nearest"` (default) the frame is
-  shifted by round(r) whole pixels (an exact copy; the alignment is off by < 0.5 px); "bilinear"
+  no change for the delta step) or repeats the frame's edge (edge="replicate"). With
+  `resample="nearest"` (default) the frame is shifted by round(r) whole pixels (an exact copy; the alignment is off by < 0.5 px); "bilinear"
   shifts by r exactly (which low-passes the frame a little). Outputs at stride > 1 are always
   translated bilinearly. So the result equals dense inference on the camera frame when the motion is
   a multiple of S, and is a sub-stride-shifted (and re-sampled) version of it otherwise.
