@@ -95,7 +95,8 @@ def run_path(args, task: YOLOv8Task, net, name: str, scene_frames: list[np.ndarr
     for h in args.halo.split(","):
         halo = None if h == "exact" else int(h)
         motion = "auto" if args.auto or given is None else given
-        models[f"aligned_{h}"] = MotionDeltaModel(delta_model(), motion=motion, halo=halo)
+        models[f"aligned_{h}"] = MotionDeltaModel(delta_model(), motion=motion, halo=halo,
+                                                  max_residual=args.max_residual, edge=args.edge)
     for m in models.values():
         (m.dm if isinstance(m, MotionDeltaModel) else m).enable_stats(True, keep_masks=args.video)
     rows = []
@@ -192,6 +193,9 @@ def summarize(rows: list[dict], keys: list[str]) -> dict:
             s[k]["min_confidence"] = min(r[f"{k}_motion_confidence"] for r in body)
             s[k]["recomputed_streams"] = sum(r[f"{k}_motion_recomputed"] for r in body)
             s[k]["band_fraction"] = statistics.mean(r[f"{k}_band_fraction"] for r in body)
+            s[k]["held_frames"] = sum(1 - r[f"{k}_motion_translating"] for r in body)
+            s[k]["unexplained_range"] = [min(r[f"{k}_motion_unexplained"] for r in body),
+                                         max(r[f"{k}_motion_unexplained"] for r in body)]
     return s
 
 
@@ -225,6 +229,11 @@ def plot(result: dict, path: Path, keys: list[str], peer_ms: float | None) -> No
     ax2.plot(f, [min(r[f"{k0}_motion_confidence"], 1e4) for r in rows], color="grey", ls=":", label="confidence")
     ax2.set_yscale("log")
     ax2.set_ylabel("estimate confidence")
+    for r in rows:  # frames whose motion is no translation: the camera was held (plain delta)
+        if not r.get(f"{k0}_motion_translating", 1):
+            ax.axvspan(r["frame"] - 0.5, r["frame"] + 0.5, color="tab:red", alpha=0.15, lw=0)
+    ax.plot(f, [r.get(f"{k0}_motion_unexplained", 0.0) for r in rows], color="tab:red", lw=0.8,
+            label="change unexplained by the translation (0-1; shaded: held, plain delta)")
     ax.legend(loc="upper left", fontsize=8)
     ax.set_title(f"Camera motion ({result['path']})")
     ax = axes[1]
@@ -257,6 +266,9 @@ def main() -> None:
     ap.add_argument("--clip", default=None, help="a real moving-camera clip instead of the synthetic pans")
     ap.add_argument("--auto", action="store_true", help="estimate the motion instead of giving the true one")
     ap.add_argument("--halo", default="exact,64", help="aligned variants: band widths (exact: the bound R)")
+    ap.add_argument("--max-residual", type=float, default=None,
+                    help="MotionDeltaModel(max_residual=...): px the camera may drift before the view steps")
+    ap.add_argument("--edge", choices=("hold", "replicate"), default="hold", help="MotionDeltaModel(edge=...)")
     ap.add_argument("--input-threshold", type=float, default=0.04)
     ap.add_argument("--threshold", type=float, default=0.0)
     ap.add_argument("--min-blob", type=int, default=3)

@@ -114,8 +114,22 @@ def plot_run(rows: Sequence[dict], path: str | Path, title: str = "", error_key:
     ax.set_ylabel("% of dense")
     ax.set_ylim(0, 105)
     notes = (["dotted: keyframes"] if key.any() else []) + (["shaded: dense frames"] if dense_frame.any() else [])
+    if any("motion_dx" in r for r in rows):  # --motion: the camera motion used, and where it was held
+        axm = ax.twinx()
+        axm.plot(f, _col(rows, "motion_dx"), color="tab:olive", lw=0.8, label="camera dx (px/frame, right)")
+        axm.plot(f, _col(rows, "motion_dy"), color="tab:brown", lw=0.8, label="camera dy (px/frame, right)")
+        axm.set_ylabel("camera motion (px/frame)")
+        held = _col(rows, "motion_translating") == 0
+        for x in f[held]:  # not a translation: camera held, plain delta inference
+            ax.axvspan(x - 0.5, x + 0.5, color="tab:red", alpha=0.12, lw=0)
+        if held.any():
+            notes.append("red: motion no translation, camera held")
+        h1, l1 = ax.get_legend_handles_labels()
+        h2, l2 = axm.get_legend_handles_labels()
+        ax.legend(h1 + h2, l1 + l2, loc="best", fontsize=8)
+    else:
+        ax.legend(loc="best", fontsize=8)
     ax.set_title("Work done by the delta model" + (f" ({'; '.join(notes)})" if notes else ""))
-    ax.legend(loc="best", fontsize=8)
 
     ax = axes[1]
     dense, delta = _col(rows, "peer_ms"), _col(rows, "delta_ms")

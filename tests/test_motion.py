@@ -52,6 +52,18 @@ def _camera(scene: torch.Tensor, cx: int, cy: int, t: int) -> torch.Tensor:
 PATH = [(100, 80), (108, 80), (116, 72), (116, 72), (100, 80), (92, 96), (84, 104), (84, 112)]
 
 
+def _view_frame(mm: MotionDeltaModel, x: torch.Tensor) -> torch.Tensor:
+    """The frame the aligned model saw, checked: the camera frame moved by the whole-pixel residual,
+    except the edge band the camera does not reach (held from the reference there, see edge=)."""
+    v = mm.view_frame
+    r = torch.tensor(mm.input_shift).round()
+    moved = translate(x, r, "nearest")
+    for i, (tx, ty) in enumerate(r.int().tolist()):
+        win = (slice(None), slice(max(ty, 0), H + min(ty, 0)), slice(max(tx, 0), W + min(tx, 0)))
+        assert torch.equal(v[i][win], moved[i][win])
+    return v
+
+
 @pytest.fixture(scope="module")
 def net():
     torch.manual_seed(0)
@@ -124,7 +136,7 @@ def test_sub_stride_pan_is_exact_on_the_aligned_view_and_close_to_dense(net):
             x = _camera(scene, 100 + 3 * t, 100 - 2 * t, t)
             out = mm(x)
             r = torch.tensor(mm.residual).round()
-            view_out = net(translate(x, r, "nearest"))
+            view_out = net(_view_frame(mm, x))
             torch.testing.assert_close(out, deltacnn.motion.map_outputs(view_out, -r, (H, W)), atol=2e-5, rtol=0,
                                        msg=f"frame {t}")
             if r.abs().sum() > 0:
@@ -133,6 +145,105 @@ def test_sub_stride_pan_is_exact_on_the_aligned_view_and_close_to_dense(net):
     assert mm.view[0] == [24, -16]
     assert len(errs) >= 5 and max(errs) < 0.15, errs
     assert sum(errs) < sum(unmapped), (errs, unmapped)
+
+
+def test_max_residual_steps_the_view_half_as_often_and_stays_exact_on_the_view(net):
+    """max_residual = S: a steady 2 px/frame pan (S = 8) steps the view by 2S every 8 frames instead of by S
+    every 4 (2 steps instead of 4 in 30 px); the output is still dense inference on the view it saw (the
+    frame moved by the residual, up to S)."""
+    scene = _scene(12)
+    steps = {}
+    for m in (None, 8):
+        seq = torch.tensor([[0.0, 0.0]] + [[2.0, 0.0]] * 15)
+        mm = MotionDeltaModel(deltacnn.convert(net, torch.zeros(1, 3, H, W), backend="reference"), motion=seq,
+                              max_residual=m)
+        views, res = [], []
+        with torch.no_grad():
+            for t in range(16):
+                x = _camera(scene, 60 + 2 * t, 80, t)
+                out = mm(x)
+                r = torch.tensor(mm.input_shift)
+                want = deltacnn.motion.map_outputs(net(_view_frame(mm, x)), -r, (H, W))
+                torch.testing.assert_close(out, want, atol=2e-5, rtol=0, msg=f"max_residual {m}, frame {t}")
+                views.append(mm.view[0][0])
+                res.append(abs(r[0, 0].item()))
+        steps[m] = [b - a for a, b in zip(views, views[1:]) if b != a]
+        assert max(res) <= (4 if m is None else 8), (m, res)
+    assert steps[None] == [8] * 4 and steps[8] == [16, 16], steps
+    with pytest.raises(ValueError, match="max_residual"):
+        MotionDeltaModel(mm.dm, max_residual=-1)
+
+
+def test_held_edge_is_no_change_where_replicated_edges_change_every_frame(net):
+    """A 3 px/frame pan: with edge="hold" (default) the band the camera does not reach keeps the reference (no input
+    update there, fewer updates overall); with "replicate" it is the camera frame's edge repeated."""
+    scene = _scene(13)
+    seq = torch.tensor([[0.0, 0.0]] + [[3.0, 0.0]] * 2)
+    rates = {}
+    for edge in ("hold", "replicate"):  # max_residual 8: residuals 3, 6 (no view step)
+        mm = MotionDeltaModel(deltacnn.convert(net, torch.zeros(1, 3, H, W), backend="reference",
+                                               input_threshold=1e-3), motion=seq, edge=edge, max_residual=8)
+        rates[edge] = []
+        for t in range(3):
+            x = _camera(scene, 60 + 3 * t, 80, t)
+            ref = mm.aligner.input_layer._state("ref").clone() if t else None
+            mm(x)
+            v = _view_frame(mm, x)
+            r = int(round(mm.input_shift[0][0]))
+            if t:
+                assert r > 0 and mm.dm.last_mode == "delta"
+                if edge == "hold":
+                    assert torch.equal(v[:, :, :, :r], ref[:, :, :, :r].to(v.dtype))
+                    assert not bool(mm.dm.input_mask[..., :r].any())
+                else:
+                    assert torch.equal(v, translate(x, torch.tensor(mm.input_shift), "nearest"))
+                rates[edge].append(float(mm.dm.input_mask.float().mean()))
+    assert sum(rates["hold"]) < sum(rates["replicate"]), rates
+    with pytest.raises(ValueError, match="edge"):
+        MotionDeltaModel(mm.dm, edge="wrap")
+
+
+def _zoom_pan(scene: torch.Tensor, t: int, zoom: float, pan: float) -> torch.Tensor:
+    """Frame t of a camera moving forward (the view shrinks by `zoom` per frame) while panning `pan` px."""
+    s = 1 - zoom * t
+    h, w = int(H * 1.6 * s), int(W * 1.6 * s)
+    cy, cx = 160, 200 + int(pan * t)
+    crop = scene[:, :, cy - h // 2:cy - h // 2 + h, cx - w // 2:cx - w // 2 + w]
+    return F.interpolate(crop, size=(H, W), mode="bilinear", align_corners=False)
+
+
+def test_unexplained_change_separates_pans_from_forward_motion():
+    scene = _scene(21, 320, 400)
+    pc = PhaseCorrelator()
+    for zoom, lo, hi in ((0.0, 0.0, 0.2), (0.02, 0.8, 1.0)):
+        a, f = pc.pooled(_zoom_pan(scene, 0, zoom, 3.0))
+        x = _zoom_pan(scene, 4, zoom, 3.0)
+        est = pc(_zoom_pan(scene, 0, zoom, 3.0), x)
+        u = float(deltacnn.motion.estimate.unexplained_change(a, pc.pooled(x)[0], est.shift / f)[0])
+        assert lo <= u <= hi, (zoom, u)
+
+
+@pytest.mark.parametrize("max_unexplained", [None, 0.0])
+def test_a_held_camera_is_plain_delta_inference(net, max_unexplained):
+    """max_unexplained 0 holds every moving camera: the input is never shifted and the outputs equal plain
+    delta inference's (thresholds > 0, so equal means the same updates); None follows the pan."""
+    scene = _scene(22, 320, 400)
+    kw = dict(backend="reference", input_threshold=0.05, threshold=0.02)
+    plain = deltacnn.convert(net, torch.zeros(1, 3, H, W), **kw)
+    mm = MotionDeltaModel(deltacnn.convert(net, torch.zeros(1, 3, H, W), **kw), motion="auto",
+                          max_unexplained=max_unexplained)
+    with torch.no_grad():
+        for t in range(5):
+            x = _zoom_pan(scene, t, 0.0, 3.0)
+            out, want = mm(x), plain(x)
+            if t:
+                assert mm.translating == [max_unexplained is None]
+                rec = deltacnn.motion.motion_record(mm)
+                assert rec["motion_translating"] == int(max_unexplained is None) and rec["motion_dx"] > 1.0
+            if max_unexplained == 0.0:
+                assert mm.input_shift == [[0.0, 0.0]]
+                torch.testing.assert_close(out, want, atol=1e-6, rtol=0, msg=f"frame {t}")
+    assert (mm.camera[0][0] > 4.0) == (max_unexplained is None), mm.camera  # followed, or held at 0
 
 
 def test_estimator_recovers_shifts_despite_moving_objects():
@@ -201,6 +312,19 @@ def test_translate_whole_and_fractional_pixels():
     assert torch.equal(y[0, :, 1:9, 2:], x[0, :, 2:10, :-2]) and torch.equal(y[1], x[1])
     half = translate(x[:1], torch.tensor([[0.5, 0.0]]))
     torch.testing.assert_close(half[0, :, :, 1:], 0.5 * (x[0, :, :, 1:] + x[0, :, :, :-1]))
+
+
+@pytest.mark.parametrize("t", [(3, -5), (-7, 4), (11, 0), (0, -9), (-11, 9), (30, 2)])
+def test_whole_pixel_translate_replicates_borders_like_clamped_indexing(t):
+    """The slice-copy fast path (whole pixels) against clamped gather indexing, in both memory formats."""
+    x = torch.randn(2, 3, 10, 12)
+    tx, ty = t
+    ys = (torch.arange(10) - ty).clamp(0, 9)
+    xs = (torch.arange(12) - tx).clamp(0, 11)
+    want = x[0][:, ys][:, :, xs]
+    for inp in (x, x.contiguous(memory_format=torch.channels_last)):
+        got = translate(inp, torch.tensor([[float(tx), float(ty)], [0.0, 0.0]]), "nearest")
+        assert torch.equal(got[0], want) and torch.equal(got[1], x[1])
 
 
 def test_unsupported_models_and_frames_are_refused(net):
@@ -325,7 +449,7 @@ def test_sub_pixel_jitter_does_not_shift_the_input(net):
         if t:
             rates.append(float(mm.dm.input_mask.float().mean()))
         s = torch.tensor(mm.input_shift)
-        want = map_outputs(net(translate(x, s, "nearest")), s.neg(), (H, W))
+        want = map_outputs(net(_view_frame(mm, x)), s.neg(), (H, W))
         torch.testing.assert_close(out, want, atol=2e-5, rtol=0)
     assert shifts == [0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 2.0], shifts
     assert mm.aligned_at[0] == [2, 0]

@@ -106,6 +106,7 @@ def test_run_with_motion_matches_dense_and_stays_sparse(folder, tmp_path, motion
         assert abs(r["motion_dx"] - STEP) < 0.3 and abs(r["motion_dy"]) < 0.3, r
         assert r["update_rate"] < 0.2, r  # aligned: only the square and the uncovered strip changed
         assert r["macs"] >= r["band_macs"] > 0  # the border bands' work is counted
+        assert r["motion_translating"] == 1 and 0.0 <= r["motion_unexplained"] <= 1.0, r  # a pan: followed
     # plain delta inference would run every frame densely here (every pixel changes): the aligned run
     # does a fraction of that, band recomputation included
     assert sum(r["macs"] for r in rows[1:]) < 0.6 * sum(r["dense_macs"] for r in rows[1:])

@@ -41,6 +41,10 @@ class MotionEstimate:
     # (N,) peak over the highest value outside its neighbourhood: ~1 on a cut, but also low when a large
     # moving object makes a second real peak, which is why the decision uses `confidence`
     peak_ratio: Tensor | None = None
+    # (N,) float32 the change a translation leaves unexplained (see `unexplained_change`): ~0 on a pan, ~1
+    # where the frame moved in a way no translation describes (forward motion, zoom, parallax); None when
+    # not measured (given motion)
+    unexplained: Tensor | None = None
 
 
 class PhaseCorrelator:
@@ -141,6 +145,12 @@ class PhaseCorrelator:
 
     def prepare(self, x: Tensor) -> tuple[Tensor, int]:
         """(N, h, w) pooled, zero-mean, windowed grey frames and the pooling factor; keep it for the next call."""
+        g, f = self.pooled(x)
+        return g * self._hann(*g.shape[1:], g.device), f
+
+    def pooled(self, x: Tensor) -> tuple[Tensor, int]:
+        """(N, h, w) pooled, zero-mean grey frames (not windowed: what `unexplained_change` compares) and the
+        pooling factor."""
         if x.dim() != 4:
             raise ValueError(f"expected (N, C, H, W) frames, got shape {tuple(x.shape)}")
         g = x.float().mean(1, keepdim=True)
@@ -152,8 +162,7 @@ class PhaseCorrelator:
         sh, sw = _smooth_size(h), _smooth_size(w)  # FFT-friendly: a pooled 214 px side (2 * 107) is 2x slower
         if (sh, sw) != (h, w):
             g = g[:, (h - sh) // 2:(h - sh) // 2 + sh, (w - sw) // 2:(w - sw) // 2 + sw]
-        g = g - g.mean((1, 2), keepdim=True)
-        return g * self._hann(*g.shape[1:], g.device), f
+        return g - g.mean((1, 2), keepdim=True), f
 
     def __call__(self, prev: Tensor, cur: Tensor) -> MotionEstimate:
         """Camera displacement from frames `prev` to `cur`, both (N, C, H, W)."""
@@ -221,6 +230,31 @@ class PhaseCorrelator:
         sx = torch.where(px > w // 2, px - w, px).float() + sub_x
         shift = torch.stack([sx, sy], 1) * factor
         return MotionEstimate(shift, conf.float(), ratio.float())
+
+
+def unexplained_change(prev: Tensor, cur: Tensor, shift: Tensor) -> Tensor:
+    """How much of the change from `prev` to `cur` (pooled grey, N x h x w, see PhaseCorrelator.pooled) a
+    camera translation by `shift` (N, 2), in pooled pixels, leaves: mean |cur - prev moved by the shift| over
+    mean |cur - prev|, both over the pixels that stay in view (a border of the shift, plus 1 px, left out).
+
+    ~0 when the camera pans over a static scene, ~1 when it does not explain the change: a static camera
+    (nothing to explain), forward motion, a zoom, strong parallax, a scene cut. The moving objects of the
+    scene are in both sums, so a busy scene reads higher.
+    """
+    from .aligned import translate  # the same resampling the input gets
+
+    n, h, w = cur.shape
+    out = torch.ones(n, dtype=torch.float32, device=cur.device)
+    for i, (dx, dy) in enumerate(shift.double().cpu().tolist()):
+        bx, by = math.ceil(abs(dx)) + 1, math.ceil(abs(dy)) + 1
+        if 2 * bx >= w or 2 * by >= h:
+            continue  # the shift leaves no overlap: nothing explained
+        moved = translate(prev[i:i + 1, None], torch.tensor([[-dx, -dy]]), "bilinear")[0, 0]
+        c = cur[i, by:h - by, bx:w - bx]
+        plain = (c - prev[i, by:h - by, bx:w - bx]).abs().mean()
+        aligned = (c - moved[by:h - by, bx:w - bx]).abs().mean()
+        out[i] = (aligned / plain.clamp_min(1e-12)).clamp(max=1.0)
+    return out
 
 
 def _place(want: int, k: int, top: int) -> int | None:

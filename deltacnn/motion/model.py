@@ -16,7 +16,14 @@ from torch import Tensor, nn
 
 from .aligned import StateAligner, map_outputs, probe_geometry, translate
 from .files import MOTION_CHOICES, load_motion_file
-from .estimate import MIN_CONFIDENCE, MotionEstimate, PhaseCorrelator, given_motion
+from .estimate import MIN_CONFIDENCE, MotionEstimate, PhaseCorrelator, given_motion, unexplained_change
+
+# "auto": above this fraction of the frame's change left unexplained by the estimated translation (see
+# estimate.unexplained_change), the stream is not treated as translating: its camera position is held,
+# i.e. plain delta inference on its frames. Measured against an anchor 1-8 frames back: the vtest pans and
+# tilts (2-4 px/frame, people walking, codec noise) 0.23-0.55, Market Street's forward motion 0.97-1.0,
+# cityCC0's moving time-lapse 0.82-0.97 (its translation is < 1 px: alignment changes nothing there)
+MAX_UNEXPLAINED = 0.75
 
 
 class MotionSequenceError(IndexError):
@@ -37,6 +44,24 @@ class MotionDeltaModel(nn.Module):
         resample: how the frame is moved by the sub-stride residual: "nearest" (whole pixels, an
             exact copy; the shift changes once the camera moved HOLD_PX = 0.75 px from it) or "bilinear".
         estimator: a PhaseCorrelator to use for "auto".
+        max_residual: how far (input pixels) the camera may drift from the view origin before the view
+            steps. None (default): S / 2, the view origin is the multiple of S nearest the camera, so
+            motion by multiples of S leaves no residual (exact, item 3). A larger value M steps the view
+            less often and by more (it lands M - S/2 ahead of the camera in the direction it drifted:
+            at M = S a steady pan steps 2S every 2S px instead of S every S); on YOLOv8n every view
+            step is a keyframe, so that halves them, at the cost of up to M px at the frame's edge that
+            the camera did not see (replicated border) and outputs equal to dense on the camera frame
+            moved by a residual up to M instead of S / 2.
+        max_unexplained: "auto" only: when the estimated translation leaves more than this fraction of
+            the frame's change (against the anchor frame) unexplained, the stream's camera position is
+            held for that frame (no alignment: plain delta inference on it, while `translating` is
+            False); forward motion, zooms and strong parallax are not translations, and following the
+            wandering estimate there costs accuracy. None: always follow the estimate.
+        edge: what the aligned frame holds where the camera frame does not reach (a band of the residual's
+            width at the view's edge): "hold" (default) keeps what the view last saw there (the input
+            reference: the scene the camera saw before it moved on, or the keyframe's replicated edge),
+            so the band is no change for the delta step; "replicate" repeats the camera frame's edge
+            pixels, which change on every frame of a pan.
         halo: width (input pixels, rounded up to a multiple of the total stride) of the border bands
             recomputed when the view moves. None: the network's receptive-field bound R, which makes
             the result exact but, for deep nets (YOLOv8n: R = 832 px), recomputes the whole view on
@@ -45,8 +70,18 @@ class MotionDeltaModel(nn.Module):
     """
 
     def __init__(self, dm, motion="auto", *, min_confidence: float = MIN_CONFIDENCE, resample: str = "nearest",
-                 estimator: PhaseCorrelator | None = None, halo: int | None = None) -> None:
+                 estimator: PhaseCorrelator | None = None, halo: int | None = None,
+                 max_residual: float | None = None, max_unexplained: float | None = MAX_UNEXPLAINED,
+                 edge: str = "hold") -> None:
         super().__init__()
+        if edge not in ("hold", "replicate"):
+            raise ValueError(f"edge must be 'hold' or 'replicate', got {edge!r}")
+        self.edge = edge
+        self.max_unexplained = max_unexplained
+        if max_residual is not None and not (isinstance(max_residual, (int, float)) and max_residual >= 0):
+            raise ValueError(f"max_residual must be a number of pixels >= 0 or None (half the total stride), "
+                             f"got {max_residual!r}")
+        self.max_residual = max_residual
         if resample not in ("nearest", "bilinear"):
             raise ValueError(f"resample must be 'nearest' or 'bilinear', got {resample!r}")
         if halo is not None and (not isinstance(halo, int) or halo < 0):
@@ -83,7 +118,9 @@ class MotionDeltaModel(nn.Module):
         self.view: list[list[int]] = []  # per stream: view origin, a multiple of the total stride
         self.last_estimate: MotionEstimate | None = None
         self.last_full: list[bool] = []  # streams recomputed entirely in the last frame (low confidence)
+        self.translating: list[bool] = []  # per stream: the last frame's motion was followed (see max_unexplained)
         self.input_shift: list[list[float]] = []  # per stream: the translation applied to the last frame
+        self.view_frame: Tensor | None = None  # the frame the converted model got last (aligned, edges held)
         self._anchor: Tensor | None = None  # "auto": spectra of the anchor frames (see _estimate_from_anchor)
 
     def reset(self) -> None:
@@ -115,6 +152,7 @@ class MotionDeltaModel(nn.Module):
             self.aligned_at = [[0, 0] for _ in range(n)]
             self.view = [[0, 0] for _ in range(n)]
             self.last_full = [False] * n
+            self.translating = [True] * n
             geometry, out = probe_geometry(self.dm, x)
             if self.halo is not None:  # the caller's approximation: narrower bands than the exact bound
                 S = geometry.total_stride
@@ -124,18 +162,23 @@ class MotionDeltaModel(nn.Module):
             if self.mode == "auto":
                 self._anchor_to(x, list(range(n)))
             self._frames = 1
+            self.view_frame = x
             return out
         est = self._motion(x, motion)
         self.last_estimate = est
         shifts = est.shift.double().cpu().tolist()  # the host decides the strips: one sync per frame
         conf = est.confidence.cpu().tolist()
+        unexplained = est.unexplained.cpu().tolist() if est.unexplained is not None else [0.0] * n
         S = self.aligner.geo.total_stride
         view_shift, full = [], []
+        self.translating = []
         for i in range(n):
             ok = conf[i] >= self.min_confidence
             full.append(not ok)
-            if not ok:  # a cut or a failed estimate: the view stays, the stream is recomputed on this frame
-                shifts[i] = [0.0, 0.0]
+            follow = self.max_unexplained is None or unexplained[i] <= self.max_unexplained
+            self.translating.append(follow)
+            if not ok or not follow:  # a cut or a failed estimate (the stream is recomputed on this frame), or
+                shifts[i] = [0.0, 0.0]  # motion that is no translation (plain delta): the view stays
             cam = self.camera[i]
             cam[0] += shifts[i][0]
             cam[1] += shifts[i][1]
@@ -144,9 +187,9 @@ class MotionDeltaModel(nn.Module):
                 for ax in (0, 1):
                     if abs(cam[ax] - held[ax]) >= self.HOLD_PX:
                         held[ax] = round(cam[ax])
-                v = [S * round(c / S) for c in held]
+                v = self._view_origin(held, self.view[i], S)
             else:
-                v = [S * round(c / S) for c in cam]
+                v = self._view_origin(cam, self.view[i], S)
             view_shift.append((v[0] - self.view[i][0], v[1] - self.view[i][1]))
             self.view[i] = v
         self.last_full = full
@@ -157,18 +200,38 @@ class MotionDeltaModel(nn.Module):
         self.input_shift = res
         aligned = translate(x, torch.tensor(res), self.resample) if any(any(r) for r in res) else x
         due = self._due_streams(n)
-        keyframes = [i for i, d in enumerate(due) if d]
-        if any(any(v) for v in view_shift) or any(full) or keyframes:
+        # due and moved: the stream's reference is an old view's, so it must not take the converted model's
+        # busy-stream rule (see _as_keyframes); due but still: the converted model's own schedule decides,
+        # exactly as without alignment (a held camera, e.g. forward motion, is then plain delta inference)
+        keyframes = [i for i, d in enumerate(due) if d and (any(view_shift[i]) or full[i])]
+        if any(any(v) for v in view_shift) or any(full) or any(due):
             self.dm._check_input(x)  # NaN or infinity: rejected before the state moves
         if not all(due):  # streams due for a keyframe (interval, refresh, after dense frames) need no shift
             keyframes += self.aligner.shift([(0, 0) if d else v for d, v in zip(due, view_shift)], aligned,
                                             [f and not d for f, d in zip(full, due)])
         else:
             self.aligner.recomputed_pixels = self.aligner.recompute_macs = 0
-        self._as_keyframes(keyframes, aligned)
+        # a stream recomputed on a cut or failed estimate whose view did not move keeps a reference of this
+        # view: the converted model's busy-stream rule decides between keyframe and dense frame, as without
+        # alignment (forcing a keyframe there made cityCC0's busy frames after its cut delta frames)
+        self._as_keyframes(keyframes, aligned, copy_ref=[bool(any(v)) for v in view_shift])
+        if self.edge == "hold" and aligned is not x:
+            self._hold_edges(aligned, res, set(keyframes))
+        self.view_frame = aligned
         self._frames += 1
         out = self.dm(aligned)
         return map_outputs(out, torch.tensor(res).neg(), self.aligner.geo.frame_hw)
+
+    def _view_origin(self, pos, view: list[int], S: int) -> list[int]:
+        """The view origin (multiples of S) for a camera at `pos`, the view being at `view` (see max_residual)."""
+        M = self.max_residual
+        if M is None or M <= S / 2:
+            return [S * round(c / S) for c in pos]
+        out = []
+        for c, v in zip(pos, view):
+            r = c - v
+            out.append(v if abs(r) <= M else S * round((c + math.copysign(M - S / 2, r)) / S))
+        return out
 
     def camera_boxes(self, boxes, stream: int = 0):
         """Boxes (..., 4) xyxy that the model's outputs gave in view coordinates, in camera coordinates
@@ -200,16 +263,38 @@ class MotionDeltaModel(nn.Module):
                 out[k] = b.astype(v.dtype) if hasattr(b, "astype") else b
         return out
 
-    def _as_keyframes(self, streams: list[int], aligned: Tensor) -> None:
-        """Make the converted model run `streams` as keyframes on the aligned frame: due, and with the
-        aligned frame as their input reference, so that the busy-stream rule (which compares the frame
-        with the reference, here an old view's) does not turn the keyframe into a stateless dense
-        frame, and a moving camera into dense frames for good."""
+    def _as_keyframes(self, streams: list[int], aligned: Tensor, copy_ref: list[bool] | None = None) -> None:
+        """Make the converted model run `streams` as keyframes on the aligned frame: due, and (where
+        copy_ref, default all: their view moved) with the aligned frame as their input reference, so that
+        the busy-stream rule (which compares the frame with the reference, here an old view's) does not
+        turn the keyframe into a stateless dense frame, and a moving camera into dense frames for good."""
         ref = self.aligner.input_layer._buffers.get("state_ref")
         for i in streams:
             self.dm._since[i] = 0
-            if ref is not None:
+            if ref is not None and (copy_ref is None or copy_ref[i]):
                 ref[i].copy_(aligned[i].to(ref.dtype))
+
+    def _hold_edges(self, aligned: Tensor, res: list[list[float]], skip: set[int]) -> None:
+        """Where the translated frame has no camera pixels (|residual| px at one edge per axis), put the
+        input reference's values (no change for the delta step), except in the streams `skip` (keyframes:
+        their reference is being rebuilt from this frame)."""
+        ref = self.aligner.input_layer._buffers.get("state_ref")
+        if ref is None:
+            return
+        H, W = aligned.shape[2:]
+        for i, (tx, ty) in enumerate(res):
+            if i in skip:
+                continue
+            bx, by = (int(round(t)) if self.resample == "nearest" else int(math.copysign(math.ceil(abs(t)), t))
+                      for t in (tx, ty))
+            if bx > 0:
+                aligned[i, :, :, :bx] = ref[i, :, :, :bx]
+            elif bx < 0:
+                aligned[i, :, :, W + bx:] = ref[i, :, :, W + bx:]
+            if by > 0:
+                aligned[i, :, :by] = ref[i, :, :by]
+            elif by < 0:
+                aligned[i, :, H + by:] = ref[i, :, H + by:]
 
     def _due_streams(self, n: int) -> list[bool]:
         """Per stream, whether the converted model will run it as a keyframe next (its state is rebuilt)."""
@@ -245,16 +330,20 @@ class MotionDeltaModel(nn.Module):
     # the cut (~6 there). Relative, so that a confidence that is low but steady (sensor noise on a static
     # camera) does not re-anchor every frame and chain the estimates' noise into a drift.
     REANCHOR_DECAY = 0.25
+    STILL_PX = 0.5  # "auto": below this displacement from the anchor the camera counts as still (translating)
     REANCHOR_CONFIDENCE = 8.0
 
-    def _anchor_to(self, x: Tensor, streams: list[int], spec: Tensor | None = None) -> None:
-        """Make the current frame (its spectrum `spec`) the anchor of `streams`, at their camera positions."""
+    def _anchor_to(self, x: Tensor, streams: list[int], spec: Tensor | None = None,
+                   pooled: Tensor | None = None) -> None:
+        """Make the current frame (its spectrum `spec`, its pooled grey `pooled`) the anchor of `streams`, at
+        their camera positions."""
         if spec is None:
-            b, _ = self.estimator.prepare(x)
-            spec = torch.fft.rfft2(b)
+            pooled, f = self.estimator.pooled(x)
+            spec = torch.fft.rfft2(pooled * self.estimator._hann(*pooled.shape[1:], pooled.device))
         grey = self.estimator.grey(x[streams] if len(streams) < x.shape[0] else x)  # for the sub-pixel refinement
         if getattr(self, "_anchor", None) is None or self._anchor.shape != spec.shape or len(streams) == x.shape[0]:
             self._anchor = spec.clone()
+            self._anchor_pooled = pooled.clone()  # what unexplained_change compares the frames with
             self._anchor_grey = grey if len(streams) == x.shape[0] else self.estimator.grey(x)
             self._anchor_cam = [list(c) for c in (self.camera or [[0.0, 0.0]] * x.shape[0])]
             self._anchor_age = [0] * x.shape[0]
@@ -263,6 +352,7 @@ class MotionDeltaModel(nn.Module):
             return
         for j, i in enumerate(streams):
             self._anchor[i] = spec[i]
+            self._anchor_pooled[i] = pooled[i]
             self._anchor_grey[i] = grey[j]
             self._anchor_cam[i] = list(self.camera[i])
             self._anchor_age[i] = 0
@@ -297,17 +387,27 @@ class MotionDeltaModel(nn.Module):
         on a static camera soon rounds to a 1 px shift of the whole input, i.e. a frame where every
         pixel changes); measured against an anchor frame the position error stays that of one estimate.
         """
-        b, f = self.estimator.prepare(x)
+        g, f = self.estimator.pooled(x)
+        b = g * self.estimator._hann(*g.shape[1:], g.device)
         spec = torch.fft.rfft2(b)
         est = self.estimator.correlate(None, b, f, spectra=(self._anchor, spec))
         est.shift = self._refined(x, est.shift, f)
         d = est.shift.double().cpu().tolist()
         conf = est.confidence.cpu().tolist()
+        unexplained = [0.0] * x.shape[0]
+        if self.max_unexplained is not None and any(max(abs(v) for v in di) >= self.STILL_PX for di in d):
+            unexplained = unexplained_change(self._anchor_pooled, g, est.shift / f).tolist()
         step, renew = [], []
         for i in range(x.shape[0]):
             ok = conf[i] >= self.min_confidence
             pos = [a + v for a, v in zip(self._anchor_cam[i], d[i])] if ok else list(self.camera[i])
             step.append([p - c for p, c in zip(pos, self.camera[i])])
+            if max(abs(v) for v in d[i]) < self.STILL_PX:
+                unexplained[i] = 0.0  # a still camera: nothing for a translation to explain, nothing to hold
+            if ok and self.max_unexplained is not None and unexplained[i] > self.max_unexplained:
+                # not a translation: forward holds the camera, and the anchor's position is moved so
+                # that the next step is the motion from this frame on (not a jump by all the held motion)
+                self._anchor_cam[i] = [a - v for a, v in zip(self._anchor_cam[i], step[i])]
             self._anchor_age[i] += 1
             if self._anchor_age[i] == 1:
                 self._anchor_conf[i] = conf[i]
@@ -317,13 +417,15 @@ class MotionDeltaModel(nn.Module):
                     self._anchor_age[i] >= self.REANCHOR_FRAMES:
                 renew.append(i)
         shift = torch.tensor(step, dtype=torch.float32, device=x.device)
-        if renew:  # anchored at the position this frame will have (forward adds `step` to the camera)
-            saved = [list(c) for c in self.camera]
+        held = torch.tensor(unexplained, dtype=torch.float32, device=x.device)
+        if renew:  # anchored at the position this frame will have (forward adds `step` to the camera, or
+            saved = [list(c) for c in self.camera]  # holds it: then the anchor is where the camera is)
             for i in renew:
-                self.camera[i] = [c + v for c, v in zip(self.camera[i], step[i])]
-            self._anchor_to(x, renew, spec)
+                if self.max_unexplained is None or unexplained[i] <= self.max_unexplained:
+                    self.camera[i] = [c + v for c, v in zip(self.camera[i], step[i])]
+            self._anchor_to(x, renew, spec, g)
             self.camera = saved
-        return MotionEstimate(shift, est.confidence, est.peak_ratio)
+        return MotionEstimate(shift, est.confidence, est.peak_ratio, held)
 
 
 def motion_record(mm: MotionDeltaModel, stream: int = 0) -> dict:
@@ -335,7 +437,10 @@ def motion_record(mm: MotionDeltaModel, stream: int = 0) -> dict:
     al = mm.aligner
     h, w = al.geo.frame_hw if al is not None else (1, 1)
     view = mm.view[stream] if mm.view else [0, 0]
+    unexplained = float(est.unexplained[stream]) if est is not None and est.unexplained is not None else 0.0
     return {"motion_dx": dx, "motion_dy": dy, "motion_confidence": conf, "view_x": view[0], "view_y": view[1],
+            "motion_unexplained": unexplained,
+            "motion_translating": int(bool(mm.translating[stream])) if mm.translating else 1,
             "motion_recomputed": int(bool(mm.last_full and mm.last_full[stream])),
             "band_fraction": (al.recomputed_pixels / (h * w * max(1, len(mm.view)))) if al is not None else 0.0,
             "band_macs": al.recompute_macs if al is not None else 0}
