@@ -199,6 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--init", default=None, metavar="FILE",
                    help="continue from this thresholds file (an earlier tune's): its thresholds and schedule are "
                         "the first trial, then the schedules and the layer groups from there")
+    t.add_argument("--no-ref-cache", action="store_true",
+                   help="compute the dense reference outputs even when an earlier tune cached them for the same "
+                        "model, weights, clip, frames and input size (cache: $DELTACNN_CACHE_DIR/refs, default "
+                        "~/.cache/deltacnn/refs)")
     t.add_argument("--out", "-o", default=None,
                    help="thresholds JSON to write (default ./deltacnn_out/<clip name>/thresholds.json)")
 
@@ -258,7 +262,7 @@ def cmd_tune(a: argparse.Namespace) -> int:
                min_blob=a.min_blob, device=a.device, dtype=a.dtype, keyframe_interval=a.keyframe_interval,
                backend=a.backend, out=out, quiet=a.quiet, reader=a.reader, margin=a.margin, groups=a.groups,
                input_gate=_gate(a), threshold_growth=a.threshold_growth, refresh_held=a.refresh_held,
-               refresh=a.refresh, schedules=a.schedules, init=a.init)
+               refresh=a.refresh, schedules=a.schedules, init=a.init, ref_cache=not a.no_ref_cache)
     print(res.table())
     print(f"use it with:  deltacnn run {a.video or ''} --thresholds {res.path}".replace("  --", " --"))
     return 0

@@ -14,6 +14,19 @@ import torch.nn.functional as F
 torch.set_num_threads(2)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_reference_cache(tmp_path_factory):
+    """`deltacnn tune` caches dense references (deltacnn.reference_cache): tests use a fresh directory,
+    so they neither fill the user's cache nor read what an earlier run left there."""
+    old = os.environ.get("DELTACNN_CACHE_DIR")
+    os.environ["DELTACNN_CACHE_DIR"] = str(tmp_path_factory.mktemp("deltacnn_cache"))
+    yield
+    if old is None:
+        os.environ.pop("DELTACNN_CACHE_DIR", None)
+    else:
+        os.environ["DELTACNN_CACHE_DIR"] = old
+
+
 def make_video(frames: int, n: int = 1, h: int = 32, w: int = 32, c: int = 3, seed: int = 0,
                noise: float = 0.01, objects: int = 2, size: int = 6) -> torch.Tensor:
     """(T, N, C, H, W): a smooth textured static background, textured squares moving at

@@ -11,7 +11,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
-from .. import viz
+from .. import reference_cache, viz
 from ..calibration import measure_scales
 from ..cost_model import CostModel, FrameWork
 from ..model import DeltaModel
@@ -427,20 +427,28 @@ class _Evaluator:
                 t.ms = self.cost.mean_ms(t.works)
 
 
-def _frames(video, start: int, count: int, task: Task, dense, dev: torch.device, what: str, reader: str = "auto"):
+def _frames(video, start: int, count: int, task: Task, dense, dev: torch.device, what: str, reader: str = "auto",
+            cache: bool = True):
     """`count` RGB frames from `start` of the source (kept as uint8: 595 float frames of 768x576 would
-    take 3 GB), with the dense model's results."""
+    take 3 GB), with the dense model's results: from `deltacnn.reference_cache` when `cache` and a
+    reference of the same task, weights, clip, frames and input shape is there, else computed (and
+    stored)."""
     src = open_video(video, start + count, reader=reader)
-    frames, refs = [], []
-    with torch.no_grad():
-        for i, f in enumerate(src):
-            if i < start:
-                continue
-            frames.append(f)
-            refs.append(task.postprocess(dense(task.preprocess(f).to(dev))))
+    frames = [f for i, f in enumerate(src) if i >= start]
     if len(frames) < 2:
         raise UserError(f"{what} frames {start}-{start + count - 1}: the source {src.label} has only "
                         f"{start + len(frames)} frame(s); need at least 2 in the segment")
+    key = None
+    if cache:
+        shape = tuple(task.preprocess(frames[0]).shape)
+        key = reference_cache.reference_key(task, dense, src.label, start,
+                                            len(frames), shape, dev, reader)
+        refs = reference_cache.load(key, len(frames))
+        if refs is not None:
+            return frames, refs
+    with torch.no_grad():
+        refs = [task.postprocess(dense(task.preprocess(f).to(dev))) for f in frames]
+    reference_cache.store(key, refs)
     return frames, refs
 
 
@@ -615,7 +623,8 @@ def tune(video: str | int | Path | None = None, model: str | Task | None = None,
          margin: float = 0.0, groups: int = 4, min_gain: float = 0.02, dense_above: float | None = 0.5,
          quiet: bool = False, reader: str = "auto", input_gate=None, threshold_growth: float = 0.0,
          refresh_held: float | None = None, refresh: str | None = None,
-         schedules: Sequence[str | Schedule] | None = None, init: str | Path | None = None) -> TuneResult:
+         schedules: Sequence[str | Schedule] | None = None, init: str | Path | None = None,
+         ref_cache: bool = True) -> TuneResult:
     """Find the input and per-layer thresholds with the lowest delta-model frame time whose task
     agreement with dense stays within `budget` (tightened by `margin`), on calibration frames
     [start_frame, start_frame + frames).
@@ -653,7 +662,9 @@ def tune(video: str | int | Path | None = None, model: str | Task | None = None,
     The answer is the cheapest trial within budget (within `time_tolerance` of it, the one with the
     fewest multiply-adds). With `heldout_frames`, it is then measured on the disjoint segment
     [heldout_start, +heldout_frames) (default: right after the calibration frames), against the
-    budget without the margin. Writes the thresholds JSON to `out` if given, with a Pareto table
+    budget without the margin. The dense model's outputs on both segments come from
+    `deltacnn.reference_cache` when an earlier tune stored them (`ref_cache=False`: always computed).
+    Writes the thresholds JSON to `out` if given, with a Pareto table
     (_pareto.md), plot (_pareto.png) and every trial (_trials.json) beside it.
     """
     if frames < 2:
@@ -676,7 +687,7 @@ def tune(video: str | int | Path | None = None, model: str | Task | None = None,
     task = get_task(model)
     dev = resolve_device(device)
     dense = load_model(task, dev)
-    xs, refs = _frames(video, start_frame, frames, task, dense, dev, "calibration", reader)
+    xs, refs = _frames(video, start_frame, frames, task, dense, dev, "calibration", reader, ref_cache)
     x0 = task.preprocess(xs[0]).to(dev)
     # the search sees delta frames only: dense fallback frames (run's --dense-above) are exact, so
     # they would hide what an input threshold holds back, until layer thresholds made the deltas cheap
@@ -760,7 +771,7 @@ def tune(video: str | int | Path | None = None, model: str | Task | None = None,
     ev.set(best.input, best.default, best.overrides, best.schedule)
     heldout = None
     if heldout_frames:
-        hx, hr = _frames(video, hstart, heldout_frames, task, dense, dev, "held-out", reader)
+        hx, hr = _frames(video, hstart, heldout_frames, task, dense, dev, "held-out", reader, ref_cache)
         dm.rt.dense_above = dense_above  # as `deltacnn run` will run the file
         p = play(dm, task, hx, hr, dev)
         dm.rt.dense_above = None
