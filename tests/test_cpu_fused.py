@@ -445,11 +445,14 @@ def test_keyframes_on_dense_conv_equal_reference(mode: str) -> None:
 
 @pytest.mark.parametrize("k", [3, 5])
 @pytest.mark.parametrize("layout,score", [("nchw", "max"), ("channels_last", "max"), ("nchw", "l2")])
-def test_sparsify_blobs_equals_gate_then_sparsify(k: int, layout: str, score: str) -> None:
+@pytest.mark.parametrize("flush", [None, [False, True]], ids=["gate", "flush1"])
+def test_sparsify_blobs_equals_gate_then_sparsify(k: int, layout: str, score: str, flush: list[bool] | None,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """The input layer with the small-blob gate in one C++ pass against the generic path (deltacnn.gating's
     opening by max pooling, then sparsify) on the reference backend: same sent pixels and values, same
-    reference update, same held-back fraction per stream."""
-    from deltacnn.gating import InputGate
+    reference update, same held-back fraction per stream; with a refresh flush of stream 1, that stream
+    sends every pixel that passes the threshold (held back: none) in both."""
+    from deltacnn.gating import Refresh
     from deltacnn.layers.io import Sparsify
     from deltacnn.runtime import Runtime
     from deltacnn.thresholds import Thresholds
@@ -466,15 +469,22 @@ def test_sparsify_blobs_equals_gate_then_sparsify(k: int, layout: str, score: st
     for be in ("reference", "cpu"):
         th = Thresholds(input=0.2)
         th.score = score
-        rt = Runtime(th, backend_name=be, refresh_held=0.5)
+        rt = Runtime(th, backend_name=be, refresh_held=0.5, refresh=Refresh.parse("flush" if flush else None))
         layer = Sparsify(min_blob=k)
         layer.set_runtime(rt)
         layer._seed_state("ref", ref0)
         rt.keyframe = False
+        rt.flush = flush
+        backend, calls = rt.backend_on(x.device), []
+        blobs = backend.sparsify_blobs
+        monkeypatch.setattr(backend, "sparsify_blobs", lambda *a: calls.append((a[-1], blobs(*a))) or calls[-1][1])
         d = layer(x)
+        # the flush went to the backend; the fused pass ran on the cpu backend (the reference has none)
+        assert [c[0] for c in calls] == [flush] and (calls[0][1] is not None) == (be == "cpu")
         results.append((d, layer._state("ref").clone(), rt.input_held.clone()))
     (d1, r1, h1), (d2, r2, h2) = results
-    assert 0 < int(d1.mask.sum()) < d1.mask.numel() and bool((h1 > 0).all())
+    assert 0 < int(d1.mask.sum()) < d1.mask.numel() and bool((h1[0] > 0).all())
+    assert bool((h1[1] > 0).all()) if flush is None else float(h1[1]) == 0.0
     _same_delta(d1, d2)
     torch.testing.assert_close(r2, r1, rtol=0, atol=0)
     torch.testing.assert_close(h2, h1, rtol=1e-6, atol=1e-7)

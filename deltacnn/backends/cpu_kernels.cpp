@@ -421,12 +421,16 @@ void square_pass(const uint8_t* in, uint8_t* out, int64_t n, int64_t h, int64_t 
 
 // The input layer with the small-blob gate (deltacnn.gating, min_blob k): the pixels whose score passes
 // tau, opened by a k x k square (erosion then dilation, only in-image pixels counted), are sent as
-// sparsify sends them; the rest keep their change in x - ref. Returns sparsify's delta and, per image,
-// the fraction of its pixels that passed tau but were held back (N,) float32.
-std::vector<torch::Tensor> sparsify_blobs(torch::Tensor x, torch::Tensor ref, double tau, int64_t score, int64_t k) {
+// sparsify sends them; the rest keep their change in x - ref. In the images where `flush` ((N,) bool,
+// optional: a refresh "flush" of the held-back change) is set, every pixel that passes tau is sent.
+// Returns sparsify's delta and, per image, the fraction of its pixels that passed tau but were held
+// back (N,) float32.
+std::vector<torch::Tensor> sparsify_blobs(torch::Tensor x, torch::Tensor ref, double tau, int64_t score, int64_t k,
+                                          c10::optional<torch::Tensor> flush) {
   TORCH_CHECK(x.scalar_type() == torch::kFloat && x.dim() == 4, "x must be a float32 (N, C, H, W) tensor");
   TORCH_CHECK(k >= 1 && k % 2 == 1, "the blob window must be odd, got ", k);
   const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3), total = n * h * w;
+  const uint8_t* fl = flush.has_value() ? mask_ptr(*flush, n, "flush") : nullptr;
   float* rp = rows_ptr(ref, total, c, "ref");
   const int64_t sn = x.stride(0), sc = x.stride(1), sh = x.stride(2), sw = x.stride(3);
   const float* xp = x.data_ptr<float>();
@@ -444,6 +448,8 @@ std::vector<torch::Tensor> sparsify_blobs(torch::Tensor x, torch::Tensor ref, do
   square_pass(tmp.data(), kept.data(), n, h, w, k, false, true);   // eroded
   square_pass(kept.data(), tmp.data(), n, h, w, k, true, false);
   square_pass(tmp.data(), kept.data(), n, h, w, k, false, false);  // opened
+  for (int64_t i = 0; fl != nullptr && i < n; ++i)
+    if (fl[i]) std::memcpy(kept.data() + i * h * w, strong.data() + i * h * w, h * w);  // flushed: all of it
   auto out = new_delta(n, c, h, w);
   float* op = out[0].data_ptr<float>();
   uint8_t* om = mask_out(out[2]);
