@@ -49,14 +49,15 @@ def ort_conv_times(model, x: torch.Tensor, repeats: int) -> tuple[list[float], f
             sess.run(None, {name: arr})
             frame.append((time.process_time() - t0) * 1e3)
         events = json.loads(Path(sess.end_profiling()).read_text())
-    runs: list[list[float]] = []
-    for e in events:
-        if e.get("cat") == "Session" and e.get("name") == "model_run":
-            runs.append([])
-        elif e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and runs:
-            op = e.get("args", {}).get("op_name", "")
-            if "Conv" in op:
-                runs[-1].append(e["dur"] / 1e3)
+    spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
+                   if e.get("cat") == "Session" and e.get("name") == "model_run")
+    runs: list[list[float]] = [[] for _ in spans]
+    for e in sorted((e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")
+                     and "Conv" in e.get("args", {}).get("op_name", "")), key=lambda e: e["ts"]):
+        for i, (a, b) in enumerate(spans):  # the run whose span holds this node
+            if a <= e["ts"] <= b:
+                runs[i].append(e["dur"] / 1e3)
+                break
     runs = runs[1:]  # the first run warms up
     per_node = [statistics.median(r[i] for r in runs) for i in range(min(len(r) for r in runs))]
     return per_node, statistics.median(frame[1:])

@@ -115,6 +115,8 @@ def convert_at(model, frames, point: str, min_blob: int):
 SWITCHES = {  # name -> (module, attribute path of the check, what it returns when off)
     "implicit_gemm": ("deltacnn.backends.cpu_fused", "FusedCpuBackend._implicit_gemm_ok", False),
     "fused_epilogue": ("deltacnn.backends.cpu_fused", "FusedCpuBackend._epilogue_ok", False),
+    "one_frame_block": ("deltacnn.backends.cpu_fused", "FusedCpuBackend._one_frame_block_ok", False),
+    "plain_conv_delta": ("deltacnn.backends.cpu_fused", "FusedCpuBackend._plain_conv_ok", False),
     "dense_conv": ("deltacnn.backends.cpu_fused", "FusedCpuBackend.fuses_dense_conv", False),
     "fused_blobs": ("deltacnn.backends.cpu_fused", "FusedCpuBackend._blobs_ok", False),
     "fused_range": ("deltacnn.backends.cpu_fused", "FusedCpuBackend._range_ok", False),
@@ -275,6 +277,14 @@ def main() -> None:
             for mode in sorted(set(modes[name])):
                 ms = [t for t, m in zip(totals[name], modes[name]) if m == mode]
                 print(f"   {mode} frames: {len(ms)}, median {statistics.median(ms):.1f} ms, mean {statistics.mean(ms):.1f}")
+            if name != next(iter(dms)):  # paired: this variant less the first one, frame by frame
+                base = next(iter(dms))
+                for mode in sorted(set(modes[name])):
+                    diff = [t - tb for t, tb, m, mb in zip(totals[name], totals[base], modes[name], modes[base])
+                            if m == mb == mode]
+                    if diff:
+                        print(f"   paired with [{base}], {mode} frames: {statistics.mean(diff):+.1f} ms mean, "
+                              f"{statistics.median(diff):+.1f} median ({len(diff)} frames)")
             if args.stages:
                 for mode, stages in sorted(agg[name].items()):
                     n_mode = modes[name].count(mode)

@@ -273,6 +273,38 @@ def test_implicit_gemm_conv_rows_equal_reference(win: Window, cin: int, cout: in
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("win", [Window.make(1), Window.make(3, 1, 1), Window.make(3, 2, 1), Window.make(2, 2, 0)],
+                         ids=str)
+@pytest.mark.parametrize("cin,cout", [(3, 16), (17, 33)])
+def test_plain_conv_delta_equals_reference(win: Window, cin: int, cout: int) -> None:
+    """A plain conv (no activation) on the fused backend, its rows written into the output delta by
+    conv_rows_delta, against the reference's conv2d (rows scattered by index_copy) and dense PyTorch:
+    same mask, active pixels, values there and counted work; an empty input gives an empty delta."""
+    from deltacnn.backends.base import ConvParams
+    if not FUSED._gemm:
+        pytest.skip("no AVX2/FMA here")
+    gen = torch.Generator().manual_seed(43)
+    n, h, w = 2, 11, 13
+    d = _delta(n, cin, h, w, 0.15, gen)
+    p = ConvParams(torch.randn(cout, cin, *win.kernel, generator=gen), win, 1)
+    outs = []
+    for be in (REF, FUSED):
+        be.work = [0, 0]
+        outs.append((be.conv_block(d, p, None, None), list(be.work)))
+    (o1, w1), (o2, w2) = outs
+    assert 0 < int(o1.mask.sum()) < o1.mask.numel() and o2.ext is not None
+    _same_delta(o1, o2)
+    assert w1 == w2
+    t, b, l, r = win.padding
+    dense = nn.functional.conv2d(nn.functional.pad(d.zero_filled(), (l, r, t, b)), p.weight, None, win.stride, 0,
+                                 win.dilation)
+    m = o2.mask.expand_as(dense)
+    torch.testing.assert_close(o2.values[m], dense[m], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(o2.ext[-1], torch.zeros(cout))  # the zero row gathers read
+    empty = _delta(n, cin, h, w, 0.0, gen)
+    assert int(FUSED.conv_block(empty, p, None, None).mask.sum()) == 0
+
+
 EPILOGUE_ACTS = [ActSpec("relu"), ActSpec("silu"), ActSpec("sigmoid"), ActSpec("leaky_relu", slope=0.2),
                  ActSpec("hardtanh", min_val=-0.5, max_val=0.7), ActSpec("identity")]
 

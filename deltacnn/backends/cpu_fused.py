@@ -197,6 +197,65 @@ class FusedCpuBackend(ReferenceBackend):
                            out, acc, None, code, lo, hi, act.slope if act is not None else 0.0)
         return out
 
+    def conv_block(self, d: DeltaTensor, p: ConvParams, residual: DeltaTensor | None,
+                   act: PointwiseState | None) -> DeltaTensor:
+        """The reference's conv_block, with its most common case (groups 1, f in conv_act_rows' epilogue,
+        some candidates) in one Python frame: the geometry and weight panels of an input size are kept
+        in p's cache, and the chain of hooks (candidates, crossover, epilogue) that cost ~75 us of
+        Python a conv at 1 thread is skipped; what the kernels compute is the same."""
+        if not self._one_frame_block_ok(d, p, residual, act):
+            return super().conv_block(d, p, residual, act)
+        n, _, h, w = d.shape
+        plan = p.cache.get("cpu_block")
+        if plan is None or plan[0] != (n, h, w):
+            out_hw = p.window.out_size(h, w)
+            plan = p.cache["cpu_block"] = ((n, h, w), (n, p.weight.shape[0], *out_hw),
+                                           _geometry(n, (h, w), out_hw, p.window),
+                                           p.cached("cpu_panels", lambda: packed_weights(p.weight)))
+        _, shape, geo, packed = plan
+        if residual is not None and tuple(residual.shape) != shape:
+            raise ValueError(f"residual shape {tuple(residual.shape)} does not match conv output {shape}")
+        idx, cand = self._k.candidates(d.mask, residual.mask if residual is not None else None, geo)
+        if not idx.numel():  # nothing to compute: the generic path makes the empty delta (and counts it)
+            return super().conv_block(d, p, residual, act)
+        self._count(p, idx.numel(), cand.numel(), idx, n, GEMM_DENSE_SWITCH)  # 1.0: never dense
+        return self._conv_act_rows(d, idx, packed, geo, residual, act)
+
+    def _conv_act_rows(self, d: DeltaTensor, idx: Tensor, packed: Tensor, geo: list[int],
+                       residual: DeltaTensor | None, st: PointwiseState) -> DeltaTensor:
+        """conv_act_rows on delta d at candidates idx (f in EPILOGUE_CODES), the emitted delta."""
+        a = st.act
+        lo, hi = (0.0, 6.0) if a.kind == "relu6" else (a.min_val, a.max_val)
+        return _delta(self._k.conv_act_rows(
+            _rows(d), d.mask, idx, packed, geo, _rows(residual) if residual is not None else None,
+            residual.mask if residual is not None else None, st.acc, st.emitted, EPILOGUE_CODES[a.kind], lo, hi,
+            a.slope, float(st.tau), SCORE_CODES[st.score]))
+
+    def conv2d(self, d: DeltaTensor, p: ConvParams) -> DeltaTensor:
+        """A plain conv (no activation: YOLOv8's Detect outputs) as the reference computes it, its rows
+        written by conv_rows_delta straight into the output delta (the reference scatters a (P, Cout)
+        matrix through index_copy afterwards)."""
+        if not self._plain_conv_ok(d, p):
+            return super().conv2d(d, p)
+        n, _, h, w = d.shape
+        out_hw = p.window.out_size(h, w)
+        idx, out_mask = self._candidates(d, p.window, out_hw)
+        if idx.numel() == 0:
+            return super().conv2d(d, p)  # the empty delta (nothing counted yet)
+        self._count(p, idx.numel(), out_mask.numel(), idx, n, GEMM_DENSE_SWITCH)  # 1.0: never dense
+        packed = p.cached("cpu_panels", lambda: packed_weights(p.weight))
+        return _delta(self._k.conv_rows_delta(_rows(d), d.mask, idx, packed, p.weight.shape[0],
+                                              _geometry(n, (h, w), out_hw, p.window)))
+
+    def _plain_conv_ok(self, d: DeltaTensor, p: ConvParams) -> bool:
+        """conv2d's one pass: groups 1 on the implicit GEMM, never the dense conv."""
+        return p.groups == 1 and GEMM_DENSE_SWITCH >= 1.0 and self._implicit_gemm_ok(d, p)
+
+    def _one_frame_block_ok(self, d: DeltaTensor, p: ConvParams, residual: DeltaTensor | None,
+                            act: PointwiseState | None) -> bool:
+        """conv_block's one-frame case: groups 1, f in the epilogue, never the dense conv."""
+        return act is not None and p.groups == 1 and GEMM_DENSE_SWITCH >= 1.0 and self._epilogue_ok(d, p, residual, act)
+
     def _epilogue_ok(self, d: DeltaTensor, p: ConvParams, residual: DeltaTensor | None, st: PointwiseState) -> bool:
         """conv_act_rows / depthwise_rows with the update: the implicit GEMM runs, f is in the epilogue."""
         return st.act.kind in EPILOGUE_CODES and self._implicit_gemm_ok(d, p) and \
@@ -217,9 +276,7 @@ class FusedCpuBackend(ReferenceBackend):
             return _delta(self._k.depthwise_rows(_rows(d), d.mask, idx, _depthwise_weights(p), geo, res, res_mask,
                                                  st.acc, st.emitted, code, lo, hi, a.slope, float(st.tau),
                                                  SCORE_CODES[st.score]))
-        packed = p.cached("cpu_panels", lambda: packed_weights(p.weight))
-        return _delta(self._k.conv_act_rows(_rows(d), d.mask, idx, packed, geo, res, res_mask, st.acc, st.emitted,
-                                            code, lo, hi, a.slope, float(st.tau), SCORE_CODES[st.score]))
+        return self._conv_act_rows(d, idx, p.cached("cpu_panels", lambda: packed_weights(p.weight)), geo, residual, st)
 
     def _act_rows(self, idx: Tensor, y: Tensor, residual: DeltaTensor | None, st: PointwiseState,
                   dtype) -> DeltaTensor:
