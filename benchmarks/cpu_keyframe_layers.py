@@ -2,8 +2,9 @@
 
 Each keyframe conv of the cpu backend is one C++ pass (conv_dense); this times every call with the
 process CPU clock (1 thread: meaningful on a loaded machine) and prints, per conv shape, its time,
-GMAC/s and onnxruntime's time for the same conv node (from onnxruntime's profiler, fused Conv nodes
-matched in graph order, which is the model's order), plus the keyframe's time outside conv_dense.
+GMAC/s and onnxruntime's time for its Conv nodes of the same shape (from onnxruntime's profiler, by
+input, weight and output shape), plus the keyframe's time outside conv_dense. onnxruntime's profiler
+measures wall clock: on a loaded machine its per-shape times are inflated (compare them on a quiet one).
 
     PYTHONPATH=/work/shared/bench python3 benchmarks/cpu_keyframe_layers.py --repeats 4
 """
@@ -25,8 +26,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cpu_profile import _TimedModule, StageClock, convert_at, load  # noqa: E402
 
 
-def ort_conv_times(model, x: torch.Tensor, repeats: int) -> tuple[list[float], float]:
-    """onnxruntime's per-Conv-node times (ms, median over `repeats` runs, graph order) and its frame time."""
+def _shape_key(cin: int, cout: int, kh: int, kw: int, stride: int, h: int, w: int) -> str:
+    return f"{cin:3d}->{cout:3d} k{kh}x{kw} s{stride} {h}x{w}"
+
+
+def ort_conv_times(model, x: torch.Tensor, repeats: int) -> tuple[dict[str, float], float]:
+    """onnxruntime's time per conv shape (ms: the sum over its Conv nodes of that shape, median over
+    `repeats` runs; shapes from the profiler's input/weight/output shapes) and its frame time."""
     import onnxruntime as ort
     from deltacnn.peers import export_onnx
     with tempfile.TemporaryDirectory(prefix="deltacnn_onnx_") as d:
@@ -51,16 +57,21 @@ def ort_conv_times(model, x: torch.Tensor, repeats: int) -> tuple[list[float], f
         events = json.loads(Path(sess.end_profiling()).read_text())
     spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
                    if e.get("cat") == "Session" and e.get("name") == "model_run")
-    runs: list[list[float]] = [[] for _ in spans]
-    for e in sorted((e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")
-                     and "Conv" in e.get("args", {}).get("op_name", "")), key=lambda e: e["ts"]):
+    runs: list[dict[str, float]] = [defaultdict(float) for _ in spans]
+    for e in events:
+        args = e.get("args", {})
+        if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time") or "Conv" not in args.get("op_name", ""):
+            continue
+        (xs,), (ws,) = args["input_type_shape"][0].values(), args["input_type_shape"][1].values()
+        (os,) = args["output_type_shape"][0].values()
+        key = _shape_key(ws[1], ws[0], ws[2], ws[3], xs[2] // os[2], xs[2], xs[3])
         for i, (a, b) in enumerate(spans):  # the run whose span holds this node
             if a <= e["ts"] <= b:
-                runs[i].append(e["dur"] / 1e3)
+                runs[i][key] += e["dur"] / 1e3
                 break
     runs = runs[1:]  # the first run warms up
-    per_node = [statistics.median(r[i] for r in runs) for i in range(min(len(r) for r in runs))]
-    return per_node, statistics.median(frame[1:])
+    keys = set().union(*runs)
+    return {k: statistics.median(r.get(k, 0.0) for r in runs) for k in keys}, statistics.median(frame[1:])
 
 
 def main() -> None:
@@ -84,7 +95,7 @@ def main() -> None:
         out = real(x, packed, bias, geo, *rest)
         dt = (time.process_time() - t0) * 1e3
         cin = x.shape[1]
-        calls.append((f"{cin:3d}->{rest[1].shape[1]:3d} k{kh}x{kw} s{geo[7]} {h}x{w}", dt,
+        calls.append((_shape_key(cin, rest[1].shape[1], kh, kw, geo[7], h, w), dt,
                       n * ho * wo * kh * kw * cin * rest[1].shape[1] / 1e6))
         return out
 
@@ -105,24 +116,23 @@ def main() -> None:
                 per_call[i].append(c)
     order = [per_call[i][0] for i in sorted(per_call)]
     ms = [statistics.median(c[1] for c in per_call[i]) for i in sorted(per_call)]
-    ort_nodes, ort_frame = ([], float("nan")) if args.no_peer else ort_conv_times(model, frames[0], args.repeats)
-    if ort_nodes and len(ort_nodes) != len(order):
-        print(f"(onnxruntime has {len(ort_nodes)} Conv nodes, deltacnn {len(order)} conv_dense calls: not matched)")
-        ort_nodes = []
+    ort, ort_frame = ({}, float("nan")) if args.no_peer else ort_conv_times(model, frames[0], args.repeats)
     print(f"keyframe: median {statistics.median(frame_ms):.1f} ms, conv_dense {sum(ms):.1f} ms "
           f"({sum(c[2] for c in order) / 1e3:.2f} GMAC), outside conv_dense {statistics.median(frame_ms) - sum(ms):.1f} ms; "
-          f"onnxruntime frame {ort_frame:.1f} ms, its convs {sum(ort_nodes):.1f} ms")
-    by_shape: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0, 0])
+          f"onnxruntime frame {ort_frame:.1f} ms, its convs {sum(ort.values()):.1f} ms")
+    by_shape: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0])
     for i, (shape, _, mmac) in enumerate(order):
         row = by_shape[shape]
         row[0] += ms[i]
-        row[1] += ort_nodes[i] if ort_nodes else float("nan")
-        row[2] += mmac
-        row[3] += 1
+        row[1] += mmac
+        row[2] += 1
+    missing = set(ort) - set(by_shape)
+    if missing:
+        print(f"(onnxruntime conv shapes deltacnn does not run: {sorted(missing)})")
     print(f"{'conv (Cin->Cout kernel stride input)':40s} {'n':>3s} {'ms':>7s} {'GMAC/s':>7s} {'ort ms':>7s} {'ort GMAC/s':>10s}")
-    for shape, (t, o, mmac, k) in sorted(by_shape.items(), key=lambda kv: -kv[1][0]):
+    for shape, (t, mmac, k) in sorted(by_shape.items(), key=lambda kv: -kv[1][0]):
+        o = ort.get(shape, float("nan"))
         print(f"{shape:40s} {k:3d} {t:7.2f} {mmac / t:7.1f} {o:7.2f} {mmac / o:10.1f}")
-
 
 if __name__ == "__main__":
     main()
