@@ -72,7 +72,7 @@ class _TimedModule:
                 setattr(self, name, clock.wrap("k:" + name, f))
 
 
-BACKEND_METHODS = ["conv_block", "conv2d", "add", "cat", "channel_slice", "sparsify", "maxpool", "dense_linear",
+BACKEND_METHODS = ["conv_block", "dense_conv", "frame_range", "sparsify_blobs", "conv2d", "add", "cat", "channel_slice", "sparsify", "maxpool", "dense_linear",
                    "pointwise", "scale", "_candidates", "_taps", "_act_rows", "_dense_act_block", "_emit_f",
                    "_pixel_rows"]
 
@@ -109,14 +109,57 @@ def convert_at(model, frames, point: str, min_blob: int):
     return _convert_at(model, frames[0], point, min_blob)
 
 
+# A/B switches of the cpu backend's fast paths. The library has no switches: each fast path has one
+# capability check, and a switch set to 0 patches that check to decline (its value when off), so the
+# generic code runs; 1 restores it. The names of the former module constants are accepted too.
+SWITCHES = {  # name -> (module, attribute path of the check, what it returns when off)
+    "implicit_gemm": ("deltacnn.backends.cpu_fused", "FusedCpuBackend._implicit_gemm_ok", False),
+    "fused_epilogue": ("deltacnn.backends.cpu_fused", "FusedCpuBackend._epilogue_ok", False),
+    "one_frame_block": ("deltacnn.backends.cpu_fused", "FusedCpuBackend._one_frame_block_ok", False),
+    "plain_conv_delta": ("deltacnn.backends.cpu_fused", "FusedCpuBackend._plain_conv_ok", False),
+    "dense_conv": ("deltacnn.backends.cpu_fused", "FusedCpuBackend.fuses_dense_conv", False),
+    "fused_blobs": ("deltacnn.backends.cpu_fused", "FusedCpuBackend._blobs_ok", False),
+    "fused_range": ("deltacnn.backends.cpu_fused", "FusedCpuBackend._range_ok", False),
+    "cpu_decode": ("deltacnn.models.yolov8", "_cpu_decode_ok", None),
+}
+FORMER_NAMES = {"cpu_fused.IMPLICIT_GEMM": "implicit_gemm", "cpu_fused.FUSED_EPILOGUE": "fused_epilogue",
+                "cpu_fused.DENSE_CONV": "dense_conv", "cpu_fused.FUSED_BLOBS": "fused_blobs",
+                "cpu_fused.FUSED_RANGE": "fused_range", "deltacnn.models.yolov8.CPU_DECODE": "cpu_decode"}
+
+
+def _switch_owner(name: str):
+    """(the object holding the check, its attribute name) of switch `name`."""
+    import importlib
+    mod, path, _ = SWITCHES[name]
+    owner = importlib.import_module(mod)
+    *parents, attr = path.split(".")
+    for p in parents:
+        owner = getattr(owner, p)
+    return owner, attr
+
+
+_ORIGINAL_CHECKS = {name: getattr(*_switch_owner(name)) for name in SWITCHES}
+
+
+def _set_switch(name: str, on: bool) -> None:
+    owner, attr = _switch_owner(name)
+    off = SWITCHES[name][2]
+    setattr(owner, attr, _ORIGINAL_CHECKS[name] if on else (lambda *a, **k: off))
+
+
 def parse_variants(spec: str) -> list[tuple[str, dict[str, float]]]:
-    """"old:cpu_fused.IMPLICIT_GEMM=0;new:" -> [(name, {"module.ATTR": value})] (module under deltacnn.backends)."""
+    """"old:dense_conv=0,cpu_decode=0;new:" -> [(name, {key: value})]: keys are SWITCHES (or their former
+    constant names, FORMER_NAMES) or module attributes ("reference.DENSE_SWITCH" under deltacnn.backends,
+    or a full "deltacnn.X.Y")."""
     out = []
     for part in spec.split(";"):
         name, _, sets = part.partition(":")
         kv = {}
         for a in filter(None, sets.split(",")):
             k, _, v = a.partition("=")
+            k = FORMER_NAMES.get(k, k)
+            if k not in SWITCHES:
+                _module_of(k)  # a bad module name fails here, before any frame runs
             kv[k] = float(v)
         out.append((name, kv))
     return out
@@ -131,6 +174,9 @@ def _module_of(key: str):
 
 def apply_settings(kv: dict[str, float], defaults: dict[str, object]) -> None:
     for k, v in {**defaults, **kv}.items():
+        if k in SWITCHES:
+            _set_switch(k, bool(v))
+            continue
         attr = k.rsplit(".", 1)[1]
         m = _module_of(k)
         old = getattr(m, attr)
@@ -152,8 +198,9 @@ def main() -> None:
                          "its min_blob and refresh rule: keyframes then come when the file's rule says)")
     ap.add_argument("--min-blob", type=int, default=1)
     ap.add_argument("--variants", default="default:",
-                    help='A/B variants run interleaved frame by frame, e.g. "old:cpu_fused.IMPLICIT_GEMM=0;new:" '
-                         "(module attributes of deltacnn.backends, or full names as deltacnn.models.yolov8.CPU_DECODE=0; unset ones keep their defaults)")
+                    help='A/B variants run interleaved frame by frame, e.g. "old:dense_conv=0,cpu_decode=0;new:": '
+                         f"switches ({', '.join(SWITCHES)}; 0 turns that fast path off) or module attributes "
+                         "(reference.DENSE_SWITCH=0.5 under deltacnn.backends, or full names); unset ones keep their defaults")
     ap.add_argument("--stages", action="store_true", help="per-stage table (wrappers cost ~1 us a call)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -161,7 +208,8 @@ def main() -> None:
         CLOCK[0] = time.perf_counter
     model, frames = load(args.model, args.start, args.frames)
     variants = parse_variants(args.variants)
-    defaults = {k: getattr(_module_of(k), k.rsplit(".", 1)[1]) for _, kv in variants for k in kv}
+    defaults = {k: 1.0 if k in SWITCHES else getattr(_module_of(k), k.rsplit(".", 1)[1])
+                for _, kv in variants for k in kv}
     clocks = {name: StageClock() for name, _ in variants}
     if args.stages:
         patch_acts(_Router(clocks))
@@ -229,6 +277,14 @@ def main() -> None:
             for mode in sorted(set(modes[name])):
                 ms = [t for t, m in zip(totals[name], modes[name]) if m == mode]
                 print(f"   {mode} frames: {len(ms)}, median {statistics.median(ms):.1f} ms, mean {statistics.mean(ms):.1f}")
+            if name != next(iter(dms)):  # paired: this variant less the first one, frame by frame
+                base = next(iter(dms))
+                for mode in sorted(set(modes[name])):
+                    diff = [t - tb for t, tb, m, mb in zip(totals[name], totals[base], modes[name], modes[base])
+                            if m == mb == mode]
+                    if diff:
+                        print(f"   paired with [{base}], {mode} frames: {statistics.mean(diff):+.1f} ms mean, "
+                              f"{statistics.median(diff):+.1f} median ({len(diff)} frames)")
             if args.stages:
                 for mode, stages in sorted(agg[name].items()):
                     n_mode = modes[name].count(mode)

@@ -273,6 +273,38 @@ def test_implicit_gemm_conv_rows_equal_reference(win: Window, cin: int, cout: in
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("win", [Window.make(1), Window.make(3, 1, 1), Window.make(3, 2, 1), Window.make(2, 2, 0)],
+                         ids=str)
+@pytest.mark.parametrize("cin,cout", [(3, 16), (17, 33)])
+def test_plain_conv_delta_equals_reference(win: Window, cin: int, cout: int) -> None:
+    """A plain conv (no activation) on the fused backend, its rows written into the output delta by
+    conv_rows_delta, against the reference's conv2d (rows scattered by index_copy) and dense PyTorch:
+    same mask, active pixels, values there and counted work; an empty input gives an empty delta."""
+    from deltacnn.backends.base import ConvParams
+    if not FUSED._gemm:
+        pytest.skip("no AVX2/FMA here")
+    gen = torch.Generator().manual_seed(43)
+    n, h, w = 2, 11, 13
+    d = _delta(n, cin, h, w, 0.15, gen)
+    p = ConvParams(torch.randn(cout, cin, *win.kernel, generator=gen), win, 1)
+    outs = []
+    for be in (REF, FUSED):
+        be.work = [0, 0]
+        outs.append((be.conv_block(d, p, None, None), list(be.work)))
+    (o1, w1), (o2, w2) = outs
+    assert 0 < int(o1.mask.sum()) < o1.mask.numel() and o2.ext is not None
+    _same_delta(o1, o2)
+    assert w1 == w2
+    t, b, l, r = win.padding
+    dense = nn.functional.conv2d(nn.functional.pad(d.zero_filled(), (l, r, t, b)), p.weight, None, win.stride, 0,
+                                 win.dilation)
+    m = o2.mask.expand_as(dense)
+    torch.testing.assert_close(o2.values[m], dense[m], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(o2.ext[-1], torch.zeros(cout))  # the zero row gathers read
+    empty = _delta(n, cin, h, w, 0.0, gen)
+    assert int(FUSED.conv_block(empty, p, None, None).mask.sum()) == 0
+
+
 EPILOGUE_ACTS = [ActSpec("relu"), ActSpec("silu"), ActSpec("sigmoid"), ActSpec("leaky_relu", slope=0.2),
                  ActSpec("hardtanh", min_val=-0.5, max_val=0.7), ActSpec("identity")]
 
@@ -445,11 +477,14 @@ def test_keyframes_on_dense_conv_equal_reference(mode: str) -> None:
 
 @pytest.mark.parametrize("k", [3, 5])
 @pytest.mark.parametrize("layout,score", [("nchw", "max"), ("channels_last", "max"), ("nchw", "l2")])
-def test_sparsify_blobs_equals_gate_then_sparsify(k: int, layout: str, score: str) -> None:
+@pytest.mark.parametrize("flush", [None, [False, True]], ids=["gate", "flush1"])
+def test_sparsify_blobs_equals_gate_then_sparsify(k: int, layout: str, score: str, flush: list[bool] | None,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """The input layer with the small-blob gate in one C++ pass against the generic path (deltacnn.gating's
     opening by max pooling, then sparsify) on the reference backend: same sent pixels and values, same
-    reference update, same held-back fraction per stream."""
-    from deltacnn.gating import InputGate
+    reference update, same held-back fraction per stream; with a refresh flush of stream 1, that stream
+    sends every pixel that passes the threshold (held back: none) in both."""
+    from deltacnn.gating import Refresh
     from deltacnn.layers.io import Sparsify
     from deltacnn.runtime import Runtime
     from deltacnn.thresholds import Thresholds
@@ -466,15 +501,22 @@ def test_sparsify_blobs_equals_gate_then_sparsify(k: int, layout: str, score: st
     for be in ("reference", "cpu"):
         th = Thresholds(input=0.2)
         th.score = score
-        rt = Runtime(th, backend_name=be, refresh_held=0.5)
+        rt = Runtime(th, backend_name=be, refresh_held=0.5, refresh=Refresh.parse("flush" if flush else None))
         layer = Sparsify(min_blob=k)
         layer.set_runtime(rt)
         layer._seed_state("ref", ref0)
         rt.keyframe = False
+        rt.flush = flush
+        backend, calls = rt.backend_on(x.device), []
+        blobs = backend.sparsify_blobs
+        monkeypatch.setattr(backend, "sparsify_blobs", lambda *a: calls.append((a[-1], blobs(*a))) or calls[-1][1])
         d = layer(x)
+        # the flush went to the backend; the fused pass ran on the cpu backend (the reference has none)
+        assert [c[0] for c in calls] == [flush] and (calls[0][1] is not None) == (be == "cpu")
         results.append((d, layer._state("ref").clone(), rt.input_held.clone()))
     (d1, r1, h1), (d2, r2, h2) = results
-    assert 0 < int(d1.mask.sum()) < d1.mask.numel() and bool((h1 > 0).all())
+    assert 0 < int(d1.mask.sum()) < d1.mask.numel() and bool((h1[0] > 0).all())
+    assert bool((h1[1] > 0).all()) if flush is None else float(h1[1]) == 0.0
     _same_delta(d1, d2)
     torch.testing.assert_close(r2, r1, rtol=0, atol=0)
     torch.testing.assert_close(h2, h1, rtol=1e-6, atol=1e-7)

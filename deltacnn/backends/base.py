@@ -60,12 +60,14 @@ class Backend:
         keeps between frames and empties on reset, where a backend may keep buffers of its own."""
         raise NotImplementedError
 
-    def sparsify_blobs(self, x: Tensor, ref: Tensor, tau: float, score: str, k: int,
-                       dtype) -> tuple[DeltaTensor, Tensor] | None:
+    def sparsify_blobs(self, x: Tensor, ref: Tensor, tau: float, score: str, k: int, dtype,
+                       flush: list[bool] | None = None) -> tuple[DeltaTensor, Tensor] | None:
         """The input layer's delta with the small-blob gate (deltacnn.gating, min_blob k, nothing else of
         the gate) in one pass, for backends that fuse it: the pixels whose change passes tau, opened by a
-        k x k square, are sent as `sparsify` sends them. Returns (delta, the (N,) fraction of each
-        stream's pixels that passed tau and were held back); None: not handled."""
+        k x k square, are sent as `sparsify` sends them; in the streams where `flush` (per stream, a
+        refresh "flush" of the whole held-back change) is True every pixel that passes tau is sent. Returns
+        (delta, the (N,) fraction of each stream's pixels that passed tau and were held back); None: not
+        handled."""
         return None
 
     def frame_range(self, x: Tensor) -> tuple[list[float], list[float]]:
@@ -99,6 +101,11 @@ class Backend:
         acc = y + bias + residual, emitted = f(...) as sent (both float32, overwritten); acc and emitted
         are None on stateless dense frames. False: nothing done (y unchanged), the layer adds the bias
         and runs its generic PyTorch path."""
+        return False
+
+    def fuses_dense_conv(self, x: Tensor) -> bool:
+        """Whether `dense_conv` may run on tensors like x at all (asked before the layer builds its
+        ConvParams); the conv's own arguments can still make dense_conv decline."""
         return False
 
     def dense_conv(self, x: Tensor, p: ConvParams, bias: Tensor | None, residual: Tensor | None,

@@ -28,24 +28,13 @@ from . import cpu_kernels
 from .base import ConvParams, PointwiseState
 from .reference import ReferenceBackend
 
-# Gathered convs (groups 1, float32) as one implicit-GEMM pass in C++ (conv_rows: taps read in place,
-# empty taps skipped) instead of a tap gather + torch matmul; benchmarks switch it off for A/B runs.
-IMPLICIT_GEMM = True
-# ... and with the nonlinear update (A += y, f, truncation, emit) in the same pass (conv_act_rows)
-FUSED_EPILOGUE = True
-# Candidate fraction above which such a conv runs densely (oneDNN on the zero-filled delta, then the
+# Candidate fraction above which a groups-1 conv runs densely (oneDNN on the zero-filled delta, then the
 # C++ update): 1.0 = never. The implicit GEMM skips empty taps and needs no zero-filled copy or
 # separate update pass, so it beat the dense conv even at 97% candidates (YOLOv8n at tau 0, 1 thread:
 # 386 against 447 ms a frame). Depthwise and other convs keep reference.DENSE_SWITCH.
 GEMM_DENSE_SWITCH = 1.0
-# Dense frames (keyframes, dense_frame) of groups-1 float32 convs as one C++ pass (conv_dense: the
-# implicit GEMM over every pixel, bias, residual, activation and the keyframe's A and E in its epilogue)
-# instead of oneDNN, a bias/residual add, an A copy, the ATen activation and an E copy.
-DENSE_CONV = True
-# The input layer's small-blob gate (min_blob alone) and the frame's range check as C++ passes (benchmarks
-# switch them off for A/B runs; off, the generic PyTorch code runs).
-FUSED_BLOBS = True
-FUSED_RANGE = True
+# (Each fast path below has one capability check, a method named *_ok or fuses_*; the benchmarks'
+# A/B runs, benchmarks/cpu_profile.py --variants, switch a path off by patching that check.)
 # activation codes of conv_act_rows: the piecewise-linear ones of act_update, plus SiLU and sigmoid
 # with a vectorised exp (a few ulp from ATen's: close, not bit-identical)
 EPILOGUE_CODES = {**cpu_kernels.ACT_CODES, "silu": 4, "sigmoid": 5}
@@ -101,16 +90,25 @@ class FusedCpuBackend(ReferenceBackend):
             return super().sparsify(x, ref, tau, score, dilation, dtype)
         return _delta(self._k.sparsify(x, ref, float(tau), SCORE_CODES[score]))
 
-    def sparsify_blobs(self, x: Tensor, ref: Tensor, tau: float, score: str, k: int,
-                       dtype) -> tuple[DeltaTensor, Tensor] | None:
-        if not FUSED_BLOBS or x.dtype != torch.float32 or dtype != torch.float32:
+    def _blobs_ok(self, x: Tensor, dtype) -> bool:
+        """sparsify_blobs in C++: float32 frames and deltas."""
+        return x.dtype == torch.float32 and dtype == torch.float32
+
+    def sparsify_blobs(self, x: Tensor, ref: Tensor, tau: float, score: str, k: int, dtype,
+                       flush: list[bool] | None = None) -> tuple[DeltaTensor, Tensor] | None:
+        if not self._blobs_ok(x, dtype):
             return None
-        *d, held = self._k.sparsify_blobs(x, ref, float(tau), SCORE_CODES[score], k)
+        rows_flushed = torch.tensor(flush, dtype=torch.bool) if flush is not None and any(flush) else None
+        *d, held = self._k.sparsify_blobs(x, ref, float(tau), SCORE_CODES[score], k, rows_flushed)
         return _delta(d), held
 
+    def _range_ok(self, x: Tensor) -> bool:
+        """frame_range in C++: float32 frames whose images are contiguous blocks (NCHW or channels_last)."""
+        return x.dtype == torch.float32 and (x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(
+            memory_format=torch.channels_last)))
+
     def frame_range(self, x: Tensor) -> tuple[list[float], list[float]]:
-        if not FUSED_RANGE or x.dtype != torch.float32 or not (x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(
-                memory_format=torch.channels_last))):
+        if not self._range_ok(x):
             return super().frame_range(x)
         lo, hi = self._k.frame_range(x)
         return lo.tolist(), hi.tolist()
@@ -138,7 +136,7 @@ class FusedCpuBackend(ReferenceBackend):
 
     def _implicit_gemm_ok(self, d: DeltaTensor, p: ConvParams) -> bool:
         """Groups 1 (conv_rows / conv_act_rows) or depthwise (depthwise_rows), float32, AVX2 here."""
-        return IMPLICIT_GEMM and self._gemm and (p.groups == 1 or _depthwise(d, p)) and d.dtype == torch.float32 \
+        return self._gemm and (p.groups == 1 or _depthwise(d, p)) and d.dtype == torch.float32 \
             and p.weight.dtype == torch.float32
 
     def _dense_fraction(self, d: DeltaTensor, p: ConvParams) -> float:
@@ -162,13 +160,23 @@ class FusedCpuBackend(ReferenceBackend):
         packed = p.cached("cpu_panels", lambda: packed_weights(p.weight))
         return self._k.conv_rows(_rows(d), d.mask, idx, packed, p.weight.shape[0], geo)
 
+    def fuses_dense_conv(self, x: Tensor) -> bool:
+        # the C++ pass reads data pointers, which Dynamo cannot trace: under torch.compile (deltacnn.compile's
+        # keyframe passes) the layers run their plain PyTorch path, which Inductor fuses
+        return self._gemm and x.dtype == torch.float32 and not torch.compiler.is_compiling()
+
+    def _dense_conv_ok(self, x: Tensor, p: ConvParams, bias: Tensor | None, residual: Tensor | None,
+                       act: ActSpec | None) -> bool:
+        """conv_dense: groups 1, float32 throughout, an activation of the epilogue (or none)."""
+        return self.fuses_dense_conv(x) and (act is None or act.kind in EPILOGUE_CODES) and p.groups == 1 \
+            and p.weight.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32) \
+            and (residual is None or residual.dtype == torch.float32)
+
     def dense_conv(self, x: Tensor, p: ConvParams, bias: Tensor | None, residual: Tensor | None,
                    act: ActSpec | None, state: Callable[[tuple[int, ...]], tuple[Tensor, Tensor]] | None) -> Tensor | None:
-        code = 0 if act is None else EPILOGUE_CODES.get(act.kind)
-        if not (DENSE_CONV and self._gemm and code is not None and p.groups == 1 and x.dtype == torch.float32
-                and p.weight.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32)
-                and (residual is None or residual.dtype == torch.float32)):
+        if not self._dense_conv_ok(x, p, bias, residual, act):
             return None
+        code = 0 if act is None else EPILOGUE_CODES[act.kind]
         n, _, h, w = x.shape
         cout = p.weight.shape[0]
         ho, wo = p.window.out_size(h, w)
@@ -189,12 +197,75 @@ class FusedCpuBackend(ReferenceBackend):
                            out, acc, None, code, lo, hi, act.slope if act is not None else 0.0)
         return out
 
+    def conv_block(self, d: DeltaTensor, p: ConvParams, residual: DeltaTensor | None,
+                   act: PointwiseState | None) -> DeltaTensor:
+        """The reference's conv_block, with its most common case (groups 1, f in conv_act_rows' epilogue,
+        some candidates) in one Python frame: the geometry and weight panels of an input size are kept
+        in p's cache, and the chain of hooks (candidates, crossover, epilogue) that cost ~75 us of
+        Python a conv at 1 thread is skipped; what the kernels compute is the same."""
+        if not self._one_frame_block_ok(d, p, residual, act):
+            return super().conv_block(d, p, residual, act)
+        n, _, h, w = d.shape
+        plan = p.cache.get("cpu_block")
+        if plan is None or plan[0] != (n, h, w):
+            out_hw = p.window.out_size(h, w)
+            plan = p.cache["cpu_block"] = ((n, h, w), (n, p.weight.shape[0], *out_hw),
+                                           _geometry(n, (h, w), out_hw, p.window),
+                                           p.cached("cpu_panels", lambda: packed_weights(p.weight)))
+        _, shape, geo, packed = plan
+        if residual is not None and tuple(residual.shape) != shape:
+            raise ValueError(f"residual shape {tuple(residual.shape)} does not match conv output {shape}")
+        idx, cand = self._k.candidates(d.mask, residual.mask if residual is not None else None, geo)
+        if not idx.numel():  # nothing to compute: the generic path makes the empty delta (and counts it)
+            return super().conv_block(d, p, residual, act)
+        self._count(p, idx.numel(), cand.numel(), idx, n, GEMM_DENSE_SWITCH)  # 1.0: never dense
+        return self._conv_act_rows(d, idx, packed, geo, residual, act)
+
+    def _conv_act_rows(self, d: DeltaTensor, idx: Tensor, packed: Tensor, geo: list[int],
+                       residual: DeltaTensor | None, st: PointwiseState) -> DeltaTensor:
+        """conv_act_rows on delta d at candidates idx (f in EPILOGUE_CODES), the emitted delta."""
+        a = st.act
+        lo, hi = (0.0, 6.0) if a.kind == "relu6" else (a.min_val, a.max_val)
+        return _delta(self._k.conv_act_rows(
+            _rows(d), d.mask, idx, packed, geo, _rows(residual) if residual is not None else None,
+            residual.mask if residual is not None else None, st.acc, st.emitted, EPILOGUE_CODES[a.kind], lo, hi,
+            a.slope, float(st.tau), SCORE_CODES[st.score]))
+
+    def conv2d(self, d: DeltaTensor, p: ConvParams) -> DeltaTensor:
+        """A plain conv (no activation: YOLOv8's Detect outputs) as the reference computes it, its rows
+        written by conv_rows_delta straight into the output delta (the reference scatters a (P, Cout)
+        matrix through index_copy afterwards)."""
+        if not self._plain_conv_ok(d, p):
+            return super().conv2d(d, p)
+        n, _, h, w = d.shape
+        out_hw = p.window.out_size(h, w)
+        idx, out_mask = self._candidates(d, p.window, out_hw)
+        if idx.numel() == 0:
+            return super().conv2d(d, p)  # the empty delta (nothing counted yet)
+        self._count(p, idx.numel(), out_mask.numel(), idx, n, GEMM_DENSE_SWITCH)  # 1.0: never dense
+        packed = p.cached("cpu_panels", lambda: packed_weights(p.weight))
+        return _delta(self._k.conv_rows_delta(_rows(d), d.mask, idx, packed, p.weight.shape[0],
+                                              _geometry(n, (h, w), out_hw, p.window)))
+
+    def _plain_conv_ok(self, d: DeltaTensor, p: ConvParams) -> bool:
+        """conv2d's one pass: groups 1 on the implicit GEMM, never the dense conv."""
+        return p.groups == 1 and GEMM_DENSE_SWITCH >= 1.0 and self._implicit_gemm_ok(d, p)
+
+    def _one_frame_block_ok(self, d: DeltaTensor, p: ConvParams, residual: DeltaTensor | None,
+                            act: PointwiseState | None) -> bool:
+        """conv_block's one-frame case: groups 1, f in the epilogue, never the dense conv."""
+        return act is not None and p.groups == 1 and GEMM_DENSE_SWITCH >= 1.0 and self._epilogue_ok(d, p, residual, act)
+
+    def _epilogue_ok(self, d: DeltaTensor, p: ConvParams, residual: DeltaTensor | None, st: PointwiseState) -> bool:
+        """conv_act_rows / depthwise_rows with the update: the implicit GEMM runs, f is in the epilogue."""
+        return st.act.kind in EPILOGUE_CODES and self._implicit_gemm_ok(d, p) and \
+            (residual is None or residual.dtype == torch.float32)
+
     def _sparse_act_block(self, d: DeltaTensor, p: ConvParams, idx: Tensor, out_hw: tuple[int, int],
                           residual: DeltaTensor | None, st: PointwiseState) -> DeltaTensor | None:
-        code = EPILOGUE_CODES.get(st.act.kind)
-        if not FUSED_EPILOGUE or code is None or not self._implicit_gemm_ok(d, p) or \
-                (residual is not None and residual.dtype != torch.float32):
+        if not self._epilogue_ok(d, p, residual, st):
             return None
+        code = EPILOGUE_CODES[st.act.kind]
         n, _, h, w = d.shape
         geo = _geometry(n, (h, w), out_hw, p.window)
         a = st.act
@@ -205,9 +276,7 @@ class FusedCpuBackend(ReferenceBackend):
             return _delta(self._k.depthwise_rows(_rows(d), d.mask, idx, _depthwise_weights(p), geo, res, res_mask,
                                                  st.acc, st.emitted, code, lo, hi, a.slope, float(st.tau),
                                                  SCORE_CODES[st.score]))
-        packed = p.cached("cpu_panels", lambda: packed_weights(p.weight))
-        return _delta(self._k.conv_act_rows(_rows(d), d.mask, idx, packed, geo, res, res_mask, st.acc, st.emitted,
-                                            code, lo, hi, a.slope, float(st.tau), SCORE_CODES[st.score]))
+        return self._conv_act_rows(d, idx, p.cached("cpu_panels", lambda: packed_weights(p.weight)), geo, residual, st)
 
     def _act_rows(self, idx: Tensor, y: Tensor, residual: DeltaTensor | None, st: PointwiseState,
                   dtype) -> DeltaTensor:

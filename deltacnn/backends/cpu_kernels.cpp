@@ -421,12 +421,16 @@ void square_pass(const uint8_t* in, uint8_t* out, int64_t n, int64_t h, int64_t 
 
 // The input layer with the small-blob gate (deltacnn.gating, min_blob k): the pixels whose score passes
 // tau, opened by a k x k square (erosion then dilation, only in-image pixels counted), are sent as
-// sparsify sends them; the rest keep their change in x - ref. Returns sparsify's delta and, per image,
-// the fraction of its pixels that passed tau but were held back (N,) float32.
-std::vector<torch::Tensor> sparsify_blobs(torch::Tensor x, torch::Tensor ref, double tau, int64_t score, int64_t k) {
+// sparsify sends them; the rest keep their change in x - ref. In the images where `flush` ((N,) bool,
+// optional: a refresh "flush" of the held-back change) is set, every pixel that passes tau is sent.
+// Returns sparsify's delta and, per image, the fraction of its pixels that passed tau but were held
+// back (N,) float32.
+std::vector<torch::Tensor> sparsify_blobs(torch::Tensor x, torch::Tensor ref, double tau, int64_t score, int64_t k,
+                                          c10::optional<torch::Tensor> flush) {
   TORCH_CHECK(x.scalar_type() == torch::kFloat && x.dim() == 4, "x must be a float32 (N, C, H, W) tensor");
   TORCH_CHECK(k >= 1 && k % 2 == 1, "the blob window must be odd, got ", k);
   const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3), total = n * h * w;
+  const uint8_t* fl = flush.has_value() ? mask_ptr(*flush, n, "flush") : nullptr;
   float* rp = rows_ptr(ref, total, c, "ref");
   const int64_t sn = x.stride(0), sc = x.stride(1), sh = x.stride(2), sw = x.stride(3);
   const float* xp = x.data_ptr<float>();
@@ -444,6 +448,8 @@ std::vector<torch::Tensor> sparsify_blobs(torch::Tensor x, torch::Tensor ref, do
   square_pass(tmp.data(), kept.data(), n, h, w, k, false, true);   // eroded
   square_pass(kept.data(), tmp.data(), n, h, w, k, true, false);
   square_pass(tmp.data(), kept.data(), n, h, w, k, false, false);  // opened
+  for (int64_t i = 0; fl != nullptr && i < n; ++i)
+    if (fl[i]) std::memcpy(kept.data() + i * h * w, strong.data() + i * h * w, h * w);  // flushed: all of it
   auto out = new_delta(n, c, h, w);
   float* op = out[0].data_ptr<float>();
   uint8_t* om = mask_out(out[2]);
@@ -796,8 +802,10 @@ static inline void gather_block_taps(const Geometry& g, const int64_t* ip, int64
 // not updated) times the weights. ext: the input delta's float32 rows (see rows_ptr); packed: the
 // (taps * Cin, Cout) GEMM matrix in panels of 16 output channels, (ceil(Cout / 16), taps * Cin, 16)
 // with zero padding (cpu_fused.packed_weights). Returns (P, Cout) float32.
-torch::Tensor conv_rows(torch::Tensor ext, torch::Tensor in_mask, torch::Tensor idx, torch::Tensor packed,
-                        int64_t cout, std::vector<int64_t> geo) {
+// With `scatter`, row p goes to row idx[p] of a new delta's ext instead (see new_delta: the plain conv's
+// output delta, mask set at idx) and the result is that delta's [idx, ext, values, mask].
+std::vector<torch::Tensor> conv_rows_any(torch::Tensor ext, torch::Tensor in_mask, torch::Tensor idx,
+                                         torch::Tensor packed, int64_t cout, std::vector<int64_t> geo, bool scatter) {
   TORCH_CHECK(has_conv_rows(), "conv_rows needs AVX2 and FMA");
   const Geometry g = geometry(geo);
   const uint8_t* m = mask_ptr(in_mask, g.n * g.h * g.w, "in_mask");
@@ -809,23 +817,51 @@ torch::Tensor conv_rows(torch::Tensor ext, torch::Tensor in_mask, torch::Tensor 
               "packed must be a contiguous (", panels, ", ", taps * cin, ", 16) float32 tensor");
   const float* x = rows_ptr(ext, g.n * g.h * g.w, cin, "ext");
   const float* wp = packed.data_ptr<float>();
-  auto out = torch::empty({p_count, cout}, torch::kFloat);
   const int64_t* ip = idx.data_ptr<int64_t>();
-  float* op = out.data_ptr<float>();
+  std::vector<torch::Tensor> delta;
+  torch::Tensor out;
+  if (scatter) {
+    delta = new_delta(g.n, cout, g.ho, g.wo);
+    uint8_t* om = mask_out(delta[2]);
+    for (int64_t p = 0; p < p_count; ++p) {
+      TORCH_CHECK(ip[p] >= 0 && ip[p] < g.n * g.ho * g.wo, "idx holds a pixel outside the output");
+      om[ip[p]] = 1;
+    }
+  } else {
+    out = torch::empty({p_count, cout}, torch::kFloat);
+  }
+  float* op = scatter ? delta[0].data_ptr<float>() : out.data_ptr<float>();
   const std::vector<float> zero(cin, 0.f);
   const int64_t blocks = (p_count + GEMM_MR - 1) / GEMM_MR;
   at::parallel_for(0, blocks, 8, [&](int64_t b0, int64_t b1) {
     std::vector<const float*> src(taps * GEMM_MR);
     std::vector<uint8_t> any(taps);
+    std::vector<float> y(scatter ? GEMM_MR * cout : 0);
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t p0 = blk * GEMM_MR, rows = std::min<int64_t>(GEMM_MR, p_count - p0);
       gather_block_taps(g, ip + p0, rows, x, m, cin, zero.data(), src.data(), any.data());
+      float* yb = scatter ? y.data() : op + p0 * cout;
       for (int64_t j = 0; j < panels; ++j)
-        gemm_panel(src.data(), any.data(), taps, cin, wp + j * taps * cin * GEMM_NR, op + p0 * cout + j * GEMM_NR,
+        gemm_panel(src.data(), any.data(), taps, cin, wp + j * taps * cin * GEMM_NR, yb + j * GEMM_NR,
                    rows, cout, std::min<int64_t>(GEMM_NR, cout - j * GEMM_NR));
+      for (int64_t r = 0; scatter && r < rows; ++r)
+        std::memcpy(op + ip[p0 + r] * cout, yb + r * cout, sizeof(float) * cout);
     }
   });
-  return out;
+  if (scatter) return {idx, delta[0], delta[1], delta[2]};
+  return {out};
+}
+
+torch::Tensor conv_rows(torch::Tensor ext, torch::Tensor in_mask, torch::Tensor idx, torch::Tensor packed,
+                        int64_t cout, std::vector<int64_t> geo) {
+  return conv_rows_any(ext, in_mask, idx, packed, cout, geo, false)[0];
+}
+
+// A plain (groups 1, no activation) conv's output delta: conv_rows at idx, written straight into the
+// rows of a new delta (no (P, Cout) matrix scattered afterwards). Returns [idx, ext, values, mask].
+std::vector<torch::Tensor> conv_rows_delta(torch::Tensor ext, torch::Tensor in_mask, torch::Tensor idx,
+                                           torch::Tensor packed, int64_t cout, std::vector<int64_t> geo) {
+  return conv_rows_any(ext, in_mask, idx, packed, cout, geo, true);
 }
 
 // ---- the same implicit GEMM with the nonlinear update in its epilogue ---------------------------
@@ -1310,6 +1346,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("merge_streams", &merge_streams, "add or concatenate streams at the union of their masks");
   m.def("has_conv_rows", &has_conv_rows, "whether this CPU runs conv_rows (AVX2 + FMA)");
   m.def("conv_rows", &conv_rows, "implicit-GEMM conv at output pixels, zero taps skipped");
+  m.def("conv_rows_delta", &conv_rows_delta, "conv_rows written into a new delta's rows (plain convs)");
   m.def("conv_act_rows", &conv_act_rows, "implicit-GEMM conv with the nonlinear update in its epilogue");
   m.def("depthwise_rows", &depthwise_rows, "depthwise conv at output pixels, optionally with the update");
   m.def("conv_dense", &conv_dense, "dense conv with bias, residual, activation and the keyframe state writes");

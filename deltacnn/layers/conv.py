@@ -99,17 +99,16 @@ class DeltaConv2d(DeltaLayer):
         """A dense frame's conv, bias, residual add and activation, with a keyframe's A and E, in one
         backend pass where the backend has one (Backend.dense_conv); None: the generic path runs."""
         rt = self.rt
-        if rt.streams is not None or rt.dtype != torch.float32:  # some streams' state rows; other dtypes
-            return None
-        if torch.compiler.is_compiling():  # deltacnn.compile traces the plain PyTorch path (Inductor fuses it)
-            return None
+        backend = rt.backend_for(x)
+        if rt.streams is not None or rt.dtype != torch.float32 or not backend.fuses_dense_conv(x):
+            return None  # some streams' state rows; other dtypes; no such pass here (or not inside a trace)
         state = None
         if self.act is not None and not rt.stateless:
             def state(shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
                 like = torch.empty((), device=x.device).expand(shape)  # the buffers' shape and device
                 return self._state_buffer("acc", like), self._state_buffer("emitted", like)
-        return rt.backend_for(x).dense_conv(x, self.params(), self.bias, residual.values if residual is not None
-                                            else None, self.act, state)
+        return backend.dense_conv(x, self.params(), self.bias, residual.values if residual is not None else None,
+                                  self.act, state)
 
     def extra_repr(self) -> str:
         w = self.window

@@ -122,20 +122,28 @@ class Sparsify(DeltaLayer):
         return f"name={self.name!r}, dilation={self.dilation}, gate={self.gate.describe()}"
 
     def _blobs_fused(self, backend, x: Tensor, ref: Tensor, tau: float) -> DeltaTensor | None:
-        """The delta of a frame gated by min_blob alone, in one backend pass where the backend has one
-        (the same pixels as _gated + sparsify); None: the generic path runs."""
+        """The delta of a frame gated by min_blob alone, with a whole refresh flush, in one backend pass
+        where the backend has one (the same pixels as _gated + sparsify); None: the generic path runs
+        (gate tiles, hysteresis, input dilation and flushes in tiles)."""
         g = self.gate
         if g.min_blob == 1 or (g.tile > 1 and g.tile_min > 1) or g.hysteresis_on or self.dilation > 1:
             return None
-        if self.rt.flush is not None and any(self.rt.flush):  # a refresh flush sends what the gate holds back
+        flush = self._flushed_streams()
+        if flush is not None and self.rt.refresh.tile > 1 and self.rt.refresh.tile_min > 1:
             return None
-        got = backend.sparsify_blobs(x, ref, tau, self.rt.thresholds.score, g.min_blob, self.rt.dtype)
+        got = backend.sparsify_blobs(x, ref, tau, self.rt.thresholds.score, g.min_blob, self.rt.dtype, flush)
         if got is None:
             return None
         d, held = got
         if self.rt.refresh_held is not None:
             self.rt.input_held = held
         return d
+
+    def _flushed_streams(self) -> list[bool] | None:
+        """Per stream, whether a refresh "flush" sends the change the gate holds back on this frame
+        (deltacnn.gating.Refresh; set by DeltaModel for the model's input); None: no stream flushes."""
+        flush = self.rt.flush if self.name == INPUT and self.rt.streams is None else None
+        return flush if flush is not None and any(flush) else None
 
     def _gated(self, x: Tensor, ref: Tensor, tau: float) -> Tensor:
         """x where the gate sends the pixel's change, else the reference (deltacnn.gating, self.gate).
@@ -148,7 +156,7 @@ class Sparsify(DeltaLayer):
         gate = self.gate
         prev = self._sent if gate.temporal and self._sent is not None and self._sent.shape[0] == x.shape[0] else None
         kept = gated_mask(score, tau, gate, prev)
-        flush = self.rt.flush if self.name == INPUT and self.rt.streams is None else None
+        flush = self._flushed_streams()
         if flush is not None:  # refresh "flush": these streams send what the gate holds back (Refresh)
             rows = torch.tensor(flush, device=kept.device).view(-1, 1, 1, 1)
             kept = kept | (self.rt.refresh.flush_mask((score > tau).unsqueeze(1) & ~kept) & rows)

@@ -169,8 +169,17 @@ def decode_boxes(feats: list[Tensor], nc: int, dfl_weight: Tensor) -> Tensor:
     return torch.cat([xywh, cls.sigmoid()], 1)
 
 
-# decode_boxes on the C++ kernels where they run (benchmarks switch it off for A/B runs)
-CPU_DECODE = True
+def _cpu_decode_ok(feats: list[Tensor]):
+    """The C++ kernels module when decode_boxes may run on it: float32 CPU maps without grad, outside
+    tracing, ONNX export and torch.compile (the exported and traced graphs keep the PyTorch code), on a
+    CPU where the kernels build (AVX2); else None."""
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
+        return None
+    if any(f.device.type != "cpu" or f.dtype != torch.float32 or f.requires_grad or f.dim() != 4 for f in feats):
+        return None
+    from ..backends import cpu_kernels
+    k = cpu_kernels.load()
+    return k if k is not None and k.has_conv_rows() else None
 
 
 def _decode_on_cpu_kernels(feats: list[Tensor], nc: int, dfl_weight: Tensor) -> Tensor | None:
@@ -178,13 +187,8 @@ def _decode_on_cpu_kernels(feats: list[Tensor], nc: int, dfl_weight: Tensor) -> 
     768x576 frame at 1 thread, become one) for float32 CPU maps outside tracing and ONNX export, where
     the kernels build (AVX2); None: the PyTorch code above runs. Softmax, expectation and sigmoid use a
     vectorised exp (a few ulp from ATen's)."""
-    if not CPU_DECODE or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
-        return None
-    if any(f.device.type != "cpu" or f.dtype != torch.float32 or f.requires_grad or f.dim() != 4 for f in feats):
-        return None
-    from ..backends import cpu_kernels
-    k = cpu_kernels.load()
-    if k is None or not k.has_conv_rows():
+    k = _cpu_decode_ok(feats)
+    if k is None:
         return None
     anchors, strides = _anchors(tuple((int(f.shape[2]), int(f.shape[3])) for f in feats), feats[0].device,
                                 torch.float32)

@@ -1,0 +1,138 @@
+"""Where a keyframe's CPU time goes, conv by conv, against onnxruntime's own per-node time.
+
+Each keyframe conv of the cpu backend is one C++ pass (conv_dense); this times every call with the
+process CPU clock (1 thread: meaningful on a loaded machine) and prints, per conv shape, its time,
+GMAC/s and onnxruntime's time for its Conv nodes of the same shape (from onnxruntime's profiler, by
+input, weight and output shape), plus the keyframe's time outside conv_dense. onnxruntime's profiler
+measures wall clock: on a loaded machine its per-shape times are inflated (compare them on a quiet one).
+
+    PYTHONPATH=/work/shared/bench python3 benchmarks/cpu_keyframe_layers.py --repeats 4
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's deltacnn
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cpu_profile import _TimedModule, StageClock, convert_at, load  # noqa: E402
+
+
+def _shape_key(cin: int, cout: int, kh: int, kw: int, stride: int, h: int, w: int) -> str:
+    return f"{cin:3d}->{cout:3d} k{kh}x{kw} s{stride} {h}x{w}"
+
+
+def ort_conv_times(model, x: torch.Tensor, repeats: int) -> tuple[dict[str, float], float]:
+    """onnxruntime's time per conv shape (ms: the sum over its Conv nodes of that shape, median over
+    `repeats` runs; shapes from the profiler's input/weight/output shapes) and its frame time."""
+    import onnxruntime as ort
+    from deltacnn.peers import export_onnx
+    with tempfile.TemporaryDirectory(prefix="deltacnn_onnx_") as d:
+        path = export_onnx(model, x, Path(d) / "model.onnx")
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = torch.get_num_threads()
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so.enable_profiling = True
+        so.profile_file_prefix = str(Path(d) / "prof")
+        so.log_severity_level = 3
+        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        arr = x.numpy()
+        name = sess.get_inputs()[0].name
+        frame = []
+        for _ in range(repeats + 1):
+            t0 = time.process_time()
+            sess.run(None, {name: arr})
+            frame.append((time.process_time() - t0) * 1e3)
+        events = json.loads(Path(sess.end_profiling()).read_text())
+    spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
+                   if e.get("cat") == "Session" and e.get("name") == "model_run")
+    runs: list[dict[str, float]] = [defaultdict(float) for _ in spans]
+    for e in events:
+        args = e.get("args", {})
+        if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time") or "Conv" not in args.get("op_name", ""):
+            continue
+        (xs,), (ws,) = args["input_type_shape"][0].values(), args["input_type_shape"][1].values()
+        (os,) = args["output_type_shape"][0].values()
+        key = _shape_key(ws[1], ws[0], ws[2], ws[3], xs[2] // os[2], xs[2], xs[3])
+        for i, (a, b) in enumerate(spans):  # the run whose span holds this node
+            if a <= e["ts"] <= b:
+                runs[i][key] += e["dur"] / 1e3
+                break
+    runs = runs[1:]  # the first run warms up
+    keys = set().union(*runs)
+    return {k: statistics.median(r.get(k, 0.0) for r in runs) for k in keys}, statistics.median(frame[1:])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--start", type=int, default=200)
+    ap.add_argument("--repeats", type=int, default=4)
+    ap.add_argument("--points", default="deltacnn/data/yolov8n_vtest.json")
+    ap.add_argument("--no-peer", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    model, frames = load("yolov8n", args.start, 1)
+    dm = convert_at(model, frames, args.points, 1)
+    backend = dm.rt.backend_on(torch.device("cpu"))
+    calls: list[tuple[str, float, float]] = []  # (shape, ms, MMAC) of each conv_dense call, in order
+    real = backend._k.conv_dense
+
+    def timed(x, packed, bias, geo, *rest):
+        n, h, w, ho, wo, kh, kw = geo[:7]
+        cout = packed.shape[0] * 16
+        t0 = time.process_time()
+        out = real(x, packed, bias, geo, *rest)
+        dt = (time.process_time() - t0) * 1e3
+        cin = x.shape[1]
+        calls.append((_shape_key(cin, rest[1].shape[1], kh, kw, geo[7], h, w), dt,
+                      n * ho * wo * kh * kw * cin * rest[1].shape[1] / 1e6))
+        return out
+
+    backend._k = _TimedModule(backend._k, StageClock())
+    backend._k.conv_dense = timed
+    frame_ms, per_call = [], defaultdict(list)
+    with torch.no_grad():
+        for r in range(args.repeats + 1):
+            calls.clear()
+            dm.reset()
+            t0 = time.process_time()
+            dm(frames[0])
+            dt = (time.process_time() - t0) * 1e3
+            if r == 0:
+                continue
+            frame_ms.append(dt)
+            for i, c in enumerate(calls):
+                per_call[i].append(c)
+    order = [per_call[i][0] for i in sorted(per_call)]
+    ms = [statistics.median(c[1] for c in per_call[i]) for i in sorted(per_call)]
+    ort, ort_frame = ({}, float("nan")) if args.no_peer else ort_conv_times(model, frames[0], args.repeats)
+    print(f"keyframe: median {statistics.median(frame_ms):.1f} ms, conv_dense {sum(ms):.1f} ms "
+          f"({sum(c[2] for c in order) / 1e3:.2f} GMAC), outside conv_dense {statistics.median(frame_ms) - sum(ms):.1f} ms; "
+          f"onnxruntime frame {ort_frame:.1f} ms, its convs {sum(ort.values()):.1f} ms")
+    by_shape: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0])
+    for i, (shape, _, mmac) in enumerate(order):
+        row = by_shape[shape]
+        row[0] += ms[i]
+        row[1] += mmac
+        row[2] += 1
+    missing = set(ort) - set(by_shape)
+    if missing:
+        print(f"(onnxruntime conv shapes deltacnn does not run: {sorted(missing)})")
+    print(f"{'conv (Cin->Cout kernel stride input)':40s} {'n':>3s} {'ms':>7s} {'GMAC/s':>7s} {'ort ms':>7s} {'ort GMAC/s':>10s}")
+    for shape, (t, mmac, k) in sorted(by_shape.items(), key=lambda kv: -kv[1][0]):
+        o = ort.get(shape, float("nan"))
+        print(f"{shape:40s} {k:3d} {t:7.2f} {mmac / t:7.1f} {o:7.2f} {mmac / o:10.1f}")
+
+if __name__ == "__main__":
+    main()
