@@ -106,6 +106,8 @@ _STACK = {"stack", torch.stack}
 _DENSE_WORK = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.Linear)
 _DENSE_FNS = {F.conv2d, F.conv_transpose2d, F.linear, torch.conv2d, torch.conv_transpose2d}
 _SHAPE = {"size", "dim"}
+_OTHER_CONV_FNS = {F.conv1d, F.conv3d, torch.conv1d, torch.conv3d}
+_MATMUL = {torch.matmul, operator.matmul, "matmul", torch.bmm, "bmm"}
 
 
 def _values(d: Any) -> Any:
@@ -265,6 +267,10 @@ class _Converter:
             return n
         self.dense_derived.add(n)
         self.reports_at[n] = report
+        if macs > 0:
+            lost = self._batch_lost(node)
+            if lost is not None:
+                self._island_off_the_batch(node, n, lost)
         try:
             layout = self._dense_layout(node)
         except (TypeError, ValueError, IndexError, KeyError, AttributeError):
@@ -275,6 +281,49 @@ class _Converter:
                 and not all(u.op == "output" for u in node.users):
             return self._reenter(node, n)
         return n
+
+    def _batch_lost(self, node: fx.Node) -> fx.Node | None:
+        """The first input of dense op `node` computed from the stream whose layout no longer has the whole
+        batch, alone, as dim 0 (merged with channels as in x.view(N * C, 1, H, W), moved by a permute, or
+        laid out in a way pixel_layout cannot follow); None when every such input keeps it."""
+        for a in _flatten_nodes((node.args, node.kwargs)):
+            new, shape = self.env.get(a), _shape(a)
+            if not (isinstance(new, fx.Node) and new in self.dense_derived) or not shape:
+                continue
+            if not pl.batch_first(self._layout_of(a), shape):
+                return a
+        return None
+
+    def _island_off_the_batch(self, node: fx.Node, dense: fx.Node, lost: fx.Node) -> None:
+        """Multiply-adds on a value computed densely from the feature maps whose batch is no longer dim 0
+        (or whose layout is unknown): work that may be on the stream's pixels, e.g. a conv over
+        x.view(N * C, 1, H, W). Nothing proves it comes after the last feature maps, so it is a dense
+        island, not a tail: allowed only with allow_dense_fallback=True, then listed with the dense ops
+        before it. Its result stays dense (its layout is unknown, so it cannot re-enter the stream).
+        Tails keep the batch first: pooled vectors and SE gates (N, C), (N, C, 1, 1), a box decode's
+        (N, 16, 4, anchors) bins."""
+        if not self.allow_fallback:
+            raise UnsupportedOperationError(
+                f"{describe_node(node)} does multiply-adds ({_target_name(node)}) on {describe_node(lost)}, a value "
+                f"computed densely from the feature maps, of shape {_shape(lost)}, whose dim 0 is no longer the "
+                "frame batch (the batch merged with another dim, as in x.view(N * C, 1, H, W), or moved): such work "
+                "may be on the stream's pixels and must not run densely unasked. Pass allow_dense_fallback=True to "
+                "run it as a dense island (exact, but a dense pass every frame), or keep the batch as dim 0 "
+                "(e.g. a grouped conv, groups=C, on the (N, C, H, W) map instead of folding the channels into the "
+                "batch; see deltacnn.SUPPORTED_OPS).")
+        self._mark_island(self._dense_region(dense))
+
+    def _mark_island(self, region: list[fx.Node]) -> None:
+        """The dense ops of `region` become a dense island: their reports move from the tails to the islands,
+        and their DenseCalls count their work as island work (stats rows, dm.summary())."""
+        for n in region:
+            report = self.reports_at.get(n)
+            if report is not None and report in self.tails:
+                self.tails.remove(report)
+                self.islands.append(report)
+            if n.op == "call_module" and n.target.startswith("_delta.") \
+                    and isinstance(layer := self.holder.get_submodule(n.target[len("_delta."):]), DenseCall):
+                layer.kind = DenseIsland.kind
 
     def _tail(self, node: fx.Node, macs: int) -> DenseReport:
         """Record an op of a dense tail (after the last feature maps): allowed, but listed by convert()."""
@@ -309,14 +358,7 @@ class _Converter:
                 "feature maps must not run densely unasked: pass allow_dense_fallback=True to run those ops as a "
                 "dense island (exact, but a dense pass every frame; the map re-enters the delta stream after them), "
                 "or replace them with supported ops (see deltacnn.SUPPORTED_OPS).")
-        for n in region:
-            report = self.reports_at.get(n)
-            if report is not None and report in self.tails:
-                self.tails.remove(report)
-                self.islands.append(report)
-            if n.op == "call_module" and isinstance(layer := self.holder.get_submodule(n.target[len("_delta."):]),
-                                                    DenseCall):
-                layer.kind = DenseIsland.kind  # its stats rows and the summary count it as island work
+        self._mark_island(region)
         layout = self.layouts.get(dense)
         stream = self._add_layer(Sparsify(f"{self._name(node)}.reenter"), (dense,), macs=0)
         self.layouts[stream] = layout
@@ -379,6 +421,9 @@ class _Converter:
                 layout if key == "type_as" else pl.reshape(layout, shape, out)
         if layout is not None and key in _VIEWS and out is not None:
             return _view_layout(layout, key, node.args[1:], node.kwargs, shape, out)
+        if layout is not None and out is not None and node.op == "call_module" \
+                and isinstance(self.modules.get(node.target), (nn.Flatten, nn.Unflatten)):
+            return pl.reshape(layout, shape, out)  # a classifier's nn.Flatten: the same elements, regrouped
         if layout is not None and key in _PARTS:
             return _part_layouts(node, layout, shape)
         if layout is not None and key in _REDUCE:
@@ -389,7 +434,26 @@ class _Converter:
                if isinstance(self._layout_of(a), pl.Layout) and _shape(a) is not None]
         if _elementwise(node, self.modules) or key in _BROADCASTING:
             return next((b for a in ins if (b := pl.broadcast(self._layout_of(a), _shape(a), out)) is not None), None)
-        return next((self._layout_of(a) for a in ins if _shape(a) == out), None)
+        same = next((self._layout_of(a) for a in ins if _shape(a) == out), None)
+        return same if same is not None else self._per_image_layout(node, out)
+
+    def _per_image_layout(self, node: fx.Node, out: tuple) -> pl.Layout | None:
+        """A Linear, conv or batched matmul applied to each image on its own (every input computed from the
+        stream has the whole batch as dim 0; a matmul's second such operand has its own batch dims): the
+        output keeps the batch as dim 0, its other dims unlabelled (pixel_layout.per_image). Else None."""
+        ins = [a for a in _flatten_nodes((node.args, node.kwargs))
+               if isinstance(self.env.get(a), fx.Node) and self.env[a] in self.dense_derived]
+        if not ins or not all(pl.batch_first(self._layout_of(a), _shape(a) or ()) for a in ins):
+            return None
+        mod = self.modules.get(node.target) if node.op == "call_module" else None
+        key = _key(node)
+        if isinstance(mod, _DENSE_WORK) or key in _DENSE_FNS or key in _OTHER_CONV_FNS:
+            ok = ins == [node.args[0]]  # the weights are parameters, not values of the stream
+        elif key in _MATMUL:
+            ok = all(a is node.args[0] or len(_shape(a) or ()) >= 3 for a in ins)
+        else:
+            ok = False
+        return pl.per_image(int(_shape(ins[0])[0]), out) if ok else None
 
     # ---- view chains: reshape/permute sequences that may come back to a feature map ------------------
     def _view(self, node: fx.Node) -> Any:
@@ -1510,7 +1574,9 @@ SUPPORTED_OPS = (
     "back; anything after the feature map stops being 4-D (flatten, Linear, box decodes) runs densely as a reported "
     "dense tail, unless it becomes a feature map of the stream's pixels again (a softmax over the flattened pixels "
     "viewed back, a max over channels unsqueezed; deltacnn/pixel_layout.py): then those dense ops are a dense "
-    "island (allow_dense_fallback=True) and the map re-enters the delta stream."
+    "island (allow_dense_fallback=True) and the map re-enters the delta stream; so is multiply-add work (a conv, "
+    "Linear, matmul) on a dense value whose dim 0 is no longer the frame batch (x.view(N * C, 1, H, W), a permute "
+    "that moves the batch) or whose layout the converter cannot follow."
 )
 
 

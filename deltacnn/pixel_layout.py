@@ -19,8 +19,12 @@ that stacking or concatenating such parts back along one dim makes it a pixel di
 The rules follow only ops whose element order is known: reshapes, permutes, indexing, cat and stack,
 elementwise ops with broadcasting, reductions over given dims (a max over channels is still a map), and
 ops whose output has the shape of an input (softmax, cumsum, normalisation: they keep every element
-where it is). Any other op ends the tracking (None). Which layouts are feature maps: `is_map`; what the
-converter does with them: `deltacnn.convert._Converter._reenter`.
+where it is). A Linear, conv or batched matmul on values that keep the batch as dim 0 keeps it there
+(`per_image`). Any other op ends the tracking (None). Which layouts are feature maps: `is_map`; what the
+converter does with them: `deltacnn.convert._Converter._reenter`. Multiply-adds on a value whose dim 0 is
+no longer the whole batch, or whose layout is unknown (`batch_first` false: x.view(N * C, 1, H, W), a
+permute that moves the batch), may be work on the stream's pixels: a dense island, needing permission
+(`deltacnn.convert._Converter._island_off_the_batch`). Tails keep the batch first.
 """
 from __future__ import annotations
 
@@ -214,6 +218,21 @@ def broadcast(lay: Layout, in_shape: Sequence[int], out_shape: Sequence[int]) ->
         else:
             return None
     return Layout(tuple(dims), lay.lost)
+
+
+def batch_first(lay: Layout | None, shape: Sequence[int]) -> bool:
+    """Whether dim 0 of a tensor with this layout is the whole frame batch and nothing else (a pooled vector
+    (N, C), a box decode's (N, 16, 4, anchors) bins): work on it is per image. False for an unknown layout
+    and for a batch merged with another dim, as in (N * C, 1, H, W), or moved off dim 0."""
+    return lay is not None and bool(shape) and bool(lay.dims) and lay.dims[0] == (Factor("n", int(shape[0])),)
+
+
+def per_image(batch: int, out_shape: Sequence[int]) -> Layout | None:
+    """The output of an op applied to each image on its own (a Linear, a conv, a batched matmul): the batch
+    stays dim 0; the other dims hold no pixel axis that the rules could follow."""
+    if not out_shape or int(out_shape[0]) != batch:
+        return None
+    return Layout(((Factor("n", batch),),) + tuple(_other(int(s)) for s in out_shape[1:]))
 
 
 def is_map(lay: Layout | None, shape: Sequence[int] | None) -> bool:

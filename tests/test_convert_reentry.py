@@ -147,7 +147,22 @@ class ChannelPool(Stem):
         return self.b(torch.cat([torch.max(y, 1)[0].unsqueeze(1), torch.mean(y, 1).unsqueeze(1)], 1))
 
 
-ISLAND_CASES = {"spatial_softmax": (SpatialSoftmax, "softmax", "y.flatten(2).softmax(-1)"),
+class ModuleFlattenSoftmax(Stem):
+    """SpatialSoftmax written with nn.Flatten(2) and nn.Softmax modules (an nn.Flatten ended the layout
+    tracking before, so the conv after it ran as a dense tail without permission)."""
+
+    def __init__(self) -> None:
+        super().__init__(4)
+        self.flat, self.sm = nn.Flatten(2), nn.Softmax(-1)
+
+    def forward(self, x):
+        y = self.stem(x)
+        n, c, h, w = y.shape
+        return self.b(self.sm(self.flat(y)).view(n, c, h, w))
+
+
+ISLAND_CASES = {"module_flatten": (ModuleFlattenSoftmax, "flat", "self.sm(self.flat(y))"),
+                "spatial_softmax": (SpatialSoftmax, "softmax", "y.flatten(2).softmax(-1)"),
                 "pixel_mixer": (PixelMixer, "mix", "self.mix(y.flatten(2))"),
                 "part_times_dense": (PartTimesDense, "softmax", "p[1].flatten(1).softmax(-1)"),
                 "rows_stacked": (RowsStacked, "softmax", "r.softmax(-1)"),
@@ -196,6 +211,119 @@ def test_island_work_before_a_map_counts_as_island_in_stats_and_summary():
     assert st.layers["mix"].kind == "dense-island" and st.layers["mix"].macs == mix_macs
     rows = {line.split()[0]: line for line in dm.summary(show=False).splitlines()[1:]}
     assert "dense island" in rows["mix"] and "delta" in rows["b"]
+
+
+# ---- dense work whose batch is no longer dim 0: dense islands -------------------------------------------
+class MergedBatchConv(Stem):
+    """A softmax over each map's pixels, then every channel as an image of its own: (N * C, 1, H, W), a conv
+    on that, viewed back to (N, C * k, H, W) and fed to the next conv."""
+
+    def __init__(self) -> None:
+        super().__init__(8)
+        self.per_channel = nn.Conv2d(1, 2, 3, padding=1)
+
+    def forward(self, x):
+        y = self.stem(x)
+        n, c, h, w = y.shape
+        z = self.per_channel(y.flatten(2).softmax(-1).reshape(n * c, 1, h, w))
+        return self.b(z.view(n, c * 2, h, w))
+
+
+class MovedBatchConv(Stem):
+    """The batch moved to dim 1 (C, N, H, W) by a permute of a dense value: a conv that mixes the images."""
+
+    def __init__(self) -> None:
+        super().__init__(4)
+        self.across = nn.Conv2d(2, 3, 3, padding=1)
+
+    def forward(self, x):
+        y = self.stem(x).flatten(2).softmax(-1)
+        n, c, hw = y.shape
+        return self.across(y.permute(1, 0, 2).reshape(c, n, H, W))
+
+
+class MergedBatchLinear(Stem):
+    """Each channel's pixels a row of a (N * C, H * W) matrix, then a Linear over the pixels."""
+
+    def __init__(self) -> None:
+        super().__init__(4)
+        self.mix = nn.Linear(H * W, 5)
+
+    def forward(self, x):
+        y = self.stem(x)
+        n, c = y.shape[:2]
+        return self.mix(torch.sigmoid(y.flatten(2) * 2.0).reshape(n * c, -1))
+
+
+BATCH_CASES = {"merged_conv": (MergedBatchConv, "per_channel", "self.per_channel(y.flatten(2)"),
+               "moved_batch": (MovedBatchConv, "across", "self.across(y.permute(1, 0, 2)"),
+               "merged_linear": (MergedBatchLinear, "mix", "self.mix(torch.sigmoid")}
+
+
+@pytest.mark.parametrize("case", list(BATCH_CASES))
+def test_dense_work_off_the_batch_needs_permission(case):
+    """Before the fix these converted strictly, the convs / Linear on the merged batch listed as a dense tail."""
+    cls, op, line = BATCH_CASES[case]
+    x = make_video(1, n=2, h=H, w=W)[0]
+    with pytest.raises(deltacnn.UnsupportedOperationError, match="allow_dense_fallback") as e:
+        deltacnn.convert(cls().eval(), x)
+    msg = str(e.value)
+    assert f"graph node {op!r}" in msg and "test_convert_reentry.py" in msg and line in msg, msg
+    assert "batch" in msg, msg
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(BATCH_CASES))
+def test_dense_work_off_the_batch_is_an_exact_listed_island(case, backend):
+    cls, op, _ = BATCH_CASES[case]
+    m = cls().eval()
+    clip = make_video(FRAMES, n=2, h=H, w=W, noise=0.02, seed=11, size=4)
+    with pytest.warns(DenseOpsWarning, match=f"dense island {op!r}") as w:
+        dm = deltacnn.convert(m, clip[0], allow_dense_fallback=True, backend=backend, dense_above=None)
+    assert len([r for r in w if issubclass(r.category, DenseOpsWarning)]) == 1
+    worst = 0.0
+    dm.enable_stats()
+    for t in range(FRAMES):
+        with torch.no_grad():
+            worst = max(worst, rel_err(dm(clip[t]), m(clip[t])))
+    assert worst < 1e-5, f"{case} ({backend}): {worst:.2e}"
+    islands = {r.node: r for r in dm.report.islands}
+    assert op in islands and islands[op].macs > 0 and op not in [r.node for r in dm.report.tails]
+    assert dm.layers[op].kind == "dense-island" and dm.frame_stats().layers[op].kind == "dense-island"
+    assert dm.frame_stats().layers[op].macs == islands[op].macs, "island work is counted as done densely"
+    if case == "merged_conv":  # the conv after the island runs densely too (its input's layout is unknown)
+        assert "b" in islands and dm.report.tails == []
+
+
+class PooledHeadAndGate(Stem):
+    """Squeeze-excitation from Linear layers ((N, C) vectors viewed to (N, C, 1, 1)) and a pooled Linear head:
+    the batch stays dim 0, so the Linears are a dense tail (the gate's product with the map is delta)."""
+
+    def __init__(self) -> None:
+        super().__init__(4)
+        self.fc1, self.fc2, self.head = nn.Linear(4, 2), nn.Linear(2, 4), nn.Linear(3, 5)
+        self.pool, self.flat = nn.AdaptiveAvgPool2d(1), nn.Flatten()
+
+    def forward(self, x):
+        y = self.stem(x)
+        n, c = y.shape[:2]
+        gate = torch.sigmoid(self.fc2(torch.relu(self.fc1(y.mean((2, 3)))))).view(n, c, 1, 1)
+        z = self.b(y * gate)
+        return self.head(self.flat(self.pool(z))), self.head(torch.sigmoid(z).mean((2, 3)).flatten(1))
+
+
+def test_se_gate_and_pooled_head_stay_tails_on_a_batch():
+    m = PooledHeadAndGate().eval()
+    clip = make_video(FRAMES, n=2, h=H, w=W, noise=0.02, seed=11, size=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DenseOpsWarning)
+        dm = deltacnn.convert(m, clip[0], backend="reference", dense_above=None)  # strict
+    for t in range(FRAMES):
+        with torch.no_grad():
+            assert max(rel_err(g, r) for g, r in zip(dm(clip[t]), m(clip[t]), strict=True)) < 1e-5
+    assert dm.report.islands == []
+    assert {"fc1", "fc2", "head", "head_1"} <= {r.node for r in dm.report.tails}
+    assert isinstance(dm.layers["b"], DeltaConv2d)
 
 
 # ---- what stays a dense tail without permission -------------------------------------------------------
@@ -279,6 +407,11 @@ def test_pixel_layout_rules():
     assert not pl.is_map(pl.reshape(m, (2, 8, 4, 6), (2, 32, 1, 6)), (2, 32, 1, 6))  # rows folded into channels
     assert not pl.is_map(pl.reshape(flat, (2, 8, 24), (2, 4, 2, 24)), (2, 4, 2, 24))  # channels split into rows
     assert pl.reshape(m, (2, 8, 4, 6), (16, 4, 6)) is None  # batch merged
+    assert pl.batch_first(m, (2, 8, 4, 6)) and pl.batch_first(flat, (2, 8, 24))
+    assert not pl.batch_first(None, (16, 4, 6))  # unknown (here: the batch merged)
+    assert not pl.batch_first(pl.permute(m, (1, 0, 2, 3)), (8, 2, 4, 6))  # the batch moved off dim 0
+    assert not pl.batch_first(pl.index(m, (2, 8, 4, 6), (0,)), (8, 4, 6))  # one image indexed out
+    assert pl.batch_first(pl.of_map((1, 8, 4, 6)), (1, 8, 4, 6))  # a batch of one is still the batch
     # DFL: two grids' anchors concatenated, bins viewed to (b, 4, 16, a) and transposed: not a map
     m2 = pl.of_map((2, 64, 2, 3))
     anchors = pl.cat([pl.reshape(pl.of_map((2, 64, 4, 6)), (2, 64, 4, 6), (2, 64, 24)),
