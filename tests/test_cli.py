@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.utils.cpp_extension  # noqa: F401 - its import logs "No CUDA runtime is found" on a CUDA build
 from torch import nn
 
 from deltacnn import tools
@@ -94,9 +93,6 @@ def clip(tmp_path_factory) -> Path:
 
 
 def one_line_error(capsys) -> str:
-    # stderr must hold exactly deltacnn's one line. The cpu backend's first build imports
-    # torch.utils.cpp_extension, whose import logs a warning to stderr on a CUDA build without a GPU;
-    # imported above, at collection, that line is never inside a test's capture (a test run alone saw it).
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err
     assert err[0].startswith("deltacnn: error: ")

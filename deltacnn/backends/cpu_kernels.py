@@ -7,6 +7,7 @@ in `load_error()`, and the CPU backend falls back to the pure-PyTorch reference.
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import threading
@@ -32,6 +33,19 @@ def load() -> ModuleType | None:
         return _load_locked()
 
 
+def _cpp_extension() -> ModuleType:
+    """torch.utils.cpp_extension, imported with its logger quiet: on a CUDA build of torch without a GPU its
+    import logs "No CUDA runtime is found" to a user's stderr, which says nothing about these CPU kernels."""
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        log.setLevel(level)
+    return cpp_extension
+
+
 def _load_locked() -> ModuleType | None:
     global _module, _error
     if _module is not None or _error is not None:
@@ -42,7 +56,7 @@ def _load_locked() -> ModuleType | None:
     if not _built():
         print("deltacnn: compiling the CPU kernels (once per machine, about a minute)...", file=sys.stderr)
     try:
-        from torch.utils import cpp_extension
+        cpp_extension = _cpp_extension()
         _module = cpp_extension.load(
             name=_NAME, sources=[str(_SOURCE)], extra_cflags=["-O3", "-fopenmp"],
             extra_ldflags=["-fopenmp"], verbose=False)
@@ -56,7 +70,7 @@ def _load_locked() -> ModuleType | None:
 def _built() -> bool:
     """Whether PyTorch's extension cache already holds a build (only decides the progress message)."""
     try:
-        from torch.utils import cpp_extension
+        cpp_extension = _cpp_extension()
         return any(Path(cpp_extension._get_build_directory(_NAME, verbose=False)).glob("*.so"))
     except Exception:  # a private helper of PyTorch's: if it moves, just print the message
         return False
