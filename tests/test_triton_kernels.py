@@ -21,6 +21,7 @@ from deltacnn.activations import ActSpec  # noqa: E402
 from deltacnn.backends import triton_kernels as tk  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.usefixtures("no_tf32")  # tests/conftest.py: exact float32 references on a GPU
 TOL = {torch.float32: 1e-5, torch.float16: 1.5e-3, torch.bfloat16: 1.2e-2}
 
 
