@@ -290,8 +290,9 @@ class _Converter:
             new, shape = self.env.get(a), _shape(a)
             if not (isinstance(new, fx.Node) and new in self.dense_derived) or not shape:
                 continue
-            if not pl.batch_first(self._layout_of(a), shape):
-                return a
+            lay = self._layout_of(a)
+            if not pl.batch_first(lay, shape) and (not isinstance(lay, pl.Layout) or pl.has_pixels(lay)):
+                return a  # a pixel-free value (a pooled vector of a batch of one, squeezed) is a tail's
         return None
 
     def _island_off_the_batch(self, node: fx.Node, dense: fx.Node, lost: fx.Node) -> None:
@@ -443,6 +444,8 @@ class _Converter:
         output keeps the batch as dim 0, its other dims unlabelled (pixel_layout.per_image). Else None."""
         ins = [a for a in _flatten_nodes((node.args, node.kwargs))
                if isinstance(self.env.get(a), fx.Node) and self.env[a] in self.dense_derived]
+        if ins and all(isinstance(lay := self._layout_of(a), pl.Layout) and not pl.has_pixels(lay) for a in ins):
+            return pl.pixel_free(out)  # e.g. a Linear on a squeezed pooled vector, and the Linear after it
         if not ins or not all(pl.batch_first(self._layout_of(a), _shape(a) or ()) for a in ins):
             return None
         mod = self.modules.get(node.target) if node.op == "call_module" else None

@@ -75,9 +75,12 @@ def reshape(lay: Layout, in_shape: Sequence[int], out_shape: Sequence[int]) -> L
     dims = list(lay.dims)
     head: list[tuple[Factor, ...]] = []
     if dims and dims[0][:1] and dims[0][0].kind == "n":
-        if dims[0] != (Factor("n", in_shape[0]),) or not out_shape or out_shape[0] != in_shape[0]:
+        if dims[0] == (Factor("n", 1),) and (not out_shape or out_shape[0] != 1):
+            dims = dims[1:]  # a batch of one squeezed or merged away: the other factors are followed
+        elif dims[0] != (Factor("n", in_shape[0]),) or not out_shape or out_shape[0] != in_shape[0]:
             return None  # the batch merged with or split into other dims: no longer a map of images
-        head, dims, out_shape = [dims[0]], dims[1:], out_shape[1:]
+        else:
+            head, dims, out_shape = [dims[0]], dims[1:], out_shape[1:]
     factors = [f for d in dims for f in d if f.size > 1]
     out: list[tuple[Factor, ...]] = []
     i = 0
@@ -225,6 +228,18 @@ def batch_first(lay: Layout | None, shape: Sequence[int]) -> bool:
     (N, C), a box decode's (N, 16, 4, anchors) bins): work on it is per image. False for an unknown layout
     and for a batch merged with another dim, as in (N * C, 1, H, W), or moved off dim 0."""
     return lay is not None and bool(shape) and bool(lay.dims) and lay.dims[0] == (Factor("n", int(shape[0])),)
+
+
+def has_pixels(lay: Layout) -> bool:
+    """Whether some elements of a tensor with this layout still sit at their own pixels: a row or column
+    factor in a dim, or a pixel axis indexed away (the values of one row, one column)."""
+    return bool(lay.lost) or any(f.kind in PIXEL for d in lay.dims for f in d)
+
+
+def pixel_free(out_shape: Sequence[int]) -> Layout:
+    """The output of an op whose inputs from the stream hold no pixel (pooled vectors, a head's logits):
+    it holds none either, whatever the op mixes; its dims are unlabelled."""
+    return Layout(tuple(_other(int(s)) for s in out_shape))
 
 
 def per_image(batch: int, out_shape: Sequence[int]) -> Layout | None:

@@ -326,6 +326,37 @@ def test_se_gate_and_pooled_head_stay_tails_on_a_batch():
     assert isinstance(dm.layers["b"], DeltaConv2d)
 
 
+class SingleImageHeads(Stem):
+    """Heads written for a batch of one: the pooled (1, C) vector squeezed, indexed or viewed to (C,), then
+    two Linears. No pixel is left in it, so these are tails, not islands (they converted strictly before the
+    batch rule, and must still)."""
+
+    def __init__(self) -> None:
+        super().__init__(4)
+        self.fc1, self.fc2 = nn.Linear(4, 6), nn.Linear(6, 2)
+
+    def forward(self, x):
+        v = self.stem(x).mean((2, 3))
+        return (self.fc2(torch.relu(self.fc1(v.squeeze()))), self.fc1(v[0]), self.fc1(v.view(-1)),
+                self.fc2(self.fc1(v.squeeze(0)) * 2.0))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_single_image_heads_stay_tails(backend):
+    m = SingleImageHeads().eval()
+    dm, worst = _run(m, backend)  # strict
+    assert worst < 1e-5, f"{backend}: {worst:.2e}"
+    assert dm.report.islands == []
+    assert {"fc1", "fc2"} <= {r.node for r in dm.report.tails}
+
+
+def test_a_batch_of_one_merged_into_channels_still_needs_permission():
+    """x.view(C, 1, H, W) of a batch of one: the pixels are still there, so the conv on it is island work."""
+    x = make_video(1, n=1, h=H, w=W)[0]
+    with pytest.raises(deltacnn.UnsupportedOperationError, match="allow_dense_fallback"):
+        deltacnn.convert(MergedBatchConv().eval(), x)
+
+
 # ---- what stays a dense tail without permission -------------------------------------------------------
 class DFLHead(nn.Module):
     """YOLOv8's decode on two levels: maps flattened and concatenated over the anchors, split into box bins
