@@ -3,14 +3,16 @@
 `deltacnn tune` compares every trial with the dense model's output on the same frames; on a CPU that
 reference costs minutes per tune (200 + 595 YOLOv8n frames), and it is the same on every run. The cache
 key holds everything the reference depends on: the task (its class, settings and source code), the
-model (architecture and a hash of its weights), the clip (path, size and modification time, or an image
-folder's listing), the frame range, the model input's shape, the reader, the device and torch's
-version. Live sources (cameras, streams) are never cached. A result that cannot be stored as tensors
+model (architecture and a hash of its weights), deltacnn's own sources (NMS, decodes, kernels), the
+clip (path, size and modification time, or an image folder's listing), the frame range, the model
+input's shape, the reader as asked for (not the decoder it resolved to), the device (on a GPU its name
+and the TF32 settings) and torch's version. References come back on the CPU. Live sources (cameras, streams) are never cached. A result that cannot be stored as tensors
 (weights_only) is not cached either. Location: ``$DELTACNN_CACHE_DIR/refs`` (default
 ``~/.cache/deltacnn/refs``).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import json
@@ -77,6 +79,26 @@ def _source_hash(obj: type) -> str:
         return "unknown"
 
 
+@functools.lru_cache(maxsize=1)
+def _library_hash() -> str:
+    """sha256 of deltacnn's own sources: a task's outputs also depend on helpers outside its class's file
+    (NMS, box decode, the C++ kernels), so any change of the library invalidates the cache."""
+    root = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.suffix in (".py", ".cpp") and p.is_file()):
+        h.update(f"{f.relative_to(root)}\n".encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def _precision(device: torch.device) -> dict:
+    """The float32 precision settings that change a GPU's dense outputs (TF32 in cuDNN and matmuls)."""
+    if device.type != "cuda":
+        return {}
+    return {"cudnn_tf32": torch.backends.cudnn.allow_tf32, "matmul": torch.get_float32_matmul_precision(),
+            "gpu": torch.cuda.get_device_name(device) if torch.cuda.is_available() else "unknown"}
+
+
 def _task_settings(task: Any) -> dict:
     """The task's public scalar settings (e.g. YOLOv8's conf, iou, max_det, borderline)."""
     return {k: v for k, v in sorted(vars(task).items())
@@ -91,10 +113,11 @@ def reference_key(task: Any, model: nn.Module, source: Any, start: int, count: i
     if src is None:
         return None
     desc = {"format": FORMAT, "task": f"{type(task).__module__}.{type(task).__qualname__}",
-            "task_code": _source_hash(type(task)), "task_settings": _task_settings(task),
+            "task_code": _source_hash(type(task)), "library": _library_hash(), "task_settings": _task_settings(task),
             "model_code": _source_hash(type(model)), "weights": weights_hash(model), "source": src,
             "start": int(start), "count": int(count), "input_shape": [int(s) for s in input_shape],
-            "device": str(torch.device(device).type), "reader": str(reader), "torch": torch.__version__}
+            "device": str(torch.device(device).type), "precision": _precision(torch.device(device)),
+            "reader": str(reader), "torch": torch.__version__}
     return hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()
 
 

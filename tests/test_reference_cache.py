@@ -113,6 +113,16 @@ def test_anything_the_reference_depends_on_invalidates_it(clip, change) -> None:
     _same(refs, fresh)
 
 
+def test_a_changed_library_source_changes_the_key(clip, monkeypatch) -> None:
+    """A task's outputs depend on deltacnn code outside its class's file (NMS, decodes, kernels)."""
+    net = CountingNet()
+    args = (TinyTask(), net, str(clip), 0, 4, (1, 3, 8, 8), "cpu", "auto")
+    key = reference_cache.reference_key(*args)
+    assert reference_cache.reference_key(*args) == key
+    monkeypatch.setattr(reference_cache, "_library_hash", lambda: "another library")
+    assert reference_cache.reference_key(*args) != key
+
+
 def test_live_sources_and_unstorable_results_are_not_cached(clip, tmp_path) -> None:
     net = CountingNet()
     assert reference_cache.reference_key(TinyTask(), net, 0, 0, 4, (1, 3, 8, 8), "cpu", "auto") is None
