@@ -218,15 +218,20 @@ class Refresh:
     def flush(self) -> bool:
         return self.mode == "flush"
 
+    @property
+    def tiled(self) -> bool:
+        """Whether a flush sends held pixels only in tiles holding enough of them (else all held pixels)."""
+        return self.tile > 1 and self.tile_min > 1
+
     def spec(self) -> str:
         """The string `parse` reads back."""
         at = f"@{self.layers:g}" if self.layers != 1.0 else ""
-        if self.mode == "flush" and self.tile > 1 and self.tile_min > 1:
+        if self.mode == "flush" and self.tiled:
             return f"flush:{self.tile}:{self.tile_min}{at}"
         return self.mode + at
 
     def flush_mask(self, held: Tensor) -> Tensor:
         """(N, 1, H, W) bool: the held pixels (`held`, bool, same shape) a flush sends."""
-        if self.tile > 1 and self.tile_min > 1:
+        if self.tiled:
             return tile_gate(held.float(), self.tile, self.tile_min) > 0
         return held

@@ -129,7 +129,7 @@ class Sparsify(DeltaLayer):
         if g.min_blob == 1 or (g.tile > 1 and g.tile_min > 1) or g.hysteresis_on or self.dilation > 1:
             return None
         flush = self._flushed_streams()
-        if flush is not None and self.rt.refresh.tile > 1 and self.rt.refresh.tile_min > 1:
+        if flush is not None and self.rt.refresh.tiled:  # the fused pass sends every held pixel
             return None
         got = backend.sparsify_blobs(x, ref, tau, self.rt.thresholds.score, g.min_blob, self.rt.dtype, flush)
         if got is None:

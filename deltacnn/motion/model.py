@@ -216,7 +216,7 @@ class MotionDeltaModel(nn.Module):
         # alignment (forcing a keyframe there made cityCC0's busy frames after its cut delta frames)
         self._as_keyframes(keyframes, aligned, copy_ref=[bool(any(v)) for v in view_shift])
         if self.edge == "hold" and aligned is not x:
-            self._hold_edges(aligned, res, set(keyframes))
+            self._hold_edges(aligned, res, set(keyframes) | {i for i, d in enumerate(due) if d})
         self.view_frame = aligned
         self._frames += 1
         out = self.dm(aligned)
@@ -276,8 +276,8 @@ class MotionDeltaModel(nn.Module):
 
     def _hold_edges(self, aligned: Tensor, res: list[list[float]], skip: set[int]) -> None:
         """Where the translated frame has no camera pixels (|residual| px at one edge per axis), put the
-        input reference's values (no change for the delta step), except in the streams `skip` (keyframes:
-        their reference is being rebuilt from this frame)."""
+        input reference's values (no change for the delta step), except in the streams `skip` (keyframes and
+        streams due for one, moved or not: their reference is being rebuilt from this frame)."""
         ref = self.aligner.input_layer._buffers.get("state_ref")
         if ref is None:
             return
