@@ -441,7 +441,9 @@ class _Converter:
     def _per_image_layout(self, node: fx.Node, out: tuple) -> pl.Layout | None:
         """A Linear, conv or batched matmul applied to each image on its own (every input computed from the
         stream has the whole batch as dim 0; a matmul's second such operand has its own batch dims): the
-        output keeps the batch as dim 0, its other dims unlabelled (pixel_layout.per_image). Else None."""
+        output keeps the batch as dim 0, its other dims unlabelled (pixel_layout.per_image). Any op on inputs
+        that hold no pixel (pixel_layout.has_pixels false: a squeezed pooled vector) holds none either
+        (pixel_layout.pixel_free). Else None."""
         ins = [a for a in _flatten_nodes((node.args, node.kwargs))
                if isinstance(self.env.get(a), fx.Node) and self.env[a] in self.dense_derived]
         if ins and all(isinstance(lay := self._layout_of(a), pl.Layout) and not pl.has_pixels(lay) for a in ins):

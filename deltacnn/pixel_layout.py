@@ -24,7 +24,8 @@ where it is). A Linear, conv or batched matmul on values that keep the batch as 
 converter does with them: `deltacnn.convert._Converter._reenter`. Multiply-adds on a value whose dim 0 is
 no longer the whole batch, or whose layout is unknown (`batch_first` false: x.view(N * C, 1, H, W), a
 permute that moves the batch), may be work on the stream's pixels: a dense island, needing permission
-(`deltacnn.convert._Converter._island_off_the_batch`). Tails keep the batch first.
+(`deltacnn.convert._Converter._island_off_the_batch`), unless no pixel is left in it (`has_pixels`: a
+batch of one's pooled vector squeezed to (C,) is a tail's). Tails keep the batch first or hold no pixel.
 """
 from __future__ import annotations
 
