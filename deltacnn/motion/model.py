@@ -26,6 +26,17 @@ from .estimate import MIN_CONFIDENCE, MotionEstimate, PhaseCorrelator, given_mot
 MAX_UNEXPLAINED = 0.75
 
 
+def _columns_on_host(shift: Tensor, confidence: Tensor, unexplained: Tensor | None = None
+                     ) -> tuple[list[list[float]], list[float], list[float] | None]:
+    """(N, 2) shifts, (N,) confidences and optionally (N,) unexplained fractions as host lists, in one
+    device-to-host transfer (float64: the float32 values exactly, and confidence's inf for given motion)."""
+    cols = [shift.double(), confidence.double()[:, None]]
+    if unexplained is not None:
+        cols.append(unexplained.double()[:, None])
+    rows = torch.cat(cols, 1).cpu().tolist()
+    return [r[:2] for r in rows], [r[2] for r in rows], ([r[3] for r in rows] if unexplained is not None else None)
+
+
 class MotionSequenceError(IndexError):
     """A given motion sequence ended before the clip did."""
 
@@ -166,9 +177,10 @@ class MotionDeltaModel(nn.Module):
             return out
         est = self._motion(x, motion)
         self.last_estimate = est
-        shifts = est.shift.double().cpu().tolist()  # the host decides the strips: one sync per frame
-        conf = est.confidence.cpu().tolist()
-        unexplained = est.unexplained.cpu().tolist() if est.unexplained is not None else [0.0] * n
+        # the host decides the strips: one transfer per frame for the shifts, confidences and the check
+        shifts, conf, unexplained = _columns_on_host(est.shift, est.confidence, est.unexplained)
+        if unexplained is None:
+            unexplained = [0.0] * n
         S = self.aligner.geo.total_stride
         view_shift, full = [], []
         self.translating = []
@@ -392,8 +404,7 @@ class MotionDeltaModel(nn.Module):
         spec = torch.fft.rfft2(b)
         est = self.estimator.correlate(None, b, f, spectra=(self._anchor, spec))
         est.shift = self._refined(x, est.shift, f)
-        d = est.shift.double().cpu().tolist()
-        conf = est.confidence.cpu().tolist()
+        d, conf, _ = _columns_on_host(est.shift, est.confidence)
         unexplained = [0.0] * x.shape[0]
         if self.max_unexplained is not None and any(max(abs(v) for v in di) >= self.STILL_PX for di in d):
             unexplained = unexplained_change(self._anchor_pooled, g, est.shift / f).tolist()
