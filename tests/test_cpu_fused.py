@@ -244,18 +244,24 @@ def test_cpu_backend_rejects_cuda_device() -> None:
         get_backend(torch.device("cuda"), "cpu")
 
 
+def _gemm_conv_case(win: Window, cin: int, cout: int, n: int, h: int, w: int, density: float, seed: int):
+    """A random delta and conv weights for the implicit-GEMM tests (skipped where the CPU lacks AVX2/FMA:
+    the fused backend then uses gather + matmul)."""
+    from deltacnn.backends.base import ConvParams
+    if not FUSED._gemm:
+        pytest.skip("no AVX2/FMA here: the fused backend uses gather + matmul")
+    gen = torch.Generator().manual_seed(seed)
+    d = _delta(n, cin, h, w, density, gen)
+    return d, ConvParams(torch.randn(cout, cin, *win.kernel, generator=gen), win, 1)
+
+
 @pytest.mark.parametrize("win", WINDOWS, ids=str)
 @pytest.mark.parametrize("cin,cout", [(3, 16), (5, 20), (17, 33)])
 def test_implicit_gemm_conv_rows_equal_reference(win: Window, cin: int, cout: int) -> None:
     """conv_rows (taps read in place, empty taps skipped, panels of 16 output channels) against the
     reference's tap gather + matmul; and against dense PyTorch on the zero-filled delta."""
-    from deltacnn.backends.base import ConvParams
-    if not FUSED._gemm:
-        pytest.skip("no AVX2/FMA here: the fused backend uses gather + matmul")
-    gen = torch.Generator().manual_seed(41)
     n, h, w = 2, 11, 13
-    d = _delta(n, cin, h, w, 0.3, gen)
-    p = ConvParams(torch.randn(cout, cin, *win.kernel, generator=gen), win, 1)
+    d, p = _gemm_conv_case(win, cin, cout, n, h, w, 0.3, seed=41)
     out_hw = win.out_size(h, w)
     idx, _ = FUSED._candidates(d, win, out_hw)
     if idx.numel() % 6 == 0:  # keep a partial block of the 6-pixel micro-kernel
@@ -280,13 +286,8 @@ def test_plain_conv_delta_equals_reference(win: Window, cin: int, cout: int) -> 
     """A plain conv (no activation) on the fused backend, its rows written into the output delta by
     conv_rows_delta, against the reference's conv2d (rows scattered by index_copy) and dense PyTorch:
     same mask, active pixels, values there and counted work; an empty input gives an empty delta."""
-    from deltacnn.backends.base import ConvParams
-    if not FUSED._gemm:
-        pytest.skip("no AVX2/FMA here")
-    gen = torch.Generator().manual_seed(43)
     n, h, w = 2, 11, 13
-    d = _delta(n, cin, h, w, 0.15, gen)
-    p = ConvParams(torch.randn(cout, cin, *win.kernel, generator=gen), win, 1)
+    d, p = _gemm_conv_case(win, cin, cout, n, h, w, 0.15, seed=43)
     outs = []
     for be in (REF, FUSED):
         be.work = [0, 0]
@@ -301,7 +302,7 @@ def test_plain_conv_delta_equals_reference(win: Window, cin: int, cout: int) -> 
     m = o2.mask.expand_as(dense)
     torch.testing.assert_close(o2.values[m], dense[m], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(o2.ext[-1], torch.zeros(cout))  # the zero row gathers read
-    empty = _delta(n, cin, h, w, 0.0, gen)
+    empty = _delta(n, cin, h, w, 0.0, torch.Generator().manual_seed(44))  # no pixel set
     assert int(FUSED.conv_block(empty, p, None, None).mask.sum()) == 0
 
 
