@@ -121,6 +121,8 @@ SWITCHES = {  # name -> (module, attribute path of the check, what it returns wh
     "fused_blobs": ("deltacnn.backends.cpu_fused", "FusedCpuBackend._blobs_ok", False),
     "fused_range": ("deltacnn.backends.cpu_fused", "FusedCpuBackend._range_ok", False),
     "cpu_decode": ("deltacnn.models.yolov8", "_cpu_decode_ok", None),
+    # conversion-time: off, convert writes an open spatial dim of x[:, a:b] as slice(0, H, 1) (session 10)
+    "open_slice": ("deltacnn.convert", "_open", False),
 }
 FORMER_NAMES = {"cpu_fused.IMPLICIT_GEMM": "implicit_gemm", "cpu_fused.FUSED_EPILOGUE": "fused_epilogue",
                 "cpu_fused.DENSE_CONV": "dense_conv", "cpu_fused.FUSED_BLOBS": "fused_blobs",
@@ -219,7 +221,8 @@ def main() -> None:
         peer = onnxruntime_peer(model, frames[0], threads=args.threads)
     for point in args.points.split(","):
         dms = {}
-        for name, _ in variants:
+        for name, kv in variants:
+            apply_settings(kv, defaults)  # conversion-time switches (open_slice) act here
             dms[name] = convert_at(model, frames, point, args.min_blob)
             if args.stages:
                 instrument(dms[name].rt.backend_on(torch.device("cpu")), clocks[name])

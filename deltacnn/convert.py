@@ -902,7 +902,9 @@ class _Converter:
         full = [slice(*i.indices(n)) == slice(0, n, 1) for i, n in zip(idx, shape)]
         if all(full):
             return args[0]
-        c, h, w = (slice(*i.indices(n)) for i, n in zip(idx[1:], shape[1:]))
+        # an open dim (`:`) stays slice(None): valid at any input size, and a channel-only slice then takes
+        # the backends' channel_slice (C2f's y[:, :c]) instead of a spatial copy of values and mask
+        c, h, w = (slice(None) if _open(i) else slice(*i.indices(n)) for i, n in zip(idx[1:], shape[1:]))
         return self._add_layer(DeltaSlice(c, h, w, self._name(node)), (args[0],))
 
     def _slice_dim(self, node: fx.Node, stream: fx.Node, dim: int, sl: slice, name: str | None = None) -> fx.Node | None:
@@ -1155,6 +1157,11 @@ def _template(args: tuple, kwargs: dict, nodes: list) -> tuple[tuple, tuple]:
 
 def _key(node: fx.Node) -> Any:
     return node.target if node.op in ("call_function", "call_method") else None
+
+
+def _open(i: slice) -> bool:
+    """Whether slice i is `:` (all of a dim at any size: no start, stop or step other than 0 / None / 1)."""
+    return i.start in (None, 0) and i.stop is None and i.step in (None, 1)
 
 
 def _index_4d(idx: tuple, shape: tuple) -> tuple | None:

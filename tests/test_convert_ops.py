@@ -328,3 +328,30 @@ def test_conv_after_a_pixel_moving_chain_needs_permission_and_names_the_line():
         deltacnn.convert(m, make_video(1, h=16, w=16)[0])
     msg = str(e.value)
     assert "'contiguous'" in msg and "y = y.permute(0, 1, 3, 2).contiguous()" in msg
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_open_slice_is_a_channel_slice_at_any_size(backend):
+    """y[:, :c] (C2f's split) converts to a channel-only slice: the backend's channel_slice runs on delta frames
+    (not a spatial copy of values and mask), and the slice holds at another input size after a reset (the
+    traced height and width are not baked in)."""
+    m = Bank(["slice_half"]).eval()
+    clip = make_video(6, h=16, w=16, noise=0.0, seed=3, size=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DenseOpsWarning)
+        dm = deltacnn.convert(m, clip[0], backend=backend, dense_above=None, on_input_change="reset")
+    slices = [layer for layer in dm.layers.values() if isinstance(layer, deltacnn.layers.DeltaSlice)]
+    assert slices and not any(s.spatial for s in slices)
+    be = dm.rt.backend_on(torch.device("cpu"))
+    calls = []
+    real = be.channel_slice
+    be.channel_slice = lambda d, a, b: calls.append((a, b)) or real(d, a, b)
+    for t in range(clip.shape[0]):
+        with torch.no_grad():
+            assert rel_err(dm(clip[t])[0], m(clip[t])[0]) < 1e-5
+    assert len(calls) == 2 * (clip.shape[0] - 1)  # two slices on every delta frame
+    other = make_video(4, h=24, w=20, noise=0.0, seed=4, size=4)
+    for t in range(other.shape[0]):
+        with torch.no_grad():
+            got, want = dm(other[t])[0], m(other[t])[0]
+        assert got.shape == want.shape and rel_err(got, want) < 1e-5
