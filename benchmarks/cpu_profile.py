@@ -123,6 +123,10 @@ SWITCHES = {  # name -> (module, attribute path of the check, what it returns wh
     "cpu_decode": ("deltacnn.models.yolov8", "_cpu_decode_ok", None),
     # conversion-time: off, convert writes an open spatial dim of x[:, a:b] as slice(0, H, 1) (session 10)
     "open_slice": ("deltacnn.convert", "_open", False),
+    # off: 1x1 convs run the candidates pass too (session 10)
+    "pointwise_candidates": ("deltacnn.backends.cpu_fused", "_pointwise", False),
+    # off: nearest upsampling runs on the zero-filled delta (dense_linear), as in session 10
+    "nearest_upsample": ("deltacnn.backends.cpu_fused", "FusedCpuBackend.upsample_nearest", None),
 }
 FORMER_NAMES = {"cpu_fused.IMPLICIT_GEMM": "implicit_gemm", "cpu_fused.FUSED_EPILOGUE": "fused_epilogue",
                 "cpu_fused.DENSE_CONV": "dense_conv", "cpu_fused.FUSED_BLOBS": "fused_blobs",

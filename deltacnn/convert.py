@@ -657,7 +657,8 @@ class _Converter:
     def _linear_map(self, name: str, stream: fx.Node, spec: lm.LinearMapSpec | None) -> fx.Node | None:
         if spec is None:
             return None
-        return self._add_layer(DeltaLinearMap(spec.fn, spec.mask_fn, name, spec.what, spec.key_fn), (stream,))
+        return self._add_layer(DeltaLinearMap(spec.fn, spec.mask_fn, name, spec.what, spec.key_fn, spec.nearest),
+                               (stream,))
 
     def _adaptive(self, name: str, stream: fx.Node, output_size, node: fx.Node) -> fx.Node:
         size = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)

@@ -24,6 +24,9 @@ class LinearMapSpec:
     mask_fn: Fn
     what: str
     key_fn: Fn | None = None
+    # (sy, sx) when fn is a nearest upsampling by integer factors: each output pixel (y, x) copies input
+    # pixel (y // sy, x // sx), which a backend may run on the updated pixels alone (Backend.upsample_nearest)
+    nearest: tuple[int, int] | None = None
 
 
 def _pair(v) -> tuple:
@@ -79,7 +82,18 @@ def interpolate(size=None, scale_factor=None, mode: str = "nearest", align_corne
             m = F.max_pool2d(m, 3, 1, 1)
         return F.interpolate(m, mode="bilinear", align_corners=ac, **kw) > 0
 
-    return LinearMapSpec(fn, mask_fn, f"interpolate(size={size}, scale_factor={scale_factor}, mode={mode})")
+    return LinearMapSpec(fn, mask_fn, f"interpolate(size={size}, scale_factor={scale_factor}, mode={mode})",
+                         nearest=_integer_factors(scale_factor) if mode == "nearest" and size is None else None)
+
+
+def _integer_factors(scale_factor) -> tuple[int, int] | None:
+    """(sy, sx) of a scale factor that is a whole number >= 1 in both dims (2, 2.0, (2, 3)); else None."""
+    if scale_factor is None:
+        return None
+    f = _pair(scale_factor)
+    if len(f) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, float)) or v < 1 or v != int(v) for v in f):
+        return None
+    return int(f[0]), int(f[1])
 
 
 def pad(padding, mode: str = "constant", value=None) -> LinearMapSpec | None:

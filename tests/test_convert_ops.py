@@ -95,6 +95,8 @@ CASES = {
                        "DeltaLinearMap"),
     "interp_area": (lambda y, x: F.interpolate(y, size=(5, 7), mode="area"), 8, 1, "DeltaLinearMap"),
     "upsample_bicubic_module": (nn.Upsample(scale_factor=2, mode="bicubic"), 8, 2, "DeltaLinearMap"),
+    "interp_scale_nearest": (lambda y, x: F.interpolate(y, scale_factor=2.0), 8, 2, "DeltaLinearMap"),
+    "upsample_nearest_module": (nn.Upsample(scale_factor=(2, 3), mode="nearest"), 8, 1, "DeltaLinearMap"),
 }
 
 

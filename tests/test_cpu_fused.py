@@ -170,6 +170,22 @@ def test_add_cat_slice_equal_reference(rates: tuple[float, float]) -> None:
         FUSED.add(a, c3)
 
 
+@pytest.mark.parametrize("factors", [(2, 2), (1, 3), (3, 2)])
+@pytest.mark.parametrize("rate", [0.0, 0.3, 1.0])
+def test_upsample_nearest_equals_dense_linear(factors: tuple[int, int], rate: float) -> None:
+    """upsample_nearest on the updated rows against the reference's op on the zero-filled delta (the
+    linear_maps spec the converter builds for nn.Upsample / F.interpolate with an integer scale)."""
+    from deltacnn import linear_maps
+    spec = linear_maps.interpolate(scale_factor=tuple(float(f) for f in factors), mode="nearest")
+    assert spec.nearest == factors
+    assert linear_maps.interpolate(scale_factor=1.5).nearest is None
+    assert linear_maps.interpolate(size=(8, 8)).nearest is None
+    assert linear_maps.interpolate(scale_factor=2, mode="bilinear").nearest is None
+    d = _delta(2, 5, 4, 3, rate, torch.Generator().manual_seed(31))
+    assert REF.upsample_nearest(d, factors) is None  # the reference runs dense_linear
+    _same_delta(REF.dense_linear(d, spec.fn, spec.mask_fn), FUSED.upsample_nearest(d, factors))
+
+
 @pytest.mark.parametrize("act", [ActSpec("relu"), ActSpec("silu")], ids=lambda a: a.describe())
 @pytest.mark.parametrize("with_residual", [False, True])
 @pytest.mark.parametrize("win", [Window.make(3, 1, 1), Window.make(3, 2, 1), Window((3, 3), (1, 1), (0, 2, 1, 1), (1, 1))],
@@ -313,10 +329,12 @@ EPILOGUE_ACTS = [ActSpec("relu"), ActSpec("silu"), ActSpec("sigmoid"), ActSpec("
 @pytest.mark.parametrize("act", EPILOGUE_ACTS, ids=lambda a: a.describe())
 @pytest.mark.parametrize("tau,score", [(0.0, "max"), (0.05, "max"), (0.1, "l2")])
 @pytest.mark.parametrize("with_residual", [False, True])
-def test_conv_act_epilogue_equals_reference(act: ActSpec, tau: float, score: str, with_residual: bool,
+@pytest.mark.parametrize("k", [3, 1])
+def test_conv_act_epilogue_equals_reference(act: ActSpec, tau: float, score: str, with_residual: bool, k: int,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """conv_block's gathered case in one C++ pass (implicit GEMM + update in its epilogue; SiLU and
-    sigmoid by a vectorised exp) against the reference's gather, matmul and ATen update."""
+    sigmoid by a vectorised exp) against the reference's gather, matmul and ATen update. A 1x1 conv
+    without a residual takes its input's updated pixels as the candidates (no dilation pass)."""
     from deltacnn.backends import reference
     from deltacnn.backends.base import ConvParams
     if not FUSED._gemm:
@@ -324,9 +342,9 @@ def test_conv_act_epilogue_equals_reference(act: ActSpec, tau: float, score: str
     monkeypatch.setattr(reference, "DENSE_SWITCH", 1.0)  # every candidate on the gathered path
     gen = torch.Generator().manual_seed(43)
     n, cin, cout, h, w = 2, 7, 21, 9, 11
-    win = Window.make(3, 1, 1)
+    win = Window.make(k, 1, k // 2)
     d = _delta(n, cin, h, w, 0.2, gen)
-    p = ConvParams(torch.randn(cout, cin, 3, 3, generator=gen) * 0.3, win, 1)
+    p = ConvParams(torch.randn(cout, cin, k, k, generator=gen) * 0.3, win, 1)
     residual = _delta(n, cout, h, w, 0.2, gen) if with_residual else None
     outs = []
     for be in (REF, FUSED):
@@ -342,10 +360,11 @@ def test_conv_act_epilogue_equals_reference(act: ActSpec, tau: float, score: str
     # the same update on dense PyTorch: E = f(A) where emitted, A = A0 + conv(zero-filled d) (+ residual)
     g = torch.Generator().manual_seed(47)
     acc0 = 3 * torch.randn(n, cout, h, w, generator=g)
-    conv = nn.functional.conv2d(d.zero_filled(), p.weight, None, 1, 1)
+    conv = nn.functional.conv2d(d.zero_filled(), p.weight, None, 1, k // 2)
     if residual is not None:
         conv = conv + residual.zero_filled()
-    cand = (nn.functional.max_pool2d(d.mask.float(), 3, 1, 1) > 0) | (residual.mask if residual is not None else False)
+    cand = (nn.functional.max_pool2d(d.mask.float(), k, 1, k // 2) > 0) | \
+        (residual.mask if residual is not None else False)
     torch.testing.assert_close(a2, torch.where(cand, acc0 + conv, acc0), rtol=1e-5, atol=1e-5)
     m = o2.mask.expand_as(e2)
     torch.testing.assert_close(e2[m], act(a2)[m], rtol=1e-5, atol=1e-5)

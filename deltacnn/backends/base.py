@@ -119,5 +119,11 @@ class Backend:
         activation. None: nothing done, the layer runs its generic path."""
         return None
 
+    def upsample_nearest(self, d: DeltaTensor, factors: tuple[int, int]) -> DeltaTensor | None:
+        """Nearest upsampling of a delta by integer factors (sy, sx) (output pixel (y, x) is input pixel
+        (y // sy, x // sx), values and mask alike), for backends that run it on the updated pixels alone;
+        None: not handled, the layer runs the op on the zero-filled delta (dense_linear)."""
+        return None
+
     def add(self, a: DeltaTensor, b: DeltaTensor) -> DeltaTensor:
         raise NotImplementedError

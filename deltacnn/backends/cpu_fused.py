@@ -66,6 +66,12 @@ def _delta(result: list[Tensor]) -> DeltaTensor:
     return DeltaTensor(values, mask, _active=idx, ext=ext)
 
 
+def _pointwise(win: Window) -> bool:
+    """A 1x1 window of stride 1 without padding: output pixel i reads input pixel i alone, so the
+    candidates of a conv are its input's updated pixels (no dilation pass)."""
+    return win.kernel == (1, 1) and win.stride == (1, 1) and not any(win.padding)
+
+
 def _depthwise(d: DeltaTensor, p: ConvParams) -> bool:
     """One filter per channel, as many outputs as inputs (MobileNet-style depthwise convs)."""
     return p.groups == d.shape[1] == p.weight.shape[0] and p.weight.shape[1] == 1
@@ -211,11 +217,15 @@ class FusedCpuBackend(ReferenceBackend):
             out_hw = p.window.out_size(h, w)
             plan = p.cache["cpu_block"] = ((n, h, w), (n, p.weight.shape[0], *out_hw),
                                            _geometry(n, (h, w), out_hw, p.window),
-                                           p.cached("cpu_panels", lambda: packed_weights(p.weight)))
-        _, shape, geo, packed = plan
+                                           p.cached("cpu_panels", lambda: packed_weights(p.weight)),
+                                           _pointwise(p.window))
+        _, shape, geo, packed, pointwise = plan
         if residual is not None and tuple(residual.shape) != shape:
             raise ValueError(f"residual shape {tuple(residual.shape)} does not match conv output {shape}")
-        idx, cand = self._k.candidates(d.mask, residual.mask if residual is not None else None, geo)
+        if pointwise and residual is None:  # a 1x1 conv's candidates are its input's updated pixels
+            idx, cand = d.active(), d.mask
+        else:
+            idx, cand = self._k.candidates(d.mask, residual.mask if residual is not None else None, geo)
         if not idx.numel():  # nothing to compute: the generic path makes the empty delta (and counts it)
             return super().conv_block(d, p, residual, act)
         self._count(p, idx.numel(), cand.numel(), idx, n, GEMM_DENSE_SWITCH)  # 1.0: never dense
@@ -239,7 +249,8 @@ class FusedCpuBackend(ReferenceBackend):
             return super().conv2d(d, p)
         n, _, h, w = d.shape
         out_hw = p.window.out_size(h, w)
-        idx, out_mask = self._candidates(d, p.window, out_hw)
+        # a 1x1 conv's candidates are its input's updated pixels (YOLOv8's Detect outputs)
+        idx, out_mask = (d.active(), d.mask) if _pointwise(p.window) else self._candidates(d, p.window, out_hw)
         if idx.numel() == 0:
             return super().conv2d(d, p)  # the empty delta (nothing counted yet)
         self._count(p, idx.numel(), out_mask.numel(), idx, n, GEMM_DENSE_SWITCH)  # 1.0: never dense
@@ -343,6 +354,11 @@ class FusedCpuBackend(ReferenceBackend):
         if any(d.dtype != torch.float32 for d in ds):
             return super().cat(ds)
         return _delta(self._k.merge_streams([_rows(d) for d in ds], [d.mask for d in ds], False))
+
+    def upsample_nearest(self, d: DeltaTensor, factors: tuple[int, int]) -> DeltaTensor | None:
+        if d.dtype != torch.float32:
+            return None
+        return _delta(self._k.upsample_nearest(_rows(d), d.mask, d.active(), factors[0], factors[1]))
 
     def channel_slice(self, d: DeltaTensor, start: int, stop: int) -> DeltaTensor:
         if d.dtype != torch.float32:

@@ -715,6 +715,40 @@ std::vector<torch::Tensor> slice_rows(torch::Tensor src_rows, torch::Tensor idx,
   return {out[0], out[1]};
 }
 
+// Nearest upsampling of a delta by integer factors (sy, sx): output pixel (n, y, x) is input pixel
+// (n, y / sy, x / sx), so the updated output pixels are the sy x sx blocks of the updated input pixels
+// idx (in_mask's, ascending), whose rows are copied. Returns [indices, ext, values, mask] as act_update.
+std::vector<torch::Tensor> upsample_nearest(torch::Tensor src_rows, torch::Tensor in_mask, torch::Tensor idx,
+                                            int64_t sy, int64_t sx) {
+  TORCH_CHECK(sy >= 1 && sx >= 1, "upsampling factors must be >= 1");
+  TORCH_CHECK(in_mask.dim() == 4 && in_mask.size(1) == 1, "in_mask must be (N, 1, H, W)");
+  TORCH_CHECK(idx.scalar_type() == torch::kLong && idx.is_contiguous(), "idx must be contiguous int64");
+  const int64_t n = in_mask.size(0), h = in_mask.size(2), w = in_mask.size(3), c = src_rows.size(1);
+  mask_ptr(in_mask, n * h * w, "in_mask");
+  const float* sp = rows_ptr(src_rows, n * h * w, c, "src_rows");
+  const int64_t ho = h * sy, wo = w * sx, p_count = idx.numel();
+  auto out = new_delta(n, c, ho, wo);
+  uint8_t* om = mask_out(out[2]);
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  for (int64_t p = 0; p < p_count; ++p) {
+    const int64_t q = ip[p];
+    TORCH_CHECK(q >= 0 && q < n * h * w, "idx holds a pixel outside the input");
+    const int64_t b = q / (h * w), rem = q % (h * w), y = rem / w, x = rem % w;
+    for (int64_t dy = 0; dy < sy; ++dy) std::memset(om + (b * ho + y * sy + dy) * wo + x * sx, 1, sx);
+  }
+  auto oidx = compact(om, n * ho * wo);
+  const int64_t* oi = oidx.data_ptr<int64_t>();
+  float* op = out[0].data_ptr<float>();
+  at::parallel_for(0, oidx.numel(), 256, [&](int64_t b0, int64_t b1) {
+    for (int64_t k = b0; k < b1; ++k) {
+      const int64_t r = oi[k], b = r / (ho * wo), rem = r % (ho * wo);
+      const int64_t src = (b * h + (rem / wo) / sy) * w + (rem % wo) / sx;
+      std::memcpy(op + r * c, sp + src * c, sizeof(float) * c);
+    }
+  });
+  return {oidx, out[0], out[1], out[2]};
+}
+
 // ---- implicit GEMM of a gathered conv (AVX2 + FMA; the caller falls back to gather + matmul) ------
 
 namespace {
@@ -1352,4 +1386,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv_dense", &conv_dense, "dense conv with bias, residual, activation and the keyframe state writes");
   m.def("yolo_decode", &yolo_decode, "YOLOv8 box decode of channels_last head maps");
   m.def("slice_rows", &slice_rows, "channel range of a delta at its updated pixels");
+  m.def("upsample_nearest", &upsample_nearest, "nearest upsampling of a delta by integer factors");
 }

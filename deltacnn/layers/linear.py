@@ -93,15 +93,20 @@ class DeltaLinearMap(DeltaLayer):
     kind = "linear_map"
 
     def __init__(self, fn: Callable[[Tensor], Tensor], mask_fn: Callable[[Tensor], Tensor], name: str = "",
-                 what: str = "", key_fn: Callable[[Tensor], Tensor] | None = None) -> None:
+                 what: str = "", key_fn: Callable[[Tensor], Tensor] | None = None,
+                 nearest: tuple[int, int] | None = None) -> None:
         super().__init__(name)
         self.fn, self.mask_fn, self.what, self.key_fn = fn, mask_fn, what, key_fn
+        self.nearest = nearest  # (sy, sx): fn is a nearest upsampling by these integer factors (linear_maps)
 
     def forward(self, d: DeltaTensor) -> DeltaTensor:
         d = check_delta(d, self)
         if d.dense:
             return self.record(DeltaTensor.keyframe((self.key_fn or self.fn)(d.values)))
-        return self.record(self.rt.backend_for(d.values).dense_linear(d, self.fn, self.mask_fn))
+        backend = self.rt.backend_for(d.values)
+        if self.nearest is not None and (out := backend.upsample_nearest(d, self.nearest)) is not None:
+            return self.record(out)  # the updated pixels' rows copied, not the op on the zero-filled map
+        return self.record(backend.dense_linear(d, self.fn, self.mask_fn))
 
     def extra_repr(self) -> str:
         return self.what
