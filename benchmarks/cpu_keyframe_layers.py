@@ -7,6 +7,13 @@ input, weight and output shape), plus the keyframe's time outside conv_dense. on
 measures wall clock: on a loaded machine its per-shape times are inflated (compare them on a quiet one).
 
     PYTHONPATH=/work/shared/bench python3 benchmarks/cpu_keyframe_layers.py --repeats 4
+
+`--steady N` instead runs N consecutive frames as keyframes of one stream (keyframe interval 1: the
+state buffers are reused, as on the keyframes of a real run, where the per-conv mode resets the model
+and allocates them again) and prints each frame's time, the conv_dense part and the rest; with
+`--peer`, onnxruntime on the same frames, interleaved (`--threads 2 --clock wall` on a quiet machine):
+
+    PYTHONPATH=/work/shared/bench python3 benchmarks/cpu_keyframe_layers.py --steady 24 --threads 2 --clock wall --peer
 """
 from __future__ import annotations
 
@@ -74,13 +81,71 @@ def ort_conv_times(model, x: torch.Tensor, repeats: int) -> tuple[dict[str, floa
     return {k: statistics.median(r.get(k, 0.0) for r in runs) for k in keys}, statistics.median(frame[1:])
 
 
+def steady(args) -> None:
+    """--steady: consecutive frames as keyframes (state buffers reused), conv_dense timed apart."""
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
+    torch.set_num_threads(args.threads)
+    model, frames = load("yolov8n", args.start, args.steady + 2)
+    dm = convert_at(model, frames, args.points, 1)
+    dm.keyframe_interval = 1
+    backend = dm.rt.backend_on(torch.device("cpu"))
+    real, spent = backend._k, [0.0]
+
+    class _Timed:  # the kernel module with conv_dense timed
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def conv_dense(self, *a):
+            t0 = clock()
+            try:
+                return real.conv_dense(*a)
+            finally:
+                spent[0] += clock() - t0
+
+    backend._k = _Timed()
+    peer = None
+    if args.peer:
+        from deltacnn.peers import onnxruntime_peer
+        peer = onnxruntime_peer(model, frames[0], threads=args.threads)
+    total, conv, peer_ms = [], [], []
+    with torch.no_grad():
+        for i, f in enumerate(frames):
+            if peer is not None:
+                t0 = clock()
+                peer(f)
+                if i >= 2:
+                    peer_ms.append((clock() - t0) * 1e3)
+            spent[0] = 0.0
+            t0 = clock()
+            dm(f)
+            dt = clock() - t0
+            if dm.last_mode != "keyframe":
+                raise RuntimeError(f"frame {i} ran as {dm.last_mode}, not as a keyframe")
+            if i >= 2:  # the first two warm up
+                total.append(dt * 1e3)
+                conv.append(spent[0] * 1e3)
+    med = statistics.median
+    print(f"{len(total)} keyframes ({args.threads} thread(s), {args.clock} clock): median {med(total):.1f} ms "
+          f"(mean {statistics.mean(total):.1f}), conv_dense {med(conv):.1f} ms, outside conv_dense "
+          f"{med([t - c for t, c in zip(total, conv)]):.1f} ms")
+    if peer_ms:
+        print(f"onnxruntime, same frames: median {med(peer_ms):.1f} ms (mean {statistics.mean(peer_ms):.1f}); "
+              f"keyframe / peer {med(total) / med(peer_ms):.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--start", type=int, default=200)
     ap.add_argument("--repeats", type=int, default=4)
     ap.add_argument("--points", default="deltacnn/data/yolov8n_vtest.json")
     ap.add_argument("--no-peer", action="store_true")
+    ap.add_argument("--steady", type=int, default=0, help="time N consecutive keyframes instead (see above)")
+    ap.add_argument("--peer", action="store_true", help="--steady: onnxruntime on the same frames, interleaved")
+    ap.add_argument("--threads", type=int, default=1, help="--steady only (the per-conv table runs at 1)")
+    ap.add_argument("--clock", choices=["cpu", "wall"], default="cpu", help="--steady only")
     args = ap.parse_args()
+    if args.steady:
+        return steady(args)
     torch.set_num_threads(1)
     model, frames = load("yolov8n", args.start, 1)
     dm = convert_at(model, frames, args.points, 1)

@@ -34,6 +34,36 @@ def to_cl(t: Tensor) -> Tensor:
     return t.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
 
 
+def channel_view(t: Tensor) -> bool:
+    """Whether t is a channel slice of a channels_last map: each pixel's channels contiguous, pixels at a
+    fixed stride of at least C, in (N, H, W) order. Its rows are not one (N*H*W, C) matrix (`rows` needs
+    to_cl first), but per pixel they are what the keyframe paths (cat, add, dense conv) read."""
+    if t.dim() != 4 or t.stride(1) != 1:
+        return False
+    n, c, h, w = t.shape
+    sx = t.stride(3)
+    return sx >= c and (h == 1 or t.stride(2) == w * sx) and (n == 1 or t.stride(0) == h * w * sx)
+
+
+_ALL_TRUE: dict[tuple, Tensor] = {}
+
+
+def all_true_mask(n: int, h: int, w: int, device: torch.device) -> Tensor:
+    """An (N, 1, H, W) all-true bool mask: a keyframe's. On the CPU one tensor per shape is shared by
+    every keyframe map of that shape (~90 a YOLOv8n keyframe, each a torch.ones otherwise); masks are
+    never written in place (code that changes one clones it first). Elsewhere, and inside a
+    torch.compile trace, a new one each call (a tensor made during a CUDA graph capture belongs to it)."""
+    if torch.device(device).type != "cpu" or torch.compiler.is_compiling():
+        return torch.ones(n, 1, h, w, dtype=torch.bool, device=device)
+    key = (n, h, w)
+    m = _ALL_TRUE.get(key)
+    if m is None:
+        if len(_ALL_TRUE) > 256:  # many input sizes: start over rather than keep them all
+            _ALL_TRUE.clear()
+        m = _ALL_TRUE[key] = torch.ones(n, 1, h, w, dtype=torch.bool)
+    return m
+
+
 def rows(t: Tensor) -> Tensor:
     """The (N*H*W, C) row view of a channels_last (N, C, H, W) tensor (shares memory)."""
     n, c, h, w = t.shape
@@ -77,9 +107,13 @@ class DeltaTensor:
 
     @classmethod
     def keyframe(cls, values: Tensor) -> "DeltaTensor":
+        """Absolute values as a keyframe: every pixel updated. Values already laid out channels_last are
+        kept as they are, and so is a channel slice of such a map (pixel rows strided, each pixel's
+        channels contiguous: `channel_view`), which the keyframe paths read in place."""
         n, _, h, w = values.shape
-        mask = torch.ones(n, 1, h, w, dtype=torch.bool, device=values.device)
-        return cls(to_cl(values), mask, dense=True)
+        if not (values.is_contiguous(memory_format=torch.channels_last) or channel_view(values)):
+            values = to_cl(values)
+        return cls(values, all_true_mask(n, h, w, values.device), dense=True)
 
     @property
     def shape(self) -> torch.Size:

@@ -108,6 +108,13 @@ class Backend:
         ConvParams); the conv's own arguments can still make dense_conv decline."""
         return False
 
+    def reads_channel_views(self, x: Tensor) -> bool:
+        """Whether this backend's keyframe paths take a channel slice of a channels_last map like x as a
+        keyframe's values in place (tensor.channel_view: pixel rows strided), so that a keyframe's
+        DeltaSlice need not copy it. Only the layers' keyframe paths (dense convs, cat, add, pooling,
+        resampling, state seeds) ever see such values; delta frames always carry row matrices."""
+        return False
+
     def dense_conv(self, x: Tensor, p: ConvParams, bias: Tensor | None, residual: Tensor | None,
                    act: ActSpec | None, state: Callable[[tuple[int, ...]], tuple[Tensor, Tensor]] | None
                    ) -> Tensor | None:

@@ -41,14 +41,18 @@ class DeltaLayer(nn.Module):
         The existing buffer is reused when it fits, so that a captured CUDA graph reading it stays
         valid across keyframes, and so that a keyframe costs one pass per state, not an allocation.
         """
+        return self._state_buffer_of(key, tuple(like.shape), like.device)
+
+    def _state_buffer_of(self, key: str, shape: tuple[int, ...], device: torch.device) -> Tensor:
+        """`_state_buffer` by shape and device (no tensor to describe them needed)."""
         if self.rt.streams is not None:
             raise RuntimeError(f"layer {self.name!r}: a keyframe of some streams writes state rows through "
                                "_seed_state, not a whole new buffer")
         old = self._buffers.get("state_" + key)
-        if old is not None and old.shape == like.shape and old.device == like.device and old.dtype == torch.float32:
+        if old is not None and old.shape == shape and old.device == device and old.dtype == torch.float32:
             return old
-        n, c, h, w = like.shape
-        buf = self._buffers["state_" + key] = new_cl(n, c, h, w, dtype=torch.float32, device=like.device)
+        n, c, h, w = shape
+        buf = self._buffers["state_" + key] = new_cl(n, c, h, w, dtype=torch.float32, device=device)
         return buf
 
     def _seed_state(self, key: str, values: Tensor, *, always: bool = False) -> None:

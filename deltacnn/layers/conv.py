@@ -107,8 +107,7 @@ class DeltaConv2d(DeltaLayer):
         state = None
         if self.act is not None and not rt.stateless:
             def state(shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
-                like = torch.empty((), device=x.device).expand(shape)  # the buffers' shape and device
-                return self._state_buffer("acc", like), self._state_buffer("emitted", like)
+                return self._state_buffer_of("acc", shape, x.device), self._state_buffer_of("emitted", shape, x.device)
         return backend.dense_conv(x, self.params(), self.bias, residual.values if residual is not None else None,
                                   self.act, state)
 

@@ -67,10 +67,7 @@ class Sparsify(DeltaLayer):
                 rt.input_change = self._changed_fraction(x).mean()
             if first and rt.track_streams:
                 rt.stream_change = self._changed_fraction(x)
-            # the input reference is kept even by stateless dense frames: it measures the next change
-            self._seed_state("ref", x, always=True)
-            self._forget_sent()
-            d = DeltaTensor.keyframe(x.to(rt.dtype))
+            d = self._keyframe(x)
         else:
             ref = self._state("ref")
             tau = self.tau()
@@ -105,18 +102,28 @@ class Sparsify(DeltaLayer):
                     # DeltaModel.dense_frame), so that their next frame is a keyframe
                     rt.keyframe = True
                     rt.stateless = plan.first == "dense"
-                    self._seed_state("ref", x, always=True)
-                    self._forget_sent()
-                    d = DeltaTensor.keyframe(x.to(rt.dtype))
+                    d = self._keyframe(x)
                 elif plan.left_out():
                     # these streams run densely after this pass: here they send nothing (their reference
                     # is re-seeded by that pass)
                     d = _without_streams(d, torch.tensor(plan.left_out(), device=x.device))
         if self.gate.temporal and not rt.keyframe:
             self._sent = d.mask.clone()  # what went out (dilated, streams left out): continues next frame
-        if first:
-            rt.input_mask = d.mask
+        if first:  # a keyframe's all-true mask is shared (tensor.all_true_mask): users get their own
+            rt.input_mask = d.mask.clone() if d.dense else d.mask
         return self.record(d)
+
+    def _keyframe(self, x: Tensor) -> DeltaTensor:
+        """The frame as a keyframe. The input reference is seeded with x (even by stateless dense frames:
+        it measures the next change); when it then holds x exactly (float32 throughout, the whole batch)
+        it is the keyframe's values too: one copy of the frame instead of two (the reference is
+        channels_last, as the first conv reads it). Nothing writes the reference before the next frame."""
+        rt = self.rt
+        self._seed_state("ref", x, always=True)
+        self._forget_sent()
+        if rt.streams is None and x.dtype == rt.dtype == torch.float32:
+            return DeltaTensor.keyframe(self._state("ref"))
+        return DeltaTensor.keyframe(x.to(rt.dtype))
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, dilation={self.dilation}, gate={self.gate.describe()}"

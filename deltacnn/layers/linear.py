@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ..tensor import DeltaTensor, to_cl
+from ..tensor import DeltaTensor, channel_view, to_cl
 from .base import DeltaLayer, check_delta
 
 
@@ -141,6 +141,10 @@ class DeltaSlice(DeltaLayer):
         v = d.values
         v = v.index_select(1, self.index.to(v.device)) if isinstance(ch, list) else v[:, ch]
         if not self.spatial:
+            if d.dense and channel_view(v) and self.rt.streams is None and \
+                    self.rt.backend_for(v).reads_channel_views(v):
+                # a keyframe's channel range (C2f's halves): its consumers read it in place, no copy
+                return self.record(DeltaTensor(v, d.mask, dense=True))
             return self.record(DeltaTensor(to_cl(v), d.mask, dense=d.dense, _active=d._active))
         v = v[:, :, self.rows, self.cols]
         return self.record(DeltaTensor(to_cl(v), d.mask[:, :, self.rows, self.cols].contiguous(), dense=d.dense))
