@@ -375,7 +375,8 @@ def test_estimates_do_not_drift_on_a_static_noisy_camera(net):
     their noise does not add up into a whole-pixel shift of the input (a frame where everything changes)."""
     g = torch.Generator().manual_seed(11)
     scene = _scene(12)[:, :, 100:100 + H, 100:100 + W]
-    mm = MotionDeltaModel(deltacnn.convert(net, torch.zeros(1, 3, H, W), backend="reference"), motion="auto")
+    mm = MotionDeltaModel(deltacnn.convert(net, torch.zeros(1, 3, H, W), backend="reference"), motion="auto",
+                          still_every=1)  # an estimate on every frame (see the skip's own test below)
     total = 0.0
     for t in range(30):
         mm(scene + 0.8 * torch.randn(scene.shape, generator=g))  # chained estimates: > 0.5 px off in 30 frames
@@ -465,7 +466,7 @@ def test_static_camera_refines_once_per_anchor_and_pans_every_frame(net):
     orig = pc.refine
     pc.refine = lambda *a: calls.append(1) or orig(*a)
     mm = MotionDeltaModel(deltacnn.convert(net, torch.zeros(1, 3, H, W), backend="reference"), motion="auto",
-                          estimator=pc)
+                          estimator=pc, still_every=1)
     for t in range(5):
         mm(_camera(scene, 100, 80, t))
     assert len(calls) == 1 and mm.camera[0] == pytest.approx([0.0, 0.0], abs=0.3), (calls, mm.camera)
@@ -473,3 +474,32 @@ def test_static_camera_refines_once_per_anchor_and_pans_every_frame(net):
         mm(_camera(scene, 100 + 3 * (t - 4), 80, t))
     assert len(calls) == 5, calls
     assert mm.camera[0] == pytest.approx([12.0, 0.0], abs=0.3) and mm.aligned_at[0] == [12, 0], mm.camera
+
+
+def test_still_camera_is_estimated_every_other_frame_and_a_pan_start_is_caught_up(net):
+    """still_every=2 (default): after two still estimates only every other frame is estimated; a pan that
+    starts on a skipped frame runs that frame unaligned (plain delta on it) and is caught up by the next
+    estimate (against the anchor), after which the view follows the camera as with an estimate per frame.
+    At tau 0 every frame's output is dense inference on the view it saw."""
+    scene = _scene(19)
+    pc = PhaseCorrelator()
+    calls = []
+    orig = pc.correlate
+    pc.correlate = lambda *a, **k: calls.append(1) or orig(*a, **k)
+    mm = MotionDeltaModel(deltacnn.convert(net, torch.zeros(1, 3, H, W), backend="reference"), motion="auto",
+                          estimator=pc)
+    xs = [100] * 5 + [104, 108, 112, 116, 120]  # still for frames 0-4, a 4 px/frame pan from frame 5 (skipped)
+    estimated, cams = [], []
+    for t, cx in enumerate(xs):
+        x = _camera(scene, cx, 80, t)
+        out = mm(x)
+        estimated.append(deltacnn.motion.motion_record(mm)["motion_estimated"])
+        cams.append(round(mm.camera[0][0]))
+        want = map_outputs(net(_view_frame(mm, x)), torch.tensor(mm.input_shift).neg(), (H, W))
+        torch.testing.assert_close(out, want, atol=2e-5, rtol=0)
+    # frame 0 is the keyframe (no estimate); 1, 2 still; then every other frame until the pan is seen
+    assert estimated == [1, 1, 1, 0, 1, 0, 1, 1, 1, 1], estimated
+    assert len(calls) == 7, calls
+    assert cams == [0, 0, 0, 0, 0, 0, 8, 12, 16, 20], cams  # frame 5 unaligned, caught up by frame 6's estimate
+    with pytest.raises(ValueError, match="still_every"):
+        MotionDeltaModel(mm.dm, still_every=0)

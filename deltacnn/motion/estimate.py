@@ -146,18 +146,34 @@ class PhaseCorrelator:
     def prepare(self, x: Tensor) -> tuple[Tensor, int]:
         """(N, h, w) pooled, zero-mean, windowed grey frames and the pooling factor; keep it for the next call."""
         g, f = self.pooled(x)
-        return g * self._hann(*g.shape[1:], g.device), f
+        return self.windowed(g), f
+
+    def windowed(self, g: Tensor) -> Tensor:
+        """Pooled grey frames (see `pooled`) times the Hann window: what is correlated (the one place the
+        window is applied)."""
+        return g * self._hann(*g.shape[1:], g.device)
+
+    def spectrum(self, x: Tensor) -> tuple[Tensor, Tensor, int]:
+        """rfft2 of the windowed pooled frames (what `correlate` takes as `spectra`), the pooled frames
+        themselves (not windowed) and the pooling factor."""
+        g, f = self.pooled(x)
+        return torch.fft.rfft2(self.windowed(g)), g, f
 
     def pooled(self, x: Tensor) -> tuple[Tensor, int]:
         """(N, h, w) pooled, zero-mean grey frames (not windowed: what `unexplained_change` compares) and the
         pooling factor."""
         if x.dim() != 4:
             raise ValueError(f"expected (N, C, H, W) frames, got shape {tuple(x.shape)}")
-        g = x.float().mean(1, keepdim=True)
-        f = max(1, math.ceil(max(g.shape[2:]) / self.max_size))
-        if f > 1:
-            g = F.avg_pool2d(g, f)
-        g = g[:, 0]
+        c = x.shape[1]
+        f = max(1, math.ceil(max(x.shape[2:]) / self.max_size))
+        if f > 1:  # grey and average pooling in one pass over the frame (a channel mean and avg_pool2d are two)
+            key = ("pool", c, f, x.device)
+            w = self._window.get(key)
+            if w is None:
+                w = self._window[key] = torch.full((1, c, f, f), 1.0 / (c * f * f), device=x.device)
+            g = F.conv2d(x.float(), w, stride=f)[:, 0]
+        else:
+            g = x.float().mean(1)
         h, w = g.shape[1:]
         sh, sw = _smooth_size(h), _smooth_size(w)  # FFT-friendly: a pooled 214 px side (2 * 107) is 2x slower
         if (sh, sw) != (h, w):
@@ -178,14 +194,13 @@ class PhaseCorrelator:
         """Camera displacement from the frame of the last `step` to `cur` (None on the first call, or after
         a change of shape): the previous frame's spectrum is kept, so each frame is prepared and
         transformed once."""
-        b, f = self.prepare(cur)
-        spec = torch.fft.rfft2(b)
+        spec, g, f = self.spectrum(cur)
         grey = self.grey(cur) if self.refine_size and f > 1 else None
         last = getattr(self, "_last", None)
         self._last = (tuple(cur.shape), spec, f, grey)
         if last is None or last[0] != tuple(cur.shape):
             return None
-        est = self.correlate(None, b, f, spectra=(last[1], spec))
+        est = self.correlate(None, None, f, spectra=(last[1], spec), size=tuple(g.shape[1:]))
         if grey is not None:
             est.shift = self.refine(last[3], cur, est.shift, f)
         return est
@@ -194,42 +209,44 @@ class PhaseCorrelator:
         """Drop the frame kept by `step` (a new stream)."""
         self._last = None
 
-    def correlate(self, a: Tensor | None, b: Tensor, factor: int = 1,
-                  spectra: tuple[Tensor, Tensor] | None = None) -> MotionEstimate:
-        """Estimate from two prepared grey batches (see `prepare`), or from their rfft2 `spectra`."""
-        n, h, w = b.shape
+    def correlate(self, a: Tensor | None, b: Tensor | None, factor: int = 1,
+                  spectra: tuple[Tensor, Tensor] | None = None, size: tuple[int, int] | None = None
+                  ) -> MotionEstimate:
+        """Estimate from two prepared grey batches (see `prepare`), or from their rfft2 `spectra` of frames of
+        `size` (h, w)."""
         fa, fb = spectra if spectra is not None else (torch.fft.rfft2(a), torch.fft.rfft2(b))
+        n = fb.shape[0]
+        h, w = size if size is not None else b.shape[1:]
         cross = fa * fb.conj()
         cross = cross / cross.abs().clamp_min(1e-12 * float(h * w))
         surf = torch.fft.irfft2(cross, s=(h, w))  # peak at the displacement d: cur(p) = prev(p + d)
         flat = surf.reshape(n, -1)
         peak, arg = flat.max(1)
         py, px = arg // w, arg % w
-        rows = torch.arange(n, device=b.device)
-
-        def at(dy: int, dx: int) -> Tensor:
-            return surf[rows, (py + dy) % h, (px + dx) % w]
-
-        sub_y = _parabola(at(-1, 0), peak, at(1, 0))
-        sub_x = _parabola(at(0, -1), peak, at(0, 1))
-        # the second peak: the maximum outside the (wrapped) neighbourhood of the first
-        yy = torch.arange(h, device=b.device).view(1, h, 1)
-        xx = torch.arange(w, device=b.device).view(1, 1, w)
-        dy = (yy - py.view(n, 1, 1)).remainder(h)
-        dx = (xx - px.view(n, 1, 1)).remainder(w)
-        e = self.exclude
-        near = (torch.minimum(dy, h - dy) <= e) & (torch.minimum(dx, w - dx) <= e)
-        second = surf.masked_fill(near, float("-inf")).reshape(n, -1).amax(1)
-        ratio = torch.where(peak > 0, peak / second.clamp_min(1e-30), torch.zeros_like(peak))
-        far = (~near).reshape(n, -1).float()
-        count = far.sum(1)
-        mean = (surf.reshape(n, -1) * far).sum(1) / count
-        std = ((((surf.reshape(n, -1) - mean.unsqueeze(1)) * far) ** 2).sum(1) / count).sqrt()
-        conf = (peak - mean) / std.clamp_min(1e-30)
+        # the peak's (wrapped) neighbourhood by index, (n, ky, kx): it gives the parabola's neighbours and is
+        # left out of the second peak and the sidelobe statistics (no h x w masks: ~30 ops fewer a frame)
+        ey, ex = min(self.exclude, (h - 1) // 2), min(self.exclude, (w - 1) // 2)
+        ny = (py.view(n, 1, 1) + torch.arange(-ey, ey + 1, device=fb.device).view(1, -1, 1)).remainder(h)
+        nx = (px.view(n, 1, 1) + torch.arange(-ex, ex + 1, device=fb.device).view(1, 1, -1)).remainder(w)
+        idx = (ny * w + nx).reshape(n, -1)
+        near = flat.gather(1, idx)
+        grid = near.view(n, 2 * ey + 1, 2 * ex + 1)
+        zero = torch.zeros_like(peak)
+        sub_y = _parabola(grid[:, ey - 1, ex], peak, grid[:, ey + 1, ex]) if ey else zero
+        sub_x = _parabola(grid[:, ey, ex - 1], peak, grid[:, ey, ex + 1]) if ex else zero
+        second = flat.scatter(1, idx, float("-inf")).amax(1)
+        ratio = torch.where(peak > 0, peak / second.clamp_min(1e-30), zero)
+        # mean and std outside the neighbourhood: the whole surface's sums minus the neighbourhood's (float64:
+        # the sums of squares cancel)
+        f64, n64 = flat.double(), near.double()
+        count = max(1, h * w - idx.shape[1])
+        mean = (f64.sum(1) - n64.sum(1)) / count
+        var = ((f64 * f64).sum(1) - (n64 * n64).sum(1)) / count - mean * mean
+        conf = ((peak.double() - mean) / var.clamp_min(0).sqrt().clamp_min(1e-30)).float()
         sy = torch.where(py > h // 2, py - h, py).float() + sub_y
         sx = torch.where(px > w // 2, px - w, px).float() + sub_x
         shift = torch.stack([sx, sy], 1) * factor
-        return MotionEstimate(shift, conf.float(), ratio.float())
+        return MotionEstimate(shift, conf, ratio.float())
 
 
 def unexplained_change(prev: Tensor, cur: Tensor, shift: Tensor) -> Tensor:

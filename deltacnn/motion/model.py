@@ -73,6 +73,12 @@ class MotionDeltaModel(nn.Module):
             reference: the scene the camera saw before it moved on, or the keyframe's replicated edge),
             so the band is no change for the delta step; "replicate" repeats the camera frame's edge
             pixels, which change on every frame of a pan.
+        still_every: "auto" only: once the estimates found every stream still (< STILL_PX from its anchor) on
+            STILL_RUN consecutive estimates, the motion is estimated on one frame in `still_every` only (the
+            others take zero motion: the estimator is a static camera's whole overhead); 1: every frame. A
+            camera that starts to move in a skipped frame is caught up at the next estimate (the estimate
+            is against the anchor); that frame runs as plain delta inference on the shifted view (correct,
+            as dense as plain delta's frames).
         halo: width (input pixels, rounded up to a multiple of the total stride) of the border bands
             recomputed when the view moves. None: the network's receptive-field bound R, which makes
             the result exact but, for deep nets (YOLOv8n: R = 832 px), recomputes the whole view on
@@ -83,8 +89,11 @@ class MotionDeltaModel(nn.Module):
     def __init__(self, dm, motion="auto", *, min_confidence: float = MIN_CONFIDENCE, resample: str = "nearest",
                  estimator: PhaseCorrelator | None = None, halo: int | None = None,
                  max_residual: float | None = None, max_unexplained: float | None = MAX_UNEXPLAINED,
-                 edge: str = "hold") -> None:
+                 edge: str = "hold", still_every: int = 2) -> None:
         super().__init__()
+        if not isinstance(still_every, int) or still_every < 1:
+            raise ValueError(f"still_every must be an int >= 1 (1: estimate every frame), got {still_every!r}")
+        self.still_every = still_every
         if edge not in ("hold", "replicate"):
             raise ValueError(f"edge must be 'hold' or 'replicate', got {edge!r}")
         self.edge = edge
@@ -133,6 +142,9 @@ class MotionDeltaModel(nn.Module):
         self.input_shift: list[list[float]] = []  # per stream: the translation applied to the last frame
         self.view_frame: Tensor | None = None  # the frame the converted model got last (aligned, edges held)
         self._anchor: Tensor | None = None  # "auto": spectra of the anchor frames (see _estimate_from_anchor)
+        self.estimated = True  # "auto": whether the last frame's motion was estimated (see still_every)
+        self._still_run: list[int] = []  # "auto", per stream: consecutive estimates that found it still
+        self._skipped = 0  # "auto": frames since the last estimate
 
     def reset(self) -> None:
         """Forget all state (the converted model's and the camera's); the next frame is a keyframe."""
@@ -343,6 +355,7 @@ class MotionDeltaModel(nn.Module):
     # camera) does not re-anchor every frame and chain the estimates' noise into a drift.
     REANCHOR_DECAY = 0.25
     STILL_PX = 0.5  # "auto": below this displacement from the anchor the camera counts as still (translating)
+    STILL_RUN = 2  # "auto": still estimates in a row before frames are skipped (see still_every)
     REANCHOR_CONFIDENCE = 8.0
 
     def _anchor_to(self, x: Tensor, streams: list[int], spec: Tensor | None = None,
@@ -350,8 +363,7 @@ class MotionDeltaModel(nn.Module):
         """Make the current frame (its spectrum `spec`, its pooled grey `pooled`) the anchor of `streams`, at
         their camera positions."""
         if spec is None:
-            pooled, f = self.estimator.pooled(x)
-            spec = torch.fft.rfft2(pooled * self.estimator._hann(*pooled.shape[1:], pooled.device))
+            spec, pooled, _ = self.estimator.spectrum(x)
         grey = self.estimator.grey(x[streams] if len(streams) < x.shape[0] else x)  # for the sub-pixel refinement
         if getattr(self, "_anchor", None) is None or self._anchor.shape != spec.shape or len(streams) == x.shape[0]:
             self._anchor = spec.clone()
@@ -399,10 +411,22 @@ class MotionDeltaModel(nn.Module):
         on a static camera soon rounds to a 1 px shift of the whole input, i.e. a frame where every
         pixel changes); measured against an anchor frame the position error stays that of one estimate.
         """
-        g, f = self.estimator.pooled(x)
-        b = g * self.estimator._hann(*g.shape[1:], g.device)
-        spec = torch.fft.rfft2(b)
-        est = self.estimator.correlate(None, b, f, spectra=(self._anchor, spec))
+        n = x.shape[0]
+        if len(self._still_run) != n:
+            self._still_run = [0] * n
+        if self.still_every > 1 and min(self._still_run) >= self.STILL_RUN and self._skipped < self.still_every - 1:
+            # every stream still: no estimate on this frame (zero motion, the last confidence)
+            self._skipped += 1
+            self.estimated = False
+            self._anchor_age = [a + 1 for a in self._anchor_age]
+            last = self.last_estimate
+            zero = torch.zeros(n, dtype=torch.float32, device=x.device)
+            return MotionEstimate(torch.zeros(n, 2, dtype=torch.float32, device=x.device),
+                                  last.confidence if last is not None else zero + math.inf, None, zero)
+        self._skipped = 0
+        self.estimated = True
+        spec, g, f = self.estimator.spectrum(x)
+        est = self.estimator.correlate(None, None, f, spectra=(self._anchor, spec), size=tuple(g.shape[1:]))
         est.shift = self._refined(x, est.shift, f)
         d, conf, _ = _columns_on_host(est.shift, est.confidence)
         unexplained = [0.0] * x.shape[0]
@@ -413,8 +437,11 @@ class MotionDeltaModel(nn.Module):
             ok = conf[i] >= self.min_confidence
             pos = [a + v for a, v in zip(self._anchor_cam[i], d[i])] if ok else list(self.camera[i])
             step.append([p - c for p, c in zip(pos, self.camera[i])])
-            if max(abs(v) for v in d[i]) < self.STILL_PX:
+            if max(abs(v) for v in d[i]) < self.STILL_PX and ok:
                 unexplained[i] = 0.0  # a still camera: nothing for a translation to explain, nothing to hold
+                self._still_run[i] += 1
+            else:
+                self._still_run[i] = 0
             if ok and self.max_unexplained is not None and unexplained[i] > self.max_unexplained:
                 # not a translation: forward holds the camera, and the anchor's position is moved so
                 # that the next step is the motion from this frame on (not a jump by all the held motion)
@@ -452,6 +479,7 @@ def motion_record(mm: MotionDeltaModel, stream: int = 0) -> dict:
     return {"motion_dx": dx, "motion_dy": dy, "motion_confidence": conf, "view_x": view[0], "view_y": view[1],
             "motion_unexplained": unexplained,
             "motion_translating": int(bool(mm.translating[stream])) if mm.translating else 1,
+            "motion_estimated": int(bool(mm.estimated)),
             "motion_recomputed": int(bool(mm.last_full and mm.last_full[stream])),
             "band_fraction": (al.recomputed_pixels / (h * w * max(1, len(mm.view)))) if al is not None else 0.0,
             "band_macs": al.recompute_macs if al is not None else 0}

@@ -91,3 +91,17 @@ def test_estimator_on_the_gpu_is_sub_pixel_and_stays_on_the_device():
     est = PhaseCorrelator(max_size=128)(prev, cur)
     assert est.shift.device.type == "cuda" and est.confidence.device.type == "cuda"
     torch.testing.assert_close(est.shift.cpu(), torch.tensor(shifts, dtype=torch.float32), atol=0.1, rtol=0)
+
+
+def test_estimator_on_the_gpu_matches_the_cpu():
+    """The grey-and-pool conv and the surface statistics by index (gather / scatter over the peak's
+    neighbourhood) give the same estimate and confidence on CUDA as on the CPU, batched over streams."""
+    scene = _scene(5)
+    shifts = [(3, -2), (-11, 6)]
+    prev = torch.cat([scene[:, :, 100:324, 100:420]] * len(shifts))
+    cur = torch.cat([scene[:, :, 100 + dy:324 + dy, 100 + dx:420 + dx] for dx, dy in shifts])
+    gpu = PhaseCorrelator()(prev, cur)
+    cpu = PhaseCorrelator()(prev.cpu(), cur.cpu())
+    torch.testing.assert_close(gpu.shift.cpu(), cpu.shift, atol=2e-3, rtol=0)
+    torch.testing.assert_close(gpu.confidence.cpu(), cpu.confidence, atol=0, rtol=1e-3)
+    torch.testing.assert_close(gpu.peak_ratio.cpu(), cpu.peak_ratio, atol=0, rtol=1e-3)
