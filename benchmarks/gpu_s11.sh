@@ -30,7 +30,7 @@ for stage in "$@"; do
     tail -25 "$OUT/gpu_tests_s11_scan.txt"
     ;;
   yolo)
-    timeout 300 python3 benchmarks/gpu_yolo.py --batches 1,16 --thresholds deltacnn/data/yolov8n_vtest.json \
+    timeout $(( ${LIMIT:-585} - ($(date +%s) - t0) )) python3 benchmarks/gpu_yolo.py --batches 1,16 --thresholds deltacnn/data/yolov8n_vtest.json \
         --autotune "" --profile 1:deltacnn/data/yolov8n_vtest.json --tag s11a 2>&1 \
         | grep -v -e DenseOpsWarning -e "dense tail after" -e "return deltacnn.convert" > "$OUT/gpu_yolo_s11a.txt"
     tail -8 "$OUT/gpu_yolo_s11a.txt"
