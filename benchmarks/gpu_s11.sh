@@ -25,9 +25,23 @@ for stage in "$@"; do
     tail -25 "$OUT/gpu_tests_s11_triton.txt"
     ;;
   scan)
-    timeout 150 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider -n 8 --timeout 140 \
-        tests/test_triton_kernels.py tests/test_triton_backend.py -k "scan or conv or cat_matches" > "$OUT/gpu_tests_s11_scan.txt" 2>&1
-    tail -25 "$OUT/gpu_tests_s11_scan.txt"
+    timeout 150 python3 -m pytest -q -rA --tb=short -p no:cacheprovider -n 12 --timeout 140 tests/test_triton_self_scan.py \
+        tests/test_triton_kernels.py tests/test_triton_backend.py tests/gpu/test_peers_gpu.py tests/gpu/test_triton_gpu.py \
+        tests/gpu/test_models_gpu.py > "$OUT/gpu_tests_s11_scan.txt" 2>&1
+    grep -E "passed|failed|FAILED|ERROR|Timeout" "$OUT/gpu_tests_s11_scan.txt" | tail -15
+    ;;
+  yolo1)
+    # b1 only, self-scan against the two-launch convs, no profile
+    timeout $(( ${LIMIT:-585} - ($(date +%s) - t0) )) python3 benchmarks/gpu_yolo.py --batches 1 \
+        --thresholds deltacnn/data/yolov8n_vtest.json --autotune "" --scan-off 1 --tag s11c 2>&1 \
+        | grep -v -e DenseOpsWarning -e "dense tail after" -e "return deltacnn.convert" > "$OUT/gpu_yolo_s11c.txt"
+    tail -5 "$OUT/gpu_yolo_s11c.txt"
+    ;;
+  peers2)
+    timeout 270 python3 benchmarks/gpu_peers.py --plan "r50:1:static,sq5,crowd5,sq25,sq100;r18:1:sq5;r18:16:sq5" \
+        --autotune "" --variants "default,two launches" --profile r50:1:static --frames 14 --tag s11b \
+        > "$OUT/gpu_peers_s11b.txt" 2>&1
+    grep -E "^\[|deltacnn=" "$OUT/gpu_peers_s11b.txt" | cut -c1-400 | tail -30
     ;;
   yolo)
     timeout $(( ${LIMIT:-585} - ($(date +%s) - t0) )) python3 benchmarks/gpu_yolo.py --batches 1,16 --thresholds deltacnn/data/yolov8n_vtest.json \
