@@ -35,7 +35,7 @@ from common import environment, median, print_table, workload, write_json
 from gpu_bench import SIZES, cuda_ms, free_memory, rel, steady_macs, time_sequence
 
 # deltacnn variants (module settings of the Triton kernels), timed one after the other per workload
-VARIANTS = {"default": {}, "tile lists": {"PIXEL_LISTS": False}, "two launches": {"SELF_SCAN": False}}
+VARIANTS = {"default": {}, "tile lists": {"PIXEL_LISTS": False}}
 TAU = 0.02
 NOISE, NOISE_INPUT_THRESHOLD = 0.01, 0.05
 N_OBJ = 24

@@ -169,8 +169,6 @@ def main() -> None:
                     "variants, each timed at every threshold setting ('none': cuDNN + seeding)")
     ap.add_argument("--cat-off", default="", help="batch sizes whose settings are also timed with the delta cats on "
                     "PyTorch (TritonBackend.cat patched to the sync-free backend's PyTorch form: the A/B of sparse_cat)")
-    ap.add_argument("--scan-off", default="", help="batch sizes whose settings are also timed with the two-launch "
-                    "convs (tile-list launch + conv; triton_kernels.conv.SELF_SCAN off: the A/B of the self-scanning conv)")
     ap.add_argument("--peers-only", action="store_true", help="time the dense peers only (e.g. max-autotune in "
                     "a process of its own under a time limit)")
     ap.add_argument("--tag", default="yolo")
@@ -199,18 +197,14 @@ def main() -> None:
         group = {"batch": batch, "size": f"{hw[1]}x{hw[0]}", "frames": T, "changed": changed, "peers": peers,
                  "strongest": best, "rows": []}
         cat_ab = [True, False] if str(batch) in args.cat_off.split(",") else [True]
-        scan_ab = [True, False] if str(batch) in args.scan_off.split(",") else [True]
-        variants = [] if args.peers_only else [(s_, dc, fc, sc) for s_ in args.thresholds.split(",")
-                                               for dc in args.dense_compile.split(",") for fc in cat_ab
-                                               for sc in scan_ab]
+        variants = [] if args.peers_only else [(s_, dc, fc) for s_ in args.thresholds.split(",")
+                                               for dc in args.dense_compile.split(",") for fc in cat_ab]
         from deltacnn.backends.syncfree import SyncFreeBackend
         from deltacnn.backends.triton_backend import TritonBackend
         fused_cat = TritonBackend.cat
         macs_cache: dict[str, float] = {}
-        from deltacnn.backends.triton_kernels import conv as tk_conv
-        for setting, dc, fuse_cat, scan in variants:
+        for setting, dc, fuse_cat in variants:
             TritonBackend.cat = fused_cat if fuse_cat else SyncFreeBackend.cat  # this benchmark's A/B only
-            tk_conv.SELF_SCAN = scan
             try:
                 r = run_delta(task, model32, base, batch, setting, args.warm, args.eval_from, hw,
                               None if dc == "none" else dc)
@@ -227,12 +221,9 @@ def main() -> None:
                 traceback.print_exc()
                 r = {"error": f"{type(e).__name__}: {e}"[:200]}
             TritonBackend.cat = fused_cat
-            tk_conv.SELF_SCAN = True
-            r["thresholds"], r["dense_compile"], r["fuse_cat"], r["self_scan"] = setting, dc, fuse_cat, scan
+            r["thresholds"], r["dense_compile"], r["fuse_cat"] = setting, dc, fuse_cat
             if not fuse_cat:
                 dc = f"{dc}/cat_off"
-            if not scan:
-                dc = f"{dc}/2launch"
             group["rows"].append(r)
             peer = ok[best]
             row = {"N": batch, "thr": setting.rsplit("/", 1)[-1][:18], "dc": dc, "cudnn+g": ok["cudnn+graph"], "peer": peer,

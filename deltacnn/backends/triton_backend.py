@@ -106,9 +106,7 @@ class TritonBackend(SyncFreeBackend):
             residual=to_cl(residual.values) if residual is not None else None,
             residual_mask=residual.mask if residual is not None else None,
             act=_act(act) if act is not None else None, out_dtype=out_dtype, input_precision=_precision(),
-            prepared=prepared, out_hw=out_hw, counter=counter,
-            # the conv's persistent buffers when it scans its own tiles (no tile-list launch)
-            scan_state=p.cached(f"triton_scan_{x.device}", dict), **self._window(d, p, out_hw))
+            prepared=prepared, out_hw=out_hw, counter=counter, **self._window(d, p, out_hw))
         # E sums what this layer sent: the stream's dense value, which a max pool after it can read
         return DeltaTensor(y, ym, running_sum=act.emitted if act is not None else None)
 

@@ -25,134 +25,6 @@ from .pointwise import sparse_nonlinear
 
 
 @triton.jit
-def _gemm_unit(x_ptr, xm_ptr, w_ptr, out_ptr, res_ptr, rm_ptr, a_ptr, e_ptr, fm_ptr, ws_ptr, ctr_ptr,
-               n, oy, ox, prow, pvalid, om, rm, unit, g, nb, ks, kk,
-               H, W, Cin, Cout, Cg, Og, slope, min_val, max_val, alpha, tau, prog_ptr, grp, ep, step,
-               KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-               DH: tl.constexpr, DW: tl.constexpr, PT: tl.constexpr, PL: tl.constexpr,
-               TH: tl.constexpr, TW: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-               NB: tl.constexpr, G: tl.constexpr, SPLIT_K: tl.constexpr,
-               HAS_RES: tl.constexpr, HAS_ACT: tl.constexpr, FN: tl.constexpr, SCORE: tl.constexpr,
-               WRITE_FM: tl.constexpr, ATOMIC: tl.constexpr, PREC: tl.constexpr, IS_F32: tl.constexpr,
-               NKC: tl.constexpr, N_IT: tl.constexpr, IT_PER: tl.constexpr, UPCAST: tl.constexpr,
-               FIXUP: tl.constexpr, OR_FM: tl.constexpr, PACK_K: tl.constexpr,
-               LOADS_FIRST: tl.constexpr, XM_IS_OM: tl.constexpr, WINDOW: tl.constexpr,
-               BORD: tl.constexpr, SHIFT: tl.constexpr, CPX: tl.constexpr, PIX: tl.constexpr,
-               CLEAN: tl.constexpr, WAIT_FM: tl.constexpr):
-    """One work item of the gathered-GEMM conv: the pixels `prow` (candidates `om`, residual mask `rm`),
-    channel block `nb` of group `g`, K split `ks`: gathers, tl.dot over K, epilogue.
-
-    CLEAN (self-scanning convs): the split-K workspace entries and the arrival counter are zeroed again
-    by the last split, so the next call needs no zeroing launch. WAIT_FM: before writing emit flags,
-    wait until the group's first program has cleared this unit's emit mask (progress word `grp` of
-    prog_ptr reaches (epoch `ep`, scan step `step`)).
-    """
-    cols_g = nb * BN + tl.arange(0, BN)
-    cvalid = cols_g < Og
-    acc = tl.zeros([TH * TW, BN], dtype=tl.float32)
-    it0 = ks * IT_PER
-    for j in range(0, IT_PER):
-        it = it0 + j
-        live = it < N_IT
-        if WINDOW:
-            # x is a bordered copy (H, W its padded size; see Bordered): step `it` is kernel row
-            # `it`, and each pixel's K slice is BK consecutive elements of that row (BK / CPX
-            # pixels from SHIFT left of its first tap), zero outside the mask and the image, so
-            # it is loaded as aligned vectors with neither a mask load nor bounds checks
-            iy = oy * SH - PT + it * DH + BORD
-            jx = ox * SW - PL - SHIFT + BORD
-            base = ((n * H + iy).to(tl.int64) * W + jx) * CPX
-            a = tl.load(x_ptr + base[:, None] + kk[None, :], mask=(pvalid & live)[:, None], other=0.0)
-            b = tl.load(w_ptr + (it * BK + kk)[:, None] * Og + cols_g[None, :], mask=live & cvalid[None, :],
-                        other=0.0)
-        elif PACK_K:
-            # few input channels (the RGB stem): K = (tap, channel) flattened, so a BK step
-            # covers several taps instead of padding 3 channels to BK; gathered per element
-            k = it * BK + kk
-            kv = (k < KH * KW * Cg) & live
-            tap = k // Cg
-            ky = tap // KW
-            kx = tap % KW
-            iy = oy[:, None] * SH - PT + (ky * DH)[None, :]
-            ix = ox[:, None] * SW - PL + (kx * DW)[None, :]
-            inb = pvalid[:, None] & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W) & kv[None, :]
-            if PIX:  # one image index per pixel
-                irow = (n[:, None] * H + iy).to(tl.int64) * W + ix
-            else:
-                irow = (n * H + iy).to(tl.int64) * W + ix
-            xm = (tl.load(xm_ptr + irow, mask=inb, other=0) != 0) & inb
-            a = tl.load(x_ptr + irow * Cin + (g * Cg + k % Cg)[None, :], mask=xm, other=0.0)
-            b = tl.load(w_ptr + (g * (KH * KW * Cg) + k)[:, None] * Og + cols_g[None, :],
-                        mask=kv[:, None] & cvalid[None, :], other=0.0)
-        else:
-            tap = it // NKC
-            kc = it % NKC
-            ky = tap // KW
-            kx = tap % KW
-            iy = oy * SH - PT + ky * DH
-            ix = ox * SW - PL + kx * DW
-            inb = pvalid & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W) & live
-            irow = (n * H + iy).to(tl.int64) * W + ix
-            if XM_IS_OM:  # 1x1, no padding, om computed from x's mask: x's mask at this tap
-                xm = om & live
-            else:
-                xm = (tl.load(xm_ptr + irow, mask=inb, other=0) != 0) & inb
-            k = kc * BK + kk
-            kv = (k < Cg) & live
-            a = tl.load(x_ptr + irow[:, None] * Cin + (g * Cg + k)[None, :], mask=xm[:, None] & kv[None, :],
-                        other=0.0)
-            b = tl.load(w_ptr + ((g * (KH * KW) + tap) * Cg + k)[:, None] * Og + cols_g[None, :],
-                        mask=kv[:, None] & cvalid[None, :], other=0.0)
-        if IS_F32:
-            acc = tl.dot(a, b, acc, input_precision=PREC)
-        elif UPCAST:  # the CPU interpreter's dot mishandles bf16: exact fp32 products instead
-            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b, acc)
-    cols = g * Og + cols_g
-    if ATOMIC:
-        cand = om
-        if HAS_RES:
-            if not LOADS_FIRST:
-                rm = (tl.load(rm_ptr + prow, mask=pvalid, other=0) != 0) & pvalid
-            rv = tl.load(res_ptr + prow[:, None] * Cout + cols[None, :],
-                         mask=(rm & (ks == 0))[:, None] & cvalid[None, :], other=0.0)
-            acc = acc + rv.to(tl.float32)
-            cand = cand | rm
-        tl.atomic_add(out_ptr + prow[:, None] * Cout + cols[None, :], acc,
-                      mask=cand[:, None] & cvalid[None, :], sem="relaxed")
-    elif FIXUP:
-        # split-K partials meet in a float32 workspace; the last split to arrive at this
-        # (tile, channel block) reads the sum back and runs the epilogue (residual, act, cast)
-        cand = om
-        if HAS_RES:
-            if not LOADS_FIRST:
-                rm = (tl.load(rm_ptr + prow, mask=pvalid, other=0) != 0) & pvalid
-            cand = cand | rm
-        wmask = cand[:, None] & cvalid[None, :]
-        woffs = prow[:, None] * Cout + cols[None, :]
-        tl.atomic_add(ws_ptr + woffs, acc, mask=wmask, sem="relaxed")
-        tl.debug_barrier()
-        old = tl.atomic_add(ctr_ptr + unit.to(tl.int64) * (G * NB) + g * NB + nb, 1, sem="acq_rel")
-        if old == SPLIT_K - 1:
-            tot = tl.load(ws_ptr + woffs, mask=wmask, other=0.0, cache_modifier=".cg")
-            if CLEAN:  # every split has arrived: leave the workspace and the counter zeroed for the next call
-                tl.store(ws_ptr + woffs, tl.zeros([TH * TW, BN], dtype=tl.float32), mask=wmask)
-                tl.store(ctr_ptr + unit.to(tl.int64) * (G * NB) + g * NB + nb, 0)
-            if WAIT_FM:
-                _wait_progress(prog_ptr, grp, ep, step)
-            finish_tile(tot, prow, pvalid, om, rm, cols, cvalid, Cout, out_ptr, res_ptr, rm_ptr, a_ptr, e_ptr,
-                        fm_ptr, slope, min_val, max_val, alpha, tau, HAS_RES, HAS_ACT, FN, SCORE, WRITE_FM,
-                        OR_FM, LOADS_FIRST)
-    else:
-        if WAIT_FM:
-            _wait_progress(prog_ptr, grp, ep, step)
-        finish_tile(acc, prow, pvalid, om, rm, cols, cvalid, Cout, out_ptr, res_ptr, rm_ptr, a_ptr, e_ptr, fm_ptr,
-                    slope, min_val, max_val, alpha, tau, HAS_RES, HAS_ACT, FN, SCORE, WRITE_FM, OR_FM,
-                    LOADS_FIRST)
-
-
-@triton.jit
 def _conv_gemm_kernel(x_ptr, xm_ptr, w_ptr, out_ptr, om_ptr, res_ptr, rm_ptr, a_ptr, e_ptr, fm_ptr,
                       ids_ptr, count_ptr, ws_ptr, ctr_ptr,
                       H, W, Ho, Wo, Cin, Cout, Cg, Og, n_tw, tiles_per_img,
@@ -211,12 +83,102 @@ def _conv_gemm_kernel(x_ptr, xm_ptr, w_ptr, out_ptr, om_ptr, res_ptr, rm_ptr, a_
         rm = om
         if HAS_RES and LOADS_FIRST:  # residual mask: fetched now, used after the main loop
             rm = (tl.load(rm_ptr + prow, mask=pvalid, other=0) != 0) & pvalid
-        _gemm_unit(x_ptr, xm_ptr, w_ptr, out_ptr, res_ptr, rm_ptr, a_ptr, e_ptr, fm_ptr, ws_ptr, ctr_ptr,
-                   n, oy, ox, prow, pvalid, om, rm, unit, g, nb, ks, kk,
-                   H, W, Cin, Cout, Cg, Og, slope, min_val, max_val, alpha, tau, count_ptr, 0, 0, 0,
-                   KH, KW, SH, SW, DH, DW, PT, PL, TH, TW, BN, BK, NB, G, SPLIT_K, HAS_RES, HAS_ACT, FN, SCORE,
-                   WRITE_FM, ATOMIC, PREC, IS_F32, NKC, N_IT, IT_PER, UPCAST, FIXUP, OR_FM, PACK_K,
-                   LOADS_FIRST, XM_IS_OM, WINDOW, BORD, SHIFT, CPX, PIX, False, False)
+        cols_g = nb * BN + tl.arange(0, BN)
+        cvalid = cols_g < Og
+        acc = tl.zeros([TH * TW, BN], dtype=tl.float32)
+        it0 = ks * IT_PER
+        for j in range(0, IT_PER):
+            it = it0 + j
+            live = it < N_IT
+            if WINDOW:
+                # x is a bordered copy (H, W its padded size; see Bordered): step `it` is kernel row
+                # `it`, and each pixel's K slice is BK consecutive elements of that row (BK / CPX
+                # pixels from SHIFT left of its first tap), zero outside the mask and the image, so
+                # it is loaded as aligned vectors with neither a mask load nor bounds checks
+                iy = oy * SH - PT + it * DH + BORD
+                jx = ox * SW - PL - SHIFT + BORD
+                base = ((n * H + iy).to(tl.int64) * W + jx) * CPX
+                a = tl.load(x_ptr + base[:, None] + kk[None, :], mask=(pvalid & live)[:, None], other=0.0)
+                b = tl.load(w_ptr + (it * BK + kk)[:, None] * Og + cols_g[None, :], mask=live & cvalid[None, :],
+                            other=0.0)
+            elif PACK_K:
+                # few input channels (the RGB stem): K = (tap, channel) flattened, so a BK step
+                # covers several taps instead of padding 3 channels to BK; gathered per element
+                k = it * BK + kk
+                kv = (k < KH * KW * Cg) & live
+                tap = k // Cg
+                ky = tap // KW
+                kx = tap % KW
+                iy = oy[:, None] * SH - PT + (ky * DH)[None, :]
+                ix = ox[:, None] * SW - PL + (kx * DW)[None, :]
+                inb = pvalid[:, None] & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W) & kv[None, :]
+                if PIX:  # one image index per pixel
+                    irow = (n[:, None] * H + iy).to(tl.int64) * W + ix
+                else:
+                    irow = (n * H + iy).to(tl.int64) * W + ix
+                xm = (tl.load(xm_ptr + irow, mask=inb, other=0) != 0) & inb
+                a = tl.load(x_ptr + irow * Cin + (g * Cg + k % Cg)[None, :], mask=xm, other=0.0)
+                b = tl.load(w_ptr + (g * (KH * KW * Cg) + k)[:, None] * Og + cols_g[None, :],
+                            mask=kv[:, None] & cvalid[None, :], other=0.0)
+            else:
+                tap = it // NKC
+                kc = it % NKC
+                ky = tap // KW
+                kx = tap % KW
+                iy = oy * SH - PT + ky * DH
+                ix = ox * SW - PL + kx * DW
+                inb = pvalid & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W) & live
+                irow = (n * H + iy).to(tl.int64) * W + ix
+                if XM_IS_OM:  # 1x1, no padding, om computed from x's mask: x's mask at this tap
+                    xm = om & live
+                else:
+                    xm = (tl.load(xm_ptr + irow, mask=inb, other=0) != 0) & inb
+                k = kc * BK + kk
+                kv = (k < Cg) & live
+                a = tl.load(x_ptr + irow[:, None] * Cin + (g * Cg + k)[None, :], mask=xm[:, None] & kv[None, :],
+                            other=0.0)
+                b = tl.load(w_ptr + ((g * (KH * KW) + tap) * Cg + k)[:, None] * Og + cols_g[None, :],
+                            mask=kv[:, None] & cvalid[None, :], other=0.0)
+            if IS_F32:
+                acc = tl.dot(a, b, acc, input_precision=PREC)
+            elif UPCAST:  # the CPU interpreter's dot mishandles bf16: exact fp32 products instead
+                acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, b, acc)
+        cols = g * Og + cols_g
+        if ATOMIC:
+            cand = om
+            if HAS_RES:
+                if not LOADS_FIRST:
+                    rm = (tl.load(rm_ptr + prow, mask=pvalid, other=0) != 0) & pvalid
+                rv = tl.load(res_ptr + prow[:, None] * Cout + cols[None, :],
+                             mask=(rm & (ks == 0))[:, None] & cvalid[None, :], other=0.0)
+                acc = acc + rv.to(tl.float32)
+                cand = cand | rm
+            tl.atomic_add(out_ptr + prow[:, None] * Cout + cols[None, :], acc,
+                          mask=cand[:, None] & cvalid[None, :], sem="relaxed")
+        elif FIXUP:
+            # split-K partials meet in a float32 workspace; the last split to arrive at this
+            # (tile, channel block) reads the sum back and runs the epilogue (residual, act, cast)
+            cand = om
+            if HAS_RES:
+                if not LOADS_FIRST:
+                    rm = (tl.load(rm_ptr + prow, mask=pvalid, other=0) != 0) & pvalid
+                cand = cand | rm
+            wmask = cand[:, None] & cvalid[None, :]
+            woffs = prow[:, None] * Cout + cols[None, :]
+            tl.atomic_add(ws_ptr + woffs, acc, mask=wmask, sem="relaxed")
+            tl.debug_barrier()
+            old = tl.atomic_add(ctr_ptr + unit.to(tl.int64) * (G * NB) + g * NB + nb, 1, sem="acq_rel")
+            if old == SPLIT_K - 1:
+                tot = tl.load(ws_ptr + woffs, mask=wmask, other=0.0, cache_modifier=".cg")
+                finish_tile(tot, prow, pvalid, om, rm, cols, cvalid, Cout, out_ptr, res_ptr, rm_ptr, a_ptr, e_ptr,
+                            fm_ptr, slope, min_val, max_val, alpha, tau, HAS_RES, HAS_ACT, FN, SCORE, WRITE_FM,
+                            OR_FM, LOADS_FIRST)
+        else:
+            finish_tile(acc, prow, pvalid, om, rm, cols, cvalid, Cout, out_ptr, res_ptr, rm_ptr, a_ptr, e_ptr, fm_ptr,
+                        slope, min_val, max_val, alpha, tau, HAS_RES, HAS_ACT, FN, SCORE, WRITE_FM, OR_FM,
+                        LOADS_FIRST)
         w += nprog
     if SELF_RESET:
         _reset_counter(count_ptr, nprog)
@@ -230,149 +192,6 @@ def _reset_counter(count_ptr, nprog):
     if done == nprog - 1:
         tl.store(count_ptr, 0)
         tl.store(count_ptr + 1, 0)
-
-
-@triton.jit
-def _wait_progress(prog_ptr, grp, ep, step):
-    """Spin until progress word `grp` reads epoch `ep` and at least `step` scanned chunks. Only the
-    group's first program writes it, and it has the group's lowest dynamic id: it was started before
-    any program that waits for it and never waits itself, so the wait cannot deadlock."""
-    v = tl.atomic_add(prog_ptr + grp, 0, sem="acquire")
-    while ((v >> 16) != ep) | ((v & 0xFFFF) < step):
-        v = tl.atomic_add(prog_ptr + grp, 0, sem="acquire")
-    tl.debug_barrier()
-
-
-@triton.jit
-def _conv_scan_kernel(x_ptr, xm_ptr, w_ptr, out_ptr, m1_ptr, m2_ptr, om_ptr, fm_ptr, res_ptr, rm_ptr, a_ptr, e_ptr,
-                      ring_ptr, rflag_ptr, state_ptr, prog_ptr, ws_ptr, ctr_ptr,
-                      H, W, Ho, Wo, MH, MW, Cin, Cout, Cg, Og, n_tw, tiles_per_img, n_tiles, n_chunks, n_groups,
-                      units_per_group, slope, min_val, max_val, alpha, tau,
-                      KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-                      DH: tl.constexpr, DW: tl.constexpr, PT: tl.constexpr, PL: tl.constexpr,
-                      TH: tl.constexpr, TW: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                      NB: tl.constexpr, G: tl.constexpr, SPLIT_K: tl.constexpr,
-                      HAS_RES: tl.constexpr, HAS_ACT: tl.constexpr, FN: tl.constexpr, SCORE: tl.constexpr,
-                      PREC: tl.constexpr, IS_F32: tl.constexpr,
-                      NKC: tl.constexpr, N_IT: tl.constexpr, IT_PER: tl.constexpr, UPCAST: tl.constexpr,
-                      FIXUP: tl.constexpr, OR_FM: tl.constexpr, PACK_K: tl.constexpr,
-                      LOADS_FIRST: tl.constexpr, XM_IS_OM: tl.constexpr, WINDOW: tl.constexpr,
-                      BORD: tl.constexpr, SHIFT: tl.constexpr, CPX: tl.constexpr,
-                      DIL: tl.constexpr, HAS_M2: tl.constexpr, FM_MODE: tl.constexpr, CT: tl.constexpr,
-                      RING: tl.constexpr, GDC: tl.constexpr):
-    """The gathered-GEMM conv without a tile-list launch: it finds its own candidates.
-
-    Each program takes a dynamic id (one atomic), so that lower ids are known to have started. Ids
-    form groups of G * NB * SPLIT_K programs, one per (group, channel block, K split); a group scans
-    chunks of CT output tiles (chunk grp, grp + n_groups, ...), each program of it alike: the candidate
-    mask (the input mask's receptive-field dilation when DIL, or m1), OR the residual mask m2, is
-    compacted into the program's own ring of pixel rows in global memory, and every TH*TW pixels
-    gathered are one work unit (the same units in every program of the group, so split-K partials
-    and channel blocks of one unit meet as in the tile-list form). The group's first program writes
-    the masks: DIL's candidate mask, FM_MODE 1 the union, FM_MODE 2 the emit mask's zeros (outside the
-    candidates, or everywhere with OR_FM, where the others then wait for it before setting flags).
-    (H, W) is x as the K loop reads it (a bordered copy's padded size with WINDOW), (MH, MW) x's mask.
-    state_ptr: [dynamic ids, arrivals, epoch] (the last program to finish zeroes the first two and
-    advances the epoch); the split-K workspace and counters are zeroed again by their last split.
-    """
-    gdc_start(GDC)
-    nprog = tl.num_programs(0)
-    PER: tl.constexpr = G * NB * SPLIT_K
-    P: tl.constexpr = TH * TW
-    CP: tl.constexpr = CT * P
-    vid = tl.atomic_add(state_ptr, 1, sem="relaxed")
-    ep = tl.load(state_ptr + 2, volatile=True) & 0x7FFF
-    grp = vid // PER
-    lane = vid % PER
-    g = lane // (NB * SPLIT_K)
-    nb = (lane % (NB * SPLIT_K)) // SPLIT_K
-    ks = lane % SPLIT_K
-    first = lane == 0
-    e = tl.arange(0, CP)
-    p = tl.arange(0, P)
-    kk = tl.arange(0, BK)
-    rbase = vid.to(tl.int64) * RING
-    fill = tl.zeros([], dtype=tl.int32)
-    head = tl.zeros([], dtype=tl.int32)
-    step = tl.zeros([], dtype=tl.int32)
-    c = grp
-    more = c < n_chunks
-    while more | (head < fill):
-        if (fill - head >= P) | (more == 0):  # a full unit is gathered, or the scan is over: run one
-            q = head + p
-            pvalid = q < fill
-            pix = tl.load(ring_ptr + rbase + q % RING, mask=pvalid, other=0)
-            fl = tl.load(rflag_ptr + rbase + q % RING, mask=pvalid, other=0)
-            n = pix // (Ho * Wo)
-            r = pix % (Ho * Wo)
-            oy = r // Wo
-            ox = r % Wo
-            prow = pix.to(tl.int64)
-            om = ((fl & 1) != 0) & pvalid
-            rm = om
-            if HAS_RES:
-                rm = ((fl & 2) != 0) & pvalid
-            _gemm_unit(x_ptr, xm_ptr, w_ptr, out_ptr, res_ptr, rm_ptr, a_ptr, e_ptr, fm_ptr, ws_ptr, ctr_ptr,
-                       n, oy, ox, prow, pvalid, om, rm, grp * units_per_group + head // P, g, nb, ks, kk,
-                       H, W, Cin, Cout, Cg, Og, slope, min_val, max_val, alpha, tau, prog_ptr, grp, ep, step,
-                       KH, KW, SH, SW, DH, DW, PT, PL, TH, TW, BN, BK, NB, G, SPLIT_K, HAS_RES, HAS_ACT, FN, SCORE,
-                       False, False, PREC, IS_F32, NKC, N_IT, IT_PER, UPCAST, FIXUP, OR_FM, PACK_K,
-                       True, XM_IS_OM, WINDOW, BORD, SHIFT, CPX, True, FIXUP, OR_FM and HAS_ACT)
-            head += P
-        else:  # scan the next chunk of tiles
-            tt = c * CT + e // P
-            pp = e % P
-            tn = tt // tiles_per_img
-            tr = tt % tiles_per_img
-            sy = (tr // n_tw) * TH + pp // TW
-            sx = (tr % n_tw) * TW + pp % TW
-            valid = (tt < n_tiles) & (sy < Ho) & (sx < Wo)
-            srow = (tn * Ho + sy).to(tl.int64) * Wo + sx
-            if DIL:
-                hit = tl.zeros([CP], dtype=tl.int32)
-                for ky in tl.static_range(KH):
-                    iy = sy * SH - PT + ky * DH
-                    for kx in tl.static_range(KW):
-                        ix = sx * SW - PL + kx * DW
-                        v = valid & (iy >= 0) & (iy < MH) & (ix >= 0) & (ix < MW)
-                        hit = hit | (tl.load(xm_ptr + (tn * MH + iy).to(tl.int64) * MW + ix, mask=v, other=0) != 0
-                                     ).to(tl.int32)
-                m = (hit != 0) & valid
-            else:
-                m = (tl.load(m1_ptr + srow, mask=valid, other=0) != 0) & valid
-            r2 = m
-            u = m
-            if HAS_M2:
-                r2 = (tl.load(m2_ptr + srow, mask=valid, other=0) != 0) & valid
-                u = m | r2
-            if first:
-                if DIL:
-                    tl.store(om_ptr + srow, m.to(tl.uint8), mask=valid)
-                if FM_MODE == 1:
-                    tl.store(fm_ptr + srow, u.to(tl.uint8), mask=valid)
-                if FM_MODE == 2:
-                    if OR_FM:
-                        tl.store(fm_ptr + srow, tl.zeros([CP], dtype=tl.uint8), mask=valid)
-                    else:  # candidates get their flag from the epilogue
-                        tl.store(fm_ptr + srow, tl.zeros([CP], dtype=tl.uint8), mask=valid & (u == 0))
-            mi = u.to(tl.int32)
-            slot = (fill + tl.cumsum(mi, axis=0) - 1) % RING
-            tl.store(ring_ptr + rbase + slot, srow.to(tl.int32), mask=u)
-            tl.store(rflag_ptr + rbase + slot, (m.to(tl.uint8) | (r2.to(tl.uint8) * 2)), mask=u)
-            fill += tl.sum(mi, axis=0)
-            c += n_groups
-            step += 1
-            more = c < n_chunks
-            tl.debug_barrier()  # the ring (and the masks) are written before anyone reads them
-            if OR_FM and HAS_ACT:
-                if first:
-                    tl.atomic_xchg(prog_ptr + grp, (ep << 16) | step, sem="release")
-    done = tl.atomic_add(state_ptr + 1, 1, sem="acq_rel")
-    if done == nprog - 1:
-        old_ep = tl.load(state_ptr + 2, volatile=True)
-        tl.store(state_ptr, 0)
-        tl.store(state_ptr + 1, 0)
-        tl.store(state_ptr + 2, (old_ep + 1) & 0x7FFF)
 
 
 @triton.jit
@@ -477,27 +296,6 @@ PIXEL_LISTS = True
 # H100, R50 1080p fp16, tau 0, ms per frame (None / 128 / 64): b1 5% 1.13 / 1.22 / 1.06,
 # b1 25% 2.46 / 2.54 / 2.28, b8 5% 5.47 / 5.27 / 4.93 (benchmarks/gpu_variants.py).
 SPLIT_EMIT_BN: int | None = 64
-# The gathered-GEMM conv scans its own output tiles (_conv_scan_kernel) where the caller keeps a
-# per-layer `scan_state` (the backend does): one launch per conv instead of a tile-list launch plus
-# the conv. A setting so that benchmarks can compare; the results are the same up to summation order.
-SELF_SCAN = True
-# Most output tiles a self-scanning group scans per step (its candidates are compacted in registers
-# and a ring of pixel rows in global memory; CT * TH * TW elements per step).
-SCAN_MAX_CHUNK = 16
-
-
-def _scan_buffers(state: dict, shape: tuple, n_groups: int, n_ctr: int, dev: torch.device) -> dict:
-    """The self-scanning conv's persistent zero-initialised buffers for one output shape (a layer may
-    see several batch sizes): [dynamic ids, arrivals, epoch], the groups' progress words, and for
-    split-K the float32 workspace and arrival counters, all left zeroed (the epoch advanced) by each call."""
-    key = (shape, n_groups, n_ctr, dev)
-    if key not in state:
-        n, c, h, w = shape
-        state[key] = {"state": torch.zeros(4, dtype=torch.int32, device=dev),
-                      "progress": torch.zeros(n_groups, dtype=torch.int32, device=dev),
-                      "ws": new_cl(n, c, h, w, torch.float32, dev).zero_() if n_ctr else None,
-                      "ctr": torch.zeros(max(1, n_ctr), dtype=torch.int32, device=dev)}
-    return state[key]
 
 
 @dataclass(frozen=True)
@@ -612,35 +410,6 @@ def default_config(n: int, cin: int, cout: int, groups: int, kernel: tuple[int, 
                       programs_per_sm=PROGRAMS_PER_SM, maxnreg=None if big else SMALL_MAP_MAXNREG)
 
 
-def _k_steps(x: Tensor, prepared: Tensor, weight: Tensor, cfg: ConvConfig, kernel: tuple[int, int], padding,
-             split_k: int, dilated_here: bool, plan: WindowPlan | None, bordered: Bordered | None,
-             window_weight: Tensor | None) -> tuple:
-    """The K loop of a gathered-GEMM conv launch: (x, weight and x's (H, W) as the kernel reads them,
-    border, packed K, BK, channel chunks per tap, K steps, K steps per split, x's mask is the candidate mask)."""
-    _, cin, h, w = x.shape
-    cout, cg = weight.shape[:2]
-    kh, kw = kernel
-    pack = cfg.pack_k if cfg.pack_k is not None else cg < PACK_K_BELOW
-    bk = cfg.bk
-    nkc = triton.cdiv(cg, bk)
-    n_it = triton.cdiv(kh * kw * cg, bk) if pack else kh * kw * nkc
-    x_in, w_in, hx, wx, border = x, prepared, h, w, 0
-    if plan is not None:  # one kernel row per K step, read from the bordered copy
-        pack, bk, n_it = False, plan.npx * plan.cp, kh
-        x_in, border = bordered.values, bordered.border
-        hx, wx = x_in.shape[1:3]
-        w_in = window_weight if window_weight is not None else prepare_window_weight(weight, plan, x.dtype)
-        if x_in.dtype != x.dtype or w_in.dtype != x.dtype or tuple(w_in.shape) != (kh * bk, cout):
-            raise ValueError("bordered copy and window weight must match x's dtype and the window plan")
-    it_per = triton.cdiv(n_it, split_k)
-    # a 1x1 conv without padding whose candidate mask is computed (from x's mask) with it: each output
-    # pixel's one tap is an input pixel, and the candidate mask is x's mask there, so the K loop need not
-    # load it again (one dependent load less)
-    xm_is_om = REUSE_OUT_MASK and dilated_here and (kh, kw) == (1, 1) and tuple(padding) == (0, 0, 0, 0) \
-        and not pack and plan is None
-    return x_in, w_in, hx, wx, border, pack, bk, nkc, n_it, it_per, xm_is_om
-
-
 def sparse_conv2d(x: Tensor, x_mask: Tensor, weight: Tensor, out_mask: Tensor | None,
                   stride: tuple[int, int] = (1, 1), padding: tuple[int, int, int, int] = (0, 0, 0, 0),
                   dilation: tuple[int, int] = (1, 1), groups: int = 1, out: Tensor | None = None, *,
@@ -648,8 +417,7 @@ def sparse_conv2d(x: Tensor, x_mask: Tensor, weight: Tensor, out_mask: Tensor | 
                   out_dtype: torch.dtype | None = None, input_precision: str = "tf32",
                   prepared: Tensor | None = None, config: ConvConfig | None = None,
                   out_hw: tuple[int, int] | None = None, counter: Tensor | None = None,
-                  bordered: Bordered | None = None, window_weight: Tensor | None = None,
-                  scan_state: dict | None = None) -> tuple[Tensor, Tensor]:
+                  bordered: Bordered | None = None, window_weight: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Sparse conv of a delta (no bias) at the candidate pixels out_mask | residual_mask.
 
     x: (N, Cin, H, W) channels_last fp16/bf16/fp32, zero where x_mask (N, 1, H, W) bool is 0 (never read).
@@ -730,7 +498,7 @@ def sparse_conv2d(x: Tensor, x_mask: Tensor, weight: Tensor, out_mask: Tensor | 
         y, ym = sparse_conv2d(x, x_mask, weight, out_mask, stride, padding, dilation, groups, tmp,
                               residual=residual, residual_mask=residual_mask, input_precision=input_precision,
                               prepared=prepared, config=cfg, out_hw=(ho, wo), counter=counter, bordered=bordered,
-                              window_weight=window_weight, scan_state=scan_state)
+                              window_weight=window_weight)
         return sparse_nonlinear(y, ym, act.acc, act.emitted, act, out=out)
     atomic = split_k > 1 and act is None and odt == torch.float32  # partials go straight into `out`
     fixup = split_k > 1 and not atomic
@@ -744,53 +512,8 @@ def sparse_conv2d(x: Tensor, x_mask: Tensor, weight: Tensor, out_mask: Tensor | 
     else:
         fm, fm_mode = None, 0
     nb = 1 if depthwise else triton.cdiv(og, bn)
-    pixels = PIXEL_LISTS and not depthwise
-    if SELF_SCAN and scan_state is not None and pixels:
-        # one launch: the conv finds its own candidates (no tile-list launch); split-K partials always
-        # meet in the layer's self-cleaning workspace (no atomics into a zeroed `out`)
-        th, tw = cfg.th, cfg.tw
-        n_tiles = n * triton.cdiv(ho, th) * triton.cdiv(wo, tw)
-        per = groups * nb * split_k
-        target = max(1, num_sms(dev) * cfg.programs_per_sm // per)
-        ct = min(SCAN_MAX_CHUNK, 1 << max(0, (triton.cdiv(n_tiles, target)).bit_length() - 1))
-        n_chunks = triton.cdiv(n_tiles, ct)
-        n_groups = min(target, n_chunks)
-        units = triton.cdiv(n_chunks, n_groups) * ct  # work units a group can gather at most
-        ring = npow2(ct * th * tw + th * tw)
-        fixup = split_k > 1
-        n_ctr = n_groups * units * groups * nb if fixup else 0
-        st = _scan_buffers(scan_state, (n, cout, ho, wo), n_groups, n_ctr, dev)
-        m1 = torch.empty(n, 1, ho, wo, dtype=torch.bool, device=dev) if out_mask is None else out_mask
-        if fm is None:
-            fm = m1
-        grid = (n_groups * per,)
-        x_in, w_in, hx, wx, border, pack, bk, nkc, n_it, it_per, xm_is_om = _k_steps(
-            x, prepared, weight, cfg, (kh, kw), padding, split_k, out_mask is None, plan, bordered, window_weight)
-        m1u = m1.view(torch.uint8)
-        rmu_ = rmu if has_res else m1u
-        ap = (act.slope, act.min_val, act.max_val, act.alpha, float(act.tau)) if act is not None else (0.0,) * 5
-        _conv_scan_kernel[grid](
-            x_in, xm, w_in, out, m1u, rmu_, m1u, fm.view(torch.uint8), residual if has_res else out, rmu_,
-            act.acc if act is not None else out, act.emitted if act is not None else out,
-            torch.empty(grid[0] * ring, dtype=torch.int32, device=dev),
-            torch.empty(grid[0] * ring, dtype=torch.uint8, device=dev), st["state"], st["progress"],
-            st["ws"] if fixup else out, st["ctr"] if fixup else st["state"],
-            hx, wx, ho, wo, h, w, cin, cout, cg, og, triton.cdiv(wo, tw), triton.cdiv(ho, th) * triton.cdiv(wo, tw),
-            n_tiles, n_chunks, n_groups, units, *ap,
-            KH=kh, KW=kw, SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1], PT=padding[0], PL=padding[2],
-            TH=th, TW=tw, BN=bn, BK=bk, NB=nb, G=groups, SPLIT_K=split_k, HAS_RES=has_res,
-            HAS_ACT=act is not None, FN=act.code() if act is not None else 0,
-            SCORE=act.score_code() if act is not None else 0, PREC=input_precision,
-            IS_F32=x.dtype == torch.float32, NKC=nkc, N_IT=n_it, IT_PER=it_per,
-            UPCAST=INTERPRET and x.dtype == torch.bfloat16, FIXUP=fixup, OR_FM=or_fm, PACK_K=pack,
-            LOADS_FIRST=True, XM_IS_OM=xm_is_om, WINDOW=plan is not None, BORD=border,
-            SHIFT=plan.shift if plan is not None else 0, CPX=plan.cp if plan is not None else 1,
-            DIL=out_mask is None, HAS_M2=has_res, FM_MODE=fm_mode, CT=ct, RING=ring,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            **({"maxnreg": cfg.maxnreg} if cfg.maxnreg and not INTERPRET else {}),
-            **launch_opts(dev, long_running=True))
-        return out, fm
     ws = new_cl(n, cout, ho, wo, torch.float32, dev) if fixup else None
+    pixels = PIXEL_LISTS and not depthwise
     ids, count, (n_tiles, n_tw, tpi), ctr, om_t = active_tiles(
         out_mask, residual_mask if has_res else None, cfg.th, cfg.tw, final_mask=fm, fm_mode=fm_mode,
         zero=out if atomic else ws, n_ctr=groups * nb if fixup else 0,
@@ -821,9 +544,25 @@ def sparse_conv2d(x: Tensor, x_mask: Tensor, weight: Tensor, out_mask: Tensor | 
                                   **launch_opts(dev, long_running=True))
             return out, fm
         work = n_tiles * groups * nb * split_k
-        x_in, w_in, hx, wx, border, pack, bk, nkc, n_it, it_per, xm_is_om = _k_steps(
-            x, prepared, weight, cfg, (kh, kw), padding, split_k, out_mask is None, plan, bordered, window_weight)
+        pack = cfg.pack_k if cfg.pack_k is not None else cg < PACK_K_BELOW
+        bk = cfg.bk
+        nkc = triton.cdiv(cg, bk)
+        n_it = triton.cdiv(kh * kw * cg, bk) if pack else kh * kw * nkc
+        x_in, w_in, hx, wx, border = x, prepared, h, w, 0
+        if plan is not None:  # one kernel row per K step, read from the bordered copy
+            pack, bk, n_it = False, plan.npx * plan.cp, kh
+            x_in, border = bordered.values, bordered.border
+            hx, wx = x_in.shape[1:3]
+            w_in = window_weight if window_weight is not None else prepare_window_weight(weight, plan, x.dtype)
+            if x_in.dtype != x.dtype or w_in.dtype != x.dtype or tuple(w_in.shape) != (kh * bk, cout):
+                raise ValueError("bordered copy and window weight must match x's dtype and the window plan")
+        it_per = triton.cdiv(n_it, split_k)
         grid = (max(1, min(work, num_sms(dev) * cfg.programs_per_sm)),)
+        # a 1x1 conv without padding whose candidate mask the tile-list launch computed from x's mask:
+        # each output pixel's one tap is an input pixel, and the candidate mask is x's mask there, so
+        # the K loop need not load it again (one dependent load less)
+        xm_is_om = REUSE_OUT_MASK and out_mask is None and (kh, kw) == (1, 1) and tuple(padding) == (0, 0, 0, 0) \
+            and not pack and plan is None
         _conv_gemm_kernel[grid](x_in, xm, w_in, out, om, res, rm, a_t, e_t, fm.view(torch.uint8), ids, count,
                                 ws if fixup else out, ctr if fixup else ids,
                                 hx, wx, ho, wo, cin, cout, cg, og, n_tw, tpi, *ap,
