@@ -3,9 +3,9 @@
 # workload.py one folder up (the device tool's .carry/): bash benchmarks/gpu_s11.sh STAGE [STAGE ...]
 #   tests   tests/gpu and the interpreter kernel/backend tests on the GPU (pytest-xdist, per-test timeouts
 #           long enough for the first Triton/Inductor compiles)
-#   scan    the self-scanning conv's kernel tests on the GPU (fast)
+#   scan    kernel/backend tests, peers, triton_gpu and models tests on the GPU in one xdist run
 #   yolo    YOLOv8n on vtest.avi with the shipped thresholds file, b1 and N=16, per-kernel profile at b1
-#   peers   R50-3stage 1080p and R18 720p rows against the strongest peer (self-scan A/B)
+#   peers, peers2   R50-3stage 1080p and R18 720p rows against the strongest peer
 set -o pipefail
 here=$(pwd)
 export PYTHONUNBUFFERED=1 TORCH_EXTENSIONS_DIR=/tmp/ext YOLO_OFFLINE=1 YOLO_CONFIG_DIR=$(mktemp -d)
@@ -25,21 +25,21 @@ for stage in "$@"; do
     tail -25 "$OUT/gpu_tests_s11_triton.txt"
     ;;
   scan)
-    timeout 150 python3 -m pytest -q -rA --tb=short -p no:cacheprovider -n 12 --timeout 140 tests/test_triton_self_scan.py \
+    timeout 150 python3 -m pytest -q -rA --tb=short -p no:cacheprovider -n 12 --timeout 140 \
         tests/test_triton_kernels.py tests/test_triton_backend.py tests/gpu/test_peers_gpu.py tests/gpu/test_triton_gpu.py \
         tests/gpu/test_models_gpu.py > "$OUT/gpu_tests_s11_scan.txt" 2>&1
     grep -E "passed|failed|FAILED|ERROR|Timeout" "$OUT/gpu_tests_s11_scan.txt" | tail -15
     ;;
   yolo1)
-    # b1 only, self-scan against the two-launch convs, no profile
+    # b1 only, no profile (at ed2db44 it also ran --scan-off 1, the reverted self-scan's A/B)
     timeout $(( ${LIMIT:-585} - ($(date +%s) - t0) )) python3 benchmarks/gpu_yolo.py --batches 1 \
-        --thresholds deltacnn/data/yolov8n_vtest.json --autotune "" --scan-off 1 --tag s11c 2>&1 \
+        --thresholds deltacnn/data/yolov8n_vtest.json --autotune "" --tag s11c 2>&1 \
         | grep -v -e DenseOpsWarning -e "dense tail after" -e "return deltacnn.convert" > "$OUT/gpu_yolo_s11c.txt"
     tail -5 "$OUT/gpu_yolo_s11c.txt"
     ;;
   peers2)
     timeout 270 python3 benchmarks/gpu_peers.py --plan "r50:1:static,sq5,crowd5,sq25,sq100;r18:1:sq5;r18:16:sq5" \
-        --autotune "" --variants "default,two launches" --profile r50:1:static --frames 14 --tag s11b \
+        --autotune "" --variants default --profile r50:1:static --frames 14 --tag s11b \
         > "$OUT/gpu_peers_s11b.txt" 2>&1
     grep -E "^\[|deltacnn=" "$OUT/gpu_peers_s11b.txt" | cut -c1-400 | tail -30
     ;;
@@ -51,7 +51,7 @@ for stage in "$@"; do
     ;;
   peers)
     timeout 420 python3 benchmarks/gpu_peers.py --plan "r50:1:static,sq5,crowd5,sq25,sq100;r18:1:sq5;r18:16:sq5" \
-        --autotune r50:1 --variants "default,two launches" --profile r50:1:static,r50:1:crowd5 --frames 14 --tag s11b 2>&1 \
+        --autotune r50:1 --variants default --profile r50:1:static,r50:1:crowd5 --frames 14 --tag s11b 2>&1 \
         > "$OUT/gpu_peers_s11b.txt"
     tail -25 "$OUT/gpu_peers_s11b.txt"
     ;;
