@@ -254,6 +254,10 @@ def cuda_graph_peer(model: nn.Module, example: Tensor, dtype: torch.dtype = torc
     sync(dev)
 
     def forward(x: Tensor) -> Any:
+        # the graph holds raw pointers to the fp16 copy's weights, which only `run` keeps alive: without
+        # this reference they were freed when this function returned, and the replays read whatever
+        # the allocator put there next (NaN on the test model, sessions 10-11)
+        _ = run
         if x.shape != static.shape:
             raise PeerError(f"the CUDA graph peer was captured for input {tuple(static.shape)}, got {tuple(x.shape)}")
         with torch.no_grad():

@@ -3,6 +3,7 @@ reproduce the model. Run on the device machine: python3 -m pytest tests/gpu/test
 (the torch.compile test takes minutes; set DELTACNN_TEST_COMPILE=1 to run it)."""
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from pathlib import Path
@@ -23,10 +24,21 @@ def _cuda(xs):
     return [x.cuda() for x in xs]
 
 
+def _fill_freed_memory_with_nan() -> list[torch.Tensor]:
+    """Collect garbage, then take the allocator's free blocks back, filled with NaN: a graph that
+    replays over freed memory (the peer's weights once were) then reads NaN instead of stale values."""
+    gc.collect()
+    junk = [torch.full((n,), float("nan"), device="cuda", dtype=dt)
+            for n in (64, 256, 1024, 4096, 16384, 65536) for dt in (torch.float16, torch.float32) for _ in range(8)]
+    torch.cuda.synchronize()
+    return junk
+
+
 def test_cuda_graph_peer_matches_and_follows_its_input() -> None:
     model = TwoHeads().eval().cuda()
     xs = _cuda(frames(3))
     p = peers.cuda_graph_peer(model, xs[0])
+    junk = _fill_freed_memory_with_nan()  # noqa: F841 - held while the peer replays
     for x in xs:  # each replay sees the new frame
         with torch.no_grad():
             ref = model(x)
