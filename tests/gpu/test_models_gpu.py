@@ -189,3 +189,21 @@ def test_pixel_lists_match_tile_lists(tau, monkeypatch):
         outs[pixels] = [g(clip[t]).clone() for t in range(clip.shape[0])]
     for t, (a, b) in enumerate(zip(outs[False], outs[True])):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3, msg=f"frame {t}")
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_yolov8_on_triton_equals_dense(compiled):
+    """YOLOv8n's C2f channel slices, delta cats, SPPF and nearest upsampling on the Triton backend, eager and
+    graph-replayed, stay equal to dense at tau 0 (the slices take the backend's channel_slice since 9fdd674)."""
+    from deltacnn.models.yolov8 import yolov8
+    torch.manual_seed(0)
+    m = models.randomize_bn_(yolov8("n"), 1).cuda()
+    clip = make_video(12, n=1, h=96, w=128, noise=0.0, seed=7).cuda()
+    dm = deltacnn.convert(m, clip[0], backend="triton", dtype=torch.float32)
+    if compiled:
+        dm = deltacnn.compile(dm, dense_above=None)
+    for t in range(clip.shape[0]):
+        with torch.no_grad():
+            want = m(clip[t])
+            got = dm(clip[t])
+        assert rel_err(got, want) < 1e-5, t
