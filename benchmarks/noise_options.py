@@ -9,6 +9,8 @@ fraction of the frame's range, layers as a fraction of their keyframe activation
     low=0.33       InputGate.low (hysteresis)    hyst=spatial  InputGate.hysteresis (spatial|temporal|both)
     steps=2        InputGate.steps               growth=0.5    Thresholds.growth (deep-layer truncation)
     kf=50          keyframe_interval             refresh=off   rt.refresh_work off (or a number)
+    lscale=0.5     every layer threshold (the file's overrides too) times this factor
+    drift=0.3      refresh_drift: a keyframe once the input's unsent change, mean |x - ref|, exceeds 0.3 input thresholds
     held=0.005     refresh_held (keyframe once the gates hold back changes in this fraction of the pixels; off)
     flush=all      what `held` runs: a flush of every held pixel instead of a keyframe (flush=16:32: only in
                    16x16 tiles holding >= 32 held pixels; all@0.25: layer thresholds x 0.25 on flush
@@ -31,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pickle
 import statistics
 import sys
 import time
@@ -43,12 +44,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's deltacnn, not an installed one
 import deltacnn  # noqa: E402
 from common import environment as common_environment  # noqa: E402
+from deltacnn import reference_cache  # noqa: E402
 from deltacnn.calibration import measure_scales  # noqa: E402
 from deltacnn.gating import InputGate  # noqa: E402
 from deltacnn.thresholds import INPUT  # noqa: E402
 
 CLIP = "/usr/share/doc/opencv-doc/examples/data/vtest.avi"
-KEYS = {"in", "layer", "blob", "tile", "low", "hyst", "steps", "growth", "kf", "refresh", "held", "flush", "file"}
+KEYS = {"in", "layer", "lscale", "drift", "blob", "tile", "low", "hyst", "steps", "growth", "kf", "refresh", "held", "flush", "file"}
 SHIPPED = Path(__file__).resolve().parents[1] / "deltacnn" / "data" / "yolov8n_vtest.json"
 
 
@@ -93,15 +95,16 @@ def load_frames(start: int, n: int, task) -> list[torch.Tensor]:
 
 
 def dense_results(model, task, xs: list[torch.Tensor], start: int) -> list[dict]:
-    """The dense model's decoded output per frame (cached in /tmp: the same for every configuration)."""
-    tmp = Path(os.environ.get("TMPDIR", "/tmp"))
-    path = tmp / f"noise_options_dense_{start}_{len(xs)}.pkl"
-    for old in sorted(tmp.glob(f"noise_options_dense_{start}_*.pkl")):  # a longer run's prefix serves too
-        if int(old.stem.rsplit("_", 1)[1]) >= len(xs):
-            return pickle.loads(old.read_bytes())[:len(xs)]
+    """The dense model's decoded output per frame, from `deltacnn.reference_cache` (the key `deltacnn tune`
+    uses for the same clip, frames and task, so a tune's calibration or held-out reference serves here too,
+    and the other way round); computed and stored when absent."""
+    key = reference_cache.reference_key(task, model, CLIP, start, len(xs), tuple(xs[0].shape), "cpu", "auto")
+    res = reference_cache.load(key, len(xs))
+    if res is not None:
+        return res
     with torch.no_grad():
         res = [task.postprocess(model(x)) for x in xs]
-    path.write_bytes(pickle.dumps(res))
+    reference_cache.store(key, res)
     return res
 
 
@@ -141,6 +144,12 @@ def build(model, x0: torch.Tensor, cfg: dict):
         dm.thresholds.default = float(cfg.get("layer", 0.0))
         if fth is not None:
             dm.thresholds.overrides = {}
+    if "lscale" in cfg:
+        f = float(cfg["lscale"])
+        dm.thresholds.default *= f
+        dm.thresholds.overrides = {k: v * f for k, v in dm.thresholds.overrides.items()}
+    if "drift" in cfg:
+        dm.rt.refresh_drift = None if cfg["drift"] == "off" else float(cfg["drift"])
     if "refresh" in cfg:
         dm.rt.refresh_work = None if cfg["refresh"] == "off" else float(cfg["refresh"])
     return dm

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from .layers.base import DeltaLayer
 from .runtime import DENSE_HYSTERESIS, DENSE_WORK, Runtime, StreamPlan
 from .stats import FrameStats
-from .thresholds import Thresholds
+from .thresholds import INPUT, Thresholds
 
 
 class InputChangedError(RuntimeError):
@@ -65,6 +65,8 @@ class DeltaModel(nn.Module):
         self._work: list[float] = []
         # per stream: the fraction of its pixels whose change the input gates held back last frame (refresh_held)
         self._held: list[float] = []
+        # per stream: its input's unsent change after its last frame, in input thresholds (refresh_drift)
+        self._drift: list[float] = []
         self._amax: list[float] | None = None  # per stream: the largest |value| of the frame being run
         self._stream: tuple | None = None  # (shape, dtype, device) of the current stream
         self.last_mode: str | None = None  # how the last frame ran: "keyframe", "delta", "dense" or "mixed"
@@ -105,7 +107,7 @@ class DeltaModel(nn.Module):
             layer.reset_state()
 
     def _forget(self) -> None:
-        self._since, self._scale, self._work, self._held = [], [], [], []
+        self._since, self._scale, self._work, self._held, self._drift = [], [], [], [], []
         self._stream = None
         self.rt.dense_limit = None
         self.state_epoch += 1
@@ -173,6 +175,8 @@ class DeltaModel(nn.Module):
         if self.rt.refresh_work is not None and self._work[i] >= self.rt.refresh_work:
             return True
         if not self.rt.refresh.flush and self._held_over(i):
+            return True
+        if self.rt.refresh_drift is not None and i < len(self._drift) and self._drift[i] > self.rt.refresh_drift:
             return True
         ratio = self.rt.range_ratio
         if ratio is None or self._amax is None or self._scale[i] is None:
@@ -243,9 +247,21 @@ class DeltaModel(nn.Module):
         if rt.refresh_held is not None and rt.input_held is not None and backend.host_sync_ok:
             self._held = rt.input_held.tolist()
         rt.input_held = None
+        if rt.refresh_drift is not None and backend.host_sync_ok:
+            self._drift = self._unsent_change(x, modes)
         self._end_streams(modes, x)
         self.last_flushed = [f and m == "delta" for f, m in zip(flush, modes)]
         return out
+
+    def _unsent_change(self, x: Tensor, modes: list[str]) -> list[float]:
+        """Per stream: mean |x - ref| of the input (the change not sent yet) over the input threshold;
+        0 for streams that did not run deltas (their reference is the frame) and at threshold 0."""
+        tau = self.rt.thresholds.get(INPUT)
+        ref = self.layers[INPUT]._buffers.get("state_ref")
+        if not tau or ref is None or ref.shape != x.shape:
+            return [0.0] * len(modes)
+        held = (x - ref).abs_().flatten(1).mean(1).div_(tau).tolist()
+        return [h if m == "delta" else 0.0 for h, m in zip(held, modes)]
 
     def _run_streams(self, x: Tensor, out, modes: list[str], left: list[int]):
         """Run the streams `left` out of the delta pass densely, each pass writing only their state rows
@@ -294,6 +310,8 @@ class DeltaModel(nn.Module):
                 self._work[i] = 0.0
                 if i < len(self._held):
                     self._held[i] = 0.0  # a keyframe sent everything
+                if i < len(self._drift):
+                    self._drift[i] = 0.0
                 self._scale[i] = self._amax[i] if self._amax is not None else None
                 lim[i] = None
             self._since[i] += 1

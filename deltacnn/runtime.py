@@ -118,6 +118,11 @@ class Runtime:
     # is otherwise held until the next keyframe of another cause (None: never; host backends)
     refresh_held: float | None = None
     input_held: Tensor | None = None  # (N,) that fraction on the last gated frame (set by the input layer)
+    # keyframe of a stream once the input change it has not sent, mean |x - ref| over its pixels and channels,
+    # exceeds this multiple of the input threshold (DeltaModel._drift): the held change grows with the area
+    # that moved since the keyframe (sub-threshold trails, small blobs), and so do the layers' truncation
+    # residuals, which a keyframe resets (None: never; host backends)
+    refresh_drift: float | None = None
     # what the refresh_held rule runs: a whole keyframe, or a flush of the held-back input change
     # (deltacnn.gating.Refresh); `flush` lists, per stream, whether this frame flushes (set by DeltaModel)
     refresh: Refresh = field(default_factory=Refresh)
