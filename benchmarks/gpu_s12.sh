@@ -21,7 +21,7 @@ for stage in "$@"; do
   echo "=== stage $stage at $(( $(date +%s) - t0 )) s" | tee -a "$OUT/smi.txt"
   case $stage in
   tests)
-    timeout 200 python3 -m pytest -q -rA --tb=short -p no:cacheprovider -n 6 --timeout 190 \
+    timeout 160 python3 -m pytest -q -rA --tb=short -p no:cacheprovider -n 8 --timeout 150 \
         tests/gpu/test_static_skip_gpu.py tests/test_triton_report.py tests/gpu/test_stream_pool_gpu.py \
         tests/gpu/test_compile_dense_gpu.py tests/gpu/test_peers_gpu.py \
         "tests/gpu/test_models_gpu.py::test_graph_replay_equals_eager" \
@@ -36,7 +36,7 @@ for stage in "$@"; do
     tail -12 "$OUT/gpu_launch_floor_s12.txt"
     ;;
   peers)
-    timeout $(( $(left) < 330 ? $(left) : 330 )) python3 benchmarks/gpu_peers.py \
+    timeout $(( $(left) < 300 ? $(left) : 300 )) python3 benchmarks/gpu_peers.py \
         --plan "r50:1:static,sq1,sq5,crowd5" --autotune "" --variants "default,no skip,torch report" \
         --profile r50:1:static,r50:1:sq1 --frames 14 --tag s12a > "$OUT/gpu_peers_s12a.txt" 2>&1
     grep -E "^\[|deltacnn=|graph replay|failed|Error" "$OUT/gpu_peers_s12a.txt" | cut -c1-400 | tail -30
