@@ -77,11 +77,11 @@ def convert(model32, x0, setting: str, **kw):
 
 
 def run_delta(task, model32, base, batch: int, setting: str, warm: int, eval_from: int, hw,
-              dense_compile: str | None = "inductor", skip_static: bool = True) -> dict:
+              dense_compile: str | None = "inductor") -> dict:
     """Time deltacnn.compile over every frame; detections on frames >= eval_from."""
     x = batch_at(base, 0, batch)
     dm = convert(model32, x, setting)
-    g = deltacnn.compile(dm, dense_compile=dense_compile, skip_static=skip_static)
+    g = deltacnn.compile(dm, dense_compile=dense_compile)
     ms, kinds, got = [], [], {}
     for t in range(base.shape[0]):
         batch_at(base, t, batch, out=x)
@@ -178,9 +178,8 @@ def main() -> None:
                     "variants, each timed at every threshold setting ('none': cuDNN + seeding)")
     ap.add_argument("--cat-off", default="", help="batch sizes whose settings are also timed with the delta cats on "
                     "PyTorch (TritonBackend.cat patched to the sync-free backend's PyTorch form: the A/B of sparse_cat)")
-    ap.add_argument("--s11-form", default="", help="batch sizes whose settings are also timed with session 12's "
-                    "two runner changes off: deltacnn.compile(skip_static=False) and the per-stream report in "
-                    "PyTorch ops (gpu_peers.torch_report)")
+    ap.add_argument("--s11-form", default="", help="batch sizes whose settings are also timed with the per-stream "
+                    "report in PyTorch ops (gpu_peers.torch_report), as in session 11")
     ap.add_argument("--peers-only", action="store_true", help="time the dense peers only (e.g. max-autotune in "
                     "a process of its own under a time limit)")
     ap.add_argument("--tag", default="yolo")
@@ -209,20 +208,20 @@ def main() -> None:
         group = {"batch": batch, "size": f"{hw[1]}x{hw[0]}", "frames": T, "changed": changed, "peers": peers,
                  "strongest": best, "rows": []}
         cat_ab = [True, False] if str(batch) in args.cat_off.split(",") else [True]
-        skip_ab = [True, False] if str(batch) in args.s11_form.split(",") else [True]
+        kernel_report = [True, False] if str(batch) in args.s11_form.split(",") else [True]
         variants = [] if args.peers_only else [(s_, dc, fc, sk) for s_ in args.thresholds.split(",")
                                                for dc in args.dense_compile.split(",") for fc in cat_ab
-                                               for sk in skip_ab]
+                                               for sk in kernel_report]
         from deltacnn.backends.syncfree import SyncFreeBackend
         from deltacnn.backends.triton_backend import TritonBackend
         fused_cat = TritonBackend.cat
         macs_cache: dict[str, float] = {}
-        for setting, dc, fuse_cat, skip in variants:
+        for setting, dc, fuse_cat, kreport in variants:
             TritonBackend.cat = fused_cat if fuse_cat else SyncFreeBackend.cat  # this benchmark's A/B only
-            torch_report(not skip)
+            torch_report(not kreport)
             try:
                 r = run_delta(task, model32, base, batch, setting, args.warm, args.eval_from, hw,
-                              None if dc == "none" else dc, skip_static=skip)
+                              None if dc == "none" else dc)
                 r.update(agreement(task, r.pop("got"), truth))
                 if setting not in macs_cache:  # the same frames and thresholds: one statistics pass per setting
                     macs_cache[setting] = delta_macs(model32, base, batch, setting, args.eval_from, args.macs_frames)
@@ -237,10 +236,10 @@ def main() -> None:
                 r = {"error": f"{type(e).__name__}: {e}"[:200]}
             TritonBackend.cat = fused_cat
             torch_report(False)
-            r["thresholds"], r["dense_compile"], r["fuse_cat"], r["skip_static"] = setting, dc, fuse_cat, skip
+            r["thresholds"], r["dense_compile"], r["fuse_cat"], r["kernel_report"] = setting, dc, fuse_cat, kreport
             if not fuse_cat:
                 dc = f"{dc}/cat_off"
-            if not skip:
+            if not kreport:
                 dc = f"{dc}/s11_form"
             group["rows"].append(r)
             peer = ok[best]

@@ -36,7 +36,7 @@ backend. The first frame of each such pass compiles (10-30 s for YOLOv8n). The s
 stay on the backend's path: compiled, their row writes into the whole batch's state measured slower
 (H200, YOLOv8n 720p N=16: 14.2 against 13.3 ms for a delta frame plus one stream's keyframe).
 
-Frames that send nothing (`skip_static`, the default): the captured delta pass puts the network after its
+Frames that send nothing (`skip_static`, opt-in, not yet run on a GPU): the captured delta pass puts the network after its
 input layer into a conditional graph node that runs only when some input pixel is sent (StaticSkip), so
 a frame in which no stream changed costs the input layer and the per-stream report, not ~2 launches per
 layer. The per-stream report after each delta pass runs in two Triton launches on the GPU
@@ -267,6 +267,13 @@ class CompiledDensePasses:
         return out
 
 
+def conditional_nodes_supported() -> bool:
+    """Whether this torch can capture conditional CUDA-graph nodes from Python (CUDAGraph.begin_capture_to_if_node;
+    torch 2.11, the H200's, has no such binding)."""
+    return hasattr(torch.cuda.CUDAGraph, "begin_capture_to_if_node") and \
+        hasattr(torch.cuda.CUDAGraph, "get_currently_capturing_graph")
+
+
 class StaticSkip:
     """A delta pass whose work after the input layer runs only when some input pixel is sent.
 
@@ -308,7 +315,7 @@ class StreamGraphedDeltaModel:
     def __init__(self, model: DeltaModel, warmup: int = 2, dense_above: float | None = 0.35,
                  cuda_graphs: bool = True, range_ratio: float | None = RANGE_RATIO,
                  dense_compile: str | None = "auto", dense_compile_mode: str | None = None,
-                 keyframe_batch_at: int | str | None = "auto", skip_static: bool = True) -> None:
+                 keyframe_batch_at: int | str | None = "auto", skip_static: bool = False) -> None:
         if cuda_graphs and not torch.cuda.is_available():
             raise RuntimeError("deltacnn.compile needs a CUDA device; on the CPU call the DeltaModel directly "
                                "(or pass cuda_graphs=False)")
@@ -328,7 +335,10 @@ class StreamGraphedDeltaModel:
         self.range_ratio = range_ratio
         self.cuda_graphs = cuda_graphs
         # the captured delta pass skips the network after its input layer when nothing is sent (StaticSkip)
-        self.skip_static = skip_static and cuda_graphs
+        if skip_static and cuda_graphs and not conditional_nodes_supported():
+            warnings.warn(f"deltacnn.compile(skip_static=True): torch {torch.__version__} cannot capture conditional "
+                          "graph nodes from Python; static frames run the whole network", RuntimeWarning, stacklevel=3)
+        self.skip_static = skip_static and cuda_graphs and conditional_nodes_supported()
         self._skip: StaticSkip | None = None  # the one of the delta pass being captured
         self._skips: dict[tuple, StaticSkip] = {}  # graph key -> its StaticSkip (the graph reads its tensors)
         # keyframe and dense passes compiled by torch.compile (None: the deltacnn backend's path)
@@ -556,7 +566,7 @@ class StreamGraphedDeltaModel:
             skip = self.skip_static and kind == ("delta",)
             try:
                 graph, static_out = self._capture(fn, static_in, key, skip)
-            except RuntimeError as e:
+            except (RuntimeError, AttributeError, TypeError) as e:
                 if not skip:
                     raise
                 # conditional nodes unavailable here (old CUDA, or a kernel that cannot be captured into
@@ -688,7 +698,7 @@ def _clone(out):
 def compile(model: DeltaModel, warmup: int = 2, dense_above: float | None = 0.35,  # noqa: A001
             per_stream: bool = True, cuda_graphs: bool = True, dense_compile: str | None = "auto",
             dense_compile_mode: str | None = None, keyframe_batch_at: int | str | None = "auto",
-            skip_static: bool = True):
+            skip_static: bool = False):
     """Wrap a converted model so that frames replay CUDA graphs captured per input shape.
 
     dense_above: when more than this fraction of a stream's input pixels changed in its last
@@ -710,7 +720,9 @@ def compile(model: DeltaModel, warmup: int = 2, dense_above: float | None = 0.35
     keyframes in one batched pass instead ("auto": max(2, N / 6) of N streams; None: never). per_stream only.
     skip_static: the captured delta pass runs the network after its input layer only when some input pixel
     is sent (a conditional graph node, StaticSkip): a frame in which nothing changed costs the input
-    layer instead of the whole floor. Same outputs. per_stream only.
+    layer instead of the whole floor. Same outputs. Needs a torch that captures conditional nodes from
+    Python (conditional_nodes_supported; not torch 2.11) and is off by default until it has run on a GPU.
+    per_stream only.
     """
     if not isinstance(model, DeltaModel):
         hint = (": moving-camera models (convert(..., motion=)) do not run inside CUDA graphs yet; run the "
