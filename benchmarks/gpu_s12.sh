@@ -6,6 +6,7 @@
 #            reduce-overhead and max-autotune
 #   yolo1    YOLOv8n on vtest.avi b1, shipped thresholds file: default and the session-11 runner; per-kernel profile
 #   launch   what one launch of an empty kernel costs in a replayed graph, by grid size, PDL on / off
+#   swap     call 2's report A/B (R50 and YOLOv8n) in the other order
 #   autotune torch.compile(mode="max-autotune") peer of YOLOv8n b1 (compile time), peers only
 # LIMIT (s, default 585): the stages share it; each gets what is left.
 set -o pipefail
@@ -49,6 +50,15 @@ for stage in "$@"; do
         | filter > "$OUT/gpu_yolo_s12b.txt"
     grep -E "graph replay|^\[" "$OUT/gpu_yolo_s12b.txt" | cut -c1-300 | tail -8
     tail -6 "$OUT/gpu_yolo_s12b.txt"
+    ;;
+  swap)
+    # call 3: the report A/B of call 2 in the other order (PyTorch report first), no profiles, reduce-overhead only
+    timeout 150 python3 benchmarks/gpu_peers.py --plan "r50:1:static,sq1,sq5,crowd5" --autotune "" \
+        --variants "torch report,default" --profile "" --frames 14 --tag s12e > "$OUT/gpu_peers_s12e.txt" 2>&1
+    tail -10 "$OUT/gpu_peers_s12e.txt"
+    timeout $(left) python3 benchmarks/gpu_yolo.py --batches 1 --thresholds deltacnn/data/yolov8n_vtest.json \
+        --autotune "" --s11-form 1 --s11-first --tag s12f 2>&1 | filter > "$OUT/gpu_yolo_s12f.txt"
+    tail -4 "$OUT/gpu_yolo_s12f.txt"
     ;;
   autotune)
     timeout $(left) python3 benchmarks/gpu_yolo.py --batches 1 --autotune 1 --peers-only --tag s12d 2>&1 \

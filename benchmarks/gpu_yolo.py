@@ -180,6 +180,7 @@ def main() -> None:
                     "PyTorch (TritonBackend.cat patched to the sync-free backend's PyTorch form: the A/B of sparse_cat)")
     ap.add_argument("--s11-form", default="", help="batch sizes whose settings are also timed with the per-stream "
                     "report in PyTorch ops (gpu_peers.torch_report), as in session 11")
+    ap.add_argument("--s11-first", action="store_true", help="time the --s11-form variant first (order A/B)")
     ap.add_argument("--peers-only", action="store_true", help="time the dense peers only (e.g. max-autotune in "
                     "a process of its own under a time limit)")
     ap.add_argument("--tag", default="yolo")
@@ -209,6 +210,8 @@ def main() -> None:
                  "strongest": best, "rows": []}
         cat_ab = [True, False] if str(batch) in args.cat_off.split(",") else [True]
         kernel_report = [True, False] if str(batch) in args.s11_form.split(",") else [True]
+        if args.s11_first:
+            kernel_report.reverse()
         variants = [] if args.peers_only else [(s_, dc, fc, sk) for s_ in args.thresholds.split(",")
                                                for dc in args.dense_compile.split(",") for fc in cat_ab
                                                for sk in kernel_report]
