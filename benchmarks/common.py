@@ -78,7 +78,8 @@ def median(xs: list[float]) -> float:
 
 
 def print_table(rows: list[dict], cols: list[str]) -> None:
-    widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in cols}
+    """Rows as right-aligned columns (just the header when there are no rows)."""
+    widths = {c: max([len(c)] + [len(_fmt(r.get(c))) for r in rows]) for c in cols}
     print("  ".join(c.rjust(widths[c]) for c in cols))
     for r in rows:
         print("  ".join(_fmt(r.get(c)).rjust(widths[c]) for c in cols))

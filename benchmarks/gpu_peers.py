@@ -34,8 +34,11 @@ import deltacnn
 from common import environment, median, print_table, workload, write_json
 from gpu_bench import SIZES, cuda_ms, free_memory, rel, steady_macs, time_sequence
 
-# deltacnn variants (module settings of the Triton kernels), timed one after the other per workload
-VARIANTS = {"default": {}, "tile lists": {"PIXEL_LISTS": False}}
+# deltacnn variants, timed one after the other per workload: module settings of the Triton conv kernels,
+# and deltacnn.compile arguments (keys "compile:<argument>")
+# and "torch_report": the compiled runner's per-stream report in PyTorch ops instead of its two kernels
+VARIANTS = {"default": {}, "tile lists": {"PIXEL_LISTS": False}, "skip": {"compile:skip_static": True},
+            "torch report": {"torch_report": True}}
 TAU = 0.02
 NOISE, NOISE_INPUT_THRESHOLD = 0.01, 0.05
 N_OBJ = 24
@@ -151,22 +154,39 @@ def _conv_module():
     return conv
 
 
-# the library's values of every setting some variant changes
-_DEFAULTS = {k: getattr(_conv_module(), k) for d in VARIANTS.values() for k in d}
+# the library's values of every module setting some variant changes
+_DEFAULTS = {k: getattr(_conv_module(), k) for d in VARIANTS.values() for k in d
+             if not k.startswith("compile:") and k != "torch_report"}
 
 
-def set_variant(name: str) -> None:
+def torch_report(on: bool) -> None:
+    """This benchmark's A/B of the compiled runner's per-stream report: PyTorch ops (on) or its kernels."""
+    from deltacnn.compile import StreamGraphedDeltaModel as S
+    if not hasattr(S, "_check_streams_kernels"):
+        S._check_streams_kernels = S._check_streams
+    S._check_streams = S._check_streams_torch if on else S._check_streams_kernels
+
+
+def set_variant(name: str) -> dict:
+    """Apply variant `name`'s module settings (the others back at the library's values); returns its
+    deltacnn.compile arguments."""
     for key, value in {**_DEFAULTS, **VARIANTS[name]}.items():
-        setattr(_conv_module(), key, value)
+        if not key.startswith("compile:") and key != "torch_report":
+            setattr(_conv_module(), key, value)
+    torch_report(VARIANTS[name].get("torch_report", False))
+    return {k.split(":", 1)[1]: v for k, v in VARIANTS[name].items() if k.startswith("compile:")}
 
 
 def delta_row(model32, clip: torch.Tensor, wl: dict, warm: int, truth=None, dispatch: bool = True,
-              stats: bool = True) -> dict:
-    """deltacnn.compile (Triton, fp16) over the clip: median ms of frames >= warm, MACs done
-    (a separate untimed pass with statistics), error against dense fp32."""
+              stats: bool = True, compile_kw: dict | None = None) -> dict:
+    """deltacnn.compile (Triton, fp16; `compile_kw`: more of its arguments) over the clip: median ms of
+    frames >= warm, MACs done (a separate untimed pass with statistics), error against dense fp32."""
     kw = dict(threshold=wl["tau"], input_threshold=wl["input_threshold"], dtype=torch.float16, backend="triton")
     dm = deltacnn.convert(model32, clip[0], **kw)
-    runner = deltacnn.compile(dm) if dispatch else deltacnn.compile(dm, dense_above=None)
+    ckw = dict(compile_kw or {})
+    if not dispatch:
+        ckw["dense_above"] = None
+    runner = deltacnn.compile(dm, **ckw)
     outs = []
     ms = time_sequence(lambda t: outs.append((t, runner(clip[t]))), clip.shape[0], warm)
     err = max(rel(o, truth[t]) for t, o in outs[1:]) if truth is not None else None
@@ -183,9 +203,11 @@ def delta_row(model32, clip: torch.Tensor, wl: dict, warm: int, truth=None, disp
     return {"ms": median(ms), "ms_all": ms, "macs": macs, "err": err, "frames": frames}
 
 
-def kernel_profile_row(model32, clip: torch.Tensor, wl: dict) -> str:
-    """Per-kernel and per-conv-layer GPU time of eager delta frames (profile_frame's tables)."""
-    from profile_frame import conv_layer_profile, kernel_profile, print_profile
+def kernel_profile_row(model32, clip: torch.Tensor, wl: dict, compile_kw: dict | None = None) -> str:
+    """Per-kernel and per-conv-layer GPU time of eager delta frames (profile_frame's tables), then the
+    per-kernel time of the same frames replayed by deltacnn.compile (`compile_kw`: its arguments) next to
+    their replayed time per frame: the difference is what the graph spends between kernels."""
+    from profile_frame import conv_layer_profile, kernel_profile, print_profile, replay_profile
     import contextlib
     import io
     kw = dict(threshold=wl["tau"], input_threshold=wl["input_threshold"], dtype=torch.float16, backend="triton")
@@ -193,14 +215,22 @@ def kernel_profile_row(model32, clip: torch.Tensor, wl: dict) -> str:
     with contextlib.redirect_stdout(buf):
         dm = deltacnn.convert(model32, clip[0], dense_above=None, **kw)
         total, rows = kernel_profile(dm, clip, warm=4)
-        print_profile(f"profile {wl['name']} N={clip.shape[1]}", total, rows, top=20)
+        print_profile(f"profile {wl['name']} N={clip.shape[1]} (eager)", total, rows, top=20)
         del dm
         dm = deltacnn.convert(model32, clip[0], dense_above=None, **kw)
         layers = conv_layer_profile(dm, clip, warm=4)
         for r in layers:
             r["macs"] = r["macs"] / 1e9 if r["macs"] is not None else None
+        if not layers:
+            print("no conv kernel of a known name in the profile (profile_frame.CONV_KERNELS)")
         print_table(layers, ["layer", "conv", "in_hw", "out_rate", "macs", "tiles_us", "conv_us", "nonlinear_us"])
         del dm
+        dm = deltacnn.convert(model32, clip[0], **kw)
+        runner = deltacnn.compile(dm, dense_above=None, **(compile_kw or {}))
+        wall, total, rows = replay_profile(runner, clip, warm=4)
+        print_profile(f"profile {wl['name']} N={clip.shape[1]} (graph replay {wall:.3f} ms per frame, "
+                      f"{wall - total:.3f} ms of it between kernels)", total, rows, top=20)
+        del runner, dm
     free_memory()
     return buf.getvalue()
 
@@ -272,9 +302,9 @@ def main() -> None:
             truth = truth_fp32(model32, clip) if batch <= 8 else None
             macs = None
             for vi, variant in enumerate(args.variants.split(",")):
-                set_variant(variant)
+                ckw = set_variant(variant)
                 try:
-                    r = delta_row(model32, clip, wl, args.warm, truth, stats=vi == 0)
+                    r = delta_row(model32, clip, wl, args.warm, truth, stats=vi == 0, compile_kw=ckw)
                 except Exception as e:  # noqa: BLE001
                     traceback.print_exc()
                     r = {"error": f"{type(e).__name__}: {e}"[:200]}

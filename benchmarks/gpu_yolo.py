@@ -27,7 +27,7 @@ import torch
 import deltacnn
 from common import environment, median, print_table, write_json
 from gpu_bench import free_memory
-from gpu_peers import dense_peers
+from gpu_peers import dense_peers, torch_report
 
 OFFSET = 3  # frames between consecutive streams
 
@@ -133,8 +133,9 @@ def delta_macs(model32, base, batch: int, setting: str, start: int, frames: int)
 
 
 def profile(model32, base, batch: int, setting: str, start: int = 300, frames: int = 12) -> str:
-    """Per-kernel and per-conv GPU time of eager delta frames (profile_frame's tables)."""
-    from profile_frame import conv_layer_profile, kernel_profile, print_profile
+    """Per-kernel and per-conv GPU time of eager delta frames (profile_frame's tables), then the per-kernel
+    time of the same frames replayed by deltacnn.compile next to their replayed time per frame."""
+    from profile_frame import conv_layer_profile, kernel_profile, print_profile, replay_profile
     import contextlib
     import io
     clip = torch.stack([batch_at(base, t, batch) for t in range(start, start + frames)])
@@ -148,8 +149,16 @@ def profile(model32, base, batch: int, setting: str, start: int = 300, frames: i
         layers = conv_layer_profile(dm, clip, warm=4)
         for r in layers:
             r["macs"] = r["macs"] / 1e9 if r["macs"] is not None else None
+        if not layers:
+            print("no conv kernel of a known name in the profile (profile_frame.CONV_KERNELS)")
         print_table(layers, ["layer", "conv", "in_hw", "out_rate", "macs", "tiles_us", "conv_us", "nonlinear_us"])
         del dm
+        dm = convert(model32, clip[0], setting)
+        runner = deltacnn.compile(dm, dense_above=None, dense_compile=None)
+        wall, total, rows = replay_profile(runner, clip, warm=4)
+        print_profile(f"profile yolov8n N={batch} {setting} (graph replay {wall:.3f} ms per frame, "
+                      f"{wall - total:.3f} ms of it between kernels)", total, rows, top=25)
+        del runner, dm
     free_memory()
     return buf.getvalue()
 
@@ -169,6 +178,9 @@ def main() -> None:
                     "variants, each timed at every threshold setting ('none': cuDNN + seeding)")
     ap.add_argument("--cat-off", default="", help="batch sizes whose settings are also timed with the delta cats on "
                     "PyTorch (TritonBackend.cat patched to the sync-free backend's PyTorch form: the A/B of sparse_cat)")
+    ap.add_argument("--s11-form", default="", help="batch sizes whose settings are also timed with the per-stream "
+                    "report in PyTorch ops (gpu_peers.torch_report), as in session 11")
+    ap.add_argument("--s11-first", action="store_true", help="time the --s11-form variant first (order A/B)")
     ap.add_argument("--peers-only", action="store_true", help="time the dense peers only (e.g. max-autotune in "
                     "a process of its own under a time limit)")
     ap.add_argument("--tag", default="yolo")
@@ -197,14 +209,19 @@ def main() -> None:
         group = {"batch": batch, "size": f"{hw[1]}x{hw[0]}", "frames": T, "changed": changed, "peers": peers,
                  "strongest": best, "rows": []}
         cat_ab = [True, False] if str(batch) in args.cat_off.split(",") else [True]
-        variants = [] if args.peers_only else [(s_, dc, fc) for s_ in args.thresholds.split(",")
-                                               for dc in args.dense_compile.split(",") for fc in cat_ab]
+        kernel_report = [True, False] if str(batch) in args.s11_form.split(",") else [True]
+        if args.s11_first:
+            kernel_report.reverse()
+        variants = [] if args.peers_only else [(s_, dc, fc, sk) for s_ in args.thresholds.split(",")
+                                               for dc in args.dense_compile.split(",") for fc in cat_ab
+                                               for sk in kernel_report]
         from deltacnn.backends.syncfree import SyncFreeBackend
         from deltacnn.backends.triton_backend import TritonBackend
         fused_cat = TritonBackend.cat
         macs_cache: dict[str, float] = {}
-        for setting, dc, fuse_cat in variants:
+        for setting, dc, fuse_cat, kreport in variants:
             TritonBackend.cat = fused_cat if fuse_cat else SyncFreeBackend.cat  # this benchmark's A/B only
+            torch_report(not kreport)
             try:
                 r = run_delta(task, model32, base, batch, setting, args.warm, args.eval_from, hw,
                               None if dc == "none" else dc)
@@ -221,9 +238,12 @@ def main() -> None:
                 traceback.print_exc()
                 r = {"error": f"{type(e).__name__}: {e}"[:200]}
             TritonBackend.cat = fused_cat
-            r["thresholds"], r["dense_compile"], r["fuse_cat"] = setting, dc, fuse_cat
+            torch_report(False)
+            r["thresholds"], r["dense_compile"], r["fuse_cat"], r["kernel_report"] = setting, dc, fuse_cat, kreport
             if not fuse_cat:
                 dc = f"{dc}/cat_off"
+            if not kreport:
+                dc = f"{dc}/s11_form"
             group["rows"].append(r)
             peer = ok[best]
             row = {"N": batch, "thr": setting.rsplit("/", 1)[-1][:18], "dc": dc, "cudnn+g": ok["cudnn+graph"], "peer": peer,

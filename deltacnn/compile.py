@@ -36,6 +36,12 @@ backend. The first frame of each such pass compiles (10-30 s for YOLOv8n). The s
 stay on the backend's path: compiled, their row writes into the whole batch's state measured slower
 (H200, YOLOv8n 720p N=16: 14.2 against 13.3 ms for a delta frame plus one stream's keyframe).
 
+Frames that send nothing (`skip_static`, opt-in, not yet run on a GPU): the captured delta pass puts the network after its
+input layer into a conditional graph node that runs only when some input pixel is sent (StaticSkip), so
+a frame in which no stream changed costs the input layer and the per-stream report, not ~2 launches per
+layer. The per-stream report after each delta pass runs in two Triton launches on the GPU
+(triton_kernels/report.py) instead of ~20 PyTorch ones.
+
 When `keyframe_batch_at` or more streams need a keyframe or dense pass in the same frame, every
 stream runs a keyframe instead (one batched pass, exact like any keyframe): at busy operating points
 a batched keyframe costs less than the delta pass plus that many single-stream passes (H200, YOLOv8n
@@ -261,6 +267,46 @@ class CompiledDensePasses:
         return out
 
 
+def conditional_nodes_supported() -> bool:
+    """Whether this torch can capture conditional CUDA-graph nodes from Python (CUDAGraph.begin_capture_to_if_node;
+    torch 2.11, the H200's, has no such binding)."""
+    return hasattr(torch.cuda.CUDAGraph, "begin_capture_to_if_node") and \
+        hasattr(torch.cuda.CUDAGraph, "get_currently_capturing_graph")
+
+
+class StaticSkip:
+    """A delta pass whose work after the input layer runs only when some input pixel is sent.
+
+    While deltacnn.compile captures a delta pass, the input layer calls `begin(mask)` with the mask it
+    sends: the rest of the network is captured into the body of a conditional node of the CUDA graph
+    (torch's `begin_capture_to_if_node`), predicated on any(mask) on the device; `end()` closes it after
+    the network, before the per-stream report, which runs on every frame. A frame that sends nothing
+    leaves every later layer's state as it is (a delta layer only touches the pixels its input sends,
+    and the converter feeds the frame to the input layer only), so its outputs equal those of the last
+    frame that ran the body, which the graph's static output still holds; such a frame then costs the input layer and the report instead of ~2 launches per
+    layer. Until the body has run once the static output holds nothing, and after a keyframe, dense or
+    single-stream pass (another graph, which wrote state or outputs) it is stale: `force` (set by the
+    caller then) makes the next replay run the body, which clears it."""
+
+    def __init__(self, graph: torch.cuda.CUDAGraph, device: torch.device) -> None:
+        self.graph = graph
+        self.force = torch.ones((), dtype=torch.bool, device=device)  # cleared by the body's first run
+        self.pred: Tensor | None = None  # read by the graph on every replay: kept alive with the graph
+        self.open = False
+        self.used = False
+
+    def begin(self, mask: Tensor) -> None:
+        self.pred = torch.logical_or(mask.any(), self.force)
+        self.graph.begin_capture_to_if_node(self.pred)
+        self.open = self.used = True
+
+    def end(self) -> None:
+        if self.open:
+            self.force.fill_(False)
+            self.graph.end_capture_to_conditional_node()
+            self.open = False
+
+
 class StreamGraphedDeltaModel:
     """Callable like the DeltaModel it wraps; every stream of the batch runs delta, keyframe or dense
     frames for itself, and every pass replays a CUDA graph captured once per input shape (module
@@ -269,7 +315,7 @@ class StreamGraphedDeltaModel:
     def __init__(self, model: DeltaModel, warmup: int = 2, dense_above: float | None = 0.35,
                  cuda_graphs: bool = True, range_ratio: float | None = RANGE_RATIO,
                  dense_compile: str | None = "auto", dense_compile_mode: str | None = None,
-                 keyframe_batch_at: int | str | None = "auto") -> None:
+                 keyframe_batch_at: int | str | None = "auto", skip_static: bool = False) -> None:
         if cuda_graphs and not torch.cuda.is_available():
             raise RuntimeError("deltacnn.compile needs a CUDA device; on the CPU call the DeltaModel directly "
                                "(or pass cuda_graphs=False)")
@@ -288,6 +334,13 @@ class StreamGraphedDeltaModel:
         self.above = dense_above
         self.range_ratio = range_ratio
         self.cuda_graphs = cuda_graphs
+        # the captured delta pass skips the network after its input layer when nothing is sent (StaticSkip)
+        if skip_static and cuda_graphs and not conditional_nodes_supported():
+            warnings.warn(f"deltacnn.compile(skip_static=True): torch {torch.__version__} cannot capture conditional "
+                          "graph nodes from Python; static frames run the whole network", RuntimeWarning, stacklevel=3)
+        self.skip_static = skip_static and cuda_graphs and conditional_nodes_supported()
+        self._skip: StaticSkip | None = None  # the one of the delta pass being captured
+        self._skips: dict[tuple, StaticSkip] = {}  # graph key -> its StaticSkip (the graph reads its tensors)
         # keyframe and dense passes compiled by torch.compile (None: the deltacnn backend's path)
         if dense_compile == "auto":
             dense_compile = "inductor" if cuda_graphs else None
@@ -419,6 +472,7 @@ class StreamGraphedDeltaModel:
         if m.state_epoch != self._epoch or len(self._active) != n:
             # reset, moved or cast: the state the graphs point at is gone; capture again
             self._graphs.clear()
+            self._skips.clear()
             self._eager.clear()
             self._epoch = m.state_epoch
             self._pending.clear()
@@ -452,6 +506,11 @@ class StreamGraphedDeltaModel:
                     b["idx"].fill_(k)
                     rows = self._replay(("rows", mo), x, lambda t, first, mo=mo: self._rows_pass(t, mo))
                     out = _put_rows(out, b["idx"], rows, n)
+        if any(mo in ("keyframe", "dense") for mo in modes):
+            # another pass wrote state (or the output) after the delta graph last ran its body: the delta
+            # graph's static output is stale until the body runs again (StaticSkip)
+            for skip in self._skips.values():
+                skip.force.fill_(True)
         self._report(b)
         for k, mo in enumerate(modes):
             self.stream_frames[mo] += 1
@@ -504,20 +563,41 @@ class StreamGraphedDeltaModel:
                 return fn(x, n_eager == 0)
         if key not in self._graphs:
             static_in = x.clone()
-            graph = torch.cuda.CUDAGraph()
-            torch.cuda.synchronize()  # the frame recorded during capture is not executed
+            skip = self.skip_static and kind == ("delta",)
             try:
-                with torch.cuda.graph(graph), torch.no_grad():
-                    static_out = fn(static_in, False)
-            except RuntimeError as e:
-                raise RuntimeError(
-                    "could not capture a delta frame in a CUDA graph: some layer synchronises with the host "
-                    f"(probably one that runs on the reference backend on this GPU): {e}") from e
+                graph, static_out = self._capture(fn, static_in, key, skip)
+            except (RuntimeError, AttributeError, TypeError) as e:
+                if not skip:
+                    raise
+                # conditional nodes unavailable here (old CUDA, or a kernel that cannot be captured into
+                # one): capture the plain pass, and stop trying
+                warnings.warn(f"deltacnn.compile: delta pass captured without skipping static frames ({e})",
+                              RuntimeWarning, stacklevel=3)
+                self.skip_static = False
+                graph, static_out = self._capture(fn, static_in, key, False)
             self._graphs[key] = (graph, static_in, static_out)
         graph, static_in, static_out = self._graphs[key]
         static_in.copy_(x)
         graph.replay()
         return static_out
+
+    def _capture(self, fn, static_in: Tensor, key: tuple, skip: bool):
+        """(graph, static output) of fn(static_in, False) captured once (`skip`: as a StaticSkip)."""
+        graph = torch.cuda.CUDAGraph()
+        torch.cuda.synchronize()  # the frame recorded during capture is not executed
+        self._skip = StaticSkip(graph, static_in.device) if skip else None
+        try:
+            with torch.cuda.graph(graph), torch.no_grad():
+                static_out = fn(static_in, False)
+        except RuntimeError as e:
+            raise RuntimeError(
+                "could not capture a delta frame in a CUDA graph: some layer synchronises with the host "
+                f"(probably one that runs on the reference backend on this GPU): {e}") from e
+        finally:
+            done, self._skip = self._skip, None
+        if done is not None and done.used:
+            self._skips[key] = done
+        return graph, static_out
 
     def _abs_max(self, x: Tensor) -> Tensor:
         """(N,) largest |value| per stream (NaN where a stream holds NaN)."""
@@ -526,10 +606,34 @@ class StreamGraphedDeltaModel:
     def _delta_pass(self, x: Tensor):
         rt, b = self.model.rt, self._bufs
         rt.keyframe, rt.stateless, rt.keep = False, False, b["keep"]
+        rt.skip = self._skip  # while capturing (StaticSkip): the input layer opens the conditional node
         try:
             out = self.model.graph_module(x)
+            if rt.skip is not None:
+                rt.skip.end()
         finally:
-            rt.keep = None
+            rt.keep = rt.skip = None
+        self._check_streams(x)
+        return out
+
+    def _check_streams(self, x: Tensor) -> None:
+        """After a delta pass: raise the range / NaN flag of the kept streams whose frame left its range, and
+        write the per-stream report (change, flag, held-back change); in two launches on the GPU."""
+        rt, b = self.model.rt, self._bufs
+        if not x.is_cuda:
+            self._check_streams_torch(x)
+            return
+        from .backends.triton_kernels.report import delta_report_, report_fits
+        if not report_fits(x):
+            self._check_streams_torch(x)
+            return
+        delta_report_(x, b["scale"], b["bad"], b["keep"], rt.stream_change, rt.input_held, b["report"],
+                      self.range_ratio)
+        rt.input_held = None
+
+    def _check_streams_torch(self, x: Tensor) -> None:
+        """_check_streams in PyTorch ops (~20 launches)."""
+        rt, b = self.model.rt, self._bufs
         a, scale = self._abs_max(x), b["scale"]
         bad = ~torch.isfinite(a)
         if self.range_ratio is not None:
@@ -540,7 +644,6 @@ class StreamGraphedDeltaModel:
         if rt.input_held is not None:  # the input gates held back this much of each stream's change
             b["report"][2].copy_(rt.input_held)
             rt.input_held = None
-        return out
 
     def _network(self, x: Tensor, key: tuple, first: bool):
         """One keyframe or dense pass of the network as the runtime's flags say: compiled (dense_compile)
@@ -594,7 +697,8 @@ def _clone(out):
 
 def compile(model: DeltaModel, warmup: int = 2, dense_above: float | None = 0.35,  # noqa: A001
             per_stream: bool = True, cuda_graphs: bool = True, dense_compile: str | None = "auto",
-            dense_compile_mode: str | None = None, keyframe_batch_at: int | str | None = "auto"):
+            dense_compile_mode: str | None = None, keyframe_batch_at: int | str | None = "auto",
+            skip_static: bool = False):
     """Wrap a converted model so that frames replay CUDA graphs captured per input shape.
 
     dense_above: when more than this fraction of a stream's input pixels changed in its last
@@ -614,6 +718,11 @@ def compile(model: DeltaModel, warmup: int = 2, dense_above: float | None = 0.35
     tunes the convs, minutes per pass).
     keyframe_batch_at: when this many streams need a keyframe or dense pass in one frame, every stream
     keyframes in one batched pass instead ("auto": max(2, N / 6) of N streams; None: never). per_stream only.
+    skip_static: the captured delta pass runs the network after its input layer only when some input pixel
+    is sent (a conditional graph node, StaticSkip): a frame in which nothing changed costs the input
+    layer instead of the whole floor. Same outputs. Needs a torch that captures conditional nodes from
+    Python (conditional_nodes_supported; not torch 2.11) and is off by default until it has run on a GPU.
+    per_stream only.
     """
     if not isinstance(model, DeltaModel):
         hint = (": moving-camera models (convert(..., motion=)) do not run inside CUDA graphs yet; run the "
@@ -624,7 +733,8 @@ def compile(model: DeltaModel, warmup: int = 2, dense_above: float | None = 0.35
                          "flushed inside the graphs); convert with refresh='keyframe' (the default) to compile")
     if per_stream:
         return StreamGraphedDeltaModel(model, warmup, dense_above, cuda_graphs, dense_compile=dense_compile,
-                                       dense_compile_mode=dense_compile_mode, keyframe_batch_at=keyframe_batch_at)
+                                       dense_compile_mode=dense_compile_mode, keyframe_batch_at=keyframe_batch_at,
+                                       skip_static=skip_static)
     if not cuda_graphs:
         raise ValueError("cuda_graphs=False needs per_stream=True")
     return GraphedDeltaModel(model, warmup, dense_above)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -102,6 +103,10 @@ class Runtime:
     keep: Tensor | None = None
     stats: StatsRecorder = field(default_factory=StatsRecorder)
     input_mask: Tensor | None = None
+    # set by deltacnn.compile while it captures a delta pass: the frame's input layer calls
+    # `skip.begin(mask)` with the mask it sends, which puts the rest of the pass into a conditional node
+    # of the graph that runs only when some pixel is sent (compile.StaticSkip; compile closes the node)
+    skip: Any = None
     # the current frame's per-stream routing, read by the input layer (None: the whole batch runs as
     # `keyframe` says)
     plan: StreamPlan | None = None

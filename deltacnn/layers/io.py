@@ -111,7 +111,12 @@ class Sparsify(DeltaLayer):
             self._sent = d.mask.clone()  # what went out (dilated, streams left out): continues next frame
         if first:  # a keyframe's all-true mask is shared (tensor.all_true_mask): users get their own
             rt.input_mask = d.mask.clone() if d.dense else d.mask
-        return self.record(d)
+        out = self.record(d)
+        if first and not rt.keyframe and rt.skip is not None:
+            # deltacnn.compile is capturing this delta pass: the rest of the network runs only when some
+            # pixel is sent (compile.StaticSkip)
+            rt.skip.begin(d.mask)
+        return out
 
     def _keyframe(self, x: Tensor) -> DeltaTensor:
         """The frame as a keyframe. The input reference is seeded with x (even by stateless dense frames:

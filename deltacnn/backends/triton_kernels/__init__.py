@@ -6,6 +6,7 @@ Public API:
     sparse_nonlinear, sparse_add, sparse_cat, sparsify, bordered_like, bordered_fits, accumulate_,
     seed_act_state_                                                                 (pointwise.py)
     maxpool_update                                (pool.py)
+    delta_report_, report_fits                    (report.py: deltacnn.compile's per-stream report)
     Act                                           (fused nonlinear epilogue spec)
 """
 from ._common import ACT_CODES, Act
@@ -15,8 +16,10 @@ from .masks import active_tiles, dilate_mask, out_size
 from .pointwise import (BORDERED_CP, accumulate_, bordered_fits, bordered_like, seed_act_state_, sparse_add,
                         sparse_cat, sparse_nonlinear, sparsify)
 from .pool import maxpool_update
+from .report import delta_report_, report_fits
 
 __all__ = ["ACT_CODES", "Act", "ConvConfig", "default_config", "prepare_weight", "prepare_window_weight",
            "WindowPlan", "window_plan",
            "sparse_conv2d", "active_tiles", "dilate_mask", "out_size", "accumulate_", "seed_act_state_", "sparse_add", "sparse_cat",
-           "sparse_nonlinear", "sparsify", "bordered_like", "bordered_fits", "BORDERED_CP", "maxpool_update"]
+           "sparse_nonlinear", "sparsify", "bordered_like", "bordered_fits", "BORDERED_CP", "maxpool_update",
+           "delta_report_", "report_fits"]
