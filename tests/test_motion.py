@@ -70,11 +70,12 @@ def net():
     return PanNet().eval()
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu"])
-def test_pan_by_multiples_of_the_stride_is_exact(net, backend):
+@pytest.mark.parametrize("backend,view_step", [("reference", "bands"), ("cpu", "bands"), ("reference", "padded"),
+                                               ("cpu", "padded")])
+def test_pan_by_multiples_of_the_stride_is_exact(net, backend, view_step):
     scene = _scene(1)
     mm = MotionDeltaModel(deltacnn.convert(net, torch.zeros(1, 3, H, W), backend=backend), motion="none")
-    mm = MotionDeltaModel(mm.dm, motion="auto")
+    mm = MotionDeltaModel(mm.dm, motion="auto", view_step=view_step)
     rates = []
     for t, (cx, cy) in enumerate(PATH):
         x = _camera(scene, cx, cy, t)
@@ -82,7 +83,8 @@ def test_pan_by_multiples_of_the_stride_is_exact(net, backend):
         torch.testing.assert_close(out, net(x), atol=2e-5, rtol=0, msg=f"frame {t}")
         if t:
             moved = [a != b for a, b in zip(PATH[t], PATH[t - 1])]
-            if sum(moved) == 1:  # along one axis: strips, not the whole view, then a delta step
+            if sum(moved) == 1 or (view_step == "padded" and any(moved)):
+                # bands along one axis, padded steps along both: strips, not the whole view, in a delta step
                 assert 0 < mm.aligner.recomputed_pixels < H * W
                 assert mm.dm.last_mode == "delta", (t, mm.dm.last_mode)
             if mm.dm.last_mode == "delta":
@@ -96,7 +98,8 @@ def test_pan_by_multiples_of_the_stride_is_exact(net, backend):
 def test_too_small_halo_breaks_exactness(net):
     """The border bands matter: recomputing less than R around the borders gives wrong outputs."""
     scene = _scene(2)
-    mm = MotionDeltaModel(deltacnn.convert(net, torch.zeros(1, 3, H, W), backend="reference"), motion="auto")
+    mm = MotionDeltaModel(deltacnn.convert(net, torch.zeros(1, 3, H, W), backend="reference"), motion="auto",
+                          view_step="bands")
     mm(_camera(scene, *PATH[0], 0))
     mm.aligner.geo.halo = mm.aligner.geo.total_stride
     x = _camera(scene, *PATH[1], 1)
@@ -351,9 +354,10 @@ def test_narrow_halo_is_cheaper_with_bounded_error(net):
     """halo= below the receptive-field bound: fewer pixels recomputed per view step, and an error that
     stays small (the old border's padding leaks only through the outer layers' taps) but is not zero."""
     scene = _scene(10)
-    exact = MotionDeltaModel(deltacnn.convert(net, torch.zeros(1, 3, H, W), backend="reference"), motion="auto")
+    exact = MotionDeltaModel(deltacnn.convert(net, torch.zeros(1, 3, H, W), backend="reference"), motion="auto",
+                             view_step="bands")
     narrow = MotionDeltaModel(deltacnn.convert(net, torch.zeros(1, 3, H, W), backend="reference"), motion="auto",
-                              halo=8)
+                              halo=8, view_step="bands")
     errs, cost = [], {"exact": 0, "narrow": 0}
     for t, (cx, cy) in enumerate(PATH[:5]):
         x = _camera(scene, cx, cy, t)
@@ -367,7 +371,11 @@ def test_narrow_halo_is_cheaper_with_bounded_error(net):
     assert cost["narrow"] < 0.7 * cost["exact"], cost
     assert max(errs) > 1e-4 and max(errs) < 0.15, errs  # measured: 0.06-0.07 of the output's range
     with pytest.raises(ValueError, match="halo"):
-        MotionDeltaModel(exact.dm, halo=-1)
+        MotionDeltaModel(exact.dm, halo=-1, view_step="bands")
+    with pytest.raises(ValueError, match="halo"):
+        MotionDeltaModel(exact.dm, halo=8)  # bands only: padded view steps have none
+    with pytest.raises(ValueError, match="view_step"):
+        MotionDeltaModel(exact.dm, view_step="wrap")
 
 
 def test_estimates_do_not_drift_on_a_static_noisy_camera(net):

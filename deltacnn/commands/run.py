@@ -223,7 +223,8 @@ def _motion_model(dm: DeltaModel, motion, halo: int | None):
         return None
     from ..motion import MotionDeltaModel
     try:
-        return MotionDeltaModel(dm, motion, halo=halo)
+        # a band width asks for the band-recomputing view steps; without one the padded (exact, cheaper) ones
+        return MotionDeltaModel(dm, motion, halo=halo, view_step="padded" if halo is None else "bands")
     except ValueError as e:
         raise UserError(f"--motion: {e}") from None
 
