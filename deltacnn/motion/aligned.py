@@ -353,6 +353,7 @@ class StateAligner:
         self.geo = geometry
         self.view_step = view_step
         self._pending: dict = {}  # padded view steps for the next delta pass: stream -> regions
+        self.stepped: list[int] = []  # the streams whose padded view step the last delta pass carried
         self.input_layer = next(m for m in geometry.layers if isinstance(m, Sparsify) and m.name == INPUT)
         self.recomputed_pixels = 0  # input pixels recomputed densely by the last shift (all streams)
         self.recompute_macs = 0  # their multiply-adds (counted only while the model records statistics)
@@ -430,6 +431,7 @@ class StateAligner:
         """The context the converted model's next call runs in: the hooks of the padded view steps that
         shift() left pending (padded.py), or nothing."""
         steps, self._pending = self._pending, {}
+        self.stepped = sorted(steps)  # the streams whose view step this pass carries
         if not steps:
             return contextlib.nullcontext()
         from .padded import PaddedStep

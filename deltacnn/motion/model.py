@@ -257,7 +257,21 @@ class MotionDeltaModel(nn.Module):
         self._frames += 1
         with self.aligner.delta_pass():  # padded view steps ride on this pass (motion/padded.py)
             out = self.dm(aligned)
+        if self.aligner.stepped:
+            self._forget_step_work(self.aligner.stepped, n)
         return map_outputs(out, torch.tensor(res).neg(), self.aligner.geo.frame_hw)
+
+    def _forget_step_work(self, streams: list[int], n: int) -> None:
+        """A padded view step's own work (the strip and border bands through the network, several times a
+        still frame's at low thresholds) is no reason for the converted model's busy-stream rule to run the
+        next frames densely: that rule is about the input's change, which the step does not raise."""
+        lim = self.dm.rt.dense_limit
+        if lim is None:
+            return
+        lim = list(lim) if isinstance(lim, list) else [lim] * n
+        for i in streams:
+            lim[i] = None
+        self.dm.rt.dense_limit = None if all(v is None for v in lim) else (lim[0] if len(set(lim)) == 1 else lim)
 
     def _view_origin(self, pos, view: list[int], S: int) -> list[int]:
         """The view origin (multiples of S) for a camera at `pos`, the view being at `view` (see max_residual)."""

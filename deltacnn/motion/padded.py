@@ -231,7 +231,7 @@ class PaddedStep:
         if dense_out:
             values, mask = out, None
         else:
-            values, mask = self._writable(out, ins)
+            values, mask = self._writable(out, _deltas(args, kwargs))
         for i, regs in self.steps.items():
             for j, reg in enumerate(regs):
                 size = self.hw[reg.axis - 2]
