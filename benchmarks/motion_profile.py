@@ -45,7 +45,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-residual", type=int, default=None, help="MotionDeltaModel(max_residual=...)")
     ap.add_argument("--edge", choices=("hold", "replicate"), default="hold")
-    ap.add_argument("--view-step", choices=("padded", "bands"), default="padded", help="MotionDeltaModel(view_step=...)")
+    ap.add_argument("--view-step", choices=("padded", "bands"), default="bands", help="MotionDeltaModel(view_step=...)")
     ap.add_argument("--tag", default="")
     a = ap.parse_args()
     clock = time.process_time if a.clock == "cpu" else time.perf_counter

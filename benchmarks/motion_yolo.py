@@ -271,10 +271,10 @@ def main() -> None:
     ap.add_argument("--start", type=int, default=100, help="first vtest frame (default 100: people in view)")
     ap.add_argument("--clip", default=None, help="a real moving-camera clip instead of the synthetic pans")
     ap.add_argument("--auto", action="store_true", help="estimate the motion instead of giving the true one")
-    ap.add_argument("--view-step", default="padded",
+    ap.add_argument("--view-step", default="bands",
                     help="aligned variants, comma-separated: padded (view steps inside the delta pass) and/or bands "
                          "(recomputed border bands, one variant per --halo)")
-    ap.add_argument("--halo", default="exact", help="view_step bands: band widths (exact: the bound R)")
+    ap.add_argument("--halo", default="exact,64", help="view_step bands: band widths (exact: the bound R)")
     ap.add_argument("--max-residual", type=float, default=None,
                     help="MotionDeltaModel(max_residual=...): px the camera may drift before the view steps")
     ap.add_argument("--edge", choices=("hold", "replicate"), default="hold", help="MotionDeltaModel(edge=...)")

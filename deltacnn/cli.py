@@ -160,9 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(phase correlation), FILE: one 'dx dy' (or 9-number homography) line per frame "
                         "(default none: static camera)")
     r.add_argument("--motion-halo", type=_positive_int, default=None, metavar="PX",
-                   help="recompute border bands of this width (pixels) when the view moves, instead of the "
-                        "default padded view steps (each layer fixes its own strip inside the delta pass, exact); "
-                        "smaller is cheaper and approximate")
+                   help="border bands recomputed when the view moves, in pixels (default: the exact receptive-"
+                        "field bound; smaller is cheaper and approximate)")
 
     t = sub.add_parser("tune", help="find input and per-layer thresholds within an accuracy budget versus dense",
                        description="Search the thresholds with the lowest frame time (a cost model fitted to CPU-clock "

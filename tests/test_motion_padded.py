@@ -84,8 +84,7 @@ def test_padded_view_steps_are_exact_at_tau0_and_never_keyframes(mix, backend):
     scene = _scene(1)
     x0 = _camera(scene, *PATH[0], 0)
     seq = torch.tensor([[0.0, 0.0]] + [[b[0] - a[0], b[1] - a[1]] for a, b in zip(PATH, PATH[1:])])
-    mm = MotionDeltaModel(deltacnn.convert(mix, x0, backend=backend), motion=seq)
-    assert mm.view_step == "padded"
+    mm = MotionDeltaModel(deltacnn.convert(mix, x0, backend=backend), motion=seq, view_step="padded")
     with torch.no_grad():
         for t, (cx, cy) in enumerate(PATH):
             x = _camera(scene, cx, cy, t)
@@ -105,7 +104,7 @@ def test_two_streams_step_independently(mix):
     seq = torch.tensor([[[0.0, 0.0]] * 2] + [[[p[t][0] - p[t - 1][0], p[t][1] - p[t - 1][1]] for p in paths]
                                              for t in range(1, 5)])
     x0 = torch.cat([_camera(s, *p[0], 0) for s, p in zip(scenes, paths)])
-    mm = MotionDeltaModel(deltacnn.convert(mix, x0, backend="cpu"), motion=seq)
+    mm = MotionDeltaModel(deltacnn.convert(mix, x0, backend="cpu"), motion=seq, view_step="padded")
     with torch.no_grad():
         for t in range(5):
             x = torch.cat([_camera(s, *p[t], t) for s, p in zip(scenes, paths)])

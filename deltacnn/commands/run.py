@@ -223,8 +223,7 @@ def _motion_model(dm: DeltaModel, motion, halo: int | None):
         return None
     from ..motion import MotionDeltaModel
     try:
-        # a band width asks for the band-recomputing view steps; without one the padded (exact, cheaper) ones
-        return MotionDeltaModel(dm, motion, halo=halo, view_step="padded" if halo is None else "bands")
+        return MotionDeltaModel(dm, motion, halo=halo)
     except ValueError as e:
         raise UserError(f"--motion: {e}") from None
 

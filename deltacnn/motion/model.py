@@ -79,12 +79,14 @@ class MotionDeltaModel(nn.Module):
             camera that starts to move in a skipped frame is caught up at the next estimate (the estimate
             is against the anchor); that frame runs as plain delta inference on the shifted view (correct,
             as dense as plain delta's frames).
-        view_step: how the state follows a view step. "padded" (default): inside the frame's delta pass,
-            each layer recomputes only its uncovered strip and a thin band at each view border from its
-            own current input, and the strip and bands reach its consumers as deltas (motion/padded.py:
-            exact at tau 0, a few % of a keyframe's multiply-adds). "bands": the network is recomputed on
+        view_step: how the state follows a view step. "bands" (default): the network is recomputed on
             crops covering bands of `halo` around both borders, or the whole view when they cover it (a
-            keyframe; every view step of YOLOv8n).
+            keyframe: every view step of YOLOv8n). "padded": inside the frame's delta pass, each layer
+            recomputes only its uncovered strip and a thin band at each view border from its own current
+            input, and the strip and bands reach its consumers as deltas (motion/padded.py); exact at
+            tau 0 like the bands, but on YOLOv8n at 640x448 the view step's change still reaches most
+            of the deep and head layers (a step frame does ~64% of dense MACs in sparse kernels, crops
+            13%), which costs more than the keyframe on the cpu backend (motion6 in BENCHMARKS.md).
         halo: view_step="bands" only: width (input pixels, rounded up to a multiple of the total stride) of
             the border bands recomputed when the view moves. None: the network's receptive-field bound R, which makes
             the result exact but, for deep nets (YOLOv8n: R = 832 px), recomputes the whole view on
@@ -95,7 +97,7 @@ class MotionDeltaModel(nn.Module):
     def __init__(self, dm, motion="auto", *, min_confidence: float = MIN_CONFIDENCE, resample: str = "nearest",
                  estimator: PhaseCorrelator | None = None, halo: int | None = None,
                  max_residual: float | None = None, max_unexplained: float | None = MAX_UNEXPLAINED,
-                 edge: str = "hold", still_every: int = 2, view_step: str = "padded") -> None:
+                 edge: str = "hold", still_every: int = 2, view_step: str = "bands") -> None:
         super().__init__()
         from .aligned import VIEW_STEPS
         if view_step not in VIEW_STEPS:

@@ -38,7 +38,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..layers import Densify, DeltaLayer, Sparsify
+from ..activations import truncation_score
+from ..layers import DeltaConv2d, Densify, DeltaLayer, Sparsify
 from ..stats import StatsRecorder
 from ..tensor import DeltaTensor
 from .aligned import MotionNotSupportedError
@@ -69,6 +70,14 @@ def _up(v: float, q: int) -> int:
 
 def _deltas(args: tuple, kwargs: dict) -> list[DeltaTensor]:
     return [a for a in list(args) + list(kwargs.values()) if isinstance(a, DeltaTensor)]
+
+
+def _tau(m: DeltaLayer) -> float:
+    """The threshold the layer truncates what it sends with (0 for the model's output: exact)."""
+    if isinstance(m, Densify):
+        return 0.0
+    name = getattr(m, "act_name", None) if isinstance(m, DeltaConv2d) else m.name
+    return float(m.rt.thresholds.get(name)) if name is not None else 0.0
 
 
 def _out_key(m: DeltaLayer, keys: list[str]) -> str | None:
@@ -174,7 +183,7 @@ class PaddedStep:
                 f0, f1 = reg.interval(size, reg.strip + b)
                 if f1 > f0:
                     snaps[(i, j)] = E[i].narrow(reg.axis - 1, f0 // s_out, (f1 - f0) // s_out).clone()
-        self.pending[id(m)] = {"q": q, "b": b, "c": c, "snaps": snaps, "key": key, "s_out": s_out}
+        self.pending[id(m)] = {"q": q, "b": b, "c": c, "snaps": snaps, "key": key, "s_out": s_out, "tau": _tau(m)}
 
     def _after(self, m: DeltaLayer, args: tuple, kwargs: dict, out):
         rt = self.rt
@@ -248,9 +257,19 @@ class PaddedStep:
                 win = E[i].narrow(reg.axis - 1, f0 // s_out, (f1 - f0) // s_out)
                 if dense_out:
                     values[i].narrow(reg.axis - 1, f0 // s_out, (f1 - f0) // s_out).copy_(win)
-                else:  # what the consumers accumulated there was the snapshot: they get the difference
-                    values[i].narrow(reg.axis - 1, f0 // s_out, (f1 - f0) // s_out).copy_(win - plan["snaps"][(i, j)])
-                    mask[i].narrow(reg.axis - 1, f0 // s_out, (f1 - f0) // s_out).fill_(True)
+                else:  # what the consumers accumulated there was the snapshot: they get the difference, truncated
+                    # like any change of this layer (E keeps exactly what was sent; the rest stays in f(A) - E)
+                    snap = plan["snaps"][(i, j)]
+                    diff = win - snap
+                    sent = mask[i].narrow(reg.axis - 1, f0 // s_out, (f1 - f0) // s_out)
+                    if plan["tau"] > 0:
+                        emit = truncation_score(diff.unsqueeze(0), self.rt.thresholds.score) > plan["tau"]
+                        diff.mul_(emit)
+                        win.copy_(snap + diff)
+                        sent.copy_(emit)
+                    else:
+                        sent.fill_(True)
+                    values[i].narrow(reg.axis - 1, f0 // s_out, (f1 - f0) // s_out).copy_(diff)
             if not dense_out:
                 crops = []
                 for reg in regs:
