@@ -27,6 +27,8 @@ Design (translations only; reference, cpu and Triton backends, outside CUDA grap
   bands. Per moving axis that costs (4R + |D|) / W of a dense frame; when that reaches a whole frame
   (large receptive fields, small frames) the stream takes a keyframe instead.
 * Then the ordinary delta step runs on the aligned frame: only what moved in the scene changes.
+* Alternative (view_step="padded", padded.py): no bands; each layer fixes its own strip and a thin band at
+  each border inside the frame's delta pass, and the step reaches the consumers as deltas (exact too).
 
 What a backend must provide for this is nothing new (the host decides the strips; the state is moved
 with torch ops on the buffers): the reference, cpu and Triton backends all run it (Triton tested under

@@ -23,8 +23,13 @@ keyframe function on their inputs' crops. A fix window is wide enough (the layer
 of the stateless layers before it) that every pixel outside it reads only pixels whose old state was
 consistent with the new view; those are exact by the delta step itself. So at tau 0 the result equals
 dense inference on the new view everywhere, at the cost of per-layer crops of width |D| + 2-3 reaches
-(a few % of a keyframe's multiply-adds) plus the strip's deltas in the delta pass. With thresholds the
-strip and bands are emitted where they pass the layer's threshold, like any other change.
+(YOLOv8n at 640x448: 13% of a keyframe's multiply-adds) plus the step's change in the delta pass. With
+thresholds the fix windows' corrections are emitted where they pass the layer's threshold, like any change.
+
+Measured (motion6, BENCHMARKS.md): exact, and fewer multiply-adds than the band keyframes, but on YOLOv8n
+the step's change still reaches most of the neck and head (the delta pass of a step frame does ~0.5 of
+dense MACs), so on the cpu backend a padded step frame costs more than the keyframe it replaces: that is
+why MotionDeltaModel's default stays view_step="bands".
 
 Hooks only: no layer or backend code changes (any backend whose layers run as modules works). A
 converted model whose graph passes delta tensors through something that is not a DeltaLayer is refused
@@ -104,9 +109,7 @@ class PaddedStep:
         self.chain: dict[int, float] = {}  # id(output) -> reach of the stateless layers since the last state
         self.pending: dict[int, dict] = {}  # id(layer) -> the pre-hook's windows and snapshots
         self.off = False  # the pass turned out to be a keyframe (dense dispatch): nothing to fix
-        self.macs = 0  # multiply-adds of the layer crops
-        self.pixels = 0  # frame pixels of the crops (per layer, averaged over layers at the end)
-        self._crops = 0
+        self.macs = 0  # multiply-adds of the layer crops (counted while the model records statistics)
         self._handles: list = []
 
     # ---- installation ------------------------------------------------------------------------------
@@ -330,7 +333,5 @@ class PaddedStep:
                 m._buffers[k] = v
             rt.keyframe, rt.stateless, rt.stats = flags
         v = y.values if isinstance(y, DeltaTensor) else y
-        self.pixels += (hi - lo) * self.hw[3 - reg.axis]
-        self._crops += 1
         return v, states
 
