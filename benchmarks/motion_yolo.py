@@ -92,11 +92,17 @@ def run_path(args, task: YOLOv8Task, net, name: str, scene_frames: list[np.ndarr
         return dm
 
     models = {"delta": delta_model()}
-    for h in args.halo.split(","):
-        halo = None if h == "exact" else int(h)
-        motion = "auto" if args.auto or given is None else given
-        models[f"aligned_{h}"] = MotionDeltaModel(delta_model(), motion=motion, halo=halo,
-                                                  max_residual=args.max_residual, edge=args.edge)
+    motion = "auto" if args.auto or given is None else given
+    for vs in args.view_step.split(","):
+        if vs == "padded":  # no bands: one variant (--halo is for the band-recomputing view steps)
+            models["aligned_padded"] = MotionDeltaModel(delta_model(), motion=motion, max_residual=args.max_residual,
+                                                        edge=args.edge, view_step="padded")
+            continue
+        for h in args.halo.split(","):
+            halo = None if h == "exact" else int(h)
+            models[f"aligned_{h}"] = MotionDeltaModel(delta_model(), motion=motion, halo=halo,
+                                                      max_residual=args.max_residual, edge=args.edge,
+                                                      view_step="bands")
     for m in models.values():
         (m.dm if isinstance(m, MotionDeltaModel) else m).enable_stats(True, keep_masks=args.video)
     rows = []
@@ -139,7 +145,7 @@ def run_path(args, task: YOLOv8Task, net, name: str, scene_frames: list[np.ndarr
                 if isinstance(m, MotionDeltaModel):  # the delta model's own error: against that view's result
                     va = task.agreement(res, phase)
                     row[f"{key}_f1_vs_view"] = va["f1"]
-                if video is not None and key == f"aligned_{args.halo.split(',')[0]}":
+                if video is not None and key == next(k for k in models if k.startswith("aligned")):
                     video.write(heat_frame(scene_frames[t], cam, dm, m, origins[t] if origins else (0, 0), row, key))
             rows.append(row)
             if not args.quiet:
@@ -265,7 +271,10 @@ def main() -> None:
     ap.add_argument("--start", type=int, default=100, help="first vtest frame (default 100: people in view)")
     ap.add_argument("--clip", default=None, help="a real moving-camera clip instead of the synthetic pans")
     ap.add_argument("--auto", action="store_true", help="estimate the motion instead of giving the true one")
-    ap.add_argument("--halo", default="exact,64", help="aligned variants: band widths (exact: the bound R)")
+    ap.add_argument("--view-step", default="bands",
+                    help="aligned variants, comma-separated: padded (view steps inside the delta pass) and/or bands "
+                         "(recomputed border bands, one variant per --halo)")
+    ap.add_argument("--halo", default="exact,64", help="view_step bands: band widths (exact: the bound R)")
     ap.add_argument("--max-residual", type=float, default=None,
                     help="MotionDeltaModel(max_residual=...): px the camera may drift before the view steps")
     ap.add_argument("--edge", choices=("hold", "replicate"), default="hold", help="MotionDeltaModel(edge=...)")

@@ -70,11 +70,12 @@ def net():
     return PanNet().eval()
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu"])
-def test_pan_by_multiples_of_the_stride_is_exact(net, backend):
+@pytest.mark.parametrize("backend,view_step", [("reference", "bands"), ("cpu", "bands"), ("reference", "padded"),
+                                               ("cpu", "padded")])
+def test_pan_by_multiples_of_the_stride_is_exact(net, backend, view_step):
     scene = _scene(1)
     mm = MotionDeltaModel(deltacnn.convert(net, torch.zeros(1, 3, H, W), backend=backend), motion="none")
-    mm = MotionDeltaModel(mm.dm, motion="auto")
+    mm = MotionDeltaModel(mm.dm, motion="auto", view_step=view_step)
     rates = []
     for t, (cx, cy) in enumerate(PATH):
         x = _camera(scene, cx, cy, t)
@@ -82,11 +83,15 @@ def test_pan_by_multiples_of_the_stride_is_exact(net, backend):
         torch.testing.assert_close(out, net(x), atol=2e-5, rtol=0, msg=f"frame {t}")
         if t:
             moved = [a != b for a, b in zip(PATH[t], PATH[t - 1])]
-            if sum(moved) == 1:  # along one axis: strips, not the whole view, then a delta step
+            if sum(moved) == 1 or (view_step == "padded" and any(moved)):
+                # bands along one axis, padded steps along both: strips, not the whole view, in a delta step
                 assert 0 < mm.aligner.recomputed_pixels < H * W
                 assert mm.dm.last_mode == "delta", (t, mm.dm.last_mode)
             if mm.dm.last_mode == "delta":
-                rates.append(float(mm.dm.input_mask.float().mean()))
+                # padded: the uncovered strips enter the input as values (with bands they are in the state)
+                dx, dy = (abs(a - b) for a, b in zip(PATH[t], PATH[t - 1]))
+                strips = (dx * H + dy * W - dx * dy) / (H * W) if view_step == "padded" else 0.0
+                rates.append(float(mm.dm.input_mask.float().mean()) - strips)
             else:  # both axes: the bands cover this small view, which is recomputed as a keyframe
                 assert mm.dm.last_mode == "keyframe" and sum(moved) == 2, (t, mm.dm.last_mode)
     assert mm.view[0] == [84 - 100, 112 - 80]
@@ -96,7 +101,8 @@ def test_pan_by_multiples_of_the_stride_is_exact(net, backend):
 def test_too_small_halo_breaks_exactness(net):
     """The border bands matter: recomputing less than R around the borders gives wrong outputs."""
     scene = _scene(2)
-    mm = MotionDeltaModel(deltacnn.convert(net, torch.zeros(1, 3, H, W), backend="reference"), motion="auto")
+    mm = MotionDeltaModel(deltacnn.convert(net, torch.zeros(1, 3, H, W), backend="reference"), motion="auto",
+                          view_step="bands")
     mm(_camera(scene, *PATH[0], 0))
     mm.aligner.geo.halo = mm.aligner.geo.total_stride
     x = _camera(scene, *PATH[1], 1)
@@ -351,9 +357,10 @@ def test_narrow_halo_is_cheaper_with_bounded_error(net):
     """halo= below the receptive-field bound: fewer pixels recomputed per view step, and an error that
     stays small (the old border's padding leaks only through the outer layers' taps) but is not zero."""
     scene = _scene(10)
-    exact = MotionDeltaModel(deltacnn.convert(net, torch.zeros(1, 3, H, W), backend="reference"), motion="auto")
+    exact = MotionDeltaModel(deltacnn.convert(net, torch.zeros(1, 3, H, W), backend="reference"), motion="auto",
+                             view_step="bands")
     narrow = MotionDeltaModel(deltacnn.convert(net, torch.zeros(1, 3, H, W), backend="reference"), motion="auto",
-                              halo=8)
+                              halo=8, view_step="bands")
     errs, cost = [], {"exact": 0, "narrow": 0}
     for t, (cx, cy) in enumerate(PATH[:5]):
         x = _camera(scene, cx, cy, t)
@@ -367,7 +374,11 @@ def test_narrow_halo_is_cheaper_with_bounded_error(net):
     assert cost["narrow"] < 0.7 * cost["exact"], cost
     assert max(errs) > 1e-4 and max(errs) < 0.15, errs  # measured: 0.06-0.07 of the output's range
     with pytest.raises(ValueError, match="halo"):
-        MotionDeltaModel(exact.dm, halo=-1)
+        MotionDeltaModel(exact.dm, halo=-1, view_step="bands")
+    with pytest.raises(ValueError, match="halo"):
+        MotionDeltaModel(exact.dm, halo=8, view_step="padded")  # bands only: padded view steps have none
+    with pytest.raises(ValueError, match="view_step"):
+        MotionDeltaModel(exact.dm, view_step="wrap")
 
 
 def test_estimates_do_not_drift_on_a_static_noisy_camera(net):
@@ -400,7 +411,8 @@ class TinyNet(nn.Module):
         return self.c3(F.relu(self.c2(F.relu(self.c1(x)))))
 
 
-def test_triton_backend_follows_the_camera_like_the_reference():
+@pytest.mark.parametrize("view_step", ["bands", "padded"])
+def test_triton_backend_follows_the_camera_like_the_reference(view_step):
     """The Triton backend (TRITON_INTERPRET=1 on the CPU) under motion alignment: a state shift with its
     border-band crops, sub-stride residuals and a two-axis move give what the reference backend gives,
     frame by frame, at tau > 0, for two streams with their own motion."""
@@ -413,7 +425,7 @@ def test_triton_backend_follows_the_camera_like_the_reference():
     seq = torch.tensor([[[0.0, 0.0]] * 2] + [[[p[t][0] - p[t - 1][0], p[t][1] - p[t - 1][1]] for p in path]
                                              for t in range(1, 4)])
     mms = {b: MotionDeltaModel(deltacnn.convert(tiny, torch.zeros(2, 3, h, w), backend=b, threshold=0.05),
-                               motion=seq) for b in ("triton", "reference")}
+                               motion=seq, view_step=view_step) for b in ("triton", "reference")}
     modes = []
     for t in range(4):
         frames = []

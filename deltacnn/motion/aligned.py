@@ -27,6 +27,8 @@ Design (translations only; reference, cpu and Triton backends, outside CUDA grap
   bands. Per moving axis that costs (4R + |D|) / W of a dense frame; when that reaches a whole frame
   (large receptive fields, small frames) the stream takes a keyframe instead.
 * Then the ordinary delta step runs on the aligned frame: only what moved in the scene changes.
+* Alternative (view_step="padded", padded.py): no bands; each layer fixes its own strip and a thin band at
+  each border inside the frame's delta pass, and the step reaches the consumers as deltas (exact too).
 
 What a backend must provide for this is nothing new (the host decides the strips; the state is moved
 with torch ops on the buffers): the reference, cpu and Triton backends all run it (Triton tested under
@@ -42,6 +44,7 @@ reference backend's torch convs would need a roll per layer per frame, i.e. more
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 
@@ -121,6 +124,11 @@ class StateGeometry:
     total_stride: int  # S: every state stride divides it
     halo: int  # R: a multiple of S, > the receptive-field radius of every state pixel (input pixels)
     layers: list[DeltaLayer] = field(default_factory=list)
+    # id(layer) -> how far (frame px) its output pixels read beyond their own block (padded view steps)
+    reach: dict[int, float] = field(default_factory=dict)
+    # padded view steps: width (frame px, a multiple of S) of the value crops beyond the strip, enough for
+    # every layer's fix band and context plus the reach of all stateless spatial layers (padded.py)
+    padded_ext: int = 0
 
 
 def _state_keys(layer: DeltaLayer) -> list[str]:
@@ -173,8 +181,14 @@ def probe_geometry(dm, frame: Tensor) -> tuple[StateGeometry, object]:
         if isinstance(v, Tensor) and v.dim() == 4:
             inputs.setdefault(id(mod), (mod, tuple(v.shape[2:])))
 
+    calls: list[tuple[DeltaLayer, list, object]] = []  # in call order: (layer, its delta inputs, its output)
+
+    def after(mod, args, kwargs, out):
+        calls.append((mod, [a for a in list(args) + list(kwargs.values()) if isinstance(a, DeltaTensor)], out))
+
     layers = [m for m in dm.modules() if isinstance(m, DeltaLayer)]
     handles = [m.register_forward_pre_hook(hook) for m in layers]
+    handles += [m.register_forward_hook(after, with_kwargs=True) for m in layers]
     try:
         dm.reset()
         out = dm(frame)
@@ -200,22 +214,45 @@ def probe_geometry(dm, frame: Tensor) -> tuple[StateGeometry, object]:
                                           "divided by a stride; it cannot be mapped back to camera coordinates")
         total = math.lcm(total, H // o.shape[2])
     reach = 0.0
+    reaches: dict[int, float] = {}
     for mod, (h, w) in inputs.values():
         s_in = H / h
         if isinstance(mod, DenseIsland):
             raise MotionNotSupportedError(f"dense island {mod.name!r} runs an op of unknown receptive field; "
                                           "motion alignment cannot bound which pixels it makes depend on the border")
+        r = 0.0
         if isinstance(mod, (DeltaConv2d, DeltaMaxPool2d)):
-            reach += _window_reach(mod.window, s_in)
+            r = _window_reach(mod.window, s_in)
         elif isinstance(mod, DeltaConvTranspose2d):
-            reach += max(mod.weight.shape[2:]) * s_in
+            r = max(mod.weight.shape[2:]) * s_in
         elif isinstance(mod, DeltaLinearMap):
-            reach += _map_reach(mod, (h, w), s_in, (H, W))
+            r = _map_reach(mod, (h, w), s_in, (H, W))
+        reaches[id(mod)] = r
+        reach += r
     if H % total or W % total:
         raise MotionNotSupportedError(f"motion alignment needs the frame ({H}x{W}) to be a multiple of the network's "
                                       f"total stride {total}; pad or crop the frames")
     halo = total * math.ceil((reach + total) / total)
-    return StateGeometry((H, W), strides, total, halo, layers), out
+    return StateGeometry((H, W), strides, total, halo, layers, reaches, _padded_ext(calls, reaches, total)), out
+
+
+def _padded_ext(calls: list, reaches: dict[int, float], S: int) -> int:
+    """Width (frame px beyond the strip, a multiple of S) of the value crops of padded view steps: every
+    stateful layer fixes up(reach + chain) px from a crop up(reach) px wider, where chain is the reach of
+    the stateless layers between it and its stateful producers, whose values are valid only that far
+    inside the kept crops (padded.py)."""
+    up = lambda v: S * math.ceil(v / S)  # noqa: E731
+    chain: dict[int, float] = {}
+    ext = 0
+    for mod, ins, out in calls:
+        c = max((chain.get(id(t), 0.0) for t in ins), default=0.0)
+        r = reaches.get(id(mod), 0.0)
+        if _state_keys(mod):
+            chain[id(out)] = 0.0
+            ext = max(ext, up(r + c) + up(r) + up(c))
+        else:
+            chain[id(out)] = c + r
+    return ext
 
 
 def _spatial_outputs(out) -> list[Tensor]:
@@ -261,12 +298,64 @@ def _strips(d: int, size: int, halo: int) -> list[tuple[int, int, int, int]] | N
     return [(0, a + halo, 0, a + 2 * halo), (size - halo, size, size - 2 * halo, size)]
 
 
+VIEW_STEPS = ("padded", "bands")
+
+
+def _padded_regions(d: int, axis: int, size: int, ext: int) -> list:
+    """The two regions of one axis a view step by d changes (padded.Region): the end where the strip
+    enters and the end the view left; [None] where their crops would cover the axis."""
+    from .padded import Region
+    if d == 0:
+        return []
+    a = abs(d)
+    if a + 2 * ext >= size:
+        return [None]
+    return [Region(axis, d < 0, a, a + ext), Region(axis, d > 0, 0, ext)]
+
+
+def _zero_uncovered(v: Tensor, ky: int, kx: int) -> None:
+    """Zero the rows / columns of a rolled (C, h, w) buffer that no old pixel moved into (the strip):
+    what the consumers of a padded view step take as the padding they saw there."""
+    h, w = v.shape[1:]
+    if ky > 0:
+        v[:, max(h - ky, 0):] = 0
+    elif ky < 0:
+        v[:, :min(-ky, h)] = 0
+    if kx > 0:
+        v[:, :, max(w - kx, 0):] = 0
+    elif kx < 0:
+        v[:, :, :min(-kx, w)] = 0
+
+
+class _Counted:
+    """Runs a PaddedStep's hooks and leaves its work in the aligner's counters."""
+
+    def __init__(self, aligner: "StateAligner", step) -> None:
+        self.aligner, self.step = aligner, step
+
+    def __enter__(self):
+        return self.step.__enter__()
+
+    def __exit__(self, *exc) -> None:
+        self.step.__exit__(*exc)
+        H, W = self.aligner.geo.frame_hw
+        self.aligner.recompute_macs += self.step.macs
+        # view pixels whose state the step touched: the regions' value crops
+        self.aligner.recomputed_pixels += sum(r.width * (W if r.axis == 2 else H)
+                                              for regs in self.step.steps.values() for r in regs)
+
+
 class StateAligner:
     """Moves a converted model's cached state with the view (see the module docstring)."""
 
-    def __init__(self, dm, geometry: StateGeometry) -> None:
+    def __init__(self, dm, geometry: StateGeometry, view_step: str = "padded") -> None:
+        if view_step not in VIEW_STEPS:
+            raise ValueError(f"view_step must be one of {VIEW_STEPS}, got {view_step!r}")
         self.dm = dm
         self.geo = geometry
+        self.view_step = view_step
+        self._pending: dict = {}  # padded view steps for the next delta pass: stream -> regions
+        self.stepped: list[int] = []  # the streams whose padded view step the last delta pass carried
         self.input_layer = next(m for m in geometry.layers if isinstance(m, Sparsify) and m.name == INPUT)
         self.recomputed_pixels = 0  # input pixels recomputed densely by the last shift (all streams)
         self.recompute_macs = 0  # their multiply-adds (counted only while the model records statistics)
@@ -291,6 +380,15 @@ class StateAligner:
                 keyframes.append(i)
                 continue
             if dx == 0 and dy == 0:
+                continue
+            if self.view_step == "padded":
+                regions = _padded_regions(dx, 3, W, self.geo.padded_ext) + _padded_regions(dy, 2, H, self.geo.padded_ext)
+                if any(r is None for r in regions):  # the crops would cover the view
+                    keyframes.append(i)
+                    continue
+                self._roll(i, dx, dy)
+                self._fill_uncovered(self.input_layer._state("ref")[i], frame[i], dx, dy)
+                self._pending[i] = regions
                 continue
             sx, sy = _strips(dx, W, self.geo.halo), _strips(dy, H, self.geo.halo)
             if sx is None or sy is None or sum(c1 - c0 for *_, c0, c1 in sx) * H + \
@@ -324,10 +422,22 @@ class StateAligner:
                 if single:
                     new = torch.empty_like(buf)  # keeps the memory format (NHWC state stays NHWC)
                     new[:, :, dst[0], dst[1]] = buf[:, :, src[0], src[1]]
+                    _zero_uncovered(new[0], ky, kx)
                     m._buffers[k] = new
                 else:
                     v = buf[i].permute(1, 2, 0)  # (h, w, C)
                     v[dst].copy_(v[src].clone())
+                    _zero_uncovered(buf[i], ky, kx)
+
+    def delta_pass(self):
+        """The context the converted model's next call runs in: the hooks of the padded view steps that
+        shift() left pending (padded.py), or nothing."""
+        steps, self._pending = self._pending, {}
+        self.stepped = sorted(steps)  # the streams whose view step this pass carries
+        if not steps:
+            return contextlib.nullcontext()
+        from .padded import PaddedStep
+        return _Counted(self, PaddedStep(self.dm, self.geo.layers, steps, self.geo.reach, self.geo.frame_hw))
 
     def dm_streams(self) -> int:
         return self.input_layer._state("ref").shape[0]

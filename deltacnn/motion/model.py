@@ -79,8 +79,16 @@ class MotionDeltaModel(nn.Module):
             camera that starts to move in a skipped frame is caught up at the next estimate (the estimate
             is against the anchor); that frame runs as plain delta inference on the shifted view (correct,
             as dense as plain delta's frames).
-        halo: width (input pixels, rounded up to a multiple of the total stride) of the border bands
-            recomputed when the view moves. None: the network's receptive-field bound R, which makes
+        view_step: how the state follows a view step. "bands" (default): the network is recomputed on
+            crops covering bands of `halo` around both borders, or the whole view when they cover it (a
+            keyframe: every view step of YOLOv8n). "padded": inside the frame's delta pass, each layer
+            recomputes only its uncovered strip and a thin band at each view border from its own current
+            input, and the strip and bands reach its consumers as deltas (motion/padded.py); exact at
+            tau 0 like the bands, but on YOLOv8n at 640x448 the view step's change still reaches most
+            of the deep and head layers (a step frame does ~64% of dense MACs in sparse kernels, crops
+            13%), which costs more than the keyframe on the cpu backend (motion6 in BENCHMARKS.md).
+        halo: view_step="bands" only: width (input pixels, rounded up to a multiple of the total stride) of
+            the border bands recomputed when the view moves. None: the network's receptive-field bound R, which makes
             the result exact but, for deep nets (YOLOv8n: R = 832 px), recomputes the whole view on
             every view step. A smaller halo is an approximation: the state within R of the view
             border keeps a trace of the old border's padding (measure it, e.g. with task F1).
@@ -89,8 +97,14 @@ class MotionDeltaModel(nn.Module):
     def __init__(self, dm, motion="auto", *, min_confidence: float = MIN_CONFIDENCE, resample: str = "nearest",
                  estimator: PhaseCorrelator | None = None, halo: int | None = None,
                  max_residual: float | None = None, max_unexplained: float | None = MAX_UNEXPLAINED,
-                 edge: str = "hold", still_every: int = 2) -> None:
+                 edge: str = "hold", still_every: int = 2, view_step: str = "bands") -> None:
         super().__init__()
+        from .aligned import VIEW_STEPS
+        if view_step not in VIEW_STEPS:
+            raise ValueError(f"view_step must be one of {VIEW_STEPS}, got {view_step!r}")
+        if halo is not None and view_step != "bands":
+            raise ValueError("halo= sets the width of view_step='bands'; padded view steps need no bands")
+        self.view_step = view_step
         if not isinstance(still_every, int) or still_every < 1:
             raise ValueError(f"still_every must be an int >= 1 (1: estimate every frame), got {still_every!r}")
         self.still_every = still_every
@@ -180,7 +194,7 @@ class MotionDeltaModel(nn.Module):
             if self.halo is not None:  # the caller's approximation: narrower bands than the exact bound
                 S = geometry.total_stride
                 geometry.halo = min(geometry.halo, S * -(-self.halo // S))
-            self.aligner = StateAligner(self.dm, geometry)
+            self.aligner = StateAligner(self.dm, geometry, self.view_step)
             self.input_shift = [[0.0, 0.0] for _ in range(n)]
             if self.mode == "auto":
                 self._anchor_to(x, list(range(n)))
@@ -243,8 +257,23 @@ class MotionDeltaModel(nn.Module):
             self._hold_edges(aligned, res, set(keyframes) | {i for i, d in enumerate(due) if d})
         self.view_frame = aligned
         self._frames += 1
-        out = self.dm(aligned)
+        with self.aligner.delta_pass():  # padded view steps ride on this pass (motion/padded.py)
+            out = self.dm(aligned)
+        if self.aligner.stepped:
+            self._forget_step_work(self.aligner.stepped, n)
         return map_outputs(out, torch.tensor(res).neg(), self.aligner.geo.frame_hw)
+
+    def _forget_step_work(self, streams: list[int], n: int) -> None:
+        """A padded view step's own work (the strip and border bands through the network, several times a
+        still frame's at low thresholds) is no reason for the converted model's busy-stream rule to run the
+        next frames densely: that rule is about the input's change, which the step does not raise."""
+        lim = self.dm.rt.dense_limit
+        if lim is None:
+            return
+        lim = list(lim) if isinstance(lim, list) else [lim] * n
+        for i in streams:
+            lim[i] = None
+        self.dm.rt.dense_limit = None if all(v is None for v in lim) else (lim[0] if len(set(lim)) == 1 else lim)
 
     def _view_origin(self, pos, view: list[int], S: int) -> list[int]:
         """The view origin (multiples of S) for a camera at `pos`, the view being at `view` (see max_residual)."""
