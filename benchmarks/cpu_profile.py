@@ -128,6 +128,8 @@ SWITCHES = {  # name -> (module, attribute path of the check, what it returns wh
     # off: nearest upsampling runs on the zero-filled delta (dense_linear), as in session 10
     "nearest_upsample": ("deltacnn.backends.cpu_fused", "FusedCpuBackend.upsample_nearest", None),
 }
+# the micro-kernels' vector ISA (cpu_kernels.cpp set_cpu_isa): avx512=0 runs the AVX2 kernels on an AVX-512 CPU
+ISA_SWITCH = "avx512"
 FORMER_NAMES = {"cpu_fused.IMPLICIT_GEMM": "implicit_gemm", "cpu_fused.FUSED_EPILOGUE": "fused_epilogue",
                 "cpu_fused.DENSE_CONV": "dense_conv", "cpu_fused.FUSED_BLOBS": "fused_blobs",
                 "cpu_fused.FUSED_RANGE": "fused_range", "deltacnn.models.yolov8.CPU_DECODE": "cpu_decode"}
@@ -164,7 +166,7 @@ def parse_variants(spec: str) -> list[tuple[str, dict[str, float]]]:
         for a in filter(None, sets.split(",")):
             k, _, v = a.partition("=")
             k = FORMER_NAMES.get(k, k)
-            if k not in SWITCHES:
+            if k not in SWITCHES and k != ISA_SWITCH:
                 _module_of(k)  # a bad module name fails here, before any frame runs
             kv[k] = float(v)
         out.append((name, kv))
@@ -178,8 +180,17 @@ def _module_of(key: str):
     return importlib.import_module(mod if mod.startswith("deltacnn.") else "deltacnn.backends." + mod)
 
 
+def set_isa(name: str) -> str:
+    """Switch the CPU kernels' micro-kernels to "avx2", "avx512" or "auto"; returns the previous ISA."""
+    from deltacnn.backends.cpu_kernels import load
+    return load().set_cpu_isa(name)
+
+
 def apply_settings(kv: dict[str, float], defaults: dict[str, object]) -> None:
     for k, v in {**defaults, **kv}.items():
+        if k == ISA_SWITCH:
+            set_isa("auto" if v else "avx2")
+            continue
         if k in SWITCHES:
             _set_switch(k, bool(v))
             continue
@@ -205,7 +216,7 @@ def main() -> None:
     ap.add_argument("--min-blob", type=int, default=1)
     ap.add_argument("--variants", default="default:",
                     help='A/B variants run interleaved frame by frame, e.g. "old:dense_conv=0,cpu_decode=0;new:": '
-                         f"switches ({', '.join(SWITCHES)}; 0 turns that fast path off) or module attributes "
+                         f"switches ({', '.join(SWITCHES)}, {ISA_SWITCH}; 0 turns that fast path off) or module attributes "
                          "(reference.DENSE_SWITCH=0.5 under deltacnn.backends, or full names); unset ones keep their defaults")
     ap.add_argument("--stages", action="store_true", help="per-stage table (wrappers cost ~1 us a call)")
     args = ap.parse_args()
@@ -214,7 +225,7 @@ def main() -> None:
         CLOCK[0] = time.perf_counter
     model, frames = load(args.model, args.start, args.frames)
     variants = parse_variants(args.variants)
-    defaults = {k: 1.0 if k in SWITCHES else getattr(_module_of(k), k.rsplit(".", 1)[1])
+    defaults = {k: 1.0 if k in SWITCHES or k == ISA_SWITCH else getattr(_module_of(k), k.rsplit(".", 1)[1])
                 for _, kv in variants for k in kv}
     clocks = {name: StageClock() for name, _ in variants}
     if args.stages:
