@@ -8,7 +8,8 @@ measures wall clock: on a loaded machine its per-shape times are inflated (compa
 
     PYTHONPATH=/work/shared/bench python3 benchmarks/cpu_keyframe_layers.py --repeats 4
 
-`--isa avx2,avx512` runs each keyframe once per micro-kernel ISA, interleaved (cpu_kernels set_cpu_isa).
+`--isa avx2,avx512` runs each keyframe once per micro-kernel ISA, interleaved (cpu_kernels set_cpu_isa);
+with `--steady`, `--base-source old.cpp` also runs each on a second build of the kernels (two-build A/B).
 
 `--steady N` instead runs N consecutive frames as keyframes of one stream (keyframe interval 1: the
 state buffers are reused, as on the keyframes of a real run, where the per-conv mode resets the model
@@ -83,6 +84,14 @@ def ort_conv_times(model, x: torch.Tensor, repeats: int) -> tuple[dict[str, floa
     return {k: statistics.median(r.get(k, 0.0) for r in runs) for k in keys}, statistics.median(frame[1:])
 
 
+def build_module(source: str, name: str):
+    """A second build of the kernels from `source` (e.g. the previous commit's cpu_kernels.cpp) as module `name`,
+    for a paired two-build A/B in one process (--base-source)."""
+    from deltacnn.backends.cpu_kernels import _cpp_extension
+    return _cpp_extension().load(name=name, sources=[source], extra_cflags=["-O3", "-fopenmp"],
+                                 extra_ldflags=["-fopenmp"], verbose=False)
+
+
 def steady(args) -> None:
     """--steady: consecutive frames as keyframes (state buffers reused), conv_dense timed apart."""
     clock = time.perf_counter if args.clock == "wall" else time.process_time
@@ -91,16 +100,20 @@ def steady(args) -> None:
     dm = convert_at(model, frames, args.points, 1)
     dm.keyframe_interval = 1
     backend = dm.rt.backend_on(torch.device("cpu"))
-    real, spent = backend._k, [0.0]
+    spent = [0.0]
+    modules = {"": backend._k}  # variant suffix -> kernel module
+    if args.base_source:
+        modules = {" base": build_module(args.base_source, "deltacnn_cpu_kernels_base"), "": backend._k}
+    current = [backend._k]
 
-    class _Timed:  # the kernel module with conv_dense timed
+    class _Timed:  # the kernel module in use (current[0]) with conv_dense timed
         def __getattr__(self, name):
-            return getattr(real, name)
+            return getattr(current[0], name)
 
         def conv_dense(self, *a):
             t0 = clock()
             try:
-                return real.conv_dense(*a)
+                return current[0].conv_dense(*a)
             finally:
                 spent[0] += clock() - t0
 
@@ -109,7 +122,8 @@ def steady(args) -> None:
     if args.peer:
         from deltacnn.peers import onnxruntime_peer
         peer = onnxruntime_peer(model, frames[0], threads=args.threads)
-    isas = args.isa.split(",") if args.isa else [real.cpu_isa()]
+    isas = [isa + suffix for suffix in modules for isa in
+            (args.isa.split(",") if args.isa else [backend._k.cpu_isa()])]
     total, conv, peer_ms = {isa: [] for isa in isas}, {isa: [] for isa in isas}, []
     with torch.no_grad():
         for i, f in enumerate(frames):
@@ -118,8 +132,10 @@ def steady(args) -> None:
                 peer(f)
                 if i >= 2:
                     peer_ms.append((clock() - t0) * 1e3)
-            for isa in isas:  # each frame once per ISA, interleaved (every frame is a keyframe)
-                set_isa(isa)
+            for isa in isas:  # each frame once per ISA (and build), interleaved (every frame is a keyframe)
+                name, _, suffix = isa.partition(" ")
+                current[0] = modules[" " + suffix if suffix else ""]
+                current[0].set_cpu_isa(name)
                 spent[0] = 0.0
                 t0 = clock()
                 dm(f)
@@ -129,7 +145,8 @@ def steady(args) -> None:
                 if i >= 2:  # the first two warm up
                     total[isa].append(dt * 1e3)
                     conv[isa].append(spent[0] * 1e3)
-    set_isa("auto")
+    for m in modules.values():
+        m.set_cpu_isa("auto")
     med = statistics.median
     for isa in isas:
         tt, cc = total[isa], conv[isa]
@@ -155,6 +172,8 @@ def main() -> None:
     ap.add_argument("--peer", action="store_true", help="--steady: onnxruntime on the same frames, interleaved")
     ap.add_argument("--threads", type=int, default=1, help="--steady only (the per-conv table runs at 1)")
     ap.add_argument("--clock", choices=["cpu", "wall"], default="cpu", help="--steady only")
+    ap.add_argument("--base-source", default="", help="--steady: also run every frame on a build of this "
+                    "cpu_kernels.cpp (the variant ' base'), interleaved: a paired two-build A/B")
     ap.add_argument("--isa", default="", help='micro-kernel ISAs run interleaved, e.g. "avx2,avx512" (paired: the '
                     "last less the first); default: the CPU's best")
     args = ap.parse_args()
