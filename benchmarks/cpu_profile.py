@@ -219,12 +219,20 @@ def main() -> None:
                          f"switches ({', '.join(SWITCHES)}, {ISA_SWITCH}; 0 turns that fast path off) or module attributes "
                          "(reference.DENSE_SWITCH=0.5 under deltacnn.backends, or full names); unset ones keep their defaults")
     ap.add_argument("--stages", action="store_true", help="per-stage table (wrappers cost ~1 us a call)")
+    ap.add_argument("--base-source", default="",
+                    help="a variant 'base' first, on a second build of this cpu_kernels.cpp (e.g. the previous "
+                         "commit's): a paired two-build A/B in one process (not with --stages)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.clock == "wall":
         CLOCK[0] = time.perf_counter
     model, frames = load(args.model, args.start, args.frames)
     variants = parse_variants(args.variants)
+    kernels = {}  # variant -> its kernel module, where not the default build
+    if args.base_source:
+        from cpu_keyframe_layers import build_module
+        variants = [("base", {})] + variants
+        kernels["base"] = build_module(args.base_source, "deltacnn_cpu_kernels_base")
     defaults = {k: 1.0 if k in SWITCHES or k == ISA_SWITCH else getattr(_module_of(k), k.rsplit(".", 1)[1])
                 for _, kv in variants for k in kv}
     clocks = {name: StageClock() for name, _ in variants}
@@ -261,6 +269,10 @@ def main() -> None:
                     _Router.current = name
                     dm, clock = dms[name], clocks[name]
                     backend = dm.rt.backend_on(torch.device("cpu"))
+                    if args.base_source:  # this variant's build (the backend may be shared by the variants)
+                        if not hasattr(backend, "_own_k"):
+                            backend._own_k = backend._k
+                        backend._k = kernels.get(name, backend._own_k)
                     backend.work = [0, 0]
                     clock.reset()
                     t0 = CLOCK[0]()
