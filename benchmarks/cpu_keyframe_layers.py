@@ -8,6 +8,9 @@ measures wall clock: on a loaded machine its per-shape times are inflated (compa
 
     PYTHONPATH=/work/shared/bench python3 benchmarks/cpu_keyframe_layers.py --repeats 4
 
+`--isa avx2,avx512` runs each keyframe once per micro-kernel ISA, interleaved (cpu_kernels set_cpu_isa);
+with `--steady`, `--base-source old.cpp` also runs each on a second build of the kernels (two-build A/B).
+
 `--steady N` instead runs N consecutive frames as keyframes of one stream (keyframe interval 1: the
 state buffers are reused, as on the keyframes of a real run, where the per-conv mode resets the model
 and allocates them again) and prints each frame's time, the conv_dense part and the rest; with
@@ -30,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's deltacnn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cpu_profile import _TimedModule, StageClock, convert_at, load  # noqa: E402
+from cpu_profile import _TimedModule, StageClock, convert_at, load, set_isa  # noqa: E402
 
 
 def _shape_key(cin: int, cout: int, kh: int, kw: int, stride: int, h: int, w: int) -> str:
@@ -81,6 +84,14 @@ def ort_conv_times(model, x: torch.Tensor, repeats: int) -> tuple[dict[str, floa
     return {k: statistics.median(r.get(k, 0.0) for r in runs) for k in keys}, statistics.median(frame[1:])
 
 
+def build_module(source: str, name: str):
+    """A second build of the kernels from `source` (e.g. the previous commit's cpu_kernels.cpp) as module `name`,
+    for a paired two-build A/B in one process (--base-source)."""
+    from deltacnn.backends.cpu_kernels import _cpp_extension
+    return _cpp_extension().load(name=name, sources=[source], extra_cflags=["-O3", "-fopenmp"],
+                                 extra_ldflags=["-fopenmp"], verbose=False)
+
+
 def steady(args) -> None:
     """--steady: consecutive frames as keyframes (state buffers reused), conv_dense timed apart."""
     clock = time.perf_counter if args.clock == "wall" else time.process_time
@@ -89,16 +100,20 @@ def steady(args) -> None:
     dm = convert_at(model, frames, args.points, 1)
     dm.keyframe_interval = 1
     backend = dm.rt.backend_on(torch.device("cpu"))
-    real, spent = backend._k, [0.0]
+    spent = [0.0]
+    modules = {"": backend._k}  # variant suffix -> kernel module
+    if args.base_source:
+        modules = {" base": build_module(args.base_source, "deltacnn_cpu_kernels_base"), "": backend._k}
+    current = [backend._k]
 
-    class _Timed:  # the kernel module with conv_dense timed
+    class _Timed:  # the kernel module in use (current[0]) with conv_dense timed
         def __getattr__(self, name):
-            return getattr(real, name)
+            return getattr(current[0], name)
 
         def conv_dense(self, *a):
             t0 = clock()
             try:
-                return real.conv_dense(*a)
+                return current[0].conv_dense(*a)
             finally:
                 spent[0] += clock() - t0
 
@@ -107,7 +122,9 @@ def steady(args) -> None:
     if args.peer:
         from deltacnn.peers import onnxruntime_peer
         peer = onnxruntime_peer(model, frames[0], threads=args.threads)
-    total, conv, peer_ms = [], [], []
+    isas = [isa + suffix for suffix in modules for isa in
+            (args.isa.split(",") if args.isa else [backend._k.cpu_isa()])]
+    total, conv, peer_ms = {isa: [] for isa in isas}, {isa: [] for isa in isas}, []
     with torch.no_grad():
         for i, f in enumerate(frames):
             if peer is not None:
@@ -115,22 +132,34 @@ def steady(args) -> None:
                 peer(f)
                 if i >= 2:
                     peer_ms.append((clock() - t0) * 1e3)
-            spent[0] = 0.0
-            t0 = clock()
-            dm(f)
-            dt = clock() - t0
-            if dm.last_mode != "keyframe":
-                raise RuntimeError(f"frame {i} ran as {dm.last_mode}, not as a keyframe")
-            if i >= 2:  # the first two warm up
-                total.append(dt * 1e3)
-                conv.append(spent[0] * 1e3)
+            for isa in isas:  # each frame once per ISA (and build), interleaved (every frame is a keyframe)
+                name, _, suffix = isa.partition(" ")
+                current[0] = modules[" " + suffix if suffix else ""]
+                current[0].set_cpu_isa(name)
+                spent[0] = 0.0
+                t0 = clock()
+                dm(f)
+                dt = clock() - t0
+                if dm.last_mode != "keyframe":
+                    raise RuntimeError(f"frame {i} ran as {dm.last_mode}, not as a keyframe")
+                if i >= 2:  # the first two warm up
+                    total[isa].append(dt * 1e3)
+                    conv[isa].append(spent[0] * 1e3)
+    for m in modules.values():
+        m.set_cpu_isa("auto")
     med = statistics.median
-    print(f"{len(total)} keyframes ({args.threads} thread(s), {args.clock} clock): median {med(total):.1f} ms "
-          f"(mean {statistics.mean(total):.1f}), conv_dense {med(conv):.1f} ms, outside conv_dense "
-          f"{med([t - c for t, c in zip(total, conv)]):.1f} ms")
+    for isa in isas:
+        tt, cc = total[isa], conv[isa]
+        print(f"{len(tt)} keyframes [{isa}] ({args.threads} thread(s), {args.clock} clock): median {med(tt):.1f} ms "
+              f"(mean {statistics.mean(tt):.1f}), conv_dense {med(cc):.1f} ms, outside conv_dense "
+              f"{med([t - c for t, c in zip(tt, cc)]):.1f} ms")
+        if peer_ms:
+            print(f"   keyframe / onnxruntime {med(tt) / med(peer_ms):.2f}")
+    if len(isas) > 1:
+        d = [b - a for a, b in zip(total[isas[0]], total[isas[-1]])]
+        print(f"paired [{isas[-1]}] less [{isas[0]}]: {med(d):+.1f} ms median, {statistics.mean(d):+.1f} mean")
     if peer_ms:
-        print(f"onnxruntime, same frames: median {med(peer_ms):.1f} ms (mean {statistics.mean(peer_ms):.1f}); "
-              f"keyframe / peer {med(total) / med(peer_ms):.2f}")
+        print(f"onnxruntime, same frames: median {med(peer_ms):.1f} ms (mean {statistics.mean(peer_ms):.1f})")
 
 
 def main() -> None:
@@ -143,6 +172,10 @@ def main() -> None:
     ap.add_argument("--peer", action="store_true", help="--steady: onnxruntime on the same frames, interleaved")
     ap.add_argument("--threads", type=int, default=1, help="--steady only (the per-conv table runs at 1)")
     ap.add_argument("--clock", choices=["cpu", "wall"], default="cpu", help="--steady only")
+    ap.add_argument("--base-source", default="", help="--steady: also run every frame on a build of this "
+                    "cpu_kernels.cpp (the variant ' base'), interleaved: a paired two-build A/B")
+    ap.add_argument("--isa", default="", help='micro-kernel ISAs run interleaved, e.g. "avx2,avx512" (paired: the '
+                    "last less the first); default: the CPU's best")
     args = ap.parse_args()
     if args.steady:
         return steady(args)
@@ -166,38 +199,52 @@ def main() -> None:
 
     backend._k = _TimedModule(backend._k, StageClock())
     backend._k.conv_dense = timed
-    frame_ms, per_call = [], defaultdict(list)
+    isas = args.isa.split(",") if args.isa else [backend._k.cpu_isa()]
+    frame_ms = {isa: [] for isa in isas}
+    per_call = {isa: defaultdict(list) for isa in isas}
     with torch.no_grad():
         for r in range(args.repeats + 1):
-            calls.clear()
-            dm.reset()
-            t0 = time.process_time()
-            dm(frames[0])
-            dt = (time.process_time() - t0) * 1e3
-            if r == 0:
-                continue
-            frame_ms.append(dt)
-            for i, c in enumerate(calls):
-                per_call[i].append(c)
-    order = [per_call[i][0] for i in sorted(per_call)]
-    ms = [statistics.median(c[1] for c in per_call[i]) for i in sorted(per_call)]
+            for isa in isas:  # interleaved, so that the load on the machine cancels in the paired numbers
+                set_isa(isa)
+                calls.clear()
+                dm.reset()
+                t0 = time.process_time()
+                dm(frames[0])
+                dt = (time.process_time() - t0) * 1e3
+                if r == 0:
+                    continue
+                frame_ms[isa].append(dt)
+                for i, c in enumerate(calls):
+                    per_call[isa][i].append(c)
+    set_isa("auto")
+    order = [per_call[isas[0]][i][0] for i in sorted(per_call[isas[0]])]
+    ms = {isa: [statistics.median(c[1] for c in per_call[isa][i]) for i in sorted(per_call[isa])] for isa in isas}
     ort, ort_frame = ({}, float("nan")) if args.no_peer else ort_conv_times(model, frames[0], args.repeats)
-    print(f"keyframe: median {statistics.median(frame_ms):.1f} ms, conv_dense {sum(ms):.1f} ms "
-          f"({sum(c[2] for c in order) / 1e3:.2f} GMAC), outside conv_dense {statistics.median(frame_ms) - sum(ms):.1f} ms; "
-          f"onnxruntime frame {ort_frame:.1f} ms, its convs {sum(ort.values()):.1f} ms")
-    by_shape: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0])
+    for isa in isas:
+        fm = statistics.median(frame_ms[isa])
+        print(f"keyframe [{isa}]: median {fm:.1f} ms, conv_dense {sum(ms[isa]):.1f} ms "
+              f"({sum(c[2] for c in order) / 1e3:.2f} GMAC), outside conv_dense {fm - sum(ms[isa]):.1f} ms")
+    if len(isas) > 1:
+        d = [b - a for a, b in zip(frame_ms[isas[0]], frame_ms[isas[-1]])]
+        print(f"paired [{isas[-1]}] less [{isas[0]}]: {statistics.median(d):+.1f} ms median, "
+              f"{statistics.mean(d):+.1f} mean ({len(d)} keyframes)")
+    print(f"onnxruntime frame {ort_frame:.1f} ms, its convs {sum(ort.values()):.1f} ms")
+    by_shape: dict[str, list] = defaultdict(lambda: [{isa: 0.0 for isa in isas}, 0.0, 0])
     for i, (shape, _, mmac) in enumerate(order):
         row = by_shape[shape]
-        row[0] += ms[i]
+        for isa in isas:
+            row[0][isa] += ms[isa][i]
         row[1] += mmac
         row[2] += 1
     missing = set(ort) - set(by_shape)
     if missing:
         print(f"(onnxruntime conv shapes deltacnn does not run: {sorted(missing)})")
-    print(f"{'conv (Cin->Cout kernel stride input)':40s} {'n':>3s} {'ms':>7s} {'GMAC/s':>7s} {'ort ms':>7s} {'ort GMAC/s':>10s}")
-    for shape, (t, mmac, k) in sorted(by_shape.items(), key=lambda kv: -kv[1][0]):
+    head = "".join(f" {'ms ' + isa:>11s} {'GMAC/s':>7s}" for isa in isas)
+    print(f"{'conv (Cin->Cout kernel stride input)':40s} {'n':>3s}{head} {'ort ms':>7s} {'ort GMAC/s':>10s}")
+    for shape, (t, mmac, k) in sorted(by_shape.items(), key=lambda kv: -kv[1][0][isas[0]]):
         o = ort.get(shape, float("nan"))
-        print(f"{shape:40s} {k:3d} {t:7.2f} {mmac / t:7.1f} {o:7.2f} {mmac / o:10.1f}")
+        cols = "".join(f" {t[isa]:11.2f} {mmac / t[isa]:7.1f}" for isa in isas)
+        print(f"{shape:40s} {k:3d}{cols} {o:7.2f} {mmac / o:10.1f}")
 
 if __name__ == "__main__":
     main()

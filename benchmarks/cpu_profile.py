@@ -128,6 +128,8 @@ SWITCHES = {  # name -> (module, attribute path of the check, what it returns wh
     # off: nearest upsampling runs on the zero-filled delta (dense_linear), as in session 10
     "nearest_upsample": ("deltacnn.backends.cpu_fused", "FusedCpuBackend.upsample_nearest", None),
 }
+# the micro-kernels' vector ISA (cpu_kernels.cpp set_cpu_isa): avx512=0 runs the AVX2 kernels on an AVX-512 CPU
+ISA_SWITCH = "avx512"
 FORMER_NAMES = {"cpu_fused.IMPLICIT_GEMM": "implicit_gemm", "cpu_fused.FUSED_EPILOGUE": "fused_epilogue",
                 "cpu_fused.DENSE_CONV": "dense_conv", "cpu_fused.FUSED_BLOBS": "fused_blobs",
                 "cpu_fused.FUSED_RANGE": "fused_range", "deltacnn.models.yolov8.CPU_DECODE": "cpu_decode"}
@@ -164,7 +166,7 @@ def parse_variants(spec: str) -> list[tuple[str, dict[str, float]]]:
         for a in filter(None, sets.split(",")):
             k, _, v = a.partition("=")
             k = FORMER_NAMES.get(k, k)
-            if k not in SWITCHES:
+            if k not in SWITCHES and k != ISA_SWITCH:
                 _module_of(k)  # a bad module name fails here, before any frame runs
             kv[k] = float(v)
         out.append((name, kv))
@@ -178,8 +180,17 @@ def _module_of(key: str):
     return importlib.import_module(mod if mod.startswith("deltacnn.") else "deltacnn.backends." + mod)
 
 
+def set_isa(name: str) -> str:
+    """Switch the CPU kernels' micro-kernels to "avx2", "avx512" or "auto"; returns the previous ISA."""
+    from deltacnn.backends.cpu_kernels import load
+    return load().set_cpu_isa(name)
+
+
 def apply_settings(kv: dict[str, float], defaults: dict[str, object]) -> None:
     for k, v in {**defaults, **kv}.items():
+        if k == ISA_SWITCH:
+            set_isa("auto" if v else "avx2")
+            continue
         if k in SWITCHES:
             _set_switch(k, bool(v))
             continue
@@ -205,16 +216,24 @@ def main() -> None:
     ap.add_argument("--min-blob", type=int, default=1)
     ap.add_argument("--variants", default="default:",
                     help='A/B variants run interleaved frame by frame, e.g. "old:dense_conv=0,cpu_decode=0;new:": '
-                         f"switches ({', '.join(SWITCHES)}; 0 turns that fast path off) or module attributes "
+                         f"switches ({', '.join(SWITCHES)}, {ISA_SWITCH}; 0 turns that fast path off) or module attributes "
                          "(reference.DENSE_SWITCH=0.5 under deltacnn.backends, or full names); unset ones keep their defaults")
     ap.add_argument("--stages", action="store_true", help="per-stage table (wrappers cost ~1 us a call)")
+    ap.add_argument("--base-source", default="",
+                    help="a variant 'base' first, on a second build of this cpu_kernels.cpp (e.g. the previous "
+                         "commit's): a paired two-build A/B in one process (not with --stages)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.clock == "wall":
         CLOCK[0] = time.perf_counter
     model, frames = load(args.model, args.start, args.frames)
     variants = parse_variants(args.variants)
-    defaults = {k: 1.0 if k in SWITCHES else getattr(_module_of(k), k.rsplit(".", 1)[1])
+    kernels = {}  # variant -> its kernel module, where not the default build
+    if args.base_source:
+        from cpu_keyframe_layers import build_module
+        variants = [("base", {})] + variants
+        kernels["base"] = build_module(args.base_source, "deltacnn_cpu_kernels_base")
+    defaults = {k: 1.0 if k in SWITCHES or k == ISA_SWITCH else getattr(_module_of(k), k.rsplit(".", 1)[1])
                 for _, kv in variants for k in kv}
     clocks = {name: StageClock() for name, _ in variants}
     if args.stages:
@@ -250,6 +269,10 @@ def main() -> None:
                     _Router.current = name
                     dm, clock = dms[name], clocks[name]
                     backend = dm.rt.backend_on(torch.device("cpu"))
+                    if args.base_source:  # this variant's build (the backend may be shared by the variants)
+                        if not hasattr(backend, "_own_k"):
+                            backend._own_k = backend._k
+                        backend._k = kernels.get(name, backend._own_k)
                     backend.work = [0, 0]
                     clock.reset()
                     t0 = CLOCK[0]()

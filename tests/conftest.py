@@ -97,3 +97,21 @@ def run_both(model, delta_model, clip: torch.Tensor, dense_dtype=torch.float32):
 @pytest.fixture
 def video():
     return make_video
+
+
+@pytest.fixture(params=["avx2", "avx512"])
+def cpu_isa(request):
+    """Runs the test once per vector ISA of the CPU kernels' micro-kernels (cpu_kernels.cpp set_cpu_isa), so
+    that an AVX-512 machine tests the AVX2 path too; skipped where the kernels do not build or the CPU lacks
+    the ISA. The ISA in use before the test is restored after it."""
+    from deltacnn.backends.cpu_kernels import load
+    k = load()
+    if k is None:
+        pytest.skip("CPU kernels do not build here")
+    try:
+        old = k.set_cpu_isa(request.param)
+    except RuntimeError as e:
+        pytest.skip(str(e))
+    assert k.cpu_isa() == request.param
+    yield request.param
+    k.set_cpu_isa(old)

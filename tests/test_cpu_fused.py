@@ -236,6 +236,7 @@ class _Net(nn.Module):
         return self.head(nn.functional.silu(x))
 
 
+@pytest.mark.usefixtures("cpu_isa")
 def test_model_on_fused_backend_equals_reference_and_dense() -> None:
     torch.manual_seed(0)
     net = _Net().eval()
@@ -271,8 +272,30 @@ def _gemm_conv_case(win: Window, cin: int, cout: int, n: int, h: int, w: int, de
     return d, ConvParams(torch.randn(cout, cin, *win.kernel, generator=gen), win, 1)
 
 
+def test_cpu_isa_switch_and_env() -> None:
+    """set_cpu_isa switches the micro-kernels (and rejects names it does not know); DELTACNN_CPU_ISA=avx2, read
+    once at load, makes a fresh process run the AVX2 kernels whatever the CPU has."""
+    import os
+    import subprocess
+    import sys
+    k = load()
+    with pytest.raises(RuntimeError):
+        k.set_cpu_isa("sse2")
+    old = k.set_cpu_isa("avx2")
+    try:
+        assert k.cpu_isa() == "avx2"
+        assert k.set_cpu_isa("auto") == "avx2" and k.cpu_isa() in ("avx2", "avx512")
+    finally:
+        k.set_cpu_isa(old)
+    code = "from deltacnn.backends.cpu_kernels import load; print(load().cpu_isa())"
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "DELTACNN_CPU_ISA": "avx2"},
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out[-1] == "avx2"
+
+
+@pytest.mark.usefixtures("cpu_isa")
 @pytest.mark.parametrize("win", WINDOWS, ids=str)
-@pytest.mark.parametrize("cin,cout", [(3, 16), (5, 20), (17, 33)])
+@pytest.mark.parametrize("cin,cout", [(3, 16), (5, 20), (17, 33), (24, 32), (9, 70)])
 def test_implicit_gemm_conv_rows_equal_reference(win: Window, cin: int, cout: int) -> None:
     """conv_rows (taps read in place, empty taps skipped, panels of 16 output channels) against the
     reference's tap gather + matmul; and against dense PyTorch on the zero-filled delta."""
@@ -295,6 +318,7 @@ def test_implicit_gemm_conv_rows_equal_reference(win: Window, cin: int, cout: in
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.usefixtures("cpu_isa")
 @pytest.mark.parametrize("win", [Window.make(1), Window.make(3, 1, 1), Window.make(3, 2, 1), Window.make(2, 2, 0)],
                          ids=str)
 @pytest.mark.parametrize("cin,cout", [(3, 16), (17, 33)])
@@ -326,6 +350,7 @@ EPILOGUE_ACTS = [ActSpec("relu"), ActSpec("silu"), ActSpec("sigmoid"), ActSpec("
                  ActSpec("hardtanh", min_val=-0.5, max_val=0.7), ActSpec("identity")]
 
 
+@pytest.mark.usefixtures("cpu_isa")
 @pytest.mark.parametrize("act", EPILOGUE_ACTS, ids=lambda a: a.describe())
 @pytest.mark.parametrize("tau,score", [(0.0, "max"), (0.05, "max"), (0.1, "l2")])
 @pytest.mark.parametrize("with_residual", [False, True])
@@ -370,6 +395,7 @@ def test_conv_act_epilogue_equals_reference(act: ActSpec, tau: float, score: str
     torch.testing.assert_close(e2[m], act(a2)[m], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.usefixtures("cpu_isa")
 @pytest.mark.parametrize("win", [Window.make(3, 1, 1), Window.make(3, 2, 1), Window.make(5, 1, 2, 2),
                                  Window((3, 3), (1, 1), (0, 2, 1, 1), (1, 1))], ids=str)
 @pytest.mark.parametrize("act", [None, ActSpec("relu"), ActSpec("silu")], ids=lambda a: a.describe() if a else "none")
@@ -413,9 +439,10 @@ DENSE_WINDOWS = [Window.make(1), Window.make(3, 1, 1), Window.make(3, 2, 1), Win
                  Window((3, 3), (2, 1), (0, 2, 1, 0), (1, 1)), Window.make((1, 3), 1, (0, 1)), Window.make(2, 2, 0)]
 
 
+@pytest.mark.usefixtures("cpu_isa")
 @pytest.mark.parametrize("win", DENSE_WINDOWS, ids=str)
 @pytest.mark.parametrize("cin,cout,layout", [(3, 16, "nchw"), (5, 20, "channels_last"), (40, 33, "channels_last"),
-                                             (17, 7, "slice")])
+                                             (17, 7, "slice"), (24, 70, "channels_last")])
 def test_dense_conv_equals_pytorch(win: Window, cin: int, cout: int, layout: str) -> None:
     """Keyframes' conv_dense (every pixel; window rows read as runs or taps in place, border pixels
     zero-padded) against F.conv2d + bias + residual + f, with the state A and E it writes."""
@@ -464,6 +491,7 @@ def test_dense_conv_declines_what_it_does_not_fuse() -> None:
     assert REF.dense_conv(x, plain, None, None, None, None) is None
 
 
+@pytest.mark.usefixtures("cpu_isa")
 @pytest.mark.parametrize("mode", ["keyframe", "dense_frame", "streams"])
 def test_keyframes_on_dense_conv_equal_reference(mode: str) -> None:
     """The fused backend's keyframes (conv_dense with the state writes), stateless dense frames and

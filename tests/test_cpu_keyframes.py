@@ -69,6 +69,7 @@ def _frames(n: int, t: int) -> torch.Tensor:
     return frames
 
 
+@pytest.mark.usefixtures("cpu_isa")
 @pytest.mark.parametrize("interval", [1, 3])
 def test_keyframes_equal_reference_and_dense(interval: int) -> None:
     """Keyframes every `interval` frames (state buffers reused, seeded from slice views), deltas in

@@ -12,8 +12,11 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <vector>
 
 namespace {
@@ -795,10 +798,113 @@ __attribute__((target("avx2,fma"))) void gemm_panel(const float* const* src, con
   for (int64_t r = 0; r < rows; ++r) std::memcpy(out + r * ldo, tile[r], sizeof(float) * ncols);
 }
 
+// The AVX-512 micro-kernel: GEMM_MR pixels times NZ adjacent 16-channel panels of the same packed layout
+// (panel z of the group at panel + z * pstride), 6 * NZ zmm accumulators (NZ <= 4: 24 of the 32 zmm); stores straight into out
+// (masked past ncols). Zen 5 and recent Intel cores run two 512-bit FMAs a cycle: twice gemm_panel's MACs
+// per FMA at the same instruction count.
+template <int NZ>
+__attribute__((target("avx512f"))) void gemm_block512(const float* const* src, const uint8_t* any, int64_t taps,
+                                                      int64_t cin, const float* __restrict panel, int64_t pstride,
+                                                      float* out, int64_t rows, int64_t ldo, int64_t ncols) {
+  __m512 c[GEMM_MR][NZ];
+#pragma GCC unroll 8
+  for (int r = 0; r < GEMM_MR; ++r)
+#pragma GCC unroll 4
+    for (int z = 0; z < NZ; ++z) c[r][z] = _mm512_setzero_ps();
+  for (int64_t t = 0; t < taps; ++t) {
+    if (!any[t]) continue;
+    const float* const* s = src + t * GEMM_MR;
+    const float* a[GEMM_MR];
+#pragma GCC unroll 8
+    for (int r = 0; r < GEMM_MR; ++r) a[r] = s[r];
+    const float* b = panel + t * cin * GEMM_NR;
+    for (int64_t k = 0; k < cin; ++k, b += GEMM_NR) {
+      __m512 bv[NZ];
+#pragma GCC unroll 4
+      for (int z = 0; z < NZ; ++z) bv[z] = _mm512_loadu_ps(b + z * pstride);
+#pragma GCC unroll 8
+      for (int r = 0; r < GEMM_MR; ++r) {
+        const __m512 av = _mm512_set1_ps(a[r][k]);
+#pragma GCC unroll 4
+        for (int z = 0; z < NZ; ++z) c[r][z] = _mm512_fmadd_ps(av, bv[z], c[r][z]);
+      }
+    }
+  }
+  const int64_t full = ncols / GEMM_NR, rem = ncols % GEMM_NR;
+  const __mmask16 tail = static_cast<__mmask16>((1u << rem) - 1);
+#pragma GCC unroll 8
+  for (int r = 0; r < GEMM_MR; ++r) {
+    if (r >= rows) break;
+    float* o = out + r * ldo;
+#pragma GCC unroll 4
+    for (int z = 0; z < NZ; ++z) {
+      if (z < full) _mm512_storeu_ps(o + z * GEMM_NR, c[r][z]);
+      else if (z == full && rem) _mm512_mask_storeu_ps(o + z * GEMM_NR, tail, c[r][z]);
+    }
+  }
+}
+
+// ---- which vector ISA the micro-kernels run: AVX2 + FMA, or AVX-512F where the CPU has it ----------
+
+enum Isa : int { ISA_AVX2 = 0, ISA_AVX512 = 1 };
+
+bool cpu_has_avx512() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f");
+}
+
+// The ISA in use: the CPU's best, or AVX2 where DELTACNN_CPU_ISA=avx2 (read once, at the first kernel call);
+// set_cpu_isa switches it between calls (the tests run both paths on an AVX-512 machine).
+std::atomic<int>& isa_slot() {
+  static std::atomic<int> isa{[] {
+    const char* env = std::getenv("DELTACNN_CPU_ISA");
+    return env && std::strcmp(env, "avx2") == 0 ? ISA_AVX2 : (cpu_has_avx512() ? ISA_AVX512 : ISA_AVX2);
+  }()};
+  return isa;
+}
+
+inline bool use_avx512() { return isa_slot().load(std::memory_order_relaxed) == ISA_AVX512; }
+
+// y (rows x cout, row stride cout) = one block of GEMM_MR pixels' operand rows (src, any: see gemm_panel)
+// times every panel of the packed weights wp, on the ISA in use.
+void gemm_panels(const float* const* src, const uint8_t* any, int64_t taps, int64_t cin, const float* wp,
+                 int64_t cout, float* y, int64_t rows) {
+  const int64_t panels = (cout + GEMM_NR - 1) / GEMM_NR, ps = taps * cin * GEMM_NR;
+  if (!use_avx512()) {
+    for (int64_t j = 0; j < panels; ++j)
+      gemm_panel(src, any, taps, cin, wp + j * ps, y + j * GEMM_NR, rows, cout, std::min<int64_t>(GEMM_NR, cout - j * GEMM_NR));
+    return;
+  }
+  // 6 x 64 (24 zmm accumulators) first: 1.8x gemm_panel over YOLOv8n's keyframe convs, against 1.66x for
+  // 6 x 32 and 1.65x for 12 x 32 (benchmarks/gemm_microbench.cpp, 1 thread); then 6 x 32 and 6 x 16
+  int64_t j = 0;
+  for (; j + 4 <= panels; j += 4)
+    gemm_block512<4>(src, any, taps, cin, wp + j * ps, ps, y + j * GEMM_NR, rows, cout,
+                     std::min<int64_t>(4 * GEMM_NR, cout - j * GEMM_NR));
+  for (; j + 2 <= panels; j += 2)
+    gemm_block512<2>(src, any, taps, cin, wp + j * ps, ps, y + j * GEMM_NR, rows, cout,
+                     std::min<int64_t>(2 * GEMM_NR, cout - j * GEMM_NR));
+  if (j < panels)
+    gemm_block512<1>(src, any, taps, cin, wp + j * ps, ps, y + j * GEMM_NR, rows, cout, cout - j * GEMM_NR);
+}
+
 }  // namespace
 
 // Whether this CPU runs conv_rows (AVX2 and FMA).
 bool has_conv_rows() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
+
+// The vector ISA the micro-kernels run: "avx512" or "avx2".
+std::string cpu_isa() { return use_avx512() ? "avx512" : "avx2"; }
+
+// Switch the micro-kernels to "avx2", "avx512" (this CPU must have AVX-512F) or "auto" (the CPU's best);
+// returns the previous one. Not while kernels run: the tests and benchmarks call it between calls.
+std::string set_cpu_isa(const std::string& name) {
+  TORCH_CHECK(name == "avx2" || name == "avx512" || name == "auto", "unknown ISA '", name, "' (avx2, avx512, auto)");
+  TORCH_CHECK(name != "avx512" || cpu_has_avx512(), "this CPU has no AVX-512F");
+  const std::string old = cpu_isa();
+  isa_slot().store(name == "avx2" || !cpu_has_avx512() ? ISA_AVX2 : ISA_AVX512);
+  return old;
+}
 
 // The GEMM operand rows of one block of GEMM_MR output pixels (ip[0..rows), the rest padding), read in
 // place: src[t * GEMM_MR + r] is the input row tap t of pixel r reads, or the zero row where that input
@@ -875,9 +981,7 @@ std::vector<torch::Tensor> conv_rows_any(torch::Tensor ext, torch::Tensor in_mas
       const int64_t p0 = blk * GEMM_MR, rows = std::min<int64_t>(GEMM_MR, p_count - p0);
       gather_block_taps(g, ip + p0, rows, x, m, cin, zero.data(), src.data(), any.data());
       float* yb = scatter ? y.data() : op + p0 * cout;
-      for (int64_t j = 0; j < panels; ++j)
-        gemm_panel(src.data(), any.data(), taps, cin, wp + j * taps * cin * GEMM_NR, yb + j * GEMM_NR,
-                   rows, cout, std::min<int64_t>(GEMM_NR, cout - j * GEMM_NR));
+      gemm_panels(src.data(), any.data(), taps, cin, wp, cout, yb, rows);
       for (int64_t r = 0; scatter && r < rows; ++r)
         std::memcpy(op + ip[p0 + r] * cout, yb + r * cout, sizeof(float) * cout);
     }
@@ -921,9 +1025,43 @@ __attribute__((target("avx2,fma"))) inline __m256 exp8(__m256 x) {
   return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
 }
 
+// exp8's polynomial on 16 lanes (the same operations in the same order: the same results lane for lane).
+__attribute__((target("avx512f"))) inline __m512 exp16(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.7f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500E-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
+  const __m512 y = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.f));
+  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(y, _mm512_castsi512_ps(e));
+}
+
+// o = f(a) (- e with MINUS) over c channels, f SiLU (CODE 4) or sigmoid (5), 16 lanes at a time and the
+// last c % 16 channels masked: smooth_minus and activate_row on AVX-512.
+template <int CODE, bool MINUS>
+__attribute__((target("avx512f"))) void smooth_row512(const float* a, const float* e, float* o, int64_t c) {
+  const __m512 one = _mm512_set1_ps(1.f);
+  for (int64_t j = 0; j < c; j += 16) {
+    const __mmask16 m = c - j >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (c - j)) - 1);
+    const __m512 x = _mm512_maskz_loadu_ps(m, a + j);
+    const __m512 den = _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), x)));
+    __m512 f = _mm512_div_ps(CODE == 4 ? x : one, den);
+    if (MINUS) f = _mm512_sub_ps(f, _mm512_maskz_loadu_ps(m, e + j));
+    _mm512_mask_storeu_ps(o + j, m, f);
+  }
+}
+
 // o = f(a) - e over c channels for the ATen-style activations: 4 SiLU a / (1 + exp(-a)), 5 sigmoid.
 template <int CODE>
 __attribute__((target("avx2,fma"))) void smooth_minus(const float* a, const float* e, float* o, int64_t c) {
+  if (use_avx512()) return smooth_row512<CODE, true>(a, e, o, c);
   const __m256 one = _mm256_set1_ps(1.f);
   int64_t j = 0;
   for (; j + 8 <= c; j += 8) {
@@ -983,6 +1121,56 @@ bool update_row_any(const ActArgs& k, int64_t code, int64_t score, int64_t r, co
   }
 }
 
+// update_row for the `rows` candidate pixels ip[0..rows) of one GEMM block (change rows y, row stride c) with
+// f SiLU or sigmoid, on AVX-512: A += y (+ residual) for every pixel, f over the block's rows * c values of A in
+// one exp16 loop (the exp chains of 6 pixels overlap; one call a pixel leaves each chain's latency exposed),
+// then o = f(A) - E, truncation and emit per pixel. The same results as update_row on AVX-512. t: rows * c floats.
+template <int CODE, int SCORE>
+__attribute__((target("avx512f"))) void update_block512(const ActArgs& k, const int64_t* ip, int64_t rows,
+                                                        const float* y, float* t, uint8_t* keep) {
+  const int64_t c = k.c;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t q = ip[r];
+    float* ar = k.acc + q * c;
+    const float* yr = y + r * c;
+    const float* rr = k.res && k.res_mask[q] ? k.res + q * c : nullptr;
+    float* tr = t + r * c;
+    for (int64_t j = 0; j < c; j += 16) {
+      const __mmask16 m = c - j >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (c - j)) - 1);
+      __m512 v = _mm512_maskz_loadu_ps(m, yr + j);
+      if (rr) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, rr + j));
+      v = _mm512_add_ps(_mm512_maskz_loadu_ps(m, ar + j), v);
+      _mm512_mask_storeu_ps(ar + j, m, v);
+      _mm512_mask_storeu_ps(tr + j, m, v);
+    }
+  }
+  smooth_row512<CODE, false>(t, nullptr, t, rows * c);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t q = ip[r];
+    float* o = t + r * c;
+    const float* er = k.emitted + q * c;
+#pragma omp simd
+    for (int64_t j = 0; j < c; ++j) o[j] -= er[j];
+    keep[r] = row_score<SCORE>(o, c) > k.tau;
+    if (keep[r]) {
+      send_row(o, k.out + q * c, k.emitted + q * c, c);
+      k.out_mask[q] = 1;
+    }
+  }
+}
+
+// The nonlinear update of one GEMM block's candidates (see update_row): a block at a time for SiLU and sigmoid
+// on AVX-512 (update_block512), else pixel by pixel. t: scratch of GEMM_MR * k.c floats.
+void update_block(const ActArgs& k, int64_t code, int64_t score, const int64_t* ip, int64_t rows, const float* y,
+                  float* t, uint8_t* keep) {
+  if (code >= 4 && use_avx512()) {
+    if (code == 4) score == 0 ? update_block512<4, 0>(k, ip, rows, y, t, keep) : update_block512<4, 1>(k, ip, rows, y, t, keep);
+    else score == 0 ? update_block512<5, 0>(k, ip, rows, y, t, keep) : update_block512<5, 1>(k, ip, rows, y, t, keep);
+    return;
+  }
+  for (int64_t r = 0; r < rows; ++r) keep[r] = update_row_any(k, code, score, ip[r], y + r * k.c, t);
+}
+
 }  // namespace
 
 // conv_rows at candidate pixels idx, then, in the same pass over each block of 6 pixels, the
@@ -1022,15 +1210,12 @@ std::vector<torch::Tensor> conv_act_rows(torch::Tensor ext, torch::Tensor in_mas
   at::parallel_for(0, blocks, 8, [&](int64_t b0, int64_t b1) {
     std::vector<const float*> src(taps * GEMM_MR);
     std::vector<uint8_t> any(taps);
-    std::vector<float> y(GEMM_MR * cout), o(cout);
+    std::vector<float> y(GEMM_MR * cout), o(GEMM_MR * cout);
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t p0 = blk * GEMM_MR, rows = std::min<int64_t>(GEMM_MR, p_count - p0);
       gather_block_taps(g, ip + p0, rows, x, m, cin, zero.data(), src.data(), any.data());
-      for (int64_t j = 0; j < panels; ++j)
-        gemm_panel(src.data(), any.data(), taps, cin, wp + j * taps * cin * GEMM_NR, y.data() + j * GEMM_NR,
-                   rows, cout, std::min<int64_t>(GEMM_NR, cout - j * GEMM_NR));
-      for (int64_t r = 0; r < rows; ++r)
-        keep[p0 + r] = update_row_any(k, code, score, ip[p0 + r], y.data() + r * cout, o.data());
+      gemm_panels(src.data(), any.data(), taps, cin, wp, cout, y.data(), rows);
+      update_block(k, code, score, ip + p0, rows, y.data(), o.data(), keep.data() + p0);
     }
   });
   return {compact(keep.data(), p_count, ip), out[0], out[1], out[2]};
@@ -1040,9 +1225,10 @@ std::vector<torch::Tensor> conv_act_rows(torch::Tensor ext, torch::Tensor in_mas
 
 namespace {
 
-// y = sum over the live taps of x[src] * w[t] (per channel) for output pixel q.
-__attribute__((target("avx2,fma"))) void depthwise_row(const Geometry& g, const uint8_t* m, const float* x,
-                                                       const float* w, int64_t c, int64_t q, float* y) {
+// y = sum over the live taps of x[src] * w[t] (per channel) for output pixel q. Inlined into one wrapper per
+// ISA below, whose target the channel loop is vectorised for.
+__attribute__((always_inline)) inline void depthwise_row_body(const Geometry& g, const uint8_t* m, const float* x,
+                                                              const float* w, int64_t c, int64_t q, float* y) {
   std::fill(y, y + c, 0.f);
   const int64_t n = q / (g.ho * g.wo), rem = q % (g.ho * g.wo);
   const int64_t oy = rem / g.wo, ox = rem % g.wo;
@@ -1062,6 +1248,22 @@ __attribute__((target("avx2,fma"))) void depthwise_row(const Geometry& g, const 
       for (int64_t j = 0; j < c; ++j) y[j] = std::fma(xr[j], wr[j], y[j]);
     }
   }
+}
+
+__attribute__((target("avx2,fma"))) void depthwise_row_avx2(const Geometry& g, const uint8_t* m, const float* x,
+                                                            const float* w, int64_t c, int64_t q, float* y) {
+  depthwise_row_body(g, m, x, w, c, q, y);
+}
+
+__attribute__((target("avx512f"))) void depthwise_row_avx512(const Geometry& g, const uint8_t* m, const float* x,
+                                                             const float* w, int64_t c, int64_t q, float* y) {
+  depthwise_row_body(g, m, x, w, c, q, y);
+}
+
+void depthwise_row(const Geometry& g, const uint8_t* m, const float* x, const float* w, int64_t c, int64_t q,
+                   float* y) {
+  if (use_avx512()) depthwise_row_avx512(g, m, x, w, c, q, y);
+  else depthwise_row_avx2(g, m, x, w, c, q, y);
 }
 
 }  // namespace
@@ -1125,6 +1327,8 @@ namespace {
 // 5 sigmoid; SiLU and sigmoid by exp8, within a few ulp of ATen's).
 __attribute__((target("avx2,fma"))) void activate_row(int64_t code, const float* v, float* f, int64_t c, float lo,
                                                       float hi, float slope) {
+  if (code >= 4 && use_avx512()) return code == 4 ? smooth_row512<4, false>(v, nullptr, f, c)
+                                                  : smooth_row512<5, false>(v, nullptr, f, c);
   int64_t j = 0;
   if (code >= 4) {
     const __m256 one = _mm256_set1_ps(1.f);
@@ -1141,6 +1345,35 @@ __attribute__((target("avx2,fma"))) void activate_row(int64_t code, const float*
     case 2: for (; j < c; ++j) f[j] = activate<2>(v[j], lo, hi, slope); break;
     case 3: for (; j < c; ++j) f[j] = activate<3>(v[j], lo, hi, slope); break;
     default: for (; j < c; ++j) f[j] = v[j]; break;
+  }
+}
+
+// conv_dense's epilogue on AVX-512 over one block of `rows` consecutive output pixels, whose rows are
+// contiguous: v = y + bias (+ residual) into v, then out = f(v) over the block's rows * cout values at once
+// (one exp16 loop a block instead of one activate_row call a pixel; the sums in activate_row's order).
+__attribute__((target("avx512f"))) void dense_epilogue512(const float* y, const float* bias, const float* res,
+                                                          float* v, float* out, int64_t rows, int64_t cout,
+                                                          int64_t code, float lo, float hi, float slope) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* yr = y + r * cout;
+    const float* rr = res ? res + r * cout : nullptr;
+    float* vr = v + r * cout;
+    for (int64_t c = 0; c < cout; c += 16) {
+      const __mmask16 m = cout - c >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (cout - c)) - 1);
+      __m512 a = _mm512_maskz_loadu_ps(m, yr + c);
+      if (bias) a = _mm512_add_ps(a, _mm512_maskz_loadu_ps(m, bias + c));
+      if (rr) a = _mm512_add_ps(a, _mm512_maskz_loadu_ps(m, rr + c));
+      _mm512_mask_storeu_ps(vr + c, m, a);
+    }
+  }
+  const int64_t n = rows * cout;
+  switch (code) {
+    case 1: for (int64_t j = 0; j < n; ++j) out[j] = activate<1>(v[j], lo, hi, slope); break;
+    case 2: for (int64_t j = 0; j < n; ++j) out[j] = activate<2>(v[j], lo, hi, slope); break;
+    case 3: for (int64_t j = 0; j < n; ++j) out[j] = activate<3>(v[j], lo, hi, slope); break;
+    case 4: smooth_row512<4, false>(v, nullptr, out, n); break;
+    case 5: smooth_row512<5, false>(v, nullptr, out, n); break;
+    default: if (out != v) std::memcpy(out, v, sizeof(float) * n); break;
   }
 }
 
@@ -1196,7 +1429,7 @@ void conv_dense(torch::Tensor x, torch::Tensor packed, c10::optional<torch::Tens
     std::vector<float> edge(runs ? GEMM_MR * vt * vk : 0);  // border pixels' runs, zero-filled outside
     std::vector<const float*> src(vt * GEMM_MR);
     std::vector<uint8_t> any(vt);
-    std::vector<float> y(GEMM_MR * cout), v(cout);
+    std::vector<float> y(GEMM_MR * cout), v(GEMM_MR * cout);
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t row = blk / row_blocks, ox0 = (blk % row_blocks) * GEMM_MR;
       const int64_t n = row / g.ho, oy = row % g.ho;
@@ -1241,9 +1474,15 @@ void conv_dense(torch::Tensor x, torch::Tensor packed, c10::optional<torch::Tens
           }
         }
       }
-      for (int64_t j = 0; j < panels; ++j)
-        gemm_panel(src.data(), any.data(), vt, vk, wp + j * taps * cin * GEMM_NR, y.data() + j * GEMM_NR, rows, cout,
-                   std::min<int64_t>(GEMM_NR, cout - j * GEMM_NR));
+      gemm_panels(src.data(), any.data(), vt, vk, wp, cout, y.data(), rows);
+      if (use_avx512()) {
+        const int64_t q0 = (row * g.wo + ox0) * cout;
+        float* ob = op + q0;  // a plain conv (no A) writes v straight into out
+        dense_epilogue512(y.data(), bp, rp ? rp + q0 : nullptr, ap ? ap + q0 : (code ? v.data() : ob), ob, rows,
+                          cout, code, flo, fhi, fslope);
+        if (ep) std::memcpy(ep + q0, ob, sizeof(float) * rows * cout);
+        continue;
+      }
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t q = row * g.wo + ox0 + r;
         const float* yr = y.data() + r * cout;
@@ -1379,6 +1618,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("emit_rows", &emit_rows, "o = f(A) - E with truncation and emit");
   m.def("merge_streams", &merge_streams, "add or concatenate streams at the union of their masks");
   m.def("has_conv_rows", &has_conv_rows, "whether this CPU runs conv_rows (AVX2 + FMA)");
+  m.def("cpu_isa", &cpu_isa, "the vector ISA the micro-kernels run (avx512 or avx2)");
+  m.def("set_cpu_isa", &set_cpu_isa, "switch the micro-kernels' ISA (avx2, avx512, auto); returns the previous");
   m.def("conv_rows", &conv_rows, "implicit-GEMM conv at output pixels, zero taps skipped");
   m.def("conv_rows_delta", &conv_rows_delta, "conv_rows written into a new delta's rows (plain convs)");
   m.def("conv_act_rows", &conv_act_rows, "implicit-GEMM conv with the nonlinear update in its epilogue");
