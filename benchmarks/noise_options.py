@@ -103,7 +103,7 @@ def dense_results(model, task, xs: list[torch.Tensor], start: int, store: str | 
     every edit of the library recomputes the reference): for runs while the library changes, when the dense
     model and its decode do not."""
     if store is not None and Path(store).is_file():
-        saved = torch.load(store, weights_only=True)
+        saved = torch.load(store, weights_only=False)  # a file this script wrote (numpy arrays inside)
         if saved.get("clip") == CLIP and saved.get("start") == start and saved.get("frames") == len(xs):
             return saved["refs"]
         raise SystemExit(f"--refs {store} holds another segment ({saved.get('start')}, {saved.get('frames')} frames)")
