@@ -11,6 +11,7 @@ fraction of the frame's range, layers as a fraction of their keyframe activation
     kf=50          keyframe_interval             refresh=off   rt.refresh_work off (or a number)
     lscale=0.5     every layer threshold (the file's overrides too) times this factor
     drift=0.3      refresh_drift: a keyframe once the input's unsent change, mean |x - ref|, exceeds 0.3 input thresholds
+    layers=flush:8 layer refresh (deltacnn.layer_refresh spec; ';' for ':' is accepted too, e.g. flush;8;s8@0.25)
     held=0.005     refresh_held (keyframe once the gates hold back changes in this fraction of the pixels; off)
     flush=all      what `held` runs: a flush of every held pixel instead of a keyframe (flush=16:32: only in
                    16x16 tiles holding >= 32 held pixels; all@0.25: layer thresholds x 0.25 on flush
@@ -50,7 +51,7 @@ from deltacnn.gating import InputGate  # noqa: E402
 from deltacnn.thresholds import INPUT  # noqa: E402
 
 CLIP = "/usr/share/doc/opencv-doc/examples/data/vtest.avi"
-KEYS = {"in", "layer", "lscale", "drift", "blob", "tile", "low", "hyst", "steps", "growth", "kf", "refresh", "held", "flush", "file"}
+KEYS = {"in", "layer", "lscale", "drift", "layers", "blob", "tile", "low", "hyst", "steps", "growth", "kf", "refresh", "held", "flush", "file"}
 SHIPPED = Path(__file__).resolve().parents[1] / "deltacnn" / "data" / "yolov8n_vtest.json"
 
 
@@ -94,17 +95,26 @@ def load_frames(start: int, n: int, task) -> list[torch.Tensor]:
     return out
 
 
-def dense_results(model, task, xs: list[torch.Tensor], start: int) -> list[dict]:
+def dense_results(model, task, xs: list[torch.Tensor], start: int, store: str | None = None) -> list[dict]:
     """The dense model's decoded output per frame, from `deltacnn.reference_cache` (the key `deltacnn tune`
     uses for the same clip, frames and task, so a tune's calibration or held-out reference serves here too,
-    and the other way round); computed and stored when absent."""
+    and the other way round); computed and stored when absent. `store` (--refs): a file of this script's own
+    for the same clip segment, whose key leaves out deltacnn's sources (which the cache's key holds, so that
+    every edit of the library recomputes the reference): for runs while the library changes, when the dense
+    model and its decode do not."""
+    if store is not None and Path(store).is_file():
+        saved = torch.load(store, weights_only=False)  # a file this script wrote (numpy arrays inside)
+        if saved.get("clip") == CLIP and saved.get("start") == start and saved.get("frames") == len(xs):
+            return saved["refs"]
+        raise SystemExit(f"--refs {store} holds another segment ({saved.get('start')}, {saved.get('frames')} frames)")
     key = reference_cache.reference_key(task, model, CLIP, start, len(xs), tuple(xs[0].shape), "cpu", "auto")
     res = reference_cache.load(key, len(xs))
-    if res is not None:
-        return res
-    with torch.no_grad():
-        res = [task.postprocess(model(x)) for x in xs]
-    reference_cache.store(key, res)
+    if res is None:
+        with torch.no_grad():
+            res = [task.postprocess(model(x)) for x in xs]
+        reference_cache.store(key, res)
+    if store is not None:
+        torch.save({"clip": CLIP, "start": start, "frames": len(xs), "refs": res}, store)
     return res
 
 
@@ -150,6 +160,14 @@ def build(model, x0: torch.Tensor, cfg: dict):
         dm.thresholds.overrides = {k: v * f for k, v in dm.thresholds.overrides.items()}
     if "drift" in cfg:
         dm.rt.refresh_drift = None if cfg["drift"] == "off" else float(cfg["drift"])
+    if "layers" in cfg:
+        from deltacnn.layer_refresh import LayerRefresh
+        dm.rt.layer_refresh = LayerRefresh.parse(cfg["layers"].replace(";", ":"))
+    elif fth is not None and fth.refresh_layers is not None:
+        from deltacnn.layer_refresh import LayerRefresh
+        dm.rt.layer_refresh = LayerRefresh.parse(fth.refresh_layers)
+    if "drift" not in cfg and fth is not None and fth.refresh_drift is not None:
+        dm.rt.refresh_drift = fth.refresh_drift
     if "refresh" in cfg:
         dm.rt.refresh_work = None if cfg["refresh"] == "off" else float(cfg["refresh"])
     return dm
@@ -161,7 +179,9 @@ def run_config(model, task, xs, refs, spec: str) -> dict:
     dm.enable_stats(True, keep_masks=True)
     backend = dm.rt.backend_on(torch.device("cpu"))
     h_in = xs[0].shape[2]
-    cpu_s, macs, emitted, input_rate, f1, f1s, modes, flushes = [], [], [], [], [], [], [], 0
+    cpu_s, macs, emitted, input_rate, f1, f1s, modes, flushes, refreshes = [], [], [], [], [], [], [], 0, 0
+    refreshed = []
+    touched = []  # the layer refresh's touched area after each frame (its `area` trigger reads it; else empty)
     by_stride: dict[float, list[float]] = {}
     with torch.no_grad():
         for i, x in enumerate(xs):
@@ -172,6 +192,10 @@ def run_config(model, task, xs, refs, spec: str) -> dict:
                 continue
             modes.append(dm.last_mode)
             flushes += any(dm.last_flushed)
+            refreshes += any(dm.last_refreshed)
+            refreshed.append(any(dm.last_refreshed))
+            if dm._touched:
+                touched.append(dm._touched[0])
             cpu_s.append(dt)
             fs = dm.frame_stats()
             if dm.last_mode == "delta":
@@ -196,6 +220,7 @@ def run_config(model, task, xs, refs, spec: str) -> dict:
     return {"config": spec, "settings": cfg, "gate": dm.layers[INPUT].gate.describe(),
             "growth": dm.thresholds.growth,
             "frames": len(cpu_s), "keyframes": sum(m != "delta" for m in modes), "flushes": flushes,
+            "refreshes": refreshes,
             "macs_delta_frames": statistics.fmean([m for m, md in zip(macs, modes) if md == "delta"] or [float("nan")]),
             "macs": statistics.fmean(macs), "macs_emitted": statistics.fmean(emitted),
             "input_rate": statistics.fmean(input_rate) if input_rate else float("nan"),
@@ -204,11 +229,12 @@ def run_config(model, task, xs, refs, spec: str) -> dict:
             "f1_first_half": statistics.fmean(f1[:half]), "f1_second_half": statistics.fmean(f1[half:]),
             "cpu_ms_mean": 1e3 * statistics.fmean(cpu_s),
             "cpu_ms_delta_median": 1e3 * statistics.median(delta_cpu) if delta_cpu else float("nan"),
-            "per_frame": {"macs": macs, "f1": f1, "f1_stable": f1s, "cpu_ms": [1e3 * t for t in cpu_s]}}
+            "per_frame": {"macs": macs, "f1": f1, "f1_stable": f1s, "cpu_ms": [1e3 * t for t in cpu_s],
+                          "modes": ["refresh" if r else m for m, r in zip(modes, refreshed)], "touched": touched}}
 
 
 COLS = ["config", "macs", "macs_delta_frames", "macs_emitted", "input_rate", "f1", "f1_stable", "f1_first_half", "f1_second_half",
-        "keyframes", "flushes", "cpu_ms_mean", "cpu_ms_delta_median"]
+        "keyframes", "flushes", "refreshes", "cpu_ms_mean", "cpu_ms_delta_median"]
 
 
 def main() -> None:
@@ -218,6 +244,8 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=200)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--tag", default="sweep")
+    ap.add_argument("--refs", default=None, metavar="FILE",
+                    help="keep the dense reference in FILE too (see dense_results), for runs while the library changes")
     args = ap.parse_args()
     for spec in args.configs:
         parse_config(spec)  # every configuration checked before the first long pass
@@ -227,7 +255,7 @@ def main() -> None:
     task = YOLOv8Task()
     model = task.load_model().eval()
     xs = load_frames(args.start, args.frames, task)
-    refs = dense_results(model, task, xs, args.start)
+    refs = dense_results(model, task, xs, args.start, args.refs)
     env = environment()
     print(f"YOLOv8n, vtest.avi frames {args.start}..{args.start + args.frames - 1} {tuple(xs[0].shape[2:])}, "
           f"{args.threads} thread(s), cpu backend, CPU clock, commit {env['commit']}", flush=True)
@@ -238,7 +266,7 @@ def main() -> None:
         rows.append(row)
         print(f"{spec:40s} MACs {row['macs']:.1%} (emitted {row['macs_emitted']:.1%}) input {row['input_rate']:.2%} "
               f"F1 {row['f1']:.3f} f1_stable {row['f1_stable']:.3f} halves {row['f1_first_half']:.3f}/"
-              f"{row['f1_second_half']:.3f} kf {row['keyframes']} flushes {row['flushes']} "
+              f"{row['f1_second_half']:.3f} kf {row['keyframes']} flushes {row['flushes']} refreshes {row['refreshes']} "
               f"(delta-frame MACs {row['macs_delta_frames']:.1%}) cpu {row['cpu_ms_mean']:.0f} ms "
               f"(delta median {row['cpu_ms_delta_median']:.0f}) strides "
               + " ".join(f"{k}:{v:.0%}" for k, v in row["layer_rate_by_stride"].items())

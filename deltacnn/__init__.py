@@ -8,6 +8,7 @@ from .activations import ActSpec
 from .backends import BACKENDS, get_backend
 from .compile import compile
 from .gating import InputGate, Refresh
+from .layer_refresh import LayerRefresh
 from .convert import SUPPORTED_OPS, ConversionError, UnsupportedOperationError, convert
 from .layers import *  # noqa: F401,F403 - the explicit layer classes are public API
 from .layers import __all__ as _layer_names
@@ -18,6 +19,6 @@ from .thresholds import Thresholds
 
 __version__ = "0.1.0"
 
-__all__ = ["convert", "compile", "DeltaModel", "DeltaTensor", "Thresholds", "InputGate", "Refresh", "FrameStats", "LayerStats", "ActSpec",
+__all__ = ["convert", "compile", "DeltaModel", "DeltaTensor", "Thresholds", "InputGate", "Refresh", "LayerRefresh", "FrameStats", "LayerStats", "ActSpec",
            "ConversionError", "UnsupportedOperationError", "InputChangedError", "SUPPORTED_OPS", "BACKENDS",
            "get_backend", *_layer_names]

@@ -109,6 +109,14 @@ def _noise_options(p: argparse.ArgumentParser, min_blob: bool) -> None:
     p.add_argument("--refresh", default=None, metavar="keyframe|flush|flush:B:M",
                    help="what --refresh-held runs: a whole keyframe (default), or a delta frame that flushes the "
                         "held-back input change (all of it, or in B x B tiles holding at least M held pixels)")
+    p.add_argument("--refresh-drift", type=_nonneg_float, default=None, metavar="LEVEL",
+                   help="keyframe once the input's unsent change, mean |x - ref|, exceeds LEVEL input thresholds "
+                        "(default: the thresholds file's, else off)")
+    p.add_argument("--refresh-layers", default=None, metavar="SPEC|off",
+                   help="re-send the deep layers' held-back residuals without a keyframe: 'flush:N' every N frames, "
+                        "'flush:aA' once their touched area passes A, or 'keyframe:aA' (a keyframe then); ':sS' "
+                        "layers of output stride >= S (default 16), '@F' their threshold factor (default 0) "
+                        "(default: the thresholds file's, else off; deltacnn.layer_refresh)")
 
 
 def _gate(a: argparse.Namespace):
@@ -194,8 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--keyframe-interval", type=_positive_int, default=None, help="dense keyframe every N frames")
     t.add_argument("--schedules", nargs="*", default=None, metavar="SPEC",
                    help="frame schedules to try besides the given one, each 'held=F|off,refresh=keyframe|flush|"
-                        "flush:B:M,kf=N|off,growth=G' (keys left out keep the given value; default: a flush and "
-                        "keyframes at 2x and 4x --refresh-held, growth 0.25; no SPEC: none)")
+                        "flush:B:M,kf=N|off,growth=G,drift=L|off,layers=SPEC|off' (keys left out keep the given "
+                        "value; default: a flush and keyframes at 2x and 4x --refresh-held, growth 0.25, and with a "
+                        "keyframe interval N keyframes every 2N with a layer refresh every N; no SPEC: none)")
     t.add_argument("--init", default=None, metavar="FILE",
                    help="continue from this thresholds file (an earlier tune's): its thresholds and schedule are "
                         "the first trial, then the schedules and the layer groups from there")
@@ -239,7 +248,7 @@ def cmd_run(a: argparse.Namespace) -> int:
               write_videos=not a.no_video, dense_above=a.dense_above, reader=a.reader, compile_peer=a.compile_peer,
               motion=a.motion, motion_halo=a.motion_halo, start_frame=a.start_frame,
               input_gate=_gate(a), threshold_growth=a.threshold_growth, refresh_held=a.refresh_held,
-              refresh=a.refresh)
+              refresh=a.refresh, refresh_drift=a.refresh_drift, refresh_layers=a.refresh_layers)
     print(res.table())
     if res.summary.get("interrupted"):
         print(f"stopped by Ctrl-C after {res.summary['frames']} frames; the outputs cover those frames")
@@ -262,7 +271,8 @@ def cmd_tune(a: argparse.Namespace) -> int:
                min_blob=a.min_blob, device=a.device, dtype=a.dtype, keyframe_interval=a.keyframe_interval,
                backend=a.backend, out=out, quiet=a.quiet, reader=a.reader, margin=a.margin, groups=a.groups,
                input_gate=_gate(a), threshold_growth=a.threshold_growth, refresh_held=a.refresh_held,
-               refresh=a.refresh, schedules=a.schedules, init=a.init, ref_cache=not a.no_ref_cache)
+               refresh=a.refresh, refresh_drift=a.refresh_drift, refresh_layers=a.refresh_layers,
+               schedules=a.schedules, init=a.init, ref_cache=not a.no_ref_cache)
     print(res.table())
     print(f"use it with:  deltacnn run {a.video or ''} --thresholds {res.path}".replace("  --", " --"))
     return 0

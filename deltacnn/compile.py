@@ -731,6 +731,9 @@ def compile(model: DeltaModel, warmup: int = 2, dense_above: float | None = 0.35
     if model.rt.refresh.flush:
         raise ValueError("deltacnn.compile does not run the refresh 'flush' rule (the held-back input is not "
                          "flushed inside the graphs); convert with refresh='keyframe' (the default) to compile")
+    if model.rt.layer_refresh is not None:
+        raise ValueError("deltacnn.compile does not run a layer refresh (deltacnn.layer_refresh: its bookkeeping and "
+                         "triggers run on the host); convert with refresh_layers=None (the default) to compile")
     if per_stream:
         return StreamGraphedDeltaModel(model, warmup, dense_above, cuda_graphs, dense_compile=dense_compile,
                                        dense_compile_mode=dense_compile_mode, keyframe_batch_at=keyframe_batch_at,

@@ -14,6 +14,7 @@ ends a dense island instead (_Converter._reenter has the rule).
 from __future__ import annotations
 
 import copy
+import math
 import operator
 import re
 import warnings
@@ -28,6 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .activations import ActSpec
 from .gating import InputGate, gate_from_options, Refresh
+from .layer_refresh import LayerRefresh
 from .layers.io import check_min_blob
 from .errors import ConversionError, UnsupportedOperationError
 from . import linear_maps as lm
@@ -1600,6 +1602,7 @@ def convert(model: nn.Module, example_input: Tensor, *, threshold: float = 0.0, 
             dense_above: float | None = 0.5, leaf_modules: Iterable[type | str] = (),
             min_blob: int = 1, input_gate: InputGate | None = None,
             threshold_growth: float = 0.0, refresh_held: float | None = None, refresh: "str | Refresh | None" = None,
+            refresh_drift: float | None = None, refresh_layers: "str | LayerRefresh | None" = None,
             motion=None) -> DeltaModel:
     """Turn an ordinary CNN into a stateful delta model for video.
 
@@ -1627,6 +1630,14 @@ def convert(model: nn.Module, example_input: Tensor, *, threshold: float = 0.0, 
             frame that sends the held-back input change, costing what the held area costs) or
             "flush:B:M" (only in B x B tiles holding at least M held pixels), with "@F" layer thresholds x F
             on flush frames; a deltacnn.Refresh is accepted too.
+        refresh_drift: a stream runs a keyframe once its input's unsent change, mean |x - ref| over its pixels
+            and channels, exceeds this multiple of the input threshold (None: off; host backends).
+        refresh_layers: re-send the deep layers' held-back truncation residuals without a keyframe, or run a
+            keyframe when their touched area passes a level (deltacnn.layer_refresh.LayerRefresh spec: "flush:8"
+            every 8 frames, "flush:a0.3" once the touched area passes 0.3, "keyframe:a0.3", with ":sS" for the
+            layers of output stride >= S (default 16) and "@F" for their threshold factor (default 0); None:
+            off; host backends). Like refresh_held, refresh and keyframe_interval, a thresholds file's rule
+            applies unless one is given here.
         allow_dense_fallback: run ops without a delta version densely instead of raising.
         fuse: fuse conv -> add -> activation chains (identical results; fewer kernels on GPU).
         backend: "reference" (pure PyTorch), "cpu" (reference with fused C++ stages, built on first
@@ -1709,8 +1720,15 @@ def convert(model: nn.Module, example_input: Tensor, *, threshold: float = 0.0, 
         refresh_held = th.refresh_held
     if refresh is None and th.refresh is not None:  # the tuned file's refresh unless one is asked for
         refresh = th.refresh
+    if refresh_drift is not None and not (math.isfinite(refresh_drift) and refresh_drift >= 0):
+        raise ValueError(f"refresh_drift must be a finite number >= 0 or None, got {refresh_drift}")
+    if refresh_drift is None and th.refresh_drift is not None:  # the tuned file's rules unless asked for
+        refresh_drift = th.refresh_drift
+    if refresh_layers is None and th.refresh_layers is not None:
+        refresh_layers = th.refresh_layers
     rt = Runtime(th, dtype=dtype, backend_name=backend, dense_above=dense_above, refresh_held=refresh_held,
-                 refresh=Refresh.parse(refresh))
+                 refresh=Refresh.parse(refresh), refresh_drift=refresh_drift,
+                 layer_refresh=LayerRefresh.parse(refresh_layers))
     if example_input.device.type == "cpu" and backend in (None, "cpu"):
         rt.backend_for(example_input)  # builds the CPU kernels now (once per machine), not in frame 1's time
     for m in gm.modules():

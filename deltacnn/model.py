@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import threading
+import warnings
 from contextlib import contextmanager
 
 import torch
@@ -33,7 +34,9 @@ class DeltaModel(nn.Module):
     have done `rt.refresh_work` dense frames' worth of multiply-adds (REFRESH_WORK, 300: float32
     accumulators gather rounding error like a random walk, and the refresh keeps the tau-0 error at
     the level it has after that much work, for clips of any length, for at most ~1/300 of the time;
-    host backends only, which count the work); deltas otherwise. Streams that differ
+    host backends only, which count the work); deltas otherwise. With `rt.layer_refresh`
+    (deltacnn.layer_refresh) a stream's delta frame re-sends its deep layers' held-back residuals every N
+    frames or once their touched area passes a level (or runs a keyframe then). Streams that differ
     from the rest of the batch run in a dense pass of their own after the batch's delta pass, which
     writes only their rows of the state. Frames holding NaN or infinity are rejected with a
     ValueError before anything runs, so the state stays as it was (CPU frames; on CUDA the check
@@ -67,11 +70,16 @@ class DeltaModel(nn.Module):
         self._held: list[float] = []
         # per stream: its input's unsent change after its last frame, in input thresholds (refresh_drift)
         self._drift: list[float] = []
+        # per stream: frames since its keyframe or its last layer refresh (deltacnn.layer_refresh, `every`)
+        self._ref_age: list[int] = []
+        # per stream: its selected layers' touched area after its last frame (deltacnn.layer_refresh, `area`)
+        self._touched: list[float] = []
         self._amax: list[float] | None = None  # per stream: the largest |value| of the frame being run
         self._stream: tuple | None = None  # (shape, dtype, device) of the current stream
         self.last_mode: str | None = None  # how the last frame ran: "keyframe", "delta", "dense" or "mixed"
         self.last_modes: list[str] = []  # ... per stream
         self.last_flushed: list[bool] = []  # per stream: the last frame flushed the held input (refresh "flush")
+        self.last_refreshed: list[bool] = []  # per stream: the last frame re-sent the deep layers' residuals
         # bumped whenever the state tensors may be freed or replaced (reset, .to(), casts): CUDA graphs
         # captured before read the old memory and must be captured again
         self.state_epoch = 0
@@ -108,6 +116,8 @@ class DeltaModel(nn.Module):
 
     def _forget(self) -> None:
         self._since, self._scale, self._work, self._held, self._drift = [], [], [], [], []
+        self._ref_age, self._touched = [], []
+        self.rt.touch.clear()
         self._stream = None
         self.rt.dense_limit = None
         self.state_epoch += 1
@@ -178,11 +188,22 @@ class DeltaModel(nn.Module):
             return True
         if self.rt.refresh_drift is not None and i < len(self._drift) and self._drift[i] > self.rt.refresh_drift:
             return True
+        lr = self.rt.layer_refresh
+        if lr is not None and lr.run == "keyframe" and self._layer_due(i):
+            return True
         ratio = self.rt.range_ratio
         if ratio is None or self._amax is None or self._scale[i] is None:
             return False
         now, then = self._amax[i], self._scale[i]
         return now > ratio * then or then > ratio * now
+
+    def _layer_due(self, i: int) -> bool:
+        """Whether stream i's layer refresh (deltacnn.layer_refresh) triggers: `every` frames since its keyframe
+        or last refresh, or its selected layers' touched area above `area` (measured on host backends)."""
+        lr = self.rt.layer_refresh
+        if lr.every is not None:
+            return i < len(self._ref_age) and self._ref_age[i] >= lr.every
+        return i < len(self._touched) and self._touched[i] > lr.area
 
     def _held_over(self, i: int) -> bool:
         """Whether stream i's gates held back more than refresh_held of its pixels on its last frame."""
@@ -199,8 +220,22 @@ class DeltaModel(nn.Module):
         n = x.shape[0]
         if len(self._since) != n:  # a new stream batch
             self._since, self._scale, self._work = [0] * n, [None] * n, [0.0] * n
+            self._ref_age, self._touched = [0] * n, []
         due = [self._due(i) for i in range(n)]
         backend = rt.backend_for(x)
+        # layer refresh "flush" (deltacnn.layer_refresh): streams not due for a keyframe whose trigger fired
+        lr = rt.layer_refresh if rt.layer_refresh is not None and rt.layer_refresh.run == "flush" else None
+        if lr is not None and not backend.host_sync_ok:
+            if not getattr(self, "_warned_refresh", False):
+                warnings.warn(f"the layer refresh {lr.spec()!r} runs on host backends only (reference, cpu); the "
+                              f"{backend.name} backend runs this model without it", RuntimeWarning, stacklevel=3)
+                self._warned_refresh = True
+            lr = None
+        refresh = [not due[i] and self._layer_due(i) for i in range(n)] if lr is not None else [False] * n
+        if any(refresh):
+            rt.touch.rows = torch.tensor(refresh, device=x.device)
+            rt.thresholds.refresh_factor = lr.factor
+            rt.thresholds.refresh_names = rt.touch.names(lr, rt.thresholds.strides)
         work = getattr(backend, "work", None)  # multiply-adds counted by host-side backends
         decides = rt.dense_above is not None and backend.host_sync_ok
         limits = rt.busy_limits(n) if decides else None
@@ -221,6 +256,8 @@ class DeltaModel(nn.Module):
             rt.plan = None
             rt.flush = None
             rt.thresholds.frame_factor = 1.0
+            rt.touch.rows = None
+            rt.thresholds.refresh_factor = 1.0
         modes = plan.modes if plan.modes is not None else ["keyframe" if keyframe else "delta"] * n
         first = plan.first or ("keyframe" if keyframe else "delta")
         if first == "dense":  # the input layer found every stream busy: it ran densely without state
@@ -249,8 +286,14 @@ class DeltaModel(nn.Module):
         rt.input_held = None
         if rt.refresh_drift is not None and backend.host_sync_ok:
             self._drift = self._unsent_change(x, modes)
+        self.last_refreshed = [r and m == "delta" for r, m in zip(refresh, modes)]
+        for i, r in enumerate(self.last_refreshed):
+            if r:
+                self._ref_age[i] = 0
         self._end_streams(modes, x)
         self.last_flushed = [f and m == "delta" for f, m in zip(flush, modes)]
+        if rt.layer_refresh is not None and rt.layer_refresh.area is not None and backend.host_sync_ok:
+            self._touched = rt.touch.area(n)
         return out
 
     def _unsent_change(self, x: Tensor, modes: list[str]) -> list[float]:
@@ -301,12 +344,17 @@ class DeltaModel(nn.Module):
         self.last_mode = modes[0] if len(set(modes)) == 1 else "mixed"
         lim = self.rt.dense_limit
         lim = list(lim) if isinstance(lim, list) else [lim] * len(modes)
+        if len(self._ref_age) != len(modes):
+            self._ref_age = [0] * len(modes)
         for i, mode in enumerate(modes):
+            if mode != "delta" and self.rt.touch.masks:  # a keyframe resets every residual (dense: one follows)
+                self.rt.touch.clear(i)
             if mode == "dense":  # the state no longer matches the stream: its next frame is a keyframe
                 self._since[i] = 0
                 continue
             if mode == "keyframe":
                 self._since[i] = 0
+                self._ref_age[i] = 0
                 self._work[i] = 0.0
                 if i < len(self._held):
                     self._held[i] = 0.0  # a keyframe sent everything
@@ -315,6 +363,7 @@ class DeltaModel(nn.Module):
                 self._scale[i] = self._amax[i] if self._amax is not None else None
                 lim[i] = None
             self._since[i] += 1
+            self._ref_age[i] += 1
         self.rt.dense_limit = None if all(v is None for v in lim) else (lim[0] if len(set(lim)) == 1 else lim)
 
     @torch.no_grad()

@@ -10,6 +10,7 @@ from torch import Tensor
 from .backends import get_backend
 from .backends.base import Backend
 from .gating import Refresh
+from .layer_refresh import LayerRefresh, TouchState
 from .stats import StatsRecorder
 from .thresholds import Thresholds
 
@@ -128,6 +129,10 @@ class Runtime:
     # that moved since the keyframe (sub-threshold trails, small blobs), and so do the layers' truncation
     # residuals, which a keyframe resets (None: never; host backends)
     refresh_drift: float | None = None
+    # re-sending the deep layers' held-back residuals without a keyframe, or a keyframe when their touched
+    # area passes a level (deltacnn.layer_refresh; None: off; host backends), and its per-layer bookkeeping
+    layer_refresh: LayerRefresh | None = None
+    touch: TouchState = field(default_factory=TouchState)
     # what the refresh_held rule runs: a whole keyframe, or a flush of the held-back input change
     # (deltacnn.gating.Refresh); `flush` lists, per stream, whether this frame flushes (set by DeltaModel)
     refresh: Refresh = field(default_factory=Refresh)

@@ -62,6 +62,16 @@ class Thresholds:
     # a factor on every layer threshold (not the input's) for the frame being run: set by DeltaModel on
     # flush frames of a refresh "flush@F" (deltacnn.gating.Refresh), 1 otherwise; never saved
     frame_factor: float = field(default=1.0, repr=False, compare=False)
+    # a factor on the thresholds of the layers `refresh_names` for the frame being run: set by DeltaModel on
+    # the layer-refresh frames of deltacnn.layer_refresh (its `factor`), 1 otherwise; never saved
+    refresh_factor: float = field(default=1.0, repr=False, compare=False)
+    refresh_names: frozenset = field(default=frozenset(), repr=False, compare=False)
+    # the input-drift keyframe rule (Runtime.refresh_drift, in input thresholds) the thresholds were tuned
+    # with (None: not part of the file); applied like min_blob
+    refresh_drift: float | None = None
+    # the layer refresh (deltacnn.layer_refresh.LayerRefresh spec, e.g. "flush:8") the thresholds were tuned
+    # with (None: not part of the file); applied like min_blob
+    refresh_layers: str | None = None
 
     def __post_init__(self) -> None:
         if self.units not in UNITS:
@@ -89,6 +99,15 @@ class Thresholds:
             from .gating import Refresh
             self.refresh = Refresh.parse(self.refresh).spec()  # validated, in its canonical spelling
         self.growth = _check_tau("growth", self.growth)
+        if self.refresh_drift is not None:
+            self.refresh_drift = _check_tau("refresh_drift", self.refresh_drift)
+        if self.refresh_layers is not None:
+            from .layer_refresh import LayerRefresh
+            try:
+                lr = LayerRefresh.parse(self.refresh_layers)  # validated, in its canonical spelling
+            except TypeError as e:
+                raise ValueError(str(e)) from None
+            self.refresh_layers = lr.spec() if lr is not None else None
 
     def get(self, name: str) -> float:
         """The absolute threshold of layer `name` (relative values times the layer's measured scale)."""
@@ -97,6 +116,8 @@ class Thresholds:
             raw *= self.depth_factor(name)
         if raw and self.frame_factor != 1.0 and name != INPUT:
             raw *= self.frame_factor
+        if raw and self.refresh_factor != 1.0 and name in self.refresh_names:
+            raw *= self.refresh_factor
         if self.units == "absolute" or raw == 0:
             return raw
         scale = self.scales.get(name)
@@ -151,6 +172,10 @@ class Thresholds:
             d["refresh"] = self.refresh
         if self.keyframe_interval is not None:
             d["keyframe_interval"] = self.keyframe_interval
+        if self.refresh_drift is not None:
+            d["refresh_drift"] = self.refresh_drift
+        if self.refresh_layers is not None:
+            d["refresh_layers"] = self.refresh_layers
         if self.growth:
             d["growth"] = self.growth
         return d
@@ -173,7 +198,8 @@ class Thresholds:
                              score=data.get("score", "max"), overrides=dict(layers), known=self.known,
                              units=data.get("units", "absolute"), scales=dict(scales), min_blob=data.get("min_blob"),
                              growth=data.get("growth", 0.0), refresh_held=data.get("refresh_held"),
-                             refresh=data.get("refresh"), keyframe_interval=data.get("keyframe_interval"))
+                             refresh=data.get("refresh"), keyframe_interval=data.get("keyframe_interval"),
+                             refresh_drift=data.get("refresh_drift"), refresh_layers=data.get("refresh_layers"))
         except ValueError as e:
             raise ValueError(f"{source}: {e}") from None
         for name in new.overrides:
@@ -187,6 +213,7 @@ class Thresholds:
         self.units, self.scales, self.min_blob, self.growth = new.units, new.scales, new.min_blob, new.growth
         self.refresh_held, self.refresh = new.refresh_held, new.refresh
         self.keyframe_interval = new.keyframe_interval
+        self.refresh_drift, self.refresh_layers = new.refresh_drift, new.refresh_layers
 
     def load(self, path: str | Path) -> None:
         p = Path(path)

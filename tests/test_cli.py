@@ -457,6 +457,23 @@ def test_tune_searches_the_frame_schedule_and_the_file_carries_it(clip: Path, tm
     assert "schedule" in res.table() and "frames delta/flush/key" in res.pareto_path.read_text()
 
 
+def test_tune_tries_layer_refresh_and_drift_schedules(clip: Path, tmp_path: Path) -> None:
+    """layers= and drift= schedules: tried, their refresh frames counted, the chosen rules in the file, run applies them."""
+    th = tmp_path / "th.json"
+    res = tools.tune(clip, "tiny", budget="rel_error<=0.05", frames=8, max_evals=10, min_blob=3, keyframe_interval=4,
+                     schedules=["kf=8,layers=flush:2:s1", "drift=0.5"], out=th, quiet=True)
+    by = {t.schedule: t for t in res.history}
+    lay = [t for s, t in by.items() if s.refresh_layers == "flush:2:s1"]
+    assert lay and lay[0].schedule.keyframe_interval == 8 and lay[0].modes.get("refresh", 0) >= 2
+    assert any(s.refresh_drift == 0.5 for s in by)
+    data = json.loads(th.read_text())
+    b = res.best.schedule
+    assert data.get("refresh_layers") == b.refresh_layers and data.get("refresh_drift") == b.refresh_drift
+    dm = tools.build_delta(TinyTask().load_model(), torch.rand(1, 3, H, W), thresholds=th)
+    assert (dm.rt.layer_refresh.spec() if dm.rt.layer_refresh else None) == b.refresh_layers
+    assert dm.rt.refresh_drift == b.refresh_drift
+
+
 def test_tune_continues_from_an_init_file(clip: Path, tmp_path: Path) -> None:
     first = tools.tune(clip, "tiny", budget="rel_error<=0.05", frames=5, max_evals=6, refresh_held=0.05, min_blob=3,
                        out=tmp_path / "a.json", quiet=True)

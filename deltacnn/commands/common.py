@@ -19,6 +19,7 @@ from .. import tasks
 from ..clips import default_clip_path
 from ..convert import ConversionError, UnsupportedOperationError, convert
 from ..gating import Refresh
+from ..layer_refresh import LayerRefresh
 from ..layers import Sparsify
 from ..model import DeltaModel
 from ..tasks.base import Task
@@ -122,7 +123,8 @@ def build_delta(model: nn.Module, example: Tensor, *, threshold: float = 0.0, in
                 keyframe_interval: int | None = None,
                 backend: str | None = None, dense_above: float | None = 0.5, min_blob: int = 1,
                 input_gate=None, threshold_growth: float = 0.0, refresh_held: float | None = None,
-                refresh: str | None = None) -> DeltaModel:
+                refresh: str | None = None, refresh_drift: float | None = None,
+                refresh_layers: str | None = None) -> DeltaModel:
     """Convert with conversion and threshold-file problems reported as UserErrors."""
     if threshold is not None and (not math.isfinite(threshold) or threshold < 0):
         raise UserError(f"--threshold must be a finite number >= 0, got {threshold}")
@@ -146,15 +148,24 @@ def build_delta(model: nn.Module, example: Tensor, *, threshold: float = 0.0, in
         Refresh.parse(refresh)
     except (TypeError, ValueError) as e:
         raise UserError(f"--refresh: {e}") from None
+    if refresh_drift is not None and not (math.isfinite(refresh_drift) and refresh_drift >= 0):
+        raise UserError(f"--refresh-drift must be a finite number >= 0, got {refresh_drift}")
+    off_layers = refresh_layers == "off"  # asked for: no layer refresh, whatever the file says
+    try:
+        LayerRefresh.parse(refresh_layers)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"--refresh-layers: {e}") from None
     try:
         dm = convert(model, example, threshold=threshold or 0.0, input_threshold=input_threshold, dtype=dtype,
                      keyframe_interval=keyframe_interval, backend=backend, dense_above=dense_above,
                      min_blob=min_blob, input_gate=input_gate, threshold_growth=threshold_growth,
-                     refresh_held=refresh_held, refresh=refresh)
+                     refresh_held=refresh_held, refresh=refresh, refresh_drift=refresh_drift,
+                     refresh_layers=None if off_layers else refresh_layers)
     except (ConversionError, UnsupportedOperationError) as e:
         raise UserError(f"cannot convert the model: {e}") from None
     if thresholds is not None:
-        load_thresholds(dm, thresholds, refresh_given=refresh is not None)
+        load_thresholds(dm, thresholds, refresh_given=refresh is not None,
+                        layers_given=refresh_layers is not None, drift_given=refresh_drift is not None)
         if keyframe_interval is None and dm.thresholds.keyframe_interval is not None:  # the file's interval
             dm.keyframe_interval = dm.thresholds.keyframe_interval
         th = dm.thresholds
@@ -165,9 +176,10 @@ def build_delta(model: nn.Module, example: Tensor, *, threshold: float = 0.0, in
     return dm
 
 
-def load_thresholds(dm: DeltaModel, path: str | Path, refresh_given: bool = False) -> None:
+def load_thresholds(dm: DeltaModel, path: str | Path, refresh_given: bool = False, layers_given: bool = False,
+                    drift_given: bool = False) -> None:
     """dm.thresholds.load with every failure (JSON, format, unknown layer) as one UserError line; the file's
-    refresh rule (refresh_held, refresh) applies unless one was asked for."""
+    refresh rules (refresh_held, refresh, refresh_drift, refresh_layers) apply unless one was asked for."""
     try:
         dm.thresholds.load(path)
     except FileNotFoundError as e:
@@ -182,6 +194,10 @@ def load_thresholds(dm: DeltaModel, path: str | Path, refresh_given: bool = Fals
         dm.rt.refresh_held = dm.thresholds.refresh_held
     if dm.thresholds.refresh is not None and not refresh_given:
         dm.rt.refresh = Refresh.parse(dm.thresholds.refresh)
+    if dm.thresholds.refresh_drift is not None and not drift_given:
+        dm.rt.refresh_drift = dm.thresholds.refresh_drift
+    if dm.thresholds.refresh_layers is not None and not layers_given:
+        dm.rt.layer_refresh = LayerRefresh.parse(dm.thresholds.refresh_layers)
     if dm.thresholds.min_blob is not None:  # the input gate the file was tuned with
         for m in dm.graph_module.modules():
             if isinstance(m, Sparsify) and m.name == INPUT:

@@ -53,7 +53,7 @@ def frame_record(i: int, dm: DeltaModel, delta_ms: float, peer_ms: float) -> dic
     return {"frame": i, "keyframe": int(fs.keyframe), "mode": dm.last_mode or "", "update_rate": rate,
             "layer_update_rate": finite_mean(rates) if rates else rate,
             "macs_fraction": fs.macs_fraction if fs.dense_macs else 1.0, "macs": fs.macs, "dense_macs": fs.dense_macs,
-            "flush": int(any(dm.last_flushed)), "delta_ms": delta_ms, "peer_ms": peer_ms,
+            "flush": int(any(dm.last_flushed)), "refresh": int(any(dm.last_refreshed)), "delta_ms": delta_ms, "peer_ms": peer_ms,
             "speedup": peer_ms / delta_ms if delta_ms > 0 else float("nan")}
 
 
@@ -86,7 +86,8 @@ def run(video: str | int | Path | None = None, model: str | Task | None = None, 
         write_videos: bool = True, dense_above: float | None = 0.5, reader: str = "auto",
         compile_peer: bool = False, motion: str | Path | None = None, motion_halo: int | None = None,
         start_frame: int = 0, min_blob: int = 1, input_gate=None, threshold_growth: float = 0.0,
-        refresh_held: float | None = None, refresh: str | None = None) -> RunResult:
+        refresh_held: float | None = None, refresh: str | None = None, refresh_drift: float | None = None,
+        refresh_layers: str | None = None) -> RunResult:
     """Run a source through the delta model and, for timing, through the strongest dense peer.
 
     `video`: a video file, an image folder, a camera index (`0`) or a stream URL (`rtsp://`,
@@ -154,7 +155,8 @@ def run(video: str | int | Path | None = None, model: str | Task | None = None, 
                                      thresholds=thresholds, dtype=torch_dtype,
                                      keyframe_interval=keyframe_interval, backend=backend, dense_above=dense_above,
                                      min_blob=min_blob, input_gate=input_gate, threshold_growth=threshold_growth,
-                                     refresh_held=refresh_held, refresh=refresh)
+                                     refresh_held=refresh_held, refresh=refresh, refresh_drift=refresh_drift,
+                                     refresh_layers=refresh_layers)
                     dm.enable_stats(True, keep_masks=write_videos)
                     mm = _motion_model(dm, motion, motion_halo)
                 out_delta, delta_ms = _timed_motion(mm, x, dev) if mm is not None else timed(dm, x, dev)

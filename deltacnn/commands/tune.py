@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -111,13 +111,17 @@ class Schedule:
 
     `refresh_held` / `refresh`: deltacnn.convert's refresh rule (a keyframe, or a flush of the held-back
     input change, once the input gates hold back more than that fraction of the pixels; None: off);
-    `keyframe_interval`: a keyframe every N frames (None: off); `growth`: Thresholds.growth.
+    `keyframe_interval`: a keyframe every N frames (None: off); `growth`: Thresholds.growth;
+    `refresh_drift`: Runtime.refresh_drift (a keyframe once the input's unsent change passes that many
+    input thresholds; None: off); `refresh_layers`: a deltacnn.layer_refresh spec (None: off).
     """
 
     refresh_held: float | None = None
     refresh: str = "keyframe"
     keyframe_interval: int | None = None
     growth: float = 0.0
+    refresh_drift: float | None = None
+    refresh_layers: str | None = None
 
     def describe(self) -> str:
         parts = []
@@ -125,29 +129,44 @@ class Schedule:
             parts.append(f"{self.refresh} when held > {self.refresh_held:g}")
         if self.keyframe_interval is not None:
             parts.append(f"keyframe every {self.keyframe_interval}")
+        if self.refresh_drift is not None:
+            parts.append(f"keyframe when drift > {self.refresh_drift:g}")
+        if self.refresh_layers is not None:
+            parts.append(f"layers {self.refresh_layers}")
         if self.growth:
             parts.append(f"growth {self.growth:g}")
         return ", ".join(parts) or "no refresh"
 
     def row(self) -> dict:
         return {"refresh_held": self.refresh_held, "refresh": self.refresh,
-                "keyframe_interval": self.keyframe_interval, "growth": self.growth}
+                "keyframe_interval": self.keyframe_interval, "growth": self.growth,
+                "refresh_drift": self.refresh_drift, "refresh_layers": self.refresh_layers}
 
 
 def parse_schedule(spec: str, base: Schedule | None = None) -> Schedule:
-    """'held=0.1,refresh=flush,kf=50,growth=0.5' (keys left out keep `base`'s value; held=off, kf=off)."""
+    """'held=0.1,refresh=flush,kf=50,growth=0.5,drift=0.25,layers=flush:8' (keys left out keep `base`'s
+    value; held=off, kf=off, drift=off, layers=off)."""
     from ..gating import Refresh
+    from ..layer_refresh import LayerRefresh
 
     base = base or Schedule()
     vals = base.row()
-    keys = {"held": "refresh_held", "refresh": "refresh", "kf": "keyframe_interval", "growth": "growth"}
+    keys = {"held": "refresh_held", "refresh": "refresh", "kf": "keyframe_interval", "growth": "growth",
+            "drift": "refresh_drift", "layers": "refresh_layers"}
     for part in filter(None, (p.strip() for p in spec.split(","))):
         k, _, v = part.partition("=")
         if k not in keys or not v:
             raise UserError(f"bad schedule item {part!r} in {spec!r}; use held=F|off, refresh=keyframe|flush|flush:B:M, "
-                            "kf=N|off, growth=G (comma-separated)")
+                            "kf=N|off, growth=G, drift=L|off, layers=SPEC|off (comma-separated)")
         try:
-            if k == "held":
+            if k == "drift":
+                val = None if v == "off" else float(v)
+                if val is not None and not (math.isfinite(val) and val >= 0):
+                    raise ValueError("drift must be a finite number >= 0")
+            elif k == "layers":
+                lr = LayerRefresh.parse(v)
+                val = lr.spec() if lr is not None else None
+            elif k == "held":
                 val = None if v == "off" else float(v)
                 if val is not None and not 0 <= val <= 1:
                     raise ValueError("held must be a fraction in [0, 1]")
@@ -179,8 +198,12 @@ def default_schedules(base: Schedule) -> list[Schedule]:
         out += [Schedule(min(1.0, f * q), base.refresh, base.keyframe_interval, base.growth) for f in (2, 4)]
     elif base.keyframe_interval is None:
         out.append(Schedule(None, base.refresh, 50, base.growth))
+    if base.keyframe_interval is not None and base.refresh_layers is None:
+        # keyframes half as often, the deep layers' residuals re-sent in between (deltacnn.layer_refresh)
+        k = base.keyframe_interval
+        out.append(replace(base, keyframe_interval=2 * k, refresh_layers=f"flush:{k}"))
     if not base.growth:
-        out.append(Schedule(base.refresh_held, base.refresh, base.keyframe_interval, 0.25))
+        out.append(replace(base, growth=0.25))
     return [o for o in out if o != base]
 
 
@@ -289,13 +312,13 @@ class TuneResult:
         """Every trial on the Pareto front of predicted time against agreement, with what was measured."""
         extra = [k for k in ("f1",) if k != self.budget.metric and k in self.best.metrics]
         rows = ["| cost ms | CPU ms | " + str(self.budget.metric) + "".join(f" | {k}" for k in extra)
-                + " | MACs | input | layers | overrides | schedule | frames delta/flush/key | stage |",
+                + " | MACs | input | layers | overrides | schedule | frames delta/flush/key (flush: input or layers) | stage |",
                 "|---|---|---" + "|---" * len(extra) + "|---|---|---|---|---|---|---|"]
         for t in pareto_front(self.history):
             rows.append(f"| {t.ms:.2f} | {t.cpu_ms:.1f} | {t.score:.4f} | "
                         + "".join(f"{t.metrics.get(k, float('nan')):.4f} | " for k in extra)
                         + f"{t.macs_fraction:.1%} | {t.input:.4g} | {t.default:.4g} | {len(t.overrides)} | "
-                        f"{t.schedule.describe()} | {t.modes.get('delta', 0)}/{t.modes.get('flush', 0)}/"
+                        f"{t.schedule.describe()} | {t.modes.get('delta', 0)}/{t.modes.get('flush', 0) + t.modes.get('refresh', 0)}/"
                         f"{t.modes.get('keyframe', 0) + t.modes.get('dense', 0)} | {t.stage} |")
         if self.cost is not None:
             rows.append(f"\ncost model: {self.cost.describe()}")
@@ -340,6 +363,8 @@ def play(dm: DeltaModel, task: Task, frames: Sequence[Any], refs: Sequence[Any],
             p.cpu_ms.append(cpu)
             mode = dm.last_mode or ("keyframe" if fs.keyframe else "delta")
             counted = "flush" if mode == "delta" and any(dm.last_flushed) else mode
+            if mode == "delta" and any(dm.last_refreshed):  # a layer refresh (deltacnn.layer_refresh)
+                counted = "refresh"
             p.modes[counted] = p.modes.get(counted, 0) + 1
             if mode == "delta":
                 p.wall_ms.append(ms)
@@ -374,8 +399,13 @@ class _Evaluator:
         th = self.dm.thresholds
         th.default, th.input, th.overrides = default, input_tau, dict(overrides)
         if schedule is not None:
+            from ..layer_refresh import LayerRefresh
+
             rt = self.dm.rt
             rt.refresh_held, rt.refresh = schedule.refresh_held, Refresh.parse(schedule.refresh)
+            rt.refresh_drift = th.refresh_drift = schedule.refresh_drift
+            rt.layer_refresh = LayerRefresh.parse(schedule.refresh_layers)
+            th.refresh_layers = schedule.refresh_layers
             self.dm.keyframe_interval = th.keyframe_interval = schedule.keyframe_interval
             th.growth = schedule.growth
             # the file carries the rule (convert and run --thresholds apply it)
@@ -622,7 +652,8 @@ def tune(video: str | int | Path | None = None, model: str | Task | None = None,
          min_blob: int = 1, out: str | Path | None = None, start: float = 0.01, time_tolerance: float = 0.01,
          margin: float = 0.0, groups: int = 4, min_gain: float = 0.02, dense_above: float | None = 0.5,
          quiet: bool = False, reader: str = "auto", input_gate=None, threshold_growth: float = 0.0,
-         refresh_held: float | None = None, refresh: str | None = None,
+         refresh_held: float | None = None, refresh: str | None = None, refresh_drift: float | None = None,
+         refresh_layers: str | None = None,
          schedules: Sequence[str | Schedule] | None = None, init: str | Path | None = None,
          ref_cache: bool = True) -> TuneResult:
     """Find the input and per-layer thresholds with the lowest delta-model frame time whose task
@@ -693,7 +724,8 @@ def tune(video: str | int | Path | None = None, model: str | Task | None = None,
     # they would hide what an input threshold holds back, until layer thresholds made the deltas cheap
     dm = build_delta(dense, x0, dtype=resolve_dtype(dtype), keyframe_interval=keyframe_interval, backend=backend,
                      min_blob=min_blob, dense_above=None, input_gate=input_gate,
-                     threshold_growth=threshold_growth, refresh_held=refresh_held, refresh=refresh)
+                     threshold_growth=threshold_growth, refresh_held=refresh_held, refresh=refresh,
+                     refresh_drift=refresh_drift, refresh_layers=refresh_layers)
     measure_scales(dm, x0)
     dm.thresholds.min_blob = min_blob if min_blob > 1 else None
     dm.enable_stats(True)
@@ -715,9 +747,14 @@ def tune(video: str | int | Path | None = None, model: str | Task | None = None,
         refresh = f.refresh if refresh is None else refresh
         keyframe_interval = f.keyframe_interval if keyframe_interval is None else keyframe_interval
         threshold_growth = threshold_growth or f.growth
+        refresh_drift = f.refresh_drift if refresh_drift is None else refresh_drift
+        refresh_layers = f.refresh_layers if refresh_layers is None else refresh_layers
         from ..gating import Refresh
         dm.rt.refresh = Refresh.parse(refresh)
-    base = Schedule(refresh_held, dm.rt.refresh.spec(), keyframe_interval, threshold_growth)
+    from ..layer_refresh import LayerRefresh
+    lr = LayerRefresh.parse(refresh_layers)
+    base = Schedule(refresh_held, dm.rt.refresh.spec(), keyframe_interval, threshold_growth, refresh_drift,
+                    lr.spec() if lr is not None else None)
     scheds = default_schedules(base) if schedules is None else \
         [sc if isinstance(sc, Schedule) else parse_schedule(sc, base) for sc in schedules]
     ev = _Evaluator(dm, task, xs, refs, b, dev, margin)

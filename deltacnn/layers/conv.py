@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from ..activations import ActSpec
 from ..backends.base import ConvParams, PointwiseState
 from ..geometry import Window
+from ..layer_refresh import touch
 from ..tensor import DeltaTensor
 from .base import DeltaLayer, check_delta
 
@@ -92,6 +93,8 @@ class DeltaConv2d(DeltaLayer):
             if self.act is not None:
                 st = PointwiseState(self.act, self._state("acc"), self._state("emitted"),
                                     rt.thresholds.get(self.act_name), rt.thresholds.score)
+                if rt.layer_refresh is not None:  # deltacnn.layer_refresh: what it touched; on refresh frames, more
+                    residual = touch(self, d, residual)
             out = rt.backend_for(d.values).conv_block(d, self.params(), residual, st)
             if not rt.stats.enabled:  # (macs_per_pixel costs ~10 us of Python a call)
                 return out
