@@ -82,32 +82,45 @@ def ort_conv_times(model, x: torch.Tensor, repeats: int) -> tuple[dict[str, floa
 
 
 def steady(args) -> None:
-    """--steady: consecutive frames as keyframes (state buffers reused), conv_dense timed apart."""
+    """--steady: consecutive frames as keyframes (state buffers reused), conv_dense timed apart; with
+    --variants, one model per variant (cpu_profile.py's switches), interleaved frame by frame, paired."""
+    from cpu_profile import apply_settings, parse_variants, SWITCHES, _module_of
     clock = time.perf_counter if args.clock == "wall" else time.process_time
     torch.set_num_threads(args.threads)
     model, frames = load("yolov8n", args.start, args.steady + 2)
-    dm = convert_at(model, frames, args.points, 1)
-    dm.keyframe_interval = 1
-    backend = dm.rt.backend_on(torch.device("cpu"))
-    real, spent = backend._k, [0.0]
+    variants = parse_variants(args.variants)
+    defaults = {k: 1.0 if k in SWITCHES else getattr(_module_of(k), k.rsplit(".", 1)[1])
+                for _, kv in variants for k in kv}
+    spent = [0.0]
 
     class _Timed:  # the kernel module with conv_dense timed
+        def __init__(self, real) -> None:
+            self.real = real
+
         def __getattr__(self, name):
-            return getattr(real, name)
+            return getattr(self.real, name)
 
         def conv_dense(self, *a):
             t0 = clock()
             try:
-                return real.conv_dense(*a)
+                return self.real.conv_dense(*a)
             finally:
                 spent[0] += clock() - t0
 
-    backend._k = _Timed()
+    dms = {}
+    for name, kv in variants:
+        apply_settings(kv, defaults)  # conversion-time switches act here
+        dm = dms[name] = convert_at(model, frames, args.points, 1)
+        dm.keyframe_interval = 1
+        backend = dm.rt.backend_on(torch.device("cpu"))
+        backend._k = _Timed(backend._k)
     peer = None
     if args.peer:
         from deltacnn.peers import onnxruntime_peer
         peer = onnxruntime_peer(model, frames[0], threads=args.threads)
-    total, conv, peer_ms = [], [], []
+    total = {n: [] for n in dms}
+    conv = {n: [] for n in dms}
+    peer_ms = []
     with torch.no_grad():
         for i, f in enumerate(frames):
             if peer is not None:
@@ -115,22 +128,40 @@ def steady(args) -> None:
                 peer(f)
                 if i >= 2:
                     peer_ms.append((clock() - t0) * 1e3)
-            spent[0] = 0.0
-            t0 = clock()
-            dm(f)
-            dt = clock() - t0
-            if dm.last_mode != "keyframe":
-                raise RuntimeError(f"frame {i} ran as {dm.last_mode}, not as a keyframe")
-            if i >= 2:  # the first two warm up
-                total.append(dt * 1e3)
-                conv.append(spent[0] * 1e3)
+            outs = {}
+            for name, kv in variants:
+                apply_settings(kv, defaults)
+                dm = dms[name]
+                spent[0] = 0.0
+                t0 = clock()
+                outs[name] = dm(f)
+                dt = clock() - t0
+                if dm.last_mode != "keyframe":
+                    raise RuntimeError(f"frame {i} ran as {dm.last_mode}, not as a keyframe")
+                if i >= 2:  # the first two warm up
+                    total[name].append(dt * 1e3)
+                    conv[name].append(spent[0] * 1e3)
+            first = next(iter(outs.values()))
+            for name, o in outs.items():
+                err = float((o - first).abs().max() / first.abs().max().clamp_min(1e-12))
+                if err > 1e-3:
+                    print(f"   frame {i}: variant {name} differs from {next(iter(outs))} by {err:.1e}")
+    apply_settings({}, defaults)
     med = statistics.median
-    print(f"{len(total)} keyframes ({args.threads} thread(s), {args.clock} clock): median {med(total):.1f} ms "
-          f"(mean {statistics.mean(total):.1f}), conv_dense {med(conv):.1f} ms, outside conv_dense "
-          f"{med([t - c for t, c in zip(total, conv)]):.1f} ms")
+    base = next(iter(dms))
+    for name in dms:
+        t, c = total[name], conv[name]
+        print(f"[{name}] {len(t)} keyframes ({args.threads} thread(s), {args.clock} clock): median {med(t):.1f} ms "
+              f"(mean {statistics.mean(t):.1f}), conv_dense {med(c):.1f} ms, outside conv_dense "
+              f"{med([a - b for a, b in zip(t, c)]):.1f} ms")
+        if name != base:
+            d = [a - b for a, b in zip(t, total[base])]
+            o = [(a - ca) - (b - cb) for a, ca, b, cb in zip(t, c, total[base], conv[base])]
+            print(f"   paired with [{base}]: {statistics.mean(d):+.1f} ms mean, {med(d):+.1f} median; outside "
+                  f"conv_dense {statistics.mean(o):+.1f} mean, {med(o):+.1f} median ({len(d)} keyframes)")
     if peer_ms:
         print(f"onnxruntime, same frames: median {med(peer_ms):.1f} ms (mean {statistics.mean(peer_ms):.1f}); "
-              f"keyframe / peer {med(total) / med(peer_ms):.2f}")
+              f"keyframe [{base}] / peer {med(total[base]) / med(peer_ms):.2f}")
 
 
 def main() -> None:
@@ -143,6 +174,8 @@ def main() -> None:
     ap.add_argument("--peer", action="store_true", help="--steady: onnxruntime on the same frames, interleaved")
     ap.add_argument("--threads", type=int, default=1, help="--steady only (the per-conv table runs at 1)")
     ap.add_argument("--clock", choices=["cpu", "wall"], default="cpu", help="--steady only")
+    ap.add_argument("--variants", default="default:", help="--steady only: A/B variants as cpu_profile.py's, "
+                    'e.g. "old:delta_decode=0;new:" (interleaved frame by frame, paired with the first)')
     args = ap.parse_args()
     if args.steady:
         return steady(args)

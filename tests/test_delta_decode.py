@@ -1,0 +1,178 @@
+"""YOLOv8's box decode on the head's delta streams (models.yolov8.DeltaBoxDecode): only the anchors whose head
+maps changed are decoded again, and the output equals the full decode of the same maps, bit for bit; the
+Detect cats are read as their parts. Checked against the C++ full decode, against the converter's old path
+(a Densify per head map and the full decode), against the reference backend and against dense PyTorch."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import deltacnn
+from conftest import make_video, rel_err
+from deltacnn.backends import cpu_kernels
+from deltacnn.layers import DeltaCat, DeltaConv2d, DeltaSlice, Densify
+from deltacnn.models import yolov8 as Y
+
+K = cpu_kernels.load()
+needs_kernels = pytest.mark.skipif(K is None or not K.has_conv_rows(), reason="no C++ kernels / AVX2 here")
+REG, NC = 16, 80
+SHAPES = ((6, 8), (3, 4), (2, 2))
+
+
+def _maps(b: int, g: torch.Generator) -> list[torch.Tensor]:
+    return [(3 * torch.randn(b, 4 * REG + NC, h, w, generator=g)).contiguous(memory_format=torch.channels_last)
+            for h, w in SHAPES]
+
+
+def _decode_inputs():
+    anchors, strides = Y._anchors(SHAPES, torch.device("cpu"), torch.float32)
+    return anchors, strides.reshape(-1), torch.arange(REG, dtype=torch.float32)
+
+
+@needs_kernels
+@pytest.mark.parametrize("split", [False, True], ids=["one map", "box and class maps"])
+def test_decode_at_changed_anchors_equals_full_decode(split):
+    g = torch.Generator().manual_seed(0)
+    anchors, strides, dfl = _decode_inputs()
+    maps = _maps(2, g)
+    out = K.yolo_decode(maps, anchors, strides, dfl, NC)
+    masks = []
+    for m in maps:  # change the maps at random pixels, some in each image
+        mask = torch.rand(m.shape[0], 1, *m.shape[2:], generator=g) < 0.3
+        m.add_(torch.where(mask, torch.randn(m.shape, generator=g), 0.0))
+        masks.append(mask)
+    want = K.yolo_decode(maps, anchors, strides, dfl, NC)
+    assert not torch.equal(out, want)
+    if split:
+        boxes = [m[:, :4 * REG].contiguous(memory_format=torch.channels_last) for m in maps]
+        classes = [m[:, 4 * REG:].contiguous(memory_format=torch.channels_last) for m in maps]
+        # each level's change split over the two maps' masks (their union is the changed anchors)
+        lv_masks = [[mk & (torch.rand(mk.shape, generator=g) < 0.5), mk] for mk in masks]
+        count = K.yolo_decode_at(boxes, classes, 0, lv_masks, anchors, strides, dfl, NC, out)
+    else:
+        count = K.yolo_decode_at(maps, maps, 4 * REG, [[mk] for mk in masks], anchors, strides, dfl, NC, out)
+    assert count == sum(int(mk.sum()) for mk in masks)
+    assert torch.equal(out, want)
+
+
+@needs_kernels
+def test_accumulate_at_equals_the_reference_accumulate():
+    from deltacnn.backends.cpu_fused import fused_cpu_backend
+    from deltacnn.backends.reference import ReferenceBackend
+    from deltacnn.tensor import DeltaTensor, to_cl
+    g = torch.Generator().manual_seed(1)
+    state = to_cl(torch.randn(2, 24, 5, 7, generator=g))
+    mask = torch.rand(2, 1, 5, 7, generator=g) < 0.4
+    d = DeltaTensor(to_cl(torch.randn(2, 24, 5, 7, generator=g)), mask)
+    a, b = state.clone(), state.clone()
+    ReferenceBackend().accumulate(a, d)
+    backend = fused_cpu_backend()
+    assert backend._accumulate_ok(b, d)
+    backend.accumulate(b, d)
+    assert torch.equal(a, b) and not torch.equal(a, state)
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    m = Y.yolov8("n")
+    from deltacnn import models
+    return models.randomize_bn_(m, seed=1)
+
+
+def _clip(frames: int, n: int = 1) -> torch.Tensor:
+    return make_video(frames, n=n, h=64, w=96, noise=0.003, seed=2, size=12).clamp(0, 1)
+
+
+def _convert(m, x0, backend: str, new: bool, monkeypatch, **kw):
+    """The delta model; new=False: as session 11 converted it (a Densify per head map and the full decode,
+    C2f cats with the two slices as parts)."""
+    import deltacnn.convert as C
+    if not new:
+        monkeypatch.setattr(C, "_delta_tail_of", lambda node: None)
+        monkeypatch.setattr(C, "_join_slices_ok", lambda: False)
+    try:
+        return deltacnn.convert(m, x0, backend=backend, dense_above=None, **kw)
+    finally:
+        monkeypatch.undo()
+
+
+def test_converter_gives_the_decode_the_head_streams_and_the_cat_parts(monkeypatch):
+    m = _model()
+    x0 = _clip(1)[0]
+    dm = _convert(m, x0, "reference", True, monkeypatch)
+    mods = dict(dm.graph_module.named_modules())
+    decodes = [n for n in dm.graph_module.graph.nodes if n.op == "call_module"
+               and isinstance(mods[n.target], Y.DeltaBoxDecode)]
+    assert len(decodes) == 1 and len(decodes[0].all_input_nodes) == 7  # 3 levels x (box, class) + the DFL bins
+    assert not any(isinstance(x, Densify) for x in mods.values())
+    cats = [x for x in mods.values() if isinstance(x, DeltaCat)]
+    assert len(cats) == 13  # the 3 Detect cats are gone (8 C2f, SPPF, 4 neck concats remain)
+    assert [r.op for r in dm.report.tails] == ["decode_boxes"] and dm.report.islands == []
+    # each C2f cat reads cv1's output whole; only the slice y[:, c:] (the bottlenecks' input) is left
+    assert _cats_of_slices(dm) == 0 and sum(isinstance(x, DeltaSlice) for x in mods.values()) == 8
+    old = _convert(m, x0, "reference", False, monkeypatch)
+    assert sum(isinstance(x, DeltaCat) for x in old.graph_module.modules()) == 16
+    assert sum(isinstance(x, DeltaSlice) for x in old.graph_module.modules()) == 16 and _cats_of_slices(old) == 8
+
+
+def _cats_of_slices(dm) -> int:
+    """Cats whose first part is a channel slice (C2f's y[:, :c] before the slices were joined)."""
+    mods = dict(dm.graph_module.named_modules())
+    return sum(1 for n in dm.graph_module.graph.nodes if n.op == "call_module" and isinstance(mods[n.target], DeltaCat)
+               and n.args[0].op == "call_module" and isinstance(mods[n.args[0].target], DeltaSlice))
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_delta_decode_equals_the_densify_path_bit_for_bit(backend, monkeypatch):
+    """Truncating thresholds, a batch of two different streams, a reset in the middle: the new conversion
+    (decode on the streams: parts in place, O per part, only changed anchors decoded on the cpu backend;
+    C2f cats reading y whole) gives exactly the old one's output (Detect cat, Densify, full decode; the
+    two slices) on every frame."""
+    if backend == "cpu" and (K is None or not K.has_conv_rows()):
+        pytest.skip("no C++ kernels here")
+    m = _model()
+    clip = _clip(9, n=2)
+    new = _convert(m, clip[0], backend, True, monkeypatch, threshold=0.02, input_threshold=0.02)
+    old = _convert(m, clip[0], backend, False, monkeypatch, threshold=0.02, input_threshold=0.02)
+    modes = []
+    for t in range(clip.shape[0]):
+        if t == 5:
+            new.reset(), old.reset()
+        with torch.no_grad():
+            a, b = new(clip[t]), old(clip[t])
+        modes.append(new.last_mode)
+        assert torch.equal(a, b), (t, float((a - b).abs().max()))
+    assert modes == ["keyframe"] + ["delta"] * 4 + ["keyframe"] + ["delta"] * 3
+
+
+@needs_kernels
+def test_delta_decode_at_threshold_zero_equals_dense_and_the_reference_backend(monkeypatch):
+    m = _model()
+    clip = _clip(7, n=2)
+    cpu = _convert(m, clip[0], "cpu", True, monkeypatch)
+    ref = _convert(m, clip[0], "reference", True, monkeypatch)
+    for t in range(clip.shape[0]):
+        with torch.no_grad():
+            a, r, want = cpu(clip[t]), ref(clip[t]), m(clip[t])
+        assert rel_err(a, want) < 1e-4, t
+        assert rel_err(a, r) < 1e-4, t
+        torch.testing.assert_close(a[:, 4:], want[:, 4:], rtol=1e-4, atol=1e-4)
+
+
+@needs_kernels
+def test_cache_is_not_the_returned_tensor_and_a_stream_keyframe_updates_it(monkeypatch):
+    """Outputs are copies (editing one changes nothing later); a keyframe of one stream of a batch (mixed
+    frame) refreshes that stream's rows of the cache, so the next delta frame is still the full decode."""
+    m = _model()
+    clip = _clip(6, n=2)
+    new = _convert(m, clip[0], "cpu", True, monkeypatch, threshold=0.02, input_threshold=0.02)
+    old = _convert(m, clip[0], "cpu", False, monkeypatch, threshold=0.02, input_threshold=0.02)
+    for t in range(clip.shape[0]):
+        if t == 3:  # stream 1 alone runs a keyframe (as after a per-stream refresh)
+            new._since[1] = old._since[1] = 0
+        with torch.no_grad():
+            a, b = new(clip[t]), old(clip[t])
+        assert torch.equal(a, b), t
+        if t == 3:
+            assert new.last_modes == ["delta", "keyframe"]
+        a.fill_(float("nan"))  # a caller editing its output in place
