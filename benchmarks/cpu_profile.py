@@ -72,7 +72,7 @@ class _TimedModule:
                 setattr(self, name, clock.wrap("k:" + name, f))
 
 
-BACKEND_METHODS = ["conv_block", "dense_conv", "frame_range", "sparsify_blobs", "conv2d", "add", "cat", "channel_slice", "sparsify", "maxpool", "dense_linear",
+BACKEND_METHODS = ["conv_block", "dense_conv", "frame_range", "sparsify_blobs", "conv2d", "add", "cat", "channel_slice", "accumulate", "sparsify", "maxpool", "dense_linear",
                    "pointwise", "scale", "_candidates", "_taps", "_act_rows", "_dense_act_block", "_emit_f",
                    "_pixel_rows"]
 

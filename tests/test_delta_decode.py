@@ -4,6 +4,8 @@ Detect cats are read as their parts. Checked against the C++ full decode, agains
 (a Densify per head map and the full decode), against the reference backend and against dense PyTorch."""
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -83,10 +85,15 @@ def _clip(frames: int, n: int = 1) -> torch.Tensor:
     return make_video(frames, n=n, h=64, w=96, noise=0.003, seed=2, size=12).clamp(0, 1)
 
 
+# an input threshold that holds changes back (layers at 0: the random weights' deep activations are tiny, any
+# layer threshold that truncates at all stops every change before the head)
+_HELD = {"threshold": 0.0, "input_threshold": 0.03}
+
+
 def _convert(m, x0, backend: str, new: bool, monkeypatch, **kw):
     """The delta model; new=False: as session 11 converted it (a Densify per head map and the full decode,
     C2f cats with the two slices as parts)."""
-    import deltacnn.convert as C
+    C = importlib.import_module("deltacnn.convert")  # (the package exports the function under that name)
     if not new:
         monkeypatch.setattr(C, "_delta_tail_of", lambda node: None)
         monkeypatch.setattr(C, "_join_slices_ok", lambda: False)
@@ -107,7 +114,7 @@ def test_converter_gives_the_decode_the_head_streams_and_the_cat_parts(monkeypat
     assert not any(isinstance(x, Densify) for x in mods.values())
     cats = [x for x in mods.values() if isinstance(x, DeltaCat)]
     assert len(cats) == 13  # the 3 Detect cats are gone (8 C2f, SPPF, 4 neck concats remain)
-    assert [r.op for r in dm.report.tails] == ["decode_boxes"] and dm.report.islands == []
+    assert [r.op.rsplit(".", 1)[-1] for r in dm.report.tails] == ["decode_boxes"] and dm.report.islands == []
     # each C2f cat reads cv1's output whole; only the slice y[:, c:] (the bottlenecks' input) is left
     assert _cats_of_slices(dm) == 0 and sum(isinstance(x, DeltaSlice) for x in mods.values()) == 8
     old = _convert(m, x0, "reference", False, monkeypatch)
@@ -122,9 +129,10 @@ def _cats_of_slices(dm) -> int:
                and n.args[0].op == "call_module" and isinstance(mods[n.args[0].target], DeltaSlice))
 
 
+@pytest.mark.parametrize("path", ["changed anchors", "full decode"])
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
-def test_delta_decode_equals_the_densify_path_bit_for_bit(backend, monkeypatch):
-    """Truncating thresholds, a batch of two different streams, a reset in the middle: the new conversion
+def test_delta_decode_equals_the_densify_path_bit_for_bit(backend, path, monkeypatch):
+    """A truncating input threshold, a batch of two different streams, a reset in the middle: the new conversion
     (decode on the streams: parts in place, O per part, only changed anchors decoded on the cpu backend;
     C2f cats reading y whole) gives exactly the old one's output (Detect cat, Densify, full decode; the
     two slices) on every frame."""
@@ -132,17 +140,27 @@ def test_delta_decode_equals_the_densify_path_bit_for_bit(backend, monkeypatch):
         pytest.skip("no C++ kernels here")
     m = _model()
     clip = _clip(9, n=2)
-    new = _convert(m, clip[0], backend, True, monkeypatch, threshold=0.02, input_threshold=0.02)
-    old = _convert(m, clip[0], backend, False, monkeypatch, threshold=0.02, input_threshold=0.02)
-    modes = []
+    new = _convert(m, clip[0], backend, True, monkeypatch, **_HELD)
+    old = _convert(m, clip[0], backend, False, monkeypatch, **_HELD)
+    modes, decoded = [], []
+    if K is not None and path == "changed anchors":  # count the anchors the kernel decodes
+        real = K.yolo_decode_at
+        monkeypatch.setattr(K, "yolo_decode_at", lambda *a: decoded.append(real(*a)) or decoded[-1])
     for t in range(clip.shape[0]):
         if t == 5:
             new.reset(), old.reset()
+        with torch.no_grad(), monkeypatch.context() as mp:
+            if path == "full decode":  # DeltaBoxDecode's path without the kernels: every anchor of O each frame
+                mp.setattr(Y, "_delta_decode_ok", lambda *a: None)
+            a = new(clip[t])
         with torch.no_grad():
-            a, b = new(clip[t]), old(clip[t])
+            b = old(clip[t])
         modes.append(new.last_mode)
         assert torch.equal(a, b), (t, float((a - b).abs().max()))
     assert modes == ["keyframe"] + ["delta"] * 4 + ["keyframe"] + ["delta"] * 3
+    if decoded:  # keyframes decode every anchor of both streams, delta frames only some
+        every = 2 * sum(h * w for h, w in ((8, 12), (4, 6), (2, 3)))
+        assert decoded[0] == decoded[5] == every and all(0 < c < every for c in decoded[1:5] + decoded[6:]), decoded
 
 
 @needs_kernels
@@ -165,8 +183,8 @@ def test_cache_is_not_the_returned_tensor_and_a_stream_keyframe_updates_it(monke
     frame) refreshes that stream's rows of the cache, so the next delta frame is still the full decode."""
     m = _model()
     clip = _clip(6, n=2)
-    new = _convert(m, clip[0], "cpu", True, monkeypatch, threshold=0.02, input_threshold=0.02)
-    old = _convert(m, clip[0], "cpu", False, monkeypatch, threshold=0.02, input_threshold=0.02)
+    new = _convert(m, clip[0], "cpu", True, monkeypatch, **_HELD)
+    old = _convert(m, clip[0], "cpu", False, monkeypatch, **_HELD)
     for t in range(clip.shape[0]):
         if t == 3:  # stream 1 alone runs a keyframe (as after a per-stream refresh)
             new._since[1] = old._since[1] = 0
@@ -176,3 +194,43 @@ def test_cache_is_not_the_returned_tensor_and_a_stream_keyframe_updates_it(monke
         if t == 3:
             assert new.last_modes == ["delta", "keyframe"]
         a.fill_(float("nan"))  # a caller editing its output in place
+
+
+class _SliceCats(torch.nn.Module):
+    """Cats of channel slices: of the input stream (Sparsify) covering it, C2f-like halves of a conv output
+    that also feeds another conv, the halves in reverse order and a slice that covers only part of its
+    source (these two must stay parts)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = torch.nn.Conv2d(4, 4, 3, padding=1)
+        self.c3 = torch.nn.Conv2d(3 + 12 + 8 + 6, 8, 1)
+
+    def forward(self, x):
+        y = torch.nn.functional.silu(self.c1(x))
+        s = torch.cat([x[:, :1], x[:, 1:]], 1)
+        z = torch.cat([y[:, :4], y[:, 4:], torch.relu(self.c2(y[:, 4:]))], 1)
+        r = torch.cat([y[:, 4:], y[:, :4]], 1)
+        p = torch.cat([y[:, :4], y[:, 4:6]], 1)
+        return self.c3(torch.cat([s, z, r, p], 1))
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_joined_slices_equal_dense_and_the_unjoined_cats(backend, monkeypatch):
+    if backend == "cpu" and (K is None or not K.has_conv_rows()):
+        pytest.skip("no C++ kernels here")
+    torch.manual_seed(4)
+    m = _SliceCats().eval()
+    clip = make_video(8, n=2, h=16, w=24, noise=0.0, seed=5, size=5)
+    new = _convert(m, clip[0], backend, True, monkeypatch, threshold=0.0)
+    old = _convert(m, clip[0], backend, False, monkeypatch, threshold=0.0)
+    # s and z read x and y whole; r (reversed halves) and p (a part of y) keep their slices
+    assert _cats_of_slices(new) == 2 and _cats_of_slices(old) == 4
+    for t in range(clip.shape[0]):
+        if t == 4:
+            new.reset(), old.reset()
+        with torch.no_grad():
+            a, b, want = new(clip[t]), old(clip[t]), m(clip[t])
+        assert torch.equal(a, b), t
+        assert rel_err(a, want) < 1e-5, t

@@ -252,7 +252,8 @@ class DeltaBoxDecode(DenseCall):
             i += len(lv)
         k = _delta_decode_ok(maps, dfl, nc, self.rt.dtype)
         if k is None:
-            self._buffers["state_boxes"] = None  # not kept up to date from here on: rebuilt when next needed
+            if self._buffers.get("state_boxes") is not None:  # not kept up to date from here: rebuilt when needed
+                self._buffers["state_boxes"] = None
             return decode_boxes([_joined(m, self.rt.dtype) for m in maps], nc, dfl)
         boxes, classes, offset = k[1]
         anchors, strides = _anchors(tuple((int(m[0].shape[2]), int(m[0].shape[3])) for m in maps),
