@@ -234,3 +234,21 @@ def test_joined_slices_equal_dense_and_the_unjoined_cats(backend, monkeypatch):
             a, b, want = new(clip[t]), old(clip[t]), m(clip[t])
         assert torch.equal(a, b), t
         assert rel_err(a, want) < 1e-5, t
+
+
+def test_delta_decode_under_camera_motion_equals_the_densify_path(monkeypatch):
+    """A camera panning by the deepest stride (32 px): motion alignment moves and recomputes the O maps
+    (state buffers), which invalidates the decode's cache; the output stays the old path's, bit for bit."""
+    from deltacnn.motion import MotionDeltaModel
+    m = _model()
+    g = torch.Generator().manual_seed(7)
+    scene = torch.nn.functional.interpolate(torch.rand(1, 3, 12, 20, generator=g), size=(96, 320), mode="bilinear",
+                                            align_corners=False)
+    frames = [scene[:, :, :64, 32 * (t // 2):32 * (t // 2) + 96].contiguous() for t in range(6)]
+    seq = torch.tensor([[0.0, 0.0]] + [[32.0 if t % 2 == 0 else 0.0, 0.0] for t in range(1, 6)])
+    new = MotionDeltaModel(_convert(m, frames[0], "cpu", True, monkeypatch, **_HELD), motion=seq)
+    old = MotionDeltaModel(_convert(m, frames[0], "cpu", False, monkeypatch, **_HELD), motion=seq)
+    for t, x in enumerate(frames):
+        with torch.no_grad():
+            a, b = new(x), old(x)
+        assert torch.equal(a, b), (t, float((a - b).abs().max()))

@@ -215,6 +215,18 @@ class DeltaBoxDecode(DenseCall):
 
     def __init__(self, name: str, template: tuple, macs: int = 0, what: str = "") -> None:
         super().__init__(name, decode_boxes, template, macs, what)
+        # the last decode (B, 4 + nc, A) and the identity and version of each O it was made from: not a
+        # `state_*` buffer (motion alignment moves those as maps; an O it moves or rewrites changes the key,
+        # and the next frame decodes every anchor again)
+        self._cache: Tensor | None = None
+        self._cache_key: tuple | None = None
+
+    def reset_state(self) -> None:
+        super().reset_state()
+        self._cache = self._cache_key = None
+
+    def _o_key(self, count: int) -> tuple:
+        return tuple((id(o), o.data_ptr(), o._version) for o in (self._state(f"out{i}") for i in range(count)))
 
     def forward(self, *vals, **kw):
         args, kwargs = fill_template(self.template, vals)
@@ -233,35 +245,40 @@ class DeltaBoxDecode(DenseCall):
                 self._seed_state(f"out{i}", d.values)
             if rt.streams is not None:  # some streams' keyframe: their rows are this pass's output
                 sub = decode_boxes([_joined([d.values for d in lv], rt.dtype) for lv in levels], nc, dfl)
-                cache = self._buffers.get("state_boxes")
-                if cache is not None and sub.dtype == cache.dtype and sub.shape[1:] == cache.shape[1:]:
-                    cache.index_copy_(0, rt.streams, sub)
+                cache = self._cache
+                if cache is not None and sub.dtype == cache.dtype and sub.shape[1:] == cache.shape[1:] \
+                        and self._cache_key is not None:
+                    cache.index_copy_(0, rt.streams, sub)  # those streams' rows, from their new O rows
+                    self._cache_key = self._o_key(len(ds))
                 return sub
+            fresh = False
         else:
+            fresh = self._cache_key is not None and self._cache_key == self._o_key(len(ds))
             backend = rt.backend_for(ds[0].values)
             for i, d in enumerate(ds):
                 backend.accumulate(self._state(f"out{i}"), d)
-        return self._decode(levels, ds, nc, dfl)
+        return self._decode(levels, ds, nc, dfl, fresh)
 
-    def _decode(self, levels: list[tuple], ds: list[DeltaTensor], nc: int, dfl: Tensor) -> Tensor:
-        """The decode of O: on keyframes (and whenever the cache does not fit) every anchor, else the
-        changed anchors into the cache; a copy of the cache is returned (callers may keep or edit it)."""
+    def _decode(self, levels: list[tuple], ds: list[DeltaTensor], nc: int, dfl: Tensor, fresh: bool) -> Tensor:
+        """The decode of O: the changed anchors into the cache when it is `fresh` (made from these O as they
+        were before this frame's updates), else every anchor; a copy of the cache is returned (callers may
+        keep or edit it)."""
         maps, i = [], 0
         for lv in levels:
             maps.append([self._state(f"out{i + j}") for j in range(len(lv))])
             i += len(lv)
         k = _delta_decode_ok(maps, dfl, nc, self.rt.dtype)
         if k is None:
-            if self._buffers.get("state_boxes") is not None:  # not kept up to date from here: rebuilt when needed
-                self._buffers["state_boxes"] = None
+            if self._cache is not None:  # not kept up to date from here: rebuilt when next needed
+                self._cache = self._cache_key = None
             return decode_boxes([_joined(m, self.rt.dtype) for m in maps], nc, dfl)
         boxes, classes, offset = k[1]
         anchors, strides = _anchors(tuple((int(m[0].shape[2]), int(m[0].shape[3])) for m in maps),
                                     maps[0][0].device, torch.float32)
         shape = (maps[0][0].shape[0], 4 + nc, anchors.shape[1])
-        cache = self._buffers.get("state_boxes")
-        if ds[0].dense or cache is None or tuple(cache.shape) != shape:  # every anchor
-            cache = self._buffers["state_boxes"] = torch.empty(shape)
+        cache = self._cache
+        if not fresh or cache is None or tuple(cache.shape) != shape:  # every anchor
+            cache = self._cache = torch.empty(shape)
             masks = [[all_true_mask(m.shape[0], m.shape[2], m.shape[3], m.device)] for m in boxes]
         else:  # the anchors where a part of the level's head map was updated
             masks, i = [], 0
@@ -270,6 +287,7 @@ class DeltaBoxDecode(DenseCall):
                 i += len(lv)
         k[0].yolo_decode_at(boxes, classes, offset, masks, anchors, strides.reshape(-1),
                             dfl.reshape(-1).float().contiguous(), nc, cache)
+        self._cache_key = self._o_key(len(ds))
         return cache.clone()
 
 
