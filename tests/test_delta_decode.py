@@ -237,8 +237,9 @@ def test_joined_slices_equal_dense_and_the_unjoined_cats(backend, monkeypatch):
 
 
 def test_delta_decode_under_camera_motion_equals_the_densify_path(monkeypatch):
-    """A camera panning by the deepest stride (32 px): motion alignment moves and recomputes the O maps
-    (state buffers), which invalidates the decode's cache; the output stays the old path's, bit for bit."""
+    """A camera panning by the deepest stride (32 px) over a small view: motion alignment recomputes the
+    view (crop keyframes replace the decode's state for a moment); the output stays the old path's, bit for
+    bit. (The view is too small for a delta step after a pan: the next test rewrites O directly.)"""
     from deltacnn.motion import MotionDeltaModel
     m = _model()
     g = torch.Generator().manual_seed(7)
@@ -251,4 +252,29 @@ def test_delta_decode_under_camera_motion_equals_the_densify_path(monkeypatch):
     for t, x in enumerate(frames):
         with torch.no_grad():
             a, b = new(x), old(x)
+        assert torch.equal(a, b), (t, float((a - b).abs().max()))
+
+
+@needs_kernels
+def test_o_rewritten_or_replaced_outside_the_layer_is_decoded_again(monkeypatch):
+    """Whoever edits or replaces an O map between frames (as motion alignment does) makes the next frame
+    decode every anchor: the output equals the old path's with the same edit of its Densify map."""
+    m = _model()
+    clip = _clip(6)
+    new = _convert(m, clip[0], "cpu", True, monkeypatch, **_HELD)
+    old = _convert(m, clip[0], "cpu", False, monkeypatch, **_HELD)
+    dec = next(x for x in new.graph_module.modules() if isinstance(x, Y.DeltaBoxDecode))
+    dens = [x for x in old.graph_module.modules() if isinstance(x, Densify)]
+    assert len(dens) == 3
+    for t in range(clip.shape[0]):
+        if t == 3:  # edit level 0's box bins in place, replace level 0's class map by an edited copy
+            dens = sorted(dens, key=lambda d: -d._state("out").shape[2])
+            dens[0]._state("out")[:, :4 * REG, :3, :4] = 0.25
+            dens[0]._state("out")[:, 4 * REG:, 5:, 6:] = -1.0
+            dec._state("out0")[:, :, :3, :4] = 0.25
+            fresh = dec._state("out1").clone()
+            fresh[:, :, 5:, 6:] = -1.0
+            dec._buffers["state_out1"] = fresh
+        with torch.no_grad():
+            a, b = new(clip[t]), old(clip[t])
         assert torch.equal(a, b), (t, float((a - b).abs().max()))
