@@ -93,38 +93,51 @@ def build_module(source: str, name: str):
 
 
 def steady(args) -> None:
-    """--steady: consecutive frames as keyframes (state buffers reused), conv_dense timed apart."""
+    """--steady: consecutive frames as keyframes (state buffers reused), conv_dense timed apart; with
+    --variants, one model per variant (cpu_profile.py's switches), interleaved frame by frame, paired."""
+    from cpu_profile import ISA_SWITCH, SWITCHES, _module_of, apply_settings, parse_variants
     clock = time.perf_counter if args.clock == "wall" else time.process_time
     torch.set_num_threads(args.threads)
     model, frames = load("yolov8n", args.start, args.steady + 2)
-    dm = convert_at(model, frames, args.points, 1)
-    dm.keyframe_interval = 1
-    backend = dm.rt.backend_on(torch.device("cpu"))
+    variants = parse_variants(args.variants)
+    if args.isa:  # --isa avx2,avx512: one variant per micro-kernel ISA (cpu_profile's avx512 switch)
+        variants = [(f"{name} {isa}" if name != "default" else isa, {**kv, ISA_SWITCH: float(isa != "avx2")})
+                    for name, kv in variants for isa in args.isa.split(",")]
+    if args.base_source:  # a second build of the kernels, first: the two-build A/B
+        variants = [("base", {})] + variants
+    defaults = {k: 1.0 if k in SWITCHES or k == ISA_SWITCH else getattr(_module_of(k), k.rsplit(".", 1)[1])
+                for _, kv in variants for k in kv}
     spent = [0.0]
-    modules = {"": backend._k}  # variant suffix -> kernel module
-    if args.base_source:
-        modules = {" base": build_module(args.base_source, "deltacnn_cpu_kernels_base"), "": backend._k}
-    current = [backend._k]
 
-    class _Timed:  # the kernel module in use (current[0]) with conv_dense timed
+    class _Timed:  # the kernel module with conv_dense timed
+        def __init__(self, real) -> None:
+            self.real = real
+
         def __getattr__(self, name):
-            return getattr(current[0], name)
+            return getattr(self.real, name)
 
         def conv_dense(self, *a):
             t0 = clock()
             try:
-                return current[0].conv_dense(*a)
+                return self.real.conv_dense(*a)
             finally:
                 spent[0] += clock() - t0
 
-    backend._k = _Timed()
+    dms = {}
+    for name, kv in variants:
+        apply_settings(kv, defaults)  # conversion-time switches act here
+        dm = dms[name] = convert_at(model, frames, args.points, 1)
+        dm.keyframe_interval = 1
+        backend = dm.rt.backend_on(torch.device("cpu"))
+        real = build_module(args.base_source, "deltacnn_cpu_kernels_base") if name == "base" else backend._k
+        backend._k = _Timed(real)
     peer = None
     if args.peer:
         from deltacnn.peers import onnxruntime_peer
         peer = onnxruntime_peer(model, frames[0], threads=args.threads)
-    isas = [isa + suffix for suffix in modules for isa in
-            (args.isa.split(",") if args.isa else [backend._k.cpu_isa()])]
-    total, conv, peer_ms = {isa: [] for isa in isas}, {isa: [] for isa in isas}, []
+    total = {n: [] for n in dms}
+    conv = {n: [] for n in dms}
+    peer_ms = []
     with torch.no_grad():
         for i, f in enumerate(frames):
             if peer is not None:
@@ -132,34 +145,40 @@ def steady(args) -> None:
                 peer(f)
                 if i >= 2:
                     peer_ms.append((clock() - t0) * 1e3)
-            for isa in isas:  # each frame once per ISA (and build), interleaved (every frame is a keyframe)
-                name, _, suffix = isa.partition(" ")
-                current[0] = modules[" " + suffix if suffix else ""]
-                current[0].set_cpu_isa(name)
+            outs = {}
+            for name, kv in variants:
+                apply_settings(kv, defaults)
+                dm = dms[name]
                 spent[0] = 0.0
                 t0 = clock()
-                dm(f)
+                outs[name] = dm(f)
                 dt = clock() - t0
                 if dm.last_mode != "keyframe":
                     raise RuntimeError(f"frame {i} ran as {dm.last_mode}, not as a keyframe")
                 if i >= 2:  # the first two warm up
-                    total[isa].append(dt * 1e3)
-                    conv[isa].append(spent[0] * 1e3)
-    for m in modules.values():
-        m.set_cpu_isa("auto")
+                    total[name].append(dt * 1e3)
+                    conv[name].append(spent[0] * 1e3)
+            first = next(iter(outs.values()))
+            for name, o in outs.items():
+                err = float((o - first).abs().max() / first.abs().max().clamp_min(1e-12))
+                if err > 1e-3:
+                    print(f"   frame {i}: variant {name} differs from {next(iter(outs))} by {err:.1e}")
+    apply_settings({}, defaults)
     med = statistics.median
-    for isa in isas:
-        tt, cc = total[isa], conv[isa]
-        print(f"{len(tt)} keyframes [{isa}] ({args.threads} thread(s), {args.clock} clock): median {med(tt):.1f} ms "
-              f"(mean {statistics.mean(tt):.1f}), conv_dense {med(cc):.1f} ms, outside conv_dense "
-              f"{med([t - c for t, c in zip(tt, cc)]):.1f} ms")
-        if peer_ms:
-            print(f"   keyframe / onnxruntime {med(tt) / med(peer_ms):.2f}")
-    if len(isas) > 1:
-        d = [b - a for a, b in zip(total[isas[0]], total[isas[-1]])]
-        print(f"paired [{isas[-1]}] less [{isas[0]}]: {med(d):+.1f} ms median, {statistics.mean(d):+.1f} mean")
+    base = next(iter(dms))
+    for name in dms:
+        t, c = total[name], conv[name]
+        print(f"[{name}] {len(t)} keyframes ({args.threads} thread(s), {args.clock} clock): median {med(t):.1f} ms "
+              f"(mean {statistics.mean(t):.1f}), conv_dense {med(c):.1f} ms, outside conv_dense "
+              f"{med([a - b for a, b in zip(t, c)]):.1f} ms")
+        if name != base:
+            d = [a - b for a, b in zip(t, total[base])]
+            o = [(a - ca) - (b - cb) for a, ca, b, cb in zip(t, c, total[base], conv[base])]
+            print(f"   paired with [{base}]: {statistics.mean(d):+.1f} ms mean, {med(d):+.1f} median; outside "
+                  f"conv_dense {statistics.mean(o):+.1f} mean, {med(o):+.1f} median ({len(d)} keyframes)")
     if peer_ms:
-        print(f"onnxruntime, same frames: median {med(peer_ms):.1f} ms (mean {statistics.mean(peer_ms):.1f})")
+        print(f"onnxruntime, same frames: median {med(peer_ms):.1f} ms (mean {statistics.mean(peer_ms):.1f}); "
+              f"keyframe [{base}] / peer {med(total[base]) / med(peer_ms):.2f}")
 
 
 def main() -> None:
@@ -176,6 +195,8 @@ def main() -> None:
                     "cpu_kernels.cpp (the variant ' base'), interleaved: a paired two-build A/B")
     ap.add_argument("--isa", default="", help='micro-kernel ISAs run interleaved, e.g. "avx2,avx512" (paired: the '
                     "last less the first); default: the CPU's best")
+    ap.add_argument("--variants", default="default:", help="--steady only: A/B variants as cpu_profile.py's, "
+                    'e.g. "old:delta_decode=0;new:" (interleaved frame by frame, paired with the first)')
     args = ap.parse_args()
     if args.steady:
         return steady(args)

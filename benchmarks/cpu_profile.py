@@ -72,7 +72,7 @@ class _TimedModule:
                 setattr(self, name, clock.wrap("k:" + name, f))
 
 
-BACKEND_METHODS = ["conv_block", "dense_conv", "frame_range", "sparsify_blobs", "conv2d", "add", "cat", "channel_slice", "sparsify", "maxpool", "dense_linear",
+BACKEND_METHODS = ["conv_block", "dense_conv", "frame_range", "sparsify_blobs", "conv2d", "add", "cat", "channel_slice", "accumulate", "sparsify", "maxpool", "dense_linear",
                    "pointwise", "scale", "_candidates", "_taps", "_act_rows", "_dense_act_block", "_emit_f",
                    "_pixel_rows"]
 
@@ -127,6 +127,15 @@ SWITCHES = {  # name -> (module, attribute path of the check, what it returns wh
     "pointwise_candidates": ("deltacnn.backends.cpu_fused", "_pointwise", False),
     # off: nearest upsampling runs on the zero-filled delta (dense_linear), as in session 10
     "nearest_upsample": ("deltacnn.backends.cpu_fused", "FusedCpuBackend.upsample_nearest", None),
+    # conversion-time: off, the box decode is a Densify per head map + the full decode (DenseCall), as in
+    # session 11; on, DeltaBoxDecode reads the head's delta streams (and the Detect cats' parts in place)
+    "delta_decode": ("deltacnn.convert", "_delta_tail_of", None),
+    # off: DeltaBoxDecode decodes every anchor of its O maps each frame (no re-decode of changed anchors only)
+    "decode_at": ("deltacnn.models.yolov8", "_delta_decode_ok", None),
+    # conversion-time: off, a cat keeps C2f's y[:, :c], y[:, c:] as two parts (session 11) instead of reading y
+    "join_slices": ("deltacnn.convert", "_join_slices_ok", False),
+    # off: a densified output's O += d by the reference's index_select + index_add
+    "cpu_accumulate": ("deltacnn.backends.cpu_fused", "FusedCpuBackend._accumulate_ok", False),
 }
 # the micro-kernels' vector ISA (cpu_kernels.cpp set_cpu_isa): avx512=0 runs the AVX2 kernels on an AVX-512 CPU
 ISA_SWITCH = "avx512"

@@ -888,7 +888,47 @@ class _Converter:
         dim = p["dim"] % 4
         if dim != 1 or not all(self._is_stream(x) for x in parts):
             return None
-        return self._add_layer(DeltaCat(self._name(node)), tuple(parts))
+        return self._add_layer(DeltaCat(self._name(node)), tuple(self._joined_slices(parts)))
+
+    def _joined_slices(self, parts: list) -> list:
+        """The parts of a cat with each run of adjacent channel slices that together are their whole source
+        (C2f's y[:, :c], y[:, c:]) replaced by the source: the cat reads the source's rows once, and a slice
+        that only the cat used is left without users (no copy of its rows on delta frames)."""
+        out, i = [], 0
+        while i < len(parts):
+            r = self._channel_range(parts[i])
+            if r is not None and r[1] == 0:
+                src, j, stop = r[0], i + 1, r[2]
+                while j < len(parts) and (q := self._channel_range(parts[j])) is not None and q[0] is src \
+                        and q[1] == stop:
+                    stop, j = q[2], j + 1
+                if j > i + 1 and stop == self._channels(src):
+                    out.append(src)
+                    i = j
+                    continue
+            out.append(parts[i])
+            i += 1
+        return out
+
+    def _channel_range(self, n: Any) -> tuple[fx.Node, int, int] | None:
+        """(source, start, stop) of a new-graph node that is a contiguous channel slice a:b of a stream at
+        every pixel (a DeltaSlice), else None."""
+        if not isinstance(n, fx.Node) or n.op != "call_module" or len(n.args) != 1 or not _join_slices_ok():
+            return None
+        layer = self.holder.get_submodule(n.target[len("_delta."):])
+        ch = getattr(layer, "channels", None)
+        if not isinstance(layer, DeltaSlice) or layer.spatial or not isinstance(ch, slice) \
+                or ch.step not in (None, 1) or ch.start is None or ch.stop is None:
+            return None
+        return n.args[0], ch.start, ch.stop
+
+    def _channels(self, new: fx.Node) -> int | None:
+        """The channel count of a new-graph stream node, from the example run (None: unknown)."""
+        for old, v in self.env.items():
+            if v is new:
+                shape = _shape(old)
+                return int(shape[1]) if shape is not None and len(shape) == 4 else None
+        return None
 
     def _getitem(self, node: fx.Node, args: tuple) -> fx.Node | None:
         """x[...] with static slices only (any step): channels and/or a strided pixel window."""
@@ -1047,10 +1087,39 @@ class _Converter:
             return None
         return self._add_layer(DeltaCat(self._name(node)), tuple(v.src for v in parts))
 
+    def _delta_tail(self, node: fx.Node, args: tuple, kwargs: dict) -> fx.Node | None:
+        """A dense tail whose function has a delta form (`fn.delta_tail`: a DenseCall subclass made as
+        DenseCall is, whose stream arguments arrive as DeltaTensors; YOLOv8's box decode) takes the streams
+        themselves, not densified copies; a channel concatenation that only this call uses arrives as the
+        tuple of its parts (the call reads them in place, and the cat is not run). None: no such form."""
+        make = _delta_tail_of(node)
+        if make is None:
+            return None
+        old_of = {v: k for k, v in self.env.items() if isinstance(v, fx.Node)}
+
+        def parts(a: Any) -> Any:
+            old = old_of.get(a)
+            if a in self.streams and a.op == "call_module" and old is not None and len(old.users) == 1 \
+                    and isinstance(self.holder.get_submodule(a.target[len("_delta."):]), DeltaCat):
+                return tuple(a.args)
+            return a
+
+        args, kwargs = fx.node.map_aggregate((args, kwargs), lambda a: parts(a) if isinstance(a, fx.Node) else a)
+        flat = _flatten_nodes((args, kwargs))
+        template, inputs = _template(args, kwargs, flat)
+        macs = int(node.meta.get("macs", 0))
+        n = self._add_layer(make(self._name(node), template, macs, _target_name(node)), inputs, stream=False,
+                            macs=macs)
+        self.dense_derived.add(n)
+        self.reports_at[n] = self._tail(node, macs)
+        return n
+
     def _unsupported(self, node: fx.Node, args: tuple, kwargs: dict) -> fx.Node:
         meta = _shape(node)
         is_map = meta is not None and len(meta) == 4 and _is_float(node)
         what = _target_name(node)
+        if not is_map and (tail := self._delta_tail(node, args, kwargs)) is not None:
+            return tail
         if not is_map:
             # the image stream ends here (flatten, Linear on pooled features, a box decode): a dense tail
             new_args = fx.node.map_arg(args, lambda n: self._densify(n) if n in self.streams else n)
@@ -1156,6 +1225,18 @@ def _template(args: tuple, kwargs: dict, nodes: list) -> tuple[tuple, tuple]:
     """(args, kwargs) with Slot(i) for nodes[i]; and the nodes as the layer's inputs."""
     slots = {n: Slot(i) for i, n in enumerate(nodes)}
     return fx.node.map_aggregate((args, kwargs), lambda a: slots[a] if isinstance(a, fx.Node) else a), tuple(nodes)
+
+
+def _join_slices_ok() -> bool:
+    """Whether cats read a whole source instead of its adjacent channel slices (_Converter._joined_slices;
+    benchmarks/cpu_profile.py's "join_slices" switch patches this check)."""
+    return True
+
+
+def _delta_tail_of(node: fx.Node) -> Callable | None:
+    """The delta form of a dense-tail function (its `delta_tail` attribute: deltacnn.models.yolov8's
+    decode_boxes), or None (benchmarks/cpu_profile.py's "delta_decode" switch patches this check)."""
+    return getattr(node.target, "delta_tail", None) if node.op == "call_function" else None
 
 
 def _key(node: fx.Node) -> Any:

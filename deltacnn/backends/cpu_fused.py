@@ -355,6 +355,18 @@ class FusedCpuBackend(ReferenceBackend):
         idx = d.active()
         return self._emit_f(idx, self._k.accumulate_rows(_rows(d), idx, None, None, st.acc, True), st)
 
+    def _accumulate_ok(self, state: Tensor, d: DeltaTensor) -> bool:
+        """accumulate in C++: float32 state and delta rows."""
+        return state.dtype == torch.float32 and d.dtype == torch.float32 and \
+            state.is_contiguous(memory_format=torch.channels_last)
+
+    def accumulate(self, state: Tensor, d: DeltaTensor) -> None:
+        """O += d at the updated pixels in one pass (the reference's index_select + index_add: the same
+        single add per element, so the same values)."""
+        if not self._accumulate_ok(state, d):
+            return super().accumulate(state, d)
+        self._k.accumulate_at(state, _rows(d), d.active())
+
     def add(self, a: DeltaTensor, b: DeltaTensor) -> DeltaTensor:
         if a.dtype != torch.float32 or b.dtype != torch.float32 or a.shape != b.shape:
             return super().add(a, b)  # the reference also names a shape mismatch

@@ -1543,6 +1543,33 @@ __attribute__((target("avx2,fma"))) float bin_expectation(const float* lg, const
 
 constexpr int64_t DECODE_BLOCK = 8;  // anchors decoded together, so that each output row is written 8 at a time
 
+// One anchor: each side's distance is the expectation of the softmax over its reg bins (box: 4 * reg logits),
+// the box (cx, cy, w, h) in input pixels from the cell centre (ax, ay) and the level's stride st, and the nc
+// class probabilities (sigmoid of cls). Writes the 4 + nc outputs to dst[c * stride]. e: reg floats of
+// scratch, probs: nc. The one definition of the decode's arithmetic (yolo_decode and yolo_decode_at).
+__attribute__((target("avx2,fma"))) inline void decode_anchor(const float* box, const float* cls, float ax, float ay,
+                                                              float st, const float* wp, int64_t reg, int64_t nc,
+                                                              float* e, float* probs, float* dst, int64_t stride) {
+  float dist[4];
+  for (int64_t side = 0; side < 4; ++side) dist[side] = bin_expectation(box + side * reg, wp, reg, e);
+  const float x1 = ax - dist[0], y1 = ay - dist[1], x2 = ax + dist[2], y2 = ay + dist[3];
+  dst[0] = (x1 + x2) / 2 * st;
+  dst[stride] = (y1 + y2) / 2 * st;
+  dst[2 * stride] = (x2 - x1) * st;
+  dst[3 * stride] = (y2 - y1) * st;
+  activate_row(5, cls, probs, nc, 0.f, 0.f, 0.f);  // sigmoid
+  for (int64_t j = 0; j < nc; ++j) dst[(4 + j) * stride] = probs[j];
+}
+
+void check_decode_inputs(const torch::Tensor& anchors, const torch::Tensor& strides, const torch::Tensor& dfl,
+                         int64_t a_count) {
+  TORCH_CHECK(has_conv_rows(), "the YOLOv8 decode needs AVX2 and FMA");
+  TORCH_CHECK(dfl.scalar_type() == torch::kFloat && dfl.is_contiguous() && dfl.dim() == 1, "dfl must be (reg,) float32");
+  TORCH_CHECK(anchors.scalar_type() == torch::kFloat && anchors.is_contiguous() && anchors.numel() == 2 * a_count &&
+                  strides.scalar_type() == torch::kFloat && strides.is_contiguous() && strides.numel() == a_count,
+              "anchors must be (2, A) and strides (A,) contiguous float32");
+}
+
 }  // namespace
 
 // feats[l]: (B, 4 * reg + nc, H_l, W_l) channels_last float32 head maps; anchors (2, A) cell centres in grid
@@ -1551,9 +1578,7 @@ constexpr int64_t DECODE_BLOCK = 8;  // anchors decoded together, so that each o
 // nc class probabilities (sigmoid; exp by exp8, a few ulp from ATen's). Returns (B, 4 + nc, A) float32.
 torch::Tensor yolo_decode(std::vector<torch::Tensor> feats, torch::Tensor anchors, torch::Tensor strides,
                           torch::Tensor dfl, int64_t nc) {
-  TORCH_CHECK(has_conv_rows(), "yolo_decode needs AVX2 and FMA");
   TORCH_CHECK(!feats.empty(), "yolo_decode needs head maps");
-  TORCH_CHECK(dfl.scalar_type() == torch::kFloat && dfl.is_contiguous() && dfl.dim() == 1, "dfl must be (reg,) float32");
   const int64_t reg = dfl.size(0), no = 4 * reg + nc, b = feats[0].size(0), co = 4 + nc;
   std::vector<const float*> fp;
   std::vector<int64_t> first{0};
@@ -1563,9 +1588,7 @@ torch::Tensor yolo_decode(std::vector<torch::Tensor> feats, torch::Tensor anchor
     first.push_back(first.back() + f.size(2) * f.size(3));
   }
   const int64_t a_count = first.back();
-  TORCH_CHECK(anchors.scalar_type() == torch::kFloat && anchors.is_contiguous() && anchors.numel() == 2 * a_count &&
-                  strides.scalar_type() == torch::kFloat && strides.is_contiguous() && strides.numel() == a_count,
-              "anchors must be (2, A) and strides (A,) contiguous float32");
+  check_decode_inputs(anchors, strides, dfl, a_count);
   const float* ap = anchors.data_ptr<float>();
   const float* sp = strides.data_ptr<float>();
   const float* wp = dfl.data_ptr<float>();
@@ -1588,22 +1611,101 @@ torch::Tensor yolo_decode(std::vector<torch::Tensor> feats, torch::Tensor anchor
       for (int64_t r = 0; r < count; ++r) {
         const int64_t a = a0 + r;
         const float* row = fp[l] + (bi * hw + (a - first[l])) * no;
-        float dist[4];
-        for (int64_t side = 0; side < 4; ++side) dist[side] = bin_expectation(row + side * reg, wp, reg, e.data());
-        const float ax = ap[a], ay = ap[a_count + a], st = sp[a];
-        const float x1 = ax - dist[0], y1 = ay - dist[1], x2 = ax + dist[2], y2 = ay + dist[3];
-        tile[0 * DECODE_BLOCK + r] = (x1 + x2) / 2 * st;
-        tile[1 * DECODE_BLOCK + r] = (y1 + y2) / 2 * st;
-        tile[2 * DECODE_BLOCK + r] = (x2 - x1) * st;
-        tile[3 * DECODE_BLOCK + r] = (y2 - y1) * st;
-        activate_row(5, row + 4 * reg, cls.data(), nc, 0.f, 0.f, 0.f);  // sigmoid
-        for (int64_t j = 0; j < nc; ++j) tile[(4 + j) * DECODE_BLOCK + r] = cls[j];
+        decode_anchor(row, row + 4 * reg, ap[a], ap[a_count + a], sp[a], wp, reg, nc, e.data(), cls.data(),
+                      tile.data() + r, DECODE_BLOCK);
       }
       float* o = op + bi * co * a_count + a0;
       for (int64_t c = 0; c < co; ++c) std::memcpy(o + c * a_count, tile.data() + c * DECODE_BLOCK, sizeof(float) * count);
     }
   });
   return out;
+}
+
+// The decode of the anchors whose head maps changed, written into `out` (B, 4 + nc, A) float32 contiguous,
+// a previous decode of the same maps elsewhere: afterwards out equals yolo_decode of the maps (the same
+// per-anchor arithmetic, decode_anchor). Per level l: boxes[l] holds the box bins at channels [0, 4 * reg),
+// classes[l] the class logits at [cls_offset, cls_offset + nc) (one map holding both: pass it twice with
+// cls_offset 4 * reg), both (B, C, H_l, W_l) channels_last float32; masks[l] the (B, 1, H_l, W_l) bool masks
+// whose union is the level's changed anchors. anchors, strides, dfl as yolo_decode. Returns the number of
+// anchors decoded (over the batch).
+int64_t yolo_decode_at(std::vector<torch::Tensor> boxes, std::vector<torch::Tensor> classes, int64_t cls_offset,
+                       std::vector<std::vector<torch::Tensor>> masks, torch::Tensor anchors, torch::Tensor strides,
+                       torch::Tensor dfl, int64_t nc, torch::Tensor out) {
+  const size_t levels = boxes.size();
+  TORCH_CHECK(levels > 0 && classes.size() == levels && masks.size() == levels, "one box map, class map and mask "
+              "list per level");
+  const int64_t reg = dfl.size(0), co = 4 + nc, b = boxes[0].size(0);
+  TORCH_CHECK(cls_offset >= 0, "cls_offset must be >= 0");
+  std::vector<const float*> bp(levels), cp(levels);
+  std::vector<int64_t> bc(levels), cc(levels), first{0};
+  std::vector<uint8_t> changed;  // per (image, anchor of the level) in level order: the union of the masks
+  for (size_t l = 0; l < levels; ++l) {
+    const auto& bx = boxes[l];
+    const auto& cl = classes[l];
+    TORCH_CHECK(bx.dim() == 4 && cl.dim() == 4 && bx.size(0) == b && cl.size(0) == b && cl.size(2) == bx.size(2) &&
+                    cl.size(3) == bx.size(3) && bx.size(1) >= 4 * reg && cl.size(1) >= cls_offset + nc,
+                "level ", l, ": box and class maps must be (B, C, H, W) of one size holding the bins and logits");
+    const int64_t hw = bx.size(2) * bx.size(3);
+    bc[l] = bx.size(1);
+    cc[l] = cl.size(1);
+    bp[l] = rows_ptr(bx, b * hw, bc[l], "box map");
+    cp[l] = rows_ptr(cl, b * hw, cc[l], "class map");
+    first.push_back(first.back() + hw);
+  }
+  const int64_t a_count = first.back();
+  check_decode_inputs(anchors, strides, dfl, a_count);
+  TORCH_CHECK(out.scalar_type() == torch::kFloat && out.is_contiguous() && out.dim() == 3 && out.size(0) == b &&
+                  out.size(1) == co && out.size(2) == a_count, "out must be a contiguous (B, 4 + nc, A) float32 tensor");
+  // the changed anchors, as (image * A + anchor) items
+  std::vector<int64_t> items;
+  for (size_t l = 0; l < levels; ++l) {
+    const int64_t hw = first[l + 1] - first[l];
+    changed.assign(b * hw, 0);
+    for (const auto& m : masks[l]) {
+      const uint8_t* mp = mask_ptr(m, b * hw, "mask");
+      for (int64_t q = 0; q < b * hw; ++q) changed[q] |= mp[q];
+    }
+    for (int64_t q = 0; q < b * hw; ++q)
+      if (changed[q]) items.push_back((q / hw) * a_count + first[l] + q % hw);
+  }
+  const float* ap = anchors.data_ptr<float>();
+  const float* sp = strides.data_ptr<float>();
+  const float* wp = dfl.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t count = static_cast<int64_t>(items.size());
+  at::parallel_for(0, count, 64, [&](int64_t i0, int64_t i1) {
+    std::vector<float> e(reg), cls(nc);
+    size_t l = 0;
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t bi = items[i] / a_count, a = items[i] % a_count;
+      while (a >= first[l + 1]) ++l;  // items ascend within an image
+      while (a < first[l]) --l;       // (the next image starts over at level 0)
+      const int64_t q = bi * (first[l + 1] - first[l]) + (a - first[l]);
+      decode_anchor(bp[l] + q * bc[l], cp[l] + q * cc[l] + cls_offset, ap[a], ap[a_count + a], sp[a], wp, reg, nc,
+                    e.data(), cls.data(), op + bi * co * a_count + a, a_count);
+    }
+  });
+  return count;
+}
+
+// state += rows at the pixels idx (both (N, C, H, W) float32 rows, see rows_ptr; idx flat pixel indices):
+// a densified output's O += d, as the reference backend's index_add (one add per element: the same values).
+void accumulate_at(torch::Tensor state, torch::Tensor src, torch::Tensor idx) {
+  TORCH_CHECK(state.dim() == 4, "state must be (N, C, H, W)");
+  const int64_t c = state.size(1), total = state.size(0) * state.size(2) * state.size(3);
+  TORCH_CHECK(idx.scalar_type() == torch::kLong && idx.is_contiguous(), "idx must be contiguous int64");
+  float* dp = rows_ptr(state, total, c, "state");
+  const float* sp = rows_ptr(src, total, c, "src");
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  at::parallel_for(0, idx.numel(), 256, [&](int64_t b0, int64_t b1) {
+    for (int64_t p = b0; p < b1; ++p) {
+      const int64_t r = ip[p];  // (a delta's own active pixels: in the map)
+      float* d = dp + r * c;
+      const float* s = sp + r * c;
+#pragma omp simd
+      for (int64_t j = 0; j < c; ++j) d[j] += s[j];
+    }
+  });
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -1626,6 +1728,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("depthwise_rows", &depthwise_rows, "depthwise conv at output pixels, optionally with the update");
   m.def("conv_dense", &conv_dense, "dense conv with bias, residual, activation and the keyframe state writes");
   m.def("yolo_decode", &yolo_decode, "YOLOv8 box decode of channels_last head maps");
+  m.def("yolo_decode_at", &yolo_decode_at, "YOLOv8 box decode of the anchors whose head maps changed, in place");
+  m.def("accumulate_at", &accumulate_at, "state += rows at the given pixels (a densified output's O += d)");
   m.def("slice_rows", &slice_rows, "channel range of a delta at its updated pixels");
   m.def("upsample_nearest", &upsample_nearest, "nearest upsampling of a delta by integer factors");
 }

@@ -17,6 +17,10 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 
+from ..layers.base import check_delta
+from ..layers.io import DenseCall, fill_template
+from ..tensor import DeltaTensor, all_true_mask
+
 __all__ = ["YOLOv8", "SCALES", "yolov8", "decode_boxes", "infer_scale"]
 
 # scale -> (depth multiple, width multiple, max channels), as in the published yolov8.yaml
@@ -194,6 +198,135 @@ def _decode_on_cpu_kernels(feats: list[Tensor], nc: int, dfl_weight: Tensor) -> 
                                 torch.float32)
     maps = [f.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2) for f in feats]  # channels_last (no copy if so)
     return k.yolo_decode(maps, anchors, strides.reshape(-1), dfl_weight.reshape(-1).float().contiguous(), nc)
+
+
+class DeltaBoxDecode(DenseCall):
+    """decode_boxes on the head's delta streams, re-decoding only the anchors whose head maps changed.
+
+    The converter gives this layer the head maps as delta streams instead of densified copies (it is
+    decode_boxes' `delta_tail`), and a level's concatenation of its box and class maps, used by the decode
+    alone, as its two parts (read in place: no cat). It keeps each map's dense value O (O += d at updated
+    pixels, as Densify would) and the last decode; on a delta frame it decodes again only the anchors where
+    a map was updated (cpu_kernels.yolo_decode_at: the same per-anchor arithmetic as the full decode, so the
+    output equals decode_boxes of O, bit for bit) and returns a copy of the cache. Without the C++ kernels
+    (other devices, dtypes, under torch.compile) it decodes every anchor of O each frame: Densify's
+    semantics without its copies.
+    """
+
+    def __init__(self, name: str, template: tuple, macs: int = 0, what: str = "") -> None:
+        super().__init__(name, decode_boxes, template, macs, what)
+        # the last decode (B, 4 + nc, A) and the identity and version of each O it was made from: not a
+        # `state_*` buffer (motion alignment moves those as maps; an O it moves or rewrites changes the key,
+        # and the next frame decodes every anchor again)
+        self._cache: Tensor | None = None
+        self._cache_key: tuple | None = None
+
+    def reset_state(self) -> None:
+        super().reset_state()
+        self._cache = self._cache_key = None
+
+    def _o_key(self, count: int) -> tuple:
+        return tuple((id(o), o.data_ptr(), o._version) for o in (self._state(f"out{i}") for i in range(count)))
+
+    def forward(self, *vals, **kw):
+        args, kwargs = fill_template(self.template, vals)
+        feats, nc, dfl = _decode_args(*args, **kwargs)
+        levels = [tuple(f) if isinstance(f, (tuple, list)) else (f,) for f in feats]
+        ds = [check_delta(d, self) for lv in levels for d in lv]
+        self.rt.stats.record_work(self.name, self.kind, self.macs)
+        rt = self.rt
+        if rt.stateless:
+            return decode_boxes([_joined([d.values for d in lv], rt.dtype) for lv in levels], nc, dfl)
+        kinds = {d.dense for d in ds}
+        if len(kinds) > 1:
+            raise RuntimeError(f"box decode {self.name!r}: keyframe and delta inputs mixed")
+        if kinds.pop():
+            for i, d in enumerate(ds):
+                self._seed_state(f"out{i}", d.values)
+            if rt.streams is not None:  # some streams' keyframe: their rows are this pass's output
+                sub = decode_boxes([_joined([d.values for d in lv], rt.dtype) for lv in levels], nc, dfl)
+                cache = self._cache
+                if cache is not None and sub.dtype == cache.dtype and sub.shape[1:] == cache.shape[1:] \
+                        and self._cache_key is not None:
+                    cache.index_copy_(0, rt.streams, sub)  # those streams' rows, from their new O rows
+                    self._cache_key = self._o_key(len(ds))
+                return sub
+            fresh = False
+        else:
+            fresh = self._cache_key is not None and self._cache_key == self._o_key(len(ds))
+            backend = rt.backend_for(ds[0].values)
+            for i, d in enumerate(ds):
+                backend.accumulate(self._state(f"out{i}"), d)
+        return self._decode(levels, ds, nc, dfl, fresh)
+
+    def _decode(self, levels: list[tuple], ds: list[DeltaTensor], nc: int, dfl: Tensor, fresh: bool) -> Tensor:
+        """The decode of O: the changed anchors into the cache when it is `fresh` (made from these O as they
+        were before this frame's updates), else every anchor; a copy of the cache is returned (callers may
+        keep or edit it)."""
+        maps, i = [], 0
+        for lv in levels:
+            maps.append([self._state(f"out{i + j}") for j in range(len(lv))])
+            i += len(lv)
+        k = _delta_decode_ok(maps, dfl, nc, self.rt.dtype)
+        if k is None:
+            if self._cache is not None:  # not kept up to date from here: rebuilt when next needed
+                self._cache = self._cache_key = None
+            return decode_boxes([_joined(m, self.rt.dtype) for m in maps], nc, dfl)
+        boxes, classes, offset = k[1]
+        anchors, strides = _anchors(tuple((int(m[0].shape[2]), int(m[0].shape[3])) for m in maps),
+                                    maps[0][0].device, torch.float32)
+        shape = (maps[0][0].shape[0], 4 + nc, anchors.shape[1])
+        cache = self._cache
+        if not fresh or cache is None or tuple(cache.shape) != shape:  # every anchor
+            cache = self._cache = torch.empty(shape)
+            masks = [[all_true_mask(m.shape[0], m.shape[2], m.shape[3], m.device)] for m in boxes]
+        else:  # the anchors where a part of the level's head map was updated
+            masks, i = [], 0
+            for lv in levels:
+                masks.append([ds[i + j].mask for j in range(len(lv))])
+                i += len(lv)
+        k[0].yolo_decode_at(boxes, classes, offset, masks, anchors, strides.reshape(-1),
+                            dfl.reshape(-1).float().contiguous(), nc, cache)
+        self._cache_key = self._o_key(len(ds))
+        return cache.clone()
+
+
+def _decode_args(feats, nc, dfl_weight):
+    """decode_boxes' arguments by name, from the call as the model wrote it."""
+    return feats, nc, dfl_weight
+
+
+def _joined(parts: list[Tensor], dtype: torch.dtype) -> Tensor:
+    """A level's head map from its parts (box and class maps of a bypassed cat), in the model's dtype."""
+    t = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+    return t.to(dtype)
+
+
+def _delta_decode_ok(maps: list[list[Tensor]], dfl: Tensor, nc: int, dtype: torch.dtype):
+    """(the C++ kernels module, (box maps, class maps, class channel offset)) when DeltaBoxDecode may decode
+    in place on the kernels: float32 CPU state outside tracing and compiling, each level one head map of
+    4 * reg + nc channels or a box map of 4 * reg and a class map of nc; else None (the full decode)."""
+    if dtype != torch.float32:
+        return None
+    k = _cpu_decode_ok([m for lv in maps for m in lv])
+    if k is None:
+        return None
+    reg = dfl.numel()
+    boxes, classes, offsets = [], [], set()
+    for lv in maps:
+        widths = [int(m.shape[1]) for m in lv]
+        if widths == [4 * reg + nc]:
+            boxes.append(lv[0]), classes.append(lv[0]), offsets.add(4 * reg)
+        elif widths == [4 * reg, nc]:
+            boxes.append(lv[0]), classes.append(lv[1]), offsets.add(0)
+        else:
+            return None
+    if len(offsets) != 1:
+        return None
+    return k, (boxes, classes, offsets.pop())
+
+
+decode_boxes.delta_tail = DeltaBoxDecode
 
 
 def _width(c: int, width: float, max_ch: int) -> int:
