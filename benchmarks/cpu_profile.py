@@ -149,6 +149,8 @@ SWITCHES = {  # name -> (module, attribute path of the check, what it returns wh
     # off: a delta conv takes session 11's calls (candidates, then conv_act_rows / conv_rows_delta / the
     # reference's hooks) instead of one DeltaConvPlan.run
     "one_call": ("deltacnn.backends.cpu_fused", "FusedCpuBackend._one_call_ok", False),
+    # off: each delta conv's one call writes a new output ext (plans are made at a model's first delta frame)
+    "reuse_output": ("deltacnn.backends.cpu_fused", "FusedCpuBackend._reuse_output_ok", False),
     # off: a linear conv with a residual runs the reference's conv_rows + ATen gather, add, index_copy
     "residual_linear": ("deltacnn.backends.cpu_fused", "FusedCpuBackend._residual_linear_ok", False),
 }

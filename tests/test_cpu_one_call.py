@@ -184,3 +184,33 @@ def test_one_call_crossover_and_empty_input(groups: int, monkeypatch: pytest.Mon
     out = be.conv_block(empty, p, None, PointwiseState(act, acc, _state(act(acc)), 0.0, "max"))
     assert int(out.mask.sum()) == 0 and out.active().numel() == 0 and be.work == [0, w2[1]]
     torch.testing.assert_close(out.ext[-1], torch.zeros(c))
+
+
+def test_one_call_reuses_its_output_only_when_released(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The one call writes a conv's next output into its last output ext once nothing holds that ext any
+    more, and never while a delta (or a view of it) is still alive: a held output keeps its values."""
+    be = _fused()
+    _no_calls(be, monkeypatch)
+    gen = torch.Generator().manual_seed(101)
+    n, cin, cout, h, w = 1, 8, 24, 12, 14
+    win = Window.make(3, 1, 1)
+    p = ConvParams(torch.randn(cout, cin, 3, 3, generator=gen), win, 1)
+    d1, d2 = _delta(n, cin, h, w, 0.2, gen), _delta(n, cin, h, w, 0.2, gen)
+    held = be.conv_block(d1, p, None, None)
+    kept = held.values.clone()
+    ptr = held.ext.data_ptr()
+    second = be.conv_block(d2, p, None, None)  # `held` is alive: a new buffer
+    assert second.ext.data_ptr() != ptr
+    m = held.mask.expand_as(kept)
+    assert torch.equal(held.values[m], kept[m])
+    ptr2 = second.ext.data_ptr()
+    del second
+    third = be.conv_block(d1, p, None, None)  # `second` released: its buffer again, same result as `held`
+    assert third.ext.data_ptr() == ptr2
+    assert torch.equal(third.mask, held.mask)
+    torch.testing.assert_close(third.values[m], kept[m], rtol=0, atol=0)
+    torch.testing.assert_close(third.ext[-1], torch.zeros(cout))
+    view = third.values[:, :4]  # a view alone keeps the buffer too
+    del third
+    fourth = be.conv_block(d2, p, None, None)
+    assert fourth.ext.data_ptr() != view.data_ptr()

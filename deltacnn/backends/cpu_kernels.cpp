@@ -66,6 +66,26 @@ std::vector<torch::Tensor> new_delta(int64_t n, int64_t c, int64_t h, int64_t w)
 
 uint8_t* mask_out(const torch::Tensor& mask) { return static_cast<uint8_t*>(mask.data_ptr()); }
 
+// new_delta, or with `kept_ext` (a DeltaConvPlan's last output ext) that ext's memory again when no tensor but
+// kept_ext uses it any more (its storage's use count: what Python gets is always a view of kept_ext, a tensor of
+// its own, so a delta still alive anywhere, or any view of it, counts): a conv's output ext of more than
+// glibc's mmap threshold (32 MB, e.g. CenterFace's 96-channel maps at 288 x 384) is otherwise fresh pages every
+// frame, one ~2 us page fault per 4 KB its rows touch. Rows are undefined, as a new ext's; the zero row is
+// zeroed again.
+std::vector<torch::Tensor> output_delta(int64_t n, int64_t c, int64_t h, int64_t w, torch::Tensor* kept_ext) {
+  if (kept_ext == nullptr) return new_delta(n, c, h, w);
+  const int64_t total = n * h * w;
+  if (!(kept_ext->defined() && kept_ext->storage().use_count() == 1 && kept_ext->size(0) == total + 1 &&
+        kept_ext->size(1) == c))
+    *kept_ext = new_delta(n, c, h, w)[0];
+  auto ext = kept_ext->view({total + 1, c});
+  std::memset(ext.data_ptr<float>() + total * c, 0, sizeof(float) * c);
+  auto values = ext.as_strided({n, c, h, w}, {h * w * c, 1, w * c, c});
+  auto mask = torch::empty({n, 1, h, w}, torch::kBool);
+  std::memset(mask.data_ptr(), 0, total);
+  return {ext, values, mask};
+}
+
 // Flat indices of the set entries of `flags`, ascending; with `base`, the entries of base instead.
 torch::Tensor compact(const uint8_t* __restrict flags, int64_t count_all, const int64_t* base = nullptr) {
   int64_t count = 0;
@@ -880,7 +900,8 @@ static inline void gather_block_taps(const Geometry& g, const int64_t* ip, int64
 std::vector<torch::Tensor> conv_rows_any(torch::Tensor ext, torch::Tensor in_mask, torch::Tensor idx,
                                          torch::Tensor packed, int64_t cout, std::vector<int64_t> geo, bool scatter,
                                          c10::optional<torch::Tensor> residual = c10::nullopt,
-                                         c10::optional<torch::Tensor> res_mask = c10::nullopt) {
+                                         c10::optional<torch::Tensor> res_mask = c10::nullopt,
+                                         torch::Tensor* kept_ext = nullptr) {
   TORCH_CHECK(has_conv_rows(), "conv_rows needs AVX2 and FMA");
   const Geometry g = geometry(geo);
   const uint8_t* m = mask_ptr(in_mask, g.n * g.h * g.w, "in_mask");
@@ -901,7 +922,7 @@ std::vector<torch::Tensor> conv_rows_any(torch::Tensor ext, torch::Tensor in_mas
   std::vector<torch::Tensor> delta;
   torch::Tensor out;
   if (scatter) {
-    delta = new_delta(g.n, cout, g.ho, g.wo);
+    delta = output_delta(g.n, cout, g.ho, g.wo, kept_ext);
     uint8_t* om = mask_out(delta[2]);
     for (int64_t p = 0; p < p_count; ++p) {
       TORCH_CHECK(ip[p] >= 0 && ip[p] < g.n * g.ho * g.wo, "idx holds a pixel outside the output");
@@ -1045,11 +1066,12 @@ bool update_row_any(const ActArgs& k, int64_t code, int64_t score, int64_t r, co
 // nonlinear update as act_update does it (A += y (+ residual), o = f(A) - E, truncation, emit,
 // E += o), with activation codes 0-3 as act_update's plus 4 SiLU and 5 sigmoid (vectorised exp:
 // within a few ulp of ATen's, not bit-identical). Returns the emitted delta as act_update does.
-std::vector<torch::Tensor> conv_act_rows(torch::Tensor ext, torch::Tensor in_mask, torch::Tensor idx,
+std::vector<torch::Tensor> conv_act_rows_into(torch::Tensor ext, torch::Tensor in_mask, torch::Tensor idx,
                                          torch::Tensor packed, std::vector<int64_t> geo,
                                          c10::optional<torch::Tensor> residual, c10::optional<torch::Tensor> res_mask,
                                          torch::Tensor acc, torch::Tensor emitted, int64_t code, double lo, double hi,
-                                         double slope, double tau, int64_t score) {
+                                         double slope, double tau, int64_t score,
+                                              torch::Tensor* kept_ext) {
   TORCH_CHECK(has_conv_rows(), "conv_act_rows needs AVX2 and FMA");
   const Geometry g = geometry(geo);
   const uint8_t* m = mask_ptr(in_mask, g.n * g.h * g.w, "in_mask");
@@ -1066,7 +1088,7 @@ std::vector<torch::Tensor> conv_act_rows(torch::Tensor ext, torch::Tensor in_mas
   const float* x = rows_ptr(ext, g.n * g.h * g.w, cin, "ext");
   const float* wp = packed.data_ptr<float>();
   const int64_t* ip = idx.data_ptr<int64_t>();
-  auto out = new_delta(g.n, cout, g.ho, g.wo);
+  auto out = output_delta(g.n, cout, g.ho, g.wo, kept_ext);
   std::vector<uint8_t> keep(p_count);
   const ActArgs k{nullptr, ip, residual ? rows_ptr(*residual, total, cout, "residual") : nullptr,
                   res_mask ? mask_ptr(*res_mask, total, "res_mask") : nullptr, rows_ptr(acc, total, cout, "acc"),
@@ -1090,6 +1112,15 @@ std::vector<torch::Tensor> conv_act_rows(torch::Tensor ext, torch::Tensor in_mas
     }
   });
   return {compact(keep.data(), p_count, ip), out[0], out[1], out[2]};
+}
+
+std::vector<torch::Tensor> conv_act_rows(torch::Tensor ext, torch::Tensor in_mask, torch::Tensor idx,
+                                         torch::Tensor packed, std::vector<int64_t> geo,
+                                         c10::optional<torch::Tensor> residual, c10::optional<torch::Tensor> res_mask,
+                                         torch::Tensor acc, torch::Tensor emitted, int64_t code, double lo, double hi,
+                                         double slope, double tau, int64_t score) {
+  return conv_act_rows_into(ext, in_mask, idx, packed, geo, residual, res_mask, acc, emitted, code, lo, hi, slope,
+                            tau, score, nullptr);
 }
 
 // ---- depthwise convs (groups == channels), optionally with the nonlinear update -----------------
@@ -1126,11 +1157,12 @@ __attribute__((target("avx2,fma"))) void depthwise_row(const Geometry& g, const 
 // where outside the image or not updated); weights (taps, C). Without acc: returns the (P, C) rows.
 // With acc/emitted: runs the nonlinear update of conv_act_rows on each row and returns the emitted
 // delta [indices, ext, values, mask].
-std::vector<torch::Tensor> depthwise_rows(torch::Tensor ext, torch::Tensor in_mask, torch::Tensor idx,
+std::vector<torch::Tensor> depthwise_rows_into(torch::Tensor ext, torch::Tensor in_mask, torch::Tensor idx,
                                           torch::Tensor weights, std::vector<int64_t> geo,
                                           c10::optional<torch::Tensor> residual, c10::optional<torch::Tensor> res_mask,
                                           c10::optional<torch::Tensor> acc, c10::optional<torch::Tensor> emitted,
-                                          int64_t code, double lo, double hi, double slope, double tau, int64_t score) {
+                                          int64_t code, double lo, double hi, double slope, double tau, int64_t score,
+                                               torch::Tensor* kept_ext) {
   TORCH_CHECK(has_conv_rows(), "depthwise_rows needs AVX2 and FMA");
   const Geometry g = geometry(geo);
   const uint8_t* m = mask_ptr(in_mask, g.n * g.h * g.w, "in_mask");
@@ -1156,7 +1188,7 @@ std::vector<torch::Tensor> depthwise_rows(torch::Tensor ext, torch::Tensor in_ma
   }
   TORCH_CHECK(emitted->dim() == 4 && emitted->size(1) == c && emitted->size(2) == g.ho && emitted->size(3) == g.wo,
               "emitted must be (N, C, Ho, Wo)");
-  auto out = new_delta(g.n, c, g.ho, g.wo);
+  auto out = output_delta(g.n, c, g.ho, g.wo, kept_ext);
   std::vector<uint8_t> keep(p_count);
   const ActArgs k{nullptr, ip, residual ? rows_ptr(*residual, total, c, "residual") : nullptr,
                   res_mask ? mask_ptr(*res_mask, total, "res_mask") : nullptr, rows_ptr(*acc, total, c, "acc"),
@@ -1171,6 +1203,15 @@ std::vector<torch::Tensor> depthwise_rows(torch::Tensor ext, torch::Tensor in_ma
     }
   });
   return {compact(keep.data(), p_count, ip), out[0], out[1], out[2]};
+}
+
+std::vector<torch::Tensor> depthwise_rows(torch::Tensor ext, torch::Tensor in_mask, torch::Tensor idx,
+                                          torch::Tensor weights, std::vector<int64_t> geo,
+                                          c10::optional<torch::Tensor> residual, c10::optional<torch::Tensor> res_mask,
+                                          c10::optional<torch::Tensor> acc, c10::optional<torch::Tensor> emitted,
+                                          int64_t code, double lo, double hi, double slope, double tau, int64_t score) {
+  return depthwise_rows_into(ext, in_mask, idx, weights, geo, residual, res_mask, acc, emitted, code, lo, hi, slope,
+                             tau, score, nullptr);
 }
 
 // ---- dense convs of keyframes and dense frames, with the epilogue and the state writes -----------
@@ -1436,11 +1477,13 @@ struct DeltaConvPlan {
   int64_t cout, code;
   bool depthwise;
   double lo, hi, slope;
+  bool reuse;  // keep the last output ext and write the next output into it when no one else holds it
+  torch::Tensor kept;
 
   DeltaConvPlan(torch::Tensor weights_, std::vector<int64_t> geo_, int64_t cout_, bool depthwise_, int64_t code_,
-                double lo_, double hi_, double slope_)
+                double lo_, double hi_, double slope_, bool reuse_)
       : weights(std::move(weights_)), geo(std::move(geo_)), cout(cout_), code(code_), depthwise(depthwise_),
-        lo(lo_), hi(hi_), slope(slope_) {
+        lo(lo_), hi(hi_), slope(slope_), reuse(reuse_) {
     geometry(geo);  // checks its size
     TORCH_CHECK(code >= 0 && code <= 5, "unknown activation code ", code);
   }
@@ -1456,7 +1499,8 @@ struct DeltaConvPlan {
                                                       c10::optional<torch::Tensor> res_mask,
                                                       c10::optional<torch::Tensor> acc,
                                                       c10::optional<torch::Tensor> emitted, double tau, int64_t score,
-                                                      int64_t dense_above) const {
+                                                      int64_t dense_above) {
+    torch::Tensor* kept_ext = reuse ? &kept : nullptr;
     TORCH_CHECK(acc.has_value() == emitted.has_value(), "acc and emitted come together");
     TORCH_CHECK(!depthwise || acc, "a depthwise conv here needs the update (acc, emitted)");
     torch::Tensor idx = cand_idx ? *cand_idx : candidates(in_mask, res_mask, geo)[0];
@@ -1464,16 +1508,16 @@ struct DeltaConvPlan {
     if (dense_above >= 0 && count > dense_above) return {std::vector<torch::Tensor>{}, count};
     if (count == 0) {
       const Geometry g = geometry(geo);
-      auto d = new_delta(g.n, cout, g.ho, g.wo);
+      auto d = output_delta(g.n, cout, g.ho, g.wo, kept_ext);
       return {std::vector<torch::Tensor>{idx, d[0], d[1], d[2]}, 0};
     }
-    if (!acc) return {conv_rows_any(ext, in_mask, idx, weights, cout, geo, true, residual, res_mask), count};
+    if (!acc) return {conv_rows_any(ext, in_mask, idx, weights, cout, geo, true, residual, res_mask, kept_ext), count};
     if (depthwise)
-      return {depthwise_rows(ext, in_mask, idx, weights, geo, residual, res_mask, acc, emitted, code, lo, hi, slope,
-                             tau, score),
+      return {depthwise_rows_into(ext, in_mask, idx, weights, geo, residual, res_mask, acc, emitted, code, lo, hi,
+                                  slope, tau, score, kept_ext),
               count};
-    return {conv_act_rows(ext, in_mask, idx, weights, geo, residual, res_mask, *acc, *emitted, code, lo, hi, slope,
-                          tau, score),
+    return {conv_act_rows_into(ext, in_mask, idx, weights, geo, residual, res_mask, *acc, *emitted, code, lo, hi,
+                               slope, tau, score, kept_ext),
             count};
   }
 };
@@ -1499,6 +1543,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("slice_rows", &slice_rows, "channel range of a delta at its updated pixels");
   m.def("upsample_nearest", &upsample_nearest, "nearest upsampling of a delta by integer factors");
   pybind11::class_<DeltaConvPlan>(m, "DeltaConvPlan", "a delta conv's static arguments; run: the conv in one call")
-      .def(pybind11::init<torch::Tensor, std::vector<int64_t>, int64_t, bool, int64_t, double, double, double>())
+      .def(pybind11::init<torch::Tensor, std::vector<int64_t>, int64_t, bool, int64_t, double, double, double, bool>())
       .def("run", &DeltaConvPlan::run, "candidates, conv and epilogue into the output delta");
 }
