@@ -86,7 +86,9 @@ class _TimedPlan:
 def load_base_kernels(source: str):
     """Another build of the C++ kernels (e.g. `git show ed47ec8:deltacnn/backends/cpu_kernels.cpp`), for the
     variant key base_kernels=1: the C++ changes A/B'd in one process against the same Python."""
-    from deltacnn.backends.cpu_kernels import _cpp_extension
+    from deltacnn.backends.cpu_kernels import _cpp_extension, load as load_kernels
+    if load_kernels() is None:  # first (a base build that registers DeltaConvPlan globally must come second)
+        raise SystemExit("the library's CPU kernels do not load here")
     return _cpp_extension().load(name="deltacnn_cpu_kernels_base", sources=[source], extra_cflags=["-O3", "-fopenmp"],
                                  extra_ldflags=["-fopenmp"], verbose=False)
 

@@ -1017,8 +1017,10 @@ __attribute__((target("avx2,fma"))) void smooth_minus(const float* a, const floa
 
 // The nonlinear update of one candidate pixel r with change row yr (see act_pixel): returns whether
 // it was emitted.
+// (Compiled for AVX2: the file's baseline is SSE2, and this epilogue, 3-4 passes over a row's Cout channels, costs
+// as much as the GEMM for convs of few input channels, e.g. CenterFace's 16 -> 96 expansion at 288 x 384.)
 template <int CODE, int SCORE>
-bool update_row(const ActArgs& k, int64_t r, const float* yr, float* o) {
+__attribute__((target("avx2,fma"))) bool update_row(const ActArgs& k, int64_t r, const float* yr, float* o) {
   const int64_t c = k.c;
   float* ar = k.acc + r * c;
   const float* er = k.emitted + r * c;
@@ -1542,7 +1544,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("yolo_decode", &yolo_decode, "YOLOv8 box decode of channels_last head maps");
   m.def("slice_rows", &slice_rows, "channel range of a delta at its updated pixels");
   m.def("upsample_nearest", &upsample_nearest, "nearest upsampling of a delta by integer factors");
-  pybind11::class_<DeltaConvPlan>(m, "DeltaConvPlan", "a delta conv's static arguments; run: the conv in one call")
+  // module_local: another build of this file loaded beside it (benchmarks/cpu_profile.py --base-kernels) must not
+  // make this module's import fail with "type DeltaConvPlan is already registered"
+  pybind11::class_<DeltaConvPlan>(m, "DeltaConvPlan", pybind11::module_local(),
+                                  "a delta conv's static arguments; run: the conv in one call")
       .def(pybind11::init<torch::Tensor, std::vector<int64_t>, int64_t, bool, int64_t, double, double, double, bool>())
       .def("run", &DeltaConvPlan::run, "candidates, conv and epilogue into the output delta");
 }
