@@ -84,18 +84,10 @@ def ort_conv_times(model, x: torch.Tensor, repeats: int) -> tuple[dict[str, floa
     return {k: statistics.median(r.get(k, 0.0) for r in runs) for k in keys}, statistics.median(frame[1:])
 
 
-def build_module(source: str, name: str):
-    """A second build of the kernels from `source` (e.g. the previous commit's cpu_kernels.cpp) as module `name`,
-    for a paired two-build A/B in one process (--base-source)."""
-    from deltacnn.backends.cpu_kernels import _cpp_extension
-    return _cpp_extension().load(name=name, sources=[source], extra_cflags=["-O3", "-fopenmp"],
-                                 extra_ldflags=["-fopenmp"], verbose=False)
-
-
 def steady(args) -> None:
     """--steady: consecutive frames as keyframes (state buffers reused), conv_dense timed apart; with
     --variants, one model per variant (cpu_profile.py's switches), interleaved frame by frame, paired."""
-    from cpu_profile import ISA_SWITCH, SWITCHES, _module_of, apply_settings, parse_variants
+    from cpu_profile import ISA_SWITCH, SWITCHES, _module_of, apply_settings, load_base_kernels, parse_variants
     clock = time.perf_counter if args.clock == "wall" else time.process_time
     torch.set_num_threads(args.threads)
     model, frames = load("yolov8n", args.start, args.steady + 2)
@@ -129,7 +121,7 @@ def steady(args) -> None:
         dm = dms[name] = convert_at(model, frames, args.points, 1)
         dm.keyframe_interval = 1
         backend = dm.rt.backend_on(torch.device("cpu"))
-        real = build_module(args.base_source, "deltacnn_cpu_kernels_base") if name == "base" else backend._k
+        real = load_base_kernels(args.base_source) if name == "base" else backend._k
         backend._k = _Timed(real)
     peer = None
     if args.peer:

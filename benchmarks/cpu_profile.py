@@ -17,6 +17,7 @@ range, layers a fraction of their keyframe scale); "<in>/<layer>" absolute. The 
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import sys
 import time
@@ -63,13 +64,33 @@ class StageClock:
 
 
 class _TimedModule:
-    """The C++ kernel module with each function timed as 'k:<name>'."""
+    """The C++ kernel module with each function timed as 'k:<name>' (a DeltaConvPlan's run as
+    'k:DeltaConvPlan.run')."""
 
     def __init__(self, mod, clock: StageClock) -> None:
         for name in dir(mod):
             f = getattr(mod, name)
-            if callable(f) and not name.startswith("_"):
+            if name == "DeltaConvPlan":
+                setattr(self, name, lambda *a, _f=f: _TimedPlan(_f(*a), clock))
+            elif callable(f) and not name.startswith("_"):
                 setattr(self, name, clock.wrap("k:" + name, f))
+
+
+class _TimedPlan:
+    """A DeltaConvPlan whose run is timed."""
+
+    def __init__(self, plan, clock: StageClock) -> None:
+        self.run = clock.wrap("k:DeltaConvPlan.run", plan.run)
+
+
+def load_base_kernels(source: str):
+    """Another build of the C++ kernels (e.g. `git show ed47ec8:deltacnn/backends/cpu_kernels.cpp`), for the
+    variant key base_kernels=1: the C++ changes A/B'd in one process against the same Python."""
+    from deltacnn.backends.cpu_kernels import _cpp_extension, load as load_kernels
+    if load_kernels() is None:  # first (a base build that registers DeltaConvPlan globally must come second)
+        raise SystemExit("the library's CPU kernels do not load here")
+    return _cpp_extension().load(name="deltacnn_cpu_kernels_base", sources=[source], extra_cflags=["-O3", "-fopenmp"],
+                                 extra_ldflags=["-fopenmp"], verbose=False)
 
 
 BACKEND_METHODS = ["conv_block", "dense_conv", "frame_range", "sparsify_blobs", "conv2d", "add", "cat", "channel_slice", "accumulate", "sparsify", "maxpool", "dense_linear",
@@ -136,9 +157,19 @@ SWITCHES = {  # name -> (module, attribute path of the check, what it returns wh
     "join_slices": ("deltacnn.convert", "_join_slices_ok", False),
     # off: a densified output's O += d by the reference's index_select + index_add
     "cpu_accumulate": ("deltacnn.backends.cpu_fused", "FusedCpuBackend._accumulate_ok", False),
+    # off: a delta conv takes session 11's calls (candidates, then conv_act_rows / conv_rows_delta / the
+    # reference's hooks) instead of one DeltaConvPlan.run
+    "one_call": ("deltacnn.backends.cpu_fused", "FusedCpuBackend._one_call_ok", False),
+    # off: each delta conv's one call writes a new output ext (plans are made at a model's first delta frame)
+    "reuse_output": ("deltacnn.backends.cpu_fused", "FusedCpuBackend._reuse_output_ok", False),
+    # off: a linear conv with a residual runs the reference's conv_rows + ATen gather, add, index_copy
+    "residual_linear": ("deltacnn.backends.cpu_fused", "FusedCpuBackend._residual_linear_ok", False),
 }
 # the micro-kernels' vector ISA (cpu_kernels.cpp set_cpu_isa): avx512=0 runs the AVX2 kernels on an AVX-512 CPU
 ISA_SWITCH = "avx512"
+# variant keys applied when a variant's model is built, not switches: base_kernels=1 runs that model on
+# the build of --base-kernels (needs one_call=0 when that source has no DeltaConvPlan)
+BUILD_KEYS = {"base_kernels"}
 FORMER_NAMES = {"cpu_fused.IMPLICIT_GEMM": "implicit_gemm", "cpu_fused.FUSED_EPILOGUE": "fused_epilogue",
                 "cpu_fused.DENSE_CONV": "dense_conv", "cpu_fused.FUSED_BLOBS": "fused_blobs",
                 "cpu_fused.FUSED_RANGE": "fused_range", "deltacnn.models.yolov8.CPU_DECODE": "cpu_decode"}
@@ -175,7 +206,7 @@ def parse_variants(spec: str) -> list[tuple[str, dict[str, float]]]:
         for a in filter(None, sets.split(",")):
             k, _, v = a.partition("=")
             k = FORMER_NAMES.get(k, k)
-            if k not in SWITCHES and k != ISA_SWITCH:
+            if k not in SWITCHES and k != ISA_SWITCH and k not in BUILD_KEYS:
                 _module_of(k)  # a bad module name fails here, before any frame runs
             kv[k] = float(v)
         out.append((name, kv))
@@ -199,6 +230,8 @@ def apply_settings(kv: dict[str, float], defaults: dict[str, object]) -> None:
     for k, v in {**defaults, **kv}.items():
         if k == ISA_SWITCH:
             set_isa("auto" if v else "avx2")
+            continue
+        if k in BUILD_KEYS:
             continue
         if k in SWITCHES:
             _set_switch(k, bool(v))
@@ -228,22 +261,28 @@ def main() -> None:
                          f"switches ({', '.join(SWITCHES)}, {ISA_SWITCH}; 0 turns that fast path off) or module attributes "
                          "(reference.DENSE_SWITCH=0.5 under deltacnn.backends, or full names); unset ones keep their defaults")
     ap.add_argument("--stages", action="store_true", help="per-stage table (wrappers cost ~1 us a call)")
-    ap.add_argument("--base-source", default="",
-                    help="a variant 'base' first, on a second build of this cpu_kernels.cpp (e.g. the previous "
-                         "commit's): a paired two-build A/B in one process (not with --stages)")
+    ap.add_argument("--base-kernels", metavar="SOURCE.cpp",
+                    help="another cpu_kernels.cpp, built once as deltacnn_cpu_kernels_base, for variants with base_kernels=1")
+    ap.add_argument("--base-source", default="", metavar="SOURCE.cpp",
+                    help="a variant 'base' first (base_kernels=1) on a second build of this cpu_kernels.cpp (e.g. the "
+                         "previous commit's): a paired two-build A/B in one process (not with --stages)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.clock == "wall":
         CLOCK[0] = time.perf_counter
     model, frames = load(args.model, args.start, args.frames)
     variants = parse_variants(args.variants)
-    kernels = {}  # variant -> its kernel module, where not the default build
     if args.base_source:
-        from cpu_keyframe_layers import build_module
-        variants = [("base", {})] + variants
-        kernels["base"] = build_module(args.base_source, "deltacnn_cpu_kernels_base")
+        variants = [("base", {"base_kernels": 1.0})] + variants
+        args.base_kernels = args.base_source
     defaults = {k: 1.0 if k in SWITCHES or k == ISA_SWITCH else getattr(_module_of(k), k.rsplit(".", 1)[1])
-                for _, kv in variants for k in kv}
+                for _, kv in variants for k in kv if k not in BUILD_KEYS}
+    kernels = {}  # variant -> its kernel module, where not the default build (base_kernels=1)
+    if any(kv.get("base_kernels") for _, kv in variants):
+        if not args.base_kernels:
+            raise SystemExit("base_kernels=1 needs --base-kernels SOURCE.cpp")
+        base_kernels = load_base_kernels(args.base_kernels)
+        kernels = {name: base_kernels for name, kv in variants if kv.get("base_kernels")}
     clocks = {name: StageClock() for name, _ in variants}
     if args.stages:
         patch_acts(_Router(clocks))
@@ -259,6 +298,7 @@ def main() -> None:
             if args.stages:
                 instrument(dms[name].rt.backend_on(torch.device("cpu")), clocks[name])
         totals = {n: [] for n in dms}
+        faults = {n: [] for n in dms}  # minor page faults a frame (fresh pages of new buffers)
         modes = {n: [] for n in dms}
         macs = {n: [] for n in dms}
         agg = {n: defaultdict(lambda: defaultdict(list)) for n in dms}  # variant -> frame mode -> stage -> ms
@@ -278,17 +318,19 @@ def main() -> None:
                     _Router.current = name
                     dm, clock = dms[name], clocks[name]
                     backend = dm.rt.backend_on(torch.device("cpu"))
-                    if args.base_source:  # this variant's build (the backend may be shared by the variants)
+                    if kernels:  # this variant's build (the backend may be shared by the variants)
                         if not hasattr(backend, "_own_k"):
                             backend._own_k = backend._k
                         backend._k = kernels.get(name, backend._own_k)
                     backend.work = [0, 0]
                     clock.reset()
+                    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                     t0 = CLOCK[0]()
                     outs[name] = dm(f)
                     dt = CLOCK[0]() - t0
                     if i < 2:
                         continue
+                    faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
                     totals[name].append(dt * 1e3)
                     modes[name].append(dm.last_mode)
                     macs[name].append(backend.work[0] / max(1, backend.work[1]))
@@ -315,7 +357,9 @@ def main() -> None:
                   f"conv MACs {statistics.median(macs[name]):.1%}")
             for mode in sorted(set(modes[name])):
                 ms = [t for t, m in zip(totals[name], modes[name]) if m == mode]
-                print(f"   {mode} frames: {len(ms)}, median {statistics.median(ms):.1f} ms, mean {statistics.mean(ms):.1f}")
+                fl = [x for x, m in zip(faults[name], modes[name]) if m == mode]
+                print(f"   {mode} frames: {len(ms)}, median {statistics.median(ms):.1f} ms, mean {statistics.mean(ms):.1f}; "
+                      f"minor page faults {statistics.mean(fl):.0f} a frame")
             if name != next(iter(dms)):  # paired: this variant less the first one, frame by frame
                 base = next(iter(dms))
                 for mode in sorted(set(modes[name])):

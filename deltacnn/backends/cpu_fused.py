@@ -15,7 +15,7 @@ the reference's.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +25,7 @@ from ..activations import SCORE_CODES, ActSpec
 from ..geometry import Window
 from ..tensor import DeltaTensor, new_cl, rows, to_cl
 from . import cpu_kernels
+from . import reference as _reference
 from .base import ConvParams, PointwiseState
 from .reference import ReferenceBackend
 
@@ -80,6 +81,28 @@ def _pointwise(win: Window) -> bool:
 def _depthwise(d: DeltaTensor, p: ConvParams) -> bool:
     """One filter per channel, as many outputs as inputs (MobileNet-style depthwise convs)."""
     return p.groups == d.shape[1] == p.weight.shape[0] and p.weight.shape[1] == 1
+
+
+def _epilogue_args(a: ActSpec | None) -> tuple[int, float, float, float]:
+    """(code, lo, hi, slope) of activation a in the kernels' epilogue (EPILOGUE_CODES; None: identity)."""
+    if a is None:
+        return 0, 0.0, 0.0, 0.0
+    lo, hi = (0.0, 6.0) if a.kind == "relu6" else (a.min_val, a.max_val)
+    return EPILOGUE_CODES[a.kind], lo, hi, a.slope
+
+
+class _ConvCall(NamedTuple):
+    """conv_block's one call for one layer, input size and activation: the kernel's bound `run` (None:
+    not covered) and what the Python around it needs, found once instead of on every frame."""
+
+    in_shape: torch.Size
+    act: ActSpec | None
+    run: Callable | None
+    pointwise: bool  # 1x1, stride 1, no padding: the candidates are the input's pixels (without a residual)
+    depthwise: bool  # the dense crossover is reference.DENSE_SWITCH's (groups 1: GEMM_DENSE_SWITCH)
+    per_pixel: int  # the weight's numel: _count's multiply-adds per output pixel
+    total: int  # output pixels
+    out_shape: tuple[int, int, int, int]
 
 
 def _depthwise_weights(p: ConvParams) -> Tensor:
@@ -215,6 +238,81 @@ class FusedCpuBackend(ReferenceBackend):
 
     def conv_block(self, d: DeltaTensor, p: ConvParams, residual: DeltaTensor | None,
                    act: PointwiseState | None) -> DeltaTensor:
+        """A delta conv in one C++ call (DeltaConvPlan.run in cpu_kernels.cpp: candidates, the implicit GEMM
+        or depthwise conv, the update or the residual add, the output delta), its static arguments (weights,
+        geometry, activation) kept per input size in p's cache as a `_ConvCall`. The convs it covers: groups 1
+        or depthwise, float32, f in the epilogue (or none: a linear conv, with or without a residual; depthwise
+        only with f), below the dense crossover. The rest, and the dense side of the crossover, run the
+        multi-call path (_conv_block_calls); what the kernels compute is the same."""
+        if not self._one_call_ok(d, residual):
+            return self._conv_block_calls(d, p, residual, act)
+        spec = act.act if act is not None else None
+        call = p.cache.get("cpu_call")
+        if call is None or call.in_shape != d.values.shape or call.act is not spec:
+            call = p.cache["cpu_call"] = self._conv_call(d, p, spec)
+        run = call.run
+        if run is None:
+            return self._conv_block_calls(d, p, residual, act)
+        if residual is None:
+            res = res_mask = None
+            cand = d.active() if call.pointwise else None  # a 1x1 conv's candidates: its input's pixels
+        else:
+            if residual.values.shape != call.out_shape:
+                raise ValueError(f"residual shape {tuple(residual.shape)} does not match conv output {call.out_shape}")
+            if act is None and not self._residual_linear_ok():
+                return self._conv_block_calls(d, p, residual, act)
+            res, res_mask, cand = _rows(residual), residual.mask, None
+        switch = _reference.DENSE_SWITCH if call.depthwise else GEMM_DENSE_SWITCH
+        dense_above = -1 if switch >= 1.0 else int(switch * call.total)
+        if act is None:
+            out, count = run(_rows(d), d.mask, cand, res, res_mask, None, None, 0.0, 0, dense_above)
+        else:
+            out, count = run(_rows(d), d.mask, cand, res, res_mask, act.acc, act.emitted, float(act.tau),
+                             SCORE_CODES[act.score], dense_above)
+        if not out:  # above the crossover: the dense conv (the candidates are found again, on a dense layer)
+            return self._conv_block_calls(d, p, residual, act)
+        work = self.work  # _count's rule (no per-stream count: _one_call_ok)
+        work[0] += count * call.per_pixel
+        work[1] += call.total * call.per_pixel
+        idx, ext, values, mask = out
+        return DeltaTensor(values, mask, _active=idx, ext=ext)
+
+    def _one_call_ok(self, d: DeltaTensor, residual: DeltaTensor | None) -> bool:
+        """conv_block's one call: float32 deltas, and no per-stream work count (it needs the candidates)."""
+        return d.values.dtype == torch.float32 and (residual is None or residual.values.dtype == torch.float32) \
+            and self.work_streams is None
+
+    def _residual_linear_ok(self) -> bool:
+        """The one call covers a linear conv with a residual (MobileNetV2's bottleneck projections): the
+        residual's rows added in conv_rows' output pass, not an ATen gather, add and index_copy."""
+        return True
+
+    def _reuse_output_ok(self) -> bool:
+        """A conv's one call keeps its last output ext and writes the next output into it once no one holds
+        it: one more map of each conv's output size kept between frames (the layers keep two already, A
+        and E), against a page fault per 4 KB of fresh memory its rows touch (~2 us each: ~13 ms of a
+        CenterFace delta frame at 8/0.2, whose 42 MB maps glibc returns to the system on every free)."""
+        return True
+
+    def _conv_call(self, d: DeltaTensor, p: ConvParams, spec: ActSpec | None) -> "_ConvCall":
+        """The static part of conv_block's one call for input d's size and activation `spec` (run None:
+        not covered here)."""
+        n, _, h, w = d.values.shape
+        out_hw = p.window.out_size(h, w)
+        cout = p.weight.shape[0]
+        depthwise = p.groups > 1 and _depthwise(d, p)
+        run = None
+        if self._gemm and p.weight.dtype == torch.float32 and (p.groups == 1 or depthwise) and \
+                (spec.kind in EPILOGUE_CODES if spec is not None else not depthwise):
+            weights = _depthwise_weights(p) if depthwise else p.cached("cpu_panels", lambda: packed_weights(p.weight))
+            code, lo, hi, slope = _epilogue_args(spec)
+            run = self._k.DeltaConvPlan(weights, _geometry(n, (h, w), out_hw, p.window), cout, depthwise, code,
+                                        lo, hi, slope, self._reuse_output_ok()).run
+        return _ConvCall(d.values.shape, spec, run, _pointwise(p.window), depthwise, p.weight.numel(),
+                         n * out_hw[0] * out_hw[1], (n, cout, *out_hw))
+
+    def _conv_block_calls(self, d: DeltaTensor, p: ConvParams, residual: DeltaTensor | None,
+                          act: PointwiseState | None) -> DeltaTensor:
         """The reference's conv_block, with its most common case (groups 1, f in conv_act_rows' epilogue,
         some candidates) in one Python frame: the geometry and weight panels of an input size are kept
         in p's cache, and the chain of hooks (candidates, crossover, epilogue) that cost ~75 us of

@@ -16,7 +16,9 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <string>
+#include <tuple>
 #include <vector>
 
 namespace {
@@ -55,14 +57,37 @@ float* rows_ptr(const torch::Tensor& t, int64_t rows, int64_t c, const char* nam
 // A new delta of (N, C, H, W), laid out as tensor.new_rows_ext does: its (N*H*W + 1, C) ext
 // matrix (last row zero), the channels_last values view of the ext's first rows, and an
 // all-false (N, 1, H, W) mask.
+// (Three ATen ops, not seven: each costs ~1-2 us of dispatch, and every delta conv makes one.)
 std::vector<torch::Tensor> new_delta(int64_t n, int64_t c, int64_t h, int64_t w) {
   auto ext = torch::empty({n * h * w + 1, c}, torch::kFloat);
-  ext[n * h * w].zero_();
-  auto values = ext.narrow(0, 0, n * h * w).view({n, h, w, c}).permute({0, 3, 1, 2});
-  return {ext, values, torch::zeros({n, 1, h, w}, torch::kBool)};
+  std::memset(ext.data_ptr<float>() + n * h * w * c, 0, sizeof(float) * c);
+  auto values = ext.as_strided({n, c, h, w}, {h * w * c, 1, w * c, c});
+  auto mask = torch::empty({n, 1, h, w}, torch::kBool);
+  std::memset(mask.data_ptr(), 0, n * h * w);
+  return {ext, values, mask};
 }
 
 uint8_t* mask_out(const torch::Tensor& mask) { return static_cast<uint8_t*>(mask.data_ptr()); }
+
+// new_delta, or with `kept_ext` (a DeltaConvPlan's last output ext) that ext's memory again when no tensor but
+// kept_ext uses it any more (its storage's use count: what Python gets is always a view of kept_ext, a tensor of
+// its own, so a delta still alive anywhere, or any view of it, counts): a conv's output ext of more than
+// glibc's mmap threshold (32 MB, e.g. CenterFace's 96-channel maps at 288 x 384) is otherwise fresh pages every
+// frame, one ~2 us page fault per 4 KB its rows touch. Rows are undefined, as a new ext's; the zero row is
+// zeroed again.
+std::vector<torch::Tensor> output_delta(int64_t n, int64_t c, int64_t h, int64_t w, torch::Tensor* kept_ext) {
+  if (kept_ext == nullptr) return new_delta(n, c, h, w);
+  const int64_t total = n * h * w;
+  if (!(kept_ext->defined() && kept_ext->storage().use_count() == 1 && kept_ext->size(0) == total + 1 &&
+        kept_ext->size(1) == c))
+    *kept_ext = new_delta(n, c, h, w)[0];
+  auto ext = kept_ext->view({total + 1, c});
+  std::memset(ext.data_ptr<float>() + total * c, 0, sizeof(float) * c);
+  auto values = ext.as_strided({n, c, h, w}, {h * w * c, 1, w * c, c});
+  auto mask = torch::empty({n, 1, h, w}, torch::kBool);
+  std::memset(mask.data_ptr(), 0, total);
+  return {ext, values, mask};
+}
 
 // Flat indices of the set entries of `flags`, ascending; with `base`, the entries of base instead.
 torch::Tensor compact(const uint8_t* __restrict flags, int64_t count_all, const int64_t* base = nullptr) {
@@ -116,9 +141,9 @@ std::vector<torch::Tensor> candidates(torch::Tensor in_mask, c10::optional<torch
   const Geometry g = geometry(geo);
   const uint8_t* __restrict m = mask_ptr(in_mask, g.n * g.h * g.w, "in_mask");
   const uint8_t* __restrict e = extra ? mask_ptr(*extra, g.n * g.ho * g.wo, "extra") : nullptr;
-  auto cols = torch::empty({g.n, g.h, g.wo}, torch::kUInt8);
+  std::unique_ptr<uint8_t[]> cols(new uint8_t[std::max<int64_t>(1, g.n * g.h * g.wo)]);  // no ATen op
   auto out = torch::empty({g.n, 1, g.ho, g.wo}, torch::kBool);
-  uint8_t* __restrict c = cols.data_ptr<uint8_t>();
+  uint8_t* __restrict c = cols.get();
   uint8_t* __restrict o = mask_out(out);
   // byte passes are cheap: threads only pay off on very large maps (waking them costs more)
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(1, g.w));
@@ -759,12 +784,43 @@ namespace {
 constexpr int GEMM_MR = 6;   // output pixels per micro-kernel
 constexpr int GEMM_NR = 16;  // output channels per weight panel (two 8-float vectors)
 
+// gemm_panel for a panel of at most 8 live output channels (the last panel of Cout 24, 40, ...): one
+// vector per pixel instead of two, half the multiply-adds of a zero-padded 16-channel panel.
+__attribute__((target("avx2,fma"))) void gemm_panel8(const float* const* src, const uint8_t* any, int64_t taps,
+                                                     int64_t cin, const float* __restrict panel, float* out,
+                                                     int64_t rows, int64_t ldo, int64_t ncols) {
+  __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0;
+  for (int64_t t = 0; t < taps; ++t) {
+    if (!any[t]) continue;
+    const float* const* s = src + t * GEMM_MR;
+    const float *a0 = s[0], *a1 = s[1], *a2 = s[2], *a3 = s[3], *a4 = s[4], *a5 = s[5];
+    const float* b = panel + t * cin * GEMM_NR;
+    for (int64_t k = 0; k < cin; ++k, b += GEMM_NR) {
+      const __m256 b0 = _mm256_loadu_ps(b);
+      c0 = _mm256_fmadd_ps(_mm256_broadcast_ss(a0 + k), b0, c0);
+      c1 = _mm256_fmadd_ps(_mm256_broadcast_ss(a1 + k), b0, c1);
+      c2 = _mm256_fmadd_ps(_mm256_broadcast_ss(a2 + k), b0, c2);
+      c3 = _mm256_fmadd_ps(_mm256_broadcast_ss(a3 + k), b0, c3);
+      c4 = _mm256_fmadd_ps(_mm256_broadcast_ss(a4 + k), b0, c4);
+      c5 = _mm256_fmadd_ps(_mm256_broadcast_ss(a5 + k), b0, c5);
+    }
+  }
+  alignas(32) float tile[GEMM_MR][8];
+  _mm256_store_ps(tile[0], c0); _mm256_store_ps(tile[1], c1); _mm256_store_ps(tile[2], c2);
+  _mm256_store_ps(tile[3], c3); _mm256_store_ps(tile[4], c4); _mm256_store_ps(tile[5], c5);
+  for (int64_t r = 0; r < rows; ++r) std::memcpy(out + r * ldo, tile[r], sizeof(float) * ncols);
+}
+
 // One block of up to 6 output pixels times one 16-channel weight panel: acc = sum over taps t and
 // input channels k of src[t][r][k] * panel[t * cin + k][:]. Taps whose 6 sources are all the zero
 // row (no update in the window, or outside the image) are skipped: they add nothing.
 __attribute__((target("avx2,fma"))) void gemm_panel(const float* const* src, const uint8_t* any, int64_t taps,
                                                     int64_t cin, const float* __restrict panel, float* out,
                                                     int64_t rows, int64_t ldo, int64_t ncols) {
+  if (ncols <= 8) {
+    gemm_panel8(src, any, taps, cin, panel, out, rows, ldo, ncols);
+    return;
+  }
   __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
   __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
   for (int64_t t = 0; t < taps; ++t) {
@@ -944,8 +1000,14 @@ static inline void gather_block_taps(const Geometry& g, const int64_t* ip, int64
 // with zero padding (cpu_fused.packed_weights). Returns (P, Cout) float32.
 // With `scatter`, row p goes to row idx[p] of a new delta's ext instead (see new_delta: the plain conv's
 // output delta, mask set at idx) and the result is that delta's [idx, ext, values, mask].
+// With `scatter` and a residual (channels_last (N, Cout, Ho, Wo) or ext rows, with its (N, 1, Ho, Wo) mask), the
+// delta's row is y + the residual's row where res_mask is set (the linear bottleneck of a MobileNetV2 block:
+// conv, then the skip stream added, no activation), y elsewhere: the reference's y + masked rows in one pass.
 std::vector<torch::Tensor> conv_rows_any(torch::Tensor ext, torch::Tensor in_mask, torch::Tensor idx,
-                                         torch::Tensor packed, int64_t cout, std::vector<int64_t> geo, bool scatter) {
+                                         torch::Tensor packed, int64_t cout, std::vector<int64_t> geo, bool scatter,
+                                         c10::optional<torch::Tensor> residual = c10::nullopt,
+                                         c10::optional<torch::Tensor> res_mask = c10::nullopt,
+                                         torch::Tensor* kept_ext = nullptr) {
   TORCH_CHECK(has_conv_rows(), "conv_rows needs AVX2 and FMA");
   const Geometry g = geometry(geo);
   const uint8_t* m = mask_ptr(in_mask, g.n * g.h * g.w, "in_mask");
@@ -958,10 +1020,15 @@ std::vector<torch::Tensor> conv_rows_any(torch::Tensor ext, torch::Tensor in_mas
   const float* x = rows_ptr(ext, g.n * g.h * g.w, cin, "ext");
   const float* wp = packed.data_ptr<float>();
   const int64_t* ip = idx.data_ptr<int64_t>();
+  TORCH_CHECK(residual.has_value() == res_mask.has_value(), "residual and res_mask come together");
+  TORCH_CHECK(scatter || !residual, "a residual is added into the output delta (scatter)");
+  const int64_t out_total = g.n * g.ho * g.wo;
+  const float* rp = residual ? rows_ptr(*residual, out_total, cout, "residual") : nullptr;
+  const uint8_t* rm = res_mask ? mask_ptr(*res_mask, out_total, "res_mask") : nullptr;
   std::vector<torch::Tensor> delta;
   torch::Tensor out;
   if (scatter) {
-    delta = new_delta(g.n, cout, g.ho, g.wo);
+    delta = output_delta(g.n, cout, g.ho, g.wo, kept_ext);
     uint8_t* om = mask_out(delta[2]);
     for (int64_t p = 0; p < p_count; ++p) {
       TORCH_CHECK(ip[p] >= 0 && ip[p] < g.n * g.ho * g.wo, "idx holds a pixel outside the output");
@@ -982,8 +1049,18 @@ std::vector<torch::Tensor> conv_rows_any(torch::Tensor ext, torch::Tensor in_mas
       gather_block_taps(g, ip + p0, rows, x, m, cin, zero.data(), src.data(), any.data());
       float* yb = scatter ? y.data() : op + p0 * cout;
       gemm_panels(src.data(), any.data(), taps, cin, wp, cout, yb, rows);
-      for (int64_t r = 0; scatter && r < rows; ++r)
-        std::memcpy(op + ip[p0 + r] * cout, yb + r * cout, sizeof(float) * cout);
+      for (int64_t r = 0; scatter && r < rows; ++r) {
+        const int64_t q = ip[p0 + r];
+        float* dst = op + q * cout;
+        const float* yr = yb + r * cout;
+        if (rp && rm[q]) {
+          const float* rr = rp + q * cout;
+#pragma omp simd
+          for (int64_t j = 0; j < cout; ++j) dst[j] = yr[j] + rr[j];
+        } else {
+          std::memcpy(dst, yr, sizeof(float) * cout);
+        }
+      }
     }
   });
   if (scatter) return {idx, delta[0], delta[1], delta[2]};
@@ -1078,8 +1155,10 @@ __attribute__((target("avx2,fma"))) void smooth_minus(const float* a, const floa
 
 // The nonlinear update of one candidate pixel r with change row yr (see act_pixel): returns whether
 // it was emitted.
+// (Compiled for AVX2: the file's baseline is SSE2, and this epilogue, 3-4 passes over a row's Cout channels, costs
+// as much as the GEMM for convs of few input channels, e.g. CenterFace's 16 -> 96 expansion at 288 x 384.)
 template <int CODE, int SCORE>
-bool update_row(const ActArgs& k, int64_t r, const float* yr, float* o) {
+__attribute__((target("avx2,fma"))) bool update_row(const ActArgs& k, int64_t r, const float* yr, float* o) {
   const int64_t c = k.c;
   float* ar = k.acc + r * c;
   const float* er = k.emitted + r * c;
@@ -1177,11 +1256,12 @@ void update_block(const ActArgs& k, int64_t code, int64_t score, const int64_t* 
 // nonlinear update as act_update does it (A += y (+ residual), o = f(A) - E, truncation, emit,
 // E += o), with activation codes 0-3 as act_update's plus 4 SiLU and 5 sigmoid (vectorised exp:
 // within a few ulp of ATen's, not bit-identical). Returns the emitted delta as act_update does.
-std::vector<torch::Tensor> conv_act_rows(torch::Tensor ext, torch::Tensor in_mask, torch::Tensor idx,
+std::vector<torch::Tensor> conv_act_rows_into(torch::Tensor ext, torch::Tensor in_mask, torch::Tensor idx,
                                          torch::Tensor packed, std::vector<int64_t> geo,
                                          c10::optional<torch::Tensor> residual, c10::optional<torch::Tensor> res_mask,
                                          torch::Tensor acc, torch::Tensor emitted, int64_t code, double lo, double hi,
-                                         double slope, double tau, int64_t score) {
+                                         double slope, double tau, int64_t score,
+                                              torch::Tensor* kept_ext) {
   TORCH_CHECK(has_conv_rows(), "conv_act_rows needs AVX2 and FMA");
   const Geometry g = geometry(geo);
   const uint8_t* m = mask_ptr(in_mask, g.n * g.h * g.w, "in_mask");
@@ -1198,7 +1278,7 @@ std::vector<torch::Tensor> conv_act_rows(torch::Tensor ext, torch::Tensor in_mas
   const float* x = rows_ptr(ext, g.n * g.h * g.w, cin, "ext");
   const float* wp = packed.data_ptr<float>();
   const int64_t* ip = idx.data_ptr<int64_t>();
-  auto out = new_delta(g.n, cout, g.ho, g.wo);
+  auto out = output_delta(g.n, cout, g.ho, g.wo, kept_ext);
   std::vector<uint8_t> keep(p_count);
   const ActArgs k{nullptr, ip, residual ? rows_ptr(*residual, total, cout, "residual") : nullptr,
                   res_mask ? mask_ptr(*res_mask, total, "res_mask") : nullptr, rows_ptr(acc, total, cout, "acc"),
@@ -1219,6 +1299,15 @@ std::vector<torch::Tensor> conv_act_rows(torch::Tensor ext, torch::Tensor in_mas
     }
   });
   return {compact(keep.data(), p_count, ip), out[0], out[1], out[2]};
+}
+
+std::vector<torch::Tensor> conv_act_rows(torch::Tensor ext, torch::Tensor in_mask, torch::Tensor idx,
+                                         torch::Tensor packed, std::vector<int64_t> geo,
+                                         c10::optional<torch::Tensor> residual, c10::optional<torch::Tensor> res_mask,
+                                         torch::Tensor acc, torch::Tensor emitted, int64_t code, double lo, double hi,
+                                         double slope, double tau, int64_t score) {
+  return conv_act_rows_into(ext, in_mask, idx, packed, geo, residual, res_mask, acc, emitted, code, lo, hi, slope,
+                            tau, score, nullptr);
 }
 
 // ---- depthwise convs (groups == channels), optionally with the nonlinear update -----------------
@@ -1272,11 +1361,12 @@ void depthwise_row(const Geometry& g, const uint8_t* m, const float* x, const fl
 // where outside the image or not updated); weights (taps, C). Without acc: returns the (P, C) rows.
 // With acc/emitted: runs the nonlinear update of conv_act_rows on each row and returns the emitted
 // delta [indices, ext, values, mask].
-std::vector<torch::Tensor> depthwise_rows(torch::Tensor ext, torch::Tensor in_mask, torch::Tensor idx,
+std::vector<torch::Tensor> depthwise_rows_into(torch::Tensor ext, torch::Tensor in_mask, torch::Tensor idx,
                                           torch::Tensor weights, std::vector<int64_t> geo,
                                           c10::optional<torch::Tensor> residual, c10::optional<torch::Tensor> res_mask,
                                           c10::optional<torch::Tensor> acc, c10::optional<torch::Tensor> emitted,
-                                          int64_t code, double lo, double hi, double slope, double tau, int64_t score) {
+                                          int64_t code, double lo, double hi, double slope, double tau, int64_t score,
+                                               torch::Tensor* kept_ext) {
   TORCH_CHECK(has_conv_rows(), "depthwise_rows needs AVX2 and FMA");
   const Geometry g = geometry(geo);
   const uint8_t* m = mask_ptr(in_mask, g.n * g.h * g.w, "in_mask");
@@ -1302,7 +1392,7 @@ std::vector<torch::Tensor> depthwise_rows(torch::Tensor ext, torch::Tensor in_ma
   }
   TORCH_CHECK(emitted->dim() == 4 && emitted->size(1) == c && emitted->size(2) == g.ho && emitted->size(3) == g.wo,
               "emitted must be (N, C, Ho, Wo)");
-  auto out = new_delta(g.n, c, g.ho, g.wo);
+  auto out = output_delta(g.n, c, g.ho, g.wo, kept_ext);
   std::vector<uint8_t> keep(p_count);
   const ActArgs k{nullptr, ip, residual ? rows_ptr(*residual, total, c, "residual") : nullptr,
                   res_mask ? mask_ptr(*res_mask, total, "res_mask") : nullptr, rows_ptr(*acc, total, c, "acc"),
@@ -1317,6 +1407,15 @@ std::vector<torch::Tensor> depthwise_rows(torch::Tensor ext, torch::Tensor in_ma
     }
   });
   return {compact(keep.data(), p_count, ip), out[0], out[1], out[2]};
+}
+
+std::vector<torch::Tensor> depthwise_rows(torch::Tensor ext, torch::Tensor in_mask, torch::Tensor idx,
+                                          torch::Tensor weights, std::vector<int64_t> geo,
+                                          c10::optional<torch::Tensor> residual, c10::optional<torch::Tensor> res_mask,
+                                          c10::optional<torch::Tensor> acc, c10::optional<torch::Tensor> emitted,
+                                          int64_t code, double lo, double hi, double slope, double tau, int64_t score) {
+  return depthwise_rows_into(ext, in_mask, idx, weights, geo, residual, res_mask, acc, emitted, code, lo, hi, slope,
+                             tau, score, nullptr);
 }
 
 // ---- dense convs of keyframes and dense frames, with the epilogue and the state writes -----------
@@ -1708,6 +1807,64 @@ void accumulate_at(torch::Tensor state, torch::Tensor src, torch::Tensor idx) {
   });
 }
 
+// ---- one delta conv in one call ----------------------------------------------------------------
+
+// A delta conv's static arguments (its weights, geometry for one input size, activation), kept per layer by
+// cpu_fused.FusedCpuBackend.conv_block, so that a delta frame's conv is one call from Python: candidates,
+// the conv (implicit GEMM, groups 1; or depthwise) and its epilogue (the nonlinear update with truncation, or
+// for a linear conv the residual add), into the output delta. Each Python -> C++ crossing costs ~5-10 us of
+// pybind and Python a conv (argument conversion, a list of results, the Python around it), paid once here.
+struct DeltaConvPlan {
+  torch::Tensor weights;  // conv_rows' panels, or depthwise_rows' (taps, C)
+  std::vector<int64_t> geo;
+  int64_t cout, code;
+  bool depthwise;
+  double lo, hi, slope;
+  bool reuse;  // keep the last output ext and write the next output into it when no one else holds it
+  torch::Tensor kept;
+
+  DeltaConvPlan(torch::Tensor weights_, std::vector<int64_t> geo_, int64_t cout_, bool depthwise_, int64_t code_,
+                double lo_, double hi_, double slope_, bool reuse_)
+      : weights(std::move(weights_)), geo(std::move(geo_)), cout(cout_), code(code_), depthwise(depthwise_),
+        lo(lo_), hi(hi_), slope(slope_), reuse(reuse_) {
+    geometry(geo);  // checks its size
+    TORCH_CHECK(code >= 0 && code <= 5, "unknown activation code ", code);
+  }
+
+  // The conv of delta (ext, in_mask) at its candidates: `cand_idx` where the caller knows them (a 1x1 conv's
+  // input pixels), else the window's dilation of in_mask OR res_mask. With acc/emitted the nonlinear update
+  // (conv_act_rows / depthwise_rows), without it a linear conv (conv_rows_delta, plus the residual rows).
+  // Returns ([idx, ext, values, mask] of the output delta, the candidate count); above `dense_above`
+  // candidates (-1: never) the list is empty and nothing was computed (the caller runs the dense conv).
+  std::tuple<std::vector<torch::Tensor>, int64_t> run(torch::Tensor ext, torch::Tensor in_mask,
+                                                      c10::optional<torch::Tensor> cand_idx,
+                                                      c10::optional<torch::Tensor> residual,
+                                                      c10::optional<torch::Tensor> res_mask,
+                                                      c10::optional<torch::Tensor> acc,
+                                                      c10::optional<torch::Tensor> emitted, double tau, int64_t score,
+                                                      int64_t dense_above) {
+    torch::Tensor* kept_ext = reuse ? &kept : nullptr;
+    TORCH_CHECK(acc.has_value() == emitted.has_value(), "acc and emitted come together");
+    TORCH_CHECK(!depthwise || acc, "a depthwise conv here needs the update (acc, emitted)");
+    torch::Tensor idx = cand_idx ? *cand_idx : candidates(in_mask, res_mask, geo)[0];
+    const int64_t count = idx.numel();
+    if (dense_above >= 0 && count > dense_above) return {std::vector<torch::Tensor>{}, count};
+    if (count == 0) {
+      const Geometry g = geometry(geo);
+      auto d = output_delta(g.n, cout, g.ho, g.wo, kept_ext);
+      return {std::vector<torch::Tensor>{idx, d[0], d[1], d[2]}, 0};
+    }
+    if (!acc) return {conv_rows_any(ext, in_mask, idx, weights, cout, geo, true, residual, res_mask, kept_ext), count};
+    if (depthwise)
+      return {depthwise_rows_into(ext, in_mask, idx, weights, geo, residual, res_mask, acc, emitted, code, lo, hi,
+                                  slope, tau, score, kept_ext),
+              count};
+    return {conv_act_rows_into(ext, in_mask, idx, weights, geo, residual, res_mask, *acc, *emitted, code, lo, hi,
+                               slope, tau, score, kept_ext),
+            count};
+  }
+};
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("candidates", &candidates, "candidate output pixels of a sliding window");
   m.def("gather_taps", &gather_taps, "implicit-GEMM rows of the active taps");
@@ -1732,4 +1889,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("accumulate_at", &accumulate_at, "state += rows at the given pixels (a densified output's O += d)");
   m.def("slice_rows", &slice_rows, "channel range of a delta at its updated pixels");
   m.def("upsample_nearest", &upsample_nearest, "nearest upsampling of a delta by integer factors");
+  // module_local: another build of this file loaded beside it (benchmarks/cpu_profile.py --base-kernels) must not
+  // make this module's import fail with "type DeltaConvPlan is already registered"
+  pybind11::class_<DeltaConvPlan>(m, "DeltaConvPlan", pybind11::module_local(),
+                                  "a delta conv's static arguments; run: the conv in one call")
+      .def(pybind11::init<torch::Tensor, std::vector<int64_t>, int64_t, bool, int64_t, double, double, double, bool>())
+      .def("run", &DeltaConvPlan::run, "candidates, conv and epilogue into the output delta");
 }
