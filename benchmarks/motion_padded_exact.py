@@ -35,6 +35,8 @@ def main() -> None:
     ap.add_argument("--still-scene", action="store_true",
                     help="every frame the scene's first (only the camera moves): at tau 0 real footage's noise would "
                          "make every frame busy, i.e. dense frames and keyframes, and no view step in a delta pass")
+    ap.add_argument("--view-step", default="padded", choices=["padded", "bands"],
+                    help="MotionDeltaModel(view_step=...): the padded view steps this script checks, or bands")
     a = ap.parse_args()
     torch.set_num_threads(1)
     task = YOLOv8Task()
@@ -46,7 +48,7 @@ def main() -> None:
     xs = [task.preprocess(f[y:y + VIEW_H, x:x + VIEW_W]) for f, (x, y) in zip(scene, org)]
     given = torch.tensor([(0, 0)] + [(q[0] - p[0], q[1] - p[1]) for p, q in zip(org, org[1:])], dtype=torch.float64)
     mm = MotionDeltaModel(deltacnn.convert(net, xs[0], backend="cpu", threshold=0.0, input_threshold=0.0),
-                          motion=given)
+                          motion=given, view_step=a.view_step)
     with torch.no_grad():
         for t, x in enumerate(xs):
             view_before = list(mm.view[0]) if mm.view else [0, 0]

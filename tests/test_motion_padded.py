@@ -160,3 +160,29 @@ def test_padded_view_steps_with_thresholds_stay_close_to_dense(mix):
                 errs[vs].append(max(float((o - w).abs().max() / w.abs().max()) for o, w in zip(out, want)))
     assert max(errs["padded"]) < 0.05, errs
     assert max(errs["padded"]) < 3 * max(errs["bands"]) + 1e-3, errs
+
+
+def test_padded_view_steps_through_yolov8_box_decode_are_exact_at_tau0():
+    """YOLOv8n's DeltaBoxDecode keeps its head maps as sums of their deltas and outputs boxes, not a map: a
+    padded view step sets those sums at the fix windows before the decode runs (PaddedStep._fix_sums), so the
+    decoded boxes stay dense inference on the camera frame (steps of 32 px: the residual is 0)."""
+    from deltacnn import models
+    from deltacnn.models import yolov8 as Y
+    torch.manual_seed(0)
+    net = models.randomize_bn_(Y.yolov8("n"), seed=1).eval()
+    scene = _scene(3, 448, 800).clamp(-2, 2) * 0.25 + 0.5
+    path = [(64, 0), (96, 0), (96, 0), (64, 0)]  # a step right, a still frame, a step back
+    hh, ww = 448, 640
+    frames = [scene[:, :, y:y + hh, x:x + ww].contiguous() for x, y in path]
+    seq = torch.tensor([[0.0, 0.0]] + [[b[0] - a[0], b[1] - a[1]] for a, b in zip(path, path[1:])])
+    dm = deltacnn.convert(net, frames[0], backend="cpu", threshold=0.0, input_threshold=0.0, dense_above=None)
+    assert any(isinstance(m, Y.DeltaBoxDecode) for m in dm.modules())
+    mm = MotionDeltaModel(dm, motion=seq, view_step="padded")
+    with torch.no_grad():
+        for t, x in enumerate(frames):
+            out, want = mm(x), net(x)
+            out, want = (out[0], want[0]) if isinstance(out, (tuple, list)) else (out, want)
+            err = float((out - want).abs().max() / want.abs().max())
+            assert err < 1e-4, (t, err)
+            if t:
+                assert mm.dm.last_mode == "delta", (t, mm.dm.last_mode)

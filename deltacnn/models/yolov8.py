@@ -225,6 +225,14 @@ class DeltaBoxDecode(DenseCall):
         super().reset_state()
         self._cache = self._cache_key = None
 
+    def summed_inputs(self, *vals, **kw) -> list[tuple]:
+        """(delta input, the state buffer O it is summed into) pairs, in forward's order: what motion's padded
+        view steps correct before this layer runs (motion/padded.py, PaddedStep._fix_sums)."""
+        args, kwargs = fill_template(self.template, vals)
+        feats, _, _ = _decode_args(*args, **kwargs)
+        levels = [tuple(f) if isinstance(f, (tuple, list)) else (f,) for f in feats]
+        return [(d, f"state_out{i}") for i, d in enumerate(d for lv in levels for d in lv)]
+
     def _o_key(self, count: int) -> tuple:
         return tuple((id(o), o.data_ptr(), o._version) for o in (self._state(f"out{i}") for i in range(count)))
 

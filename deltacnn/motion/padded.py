@@ -85,6 +85,12 @@ def _tau(m: DeltaLayer) -> float:
     return float(m.rt.thresholds.get(name)) if name is not None else 0.0
 
 
+def _sums_input_deltas(m: DeltaLayer) -> bool:
+    """Whether the layer's state is only the sum of its input deltas and its output no feature map
+    (`summed_inputs`: YOLOv8's DeltaBoxDecode); see PaddedStep._fix_sums."""
+    return callable(getattr(m, "summed_inputs", None))
+
+
 def _out_key(m: DeltaLayer, keys: list[str]) -> str | None:
     """The state holding what the layer sent its consumers (its output's value)."""
     if isinstance(m, Sparsify):
@@ -169,6 +175,9 @@ class PaddedStep:
         ins = _deltas(args, kwargs)
         if isinstance(m, Sparsify) or not ins or any(t.dense for t in ins):
             return
+        if _sums_input_deltas(m):
+            self._fix_sums(m, args, kwargs)
+            return
         keys = [k for k, v in m._buffers.items() if k.startswith("state_") and v is not None]
         key = _out_key(m, keys)
         if not keys:
@@ -198,8 +207,8 @@ class PaddedStep:
                 self.off = True  # the input layer turned the frame into a keyframe: every state is rebuilt
                 return out
             return self._after_input(m, out, [a for a in args if isinstance(a, Tensor)])
-        if not ins:
-            return out  # a dense tail op (Tensors in, not a feature map of the view)
+        if not ins or _sums_input_deltas(m):
+            return out  # a dense tail op (Tensors in, not a feature map of the view), or fixed before (_fix_sums)
         if any(t.dense for t in ins) or (isinstance(out, DeltaTensor) and out.dense):
             return out
         plan = self.pending.pop(id(m), None)
@@ -214,6 +223,29 @@ class PaddedStep:
                 self._keep(out, i, crops, chain)
             return out
         return self._after_stateful(m, args, kwargs, out, plan)
+
+    def _fix_sums(self, m: DeltaLayer, args: tuple, kwargs: dict) -> None:
+        """A layer whose state is only the sum of its input deltas and whose output is no feature map
+        (DeltaBoxDecode): before it runs, each sum at each fix window becomes its input's current values
+        there less what this pass adds (O += d), so that the layer's own update leaves O = the values."""
+        for t, key in m.summed_inputs(*args, **kwargs):
+            O = m._buffers.get(key)
+            if O is None or not isinstance(t, DeltaTensor) or t.dense:
+                continue
+            s = self._stride(O)
+            _, b, _ = self._windows(m, [t], s)
+            for i, regs in self.steps.items():
+                for j, reg in enumerate(regs):
+                    fw = reg.strip + b
+                    if fw == 0:
+                        continue
+                    f0, f1 = reg.interval(self.hw[reg.axis - 2], fw)
+
+                    def win(x: Tensor) -> Tensor:
+                        return x.narrow(reg.axis - 1, f0 // s, (f1 - f0) // s)
+
+                    sent = torch.where(win(t.mask[i]), win(t.values[i]), 0)
+                    win(O[i]).copy_(self._crop_of(t, i, j, reg, f0, f1)[0] - sent)
 
     def _after_input(self, m: Sparsify, out: DeltaTensor, frames: list[Tensor]) -> DeltaTensor:
         """The input layer: the strip enters as its values (its reference there holds the new frame)."""
