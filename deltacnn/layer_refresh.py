@@ -20,7 +20,7 @@ When (per stream): `every` frames after its keyframe or its last refresh, or onc
 blocks' touched area (the mean over them of the fraction of their input pixels updated since then,
 which the bookkeeping here keeps anyway) exceeds `area`. `run="keyframe"` runs a whole keyframe at
 that trigger instead: an area-driven keyframe. Host backends (DeltaModel reads the area on the host);
-deltacnn.compile refuses a flush rule.
+deltacnn.compile refuses any layer refresh.
 
 The bookkeeping: per selected conv block, the union since its stream's last refresh of its input
 update masks and of its fused residual input's masks, one OR each per delta frame (bool maps at the

@@ -223,13 +223,17 @@ class DeltaModel(nn.Module):
             self._ref_age, self._touched = [0] * n, []
         due = [self._due(i) for i in range(n)]
         backend = rt.backend_for(x)
-        # layer refresh "flush" (deltacnn.layer_refresh): streams not due for a keyframe whose trigger fired
-        lr = rt.layer_refresh if rt.layer_refresh is not None and rt.layer_refresh.run == "flush" else None
+        # layer refresh (deltacnn.layer_refresh): host backends only, whatever it runs (a flush, or a keyframe at
+        # an area trigger, which reads the touched area on the host); "flush": streams not due for a keyframe
+        # whose trigger fired
+        lr = rt.layer_refresh
         if lr is not None and not backend.host_sync_ok:
             if not getattr(self, "_warned_refresh", False):
                 warnings.warn(f"the layer refresh {lr.spec()!r} runs on host backends only (reference, cpu); the "
                               f"{backend.name} backend runs this model without it", RuntimeWarning, stacklevel=3)
                 self._warned_refresh = True
+            lr = None
+        if lr is not None and lr.run != "flush":
             lr = None
         refresh = [not due[i] and self._layer_due(i) for i in range(n)] if lr is not None else [False] * n
         if any(refresh):

@@ -295,7 +295,7 @@ def test_cpu_isa_switch_and_env() -> None:
 
 @pytest.mark.usefixtures("cpu_isa")
 @pytest.mark.parametrize("win", WINDOWS, ids=str)
-@pytest.mark.parametrize("cin,cout", [(3, 16), (5, 20), (17, 33), (24, 32), (9, 70)])
+@pytest.mark.parametrize("cin,cout", [(3, 16), (5, 20), (17, 33), (24, 32), (9, 70), (12, 56)])
 def test_implicit_gemm_conv_rows_equal_reference(win: Window, cin: int, cout: int) -> None:
     """conv_rows (taps read in place, empty taps skipped, panels of 16 output channels) against the
     reference's tap gather + matmul; and against dense PyTorch on the zero-filled delta."""
@@ -442,7 +442,8 @@ DENSE_WINDOWS = [Window.make(1), Window.make(3, 1, 1), Window.make(3, 2, 1), Win
 @pytest.mark.usefixtures("cpu_isa")
 @pytest.mark.parametrize("win", DENSE_WINDOWS, ids=str)
 @pytest.mark.parametrize("cin,cout,layout", [(3, 16, "nchw"), (5, 20, "channels_last"), (40, 33, "channels_last"),
-                                             (17, 7, "slice"), (24, 70, "channels_last")])
+                                             (17, 7, "slice"), (24, 70, "channels_last"),
+                                             (8, 56, "channels_last")])
 def test_dense_conv_equals_pytorch(win: Window, cin: int, cout: int, layout: str) -> None:
     """Keyframes' conv_dense (every pixel; window rows read as runs or taps in place, border pixels
     zero-padded) against F.conv2d + bias + residual + f, with the state A and E it writes."""

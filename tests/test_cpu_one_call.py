@@ -18,6 +18,8 @@ from deltacnn.backends.reference import ReferenceBackend, _scatter_rows
 from deltacnn.geometry import Window
 from deltacnn.tensor import DeltaTensor
 
+pytestmark = pytest.mark.usefixtures("cpu_isa")  # the one call's block epilogues on both ISAs
+
 if load() is None:
     pytest.skip(f"CPU kernels do not build here: {load_error()}", allow_module_level=True)
 

@@ -83,12 +83,18 @@ def _depthwise(d: DeltaTensor, p: ConvParams) -> bool:
     return p.groups == d.shape[1] == p.weight.shape[0] and p.weight.shape[1] == 1
 
 
+def _clamp_range(a: ActSpec | None) -> tuple[float, float]:
+    """(lo, hi) the kernels clamp activation a to (relu6: 0..6; None: unused zeros)."""
+    if a is None:
+        return 0.0, 0.0
+    return (0.0, 6.0) if a.kind == "relu6" else (a.min_val, a.max_val)
+
+
 def _epilogue_args(a: ActSpec | None) -> tuple[int, float, float, float]:
     """(code, lo, hi, slope) of activation a in the kernels' epilogue (EPILOGUE_CODES; None: identity)."""
     if a is None:
         return 0, 0.0, 0.0, 0.0
-    lo, hi = (0.0, 6.0) if a.kind == "relu6" else (a.min_val, a.max_val)
-    return EPILOGUE_CODES[a.kind], lo, hi, a.slope
+    return (EPILOGUE_CODES[a.kind], *_clamp_range(a), a.slope)
 
 
 class _ConvCall(NamedTuple):
@@ -224,8 +230,7 @@ class FusedCpuBackend(ReferenceBackend):
             raise ValueError(f"residual shape {tuple(residual.shape)} does not match conv output {shape}")
         # on keyframes the output is E itself (E = f(A) as sent): one map written fewer
         acc, out = state(shape) if state is not None else (None, new_cl(*shape, dtype=torch.float32, device=x.device))
-        lo, hi = (0.0, 6.0) if act is not None and act.kind == "relu6" else \
-            ((act.min_val, act.max_val) if act is not None else (0.0, 0.0))
+        lo, hi = _clamp_range(act)
         packed = p.cached("cpu_panels", lambda: packed_weights(p.weight))
         if x.stride(1) != 1 or (p.window.kernel[1] > 1 and x.shape[1] < RUNS_CIN and x.stride(3) != x.shape[1]):
             x = to_cl(x)  # channels contiguous; and a narrow channel view contiguous, for the runs
@@ -343,7 +348,7 @@ class FusedCpuBackend(ReferenceBackend):
                        residual: DeltaTensor | None, st: PointwiseState) -> DeltaTensor:
         """conv_act_rows on delta d at candidates idx (f in EPILOGUE_CODES), the emitted delta."""
         a = st.act
-        lo, hi = (0.0, 6.0) if a.kind == "relu6" else (a.min_val, a.max_val)
+        lo, hi = _clamp_range(a)
         return _delta(self._k.conv_act_rows(
             _rows(d), d.mask, idx, packed, geo, _rows(residual) if residual is not None else None,
             residual.mask if residual is not None else None, st.acc, st.emitted, EPILOGUE_CODES[a.kind], lo, hi,
@@ -388,7 +393,7 @@ class FusedCpuBackend(ReferenceBackend):
         n, _, h, w = d.shape
         geo = _geometry(n, (h, w), out_hw, p.window)
         a = st.act
-        lo, hi = (0.0, 6.0) if a.kind == "relu6" else (a.min_val, a.max_val)
+        lo, hi = _clamp_range(a)
         res = _rows(residual) if residual is not None else None
         res_mask = residual.mask if residual is not None else None
         if p.groups > 1:
@@ -408,7 +413,7 @@ class FusedCpuBackend(ReferenceBackend):
                                         residual.mask if residual is not None else None, st.acc, False)
             return self._emit_f(idx, a, st)
         a = st.act
-        lo, hi = (0.0, 6.0) if a.kind == "relu6" else (a.min_val, a.max_val)
+        lo, hi = _clamp_range(a)
         return _delta(self._k.act_update(
             y.contiguous(), idx, _rows(residual) if residual is not None else None,
             residual.mask if residual is not None else None, st.acc, st.emitted, code, lo, hi, a.slope,
@@ -437,7 +442,7 @@ class FusedCpuBackend(ReferenceBackend):
         if code is None:
             return self._emit_f(idx, self._k.accumulate_rows(y, idx, res, res_mask, st.acc, True), st)
         a = st.act
-        lo, hi = (0.0, 6.0) if a.kind == "relu6" else (a.min_val, a.max_val)
+        lo, hi = _clamp_range(a)
         return _delta(self._k.act_update(y, idx, res, res_mask, st.acc, st.emitted, code, lo, hi, a.slope,
                                          float(st.tau), SCORE_CODES[st.score], True))
 

@@ -286,7 +286,7 @@ class DeltaBoxDecode(DenseCall):
         shape = (maps[0][0].shape[0], 4 + nc, anchors.shape[1])
         cache = self._cache
         if not fresh or cache is None or tuple(cache.shape) != shape:  # every anchor
-            cache = self._cache = torch.empty(shape)
+            cache = self._cache = torch.empty(shape, dtype=torch.float32)
             masks = [[all_true_mask(m.shape[0], m.shape[2], m.shape[3], m.device)] for m in boxes]
         else:  # the anchors where a part of the level's head map was updated
             masks, i = [], 0

@@ -348,7 +348,7 @@ class _Counted:
 class StateAligner:
     """Moves a converted model's cached state with the view (see the module docstring)."""
 
-    def __init__(self, dm, geometry: StateGeometry, view_step: str = "padded") -> None:
+    def __init__(self, dm, geometry: StateGeometry, view_step: str = "bands") -> None:
         if view_step not in VIEW_STEPS:
             raise ValueError(f"view_step must be one of {VIEW_STEPS}, got {view_step!r}")
         self.dm = dm
@@ -362,12 +362,18 @@ class StateAligner:
 
     def shift(self, view_shift: list[tuple[int, int]], frame: Tensor, full: list[bool]) -> list[int]:
         """Move stream i's view origin by view_shift[i] = (dx, dy) (multiples of S) and make its state the
-        dense network's on the new reference; `frame` (aligned, N, C, H, W) fills uncovered pixels.
+        dense network's on the new reference; `frame` (aligned, N, C, H, W) fills uncovered pixels. With
+        view_step="padded" the state is only moved here: the converted model's next call must run inside
+        `delta_pass()`, which fixes it (a shift whose fix was never run raises on the next shift).
 
         Returns the streams whose whole view must be recomputed instead (full[i]: a failed estimate, a
         cut; or bands that would cover the view): the caller runs them as keyframes of the converted
         model on `frame` (one dense pass, where recomputing here and then running a delta step would
         be two)."""
+        if self._pending:
+            raise RuntimeError("StateAligner.shift: the padded view step of the last shift was never fixed; run "
+                               "the converted model inside aligner.delta_pass() after each shift (MotionDeltaModel "
+                               "does)")
         H, W = self.geo.frame_hw
         S = self.geo.total_stride
         self.recomputed_pixels = 0
@@ -405,8 +411,8 @@ class StateAligner:
 
     def _roll(self, i: int, dx: int, dy: int) -> None:
         """Move stream i's state so that new[j] = old[j + D / s]. One stream: each buffer is replaced by a
-        fresh one holding the shifted overlap (one copy; the uncovered strip is left unwritten, because
-        the caller recomputes it); several streams: stream i's rows are shifted in place through a
+        fresh one holding the shifted overlap (one copy; the uncovered strip is zeroed: the caller
+        recomputes it); several streams: stream i's rows are shifted in place through a
         temporary (two copies). Both work in the buffers' NHWC memory order: torch.roll on the strided
         view is ~10x slower. (Wrap-around buffers with per-layer offsets would need no copy at all, but
         every backend kernel would have to index with the offsets.)"""
