@@ -489,7 +489,7 @@ def test_static_camera_refines_once_per_anchor_and_pans_every_frame(net):
 
 
 def test_still_camera_is_estimated_every_other_frame_and_a_pan_start_is_caught_up(net):
-    """still_every=2 (default): after two still estimates only every other frame is estimated; a pan that
+    """still_every=2: after two still estimates only every other frame is estimated; a pan that
     starts on a skipped frame runs that frame unaligned (plain delta on it) and is caught up by the next
     estimate (against the anchor), after which the view follows the camera as with an estimate per frame.
     At tau 0 every frame's output is dense inference on the view it saw."""
@@ -499,7 +499,7 @@ def test_still_camera_is_estimated_every_other_frame_and_a_pan_start_is_caught_u
     orig = pc.correlate
     pc.correlate = lambda *a, **k: calls.append(1) or orig(*a, **k)
     mm = MotionDeltaModel(deltacnn.convert(net, torch.zeros(1, 3, H, W), backend="reference"), motion="auto",
-                          estimator=pc)
+                          estimator=pc, still_every=2)
     xs = [100] * 5 + [104, 108, 112, 116, 120]  # still for frames 0-4, a 4 px/frame pan from frame 5 (skipped)
     estimated, cams = [], []
     for t, cx in enumerate(xs):
@@ -515,3 +515,29 @@ def test_still_camera_is_estimated_every_other_frame_and_a_pan_start_is_caught_u
     assert cams == [0, 0, 0, 0, 0, 0, 8, 12, 16, 20], cams  # frame 5 unaligned, caught up by frame 6's estimate
     with pytest.raises(ValueError, match="still_every"):
         MotionDeltaModel(mm.dm, still_every=0)
+
+
+def test_still_camera_default_estimates_one_frame_in_three_and_catches_a_pan_up(net):
+    """The default still_every=3: after two still estimates two frames of three are skipped; a pan that starts
+    on a skipped frame runs unaligned until the next estimate, which catches the view up (against the anchor).
+    At tau 0 every frame's output is dense inference on the view it saw."""
+    scene = _scene(23)
+    pc = PhaseCorrelator()
+    calls = []
+    orig = pc.correlate
+    pc.correlate = lambda *a, **k: calls.append(1) or orig(*a, **k)
+    mm = MotionDeltaModel(deltacnn.convert(net, torch.zeros(1, 3, H, W), backend="reference"), motion="auto",
+                          estimator=pc)
+    assert mm.still_every == 3
+    xs = [100] * 6 + [104, 108, 112, 116, 120, 124]  # still for frames 0-5, a 4 px/frame pan from frame 6 (skipped)
+    estimated, cams = [], []
+    for t, cx in enumerate(xs):
+        x = _camera(scene, cx, 80, t)
+        out = mm(x)
+        estimated.append(deltacnn.motion.motion_record(mm)["motion_estimated"])
+        cams.append(round(mm.camera[0][0]))
+        want = map_outputs(net(_view_frame(mm, x)), torch.tensor(mm.input_shift).neg(), (H, W))
+        torch.testing.assert_close(out, want, atol=2e-5, rtol=0)
+    assert estimated == [1, 1, 1, 0, 0, 1, 0, 0, 1, 1, 1, 1], estimated
+    assert len(calls) == 7, calls
+    assert cams == [0, 0, 0, 0, 0, 0, 0, 0, 12, 16, 20, 24], cams  # frames 6-7 unaligned, caught up by frame 8

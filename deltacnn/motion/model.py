@@ -78,7 +78,9 @@ class MotionDeltaModel(nn.Module):
             others take zero motion: the estimator is a static camera's whole overhead); 1: every frame. A
             camera that starts to move in a skipped frame is caught up at the next estimate (the estimate
             is against the anchor); that frame runs as plain delta inference on the shifted view (correct,
-            as dense as plain delta's frames).
+            as dense as plain delta's frames). Default 3: on the Zen 5 machine of session 12 (YOLOv8n delta
+            frames of ~16 ms at 2 threads) a still camera cost +5.3-6.0% over plain delta at 2 (paired median),
+            +2.6-3.8% at 3.
         view_step: how the state follows a view step. "bands" (default): the network is recomputed on
             crops covering bands of `halo` around both borders, or the whole view when they cover it (a
             keyframe: every view step of YOLOv8n). "padded": inside the frame's delta pass, each layer
@@ -97,7 +99,7 @@ class MotionDeltaModel(nn.Module):
     def __init__(self, dm, motion="auto", *, min_confidence: float = MIN_CONFIDENCE, resample: str = "nearest",
                  estimator: PhaseCorrelator | None = None, halo: int | None = None,
                  max_residual: float | None = None, max_unexplained: float | None = MAX_UNEXPLAINED,
-                 edge: str = "hold", still_every: int = 2, view_step: str = "bands") -> None:
+                 edge: str = "hold", still_every: int = 3, view_step: str = "bands") -> None:
         super().__init__()
         from .aligned import VIEW_STEPS
         if view_step not in VIEW_STEPS:
