@@ -236,12 +236,20 @@ def probe_geometry(dm, frame: Tensor) -> tuple[StateGeometry, object]:
     return StateGeometry((H, W), strides, total, halo, layers, reaches, _padded_ext(calls, reaches, total)), out
 
 
+def round_up(v: float, q: int) -> int:
+    """v frame px rounded up to a multiple of q (0 for v <= 0): the widths of padded view steps' fix bands
+    and crops, which _padded_ext and padded.PaddedStep must compute alike."""
+    return int(q * math.ceil(v / q)) if v > 0 else 0
+
+
 def _padded_ext(calls: list, reaches: dict[int, float], S: int) -> int:
     """Width (frame px beyond the strip, a multiple of S) of the value crops of padded view steps: every
     stateful layer fixes up(reach + chain) px from a crop up(reach) px wider, where chain is the reach of
     the stateless layers between it and its stateful producers, whose values are valid only that far
     inside the kept crops (padded.py)."""
-    up = lambda v: S * math.ceil(v / S)  # noqa: E731
+    def up(v: float) -> int:
+        return round_up(v, S)
+
     chain: dict[int, float] = {}
     ext = 0
     for mod, ins, out in calls:

@@ -47,7 +47,7 @@ from ..activations import truncation_score
 from ..layers import DeltaConv2d, Densify, DeltaLayer, Sparsify
 from ..stats import StatsRecorder
 from ..tensor import DeltaTensor
-from .aligned import MotionNotSupportedError
+from .aligned import MotionNotSupportedError, round_up as _up
 
 
 @dataclass(frozen=True)
@@ -67,10 +67,6 @@ class Region:
     def interval(self, size: int, w: int) -> tuple[int, int]:
         """The `w` frame pixels at this region's end of an axis of `size` pixels."""
         return (0, w) if self.low else (size - w, size)
-
-
-def _up(v: float, q: int) -> int:
-    return int(q * math.ceil(v / q)) if v > 0 else 0
 
 
 def _deltas(args: tuple, kwargs: dict) -> list[DeltaTensor]:
