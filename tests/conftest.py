@@ -115,3 +115,17 @@ def cpu_isa(request):
     assert k.cpu_isa() == request.param
     yield request.param
     k.set_cpu_isa(old)
+
+
+def random_delta(n: int, c: int, h: int, w: int, rate: float, gen: torch.Generator):
+    """A random delta with an ext matrix (as produced by the backends) at about `rate` of the pixels."""
+    from deltacnn.backends.reference import _scatter_rows
+    mask = torch.rand(n, 1, h, w, generator=gen) < rate
+    idx = torch.nonzero(mask.reshape(-1)).squeeze(1)
+    vals = torch.randn(idx.numel(), c, generator=gen)
+    return _scatter_rows(n, c, h, w, idx, vals, vals)
+
+
+def cl_state(values: torch.Tensor) -> torch.Tensor:
+    """A float32 channels_last state tensor holding `values` (as the layers keep A and E)."""
+    return values.float().contiguous(memory_format=torch.channels_last)

@@ -12,9 +12,10 @@ from deltacnn.backends.base import PointwiseState
 from deltacnn.backends import cpu_fused
 from deltacnn.backends.cpu_fused import FusedCpuBackend
 from deltacnn.backends.cpu_kernels import load, load_error
-from deltacnn.backends.reference import ReferenceBackend, _scatter_rows
+from deltacnn.backends.reference import ReferenceBackend
 from deltacnn.geometry import Window
 from deltacnn.tensor import DeltaTensor
+from conftest import cl_state, random_delta
 
 if load() is None:
     pytest.skip(f"CPU kernels do not build here: {load_error()}", allow_module_level=True)
@@ -23,17 +24,7 @@ REF = ReferenceBackend()
 FUSED = get_backend(torch.device("cpu"))
 
 
-def _delta(n: int, c: int, h: int, w: int, rate: float, gen: torch.Generator) -> DeltaTensor:
-    """A random delta with an ext matrix (as produced by the backends) at about `rate` of the pixels."""
-    mask = torch.rand(n, 1, h, w, generator=gen) < rate
-    idx = torch.nonzero(mask.reshape(-1)).squeeze(1)
-    vals = torch.randn(idx.numel(), c, generator=gen)
-    return _scatter_rows(n, c, h, w, idx, vals, vals)
-
-
-def _state(values: torch.Tensor) -> torch.Tensor:
-    """A float32 channels_last state tensor holding `values` (as the layers keep A and E)."""
-    return values.float().contiguous(memory_format=torch.channels_last)
+_delta, _state = random_delta, cl_state
 
 
 def _same_delta(a: DeltaTensor, b: DeltaTensor) -> None:

@@ -14,9 +14,10 @@ from deltacnn.backends import reference
 from deltacnn.backends.base import ConvParams, PointwiseState
 from deltacnn.backends.cpu_fused import FusedCpuBackend
 from deltacnn.backends.cpu_kernels import load, load_error
-from deltacnn.backends.reference import ReferenceBackend, _scatter_rows
+from deltacnn.backends.reference import ReferenceBackend
 from deltacnn.geometry import Window
 from deltacnn.tensor import DeltaTensor
+from conftest import cl_state, random_delta
 
 pytestmark = pytest.mark.usefixtures("cpu_isa")  # the one call's block epilogues on both ISAs
 
@@ -33,15 +34,7 @@ def _fused() -> FusedCpuBackend:
     return be
 
 
-def _delta(n: int, c: int, h: int, w: int, rate: float, gen: torch.Generator) -> DeltaTensor:
-    mask = torch.rand(n, 1, h, w, generator=gen) < rate
-    idx = torch.nonzero(mask.reshape(-1)).squeeze(1)
-    vals = torch.randn(idx.numel(), c, generator=gen)
-    return _scatter_rows(n, c, h, w, idx, vals, vals)
-
-
-def _state(values: torch.Tensor) -> torch.Tensor:
-    return values.float().contiguous(memory_format=torch.channels_last)
+_delta, _state = random_delta, cl_state
 
 
 def _no_calls(be: FusedCpuBackend, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -488,19 +488,31 @@ def test_static_camera_refines_once_per_anchor_and_pans_every_frame(net):
     assert mm.camera[0] == pytest.approx([12.0, 0.0], abs=0.3) and mm.aligned_at[0] == [12, 0], mm.camera
 
 
-def test_still_camera_is_estimated_every_other_frame_and_a_pan_start_is_caught_up(net):
-    """still_every=2: after two still estimates only every other frame is estimated; a pan that
-    starts on a skipped frame runs that frame unaligned (plain delta on it) and is caught up by the next
-    estimate (against the anchor), after which the view follows the camera as with an estimate per frame.
-    At tau 0 every frame's output is dense inference on the view it saw."""
+# still_every (None: the default, 3): the camera path (still, then a 4 px/frame pan that starts on a skipped
+# frame), which frames are estimated, and where the view follows the camera (the skipped pan frames unaligned)
+STILL_CASES = {
+    2: ([100] * 5 + [104, 108, 112, 116, 120], [1, 1, 1, 0, 1, 0, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0, 8, 12, 16, 20]),
+    None: ([100] * 6 + [104, 108, 112, 116, 120, 124], [1, 1, 1, 0, 0, 1, 0, 0, 1, 1, 1, 1],
+           [0, 0, 0, 0, 0, 0, 0, 0, 12, 16, 20, 24]),
+}
+
+
+@pytest.mark.parametrize("every", list(STILL_CASES), ids=["every_2", "default_3"])
+def test_still_camera_skips_estimates_and_a_pan_start_is_caught_up(net, every):
+    """After two still estimates only one frame in still_every is estimated (frame 0, the keyframe, has no
+    estimate); a pan that starts on a skipped frame runs unaligned (plain delta on the old view) until the next
+    estimate, which catches the view up (it is against the anchor), after which the view follows the camera as
+    with an estimate per frame. At tau 0 every frame's output is dense inference on the view it saw."""
+    xs, want_estimated, want_cams = STILL_CASES[every]
     scene = _scene(19)
     pc = PhaseCorrelator()
     calls = []
     orig = pc.correlate
     pc.correlate = lambda *a, **k: calls.append(1) or orig(*a, **k)
+    kw = {} if every is None else {"still_every": every}
     mm = MotionDeltaModel(deltacnn.convert(net, torch.zeros(1, 3, H, W), backend="reference"), motion="auto",
-                          estimator=pc, still_every=2)
-    xs = [100] * 5 + [104, 108, 112, 116, 120]  # still for frames 0-4, a 4 px/frame pan from frame 5 (skipped)
+                          estimator=pc, **kw)
+    assert mm.still_every == (3 if every is None else every)
     estimated, cams = [], []
     for t, cx in enumerate(xs):
         x = _camera(scene, cx, 80, t)
@@ -509,35 +521,12 @@ def test_still_camera_is_estimated_every_other_frame_and_a_pan_start_is_caught_u
         cams.append(round(mm.camera[0][0]))
         want = map_outputs(net(_view_frame(mm, x)), torch.tensor(mm.input_shift).neg(), (H, W))
         torch.testing.assert_close(out, want, atol=2e-5, rtol=0)
-    # frame 0 is the keyframe (no estimate); 1, 2 still; then every other frame until the pan is seen
-    assert estimated == [1, 1, 1, 0, 1, 0, 1, 1, 1, 1], estimated
-    assert len(calls) == 7, calls
-    assert cams == [0, 0, 0, 0, 0, 0, 8, 12, 16, 20], cams  # frame 5 unaligned, caught up by frame 6's estimate
+    assert estimated == want_estimated, estimated
+    assert len(calls) == sum(want_estimated) - 1, calls
+    assert cams == want_cams, cams
+
+
+def test_still_every_must_be_a_positive_int(net):
+    dm = deltacnn.convert(net, torch.zeros(1, 3, H, W), backend="reference")
     with pytest.raises(ValueError, match="still_every"):
-        MotionDeltaModel(mm.dm, still_every=0)
-
-
-def test_still_camera_default_estimates_one_frame_in_three_and_catches_a_pan_up(net):
-    """The default still_every=3: after two still estimates two frames of three are skipped; a pan that starts
-    on a skipped frame runs unaligned until the next estimate, which catches the view up (against the anchor).
-    At tau 0 every frame's output is dense inference on the view it saw."""
-    scene = _scene(23)
-    pc = PhaseCorrelator()
-    calls = []
-    orig = pc.correlate
-    pc.correlate = lambda *a, **k: calls.append(1) or orig(*a, **k)
-    mm = MotionDeltaModel(deltacnn.convert(net, torch.zeros(1, 3, H, W), backend="reference"), motion="auto",
-                          estimator=pc)
-    assert mm.still_every == 3
-    xs = [100] * 6 + [104, 108, 112, 116, 120, 124]  # still for frames 0-5, a 4 px/frame pan from frame 6 (skipped)
-    estimated, cams = [], []
-    for t, cx in enumerate(xs):
-        x = _camera(scene, cx, 80, t)
-        out = mm(x)
-        estimated.append(deltacnn.motion.motion_record(mm)["motion_estimated"])
-        cams.append(round(mm.camera[0][0]))
-        want = map_outputs(net(_view_frame(mm, x)), torch.tensor(mm.input_shift).neg(), (H, W))
-        torch.testing.assert_close(out, want, atol=2e-5, rtol=0)
-    assert estimated == [1, 1, 1, 0, 0, 1, 0, 0, 1, 1, 1, 1], estimated
-    assert len(calls) == 7, calls
-    assert cams == [0, 0, 0, 0, 0, 0, 0, 0, 12, 16, 20, 24], cams  # frames 6-7 unaligned, caught up by frame 8
+        MotionDeltaModel(dm, still_every=0)

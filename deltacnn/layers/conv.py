@@ -90,12 +90,15 @@ class DeltaConv2d(DeltaLayer):
             out = DeltaTensor.keyframe(y)
         else:
             st = None
+            backend = rt.backend_for(d.values)
             if self.act is not None:
                 st = PointwiseState(self.act, self._state("acc"), self._state("emitted"),
                                     rt.thresholds.get(self.act_name), rt.thresholds.score)
-                if rt.layer_refresh is not None:  # deltacnn.layer_refresh: what it touched; on refresh frames, more
+                # deltacnn.layer_refresh: what it touched; on refresh frames, more (host backends only: elsewhere
+                # DeltaModel warns once and never reads the bookkeeping)
+                if rt.layer_refresh is not None and backend.host_sync_ok:
                     residual = touch(self, d, residual)
-            out = rt.backend_for(d.values).conv_block(d, self.params(), residual, st)
+            out = backend.conv_block(d, self.params(), residual, st)
             if not rt.stats.enabled:  # (macs_per_pixel costs ~10 us of Python a call)
                 return out
         return self.record(out, self.macs_per_pixel)
