@@ -328,9 +328,9 @@ class _Converter:
                     and isinstance(layer := self.holder.get_submodule(n.target[len("_delta."):]), DenseCall):
                 layer.kind = DenseIsland.kind
 
-    def _tail(self, node: fx.Node, macs: int) -> DenseReport:
+    def _tail(self, node: fx.Node, macs: int, incremental: bool = False) -> DenseReport:
         """Record an op of a dense tail (after the last feature maps): allowed, but listed by convert()."""
-        report = DenseReport(node.name, _target_name(node), macs, node.meta.get(SOURCE))
+        report = DenseReport(node.name, _target_name(node), macs, node.meta.get(SOURCE), incremental)
         self.tails.append(report)
         return report
 
@@ -1111,7 +1111,7 @@ class _Converter:
         n = self._add_layer(make(self._name(node), template, macs, _target_name(node)), inputs, stream=False,
                             macs=macs)
         self.dense_derived.add(n)
-        self.reports_at[n] = self._tail(node, macs)
+        self.reports_at[n] = self._tail(node, macs, incremental=True)
         return n
 
     def _unsupported(self, node: fx.Node, args: tuple, kwargs: dict) -> fx.Node:
@@ -1394,12 +1394,16 @@ def _is_float(node: fx.Node) -> bool:
 
 @dataclass
 class DenseReport:
-    """An op that runs densely: graph node, op, dense multiply-adds per frame, the user's source line."""
+    """An op that runs densely: graph node, op, dense multiply-adds per frame, the user's source line.
+
+    `incremental`: a tail with a delta form (`fn.delta_tail`, YOLOv8's box decode) that reads the streams
+    and, where its backend allows, recomputes only the outputs whose inputs changed: listed, not warned about."""
 
     node: str
     op: str
     macs: int
     source: str | None = None
+    incremental: bool = False
 
 
 class _Chain:
@@ -1825,7 +1829,7 @@ def convert(model: nn.Module, example_input: Tensor, *, threshold: float = 0.0, 
     total = sum(int(n.meta.get("macs", 0)) for n in traced.graph.nodes)
     dm.report = ConversionReport(islands=conv.islands, tails=conv.tails, total_macs=total,
                                  layer_macs={k: conv.macs.get(k, 0) for k in layers})
-    if conv.islands or conv.tails:
+    if dm.report.warns:
         warnings.warn(dm.report.describe(), DenseOpsWarning, stacklevel=2)
     if motion is not None and not (isinstance(motion, str) and motion == "none"):
         from .motion import MotionDeltaModel
@@ -1849,16 +1853,30 @@ class ConversionReport:
     def share(self, macs: int) -> float:
         return macs / self.total_macs if self.total_macs else 0.0
 
+    @property
+    def dense_tails(self) -> list[DenseReport]:
+        """The tails that run densely on every frame (not the incremental ones)."""
+        return [r for r in self.tails if not r.incremental]
+
+    @property
+    def warns(self) -> bool:
+        """Whether convert() warns: a dense island or a tail that runs densely on every frame."""
+        return bool(self.islands or self.dense_tails)
+
     def describe(self) -> str:
+        dense = self.dense_tails
         lines = [f"deltacnn.convert: {len(self.islands)} dense island(s) (allow_dense_fallback=True) and "
-                 f"{len(self.tails)} op(s) in dense tails run densely on every frame:"]
+                 f"{len(dense)} op(s) in dense tails run densely on every frame:"]
         for r in self.islands:
             lines.append(f"  dense island {r.node!r}: {r.op}, {self.share(r.macs):.1%} of the model's MACs"
                          + (f" (at {r.source})" if r.source else ""))
-        if self.tails:
-            macs = sum(r.macs for r in self.tails)
-            names = ", ".join(f"{r.node} ({r.op})" for r in self.tails[:8]) + (", ..." if len(self.tails) > 8 else "")
-            lines.append(f"  dense tail after the last feature maps: {names}; {self.share(macs):.1%} of the MACs")
+        for title, tails in (("dense tail after the last feature maps", dense),
+                             ("incremental tail (reads the delta streams; on the cpu backend recomputes only "
+                              "what changed)", [r for r in self.tails if r.incremental])):
+            if tails:
+                macs = sum(r.macs for r in tails)
+                names = ", ".join(f"{r.node} ({r.op})" for r in tails[:8]) + (", ..." if len(tails) > 8 else "")
+                lines.append(f"  {title}: {names}; {self.share(macs):.1%} of the MACs")
         return "\n".join(lines)
 
 

@@ -462,3 +462,17 @@ def test_pixel_layout_rules():
     assert pl.is_map(pl.reshape(rows[1], (2, 8, 6), (2, 8, 1, 6)), (2, 8, 1, 6))
     # a max over channels keeps the pixels
     assert pl.is_map(pl.reshape(pl.reduce(m, (1,), False), (2, 4, 6), (2, 1, 4, 6)), (2, 1, 4, 6))
+
+
+def test_yolov8_delta_box_decode_is_listed_as_incremental_without_a_dense_warning():
+    """deltacnn's YOLOv8 decode has a delta form (DeltaBoxDecode): convert() lists it as an incremental tail and
+    does not warn that it runs densely; Ultralytics' own head (no delta form) stays a warned dense tail."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DenseOpsWarning)
+        dm = deltacnn.convert(_yolo_deltacnn(), torch.rand(1, 3, 64, 64), backend="reference")
+    assert [(r.op.rsplit(".", 1)[-1], r.incremental) for r in dm.report.tails] == [("decode_boxes", True)]
+    assert not dm.report.warns and dm.report.dense_tails == []
+    assert "incremental tail" in dm.report.describe() and "0 op(s) in dense tails" in dm.report.describe()
+    pytest.importorskip("ultralytics")
+    with pytest.warns(DenseOpsWarning, match="dense tail after the last feature maps"):
+        deltacnn.convert(_yolo_ultralytics(), torch.rand(1, 3, 64, 64), backend="reference")
