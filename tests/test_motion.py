@@ -289,6 +289,28 @@ def test_refinement_removes_the_pooled_estimate_bias():
         PhaseCorrelator(refine=8)
 
 
+def test_refine_keeps_an_anchor_windows_spectrum_under_its_key():
+    """refine's prev_keys: a prev row's window spectrum is computed once per key and window and reused (the
+    motion model's anchors); keyed and unkeyed refinements agree, and a new key recomputes."""
+    scene = _scene(13, 400, 480)
+    shifts = [(4, 0), (-7, 3)]
+    prev = torch.cat([scene[:, :, 100:300, 100:360]] * len(shifts))
+    cur = torch.cat([scene[:, :, 100 + dy:300 + dy, 100 + dx:360 + dx] for dx, dy in shifts]).clone()
+    pc = PhaseCorrelator(max_size=52)
+    _, f = pc.prepare(prev)
+    coarse = PhaseCorrelator(max_size=52, refine=0)(prev, cur).shift
+    g = pc.grey(prev)
+    plain = pc.refine(g, cur, coarse, f)
+    keys = [("s0", 1), ("s1", 1)]
+    torch.testing.assert_close(pc.refine(g, cur, coarse, f, keys), plain, atol=0, rtol=0)
+    assert len(pc._prev_spectra) == 2
+    # the kept spectra are what is used under the same keys (here: even for another prev)
+    torch.testing.assert_close(pc.refine(torch.zeros_like(g), cur, coarse, f, keys), plain, atol=0, rtol=0)
+    # new keys: the (textureless) prev is transformed and the coarse estimates are kept
+    torch.testing.assert_close(pc.refine(torch.zeros_like(g), cur, coarse, f, [("s0", 2), ("s1", 2)]), coarse)
+    torch.testing.assert_close(plain, torch.tensor(shifts, dtype=torch.float32), atol=0.1, rtol=0)
+
+
 def test_estimator_reports_low_confidence_on_a_cut():
     a = _scene(8, 120, 160)
     b = _scene(9, 120, 160)

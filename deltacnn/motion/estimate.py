@@ -56,6 +56,8 @@ class PhaseCorrelator:
     confidence.
     """
 
+    MAX_KEPT_SPECTRA = 256  # refine's kept prev-window spectra (one per anchor and stream in use)
+
     def __init__(self, max_size: int = 256, exclude: int = 3, refine: int = 192) -> None:
         if max_size < 16:
             raise ValueError(f"max_size must be >= 16 pixels, got {max_size}")
@@ -68,6 +70,7 @@ class PhaseCorrelator:
         # 128 px failed on textureless parts of vtest (the top of a tilt), 192 px did not
         self.refine_size = refine
         self._window: dict = {}
+        self._prev_spectra: dict = {}  # refine's prev_keys -> (window, spectrum)
 
     @staticmethod
     def grey(x: Tensor) -> Tensor:
@@ -82,13 +85,19 @@ class PhaseCorrelator:
                                        * torch.hann_window(w, periodic=False, device=device).unsqueeze(0))
         return win
 
-    def refine(self, prev: Tensor, cur: Tensor, coarse: Tensor, factor: int) -> Tensor:
-        """A pooled estimate (N, 2) made sub-pixel accurate at full resolution: a window of the frames `cur`
-        (N, C, H, W) is phase-correlated with the window of `prev` (their grey, N x H x W, see `grey`)
-        displaced by the rounded estimate, and
-        the peak is searched within the pooling factor of zero. Streams whose window does not fit in
-        both frames, or whose refined peak is not clearly above the surface, keep the coarse estimate.
-        (The windows are cut at host-side offsets: this reads the coarse estimate on the host.)"""
+    def refine(self, prev: Tensor, cur: Tensor, coarse: Tensor, factor: int,
+               prev_keys: list | None = None) -> Tensor:
+        """A pooled estimate (N, 2) made sub-pixel accurate at full resolution: a window of `prev` (their grey,
+        N x H x W, see `grey`) is phase-correlated with the window of the frames `cur` (N, C, H, W) displaced
+        by minus the rounded estimate, and the peak is searched within the pooling factor of zero. Streams
+        whose window does not fit in both frames, or whose refined peak is not clearly above the surface,
+        keep the coarse estimate. (The windows are cut at host-side offsets: this reads the coarse estimate
+        on the host.)
+
+        `prev_keys` (optional, one hashable per row of `prev`: (stream, version) of an anchor frame): the
+        windowed spectrum of a `prev` row is kept under its key and reused while key and window are the
+        same (the prev window sits at the frame's centre whatever the estimate, so an anchor's is computed
+        once: a third of the refinement's transforms)."""
         if not self.refine_size or factor <= 1:
             return coarse
         n, H, W = prev.shape
@@ -101,29 +110,29 @@ class PhaseCorrelator:
         rad = factor + 1
         win = self._hann(side, side, cur.device)
         out = coarse.clone()
-        rows, pairs = [], []
+        rows, specs, curs = [], [], []
         for i, (kx, ky) in enumerate(ks):
-            y0 = _place((H - side) // 2, ky, H - side)
-            x0 = _place((W - side) // 2, kx, W - side)
+            # prev's window at o, cur's at o - k: both inside their frames
+            y0 = _place((H - side) // 2, -ky, H - side)
+            x0 = _place((W - side) // 2, -kx, W - side)
             if y0 is None or x0 is None:
                 continue
-            a = prev[i, y0 + ky:y0 + ky + side, x0 + kx:x0 + kx + side]
-            b = cur[i, :, y0:y0 + side, x0:x0 + side].float().mean(0)  # grey of the window only
-            pairs.append((a, b))
+            key = None if prev_keys is None else prev_keys[i]
+            specs.append(self._prev_window_spectrum(prev, i, y0, x0, side, win, key))
+            curs.append(cur[i, :, y0 - ky:y0 - ky + side, x0 - kx:x0 - kx + side].float().mean(0))  # its grey only
             rows.append(i)
         if not rows:
             return coarse
-        a = torch.stack([p[0] for p in pairs])
-        b = torch.stack([p[1] for p in pairs])
-        a = (a - a.mean((1, 2), keepdim=True)) * win
+        b = torch.stack(curs)
         b = (b - b.mean((1, 2), keepdim=True)) * win
-        cross = torch.fft.rfft2(a) * torch.fft.rfft2(b).conj()
+        cross = torch.cat(specs) * torch.fft.rfft2(b).conj()
         cross = cross / cross.abs().clamp_min(1e-12 * float(side * side))
-        surf = torch.fft.irfft2(cross, s=(side, side))  # peak at e: cur window(p) = prev window(p + e)
+        surf = torch.fft.irfft2(cross, s=(side, side))  # peak at e - k: cur window(p) = prev window(p + e - k)
         m = len(rows)
         flat = surf.reshape(m, -1)
         conf = (flat.max(1).values - flat.mean(1)) / flat.std(1).clamp_min(1e-30)
-        near = torch.roll(surf, (rad, rad), (1, 2))[:, :2 * rad + 1, :2 * rad + 1]  # offsets -rad..rad
+        wrap = torch.arange(-rad, rad + 1, device=cur.device).remainder(side)  # offsets -rad..rad
+        near = surf.index_select(1, wrap).index_select(2, wrap)
         peak, arg = near.reshape(m, -1).max(1)
         py, px = arg // (2 * rad + 1), arg % (2 * rad + 1)
         r = torch.arange(m, device=cur.device)
@@ -142,6 +151,22 @@ class PhaseCorrelator:
         good = (conf >= MIN_CONFIDENCE).unsqueeze(1) & near_coarse
         out[idx] = torch.where(good, k + e, coarse[idx])
         return out
+
+    def _prev_window_spectrum(self, prev: Tensor, i: int, y0: int, x0: int, side: int, win: Tensor,
+                              key) -> Tensor:
+        """rfft2 of row i's zero-mean, windowed window of `prev` at (y0, x0), (1, side, side // 2 + 1); kept
+        under `key` (see refine's prev_keys) while the window is the same."""
+        where = (y0, x0, side, prev.dtype, prev.device)
+        kept = self._prev_spectra.get(key) if key is not None else None
+        if kept is not None and kept[0] == where:
+            return kept[1]
+        a = prev[i:i + 1, y0:y0 + side, x0:x0 + side]
+        spec = torch.fft.rfft2((a - a.mean((1, 2), keepdim=True)) * win)
+        if key is not None:
+            if len(self._prev_spectra) >= self.MAX_KEPT_SPECTRA:
+                self._prev_spectra.clear()  # keys of anchors replaced long ago
+            self._prev_spectra[key] = (where, spec)
+        return spec
 
     def prepare(self, x: Tensor) -> tuple[Tensor, int]:
         """(N, h, w) pooled, zero-mean, windowed grey frames and the pooling factor; keep it for the next call."""

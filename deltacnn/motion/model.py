@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import itertools
 import math
 import os
 
@@ -24,6 +25,7 @@ from .estimate import MIN_CONFIDENCE, MotionEstimate, PhaseCorrelator, given_mot
 # tilts (2-4 px/frame, people walking, codec noise) 0.23-0.55, Market Street's forward motion 0.97-1.0,
 # cityCC0's moving time-lapse 0.82-0.97 (its translation is < 1 px: alignment changes nothing there)
 MAX_UNEXPLAINED = 0.75
+_ANCHOR_SERIALS = itertools.count(1)  # see MotionDeltaModel._next_serial
 
 
 def _columns_on_host(shift: Tensor, confidence: Tensor, unexplained: Tensor | None = None
@@ -389,6 +391,12 @@ class MotionDeltaModel(nn.Module):
     STILL_RUN = 2  # "auto": still estimates in a row before frames are skipped (see still_every)
     REANCHOR_CONFIDENCE = 8.0
 
+    @staticmethod
+    def _next_serial() -> int:
+        """A number no anchor of any model had before (refine's keys for the anchors' window spectra: an
+        estimator may be shared by several models)."""
+        return next(_ANCHOR_SERIALS)
+
     def _anchor_to(self, x: Tensor, streams: list[int], spec: Tensor | None = None,
                    pooled: Tensor | None = None) -> None:
         """Make the current frame (its spectrum `spec`, its pooled grey `pooled`) the anchor of `streams`, at
@@ -404,6 +412,7 @@ class MotionDeltaModel(nn.Module):
             self._anchor_age = [0] * x.shape[0]
             self._anchor_conf = [math.inf] * x.shape[0]  # the first estimate's confidence against the anchor
             self._refined_at = [None] * x.shape[0]  # per stream: (pooled, refined) estimates at the last refinement
+            self._anchor_serial = [self._next_serial() for _ in range(x.shape[0])]  # refine's prev_keys
             return
         for j, i in enumerate(streams):
             self._anchor[i] = spec[i]
@@ -413,6 +422,7 @@ class MotionDeltaModel(nn.Module):
             self._anchor_age[i] = 0
             self._anchor_conf[i] = math.inf
             self._refined_at[i] = None
+            self._anchor_serial[i] = self._next_serial()
 
     def _refined(self, x: Tensor, coarse: Tensor, factor: int) -> Tensor:
         """The pooled estimates (vs the anchor) refined at full resolution, for the streams whose pooled
@@ -428,8 +438,13 @@ class MotionDeltaModel(nn.Module):
         out = [None if last[i] is None else [r + a - b for r, a, b in zip(last[i][1], c[i], last[i][0])]
                for i in range(len(c))]
         if todo:
-            sel = torch.tensor(todo, device=x.device)
-            fine = self.estimator.refine(self._anchor_grey[sel], x[sel], coarse[sel], factor).double().cpu().tolist()
+            keys = [(i, self._anchor_serial[i]) for i in todo]  # an anchor's window spectrum is computed once
+            if todo == list(range(todo[0], todo[-1] + 1)):  # consecutive streams: views (x[sel] copies frames)
+                part = slice(todo[0], todo[-1] + 1)
+            else:
+                part = torch.tensor(todo, device=x.device)
+            fine = self.estimator.refine(self._anchor_grey[part], x[part], coarse[part], factor,
+                                         keys).double().cpu().tolist()
             for j, i in enumerate(todo):
                 out[i] = fine[j]
                 last[i] = (c[i], fine[j])
