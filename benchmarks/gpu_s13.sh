@@ -6,7 +6,7 @@
 #   floor    R50-3stage 1080p b1 static / sq1 / sq5 / crowd5 / sq25 / sq100 and R18 720p b1 sq5: the one-wave
 #            grid ("default") against the 4-programs-per-SM grid of sessions 1-12 (same process), per-kernel
 #            profile of the static frame, peers cuDNN + graph and reduce-overhead
-#   base     the session-12 tree (../base) on R50 b1 static / sq1 / sq5 / crowd5, then this tree again with the
+#   base     the session-12 tree (../base) on R50 b1 static / sq5, then this tree again with the
 #            variants in the other order: the arrival change is only in the tree, not a variant
 #   yolo1    YOLOv8n on vtest.avi b1 (795 frames), shipped thresholds file, per-kernel profile
 #   yolo16   the same as 16 streams at 3-frame offsets
@@ -40,11 +40,11 @@ for st in "$@"; do
     ;;
   base)
     (cd ../base && export PYTHONPATH=$PWD:$PWD/benchmarks:$PWD/.. DELTACNN_COMMIT=cfc0593 && \
-        timeout "$(cap 120)" python3 benchmarks/gpu_peers.py --plan "r50:1:static,sq1,sq5,crowd5" --autotune "" \
+        timeout "$(cap 120)" python3 benchmarks/gpu_peers.py --plan "r50:1:static,sq5" --autotune "" \
         --reduce-overhead none --variants default --profile "" --frames 14 --tag "s13${TAG}_base") \
         > "$OUT/gpu_peers_s13${TAG}_base.txt" 2>&1
     tail -6 "$OUT/gpu_peers_s13${TAG}_base.txt" | cut -c1-250
-    timeout "$(cap 120)" python3 benchmarks/gpu_peers.py --plan "r50:1:static,sq1,sq5,crowd5" --autotune "" \
+    timeout "$(cap 120)" python3 benchmarks/gpu_peers.py --plan "r50:1:static,sq5" --autotune "" \
         --reduce-overhead none --variants "4 programs/SM,default" --profile "" --frames 14 --tag "s13${TAG}_again" \
         > "$OUT/gpu_peers_s13${TAG}_again.txt" 2>&1
     tail -10 "$OUT/gpu_peers_s13${TAG}_again.txt" | cut -c1-250
