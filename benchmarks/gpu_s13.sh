@@ -9,7 +9,7 @@
 #   base     the session-12 tree (../base) on R50 b1 static / sq5, then this tree again with the
 #            variants in the other order: the arrival change is only in the tree, not a variant
 #   yolo1    YOLOv8n on vtest.avi b1 (795 frames), shipped thresholds file, per-kernel profile
-#   yolo16   the same as 16 streams at 3-frame offsets
+#   yolo16   the same as 16 streams at 3-frame offsets (YOLO_CAP: seconds at most for either)
 #   autotune torch.compile(mode="max-autotune") peer of YOLOv8n b1 (compile time), peers only
 # Logs and JSON go to a scratch folder that is packed into $OUT/s13_TAG.tgz at the end (the tool returns at most
 # 8 files). LIMIT (s, default 540): the stages share it; each gets what is left.
@@ -52,7 +52,7 @@ for st in "$@"; do
   yolo1|yolo16)
     b=${st#yolo}
     prof=""; [ "$b" = 1 ] && prof="--profile 1:deltacnn/data/yolov8n_vtest.json"
-    timeout "$(left)" python3 benchmarks/gpu_yolo.py --batches "$b" --thresholds deltacnn/data/yolov8n_vtest.json \
+    timeout "$(cap "${YOLO_CAP:-600}")" python3 benchmarks/gpu_yolo.py --batches "$b" --thresholds deltacnn/data/yolov8n_vtest.json \
         --autotune "" $prof --tag "s13${TAG}_yolo$b" 2>&1 | filter > "$OUT/gpu_yolo_s13${TAG}_yolo$b.txt"
     grep -E "graph replay" "$OUT/gpu_yolo_s13${TAG}_yolo$b.txt" | cut -c1-200
     tail -4 "$OUT/gpu_yolo_s13${TAG}_yolo$b.txt" | cut -c1-330
