@@ -10,7 +10,7 @@
 #            variants in the other order: the arrival change is only in the tree, not a variant
 #   yolo1    YOLOv8n on vtest.avi b1 (795 frames), shipped thresholds file, per-kernel profile
 #   yolo16   the same as 16 streams at 3-frame offsets (YOLO_CAP: seconds at most for either)
-#   autotune torch.compile(mode="max-autotune") peer of YOLOv8n b1 (compile time), peers only
+#   autotune torch.compile(mode="max-autotune") peer of YOLOv8n b1 (compile time), peers only (AUTOTUNE_CAP: s)
 # Logs and JSON go to a scratch folder that is packed into $OUT/s13_TAG.tgz at the end (the tool returns at most
 # 8 files). LIMIT (s, default 540): the stages share it; each gets what is left.
 TAG=$1; shift
@@ -58,8 +58,9 @@ for st in "$@"; do
     tail -4 "$OUT/gpu_yolo_s13${TAG}_yolo$b.txt" | cut -c1-330
     ;;
   autotune)
-    timeout "$(left)" python3 benchmarks/gpu_yolo.py --batches 1 --autotune 1 --peers-only --tag "s13${TAG}_autotune" 2>&1 \
+    timeout "$(cap "${AUTOTUNE_CAP:-600}")" python3 benchmarks/gpu_yolo.py --batches 1 --autotune 1 --peers-only --tag "s13${TAG}_autotune" 2>&1 \
         | filter > "$OUT/gpu_yolo_s13${TAG}_autotune.txt"
+    grep -E "peer compile|strongest" "$OUT/gpu_yolo_s13${TAG}_autotune.txt" | cut -c1-400
     tail -4 "$OUT/gpu_yolo_s13${TAG}_autotune.txt" | cut -c1-330
     ;;
   esac
