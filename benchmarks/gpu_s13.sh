@@ -8,6 +8,7 @@
 #            profile of the static frame, peers cuDNN + graph and reduce-overhead
 #   base     the session-12 tree (../base) on R50 b1 static / sq5, then this tree again with the
 #            variants in the other order: the arrival change is only in the tree, not a variant
+#   base2    the same two trees in the other order (this tree first)
 #   yolo1    YOLOv8n on vtest.avi b1 (795 frames), shipped thresholds file, per-kernel profile
 #   yolo16   the same as 16 streams at 3-frame offsets (YOLO_CAP: seconds at most for either)
 #   autotune torch.compile(mode="max-autotune") peer of YOLOv8n b1 (compile time), peers only (AUTOTUNE_CAP: s)
@@ -48,6 +49,18 @@ for st in "$@"; do
         --reduce-overhead none --variants "4 programs/SM,default" --profile "" --frames 14 --tag "s13${TAG}_again" \
         > "$OUT/gpu_peers_s13${TAG}_again.txt" 2>&1
     tail -10 "$OUT/gpu_peers_s13${TAG}_again.txt" | cut -c1-250
+    ;;
+  base2)
+    # the base A/B in the other order: this tree first, then the session-12 tree
+    timeout "$(cap 120)" python3 benchmarks/gpu_peers.py --plan "r50:1:static,sq5" --autotune "" \
+        --reduce-overhead none --variants "default,4 programs/SM" --profile "" --frames 14 --tag "s13${TAG}_new" \
+        > "$OUT/gpu_peers_s13${TAG}_new.txt" 2>&1
+    tail -6 "$OUT/gpu_peers_s13${TAG}_new.txt" | cut -c1-250
+    (cd ../base && export PYTHONPATH=$PWD:$PWD/benchmarks:$PWD/.. DELTACNN_COMMIT=cfc0593 && \
+        timeout "$(cap 120)" python3 benchmarks/gpu_peers.py --plan "r50:1:static,sq5" --autotune "" \
+        --reduce-overhead none --variants default --profile "" --frames 14 --tag "s13${TAG}_base") \
+        > "$OUT/gpu_peers_s13${TAG}_base.txt" 2>&1
+    tail -4 "$OUT/gpu_peers_s13${TAG}_base.txt" | cut -c1-250
     ;;
   yolo1|yolo16)
     b=${st#yolo}
