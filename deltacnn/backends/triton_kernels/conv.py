@@ -289,7 +289,8 @@ SMALL_MAP_MAXNREG: int | None = 168
 # once (one wave), from the compiled kernel's registers, warps and shared memory (`kernel_residency`,
 # recorded at a launch signature's first launch, which runs FIRST_LAUNCH_PROGRAMS_PER_SM). Most conv
 # variants use 230-245 registers per thread at 4 warps, so 2 programs of 128 threads fit an SM (168
-# under the small-map cap: 3). Sessions 1-12 asked for 4: two waves, and an empty conv cost 3.0 us.
+# under the small-map cap: 3). Sessions 1-12 asked for 4: two waves, and an empty conv cost 3.0 us; one
+# wave and no arrivals at zero work (_reset_counter): 1.25-1.6 us (H200, R50 1080p static, eager profile).
 PROGRAMS_PER_SM: int | None = None
 FIRST_LAUNCH_PROGRAMS_PER_SM = 4
 # launch signature (kernel, device, dtypes, constexprs, launch options) -> programs resident per SM
@@ -311,7 +312,7 @@ SPLIT_EMIT_BN: int | None = 64
 @dataclass(frozen=True)
 class ConvConfig:
     """Launch shape of the sparse conv: output tile th x tw pixels, bn output channels, bk input channels
-    per K step, split_k K splits (fp32 atomics), persistent programs per SM."""
+    per K step, split_k K splits (fp32 atomics), persistent programs per SM (None: one wave)."""
 
     th: int = 8
     tw: int = 8
