@@ -38,7 +38,9 @@ from gpu_bench import SIZES, cuda_ms, free_memory, rel, steady_macs, time_sequen
 # and deltacnn.compile arguments (keys "compile:<argument>")
 # and "torch_report": the compiled runner's per-stream report in PyTorch ops instead of its two kernels
 VARIANTS = {"default": {}, "tile lists": {"PIXEL_LISTS": False}, "skip": {"compile:skip_static": True},
-            "torch report": {"torch_report": True}}
+            "torch report": {"torch_report": True},
+            # sessions 1-12's conv grid: 4 programs per SM asked, 2-3 resident (two waves at zero work)
+            "4 programs/SM": {"PROGRAMS_PER_SM": 4}}
 TAU = 0.02
 NOISE, NOISE_INPUT_THRESHOLD = 0.01, 0.05
 N_OBJ = 24

@@ -1,14 +1,8 @@
 #!/usr/bin/env bash
 # Session 10's device calls (issue 13), run from a copy of the tree with vtest.avi, yolov8n.pt and
 # workload.py one folder up (the device tool's .carry/): bash benchmarks/gpu_s10.sh yolo|peers|tests
-set -o pipefail
 stage=$1
-here=$(pwd)
-export PYTHONUNBUFFERED=1 TORCH_EXTENSIONS_DIR=/tmp/ext YOLO_OFFLINE=1 YOLO_CONFIG_DIR=$(mktemp -d)
-export DELTACNN_CLIP=$here/../vtest.avi DELTACNN_YOLOV8_PT=$here/../yolov8n.pt
-export PYTHONPATH=$here:$here/benchmarks:$here/..
-nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,utilization.gpu,memory.used --format=csv | tee "$OUT/smi_$stage.txt"
-python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)' | tee -a "$OUT/smi_$stage.txt"
+source "$(dirname "$0")/gpu_env.sh"
 case $stage in
 yolo)
   # the new kernel on the GPU first (bit-exact copy test, and inside a converted model), then the clip

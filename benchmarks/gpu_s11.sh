@@ -6,16 +6,9 @@
 #   scan    kernel/backend tests, peers, triton_gpu and models tests on the GPU in one xdist run
 #   yolo    YOLOv8n on vtest.avi with the shipped thresholds file, b1 and N=16, per-kernel profile at b1
 #   peers, peers2   R50-3stage 1080p and R18 720p rows against the strongest peer
-set -o pipefail
-here=$(pwd)
-export PYTHONUNBUFFERED=1 TORCH_EXTENSIONS_DIR=/tmp/ext YOLO_OFFLINE=1 YOLO_CONFIG_DIR=$(mktemp -d)
-export DELTACNN_CLIP=$here/../vtest.avi DELTACNN_YOLOV8_PT=$here/../yolov8n.pt
-export PYTHONPATH=$here:$here/benchmarks:$here/..
-nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,utilization.gpu,memory.used --format=csv | tee -a "$OUT/smi.txt"
-python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)' | tee -a "$OUT/smi.txt"
-t0=$(date +%s)
+source "$(dirname "$0")/gpu_env.sh"
 for stage in "$@"; do
-  echo "=== stage $stage at $(( $(date +%s) - t0 )) s" | tee -a "$OUT/smi.txt"
+  stage "$stage"
   case $stage in
   tests)
     timeout 170 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider -n 4 --timeout 160 tests/gpu > "$OUT/gpu_tests_s11_gpu.txt" 2>&1

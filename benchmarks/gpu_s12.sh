@@ -9,18 +9,9 @@
 #   swap     call 2's report A/B (R50 and YOLOv8n) in the other order
 #   autotune torch.compile(mode="max-autotune") peer of YOLOv8n b1 (compile time), peers only
 # LIMIT (s, default 585): the stages share it; each gets what is left.
-set -o pipefail
-here=$(pwd)
-export PYTHONUNBUFFERED=1 TORCH_EXTENSIONS_DIR=/tmp/ext YOLO_OFFLINE=1 YOLO_CONFIG_DIR=$(mktemp -d)
-export DELTACNN_CLIP=$here/../vtest.avi DELTACNN_YOLOV8_PT=$here/../yolov8n.pt
-export PYTHONPATH=$here:$here/benchmarks:$here/..
-nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,utilization.gpu,memory.used --format=csv | tee -a "$OUT/smi.txt"
-python3 -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)' | tee -a "$OUT/smi.txt"
-t0=$(date +%s)
-left() { echo $(( ${LIMIT:-585} - ($(date +%s) - t0) )); }
-filter() { grep -v -e DenseOpsWarning -e "dense tail after" -e "return deltacnn.convert"; }
+source "$(dirname "$0")/gpu_env.sh"
 for stage in "$@"; do
-  echo "=== stage $stage at $(( $(date +%s) - t0 )) s" | tee -a "$OUT/smi.txt"
+  stage "$stage"
   case $stage in
   tests)
     timeout 150 python3 -m pytest -q -rA --tb=short -p no:cacheprovider -n 8 --timeout 140 \

@@ -355,6 +355,89 @@ def test_sparse_conv2d_persistent_counter(case):
         tk.sparse_conv2d(x, xm, wt, None, case[3], case[4], case[5], case[6], counter=counter.long())
 
 
+def _one_pixel(xm: torch.Tensor) -> torch.Tensor:
+    m = torch.zeros_like(xm)
+    m[-1, 0, 3, 4] = True
+    return m
+
+
+@pytest.mark.parametrize("programs_per_sm", [None, 1])
+@pytest.mark.parametrize("case,split,fn", [(CONV_CASES[0], 2, "relu"), (CONV_CASES[0], 1, None),
+                                           (CONV_CASES[8], 1, "relu")], ids=["fixup-relu", "plain", "depthwise"])
+def test_counter_reset_by_the_programs_with_work(case, split, fn, programs_per_sm):
+    """Only the programs with a work item arrive at the counter (their last resets it): at zero work none,
+    with fewer items than programs some, with more items than programs (1 per SM) all; results and the
+    zeroed counter hold in every order of such calls."""
+    counter = torch.zeros(2, dtype=torch.int32, device=DEV)
+    cfg = tk.ConvConfig(th=8, tw=8, bn=16, bk=16, split_k=split, programs_per_sm=programs_per_sm)
+    for seed, kind in enumerate(("empty", "pixel", "dense", "empty", "sparse", "pixel", "dense")):
+        g, x, xm, wt, _ = _conv_inputs(60 + seed, case, torch.float32, h=19, w=21,
+                                       p={"dense": 0.9, "sparse": 0.05}.get(kind, 1.0))
+        if kind in ("empty", "pixel"):  # x is finite everywhere (p 1): keep one pixel or none
+            xm = torch.zeros_like(xm) if kind == "empty" else _one_pixel(xm)
+            x = torch.where(xm, x, torch.full((), float("nan"), device=DEV))
+        om = ref_dilate(xm, case[2], case[3], case[4], case[5])
+        y = ref_conv(x, xm, wt, case[3], case[4], case[5], case[6])
+        kw = dict(input_precision="ieee", config=cfg, counter=counter)
+        if fn is None:
+            out = cl(torch.full(y.shape, float("nan"), device=DEV))
+            o, fm = tk.sparse_conv2d(x, xm, wt, None, case[3], case[4], case[5], case[6], out, **kw)
+            assert torch.equal(fm, om)
+            if om.any():
+                sel = om.expand_as(y)
+                assert rel(o[sel], y[sel]) < 1e-6
+        else:
+            n, c, ho, wo = y.shape
+            A = cl(torch.randn(n, c, ho, wo, generator=g).to(DEV))
+            E = cl(ref_act(fn, A.double()).float() + 0.05 * torch.randn(n, c, ho, wo, generator=g).to(DEV))
+            ref = ref_nonlinear(y, om, A, E, fn, 0.0, "max", torch.float32)
+            out = cl(torch.full(y.shape, float("nan"), device=DEV))
+            o, fm = tk.sparse_conv2d(x, xm, wt, None, case[3], case[4], case[5], case[6], out,
+                                     act=tk.Act(fn, A, E, 0.0), **kw)
+            check_nonlinear(o, fm, A, E, ref, 1e-5, 0.0, 0.0)
+        assert counter.tolist() == [0, 0], kind
+
+
+def test_resident_programs():
+    """One wave of the persistent conv grid: programs per SM from registers, warps and shared memory."""
+    from deltacnn.backends.triton_kernels._common import SMLimits, resident_programs
+    h = SMLimits()  # the defaults: an H100 / H200 SM
+    assert resident_programs(255, 4, 0, h) == 2  # the uncapped conv kernel (230-255 registers)
+    assert resident_programs(232, 4, 0, h) == 2
+    assert resident_programs(168, 4, 0, h) == 3  # SMALL_MAP_MAXNREG
+    assert resident_programs(255, 8, 0, h) == 1
+    assert resident_programs(32, 4, 0, h) == 16  # threads: 2048 / 128
+    assert resident_programs(32, 1, 0, h) == 32  # the program limit
+    assert resident_programs(128, 4, 100 * 1024, h) == 2  # shared memory: 228 KiB / (100 + 1) KiB
+    assert resident_programs(255, 4, 200 * 1024, h) == 1
+
+
+def test_conv_grid_is_one_wave_after_the_first_launch(monkeypatch):
+    """The first launch of a signature runs FIRST_LAUNCH_PROGRAMS_PER_SM per SM and records how many of its
+    programs fit an SM; later launches ask for that many (an explicit programs_per_sm wins)."""
+    grids = []
+    real = tk.conv._conv_gemm_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            grids.append(grid[0])
+            return real[grid]
+    monkeypatch.setattr(tk.conv, "_conv_gemm_kernel", Spy())
+    monkeypatch.setattr(tk.conv, "_RESIDENT", {})
+    monkeypatch.setattr(tk.conv, "kernel_residency", lambda kernel, dev: 1)
+    monkeypatch.setattr(tk.conv, "num_sms", lambda dev: 3)
+    case = CONV_CASES[0]
+    g, x, xm, wt, om = _conv_inputs(70, case, torch.float32, h=40, w=40, p=0.5)
+    ref = ref_conv(x, xm, wt, case[3], case[4], case[5], case[6])
+    sel = om.expand_as(ref)
+    for cfg in (None, None, tk.ConvConfig(programs_per_sm=2)):
+        y, _ = tk.sparse_conv2d(x, xm, wt, None, case[3], case[4], case[5], case[6], input_precision="ieee",
+                                config=cfg)
+        assert rel(y[sel], ref[sel]) < 1e-6
+    assert grids == [3 * tk.conv.FIRST_LAUNCH_PROGRAMS_PER_SM, 3, 6]
+    assert len(tk.conv._RESIDENT) == 1
+
+
 def test_sparse_conv2d_float32_out_of_half_inputs():
     case = CONV_CASES[0]
     g, x, xm, wt, om = _conv_inputs(8, case, torch.float16)

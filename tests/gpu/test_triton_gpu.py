@@ -156,6 +156,58 @@ def test_cuda_graph_capture_and_replay():
     assert rel(S, torch.relu(dense)) < 2e-3
 
 
+@pytest.mark.parametrize("c,k,groups", [(256, 3, 1), (64, 1, 1), (96, 3, 96)], ids=["fixup", "1x1", "depthwise"])
+def test_one_wave_grid_and_counter_reset_in_a_graph(c, k, groups):
+    """After a launch signature's first launch the conv grid is the programs that fit an SM (recorded from
+    the compiled kernel); replays of a captured frame that reuse one counter at zero, one-pixel and blob
+    masks (fewer and more work items than programs) stay exact and leave the counter zeroed."""
+    n, h, w = 1, 68, 120
+    pad = (k // 2,) * 4
+    xm = torch.zeros(n, 1, h, w, dtype=torch.bool, device="cuda")
+    x = cl(torch.randn(n, c, h, w, device="cuda").half())
+    wt = (torch.randn(c, c // groups, k, k, device="cuda") / (c // groups * k * k) ** 0.5).half()
+    prep = tk.prepare_weight(wt, groups, torch.float16)
+    A = cl(torch.zeros(n, c, h, w, device="cuda"))
+    E = cl(torch.zeros(n, c, h, w, device="cuda"))
+    out = cl(torch.empty(n, c, h, w, device="cuda", dtype=torch.float16))
+    counter = torch.zeros(2, dtype=torch.int32, device="cuda")
+    tk.conv._RESIDENT.clear()
+
+    def frame():
+        tk.sparse_conv2d(x, xm, wt, None, (1, 1), pad, (1, 1), groups, out=out, prepared=prep,
+                         act=tk.Act("relu", A, E, 0.0), counter=counter)
+    xm[..., 5:9, 7:30] = True
+    frame()  # the first launch records the residency
+    torch.cuda.synchronize()
+    assert tk.conv._RESIDENT and all(1 <= v <= 32 for v in tk.conv._RESIDENT.values()), tk.conv._RESIDENT
+    print("programs per SM:", sorted(tk.conv._RESIDENT.values()))
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        frame()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        frame()
+    A.zero_(), E.zero_()
+    dense = torch.zeros(n, c, h, w, dtype=torch.float64, device="cuda")
+    for t, kind in enumerate(("empty", "pixel", "blob", "empty", "blob", "pixel", "dense")):
+        xm.zero_()
+        if kind == "pixel":
+            xm[..., 30, 3 + t] = True
+        elif kind == "blob":
+            xm[..., 10 + 5 * t:30 + 5 * t, 20 + 7 * t:45 + 7 * t] = True
+        elif kind == "dense":
+            xm.fill_(True)
+        x.copy_(cl(torch.randn(n, c, h, w, device="cuda").half()))
+        g.replay()
+        dense += ref_conv(x, xm, wt, (1, 1), pad, (1, 1), groups)
+        torch.cuda.synchronize()
+        assert counter.tolist() == [0, 0], kind
+        assert rel(A, dense) < 1e-5, kind
+    assert rel(E, torch.relu(dense)) < 2e-3
+
+
 def test_pointwise_gpu():
     n, h, w = 2, 135, 240
     m = blob_and_noise(n, h, w, seed=9)

@@ -109,6 +109,56 @@ def num_sms(device: torch.device) -> int:
     return _SMS[key]
 
 
+@dataclass(frozen=True)
+class SMLimits:
+    """What one multiprocessor holds (CUDA's per-SM limits)."""
+
+    regs: int = 65536
+    threads: int = 2048
+    shared: int = 233472
+    blocks: int = 32
+
+
+_LIMITS: dict = {}
+
+
+def sm_limits(device: torch.device) -> SMLimits:
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    if key not in _LIMITS:
+        p = torch.cuda.get_device_properties(key)
+        d = SMLimits()
+        _LIMITS[key] = SMLimits(getattr(p, "regs_per_multiprocessor", d.regs),
+                                getattr(p, "max_threads_per_multi_processor", d.threads),
+                                getattr(p, "shared_memory_per_multiprocessor", d.shared), d.blocks)
+    return _LIMITS[key]
+
+
+def resident_programs(n_regs: int, num_warps: int, shared: int, lim: SMLimits = SMLimits()) -> int:
+    """Programs of a kernel that an SM runs at once: registers (per thread, rounded up to 8, allocated per
+    warp in units of 256, warps in groups of 4), threads, shared memory (1 KiB reserved per program) and
+    the program limit; at least 1. 230-255 registers at 4 warps: 2; 168: 3."""
+    per_warp = -(-max(1, n_regs) // 8) * 8 * 32
+    per_warp = -(-per_warp // 256) * 256
+    warps = (lim.regs // per_warp) // 4 * 4
+    by_regs = warps // num_warps
+    by_threads = lim.threads // (32 * num_warps)
+    by_shared = lim.shared // (shared + 1024)
+    return max(1, min(by_regs, by_threads, by_shared, lim.blocks))
+
+
+def kernel_residency(kernel, device: torch.device) -> int | None:
+    """resident_programs of a compiled Triton kernel (what a launch returns), or None where its resources
+    are unknown (the interpreter, a Triton without them)."""
+    if INTERPRET or device.type != "cuda" or kernel is None:
+        return None
+    if getattr(kernel, "n_regs", None) is None and hasattr(kernel, "_init_handles"):
+        kernel._init_handles()
+    regs, meta = getattr(kernel, "n_regs", None), getattr(kernel, "metadata", None)
+    if not regs or meta is None:
+        return None
+    return resident_programs(int(regs), int(meta.num_warps), int(getattr(meta, "shared", 0) or 0), sm_limits(device))
+
+
 # Programmatic dependent launch (Hopper and later): each kernel is launched with `launch_pdl` and
 # begins with griddepcontrol.wait, so the next kernel is launched while the previous one drains
 # instead of after it (a delta frame is ~90 short launches). The wait comes before every memory

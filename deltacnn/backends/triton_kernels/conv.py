@@ -18,8 +18,8 @@ import triton.language as tl
 from torch import Tensor
 
 from ...tensor import Bordered
-from ._common import (INTERPRET, Act, as_act, check_state, finish_tile, gdc_start, launch_opts, mask_u8, need_cl,
-                      new_cl, npow2, num_sms)
+from ._common import (INTERPRET, Act, as_act, check_state, finish_tile, gdc_start, kernel_residency, launch_opts,
+                      mask_u8, need_cl, new_cl, npow2, num_sms)
 from .masks import active_tiles, out_size
 from .pointwise import sparse_nonlinear
 
@@ -181,17 +181,21 @@ def _conv_gemm_kernel(x_ptr, xm_ptr, w_ptr, out_ptr, om_ptr, res_ptr, rm_ptr, a_
                         LOADS_FIRST)
         w += nprog
     if SELF_RESET:
-        _reset_counter(count_ptr, nprog)
+        _reset_counter(count_ptr, nprog, total)
 
 
 @triton.jit
-def _reset_counter(count_ptr, nprog):
-    """[tile count, arrivals] of a persistent counter: the last program to finish (every program read
-    the count before arriving) zeroes both, so the next call needs no zeroing launch."""
-    done = tl.atomic_add(count_ptr + 1, 1, sem="acq_rel")
-    if done == nprog - 1:
-        tl.store(count_ptr, 0)
-        tl.store(count_ptr + 1, 0)
+def _reset_counter(count_ptr, nprog, total):
+    """[tile count, arrivals] of a persistent counter, zeroed by the last to arrive of the programs that
+    had work, so the next call needs no zeroing launch. Every program reads the same count (an earlier
+    launch wrote it), so the min(programs, work items) programs whose id is below the item count arrive,
+    each after its read; the others never touch the counter, and at zero work none does. A program that
+    starts after the reset reads 0 and has no work either."""
+    if tl.program_id(0) < total:
+        done = tl.atomic_add(count_ptr + 1, 1, sem="acq_rel")
+        if done == tl.minimum(nprog, total) - 1:
+            tl.store(count_ptr, 0)
+            tl.store(count_ptr + 1, 0)
 
 
 @triton.jit
@@ -241,7 +245,7 @@ def _conv_dw_kernel(x_ptr, xm_ptr, w_ptr, out_ptr, om_ptr, res_ptr, rm_ptr, a_pt
                     slope, min_val, max_val, alpha, tau, HAS_RES, HAS_ACT, FN, SCORE, WRITE_FM, OR_FM, LOADS_FIRST)
         w += nprog
     if SELF_RESET:
-        _reset_counter(count_ptr, nprog)
+        _reset_counter(count_ptr, nprog, total)
 
 
 # At tau <= 0, fuse the nonlinear update into the conv even when its output channels are split
@@ -281,9 +285,16 @@ WINDOW_BN: int | None = None
 # cap on every conv (benchmarks/gpu_variants.py run 29): the convs on small maps -85 us per b1 25%
 # frame, those on large maps +33 us; b8 5% 4.26 -> 4.41 ms.
 SMALL_MAP_MAXNREG: int | None = 168
-# Persistent programs per SM (ConvConfig.programs_per_sm's default). Most conv variants use
-# 230-245 registers per thread at 4 warps, so only 2 programs of 128 threads fit an SM at a time.
-PROGRAMS_PER_SM = 4
+# Persistent programs per SM (ConvConfig.programs_per_sm's default). None: as many as the SM holds at
+# once (one wave), from the compiled kernel's registers, warps and shared memory (`kernel_residency`,
+# recorded at a launch signature's first launch, which runs FIRST_LAUNCH_PROGRAMS_PER_SM). Most conv
+# variants use 230-245 registers per thread at 4 warps, so 2 programs of 128 threads fit an SM (168
+# under the small-map cap: 3). Sessions 1-12 asked for 4: two waves, and an empty conv cost 3.0 us; one
+# wave and no arrivals at zero work (_reset_counter): 1.25-1.6 us (H200, R50 1080p static, eager profile).
+PROGRAMS_PER_SM: int | None = None
+FIRST_LAUNCH_PROGRAMS_PER_SM = 4
+# launch signature (kernel, device, dtypes, constexprs, launch options) -> programs resident per SM
+_RESIDENT: dict = {}
 # Work units of the gathered-GEMM conv: TH*TW candidate pixels taken in list order (the tile-list
 # launch compacts each tile's candidate pixels) instead of whole TH x TW tiles. Scattered or
 # truncated updates fill tiles poorly: on the R50 crowd clip at tau 0.02 the candidates are 6.2% of
@@ -301,7 +312,7 @@ SPLIT_EMIT_BN: int | None = 64
 @dataclass(frozen=True)
 class ConvConfig:
     """Launch shape of the sparse conv: output tile th x tw pixels, bn output channels, bk input channels
-    per K step, split_k K splits (fp32 atomics), persistent programs per SM."""
+    per K step, split_k K splits (fp32 atomics), persistent programs per SM (None: one wave)."""
 
     th: int = 8
     tw: int = 8
@@ -310,7 +321,8 @@ class ConvConfig:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 3
-    programs_per_sm: int = 4
+    # None: the programs that fit an SM at once (see PROGRAMS_PER_SM)
+    programs_per_sm: int | None = None
     # flatten K over (tap, channel) instead of (tap, channel block); None: when Cin/groups < PACK_K_BELOW
     pack_k: bool | None = None
     # register cap per thread (a launch option of the GEMM kernel); None: the compiler's choice
@@ -326,6 +338,19 @@ def prepare_weight(weight: Tensor, groups: int, dtype: torch.dtype | None = None
     if cg == 1 and og == 1:
         return w.reshape(cout, kh * kw).t().contiguous()
     return w.reshape(groups, og, cg, kh, kw).permute(0, 3, 4, 2, 1).contiguous()
+
+
+def _launch(kernel, work: int, cfg: ConvConfig, dev: torch.device, args: tuple, kw: dict):
+    """Launch a persistent conv kernel over min(work, SMs x programs per SM) programs: cfg's count, else
+    as many as fit an SM at once for this launch signature (known after its first launch)."""
+    key = (kernel.fn.__name__ if hasattr(kernel, "fn") else id(kernel), dev.index,
+           tuple(a.dtype for a in args if isinstance(a, Tensor)), tuple(sorted(kw.items())))
+    pps = cfg.programs_per_sm or _RESIDENT.get(key) or FIRST_LAUNCH_PROGRAMS_PER_SM
+    compiled = kernel[(max(1, min(work, num_sms(dev) * pps)),)](*args, **kw)
+    if cfg.programs_per_sm is None and key not in _RESIDENT:
+        r = kernel_residency(compiled, dev)
+        if r is not None:
+            _RESIDENT[key] = r
 
 
 @dataclass(frozen=True)
@@ -532,16 +557,14 @@ def sparse_conv2d(x: Tensor, x_mask: Tensor, weight: Tensor, out_mask: Tensor | 
         ap = (act.slope, act.min_val, act.max_val, act.alpha, float(act.tau)) if act is not None else (0.0, 0.0, 0.0, 0.0, 0.0)
         if depthwise:
             ncb = triton.cdiv(cout, cfg.bn)
-            work = n_tiles * ncb
-            grid = (max(1, min(work, num_sms(dev) * cfg.programs_per_sm)),)
-            _conv_dw_kernel[grid](x, xm, prepared, out, om, res, rm, a_t, e_t, fm.view(torch.uint8), ids, count,
-                                  h, w, ho, wo, cout, n_tw, tpi, *ap,
-                                  KH=kh, KW=kw, SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1],
-                                  PT=padding[0], PL=padding[2], TH=cfg.th, TW=cfg.tw, BC=cfg.bn, NCB=ncb,
-                                  HAS_RES=has_res, HAS_ACT=act is not None, FN=fn, SCORE=sc, WRITE_FM=False,
-                                  OR_FM=or_fm, SELF_RESET=counter is not None, LOADS_FIRST=EPILOGUE_LOADS_FIRST,
-                                  num_warps=cfg.num_warps,
-                                  **launch_opts(dev, long_running=True))
+            _launch(_conv_dw_kernel, n_tiles * ncb, cfg, dev,
+                    (x, xm, prepared, out, om, res, rm, a_t, e_t, fm.view(torch.uint8), ids, count,
+                     h, w, ho, wo, cout, n_tw, tpi, *ap),
+                    dict(KH=kh, KW=kw, SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1],
+                         PT=padding[0], PL=padding[2], TH=cfg.th, TW=cfg.tw, BC=cfg.bn, NCB=ncb,
+                         HAS_RES=has_res, HAS_ACT=act is not None, FN=fn, SCORE=sc, WRITE_FM=False,
+                         OR_FM=or_fm, SELF_RESET=counter is not None, LOADS_FIRST=EPILOGUE_LOADS_FIRST,
+                         num_warps=cfg.num_warps, **launch_opts(dev, long_running=True)))
             return out, fm
         work = n_tiles * groups * nb * split_k
         pack = cfg.pack_k if cfg.pack_k is not None else cg < PACK_K_BELOW
@@ -557,27 +580,26 @@ def sparse_conv2d(x: Tensor, x_mask: Tensor, weight: Tensor, out_mask: Tensor | 
             if x_in.dtype != x.dtype or w_in.dtype != x.dtype or tuple(w_in.shape) != (kh * bk, cout):
                 raise ValueError("bordered copy and window weight must match x's dtype and the window plan")
         it_per = triton.cdiv(n_it, split_k)
-        grid = (max(1, min(work, num_sms(dev) * cfg.programs_per_sm)),)
         # a 1x1 conv without padding whose candidate mask the tile-list launch computed from x's mask:
         # each output pixel's one tap is an input pixel, and the candidate mask is x's mask there, so
         # the K loop need not load it again (one dependent load less)
         xm_is_om = REUSE_OUT_MASK and out_mask is None and (kh, kw) == (1, 1) and tuple(padding) == (0, 0, 0, 0) \
             and not pack and plan is None
-        _conv_gemm_kernel[grid](x_in, xm, w_in, out, om, res, rm, a_t, e_t, fm.view(torch.uint8), ids, count,
-                                ws if fixup else out, ctr if fixup else ids,
-                                hx, wx, ho, wo, cin, cout, cg, og, n_tw, tpi, *ap,
-                                KH=kh, KW=kw, SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1],
-                                PT=padding[0], PL=padding[2], TH=cfg.th, TW=cfg.tw, BN=bn, BK=bk, NB=nb, G=groups,
-                                SPLIT_K=split_k, HAS_RES=has_res, HAS_ACT=act is not None, FN=fn, SCORE=sc,
-                                WRITE_FM=False, ATOMIC=atomic, PREC=input_precision,
-                                IS_F32=x.dtype == torch.float32, NKC=nkc, N_IT=n_it, IT_PER=it_per,
-                                UPCAST=INTERPRET and x.dtype == torch.bfloat16, FIXUP=fixup, OR_FM=or_fm, PACK_K=pack,
-                                SELF_RESET=counter is not None, LOADS_FIRST=EPILOGUE_LOADS_FIRST,
-                                XM_IS_OM=xm_is_om, WINDOW=plan is not None, BORD=border,
-                                SHIFT=plan.shift if plan is not None else 0, CPX=plan.cp if plan is not None else 1,
-                                PIX=pixels, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                                **({"maxnreg": cfg.maxnreg} if cfg.maxnreg and not INTERPRET else {}),
-                                **launch_opts(dev, long_running=True))
+        _launch(_conv_gemm_kernel, work, cfg, dev,
+                (x_in, xm, w_in, out, om, res, rm, a_t, e_t, fm.view(torch.uint8), ids, count,
+                 ws if fixup else out, ctr if fixup else ids, hx, wx, ho, wo, cin, cout, cg, og, n_tw, tpi, *ap),
+                dict(KH=kh, KW=kw, SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1],
+                     PT=padding[0], PL=padding[2], TH=cfg.th, TW=cfg.tw, BN=bn, BK=bk, NB=nb, G=groups,
+                     SPLIT_K=split_k, HAS_RES=has_res, HAS_ACT=act is not None, FN=fn, SCORE=sc,
+                     WRITE_FM=False, ATOMIC=atomic, PREC=input_precision,
+                     IS_F32=x.dtype == torch.float32, NKC=nkc, N_IT=n_it, IT_PER=it_per,
+                     UPCAST=INTERPRET and x.dtype == torch.bfloat16, FIXUP=fixup, OR_FM=or_fm, PACK_K=pack,
+                     SELF_RESET=counter is not None, LOADS_FIRST=EPILOGUE_LOADS_FIRST,
+                     XM_IS_OM=xm_is_om, WINDOW=plan is not None, BORD=border,
+                     SHIFT=plan.shift if plan is not None else 0, CPX=plan.cp if plan is not None else 1,
+                     PIX=pixels, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                     **({"maxnreg": cfg.maxnreg} if cfg.maxnreg and not INTERPRET else {}),
+                     **launch_opts(dev, long_running=True)))
         return out, fm
     except BaseException:
         if counter is not None:  # the tile count was written but never consumed: leave it zeroed
