@@ -11,6 +11,7 @@
 #   base2    the same two trees in the other order (this tree first)
 #   yolo1    YOLOv8n on vtest.avi b1 (795 frames), shipped thresholds file, per-kernel profile
 #   yolo16   the same as 16 streams at 3-frame offsets (YOLO_CAP: seconds at most for either)
+#   suite    the lead's post-merge run: all of tests/gpu, then the Triton / delta-decode tests, on the GPU (xdist)
 #   autotune torch.compile(mode="max-autotune") peer of YOLOv8n b1 (compile time), peers only (AUTOTUNE_CAP: s)
 # Logs and JSON go to a scratch folder that is packed into $OUT/s13_TAG.tgz at the end (the tool returns at most
 # 8 files). LIMIT (s, default 540): the stages share it; each gets what is left.
@@ -69,6 +70,16 @@ for st in "$@"; do
         --autotune "" $prof --tag "s13${TAG}_yolo$b" 2>&1 | filter > "$OUT/gpu_yolo_s13${TAG}_yolo$b.txt"
     grep -E "graph replay" "$OUT/gpu_yolo_s13${TAG}_yolo$b.txt" | cut -c1-200
     tail -4 "$OUT/gpu_yolo_s13${TAG}_yolo$b.txt" | cut -c1-330
+    ;;
+  suite)
+    # the lead's post-merge run: every GPU test (tests/gpu), then the Triton and delta-decode tests on the GPU
+    timeout "$(cap 400)" python3 -m pytest -q -rfE --tb=short -p no:cacheprovider -n 12 --timeout 360 tests/gpu \
+        > "$OUT/gpu_suite_s13_$TAG.txt" 2>&1
+    grep -E "FAILED|ERROR|passed|failed|Timeout" "$OUT/gpu_suite_s13_$TAG.txt" | cut -c1-200 | tail -20
+    timeout "$(cap 150)" python3 -m pytest -q -rfE --tb=short -p no:cacheprovider -n 12 --timeout 140 \
+        tests/test_triton_kernels.py tests/test_triton_backend.py tests/test_triton_report.py tests/test_delta_decode.py \
+        > "$OUT/triton_suite_s13_$TAG.txt" 2>&1
+    grep -E "FAILED|ERROR|passed|failed|Timeout" "$OUT/triton_suite_s13_$TAG.txt" | cut -c1-200 | tail -20
     ;;
   autotune)
     timeout "$(cap "${AUTOTUNE_CAP:-600}")" python3 benchmarks/gpu_yolo.py --batches 1 --autotune 1 --peers-only --tag "s13${TAG}_autotune" 2>&1 \
