@@ -65,7 +65,7 @@ def instrument(dm, clock: StageClock, macs: dict[str, list[int]]) -> int:
                                 return clock.wrap(_Current.kind + " | k:DeltaConvPlan.run", p.run)(*ra)
                         return _P()
                     return plan
-                if callable(f):
+                if callable(f) and not isinstance(f, type):
                     return lambda *a, **kw: clock.wrap(_Current.kind + " | k:" + name, f)(*a, **kw)
                 return f
         backend._k = _Routed()

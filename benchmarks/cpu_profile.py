@@ -72,6 +72,8 @@ class _TimedModule:
             f = getattr(mod, name)
             if name == "DeltaConvPlan":
                 setattr(self, name, lambda *a, _f=f: _TimedPlan(_f(*a), clock))
+            elif isinstance(f, type):  # other classes (OutputBuffer) as they are
+                setattr(self, name, f)
             elif callable(f) and not name.startswith("_"):
                 setattr(self, name, clock.wrap("k:" + name, f))
 

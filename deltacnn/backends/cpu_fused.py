@@ -128,18 +128,29 @@ class FusedCpuBackend(ReferenceBackend):
                  scratch: dict | None = None) -> DeltaTensor:
         if x.dtype != torch.float32 or dtype != torch.float32 or dilation > 1:
             return super().sparsify(x, ref, tau, score, dilation, dtype)
-        return _delta(self._k.sparsify(x, ref, float(tau), SCORE_CODES[score]))
+        return _delta(self._k.sparsify(x, ref, float(tau), SCORE_CODES[score], self._output_buffer(scratch)))
+
+    def _output_buffer(self, scratch: dict | None):
+        """The input layer's kept output (cpu_kernels.OutputBuffer: its delta's memory again on the next frame,
+        not fresh pages), in the layer's scratch; None without one."""
+        if scratch is None:
+            return None
+        buf = scratch.get("cpu_out")
+        if buf is None or not isinstance(buf, self._k.OutputBuffer):  # (another kernel build's: benchmarks)
+            buf = scratch["cpu_out"] = self._k.OutputBuffer()
+        return buf
 
     def _blobs_ok(self, x: Tensor, dtype) -> bool:
         """sparsify_blobs in C++: float32 frames and deltas."""
         return x.dtype == torch.float32 and dtype == torch.float32
 
     def sparsify_blobs(self, x: Tensor, ref: Tensor, tau: float, score: str, k: int, dtype,
-                       flush: list[bool] | None = None) -> tuple[DeltaTensor, Tensor] | None:
+                       flush: list[bool] | None = None, scratch: dict | None = None) -> tuple[DeltaTensor, Tensor] | None:
         if not self._blobs_ok(x, dtype):
             return None
         rows_flushed = torch.tensor(flush, dtype=torch.bool) if flush is not None and any(flush) else None
-        *d, held = self._k.sparsify_blobs(x, ref, float(tau), SCORE_CODES[score], k, rows_flushed)
+        *d, held = self._k.sparsify_blobs(x, ref, float(tau), SCORE_CODES[score], k, rows_flushed,
+                                          self._output_buffer(scratch))
         return _delta(d), held
 
     def _range_ok(self, x: Tensor) -> bool:
