@@ -1088,15 +1088,6 @@ static inline void gather_block_taps(const Geometry& g, const int64_t* ip, int64
   }
 }
 
-// parallel_for's grain (blocks of GEMM_MR pixels) for an implicit-GEMM conv: about GEMM_GRAIN_MACS multiply-adds a
-// chunk, so that a thread's share of a small conv (a 1x1 of 32 channels at a few hundred candidates) is not less
-// work than waking it (~several us on a shared 2-core VM), and a large one (3x3, 128 channels) splits finely.
-// A fixed 8 blocks gave the 1x1 convs ~13 us chunks and the 3x3 256-channel ones ~1 ms.
-constexpr int64_t GEMM_GRAIN_MACS = 1 << 19;
-inline int64_t gemm_grain(int64_t taps, int64_t cin, int64_t cout) {
-  return std::max<int64_t>(1, GEMM_GRAIN_MACS / std::max<int64_t>(1, GEMM_MR * taps * cin * cout));
-}
-
 // A gathered (groups 1) conv at output pixels idx, without materialising the tap matrix:
 // y[p] = sum over taps of the input rows each tap reads (zero where the pixel is outside the image or
 // not updated) times the weights. ext: the input delta's float32 rows (see rows_ptr); packed: the
@@ -1144,7 +1135,7 @@ std::vector<torch::Tensor> conv_rows_any(torch::Tensor ext, torch::Tensor in_mas
   float* op = scatter ? delta[0].data_ptr<float>() : out.data_ptr<float>();
   const std::vector<float> zero(cin, 0.f);
   const int64_t blocks = (p_count + GEMM_MR - 1) / GEMM_MR;
-  at::parallel_for(0, blocks, gemm_grain(taps, cin, cout), [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, blocks, 8, [&](int64_t b0, int64_t b1) {
     std::vector<const float*> src(taps * GEMM_MR);
     std::vector<uint8_t> any(taps);
     std::vector<float> y(scatter ? GEMM_MR * cout : 0);
@@ -1413,7 +1404,7 @@ std::vector<torch::Tensor> conv_act_rows_into(torch::Tensor ext, torch::Tensor i
                   static_cast<float>(tau), false};
   const std::vector<float> zero(cin, 0.f);
   const int64_t blocks = (p_count + GEMM_MR - 1) / GEMM_MR;
-  at::parallel_for(0, blocks, gemm_grain(taps, cin, cout), [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, blocks, 8, [&](int64_t b0, int64_t b1) {
     std::vector<const float*> src(taps * GEMM_MR);
     std::vector<uint8_t> any(taps);
     std::vector<float> y(GEMM_MR * cout), o(GEMM_MR * cout);
