@@ -549,7 +549,8 @@ def test_sparsify_blobs_equals_gate_then_sparsify(k: int, layout: str, score: st
         rt.flush = flush
         backend, calls = rt.backend_on(x.device), []
         blobs = backend.sparsify_blobs
-        monkeypatch.setattr(backend, "sparsify_blobs", lambda *a, **kw: calls.append((a[6], blobs(*a, **kw))) or calls[-1][1])
+        monkeypatch.setattr(backend, "sparsify_blobs",
+                            lambda *a, **kw: calls.append((a[6], blobs(*a, **kw))) or calls[-1][1])
         d = layer(x)
         # the flush went to the backend; the fused pass ran on the cpu backend (the reference has none)
         assert [c[0] for c in calls] == [flush] and (calls[0][1] is not None) == (be == "cpu")

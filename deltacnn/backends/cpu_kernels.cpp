@@ -582,8 +582,6 @@ std::vector<torch::Tensor> sparsify_blobs(torch::Tensor x, torch::Tensor ref, do
   return {compact(om, total), out[0], out[1], out[2], held};
 }
 
-// Per image of a float32 batch whose images are contiguous blocks (NCHW or channels_last), the least
-// and largest value, NaN where the image holds a NaN (infinities are kept): (lo, hi), each (N,) float32.
 namespace {
 
 // min, max and whether a NaN is among per floats at p (frame_range); inlined into one wrapper per ISA.
@@ -609,6 +607,8 @@ __attribute__((target("avx2"))) void range_avx2(const float* p, int64_t per, flo
 
 }  // namespace
 
+// Per image of a float32 batch whose images are contiguous blocks (NCHW or channels_last), the least
+// and largest value, NaN where the image holds a NaN (infinities are kept): (lo, hi), each (N,) float32.
 std::vector<torch::Tensor> frame_range(torch::Tensor x) {
   TORCH_CHECK(x.scalar_type() == torch::kFloat && x.dim() >= 1 &&
                   (x.is_contiguous() || (x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast))),
