@@ -23,6 +23,7 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -72,6 +73,8 @@ class _TimedModule:
             f = getattr(mod, name)
             if name == "DeltaConvPlan":
                 setattr(self, name, lambda *a, _f=f: _TimedPlan(_f(*a), clock))
+            elif isinstance(f, type):  # other classes (OutputBuffer) as they are
+                setattr(self, name, f)
             elif callable(f) and not name.startswith("_"):
                 setattr(self, name, clock.wrap("k:" + name, f))
 
@@ -130,10 +133,45 @@ def convert_at(model, frames, point: str, min_blob: int):
     return _convert_at(model, frames[0], point, min_blob)
 
 
+class Wrap(NamedTuple):
+    """A switch's off state that is not a check returning a constant: `make(original)` is what replaces the
+    attribute (for fast paths the library has no check for, e.g. a conv's output reuse: the switch's code
+    lives here, not in the library)."""
+
+    make: Callable[[Callable], Callable]
+
+
+def _conv_call_without_reuse(original: Callable) -> Callable:
+    """FusedCpuBackend._conv_call whose DeltaConvPlan writes a new output ext every frame (reuse False)."""
+    def conv_call(self, d, p, spec):
+        k = self._k
+
+        class _NoReuse:  # the kernel module, its DeltaConvPlan made with reuse=False
+            def __getattr__(self, name):
+                f = getattr(k, name)
+                return (lambda *a: f(*a[:-1], False)) if name == "DeltaConvPlan" else f
+        self._k = _NoReuse()
+        try:
+            return original(self, d, p, spec)
+        finally:
+            self._k = k
+    return conv_call
+
+
+def _conv_block_without_residual_linear(original: Callable) -> Callable:
+    """FusedCpuBackend.conv_block that sends a linear conv with a residual to the multi-call path."""
+    def conv_block(self, d, p, residual, act):
+        if act is None and residual is not None:
+            return self._conv_block_calls(d, p, residual, act)
+        return original(self, d, p, residual, act)
+    return conv_block
+
+
 # A/B switches of the cpu backend's fast paths. The library has no switches: each fast path has one
 # capability check, and a switch set to 0 patches that check to decline (its value when off), so the
-# generic code runs; 1 restores it. The names of the former module constants are accepted too.
-SWITCHES = {  # name -> (module, attribute path of the check, what it returns when off)
+# generic code runs, or (Wrap) replaces a method by one that takes the generic path; 1 restores it. The
+# names of the former module constants are accepted too.
+SWITCHES = {  # name -> (module, attribute path of the check, what it returns when off, or a Wrap)
     "implicit_gemm": ("deltacnn.backends.cpu_fused", "FusedCpuBackend._implicit_gemm_ok", False),
     "fused_epilogue": ("deltacnn.backends.cpu_fused", "FusedCpuBackend._epilogue_ok", False),
     "one_frame_block": ("deltacnn.backends.cpu_fused", "FusedCpuBackend._one_frame_block_ok", False),
@@ -154,16 +192,17 @@ SWITCHES = {  # name -> (module, attribute path of the check, what it returns wh
     # off: DeltaBoxDecode decodes every anchor of its O maps each frame (no re-decode of changed anchors only)
     "decode_at": ("deltacnn.models.yolov8", "_delta_decode_ok", None),
     # conversion-time: off, a cat keeps C2f's y[:, :c], y[:, c:] as two parts (session 11) instead of reading y
-    "join_slices": ("deltacnn.convert", "_join_slices_ok", False),
+    "join_slices": ("deltacnn.convert", "_Converter._channel_range", None),
     # off: a densified output's O += d by the reference's index_select + index_add
     "cpu_accumulate": ("deltacnn.backends.cpu_fused", "FusedCpuBackend._accumulate_ok", False),
     # off: a delta conv takes session 11's calls (candidates, then conv_act_rows / conv_rows_delta / the
     # reference's hooks) instead of one DeltaConvPlan.run
     "one_call": ("deltacnn.backends.cpu_fused", "FusedCpuBackend._one_call_ok", False),
     # off: each delta conv's one call writes a new output ext (plans are made at a model's first delta frame)
-    "reuse_output": ("deltacnn.backends.cpu_fused", "FusedCpuBackend._reuse_output_ok", False),
+    "reuse_output": ("deltacnn.backends.cpu_fused", "FusedCpuBackend._conv_call", Wrap(_conv_call_without_reuse)),
     # off: a linear conv with a residual runs the reference's conv_rows + ATen gather, add, index_copy
-    "residual_linear": ("deltacnn.backends.cpu_fused", "FusedCpuBackend._residual_linear_ok", False),
+    "residual_linear": ("deltacnn.backends.cpu_fused", "FusedCpuBackend.conv_block",
+                        Wrap(_conv_block_without_residual_linear)),
 }
 # the micro-kernels' vector ISA (cpu_kernels.cpp set_cpu_isa): avx512=0 runs the AVX2 kernels on an AVX-512 CPU
 ISA_SWITCH = "avx512"
@@ -192,7 +231,11 @@ _ORIGINAL_CHECKS = {name: getattr(*_switch_owner(name)) for name in SWITCHES}
 def _set_switch(name: str, on: bool) -> None:
     owner, attr = _switch_owner(name)
     off = SWITCHES[name][2]
-    setattr(owner, attr, _ORIGINAL_CHECKS[name] if on else (lambda *a, **k: off))
+    original = _ORIGINAL_CHECKS[name]
+    if on:
+        setattr(owner, attr, original)
+    else:
+        setattr(owner, attr, off.make(original) if isinstance(off, Wrap) else (lambda *a, **k: off))
 
 
 def parse_variants(spec: str) -> list[tuple[str, dict[str, float]]]:

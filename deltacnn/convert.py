@@ -912,8 +912,9 @@ class _Converter:
 
     def _channel_range(self, n: Any) -> tuple[fx.Node, int, int] | None:
         """(source, start, stop) of a new-graph node that is a contiguous channel slice a:b of a stream at
-        every pixel (a DeltaSlice), else None."""
-        if not isinstance(n, fx.Node) or n.op != "call_module" or len(n.args) != 1 or not _join_slices_ok():
+        every pixel (a DeltaSlice), else None (benchmarks/cpu_profile.py's "join_slices" switch patches this
+        method to None: cats then keep the slices as parts)."""
+        if not isinstance(n, fx.Node) or n.op != "call_module" or len(n.args) != 1:
             return None
         layer = self.holder.get_submodule(n.target[len("_delta."):])
         ch = getattr(layer, "channels", None)
@@ -1225,12 +1226,6 @@ def _template(args: tuple, kwargs: dict, nodes: list) -> tuple[tuple, tuple]:
     """(args, kwargs) with Slot(i) for nodes[i]; and the nodes as the layer's inputs."""
     slots = {n: Slot(i) for i, n in enumerate(nodes)}
     return fx.node.map_aggregate((args, kwargs), lambda a: slots[a] if isinstance(a, fx.Node) else a), tuple(nodes)
-
-
-def _join_slices_ok() -> bool:
-    """Whether cats read a whole source instead of its adjacent channel slices (_Converter._joined_slices;
-    benchmarks/cpu_profile.py's "join_slices" switch patches this check)."""
-    return True
 
 
 def _delta_tail_of(node: fx.Node) -> Callable | None:

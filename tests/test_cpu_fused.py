@@ -549,7 +549,8 @@ def test_sparsify_blobs_equals_gate_then_sparsify(k: int, layout: str, score: st
         rt.flush = flush
         backend, calls = rt.backend_on(x.device), []
         blobs = backend.sparsify_blobs
-        monkeypatch.setattr(backend, "sparsify_blobs", lambda *a: calls.append((a[-1], blobs(*a))) or calls[-1][1])
+        monkeypatch.setattr(backend, "sparsify_blobs",
+                            lambda *a, **kw: calls.append((a[6], blobs(*a, **kw))) or calls[-1][1])
         d = layer(x)
         # the flush went to the backend; the fused pass ran on the cpu backend (the reference has none)
         assert [c[0] for c in calls] == [flush] and (calls[0][1] is not None) == (be == "cpu")
@@ -560,6 +561,49 @@ def test_sparsify_blobs_equals_gate_then_sparsify(k: int, layout: str, score: st
     _same_delta(d1, d2)
     torch.testing.assert_close(r2, r1, rtol=0, atol=0)
     torch.testing.assert_close(h2, h1, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("min_blob", [1, 3])
+@pytest.mark.parametrize("score", ["max", "l2"])
+def test_input_layer_reuses_its_output_memory_and_equals_the_reference(min_blob: int, score: str) -> None:
+    """The cpu input layer (sparsify, sparsify_blobs) writes each frame's delta into the last frame's memory once
+    nothing holds it (cpu_kernels.OutputBuffer): the same deltas and references as the reference backend over a
+    few frames of an RGB clip (rows of unsent pixels left from the last frame never show), the memory reused
+    when the last delta was dropped and not while it is alive."""
+    from deltacnn.layers.io import Sparsify
+    from deltacnn.runtime import Runtime
+    from deltacnn.thresholds import Thresholds
+    gen = torch.Generator().manual_seed(73)
+    n, c, h, w = 1, 3, 40, 56
+    clip = [torch.rand(n, c, h, w, generator=gen)]
+    for _ in range(5):  # a few changed blobs and isolated pixels a frame
+        x = clip[-1].clone()
+        x += 0.4 * torch.randn(n, c, h, w, generator=gen) * (torch.rand(n, 1, h, w, generator=gen) < 0.05)
+        y0, x0 = (int(v) for v in torch.randint(0, 30, (2,), generator=gen))
+        x[:, :, y0:y0 + 6, x0:x0 + 8] += 0.5
+        clip.append(x)
+    layers = {}
+    for be in ("reference", "cpu"):
+        th = Thresholds(input=0.15)
+        th.score = score
+        layer = layers[be] = Sparsify(min_blob=min_blob)
+        layer.set_runtime(Runtime(th, backend_name=be))
+        layer._seed_state("ref", clip[0])
+        layer.rt.keyframe = False
+    ptrs, held = [], None
+    for t, x in enumerate(clip[1:]):
+        d_ref, d_cpu = layers["reference"](x), layers["cpu"](x)
+        _same_delta(d_ref, d_cpu)
+        torch.testing.assert_close(layers["cpu"]._state("ref"), layers["reference"]._state("ref"), rtol=0, atol=0)
+        ptrs.append(d_cpu.values.data_ptr())
+        if t == 2:
+            held = d_cpu  # alive during the next frame: that frame must not write into it
+            kept = d_cpu.values.clone()
+        elif t == 3:
+            assert ptrs[3] != ptrs[2]
+            torch.testing.assert_close(held.values, kept, rtol=0, atol=0)
+        d_ref = d_cpu = None  # (not alive while the next frame runs)
+    assert ptrs[1] == ptrs[0] and ptrs[2] == ptrs[1]  # dropped deltas: their memory again
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])

@@ -128,18 +128,29 @@ class FusedCpuBackend(ReferenceBackend):
                  scratch: dict | None = None) -> DeltaTensor:
         if x.dtype != torch.float32 or dtype != torch.float32 or dilation > 1:
             return super().sparsify(x, ref, tau, score, dilation, dtype)
-        return _delta(self._k.sparsify(x, ref, float(tau), SCORE_CODES[score]))
+        return _delta(self._k.sparsify(x, ref, float(tau), SCORE_CODES[score], self._output_buffer(scratch)))
+
+    def _output_buffer(self, scratch: dict | None):
+        """The input layer's kept output (cpu_kernels.OutputBuffer: its delta's memory again on the next frame,
+        not fresh pages), in the layer's scratch; None without one."""
+        if scratch is None:
+            return None
+        buf = scratch.get("cpu_out")
+        if buf is None or not isinstance(buf, self._k.OutputBuffer):  # (another kernel build's: benchmarks)
+            buf = scratch["cpu_out"] = self._k.OutputBuffer()
+        return buf
 
     def _blobs_ok(self, x: Tensor, dtype) -> bool:
         """sparsify_blobs in C++: float32 frames and deltas."""
         return x.dtype == torch.float32 and dtype == torch.float32
 
     def sparsify_blobs(self, x: Tensor, ref: Tensor, tau: float, score: str, k: int, dtype,
-                       flush: list[bool] | None = None) -> tuple[DeltaTensor, Tensor] | None:
+                       flush: list[bool] | None = None, scratch: dict | None = None) -> tuple[DeltaTensor, Tensor] | None:
         if not self._blobs_ok(x, dtype):
             return None
         rows_flushed = torch.tensor(flush, dtype=torch.bool) if flush is not None and any(flush) else None
-        *d, held = self._k.sparsify_blobs(x, ref, float(tau), SCORE_CODES[score], k, rows_flushed)
+        *d, held = self._k.sparsify_blobs(x, ref, float(tau), SCORE_CODES[score], k, rows_flushed,
+                                          self._output_buffer(scratch))
         return _delta(d), held
 
     def _range_ok(self, x: Tensor) -> bool:
@@ -264,8 +275,6 @@ class FusedCpuBackend(ReferenceBackend):
         else:
             if residual.values.shape != call.out_shape:
                 raise ValueError(f"residual shape {tuple(residual.shape)} does not match conv output {call.out_shape}")
-            if act is None and not self._residual_linear_ok():
-                return self._conv_block_calls(d, p, residual, act)
             res, res_mask, cand = _rows(residual), residual.mask, None
         switch = _reference.DENSE_SWITCH if call.depthwise else GEMM_DENSE_SWITCH
         dense_above = -1 if switch >= 1.0 else int(switch * call.total)
@@ -287,18 +296,6 @@ class FusedCpuBackend(ReferenceBackend):
         return d.values.dtype == torch.float32 and (residual is None or residual.values.dtype == torch.float32) \
             and self.work_streams is None
 
-    def _residual_linear_ok(self) -> bool:
-        """The one call covers a linear conv with a residual (MobileNetV2's bottleneck projections): the
-        residual's rows added in conv_rows' output pass, not an ATen gather, add and index_copy."""
-        return True
-
-    def _reuse_output_ok(self) -> bool:
-        """A conv's one call keeps its last output ext and writes the next output into it once no one holds
-        it: one more map of each conv's output size kept between frames (the layers keep two already, A
-        and E), against a page fault per 4 KB of fresh memory its rows touch (~2 us each: ~13 ms of a
-        CenterFace delta frame at 8/0.2, whose 42 MB maps glibc returns to the system on every free)."""
-        return True
-
     def _conv_call(self, d: DeltaTensor, p: ConvParams, spec: ActSpec | None) -> "_ConvCall":
         """The static part of conv_block's one call for input d's size and activation `spec` (run None:
         not covered here)."""
@@ -311,8 +308,12 @@ class FusedCpuBackend(ReferenceBackend):
                 (spec.kind in EPILOGUE_CODES if spec is not None else not depthwise):
             weights = _depthwise_weights(p) if depthwise else p.cached("cpu_panels", lambda: packed_weights(p.weight))
             code, lo, hi, slope = _epilogue_args(spec)
+            # reuse: the plan keeps its last output ext and writes the next output into it once no one holds it
+            # (one more map of the conv's output size kept between frames, besides A and E, against a page fault
+            # per 4 KB of fresh memory its rows touch: ~13 ms of a CenterFace delta frame at 8/0.2, whose 42 MB
+            # maps glibc returns to the system on every free)
             run = self._k.DeltaConvPlan(weights, _geometry(n, (h, w), out_hw, p.window), cout, depthwise, code,
-                                        lo, hi, slope, self._reuse_output_ok()).run
+                                        lo, hi, slope, True).run
         return _ConvCall(d.values.shape, spec, run, _pointwise(p.window), depthwise, p.weight.numel(),
                          n * out_hw[0] * out_hw[1], (n, cout, *out_hw))
 

@@ -89,6 +89,13 @@ std::vector<torch::Tensor> output_delta(int64_t n, int64_t c, int64_t h, int64_t
   return {ext, values, mask};
 }
 
+// A layer's last output ext kept between frames (see output_delta), for kernels called once a frame per layer
+// outside a DeltaConvPlan: the input layer's sparsify, whose 5 MB delta of a 768 x 576 RGB frame is otherwise
+// fresh pages every frame (glibc maps it anew), one page fault per 4 KB its sent pixels touch.
+struct OutputBuffer {
+  torch::Tensor kept;
+};
+
 // Flat indices of the set entries of `flags`, ascending; with `base`, the entries of base instead.
 torch::Tensor compact(const uint8_t* __restrict flags, int64_t count_all, const int64_t* base = nullptr) {
   int64_t count = 0;
@@ -346,11 +353,34 @@ namespace {
 
 // Change score of each pixel of image row `row` (n * H + y) of x against ref, into sr (W floats): max |x - ref|
 // over channels (score 0) or the L2 norm (1). Channel by channel, so that the loops run over pixels and
-// vectorise (frames have few channels).
-void row_scores(const float* xp, const float* rp, int64_t row, int64_t H, int64_t W, int64_t C, int64_t SN,
-                int64_t SC, int64_t SH, int64_t SW, int score_kind, float* __restrict sr) {
+// vectorise (frames have few channels); an RGB frame with contiguous rows (NCHW) in one loop over pixels whose
+// three channel reads and stride-3 ref reads vectorise. Inlined into one wrapper per ISA below (AVX2 without FMA
+// contraction: the L2 sums round as the baseline build's).
+__attribute__((always_inline)) inline void row_scores_body(const float* xp, const float* rp, int64_t row, int64_t H,
+                                                           int64_t W, int64_t C, int64_t SN, int64_t SC, int64_t SH,
+                                                           int64_t SW, int score_kind, float* __restrict sr) {
   const float* xrow = xp + (row / H) * SN + (row % H) * SH;
-  const float* rrow = rp + row * W * C;
+  const float* __restrict rrow = rp + row * W * C;
+  if (C == 3 && SW == 1) {
+    const float* __restrict x0 = xrow;
+    const float* __restrict x1 = xrow + SC;
+    const float* __restrict x2 = xrow + 2 * SC;
+    if (score_kind == 0) {
+      for (int64_t xi = 0; xi < W; ++xi)
+        sr[xi] = std::max(std::max(std::fabs(x0[xi] - rrow[3 * xi]), std::fabs(x1[xi] - rrow[3 * xi + 1])),
+                          std::fabs(x2[xi] - rrow[3 * xi + 2]));
+    } else {
+      for (int64_t xi = 0; xi < W; ++xi) {
+        const float d0 = x0[xi] - rrow[3 * xi], d1 = x1[xi] - rrow[3 * xi + 1], d2 = x2[xi] - rrow[3 * xi + 2];
+        float s = 0.f;
+        s += d0 * d0;
+        s += d1 * d1;
+        s += d2 * d2;
+        sr[xi] = std::sqrt(s);
+      }
+    }
+    return;
+  }
   std::fill(sr, sr + W, 0.f);
   for (int64_t j = 0; j < C; ++j) {
     const float* xj = xrow + j * SC;
@@ -365,6 +395,45 @@ void row_scores(const float* xp, const float* rp, int64_t row, int64_t H, int64_
   }
   if (score_kind == 1)
     for (int64_t xi = 0; xi < W; ++xi) sr[xi] = std::sqrt(sr[xi]);
+}
+
+void row_scores_base(const float* xp, const float* rp, int64_t row, int64_t H, int64_t W, int64_t C, int64_t SN,
+                     int64_t SC, int64_t SH, int64_t SW, int score_kind, float* __restrict sr) {
+  row_scores_body(xp, rp, row, H, W, C, SN, SC, SH, SW, score_kind, sr);
+}
+
+__attribute__((target("avx2"))) void row_scores_avx2(
+    const float* xp, const float* rp, int64_t row, int64_t H, int64_t W, int64_t C, int64_t SN, int64_t SC,
+    int64_t SH, int64_t SW, int score_kind, float* __restrict sr) {
+  row_scores_body(xp, rp, row, H, W, C, SN, SC, SH, SW, score_kind, sr);
+}
+
+bool cpu_has_avx2() {
+  static const bool avx2 = __builtin_cpu_supports("avx2");
+  return avx2;
+}
+
+void row_scores(const float* xp, const float* rp, int64_t row, int64_t H, int64_t W, int64_t C, int64_t SN,
+                int64_t SC, int64_t SH, int64_t SW, int score_kind, float* __restrict sr) {
+  if (cpu_has_avx2()) row_scores_avx2(xp, rp, row, H, W, C, SN, SC, SH, SW, score_kind, sr);
+  else row_scores_base(xp, rp, row, H, W, C, SN, SC, SH, SW, score_kind, sr);
+}
+
+// flags[i] = s[i] > tau (0/1 bytes) for n scores: vectorised on AVX2 (the baseline build compares one at a time).
+__attribute__((always_inline)) inline void flags_above_body(const float* __restrict s, float tau,
+                                                            uint8_t* __restrict flags, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) flags[i] = s[i] > tau ? 1 : 0;
+}
+
+void flags_above_base(const float* s, float tau, uint8_t* flags, int64_t n) { flags_above_body(s, tau, flags, n); }
+
+__attribute__((target("avx2"))) void flags_above_avx2(const float* s, float tau, uint8_t* flags, int64_t n) {
+  flags_above_body(s, tau, flags, n);
+}
+
+void flags_above(const float* s, float tau, uint8_t* flags, int64_t n) {
+  if (cpu_has_avx2()) flags_above_avx2(s, tau, flags, n);
+  else flags_above_base(s, tau, flags, n);
 }
 
 // Send pixel q of image row `row` at column xi: d = x - ref into the delta's row, ref += d.
@@ -382,11 +451,13 @@ inline void send_pixel(const float* xp, float* rp, float* op, uint8_t* om, int64
 
 // Input layer: d = x - ref per pixel (x: float32 (N, C, H, W), any strides; ref: channels_last
 // float32); where score(d) > tau: send d and ref += d. Returns the sent delta as act_update does.
-std::vector<torch::Tensor> sparsify(torch::Tensor x, torch::Tensor ref, double tau, int64_t score) {
+// With `buffer`, the delta is written into the buffer's last output when nothing else holds it (output_delta).
+std::vector<torch::Tensor> sparsify(torch::Tensor x, torch::Tensor ref, double tau, int64_t score,
+                                    OutputBuffer* buffer) {
   TORCH_CHECK(x.scalar_type() == torch::kFloat && x.dim() == 4, "x must be a float32 (N, C, H, W) tensor");
   const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3), total = n * h * w;
   float* rp = rows_ptr(ref, total, c, "ref");
-  auto out = new_delta(n, c, h, w);
+  auto out = output_delta(n, c, h, w, buffer ? &buffer->kept : nullptr);
   const int64_t sn = x.stride(0), sc = x.stride(1), sh = x.stride(2), sw = x.stride(3);
   const float* xp = x.data_ptr<float>();
   float* op = out[0].data_ptr<float>();
@@ -454,7 +525,7 @@ void square_pass(const uint8_t* in, uint8_t* out, int64_t n, int64_t h, int64_t 
 // Returns sparsify's delta and, per image, the fraction of its pixels that passed tau but were held
 // back (N,) float32.
 std::vector<torch::Tensor> sparsify_blobs(torch::Tensor x, torch::Tensor ref, double tau, int64_t score, int64_t k,
-                                          c10::optional<torch::Tensor> flush) {
+                                          c10::optional<torch::Tensor> flush, OutputBuffer* buffer) {
   TORCH_CHECK(x.scalar_type() == torch::kFloat && x.dim() == 4, "x must be a float32 (N, C, H, W) tensor");
   TORCH_CHECK(k >= 1 && k % 2 == 1, "the blob window must be odd, got ", k);
   const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3), total = n * h * w;
@@ -468,8 +539,7 @@ std::vector<torch::Tensor> sparsify_blobs(torch::Tensor x, torch::Tensor ref, do
     std::vector<float> srow(w);
     for (int64_t row = b; row < end; ++row) {
       row_scores(xp, rp, row, h, w, c, sn, sc, sh, sw, static_cast<int>(score), srow.data());
-      uint8_t* __restrict sr = strong.data() + row * w;
-      for (int64_t xi = 0; xi < w; ++xi) sr[xi] = srow[xi] > ftau;
+      flags_above(srow.data(), ftau, strong.data() + row * w, w);
     }
   });
   square_pass(strong.data(), tmp.data(), n, h, w, k, true, true);
@@ -478,7 +548,7 @@ std::vector<torch::Tensor> sparsify_blobs(torch::Tensor x, torch::Tensor ref, do
   square_pass(tmp.data(), kept.data(), n, h, w, k, false, false);  // opened
   for (int64_t i = 0; fl != nullptr && i < n; ++i)
     if (fl[i]) std::memcpy(kept.data() + i * h * w, strong.data() + i * h * w, h * w);  // flushed: all of it
-  auto out = new_delta(n, c, h, w);
+  auto out = output_delta(n, c, h, w, buffer ? &buffer->kept : nullptr);
   float* op = out[0].data_ptr<float>();
   uint8_t* om = mask_out(out[2]);
   std::vector<int64_t> held_rows(n * h);
@@ -487,8 +557,18 @@ std::vector<torch::Tensor> sparsify_blobs(torch::Tensor x, torch::Tensor ref, do
     for (int64_t row = b; row < end; ++row) {
       const uint8_t* kr = kept.data() + row * w;
       const uint8_t* sr = strong.data() + row * w;
-      int64_t held = 0;
-      for (int64_t xi = 0; xi < w; ++xi) {
+      int64_t held = 0, xi = 0;
+      for (; xi + 8 <= w; xi += 8) {  // 8 pixels at a time: most of a row is neither kept nor strong (0/1 bytes)
+        uint64_t kw, sw8;
+        std::memcpy(&kw, kr + xi, 8);
+        std::memcpy(&sw8, sr + xi, 8);
+        // the 0/1 bytes of strong-and-not-kept summed by one multiply (a popcount is a libgcc call in this build)
+        held += static_cast<int64_t>((((sw8 & ~kw) & 0x0101010101010101ull) * 0x0101010101010101ull) >> 56);
+        if (!kw) continue;
+        for (int64_t j = xi; j < xi + 8; ++j)
+          if (kr[j]) send_pixel(xp, rp, op, om, row, j, h, w, c, sn, sc, sh, sw, d.data());
+      }
+      for (; xi < w; ++xi) {
         held += sr[xi] & !kr[xi];
         if (kr[xi]) send_pixel(xp, rp, op, om, row, xi, h, w, c, sn, sc, sh, sw, d.data());
       }
@@ -502,6 +582,31 @@ std::vector<torch::Tensor> sparsify_blobs(torch::Tensor x, torch::Tensor ref, do
   return {compact(om, total), out[0], out[1], out[2], held};
 }
 
+namespace {
+
+// min, max and whether a NaN is among per floats at p (frame_range); inlined into one wrapper per ISA.
+__attribute__((always_inline)) inline void range_body(const float* p, int64_t per, float* lo, float* hi) {
+  float mn = INFINITY, mx = -INFINITY;
+  int bad = 0;
+#pragma omp simd reduction(min : mn) reduction(max : mx) reduction(| : bad)
+  for (int64_t j = 0; j < per; ++j) {
+    const float v = p[j];
+    mn = std::min(mn, v);
+    mx = std::max(mx, v);
+    bad |= v != v;
+  }
+  *lo = bad ? NAN : mn;
+  *hi = bad ? NAN : mx;
+}
+
+void range_base(const float* p, int64_t per, float* lo, float* hi) { range_body(p, per, lo, hi); }
+
+__attribute__((target("avx2"))) void range_avx2(const float* p, int64_t per, float* lo, float* hi) {
+  range_body(p, per, lo, hi);
+}
+
+}  // namespace
+
 // Per image of a float32 batch whose images are contiguous blocks (NCHW or channels_last), the least
 // and largest value, NaN where the image holds a NaN (infinities are kept): (lo, hi), each (N,) float32.
 std::vector<torch::Tensor> frame_range(torch::Tensor x) {
@@ -514,18 +619,8 @@ std::vector<torch::Tensor> frame_range(torch::Tensor x) {
   float* lp = lo.data_ptr<float>();
   float* hp = hi.data_ptr<float>();
   for (int64_t i = 0; i < n; ++i) {
-    const float* p = xp + i * per;
-    float mn = INFINITY, mx = -INFINITY;
-    int bad = 0;
-#pragma omp simd reduction(min : mn) reduction(max : mx) reduction(| : bad)
-    for (int64_t j = 0; j < per; ++j) {
-      const float v = p[j];
-      mn = std::min(mn, v);
-      mx = std::max(mx, v);
-      bad |= v != v;
-    }
-    lp[i] = bad ? NAN : mn;
-    hp[i] = bad ? NAN : mx;
+    if (cpu_has_avx2()) range_avx2(xp + i * per, per, lp + i, hp + i);
+    else range_base(xp + i * per, per, lp + i, hp + i);
   }
   return {lo, hi};
 }
@@ -1238,6 +1333,28 @@ __attribute__((target("avx512f"))) void update_block512(const ActArgs& k, const 
   }
 }
 
+// Ask for the state rows (A, E and the residual's) that the update of candidates ip[0..rows) will read, into L2:
+// a delta frame's candidates are scattered over maps of several MB, and without it ~80% of the SiLU epilogue's time
+// was the first loads of the A and E rows (perf, YOLOv8n). Issued one GEMM block ahead (conv_act_rows_into), so
+// that the block's GEMM hides the latency.
+// (An asm statement: GCC 12 dropped _mm_prefetch here, inlined into conv_act_rows_into's lambda.)
+inline void prefetch_l2(const char* p) { asm volatile("prefetcht1 (%0)" : : "r"(p)); }
+
+inline void prefetch_state_rows(const ActArgs& k, const int64_t* ip, int64_t rows) {
+  const int64_t bytes = k.c * static_cast<int64_t>(sizeof(float));
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t q = ip[r];
+    const char* a = reinterpret_cast<const char*>(k.acc + q * k.c);
+    const char* e = reinterpret_cast<const char*>(k.emitted + q * k.c);
+    const char* rr = k.res && k.res_mask[q] ? reinterpret_cast<const char*>(k.res + q * k.c) : nullptr;
+    for (int64_t off = 0; off < bytes; off += 64) {
+      prefetch_l2(a + off);
+      prefetch_l2(e + off);
+      if (rr) prefetch_l2(rr + off);
+    }
+  }
+}
+
 // The nonlinear update of one GEMM block's candidates (see update_row): a block at a time for SiLU and sigmoid
 // on AVX-512 (update_block512), else pixel by pixel. t: scratch of GEMM_MR * k.c floats.
 void update_block(const ActArgs& k, int64_t code, int64_t score, const int64_t* ip, int64_t rows, const float* y,
@@ -1291,8 +1408,11 @@ std::vector<torch::Tensor> conv_act_rows_into(torch::Tensor ext, torch::Tensor i
     std::vector<const float*> src(taps * GEMM_MR);
     std::vector<uint8_t> any(taps);
     std::vector<float> y(GEMM_MR * cout), o(GEMM_MR * cout);
+    if (b0 < b1) prefetch_state_rows(k, ip + b0 * GEMM_MR, std::min<int64_t>(GEMM_MR, p_count - b0 * GEMM_MR));
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t p0 = blk * GEMM_MR, rows = std::min<int64_t>(GEMM_MR, p_count - p0);
+      if (blk + 1 < b1)  // the next block's state rows, while this block's GEMM runs
+        prefetch_state_rows(k, ip + p0 + GEMM_MR, std::min<int64_t>(GEMM_MR, p_count - p0 - GEMM_MR));
       gather_block_taps(g, ip + p0, rows, x, m, cin, zero.data(), src.data(), any.data());
       gemm_panels(src.data(), any.data(), taps, cin, wp, cout, y.data(), rows);
       update_block(k, code, score, ip + p0, rows, y.data(), o.data(), keep.data() + p0);
@@ -1869,8 +1989,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("candidates", &candidates, "candidate output pixels of a sliding window");
   m.def("gather_taps", &gather_taps, "implicit-GEMM rows of the active taps");
   m.def("act_update", &act_update, "fused nonlinear update with truncation and scatter");
-  m.def("sparsify", &sparsify, "input layer: send the pixels whose change passes the threshold");
-  m.def("sparsify_blobs", &sparsify_blobs, "input layer with the small-blob gate (min_blob)");
+  m.def("sparsify", &sparsify, "input layer: send the pixels whose change passes the threshold", pybind11::arg("x"),
+        pybind11::arg("ref"), pybind11::arg("tau"), pybind11::arg("score"), pybind11::arg("buffer") = nullptr);
+  m.def("sparsify_blobs", &sparsify_blobs, "input layer with the small-blob gate (min_blob)", pybind11::arg("x"),
+        pybind11::arg("ref"), pybind11::arg("tau"), pybind11::arg("score"), pybind11::arg("k"), pybind11::arg("flush"),
+        pybind11::arg("buffer") = nullptr);
   m.def("frame_range", &frame_range, "per-image min and max, NaN where an image holds NaN");
   m.def("maxpool_update", &maxpool_update, "max pooling on deltas with truncation");
   m.def("accumulate_rows", &accumulate_rows, "A += y at candidate pixels, returning the new A rows");
@@ -1891,6 +2014,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("upsample_nearest", &upsample_nearest, "nearest upsampling of a delta by integer factors");
   // module_local: another build of this file loaded beside it (benchmarks/cpu_profile.py --base-kernels) must not
   // make this module's import fail with "type DeltaConvPlan is already registered"
+  pybind11::class_<OutputBuffer>(m, "OutputBuffer", pybind11::module_local(),
+                                 "a layer's last output kept between frames (sparsify, sparsify_blobs)")
+      .def(pybind11::init<>());
   pybind11::class_<DeltaConvPlan>(m, "DeltaConvPlan", pybind11::module_local(),
                                   "a delta conv's static arguments; run: the conv in one call")
       .def(pybind11::init<torch::Tensor, std::vector<int64_t>, int64_t, bool, int64_t, double, double, double, bool>())

@@ -143,7 +143,8 @@ class Sparsify(DeltaLayer):
         flush = self._flushed_streams()
         if flush is not None and self.rt.refresh.tiled:  # the fused pass sends every held pixel
             return None
-        got = backend.sparsify_blobs(x, ref, tau, self.rt.thresholds.score, g.min_blob, self.rt.dtype, flush)
+        got = backend.sparsify_blobs(x, ref, tau, self.rt.thresholds.score, g.min_blob, self.rt.dtype, flush,
+                                     scratch=self._scratch)
         if got is None:
             return None
         d, held = got
