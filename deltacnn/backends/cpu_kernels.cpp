@@ -1526,8 +1526,9 @@ void conv_dense(torch::Tensor x, torch::Tensor packed, c10::optional<torch::Tens
   const float* wp = packed.data_ptr<float>();
   const float flo = lo, fhi = hi, fslope = slope;
   // The GEMM runs a block of GEMM_MR pixels at a time, the epilogue once per chunk of up to `cb` consecutive blocks of
-  // an output row (about EPILOGUE_FLOATS outputs): SiLU's exp chains over 6 pixels' rows leave most of their latency
-  // exposed (YOLOv8n's stem: ~0.55 ns an output a block at a time, ~0.2 in one long loop).
+  // an output row (about EPILOGUE_FLOATS outputs): SiLU's exp chains over one block's 6 rows leave most of their
+  // latency exposed (YOLOv8n's stem, benchmarks/cpu_dense_epilogue.py: SiLU +0.60 ns an output a block at a time,
+  // +0.18 a chunk at a time; the chunk's A write in one burst costs part of it back, +0.05 -> +0.16 ns).
   const int64_t row_blocks = (g.wo + GEMM_MR - 1) / GEMM_MR;
   const int64_t cb = std::max<int64_t>(1, std::min<int64_t>(row_blocks, EPILOGUE_FLOATS / (GEMM_MR * cout)));
   const int64_t row_chunks = (row_blocks + cb - 1) / cb, chunks = g.n * g.ho * row_chunks;
