@@ -11,12 +11,19 @@ measures wall clock: on a loaded machine its per-shape times are inflated (compa
 `--isa avx2,avx512` runs each keyframe once per micro-kernel ISA, interleaved (cpu_kernels set_cpu_isa);
 with `--steady`, `--base-source old.cpp` also runs each on a second build of the kernels (two-build A/B).
 
+`--reuse-state` times the per-conv table on keyframes of one stream whose state buffers are reused (without it the
+model is reset before each keyframe, so the table also pays the state allocations and their page faults);
+`--threads` / `--clock wall` run it at another thread count (onnxruntime's per-node times at the same count).
+
 `--steady N` instead runs N consecutive frames as keyframes of one stream (keyframe interval 1: the
 state buffers are reused, as on the keyframes of a real run, where the per-conv mode resets the model
 and allocates them again) and prints each frame's time, the conv_dense part and the rest; with
 `--peer`, onnxruntime on the same frames, interleaved (`--threads 2 --clock wall` on a quiet machine):
 
     PYTHONPATH=/work/shared/bench python3 benchmarks/cpu_keyframe_layers.py --steady 24 --threads 2 --clock wall --peer
+
+With `--steady`, `--dense` also runs the same frames as stateless dense frames (what the keyframe's state costs) and
+`--parts` prints the time per layer kind.
 """
 from __future__ import annotations
 
@@ -40,7 +47,7 @@ def _shape_key(cin: int, cout: int, kh: int, kw: int, stride: int, h: int, w: in
     return f"{cin:3d}->{cout:3d} k{kh}x{kw} s{stride} {h}x{w}"
 
 
-def ort_conv_times(model, x: torch.Tensor, repeats: int) -> tuple[dict[str, float], float]:
+def ort_conv_times(model, x: torch.Tensor, repeats: int, clock=time.process_time) -> tuple[dict[str, float], float]:
     """onnxruntime's time per conv shape (ms: the sum over its Conv nodes of that shape, median over
     `repeats` runs; shapes from the profiler's input/weight/output shapes) and its frame time."""
     import onnxruntime as ort
@@ -61,9 +68,9 @@ def ort_conv_times(model, x: torch.Tensor, repeats: int) -> tuple[dict[str, floa
         name = sess.get_inputs()[0].name
         frame = []
         for _ in range(repeats + 1):
-            t0 = time.process_time()
+            t0 = clock()
             sess.run(None, {name: arr})
-            frame.append((time.process_time() - t0) * 1e3)
+            frame.append((clock() - t0) * 1e3)
         events = json.loads(Path(sess.end_profiling()).read_text())
     spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
                    if e.get("cat") == "Session" and e.get("name") == "model_run")
@@ -95,7 +102,7 @@ def ort_conv_times(model, x: torch.Tensor, repeats: int) -> tuple[dict[str, floa
 
 class _LayerParts:
     """--parts: each leaf delta layer's time on the counted frames of the first variant, by layer kind (a conv's
-    conv_dense apart; 'model' = the frame less every layer: the graph module's own Python and ops)."""
+    conv_dense apart; the hooks' own cost, ~2 us a layer, lands in the layers' rows)."""
 
     def __init__(self, dm, clock, spent: list[float]) -> None:
         self.clock, self.spent, self.frame = clock, spent, False
@@ -297,7 +304,7 @@ def main() -> None:
     set_isa("auto")
     order = [per_call[isas[0]][i][0] for i in sorted(per_call[isas[0]])]
     ms = {isa: [statistics.median(c[1] for c in per_call[isa][i]) for i in sorted(per_call[isa])] for isa in isas}
-    ort, ort_frame = ({}, float("nan")) if args.no_peer else ort_conv_times(model, frames[0], args.repeats)
+    ort, ort_frame = ({}, float("nan")) if args.no_peer else ort_conv_times(model, frames[0], args.repeats, clock)
     for isa in isas:
         fm = statistics.median(frame_ms[isa])
         print(f"keyframe [{isa}]: median {fm:.1f} ms, conv_dense {sum(ms[isa]):.1f} ms "
