@@ -11,12 +11,19 @@ measures wall clock: on a loaded machine its per-shape times are inflated (compa
 `--isa avx2,avx512` runs each keyframe once per micro-kernel ISA, interleaved (cpu_kernels set_cpu_isa);
 with `--steady`, `--base-source old.cpp` also runs each on a second build of the kernels (two-build A/B).
 
+`--reuse-state` times the per-conv table on keyframes of one stream whose state buffers are reused (without it the
+model is reset before each keyframe, so the table also pays the state allocations and their page faults);
+`--threads` / `--clock wall` run it at another thread count (onnxruntime's per-node times at the same count).
+
 `--steady N` instead runs N consecutive frames as keyframes of one stream (keyframe interval 1: the
 state buffers are reused, as on the keyframes of a real run, where the per-conv mode resets the model
 and allocates them again) and prints each frame's time, the conv_dense part and the rest; with
 `--peer`, onnxruntime on the same frames, interleaved (`--threads 2 --clock wall` on a quiet machine):
 
     PYTHONPATH=/work/shared/bench python3 benchmarks/cpu_keyframe_layers.py --steady 24 --threads 2 --clock wall --peer
+
+With `--steady`, `--dense` also runs the same frames as stateless dense frames (what the keyframe's state costs) and
+`--parts` prints the time per layer kind.
 """
 from __future__ import annotations
 
@@ -40,7 +47,7 @@ def _shape_key(cin: int, cout: int, kh: int, kw: int, stride: int, h: int, w: in
     return f"{cin:3d}->{cout:3d} k{kh}x{kw} s{stride} {h}x{w}"
 
 
-def ort_conv_times(model, x: torch.Tensor, repeats: int) -> tuple[dict[str, float], float]:
+def ort_conv_times(model, x: torch.Tensor, repeats: int, clock=time.process_time) -> tuple[dict[str, float], float]:
     """onnxruntime's time per conv shape (ms: the sum over its Conv nodes of that shape, median over
     `repeats` runs; shapes from the profiler's input/weight/output shapes) and its frame time."""
     import onnxruntime as ort
@@ -61,15 +68,21 @@ def ort_conv_times(model, x: torch.Tensor, repeats: int) -> tuple[dict[str, floa
         name = sess.get_inputs()[0].name
         frame = []
         for _ in range(repeats + 1):
-            t0 = time.process_time()
+            t0 = clock()
             sess.run(None, {name: arr})
-            frame.append((time.process_time() - t0) * 1e3)
+            frame.append((clock() - t0) * 1e3)
         events = json.loads(Path(sess.end_profiling()).read_text())
     spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
                    if e.get("cat") == "Session" and e.get("name") == "model_run")
     runs: list[dict[str, float]] = [defaultdict(float) for _ in spans]
+    ops: list[dict[str, float]] = [defaultdict(float) for _ in spans]  # per op type (Sigmoid, Mul, Concat, ...)
     for e in events:
         args = e.get("args", {})
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            for i, (a, b) in enumerate(spans):
+                if a <= e["ts"] <= b:
+                    ops[i][args.get("op_name", "?")] += e["dur"] / 1e3
+                    break
         if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time") or "Conv" not in args.get("op_name", ""):
             continue
         (xs,), (ws,) = args["input_type_shape"][0].values(), args["input_type_shape"][1].values()
@@ -79,9 +92,50 @@ def ort_conv_times(model, x: torch.Tensor, repeats: int) -> tuple[dict[str, floa
             if a <= e["ts"] <= b:
                 runs[i][key] += e["dur"] / 1e3
                 break
-    runs = runs[1:]  # the first run warms up
+    runs, ops = runs[1:], ops[1:]  # the first run warms up
     keys = set().union(*runs)
+    op_ms = {k: statistics.median(r.get(k, 0.0) for r in ops) for k in set().union(*ops)}
+    print("onnxruntime per op type (profiler, wall clock, median of runs): " +
+          ", ".join(f"{k} {v:.2f}" for k, v in sorted(op_ms.items(), key=lambda kv: -kv[1])))
     return {k: statistics.median(r.get(k, 0.0) for r in runs) for k in keys}, statistics.median(frame[1:])
+
+
+class _LayerParts:
+    """--parts: each leaf delta layer's time on the counted frames of the first variant, by layer kind (a conv's
+    conv_dense apart; the hooks' own cost, ~2 us a layer, lands in the layers' rows)."""
+
+    def __init__(self, dm, clock, spent: list[float]) -> None:
+        self.clock, self.spent, self.frame = clock, spent, False
+        self.ms: dict[str, float] = defaultdict(float)
+        self.calls: dict[str, int] = defaultdict(int)
+        self._t: dict[int, tuple[float, float]] = {}
+        from deltacnn.layers.base import DeltaLayer
+        for m in dm.modules():
+            if isinstance(m, DeltaLayer) and not any(isinstance(c, DeltaLayer) for c in m.children()):
+                m.register_forward_pre_hook(self._pre)
+                m.register_forward_hook(self._post)
+
+    def _pre(self, m, _args) -> None:
+        if self.frame:
+            self._t[id(m)] = (self.clock(), self.spent[0])
+
+    def _post(self, m, _args, _out) -> None:
+        if not self.frame or id(m) not in self._t:
+            return
+        t0, s0 = self._t.pop(id(m))
+        dt, ds = self.clock() - t0, self.spent[0] - s0
+        key = m.kind
+        if m.kind == "conv":
+            self.ms["conv: conv_dense"] += ds * 1e3
+            key = "conv: the rest (Python, dispatch)"
+        self.ms[key] += (dt - ds) * 1e3
+        self.calls[key] += 1
+
+    def report(self, frames: int) -> None:
+        print(f"per layer kind, ms a keyframe (mean of {frames} frames):")
+        for k, v in sorted(self.ms.items(), key=lambda kv: -kv[1]):
+            print(f"   {k:36s} {v / frames:7.2f}  ({self.calls.get(k, 0) // max(frames, 1)} calls)")
+        print(f"   {'sum over layers':36s} {sum(self.ms.values()) / frames:7.2f}")
 
 
 def steady(args) -> None:
@@ -115,6 +169,8 @@ def steady(args) -> None:
             finally:
                 spent[0] += clock() - t0
 
+    if args.dense:  # the same frames as stateless dense frames (DeltaModel.dense_frame): no state written
+        variants = variants + [("dense", {})]
     dms = {}
     for name, kv in variants:
         apply_settings(kv, defaults)  # conversion-time switches act here
@@ -127,6 +183,8 @@ def steady(args) -> None:
     if args.peer:
         from deltacnn.peers import onnxruntime_peer
         peer = onnxruntime_peer(model, frames[0], threads=args.threads)
+    base = next(iter(dms))
+    parts = _LayerParts(dms[base], clock, spent) if args.parts else None
     total = {n: [] for n in dms}
     conv = {n: [] for n in dms}
     peer_ms = []
@@ -142,11 +200,15 @@ def steady(args) -> None:
                 apply_settings(kv, defaults)
                 dm = dms[name]
                 spent[0] = 0.0
+                if parts is not None and name == base:
+                    parts.frame = i >= 2
                 t0 = clock()
-                outs[name] = dm(f)
+                outs[name] = dm.dense_frame(f) if name == "dense" else dm(f)
                 dt = clock() - t0
-                if dm.last_mode != "keyframe":
-                    raise RuntimeError(f"frame {i} ran as {dm.last_mode}, not as a keyframe")
+                if parts is not None:
+                    parts.frame = False
+                if dm.last_mode != ("dense" if name == "dense" else "keyframe"):
+                    raise RuntimeError(f"frame {i} of {name} ran as {dm.last_mode}")
                 if i >= 2:  # the first two warm up
                     total[name].append(dt * 1e3)
                     conv[name].append(spent[0] * 1e3)
@@ -157,7 +219,6 @@ def steady(args) -> None:
                     print(f"   frame {i}: variant {name} differs from {next(iter(outs))} by {err:.1e}")
     apply_settings({}, defaults)
     med = statistics.median
-    base = next(iter(dms))
     for name in dms:
         t, c = total[name], conv[name]
         print(f"[{name}] {len(t)} keyframes ({args.threads} thread(s), {args.clock} clock): median {med(t):.1f} ms "
@@ -168,6 +229,8 @@ def steady(args) -> None:
             o = [(a - ca) - (b - cb) for a, ca, b, cb in zip(t, c, total[base], conv[base])]
             print(f"   paired with [{base}]: {statistics.mean(d):+.1f} ms mean, {med(d):+.1f} median; outside "
                   f"conv_dense {statistics.mean(o):+.1f} mean, {med(o):+.1f} median ({len(d)} keyframes)")
+    if parts is not None:
+        parts.report(len(total[base]))
     if peer_ms:
         print(f"onnxruntime, same frames: median {med(peer_ms):.1f} ms (mean {statistics.mean(peer_ms):.1f}); "
               f"keyframe [{base}] / peer {med(total[base]) / med(peer_ms):.2f}")
@@ -181,8 +244,13 @@ def main() -> None:
     ap.add_argument("--no-peer", action="store_true")
     ap.add_argument("--steady", type=int, default=0, help="time N consecutive keyframes instead (see above)")
     ap.add_argument("--peer", action="store_true", help="--steady: onnxruntime on the same frames, interleaved")
-    ap.add_argument("--threads", type=int, default=1, help="--steady only (the per-conv table runs at 1)")
-    ap.add_argument("--clock", choices=["cpu", "wall"], default="cpu", help="--steady only")
+    ap.add_argument("--threads", type=int, default=1, help="(onnxruntime's per-node times at the same count)")
+    ap.add_argument("--clock", choices=["cpu", "wall"], default="cpu")
+    ap.add_argument("--reuse-state", action="store_true", help="per-conv table: keyframes of one stream with their "
+                    "state buffers reused (as --steady), instead of a reset (and new buffers) before each")
+    ap.add_argument("--dense", action="store_true", help="--steady: also the same frames as stateless dense frames "
+                    "(DeltaModel.dense_frame, the variant 'dense'): what the keyframe's state costs")
+    ap.add_argument("--parts", action="store_true", help="--steady: the first variant's time per layer kind")
     ap.add_argument("--base-source", default="", help="--steady: also run every frame on a build of this "
                     "cpu_kernels.cpp (the variant ' base'), interleaved: a paired two-build A/B")
     ap.add_argument("--isa", default="", help='micro-kernel ISAs run interleaved, e.g. "avx2,avx512" (paired: the '
@@ -192,9 +260,12 @@ def main() -> None:
     args = ap.parse_args()
     if args.steady:
         return steady(args)
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
     model, frames = load("yolov8n", args.start, 1)
     dm = convert_at(model, frames, args.points, 1)
+    if args.reuse_state:  # every run a keyframe of one stream, its state buffers reused (no reset, no allocation)
+        dm.keyframe_interval = 1
     backend = dm.rt.backend_on(torch.device("cpu"))
     calls: list[tuple[str, float, float]] = []  # (shape, ms, MMAC) of each conv_dense call, in order
     real = backend._k.conv_dense
@@ -202,9 +273,9 @@ def main() -> None:
     def timed(x, packed, bias, geo, *rest):
         n, h, w, ho, wo, kh, kw = geo[:7]
         cout = packed.shape[0] * 16
-        t0 = time.process_time()
+        t0 = clock()
         out = real(x, packed, bias, geo, *rest)
-        dt = (time.process_time() - t0) * 1e3
+        dt = (clock() - t0) * 1e3
         cin = x.shape[1]
         calls.append((_shape_key(cin, rest[1].shape[1], kh, kw, geo[7], h, w), dt,
                       n * ho * wo * kh * kw * cin * rest[1].shape[1] / 1e6))
@@ -220,10 +291,11 @@ def main() -> None:
             for isa in isas:  # interleaved, so that the load on the machine cancels in the paired numbers
                 set_isa(isa)
                 calls.clear()
-                dm.reset()
-                t0 = time.process_time()
+                if not args.reuse_state:
+                    dm.reset()
+                t0 = clock()
                 dm(frames[0])
-                dt = (time.process_time() - t0) * 1e3
+                dt = (clock() - t0) * 1e3
                 if r == 0:
                     continue
                 frame_ms[isa].append(dt)
@@ -232,7 +304,7 @@ def main() -> None:
     set_isa("auto")
     order = [per_call[isas[0]][i][0] for i in sorted(per_call[isas[0]])]
     ms = {isa: [statistics.median(c[1] for c in per_call[isa][i]) for i in sorted(per_call[isa])] for isa in isas}
-    ort, ort_frame = ({}, float("nan")) if args.no_peer else ort_conv_times(model, frames[0], args.repeats)
+    ort, ort_frame = ({}, float("nan")) if args.no_peer else ort_conv_times(model, frames[0], args.repeats, clock)
     for isa in isas:
         fm = statistics.median(frame_ms[isa])
         print(f"keyframe [{isa}]: median {fm:.1f} ms, conv_dense {sum(ms[isa]):.1f} ms "

@@ -471,6 +471,40 @@ def test_dense_conv_equals_pytorch(win: Window, cin: int, cout: int, layout: str
                 assert torch.equal(bufs["em"], out)
 
 
+@pytest.mark.usefixtures("cpu_isa")
+@pytest.mark.parametrize("win", [Window.make(1), Window.make(3, 1, 1), Window.make(3, 2, 1)], ids=str)
+@pytest.mark.parametrize("cin,cout", [(3, 16), (16, 8), (32, 24), (16, 32), (48, 70), (64, 256)])
+@pytest.mark.parametrize("w", [61, 130, 24])
+def test_dense_conv_epilogue_chunks_equal_pytorch(win: Window, cin: int, cout: int, w: int) -> None:
+    """conv_dense on rows wide enough for several epilogue chunks a row (EPILOGUE_FLOATS outputs: 12 pixels at
+    Cout 256, 54 at 70, 126 at 32): whole chunks, a last chunk of a few pixels ending in a part block (61 and 130
+    columns), a row of one chunk (24), the last panel's masked channels (Cout 8, 24, 70), against F.conv2d + bias +
+    SiLU with the state A and E, and without an activation."""
+    from deltacnn.backends.base import ConvParams
+    if not FUSED._gemm:
+        pytest.skip("no AVX2/FMA here")
+    gen = torch.Generator().manual_seed(71)
+    x = torch.randn(1, cin, 7, w, generator=gen).contiguous(memory_format=torch.channels_last)
+    fan_in = cin * win.kernel[0] * win.kernel[1]  # outputs of order 1 at any depth: the tolerances hold
+    p = ConvParams(torch.randn(cout, cin, *win.kernel, generator=gen) * fan_in ** -0.5, win, 1)
+    bias = torch.randn(cout, generator=gen)
+    t, b, l, r = win.padding
+    v = nn.functional.conv2d(nn.functional.pad(x, (l, r, t, b)), p.weight, bias, win.stride, 0, win.dilation)
+    bufs = {}
+
+    def state(shape):
+        bufs["acc"] = torch.full(shape, float("nan")).contiguous(memory_format=torch.channels_last)
+        bufs["em"] = torch.full(shape, float("nan")).contiguous(memory_format=torch.channels_last)
+        return bufs["acc"], bufs["em"]
+    act = ActSpec("silu")
+    out = FUSED.dense_conv(x, p, bias, None, act, state)
+    torch.testing.assert_close(out, act(v), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(bufs["acc"], v, rtol=1e-5, atol=1e-5)
+    assert torch.equal(bufs["em"], out)
+    plain = FUSED.dense_conv(x, p, bias, None, None, None)  # no activation, no state: v straight into out
+    torch.testing.assert_close(plain, v, rtol=1e-5, atol=1e-5)
+
+
 def test_dense_conv_declines_what_it_does_not_fuse() -> None:
     from deltacnn.backends.base import ConvParams
     x = torch.randn(1, 4, 6, 6).contiguous(memory_format=torch.channels_last)

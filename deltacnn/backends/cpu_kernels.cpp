@@ -1542,6 +1542,9 @@ std::vector<torch::Tensor> depthwise_rows(torch::Tensor ext, torch::Tensor in_ma
 
 namespace {
 
+// conv_dense's epilogue (bias, residual, f, the state writes) runs over chunks of about this many outputs (<= 16 KB)
+constexpr int64_t EPILOGUE_FLOATS = 4096;
+
 // f(v) over c channels into f (codes as conv_act_rows: 0 identity, 1 relu, 2 hardtanh, 3 leaky, 4 SiLU,
 // 5 sigmoid; SiLU and sigmoid by exp8, within a few ulp of ATen's).
 __attribute__((target("avx2,fma"))) void activate_row(int64_t code, const float* v, float* f, int64_t c, float lo,
@@ -1642,60 +1645,70 @@ void conv_dense(torch::Tensor x, torch::Tensor packed, c10::optional<torch::Tens
   const int64_t vt = runs ? g.kh : taps, vk = runs ? g.kw * cin : cin;  // the micro-kernel's taps and depth
   const float* wp = packed.data_ptr<float>();
   const float flo = lo, fhi = hi, fslope = slope;
-  const int64_t row_blocks = (g.wo + GEMM_MR - 1) / GEMM_MR, blocks = g.n * g.ho * row_blocks;
-  at::parallel_for(0, blocks, 4, [&](int64_t b0, int64_t b1) {
+  // The GEMM runs a block of GEMM_MR pixels at a time, the epilogue once per chunk of up to `cb` consecutive blocks of
+  // an output row (about EPILOGUE_FLOATS outputs): SiLU's exp chains over one block's 6 rows leave most of their
+  // latency exposed (YOLOv8n's stem, benchmarks/cpu_dense_epilogue.py: SiLU +0.60 ns an output a block at a time,
+  // +0.18 a chunk at a time; the chunk's A write in one burst costs part of it back, +0.05 -> +0.16 ns).
+  const int64_t row_blocks = (g.wo + GEMM_MR - 1) / GEMM_MR;
+  const int64_t cb = std::max<int64_t>(1, std::min<int64_t>(row_blocks, EPILOGUE_FLOATS / (GEMM_MR * cout)));
+  const int64_t row_chunks = (row_blocks + cb - 1) / cb, chunks = g.n * g.ho * row_chunks;
+  at::parallel_for(0, chunks, std::max<int64_t>(1, 4 / cb), [&](int64_t c0, int64_t c1) {
     const std::vector<float> zero(vk, 0.f);
     std::vector<float> edge(runs ? GEMM_MR * vt * vk : 0);  // border pixels' runs, zero-filled outside
     std::vector<const float*> src(vt * GEMM_MR);
     std::vector<uint8_t> any(vt);
-    std::vector<float> y(GEMM_MR * cout), v(GEMM_MR * cout);
-    for (int64_t blk = b0; blk < b1; ++blk) {
-      const int64_t row = blk / row_blocks, ox0 = (blk % row_blocks) * GEMM_MR;
+    std::vector<float> y(cb * GEMM_MR * cout), v(cb * GEMM_MR * cout);
+    for (int64_t chunk = c0; chunk < c1; ++chunk) {
+      const int64_t row = chunk / row_chunks, px0 = (chunk % row_chunks) * cb * GEMM_MR;
       const int64_t n = row / g.ho, oy = row % g.ho;
-      const int64_t rows = std::min<int64_t>(GEMM_MR, g.wo - ox0);
-      const float* xn = xp + n * sn;
-      std::fill(any.begin(), any.end(), 0);
-      for (int64_t r = 0; r < GEMM_MR; ++r) {
-        const int64_t ox = ox0 + std::min<int64_t>(r, rows - 1);  // rows past the end repeat the last
-        if (runs) {
-          const int64_t ix0 = ox * g.sw - g.pl;
-          const bool inside = ix0 >= 0 && ix0 + g.kw <= g.w;
-          for (int64_t ky = 0; ky < g.kh; ++ky) {
+      const int64_t px1 = std::min<int64_t>(g.wo, px0 + cb * GEMM_MR);  // the chunk's pixels [px0, px1) of the row
+      for (int64_t ox0 = px0; ox0 < px1; ox0 += GEMM_MR) {
+        const int64_t rows = std::min<int64_t>(GEMM_MR, g.wo - ox0);
+        const float* xn = xp + n * sn;
+        std::fill(any.begin(), any.end(), 0);
+        for (int64_t r = 0; r < GEMM_MR; ++r) {
+          const int64_t ox = ox0 + std::min<int64_t>(r, rows - 1);  // rows past the end repeat the last
+          if (runs) {
+            const int64_t ix0 = ox * g.sw - g.pl;
+            const bool inside = ix0 >= 0 && ix0 + g.kw <= g.w;
+            for (int64_t ky = 0; ky < g.kh; ++ky) {
+              const int64_t iy = oy * g.sh - g.pt + ky * g.dh;
+              if (iy < 0 || iy >= g.h) {
+                src[ky * GEMM_MR + r] = zero.data();
+                continue;
+              }
+              any[ky] = 1;
+              const float* s = xn + iy * sy + ix0 * sx;
+              if (inside) {
+                src[ky * GEMM_MR + r] = s;
+                continue;
+              }
+              float* d = edge.data() + (r * vt + ky) * vk;
+              for (int64_t kx = 0; kx < g.kw; ++kx) {
+                const int64_t ix = ix0 + kx;
+                if (ix >= 0 && ix < g.w) std::memcpy(d + kx * cin, s + kx * sx, sizeof(float) * cin);
+                else std::memset(d + kx * cin, 0, sizeof(float) * cin);
+              }
+              src[ky * GEMM_MR + r] = d;
+            }
+            continue;
+          }
+          for (int64_t ky = 0, t = 0; ky < g.kh; ++ky) {
             const int64_t iy = oy * g.sh - g.pt + ky * g.dh;
-            if (iy < 0 || iy >= g.h) {
-              src[ky * GEMM_MR + r] = zero.data();
-              continue;
+            const bool vy = iy >= 0 && iy < g.h;
+            for (int64_t kx = 0; kx < g.kw; ++kx, ++t) {
+              const int64_t ix = ox * g.sw - g.pl + kx * g.dw;
+              const bool live = vy && ix >= 0 && ix < g.w;
+              src[t * GEMM_MR + r] = live ? xn + iy * sy + ix * sx : zero.data();
+              any[t] |= live;
             }
-            any[ky] = 1;
-            const float* s = xn + iy * sy + ix0 * sx;
-            if (inside) {
-              src[ky * GEMM_MR + r] = s;
-              continue;
-            }
-            float* d = edge.data() + (r * vt + ky) * vk;
-            for (int64_t kx = 0; kx < g.kw; ++kx) {
-              const int64_t ix = ix0 + kx;
-              if (ix >= 0 && ix < g.w) std::memcpy(d + kx * cin, s + kx * sx, sizeof(float) * cin);
-              else std::memset(d + kx * cin, 0, sizeof(float) * cin);
-            }
-            src[ky * GEMM_MR + r] = d;
-          }
-          continue;
-        }
-        for (int64_t ky = 0, t = 0; ky < g.kh; ++ky) {
-          const int64_t iy = oy * g.sh - g.pt + ky * g.dh;
-          const bool vy = iy >= 0 && iy < g.h;
-          for (int64_t kx = 0; kx < g.kw; ++kx, ++t) {
-            const int64_t ix = ox * g.sw - g.pl + kx * g.dw;
-            const bool live = vy && ix >= 0 && ix < g.w;
-            src[t * GEMM_MR + r] = live ? xn + iy * sy + ix * sx : zero.data();
-            any[t] |= live;
           }
         }
+        gemm_panels(src.data(), any.data(), vt, vk, wp, cout, y.data() + (ox0 - px0) * cout, rows);
       }
-      gemm_panels(src.data(), any.data(), vt, vk, wp, cout, y.data(), rows);
+      const int64_t rows = px1 - px0;
       if (use_avx512()) {
-        const int64_t q0 = (row * g.wo + ox0) * cout;
+        const int64_t q0 = (row * g.wo + px0) * cout;
         float* ob = op + q0;  // a plain conv (no A) writes v straight into out
         dense_epilogue512(y.data(), bp, rp ? rp + q0 : nullptr, ap ? ap + q0 : (code ? v.data() : ob), ob, rows,
                           cout, code, flo, fhi, fslope);
@@ -1703,7 +1716,7 @@ void conv_dense(torch::Tensor x, torch::Tensor packed, c10::optional<torch::Tens
         continue;
       }
       for (int64_t r = 0; r < rows; ++r) {
-        const int64_t q = row * g.wo + ox0 + r;
+        const int64_t q = row * g.wo + px0 + r;
         const float* yr = y.data() + r * cout;
         const float* rr = rp ? rp + q * cout : nullptr;
         float* vr = ap ? ap + q * cout : v.data();  // A is v itself on keyframes
