@@ -17,11 +17,19 @@ and allocates them again) and prints each frame's time, the conv_dense part and 
 `--peer`, onnxruntime on the same frames, interleaved (`--threads 2 --clock wall` on a quiet machine):
 
     PYTHONPATH=/work/shared/bench python3 benchmarks/cpu_keyframe_layers.py --steady 24 --threads 2 --clock wall --peer
+
+`--layers` times every delta layer of a keyframe (forward hooks, exclusive CPU time: depthwise convs,
+transposed convs, adds and the rest, not only conv_dense) and puts onnxruntime's per-node time of the
+same layer shape beside it (its Conv / FusedConv nodes by shape; its other nodes summed by op); with
+`--stateless`, the frame runs as a dense frame (no state written), as a densified delta frame does:
+
+    python3 benchmarks/cpu_keyframe_layers.py --model centerface --layers --repeats 4
 """
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import sys
 import tempfile
@@ -36,13 +44,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cpu_profile import _TimedModule, StageClock, convert_at, load, set_isa  # noqa: E402
 
 
+SHIPPED = {"yolov8n": "deltacnn/data/yolov8n_vtest.json", "centerface": "deltacnn/data/centerface_f1_95.json"}
+
+
 def _shape_key(cin: int, cout: int, kh: int, kw: int, stride: int, h: int, w: int) -> str:
     return f"{cin:3d}->{cout:3d} k{kh}x{kw} s{stride} {h}x{w}"
 
 
-def ort_conv_times(model, x: torch.Tensor, repeats: int) -> tuple[dict[str, float], float]:
-    """onnxruntime's time per conv shape (ms: the sum over its Conv nodes of that shape, median over
-    `repeats` runs; shapes from the profiler's input/weight/output shapes) and its frame time."""
+def _ort_profile(model, x: torch.Tensor, repeats: int) -> tuple[list[list[dict]], float]:
+    """onnxruntime's profiled node events of `repeats` runs of model on x (1 thread per torch thread; the
+    first run, a warm-up, left out), one list per run, and its median frame time (process CPU clock)."""
     import onnxruntime as ort
     from deltacnn.peers import export_onnx
     with tempfile.TemporaryDirectory(prefix="deltacnn_onnx_") as d:
@@ -67,21 +78,166 @@ def ort_conv_times(model, x: torch.Tensor, repeats: int) -> tuple[dict[str, floa
         events = json.loads(Path(sess.end_profiling()).read_text())
     spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
                    if e.get("cat") == "Session" and e.get("name") == "model_run")
-    runs: list[dict[str, float]] = [defaultdict(float) for _ in spans]
+    runs: list[list[dict]] = [[] for _ in spans]
     for e in events:
-        args = e.get("args", {})
-        if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time") or "Conv" not in args.get("op_name", ""):
+        if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time"):
             continue
-        (xs,), (ws,) = args["input_type_shape"][0].values(), args["input_type_shape"][1].values()
-        (os,) = args["output_type_shape"][0].values()
-        key = _shape_key(ws[1], ws[0], ws[2], ws[3], xs[2] // os[2], xs[2], xs[3])
         for i, (a, b) in enumerate(spans):  # the run whose span holds this node
             if a <= e["ts"] <= b:
-                runs[i][key] += e["dur"] / 1e3
+                runs[i].append(e)
                 break
-    runs = runs[1:]  # the first run warms up
-    keys = set().union(*runs)
-    return {k: statistics.median(r.get(k, 0.0) for r in runs) for k in keys}, statistics.median(frame[1:])
+    return runs[1:], statistics.median(frame[1:])
+
+
+def _ort_times(runs: list[list[dict]], key_of) -> dict[str, float]:
+    """Per key (key_of(node event), None: left out): the sum over a run's nodes, median over the runs (ms)."""
+    per_run: list[dict[str, float]] = []
+    for events in runs:
+        r: dict[str, float] = defaultdict(float)
+        for e in events:
+            k = key_of(e)
+            if k is not None:
+                r[k] += e["dur"] / 1e3
+        per_run.append(r)
+    keys = set().union(*per_run)
+    return {k: statistics.median(r.get(k, 0.0) for r in per_run) for k in keys}
+
+
+def _ort_conv_key(e: dict) -> str | None:
+    args = e.get("args", {})
+    if "Conv" not in args.get("op_name", "") or "Transpose" in args["op_name"]:
+        return None
+    (xs,), (ws,) = args["input_type_shape"][0].values(), args["input_type_shape"][1].values()
+    (os,) = args["output_type_shape"][0].values()
+    return _shape_key(ws[1], ws[0], ws[2], ws[3], xs[2] // os[2], xs[2], xs[3])
+
+
+def ort_conv_times(model, x: torch.Tensor, repeats: int) -> tuple[dict[str, float], float]:
+    """onnxruntime's time per groups-1 conv shape (ms: the sum over its Conv nodes of that shape, median over
+    `repeats` runs; shapes from the profiler's input/weight/output shapes) and its frame time."""
+    runs, frame = _ort_profile(model, x, repeats)
+    return _ort_times(runs, _ort_conv_key), frame
+
+
+def _layer_key(kind: str, cin: int, cout: int, kh: int, kw: int, stride: int, h: int, w: int) -> str:
+    """Channels rounded up to 16: onnxruntime's profiler shows the blocked (NCHWc) layout's padded counts."""
+    return f"{kind:6s} {-(-cin // 16) * 16:3d}->{-(-cout // 16) * 16:3d} k{kh}x{kw} s{stride} {h}x{w}"
+
+
+def _ort_layer_key(e: dict) -> str:
+    """A node's --layers key: a conv's (depthwise "dw", transposed "deconv") by shape, else "ort <op>"."""
+    args = e.get("args", {})
+    op = args.get("op_name", "?")
+    if "Conv" not in op:
+        return f"(onnxruntime {op})"
+    (xs,), (ws,) = args["input_type_shape"][0].values(), args["input_type_shape"][1].values()
+    (os,) = args["output_type_shape"][0].values()
+    if len(ws) != 4 or len(xs) != 4:
+        return f"(onnxruntime {op} {xs} {ws})"
+    if "Transpose" in op:  # weight (Cin, Cout / groups, kh, kw)
+        return _layer_key("deconv", xs[1], ws[1], ws[2], ws[3], os[2] // xs[2], xs[2], xs[3])
+    kind = "dw" if ws[1] == 1 and ws[0] == xs[1] > 1 else "conv"
+    return _layer_key(kind, xs[1], ws[0], ws[2], ws[3], xs[2] // os[2], xs[2], xs[3])
+
+
+def _delta_layer_key(layer, inputs) -> tuple[str, float]:
+    """A delta layer's --layers key (a conv's as _ort_layer_key's) and its multiply-adds (MMAC) for input shape."""
+    from deltacnn.layers.conv import DeltaConv2d, DeltaConvTranspose2d
+    n, c, h, w = inputs[0].shape
+    if isinstance(layer, DeltaConv2d):
+        kh, kw = layer.window.kernel
+        ho, wo = layer.window.out_size(h, w)
+        kind = "dw" if layer.groups > 1 and layer.groups == c else "conv"
+        return (_layer_key(kind, c, layer.weight.shape[0], kh, kw, layer.window.stride[0], h, w),
+                n * ho * wo * layer.macs_per_pixel / 1e6)
+    if isinstance(layer, DeltaConvTranspose2d):
+        cin, cout_g, kh, kw = layer.weight.shape
+        return (_layer_key("deconv", cin, cout_g * layer.groups, kh, kw, layer.stride[0], h, w),
+                n * h * w * cin // layer.groups * cout_g * layer.groups * kh * kw / 1e6)
+    return f"{layer.kind} {c} {h}x{w}", 0.0
+
+
+def layers(args) -> None:
+    """--layers: every delta layer of a keyframe (or a stateless dense frame), exclusive CPU time by layer
+    shape, against onnxruntime's nodes of that shape (1 thread)."""
+    from cpu_profile import ISA_SWITCH, SWITCHES, _module_of, apply_settings, parse_variants
+    from deltacnn.layers.base import DeltaLayer
+    torch.set_num_threads(1)
+    (name, kv), = parse_variants(args.variants)[:1]  # --variants "old:dense_depthwise=0": one variant's settings
+    apply_settings(kv, {})
+    if kv:
+        print(f"[{name}] {kv}")
+    model, frames = load(args.model, args.start, 1)
+    dm = convert_at(model, frames, args.points, 1)
+    stack: list[list] = []  # [start, child time]
+    spent: dict[str, float] = defaultdict(float)
+    macs: dict[str, float] = {}
+    count: dict[str, int] = defaultdict(int)
+
+    def pre(mod, inputs):
+        stack.append([time.process_time(), 0.0])
+
+    def post(mod, inputs, output):
+        t0, child = stack.pop()
+        dt = time.process_time() - t0
+        key, mmac = _delta_layer_key(mod, inputs) if not isinstance(inputs[0], torch.Tensor) or inputs[0].dim() == 4 \
+            else (mod.kind, 0.0)
+        spent[key] += dt - child
+        macs[key] = macs.get(key, 0.0) + mmac
+        count[key] += 1
+        if stack:
+            stack[-1][1] += dt
+
+    mods = [m for m in dm.modules() if isinstance(m, DeltaLayer)]
+    frame_ms, per_key, faults = [], defaultdict(list), []
+    with torch.no_grad():
+        for r in range(args.repeats + 1):
+            dm.reset()
+            if args.stateless:
+                dm(frames[0])  # the state a dense frame of a running stream leaves alone
+            hooks = [m.register_forward_pre_hook(pre) for m in mods] + [m.register_forward_hook(post) for m in mods]
+            spent.clear()
+            macs.clear()
+            count.clear()
+            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            t0 = time.process_time()
+            dm.dense_frame(frames[0]) if args.stateless else dm(frames[0])
+            dt = (time.process_time() - t0) * 1e3
+            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+            for h in hooks:
+                h.remove()
+            if r == 0:
+                continue
+            frame_ms.append(dt)
+            for k, v in spent.items():
+                per_key[k].append(v * 1e3)
+    med = statistics.median
+    ms = {k: med(v) for k, v in per_key.items()}
+    runs, ort_frame = ({}, float("nan")) if args.no_peer else _ort_profile(model, frames[0], args.repeats)
+    ort = _ort_times(runs, _ort_layer_key) if runs else {}
+    fm = med(frame_ms)
+    what = "dense frame (stateless)" if args.stateless else "keyframe"
+    print(f"{args.model} {what}, 1 thread, CPU clock, median of {len(frame_ms)}: {fm:.1f} ms, in layers "
+          f"{sum(ms.values()):.1f} ms ({sum(macs.values()) / 1e3:.2f} GMAC), outside layers {fm - sum(ms.values()):.1f}; "
+          f"minor page faults {statistics.median(faults[1:]):.0f} a frame")
+    print(f"onnxruntime frame {ort_frame:.1f} ms (its profiled nodes {sum(ort.values()):.1f} ms)")
+    print(f"{'layer (kind Cin->Cout kernel stride input)':44s} {'n':>3s} {'ms':>7s} {'GMAC/s':>7s} {'ort ms':>7s} "
+          f"{'ort GMAC/s':>10s} {'x ort':>6s}")
+    groups: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+    for key in sorted(set(ms) | set(ort), key=lambda k: -max(ms.get(k, 0.0), ort.get(k, 0.0))):
+        t, o, mm = ms.get(key, float("nan")), ort.get(key, float("nan")), macs.get(key, 0.0)
+        rate = f"{mm / t:7.1f}" if mm and t == t else f"{'':7s}"
+        orate = f"{mm / o:10.1f}" if mm and o == o else f"{'':10s}"
+        ratio = f"{t / o:6.2f}" if t == t and o == o and o > 0 else f"{'':6s}"
+        print(f"{key:44s} {count.get(key, 0):3d} {t:7.2f} {rate} {o:7.2f} {orate} {ratio}")
+        g = key.split()[0] if key.split()[0] in ("conv", "dw", "deconv") else "other"
+        if g == "conv":
+            g = "conv 1x1" if " k1x1 " in key else "conv kxk"
+        groups[g][0] += t if t == t else 0.0
+        groups[g][1] += o if o == o else 0.0
+    print("by kind (ms: deltacnn / onnxruntime; onnxruntime's non-conv nodes under other):")
+    for g, (t, o) in sorted(groups.items(), key=lambda kv: -kv[1][0]):
+        print(f"   {g:10s} {t:7.2f} {o:7.2f}")
 
 
 def steady(args) -> None:
@@ -90,7 +246,7 @@ def steady(args) -> None:
     from cpu_profile import ISA_SWITCH, SWITCHES, _module_of, apply_settings, load_base_kernels, parse_variants
     clock = time.perf_counter if args.clock == "wall" else time.process_time
     torch.set_num_threads(args.threads)
-    model, frames = load("yolov8n", args.start, args.steady + 2)
+    model, frames = load(args.model, args.start, args.steady + 2)
     variants = parse_variants(args.variants)
     if args.isa:  # --isa avx2,avx512: one variant per micro-kernel ISA (cpu_profile's avx512 switch)
         variants = [(f"{name} {isa}" if name != "default" else isa, {**kv, ISA_SWITCH: float(isa != "avx2")})
@@ -175,9 +331,13 @@ def steady(args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="yolov8n", choices=["yolov8n", "centerface"])
     ap.add_argument("--start", type=int, default=200)
     ap.add_argument("--repeats", type=int, default=4)
-    ap.add_argument("--points", default="deltacnn/data/yolov8n_vtest.json")
+    ap.add_argument("--points", default="", help="thresholds (keyframes do not read them); default: the "
+                    "model's shipped file")
+    ap.add_argument("--layers", action="store_true", help="per delta layer, against onnxruntime's nodes (above)")
+    ap.add_argument("--stateless", action="store_true", help="--layers: a dense frame (no state), not a keyframe")
     ap.add_argument("--no-peer", action="store_true")
     ap.add_argument("--steady", type=int, default=0, help="time N consecutive keyframes instead (see above)")
     ap.add_argument("--peer", action="store_true", help="--steady: onnxruntime on the same frames, interleaved")
@@ -187,13 +347,18 @@ def main() -> None:
                     "cpu_kernels.cpp (the variant ' base'), interleaved: a paired two-build A/B")
     ap.add_argument("--isa", default="", help='micro-kernel ISAs run interleaved, e.g. "avx2,avx512" (paired: the '
                     "last less the first); default: the CPU's best")
-    ap.add_argument("--variants", default="default:", help="--steady only: A/B variants as cpu_profile.py's, "
-                    'e.g. "old:delta_decode=0;new:" (interleaved frame by frame, paired with the first)')
+    ap.add_argument("--variants", default="default:", help="--steady: A/B variants as cpu_profile.py's, "
+                    'e.g. "old:delta_decode=0;new:" (interleaved frame by frame, paired with the first); --layers: '
+                    "the first variant's settings")
     args = ap.parse_args()
+    if not args.points:
+        args.points = SHIPPED[args.model]
     if args.steady:
         return steady(args)
+    if args.layers:
+        return layers(args)
     torch.set_num_threads(1)
-    model, frames = load("yolov8n", args.start, 1)
+    model, frames = load(args.model, args.start, 1)
     dm = convert_at(model, frames, args.points, 1)
     backend = dm.rt.backend_on(torch.device("cpu"))
     calls: list[tuple[str, float, float]] = []  # (shape, ms, MMAC) of each conv_dense call, in order

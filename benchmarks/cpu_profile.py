@@ -164,6 +164,10 @@ SWITCHES = {  # name -> (module, attribute path of the check, what it returns wh
     "reuse_output": ("deltacnn.backends.cpu_fused", "FusedCpuBackend._reuse_output_ok", False),
     # off: a linear conv with a residual runs the reference's conv_rows + ATen gather, add, index_copy
     "residual_linear": ("deltacnn.backends.cpu_fused", "FusedCpuBackend._residual_linear_ok", False),
+    # off: a depthwise conv's dense frame is ATen's grouped conv, then the activation and the state copies
+    "dense_depthwise": ("deltacnn.backends.cpu_fused", "FusedCpuBackend._dense_depthwise_ok", False),
+    # off: a dense frame's conv output is a new buffer every frame (fresh pages, a fault each)
+    "reuse_dense_out": ("deltacnn.backends.cpu_fused", "FusedCpuBackend._reuse_dense_out_ok", False),
 }
 # the micro-kernels' vector ISA (cpu_kernels.cpp set_cpu_isa): avx512=0 runs the AVX2 kernels on an AVX-512 CPU
 ISA_SWITCH = "avx512"

@@ -15,6 +15,7 @@ the reference's.
 """
 from __future__ import annotations
 
+import sys
 from typing import Callable, NamedTuple
 
 import torch
@@ -45,6 +46,10 @@ EPILOGUE_CODES = {**cpu_kernels.ACT_CODES, "silu": 4, "sigmoid": 5}
 # 6.2 against 5.8 ms with the copy): below this width dense_conv copies the view first.
 RUNS_CIN = 32
 PANEL = 16  # output channels per weight panel of conv_rows (GEMM_NR in cpu_kernels.cpp)
+DW_MAX_TAPS = 49  # depthwise_rows' largest window (7 x 7; DW_MAX_TAPS in cpu_kernels.cpp)
+# dense-frame conv outputs of at least this many bytes keep their buffer for the next frame (_dense_out); smaller
+# ones come from malloc's free lists without page faults
+DENSE_OUT_KEEP = 1 << 20
 
 
 def packed_weights(w: Tensor) -> Tensor:
@@ -79,8 +84,14 @@ def _pointwise(win: Window) -> bool:
 
 
 def _depthwise(d: DeltaTensor, p: ConvParams) -> bool:
-    """One filter per channel, as many outputs as inputs (MobileNet-style depthwise convs)."""
-    return p.groups == d.shape[1] == p.weight.shape[0] and p.weight.shape[1] == 1
+    """One filter per channel, as many outputs as inputs (MobileNet-style depthwise convs), a window that
+    depthwise_rows takes."""
+    return _depthwise_of(d.shape[1], p) and p.window.taps <= DW_MAX_TAPS
+
+
+def _depthwise_of(channels: int, p: ConvParams) -> bool:
+    """_depthwise for an input of `channels` channels."""
+    return p.groups == channels == p.weight.shape[0] and p.weight.shape[1] == 1
 
 
 def _clamp_range(a: ActSpec | None) -> tuple[float, float]:
@@ -212,10 +223,37 @@ class FusedCpuBackend(ReferenceBackend):
 
     def _dense_conv_ok(self, x: Tensor, p: ConvParams, bias: Tensor | None, residual: Tensor | None,
                        act: ActSpec | None) -> bool:
-        """conv_dense: groups 1, float32 throughout, an activation of the epilogue (or none)."""
-        return self.fuses_dense_conv(x) and (act is None or act.kind in EPILOGUE_CODES) and p.groups == 1 \
+        """conv_dense (groups 1) or depthwise_dense: float32 throughout, an activation of the epilogue (or none)."""
+        return self.fuses_dense_conv(x) and (act is None or act.kind in EPILOGUE_CODES) \
+            and (p.groups == 1 or (p.groups > 1 and self._dense_depthwise_ok(x, p))) \
             and p.weight.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32) \
             and (residual is None or residual.dtype == torch.float32)
+
+    def _dense_out(self, p: ConvParams, shape: tuple[int, int, int, int]) -> Tensor:
+        """A dense conv's output buffer where it is no state (stateless dense frames; convs without f): for maps of
+        DENSE_OUT_KEEP bytes and more, this conv's last one again when nothing holds it any more (no Python
+        reference but p's cache, no view, no C++ handle: sole_owner), else a new one kept for the next frame.
+        CenterFace's dense frames otherwise touch ~20k fresh pages (a 96-channel map at 288 x 384 is 42 MB, above
+        glibc's largest mmap threshold), a page fault each (~2 us here)."""
+        if not self._reuse_dense_out_ok() or 4 * shape[0] * shape[1] * shape[2] * shape[3] < DENSE_OUT_KEEP:
+            return new_cl(*shape, dtype=torch.float32, device="cpu")
+        buf = p.cache.get("dense_out")
+        # references to buf: the cache, this frame, getrefcount's argument
+        if buf is not None and tuple(buf.shape) == shape and sys.getrefcount(buf) == 3 and self._k.sole_owner(buf):
+            return buf
+        # (not new_cl's permuted view: under no_grad a view keeps its base, a second holder of the storage)
+        buf = p.cache["dense_out"] = torch.empty(shape, dtype=torch.float32, memory_format=torch.channels_last)
+        return buf
+
+    def _reuse_dense_out_ok(self) -> bool:
+        """_dense_out keeps a conv's output buffer between dense frames (one map per conv held between frames)."""
+        return True
+
+    def _dense_depthwise_ok(self, x: Tensor, p: ConvParams) -> bool:
+        """A depthwise conv's dense frame in one C++ pass (depthwise_dense: the conv, bias, residual, f and the
+        keyframe's A and E), not ATen's grouped conv then the activation and two state copies (CenterFace's
+        96- and 144-channel maps at 288 x 384 and 144 x 192 are 10-42 MB each)."""
+        return _depthwise_of(x.shape[1], p)
 
     def dense_conv(self, x: Tensor, p: ConvParams, bias: Tensor | None, residual: Tensor | None,
                    act: ActSpec | None, state: Callable[[tuple[int, ...]], tuple[Tensor, Tensor]] | None) -> Tensor | None:
@@ -229,8 +267,14 @@ class FusedCpuBackend(ReferenceBackend):
         if residual is not None and tuple(residual.shape) != shape:
             raise ValueError(f"residual shape {tuple(residual.shape)} does not match conv output {shape}")
         # on keyframes the output is E itself (E = f(A) as sent): one map written fewer
-        acc, out = state(shape) if state is not None else (None, new_cl(*shape, dtype=torch.float32, device=x.device))
+        acc, out = state(shape) if state is not None else (None, self._dense_out(p, shape))
         lo, hi = _clamp_range(act)
+        if p.groups > 1:  # depthwise (_dense_conv_ok)
+            self._k.depthwise_dense(to_cl(x) if x.stride(1) != 1 else x, _depthwise_weights(p), bias,
+                                    _geometry(n, (h, w), (ho, wo), p.window),
+                                    to_cl(residual) if residual is not None else None, out, acc, None, code, lo, hi,
+                                    act.slope if act is not None else 0.0)
+            return out
         packed = p.cached("cpu_panels", lambda: packed_weights(p.weight))
         if x.stride(1) != 1 or (p.window.kernel[1] > 1 and x.shape[1] < RUNS_CIN and x.stride(3) != x.shape[1]):
             x = to_cl(x)  # channels contiguous; and a narrow channel view contiguous, for the runs
