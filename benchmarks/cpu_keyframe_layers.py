@@ -41,7 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's deltacnn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cpu_profile import _TimedModule, StageClock, convert_at, load, set_isa  # noqa: E402
+from cpu_profile import _TimedModule, StageClock, _flat, convert_at, load, set_isa  # noqa: E402
 
 
 SHIPPED = {"yolov8n": "deltacnn/data/yolov8n_vtest.json", "centerface": "deltacnn/data/centerface_f1_95.json"}
@@ -155,6 +155,93 @@ def _delta_layer_key(layer, inputs) -> tuple[str, float]:
         return (_layer_key("deconv", cin, cout_g * layer.groups, kh, kw, layer.stride[0], h, w),
                 n * h * w * cin // layer.groups * cout_g * layer.groups * kh * kw / 1e6)
     return f"{layer.kind} {c} {h}x{w}", 0.0
+
+
+def _candidate_rate(mod, inputs) -> float:
+    """The fraction of a delta conv's output pixels whose window reads an updated input pixel (its candidates,
+    without a residual's), or of a layer's updated input pixels."""
+    from deltacnn.layers.conv import DeltaConv2d
+    d = inputs[0]
+    m = d.mask.float()
+    if isinstance(mod, DeltaConv2d):
+        t, b, l, r = mod.window.padding
+        m = torch.nn.functional.max_pool2d(torch.nn.functional.pad(m, (l, r, t, b)), mod.window.kernel,
+                                           mod.window.stride, 0, mod.window.dilation)
+    return float(m.mean())
+
+
+def delta_layers(args) -> None:
+    """--layers --delta-frames N: every delta layer's exclusive CPU time on N delta frames at --points (1 thread),
+    its candidate rate, and its time on a stateless dense frame of the same model: x ideal = delta time / (dense
+    time x candidate rate), by layer shape."""
+    from deltacnn.layers.base import DeltaLayer
+    torch.set_num_threads(1)
+    model, frames = load(args.model, args.start, args.delta_frames + 2)
+    stack: list[list] = []
+    spent: dict[str, float] = defaultdict(float)
+    rate: dict[str, list[float]] = defaultdict(list)
+    count: dict[str, int] = defaultdict(int)
+    measure = [False]
+
+    def pre(mod, inputs):
+        stack.append([time.process_time(), 0.0])
+
+    def post(mod, inputs, output):
+        t0, child = stack.pop()
+        dt = time.process_time() - t0
+        key, _ = _delta_layer_key(mod, inputs) if not isinstance(inputs[0], torch.Tensor) else (mod.kind, 0.0)
+        spent[key] += dt - child
+        count[key] += 1
+        if measure[0] and not isinstance(inputs[0], torch.Tensor) and not inputs[0].dense:
+            rate[key].append(_candidate_rate(mod, inputs))
+        if stack:
+            stack[-1][1] += dt
+
+    def run(dm, fn, frame_list) -> tuple[dict[str, float], float]:
+        mods = [m for m in dm.modules() if isinstance(m, DeltaLayer)]
+        hooks = [m.register_forward_pre_hook(pre) for m in mods] + [m.register_forward_hook(post) for m in mods]
+        spent.clear()
+        count.clear()
+        t0 = time.process_time()
+        for f in frame_list:
+            fn(f)
+        total = (time.process_time() - t0) * 1e3 / len(frame_list)
+        for h in hooks:
+            h.remove()
+        return {k: v * 1e3 / len(frame_list) for k, v in spent.items()}, total
+
+    with torch.no_grad():
+        dense_dm = convert_at(model, frames, args.points, 1)
+        dense_dm(frames[0])
+        dense_dm.dense_frame(frames[1])  # warm-up (buffers)
+        dense, dense_total = run(dense_dm, dense_dm.dense_frame, frames[1:4])
+        dm = convert_at(model, frames, args.points, 1)
+        dm(frames[0])
+        dm(frames[1])  # warm-up
+        measure[0] = True
+        delta, delta_total = run(dm, dm, frames[2:])
+        n_key = dict(count)
+    macs = dm.rt.backend_on(torch.device("cpu")).work
+    print(f"{args.model} {args.points}: {args.delta_frames} delta frames, 1 thread, CPU clock: {delta_total:.1f} ms a "
+          f"frame (in layers {sum(delta.values()):.1f}); a stateless dense frame {dense_total:.1f} ms (in layers "
+          f"{sum(dense.values()):.1f}); last frame's conv MACs {macs[0] / max(1, macs[1]):.1%}")
+    print(f"{'layer (kind Cin->Cout kernel stride input)':44s} {'n':>3s} {'delta ms':>8s} {'cand':>6s} {'dense ms':>8s} "
+          f"{'ideal':>6s} {'x ideal':>7s}")
+    groups: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+    for key in sorted(delta, key=lambda k: -delta[k]):
+        t, dn = delta[key], dense.get(key, float("nan"))
+        cr = statistics.mean(rate[key]) if rate.get(key) else float("nan")
+        ideal = dn * cr
+        print(f"{key:44s} {n_key.get(key, 0) // args.delta_frames:3d} {t:8.2f} {cr:6.1%} {dn:8.2f} {ideal:6.2f} "
+              f"{t / ideal if ideal > 0 else float('nan'):7.2f}")
+        g = key.split()[0] if key.split()[0] in ("conv", "dw", "deconv") else "other"
+        if g == "conv":
+            g = "conv 1x1" if " k1x1 " in key else "conv kxk"
+        groups[g][0] += t
+        groups[g][1] += ideal if ideal == ideal else 0.0
+    print("by kind (ms a delta frame / ideal):")
+    for g, (t, i) in sorted(groups.items(), key=lambda kv: -kv[1][0]):
+        print(f"   {g:10s} {t:7.2f} {i:7.2f}")
 
 
 def layers(args) -> None:
@@ -299,16 +386,17 @@ def steady(args) -> None:
                 dm = dms[name]
                 spent[0] = 0.0
                 t0 = clock()
-                outs[name] = dm(f)
+                outs[name] = dm.dense_frame(f) if args.dense and i else dm(f)
                 dt = clock() - t0
-                if dm.last_mode != "keyframe":
-                    raise RuntimeError(f"frame {i} ran as {dm.last_mode}, not as a keyframe")
+                if dm.last_mode != ("dense" if args.dense and i else "keyframe"):
+                    raise RuntimeError(f"frame {i} ran as {dm.last_mode}")
                 if i >= 2:  # the first two warm up
                     total[name].append(dt * 1e3)
                     conv[name].append(spent[0] * 1e3)
             first = next(iter(outs.values()))
             for name, o in outs.items():
-                err = float((o - first).abs().max() / first.abs().max().clamp_min(1e-12))
+                err = max(float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+                          for a, b in zip(_flat(o), _flat(first)))
                 if err > 1e-3:
                     print(f"   frame {i}: variant {name} differs from {next(iter(outs))} by {err:.1e}")
     apply_settings({}, defaults)
@@ -316,7 +404,8 @@ def steady(args) -> None:
     base = next(iter(dms))
     for name in dms:
         t, c = total[name], conv[name]
-        print(f"[{name}] {len(t)} keyframes ({args.threads} thread(s), {args.clock} clock): median {med(t):.1f} ms "
+        print(f"[{name}] {len(t)} {'dense frames' if args.dense else 'keyframes'} ({args.threads} thread(s), "
+              f"{args.clock} clock): median {med(t):.1f} ms "
               f"(mean {statistics.mean(t):.1f}), conv_dense {med(c):.1f} ms, outside conv_dense "
               f"{med([a - b for a, b in zip(t, c)]):.1f} ms")
         if name != base:
@@ -337,10 +426,14 @@ def main() -> None:
     ap.add_argument("--points", default="", help="thresholds (keyframes do not read them); default: the "
                     "model's shipped file")
     ap.add_argument("--layers", action="store_true", help="per delta layer, against onnxruntime's nodes (above)")
+    ap.add_argument("--delta-frames", type=int, default=0, help="--layers: N delta frames at --points instead, each "
+                    "layer against its own dense-frame time x its candidate rate")
     ap.add_argument("--stateless", action="store_true", help="--layers: a dense frame (no state), not a keyframe")
     ap.add_argument("--no-peer", action="store_true")
     ap.add_argument("--steady", type=int, default=0, help="time N consecutive keyframes instead (see above)")
     ap.add_argument("--peer", action="store_true", help="--steady: onnxruntime on the same frames, interleaved")
+    ap.add_argument("--dense", action="store_true", help="--steady: the frames after the first run as stateless dense "
+                    "frames (DeltaModel.dense_frame: what the dense fallback runs), not keyframes")
     ap.add_argument("--threads", type=int, default=1, help="--steady only (the per-conv table runs at 1)")
     ap.add_argument("--clock", choices=["cpu", "wall"], default="cpu", help="--steady only")
     ap.add_argument("--base-source", default="", help="--steady: also run every frame on a build of this "
@@ -356,7 +449,7 @@ def main() -> None:
     if args.steady:
         return steady(args)
     if args.layers:
-        return layers(args)
+        return delta_layers(args) if args.delta_frames else layers(args)
     torch.set_num_threads(1)
     model, frames = load(args.model, args.start, 1)
     dm = convert_at(model, frames, args.points, 1)

@@ -497,10 +497,20 @@ class FusedCpuBackend(ReferenceBackend):
         return _delta(self._k.emit_rows(st.act.apply_(a), idx, st.emitted, float(st.tau), SCORE_CODES[st.score]))
 
     def pointwise(self, d: DeltaTensor, st: PointwiseState) -> DeltaTensor:
-        if d.dtype != torch.float32 or cpu_kernels.ACT_CODES.get(st.act.kind) is not None:
-            return super().pointwise(d, st)  # piecewise-linear ones: the reference's few ops suffice
+        code = cpu_kernels.ACT_CODES.get(st.act.kind)
+        if d.dtype != torch.float32 or (code is not None and not self._pointwise_update_ok()):
+            return super().pointwise(d, st)
         idx = d.active()
+        if code is not None:  # piecewise-linear f: act_update reading the delta's rows by pixel, in one pass
+            lo, hi = _clamp_range(st.act)
+            return _delta(self._k.act_update(_rows(d), idx, None, None, st.acc, st.emitted, code, lo, hi,
+                                             st.act.slope, float(st.tau), SCORE_CODES[st.score], True))
         return self._emit_f(idx, self._k.accumulate_rows(_rows(d), idx, None, None, st.acc, True), st)
+
+    def _pointwise_update_ok(self) -> bool:
+        """A piecewise-linear activation layer (ReLU after CenterFace's transposed convs) in one C++ pass, not the
+        reference's gathers, index_copy and scatter (~8 ATen ops: 1.9 ms at 24 channels, 144 x 192, 28% updated)."""
+        return True
 
     def _accumulate_ok(self, state: Tensor, d: DeltaTensor) -> bool:
         """accumulate in C++: float32 state and delta rows."""

@@ -1,6 +1,7 @@
-"""Depthwise convs on the cpu backend (MobileNetV2 / CenterFace): the dense pass of keyframes and dense frames
-(depthwise_dense) against F.conv2d, and whole MobileNetV2-style networks against the reference backend and
-dense PyTorch at tau 0, on both micro-kernel ISAs."""
+"""CenterFace's layers on the cpu backend (MobileNetV2 backbone, transposed-conv neck): the dense pass of depthwise
+convs (depthwise_dense) against F.conv2d, dense-frame output buffers reused only when free, ReLU layers on deltas
+in one pass, batch norms folded into transposed convs, and whole MobileNetV2-style networks against the reference
+backend and dense PyTorch at tau 0, on both micro-kernel ISAs."""
 from __future__ import annotations
 
 import pytest
@@ -10,7 +11,8 @@ from torch import nn
 import deltacnn
 from deltacnn.activations import ActSpec
 from deltacnn.backends import get_backend
-from deltacnn.backends.base import ConvParams
+from deltacnn.backends.base import ConvParams, PointwiseState
+from deltacnn.backends.reference import ReferenceBackend
 from deltacnn.backends.cpu_kernels import load, load_error
 from deltacnn.geometry import Window
 
@@ -18,6 +20,7 @@ if load() is None:
     pytest.skip(f"CPU kernels do not build here: {load_error()}", allow_module_level=True)
 
 FUSED = get_backend(torch.device("cpu"))
+REF = ReferenceBackend()
 ACTS = [None, ActSpec("relu"), ActSpec("relu6"), ActSpec("leaky_relu", slope=0.2),
         ActSpec("hardtanh", min_val=-0.5, max_val=0.7), ActSpec("silu"), ActSpec("sigmoid"), ActSpec("identity")]
 WINDOWS = [Window.make(3, 1, 1), Window.make(3, 2, 1), Window.make(3, 2, 0), Window.make(5, 1, 2, 2),
@@ -186,3 +189,57 @@ def test_dense_frame_outputs_reuse_free_buffers_only(monkeypatch: pytest.MonkeyP
             torch.testing.assert_close(dm.dense_frame(x), net(x), rtol=1e-5, atol=1e-5)
             ptrs.append([c.params().cache["dense_out"].data_ptr() for c in convs])
     assert ptrs[0] == ptrs[1] == ptrs[2]
+
+
+@pytest.mark.parametrize("act", [ActSpec("relu"), ActSpec("relu6"), ActSpec("leaky_relu", slope=0.1),
+                                 ActSpec("hardtanh", min_val=-0.5, max_val=0.7)], ids=lambda a: a.describe())
+@pytest.mark.parametrize("score", ["max", "l2"])
+def test_piecewise_activation_layer_equals_reference(act: ActSpec, score: str,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """An activation layer of a piecewise-linear f on a delta (act_update reading the delta's rows by pixel, one
+    call: counted): the same emitted delta, A and E as the reference's gathers and scatter."""
+    from conftest import cl_state, random_delta
+    calls = [0]
+    real = FUSED._k.act_update
+
+    def counted(*a):
+        calls[0] += 1
+        return real(*a)
+    monkeypatch.setattr(FUSED._k, "act_update", counted)
+    gen = torch.Generator().manual_seed(29)
+    d = random_delta(2, 24, 9, 13, 0.3, gen)
+    outs = []
+    for be in (REF, FUSED):
+        g = torch.Generator().manual_seed(31)
+        acc = cl_state(torch.randn(2, 24, 9, 13, generator=g))
+        st = PointwiseState(act, acc, cl_state(act(acc)), 0.05, score)
+        outs.append((be.pointwise(d, st), st))
+    (o1, s1), (o2, s2) = outs
+    assert calls[0] == 1
+    assert int(o1.mask.sum()) > 0 and torch.equal(o1.mask, o2.mask) and torch.equal(o1.active(), o2.active())
+    m = o1.mask.expand_as(o1.values)
+    assert torch.equal(o2.values[m], o1.values[m])
+    assert torch.equal(s2.acc, s1.acc) and torch.equal(s2.emitted, s1.emitted)
+
+
+@pytest.mark.parametrize("be", ["cpu", "reference"])
+def test_batch_norm_folds_into_transposed_conv(be: str) -> None:
+    """ConvTranspose2d + BatchNorm2d + ReLU (CenterFace's neck): the batch norm is folded into the transposed conv
+    (no DeltaScale left) and the delta model equals dense PyTorch at tau 0 over delta frames."""
+    from deltacnn.layers.linear import DeltaScale
+    torch.manual_seed(13)
+    bn = nn.BatchNorm2d(6)
+    bn.running_mean.uniform_(-0.5, 0.5)
+    bn.running_var.uniform_(0.5, 2.0)
+    bn.weight.data.uniform_(0.5, 1.5)
+    bn.bias.data.uniform_(-0.5, 0.5)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.ReLU(), nn.ConvTranspose2d(8, 6, 2, 2), bn, nn.ReLU(),
+                        nn.Conv2d(6, 2, 1)).eval()
+    frames = torch.rand(1, 3, 24, 32).repeat(4, 1, 1, 1)
+    for k in range(1, 4):
+        frames[k:, :, 2 + 3 * k:10 + 3 * k, 4 + 4 * k:12 + 4 * k] = torch.rand(3, 8, 8)
+    dm = deltacnn.convert(net, frames[:1], threshold=0.0, backend=be)
+    assert not any(isinstance(m, DeltaScale) for m in dm.modules())
+    with torch.no_grad():
+        for t in range(4):
+            torch.testing.assert_close(dm(frames[t:t + 1]), net(frames[t:t + 1]), rtol=1e-4, atol=1e-4)
