@@ -154,11 +154,11 @@ def test_mobilenet_frames_equal_reference_and_dense(mode: str, monkeypatch: pyte
 
 
 def test_dense_frame_outputs_reuse_free_buffers_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A conv's dense output without state (stateless frames, convs without f) reuses the buffer of its last call
+    """A conv's dense output without state (stateless frames, convs without f) reuses a pooled buffer of its shape
     when nothing holds it (_dense_out), never while a caller holds that output or a view of it (held outputs stay
-    as they were); through a model, every dense frame reuses its convs' buffers and equals dense PyTorch."""
+    as they were); through a model, dense frames after the first take all their outputs from the pool and equal
+    dense PyTorch."""
     from deltacnn.backends import cpu_fused
-    from deltacnn.layers.conv import DeltaConv2d
     monkeypatch.setattr(cpu_fused, "DENSE_OUT_KEEP", 0)
     gen = torch.Generator().manual_seed(5)
     for p in (ConvParams(torch.randn(8, 1, 3, 3, generator=gen), Window.make(3, 1, 1), 8),
@@ -172,23 +172,26 @@ def test_dense_frame_outputs_reuse_free_buffers_only(monkeypatch: pytest.MonkeyP
         assert len({first.data_ptr(), second.data_ptr(), third.data_ptr()}) == 3
         for got, w in zip((first, second, third), want):
             assert torch.equal(got, w)
-        ptr = third.data_ptr()
-        del first, second, view, third, got  # (got: the loop above left it on third)
-        assert FUSED.dense_conv(xs[3], p, None, None, None, None).data_ptr() == ptr  # free again: reused
+        pool = FUSED._pool[tuple(third.shape)]
+        held = {third.data_ptr()}
+        del first, second, view, got  # (got: the loop above left it on third)
+        size = len(pool)
+        fourth = FUSED.dense_conv(xs[3], p, None, None, None, None)
+        assert fourth.data_ptr() not in held and len(pool) == size  # a free pooled buffer, not third's
+        assert torch.equal(fourth, want[3]) and torch.equal(third, want[2])
     torch.manual_seed(5)
     net = nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1), nn.ReLU(), nn.Conv2d(8, 8, 3, 1, 1, groups=8), nn.ReLU(),
                         nn.Conv2d(8, 4, 1)).eval()
     xs = [torch.rand(1, 3, 16, 20) for _ in range(4)]
     dm = deltacnn.convert(net, xs[0], threshold=0.0, backend="cpu")
-    convs = [m for m in dm.modules() if isinstance(m, DeltaConv2d)]
-    assert len(convs) == 3
-    ptrs = []
+    pool = dm.rt.backend_on(torch.device("cpu"))._pool
+    sizes = []
     with torch.no_grad():
         dm(xs[0])
         for x in xs[1:]:
             torch.testing.assert_close(dm.dense_frame(x), net(x), rtol=1e-5, atol=1e-5)
-            ptrs.append([c.params().cache["dense_out"].data_ptr() for c in convs])
-    assert ptrs[0] == ptrs[1] == ptrs[2]
+            sizes.append({k: len(v) for k, v in pool.items()})
+    assert sizes[0] == sizes[1] == sizes[2] and sizes[0][(1, 8, 16, 20)] >= 1
 
 
 @pytest.mark.parametrize("act", [ActSpec("relu"), ActSpec("relu6"), ActSpec("leaky_relu", slope=0.1),

@@ -16,6 +16,7 @@ the reference's.
 from __future__ import annotations
 
 import sys
+import threading
 from typing import Callable, NamedTuple
 
 import torch
@@ -134,6 +135,8 @@ class FusedCpuBackend(ReferenceBackend):
         super().__init__()
         self._k = module
         self._gemm = bool(module.has_conv_rows())  # AVX2 + FMA: the implicit-GEMM conv runs here
+        self._pool: dict[tuple[int, ...], list[Tensor]] = {}  # _dense_out's buffers by shape
+        self._pool_lock = threading.Lock()  # (models in other threads may share this backend)
 
     def sparsify(self, x: Tensor, ref: Tensor, tau: float, score: str, dilation: int, dtype,
                  scratch: dict | None = None) -> DeltaTensor:
@@ -229,24 +232,29 @@ class FusedCpuBackend(ReferenceBackend):
             and p.weight.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32) \
             and (residual is None or residual.dtype == torch.float32)
 
-    def _dense_out(self, p: ConvParams, shape: tuple[int, int, int, int]) -> Tensor:
+    def _dense_out(self, shape: tuple[int, int, int, int]) -> Tensor:
         """A dense conv's output buffer where it is no state (stateless dense frames; convs without f): for maps of
-        DENSE_OUT_KEEP bytes and more, this conv's last one again when nothing holds it any more (no Python
-        reference but p's cache, no view, no C++ handle: sole_owner), else a new one kept for the next frame.
-        CenterFace's dense frames otherwise touch ~20k fresh pages (a 96-channel map at 288 x 384 is 42 MB, above
-        glibc's largest mmap threshold), a page fault each (~2 us here)."""
+        DENSE_OUT_KEEP bytes and more, a free buffer of that shape from the backend's pool (no Python reference but
+        the pool's, no view, no C++ handle: sole_owner), the one handed out last first (the likeliest in cache),
+        else a new one added to the pool. CenterFace's dense frames otherwise touch ~20k fresh pages (a 96-channel
+        map at 288 x 384 is 42 MB, above glibc's largest mmap threshold), a page fault each (~2 us here). The pool
+        holds at most as many buffers of a shape as were in use at once."""
         if not self._reuse_dense_out_ok() or 4 * shape[0] * shape[1] * shape[2] * shape[3] < DENSE_OUT_KEEP:
             return new_cl(*shape, dtype=torch.float32, device="cpu")
-        buf = p.cache.get("dense_out")
-        # references to buf: the cache, this frame, getrefcount's argument
-        if buf is not None and tuple(buf.shape) == shape and sys.getrefcount(buf) == 3 and self._k.sole_owner(buf):
+        with self._pool_lock:
+            bufs = self._pool.setdefault(shape, [])
+            for i in range(len(bufs) - 1, -1, -1):
+                buf = bufs[i]
+                if sys.getrefcount(buf) == 3 and self._k.sole_owner(buf):  # refs: the list, buf, the argument
+                    bufs.append(bufs.pop(i))
+                    return buf
+            # (not new_cl's permuted view: under no_grad a view keeps its base, a second holder of the storage)
+            buf = torch.empty(shape, dtype=torch.float32, memory_format=torch.channels_last)
+            bufs.append(buf)
             return buf
-        # (not new_cl's permuted view: under no_grad a view keeps its base, a second holder of the storage)
-        buf = p.cache["dense_out"] = torch.empty(shape, dtype=torch.float32, memory_format=torch.channels_last)
-        return buf
 
     def _reuse_dense_out_ok(self) -> bool:
-        """_dense_out keeps a conv's output buffer between dense frames (one map per conv held between frames)."""
+        """_dense_out reuses free output buffers between dense frames (its pool holds them between frames)."""
         return True
 
     def _dense_depthwise_ok(self, x: Tensor, p: ConvParams) -> bool:
@@ -267,7 +275,7 @@ class FusedCpuBackend(ReferenceBackend):
         if residual is not None and tuple(residual.shape) != shape:
             raise ValueError(f"residual shape {tuple(residual.shape)} does not match conv output {shape}")
         # on keyframes the output is E itself (E = f(A) as sent): one map written fewer
-        acc, out = state(shape) if state is not None else (None, self._dense_out(p, shape))
+        acc, out = state(shape) if state is not None else (None, self._dense_out(shape))
         lo, hi = _clamp_range(act)
         if p.groups > 1:  # depthwise (_dense_conv_ok)
             self._k.depthwise_dense(to_cl(x) if x.stride(1) != 1 else x, _depthwise_weights(p), bias,
