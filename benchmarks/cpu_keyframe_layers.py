@@ -338,8 +338,8 @@ def steady(args) -> None:
     if args.isa:  # --isa avx2,avx512: one variant per micro-kernel ISA (cpu_profile's avx512 switch)
         variants = [(f"{name} {isa}" if name != "default" else isa, {**kv, ISA_SWITCH: float(isa != "avx2")})
                     for name, kv in variants for isa in args.isa.split(",")]
-    if args.base_source:  # a second build of the kernels, first: the two-build A/B
-        variants = [("base", {})] + variants
+    if args.base_source and all(n != "base" for n, _ in variants):  # a second build of the kernels, first: the
+        variants = [("base", {})] + variants  # two-build A/B (a variant named base: that build with its settings)
     defaults = {k: 1.0 if k in SWITCHES or k == ISA_SWITCH else getattr(_module_of(k), k.rsplit(".", 1)[1])
                 for _, kv in variants for k in kv}
     spent = [0.0]

@@ -246,3 +246,44 @@ def test_batch_norm_folds_into_transposed_conv(be: str) -> None:
     with torch.no_grad():
         for t in range(4):
             torch.testing.assert_close(dm(frames[t:t + 1]), net(frames[t:t + 1]), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.usefixtures("cpu_isa")
+@pytest.mark.parametrize("c", [8, 16, 19, 40, 96])
+@pytest.mark.parametrize("act", [ActSpec("relu"), ActSpec("relu6"), ActSpec("leaky_relu", slope=0.1),
+                                 ActSpec("hardtanh", min_val=-0.5, max_val=0.7)], ids=lambda a: a.describe())
+@pytest.mark.parametrize("score", ["max", "l2"])
+def test_depthwise_update_fused_equals_unfused_and_reference(c: int, act: ActSpec, score: str,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A delta depthwise conv's update run on each vector of channels as it is summed (depthwise_update_body)
+    against depthwise_row then update_row (the same A, emitted pixels, rows and E) and against the reference backend, with
+    a residual, at stride 1 and 2."""
+    from conftest import cl_state, random_delta
+    from deltacnn.backends import reference
+    monkeypatch.setattr(reference, "DENSE_SWITCH", 1.0)
+    for win in (Window.make(3, 1, 1), Window.make(3, 2, 1)):
+        gen = torch.Generator().manual_seed(37 + c)
+        n, h, w = 2, 11, 13
+        d = random_delta(n, c, h, w, 0.3, gen)
+        p = ConvParams(torch.randn(c, 1, 3, 3, generator=gen), win, c)
+        ho, wo = win.out_size(h, w)
+        residual = random_delta(n, c, ho, wo, 0.2, gen)
+        outs = []
+        for be, fused in ((REF, True), (FUSED, False), (FUSED, True)):
+            old = FUSED._k.set_dw_fused_update(fused)
+            try:
+                g = torch.Generator().manual_seed(41)
+                acc = cl_state(2 * torch.randn(n, c, ho, wo, generator=g))
+                st = PointwiseState(act, acc, cl_state(act(acc)), 0.05, score)
+                outs.append((be.conv_block(d, p, residual, st), st))
+            finally:
+                FUSED._k.set_dw_fused_update(old)
+        (o0, s0), (o1, s1), (o2, s2) = outs
+        assert int(o1.mask.sum()) > 0 and torch.equal(o1.mask, o2.mask) and torch.equal(o0.mask, o2.mask)
+        m = o1.mask.expand_as(o1.values)
+        # equal but for leaky_relu's a * slope - E, which one path's compiler contracts into an FMA (1 ulp)
+        torch.testing.assert_close(o2.values[m], o1.values[m], rtol=1e-6, atol=1e-6)
+        assert torch.equal(s2.acc, s1.acc)
+        torch.testing.assert_close(s2.emitted, s1.emitted, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(s2.acc, s0.acc, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(s2.emitted, s0.emitted, rtol=1e-5, atol=1e-5)

@@ -946,6 +946,14 @@ void gemm_panels(const float* const* src, const uint8_t* any, int64_t taps, int6
 
 }  // namespace
 
+// Whether depthwise_rows runs the update of codes 0-3 fused into its channel loop (depthwise_update_body) or as
+// depthwise_row then update_row (the A/B and the tests switch it with set_dw_fused_update; on by default).
+std::atomic<bool>& dw_fused_update_slot() {
+  static std::atomic<bool> on{true};
+  return on;
+}
+inline bool dw_fused_update_on() { return dw_fused_update_slot().load(std::memory_order_relaxed); }
+
 // Whether this CPU runs conv_rows (AVX2 and FMA).
 bool has_conv_rows() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
 
@@ -1332,17 +1340,25 @@ template <class V> __attribute__((always_inline)) inline void vst(float* p, V v)
   *reinterpret_cast<typename VecOf<V>::U*>(p) = v;
 }
 
+// activate<CODE> on a vector (codes 0-3; the same comparisons, so the same results lane for lane).
+template <int CODE, class V> __attribute__((always_inline)) inline V vactivate(V a, float lo, float hi, float slope) {
+  const V z = {};
+  if (CODE == 1) return a > z ? a : z;
+  if (CODE == 2) {
+    const V l = z + lo, h = z + hi;
+    return a < l ? l : (a > h ? h : a);
+  }
+  if (CODE == 3) return a > z ? a : a * slope;
+  return a;
+}
+
 constexpr int64_t DW_MAX_TAPS = 49;  // depthwise_rows' windows: up to 7 x 7 (cpu_fused.DW_MAX_TAPS)
 
-// y = sum over the live taps of x[src] * w[t] (per channel) for output pixel q: the live taps' source and weight
-// rows found once, then each vector of channels summed over them in a register (two vectors at a time: two
-// independent FMA chains). Inlined into one wrapper per ISA below.
-template <class V>
-__attribute__((always_inline)) inline void depthwise_row_body(const Geometry& g, const uint8_t* m, const float* x,
-                                                              const float* w, int64_t c, int64_t q, float* y) {
-  constexpr int64_t L = VecOf<V>::lanes;
-  const float* src[DW_MAX_TAPS];
-  const float* wr[DW_MAX_TAPS];
+// The live taps of output pixel q (in the image, input pixel updated): their source rows in x and weight rows in
+// w (taps, C), into src and wr (DW_MAX_TAPS each); returns their count.
+__attribute__((always_inline)) inline int64_t depthwise_taps(const Geometry& g, const uint8_t* m, const float* x,
+                                                             const float* w, int64_t c, int64_t q, const float** src,
+                                                             const float** wr) {
   int64_t nt = 0;
   const int64_t n = q / (g.ho * g.wo), rem = q % (g.ho * g.wo);
   const int64_t oy = rem / g.wo, ox = rem % g.wo;
@@ -1360,6 +1376,19 @@ __attribute__((always_inline)) inline void depthwise_row_body(const Geometry& g,
       wr[nt++] = w + t * c;
     }
   }
+  return nt;
+}
+
+// y = sum over the live taps of x[src] * w[t] (per channel) for output pixel q: the live taps found once, then
+// each vector of channels summed over them in a register (two vectors at a time: two independent FMA chains).
+// Inlined into one wrapper per ISA below.
+template <class V>
+__attribute__((always_inline)) inline void depthwise_row_body(const Geometry& g, const uint8_t* m, const float* x,
+                                                              const float* w, int64_t c, int64_t q, float* y) {
+  constexpr int64_t L = VecOf<V>::lanes;
+  const float* src[DW_MAX_TAPS];
+  const float* wr[DW_MAX_TAPS];
+  const int64_t nt = depthwise_taps(g, m, x, w, c, q, src, wr);
   int64_t j = 0;
   for (; j + 2 * L <= c; j += 2 * L) {
     V a0 = {}, a1 = {};
@@ -1396,6 +1425,95 @@ void depthwise_row(const Geometry& g, const uint8_t* m, const float* x, const fl
                    float* y) {
   if (use_avx512()) depthwise_row_avx512(g, m, x, w, c, q, y);
   else depthwise_row_avx2(g, m, x, w, c, q, y);
+}
+
+// The depthwise conv of output pixel q with the nonlinear update of update_row<CODE, SCORE> (codes 0-3) on each
+// vector of channels as it is summed (no y row written and read back): A += y (+ the residual row where res_mask),
+// o = f(A) - E into o, the score over the row; emitted (out = o, E += o) when it passes tau. The same A, o and E
+// as depthwise_row then update_row, element for element (the L2 score's sum in another order; leaky_relu's
+// a * slope - E contracted into an FMA in one of the two: 1 ulp).
+template <class V, int CODE, int SCORE>
+__attribute__((always_inline)) inline bool depthwise_update_body(const ActArgs& k, const Geometry& g,
+                                                                 const uint8_t* m, const float* x, const float* w,
+                                                                 int64_t q, float* o) {
+  constexpr int64_t L = VecOf<V>::lanes;
+  const int64_t c = k.c;
+  const float* src[DW_MAX_TAPS];
+  const float* wr[DW_MAX_TAPS];
+  const int64_t nt = depthwise_taps(g, m, x, w, c, q, src, wr);
+  float* ar = k.acc + q * c;
+  const float* er = k.emitted + q * c;
+  const float* rr = k.res && k.res_mask[q] ? k.res + q * c : nullptr;
+  const V z = {};
+  V sv = z;
+  int64_t j = 0;
+  for (; j + L <= c; j += L) {
+    V y = z;
+    for (int64_t t = 0; t < nt; ++t) y += vld<V>(src[t] + j) * vld<V>(wr[t] + j);
+    V a = vld<V>(ar + j);
+    a = rr ? a + (y + vld<V>(rr + j)) : a + y;
+    vst<V>(ar + j, a);
+    const V ov = vactivate<CODE>(a, k.lo, k.hi, k.slope) - vld<V>(er + j);
+    vst<V>(o + j, ov);
+    if (SCORE == 0) {
+      const V ab = ov < z ? -ov : ov;
+      sv = ab > sv ? ab : sv;
+    } else {
+      sv += ov * ov;
+    }
+  }
+  float s = 0.f;
+  for (int64_t i = 0; i < L; ++i) s = SCORE == 0 ? std::max(s, sv[i]) : s + sv[i];
+  for (; j < c; ++j) {
+    float y = 0.f;
+    for (int64_t t = 0; t < nt; ++t) y = std::fma(src[t][j], wr[t][j], y);
+    ar[j] = rr ? ar[j] + (y + rr[j]) : ar[j] + y;
+    o[j] = activate<CODE>(ar[j], k.lo, k.hi, k.slope) - er[j];
+    s = SCORE == 0 ? std::max(s, std::fabs(o[j])) : s + o[j] * o[j];
+  }
+  if (SCORE == 1) s = std::sqrt(s);
+  if (!(s > k.tau)) return false;
+  float* out = k.out + q * c;
+  float* e = k.emitted + q * c;
+  for (j = 0; j + L <= c; j += L) {
+    const V ov = vld<V>(o + j);
+    vst<V>(out + j, ov);
+    vst<V>(e + j, vld<V>(e + j) + ov);
+  }
+  for (; j < c; ++j) {
+    out[j] = o[j];
+    e[j] += o[j];
+  }
+  k.out_mask[q] = 1;
+  return true;
+}
+
+template <int CODE, int SCORE>
+__attribute__((target("avx512f"))) void depthwise_update_range512(const ActArgs& k, const Geometry& g,
+                                                                  const uint8_t* m, const float* x, const float* w,
+                                                                  int64_t b, int64_t end, float* o) {
+  for (int64_t p = b; p < end; ++p) k.keep[p] = depthwise_update_body<vf16, CODE, SCORE>(k, g, m, x, w, k.idx[p], o);
+}
+
+template <int CODE, int SCORE>
+__attribute__((target("avx2,fma"))) void depthwise_update_range256(const ActArgs& k, const Geometry& g,
+                                                                   const uint8_t* m, const float* x, const float* w,
+                                                                   int64_t b, int64_t end, float* o) {
+  for (int64_t p = b; p < end; ++p) k.keep[p] = depthwise_update_body<vf8, CODE, SCORE>(k, g, m, x, w, k.idx[p], o);
+}
+
+template <int CODE, int SCORE>
+void depthwise_update_range_isa(const ActArgs& k, const Geometry& g, const uint8_t* m, const float* x, const float* w,
+                                int64_t b, int64_t end, float* o) {
+  if (use_avx512()) depthwise_update_range512<CODE, SCORE>(k, g, m, x, w, b, end, o);
+  else depthwise_update_range256<CODE, SCORE>(k, g, m, x, w, b, end, o);
+}
+
+template <int CODE>
+void depthwise_update_range(const ActArgs& k, int64_t score, const Geometry& g, const uint8_t* m, const float* x,
+                            const float* w, int64_t b, int64_t end, float* o) {
+  if (score == 0) depthwise_update_range_isa<CODE, 0>(k, g, m, x, w, b, end, o);
+  else depthwise_update_range_isa<CODE, 1>(k, g, m, x, w, b, end, o);
 }
 
 }  // namespace
@@ -1445,6 +1563,15 @@ std::vector<torch::Tensor> depthwise_rows_into(torch::Tensor ext, torch::Tensor 
                   static_cast<float>(tau), false};
   at::parallel_for(0, p_count, 64, [&](int64_t b, int64_t end) {
     std::vector<float> y(c), o(c);
+    if (code <= 3 && dw_fused_update_on()) {  // the update on each vector of channels as it is summed
+      switch (code) {
+        case 1: depthwise_update_range<1>(k, score, g, m, x, w, b, end, o.data()); break;
+        case 2: depthwise_update_range<2>(k, score, g, m, x, w, b, end, o.data()); break;
+        case 3: depthwise_update_range<3>(k, score, g, m, x, w, b, end, o.data()); break;
+        default: depthwise_update_range<0>(k, score, g, m, x, w, b, end, o.data()); break;
+      }
+      return;
+    }
     for (int64_t p = b; p < end; ++p) {
       depthwise_row(g, m, x, w, c, ip[p], y.data());
       keep[p] = update_row_any(k, code, score, ip[p], y.data(), o.data());
@@ -1654,18 +1781,6 @@ void conv_dense(torch::Tensor x, torch::Tensor packed, c10::optional<torch::Tens
 // ---- dense depthwise convs of keyframes and dense frames (groups == channels) ----------------------
 
 namespace {
-
-// activate<CODE> on a vector (codes 0-3; the same comparisons, so the same results lane for lane).
-template <int CODE, class V> __attribute__((always_inline)) inline V vactivate(V a, float lo, float hi, float slope) {
-  const V z = {};
-  if (CODE == 1) return a > z ? a : z;
-  if (CODE == 2) {
-    const V l = z + lo, h = z + hi;
-    return a < l ? l : (a > h ? h : a);
-  }
-  if (CODE == 3) return a > z ? a : a * slope;
-  return a;
-}
 
 // The arguments of one dense depthwise conv (see depthwise_dense).
 struct DwDense {
@@ -2131,6 +2246,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv_act_rows", &conv_act_rows, "implicit-GEMM conv with the nonlinear update in its epilogue");
   m.def("depthwise_rows", &depthwise_rows, "depthwise conv at output pixels, optionally with the update");
   m.def("conv_dense", &conv_dense, "dense conv with bias, residual, activation and the keyframe state writes");
+  m.def("set_dw_fused_update", [](bool on) { return dw_fused_update_slot().exchange(on); },
+        "depthwise_rows' update fused into its channel loop (true) or after it; returns the previous setting");
   m.def("sole_owner", &sole_owner, "whether nothing but its Python object holds a tensor's storage");
   m.def("depthwise_dense", &depthwise_dense, "dense depthwise conv with bias, residual, activation and the state writes");
   m.def("yolo_decode", &yolo_decode, "YOLOv8 box decode of channels_last head maps");
