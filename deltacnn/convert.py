@@ -1559,7 +1559,8 @@ def fold_batchnorms(gm: fx.GraphModule) -> int:
             continue
         prev = n.args[0]
         kind = type(modules.get(prev.target)) if isinstance(prev, fx.Node) and prev.op == "call_module" else None
-        transposed = kind is nn.ConvTranspose2d and _fold_transposed_ok()
+        # (a grouped transposed conv's weight is (Cin, Cout / groups, k, k): fuse_conv_bn_eval scales dim 1 by Cout)
+        transposed = kind is nn.ConvTranspose2d and _fold_transposed_ok() and modules[prev.target].groups == 1
         if not ((kind is nn.Conv2d or transposed) and len(prev.users) == 1
                 and conv_calls[prev.target] == 1 and modules[n.target].track_running_stats):
             continue

@@ -226,9 +226,11 @@ def test_piecewise_activation_layer_equals_reference(act: ActSpec, score: str,
 
 
 @pytest.mark.parametrize("be", ["cpu", "reference"])
-def test_batch_norm_folds_into_transposed_conv(be: str) -> None:
+@pytest.mark.parametrize("groups", [1, 2])
+def test_batch_norm_folds_into_transposed_conv(be: str, groups: int) -> None:
     """ConvTranspose2d + BatchNorm2d + ReLU (CenterFace's neck): the batch norm is folded into the transposed conv
-    (no DeltaScale left) and the delta model equals dense PyTorch at tau 0 over delta frames."""
+    (no DeltaScale left; a grouped one keeps it) and the delta model equals dense PyTorch at tau 0 over delta
+    frames."""
     from deltacnn.layers.linear import DeltaScale
     torch.manual_seed(13)
     bn = nn.BatchNorm2d(6)
@@ -236,13 +238,13 @@ def test_batch_norm_folds_into_transposed_conv(be: str) -> None:
     bn.running_var.uniform_(0.5, 2.0)
     bn.weight.data.uniform_(0.5, 1.5)
     bn.bias.data.uniform_(-0.5, 0.5)
-    net = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.ReLU(), nn.ConvTranspose2d(8, 6, 2, 2), bn, nn.ReLU(),
-                        nn.Conv2d(6, 2, 1)).eval()
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.ReLU(), nn.ConvTranspose2d(8, 6, 2, 2, groups=groups), bn,
+                        nn.ReLU(), nn.Conv2d(6, 2, 1)).eval()
     frames = torch.rand(1, 3, 24, 32).repeat(4, 1, 1, 1)
     for k in range(1, 4):
         frames[k:, :, 2 + 3 * k:10 + 3 * k, 4 + 4 * k:12 + 4 * k] = torch.rand(3, 8, 8)
     dm = deltacnn.convert(net, frames[:1], threshold=0.0, backend=be)
-    assert not any(isinstance(m, DeltaScale) for m in dm.modules())
+    assert any(isinstance(m, DeltaScale) for m in dm.modules()) == (groups > 1)
     with torch.no_grad():
         for t in range(4):
             torch.testing.assert_close(dm(frames[t:t + 1]), net(frames[t:t + 1]), rtol=1e-4, atol=1e-4)

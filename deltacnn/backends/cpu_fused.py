@@ -48,8 +48,8 @@ EPILOGUE_CODES = {**cpu_kernels.ACT_CODES, "silu": 4, "sigmoid": 5}
 RUNS_CIN = 32
 PANEL = 16  # output channels per weight panel of conv_rows (GEMM_NR in cpu_kernels.cpp)
 DW_MAX_TAPS = 49  # depthwise_rows' largest window (7 x 7; DW_MAX_TAPS in cpu_kernels.cpp)
-# dense-frame conv outputs of at least this many bytes keep their buffer for the next frame (_dense_out); smaller
-# ones come from malloc's free lists without page faults
+# dense-frame conv outputs of at least this many bytes come from the backend's pool of free buffers (_dense_out);
+# smaller ones from malloc's free lists, without page faults
 DENSE_OUT_KEEP = 1 << 20
 
 
@@ -238,7 +238,8 @@ class FusedCpuBackend(ReferenceBackend):
         the pool's, no view, no C++ handle: sole_owner), the one handed out last first (the likeliest in cache),
         else a new one added to the pool. CenterFace's dense frames otherwise touch ~20k fresh pages (a 96-channel
         map at 288 x 384 is 42 MB, above glibc's largest mmap threshold), a page fault each (~2 us here). The pool
-        holds at most as many buffers of a shape as were in use at once."""
+        holds at most as many buffers of a shape as were in use at once, for the backend's life (the largest dense
+        frame's working set of any model run on it, kept after the model is gone)."""
         if not self._reuse_dense_out_ok() or 4 * shape[0] * shape[1] * shape[2] * shape[3] < DENSE_OUT_KEEP:
             return new_cl(*shape, dtype=torch.float32, device="cpu")
         with self._pool_lock:
