@@ -203,6 +203,14 @@ SWITCHES = {  # name -> (module, attribute path of the check, what it returns wh
     # off: a linear conv with a residual runs the reference's conv_rows + ATen gather, add, index_copy
     "residual_linear": ("deltacnn.backends.cpu_fused", "FusedCpuBackend.conv_block",
                         Wrap(_conv_block_without_residual_linear)),
+    # off: a depthwise conv's dense frame is ATen's grouped conv, then the activation and the state copies
+    "dense_depthwise": ("deltacnn.backends.cpu_fused", "FusedCpuBackend._dense_depthwise_ok", False),
+    # off: a dense frame's conv output is a new buffer every frame (fresh pages, a fault each)
+    "reuse_dense_out": ("deltacnn.backends.cpu_fused", "FusedCpuBackend._reuse_dense_out_ok", False),
+    # off: a piecewise-linear activation layer on deltas runs the reference's ATen ops
+    "pointwise_update": ("deltacnn.backends.cpu_fused", "FusedCpuBackend._pointwise_update_ok", False),
+    # conversion-time: off, a batch norm after a transposed conv stays a DeltaScale (session 12)
+    "fold_deconv_bn": ("deltacnn.convert", "_fold_transposed_ok", False),
 }
 # the micro-kernels' vector ISA (cpu_kernels.cpp set_cpu_isa): avx512=0 runs the AVX2 kernels on an AVX-512 CPU
 ISA_SWITCH = "avx512"

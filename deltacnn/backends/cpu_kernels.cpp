@@ -1041,6 +1041,14 @@ void gemm_panels(const float* const* src, const uint8_t* any, int64_t taps, int6
 
 }  // namespace
 
+// Whether depthwise_rows runs the update of codes 0-3 fused into its channel loop (depthwise_update_body) or as
+// depthwise_row then update_row (the A/B and the tests switch it with set_dw_fused_update; on by default).
+std::atomic<bool>& dw_fused_update_slot() {
+  static std::atomic<bool> on{true};
+  return on;
+}
+inline bool dw_fused_update_on() { return dw_fused_update_slot().load(std::memory_order_relaxed); }
+
 // Whether this CPU runs conv_rows (AVX2 and FMA).
 bool has_conv_rows() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
 
@@ -1434,11 +1442,44 @@ std::vector<torch::Tensor> conv_act_rows(torch::Tensor ext, torch::Tensor in_mas
 
 namespace {
 
-// y = sum over the live taps of x[src] * w[t] (per channel) for output pixel q. Inlined into one wrapper per
-// ISA below, whose target the channel loop is vectorised for.
-__attribute__((always_inline)) inline void depthwise_row_body(const Geometry& g, const uint8_t* m, const float* x,
-                                                              const float* w, int64_t c, int64_t q, float* y) {
-  std::fill(y, y + c, 0.f);
+// GCC vector types: the depthwise bodies are written once over V and inlined into one wrapper per ISA, whose
+// target decides the instructions (16 lanes: one zmm; 8: one ymm). The U types read and write unaligned channel rows.
+typedef float vf16 __attribute__((vector_size(64)));
+typedef float vf16u __attribute__((vector_size(64), aligned(4), may_alias));
+typedef float vf8 __attribute__((vector_size(32)));
+typedef float vf8u __attribute__((vector_size(32), aligned(4), may_alias));
+
+template <class V> struct VecOf;
+template <> struct VecOf<vf16> { using U = vf16u; static constexpr int64_t lanes = 16; };
+template <> struct VecOf<vf8> { using U = vf8u; static constexpr int64_t lanes = 8; };
+
+template <class V> __attribute__((always_inline)) inline V vld(const float* p) {
+  return *reinterpret_cast<const typename VecOf<V>::U*>(p);
+}
+template <class V> __attribute__((always_inline)) inline void vst(float* p, V v) {
+  *reinterpret_cast<typename VecOf<V>::U*>(p) = v;
+}
+
+// activate<CODE> on a vector (codes 0-3; the same comparisons, so the same results lane for lane).
+template <int CODE, class V> __attribute__((always_inline)) inline V vactivate(V a, float lo, float hi, float slope) {
+  const V z = {};
+  if (CODE == 1) return a > z ? a : z;
+  if (CODE == 2) {
+    const V l = z + lo, h = z + hi;
+    return a < l ? l : (a > h ? h : a);
+  }
+  if (CODE == 3) return a > z ? a : a * slope;
+  return a;
+}
+
+constexpr int64_t DW_MAX_TAPS = 49;  // depthwise_rows' windows: up to 7 x 7 (cpu_fused.DW_MAX_TAPS)
+
+// The live taps of output pixel q (in the image, input pixel updated): their source rows in x and weight rows in
+// w (taps, C), into src and wr (DW_MAX_TAPS each); returns their count.
+__attribute__((always_inline)) inline int64_t depthwise_taps(const Geometry& g, const uint8_t* m, const float* x,
+                                                             const float* w, int64_t c, int64_t q, const float** src,
+                                                             const float** wr) {
+  int64_t nt = 0;
   const int64_t n = q / (g.ho * g.wo), rem = q % (g.ho * g.wo);
   const int64_t oy = rem / g.wo, ox = rem % g.wo;
   for (int64_t ky = 0, t = 0; ky < g.kh; ++ky) {
@@ -1451,28 +1492,148 @@ __attribute__((always_inline)) inline void depthwise_row_body(const Geometry& g,
       const int64_t ix = ox * g.sw - g.pl + kx * g.dw;
       const int64_t s = (n * g.h + iy) * g.w + ix;
       if (ix < 0 || ix >= g.w || !m[s]) continue;
-      const float* xr = x + s * c;
-      const float* wr = w + t * c;
-#pragma omp simd
-      for (int64_t j = 0; j < c; ++j) y[j] = std::fma(xr[j], wr[j], y[j]);
+      src[nt] = x + s * c;
+      wr[nt++] = w + t * c;
     }
+  }
+  return nt;
+}
+
+// y = sum over the live taps of x[src] * w[t] (per channel) for output pixel q: the live taps found once, then
+// each vector of channels summed over them in a register (two vectors at a time: two independent FMA chains).
+// Inlined into one wrapper per ISA below.
+template <class V>
+__attribute__((always_inline)) inline void depthwise_row_body(const Geometry& g, const uint8_t* m, const float* x,
+                                                              const float* w, int64_t c, int64_t q, float* y) {
+  constexpr int64_t L = VecOf<V>::lanes;
+  const float* src[DW_MAX_TAPS];
+  const float* wr[DW_MAX_TAPS];
+  const int64_t nt = depthwise_taps(g, m, x, w, c, q, src, wr);
+  int64_t j = 0;
+  for (; j + 2 * L <= c; j += 2 * L) {
+    V a0 = {}, a1 = {};
+    for (int64_t t = 0; t < nt; ++t) {
+      a0 += vld<V>(src[t] + j) * vld<V>(wr[t] + j);
+      a1 += vld<V>(src[t] + j + L) * vld<V>(wr[t] + j + L);
+    }
+    vst<V>(y + j, a0);
+    vst<V>(y + j + L, a1);
+  }
+  for (; j + L <= c; j += L) {
+    V a = {};
+    for (int64_t t = 0; t < nt; ++t) a += vld<V>(src[t] + j) * vld<V>(wr[t] + j);
+    vst<V>(y + j, a);
+  }
+  for (; j < c; ++j) {
+    float a = 0.f;
+    for (int64_t t = 0; t < nt; ++t) a = std::fma(src[t][j], wr[t][j], a);
+    y[j] = a;
   }
 }
 
 __attribute__((target("avx2,fma"))) void depthwise_row_avx2(const Geometry& g, const uint8_t* m, const float* x,
                                                             const float* w, int64_t c, int64_t q, float* y) {
-  depthwise_row_body(g, m, x, w, c, q, y);
+  depthwise_row_body<vf8>(g, m, x, w, c, q, y);
 }
 
 __attribute__((target("avx512f"))) void depthwise_row_avx512(const Geometry& g, const uint8_t* m, const float* x,
                                                              const float* w, int64_t c, int64_t q, float* y) {
-  depthwise_row_body(g, m, x, w, c, q, y);
+  depthwise_row_body<vf16>(g, m, x, w, c, q, y);
 }
 
 void depthwise_row(const Geometry& g, const uint8_t* m, const float* x, const float* w, int64_t c, int64_t q,
                    float* y) {
   if (use_avx512()) depthwise_row_avx512(g, m, x, w, c, q, y);
   else depthwise_row_avx2(g, m, x, w, c, q, y);
+}
+
+// The depthwise conv of output pixel q with the nonlinear update of update_row<CODE, SCORE> (codes 0-3) on each
+// vector of channels as it is summed (no y row written and read back): A += y (+ the residual row where res_mask),
+// o = f(A) - E into o, the score over the row; emitted (out = o, E += o) when it passes tau. The same A, o and E
+// as depthwise_row then update_row, element for element (the L2 score's sum in another order; leaky_relu's
+// a * slope - E contracted into an FMA in one of the two: 1 ulp).
+template <class V, int CODE, int SCORE>
+__attribute__((always_inline)) inline bool depthwise_update_body(const ActArgs& k, const Geometry& g,
+                                                                 const uint8_t* m, const float* x, const float* w,
+                                                                 int64_t q, float* o) {
+  constexpr int64_t L = VecOf<V>::lanes;
+  const int64_t c = k.c;
+  const float* src[DW_MAX_TAPS];
+  const float* wr[DW_MAX_TAPS];
+  const int64_t nt = depthwise_taps(g, m, x, w, c, q, src, wr);
+  float* ar = k.acc + q * c;
+  const float* er = k.emitted + q * c;
+  const float* rr = k.res && k.res_mask[q] ? k.res + q * c : nullptr;
+  const V z = {};
+  V sv = z;
+  int64_t j = 0;
+  for (; j + L <= c; j += L) {
+    V y = z;
+    for (int64_t t = 0; t < nt; ++t) y += vld<V>(src[t] + j) * vld<V>(wr[t] + j);
+    V a = vld<V>(ar + j);
+    a = rr ? a + (y + vld<V>(rr + j)) : a + y;
+    vst<V>(ar + j, a);
+    const V ov = vactivate<CODE>(a, k.lo, k.hi, k.slope) - vld<V>(er + j);
+    vst<V>(o + j, ov);
+    if (SCORE == 0) {
+      const V ab = ov < z ? -ov : ov;
+      sv = ab > sv ? ab : sv;
+    } else {
+      sv += ov * ov;
+    }
+  }
+  float s = 0.f;
+  for (int64_t i = 0; i < L; ++i) s = SCORE == 0 ? std::max(s, sv[i]) : s + sv[i];
+  for (; j < c; ++j) {
+    float y = 0.f;
+    for (int64_t t = 0; t < nt; ++t) y = std::fma(src[t][j], wr[t][j], y);
+    ar[j] = rr ? ar[j] + (y + rr[j]) : ar[j] + y;
+    o[j] = activate<CODE>(ar[j], k.lo, k.hi, k.slope) - er[j];
+    s = SCORE == 0 ? std::max(s, std::fabs(o[j])) : s + o[j] * o[j];
+  }
+  if (SCORE == 1) s = std::sqrt(s);
+  if (!(s > k.tau)) return false;
+  float* out = k.out + q * c;
+  float* e = k.emitted + q * c;
+  for (j = 0; j + L <= c; j += L) {
+    const V ov = vld<V>(o + j);
+    vst<V>(out + j, ov);
+    vst<V>(e + j, vld<V>(e + j) + ov);
+  }
+  for (; j < c; ++j) {
+    out[j] = o[j];
+    e[j] += o[j];
+  }
+  k.out_mask[q] = 1;
+  return true;
+}
+
+template <int CODE, int SCORE>
+__attribute__((target("avx512f"))) void depthwise_update_range512(const ActArgs& k, const Geometry& g,
+                                                                  const uint8_t* m, const float* x, const float* w,
+                                                                  int64_t b, int64_t end, float* o) {
+  for (int64_t p = b; p < end; ++p) k.keep[p] = depthwise_update_body<vf16, CODE, SCORE>(k, g, m, x, w, k.idx[p], o);
+}
+
+template <int CODE, int SCORE>
+__attribute__((target("avx2,fma"))) void depthwise_update_range256(const ActArgs& k, const Geometry& g,
+                                                                   const uint8_t* m, const float* x, const float* w,
+                                                                   int64_t b, int64_t end, float* o) {
+  for (int64_t p = b; p < end; ++p) k.keep[p] = depthwise_update_body<vf8, CODE, SCORE>(k, g, m, x, w, k.idx[p], o);
+}
+
+template <int CODE, int SCORE>
+void depthwise_update_range_isa(const ActArgs& k, const Geometry& g, const uint8_t* m, const float* x, const float* w,
+                                int64_t b, int64_t end, float* o) {
+  if (use_avx512()) depthwise_update_range512<CODE, SCORE>(k, g, m, x, w, b, end, o);
+  else depthwise_update_range256<CODE, SCORE>(k, g, m, x, w, b, end, o);
+}
+
+template <int CODE>
+void depthwise_update_range(const ActArgs& k, int64_t score, const Geometry& g, const uint8_t* m, const float* x,
+                            const float* w, int64_t b, int64_t end, float* o) {
+  if (score == 0) depthwise_update_range_isa<CODE, 0>(k, g, m, x, w, b, end, o);
+  else depthwise_update_range_isa<CODE, 1>(k, g, m, x, w, b, end, o);
 }
 
 }  // namespace
@@ -1495,6 +1656,7 @@ std::vector<torch::Tensor> depthwise_rows_into(torch::Tensor ext, torch::Tensor 
   TORCH_CHECK(acc.has_value() == emitted.has_value(), "acc and emitted come together");
   TORCH_CHECK(residual.has_value() == res_mask.has_value(), "residual and res_mask come together");
   const int64_t c = ext.size(1), taps = g.kh * g.kw, p_count = idx.numel(), total = g.n * g.ho * g.wo;
+  TORCH_CHECK(taps <= DW_MAX_TAPS, "depthwise_rows takes windows of at most ", DW_MAX_TAPS, " taps");
   TORCH_CHECK(weights.scalar_type() == torch::kFloat && weights.is_contiguous() && weights.dim() == 2 &&
                   weights.size(0) == taps && weights.size(1) == c, "weights must be a contiguous (", taps, ", ", c,
               ") float32 tensor");
@@ -1521,6 +1683,15 @@ std::vector<torch::Tensor> depthwise_rows_into(torch::Tensor ext, torch::Tensor 
                   static_cast<float>(tau), false};
   at::parallel_for(0, p_count, 64, [&](int64_t b, int64_t end) {
     std::vector<float> y(c), o(c);
+    if (code <= 3 && dw_fused_update_on()) {  // the update on each vector of channels as it is summed
+      switch (code) {
+        case 1: depthwise_update_range<1>(k, score, g, m, x, w, b, end, o.data()); break;
+        case 2: depthwise_update_range<2>(k, score, g, m, x, w, b, end, o.data()); break;
+        case 3: depthwise_update_range<3>(k, score, g, m, x, w, b, end, o.data()); break;
+        default: depthwise_update_range<0>(k, score, g, m, x, w, b, end, o.data()); break;
+      }
+      return;
+    }
     for (int64_t p = b; p < end; ++p) {
       depthwise_row(g, m, x, w, c, ip[p], y.data());
       keep[p] = update_row_any(k, code, score, ip[p], y.data(), o.data());
@@ -1739,6 +1910,197 @@ void conv_dense(torch::Tensor x, torch::Tensor packed, c10::optional<torch::Tens
     }
   });
 }
+
+// ---- dense depthwise convs of keyframes and dense frames (groups == channels) ----------------------
+
+namespace {
+
+// The arguments of one dense depthwise conv (see depthwise_dense).
+struct DwDense {
+  Geometry g;
+  const float* x;
+  int64_t sn, sy, sx, c;
+  const float* w;     // (taps, C)
+  const float* bias;  // (C,) or null
+  const float* res;   // output-shaped rows or null
+  float* out;
+  float* acc;      // A (keyframes) or null
+  float* emitted;  // E or null
+  int64_t code;    // 4 and 5 (SiLU, sigmoid): v stored here, f applied by a pass over the row afterwards
+  float lo, hi, slope;
+};
+
+// v = the conv's value (+ residual) at output pixel q, channels [c0, c0 + lanes): A = v, out = f(v), E = out.
+template <class V, int CODE>
+__attribute__((always_inline)) inline void dw_finish(const DwDense& k, int64_t q, int64_t c0, V v) {
+  const int64_t o = q * k.c + c0;
+  if (k.res) v += vld<V>(k.res + o);
+  if (k.acc) vst<V>(k.acc + o, v);
+  v = vactivate<CODE>(v, k.lo, k.hi, k.slope);
+  vst<V>(k.out + o, v);
+  if (k.emitted && k.code < 4) vst<V>(k.emitted + o, v);
+}
+
+// One output row (n * Ho + oy) of a dense depthwise conv. KH, KW > 0: the window's size at compile time (its
+// weights then stay in registers for a whole row of one channel block); 0: the geometry's. Each channel block
+// of `lanes` channels runs the row's interior pixels PX at a time (no bounds checks: every tap column is in
+// the image), then the border pixels one at a time; the last c % lanes channels run scalar.
+template <class V, int KH, int KW, int PX, int CODE>
+__attribute__((always_inline)) inline void dw_dense_row(const DwDense& k, int64_t row) {
+  constexpr int64_t L = VecOf<V>::lanes;
+  const Geometry& g = k.g;
+  const int64_t kh = KH ? KH : g.kh, kw = KW ? KW : g.kw, taps = kh * kw;
+  const int64_t n = row / g.ho, oy = row % g.ho;
+  const float* xn = k.x + n * k.sn;
+  int64_t ky0 = 0, ky1 = kh;  // the window rows inside the image
+  while (ky0 < kh && oy * g.sh - g.pt + ky0 * g.dh < 0) ++ky0;
+  while (ky1 > ky0 && oy * g.sh - g.pt + (ky1 - 1) * g.dh >= g.h) --ky1;
+  // interior columns: ox * sw - pl >= 0 and ox * sw - pl + (kw - 1) * dw <= W - 1
+  int64_t oxa = (g.pl + g.sw - 1) / g.sw, oxb = 0;
+  const int64_t last = g.w - 1 - (kw - 1) * g.dw + g.pl;
+  if (last >= 0) oxb = std::min<int64_t>(g.wo, last / g.sw + 1);
+  oxa = std::min<int64_t>(oxa, g.wo);
+  if (oxb < oxa) oxb = oxa;
+  const int64_t q0 = row * g.wo;
+  const int64_t cv = k.c - k.c % L;
+  constexpr int NT = KH && KW ? KH * KW : 1;
+  for (int64_t c0 = 0; c0 < cv; c0 += L) {
+    V wv[NT];
+    if (KH && KW)
+      for (int t = 0; t < NT; ++t) wv[t] = vld<V>(k.w + t * k.c + c0);
+    auto wt = [&](int64_t t) -> V { return KH && KW ? wv[t] : vld<V>(k.w + t * k.c + c0); };
+    const V bv = k.bias ? vld<V>(k.bias + c0) : V{};
+    auto pixel = [&](int64_t ox) {  // any column: taps outside the image skipped
+      V a = bv;
+      for (int64_t ky = ky0; ky < ky1; ++ky) {
+        const float* xr = xn + (oy * g.sh - g.pt + ky * g.dh) * k.sy + c0;
+        for (int64_t kx = 0; kx < kw; ++kx) {
+          const int64_t ix = ox * g.sw - g.pl + kx * g.dw;
+          if (ix < 0 || ix >= g.w) continue;
+          a += vld<V>(xr + ix * k.sx) * wt(ky * kw + kx);
+        }
+      }
+      dw_finish<V, CODE>(k, q0 + ox, c0, a);
+    };
+    for (int64_t ox = 0; ox < oxa; ++ox) pixel(ox);
+    int64_t ox = oxa;
+    for (; ox + PX <= oxb; ox += PX) {
+      V a[PX];
+      for (int p = 0; p < PX; ++p) a[p] = bv;
+      for (int64_t ky = ky0; ky < ky1; ++ky) {
+        const float* xr = xn + (oy * g.sh - g.pt + ky * g.dh) * k.sy + (ox * g.sw - g.pl) * k.sx + c0;
+        for (int64_t kx = 0; kx < kw; ++kx) {
+          const V wk = wt(ky * kw + kx);
+          const float* xk = xr + kx * g.dw * k.sx;
+          for (int p = 0; p < PX; ++p) a[p] += vld<V>(xk + p * g.sw * k.sx) * wk;
+        }
+      }
+      for (int p = 0; p < PX; ++p) dw_finish<V, CODE>(k, q0 + ox + p, c0, a[p]);
+    }
+    for (; ox < g.wo; ++ox) pixel(ox);
+  }
+  for (int64_t j = cv; j < k.c; ++j) {  // the last channels, one at a time
+    for (int64_t ox = 0; ox < g.wo; ++ox) {
+      float a = k.bias ? k.bias[j] : 0.f;
+      for (int64_t ky = ky0; ky < ky1; ++ky) {
+        const float* xr = xn + (oy * g.sh - g.pt + ky * g.dh) * k.sy + j;
+        for (int64_t kx = 0; kx < kw; ++kx) {
+          const int64_t ix = ox * g.sw - g.pl + kx * g.dw;
+          if (ix >= 0 && ix < g.w) a = std::fma(xr[ix * k.sx], k.w[(ky * kw + kx) * k.c + j], a);
+        }
+      }
+      const int64_t o = (q0 + ox) * k.c + j;
+      if (k.res) a += k.res[o];
+      if (k.acc) k.acc[o] = a;
+      a = activate<CODE>(a, k.lo, k.hi, k.slope);
+      k.out[o] = a;
+      if (k.emitted && k.code < 4) k.emitted[o] = a;
+    }
+  }
+  (void)taps;
+}
+
+template <class V, int PX, int CODE>
+__attribute__((always_inline)) inline void dw_dense_rows(const DwDense& k, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    if (k.g.kh == 3 && k.g.kw == 3) dw_dense_row<V, 3, 3, PX, CODE>(k, r);
+    else dw_dense_row<V, 0, 0, PX, CODE>(k, r);
+  }
+}
+
+template <int CODE>
+__attribute__((target("avx512f"))) void dw_dense_rows512(const DwDense& k, int64_t r0, int64_t r1) {
+  dw_dense_rows<vf16, 8, CODE>(k, r0, r1);
+}
+
+template <int CODE>
+__attribute__((target("avx2,fma"))) void dw_dense_rows256(const DwDense& k, int64_t r0, int64_t r1) {
+  dw_dense_rows<vf8, 4, CODE>(k, r0, r1);
+}
+
+template <int CODE>
+void dw_dense_rows_isa(const DwDense& k, int64_t r0, int64_t r1) {
+  if (use_avx512()) dw_dense_rows512<CODE>(k, r0, r1);
+  else dw_dense_rows256<CODE>(k, r0, r1);
+}
+
+}  // namespace
+
+// A dense depthwise conv (one filter per channel) over every output pixel, for keyframes and dense frames, in
+// one pass with its epilogue, as conv_dense does for groups 1: v = conv(x) + bias (+ residual), out = f(v);
+// with acc (a keyframe) also A = v, and with emitted E = out (or pass E itself as out).
+// x: float32 (N, C, H, W) with contiguous channels (any pixel strides); weights: (taps, C) as depthwise_rows';
+// bias (C,) or None; residual, out, acc, emitted: channels_last float32 of the output's shape. code: as
+// conv_dense's (4 SiLU and 5 sigmoid by a pass over each output row after its conv).
+void depthwise_dense(torch::Tensor x, torch::Tensor weights, c10::optional<torch::Tensor> bias,
+                     std::vector<int64_t> geo, c10::optional<torch::Tensor> residual, torch::Tensor out,
+                     c10::optional<torch::Tensor> acc, c10::optional<torch::Tensor> emitted, int64_t code, double lo,
+                     double hi, double slope) {
+  TORCH_CHECK(has_conv_rows(), "depthwise_dense needs AVX2 and FMA");
+  const Geometry g = geometry(geo);
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && x.dim() == 4 && x.size(0) == g.n && x.size(2) == g.h &&
+                  x.size(3) == g.w && (x.stride(1) == 1 || x.size(1) == 1),
+              "x must be a float32 (N, C, H, W) tensor of the geometry's input size with contiguous channels");
+  TORCH_CHECK(code >= 0 && code <= 5, "unknown activation code ", code);
+  const int64_t c = x.size(1), taps = g.kh * g.kw, total = g.n * g.ho * g.wo;
+  TORCH_CHECK(weights.scalar_type() == torch::kFloat && weights.is_contiguous() && weights.dim() == 2 &&
+                  weights.size(0) == taps && weights.size(1) == c, "weights must be a contiguous (", taps, ", ", c,
+              ") float32 tensor");
+  TORCH_CHECK(out.dim() == 4 && out.size(0) == g.n && out.size(1) == c && out.size(2) == g.ho && out.size(3) == g.wo,
+              "out must be (N, C, Ho, Wo)");
+  const float* bp = nullptr;
+  if (bias) {
+    TORCH_CHECK(bias->scalar_type() == torch::kFloat && bias->is_contiguous() && bias->numel() == c,
+                "bias must be a contiguous float32 (", c, ",) tensor");
+    bp = bias->data_ptr<float>();
+  }
+  const DwDense k{g, x.data_ptr<float>(), x.stride(0), x.stride(2), x.stride(3), c, weights.data_ptr<float>(), bp,
+                  residual ? rows_ptr(*residual, total, c, "residual") : nullptr, rows_ptr(out, total, c, "out"),
+                  acc ? rows_ptr(*acc, total, c, "acc") : nullptr,
+                  emitted ? rows_ptr(*emitted, total, c, "emitted") : nullptr, code, static_cast<float>(lo),
+                  static_cast<float>(hi), static_cast<float>(slope)};
+  const float flo = lo, fhi = hi, fslope = slope;
+  at::parallel_for(0, g.n * g.ho, 1, [&](int64_t r0, int64_t r1) {
+    switch (code) {
+      case 1: dw_dense_rows_isa<1>(k, r0, r1); break;
+      case 2: dw_dense_rows_isa<2>(k, r0, r1); break;
+      case 3: dw_dense_rows_isa<3>(k, r0, r1); break;
+      default: dw_dense_rows_isa<0>(k, r0, r1); break;
+    }
+    if (code >= 4) {  // f over the rows' v (in out), in place; then E
+      const int64_t span = (r1 - r0) * g.wo * c;
+      float* o = k.out + r0 * g.wo * c;
+      activate_row(code, o, o, span, flo, fhi, fslope);
+      if (k.emitted) std::memcpy(k.emitted + r0 * g.wo * c, o, sizeof(float) * span);
+    }
+  });
+}
+
+// Whether t is a buffer nothing but its one Python object holds: no other tensor (a view) shares its storage and no
+// other C++ handle keeps it (the argument itself is one). The caller checks the Python references to that object.
+// cpu_fused reuses a dense frame's conv output buffer then: CenterFace's 42 MB maps are fresh pages on every
+// allocation (above glibc's mmap threshold), one page fault per 4 KB (~2 us each here).
+bool sole_owner(torch::Tensor t) { return t.use_count() == 2 && t.storage().use_count() == 1; }
 
 // ---- YOLOv8's box decode (deltacnn.models.yolov8.decode_boxes) on channels_last head maps ------------
 
@@ -2020,6 +2382,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv_act_rows", &conv_act_rows, "implicit-GEMM conv with the nonlinear update in its epilogue");
   m.def("depthwise_rows", &depthwise_rows, "depthwise conv at output pixels, optionally with the update");
   m.def("conv_dense", &conv_dense, "dense conv with bias, residual, activation and the keyframe state writes");
+  m.def("set_dw_fused_update", [](bool on) { return dw_fused_update_slot().exchange(on); },
+        "depthwise_rows' update fused into its channel loop (true) or after it; returns the previous setting");
+  m.def("sole_owner", &sole_owner, "whether nothing but its Python object holds a tensor's storage");
+  m.def("depthwise_dense", &depthwise_dense, "dense depthwise conv with bias, residual, activation and the state writes");
   m.def("yolo_decode", &yolo_decode, "YOLOv8 box decode of channels_last head maps");
   m.def("yolo_decode_at", &yolo_decode_at, "YOLOv8 box decode of the anchors whose head maps changed, in place");
   m.def("accumulate_at", &accumulate_at, "state += rows at the given pixels (a densified output's O += d)");
