@@ -129,3 +129,25 @@ def random_delta(n: int, c: int, h: int, w: int, rate: float, gen: torch.Generat
 def cl_state(values: torch.Tensor) -> torch.Tensor:
     """A float32 channels_last state tensor holding `values` (as the layers keep A and E)."""
     return values.float().contiguous(memory_format=torch.channels_last)
+
+
+def check_dense_conv_with_state(backend, x, p, bias, ref, residual, acts) -> None:
+    """backend.dense_conv of x against ref (the dense PyTorch conv), with and without `residual`, for each
+    activation in `acts` (None: linear): the output, and for an activation the keyframe state it writes
+    (A = the pre-activation, E = the output), into buffers first filled with NaN."""
+    for act in acts:
+        for res in (None, residual):
+            v = ref + res if res is not None else ref
+            bufs = {}
+
+            def state(shape):
+                bufs["acc"] = torch.full(shape, float("nan")).contiguous(memory_format=torch.channels_last)
+                bufs["em"] = torch.full(shape, float("nan")).contiguous(memory_format=torch.channels_last)
+                return bufs["acc"], bufs["em"]
+            out = backend.dense_conv(x, p, bias, res, act, state if act is not None else None)
+            assert out is not None and out.is_contiguous(memory_format=torch.channels_last)
+            want = act(v) if act is not None else v
+            torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+            if act is not None:
+                torch.testing.assert_close(bufs["acc"], v, rtol=1e-5, atol=1e-5)
+                assert torch.equal(bufs["em"], out)

@@ -15,6 +15,7 @@ from deltacnn.backends.base import ConvParams, PointwiseState
 from deltacnn.backends.reference import ReferenceBackend
 from deltacnn.backends.cpu_kernels import load, load_error
 from deltacnn.geometry import Window
+from conftest import check_dense_conv_with_state
 
 if load() is None:
     pytest.skip(f"CPU kernels do not build here: {load_error()}", allow_module_level=True)
@@ -46,22 +47,7 @@ def test_depthwise_dense_equals_pytorch(win: Window, c: int, layout: str) -> Non
     t, b, l, r = win.padding
     ref = nn.functional.conv2d(nn.functional.pad(x, (l, r, t, b)), p.weight, bias, win.stride, 0, win.dilation, c)
     residual = torch.randn(ref.shape, generator=gen).contiguous(memory_format=torch.channels_last)
-    for act in ACTS:
-        for res in (None, residual):
-            v = ref + res if res is not None else ref
-            bufs = {}
-
-            def state(shape):
-                bufs["acc"] = torch.full(shape, float("nan")).contiguous(memory_format=torch.channels_last)
-                bufs["em"] = torch.full(shape, float("nan")).contiguous(memory_format=torch.channels_last)
-                return bufs["acc"], bufs["em"]
-            out = FUSED.dense_conv(x, p, bias, res, act, state if act is not None else None)
-            assert out is not None and out.is_contiguous(memory_format=torch.channels_last)
-            want = act(v) if act is not None else v
-            torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
-            if act is not None:
-                torch.testing.assert_close(bufs["acc"], v, rtol=1e-5, atol=1e-5)
-                assert torch.equal(bufs["em"], out)
+    check_dense_conv_with_state(FUSED, x, p, bias, ref, residual, ACTS)
 
 
 def test_depthwise_dense_declines_grouped_and_unfused() -> None:
