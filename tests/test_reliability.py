@@ -38,6 +38,25 @@ def net(seed: int = 1, width: int = 8) -> nn.Module:
 
 
 # ---- threads ---------------------------------------------------------------------------------
+def run_in_threads(work, n: int = 2) -> None:
+    """Runs work(i) for i < n in n threads at once and re-raises the first error any of them hit (an
+    assert in a worker thread would otherwise only print)."""
+    errors: list[BaseException] = []
+
+    def guarded(i: int) -> None:
+        try:
+            work(i)
+        except BaseException as e:  # noqa: BLE001 - re-raised by the caller's thread below
+            errors.append(e)
+
+    threads = [threading.Thread(target=guarded, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+
+
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_two_models_in_two_threads_stay_exact(backend):
     """Two different models on different clips of one shape, run at the same time from two threads:
@@ -51,24 +70,15 @@ def test_two_models_in_two_threads_stay_exact(backend):
             want = [m(clip[t]) for t in range(frames)]
         jobs.append((deltacnn.convert(m, clip[0], backend=backend, dense_above=None), clip, want))
     worst = [0.0, 0.0]
-    errors: list[BaseException] = []
     start = threading.Barrier(2)
 
     def work(i: int) -> None:
-        try:
-            dm, clip, want = jobs[i]
-            start.wait()
-            for t in range(frames):
-                worst[i] = max(worst[i], rel_err(dm(clip[t]), want[t]))
-        except BaseException as e:  # noqa: BLE001 - reported by the main thread
-            errors.append(e)
+        dm, clip, want = jobs[i]
+        start.wait()
+        for t in range(frames):
+            worst[i] = max(worst[i], rel_err(dm(clip[t]), want[t]))
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    run_in_threads(work)
     assert max(worst) < 1e-5, worst
 
 
@@ -106,21 +116,12 @@ def test_concurrent_convert_in_threads():
     """torch.fx tracing patches functions process-wide: conversions from two threads take turns."""
     x = make_video(1, h=16, w=16)[0]
     out: list = [None, None]
-    errors: list[BaseException] = []
 
     def work(i: int) -> None:
-        try:
-            for _ in range(3):
-                out[i] = deltacnn.convert(net(i), x)
-        except BaseException as e:  # noqa: BLE001
-            errors.append(e)
+        for _ in range(3):
+            out[i] = deltacnn.convert(net(i), x)
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    run_in_threads(work)
     with torch.no_grad():
         assert rel_err(out[1](x), net(1)(x)) < 1e-5
 
