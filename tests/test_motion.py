@@ -510,31 +510,37 @@ def test_static_camera_refines_once_per_anchor_and_pans_every_frame(net):
     assert mm.camera[0] == pytest.approx([12.0, 0.0], abs=0.3) and mm.aligned_at[0] == [12, 0], mm.camera
 
 
-# still_every (None: the default, 3): the camera path (still, then a 4 px/frame pan that starts on a skipped
-# frame), which frames are estimated, and where the view follows the camera (the skipped pan frames unaligned)
+# still_every (default 8) and wake_change (default 0.5): the camera path (still, then a 4 px/frame pan that
+# starts on a skipped frame), which frames are estimated, and where the view follows the camera (the skipped
+# pan frames unaligned). The pan's first frame changes most of the unaligned view: with the wake, the next
+# frame is estimated; without it, the next one of still_every.
 STILL_CASES = {
-    2: ([100] * 5 + [104, 108, 112, 116, 120], [1, 1, 1, 0, 1, 0, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0, 8, 12, 16, 20]),
-    None: ([100] * 6 + [104, 108, 112, 116, 120, 124], [1, 1, 1, 0, 0, 1, 0, 0, 1, 1, 1, 1],
-           [0, 0, 0, 0, 0, 0, 0, 0, 12, 16, 20, 24]),
+    "every_2": ({"still_every": 2}, [100] * 5 + [104, 108, 112, 116, 120], [1, 1, 1, 0, 1, 0, 1, 1, 1, 1],
+                [0, 0, 0, 0, 0, 0, 8, 12, 16, 20]),
+    "every_3": ({"still_every": 3}, [100] * 6 + [104, 108, 112, 116, 120, 124], [1, 1, 1, 0, 0, 1, 0, 1, 1, 1, 1, 1],
+                [0, 0, 0, 0, 0, 0, 0, 8, 12, 16, 20, 24]),
+    "default": ({}, [100] * 6 + [104, 108, 112, 116, 120, 124], [1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 1],
+                [0, 0, 0, 0, 0, 0, 0, 8, 12, 16, 20, 24]),
+    "every_3_no_wake": ({"still_every": 3, "wake_change": None}, [100] * 6 + [104, 108, 112, 116, 120, 124],
+                        [1, 1, 1, 0, 0, 1, 0, 0, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0, 0, 0, 12, 16, 20, 24]),
 }
 
 
-@pytest.mark.parametrize("every", list(STILL_CASES), ids=["every_2", "default_3"])
-def test_still_camera_skips_estimates_and_a_pan_start_is_caught_up(net, every):
+@pytest.mark.parametrize("case", list(STILL_CASES))
+def test_still_camera_skips_estimates_and_a_pan_start_is_caught_up(net, case):
     """After two still estimates only one frame in still_every is estimated (frame 0, the keyframe, has no
     estimate); a pan that starts on a skipped frame runs unaligned (plain delta on the old view) until the next
     estimate, which catches the view up (it is against the anchor), after which the view follows the camera as
     with an estimate per frame. At tau 0 every frame's output is dense inference on the view it saw."""
-    xs, want_estimated, want_cams = STILL_CASES[every]
+    kw, xs, want_estimated, want_cams = STILL_CASES[case]
     scene = _scene(19)
     pc = PhaseCorrelator()
     calls = []
     orig = pc.correlate
     pc.correlate = lambda *a, **k: calls.append(1) or orig(*a, **k)
-    kw = {} if every is None else {"still_every": every}
     mm = MotionDeltaModel(deltacnn.convert(net, torch.zeros(1, 3, H, W), backend="reference"), motion="auto",
                           estimator=pc, **kw)
-    assert mm.still_every == (3 if every is None else every)
+    assert mm.still_every == kw.get("still_every", 8)
     estimated, cams = [], []
     for t, cx in enumerate(xs):
         x = _camera(scene, cx, 80, t)
@@ -552,3 +558,6 @@ def test_still_every_must_be_a_positive_int(net):
     dm = deltacnn.convert(net, torch.zeros(1, 3, H, W), backend="reference")
     with pytest.raises(ValueError, match="still_every"):
         MotionDeltaModel(dm, still_every=0)
+    for bad in (0, 1.5, "0.5"):
+        with pytest.raises(ValueError, match="wake_change"):
+            MotionDeltaModel(dm, wake_change=bad)

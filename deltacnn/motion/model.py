@@ -25,6 +25,10 @@ from .estimate import MIN_CONFIDENCE, MotionEstimate, PhaseCorrelator, given_mot
 # tilts (2-4 px/frame, people walking, codec noise) 0.23-0.55, Market Street's forward motion 0.97-1.0,
 # cityCC0's moving time-lapse 0.82-0.97 (its translation is < 1 px: alignment changes nothing there)
 MAX_UNEXPLAINED = 0.75
+# "auto", still camera: above this fraction of a stream's input pixels changed in a frame, the next frame is
+# estimated (MotionDeltaModel._woken). vtest.avi's still camera changes 2.6-16% of its input pixels a frame
+# (people walking, codec noise), the same view panned by 4 px unaligned 96%.
+WAKE_CHANGE = 0.5
 _ANCHOR_SERIALS = itertools.count(1)  # see MotionDeltaModel._next_serial
 
 
@@ -80,9 +84,13 @@ class MotionDeltaModel(nn.Module):
             others take zero motion: the estimator is a static camera's whole overhead); 1: every frame. A
             camera that starts to move in a skipped frame is caught up at the next estimate (the estimate
             is against the anchor); that frame runs as plain delta inference on the shifted view (correct,
-            as dense as plain delta's frames). Default 3: on the Zen 5 machine of session 12 (YOLOv8n delta
-            frames of ~16 ms at 2 threads) a still camera cost +5.3-6.0% over plain delta at 2 (paired median),
-            +2.6-3.8% at 3.
+            as dense as plain delta's frames). With `wake_change`, the next estimate is the next frame.
+            Default 8 (with the wake; session 14, YOLOv8n on vtest.avi's still camera, 1 thread, paired, one
+            run): +4.4% mean / +2.4% paired median over plain delta, against +6.1% / +3.7% at 3 (session 12
+            chose 3 without the wake: +2.6-3.8% paired median at 2 threads, +5.3-6.0% at 2).
+        wake_change: "auto" with still_every > 1: a frame whose input changed in more than this fraction of
+            a stream's pixels (the converted model's input layer counts them) makes the next frame an
+            estimate (see `_woken`). None: only still_every decides.
         view_step: how the state follows a view step. "bands" (default): the network is recomputed on
             crops covering bands of `halo` around both borders, or the whole view when they cover it (a
             keyframe: every view step of YOLOv8n). "padded": inside the frame's delta pass, each layer
@@ -101,7 +109,8 @@ class MotionDeltaModel(nn.Module):
     def __init__(self, dm, motion="auto", *, min_confidence: float = MIN_CONFIDENCE, resample: str = "nearest",
                  estimator: PhaseCorrelator | None = None, halo: int | None = None,
                  max_residual: float | None = None, max_unexplained: float | None = MAX_UNEXPLAINED,
-                 edge: str = "hold", still_every: int = 3, view_step: str = "bands") -> None:
+                 edge: str = "hold", still_every: int = 8, wake_change: float | None = WAKE_CHANGE,
+                 view_step: str = "bands") -> None:
         super().__init__()
         from .aligned import VIEW_STEPS
         if view_step not in VIEW_STEPS:
@@ -112,6 +121,10 @@ class MotionDeltaModel(nn.Module):
         if not isinstance(still_every, int) or still_every < 1:
             raise ValueError(f"still_every must be an int >= 1 (1: estimate every frame), got {still_every!r}")
         self.still_every = still_every
+        if wake_change is not None and not (isinstance(wake_change, (int, float)) and 0 < wake_change <= 1):
+            raise ValueError(f"wake_change must be a fraction of the input's pixels in (0, 1] or None (no wake), "
+                             f"got {wake_change!r}")
+        self.wake_change = wake_change
         if edge not in ("hold", "replicate"):
             raise ValueError(f"edge must be 'hold' or 'replicate', got {edge!r}")
         self.edge = edge
@@ -142,6 +155,8 @@ class MotionDeltaModel(nn.Module):
             motion = "given"
         self.dm = dm
         self.mode = motion
+        if motion == "auto" and still_every > 1 and wake_change is not None:
+            dm.rt.track_streams = True  # the input layer keeps each stream's changed fraction (rt.stream_change)
         self.min_confidence = min_confidence
         self.resample = resample
         self.estimator = estimator or PhaseCorrelator()
@@ -450,6 +465,14 @@ class MotionDeltaModel(nn.Module):
                 last[i] = (c[i], fine[j])
         return torch.tensor(out, dtype=coarse.dtype, device=coarse.device)
 
+    def _woken(self) -> bool:
+        """Whether the last frame changed more than wake_change of some stream's input pixels: a still camera
+        that starts to pan changes most pixels of the (unaligned) view at once, so the next frame is
+        estimated whatever still_every says. Such a frame is near-dense anyway, so estimating after every
+        busy frame of a still camera (a crowd) costs little next to the frame itself."""
+        change = self.dm.rt.stream_change if self.wake_change is not None else None
+        return change is not None and float(change.max()) > self.wake_change
+
     def _estimate_from_anchor(self, x: Tensor) -> MotionEstimate:
         """The camera displacement since the last frame, as (position vs the anchor) - (last position).
 
@@ -460,7 +483,8 @@ class MotionDeltaModel(nn.Module):
         n = x.shape[0]
         if len(self._still_run) != n:
             self._still_run = [0] * n
-        if self.still_every > 1 and min(self._still_run) >= self.STILL_RUN and self._skipped < self.still_every - 1:
+        if self.still_every > 1 and min(self._still_run) >= self.STILL_RUN and self._skipped < self.still_every - 1 \
+                and not self._woken():
             # every stream still: no estimate on this frame (zero motion, the last confidence)
             self._skipped += 1
             self.estimated = False
