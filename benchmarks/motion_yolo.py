@@ -44,7 +44,8 @@ def triangle(t: int, speed: int, span: int) -> int:
 
 
 def camera_path(name: str, frames: int, scene_hw: tuple[int, int]) -> list[tuple[int, int]]:
-    """View origins (x, y) in the scene: static, panN, tiltN, pantiltN (N px/frame)."""
+    """View origins (x, y) in the scene: static, panN, tiltN, pantiltN (N px/frame), stillpanN (still for the
+    first half of the frames, then a pan: a still camera's estimator must wake up)."""
     span_x, span_y = scene_hw[1] - VIEW_W, scene_hw[0] - VIEW_H
     kind = name.rstrip("0123456789")
     speed = int(name[len(kind):] or 0)
@@ -52,8 +53,10 @@ def camera_path(name: str, frames: int, scene_hw: tuple[int, int]) -> list[tuple
     for t in range(frames):
         x = triangle(t, speed, span_x) if kind in ("pan", "pantilt") else span_x // 2
         y = triangle(t, speed, span_y) if kind in ("tilt", "pantilt") else span_y // 2
-        if kind not in ("static", "pan", "tilt", "pantilt"):
-            raise SystemExit(f"unknown camera path {name!r} (static, panN, tiltN, pantiltN)")
+        if kind == "stillpan":
+            x = span_x // 2 + triangle(max(0, t - frames // 2), speed, span_x - span_x // 2)
+        if kind not in ("static", "pan", "tilt", "pantilt", "stillpan"):
+            raise SystemExit(f"unknown camera path {name!r} (static, panN, tiltN, pantiltN, stillpanN)")
         out.append((x, y))
     return out
 
@@ -65,6 +68,16 @@ def cpu_ms(fn, *a):
     t0 = CLOCK()
     y = fn(*a)
     return y, (CLOCK() - t0) * 1e3
+
+
+def still_options(args) -> dict:
+    """MotionDeltaModel's still-camera options given on the command line (the library's defaults otherwise)."""
+    out = {}
+    if args.still_every is not None:
+        out["still_every"] = args.still_every
+    if args.wake_change is not None:
+        out["wake_change"] = None if args.wake_change == "none" else float(args.wake_change)
+    return out
 
 
 def run_path(args, task: YOLOv8Task, net, name: str, scene_frames: list[np.ndarray]) -> dict:
@@ -102,7 +115,7 @@ def run_path(args, task: YOLOv8Task, net, name: str, scene_frames: list[np.ndarr
             halo = None if h == "exact" else int(h)
             models[f"aligned_{h}"] = MotionDeltaModel(delta_model(), motion=motion, halo=halo,
                                                       max_residual=args.max_residual, edge=args.edge,
-                                                      view_step="bands")
+                                                      view_step="bands", **still_options(args))
     for m in models.values():
         (m.dm if isinstance(m, MotionDeltaModel) else m).enable_stats(True, keep_masks=args.video)
     rows = []
@@ -278,6 +291,8 @@ def main() -> None:
     ap.add_argument("--max-residual", type=float, default=None,
                     help="MotionDeltaModel(max_residual=...): px the camera may drift before the view steps")
     ap.add_argument("--edge", choices=("hold", "replicate"), default="hold", help="MotionDeltaModel(edge=...)")
+    ap.add_argument("--still-every", type=int, default=None, help="MotionDeltaModel(still_every=...)")
+    ap.add_argument("--wake-change", default=None, help="MotionDeltaModel(wake_change=...): a fraction or 'none'")
     ap.add_argument("--input-threshold", type=float, default=0.04)
     ap.add_argument("--threshold", type=float, default=0.0)
     ap.add_argument("--min-blob", type=int, default=3)

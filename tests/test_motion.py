@@ -512,8 +512,9 @@ def test_static_camera_refines_once_per_anchor_and_pans_every_frame(net):
 
 # still_every (default 8) and wake_change (default 0.5): the camera path (still, then a 4 px/frame pan that
 # starts on a skipped frame), which frames are estimated, and where the view follows the camera (the skipped
-# pan frames unaligned). The pan's first frame changes most of the unaligned view: with the wake, the next
-# frame is estimated; without it, the next one of still_every.
+# pan frames unaligned). The pan's first frame changes most of the unaligned view and goes busy: with the wake
+# (by either signal: wake_change 1.0 leaves only the busy one), the next frame is estimated; without it, the
+# next one of still_every.
 STILL_CASES = {
     "every_2": ({"still_every": 2}, [100] * 5 + [104, 108, 112, 116, 120], [1, 1, 1, 0, 1, 0, 1, 1, 1, 1],
                 [0, 0, 0, 0, 0, 0, 8, 12, 16, 20]),
@@ -521,6 +522,8 @@ STILL_CASES = {
                 [0, 0, 0, 0, 0, 0, 0, 8, 12, 16, 20, 24]),
     "default": ({}, [100] * 6 + [104, 108, 112, 116, 120, 124], [1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 1],
                 [0, 0, 0, 0, 0, 0, 0, 8, 12, 16, 20, 24]),
+    "every_3_busy_wake": ({"still_every": 3, "wake_change": 1.0}, [100] * 6 + [104, 108, 112, 116, 120, 124],
+                          [1, 1, 1, 0, 0, 1, 0, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0, 0, 8, 12, 16, 20, 24]),
     "every_3_no_wake": ({"still_every": 3, "wake_change": None}, [100] * 6 + [104, 108, 112, 116, 120, 124],
                         [1, 1, 1, 0, 0, 1, 0, 0, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0, 0, 0, 12, 16, 20, 24]),
 }

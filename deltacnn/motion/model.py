@@ -26,8 +26,9 @@ from .estimate import MIN_CONFIDENCE, MotionEstimate, PhaseCorrelator, given_mot
 # cityCC0's moving time-lapse 0.82-0.97 (its translation is < 1 px: alignment changes nothing there)
 MAX_UNEXPLAINED = 0.75
 # "auto", still camera: above this fraction of a stream's input pixels changed in a frame, the next frame is
-# estimated (MotionDeltaModel._woken). vtest.avi's still camera changes 2.6-16% of its input pixels a frame
-# (people walking, codec noise), the same view panned by 4 px unaligned 96%.
+# estimated (MotionDeltaModel._woken; so is the frame after a busy or dense one). vtest.avi's still camera
+# changes 2.6-16% of its input pixels a frame (people walking, codec noise), the same view panned by 4 px
+# unaligned 17% (gated, relative thresholds) to 96% (tau 0).
 WAKE_CHANGE = 0.5
 _ANCHOR_SERIALS = itertools.count(1)  # see MotionDeltaModel._next_serial
 
@@ -88,9 +89,9 @@ class MotionDeltaModel(nn.Module):
             Default 8 (with the wake; session 14, YOLOv8n on vtest.avi's still camera, 1 thread, paired, one
             run): +4.4% mean / +2.4% paired median over plain delta, against +6.1% / +3.7% at 3 (session 12
             chose 3 without the wake: +2.6-3.8% paired median at 2 threads, +5.3-6.0% at 2).
-        wake_change: "auto" with still_every > 1: a frame whose input changed in more than this fraction of
-            a stream's pixels (the converted model's input layer counts them) makes the next frame an
-            estimate (see `_woken`). None: only still_every decides.
+        wake_change: "auto" with still_every > 1: a frame that ran densely, went busy, or changed more than
+            this fraction of a stream's input pixels (the converted model's input layer counts them) makes
+            the next frame an estimate (see `_woken`). None: only still_every decides.
         view_step: how the state follows a view step. "bands" (default): the network is recomputed on
             crops covering bands of `halo` around both borders, or the whole view when they cover it (a
             keyframe: every view step of YOLOv8n). "padded": inside the frame's delta pass, each layer
@@ -466,11 +467,21 @@ class MotionDeltaModel(nn.Module):
         return torch.tensor(out, dtype=coarse.dtype, device=coarse.device)
 
     def _woken(self) -> bool:
-        """Whether the last frame changed more than wake_change of some stream's input pixels: a still camera
-        that starts to pan changes most pixels of the (unaligned) view at once, so the next frame is
-        estimated whatever still_every says. Such a frame is near-dense anyway, so estimating after every
-        busy frame of a still camera (a crowd) costs little next to the frame itself."""
-        change = self.dm.rt.stream_change if self.wake_change is not None else None
+        """Whether the last frame looked like a camera that started to move, so that this frame is estimated
+        whatever still_every says: a stream ran densely or went busy (its deltas did most of a dense frame's
+        work: the converted model's busy rule), or more than wake_change of its input pixels changed. A
+        4 px/frame pan's first unaligned frame on vtest.avi changes only 17% of the gated input pixels (a
+        still camera there: 2-3%) but does 88% of the multiply-adds. Such frames are near-dense anyway,
+        so estimating after every busy frame of a still camera (a crowd) costs little next to them."""
+        if self.wake_change is None:
+            return False
+        dm = self.dm
+        if "dense" in dm.last_modes:
+            return True
+        lim = dm.rt.dense_limit
+        if isinstance(lim, list) and any(v is not None for v in lim):
+            return True
+        change = dm.rt.stream_change
         return change is not None and float(change.max()) > self.wake_change
 
     def _estimate_from_anchor(self, x: Tensor) -> MotionEstimate:
