@@ -64,6 +64,18 @@ def all_true_mask(n: int, h: int, w: int, device: torch.device) -> Tensor:
     return m
 
 
+def stream_fraction(mask: Tensor) -> Tensor:
+    """Per stream (N,), float32: the fraction of True elements of an (N, ...) bool mask. Counted as bytes
+    into int32 (a float copy of the mask, as `.float().mean(1)`, is ~3x slower: ~120 us a 640x448 frame
+    on the CPU, and the input layer measures its change on every frame)."""
+    n = mask.shape[0]
+    flat = mask.reshape(n, -1)
+    per = flat.shape[1]
+    if mask.dtype != torch.bool or per == 0:
+        return flat.float().mean(1)
+    return flat.view(torch.uint8).sum(1, dtype=torch.int32).float() / per
+
+
 def rows(t: Tensor) -> Tensor:
     """The (N*H*W, C) row view of a channels_last (N, C, H, W) tensor (shares memory)."""
     n, c, h, w = t.shape

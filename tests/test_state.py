@@ -354,3 +354,17 @@ def test_end_frame_bookkeeping_matches_eager_frames():
             assert (replay.frame_index, replay.last_mode, replay._stream) == \
                 (eager.frame_index, eager.last_mode, eager._stream), (t, mode)
             assert (replay.rt.dense_limit is None) == (mode == "keyframe")
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 48, 64), (3, 1, 17, 5), (2, 4, 3, 3)])
+def test_stream_fraction_equals_the_float_mean_per_stream(shape):
+    """The input layer's per-stream change count (bytes summed into int32) is the float mean of the mask, also
+    on a non-contiguous mask."""
+    from deltacnn.tensor import stream_fraction
+    g = torch.Generator().manual_seed(sum(shape))
+    m = torch.rand(shape, generator=g) < 0.3
+    for mask in (m, m.transpose(-1, -2)):
+        want = mask.reshape(shape[0], -1).float().mean(1)
+        got = stream_fraction(mask)
+        assert got.dtype == torch.float32 and got.shape == (shape[0],)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-7)

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ..activations import truncation_score
 from ..gating import InputGate, gated_mask
-from ..tensor import DeltaTensor
+from ..tensor import DeltaTensor, stream_fraction
 from ..thresholds import INPUT
 from .base import DeltaLayer, check_delta
 
@@ -57,16 +57,16 @@ class Sparsify(DeltaLayer):
         plan = rt.plan if first else None
         measure = plan is not None and plan.limits is not None and not rt.stateless
         if rt.keyframe:
-            if measure:
-                change = self._changed_fraction(x)
+            streams = first and rt.track_streams
+            change = self._changed_fraction(x) if measure or track or streams else None  # one pass for all
+            if measure or track:
                 rt.input_change = change.mean()
+            if measure:
                 plan.route(change.tolist(), keyframe_pass=True)
                 if plan.first == "dense":
                     rt.stateless = True  # busy: dense without writing state; the next quiet frame re-seeds it
-            elif track:
-                rt.input_change = self._changed_fraction(x).mean()
-            if first and rt.track_streams:
-                rt.stream_change = self._changed_fraction(x)
+            if streams:
+                rt.stream_change = change
             d = self._keyframe(x)
         else:
             ref = self._state("ref")
@@ -82,13 +82,14 @@ class Sparsify(DeltaLayer):
                 d = backend.sparsify(sent, ref, tau, rt.thresholds.score, self.dilation, rt.dtype,
                                      scratch=self._scratch)
             change = None
-            if measure:
-                change = d.mask.reshape(d.shape[0], -1).float().mean(1)
-                rt.input_change = change.mean()
-            elif track:
-                rt.input_change = d.mask.float().mean()
-            if first and rt.track_streams:
-                rt.stream_change = d.mask.reshape(d.shape[0], -1).float().mean(1)
+            if measure or track or (first and rt.track_streams):
+                fractions = stream_fraction(d.mask)  # once, for each of the three users
+                if measure:
+                    change = fractions
+                if measure or track:
+                    rt.input_change = fractions.mean()
+                if first and rt.track_streams:
+                    rt.stream_change = fractions
             if first and rt.keep is not None:
                 # whole streams left out (an index-free mask product: no host sync, capturable); the
                 # bordered copy stays: no output pixel of a left-out stream is a candidate, and a
@@ -175,7 +176,7 @@ class Sparsify(DeltaLayer):
             kept = kept | (self.rt.refresh.flush_mask((score > tau).unsqueeze(1) & ~kept) & rows)
         if self.rt.refresh_held is not None:
             held = (score > tau).unsqueeze(1) & ~kept
-            self.rt.input_held = held.reshape(x.shape[0], -1).float().mean(1)
+            self.rt.input_held = stream_fraction(held)
         return torch.where(kept, x.float(), ref)
 
     def _forget_sent(self) -> None:
@@ -197,7 +198,7 @@ class Sparsify(DeltaLayer):
         if ref is None or ref.shape != x.shape or ref.device != x.device:
             return torch.zeros(x.shape[0], device=x.device)
         changed = truncation_score(x.float() - ref, self.rt.thresholds.score) > self.tau()
-        return changed.reshape(x.shape[0], -1).float().mean(1)
+        return stream_fraction(changed)
 
 
 def _without_streams(d: DeltaTensor, streams: Tensor) -> DeltaTensor:
