@@ -30,8 +30,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's deltacnn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import deltacnn  # noqa: E402
-from deltacnn.backends import cpu_fused  # noqa: E402
-from deltacnn.backends.reference import ReferenceBackend  # noqa: E402, F401
+from deltacnn.backends import cpu_fused, cpu_kernels  # noqa: E402
+from deltacnn.backends.reference import ReferenceBackend  # noqa: E402
+from deltacnn.tensor import new_cl  # noqa: E402
 from cpu_models import convert_at as _convert_at, load_frames  # noqa: E402
 
 CLOCK = [time.process_time]  # --clock wall swaps in perf_counter (quiet machines, several threads)
@@ -107,8 +108,10 @@ def instrument(backend, clock: StageClock) -> None:
     if isinstance(backend, cpu_fused.FusedCpuBackend):
         backend._k = _TimedModule(backend._k, clock)
     for m in BACKEND_METHODS:
-        if hasattr(backend, m):
-            setattr(backend, m, clock.wrap("b:" + m, getattr(backend, m)))
+        if hasattr(backend, m):  # a variant's earlier timer of the shared backend, else the class's method at each
+            # call (a Wrap switch, e.g. pointwise_update, patches the class between the variants' frames)
+            inner = backend.__dict__.get(m) or (lambda *a, _m=m, **k: getattr(type(backend), _m)(backend, *a, **k))
+            setattr(backend, m, clock.wrap("b:" + m, inner))
     backend._conv_rows = clock.wrap("gemm (_conv_rows less gathers)", backend._conv_rows)
     dense = type(backend)._dense_conv
     backend._dense_conv = clock.wrap("dense conv", dense)
@@ -167,6 +170,49 @@ def _conv_block_without_residual_linear(original: Callable) -> Callable:
     return conv_block
 
 
+def _dense_conv_without_depthwise(original: Callable) -> Callable:
+    """FusedCpuBackend._dense_conv_ok that declines a depthwise conv (ATen's grouped conv runs its dense frame)."""
+    def dense_conv_ok(self, x, p, bias, residual, act):
+        return p.groups == 1 and original(self, x, p, bias, residual, act)
+    return dense_conv_ok
+
+
+def _new_dense_out(original: Callable) -> Callable:
+    """FusedCpuBackend._dense_out that makes a new buffer every dense frame (none from the backend's pool)."""
+    def dense_out(self, shape):
+        return new_cl(*shape, dtype=torch.float32, device="cpu")
+    return dense_out
+
+
+def _pointwise_by_reference(original: Callable) -> Callable:
+    """FusedCpuBackend.pointwise that sends a piecewise-linear activation to the reference's ATen ops."""
+    def pointwise(self, d, st):
+        if cpu_kernels.ACT_CODES.get(st.act.kind) is not None:
+            return ReferenceBackend.pointwise(self, d, st)
+        return original(self, d, st)
+    return pointwise
+
+
+def _fold_batchnorms_but_transposed(original: Callable) -> Callable:
+    """deltacnn.convert.fold_batchnorms that leaves a batch norm after a transposed conv (a DeltaScale then): its
+    gate track_running_stats is off while the original folds, so that only the others fold."""
+    def fold_batchnorms(gm):
+        modules = dict(gm.named_modules())
+        kept = [modules[n.target] for n in gm.graph.nodes
+                if n.op == "call_module" and isinstance(modules.get(n.target), torch.nn.BatchNorm2d)
+                and isinstance(n.args[0], torch.fx.Node) and n.args[0].op == "call_module"
+                and isinstance(modules.get(n.args[0].target), torch.nn.ConvTranspose2d)
+                and modules[n.target].track_running_stats]
+        for bn in kept:
+            bn.track_running_stats = False
+        try:
+            return original(gm)
+        finally:
+            for bn in kept:
+                bn.track_running_stats = True
+    return fold_batchnorms
+
+
 # A/B switches of the cpu backend's fast paths. The library has no switches: each fast path has one
 # capability check, and a switch set to 0 patches that check to decline (its value when off), so the
 # generic code runs, or (Wrap) replaces a method by one that takes the generic path; 1 restores it. The
@@ -204,13 +250,14 @@ SWITCHES = {  # name -> (module, attribute path of the check, what it returns wh
     "residual_linear": ("deltacnn.backends.cpu_fused", "FusedCpuBackend.conv_block",
                         Wrap(_conv_block_without_residual_linear)),
     # off: a depthwise conv's dense frame is ATen's grouped conv, then the activation and the state copies
-    "dense_depthwise": ("deltacnn.backends.cpu_fused", "FusedCpuBackend._dense_depthwise_ok", False),
+    "dense_depthwise": ("deltacnn.backends.cpu_fused", "FusedCpuBackend._dense_conv_ok",
+                        Wrap(_dense_conv_without_depthwise)),
     # off: a dense frame's conv output is a new buffer every frame (fresh pages, a fault each)
-    "reuse_dense_out": ("deltacnn.backends.cpu_fused", "FusedCpuBackend._reuse_dense_out_ok", False),
+    "reuse_dense_out": ("deltacnn.backends.cpu_fused", "FusedCpuBackend._dense_out", Wrap(_new_dense_out)),
     # off: a piecewise-linear activation layer on deltas runs the reference's ATen ops
-    "pointwise_update": ("deltacnn.backends.cpu_fused", "FusedCpuBackend._pointwise_update_ok", False),
+    "pointwise_update": ("deltacnn.backends.cpu_fused", "FusedCpuBackend.pointwise", Wrap(_pointwise_by_reference)),
     # conversion-time: off, a batch norm after a transposed conv stays a DeltaScale (session 12)
-    "fold_deconv_bn": ("deltacnn.convert", "_fold_transposed_ok", False),
+    "fold_deconv_bn": ("deltacnn.convert", "fold_batchnorms", Wrap(_fold_batchnorms_but_transposed)),
 }
 # the micro-kernels' vector ISA (cpu_kernels.cpp set_cpu_isa): avx512=0 runs the AVX2 kernels on an AVX-512 CPU
 ISA_SWITCH = "avx512"

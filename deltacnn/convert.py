@@ -1539,12 +1539,6 @@ def functional_batchnorms_to_modules(gm: fx.GraphModule) -> int:
     return done
 
 
-def _fold_transposed_ok() -> bool:
-    """fold_batchnorms folds a batch norm into a transposed conv too (CenterFace's neck: ConvTranspose, BN, ReLU),
-    so that no DeltaScale pass over the map is left between them."""
-    return True
-
-
 def fold_batchnorms(gm: fx.GraphModule) -> int:
     """Fold every BatchNorm2d that directly follows a conv (or transposed conv) used only there into its weights."""
     modules = dict(gm.named_modules())
@@ -1558,8 +1552,10 @@ def fold_batchnorms(gm: fx.GraphModule) -> int:
             continue
         prev = n.args[0]
         kind = type(modules.get(prev.target)) if isinstance(prev, fx.Node) and prev.op == "call_module" else None
-        # (a grouped transposed conv's weight is (Cin, Cout / groups, k, k): fuse_conv_bn_eval scales dim 1 by Cout)
-        transposed = kind is nn.ConvTranspose2d and _fold_transposed_ok() and modules[prev.target].groups == 1
+        # a transposed conv too (CenterFace's neck: ConvTranspose, BN, ReLU), so that no DeltaScale pass over the map
+        # is left between them (a grouped one's weight is (Cin, Cout / groups, k, k): fuse_conv_bn_eval scales dim 1
+        # by Cout)
+        transposed = kind is nn.ConvTranspose2d and modules[prev.target].groups == 1
         if not ((kind is nn.Conv2d or transposed) and len(prev.users) == 1
                 and conv_calls[prev.target] == 1 and modules[n.target].track_running_stats):
             continue

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from .geometry import dilate_mask
-from .tensor import DeltaTensor, new_rows_ext
+from .tensor import DeltaTensor, new_rows_ext, stream_fraction
 
 RUNS = ("flush", "keyframe")
 
@@ -155,7 +155,7 @@ class TouchState:
 
     def area(self, n: int) -> list[float]:
         """Per stream, the mean over the selected conv blocks of the fraction of their input pixels touched."""
-        fr = [u[0].reshape(u[0].shape[0], -1).float().mean(1) for u in self.masks.values() if u[0].shape[0] == n]
+        fr = [stream_fraction(u[0]) for u in self.masks.values() if u[0].shape[0] == n]
         if not fr:
             return [0.0] * n
         return torch.stack(fr).mean(0).tolist()

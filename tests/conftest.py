@@ -71,6 +71,27 @@ def small_zoo_model(name: str) -> torch.nn.Module:
     return models.randomize_bn_(m, seed=1)
 
 
+class StatefulNet(torch.nn.Module):
+    """conv + BN + ReLU, a strided conv, a residual add, a 1x1 head and (pool) a max pool before it: every kind of
+    state a stream holds, in a net small enough for the interpreter."""
+
+    def __init__(self, pool: bool = False) -> None:
+        super().__init__()
+        nn = torch.nn
+        self.pool = pool
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.c2 = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.c3 = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.bn1(self.c1(x)))
+        y = torch.relu(self.c2(y))
+        y = torch.relu(self.c3(y) + y)
+        return self.head(torch.nn.functional.max_pool2d(y, 3, 1, 1) if self.pool else y)
+
+
 @pytest.fixture
 def no_tf32():
     """float32 matmuls and convs without TF32 for the test (GPU tests compare against float32 references)."""

@@ -8,27 +8,12 @@ import torch
 from torch import nn
 
 import deltacnn
-from conftest import make_video, rel_err
-
-
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(8)
-        self.c2 = nn.Conv2d(8, 8, 3, stride=2, padding=1)
-        self.c3 = nn.Conv2d(8, 8, 3, padding=1)
-        self.head = nn.Conv2d(8, 4, 1)
-
-    def forward(self, x):
-        y = torch.relu(self.bn1(self.c1(x)))
-        y = torch.relu(self.c2(y))
-        return self.head(torch.relu(self.c3(y) + y))
+from conftest import StatefulNet, make_video, rel_err
 
 
 def net() -> nn.Module:
     torch.manual_seed(1)
-    m = Net().eval()
+    m = StatefulNet().eval()
     m.bn1.running_mean.uniform_(-0.5, 0.5)
     m.bn1.running_var.uniform_(0.5, 2)
     return m

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import deltacnn
-from conftest import make_video, rel_err
+from conftest import StatefulNet, make_video, rel_err
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = ["reference"]
@@ -23,27 +23,9 @@ except ImportError:
     pass
 
 
-class Net(nn.Module):
-    """conv + BN + ReLU, a strided conv, a residual add, a max pool and a 1x1 head: every kind of state."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(8)
-        self.c2 = nn.Conv2d(8, 8, 3, stride=2, padding=1)
-        self.c3 = nn.Conv2d(8, 8, 3, padding=1)
-        self.head = nn.Conv2d(8, 4, 1)
-
-    def forward(self, x):
-        y = torch.relu(self.bn1(self.c1(x)))
-        y = torch.relu(self.c2(y))
-        y = torch.relu(self.c3(y) + y)
-        return self.head(nn.functional.max_pool2d(y, 3, 1, 1))
-
-
 def _net() -> nn.Module:
     torch.manual_seed(3)
-    m = Net().eval()
+    m = StatefulNet(pool=True).eval()
     m.bn1.running_mean.uniform_(-0.5, 0.5)
     m.bn1.running_var.uniform_(0.5, 2)
     return m.to(DEV)

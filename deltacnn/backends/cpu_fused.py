@@ -237,9 +237,12 @@ class FusedCpuBackend(ReferenceBackend):
 
     def _dense_conv_ok(self, x: Tensor, p: ConvParams, bias: Tensor | None, residual: Tensor | None,
                        act: ActSpec | None) -> bool:
-        """conv_dense (groups 1) or depthwise_dense: float32 throughout, an activation of the epilogue (or none)."""
+        """conv_dense (groups 1) or depthwise_dense: float32 throughout, an activation of the epilogue (or none).
+        A depthwise conv's dense frame is one C++ pass (the conv, bias, residual, f and the keyframe's A and E), not
+        ATen's grouped conv then the activation and two state copies (CenterFace's 96- and 144-channel maps at
+        288 x 384 and 144 x 192 are 10-42 MB each)."""
         return self.fuses_dense_conv(x) and (act is None or act.kind in EPILOGUE_CODES) \
-            and (p.groups == 1 or (p.groups > 1 and self._dense_depthwise_ok(x, p))) \
+            and (p.groups == 1 or _depthwise_of(x.shape[1], p)) \
             and p.weight.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32) \
             and (residual is None or residual.dtype == torch.float32)
 
@@ -251,7 +254,7 @@ class FusedCpuBackend(ReferenceBackend):
         map at 288 x 384 is 42 MB, above glibc's largest mmap threshold), a page fault each (~2 us here). The pool
         holds at most as many buffers of a shape as were in use at once, for the backend's life (the largest dense
         frame's working set of any model run on it, kept after the model is gone)."""
-        if not self._reuse_dense_out_ok() or 4 * shape[0] * shape[1] * shape[2] * shape[3] < DENSE_OUT_KEEP:
+        if 4 * shape[0] * shape[1] * shape[2] * shape[3] < DENSE_OUT_KEEP:
             return new_cl(*shape, dtype=torch.float32, device="cpu")
         with self._pool_lock:
             bufs = self._pool.setdefault(shape, [])
@@ -264,16 +267,6 @@ class FusedCpuBackend(ReferenceBackend):
             buf = torch.empty(shape, dtype=torch.float32, memory_format=torch.channels_last)
             bufs.append(buf)
             return buf
-
-    def _reuse_dense_out_ok(self) -> bool:
-        """_dense_out reuses free output buffers between dense frames (its pool holds them between frames)."""
-        return True
-
-    def _dense_depthwise_ok(self, x: Tensor, p: ConvParams) -> bool:
-        """A depthwise conv's dense frame in one C++ pass (depthwise_dense: the conv, bias, residual, f and the
-        keyframe's A and E), not ATen's grouped conv then the activation and two state copies (CenterFace's
-        96- and 144-channel maps at 288 x 384 and 144 x 192 are 10-42 MB each)."""
-        return _depthwise_of(x.shape[1], p)
 
     def dense_conv(self, x: Tensor, p: ConvParams, bias: Tensor | None, residual: Tensor | None,
                    act: ActSpec | None, state: Callable[[tuple[int, ...]], tuple[Tensor, Tensor]] | None) -> Tensor | None:
@@ -508,19 +501,17 @@ class FusedCpuBackend(ReferenceBackend):
 
     def pointwise(self, d: DeltaTensor, st: PointwiseState) -> DeltaTensor:
         code = cpu_kernels.ACT_CODES.get(st.act.kind)
-        if d.dtype != torch.float32 or (code is not None and not self._pointwise_update_ok()):
+        if d.dtype != torch.float32:
             return super().pointwise(d, st)
         idx = d.active()
-        if code is not None:  # piecewise-linear f: act_update reading the delta's rows by pixel, in one pass
+        # piecewise-linear f (ReLU after CenterFace's transposed convs): act_update reading the delta's rows by pixel,
+        # in one pass, not the reference's gathers, index_copy and scatter (~8 ATen ops: 1.9 ms at 24 channels,
+        # 144 x 192, 28% updated)
+        if code is not None:
             lo, hi = _clamp_range(st.act)
             return _delta(self._k.act_update(_rows(d), idx, None, None, st.acc, st.emitted, code, lo, hi,
                                              st.act.slope, float(st.tau), SCORE_CODES[st.score], True))
         return self._emit_f(idx, self._k.accumulate_rows(_rows(d), idx, None, None, st.acc, True), st)
-
-    def _pointwise_update_ok(self) -> bool:
-        """A piecewise-linear activation layer (ReLU after CenterFace's transposed convs) in one C++ pass, not the
-        reference's gathers, index_copy and scatter (~8 ATen ops: 1.9 ms at 24 channels, 144 x 192, 28% updated)."""
-        return True
 
     def _accumulate_ok(self, state: Tensor, d: DeltaTensor) -> bool:
         """accumulate in C++: float32 state and delta rows."""
