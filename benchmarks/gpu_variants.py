@@ -54,6 +54,7 @@ SETTINGS = {
     "window_bn": (tk.conv, "WINDOW_BN"),
     "small_map_maxnreg": (tk.conv, "SMALL_MAP_MAXNREG"),
     "pixel_lists": (tk.conv, "PIXEL_LISTS"),
+    "latency_bound_items": (tk.conv, "LATENCY_BOUND_ITEMS"),
 }
 LIBRARY_DEFAULTS = {k: getattr(obj, attr) for k, (obj, attr) in SETTINGS.items()}
 PREDATES_S4 = dict(pdl="off", fuse_conv_bias=False, pack_k_bk=64, epilogue_loads_first=False, reuse_out_mask=False)

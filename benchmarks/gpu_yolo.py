@@ -19,6 +19,7 @@ objects, see YOLOv8Task.agreement).
 from __future__ import annotations
 
 import argparse
+import ast
 import time
 
 import numpy as np
@@ -163,6 +164,20 @@ def profile(model32, base, batch: int, setting: str, start: int = 300, frames: i
     return buf.getvalue()
 
 
+def set_conv_setting(setting: str | None):
+    """Set triton_kernels.conv.NAME to VALUE for 'NAME=VALUE' (None: nothing); returns what restores it. A
+    conversion made after this picks its kernel configs under the setting (default_config reads it per layer)."""
+    from deltacnn.backends.triton_kernels import conv
+    if not setting:
+        return lambda: None
+    name, value = setting.split("=", 1)
+    if not hasattr(conv, name):
+        raise SystemExit(f"--conv-ab: triton_kernels.conv has no setting {name!r}")
+    old = getattr(conv, name)
+    setattr(conv, name, ast.literal_eval(value))
+    return lambda: setattr(conv, name, old)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", default="1,16")
@@ -181,6 +196,9 @@ def main() -> None:
     ap.add_argument("--s11-form", default="", help="batch sizes whose settings are also timed with the per-stream "
                     "report in PyTorch ops (gpu_peers.torch_report), as in session 11")
     ap.add_argument("--s11-first", action="store_true", help="time the --s11-form variant first (order A/B)")
+    ap.add_argument("--conv-ab", default="", help="NAME=VALUE: every setting also timed with triton_kernels.conv.NAME "
+                    "set to VALUE (a Python literal), after the default (the A/B of one conv-config setting, e.g. "
+                    "LATENCY_BOUND_ITEMS=None)")
     ap.add_argument("--peers-only", action="store_true", help="time the dense peers only (e.g. max-autotune in "
                     "a process of its own under a time limit)")
     ap.add_argument("--tag", default="yolo")
@@ -212,16 +230,18 @@ def main() -> None:
         kernel_report = [True, False] if str(batch) in args.s11_form.split(",") else [True]
         if args.s11_first:
             kernel_report.reverse()
-        variants = [] if args.peers_only else [(s_, dc, fc, sk) for s_ in args.thresholds.split(",")
+        conv_ab = [None, args.conv_ab] if args.conv_ab else [None]
+        variants = [] if args.peers_only else [(s_, dc, fc, sk, ca) for s_ in args.thresholds.split(",")
                                                for dc in args.dense_compile.split(",") for fc in cat_ab
-                                               for sk in kernel_report]
+                                               for sk in kernel_report for ca in conv_ab]
         from deltacnn.backends.syncfree import SyncFreeBackend
         from deltacnn.backends.triton_backend import TritonBackend
         fused_cat = TritonBackend.cat
         macs_cache: dict[str, float] = {}
-        for setting, dc, fuse_cat, kreport in variants:
+        for setting, dc, fuse_cat, kreport, conv_setting in variants:
             TritonBackend.cat = fused_cat if fuse_cat else SyncFreeBackend.cat  # this benchmark's A/B only
             torch_report(not kreport)
+            restore_conv = set_conv_setting(conv_setting)
             try:
                 r = run_delta(task, model32, base, batch, setting, args.warm, args.eval_from, hw,
                               None if dc == "none" else dc)
@@ -239,11 +259,15 @@ def main() -> None:
                 r = {"error": f"{type(e).__name__}: {e}"[:200]}
             TritonBackend.cat = fused_cat
             torch_report(False)
+            restore_conv()
             r["thresholds"], r["dense_compile"], r["fuse_cat"], r["kernel_report"] = setting, dc, fuse_cat, kreport
             if not fuse_cat:
                 dc = f"{dc}/cat_off"
             if not kreport:
                 dc = f"{dc}/s11_form"
+            if conv_setting:
+                r["conv_setting"] = conv_setting
+                dc = f"{dc}/{conv_setting}"
             group["rows"].append(r)
             peer = ok[best]
             row = {"N": batch, "thr": setting.rsplit("/", 1)[-1][:18], "dc": dc, "cudnn+g": ok["cudnn+graph"], "peer": peer,

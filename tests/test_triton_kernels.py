@@ -525,6 +525,36 @@ def test_sparse_conv2d_fused_act(variant, fn, loads_first, monkeypatch):
     check_nonlinear(o, fm, A, E, ref, TOL[dtype] * 2, tau, 0.02)
 
 
+@pytest.mark.parametrize("cout,tile", [(64, (4, 8, 4)), (80, (4, 8, 8)), (256, (4, 4, 8))])
+def test_latency_bound_config_fuses_the_update_and_matches_the_reference(cout, tile):
+    """A small map's conv + SiLU at tau > 0 (YOLOv8n's 36x48-72x96 maps): default_config keeps all Cout of a pixel
+    in one program (the update fused, no sparse_nonlinear launch) with the pixels per item sized against spills,
+    no register cap; that config's output, states and emitted pixels equal the reference. A large map does not
+    take it, nor does the heuristic when LATENCY_BOUND_ITEMS is None."""
+    cfg = tk.default_config(1, 64, cout, 1, (3, 3), (36, 48), torch.float16, True)
+    assert (cfg.th, cfg.tw, cfg.num_warps) == tile and cfg.bn >= cout and cfg.maxnreg is None
+    big = tk.default_config(1, 64, cout, 1, (3, 3), (270, 480), torch.float16, True)
+    from deltacnn.backends.triton_kernels import conv
+    old, conv.LATENCY_BOUND_ITEMS = conv.LATENCY_BOUND_ITEMS, None
+    try:
+        assert tk.default_config(1, 64, cout, 1, (3, 3), (36, 48), torch.float16, True) != cfg
+        assert tk.default_config(1, 64, cout, 1, (3, 3), (270, 480), torch.float16, True) == big
+    finally:
+        conv.LATENCY_BOUND_ITEMS = old
+    dtype, case = torch.float16, (16, cout, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1)
+    g, x, xm, wt, om = _conv_inputs(9, case, dtype, h=9, w=10, n=1)
+    A = cl(torch.randn(1, cout, 9, 10, generator=g).to(DEV))
+    E = cl(ref_act("silu", A.double(), 0.0).float() + 0.05 * torch.randn(1, cout, 9, 10, generator=g).to(DEV))
+    tau = 0.3
+    y = ref_conv(x, xm, wt, case[3], case[4], case[5], case[6])
+    ref = ref_nonlinear(y, om, A, E, "silu", tau, "l2", dtype, 0.0)
+    run_cfg = tk.ConvConfig(th=cfg.th, tw=cfg.tw, bn=cfg.bn, bk=16, num_warps=cfg.num_warps, maxnreg=None)
+    out = cl(torch.full(y.shape, float("nan"), dtype=dtype, device=DEV))
+    o, fm = tk.sparse_conv2d(x, xm, wt, om, case[3], case[4], case[5], case[6], out,
+                             act=tk.Act("silu", A, E, tau, "l2"), config=run_cfg)
+    check_nonlinear(o, fm, A, E, ref, TOL[dtype] * 2, tau, 0.02)
+
+
 @pytest.mark.parametrize("variant", ["gemm", "fixup", "grouped", "dw"])
 def test_sparse_conv2d_split_channel_emit_tau0(variant):
     """tau 0 with Cout split over programs: each program emits its channels and ORs the pixel flag.

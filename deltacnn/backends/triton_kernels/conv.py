@@ -307,6 +307,12 @@ PIXEL_LISTS = True
 # H100, R50 1080p fp16, tau 0, ms per frame (None / 128 / 64): b1 5% 1.13 / 1.22 / 1.06,
 # b1 25% 2.46 / 2.54 / 2.28, b8 5% 5.47 / 5.27 / 4.93 (benchmarks/gpu_variants.py).
 SPLIT_EMIT_BN: int | None = 64
+# Work items (of a dense frame) up to which a conv + nonlinear update on a small map counts as latency-bound
+# (see latency_bound_tile): about two programs on each of an H100's or H200's 132 SMs, so even a dense frame
+# runs in one wave of the persistent grid. None: off (the heuristic of sessions 5-14).
+LATENCY_BOUND_ITEMS: int | None = 256
+# float32 accumulator elements per thread that latency_bound_tile sizes an item's pixels for
+FUSED_ACC_PER_THREAD = 16
 
 
 @dataclass(frozen=True)
@@ -417,6 +423,20 @@ def default_config(n: int, cin: int, cout: int, groups: int, kernel: tuple[int, 
     # at tau <= 0 the fused epilogue may split Cout (SPLIT_EMIT_BN channels per program); otherwise it
     # needs all Cout of a pixel in one program, and on small maps that leaves too few programs (H100,
     # 3x3 256->256+relu @68x120, 1%: fused 29.3 us vs conv + sparse_nonlinear 21.0 us)
+    # small maps with a long K loop: too few (tile, channel block) items to fill 132 SMs at low
+    # density, so split K (measured on H100: 3x3 256->256 @68x120, 1%: 29.9 -> 20.0 us with 4 splits)
+    split = 1
+    if n * out_hw[0] * out_hw[1] < 32768:
+        k_len = kh * kw * cg
+        split = 4 if k_len >= 2048 else 2 if k_len >= 1024 else 1
+    maxnreg = None if big else SMALL_MAP_MAXNREG
+    fused_tile = latency_bound_tile(n, cout, groups, out_hw, split) if fused_act and not packed and not big else None
+    if fused_tile is not None:
+        th, tw, warps = fused_tile
+        # no register cap: its third program per SM has no items to take here, and under it the 80-256 channel
+        # epilogues spill (ptxas, sm_90a: 8 bytes for 3x3 80->80, more for 1x1 256->256 at 255 registers uncapped)
+        return ConvConfig(th=th, tw=tw, bn=max(16, npow2(cout)), bk=bk, num_warps=warps, split_k=split,
+                          num_stages=NUM_STAGES, programs_per_sm=PROGRAMS_PER_SM, maxnreg=None)
     if fused_act and split_emit and SPLIT_EMIT_BN is not None:
         bn = min(SPLIT_EMIT_BN, max(16, npow2(og)))
     elif fused_act and groups == 1 and cout <= 256 and (big or cout <= 64):
@@ -425,14 +445,30 @@ def default_config(n: int, cin: int, cout: int, groups: int, kernel: tuple[int, 
         bn = min(128 if big else 64, max(16, npow2(og)))
     th, tw = BIG_MAP_TILE if big and bn * BIG_MAP_TILE[0] * BIG_MAP_TILE[1] <= 128 * 128 else (8, 8)
     warps = PACK_K_WARPS if packed else 8 if bn * th * tw >= 128 * 128 else 4
-    # small maps with a long K loop: too few (tile, channel block) items to fill 132 SMs at low
-    # density, so split K (measured on H100: 3x3 256->256 @68x120, 1%: 29.9 -> 20.0 us with 4 splits)
-    split = 1
-    if n * out_hw[0] * out_hw[1] < 32768:
-        k_len = kh * kw * cg
-        split = 4 if k_len >= 2048 else 2 if k_len >= 1024 else 1
     return ConvConfig(th=th, tw=tw, bn=bn, bk=bk, num_warps=warps, split_k=split, num_stages=NUM_STAGES,
-                      programs_per_sm=PROGRAMS_PER_SM, maxnreg=None if big else SMALL_MAP_MAXNREG)
+                      programs_per_sm=PROGRAMS_PER_SM, maxnreg=maxnreg)
+
+
+def latency_bound_tile(n: int, cout: int, groups: int, out_hw: tuple[int, int], split: int) -> tuple[int, int, int] | None:
+    """(th, tw, warps) of a conv + nonlinear update whose program holds all Cout channels of its pixels, on a map so
+    small that a dense frame's work items fit in LATENCY_BOUND_ITEMS; else None.
+
+    Such a layer is bound by one work item's chain of dependent gathers, not by weight reuse or SM count, so what
+    counts is that the item runs without spills and in one launch (the update fused: no float32 round trip, no
+    sparse_nonlinear). The pixels per item are chosen for FUSED_ACC_PER_THREAD float32 accumulator elements per
+    thread (64 channels: 32 pixels at 4 warps; 128: 32 at 8; 256: 16 at 8): the epilogue holds four tiles of
+    that size (sum, A, E, output) and spills beyond it (ptxas, sm_90a, 3x3 64->64 + SiLU at tau > 0: 64 pixels at
+    4 warps 176 bytes of spills under the small-map cap, 40 uncapped; 32 pixels: none)."""
+    if LATENCY_BOUND_ITEMS is None or groups != 1 or cout > 256:
+        return None
+    bn = max(16, npow2(cout))
+    warps = 4 if bn <= 64 else 8
+    p = min(64, max(16, FUSED_ACC_PER_THREAD * 32 * warps // bn))
+    th, tw = {64: (8, 8), 32: (4, 8), 16: (4, 4)}[p]
+    ho, wo = out_hw
+    # the most items a frame can have: every pixel a candidate (pixel lists), or every tile (tile lists)
+    items = (triton.cdiv(n * ho * wo, p) if PIXEL_LISTS else n * triton.cdiv(ho, th) * triton.cdiv(wo, tw)) * split
+    return (th, tw, warps) if items <= LATENCY_BOUND_ITEMS else None
 
 
 def sparse_conv2d(x: Tensor, x_mask: Tensor, weight: Tensor, out_mask: Tensor | None,
