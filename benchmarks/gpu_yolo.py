@@ -282,7 +282,8 @@ def main() -> None:
                    if "frames" in r else "", "ms_key": r.get("ms_keyframe"), "ms_dense": r.get("ms_dense"),
                    "ms_mixed": r.get("ms_mixed"),
                    "stream_key": r["stream_frames"]["keyframe"] if "stream_frames" in r else None,
-                   "note": (r.get("error", "") or f"{r.get('gate')} held {r.get('refresh_held')}")[:40]}
+                   "note": (r.get("error", "") or ("dense compile FAILED " if r.get("dense_failed") else "")
+                            + f"{r.get('gate')} held {r.get('refresh_held')}")[:40]}
             rows.append(row)
             print(f"[{time.time() - t0:5.0f}s] {row}", flush=True)
         results.append(group)

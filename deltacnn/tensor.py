@@ -67,11 +67,13 @@ def all_true_mask(n: int, h: int, w: int, device: torch.device) -> Tensor:
 def stream_fraction(mask: Tensor) -> Tensor:
     """Per stream (N,), float32: the fraction of True elements of an (N, ...) bool mask. Counted as bytes
     into int32 (a float copy of the mask, as `.float().mean(1)`, is ~3x slower: ~120 us a 640x448 frame
-    on the CPU, and the input layer measures its change on every frame)."""
+    on the CPU, and the input layer measures its change on every frame). Under torch.compile the float form:
+    inductor fuses it, and torch 2.11's inductor on CUDA cannot lower the bool-as-uint8 view (the compiled
+    keyframe pass failed and ran eagerly, H200 session 16)."""
     n = mask.shape[0]
     flat = mask.reshape(n, -1)
     per = flat.shape[1]
-    if mask.dtype != torch.bool or per == 0:
+    if mask.dtype != torch.bool or per == 0 or torch.compiler.is_compiling():
         return flat.float().mean(1)
     return flat.view(torch.uint8).sum(1, dtype=torch.int32).float() / per
 
