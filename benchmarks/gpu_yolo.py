@@ -165,17 +165,24 @@ def profile(model32, base, batch: int, setting: str, start: int = 300, frames: i
 
 
 def set_conv_setting(setting: str | None):
-    """Set triton_kernels.conv.NAME to VALUE for 'NAME=VALUE' (None: nothing); returns what restores it. A
-    conversion made after this picks its kernel configs under the setting (default_config reads it per layer)."""
+    """Set triton_kernels.conv.NAME to VALUE for each 'NAME=VALUE' of a comma-separated list (None: nothing);
+    returns what restores them. A conversion made after this picks its kernel configs under the settings
+    (default_config reads them per layer)."""
     from deltacnn.backends.triton_kernels import conv
     if not setting:
         return lambda: None
-    name, value = setting.split("=", 1)
-    if not hasattr(conv, name):
-        raise SystemExit(f"--conv-ab: triton_kernels.conv has no setting {name!r}")
-    old = getattr(conv, name)
-    setattr(conv, name, ast.literal_eval(value))
-    return lambda: setattr(conv, name, old)
+    olds = {}
+    for item in setting.split(","):
+        name, value = item.split("=", 1)
+        if not hasattr(conv, name):
+            raise SystemExit(f"--conv-ab: triton_kernels.conv has no setting {name!r}")
+        olds.setdefault(name, getattr(conv, name))
+        setattr(conv, name, ast.literal_eval(value))
+
+    def restore() -> None:
+        for name, value in olds.items():
+            setattr(conv, name, value)
+    return restore
 
 
 def main() -> None:
@@ -196,9 +203,10 @@ def main() -> None:
     ap.add_argument("--s11-form", default="", help="batch sizes whose settings are also timed with the per-stream "
                     "report in PyTorch ops (gpu_peers.torch_report), as in session 11")
     ap.add_argument("--s11-first", action="store_true", help="time the --s11-form variant first (order A/B)")
-    ap.add_argument("--conv-ab", default="", help="NAME=VALUE: every setting also timed with triton_kernels.conv.NAME "
-                    "set to VALUE (a Python literal), after the default (the A/B of one conv-config setting, e.g. "
-                    "LATENCY_BOUND_ITEMS=None)")
+    ap.add_argument("--conv-ab", default="", help="NAME=VALUE[,NAME=VALUE...][;...]: every setting also timed with "
+                    "triton_kernels.conv.NAME set to VALUE (a Python literal), after the default, one variant per "
+                    "';'-separated group (the A/B of conv-config settings, e.g. LATENCY_BOUND_ITEMS=None); with "
+                    "--profile each variant is profiled too")
     ap.add_argument("--peers-only", action="store_true", help="time the dense peers only (e.g. max-autotune in "
                     "a process of its own under a time limit)")
     ap.add_argument("--tag", default="yolo")
@@ -230,7 +238,7 @@ def main() -> None:
         kernel_report = [True, False] if str(batch) in args.s11_form.split(",") else [True]
         if args.s11_first:
             kernel_report.reverse()
-        conv_ab = [None, args.conv_ab] if args.conv_ab else [None]
+        conv_ab = [None] + [v for v in args.conv_ab.split(";") if v]
         variants = [] if args.peers_only else [(s_, dc, fc, sk, ca) for s_ in args.thresholds.split(",")
                                                for dc in args.dense_compile.split(",") for fc in cat_ab
                                                for sk in kernel_report for ca in conv_ab]
@@ -292,11 +300,16 @@ def main() -> None:
         free_memory()
     if args.profile:
         batch, setting = args.profile.split(":", 1)
-        try:
-            print(profile(model32, base, int(batch), setting), flush=True)
-        except Exception:  # noqa: BLE001
-            import traceback
-            traceback.print_exc()
+        for conv_setting in [None] + [v for v in args.conv_ab.split(";") if v]:
+            restore_conv = set_conv_setting(conv_setting)
+            try:
+                if conv_setting:
+                    print(f"profile with {conv_setting}:", flush=True)
+                print(profile(model32, base, int(batch), setting), flush=True)
+            except Exception:  # noqa: BLE001
+                import traceback
+                traceback.print_exc()
+            restore_conv()
     print(f"\n{env.get('gpu')} torch {env['torch']} commit {env['commit']}; frames {T}, agreement on "
           f"{args.eval_from}..{T - 1}; modes = frames delta/keyframe/dense/mixed")
     for g in results:
