@@ -525,12 +525,24 @@ def test_sparse_conv2d_fused_act(variant, fn, loads_first, monkeypatch):
     check_nonlinear(o, fm, A, E, ref, TOL[dtype] * 2, tau, 0.02)
 
 
+def test_latency_bound_config_is_for_64_channels():
+    """The measured rule (H200, YOLOv8n): a small map's 3x3 conv + update takes the latency-bound config at Cout 64,
+    not at 32 or 80-256."""
+    from deltacnn.backends.triton_kernels import conv
+    for cout in (32, 64, 80, 128, 256):
+        cfg = tk.default_config(1, 64, cout, 1, (3, 3), (36, 48), torch.float16, True)
+        assert (conv.latency_bound_tile(1, cout, 1, (36, 48), cfg.split_k) is not None) == (cout == 64)
+        assert ((cfg.th, cfg.tw, cfg.maxnreg) == (4, 8, None)) == (cout == 64), (cout, cfg)
+
+
 @pytest.mark.parametrize("cout,tile", [(64, (4, 8, 4)), (80, (4, 8, 8)), (256, (4, 4, 8))])
-def test_latency_bound_config_fuses_the_update_and_matches_the_reference(cout, tile):
+def test_latency_bound_config_fuses_the_update_and_matches_the_reference(cout, tile, monkeypatch):
     """A small map's conv + SiLU at tau > 0 (YOLOv8n's 36x48-72x96 maps): default_config keeps all Cout of a pixel
     in one program (the update fused, no sparse_nonlinear launch) with the pixels per item sized against spills,
     no register cap; that config's output, states and emitted pixels equal the reference. A large map does not
-    take it, nor does the heuristic when LATENCY_BOUND_ITEMS is None."""
+    take it, nor does the heuristic when LATENCY_BOUND_ITEMS is None. (Every Cout allowed here: the tiles of
+    80-256 channels are checked too, though the shipped range leaves them out.)"""
+    monkeypatch.setattr(tk.conv, "LATENCY_BOUND_COUT", (1, 256))
     cfg = tk.default_config(1, 64, cout, 1, (3, 3), (36, 48), torch.float16, True)
     assert (cfg.th, cfg.tw, cfg.num_warps) == tile and cfg.bn >= cout and cfg.maxnreg is None
     big = tk.default_config(1, 64, cout, 1, (3, 3), (270, 480), torch.float16, True)

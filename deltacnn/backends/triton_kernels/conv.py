@@ -311,7 +311,13 @@ SPLIT_EMIT_BN: int | None = 64
 # (see latency_bound_tile): about two programs on each of an H100's or H200's 132 SMs, so even a dense frame
 # runs in one wave of the persistent grid. None: off (the heuristic of sessions 5-14).
 LATENCY_BOUND_ITEMS: int | None = 256
-# float32 accumulator elements per thread that latency_bound_tile sizes an item's pixels for
+# Output channels (lo, hi) for which it pays. H200, YOLOv8n vtest b1 delta frames, per-layer tiles + conv +
+# update us against the heuristic before (session 16): Cout 64 wins (12 3x3 64->64: 150 vs 184; each 1x1 ->64
+# 2-3 us less), Cout 80-256 loses (3 3x3 80->80: 57.8 vs 50.5, 3 1x1 384->256: 38.6 vs 33.1, 4 3x3 128->128:
+# 56.4 vs 53.1: one 8-warp program per SM), Cout 16-32 is even (32->32 3x3: 61.8 vs 59.7).
+LATENCY_BOUND_COUT = (33, 64)
+# float32 accumulator elements per thread that latency_bound_tile sizes an item's pixels for (32: 1.34 against
+# 1.23 ms a delta frame, the same run)
 FUSED_ACC_PER_THREAD = 16
 
 
@@ -451,7 +457,7 @@ def default_config(n: int, cin: int, cout: int, groups: int, kernel: tuple[int, 
 
 def latency_bound_tile(n: int, cout: int, groups: int, out_hw: tuple[int, int], split: int) -> tuple[int, int, int] | None:
     """(th, tw, warps) of a conv + nonlinear update whose program holds all Cout channels of its pixels, on a map so
-    small that a dense frame's work items fit in LATENCY_BOUND_ITEMS; else None.
+    small that a dense frame's work items fit in LATENCY_BOUND_ITEMS, for Cout in LATENCY_BOUND_COUT; else None.
 
     Such a layer is bound by one work item's chain of dependent gathers, not by weight reuse or SM count, so what
     counts is that the item runs without spills and in one launch (the update fused: no float32 round trip, no
@@ -459,7 +465,8 @@ def latency_bound_tile(n: int, cout: int, groups: int, out_hw: tuple[int, int], 
     thread (64 channels: 32 pixels at 4 warps; 128: 32 at 8; 256: 16 at 8): the epilogue holds four tiles of
     that size (sum, A, E, output) and spills beyond it (ptxas, sm_90a, 3x3 64->64 + SiLU at tau > 0: 64 pixels at
     4 warps 176 bytes of spills under the small-map cap, 40 uncapped; 32 pixels: none)."""
-    if LATENCY_BOUND_ITEMS is None or groups != 1 or cout > 256:
+    lo, hi = LATENCY_BOUND_COUT
+    if LATENCY_BOUND_ITEMS is None or groups != 1 or not lo <= cout <= hi or cout > 256:
         return None
     bn = max(16, npow2(cout))
     warps = 4 if bn <= 64 else 8
