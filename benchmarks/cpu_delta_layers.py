@@ -29,15 +29,17 @@ from deltacnn.layers import DeltaConv2d  # noqa: E402
 from deltacnn.layers.base import DeltaLayer  # noqa: E402
 
 
-def layer_kind(m: DeltaLayer) -> str:
-    """A layer's row in the table: convs by window, stride, groups, activation and residual."""
+def layer_kind(m: DeltaLayer, channels: bool = False) -> str:
+    """A layer's row in the table: convs by window, stride, groups, activation and residual (and with `channels`,
+    Cin->Cout: the narrow high-resolution layers apart from the deep ones)."""
     if isinstance(m, DeltaConv2d):
         w = m.window
         s = f"conv {w.kernel[0]}x{w.kernel[1]} s{w.stride[0]}"
         if m.groups > 1:
             s += " dw"
         s += " +act" if m.act is not None else " linear"
-        return s + (" +res" if m.residual else "")
+        s += " +res" if m.residual else ""
+        return s + (f" {m.weight.shape[1] * m.groups}->{m.weight.shape[0]}" if channels else "")
     return type(m).__name__
 
 
@@ -46,7 +48,7 @@ class _Current:
     kind = "(outside layers)"
 
 
-def instrument(dm, clock: StageClock, macs: dict[str, list[int]]) -> int:
+def instrument(dm, clock: StageClock, macs: dict[str, list[int]], channels: bool = False) -> int:
     """Time every delta layer (exclusive) and every kernel call (under the running layer's kind); count each
     conv's multiply-adds done (backend.work) into macs[kind]. Returns the number of layers wrapped."""
     backend = dm.rt.backend_on(torch.device("cpu"))
@@ -73,7 +75,7 @@ def instrument(dm, clock: StageClock, macs: dict[str, list[int]]) -> int:
     for _, m in dm.graph_module.named_modules():
         if not isinstance(m, DeltaLayer):
             continue
-        kind = layer_kind(m)
+        kind = layer_kind(m, channels)
         fwd = m.forward
 
         def timed(*a, _fwd=fwd, _kind=kind, _conv=isinstance(m, DeltaConv2d), **kw):
@@ -125,6 +127,7 @@ def main() -> None:
     ap.add_argument("--bare", type=int, default=0, metavar="R",
                     help="no wrappers: run the frames R times (a keyframe each time) and print the delta frames' mean, "
                          "e.g. under `perf record -e task-clock` for a per-function profile of the kernels")
+    ap.add_argument("--channels", action="store_true", help="conv rows split by Cin->Cout too")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.clock == "wall":
@@ -136,7 +139,7 @@ def main() -> None:
         return
     clock = StageClock()
     macs: dict[str, list[int]] = defaultdict(list)
-    wrapped = instrument(dm, clock, macs)
+    wrapped = instrument(dm, clock, macs, args.channels)
     backend = dm.rt.backend_on(torch.device("cpu"))
     rows: dict[str, list[float]] = defaultdict(list)
     calls: dict[str, list[int]] = defaultdict(list)
