@@ -10,8 +10,8 @@
 #            variants in the other order: the arrival change is only in the tree, not a variant
 #   base2    the same two trees in the other order (this tree first)
 #   yolo1    YOLOv8n on vtest.avi b1 (795 frames), shipped thresholds file, per-kernel profile
-#   yolo16   the same as 16 streams at 3-frame offsets (YOLO_CAP: seconds at most for either; YOLO_AB=NAME=VALUE
-#            also times the delta model with that triton_kernels.conv setting, gpu_yolo.py --conv-ab)
+#   yolo16   the same as 16 streams at 3-frame offsets (YOLO_CAP: seconds at most for either; YOLO_AB="NAME=VALUE[,..][;..]"
+#            also times and profiles the delta model under those triton_kernels.conv settings, gpu_yolo.py --conv-ab)
 #   suite    the lead's post-merge run: all of tests/gpu, then the Triton / delta-decode tests, on the GPU (xdist)
 #   autotune torch.compile(mode="max-autotune") peer of YOLOv8n b1 (compile time), peers only (AUTOTUNE_CAP: s)
 # Logs and JSON go to a scratch folder that is packed into $OUT/s13_TAG.tgz at the end (the tool returns at most
