@@ -92,6 +92,17 @@ class StatefulNet(torch.nn.Module):
         return self.head(torch.nn.functional.max_pool2d(y, 3, 1, 1) if self.pool else y)
 
 
+def assert_cpu_equals_reference_and_dense(outs: dict, net: torch.nn.Module, frames: torch.Tensor, steps: int,
+                                          batch: int) -> None:
+    """outs["cpu"][t] and outs["reference"][t] (the outputs of frames[batch * t: batch * (t + 1)] through the two
+    backends' delta models) agree with each other and with the dense net."""
+    with torch.no_grad():
+        for t in range(steps):
+            dense = net(frames[batch * t:batch * (t + 1)])
+            torch.testing.assert_close(outs["cpu"][t], outs["reference"][t], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(outs["cpu"][t], dense, rtol=1e-4, atol=1e-4)
+
+
 @pytest.fixture
 def no_tf32():
     """float32 matmuls and convs without TF32 for the test (GPU tests compare against float32 references)."""

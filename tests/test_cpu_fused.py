@@ -15,7 +15,7 @@ from deltacnn.backends.cpu_kernels import load, load_error
 from deltacnn.backends.reference import ReferenceBackend
 from deltacnn.geometry import Window
 from deltacnn.tensor import DeltaTensor
-from conftest import check_dense_conv_with_state, cl_state, random_delta
+from conftest import assert_cpu_equals_reference_and_dense, check_dense_conv_with_state, cl_state, random_delta
 
 if load() is None:
     pytest.skip(f"CPU kernels do not build here: {load_error()}", allow_module_level=True)
@@ -527,11 +527,7 @@ def test_keyframes_on_dense_conv_equal_reference(mode: str) -> None:
                     dm._since[1] = 0  # stream 1 is due for a keyframe: it runs a pass of its own
                 res.append(dm(x))
         outs[be] = res
-    with torch.no_grad():
-        for t in range(5):
-            dense = net(frames[2 * t:2 * t + 2])
-            torch.testing.assert_close(outs["cpu"][t], outs["reference"][t], rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(outs["cpu"][t], dense, rtol=1e-4, atol=1e-4)
+    assert_cpu_equals_reference_and_dense(outs, net, frames, steps=5, batch=2)
 
 
 @pytest.mark.parametrize("k", [3, 5])

@@ -13,6 +13,8 @@ from deltacnn.layers.linear import DeltaSlice
 from deltacnn.models.yolov8 import SPPF, C2f, Conv
 from deltacnn.tensor import DeltaTensor, all_true_mask, channel_view
 
+from conftest import assert_cpu_equals_reference_and_dense
+
 if load() is None:
     pytest.skip(f"CPU kernels do not build here: {load_error()}", allow_module_level=True)
 
@@ -134,11 +136,7 @@ def test_streams_keyframe_and_stateless_dense_frame_equal_reference() -> None:
                     dm._since[1] = 0  # stream 1 is due for a keyframe: a pass of its own
                 res.append(dm(x))
         outs[be] = res
-    with torch.no_grad():
-        for t in range(5):
-            dense = net(frames[2 * t:2 * t + 2])
-            torch.testing.assert_close(outs["cpu"][t], outs["reference"][t], rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(outs["cpu"][t], dense, rtol=1e-4, atol=1e-4)
+    assert_cpu_equals_reference_and_dense(outs, net, frames, steps=5, batch=2)
 
 
 def test_shared_keyframe_masks_stay_all_true_and_input_mask_is_own() -> None:
