@@ -185,6 +185,11 @@ def set_conv_setting(setting: str | None):
     return restore
 
 
+def conv_variants(conv_ab: str) -> list[str | None]:
+    """--conv-ab's variants after the default (None)."""
+    return [None] + [v for v in conv_ab.split(";") if v]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", default="1,16")
@@ -238,7 +243,7 @@ def main() -> None:
         kernel_report = [True, False] if str(batch) in args.s11_form.split(",") else [True]
         if args.s11_first:
             kernel_report.reverse()
-        conv_ab = [None] + [v for v in args.conv_ab.split(";") if v]
+        conv_ab = conv_variants(args.conv_ab)
         variants = [] if args.peers_only else [(s_, dc, fc, sk, ca) for s_ in args.thresholds.split(",")
                                                for dc in args.dense_compile.split(",") for fc in cat_ab
                                                for sk in kernel_report for ca in conv_ab]
@@ -300,7 +305,7 @@ def main() -> None:
         free_memory()
     if args.profile:
         batch, setting = args.profile.split(":", 1)
-        for conv_setting in [None] + [v for v in args.conv_ab.split(";") if v]:
+        for conv_setting in conv_variants(args.conv_ab):
             restore_conv = set_conv_setting(conv_setting)
             try:
                 if conv_setting:
