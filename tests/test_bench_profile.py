@@ -79,11 +79,12 @@ def test_wrap_switches_take_the_generic_path_and_keep_the_numbers(monkeypatch: p
     assert fused.dense_conv(x, dw, None, None, ActSpec("relu"), None) is not None
 
     monkeypatch.setattr(cpu_fused, "DENSE_OUT_KEEP", 0)
-    ptrs = {}
-    for on in (False, True):
-        with _switched("reuse_dense_out", on):
-            ptrs[on] = {fused._dense_out((1, 8, 6, 6)).data_ptr() for _ in range(3)}  # each dropped at once
-    assert len(ptrs[True]) == 1 and ptrs[False].isdisjoint(ptrs[True])
+    shape = (1, 8, 6, 6)
+    with _switched("reuse_dense_out", False):
+        outs = [fused._dense_out(shape) for _ in range(3)]  # held: the pool would hand out three of its own
+    assert not any(o is b for o in outs for b in fused._pool.get(shape, []))
+    ptrs = {fused._dense_out(shape).data_ptr() for _ in range(3)}  # on: each dropped at once, the same one back
+    assert len(ptrs) == 1 and ptrs <= {b.data_ptr() for b in fused._pool[shape]}
 
     calls = [0]
     real = ReferenceBackend.pointwise
