@@ -1,4 +1,4 @@
-"""Per-layer time of the cpu backend's one-call convs (DeltaConvPlan.run) on delta frames, 1 thread, CPU clock,
+"""Per-layer time of the cpu backend's one-call convs (DeltaConvPlan.run, run_cat) on delta frames, 1 thread, CPU clock,
 with the counted multiply-adds and GMAC/s of each layer shape: which convs are slow.
 
     PYTHONPATH=.:/work/shared/bench python3 benchmarks/cpu_conv_layers.py centerface 8/0.2 10
@@ -17,12 +17,13 @@ def conv_call(self, d, p, spec):
     c = orig(self, d, p, spec)
     if c.run is None: return c
     key = (tuple(p.weight.shape), p.groups, tuple(d.values.shape[2:]), p.window.stride, spec.kind if spec else "lin")
-    run = c.run
-    def timed(*a):
-        t0 = time.process_time(); out = run(*a); T[key] += time.process_time() - t0
-        M[key] += out[1] * p.weight.numel(); N[key] += 1
-        return out
-    return c._replace(run=timed)
+    def timer(run):
+        def timed(*a):
+            t0 = time.process_time(); out = run(*a); T[key] += time.process_time() - t0
+            M[key] += out[1] * p.weight.numel(); N[key] += 1
+            return out
+        return timed
+    return c._replace(run=timer(c.run), run_cat=timer(c.run_cat) if c.run_cat is not None else None)
 cpu_fused.FusedCpuBackend._conv_call = conv_call
 model, frames = load(model_name, 200, nfr)
 dm = convert_at(model, frames, point, 1)

@@ -65,6 +65,9 @@ def instrument(dm, clock: StageClock, macs: dict[str, list[int]], channels: bool
                         class _P:
                             def run(self, *ra):
                                 return clock.wrap(_Current.kind + " | k:DeltaConvPlan.run", p.run)(*ra)
+
+                            def run_cat(self, *ra):
+                                return clock.wrap(_Current.kind + " | k:DeltaConvPlan.run_cat", p.run_cat)(*ra)
                         return _P()
                     return plan
                 if callable(f) and not isinstance(f, type):

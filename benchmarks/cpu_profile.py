@@ -81,10 +81,11 @@ class _TimedModule:
 
 
 class _TimedPlan:
-    """A DeltaConvPlan whose run is timed."""
+    """A DeltaConvPlan whose run and run_cat are timed."""
 
     def __init__(self, plan, clock: StageClock) -> None:
         self.run = clock.wrap("k:DeltaConvPlan.run", plan.run)
+        self.run_cat = clock.wrap("k:DeltaConvPlan.run_cat", plan.run_cat)
 
 
 def load_base_kernels(source: str):
@@ -256,6 +257,8 @@ SWITCHES = {  # name -> (module, attribute path of the check, what it returns wh
     "reuse_dense_out": ("deltacnn.backends.cpu_fused", "FusedCpuBackend._dense_out", Wrap(_new_dense_out)),
     # off: a piecewise-linear activation layer on deltas runs the reference's ATen ops
     "pointwise_update": ("deltacnn.backends.cpu_fused", "FusedCpuBackend.pointwise", Wrap(_pointwise_by_reference)),
+    # off: a delta frame's cat that feeds a 1x1 conv alone is written (merge_streams) instead of read in place
+    "cat_in_place": ("deltacnn.backends.cpu_fused", "FusedCpuBackend.cat_in_place", None),
     # conversion-time: off, a batch norm after a transposed conv stays a DeltaScale (session 12)
     "fold_deconv_bn": ("deltacnn.convert", "fold_batchnorms", Wrap(_fold_batchnorms_but_transposed)),
 }

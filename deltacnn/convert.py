@@ -1600,6 +1600,28 @@ def fold_scales(gm: fx.GraphModule) -> int:
     return folded
 
 
+def mark_cats_read_in_place(gm: fx.GraphModule) -> int:
+    """Set DeltaCat.read_in_place on each cat whose one user is a 1x1 conv with an activation (stride 1, no
+    padding, groups 1) that takes it as its input: on delta frames the conv may read the cat's parts in place
+    (Backend.cat_in_place). Returns how many were marked."""
+    mods = dict(gm.named_modules())
+    marked = 0
+    for n in gm.graph.nodes:
+        cat = mods.get(n.target) if n.op == "call_module" else None
+        if not isinstance(cat, DeltaCat) or len(n.users) != 1:
+            continue
+        user = next(iter(n.users))
+        conv = mods.get(user.target) if user.op == "call_module" else None
+        w = conv.window if isinstance(conv, DeltaConv2d) else None
+        if w is None or conv.act is None or conv.groups != 1 or user.args[:1] != (n,) or n in user.args[1:] \
+                or n in user.kwargs.values() \
+                or w.kernel != (1, 1) or w.stride != (1, 1) or any(w.padding):
+            continue
+        cat.read_in_place = True
+        marked += 1
+    return marked
+
+
 def _fold_scale(conv: DeltaConv2d, sc: DeltaScale) -> bool:
     """conv.weight *= scale, conv.bias = bias * scale + shift (per output channel); False if it cannot."""
     cout = conv.weight.shape[0]
@@ -1775,6 +1797,7 @@ def convert(model: nn.Module, example_input: Tensor, *, threshold: float = 0.0, 
         if fuse:
             fold_scales(gm)
             fuse_epilogues(gm)
+            mark_cats_read_in_place(gm)
         else:
             gm.graph.eliminate_dead_code()
             gm.delete_all_unused_submodules()

@@ -137,6 +137,9 @@ class Runtime:
     # (deltacnn.gating.Refresh); `flush` lists, per stream, whether this frame flushes (set by DeltaModel)
     refresh: Refresh = field(default_factory=Refresh)
     flush: list[bool] | None = None
+    # delta frames' cats read in place by their 1x1 convs (DeltaCat.read_in_place); off while hooks read every
+    # layer's output values (motion's view steps: such a cat's output holds none)
+    cats_in_place: bool = True
     _backends: dict[str, Backend] = field(default_factory=dict)
 
     def busy_limit(self) -> float | None:

@@ -132,5 +132,12 @@ class Backend:
         None: not handled, the layer runs the op on the zero-filled delta (dense_linear)."""
         return None
 
+    def cat_in_place(self, ds: list[DeltaTensor]) -> DeltaTensor | None:
+        """A delta frame's channel cat whose one consumer is a 1x1 conv with an activation (stride 1, no padding,
+        groups 1), for backends whose conv reads the parts in place: the cat's mask and updated pixels, the
+        parts kept as DeltaTensor.parts, no rows written (a YOLOv8n delta frame's 13 cats copied ~1 ms of rows
+        that their convs read once). None: not handled, the layer runs `cat`."""
+        return None
+
     def add(self, a: DeltaTensor, b: DeltaTensor) -> DeltaTensor:
         raise NotImplementedError

@@ -69,6 +69,8 @@ def _geometry(n: int, in_hw: tuple[int, int], out_hw: tuple[int, int], win: Wind
 
 def _rows(d: DeltaTensor) -> Tensor:
     """float32 rows of a delta for the kernels: its ext matrix, else its channels_last values."""
+    if d.parts is not None:
+        raise RuntimeError("a cat read in place has no rows of its own: only its 1x1 conv reads it (conv_block)")
     return d.ext if d.ext is not None else to_cl(d.values)
 
 
@@ -116,6 +118,7 @@ class _ConvCall(NamedTuple):
     in_shape: torch.Size
     act: ActSpec | None
     run: Callable | None
+    run_cat: Callable | None  # run on a cat's parts read in place (1x1 convs with f in the epilogue; else None)
     pointwise: bool  # 1x1, stride 1, no padding: the candidates are the input's pixels (without a residual)
     depthwise: bool  # the dense crossover is reference.DENSE_SWITCH's (groups 1: GEMM_DENSE_SWITCH)
     per_pixel: int  # the weight's numel: _count's multiply-adds per output pixel
@@ -305,16 +308,28 @@ class FusedCpuBackend(ReferenceBackend):
         geometry, activation) kept per input size in p's cache as a `_ConvCall`. The convs it covers: groups 1
         or depthwise, float32, f in the epilogue (or none: a linear conv, with or without a residual; depthwise
         only with f), below the dense crossover. The rest, and the dense side of the crossover, run the
-        multi-call path (_conv_block_calls); what the kernels compute is the same."""
+        multi-call path (_conv_block_calls); what the kernels compute is the same. An input that is a cat read
+        in place (d.parts, cat_in_place) runs DeltaConvPlan.run_cat on its parts, else its cat is built first."""
+        if d.parts is not None:
+            out = self._one_call(d, p, residual, act, cat=True)
+            if out is not None:
+                return out
+            d = self.cat(list(d.parts))  # not covered on the parts: the cat's rows after all
+        out = self._one_call(d, p, residual, act)
+        return out if out is not None else self._conv_block_calls(d, p, residual, act)
+
+    def _one_call(self, d: DeltaTensor, p: ConvParams, residual: DeltaTensor | None, act: PointwiseState | None,
+                  cat: bool = False) -> DeltaTensor | None:
+        """conv_block's one call (with `cat`, run_cat on d's parts); None: not covered (the caller falls back)."""
         if not self._one_call_ok(d, residual):
-            return self._conv_block_calls(d, p, residual, act)
+            return None
         spec = act.act if act is not None else None
         call = p.cache.get("cpu_call")
         if call is None or call.in_shape != d.values.shape or call.act is not spec:
             call = p.cache["cpu_call"] = self._conv_call(d, p, spec)
-        run = call.run
+        run = call.run_cat if cat else call.run
         if run is None:
-            return self._conv_block_calls(d, p, residual, act)
+            return None
         if residual is None:
             res = res_mask = None
             cand = d.active() if call.pointwise else None  # a 1x1 conv's candidates: its input's pixels
@@ -324,13 +339,14 @@ class FusedCpuBackend(ReferenceBackend):
             res, res_mask, cand = _rows(residual), residual.mask, None
         switch = _reference.DENSE_SWITCH if call.depthwise else GEMM_DENSE_SWITCH
         dense_above = -1 if switch >= 1.0 else int(switch * call.total)
+        src = ([_rows(q) for q in d.parts], [q.mask for q in d.parts], d.mask) if cat else (_rows(d), d.mask)
         if act is None:
-            out, count = run(_rows(d), d.mask, cand, res, res_mask, None, None, 0.0, 0, dense_above)
+            out, count = run(*src, cand, res, res_mask, None, None, 0.0, 0, dense_above)
         else:
-            out, count = run(_rows(d), d.mask, cand, res, res_mask, act.acc, act.emitted, float(act.tau),
+            out, count = run(*src, cand, res, res_mask, act.acc, act.emitted, float(act.tau),
                              SCORE_CODES[act.score], dense_above)
         if not out:  # above the crossover: the dense conv (the candidates are found again, on a dense layer)
-            return self._conv_block_calls(d, p, residual, act)
+            return None
         work = self.work  # _count's rule (no per-stream count: _one_call_ok)
         work[0] += count * call.per_pixel
         work[1] += call.total * call.per_pixel
@@ -349,7 +365,7 @@ class FusedCpuBackend(ReferenceBackend):
         out_hw = p.window.out_size(h, w)
         cout = p.weight.shape[0]
         depthwise = p.groups > 1 and _depthwise(d, p)
-        run = None
+        run = run_cat = None
         if self._gemm and p.weight.dtype == torch.float32 and (p.groups == 1 or depthwise) and \
                 (spec.kind in EPILOGUE_CODES if spec is not None else not depthwise):
             weights = _depthwise_weights(p) if depthwise else p.cached("cpu_panels", lambda: packed_weights(p.weight))
@@ -358,9 +374,12 @@ class FusedCpuBackend(ReferenceBackend):
             # (one more map of the conv's output size kept between frames, besides A and E, against a page fault
             # per 4 KB of fresh memory its rows touch: ~13 ms of a CenterFace delta frame at 8/0.2, whose 42 MB
             # maps glibc returns to the system on every free)
-            run = self._k.DeltaConvPlan(weights, _geometry(n, (h, w), out_hw, p.window), cout, depthwise, code,
-                                        lo, hi, slope, True).run
-        return _ConvCall(d.values.shape, spec, run, _pointwise(p.window), depthwise, p.weight.numel(),
+            plan = self._k.DeltaConvPlan(weights, _geometry(n, (h, w), out_hw, p.window), cout, depthwise, code,
+                                         lo, hi, slope, True)
+            run = plan.run
+            if spec is not None and not depthwise and _pointwise(p.window):  # a cat's parts read in place
+                run_cat = plan.run_cat
+        return _ConvCall(d.values.shape, spec, run, run_cat, _pointwise(p.window), depthwise, p.weight.numel(),
                          n * out_hw[0] * out_hw[1], (n, cout, *out_hw))
 
     def _conv_block_calls(self, d: DeltaTensor, p: ConvParams, residual: DeltaTensor | None,
@@ -534,6 +553,16 @@ class FusedCpuBackend(ReferenceBackend):
         if any(d.dtype != torch.float32 for d in ds):
             return super().cat(ds)
         return _delta(self._k.merge_streams([_rows(d) for d in ds], [d.mask for d in ds], False))
+
+    def cat_in_place(self, ds: list[DeltaTensor]) -> DeltaTensor | None:
+        """The cat's union mask and its pixels (cpu_kernels.union_masks), the parts kept for the 1x1 conv's
+        run_cat; the values a one-element placeholder (see DeltaTensor.parts). float32 parts on AVX2 + FMA."""
+        if not self._gemm or any(d.dtype != torch.float32 or d.parts is not None for d in ds):
+            return None
+        idx, mask = self._k.union_masks([d.mask for d in ds])
+        n, _, h, w = ds[0].shape
+        placeholder = torch.empty((), dtype=torch.float32).expand(n, sum(d.shape[1] for d in ds), h, w)
+        return DeltaTensor(placeholder, mask, _active=idx, parts=tuple(ds))
 
     def upsample_nearest(self, d: DeltaTensor, factors: tuple[int, int]) -> DeltaTensor | None:
         if d.dtype != torch.float32:

@@ -17,6 +17,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <numeric>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -767,6 +768,33 @@ std::vector<torch::Tensor> emit_rows(torch::Tensor f_rows, torch::Tensor idx, to
   return {compact(keep.data(), p_count, ip), out[0], out[1], out[2]};
 }
 
+namespace {
+
+// om |= every mask of msk, `total` bytes each.
+void or_masks(const std::vector<const uint8_t*>& msk, uint8_t* __restrict om, int64_t total) {
+  for (const uint8_t* mi : msk)
+    for (int64_t q = 0; q < total; ++q) om[q] |= mi[q];
+}
+
+}  // namespace
+
+// The union of (N, 1, H, W) bool masks of one shape and its set pixels, ascending: [idx, mask] (a cat that its
+// 1x1 conv reads in place: the cat's mask without its rows).
+std::vector<torch::Tensor> union_masks(std::vector<torch::Tensor> masks) {
+  TORCH_CHECK(!masks.empty() && masks[0].dim() == 4 && masks[0].size(1) == 1, "masks must be (N, 1, H, W)");
+  const auto& m0 = masks[0];
+  const int64_t total = m0.size(0) * m0.size(2) * m0.size(3);
+  std::vector<const uint8_t*> msk;
+  for (const auto& m : masks) {
+    TORCH_CHECK(m.sizes() == m0.sizes(), "masks must have one shape");
+    msk.push_back(mask_ptr(m, total, "mask"));
+  }
+  auto mask = torch::zeros(m0.sizes(), torch::kBool);
+  uint8_t* om = mask_out(mask);
+  or_masks(msk, om, total);
+  return {compact(om, total), mask};
+}
+
 // Merge of streams of equal (N, H, W) at the union of their masks: `add` sums them (every one
 // has C channels), otherwise their channels are concatenated; a stream without an update at a
 // pixel contributes zeros. rows[i]: float32 rows (see rows_ptr). Returns a delta as act_update.
@@ -791,10 +819,7 @@ std::vector<torch::Tensor> merge_streams(std::vector<torch::Tensor> rows, std::v
   }
   auto out = new_delta(n, c_out, h, w);
   uint8_t* om = mask_out(out[2]);
-  for (size_t i = 0; i < k; ++i) {
-    const uint8_t* __restrict mi = msk[i];
-    for (int64_t q = 0; q < total; ++q) om[q] |= mi[q];
-  }
+  or_masks(msk, om, total);
   auto idx = compact(om, total);
   const int64_t* ip = idx.data_ptr<int64_t>();
   float* op = out[0].data_ptr<float>();
@@ -1381,26 +1406,28 @@ void update_block(const ActArgs& k, int64_t code, int64_t score, const int64_t* 
 // nonlinear update as act_update does it (A += y (+ residual), o = f(A) - E, truncation, emit,
 // E += o), with activation codes 0-3 as act_update's plus 4 SiLU and 5 sigmoid (vectorised exp:
 // within a few ulp of ATen's, not bit-identical). Returns the emitted delta as act_update does.
-std::vector<torch::Tensor> conv_act_rows_into(torch::Tensor ext, torch::Tensor in_mask, torch::Tensor idx,
-                                         torch::Tensor packed, std::vector<int64_t> geo,
-                                         c10::optional<torch::Tensor> residual, c10::optional<torch::Tensor> res_mask,
-                                         torch::Tensor acc, torch::Tensor emitted, int64_t code, double lo, double hi,
-                                         double slope, double tau, int64_t score,
-                                              torch::Tensor* kept_ext) {
+namespace {
+
+// conv_act_rows_into's body for any gather of the GEMM operand rows: gather(ip, rows, zero, src, any) fills one
+// block's `taps` x GEMM_MR source rows of `cin` floats each (see gather_block_taps); packed holds taps * cin rows.
+template <class Gather>
+std::vector<torch::Tensor> conv_act_rows_gathered(const Gather& gather, int64_t taps, int64_t cin, torch::Tensor idx,
+                                                  torch::Tensor packed, const Geometry& g,
+                                                  c10::optional<torch::Tensor> residual,
+                                                  c10::optional<torch::Tensor> res_mask, torch::Tensor acc,
+                                                  torch::Tensor emitted, int64_t code, double lo, double hi,
+                                                  double slope, double tau, int64_t score, torch::Tensor* kept_ext) {
   TORCH_CHECK(has_conv_rows(), "conv_act_rows needs AVX2 and FMA");
-  const Geometry g = geometry(geo);
-  const uint8_t* m = mask_ptr(in_mask, g.n * g.h * g.w, "in_mask");
   TORCH_CHECK(idx.scalar_type() == torch::kLong && idx.is_contiguous(), "idx must be contiguous int64");
   TORCH_CHECK(code >= 0 && code <= 5, "unknown activation code ", code);
   TORCH_CHECK(residual.has_value() == res_mask.has_value(), "residual and res_mask come together");
   TORCH_CHECK(emitted.dim() == 4 && emitted.size(0) == g.n && emitted.size(2) == g.ho && emitted.size(3) == g.wo,
               "emitted must be (N, Cout, Ho, Wo)");
-  const int64_t cin = ext.size(1), taps = g.kh * g.kw, p_count = idx.numel(), cout = emitted.size(1);
+  const int64_t p_count = idx.numel(), cout = emitted.size(1);
   const int64_t total = g.n * g.ho * g.wo, panels = (cout + GEMM_NR - 1) / GEMM_NR;
   TORCH_CHECK(packed.scalar_type() == torch::kFloat && packed.is_contiguous() && packed.dim() == 3 &&
                   packed.size(0) == panels && packed.size(1) == taps * cin && packed.size(2) == GEMM_NR,
               "packed must be a contiguous (", panels, ", ", taps * cin, ", 16) float32 tensor");
-  const float* x = rows_ptr(ext, g.n * g.h * g.w, cin, "ext");
   const float* wp = packed.data_ptr<float>();
   const int64_t* ip = idx.data_ptr<int64_t>();
   auto out = output_delta(g.n, cout, g.ho, g.wo, kept_ext);
@@ -1421,12 +1448,78 @@ std::vector<torch::Tensor> conv_act_rows_into(torch::Tensor ext, torch::Tensor i
       const int64_t p0 = blk * GEMM_MR, rows = std::min<int64_t>(GEMM_MR, p_count - p0);
       if (blk + 1 < b1)  // the next block's state rows, while this block's GEMM runs
         prefetch_state_rows(k, ip + p0 + GEMM_MR, std::min<int64_t>(GEMM_MR, p_count - p0 - GEMM_MR));
-      gather_block_taps(g, ip + p0, rows, x, m, cin, zero.data(), src.data(), any.data());
+      gather(ip + p0, rows, zero.data(), src.data(), any.data());
       gemm_panels(src.data(), any.data(), taps, cin, wp, cout, y.data(), rows);
       update_block(k, code, score, ip + p0, rows, y.data(), o.data(), keep.data() + p0);
     }
   });
   return {compact(keep.data(), p_count, ip), out[0], out[1], out[2]};
+}
+
+// The operand rows of a 1x1 conv (stride 1, no padding) whose input is a channel cat read in place: its parts'
+// rows, each split into taps of `width` channels (the parts' widths' common divisor), in channel order, so the
+// packed weights of the conv over the cat are those taps' rows as they are. Tap t reads base[t] + q * stride[t]
+// at pixel q where its part's mask is set, else the zero row: the cat's rows, without writing them.
+struct CatTaps {
+  std::vector<const float*> base;
+  std::vector<int64_t> stride;
+  std::vector<const uint8_t*> mask;
+  int64_t width = 0;
+
+  void operator()(const int64_t* ip, int64_t rows, const float* zero, const float** src, uint8_t* any) const {
+    const int64_t taps = static_cast<int64_t>(base.size());
+    for (int64_t t = 0; t < taps; ++t) {
+      const float* b = base[t];
+      const uint8_t* m = mask[t];
+      const int64_t s = stride[t];
+      uint8_t live_any = 0;
+      for (int64_t r = 0; r < GEMM_MR; ++r) {
+        const bool live = r < rows && m[ip[r]];
+        src[t * GEMM_MR + r] = live ? b + ip[r] * s : zero;
+        live_any |= live;
+      }
+      any[t] = live_any;
+    }
+  }
+};
+
+// CatTaps of parts `rows` (float32 rows of each part's channels, see rows_ptr) with masks `masks`, `total` pixels.
+CatTaps cat_taps(const std::vector<torch::Tensor>& rows, const std::vector<torch::Tensor>& masks, int64_t total) {
+  TORCH_CHECK(!rows.empty() && rows.size() == masks.size(), "a cat read in place needs one mask per part");
+  int64_t width = 0;
+  for (const auto& r : rows) width = std::gcd(width, r.size(1));
+  CatTaps t;
+  t.width = width;
+  for (size_t i = 0; i < rows.size(); ++i) {
+    const int64_t c = rows[i].size(1);
+    const float* base = rows_ptr(rows[i], total, c, "part rows");
+    const uint8_t* m = mask_ptr(masks[i], total, "part mask");
+    for (int64_t off = 0; off < c; off += width) {
+      t.base.push_back(base + off);
+      t.stride.push_back(c);
+      t.mask.push_back(m);
+    }
+  }
+  return t;
+}
+
+}  // namespace
+
+std::vector<torch::Tensor> conv_act_rows_into(torch::Tensor ext, torch::Tensor in_mask, torch::Tensor idx,
+                                         torch::Tensor packed, std::vector<int64_t> geo,
+                                         c10::optional<torch::Tensor> residual, c10::optional<torch::Tensor> res_mask,
+                                         torch::Tensor acc, torch::Tensor emitted, int64_t code, double lo, double hi,
+                                         double slope, double tau, int64_t score,
+                                              torch::Tensor* kept_ext) {
+  const Geometry g = geometry(geo);
+  const uint8_t* m = mask_ptr(in_mask, g.n * g.h * g.w, "in_mask");
+  const int64_t cin = ext.size(1);
+  const float* x = rows_ptr(ext, g.n * g.h * g.w, cin, "ext");
+  auto gather = [&](const int64_t* ip, int64_t rows, const float* zero, const float** src, uint8_t* any) {
+    gather_block_taps(g, ip, rows, x, m, cin, zero, src, any);
+  };
+  return conv_act_rows_gathered(gather, g.kh * g.kw, cin, idx, packed, g, residual, res_mask, acc, emitted, code, lo,
+                                hi, slope, tau, score, kept_ext);
 }
 
 std::vector<torch::Tensor> conv_act_rows(torch::Tensor ext, torch::Tensor in_mask, torch::Tensor idx,
@@ -2358,6 +2451,39 @@ struct DeltaConvPlan {
                                slope, tau, score, kept_ext),
             count};
   }
+
+  // run for a 1x1 conv (stride 1, no padding, groups 1) with the update, whose input is a channel cat read in
+  // place: `rows` and `masks` its parts' (in channel order), `in_mask` their union (the cat's mask, from which the
+  // candidates come unless `cand_idx` gives them). The same sums in the same order as run on the cat's rows (a
+  // part without an update at a pixel reads the zero row, as the cat's zeros there), without the cat's copies.
+  std::tuple<std::vector<torch::Tensor>, int64_t> run_cat(std::vector<torch::Tensor> rows,
+                                                          std::vector<torch::Tensor> masks, torch::Tensor in_mask,
+                                                          c10::optional<torch::Tensor> cand_idx,
+                                                          c10::optional<torch::Tensor> residual,
+                                                          c10::optional<torch::Tensor> res_mask, torch::Tensor acc,
+                                                          torch::Tensor emitted, double tau, int64_t score,
+                                                          int64_t dense_above) {
+    const Geometry g = geometry(geo);
+    TORCH_CHECK(!depthwise && g.kh == 1 && g.kw == 1 && g.sh == 1 && g.sw == 1 && g.pt == 0 && g.pl == 0 &&
+                    g.h == g.ho && g.w == g.wo,
+                "a cat read in place feeds a 1x1 conv of stride 1 without padding");
+    const int64_t total = g.n * g.h * g.w;
+    mask_ptr(in_mask, total, "in_mask");
+    const CatTaps taps = cat_taps(rows, masks, total);
+    TORCH_CHECK(static_cast<int64_t>(taps.base.size()) * taps.width == weights.size(1),
+                "the parts' channels must add up to the conv's input channels");
+    torch::Tensor* kept_ext = reuse ? &kept : nullptr;
+    torch::Tensor idx = cand_idx ? *cand_idx : candidates(in_mask, res_mask, geo)[0];
+    const int64_t count = idx.numel();
+    if (dense_above >= 0 && count > dense_above) return {std::vector<torch::Tensor>{}, count};
+    if (count == 0) {
+      auto d = output_delta(g.n, cout, g.ho, g.wo, kept_ext);
+      return {std::vector<torch::Tensor>{idx, d[0], d[1], d[2]}, 0};
+    }
+    return {conv_act_rows_gathered(taps, static_cast<int64_t>(taps.base.size()), taps.width, idx, weights, g,
+                                   residual, res_mask, acc, emitted, code, lo, hi, slope, tau, score, kept_ext),
+            count};
+  }
 };
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -2373,6 +2499,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("maxpool_update", &maxpool_update, "max pooling on deltas with truncation");
   m.def("accumulate_rows", &accumulate_rows, "A += y at candidate pixels, returning the new A rows");
   m.def("emit_rows", &emit_rows, "o = f(A) - E with truncation and emit");
+  m.def("union_masks", &union_masks, "the union of bool masks and its set pixels");
   m.def("merge_streams", &merge_streams, "add or concatenate streams at the union of their masks");
   m.def("has_conv_rows", &has_conv_rows, "whether this CPU runs conv_rows (AVX2 + FMA)");
   m.def("cpu_isa", &cpu_isa, "the vector ISA the micro-kernels run (avx512 or avx2)");
@@ -2399,5 +2526,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<DeltaConvPlan>(m, "DeltaConvPlan", pybind11::module_local(),
                                   "a delta conv's static arguments; run: the conv in one call")
       .def(pybind11::init<torch::Tensor, std::vector<int64_t>, int64_t, bool, int64_t, double, double, double, bool>())
-      .def("run", &DeltaConvPlan::run, "candidates, conv and epilogue into the output delta");
+      .def("run", &DeltaConvPlan::run, "candidates, conv and epilogue into the output delta")
+      .def("run_cat", &DeltaConvPlan::run_cat, "run for a 1x1 conv whose input is a channel cat read in place");
 }

@@ -31,15 +31,25 @@ class DeltaAdd(DeltaLayer):
 
 
 class DeltaCat(DeltaLayer):
-    """Concatenation along channels."""
+    """Concatenation along channels.
+
+    `read_in_place` (set by the converter, mark_cats_read_in_place): the cat's one consumer is a 1x1 conv that
+    may read its parts in place on delta frames (Backend.cat_in_place) while the runtime allows it
+    (rt.cats_in_place: off while motion's view-step hooks read every layer's values)."""
 
     kind = "cat"
+    read_in_place = False
 
     def forward(self, *ds: DeltaTensor) -> DeltaTensor:
         ds = tuple(check_delta(d, self) for d in ds)
         if _same_kind(self, ds):
             return self.record(DeltaTensor.keyframe(torch.cat([d.values for d in ds], 1)))
-        return self.record(self.rt.backend_for(ds[0].values).cat(list(ds)))
+        backend = self.rt.backend_for(ds[0].values)
+        if self.read_in_place and self.rt.cats_in_place:
+            out = backend.cat_in_place(list(ds))
+            if out is not None:
+                return self.record(out)
+        return self.record(backend.cat(list(ds)))
 
 
 class DeltaScale(DeltaLayer):

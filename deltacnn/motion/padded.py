@@ -116,12 +116,14 @@ class PaddedStep:
 
     # ---- installation ------------------------------------------------------------------------------
     def __enter__(self) -> "PaddedStep":
+        self._cats_in_place, self.rt.cats_in_place = self.rt.cats_in_place, False  # the hooks read every output
         for m in self.layers:
             self._handles.append(m.register_forward_pre_hook(self._before, with_kwargs=True))
             self._handles.append(m.register_forward_hook(self._after, with_kwargs=True))
         return self
 
     def __exit__(self, *exc) -> None:
+        self.rt.cats_in_place = self._cats_in_place
         for h in self._handles:
             h.remove()
         self._handles.clear()
