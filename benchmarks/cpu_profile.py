@@ -352,7 +352,7 @@ def main() -> None:
     ap.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
                     help="cpu: process CPU time (1 thread on a loaded machine); wall: for several threads, quiet machine")
     ap.add_argument("--peer", action="store_true",
-                    help="also time onnxruntime (the strongest CPU peer) on the same frames, interleaved")
+                    help="also time the CPU peers (torch channels_last, onnxruntime) on the same frames, interleaved")
     ap.add_argument("--points", default="0.08/0.10",
                     help='comma-separated points "<in>/<layer>", "r<in>/<layer>" or a thresholds file (*.json, with '
                          "its min_blob and refresh rule: keyframes then come when the file's rule says)")
@@ -387,10 +387,12 @@ def main() -> None:
     clocks = {name: StageClock() for name, _ in variants}
     if args.stages:
         patch_acts(_Router(clocks))
-    peer = None
+    peers = []
     if args.peer:
-        from deltacnn.peers import onnxruntime_peer
-        peer = onnxruntime_peer(model, frames[0], threads=args.threads)
+        from deltacnn.peers import build_peers
+        peers, rejected = build_peers(model, frames[0], threads=args.threads, only=["channels_last", "onnxruntime"])
+        for k, why in rejected.items():
+            print(f"peer {k} left out: {why}")
     for point in args.points.split(","):
         dms = {}
         for name, kv in variants:
@@ -404,16 +406,16 @@ def main() -> None:
         macs = {n: [] for n in dms}
         agg = {n: defaultdict(lambda: defaultdict(list)) for n in dms}  # variant -> frame mode -> stage -> ms
         outs = {n: None for n in dms}
-        peer_ms = []
+        peer_ms = {p.name: [] for p in peers}
         with torch.no_grad():
             for dm in dms.values():
                 dm.reset()
             for i, f in enumerate(frames):
-                if peer is not None:
+                for peer in peers:
                     t0 = CLOCK[0]()
                     peer(f)
                     if i >= 2:
-                        peer_ms.append((CLOCK[0]() - t0) * 1e3)
+                        peer_ms[peer.name].append((CLOCK[0]() - t0) * 1e3)
                 for name, kv in variants:
                     apply_settings(kv, defaults)
                     _Router.current = name
@@ -448,8 +450,10 @@ def main() -> None:
                         print(f"   frame {i}: variant {name} differs from {next(iter(outs))} by {err:.1e}")
         apply_settings({}, defaults)
         if peer_ms:
-            print(f"\n== onnxruntime (the peer), same frames: median {statistics.median(peer_ms):.1f} ms, "
-                  f"mean {statistics.mean(peer_ms):.1f}")
+            best = min(peer_ms, key=lambda k: statistics.median(peer_ms[k]))
+            for k, ms in peer_ms.items():
+                print(f"\n== {k}{' (the peer: the faster)' if k == best else ''}, same frames: median "
+                      f"{statistics.median(ms):.1f} ms, mean {statistics.mean(ms):.1f}")
         for name in dms:
             n = len(totals[name])
             gate = "the file's gate" if point.endswith(".json") else f"min_blob {args.min_blob}"

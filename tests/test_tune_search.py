@@ -39,6 +39,21 @@ def test_cost_model_recovers_its_coefficients_and_stays_nonnegative() -> None:
         CostModel.fit([FrameWork(1, 1)], [float("nan")])
 
 
+class _Task:
+    """A task whose frames and outputs are the tensors themselves, scored by `agreement(out, ref)`."""
+
+    name = "t"
+
+    def __init__(self, agreement) -> None:
+        self.agreement = agreement
+
+    def preprocess(self, f):
+        return f
+
+    def postprocess(self, y):
+        return y
+
+
 def _chain() -> nn.Module:
     torch.manual_seed(0)
     layers: list[nn.Module] = []
@@ -120,17 +135,8 @@ def test_search_leaves_half_the_slack_to_the_layers() -> None:
 def test_play_counts_dense_fallback_frames_at_full_work() -> None:
     """A pass reports every frame after the first: dense fallback frames at their full work."""
 
-    class Task:
-        name = "t"
-
-        def preprocess(self, f):
-            return f
-
-        def postprocess(self, y):
-            return y
-
-        def agreement(self, r, ref):
-            return {"err": float((r - ref).abs().max())}
+    def agreement(r, ref):
+        return {"err": float((r - ref).abs().max())}
 
     net = _chain()
     g = torch.Generator().manual_seed(0)
@@ -140,7 +146,7 @@ def test_play_counts_dense_fallback_frames_at_full_work() -> None:
     for dense_above, mode in ((0.0, "dense"), (None, "delta")):
         dm = build_delta(net, frames[0], dense_above=dense_above)
         dm.enable_stats(True)
-        p = play(dm, Task(), frames, refs, torch.device("cpu"))
+        p = play(dm, _Task(agreement), frames, refs, torch.device("cpu"))
         assert p.modes == {mode: 3} and len(p.works) == len(p.cpu_ms) == 3
         assert len(p.wall_ms) == (3 if mode == "delta" else 0)
         assert max(m["err"] for m in p.metrics) < 1e-4
@@ -179,30 +185,21 @@ def test_a_pass_gives_up_once_the_budget_cannot_hold() -> None:
     """With a mean F1 budget of 0.9 over 10 frames, two frames at 0.4 already make 0.9 impossible."""
     from deltacnn.commands.tune import _Evaluator
 
-    class Task:
-        name = "t"
-
-        def preprocess(self, f):
-            return f
-
-        def postprocess(self, y):
-            return y
-
-        def agreement(self, r, ref):
-            return {"f1": 1.0 if ref is None else 0.4}
+    def agreement(r, ref):
+        return {"f1": 1.0 if ref is None else 0.4}
 
     net = _chain()
     frames = [torch.rand(1, 3, 16, 16) for _ in range(10)]
     refs = [None] + [0] * 9  # the keyframe agrees, every later frame scores 0.4
     dm = build_delta(net, frames[0], dense_above=None)
     dm.enable_stats(True)
-    ev = _Evaluator(dm, Task(), frames, refs, Budget("f1", ">=", 0.9), torch.device("cpu"))
+    ev = _Evaluator(dm, _Task(agreement), frames, refs, Budget("f1", ">=", 0.9), torch.device("cpu"))
     first = ev("a", 0.0, 0.0, {})  # the metric is resolved by the first pass, which plays every frame
     assert len(first.works) == 9 and not first.ok
     t = ev("b", 0.0, 0.0, {})
     # after frame k (0-based) the best mean is (1 + 0.4 k + (9 - k)) / 10 < 0.9 from k = 2 on
     assert "stopped at frame 3" in t.stage and len(t.works) == 2 and not t.ok
-    loose = _Evaluator(dm, Task(), frames, refs, Budget("f1", ">=", 0.4), torch.device("cpu"))
+    loose = _Evaluator(dm, _Task(agreement), frames, refs, Budget("f1", ">=", 0.4), torch.device("cpu"))
     loose("a", 0.0, 0.0, {})
     assert len(loose("b", 0.0, 0.0, {}).works) == 9
 
