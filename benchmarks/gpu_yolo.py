@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import re
 import time
 
 import numpy as np
@@ -164,6 +165,11 @@ def profile(model32, base, batch: int, setting: str, start: int = 300, frames: i
     return buf.getvalue()
 
 
+def split_settings(setting: str) -> list[str]:
+    """'A=1,B=(1,256)' -> ['A=1', 'B=(1,256)']: a comma starts a new setting only before 'NAME='."""
+    return re.split(r",(?=\s*[A-Za-z_]\w*=)", setting)
+
+
 def set_conv_setting(setting: str | None):
     """Set triton_kernels.conv.NAME to VALUE for each 'NAME=VALUE' of a comma-separated list (None: nothing);
     returns what restores them. A conversion made after this picks its kernel configs under the settings
@@ -172,7 +178,7 @@ def set_conv_setting(setting: str | None):
     if not setting:
         return lambda: None
     olds = {}
-    for item in setting.split(","):
+    for item in split_settings(setting):
         name, value = item.split("=", 1)
         if not hasattr(conv, name):
             raise SystemExit(f"--conv-ab: triton_kernels.conv has no setting {name!r}")

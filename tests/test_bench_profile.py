@@ -111,3 +111,13 @@ def test_wrap_switches_take_the_generic_path_and_keep_the_numbers(monkeypatch: p
                 for t in range(4):
                     torch.testing.assert_close(dm(frames[t:t + 1]), net(frames[t:t + 1]), rtol=1e-4, atol=1e-4)
         assert (calls[0] > 0) == (not on)
+
+
+def test_conv_settings_split_on_commas_before_a_name_only() -> None:
+    """Session 18: 'LATENCY_BOUND_COUT=(1,256)' was split at its tuple's comma (a SyntaxError on the device)."""
+    try:
+        from gpu_yolo import split_settings
+    except ImportError as e:
+        pytest.skip(f"gpu_yolo not importable here: {e}")
+    assert split_settings("A=1,B=(1,256),C=None") == ["A=1", "B=(1,256)", "C=None"]
+    assert split_settings("LATENCY_BOUND_COUT=(1, 64)") == ["LATENCY_BOUND_COUT=(1, 64)"]
