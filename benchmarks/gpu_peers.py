@@ -40,7 +40,9 @@ from gpu_bench import SIZES, cuda_ms, free_memory, rel, steady_macs, time_sequen
 VARIANTS = {"default": {}, "tile lists": {"PIXEL_LISTS": False}, "skip": {"compile:skip_static": True},
             "torch report": {"torch_report": True},
             # sessions 1-12's conv grid: 4 programs per SM asked, 2-3 resident (two waves at zero work)
-            "4 programs/SM": {"PROGRAMS_PER_SM": 4}}
+            "4 programs/SM": {"PROGRAMS_PER_SM": 4},
+            # sessions 1-18: a tile-list launch before every gathered-GEMM conv, small maps too
+            "list launch": {"DIRECT_TILE_ITEMS": None}}
 TAU = 0.02
 NOISE, NOISE_INPUT_THRESHOLD = 0.01, 0.05
 N_OBJ = 24

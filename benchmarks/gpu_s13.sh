@@ -5,7 +5,8 @@
 #   tests    the conv / kernel / backend tests on the GPU (incl. the one-wave grid + counter test), xdist
 #   floor    R50-3stage 1080p b1 static / sq1 / sq5 / crowd5 / sq25 / sq100 and R18 720p b1 sq5: the one-wave
 #            grid ("default") against the 4-programs-per-SM grid of sessions 1-12 (same process), per-kernel
-#            profile of the static frame, peers cuDNN + graph and reduce-overhead
+#            profile of the static frame, peers cuDNN + graph and reduce-overhead (FLOOR_VARIANTS: other
+#            variants of gpu_peers.py, comma-separated)
 #   base     the session-12 tree (../base) on R50 b1 static / sq5, then this tree again with the
 #            variants in the other order: the arrival change is only in the tree, not a variant
 #   base2    the same two trees in the other order (this tree first)
@@ -36,7 +37,7 @@ for st in "$@"; do
     ;;
   floor)
     timeout "$(cap 300)" python3 benchmarks/gpu_peers.py --plan "r50:1:static,sq1,sq5,crowd5,sq25,sq100;r18:1:sq5" \
-        --autotune "" --variants "default,4 programs/SM" --profile r50:1:static --frames 14 --tag "s13${TAG}_floor" \
+        --autotune "" --variants "${FLOOR_VARIANTS:-default,4 programs/SM}" --profile r50:1:static --frames 14 --tag "s13${TAG}_floor" \
         > "$OUT/gpu_peers_s13${TAG}_floor.txt" 2>&1
     grep -E "profile|^(Memcpy|_|void|sm|nvjet|cutlass)" "$OUT/gpu_peers_s13${TAG}_floor.txt" | cut -c1-110 | head -30
     tail -17 "$OUT/gpu_peers_s13${TAG}_floor.txt" | cut -c1-250

@@ -94,7 +94,8 @@ def match_conv_kernels(kernels: list[tuple[float, str, float]], convs: list[tupl
     """Per-conv-layer rows from one frame's kernels in launch order (`kernels` as _cuda_kernels returns
     them, `convs` the (layer name, DeltaConv2d, input shape) of each conv call in call order, `stats` the
     frame's FrameStats or None). Every conv launches exactly one conv kernel, preceded by its tile-list
-    kernel (and followed by a nonlinear kernel where not fused); kernels of other names are left out, so
+    kernel where it has one (not on small maps: conv.direct_tiles; tiles_us is then 0) and followed by a
+    nonlinear kernel where not fused; kernels of other names are left out, so
     an empty list means that no conv kernel of a known name ran (see CONV_KERNELS)."""
     rows, i, pending = [], 0, 0.0
     for _, name, us in kernels:

@@ -25,6 +25,15 @@ pytestmark = pytest.mark.usefixtures("no_tf32")  # tests/conftest.py: exact floa
 TOL = {torch.float32: 1e-5, torch.float16: 1.5e-3, torch.bfloat16: 1.2e-2}
 
 
+@pytest.fixture(params=["direct", "lists"])
+def tile_lists(request, monkeypatch):
+    """The gathered-GEMM conv both ways: on these small maps it takes every tile itself (direct_tiles), and with
+    DIRECT_TILE_ITEMS None it runs after a tile-list launch, as on a large map."""
+    if request.param == "lists":
+        monkeypatch.setattr(tk.conv, "DIRECT_TILE_ITEMS", None)
+    return request.param
+
+
 def cl(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous(memory_format=torch.channels_last)
 
@@ -152,13 +161,15 @@ PIXEL_LIST_CASES = {  # cin, cout, kernel, stride, pad4, dilation, groups; split
 @pytest.mark.parametrize("name", list(PIXEL_LIST_CASES))
 def test_sparse_conv2d_pixel_lists(name, monkeypatch):
     """Work units of listed candidate pixels (scattered over tiles, several images) give the
-    reference's results, as whole tiles do; a residual is read at its own mask."""
+    reference's results, as whole tiles do (listed, or taken by the conv itself); a residual is read at its own
+    mask."""
     case, split, fn, tau = PIXEL_LIST_CASES[name]
     dtype = torch.float16
     cout = case[1]
     results = []
-    for pixels in (True, False):
+    for pixels, direct in ((True, None), (False, None), (False, 512)):  # pixel list, tile list, no list
         monkeypatch.setattr(tk.conv, "PIXEL_LISTS", pixels)
+        monkeypatch.setattr(tk.conv, "DIRECT_TILE_ITEMS", direct)
         g, x, xm, wt, om = _conv_inputs(41, case, dtype, h=23, w=19, p=0.04)
         n, _, ho, wo = om.shape
         res, rm = rand_delta(g, n, cout, ho, wo, dtype, 0.03)
@@ -183,10 +194,93 @@ def test_sparse_conv2d_pixel_lists(name, monkeypatch):
             check_nonlinear(o, fm, A, E, ref, TOL[dtype] * 2, tau, 0.02)
             results.append((fm, A))
         assert counter.tolist() == [0, 0]
-    if fn is not None:
-        assert torch.equal(results[0][0], results[1][0]) and rel(results[0][1], results[1][1]) < 1e-6
-    else:
-        assert rel(results[0], results[1]) < 1e-6
+    for other in results[1:]:
+        if fn is not None:
+            assert torch.equal(results[0][0], other[0]) and rel(results[0][1], other[1]) < 1e-6
+        else:
+            assert rel(results[0], other) < 1e-6
+
+
+DIRECT_CASES = {  # cin, cout, kernel, stride, pad4, dilation, groups; act; residual; config (bn < cout: two passes)
+    "3x3 linear, dilated here": ((8, 16, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1), None, False, (8, 8, 16)),
+    "1x1 linear, x's mask": ((16, 8, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 1), None, False, (8, 8, 16)),
+    "3x3 s2 + residual (union mask)": ((8, 16, (3, 3), (2, 2), (1, 1, 1, 1), (1, 1), 1), None, True, (4, 8, 16)),
+    "3x3 + silu tau>0 fused (emit mask)": ((8, 16, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1), "silu", True, (4, 8, 16)),
+    "grouped 3x3 + relu, two passes": ((8, 32, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 2), "relu", False, (8, 8, 8)),
+}
+
+
+@pytest.mark.parametrize("name", list(DIRECT_CASES))
+def test_direct_tiles_write_every_mask_without_a_list_launch(name, monkeypatch):
+    """On a small map the conv takes every tile itself: no tile-list launch, and the masks that launch wrote (the
+    dilated candidate mask, the union with the residual's, the cleared emit mask) are written at every pixel,
+    in the tiles without a candidate too (fresh buffers are poisoned here: True masks, NaN values), equal to the
+    reference and to the tile-list path."""
+    case, fn, with_res, (th, tw, bn) = DIRECT_CASES[name]
+    real_empty = torch.empty
+
+    def poisoned(*a, **k):
+        t = real_empty(*a, **k)
+        if t.dtype == torch.bool:
+            t.fill_(True)
+        elif t.is_floating_point():
+            t.fill_(float("nan"))
+        return t
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+    lists = []
+    real_tiles = tk.conv.active_tiles
+    monkeypatch.setattr(tk.conv, "active_tiles", lambda *a, **k: lists.append(1) or real_tiles(*a, **k))
+    dtype, cout = torch.float16, case[1]
+    g, x, xm, wt, _ = _conv_inputs(71, case, dtype, h=21, w=19, n=2, p=0.3)
+    xm[:, :, 6:] = False  # whole tiles without a candidate
+    x = torch.where(xm, x, torch.full((), float("nan"), dtype=dtype, device=DEV))
+    om = ref_dilate(xm, case[2], case[3], case[4], case[5])
+    n, _, ho, wo = om.shape
+    res, rm = rand_delta(g, n, cout, ho, wo, dtype, 0.02) if with_res else (None, None)
+    y = ref_conv(x, xm, wt, case[3], case[4], case[5], case[6]) + (zf(res, rm) if with_res else 0)
+    cand = om | rm if with_res else om
+    A = cl(torch.randn(n, cout, ho, wo, generator=g).to(DEV))
+    E0 = cl(ref_act(fn or "relu", A.double()).float() + 0.05 * torch.randn(n, cout, ho, wo, generator=g).to(DEV))
+    cfg = tk.ConvConfig(th=th, tw=tw, bn=bn, bk=16)
+    assert tk.conv.direct_tiles(n, (ho, wo), cfg, 1, False)
+    got = []
+    for direct in (512, None):
+        monkeypatch.setattr(tk.conv, "DIRECT_TILE_ITEMS", direct)
+        lists.clear()
+        out = cl(torch.full(y.shape, float("nan"), dtype=dtype if fn else torch.float32, device=DEV))
+        kw = dict(residual=res, residual_mask=rm, config=cfg, input_precision="ieee")
+        if fn is None:
+            o, fm = tk.sparse_conv2d(x, xm, wt, None, case[3], case[4], case[5], case[6], out, **kw)
+            assert torch.equal(fm, cand)
+            sel = fm.expand_as(y)
+            assert rel(o[sel], y[sel]) < 1e-6
+            got.append(o[sel])
+        else:
+            a_t, e_t = A.clone(), E0.clone()
+            ref = ref_nonlinear(y, cand, A, E0, fn, 0.3, "max", dtype)
+            o, fm = tk.sparse_conv2d(x, xm, wt, None, case[3], case[4], case[5], case[6], out,
+                                     act=tk.Act(fn, a_t, e_t, 0.3), **kw)
+            check_nonlinear(o, fm, a_t, e_t, ref, TOL[dtype] * 2, 0.3, 0.02)
+            assert not (fm & ~cand).any(), "emit mask set off the candidates (not cleared)"
+            got.append(fm)
+        # one list launch (none) with direct tiles, except the two-pass case's update (sparse_nonlinear, no list)
+        assert len(lists) == (0 if direct else 1), lists
+    assert rel(got[0], got[1]) < 1e-6 if fn is None else torch.equal(got[0], got[1])
+
+
+def test_direct_tiles_only_where_each_tile_is_its_programs_alone(monkeypatch):
+    """Not above DIRECT_TILE_ITEMS work items, not with K splits (shared workspace) or the excluded kinds
+    (channel-split emit, window rows, depthwise), never when the setting is None."""
+    cfg = tk.ConvConfig(th=8, tw=8, bn=64, bk=64)
+    assert tk.conv.direct_tiles(1, (72, 96), cfg, 1, False)  # 108 tiles
+    assert tk.conv.direct_tiles(1, (72, 96), cfg, 4, False)  # 432 items
+    assert not tk.conv.direct_tiles(1, (72, 96), cfg, 8, False)  # 864 items
+    assert not tk.conv.direct_tiles(1, (270, 480), cfg, 1, False)  # 2040 tiles
+    assert not tk.conv.direct_tiles(1, (36, 48), tk.ConvConfig(split_k=2), 2, False)
+    assert not tk.conv.direct_tiles(1, (36, 48), cfg, 1, True)
+    monkeypatch.setattr(tk.conv, "DIRECT_TILE_ITEMS", None)
+    assert not tk.conv.direct_tiles(1, (36, 48), cfg, 1, False)
 
 
 # ---------------------------------------------------------------- sparse_conv2d
@@ -227,6 +321,7 @@ BIG_TILES = tk.ConvConfig(th=16, tw=16, bn=16, bk=16)  # fewer interpreted progr
 
 
 @pytest.mark.parametrize("case,dtype", CONV_PARAMS, ids=[f"{_conv_id(c)}-{str(d)[6:]}" for c, d in CONV_PARAMS])
+@pytest.mark.usefixtures("tile_lists")
 def test_sparse_conv2d(case, dtype):
     cin, cout, kernel, stride, pad, dil, groups = case
     g, x, xm, wt, om = _conv_inputs(3, case, dtype)
@@ -244,6 +339,7 @@ def test_sparse_conv2d(case, dtype):
 @pytest.mark.parametrize("case,dtype", [(CONV_CASES[2], torch.float16), (CONV_CASES[6], torch.float32),
                                         (CONV_CASES[7], torch.bfloat16), (CONV_CASES[1], torch.float16)],
                          ids=lambda v: _conv_id(v) if isinstance(v, tuple) else str(v)[6:])
+@pytest.mark.usefixtures("tile_lists")
 def test_sparse_conv2d_packed_k(case, dtype, pack):
     """K flattened over (tap, channel) (automatic below PACK_K_BELOW channels) or per (tap, channel block)."""
     cin, cout, kernel, stride, pad, dil, groups = case
@@ -364,6 +460,7 @@ def _one_pixel(xm: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("programs_per_sm", [None, 1])
 @pytest.mark.parametrize("case,split,fn", [(CONV_CASES[0], 2, "relu"), (CONV_CASES[0], 1, None),
                                            (CONV_CASES[8], 1, "relu")], ids=["fixup-relu", "plain", "depthwise"])
+@pytest.mark.usefixtures("tile_lists")
 def test_counter_reset_by_the_programs_with_work(case, split, fn, programs_per_sm):
     """Only the programs with a work item arrive at the counter (their last resets it): at zero work none,
     with fewer items than programs some, with more items than programs (1 per SM) all; results and the
@@ -450,6 +547,7 @@ def test_sparse_conv2d_float32_out_of_half_inputs():
 @pytest.mark.parametrize("reuse", [True, False], ids=["reuse_mask", "load_mask"])
 @pytest.mark.parametrize("case", [CONV_CASES[2], CONV_CASES[6], CONV_CASES[8], CONV_CASES[1], CONV_CASES[10]],
                          ids=_conv_id)
+@pytest.mark.usefixtures("tile_lists")
 def test_sparse_conv2d_fused_mask_dilation(case, reuse, monkeypatch):
     """out_mask=None: the output mask is computed in the tile-list launch (for the 1x1 cases it is x's
     mask at each pixel's tap, which the K loop then reuses or loads again: same results, NaN garbage
@@ -500,6 +598,7 @@ FUSED = [("fixup", "hardsigmoid"), ("gemm", "relu"), ("gemm", "silu"), ("gemm", 
 
 @pytest.mark.parametrize("loads_first", [True, False], ids=["loads_first", "loads_in_order"])
 @pytest.mark.parametrize("variant,fn", FUSED)
+@pytest.mark.usefixtures("tile_lists")
 def test_sparse_conv2d_fused_act(variant, fn, loads_first, monkeypatch):
     monkeypatch.setattr(tk.conv, "EPILOGUE_LOADS_FIRST", loads_first)  # epilogue memory order (same result)
     dtype = torch.float16 if variant != "twopass" else torch.bfloat16
@@ -536,6 +635,7 @@ def test_latency_bound_config_is_for_64_channels():
 
 
 @pytest.mark.parametrize("cout,tile", [(64, (4, 8, 4)), (80, (4, 8, 8)), (256, (4, 4, 8))])
+@pytest.mark.usefixtures("tile_lists")
 def test_latency_bound_config_fuses_the_update_and_matches_the_reference(cout, tile, monkeypatch):
     """A small map's conv + SiLU at tau > 0 (YOLOv8n's 36x48-72x96 maps): default_config keeps all Cout of a pixel
     in one program (the update fused, no sparse_nonlinear launch) with the pixels per item sized against spills,

@@ -27,7 +27,7 @@ from .pointwise import sparse_nonlinear
 @triton.jit
 def _conv_gemm_kernel(x_ptr, xm_ptr, w_ptr, out_ptr, om_ptr, res_ptr, rm_ptr, a_ptr, e_ptr, fm_ptr,
                       ids_ptr, count_ptr, ws_ptr, ctr_ptr,
-                      H, W, Ho, Wo, Cin, Cout, Cg, Og, n_tw, tiles_per_img,
+                      H, W, Ho, Wo, Cin, Cout, Cg, Og, n_tw, tiles_per_img, n_direct,
                       slope, min_val, max_val, alpha, tau,
                       KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
                       DH: tl.constexpr, DW: tl.constexpr, PT: tl.constexpr, PL: tl.constexpr,
@@ -39,17 +39,19 @@ def _conv_gemm_kernel(x_ptr, xm_ptr, w_ptr, out_ptr, om_ptr, res_ptr, rm_ptr, a_
                       FIXUP: tl.constexpr, OR_FM: tl.constexpr, PACK_K: tl.constexpr, SELF_RESET: tl.constexpr,
                       LOADS_FIRST: tl.constexpr, XM_IS_OM: tl.constexpr, WINDOW: tl.constexpr,
                       BORD: tl.constexpr, SHIFT: tl.constexpr, CPX: tl.constexpr, PIX: tl.constexpr,
-                      GDC: tl.constexpr):
+                      DIRECT: tl.constexpr, DIL: tl.constexpr, FM_MODE: tl.constexpr, GDC: tl.constexpr):
     gdc_start(GDC)
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     PER_TILE: tl.constexpr = G * NB * SPLIT_K
     P: tl.constexpr = TH * TW
-    cnt = tl.load(count_ptr)
-    if PIX:  # the list holds candidate pixels: a work unit is P consecutive entries
+    if DIRECT:  # every output tile is a work unit (no list); see direct_tiles
+        total = n_direct * PER_TILE
+    elif PIX:  # the list holds candidate pixels: a work unit is P consecutive entries
+        cnt = tl.load(count_ptr)
         total = ((cnt + P - 1) // P) * PER_TILE
     else:
-        total = cnt * PER_TILE
+        total = tl.load(count_ptr) * PER_TILE
     p = tl.arange(0, P)
     kk = tl.arange(0, BK)
     w = pid
@@ -71,7 +73,10 @@ def _conv_gemm_kernel(x_ptr, xm_ptr, w_ptr, out_ptr, om_ptr, res_ptr, rm_ptr, a_
             prow = pix.to(tl.int64)
             unit = ti
         else:
-            t = tl.load(ids_ptr + ti)
+            if DIRECT:
+                t = ti
+            else:
+                t = tl.load(ids_ptr + ti)
             n = t // tiles_per_img
             r = t % tiles_per_img
             oy = (r // n_tw) * TH + p // TW
@@ -79,106 +84,129 @@ def _conv_gemm_kernel(x_ptr, xm_ptr, w_ptr, out_ptr, om_ptr, res_ptr, rm_ptr, a_
             pvalid = (oy < Ho) & (ox < Wo)
             prow = (n * Ho + oy).to(tl.int64) * Wo + ox
             unit = t
-        om = (tl.load(om_ptr + prow, mask=pvalid, other=0) != 0) & pvalid
-        rm = om
-        if HAS_RES and LOADS_FIRST:  # residual mask: fetched now, used after the main loop
-            rm = (tl.load(rm_ptr + prow, mask=pvalid, other=0) != 0) & pvalid
-        cols_g = nb * BN + tl.arange(0, BN)
-        cvalid = cols_g < Og
-        acc = tl.zeros([TH * TW, BN], dtype=tl.float32)
-        it0 = ks * IT_PER
-        for j in range(0, IT_PER):
-            it = it0 + j
-            live = it < N_IT
-            if WINDOW:
-                # x is a bordered copy (H, W its padded size; see Bordered): step `it` is kernel row
-                # `it`, and each pixel's K slice is BK consecutive elements of that row (BK / CPX
-                # pixels from SHIFT left of its first tap), zero outside the mask and the image, so
-                # it is loaded as aligned vectors with neither a mask load nor bounds checks
-                iy = oy * SH - PT + it * DH + BORD
-                jx = ox * SW - PL - SHIFT + BORD
-                base = ((n * H + iy).to(tl.int64) * W + jx) * CPX
-                a = tl.load(x_ptr + base[:, None] + kk[None, :], mask=(pvalid & live)[:, None], other=0.0)
-                b = tl.load(w_ptr + (it * BK + kk)[:, None] * Og + cols_g[None, :], mask=live & cvalid[None, :],
-                            other=0.0)
-            elif PACK_K:
-                # few input channels (the RGB stem): K = (tap, channel) flattened, so a BK step
-                # covers several taps instead of padding 3 channels to BK; gathered per element
-                k = it * BK + kk
-                kv = (k < KH * KW * Cg) & live
-                tap = k // Cg
-                ky = tap // KW
-                kx = tap % KW
-                iy = oy[:, None] * SH - PT + (ky * DH)[None, :]
-                ix = ox[:, None] * SW - PL + (kx * DW)[None, :]
-                inb = pvalid[:, None] & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W) & kv[None, :]
-                if PIX:  # one image index per pixel
-                    irow = (n[:, None] * H + iy).to(tl.int64) * W + ix
-                else:
-                    irow = (n * H + iy).to(tl.int64) * W + ix
-                xm = (tl.load(xm_ptr + irow, mask=inb, other=0) != 0) & inb
-                a = tl.load(x_ptr + irow * Cin + (g * Cg + k % Cg)[None, :], mask=xm, other=0.0)
-                b = tl.load(w_ptr + (g * (KH * KW * Cg) + k)[:, None] * Og + cols_g[None, :],
-                            mask=kv[:, None] & cvalid[None, :], other=0.0)
-            else:
-                tap = it // NKC
-                kc = it % NKC
-                ky = tap // KW
-                kx = tap % KW
-                iy = oy * SH - PT + ky * DH
-                ix = ox * SW - PL + kx * DW
-                inb = pvalid & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W) & live
-                irow = (n * H + iy).to(tl.int64) * W + ix
-                if XM_IS_OM:  # 1x1, no padding, om computed from x's mask: x's mask at this tap
-                    xm = om & live
-                else:
-                    xm = (tl.load(xm_ptr + irow, mask=inb, other=0) != 0) & inb
-                k = kc * BK + kk
-                kv = (k < Cg) & live
-                a = tl.load(x_ptr + irow[:, None] * Cin + (g * Cg + k)[None, :], mask=xm[:, None] & kv[None, :],
-                            other=0.0)
-                b = tl.load(w_ptr + ((g * (KH * KW) + tap) * Cg + k)[:, None] * Og + cols_g[None, :],
-                            mask=kv[:, None] & cvalid[None, :], other=0.0)
-            if IS_F32:
-                acc = tl.dot(a, b, acc, input_precision=PREC)
-            elif UPCAST:  # the CPU interpreter's dot mishandles bf16: exact fp32 products instead
-                acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a, b, acc)
-        cols = g * Og + cols_g
-        if ATOMIC:
-            cand = om
-            if HAS_RES:
-                if not LOADS_FIRST:
-                    rm = (tl.load(rm_ptr + prow, mask=pvalid, other=0) != 0) & pvalid
-                rv = tl.load(res_ptr + prow[:, None] * Cout + cols[None, :],
-                             mask=(rm & (ks == 0))[:, None] & cvalid[None, :], other=0.0)
-                acc = acc + rv.to(tl.float32)
-                cand = cand | rm
-            tl.atomic_add(out_ptr + prow[:, None] * Cout + cols[None, :], acc,
-                          mask=cand[:, None] & cvalid[None, :], sem="relaxed")
-        elif FIXUP:
-            # split-K partials meet in a float32 workspace; the last split to arrive at this
-            # (tile, channel block) reads the sum back and runs the epilogue (residual, act, cast)
-            cand = om
-            if HAS_RES:
-                if not LOADS_FIRST:
-                    rm = (tl.load(rm_ptr + prow, mask=pvalid, other=0) != 0) & pvalid
-                cand = cand | rm
-            wmask = cand[:, None] & cvalid[None, :]
-            woffs = prow[:, None] * Cout + cols[None, :]
-            tl.atomic_add(ws_ptr + woffs, acc, mask=wmask, sem="relaxed")
-            tl.debug_barrier()
-            old = tl.atomic_add(ctr_ptr + unit.to(tl.int64) * (G * NB) + g * NB + nb, 1, sem="acq_rel")
-            if old == SPLIT_K - 1:
-                tot = tl.load(ws_ptr + woffs, mask=wmask, other=0.0, cache_modifier=".cg")
-                finish_tile(tot, prow, pvalid, om, rm, cols, cvalid, Cout, out_ptr, res_ptr, rm_ptr, a_ptr, e_ptr,
-                            fm_ptr, slope, min_val, max_val, alpha, tau, HAS_RES, HAS_ACT, FN, SCORE, WRITE_FM,
-                            OR_FM, LOADS_FIRST)
+        if DIL:  # the candidate mask is the receptive-field dilation of x's mask (see direct_tiles)
+            hit = tl.zeros([P], dtype=tl.int32)
+            for ky in tl.static_range(KH):
+                dy = oy * SH - PT + ky * DH
+                for kx in tl.static_range(KW):
+                    dx = ox * SW - PL + kx * DW
+                    dv = pvalid & (dy >= 0) & (dy < H) & (dx >= 0) & (dx < W)
+                    drow = (n * H + dy).to(tl.int64) * W + dx
+                    hit = hit | (tl.load(xm_ptr + drow, mask=dv, other=0) != 0).to(tl.int32)
+            om = (hit != 0) & pvalid
+            if rem == 0:  # the tile's first program writes it out
+                tl.store(om_ptr + prow, om.to(tl.uint8), mask=pvalid)
         else:
-            finish_tile(acc, prow, pvalid, om, rm, cols, cvalid, Cout, out_ptr, res_ptr, rm_ptr, a_ptr, e_ptr, fm_ptr,
-                        slope, min_val, max_val, alpha, tau, HAS_RES, HAS_ACT, FN, SCORE, WRITE_FM, OR_FM,
-                        LOADS_FIRST)
+            om = (tl.load(om_ptr + prow, mask=pvalid, other=0) != 0) & pvalid
+        rm = om
+        if HAS_RES and (LOADS_FIRST or DIRECT):  # residual mask: fetched now, used after the main loop
+            rm = (tl.load(rm_ptr + prow, mask=pvalid, other=0) != 0) & pvalid
+        n_cand = 1
+        if DIRECT:  # the masks a tile list launch would have written, then nothing more for an empty tile
+            tcand = om | rm
+            if FM_MODE == 1:
+                if rem == 0:
+                    tl.store(fm_ptr + prow, tcand.to(tl.uint8), mask=pvalid)
+            n_cand = tl.sum(tcand.to(tl.int32), axis=0)
+            if FM_MODE == 2:  # the emit mask of a tile with work is written by its epilogue
+                tl.store(fm_ptr + prow, tl.zeros([P], dtype=tl.uint8), mask=pvalid & (n_cand == 0))
+        if n_cand > 0:
+            cols_g = nb * BN + tl.arange(0, BN)
+            cvalid = cols_g < Og
+            acc = tl.zeros([TH * TW, BN], dtype=tl.float32)
+            it0 = ks * IT_PER
+            for j in range(0, IT_PER):
+                it = it0 + j
+                live = it < N_IT
+                if WINDOW:
+                    # x is a bordered copy (H, W its padded size; see Bordered): step `it` is kernel row
+                    # `it`, and each pixel's K slice is BK consecutive elements of that row (BK / CPX
+                    # pixels from SHIFT left of its first tap), zero outside the mask and the image, so
+                    # it is loaded as aligned vectors with neither a mask load nor bounds checks
+                    iy = oy * SH - PT + it * DH + BORD
+                    jx = ox * SW - PL - SHIFT + BORD
+                    base = ((n * H + iy).to(tl.int64) * W + jx) * CPX
+                    a = tl.load(x_ptr + base[:, None] + kk[None, :], mask=(pvalid & live)[:, None], other=0.0)
+                    b = tl.load(w_ptr + (it * BK + kk)[:, None] * Og + cols_g[None, :], mask=live & cvalid[None, :],
+                                other=0.0)
+                elif PACK_K:
+                    # few input channels (the RGB stem): K = (tap, channel) flattened, so a BK step
+                    # covers several taps instead of padding 3 channels to BK; gathered per element
+                    k = it * BK + kk
+                    kv = (k < KH * KW * Cg) & live
+                    tap = k // Cg
+                    ky = tap // KW
+                    kx = tap % KW
+                    iy = oy[:, None] * SH - PT + (ky * DH)[None, :]
+                    ix = ox[:, None] * SW - PL + (kx * DW)[None, :]
+                    inb = pvalid[:, None] & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W) & kv[None, :]
+                    if PIX:  # one image index per pixel
+                        irow = (n[:, None] * H + iy).to(tl.int64) * W + ix
+                    else:
+                        irow = (n * H + iy).to(tl.int64) * W + ix
+                    xm = (tl.load(xm_ptr + irow, mask=inb, other=0) != 0) & inb
+                    a = tl.load(x_ptr + irow * Cin + (g * Cg + k % Cg)[None, :], mask=xm, other=0.0)
+                    b = tl.load(w_ptr + (g * (KH * KW * Cg) + k)[:, None] * Og + cols_g[None, :],
+                                mask=kv[:, None] & cvalid[None, :], other=0.0)
+                else:
+                    tap = it // NKC
+                    kc = it % NKC
+                    ky = tap // KW
+                    kx = tap % KW
+                    iy = oy * SH - PT + ky * DH
+                    ix = ox * SW - PL + kx * DW
+                    inb = pvalid & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W) & live
+                    irow = (n * H + iy).to(tl.int64) * W + ix
+                    if XM_IS_OM:  # 1x1, no padding, om computed from x's mask: x's mask at this tap
+                        xm = om & live
+                    else:
+                        xm = (tl.load(xm_ptr + irow, mask=inb, other=0) != 0) & inb
+                    k = kc * BK + kk
+                    kv = (k < Cg) & live
+                    a = tl.load(x_ptr + irow[:, None] * Cin + (g * Cg + k)[None, :], mask=xm[:, None] & kv[None, :],
+                                other=0.0)
+                    b = tl.load(w_ptr + ((g * (KH * KW) + tap) * Cg + k)[:, None] * Og + cols_g[None, :],
+                                mask=kv[:, None] & cvalid[None, :], other=0.0)
+                if IS_F32:
+                    acc = tl.dot(a, b, acc, input_precision=PREC)
+                elif UPCAST:  # the CPU interpreter's dot mishandles bf16: exact fp32 products instead
+                    acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(a, b, acc)
+            cols = g * Og + cols_g
+            if ATOMIC:
+                cand = om
+                if HAS_RES:
+                    if not LOADS_FIRST:
+                        rm = (tl.load(rm_ptr + prow, mask=pvalid, other=0) != 0) & pvalid
+                    rv = tl.load(res_ptr + prow[:, None] * Cout + cols[None, :],
+                                 mask=(rm & (ks == 0))[:, None] & cvalid[None, :], other=0.0)
+                    acc = acc + rv.to(tl.float32)
+                    cand = cand | rm
+                tl.atomic_add(out_ptr + prow[:, None] * Cout + cols[None, :], acc,
+                              mask=cand[:, None] & cvalid[None, :], sem="relaxed")
+            elif FIXUP:
+                # split-K partials meet in a float32 workspace; the last split to arrive at this
+                # (tile, channel block) reads the sum back and runs the epilogue (residual, act, cast)
+                cand = om
+                if HAS_RES:
+                    if not LOADS_FIRST:
+                        rm = (tl.load(rm_ptr + prow, mask=pvalid, other=0) != 0) & pvalid
+                    cand = cand | rm
+                wmask = cand[:, None] & cvalid[None, :]
+                woffs = prow[:, None] * Cout + cols[None, :]
+                tl.atomic_add(ws_ptr + woffs, acc, mask=wmask, sem="relaxed")
+                tl.debug_barrier()
+                old = tl.atomic_add(ctr_ptr + unit.to(tl.int64) * (G * NB) + g * NB + nb, 1, sem="acq_rel")
+                if old == SPLIT_K - 1:
+                    tot = tl.load(ws_ptr + woffs, mask=wmask, other=0.0, cache_modifier=".cg")
+                    finish_tile(tot, prow, pvalid, om, rm, cols, cvalid, Cout, out_ptr, res_ptr, rm_ptr, a_ptr, e_ptr,
+                                fm_ptr, slope, min_val, max_val, alpha, tau, HAS_RES, HAS_ACT, FN, SCORE, WRITE_FM,
+                                OR_FM, LOADS_FIRST)
+            else:
+                finish_tile(acc, prow, pvalid, om, rm, cols, cvalid, Cout, out_ptr, res_ptr, rm_ptr, a_ptr, e_ptr, fm_ptr,
+                            slope, min_val, max_val, alpha, tau, HAS_RES, HAS_ACT, FN, SCORE, WRITE_FM, OR_FM,
+                            LOADS_FIRST)
         w += nprog
     if SELF_RESET:
         _reset_counter(count_ptr, nprog, total)
@@ -316,6 +344,10 @@ LATENCY_BOUND_ITEMS: int | None = 256
 # 2-3 us less), Cout 80-256 loses (3 3x3 80->80: 57.8 vs 50.5, 3 1x1 384->256: 38.6 vs 33.1, 4 3x3 128->128:
 # 56.4 vs 53.1: one 8-warp program per SM), Cout 16-32 is even (32->32 3x3: 61.8 vs 59.7).
 LATENCY_BOUND_COUT = (33, 64)
+# Work items of a dense frame (tiles x groups x channel blocks) up to which a conv launches no tile list (see
+# direct_tiles); None: always a list launch (sessions 1-18). YOLOv8n b1 on the H200 (session 16 profile): 55 list
+# launches of ~2.1 us each (119 us of 1.0 ms kernel time) plus their gaps in the replayed graph (~1.7 us each).
+DIRECT_TILE_ITEMS: int | None = 512
 # float32 accumulator elements per thread that latency_bound_tile sizes an item's pixels for (32: 1.34 against
 # 1.23 ms a delta frame, the same run)
 FUSED_ACC_PER_THREAD = 16
@@ -455,6 +487,21 @@ def default_config(n: int, cin: int, cout: int, groups: int, kernel: tuple[int, 
                       programs_per_sm=PROGRAMS_PER_SM, maxnreg=maxnreg)
 
 
+def direct_tiles(n: int, out_hw: tuple[int, int], cfg: ConvConfig, per_tile: int, excluded: bool) -> bool:
+    """Whether the conv runs without a tile-list launch: its programs take every output tile of the map as a work
+    unit, compute the tile's candidate mask themselves (the receptive-field dilation of the input mask, or the given
+    one), write the masks the list launch would have written, and stop at once where the tile has no candidate.
+
+    On a small map all of a dense frame's DIRECT_TILE_ITEMS work items are taken by one or two waves of the
+    persistent grid, so an empty tile costs one mask round trip inside a launch that runs anyway, against a
+    whole launch (and the gap before the next) for the list. Only where each tile's outputs and masks are written
+    by its own programs alone: one K split (no shared split-K workspace), no channel-split emit (OR_FM), no window
+    rows, not depthwise (`excluded`)."""
+    if DIRECT_TILE_ITEMS is None or excluded or cfg.split_k != 1:
+        return False
+    return n * triton.cdiv(out_hw[0], cfg.th) * triton.cdiv(out_hw[1], cfg.tw) * per_tile <= DIRECT_TILE_ITEMS
+
+
 def latency_bound_tile(n: int, cout: int, groups: int, out_hw: tuple[int, int], split: int) -> tuple[int, int, int] | None:
     """(th, tw, warps) of a conv + nonlinear update whose program holds all Cout channels of its pixels, on a map so
     small that a dense frame's work items fit in LATENCY_BOUND_ITEMS, for Cout in LATENCY_BOUND_COUT; else None.
@@ -581,12 +628,20 @@ def sparse_conv2d(x: Tensor, x_mask: Tensor, weight: Tensor, out_mask: Tensor | 
         fm, fm_mode = None, 0
     nb = 1 if depthwise else triton.cdiv(og, bn)
     ws = new_cl(n, cout, ho, wo, torch.float32, dev) if fixup else None
-    pixels = PIXEL_LISTS and not depthwise
-    ids, count, (n_tiles, n_tw, tpi), ctr, om_t = active_tiles(
-        out_mask, residual_mask if has_res else None, cfg.th, cfg.tw, final_mask=fm, fm_mode=fm_mode,
-        zero=out if atomic else ws, n_ctr=groups * nb if fixup else 0,
-        dilate_from=None if out_mask is not None else (x_mask, (kh, kw), stride, padding, dilation, (ho, wo)),
-        count=counter, pixels=pixels)
+    direct = direct_tiles(n, (ho, wo), cfg, groups * nb * split_k, depthwise or or_fm or plan is not None)
+    pixels = PIXEL_LISTS and not depthwise and not direct
+    if direct:  # no list launch: the conv's programs take every tile and write its masks themselves
+        n_tw = triton.cdiv(wo, cfg.tw)
+        tpi = triton.cdiv(ho, cfg.th) * n_tw
+        n_tiles, ctr = n * tpi, None
+        om_t = out_mask if out_mask is not None else torch.empty(n, 1, ho, wo, dtype=torch.bool, device=dev)
+        ids = count = om_t.view(torch.uint8)  # not read
+    else:
+        ids, count, (n_tiles, n_tw, tpi), ctr, om_t = active_tiles(
+            out_mask, residual_mask if has_res else None, cfg.th, cfg.tw, final_mask=fm, fm_mode=fm_mode,
+            zero=out if atomic else ws, n_ctr=groups * nb if fixup else 0,
+            dilate_from=None if out_mask is not None else (x_mask, (kh, kw), stride, padding, dilation, (ho, wo)),
+            count=counter, pixels=pixels)
     try:
         if fm is None:
             fm = om_t
@@ -630,17 +685,19 @@ def sparse_conv2d(x: Tensor, x_mask: Tensor, weight: Tensor, out_mask: Tensor | 
             and not pack and plan is None
         _launch(_conv_gemm_kernel, work, cfg, dev,
                 (x_in, xm, w_in, out, om, res, rm, a_t, e_t, fm.view(torch.uint8), ids, count,
-                 ws if fixup else out, ctr if fixup else ids, hx, wx, ho, wo, cin, cout, cg, og, n_tw, tpi, *ap),
+                 ws if fixup else out, ctr if fixup else ids, hx, wx, ho, wo, cin, cout, cg, og, n_tw, tpi,
+                 n_tiles if direct else 0, *ap),
                 dict(KH=kh, KW=kw, SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1],
                      PT=padding[0], PL=padding[2], TH=cfg.th, TW=cfg.tw, BN=bn, BK=bk, NB=nb, G=groups,
                      SPLIT_K=split_k, HAS_RES=has_res, HAS_ACT=act is not None, FN=fn, SCORE=sc,
                      WRITE_FM=False, ATOMIC=atomic, PREC=input_precision,
                      IS_F32=x.dtype == torch.float32, NKC=nkc, N_IT=n_it, IT_PER=it_per,
                      UPCAST=INTERPRET and x.dtype == torch.bfloat16, FIXUP=fixup, OR_FM=or_fm, PACK_K=pack,
-                     SELF_RESET=counter is not None, LOADS_FIRST=EPILOGUE_LOADS_FIRST,
+                     SELF_RESET=counter is not None and not direct, LOADS_FIRST=EPILOGUE_LOADS_FIRST,
                      XM_IS_OM=xm_is_om, WINDOW=plan is not None, BORD=border,
                      SHIFT=plan.shift if plan is not None else 0, CPX=plan.cp if plan is not None else 1,
-                     PIX=pixels, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                     PIX=pixels, DIRECT=direct, DIL=direct and out_mask is None, FM_MODE=fm_mode if direct else 0,
+                     num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                      **({"maxnreg": cfg.maxnreg} if cfg.maxnreg and not INTERPRET else {}),
                      **launch_opts(dev, long_running=True)))
         return out, fm
