@@ -273,9 +273,11 @@ def test_direct_tiles_only_where_each_tile_is_its_programs_alone(monkeypatch):
     """Not above DIRECT_TILE_ITEMS work items, not with K splits (shared workspace) or the excluded kinds
     (channel-split emit, window rows, depthwise), never when the setting is None."""
     cfg = tk.ConvConfig(th=8, tw=8, bn=64, bk=64)
+    assert tk.conv.DIRECT_TILE_ITEMS == 264
     assert tk.conv.direct_tiles(1, (72, 96), cfg, 1, False)  # 108 tiles
-    assert tk.conv.direct_tiles(1, (72, 96), cfg, 4, False)  # 432 items
-    assert not tk.conv.direct_tiles(1, (72, 96), cfg, 8, False)  # 864 items
+    assert tk.conv.direct_tiles(1, (72, 96), cfg, 2, False)  # 216 items
+    assert not tk.conv.direct_tiles(1, (72, 96), cfg, 4, False)  # 432 items
+    assert not tk.conv.direct_tiles(16, (36, 48), cfg, 1, False)  # 16 streams: 480 tiles
     assert not tk.conv.direct_tiles(1, (270, 480), cfg, 1, False)  # 2040 tiles
     assert not tk.conv.direct_tiles(1, (36, 48), tk.ConvConfig(split_k=2), 2, False)
     assert not tk.conv.direct_tiles(1, (36, 48), cfg, 1, True)

@@ -86,10 +86,10 @@ def _conv_gemm_kernel(x_ptr, xm_ptr, w_ptr, out_ptr, om_ptr, res_ptr, rm_ptr, a_
             unit = t
         if DIL:  # the candidate mask is the receptive-field dilation of x's mask (see direct_tiles)
             hit = tl.zeros([P], dtype=tl.int32)
-            for ky in tl.static_range(KH):
-                dy = oy * SH - PT + ky * DH
-                for kx in tl.static_range(KW):
-                    dx = ox * SW - PL + kx * DW
+            for dky in tl.static_range(KH):  # (not ky, kx: the K loop's tensors of those names would be loop-carried)
+                dy = oy * SH - PT + dky * DH
+                for dkx in tl.static_range(KW):
+                    dx = ox * SW - PL + dkx * DW
                     dv = pvalid & (dy >= 0) & (dy < H) & (dx >= 0) & (dx < W)
                     drow = (n * H + dy).to(tl.int64) * W + dx
                     hit = hit | (tl.load(xm_ptr + drow, mask=dv, other=0) != 0).to(tl.int32)
@@ -345,9 +345,11 @@ LATENCY_BOUND_ITEMS: int | None = 256
 # 56.4 vs 53.1: one 8-warp program per SM), Cout 16-32 is even (32->32 3x3: 61.8 vs 59.7).
 LATENCY_BOUND_COUT = (33, 64)
 # Work items of a dense frame (tiles x groups x channel blocks) up to which a conv launches no tile list (see
-# direct_tiles); None: always a list launch (sessions 1-18). YOLOv8n b1 on the H200 (session 16 profile): 55 list
-# launches of ~2.1 us each (119 us of 1.0 ms kernel time) plus their gaps in the replayed graph (~1.7 us each).
-DIRECT_TILE_ITEMS: int | None = 512
+# direct_tiles): two programs on each of an H100's or H200's 132 SMs, one wave of the persistent grid. None: always
+# a list launch (sessions 1-18). H200, YOLOv8n on vtest.avi, ms a delta frame (session 19, same process each):
+# b1 1.03-1.05 (512) / 1.04 (264) against 1.19 (None): 45 of 55 list launches gone, kernel time 1.00 -> 0.88 ms;
+# 16 streams 3.09-3.15 (512: the larger maps' tiles take more than a wave unpacked) / 2.95 (264) / 2.93-2.94 (None).
+DIRECT_TILE_ITEMS: int | None = 264
 # float32 accumulator elements per thread that latency_bound_tile sizes an item's pixels for (32: 1.34 against
 # 1.23 ms a delta frame, the same run)
 FUSED_ACC_PER_THREAD = 16
@@ -492,9 +494,10 @@ def direct_tiles(n: int, out_hw: tuple[int, int], cfg: ConvConfig, per_tile: int
     unit, compute the tile's candidate mask themselves (the receptive-field dilation of the input mask, or the given
     one), write the masks the list launch would have written, and stop at once where the tile has no candidate.
 
-    On a small map all of a dense frame's DIRECT_TILE_ITEMS work items are taken by one or two waves of the
-    persistent grid, so an empty tile costs one mask round trip inside a launch that runs anyway, against a
-    whole launch (and the gap before the next) for the list. Only where each tile's outputs and masks are written
+    On a small map all of a dense frame's DIRECT_TILE_ITEMS work items are taken by one wave of the persistent
+    grid, so an empty tile costs one mask round trip inside a launch that runs anyway, against a whole launch
+    (and the gap before the next) for the list; beyond a wave the list's packing of scattered candidates into
+    full units wins. Only where each tile's outputs and masks are written
     by its own programs alone: one K split (no shared split-K workspace), no channel-split emit (OR_FM), no window
     rows, not depthwise (`excluded`)."""
     if DIRECT_TILE_ITEMS is None or excluded or cfg.split_k != 1:
