@@ -358,10 +358,13 @@ LATENCY_BOUND_COUT = (33, 64)
 # b1 1.03-1.05 (512) / 1.04 (264) against 1.19 (None): 45 of 55 list launches gone, kernel time 1.00 -> 0.88 ms;
 # 16 streams 3.09-3.15 (512: the larger maps' tiles take more than a wave unpacked) / 2.95 (264) / 2.93-2.94 (None).
 DIRECT_TILE_ITEMS: int | None = 264
-# A direct conv that dilates x's mask itself keeps each pixel's tap masks as bits (kernels of up to 31 taps) and
-# its K loop reads them there instead of loading x's mask again per tap (one dependent load less per K step).
-# False: the mask load per K step.
-TAP_BITS = True
+# True: a direct conv that dilates x's mask itself keeps each pixel's tap masks as bits (kernels of up to 31 taps)
+# and its K loop reads them there instead of loading x's mask again per tap (one dependent load less per K step;
+# predicted -2 to -4 us for each of YOLOv8n's twenty 3x3 64->64 convs). Off until timed: it compiles for sm_90a
+# (benchmarks/ptxas_conv.py: the same registers, except 40 bytes of spills in the 80-channel two-pass conv) and
+# matches the reference in the interpreter, but session 19's device time ran out before its GPU run
+# (`gpu_yolo.py --conv-ab TAP_BITS=True`).
+TAP_BITS = False
 # float32 accumulator elements per thread that latency_bound_tile sizes an item's pixels for (32: 1.34 against
 # 1.23 ms a delta frame, the same run)
 FUSED_ACC_PER_THREAD = 16
