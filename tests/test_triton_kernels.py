@@ -207,6 +207,7 @@ DIRECT_CASES = {  # cin, cout, kernel, stride, pad4, dilation, groups; act; resi
     "3x3 s2 + residual (union mask)": ((8, 16, (3, 3), (2, 2), (1, 1, 1, 1), (1, 1), 1), None, True, (4, 8, 16)),
     "3x3 + silu tau>0 fused (emit mask)": ((8, 16, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1), "silu", True, (4, 8, 16)),
     "grouped 3x3 + relu, two passes": ((8, 32, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 2), "relu", False, (8, 8, 8)),
+    "packed K (6 channels), dilated rows": ((6, 16, (3, 3), (1, 1), (2, 2, 1, 1), (2, 1), 1), None, True, (8, 8, 16)),
 }
 
 
