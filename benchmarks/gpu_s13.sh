@@ -90,6 +90,8 @@ for st in "$@"; do
     tail -4 "$OUT/gpu_yolo_s13${TAG}_autotune.txt" | cut -c1-330
     ;;
   esac
+  # packed again after every stage: a call cut by the device's time limit still returns the stages it finished
+  tar czf "$FINAL_OUT/s13_$TAG.tgz" -C "$OUT" .
 done
 echo "=== done at $(( $(date +%s) - t0 )) s"
 tar czf "$FINAL_OUT/s13_$TAG.tgz" -C "$OUT" .
