@@ -635,3 +635,17 @@ def test_frame_range_equals_aminmax(layout: str) -> None:
     assert [str(v) for v in lo] == [str(v) for v in rlo] and [str(v) for v in hi] == [str(v) for v in rhi]
     assert lo[0] == float(x[0].min()) and hi[0] == float(x[0].max()) and hi[2] == float("inf")
     assert lo[1] != lo[1] and hi[1] != hi[1]  # NaN
+
+
+def test_frame_range_over_chunks_of_a_large_frame() -> None:
+    """A frame of several of frame_range's 65,536-float chunks (split over the threads): the least and largest
+    values in different chunks, a NaN only in one image's last chunk."""
+    gen = torch.Generator().manual_seed(72)
+    x = torch.rand(2, 3, 300, 401, generator=gen)  # 360,900 floats an image: 6 chunks, the last partial
+    x[0, 0, 5, 7], x[0, 2, 299, 400] = -3.0, 7.0
+    x[1, 2, 299, 399] = float("nan")
+    lo, hi = FUSED.frame_range(x)
+    assert (lo[0], hi[0]) == (-3.0, 7.0)
+    assert lo[1] != lo[1] and hi[1] != hi[1]
+    y = x[:1].contiguous(memory_format=torch.channels_last)
+    assert FUSED.frame_range(y) == ([-3.0], [7.0])
