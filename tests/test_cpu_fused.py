@@ -638,10 +638,10 @@ def test_frame_range_equals_aminmax(layout: str) -> None:
 
 
 def test_frame_range_over_chunks_of_a_large_frame() -> None:
-    """A frame of several of frame_range's 65,536-float chunks (split over the threads): the least and largest
-    values in different chunks, a NaN only in one image's last chunk."""
+    """A frame of 360,900 floats an image (as a chunked or vectorised pass would split it): the least and largest
+    values far apart, a NaN only near one image's end."""
     gen = torch.Generator().manual_seed(72)
-    x = torch.rand(2, 3, 300, 401, generator=gen)  # 360,900 floats an image: 6 chunks, the last partial
+    x = torch.rand(2, 3, 300, 401, generator=gen)
     x[0, 0, 5, 7], x[0, 2, 299, 400] = -3.0, 7.0
     x[1, 2, 299, 399] = float("nan")
     lo, hi = FUSED.frame_range(x)
