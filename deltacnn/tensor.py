@@ -118,10 +118,10 @@ class DeltaTensor:
     # optional float32 sum of every delta this stream has carried since its keyframe, i.e. its dense
     # value (a nonlinear layer's emitted state E), for consumers that would otherwise keep that sum
     running_sum: Tensor | None = field(default=None, repr=False)
-    # optional: the channel parts of a delta frame's cat whose one consumer, a 1x1 conv, reads them in place
-    # (Backend.cat_in_place); `values` is then a placeholder of the cat's shape holding no data (one element
-    # broadcast), and only that conv (FusedCpuBackend.conv_block) may read the delta: it builds the cat where
-    # its one call does not cover the conv
+    # optional: the channel parts of a cat whose one consumer, a 1x1 conv, reads them in place (Backend.cat_in_place
+    # on delta frames, Backend.dense_cat_in_place on keyframes); `values` is then a placeholder of the cat's shape
+    # holding no data (one element broadcast), and only that conv (FusedCpuBackend.conv_block, DeltaConv2d's dense
+    # path) may read the delta: it builds the cat where its pass does not cover the conv
     parts: tuple["DeltaTensor", ...] | None = field(default=None, repr=False)
 
     @classmethod

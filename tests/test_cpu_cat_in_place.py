@@ -132,3 +132,73 @@ def test_motion_view_steps_turn_cats_in_place_off_while_they_run() -> None:
     with step:
         assert dm.rt.cats_in_place is False
     assert dm.rt.cats_in_place is True
+
+
+def _spy_dense(monkeypatch: pytest.MonkeyPatch, decline: bool = False) -> dict:
+    """Counts the keyframe cats handed over as parts and the dense convs that read them (decline: dense_conv
+    refuses parts, so the conv layer must build the cat itself)."""
+    counts = {"parts_cats": 0, "parts_convs": 0}
+    real_cat, real_conv = FusedCpuBackend.dense_cat_in_place, FusedCpuBackend.dense_conv
+
+    def dense_cat_in_place(self, ds):
+        out = real_cat(self, ds)
+        counts["parts_cats"] += out is not None
+        return out
+
+    def dense_conv(self, x, p, bias, residual, act, state, parts=None):
+        if parts is not None and decline:
+            return None
+        out = real_conv(self, x, p, bias, residual, act, state, parts)
+        counts["parts_convs"] += parts is not None and out is not None
+        return out
+    monkeypatch.setattr(FusedCpuBackend, "dense_cat_in_place", dense_cat_in_place)
+    monkeypatch.setattr(FusedCpuBackend, "dense_conv", dense_conv)
+    return counts
+
+
+@pytest.mark.parametrize("decline", [False, True], ids=["conv_dense reads the parts", "the conv builds the cat"])
+def test_keyframe_cats_in_place_equal_the_written_cats_and_the_reference(decline: bool,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keyframes (every 3rd frame) of the same net: the two marked cats reach conv_dense as parts (C2f's halves are
+    channel views, the neck's parts are of unequal width) and are never written; the frames equal the written
+    cats' bit for bit, the reference backend's and dense PyTorch's. Where dense_conv declines the parts, the conv
+    layer builds the cat and the frames are the same."""
+    _fused()
+    net, frames = _net(), make_video(7, h=24, w=28, noise=0.0)[:, 0]
+
+    def run(in_place: bool, backend: str = "cpu") -> list:
+        dm = deltacnn.convert(net, frames[:1], threshold=0.0, backend=backend, dense_above=None, keyframe_interval=3)
+        dm.rt.cats_in_place = in_place
+        with torch.no_grad():
+            return [dm(frames[t:t + 1]) for t in range(frames.shape[0])]
+    written = run(False)
+    counts = _spy_dense(monkeypatch, decline)
+    outs = {"cpu": run(True), "reference": run(True, "reference")}
+    keyframes = 3  # frames 0, 3, 6
+    assert counts == {"parts_cats": 2 * keyframes, "parts_convs": 0 if decline else 2 * keyframes}, counts
+    for a, b in zip(outs["cpu"], written):
+        assert torch.equal(a, b)
+    assert_cpu_equals_reference_and_dense(outs, net, frames, 7, 1)
+
+
+def test_conv_dense_reads_parts_of_any_channel_strides() -> None:
+    """conv_dense with `parts` (channels_last maps and a channel view of one, widths 8, 16 and 24: taps of 8) gives
+    conv_dense of their torch.cat bit for bit, with and without A."""
+    be = _fused()
+    gen = torch.Generator().manual_seed(9)
+    base = torch.randn(2, 32, 5, 7, generator=gen).contiguous(memory_format=torch.channels_last)
+    parts = (base[:, 8:16], torch.randn(2, 16, 5, 7, generator=gen).contiguous(memory_format=torch.channels_last),
+             base[:, 8:32])
+    conv = nn.Conv2d(48, 20, 1).eval()
+    from deltacnn.activations import ActSpec
+    from deltacnn.geometry import Window
+    from deltacnn.backends.base import ConvParams
+    p = ConvParams(conv.weight.detach(), Window((1, 1), (1, 1), (0, 0, 0, 0), (1, 1)), 1)
+    cat = torch.cat(parts, 1)
+    for act in (None, ActSpec("silu")):
+        outs = []
+        for x, ps in ((cat, None), (torch.empty(()).expand(cat.shape), parts)):
+            a_e = [torch.empty(2, 20, 5, 7).contiguous(memory_format=torch.channels_last) for _ in range(2)]
+            y = be.dense_conv(x, p, conv.bias.detach(), None, act, (lambda shape: tuple(a_e)) if act else None, ps)
+            outs.append((y.clone(), a_e[0].clone() if act else None))
+        assert torch.equal(outs[0][0], outs[1][0]) and (act is None or torch.equal(outs[0][1], outs[1][1]))

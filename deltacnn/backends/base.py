@@ -116,14 +116,22 @@ class Backend:
         return False
 
     def dense_conv(self, x: Tensor, p: ConvParams, bias: Tensor | None, residual: Tensor | None,
-                   act: ActSpec | None, state: Callable[[tuple[int, ...]], tuple[Tensor, Tensor]] | None
-                   ) -> Tensor | None:
+                   act: ActSpec | None, state: Callable[[tuple[int, ...]], tuple[Tensor, Tensor]] | None,
+                   parts: tuple[Tensor, ...] | None = None) -> Tensor | None:
         """Dense frame of a conv with its bias, residual add and activation in one pass, for backends
         that fuse it: returns out = f(conv(x) + bias + residual) (channels_last, float32). On keyframes
         `state(shape)` gives the activation's A and E buffers (float32 channels_last of the output's
         shape), which the pass overwrites with A = conv(x) + bias + residual and E = out; the backend
         may return E itself as out. `state` is None on stateless dense frames and for convs without an
-        activation. None: nothing done, the layer runs its generic path."""
+        activation. `parts`: x is a placeholder, the input is the channel cat of these maps (dense_cat_in_place).
+        None: nothing done, the layer runs its generic path."""
+        return None
+
+    def dense_cat_in_place(self, ds: list[DeltaTensor]) -> DeltaTensor | None:
+        """A dense frame's (keyframe's) channel cat whose one consumer is a 1x1 conv with an activation (as
+        cat_in_place), for backends whose dense_conv reads the parts in place: a keyframe DeltaTensor whose
+        values are a placeholder of the cat's shape and whose parts are the inputs (the cat is never written).
+        None: not handled, the layer runs torch.cat."""
         return None
 
     def upsample_nearest(self, d: DeltaTensor, factors: tuple[int, int]) -> DeltaTensor | None:

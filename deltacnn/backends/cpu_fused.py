@@ -272,9 +272,13 @@ class FusedCpuBackend(ReferenceBackend):
             return buf
 
     def dense_conv(self, x: Tensor, p: ConvParams, bias: Tensor | None, residual: Tensor | None,
-                   act: ActSpec | None, state: Callable[[tuple[int, ...]], tuple[Tensor, Tensor]] | None) -> Tensor | None:
+                   act: ActSpec | None, state: Callable[[tuple[int, ...]], tuple[Tensor, Tensor]] | None,
+                   parts: tuple[Tensor, ...] | None = None) -> Tensor | None:
         if not self._dense_conv_ok(x, p, bias, residual, act):
             return None
+        if parts is not None and (p.groups != 1 or not _pointwise(p.window)
+                                  or any(q.dtype != torch.float32 or q.stride(1) != 1 for q in parts)):
+            return None  # conv_dense reads a cat's parts for 1x1 convs only (the layer builds the cat)
         code = 0 if act is None else EPILOGUE_CODES[act.kind]
         n, _, h, w = x.shape
         cout = p.weight.shape[0]
@@ -292,13 +296,15 @@ class FusedCpuBackend(ReferenceBackend):
                                     act.slope if act is not None else 0.0)
             return out
         packed = p.cached("cpu_panels", lambda: packed_weights(p.weight))
-        if x.stride(1) != 1 or (p.window.kernel[1] > 1 and x.shape[1] < RUNS_CIN and x.stride(3) != x.shape[1]):
+        if parts is not None:  # the cat's parts read in place (x is a placeholder, not read)
+            x = parts[0]
+        elif x.stride(1) != 1 or (p.window.kernel[1] > 1 and x.shape[1] < RUNS_CIN and x.stride(3) != x.shape[1]):
             x = to_cl(x)  # channels contiguous; and a narrow channel view contiguous, for the runs
         if x.stride(1) != 1 and x.shape[1] == 1:  # one channel: channels_last in memory whatever its stride says
             x = x.as_strided(x.shape, (x.stride(0), 1, x.stride(2), x.stride(3)))
         self._k.conv_dense(x, packed, bias,
                            _geometry(n, (h, w), (ho, wo), p.window), to_cl(residual) if residual is not None else None,
-                           out, acc, None, code, lo, hi, act.slope if act is not None else 0.0)
+                           out, acc, None, code, lo, hi, act.slope if act is not None else 0.0, list(parts or ()))
         return out
 
     def conv_block(self, d: DeltaTensor, p: ConvParams, residual: DeltaTensor | None,
@@ -553,6 +559,16 @@ class FusedCpuBackend(ReferenceBackend):
         if any(d.dtype != torch.float32 for d in ds):
             return super().cat(ds)
         return _delta(self._k.merge_streams([_rows(d) for d in ds], [d.mask for d in ds], False))
+
+    def dense_cat_in_place(self, ds: list[DeltaTensor]) -> DeltaTensor | None:
+        """A keyframe's cat for conv_dense's `parts`: float32 inputs whose pixels' channels are contiguous
+        (channels_last maps, or channel views of them: C2f's halves), outside torch.compile."""
+        if not self._gemm or torch.compiler.is_compiling() \
+                or any(d.dtype != torch.float32 or d.parts is not None or d.values.stride(1) != 1 for d in ds):
+            return None
+        n, _, h, w = ds[0].shape
+        placeholder = torch.empty((), dtype=torch.float32).expand(n, sum(d.shape[1] for d in ds), h, w)
+        return DeltaTensor(placeholder, ds[0].mask, dense=True, parts=tuple(ds))
 
     def cat_in_place(self, ds: list[DeltaTensor]) -> DeltaTensor | None:
         """The cat's union mask and its pixels (cpu_kernels.union_masks), the parts kept for the 1x1 conv's

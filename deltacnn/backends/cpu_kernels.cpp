@@ -1527,6 +1527,33 @@ CatTaps cat_taps(const std::vector<torch::Tensor>& rows, const std::vector<torch
   return t;
 }
 
+// The taps of a dense frame's channel cat read in place by a 1x1 conv (conv_dense's `parts`): each part split into
+// taps of `width` channels (the parts' widths' common divisor), in channel order, every pixel live. A part is any
+// float32 (N, Ci, H, W) map whose pixels' channels are contiguous (channels_last, or a channel view of such a map:
+// C2f's halves), read at base + n * sn + y * sy + x * sx.
+struct DenseCatTaps {
+  std::vector<const float*> base;
+  std::vector<int64_t> sn, sy, sx;
+  int64_t width = 0;
+};
+
+DenseCatTaps dense_cat_taps(const std::vector<torch::Tensor>& parts) {
+  DenseCatTaps t;
+  for (const auto& q : parts) t.width = std::gcd(t.width, q.size(1));
+  for (const auto& q : parts) {
+    TORCH_CHECK(q.scalar_type() == torch::kFloat && q.dim() == 4 && q.stride(1) == 1,
+                "each part of a cat read in place must be a float32 (N, C, H, W) map with contiguous channels");
+    const float* base = q.data_ptr<float>();
+    for (int64_t off = 0; off < q.size(1); off += t.width) {
+      t.base.push_back(base + off);
+      t.sn.push_back(q.stride(0));
+      t.sy.push_back(q.stride(2));
+      t.sx.push_back(q.stride(3));
+    }
+  }
+  return t;
+}
+
 }  // namespace
 
 std::vector<torch::Tensor> conv_act_rows_into(torch::Tensor ext, torch::Tensor in_mask, torch::Tensor idx,
@@ -1900,16 +1927,33 @@ __attribute__((target("avx512f"))) void dense_epilogue512(const float* y, const 
 // column dilation, a window row's kw taps are one run of kw * Cin values: the micro-kernel then loops
 // over kh runs instead of kh * kw taps (the RGB stem: 3 runs of 9 values instead of 9 taps of 3);
 // pixels whose window crosses the left or right border get their runs copied with zeros.
+// `parts`: the input is the channel cat of these (N, Ci, H, W) float32 maps, read in place (a 1x1 conv, stride 1, no
+// padding: see DenseCatTaps; a keyframe's cat whose one reader is this conv is then never written); x is not read.
 void conv_dense(torch::Tensor x, torch::Tensor packed, c10::optional<torch::Tensor> bias, std::vector<int64_t> geo,
                 c10::optional<torch::Tensor> residual, torch::Tensor out, c10::optional<torch::Tensor> acc,
-                c10::optional<torch::Tensor> emitted, int64_t code, double lo, double hi, double slope) {
+                c10::optional<torch::Tensor> emitted, int64_t code, double lo, double hi, double slope,
+                std::vector<torch::Tensor> parts) {
   TORCH_CHECK(has_conv_rows(), "conv_dense needs AVX2 and FMA");
   const Geometry g = geometry(geo);
-  TORCH_CHECK(x.scalar_type() == torch::kFloat && x.dim() == 4 && x.size(0) == g.n && x.size(2) == g.h &&
-                  x.size(3) == g.w && x.stride(1) == 1,
-              "x must be a float32 (N, Cin, H, W) tensor of the geometry's input size with contiguous channels");
+  const int64_t taps = g.kh * g.kw, cout = out.size(1), total = g.n * g.ho * g.wo;
+  DenseCatTaps cat;
+  int64_t cin = 0;
+  if (parts.empty()) {
+    TORCH_CHECK(x.scalar_type() == torch::kFloat && x.dim() == 4 && x.size(0) == g.n && x.size(2) == g.h &&
+                    x.size(3) == g.w && x.stride(1) == 1,
+                "x must be a float32 (N, Cin, H, W) tensor of the geometry's input size with contiguous channels");
+    cin = x.size(1);
+  } else {
+    TORCH_CHECK(taps == 1 && g.sh == 1 && g.sw == 1 && g.pt == 0 && g.pl == 0 && g.ho == g.h && g.wo == g.w,
+                "a cat's parts are read in place by a 1x1 conv with stride 1 and no padding only");
+    for (const auto& q : parts) {
+      TORCH_CHECK(q.dim() == 4 && q.size(0) == g.n && q.size(2) == g.h && q.size(3) == g.w,
+                  "each part must be an (N, Ci, H, W) map of the geometry's input size");
+      cin += q.size(1);
+    }
+    cat = dense_cat_taps(parts);
+  }
   TORCH_CHECK(code >= 0 && code <= 5, "unknown activation code ", code);
-  const int64_t cin = x.size(1), taps = g.kh * g.kw, cout = out.size(1), total = g.n * g.ho * g.wo;
   TORCH_CHECK(out.dim() == 4 && out.size(0) == g.n && out.size(2) == g.ho && out.size(3) == g.wo,
               "out must be (N, Cout, Ho, Wo)");
   const int64_t panels = (cout + GEMM_NR - 1) / GEMM_NR;
@@ -1926,11 +1970,14 @@ void conv_dense(torch::Tensor x, torch::Tensor packed, c10::optional<torch::Tens
   const float* rp = residual ? rows_ptr(*residual, total, cout, "residual") : nullptr;
   float* ap = acc ? rows_ptr(*acc, total, cout, "acc") : nullptr;
   float* ep = emitted ? rows_ptr(*emitted, total, cout, "emitted") : nullptr;
-  const float* xp = x.data_ptr<float>();
-  const int64_t sn = x.stride(0), sy = x.stride(2), sx = x.stride(3);
+  const bool from_parts = !parts.empty();
+  const float* xp = from_parts ? nullptr : x.data_ptr<float>();
+  const int64_t sn = from_parts ? 0 : x.stride(0), sy = from_parts ? 0 : x.stride(2), sx = from_parts ? 0 : x.stride(3);
   // runs: a window row is kw consecutive pixels' channels, contiguous in memory
-  const bool runs = g.kw > 1 && g.dw == 1 && sx == cin;
-  const int64_t vt = runs ? g.kh : taps, vk = runs ? g.kw * cin : cin;  // the micro-kernel's taps and depth
+  const bool runs = !from_parts && g.kw > 1 && g.dw == 1 && sx == cin;
+  // the micro-kernel's taps and depth (parts: the cat's taps of its parts' common width)
+  const int64_t vt = from_parts ? static_cast<int64_t>(cat.base.size()) : runs ? g.kh : taps;
+  const int64_t vk = from_parts ? cat.width : runs ? g.kw * cin : cin;
   const float* wp = packed.data_ptr<float>();
   const float flo = lo, fhi = hi, fslope = slope;
   // The GEMM runs a block of GEMM_MR pixels at a time, the epilogue once per chunk of up to `cb` consecutive blocks of
@@ -1956,6 +2003,13 @@ void conv_dense(torch::Tensor x, torch::Tensor packed, c10::optional<torch::Tens
         std::fill(any.begin(), any.end(), 0);
         for (int64_t r = 0; r < GEMM_MR; ++r) {
           const int64_t ox = ox0 + std::min<int64_t>(r, rows - 1);  // rows past the end repeat the last
+          if (from_parts) {  // the pixel in every part (1x1, stride 1, no padding: output pixel = input pixel)
+            for (int64_t t = 0; t < vt; ++t) {
+              src[t * GEMM_MR + r] = cat.base[t] + n * cat.sn[t] + oy * cat.sy[t] + ox * cat.sx[t];
+              any[t] = 1;
+            }
+            continue;
+          }
           if (runs) {
             const int64_t ix0 = ox * g.sw - g.pl;
             const bool inside = ix0 >= 0 && ix0 + g.kw <= g.w;
@@ -2532,7 +2586,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv_rows_delta", &conv_rows_delta, "conv_rows written into a new delta's rows (plain convs)");
   m.def("conv_act_rows", &conv_act_rows, "implicit-GEMM conv with the nonlinear update in its epilogue");
   m.def("depthwise_rows", &depthwise_rows, "depthwise conv at output pixels, optionally with the update");
-  m.def("conv_dense", &conv_dense, "dense conv with bias, residual, activation and the keyframe state writes");
+  m.def("conv_dense", &conv_dense, "dense conv with bias, residual, activation and the keyframe state writes",
+        pybind11::arg("x"), pybind11::arg("packed"), pybind11::arg("bias"), pybind11::arg("geo"),
+        pybind11::arg("residual"), pybind11::arg("out"), pybind11::arg("acc"), pybind11::arg("emitted"),
+        pybind11::arg("code"), pybind11::arg("lo"), pybind11::arg("hi"), pybind11::arg("slope"),
+        pybind11::arg("parts") = std::vector<torch::Tensor>{});
   m.def("set_dw_fused_update", [](bool on) { return dw_fused_update_slot().exchange(on); },
         "depthwise_rows' update fused into its channel loop (true) or after it; returns the previous setting");
   m.def("sole_owner", &sole_owner, "whether nothing but its Python object holds a tensor's storage");

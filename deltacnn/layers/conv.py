@@ -71,7 +71,12 @@ class DeltaConv2d(DeltaLayer):
     def forward(self, d: DeltaTensor, residual: DeltaTensor | None = None) -> DeltaTensor:
         d = check_delta(d, self)
         rt = self.rt
-        if d.dense and (y := self._dense_fused(d.values, residual)) is not None:
+        y = None
+        if d.dense and d.parts is not None:  # a keyframe's cat read in place (Backend.dense_cat_in_place)
+            y = self._dense_fused(d.values, residual, d.parts)
+            if y is None:  # the fused pass declined the parts: the cat is built here, then runs as any keyframe's
+                d = DeltaTensor.keyframe(torch.cat([q.values for q in d.parts], 1))
+        if d.dense and (y is not None or (y := self._dense_fused(d.values, residual)) is not None):
             out = DeltaTensor.keyframe(y)
         elif d.dense:
             # PyTorch adds a conv's bias in its own pass after cuDNN; a backend that fuses the dense
@@ -103,9 +108,11 @@ class DeltaConv2d(DeltaLayer):
                 return out
         return self.record(out, self.macs_per_pixel)
 
-    def _dense_fused(self, x: Tensor, residual: DeltaTensor | None) -> Tensor | None:
+    def _dense_fused(self, x: Tensor, residual: DeltaTensor | None,
+                     parts: tuple[DeltaTensor, ...] | None = None) -> Tensor | None:
         """A dense frame's conv, bias, residual add and activation, with a keyframe's A and E, in one
-        backend pass where the backend has one (Backend.dense_conv); None: the generic path runs."""
+        backend pass where the backend has one (Backend.dense_conv; `parts`: x is the placeholder of a cat read
+        in place); None: the generic path runs."""
         rt = self.rt
         backend = rt.backend_for(x)
         if rt.streams is not None or rt.dtype != torch.float32 or not backend.fuses_dense_conv(x):
@@ -115,7 +122,7 @@ class DeltaConv2d(DeltaLayer):
             def state(shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
                 return self._state_buffer_of("acc", shape, x.device), self._state_buffer_of("emitted", shape, x.device)
         return backend.dense_conv(x, self.params(), self.bias, residual.values if residual is not None else None,
-                                  self.act, state)
+                                  self.act, state, tuple(q.values for q in parts) if parts is not None else None)
 
     def extra_repr(self) -> str:
         w = self.window

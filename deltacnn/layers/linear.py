@@ -34,8 +34,8 @@ class DeltaCat(DeltaLayer):
     """Concatenation along channels.
 
     `read_in_place` (set by the converter, mark_cats_read_in_place): the cat's one consumer is a 1x1 conv that
-    may read its parts in place on delta frames (Backend.cat_in_place) while the runtime allows it
-    (rt.cats_in_place: off while motion's view-step hooks read every layer's values)."""
+    may read its parts in place on delta frames (Backend.cat_in_place) and keyframes (Backend.dense_cat_in_place)
+    while the runtime allows it (rt.cats_in_place: off while motion's view-step hooks read every layer's values)."""
 
     kind = "cat"
     read_in_place = False
@@ -43,6 +43,10 @@ class DeltaCat(DeltaLayer):
     def forward(self, *ds: DeltaTensor) -> DeltaTensor:
         ds = tuple(check_delta(d, self) for d in ds)
         if _same_kind(self, ds):
+            if self.read_in_place and self.rt.cats_in_place:
+                out = self.rt.backend_for(ds[0].values).dense_cat_in_place(list(ds))
+                if out is not None:
+                    return self.record(out)
             return self.record(DeltaTensor.keyframe(torch.cat([d.values for d in ds], 1)))
         backend = self.rt.backend_for(ds[0].values)
         if self.read_in_place and self.rt.cats_in_place:
