@@ -1602,8 +1602,8 @@ def fold_scales(gm: fx.GraphModule) -> int:
 
 def mark_cats_read_in_place(gm: fx.GraphModule) -> int:
     """Set DeltaCat.read_in_place on each cat whose one user is a 1x1 conv with an activation (stride 1, no
-    padding, groups 1) that takes it as its input: on delta frames the conv may read the cat's parts in place
-    (Backend.cat_in_place). Returns how many were marked."""
+    padding, groups 1) that takes it as its input: the conv may read the cat's parts in place (Backend.cat_in_place
+    on delta frames, Backend.dense_cat_in_place on keyframes). Returns how many were marked."""
     mods = dict(gm.named_modules())
     marked = 0
     for n in gm.graph.nodes:
