@@ -306,9 +306,21 @@ def test_borderline_twin_does_not_drop_the_sure_box():
 
 
 # ---- delta conversion ----------------------------------------------------------------------------
-def test_conversion_tau0_equals_dense_over_real_frames(official):
+def test_conversion_tau0_equals_dense_over_real_frames(official, monkeypatch):
     """Every conv a delta layer, only the box decode dense; at threshold 0 the delta model gives the dense
-    output frame after frame (21 real frames, a 96x160 crop with a walker: small, for CI's 2 cores)."""
+    output frame after frame (21 real frames, a 96x160 crop with a walker: small, for CI's 2 cores). On the cpu
+    backend the 13 cats that feed a 1x1 conv alone are read in place on the keyframe and on every delta frame."""
+    from deltacnn.backends.cpu_fused import FusedCpuBackend
+    from deltacnn.layers.linear import DeltaCat
+    in_place = {"keyframe": 0, "delta": 0}
+    for kind, name in (("keyframe", "dense_cat_in_place"), ("delta", "cat_in_place")):
+        real = getattr(FusedCpuBackend, name)
+
+        def spy(self, ds, _real=real, _kind=kind):
+            out = _real(self, ds)
+            in_place[_kind] += out is not None
+            return out
+        monkeypatch.setattr(FusedCpuBackend, name, spy)
     task, model = official
     frames = [np.ascontiguousarray(f[128:224, 464:624]) for f in read_frames(_clip(), max_frames=21, start=120)]
     xs = [task.preprocess(f) for f in frames]
@@ -328,6 +340,10 @@ def test_conversion_tau0_equals_dense_over_real_frames(official):
         torch.testing.assert_close(a[:, 4:], b[:, 4:], rtol=1e-4, atol=1e-4)
         assert task.agreement(task.postprocess(a), task.postprocess(b))["f1"] == 1.0
     assert modes[0] == "keyframe" and modes[1:] == ["delta"] * (len(xs) - 1)
+    assert sum(m.read_in_place for m in dm.graph_module.modules() if isinstance(m, DeltaCat)) == 13
+    backend = dm.rt.backend_on(torch.device("cpu"))
+    if isinstance(backend, FusedCpuBackend) and backend._gemm:  # (where the kernels build)
+        assert in_place == {"keyframe": 13, "delta": 13 * (len(xs) - 1)}, in_place
 
 
 def test_stable_f1_window_is_the_dense_score_within_005_of_conf():
