@@ -259,7 +259,7 @@ SWITCHES = {  # name -> (module, attribute path of the check, what it returns wh
     "pointwise_update": ("deltacnn.backends.cpu_fused", "FusedCpuBackend.pointwise", Wrap(_pointwise_by_reference)),
     # off: a delta frame's cat that feeds a 1x1 conv alone is written (merge_streams) instead of read in place
     "cat_in_place": ("deltacnn.backends.cpu_fused", "FusedCpuBackend.cat_in_place", None),
-    # off: a keyframe's cat that feeds a 1x1 conv alone is written (torch.cat) instead of read by conv_dense (session 19)
+    # off: a keyframe's cat that feeds a 1x1 conv alone is written (torch.cat), not read by conv_dense (session 19)
     "keyframe_cats_in_place": ("deltacnn.backends.cpu_fused", "FusedCpuBackend.dense_cat_in_place", None),
     # conversion-time: off, a batch norm after a transposed conv stays a DeltaScale (session 12)
     "fold_deconv_bn": ("deltacnn.convert", "fold_batchnorms", Wrap(_fold_batchnorms_but_transposed)),

@@ -212,8 +212,8 @@ def _conv_gemm_kernel(x_ptr, xm_ptr, w_ptr, out_ptr, om_ptr, res_ptr, rm_ptr, a_
                                 fm_ptr, slope, min_val, max_val, alpha, tau, HAS_RES, HAS_ACT, FN, SCORE, WRITE_FM,
                                 OR_FM, LOADS_FIRST)
             else:
-                finish_tile(acc, prow, pvalid, om, rm, cols, cvalid, Cout, out_ptr, res_ptr, rm_ptr, a_ptr, e_ptr, fm_ptr,
-                            slope, min_val, max_val, alpha, tau, HAS_RES, HAS_ACT, FN, SCORE, WRITE_FM, OR_FM,
+                finish_tile(acc, prow, pvalid, om, rm, cols, cvalid, Cout, out_ptr, res_ptr, rm_ptr, a_ptr, e_ptr,
+                            fm_ptr, slope, min_val, max_val, alpha, tau, HAS_RES, HAS_ACT, FN, SCORE, WRITE_FM, OR_FM,
                             LOADS_FIRST)
         w += nprog
     if SELF_RESET:
