@@ -360,9 +360,9 @@ LATENCY_BOUND_COUT = (33, 64)
 DIRECT_TILE_ITEMS: int | None = 264
 # True: a direct conv that dilates x's mask itself keeps each pixel's tap masks as bits (kernels of up to 31 taps)
 # and its K loop reads them there instead of loading x's mask again per tap (one dependent load less per K step;
-# predicted -2 to -4 us for each of YOLOv8n's twenty 3x3 64->64 convs). Off until timed: it compiles for sm_90a
-# (benchmarks/ptxas_conv.py: the same registers, except 40 bytes of spills in the 80-channel two-pass conv) and
-# matches the reference in the interpreter, but session 19's device time ran out before its GPU run
+# predicted -2 to -4 us for each of YOLOv8n's fifteen 3x3 convs into 64 channels). Off until timed: it compiles
+# for sm_90a (benchmarks/ptxas_conv.py: the same registers, except 40 bytes of spills in the 80-channel two-pass
+# conv) and matches the reference in the interpreter, but session 19's device time ran out before its GPU run
 # (`gpu_yolo.py --conv-ab TAP_BITS=True`).
 TAP_BITS = False
 # float32 accumulator elements per thread that latency_bound_tile sizes an item's pixels for (32: 1.34 against
