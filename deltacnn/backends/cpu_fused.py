@@ -566,9 +566,7 @@ class FusedCpuBackend(ReferenceBackend):
         if not self._gemm or torch.compiler.is_compiling() \
                 or any(d.dtype != torch.float32 or d.parts is not None or d.values.stride(1) != 1 for d in ds):
             return None
-        n, _, h, w = ds[0].shape
-        placeholder = torch.empty((), dtype=torch.float32).expand(n, sum(d.shape[1] for d in ds), h, w)
-        return DeltaTensor(placeholder, ds[0].mask, dense=True, parts=tuple(ds))
+        return DeltaTensor(_cat_placeholder(ds), ds[0].mask, dense=True, parts=tuple(ds))
 
     def cat_in_place(self, ds: list[DeltaTensor]) -> DeltaTensor | None:
         """The cat's union mask and its pixels (cpu_kernels.union_masks), the parts kept for the 1x1 conv's
@@ -576,9 +574,7 @@ class FusedCpuBackend(ReferenceBackend):
         if not self._gemm or any(d.dtype != torch.float32 or d.parts is not None for d in ds):
             return None
         idx, mask = self._k.union_masks([d.mask for d in ds])
-        n, _, h, w = ds[0].shape
-        placeholder = torch.empty((), dtype=torch.float32).expand(n, sum(d.shape[1] for d in ds), h, w)
-        return DeltaTensor(placeholder, mask, _active=idx, parts=tuple(ds))
+        return DeltaTensor(_cat_placeholder(ds), mask, _active=idx, parts=tuple(ds))
 
     def upsample_nearest(self, d: DeltaTensor, factors: tuple[int, int]) -> DeltaTensor | None:
         if d.dtype != torch.float32:
@@ -591,6 +587,12 @@ class FusedCpuBackend(ReferenceBackend):
         n, c, h, w = d.shape
         ext, values = self._k.slice_rows(_rows(d), d.active(), n, h, w, c, start, stop)
         return DeltaTensor(values, d.mask, _active=d.active(), ext=ext)
+
+
+def _cat_placeholder(ds: list[DeltaTensor]) -> Tensor:
+    """The values of a cat read in place (DeltaTensor.parts): its shape, one float32 element broadcast, no data."""
+    n, _, h, w = ds[0].shape
+    return torch.empty((), dtype=torch.float32).expand(n, sum(d.shape[1] for d in ds), h, w)
 
 
 def fused_cpu_backend() -> ReferenceBackend:
