@@ -214,8 +214,7 @@ DIRECT_CASES = {  # cin, cout, kernel, stride, pad4, dilation, groups; act; resi
 @pytest.mark.parametrize("name", list(DIRECT_CASES))
 def test_direct_tiles_write_every_mask_without_a_list_launch(name, monkeypatch):
     """On a small map the conv takes every tile itself: no tile-list launch, and the masks that launch wrote (the
-    dilated candidate mask, the union with the residual's, the cleared emit mask) are written at every pixel
-    (with the K loop reading x's tap masks from the dilation's bits, or loading them),
+    dilated candidate mask, the union with the residual's, the cleared emit mask) are written at every pixel,
     in the tiles without a candidate too (fresh buffers are poisoned here: True masks, NaN values), equal to the
     reference and to the tile-list path."""
     case, fn, with_res, (th, tw, bn) = DIRECT_CASES[name]
@@ -247,9 +246,8 @@ def test_direct_tiles_write_every_mask_without_a_list_launch(name, monkeypatch):
     cfg = tk.ConvConfig(th=th, tw=tw, bn=bn, bk=16)
     assert tk.conv.direct_tiles(n, (ho, wo), cfg, 1, False)
     got = []
-    for direct, bits in ((264, True), (264, False), (None, True)):  # tap masks kept as bits or loaded; list
+    for direct in (264, None):
         monkeypatch.setattr(tk.conv, "DIRECT_TILE_ITEMS", direct)
-        monkeypatch.setattr(tk.conv, "TAP_BITS", bits)
         lists.clear()
         out = cl(torch.full(y.shape, float("nan"), dtype=dtype if fn else torch.float32, device=DEV))
         kw = dict(residual=res, residual_mask=rm, config=cfg, input_precision="ieee")
@@ -269,8 +267,7 @@ def test_direct_tiles_write_every_mask_without_a_list_launch(name, monkeypatch):
             got.append(fm)
         # one list launch (none) with direct tiles, except the two-pass case's update (sparse_nonlinear, no list)
         assert len(lists) == (0 if direct else 1), lists
-    for other in got[1:]:
-        assert rel(got[0], other) < 1e-6 if fn is None else torch.equal(got[0], other)
+    assert rel(got[0], got[1]) < 1e-6 if fn is None else torch.equal(got[0], got[1])
 
 
 def test_direct_tiles_only_where_each_tile_is_its_programs_alone(monkeypatch):

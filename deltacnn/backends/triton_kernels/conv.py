@@ -39,8 +39,7 @@ def _conv_gemm_kernel(x_ptr, xm_ptr, w_ptr, out_ptr, om_ptr, res_ptr, rm_ptr, a_
                       FIXUP: tl.constexpr, OR_FM: tl.constexpr, PACK_K: tl.constexpr, SELF_RESET: tl.constexpr,
                       LOADS_FIRST: tl.constexpr, XM_IS_OM: tl.constexpr, WINDOW: tl.constexpr,
                       BORD: tl.constexpr, SHIFT: tl.constexpr, CPX: tl.constexpr, PIX: tl.constexpr,
-                      DIRECT: tl.constexpr, DIL: tl.constexpr, FM_MODE: tl.constexpr, TAP_BITS: tl.constexpr,
-                      GDC: tl.constexpr):
+                      DIRECT: tl.constexpr, DIL: tl.constexpr, FM_MODE: tl.constexpr, GDC: tl.constexpr):
     gdc_start(GDC)
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -85,18 +84,16 @@ def _conv_gemm_kernel(x_ptr, xm_ptr, w_ptr, out_ptr, om_ptr, res_ptr, rm_ptr, a_
             pvalid = (oy < Ho) & (ox < Wo)
             prow = (n * Ho + oy).to(tl.int64) * Wo + ox
             unit = t
-        tbits = tl.zeros([P], dtype=tl.int32)
         if DIL:  # the candidate mask is the receptive-field dilation of x's mask (see direct_tiles)
+            hit = tl.zeros([P], dtype=tl.int32)
             for dky in tl.static_range(KH):  # (not ky, kx: the K loop's tensors of those names would be loop-carried)
                 dy = oy * SH - PT + dky * DH
                 for dkx in tl.static_range(KW):
                     dx = ox * SW - PL + dkx * DW
                     dv = pvalid & (dy >= 0) & (dy < H) & (dx >= 0) & (dx < W)
                     drow = (n * H + dy).to(tl.int64) * W + dx
-                    # TAP_BITS: bit ky*KW+kx is x's mask at that tap, so the K loop loads no mask
-                    tbits = tbits | ((tl.load(xm_ptr + drow, mask=dv, other=0) != 0).to(tl.int32)
-                                     << ((dky * KW + dkx) if TAP_BITS else 0))
-            om = (tbits != 0) & pvalid
+                    hit = hit | (tl.load(xm_ptr + drow, mask=dv, other=0) != 0).to(tl.int32)
+            om = (hit != 0) & pvalid
             if rem == 0:  # the tile's first program writes it out
                 tl.store(om_ptr + prow, om.to(tl.uint8), mask=pvalid)
         else:
@@ -147,10 +144,7 @@ def _conv_gemm_kernel(x_ptr, xm_ptr, w_ptr, out_ptr, om_ptr, res_ptr, rm_ptr, a_
                         irow = (n[:, None] * H + iy).to(tl.int64) * W + ix
                     else:
                         irow = (n * H + iy).to(tl.int64) * W + ix
-                    if TAP_BITS:
-                        xm = (((tbits[:, None] >> tap[None, :]) & 1) != 0) & inb
-                    else:
-                        xm = (tl.load(xm_ptr + irow, mask=inb, other=0) != 0) & inb
+                    xm = (tl.load(xm_ptr + irow, mask=inb, other=0) != 0) & inb
                     a = tl.load(x_ptr + irow * Cin + (g * Cg + k % Cg)[None, :], mask=xm, other=0.0)
                     b = tl.load(w_ptr + (g * (KH * KW * Cg) + k)[:, None] * Og + cols_g[None, :],
                                 mask=kv[:, None] & cvalid[None, :], other=0.0)
@@ -165,8 +159,6 @@ def _conv_gemm_kernel(x_ptr, xm_ptr, w_ptr, out_ptr, om_ptr, res_ptr, rm_ptr, a_
                     irow = (n * H + iy).to(tl.int64) * W + ix
                     if XM_IS_OM:  # 1x1, no padding, om computed from x's mask: x's mask at this tap
                         xm = om & live
-                    elif TAP_BITS:  # x's mask at this tap, kept from the dilation
-                        xm = (((tbits >> tap) & 1) != 0) & inb
                     else:
                         xm = (tl.load(xm_ptr + irow, mask=inb, other=0) != 0) & inb
                     k = kc * BK + kk
@@ -358,13 +350,6 @@ LATENCY_BOUND_COUT = (33, 64)
 # b1 1.03-1.05 (512) / 1.04 (264) against 1.19 (None): 45 of 55 list launches gone, kernel time 1.00 -> 0.88 ms;
 # 16 streams 3.09-3.15 (512: the larger maps' tiles take more than a wave unpacked) / 2.95 (264) / 2.93-2.94 (None).
 DIRECT_TILE_ITEMS: int | None = 264
-# True: a direct conv that dilates x's mask itself keeps each pixel's tap masks as bits (kernels of up to 31 taps)
-# and its K loop reads them there instead of loading x's mask again per tap (one dependent load less per K step;
-# predicted -2 to -4 us for each of YOLOv8n's fifteen 3x3 convs into 64 channels). Off until timed: it compiles
-# for sm_90a (benchmarks/ptxas_conv.py: the same registers, except 40 bytes of spills in the 80-channel two-pass
-# conv) and matches the reference in the interpreter, but session 19's device time ran out before its GPU run
-# (`gpu_yolo.py --conv-ab TAP_BITS=True`).
-TAP_BITS = False
 # float32 accumulator elements per thread that latency_bound_tile sizes an item's pixels for (32: 1.34 against
 # 1.23 ms a delta frame, the same run)
 FUSED_ACC_PER_THREAD = 16
@@ -715,7 +700,6 @@ def sparse_conv2d(x: Tensor, x_mask: Tensor, weight: Tensor, out_mask: Tensor | 
                      XM_IS_OM=xm_is_om, WINDOW=plan is not None, BORD=border,
                      SHIFT=plan.shift if plan is not None else 0, CPX=plan.cp if plan is not None else 1,
                      PIX=pixels, DIRECT=direct, DIL=direct and out_mask is None, FM_MODE=fm_mode if direct else 0,
-                     TAP_BITS=TAP_BITS and direct and out_mask is None and plan is None and kh * kw <= 31,
                      num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                      **({"maxnreg": cfg.maxnreg} if cfg.maxnreg and not INTERPRET else {}),
                      **launch_opts(dev, long_running=True)))
