@@ -167,27 +167,29 @@ def profile(model32, base, batch: int, setting: str, start: int = 300, frames: i
 
 def split_settings(setting: str) -> list[str]:
     """'A=1,B=(1,256)' -> ['A=1', 'B=(1,256)']: a comma starts a new setting only before 'NAME='."""
-    return re.split(r",(?=\s*[A-Za-z_]\w*=)", setting)
+    return re.split(r",(?=\s*[A-Za-z_][\w.]*=)", setting)
 
 
 def set_conv_setting(setting: str | None):
-    """Set triton_kernels.conv.NAME to VALUE for each 'NAME=VALUE' of a comma-separated list (None: nothing);
-    returns what restores them. A conversion made after this picks its kernel configs under the settings
+    """Set triton_kernels.conv.NAME (or, for 'backend.NAME', the TritonBackend class's switch NAME) to VALUE for
+    each 'NAME=VALUE' of a comma-separated list (None: nothing); returns what restores them. A conversion made after this picks its kernel configs under the settings
     (default_config reads them per layer)."""
+    from deltacnn.backends.triton_backend import TritonBackend
     from deltacnn.backends.triton_kernels import conv
     if not setting:
         return lambda: None
     olds = {}
     for item in split_settings(setting):
         name, value = item.split("=", 1)
-        if not hasattr(conv, name):
-            raise SystemExit(f"--conv-ab: triton_kernels.conv has no setting {name!r}")
-        olds.setdefault(name, getattr(conv, name))
-        setattr(conv, name, ast.literal_eval(value))
+        owner, attr = (TritonBackend, name[len("backend."):]) if name.startswith("backend.") else (conv, name)
+        if not hasattr(owner, attr):
+            raise SystemExit(f"--conv-ab: {owner.__name__} has no setting {attr!r}")
+        olds.setdefault((owner, attr), getattr(owner, attr))
+        setattr(owner, attr, ast.literal_eval(value))
 
     def restore() -> None:
-        for name, value in olds.items():
-            setattr(conv, name, value)
+        for (owner, attr), value in olds.items():
+            setattr(owner, attr, value)
     return restore
 
 
@@ -215,8 +217,9 @@ def main() -> None:
                     "report in PyTorch ops (gpu_peers.torch_report), as in session 11")
     ap.add_argument("--s11-first", action="store_true", help="time the --s11-form variant first (order A/B)")
     ap.add_argument("--conv-ab", default="", help="NAME=VALUE[,NAME=VALUE...][;...]: every setting also timed with "
-                    "triton_kernels.conv.NAME set to VALUE (a Python literal), after the default, one variant per "
-                    "';'-separated group (the A/B of conv-config settings, e.g. LATENCY_BOUND_ITEMS=None); with "
+                    "triton_kernels.conv.NAME set to VALUE (a Python literal; backend.NAME: the TritonBackend class's "
+                    "switch), after the default, one variant per ';'-separated group (the A/B of conv-config "
+                    "settings, e.g. LATENCY_BOUND_ITEMS=None or backend.fuse_blobs=False); with "
                     "--profile each variant is profiled too")
     ap.add_argument("--peers-only", action="store_true", help="time the dense peers only (e.g. max-autotune in "
                     "a process of its own under a time limit)")

@@ -121,3 +121,29 @@ def test_conv_settings_split_on_commas_before_a_name_only() -> None:
         pytest.skip(f"gpu_yolo not importable here: {e}")
     assert split_settings("A=1,B=(1,256),C=None") == ["A=1", "B=(1,256)", "C=None"]
     assert split_settings("LATENCY_BOUND_COUT=(1, 64)") == ["LATENCY_BOUND_COUT=(1, 64)"]
+
+
+def test_conv_settings_set_backend_switches_and_restore_them() -> None:
+    """--conv-ab 'backend.NAME=VALUE' sets the TritonBackend class's switch (the A/B of fuse_blobs,
+    kernel_upsample), plain names triton_kernels.conv's; both come back, and an unknown name stops the run."""
+    try:
+        from gpu_yolo import set_conv_setting
+        from deltacnn.backends.triton_backend import TritonBackend
+        from deltacnn.backends.triton_kernels import conv
+    except ImportError as e:
+        pytest.skip(f"gpu_yolo not importable here: {e}")
+    before = (TritonBackend.fuse_blobs, TritonBackend.kernel_upsample, conv.DIRECT_TILE_ITEMS)
+    restore = set_conv_setting("backend.fuse_blobs=False,backend.kernel_upsample=False,DIRECT_TILE_ITEMS=None")
+    assert (TritonBackend.fuse_blobs, TritonBackend.kernel_upsample, conv.DIRECT_TILE_ITEMS) == (False, False, None)
+    restore()
+    assert (TritonBackend.fuse_blobs, TritonBackend.kernel_upsample, conv.DIRECT_TILE_ITEMS) == before
+    with pytest.raises(SystemExit, match="no setting"):
+        set_conv_setting("backend.no_such_switch=1")
+
+
+def test_kernel_names_keep_anonymous_namespaces() -> None:
+    from profile_frame import kernel_name
+    assert kernel_name("void at::native::(anonymous namespace)::CatArrayBatchedCopy<float>(float*, int)") == \
+        "void at::native::CatArrayBatchedCopy<float>"
+    assert kernel_name("_conv_gemm_kernel") == "_conv_gemm_kernel"
+    assert kernel_name("void at::native::elementwise_kernel<128, 4>(int, F)") == "void at::native::elementwise_kernel<128, 4>"

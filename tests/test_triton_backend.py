@@ -225,3 +225,81 @@ def test_triton_cat_matches_reference(monkeypatch):
         a, b = ref(clip[t]), fast(clip[t])
         assert float((a - b).norm() / a.norm()) < 1e-4, t
     assert len(calls) == clip.shape[0] - 1  # one per delta frame
+
+
+@pytest.mark.parametrize("refresh_held", [None, 0.5])
+def test_small_blob_gate_runs_in_the_input_kernels_and_equals_the_reference(refresh_held, monkeypatch):
+    """The input layer with min_blob 3 on the Triton backend: its own kernels (tk.sparsify's open_k) send the same
+    pixels and values as the reference backend's gate (max-pool opening, then sparsify) over a few frames of
+    moving blobs and isolated noise; with the refresh rule on (it reads the held-back fraction) the generic path
+    runs, with the same result."""
+    from deltacnn.layers.io import Sparsify
+    from deltacnn.runtime import Runtime
+    from deltacnn.thresholds import Thresholds
+    gen = torch.Generator().manual_seed(71)
+    n, c, h, w = 2, 3, 21, 30
+    clip = [torch.rand(n, c, h, w, generator=gen)]
+    for t in range(4):
+        x = clip[-1].clone()
+        x += 0.5 * torch.randn(n, c, h, w, generator=gen) * (torch.rand(n, 1, h, w, generator=gen) < 0.06)
+        x[:, :, 2 + 3 * t:8 + 3 * t, 4 * t:4 * t + 7] += 0.6
+        clip.append(x)
+    runs = {}
+    for be in ("reference", "triton"):
+        rt = Runtime(Thresholds(input=0.2), backend_name=be, refresh_held=refresh_held)
+        layer = Sparsify(min_blob=3)
+        layer.set_runtime(rt)
+        backend = rt.backend_on(torch.device(DEV))
+        fused = []
+        if be == "triton":
+            blobs = backend.sparsify_blobs
+            monkeypatch.setattr(backend, "sparsify_blobs", lambda *a, **kw: fused.append(blobs(*a, **kw)) or fused[-1])
+        outs = []
+        for t, x in enumerate(clip):
+            rt.keyframe = t == 0
+            d = layer(x.to(DEV))
+            outs.append((d.mask.clone(), d.zero_filled().float().cpu(), layer._state("ref").float().cpu().clone()))
+        runs[be] = outs
+        if be == "triton":  # delta frames went to the input kernels unless the held fraction is wanted
+            assert len(fused) == len(clip) - 1 and all((f is None) == (refresh_held is not None) for f in fused)
+    for t, ((m1, v1, r1), (m2, v2, r2)) in enumerate(zip(runs["reference"], runs["triton"])):
+        assert torch.equal(m1.cpu(), m2.cpu()), f"frame {t}"
+        if t:
+            assert 0 < int(m1.sum()) < m1.numel()
+        torch.testing.assert_close(v2, v1, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(r2, r1, rtol=1e-6, atol=1e-6)
+
+
+class UpsampleNet(nn.Module):
+    """A strided conv, a nearest x2 upsampling (YOLOv8's neck) cat with the full-resolution branch, a conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.up = nn.Upsample(scale_factor=2, mode="nearest")
+        self.c = nn.Conv2d(16, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = torch.relu(self.a(x))
+        return self.c(torch.cat([self.up(torch.relu(self.b(y))), y], 1))
+
+
+@pytest.mark.parametrize("min_blob", [1, 3])
+def test_upsample_and_small_blob_gate_kernels_in_a_model_equal_the_reference(min_blob, monkeypatch):
+    """A converted model with a nearest upsampling and the small-blob input gate on the Triton backend: its own
+    upsampling kernel runs on every delta frame, and the outputs follow the reference backend's."""
+    torch.manual_seed(3)
+    m = UpsampleNet().eval().to(DEV)
+    clip = make_video(6, n=2, h=16, w=16, noise=0.02, seed=9).to(DEV)
+    kw = dict(threshold=0.02, dtype=torch.float32, dense_above=None, min_blob=min_blob)
+    ref = deltacnn.convert(m, clip[0], backend="reference", **kw)
+    fast = deltacnn.convert(m, clip[0], backend="triton", **kw)
+    calls = []
+    up = tk.upsample_nearest
+    monkeypatch.setattr(tk, "upsample_nearest", lambda *a, **k: calls.append(a[2]) or up(*a, **k))
+    for t in range(clip.shape[0]):
+        a, b = ref(clip[t]), fast(clip[t])
+        err = float((a.float() - b.float()).norm() / a.float().norm())
+        assert err < 1e-4, f"frame {t}: {err:.2e}"
+    assert calls == [(2, 2)] * (clip.shape[0] - 1)

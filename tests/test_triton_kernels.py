@@ -863,6 +863,63 @@ def test_sparsify(k, score, dtype):
     assert rel(ref, ref_new) < 1e-7
 
 
+@pytest.mark.parametrize("factors,c,dtype", [((2, 2), 24, torch.float16), ((1, 3), 70, torch.float32),
+                                             ((3, 2), 5, torch.float16)])
+def test_upsample_nearest(factors, c, dtype):
+    """Nearest upsampling of a delta by integer factors, against F.interpolate on the zero-filled delta and its
+    mask (what the generic path, dense_linear, runs); the NaN at unsent pixels never reaches a sent one."""
+    g = torch.Generator().manual_seed(31 + c)
+    v, m = rand_delta(g, 2, c, 5, 7, dtype, p=0.3)
+    out, om = tk.upsample_nearest(v, m, factors)
+    want_m = F.interpolate(m.float(), scale_factor=factors, mode="nearest") > 0
+    want = F.interpolate(zf(v, m), scale_factor=factors, mode="nearest")
+    assert torch.equal(om, want_m) and om.any() and not om.all() and tk._common.is_cl(out)
+    sel = want_m.expand_as(out)
+    assert torch.equal(out[sel].double(), want[sel])
+    with pytest.raises(ValueError, match="integers >= 1"):
+        tk.upsample_nearest(v, m, (0, 2))
+
+
+@pytest.mark.parametrize("k", [3, 5])
+@pytest.mark.parametrize("score,bordered", [("max", False), ("l2", False), ("max", True)])
+def test_sparsify_opened_by_small_blob_gate(k, score, bordered, monkeypatch):
+    """open_k: the sent mask is the changed mask opened by a k x k square, as deltacnn.gating.opening (max pools)
+    computes it, on a frame with isolated changed pixels (held back), blobs of several sizes (kept, or eroded at
+    their edges) and blobs at the image borders; values, reference update and bordered copy as sparsify's."""
+    from deltacnn.backends.triton_kernels import pointwise
+    from deltacnn.gating import opening
+    monkeypatch.setattr(pointwise, "ERODE_PIXELS", 64)  # several erosion programs on a small frame
+    g = torch.Generator().manual_seed(29 + k)
+    n, c, h, w, tau = 2, 3, 19, 27, 0.2
+    ref = torch.rand(n, c, h, w, generator=g)
+    x = ref + 0.5 * torch.randn(n, c, h, w, generator=g) * (torch.rand(n, 1, h, w, generator=g) < 0.1)
+    # (stream, y, x, height, width); the thin ones on the image edge are kept only because the window's
+    # out-of-image pixels do not erode them
+    for (i, y0, x0, sy, sx) in [(0, 3, 4, 6, 6), (0, 0, 0, 4, 4), (1, 10, 21, 6, 6), (1, 15, 2, 3, 3),
+                                (0, 12, 12, 2, 2), (1, 0, 9, 5, 5), (0, 0, 14, k // 2 + 1, 7), (1, 8, 0, 7, k // 2 + 1)]:
+        x[i, :, y0:y0 + sy, x0:x0 + sx] += 0.7
+    x, ref = x.to(DEV), cl(ref.to(DEV))
+    ref0 = ref.clone()
+    dd = x.double() - ref0.double()
+    s = dd.abs().amax(1, keepdim=True) if score == "max" else dd.norm(dim=1, keepdim=True)
+    strong = s > tau
+    want = opening(strong.float(), k) > 0
+    assert 0 < int(want.sum()) < int(strong.sum())  # something sent, something held back
+    buf = tk.bordered_like(n, c, h, w, torch.float16, DEV) if bordered else None
+    d, dm = tk.sparsify(x, ref, tau, 1, score, out_dtype=torch.float16, bordered=buf, open_k=k)
+    assert torch.equal(dm, want)
+    sel = want.expand_as(dd)
+    assert rel(d[sel], dd[sel]) < TOL[torch.float16]
+    assert rel(ref, torch.where(want, ref0.double() + d.double(), ref0.double())) < 1e-7
+    if bordered:
+        bvals, _, border = buf
+        zb = torch.zeros_like(bvals)
+        zb[:, border:border + h, border:border + w, :c] = torch.where(dm, d, torch.zeros((), dtype=d.dtype, device=DEV)).permute(0, 2, 3, 1)
+        assert torch.equal(bvals, zb)
+    with pytest.raises(ValueError, match="open_k must be odd"):
+        tk.sparsify(x, ref, tau, 3, score, open_k=k)
+
+
 @pytest.mark.parametrize("window", [((3, 3), (2, 2), (1, 1, 1, 1)), ((2, 2), (2, 2), (0, 0, 0, 0)),
                                     ((3, 2), (1, 2), (1, 1, 0, 1))])
 def test_maxpool_update(window):

@@ -61,13 +61,14 @@ class Backend:
         raise NotImplementedError
 
     def sparsify_blobs(self, x: Tensor, ref: Tensor, tau: float, score: str, k: int, dtype,
-                       flush: list[bool] | None = None, scratch: dict | None = None) -> tuple[DeltaTensor, Tensor] | None:
+                       flush: list[bool] | None = None, scratch: dict | None = None,
+                       want_held: bool = True) -> tuple[DeltaTensor, Tensor | None] | None:
         """The input layer's delta with the small-blob gate (deltacnn.gating, min_blob k, nothing else of
         the gate) in one pass, for backends that fuse it: the pixels whose change passes tau, opened by a
         k x k square, are sent as `sparsify` sends them; in the streams where `flush` (per stream, a
         refresh "flush" of the whole held-back change) is True every pixel that passes tau is sent. Returns
-        (delta, the (N,) fraction of each stream's pixels that passed tau and were held back); None: not
-        handled. `scratch`: as sparsify's."""
+        (delta, the (N,) fraction of each stream's pixels that passed tau and were held back, or None when
+        not `want_held`); None: not handled. `scratch`: as sparsify's."""
         return None
 
     def frame_range(self, x: Tensor) -> tuple[list[float], list[float]]:

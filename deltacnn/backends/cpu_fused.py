@@ -162,7 +162,8 @@ class FusedCpuBackend(ReferenceBackend):
         return x.dtype == torch.float32 and dtype == torch.float32
 
     def sparsify_blobs(self, x: Tensor, ref: Tensor, tau: float, score: str, k: int, dtype,
-                       flush: list[bool] | None = None, scratch: dict | None = None) -> tuple[DeltaTensor, Tensor] | None:
+                       flush: list[bool] | None = None, scratch: dict | None = None,
+                       want_held: bool = True) -> tuple[DeltaTensor, Tensor | None] | None:
         if not self._blobs_ok(x, dtype):
             return None
         rows_flushed = torch.tensor(flush, dtype=torch.bool) if flush is not None and any(flush) else None

@@ -54,6 +54,10 @@ class TritonBackend(SyncFreeBackend):
     # the input layer also writes a zero-filled, bordered copy of few-channel frames, from which convs
     # such as the RGB stem gather whole window rows without masks (a switch for benchmarks; same results)
     bordered_input = True
+    # the small-blob input gate (min_blob) in the input layer's own kernels, and nearest upsampling of deltas in
+    # a kernel of its own (switches for benchmarks; same results)
+    fuse_blobs = True
+    kernel_upsample = True
     # max pools after a nonlinear layer read its emitted state instead of accumulating their input
     # into a copy of it (a switch for benchmarks; same results)
     pool_reads_running_sum = True
@@ -64,6 +68,23 @@ class TritonBackend(SyncFreeBackend):
         vals, mask = tk.sparsify(x, ref, tau, dilation, score, out_dtype=dtype,  # reads x in its layout
                                  bordered=bordered)
         return DeltaTensor(vals, mask, bordered=Bordered(bordered[0], bordered[2]) if bordered else None)
+
+    def sparsify_blobs(self, x: Tensor, ref: Tensor, tau: float, score: str, k: int, dtype,
+                       flush: list[bool] | None = None, scratch: dict | None = None,
+                       want_held: bool = True) -> tuple[DeltaTensor, Tensor | None] | None:
+        # three launches (score, erosion, dilation + send) instead of ~12 PyTorch ones; flushes and the held
+        # fraction (a reduction the refresh rule alone reads) stay on the generic path
+        if flush is not None or want_held or not self.fuse_blobs:
+            return None
+        bordered = self._bordered_buffers(x, dtype, scratch)
+        vals, mask = tk.sparsify(x, ref, tau, 1, score, out_dtype=dtype, bordered=bordered, open_k=k)
+        return DeltaTensor(vals, mask, bordered=Bordered(bordered[0], bordered[2]) if bordered else None), None
+
+    def upsample_nearest(self, d: DeltaTensor, factors: tuple[int, int]) -> DeltaTensor | None:
+        if not self.kernel_upsample:
+            return None
+        vals, mask = tk.upsample_nearest(to_cl(d.values), d.mask, factors)  # one launch, not ~6 PyTorch ones
+        return DeltaTensor(vals, mask)
 
     def _bordered_buffers(self, x: Tensor, dtype: torch.dtype, scratch: dict | None):
         """The bordered copy (and its flags) this input layer keeps in `scratch`, for frames of few

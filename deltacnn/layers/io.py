@@ -145,7 +145,7 @@ class Sparsify(DeltaLayer):
         if flush is not None and self.rt.refresh.tiled:  # the fused pass sends every held pixel
             return None
         got = backend.sparsify_blobs(x, ref, tau, self.rt.thresholds.score, g.min_blob, self.rt.dtype, flush,
-                                     scratch=self._scratch)
+                                     scratch=self._scratch, want_held=self.rt.refresh_held is not None)
         if got is None:
             return None
         d, held = got

@@ -4,7 +4,7 @@ Public API:
     dilate_mask, active_tiles                     (masks.py)
     sparse_conv2d, prepare_weight, ConvConfig, window_plan, prepare_window_weight   (conv.py)
     sparse_nonlinear, sparse_add, sparse_cat, sparsify, bordered_like, bordered_fits, accumulate_,
-    seed_act_state_                                                                 (pointwise.py)
+    seed_act_state_, upsample_nearest                                               (pointwise.py)
     maxpool_update                                (pool.py)
     delta_report_, report_fits                    (report.py: deltacnn.compile's per-stream report)
     Act                                           (fused nonlinear epilogue spec)
@@ -14,12 +14,12 @@ from .conv import (ConvConfig, WindowPlan, default_config, prepare_weight, prepa
                    window_plan)
 from .masks import active_tiles, dilate_mask, out_size
 from .pointwise import (BORDERED_CP, accumulate_, bordered_fits, bordered_like, seed_act_state_, sparse_add,
-                        sparse_cat, sparse_nonlinear, sparsify)
+                        sparse_cat, sparse_nonlinear, sparsify, upsample_nearest)
 from .pool import maxpool_update
 from .report import delta_report_, report_fits
 
 __all__ = ["ACT_CODES", "Act", "ConvConfig", "default_config", "prepare_weight", "prepare_window_weight",
            "WindowPlan", "window_plan",
            "sparse_conv2d", "active_tiles", "dilate_mask", "out_size", "accumulate_", "seed_act_state_", "sparse_add", "sparse_cat",
-           "sparse_nonlinear", "sparsify", "bordered_like", "bordered_fits", "BORDERED_CP", "maxpool_update",
+           "sparse_nonlinear", "sparsify", "upsample_nearest", "bordered_like", "bordered_fits", "BORDERED_CP", "maxpool_update",
            "delta_report_", "report_fits"]

@@ -340,6 +340,44 @@ def accumulate_(out_state: Tensor, d: Tensor, d_mask: Tensor) -> Tensor:
 
 
 @triton.jit
+def _upsample_kernel(x_ptr, xm_ptr, out_ptr, om_ptr, P, H, W, C: tl.constexpr, SY: tl.constexpr, SX: tl.constexpr,
+                     BP: tl.constexpr, BC: tl.constexpr, GDC: tl.constexpr):
+    gdc_start(GDC)
+    prow = tl.program_id(0).to(tl.int64) * BP + tl.arange(0, BP)  # output pixels (n, y, x), H, W the input's
+    pvalid = prow < P
+    wo = W * SX
+    img = prow // (H * SY * wo)
+    rem = prow - img * (H * SY * wo)
+    src = (img * H + (rem // wo) // SY) * W + (rem % wo) // SX
+    m = (tl.load(xm_ptr + src, mask=pvalid, other=0) != 0) & pvalid
+    if tl.max(m.to(tl.int32), axis=0) > 0:
+        for c0 in range(0, C, BC):
+            cols = c0 + tl.arange(0, BC)
+            m2 = m[:, None] & (cols < C)[None, :]
+            v = tl.load(x_ptr + src[:, None] * C + cols[None, :], mask=m2, other=0.0)
+            tl.store(out_ptr + prow[:, None] * C + cols[None, :], v, mask=m2)
+    tl.store(om_ptr + prow, m.to(tl.uint8), mask=pvalid)
+
+
+def upsample_nearest(x: Tensor, x_mask: Tensor, factors: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """Nearest upsampling of a delta by integer factors (sy, sx): output pixel (y, x) is input pixel
+    (y // sy, x // sx), values (channels_last, at the mask's pixels) and mask alike; one launch."""
+    need_cl(x, "x")
+    n, c, h, w = x.shape
+    sy, sx = (int(f) for f in factors)
+    if sy < 1 or sx < 1:
+        raise ValueError(f"upsampling factors must be integers >= 1, got {factors}")
+    xm = mask_u8(x_mask, (n, 1, h, w), "x_mask")
+    out = new_cl(n, c, h * sy, w * sx, x.dtype, x.device)
+    om = torch.empty(n, 1, h * sy, w * sx, dtype=torch.bool, device=x.device)
+    bp, bc, _ = _blocks(c)
+    P = n * h * sy * w * sx
+    _upsample_kernel[(triton.cdiv(P, bp),)](x, xm, out, om.view(torch.uint8), P, h, w, c, SY=sy, SX=sx, BP=bp, BC=bc,
+                                           **launch_opts(x.device))
+    return out, om
+
+
+@triton.jit
 def _frame_offsets(prow, cols, HW, sN, sP, sC):
     """Offsets of (pixel, channel) in a frame whose pixels are evenly spaced within an image
     (channels_last: sP = C, sC = 1; NCHW: sP = 1, sC = H*W), so frames are read without a copy."""
@@ -382,6 +420,27 @@ def _score_kernel(x_ptr, r_ptr, m_ptr, P, C: tl.constexpr, HW, sN, sP, sC, tau, 
     if SCORE == 1:
         s = tl.sqrt(s)
     tl.store(m_ptr + prow, (s > tau).to(tl.uint8), mask=pvalid)
+
+
+@triton.jit
+def _erode_kernel(m_ptr, out_ptr, P, H, W, K: tl.constexpr, BP: tl.constexpr, GDC: tl.constexpr):
+    """out = m eroded by a K x K square ('same', K // 2): set where every in-image pixel of the window is
+    (out-of-image pixels do not clear it, as a max pool of -m padded with -inf); uint8 (N, 1, H, W) masks."""
+    gdc_start(GDC)
+    prow = tl.program_id(0).to(tl.int64) * BP + tl.arange(0, BP)
+    pvalid = prow < P
+    hw = H * W
+    img = prow // hw
+    y = (prow % hw) // W
+    x = prow % W
+    keep = pvalid & (tl.load(m_ptr + prow, mask=pvalid, other=0) != 0)
+    for ky in tl.static_range(K):
+        iy = y - K // 2 + ky
+        for kx in tl.static_range(K):
+            ix = x - K // 2 + kx
+            v = keep & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
+            keep = keep & ((tl.load(m_ptr + (img * H + iy) * W + ix, mask=v, other=1) != 0) | ~v)
+    tl.store(out_ptr + prow, keep.to(tl.uint8), mask=pvalid)
 
 
 @triton.jit
@@ -448,6 +507,8 @@ def _sparsify_kernel(x_ptr, r_ptr, m0_ptr, out_ptr, fm_ptr, bd_ptr, dirty_ptr, P
     tl.store(fm_ptr + prow, m.to(tl.uint8), mask=pvalid)
 
 
+# Pixels per program of the small-blob gate's erosion (uint8 masks)
+ERODE_PIXELS = 1024
 # Pixels per program of the input layer. The generic 64 made a 1080p RGB frame 32K programs of
 # 256 elements each; a switch only so that benchmarks can compare (same results).
 SPARSIFY_MAX_PIXELS = 1024
@@ -489,11 +550,14 @@ def _sparsify_pixels(c: int) -> int:
 
 def sparsify(x: Tensor, ref: Tensor, tau: float, dilation_k: int = 1, score: str = "max", *,
              out_dtype: torch.dtype | None = None,
-             bordered: tuple[Tensor, Tensor, int] | None = None) -> tuple[Tensor, Tensor]:
+             bordered: tuple[Tensor, Tensor, int] | None = None, open_k: int = 1) -> tuple[Tensor, Tensor]:
     """Input layer: d = x - ref; mask = score_c(d) > tau, dilated by a k x k window ('same', k // 2);
     where mask: delta = d rounded to out_dtype (default x.dtype) and ref += delta (ref float32, in place).
     Returns (delta, mask). x is channels_last or NCHW-contiguous (read in place, any float dtype);
     one launch (two with dilation).
+
+    `open_k` (odd, > 1; not with dilation): the mask is instead opened by an open_k x open_k square (the
+    small-blob gate, deltacnn.gating.opening: erosion, then dilation): three launches.
 
     `bordered`: (values, flags, border) from `bordered_like` (kept between frames, never shared):
     also leaves the zero-filled delta in values (deltacnn.tensor.Bordered), rewriting only the
@@ -525,10 +589,17 @@ def sparsify(x: Tensor, ref: Tensor, tau: float, dilation_k: int = 1, score: str
     else:
         bvals, flags, border, wb = out, fm, 0, 0
     k = int(dilation_k)
-    if k > 1:
+    if open_k > 1 and (k > 1 or open_k % 2 == 0):
+        raise ValueError(f"open_k must be odd and used without dilation, got open_k={open_k}, dilation_k={k}")
+    if open_k > 1 or k > 1:
         m0 = torch.empty(n, 1, h, w, dtype=torch.uint8, device=x.device)
         _score_kernel[grid](x, ref, m0, P, c, h * w, sN, sW, sC, float(tau), SCORE=sc, BP=bp, BC=bc,
                             **launch_opts(x.device))
+        if open_k > 1:  # erode here; the send pass dilates by the same square
+            eroded = torch.empty_like(m0)
+            _erode_kernel[(triton.cdiv(P, ERODE_PIXELS),)](m0, eroded, P, h, w, K=open_k, BP=ERODE_PIXELS,
+                                                           **launch_opts(x.device))
+            m0, k = eroded, open_k
     else:
         m0 = fm.view(torch.uint8)
     _sparsify_kernel[grid](x, ref, m0, out, fm.view(torch.uint8), bvals, flags.view(torch.uint8), P, c, h, w,
