@@ -32,6 +32,7 @@ from gpu_bench import free_memory
 from gpu_peers import dense_peers, torch_report
 
 OFFSET = 3  # frames between consecutive streams
+DELTA_ONLY = 10 ** 9  # a keyframe interval that never comes: profiles of delta frames alone
 
 
 def load_frames(task, frames: int, size: tuple[int, int] | None = None) -> torch.Tensor:
@@ -136,18 +137,19 @@ def delta_macs(model32, base, batch: int, setting: str, start: int, frames: int)
 
 def profile(model32, base, batch: int, setting: str, start: int = 300, frames: int = 12) -> str:
     """Per-kernel and per-conv GPU time of eager delta frames (profile_frame's tables), then the per-kernel
-    time of the same frames replayed by deltacnn.compile next to their replayed time per frame."""
+    time of the same frames replayed by deltacnn.compile next to their replayed time per frame. The thresholds
+    file's keyframe schedule is off here, so that every profiled frame is a delta frame."""
     from profile_frame import conv_layer_profile, kernel_profile, print_profile, replay_profile
     import contextlib
     import io
     clip = torch.stack([batch_at(base, t, batch) for t in range(start, start + frames)])
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        dm = convert(model32, clip[0], setting, dense_above=None)
+        dm = convert(model32, clip[0], setting, dense_above=None, keyframe_interval=DELTA_ONLY)
         total, rows = kernel_profile(dm, clip, warm=4)
         print_profile(f"profile yolov8n N={batch} {setting}", total, rows, top=20)
         del dm
-        dm = convert(model32, clip[0], setting, dense_above=None)
+        dm = convert(model32, clip[0], setting, dense_above=None, keyframe_interval=DELTA_ONLY)
         layers = conv_layer_profile(dm, clip, warm=4)
         for r in layers:
             r["macs"] = r["macs"] / 1e9 if r["macs"] is not None else None
@@ -155,7 +157,7 @@ def profile(model32, base, batch: int, setting: str, start: int = 300, frames: i
             print("no conv kernel of a known name in the profile (profile_frame.CONV_KERNELS)")
         print_table(layers, ["layer", "conv", "in_hw", "out_rate", "macs", "tiles_us", "conv_us", "nonlinear_us"])
         del dm
-        dm = convert(model32, clip[0], setting)
+        dm = convert(model32, clip[0], setting, keyframe_interval=DELTA_ONLY)
         runner = deltacnn.compile(dm, dense_above=None, dense_compile=None)
         wall, total, rows = replay_profile(runner, clip, warm=4)
         print_profile(f"profile yolov8n N={batch} {setting} (graph replay {wall:.3f} ms per frame, "

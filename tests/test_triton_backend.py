@@ -303,3 +303,28 @@ def test_upsample_and_small_blob_gate_kernels_in_a_model_equal_the_reference(min
         err = float((a.float() - b.float()).norm() / a.float().norm())
         assert err < 1e-4, f"frame {t}: {err:.2e}"
     assert calls == [(2, 2)] * (clip.shape[0] - 1)
+
+
+@pytest.mark.parametrize("shortcut", [False, True])
+def test_c2f_halves_are_read_in_place_and_equal_the_reference(shortcut, monkeypatch):
+    """YOLOv8's C2f on the Triton backend: the channel half its bottleneck reads is a view of cv1's output
+    (channel_slice), read in place by the bottleneck's first conv and by the shortcut add; outputs follow the
+    reference backend's over delta frames at tau > 0."""
+    from deltacnn.models import yolov8 as y8
+    from deltacnn.backends.triton_kernels import pointwise
+    torch.manual_seed(4)
+    m = models.randomize_bn_(nn.Sequential(y8.Conv(3, 16, 3, 2), y8.C2f(16, 16, 1, shortcut)), 2).eval().to(DEV)
+    clip = make_video(5, n=1, h=16, w=24, noise=0.01, seed=3).to(DEV)
+    kw = dict(threshold=0.01, dtype=torch.float32, dense_above=None)
+    ref = deltacnn.convert(m, clip[0], backend="reference", **kw)
+    fast = deltacnn.convert(m, clip[0], backend="triton", **kw)
+    strided = []
+    conv, add = tk.sparse_conv2d, pointwise.sparse_add
+    monkeypatch.setattr(tk, "sparse_conv2d", lambda x, *a, **k: strided.append(("conv", tk._common.is_cl(x))) or conv(x, *a, **k))
+    monkeypatch.setattr(tk, "sparse_add", lambda a, *r, **k: strided.append(("add", tk._common.is_cl(a))) or add(a, *r, **k))
+    for t in range(clip.shape[0]):
+        a, b = ref(clip[t]), fast(clip[t])
+        err = float((a.float() - b.float()).norm() / a.float().norm())
+        assert err < 1e-4, f"frame {t}: {err:.2e}"
+    views = {k for k, is_cl in strided if not is_cl}
+    assert views == ({"conv", "add"} if shortcut else {"conv"}), strided

@@ -627,6 +627,56 @@ def test_sparse_conv2d_fused_act(variant, fn, loads_first, monkeypatch):
     check_nonlinear(o, fm, A, E, ref, TOL[dtype] * 2, tau, 0.02)
 
 
+SLICE_CASES = {  # conv case, act (fused / two-pass / none), config
+    "3x3-act-res": ((16, 16, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1), "silu", None),
+    "1x1-none": ((16, 24, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 1), None, None),
+    "packed-k": ((3, 16, (3, 3), (2, 2), (1, 1, 1, 1), (1, 1), 1), "relu", None),
+    "split-k-res": ((16, 16, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1), None,
+                    tk.ConvConfig(th=16, tw=8, bn=16, bk=16, split_k=2, programs_per_sm=3)),
+    "twopass-res": ((16, 24, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1), "silu", tk.ConvConfig(th=16, tw=16, bn=16, bk=16)),
+    "depthwise-res": ((16, 16, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 16), "relu", None),
+}
+
+
+@pytest.mark.parametrize("name", list(SLICE_CASES))
+@pytest.mark.usefixtures("tile_lists")
+def test_sparse_conv2d_reads_channel_slices_in_place(name):
+    """x and the residual as channel slices of wider channels_last maps (C2f's halves, TritonBackend.channel_slice)
+    give exactly what their channels_last copies give: output, emit mask and states; the depthwise kernel
+    copies them first. A tensor that is neither raises."""
+    case, fn, cfg = SLICE_CASES[name]
+    cin, cout = case[0], case[1]
+    dtype = torch.float16
+    g, x, xm, wt, om = _conv_inputs(8, case, dtype)
+    ho, wo = om.shape[2:]
+    wide = cl(torch.randn(2, 2 * cin + 3, *x.shape[2:], generator=g).to(DEV).to(dtype))
+    wide[:, cin + 3:] = x  # x at channels [cin + 3, 2 cin + 3): an odd offset and stride
+    xv = wide[:, cin + 3:]
+    res, rm = rand_delta(g, 2, cout, ho, wo, dtype, 0.2)
+    with_res = name.endswith("-res")
+    rwide = cl(torch.randn(2, cout + 8, ho, wo, generator=g).to(DEV).to(dtype))
+    rwide[:, 8:] = res
+    rv = rwide[:, 8:]
+    assert not tk._common.is_cl(xv) and not tk._common.is_cl(rv)
+    outs = []
+    for xi, ri in ((x, res), (xv, rv)):
+        act = None
+        if fn is not None:
+            A = cl(torch.randn(2, cout, ho, wo, generator=torch.Generator().manual_seed(1)).to(DEV))
+            act = tk.Act(fn, A, A.clone() * 0.5, 0.05)
+        kw = dict(residual=ri, residual_mask=rm) if with_res else {}
+        out = cl(torch.full((2, cout, ho, wo), float("nan"), dtype=dtype if fn else torch.float32, device=DEV))
+        y, fm = tk.sparse_conv2d(xi, xm, wt, om, case[3], case[4], case[5], case[6], out, act=act, config=cfg,
+                                 input_precision="ieee", **kw)
+        outs.append((torch.where(fm, y, 0), fm, act))
+    (y1, m1, a1), (y2, m2, a2) = outs
+    assert torch.equal(m1, m2) and m1.any() and torch.equal(y1, y2)
+    if a1 is not None:
+        assert torch.equal(a1.acc, a2.acc) and torch.equal(a1.emitted, a2.emitted)
+    with pytest.raises(ValueError, match="channels_last memory, or a channel slice"):
+        tk.sparse_conv2d(x.contiguous(), xm, wt, om, case[3], case[4], case[5], case[6])
+
+
 def test_latency_bound_config_is_for_64_channels():
     """The measured rule (H200, YOLOv8n): a small map's 3x3 conv + update takes the latency-bound config at Cout 64,
     not at 32 or 80-256."""
@@ -814,6 +864,21 @@ def test_seed_act_state_checks_layouts():
         tk.seed_act_state_(cl(y), None, A, None, "relu")
     with pytest.raises(ValueError, match="bias"):
         tk.seed_act_state_(cl(y), None, A, A.clone(), "relu", torch.ones(3, device=DEV))
+
+
+def test_sparse_add_reads_channel_slices_in_place():
+    """C2f's shortcut add of a channel half: a and b as channel slices of wider maps equal their copies."""
+    g = torch.Generator().manual_seed(19)
+    a, am = rand_delta(g, 2, 24, 6, 5, torch.float16)
+    b, bm = rand_delta(g, 2, 24, 6, 5, torch.float16)
+    wa = cl(torch.randn(2, 48, 6, 5, generator=g).to(DEV).half())
+    wb = cl(torch.randn(2, 29, 6, 5, generator=g).to(DEV).half())
+    wa[:, 24:], wb[:, 5:] = a, b
+    s1, m1 = tk.sparse_add(a, am, b, bm)
+    s2, m2 = tk.sparse_add(wa[:, 24:], am, wb[:, 5:], bm)
+    assert torch.equal(m1, m2) and torch.equal(torch.where(m1, s1, 0), torch.where(m2, s2, 0))
+    with pytest.raises(ValueError, match="channel slice"):
+        tk.sparse_add(a.contiguous(), am, b, bm)
 
 
 @pytest.mark.parametrize("c", [3, 40, 260])

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ..activations import ActSpec
 from ..geometry import Window
-from ..tensor import Bordered, DeltaTensor, to_cl
+from ..tensor import Bordered, DeltaTensor, channel_view, to_cl
 from . import triton_kernels as tk
 from .triton_kernels._common import INTERPRET, is_cl
 from .base import ConvParams, PointwiseState
@@ -30,6 +30,12 @@ def _act(st: PointwiseState) -> tk.Act:
 def _fused(spec: ActSpec) -> bool:
     """Whether the kernels apply this activation themselves (PReLU's per-channel slope: PyTorch path)."""
     return spec.kind != "prelu"
+
+
+def _read_in_place(v: Tensor) -> Tensor:
+    """A conv's (or add's) input values as sparse_conv2d and sparse_add read them: channels_last, or a channel
+    slice of a channels_last map in place (channel_slice's views); anything else copied to channels_last."""
+    return v if channel_view(v) else to_cl(v)
 
 
 def _flat_alike(y: Tensor, residual: Tensor | None) -> bool:
@@ -58,6 +64,8 @@ class TritonBackend(SyncFreeBackend):
     # a kernel of its own (switches for benchmarks; same results)
     fuse_blobs = True
     kernel_upsample = True
+    # a delta's channel slice is a view that convs and adds read in place (a switch for benchmarks; same results)
+    slice_views = True
     # max pools after a nonlinear layer read its emitted state instead of accumulating their input
     # into a copy of it (a switch for benchmarks; same results)
     pool_reads_running_sum = True
@@ -79,6 +87,13 @@ class TritonBackend(SyncFreeBackend):
         bordered = self._bordered_buffers(x, dtype, scratch)
         vals, mask = tk.sparsify(x, ref, tau, 1, score, out_dtype=dtype, bordered=bordered, open_k=k)
         return DeltaTensor(vals, mask, bordered=Bordered(bordered[0], bordered[2]) if bordered else None), None
+
+    def channel_slice(self, d: DeltaTensor, start: int, stop: int) -> DeltaTensor:
+        # a view (C2f's halves): the convs read it in place (sparse_conv2d's pixel strides), every other
+        # consumer through to_cl, which copies it then
+        if not self.slice_views or not channel_view(d.values):
+            return super().channel_slice(d, start, stop)
+        return DeltaTensor(d.values[:, start:stop], d.mask, _active=d._active)
 
     def upsample_nearest(self, d: DeltaTensor, factors: tuple[int, int]) -> DeltaTensor | None:
         if not self.kernel_upsample:
@@ -115,7 +130,7 @@ class TritonBackend(SyncFreeBackend):
         # None: the tile-list launch dilates the input mask itself (one launch less per conv)
         out_mask = None if self.fuse_dilation else \
             tk.dilate_mask(d.mask, win.kernel, win.stride, win.padding, win.dilation, out_hw)
-        x = to_cl(d.values)
+        x = _read_in_place(d.values)
         prepared = p.cached(f"triton_{x.dtype}", lambda: tk.prepare_weight(p.weight, p.groups, x.dtype))
         # this layer's tile counter, left zeroed by each call (no zeroing launch per frame)
         counter = p.cached(f"triton_counter_{x.device}", lambda: torch.zeros(2, dtype=torch.int32, device=x.device)) \
@@ -124,7 +139,7 @@ class TritonBackend(SyncFreeBackend):
         out_dtype = p.weight.dtype if act is not None else torch.float32
         y, ym = tk.sparse_conv2d(
             x, d.mask, p.weight, out_mask, win.stride, win.padding, win.dilation, p.groups,
-            residual=to_cl(residual.values) if residual is not None else None,
+            residual=_read_in_place(residual.values) if residual is not None else None,
             residual_mask=residual.mask if residual is not None else None,
             act=_act(act) if act is not None else None, out_dtype=out_dtype, input_precision=_precision(),
             prepared=prepared, out_hw=out_hw, counter=counter, **self._window(d, p, out_hw))
@@ -191,5 +206,5 @@ class TritonBackend(SyncFreeBackend):
     def add(self, a: DeltaTensor, b: DeltaTensor) -> DeltaTensor:
         if a.shape != b.shape:
             raise ValueError(f"delta add needs equal shapes, got {tuple(a.shape)} and {tuple(b.shape)}")
-        out, mask = tk.sparse_add(to_cl(a.values), a.mask, to_cl(b.values), b.mask)
+        out, mask = tk.sparse_add(_read_in_place(a.values), a.mask, _read_in_place(b.values), b.mask)
         return DeltaTensor(out, mask)

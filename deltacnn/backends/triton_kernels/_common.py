@@ -10,6 +10,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ...activations import SCORE_CODES
+from ...tensor import channel_view
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -76,6 +77,16 @@ def is_cl(t: Tensor) -> bool:
     n, c, h, w = t.shape
     return t.stride() == (h * w * c, 1, w * c, c) or t.numel() == 0 or \
         t.permute(0, 2, 3, 1).is_contiguous()
+
+
+def pixel_stride(t: Tensor, name: str) -> int:
+    """Elements between consecutive pixels of a (N, C, H, W) map that is channels_last or a channel slice of
+    a channels_last map (tensor.channel_view: C2f's halves, read in place by the convs); raises otherwise."""
+    if is_cl(t):
+        return t.shape[1]
+    if channel_view(t):
+        return t.stride(3)
+    raise ValueError(f"{name} must be (N, C, H, W) in channels_last memory, or a channel slice of such a map")
 
 
 def need_cl(t: Tensor, name: str) -> Tensor:
@@ -274,14 +285,15 @@ def emit_truncated(o, e, cand, m2, cvalid, offs, prow, pvalid, out_ptr, e_ptr, f
 
 
 @triton.jit
-def finish_tile(acc, prow, pvalid, omask, rmask, cols, cvalid, C,
+def finish_tile(acc, prow, pvalid, omask, rmask, cols, cvalid, C, RS,
                 out_ptr, res_ptr, rmask_ptr, a_ptr, e_ptr, fm_ptr,
                 slope, min_val, max_val, alpha, tau,
                 HAS_RES: tl.constexpr, HAS_ACT: tl.constexpr, FN: tl.constexpr, SCORE: tl.constexpr,
                 WRITE_FM: tl.constexpr, OR_FM: tl.constexpr, LOADS_FIRST: tl.constexpr):
     """Epilogue for a [P, C] float32 tile `acc` of pixels `prow` (int64 rows of a (pixels, C) matrix).
 
-    Adds the residual where its mask is set; without an activation stores acc at candidate pixels
+    Adds the residual (its pixels RS elements apart: a channel slice of a wider map reads in place) where its
+    mask is set; without an activation stores acc at candidate pixels
     (omask | residual mask) and, if WRITE_FM, the candidate mask; with one runs the nonlinear delta
     update (all C channels must be in this tile, or OR_FM: see emit_truncated) and writes the emit mask
     for every valid pixel (OR_FM: sets it where this tile's channels changed).
@@ -298,7 +310,7 @@ def finish_tile(acc, prow, pvalid, omask, rmask, cols, cvalid, C,
             rm = rmask
         else:
             rm = tl.load(rmask_ptr + prow, mask=pvalid, other=0) != 0
-        r = tl.load(res_ptr + offs, mask=rm[:, None] & cvalid[None, :], other=0.0)
+        r = tl.load(res_ptr + prow[:, None] * RS + cols[None, :], mask=rm[:, None] & cvalid[None, :], other=0.0)
         acc = acc + r.to(tl.float32)
         cand = cand | rm
     m2 = cand[:, None] & cvalid[None, :]

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ...tensor import Bordered
 from ._common import (INTERPRET, Act, as_act, check_state, finish_tile, gdc_start, kernel_residency, launch_opts,
-                      mask_u8, need_cl, new_cl, npow2, num_sms)
+                      mask_u8, need_cl, new_cl, npow2, num_sms, pixel_stride)
 from .masks import active_tiles, out_size
 from .pointwise import sparse_nonlinear
 
@@ -27,7 +27,7 @@ from .pointwise import sparse_nonlinear
 @triton.jit
 def _conv_gemm_kernel(x_ptr, xm_ptr, w_ptr, out_ptr, om_ptr, res_ptr, rm_ptr, a_ptr, e_ptr, fm_ptr,
                       ids_ptr, count_ptr, ws_ptr, ctr_ptr,
-                      H, W, Ho, Wo, Cin, Cout, Cg, Og, n_tw, tiles_per_img, n_direct,
+                      H, W, Ho, Wo, XS, RS, Cout, Cg, Og, n_tw, tiles_per_img, n_direct,
                       slope, min_val, max_val, alpha, tau,
                       KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
                       DH: tl.constexpr, DW: tl.constexpr, PT: tl.constexpr, PL: tl.constexpr,
@@ -145,7 +145,7 @@ def _conv_gemm_kernel(x_ptr, xm_ptr, w_ptr, out_ptr, om_ptr, res_ptr, rm_ptr, a_
                     else:
                         irow = (n * H + iy).to(tl.int64) * W + ix
                     xm = (tl.load(xm_ptr + irow, mask=inb, other=0) != 0) & inb
-                    a = tl.load(x_ptr + irow * Cin + (g * Cg + k % Cg)[None, :], mask=xm, other=0.0)
+                    a = tl.load(x_ptr + irow * XS + (g * Cg + k % Cg)[None, :], mask=xm, other=0.0)
                     b = tl.load(w_ptr + (g * (KH * KW * Cg) + k)[:, None] * Og + cols_g[None, :],
                                 mask=kv[:, None] & cvalid[None, :], other=0.0)
                 else:
@@ -163,7 +163,7 @@ def _conv_gemm_kernel(x_ptr, xm_ptr, w_ptr, out_ptr, om_ptr, res_ptr, rm_ptr, a_
                         xm = (tl.load(xm_ptr + irow, mask=inb, other=0) != 0) & inb
                     k = kc * BK + kk
                     kv = (k < Cg) & live
-                    a = tl.load(x_ptr + irow[:, None] * Cin + (g * Cg + k)[None, :], mask=xm[:, None] & kv[None, :],
+                    a = tl.load(x_ptr + irow[:, None] * XS + (g * Cg + k)[None, :], mask=xm[:, None] & kv[None, :],
                                 other=0.0)
                     b = tl.load(w_ptr + ((g * (KH * KW) + tap) * Cg + k)[:, None] * Og + cols_g[None, :],
                                 mask=kv[:, None] & cvalid[None, :], other=0.0)
@@ -179,7 +179,7 @@ def _conv_gemm_kernel(x_ptr, xm_ptr, w_ptr, out_ptr, om_ptr, res_ptr, rm_ptr, a_
                 if HAS_RES:
                     if not LOADS_FIRST:
                         rm = (tl.load(rm_ptr + prow, mask=pvalid, other=0) != 0) & pvalid
-                    rv = tl.load(res_ptr + prow[:, None] * Cout + cols[None, :],
+                    rv = tl.load(res_ptr + prow[:, None] * RS + cols[None, :],
                                  mask=(rm & (ks == 0))[:, None] & cvalid[None, :], other=0.0)
                     acc = acc + rv.to(tl.float32)
                     cand = cand | rm
@@ -200,11 +200,11 @@ def _conv_gemm_kernel(x_ptr, xm_ptr, w_ptr, out_ptr, om_ptr, res_ptr, rm_ptr, a_
                 old = tl.atomic_add(ctr_ptr + unit.to(tl.int64) * (G * NB) + g * NB + nb, 1, sem="acq_rel")
                 if old == SPLIT_K - 1:
                     tot = tl.load(ws_ptr + woffs, mask=wmask, other=0.0, cache_modifier=".cg")
-                    finish_tile(tot, prow, pvalid, om, rm, cols, cvalid, Cout, out_ptr, res_ptr, rm_ptr, a_ptr, e_ptr,
+                    finish_tile(tot, prow, pvalid, om, rm, cols, cvalid, Cout, RS, out_ptr, res_ptr, rm_ptr, a_ptr, e_ptr,
                                 fm_ptr, slope, min_val, max_val, alpha, tau, HAS_RES, HAS_ACT, FN, SCORE, WRITE_FM,
                                 OR_FM, LOADS_FIRST)
             else:
-                finish_tile(acc, prow, pvalid, om, rm, cols, cvalid, Cout, out_ptr, res_ptr, rm_ptr, a_ptr, e_ptr,
+                finish_tile(acc, prow, pvalid, om, rm, cols, cvalid, Cout, RS, out_ptr, res_ptr, rm_ptr, a_ptr, e_ptr,
                             fm_ptr, slope, min_val, max_val, alpha, tau, HAS_RES, HAS_ACT, FN, SCORE, WRITE_FM, OR_FM,
                             LOADS_FIRST)
         w += nprog
@@ -269,7 +269,7 @@ def _conv_dw_kernel(x_ptr, xm_ptr, w_ptr, out_ptr, om_ptr, res_ptr, rm_ptr, a_pt
                 xv = tl.load(x_ptr + irow[:, None] * C + cols[None, :], mask=xm[:, None] & cvalid[None, :], other=0.0)
                 wv = tl.load(w_ptr + (ky * KW + kx) * C + cols, mask=cvalid, other=0.0)
                 acc += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
-        finish_tile(acc, prow, pvalid, om, rm, cols, cvalid, C, out_ptr, res_ptr, rm_ptr, a_ptr, e_ptr, fm_ptr,
+        finish_tile(acc, prow, pvalid, om, rm, cols, cvalid, C, C, out_ptr, res_ptr, rm_ptr, a_ptr, e_ptr, fm_ptr,
                     slope, min_val, max_val, alpha, tau, HAS_RES, HAS_ACT, FN, SCORE, WRITE_FM, OR_FM, LOADS_FIRST)
         w += nprog
     if SELF_RESET:
@@ -538,7 +538,8 @@ def sparse_conv2d(x: Tensor, x_mask: Tensor, weight: Tensor, out_mask: Tensor | 
                   bordered: Bordered | None = None, window_weight: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Sparse conv of a delta (no bias) at the candidate pixels out_mask | residual_mask.
 
-    x: (N, Cin, H, W) channels_last fp16/bf16/fp32, zero where x_mask (N, 1, H, W) bool is 0 (never read).
+    x: (N, Cin, H, W) channels_last fp16/bf16/fp32 (or a channel slice of a channels_last map, read in place;
+    so may `residual` be), zero where x_mask (N, 1, H, W) bool is 0 (never read).
     weight: (Cout, Cin/groups, kh, kw) (or pass `prepared=prepare_weight(weight, groups, x.dtype)`).
     out_mask: (N, 1, Ho, Wo) bool, or None to compute it (the receptive-field dilation of x_mask, as
     dilate_mask does) inside the tile-list launch; `out_hw` then overrides the floor-mode output size.
@@ -554,7 +555,7 @@ def sparse_conv2d(x: Tensor, x_mask: Tensor, weight: Tensor, out_mask: Tensor | 
     where `window_plan` allows, the conv reads whole window rows of it instead of gathering x per tap
     (`window_weight`: prepare_window_weight's result for that plan, else made here).
     """
-    need_cl(x, "x")
+    xs = pixel_stride(x, "x")
     n, cin, h, w = x.shape
     cout, cg, kh, kw = weight.shape
     if cin != cg * groups or cout % groups:
@@ -580,8 +581,9 @@ def sparse_conv2d(x: Tensor, x_mask: Tensor, weight: Tensor, out_mask: Tensor | 
         need_cl(out, "out")
         if tuple(out.shape) != (n, cout, ho, wo):
             raise ValueError(f"out must have shape {(n, cout, ho, wo)}")
+    rs = cout
     if residual is not None:
-        need_cl(residual, "residual")
+        rs = pixel_stride(residual, "residual")
         if tuple(residual.shape) != (n, cout, ho, wo) or residual_mask is None:
             raise ValueError(f"residual must have shape {(n, cout, ho, wo)} and come with residual_mask")
         rmu = mask_u8(residual_mask, (n, 1, ho, wo), "residual_mask")
@@ -589,6 +591,10 @@ def sparse_conv2d(x: Tensor, x_mask: Tensor, weight: Tensor, out_mask: Tensor | 
         check_state(act.acc, (n, cout, ho, wo), "act.acc")
         check_state(act.emitted, (n, cout, ho, wo), "act.emitted")
     depthwise = cg == 1 and og == 1
+    if depthwise and (xs != cin or rs != cout):  # the depthwise kernel reads whole channels_last maps
+        x = x.contiguous(memory_format=torch.channels_last)
+        residual = residual.contiguous(memory_format=torch.channels_last) if residual is not None else None
+        xs, rs = cin, cout
     if prepared is None:
         prepared = prepare_weight(weight, groups, x.dtype)
     if prepared.dtype != x.dtype:
@@ -688,7 +694,7 @@ def sparse_conv2d(x: Tensor, x_mask: Tensor, weight: Tensor, out_mask: Tensor | 
             and not pack and plan is None
         _launch(_conv_gemm_kernel, work, cfg, dev,
                 (x_in, xm, w_in, out, om, res, rm, a_t, e_t, fm.view(torch.uint8), ids, count,
-                 ws if fixup else out, ctr if fixup else ids, hx, wx, ho, wo, cin, cout, cg, og, n_tw, tpi,
+                 ws if fixup else out, ctr if fixup else ids, hx, wx, ho, wo, xs, rs, cout, cg, og, n_tw, tpi,
                  n_tiles if direct else 0, *ap),
                 dict(KH=kh, KW=kw, SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1],
                      PT=padding[0], PL=padding[2], TH=cfg.th, TW=cfg.tw, BN=bn, BK=bk, NB=nb, G=groups,

@@ -15,7 +15,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import (SCORE_CODES, Act, apply_act, check_state, finish_tile, gdc_start, launch_opts, mask_u8,
-                      need_cl, new_cl, npow2)
+                      need_cl, new_cl, npow2, pixel_stride)
 
 
 def _blocks(c: int) -> tuple[int, int, int]:
@@ -39,7 +39,7 @@ def _nonlinear_kernel(d_ptr, dm_ptr, a_ptr, e_ptr, out_ptr, fm_ptr, P, C: tl.con
             cols = tl.arange(0, BC)
             cvalid = cols < C
             d = tl.load(d_ptr + prow[:, None] * C + cols[None, :], mask=dm[:, None] & cvalid[None, :], other=0.0)
-            finish_tile(d.to(tl.float32), prow, pvalid, dm, dm, cols, cvalid, C, out_ptr, out_ptr, dm_ptr, a_ptr,
+            finish_tile(d.to(tl.float32), prow, pvalid, dm, dm, cols, cvalid, C, C, out_ptr, out_ptr, dm_ptr, a_ptr,
                         e_ptr, fm_ptr, slope, min_val, max_val, alpha, tau, False, True, FN, SCORE, False, False, True)
         else:
             s = tl.zeros([BP], dtype=tl.float32)
@@ -166,7 +166,7 @@ def seed_act_state_(y: Tensor, residual: Tensor | None, acc: Tensor | None, emit
 
 
 @triton.jit
-def _add_kernel(a_ptr, am_ptr, b_ptr, bm_ptr, out_ptr, fm_ptr, P, C: tl.constexpr,
+def _add_kernel(a_ptr, am_ptr, b_ptr, bm_ptr, out_ptr, fm_ptr, P, C: tl.constexpr, SA, SB,
                 HAS_B: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr, GDC: tl.constexpr):
     gdc_start(GDC)
     prow = tl.program_id(0).to(tl.int64) * BP + tl.arange(0, BP)
@@ -181,11 +181,11 @@ def _add_kernel(a_ptr, am_ptr, b_ptr, bm_ptr, out_ptr, fm_ptr, P, C: tl.constexp
         for c0 in range(0, C, BC):
             cols = c0 + tl.arange(0, BC)
             cv = (cols < C)[None, :]
-            offs = prow[:, None] * C + cols[None, :]
-            v = tl.load(a_ptr + offs, mask=am[:, None] & cv, other=0.0).to(tl.float32)
+            v = tl.load(a_ptr + prow[:, None] * SA + cols[None, :], mask=am[:, None] & cv, other=0.0).to(tl.float32)
             if HAS_B:
-                v += tl.load(b_ptr + offs, mask=bm[:, None] & cv, other=0.0).to(tl.float32)
-            tl.store(out_ptr + offs, v.to(out_ptr.dtype.element_ty), mask=u[:, None] & cv)
+                v += tl.load(b_ptr + prow[:, None] * SB + cols[None, :], mask=bm[:, None] & cv,
+                             other=0.0).to(tl.float32)
+            tl.store(out_ptr + prow[:, None] * C + cols[None, :], v.to(out_ptr.dtype.element_ty), mask=u[:, None] & cv)
     tl.store(fm_ptr + prow, u.to(tl.uint8), mask=pvalid)
 
 
@@ -193,24 +193,28 @@ def sparse_add(a: Tensor, a_mask: Tensor, b: Tensor | None, b_mask: Tensor | Non
                out_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
     """Sum of two deltas: values a*[a_mask] + b*[b_mask] (float32 arithmetic) at a_mask | b_mask.
 
-    `b=None` copies/casts a. Output dtype: out.dtype, else out_dtype, else promote(a, b).
+    `b=None` copies/casts a. Output dtype: out.dtype, else out_dtype, else promote(a, b). a and b are
+    channels_last or channel slices of channels_last maps (read in place: C2f's shortcut adds).
     """
-    need_cl(a, "a")
+    sa = pixel_stride(a, "a")
     n, c, h, w = a.shape
     am = mask_u8(a_mask, (n, 1, h, w), "a_mask")
+    sb = sa
     if b is not None:
-        need_cl(b, "b")
+        sb = pixel_stride(b, "b")
         if b.shape != a.shape:
             raise ValueError(f"delta add needs equal shapes, got {tuple(a.shape)} and {tuple(b.shape)}")
         bm = mask_u8(b_mask, (n, 1, h, w), "b_mask")
     dt = out_dtype or (torch.promote_types(a.dtype, b.dtype) if b is not None else a.dtype)
     if out is None:
         out = new_cl(n, c, h, w, dt, a.device)
+    else:
+        need_cl(out, "out")
     fm = torch.empty(n, 1, h, w, dtype=torch.bool, device=a.device)
     bp, bc, _ = _blocks(c)
     P = n * h * w
     _add_kernel[(triton.cdiv(P, bp),)](a, am, b if b is not None else a, bm if b is not None else am, out,
-                                      fm.view(torch.uint8), P, c, HAS_B=b is not None, BP=bp, BC=bc,
+                                      fm.view(torch.uint8), P, c, sa, sb, HAS_B=b is not None, BP=bp, BC=bc,
                                       **launch_opts(a.device))
     return out, fm
 
