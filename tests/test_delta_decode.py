@@ -5,6 +5,7 @@ Detect cats are read as their parts. Checked against the C++ full decode, agains
 from __future__ import annotations
 
 import importlib
+import os
 
 import pytest
 import torch
@@ -278,3 +279,78 @@ def test_o_rewritten_or_replaced_outside_the_layer_is_decoded_again(monkeypatch)
         with torch.no_grad():
             a, b = new(clip[t]), old(clip[t])
         assert torch.equal(a, b), (t, float((a - b).abs().max()))
+
+
+triton_ok = pytest.mark.skipif(importlib.util.find_spec("triton") is None or not (
+    torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"), reason="triton not runnable here")
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@triton_ok
+@pytest.mark.parametrize("split", [False, True], ids=["one map", "box and class maps"])
+@pytest.mark.parametrize("with_deltas", [False, True], ids=["decode", "accumulate and decode"])
+def test_triton_decode_equals_decode_boxes(split, with_deltas, monkeypatch):
+    """triton_kernels.yolo_decode_ (one launch per level) against decode_boxes' PyTorch code on the same maps,
+    float32: a joined head map read as two channel ranges, or box and class maps; with this frame's deltas it
+    first adds them into O at their masks (written back, as accumulate does)."""
+    from deltacnn.backends import triton_kernels as tk
+    monkeypatch.setattr(Y, "_decode_on_cpu_kernels", lambda *a: None)  # the PyTorch code, not the C++ one
+    g = torch.Generator().manual_seed(3)
+    dfl = torch.arange(REG, dtype=torch.float32, device=DEV)
+    maps = [m.to(DEV) for m in _maps(2, g)]
+    deltas, want_maps = None, maps
+    if with_deltas:
+        deltas, want_maps = [], []
+        for m in maps:
+            mask = (torch.rand(m.shape[0], 1, *m.shape[2:], generator=g) < 0.4).to(DEV)
+            d = (2 * torch.randn(m.shape, generator=g)).to(DEV).contiguous(memory_format=torch.channels_last)
+            want_maps.append(m + torch.where(mask, d, 0.0))
+            deltas.append((d[:, :4 * REG], mask, d[:, 4 * REG:], mask) if split else (d, mask))
+    want = Y.decode_boxes(want_maps, NC, dfl.view(1, REG, 1, 1))
+    if split:
+        boxes = [m[:, :4 * REG].contiguous(memory_format=torch.channels_last) for m in maps]
+        classes = [m[:, 4 * REG:].contiguous(memory_format=torch.channels_last) for m in maps]
+    else:
+        boxes, classes = [m[:, :4 * REG] for m in maps], [m[:, 4 * REG:] for m in maps]
+        if deltas is not None:
+            deltas = [(d[:, :4 * REG], mk, d[:, 4 * REG:], mk) for d, mk in deltas]
+    out = torch.full_like(want, float("nan"))
+    tk.yolo_decode_(boxes, classes, dfl, NC, out, Y.STRIDES, deltas)
+    torch.testing.assert_close(out, want, rtol=2e-5, atol=2e-4)
+    if with_deltas:  # O now holds O + d
+        for b, c, w in zip(boxes, classes, want_maps):
+            assert torch.equal(torch.cat([b, c], 1), w)
+
+
+class _Head(torch.nn.Module):
+    """Three strided convs to stride-8/16/32 maps, YOLOv8's Detect head and its box decode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.levels = torch.nn.ModuleList(Y.Conv(3, c, 3, s) for c, s in ((16, 8), (32, 16), (32, 32)))
+        self.det = Y.Detect(NC, (16, 32, 32))
+
+    def forward(self, x):
+        return Y.decode_boxes(self.det([lv(x) for lv in self.levels]), NC, self.det.dfl.conv.weight)
+
+
+@triton_ok
+def test_delta_decode_on_triton_decodes_in_its_kernel_and_equals_the_reference(monkeypatch):
+    """DeltaBoxDecode on the Triton backend (interpreter): keyframes and delta frames go to yolo_decode_ (delta
+    frames with their head deltas, no accumulate of their own), and the boxes follow the reference backend's."""
+    from deltacnn.backends import triton_kernels as tk
+    from deltacnn import models
+    torch.manual_seed(5)
+    m = models.randomize_bn_(_Head(), seed=2).eval().to(DEV)
+    clip = make_video(4, n=1, h=64, w=96, noise=0.003, seed=4, size=14).clamp(0, 1).to(DEV)
+    kw = dict(threshold=0.0, input_threshold=0.03, dense_above=None)
+    ref = deltacnn.convert(m, clip[0], backend="reference", **kw)
+    fast = deltacnn.convert(m, clip[0], backend="triton", **kw)
+    calls = []
+    real = tk.yolo_decode_
+    monkeypatch.setattr(tk, "yolo_decode_", lambda *a: calls.append(a[6] is not None) or real(*a))
+    for t in range(clip.shape[0]):
+        with torch.no_grad():
+            a, b = ref(clip[t]), fast(clip[t])
+        assert rel_err(b, a) < 1e-4, t
+    assert calls == [False] + [True] * (clip.shape[0] - 1)

@@ -66,6 +66,9 @@ class TritonBackend(SyncFreeBackend):
     kernel_upsample = True
     # a delta's channel slice is a view that convs and adds read in place (a switch for benchmarks; same results)
     slice_views = True
+    # YOLOv8's box decode (models.yolov8.DeltaBoxDecode) in triton_kernels.yolo_decode_, O += d folded in
+    # (a switch for benchmarks; the PyTorch decode otherwise)
+    kernel_decode = True
     # max pools after a nonlinear layer read its emitted state instead of accumulating their input
     # into a copy of it (a switch for benchmarks; same results)
     pool_reads_running_sum = True

@@ -13,13 +13,15 @@ last feature maps, as one traced function the converter keeps as a dense tail.
 from __future__ import annotations
 
 import math
+import os
+
 import torch
 import torch.fx
 from torch import Tensor, nn
 
 from ..layers.base import check_delta
 from ..layers.io import DenseCall, fill_template
-from ..tensor import DeltaTensor, all_true_mask
+from ..tensor import DeltaTensor, all_true_mask, channel_view
 
 __all__ = ["YOLOv8", "SCALES", "yolov8", "decode_boxes", "infer_scale"]
 
@@ -263,18 +265,55 @@ class DeltaBoxDecode(DenseCall):
         else:
             fresh = self._cache_key is not None and self._cache_key == self._o_key(len(ds))
             backend = rt.backend_for(ds[0].values)
+            if _kernel_decode(backend) and (out := self._decode_on_triton(levels, ds, nc, dfl)) is not None:
+                return out  # O += d and the decode in one launch per level
             for i, d in enumerate(ds):
                 backend.accumulate(self._state(f"out{i}"), d)
         return self._decode(levels, ds, nc, dfl, fresh)
+
+    def _state_maps(self, levels: list[tuple]) -> list[list[Tensor]]:
+        """Each level's O maps, in the order of its parts."""
+        maps, i = [], 0
+        for lv in levels:
+            maps.append([self._state(f"out{i + j}") for j in range(len(lv))])
+            i += len(lv)
+        return maps
+
+    def _decode_on_triton(self, levels: list[tuple], ds: list[DeltaTensor] | None, nc: int,
+                          dfl: Tensor) -> Tensor | None:
+        """Every anchor decoded from O by the Triton kernel (triton_kernels.yolo_decode_), after O += d where `ds`
+        (this delta frame's head deltas) is given, in the same launch; None where it does not apply (see
+        _triton_decode_parts): the caller runs the generic path."""
+        maps = self._state_maps(levels)
+        parts = _triton_decode_parts(maps, dfl, nc)
+        if parts is None:
+            return None
+        from ..backends import triton_kernels as tk
+        if self._cache is not None:  # the CPU decode's cache is not kept up to date from here
+            self._cache = self._cache_key = None
+        deltas = None
+        if ds is not None:
+            deltas, i = [], 0
+            for lv in levels:
+                lds = ds[i:i + len(lv)]
+                i += len(lv)
+                box_d, cls_d = _level_split(lds, dfl.numel(), nc, lambda d: d.values)
+                box_m, cls_m = _level_split(lds, dfl.numel(), nc, lambda d: d.mask, whole=True)
+                deltas.append((box_d, box_m, cls_d, cls_m))
+        boxes, classes = parts
+        n = boxes[0].shape[0]
+        total = sum(int(b.shape[2] * b.shape[3]) for b in boxes)
+        out = torch.empty(n, 4 + nc, total, dtype=self.rt.dtype, device=boxes[0].device)
+        return tk.yolo_decode_(boxes, classes, dfl, nc, out, STRIDES, deltas)
 
     def _decode(self, levels: list[tuple], ds: list[DeltaTensor], nc: int, dfl: Tensor, fresh: bool) -> Tensor:
         """The decode of O: the changed anchors into the cache when it is `fresh` (made from these O as they
         were before this frame's updates), else every anchor; a copy of the cache is returned (callers may
         keep or edit it)."""
-        maps, i = [], 0
-        for lv in levels:
-            maps.append([self._state(f"out{i + j}") for j in range(len(lv))])
-            i += len(lv)
+        maps = self._state_maps(levels)
+        if _kernel_decode(self.rt.backend_for(maps[0][0])) and \
+                (out := self._decode_on_triton(levels, None, nc, dfl)) is not None:
+            return out
         k = _delta_decode_ok(maps, dfl, nc, self.rt.dtype)
         if k is None:
             if self._cache is not None:  # not kept up to date from here: rebuilt when next needed
@@ -332,6 +371,42 @@ def _delta_decode_ok(maps: list[list[Tensor]], dfl: Tensor, nc: int, dtype: torc
     if len(offsets) != 1:
         return None
     return k, (boxes, classes, offsets.pop())
+
+
+def _kernel_decode(backend) -> bool:
+    """Whether DeltaBoxDecode decodes on `backend` with triton_kernels.yolo_decode_ (the Triton backend)."""
+    return backend.name == "triton" and getattr(backend, "kernel_decode", False)
+
+
+def _level_split(parts: list, reg: int, nc: int, get, whole: bool = False) -> tuple:
+    """A level's (box, class) pieces from its parts: [box map, class map], or one joined map whose channel
+    ranges [0, 4 reg) and [4 reg, 4 reg + nc) are taken as views (`whole`: the piece is per pixel, a mask,
+    and is the joined part's itself)."""
+    if len(parts) == 2:
+        return get(parts[0]), get(parts[1])
+    t = get(parts[0])
+    return (t, t) if whole else (t[:, :4 * reg], t[:, 4 * reg:4 * reg + nc])
+
+
+def _triton_decode_parts(maps: list[list[Tensor]], dfl: Tensor, nc: int) -> tuple[list, list] | None:
+    """(box maps, class maps) of the levels' O for triton_kernels.yolo_decode_: float32 channels_last maps on a
+    device the kernels run on, outside tracing and compiling, each level one head map of 4 reg + nc channels or
+    a box map of 4 reg and a class map of nc, reg a power of two; else None (the PyTorch decode)."""
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
+        return None
+    reg = dfl.numel()
+    flat = [m for lv in maps for m in lv]
+    if reg & (reg - 1) or any(m.dtype != torch.float32 or m.dim() != 4 or not channel_view(m) for m in flat):
+        return None
+    if not (flat[0].is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        return None
+    boxes, classes = [], []
+    for lv in maps:
+        if [int(m.shape[1]) for m in lv] not in ([4 * reg + nc], [4 * reg, nc]):
+            return None
+        b, c = _level_split(lv, reg, nc, lambda m: m)
+        boxes.append(b), classes.append(c)
+    return boxes, classes
 
 
 decode_boxes.delta_tail = DeltaBoxDecode

@@ -6,6 +6,7 @@ Public API:
     sparse_nonlinear, sparse_add, sparse_cat, sparsify, bordered_like, bordered_fits, accumulate_,
     seed_act_state_, upsample_nearest                                               (pointwise.py)
     maxpool_update                                (pool.py)
+    yolo_decode_                                  (decode.py: YOLOv8's box decode, DeltaBoxDecode on a GPU)
     delta_report_, report_fits                    (report.py: deltacnn.compile's per-stream report)
     Act                                           (fused nonlinear epilogue spec)
 """
@@ -15,6 +16,7 @@ from .conv import (ConvConfig, WindowPlan, default_config, prepare_weight, prepa
 from .masks import active_tiles, dilate_mask, out_size
 from .pointwise import (BORDERED_CP, accumulate_, bordered_fits, bordered_like, seed_act_state_, sparse_add,
                         sparse_cat, sparse_nonlinear, sparsify, upsample_nearest)
+from .decode import yolo_decode_
 from .pool import maxpool_update
 from .report import delta_report_, report_fits
 
@@ -22,4 +24,4 @@ __all__ = ["ACT_CODES", "Act", "ConvConfig", "default_config", "prepare_weight",
            "WindowPlan", "window_plan",
            "sparse_conv2d", "active_tiles", "dilate_mask", "out_size", "accumulate_", "seed_act_state_", "sparse_add", "sparse_cat",
            "sparse_nonlinear", "sparsify", "upsample_nearest", "bordered_like", "bordered_fits", "BORDERED_CP", "maxpool_update",
-           "delta_report_", "report_fits"]
+           "delta_report_", "report_fits", "yolo_decode_"]
