@@ -32,7 +32,7 @@ def _side(o_ptr, d_ptr, m, rows_o, rows_d, col0, bins, dfl, pvalid, HAS_D: tl.co
 
 @triton.jit
 def _decode_kernel(bo_ptr, co_ptr, bd_ptr, bm_ptr, cd_ptr, cm_ptr, out_ptr,
-                   HW, W, sBN, sBP, sCN, sCP, sBDN, sBDP, sCDN, sCDP, A, a0, stride, dfl_ptr, NC,
+                   HW, W, sBN, sBP, sCN, sCP, sBDN, sBDP, sCDN, sCDP, A, a0, stride, dfl_ptr, NC: tl.constexpr,
                    HAS_D: tl.constexpr, REG: tl.constexpr, BA: tl.constexpr, BC: tl.constexpr, GDC: tl.constexpr):
     gdc_start(GDC)
     n = tl.program_id(1).to(tl.int64)
