@@ -174,8 +174,8 @@ def split_settings(setting: str) -> list[str]:
 
 def set_conv_setting(setting: str | None):
     """Set triton_kernels.conv.NAME (or, for 'backend.NAME', the TritonBackend class's switch NAME) to VALUE for
-    each 'NAME=VALUE' of a comma-separated list (None: nothing); returns what restores them. A conversion made after this picks its kernel configs under the settings
-    (default_config reads them per layer)."""
+    each 'NAME=VALUE' of a comma-separated list (None: nothing); returns what restores them. A conversion made
+    after this picks its kernel configs under the settings (default_config reads them per layer)."""
     from deltacnn.backends.triton_backend import TritonBackend
     from deltacnn.backends.triton_kernels import conv
     if not setting:

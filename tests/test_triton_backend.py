@@ -318,10 +318,12 @@ def test_c2f_halves_are_read_in_place_and_equal_the_reference(shortcut, monkeypa
     kw = dict(threshold=0.01, dtype=torch.float32, dense_above=None)
     ref = deltacnn.convert(m, clip[0], backend="reference", **kw)
     fast = deltacnn.convert(m, clip[0], backend="triton", **kw)
-    strided = []
-    conv, add = tk.sparse_conv2d, pointwise.sparse_add
-    monkeypatch.setattr(tk, "sparse_conv2d", lambda x, *a, **k: strided.append(("conv", tk._common.is_cl(x))) or conv(x, *a, **k))
-    monkeypatch.setattr(tk, "sparse_add", lambda a, *r, **k: strided.append(("add", tk._common.is_cl(a))) or add(a, *r, **k))
+    strided = []  # (op, whether its first input was a whole channels_last map)
+
+    def spy(op: str, fn):
+        return lambda x, *a, **k: strided.append((op, tk._common.is_cl(x))) or fn(x, *a, **k)
+    monkeypatch.setattr(tk, "sparse_conv2d", spy("conv", tk.sparse_conv2d))
+    monkeypatch.setattr(tk, "sparse_add", spy("add", pointwise.sparse_add))
     for t in range(clip.shape[0]):
         a, b = ref(clip[t]), fast(clip[t])
         err = float((a.float() - b.float()).norm() / a.float().norm())

@@ -210,9 +210,10 @@ class DeltaBoxDecode(DenseCall):
     alone, as its two parts (read in place: no cat). It keeps each map's dense value O (O += d at updated
     pixels, as Densify would) and the last decode; on a delta frame it decodes again only the anchors where
     a map was updated (cpu_kernels.yolo_decode_at: the same per-anchor arithmetic as the full decode, so the
-    output equals decode_boxes of O, bit for bit) and returns a copy of the cache. Without the C++ kernels
-    (other devices, dtypes, under torch.compile) it decodes every anchor of O each frame: Densify's
-    semantics without its copies.
+    output equals decode_boxes of O, bit for bit) and returns a copy of the cache. On the Triton backend one
+    kernel a level adds the deltas into O and decodes every anchor (triton_kernels.yolo_decode_). Elsewhere
+    (other devices, dtypes, under torch.compile) it decodes every anchor of O each frame with decode_boxes:
+    Densify's semantics without its copies.
     """
 
     def __init__(self, name: str, template: tuple, macs: int = 0, what: str = "") -> None:

@@ -200,8 +200,8 @@ def _conv_gemm_kernel(x_ptr, xm_ptr, w_ptr, out_ptr, om_ptr, res_ptr, rm_ptr, a_
                 old = tl.atomic_add(ctr_ptr + unit.to(tl.int64) * (G * NB) + g * NB + nb, 1, sem="acq_rel")
                 if old == SPLIT_K - 1:
                     tot = tl.load(ws_ptr + woffs, mask=wmask, other=0.0, cache_modifier=".cg")
-                    finish_tile(tot, prow, pvalid, om, rm, cols, cvalid, Cout, RS, out_ptr, res_ptr, rm_ptr, a_ptr, e_ptr,
-                                fm_ptr, slope, min_val, max_val, alpha, tau, HAS_RES, HAS_ACT, FN, SCORE, WRITE_FM,
+                    finish_tile(tot, prow, pvalid, om, rm, cols, cvalid, Cout, RS, out_ptr, res_ptr, rm_ptr, a_ptr,
+                                e_ptr, fm_ptr, slope, min_val, max_val, alpha, tau, HAS_RES, HAS_ACT, FN, SCORE, WRITE_FM,
                                 OR_FM, LOADS_FIRST)
             else:
                 finish_tile(acc, prow, pvalid, om, rm, cols, cvalid, Cout, RS, out_ptr, res_ptr, rm_ptr, a_ptr, e_ptr,
