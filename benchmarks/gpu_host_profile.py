@@ -39,39 +39,42 @@ def main() -> None:
         marks.append(time.perf_counter())
         return replay(self)
     torch.cuda.CUDAGraph.replay = timed_replay
-    for t in range(30):  # warm-up and captures
-        batch_at(base, t, 1, out=x)
-        g(x)
-        torch.cuda.synchronize()
-    pre, post, ms, kinds = [], [], [], []
+    pre, post, ms = [], [], []
     prof = cProfile.Profile()
-    for t in range(30, 30 + args.frames):
-        batch_at(base, t, 1, out=x)
-        torch.cuda.synchronize()
-        marks.clear()
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        t0 = time.perf_counter()
-        a.record()
-        prof.enable()
-        g(x)
-        prof.disable()
-        t1 = time.perf_counter()
-        b.record()
-        b.synchronize()
-        if marks and set(g.last_modes) == {"delta"}:
-            pre.append((marks[0] - t0) * 1e3)
-            post.append((t1 - marks[-1]) * 1e3)
-            ms.append(a.elapsed_time(b))
-        kinds.append(g.last_modes[0])
-    torch.cuda.CUDAGraph.replay = replay
+    try:
+        for t in range(30):  # warm-up and captures
+            batch_at(base, t, 1, out=x)
+            g(x)
+            torch.cuda.synchronize()
+        for t in range(30, 30 + args.frames):
+            batch_at(base, t, 1, out=x)
+            torch.cuda.synchronize()
+            marks.clear()
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            t0 = time.perf_counter()
+            a.record()
+            prof.enable()
+            g(x)
+            prof.disable()
+            t1 = time.perf_counter()
+            b.record()
+            b.synchronize()
+            if marks and set(g.last_modes) == {"delta"}:
+                pre.append((marks[0] - t0) * 1e3)
+                post.append((t1 - marks[-1]) * 1e3)
+                ms.append(a.elapsed_time(b))
+    finally:
+        torch.cuda.CUDAGraph.replay = replay
+    if not ms:
+        raise SystemExit("no replayed delta frame among the profiled frames")
     print(f"delta frames {len(ms)} of {args.frames}: frame (events) {np.median(ms):.3f} ms, host call -> replay "
           f"{np.median(pre):.3f} ms, replay -> return {np.median(post):.3f} ms (medians)")
     s = io.StringIO()
     pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(args.top)
-    print(s.getvalue()[-6000:])
+    print(s.getvalue()[:6000])
     s = io.StringIO()
     pstats.Stats(prof, stream=s).sort_stats("cumulative").print_stats(args.top)
-    print(s.getvalue()[-6000:])
+    print(s.getvalue()[:6000])
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@
 One place defines how a sparse feature map is laid out, so every backend agrees:
 values are (N, C, H, W) in channels_last memory (each pixel's channels are one contiguous
 row of a (N*H*W, C) matrix, which is what gathers and GEMMs want), the mask is (N, 1, H, W)
-bool. Values at pixels whose mask is False are undefined and must never be read as data.
+bool. Values at pixels whose mask is False are undefined and must never be read as data. (The Triton
+backend's channel slices are views of a wider channels_last map: their pixel rows are `channel_view`s,
+one row per pixel at a stride of more than C.)
 """
 from __future__ import annotations
 
@@ -36,8 +38,9 @@ def to_cl(t: Tensor) -> Tensor:
 
 def channel_view(t: Tensor) -> bool:
     """Whether t is a channel slice of a channels_last map: each pixel's channels contiguous, pixels at a
-    fixed stride of at least C, in (N, H, W) order. Its rows are not one (N*H*W, C) matrix (`rows` needs
-    to_cl first), but per pixel they are what the keyframe paths (cat, add, dense conv) read."""
+    fixed stride of at least C, in (N, H, W) order. Its rows are a strided (N*H*W, C) view (`rows` gives
+    it; kernels that want one dense matrix need to_cl first); per pixel they are what the keyframe paths
+    (cat, add, dense conv) and the Triton backend's convs, adds and box decode read."""
     if t.dim() != 4 or t.stride(1) != 1:
         return False
     n, c, h, w = t.shape

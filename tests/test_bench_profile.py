@@ -134,8 +134,10 @@ def test_conv_settings_set_backend_switches_and_restore_them() -> None:
         pytest.skip(f"gpu_yolo not importable here: {e}")
     before = (TritonBackend.fuse_blobs, TritonBackend.kernel_upsample, conv.DIRECT_TILE_ITEMS)
     restore = set_conv_setting("backend.fuse_blobs=False,backend.kernel_upsample=False,DIRECT_TILE_ITEMS=None")
-    assert (TritonBackend.fuse_blobs, TritonBackend.kernel_upsample, conv.DIRECT_TILE_ITEMS) == (False, False, None)
-    restore()
+    try:
+        assert (TritonBackend.fuse_blobs, TritonBackend.kernel_upsample, conv.DIRECT_TILE_ITEMS) == (False, False, None)
+    finally:
+        restore()
     assert (TritonBackend.fuse_blobs, TritonBackend.kernel_upsample, conv.DIRECT_TILE_ITEMS) == before
     with pytest.raises(SystemExit, match="no setting"):
         set_conv_setting("backend.no_such_switch=1")

@@ -243,6 +243,8 @@ def test_small_blob_gate_runs_in_the_input_kernels_and_equals_the_reference(refr
         x = clip[-1].clone()
         x += 0.5 * torch.randn(n, c, h, w, generator=gen) * (torch.rand(n, 1, h, w, generator=gen) < 0.06)
         x[:, :, 2 + 3 * t:8 + 3 * t, 4 * t:4 * t + 7] += 0.6
+        x[:, :, 15:18, 20 + t:23 + t] += 0.6  # 3x3 and 4x4 blobs: kept by min_blob 3, not by 5
+        x[:, :, 2:6, 22:26] += 0.6 * (t % 2)
         clip.append(x)
     runs = {}
     for be in ("reference", "triton"):

@@ -633,6 +633,8 @@ SLICE_CASES = {  # conv case, act (fused / two-pass / none), config
     "packed-k": ((3, 16, (3, 3), (2, 2), (1, 1, 1, 1), (1, 1), 1), "relu", None),
     "split-k-res": ((16, 16, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1), None,
                     tk.ConvConfig(th=16, tw=8, bn=16, bk=16, split_k=2, programs_per_sm=3)),
+    "fixup-res": ((16, 16, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1), "relu",
+                  tk.ConvConfig(th=16, tw=8, bn=16, bk=16, split_k=2, programs_per_sm=3)),
     "twopass-res": ((16, 24, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1), "silu",
                     tk.ConvConfig(th=16, tw=16, bn=16, bk=16)),
     "depthwise-res": ((16, 16, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 16), "relu", None),

@@ -113,7 +113,8 @@ class Backend:
         """Whether this backend's keyframe paths take a channel slice of a channels_last map like x as a
         keyframe's values in place (tensor.channel_view: pixel rows strided), so that a keyframe's
         DeltaSlice need not copy it. Only the layers' keyframe paths (dense convs, cat, add, pooling,
-        resampling, state seeds) ever see such values; delta frames always carry row matrices."""
+        resampling, state seeds) ever see such values; delta frames carry row matrices, except on the Triton
+        backend, whose channel_slice returns views (its kernels read them at their pixel strides)."""
         return False
 
     def dense_conv(self, x: Tensor, p: ConvParams, bias: Tensor | None, residual: Tensor | None,

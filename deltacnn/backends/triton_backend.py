@@ -92,15 +92,16 @@ class TritonBackend(SyncFreeBackend):
         return DeltaTensor(vals, mask, bordered=Bordered(bordered[0], bordered[2]) if bordered else None), None
 
     def channel_slice(self, d: DeltaTensor, start: int, stop: int) -> DeltaTensor:
-        # a view (C2f's halves): the convs read it in place (sparse_conv2d's pixel strides), every other
-        # consumer through to_cl, which copies it then
+        # a view (C2f's halves): convs, adds and the YOLOv8 decode read it in place at its pixel stride; the
+        # other kernels copy it through to_cl, and the PyTorch fallbacks read it as strided rows
         if not self.slice_views or not channel_view(d.values):
             return super().channel_slice(d, start, stop)
         return DeltaTensor(d.values[:, start:stop], d.mask, _active=d._active)
 
     def upsample_nearest(self, d: DeltaTensor, factors: tuple[int, int]) -> DeltaTensor | None:
-        if not self.kernel_upsample:
-            return None
+        n, _, h, w = d.shape
+        if not self.kernel_upsample or tuple(d.mask.shape) != (n, 1, h, w) or not d.mask.is_contiguous():
+            return None  # broadcast or strided masks: the PyTorch form
         vals, mask = tk.upsample_nearest(to_cl(d.values), d.mask, factors)  # one launch, not ~6 PyTorch ones
         return DeltaTensor(vals, mask)
 

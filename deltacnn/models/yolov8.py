@@ -284,7 +284,9 @@ class DeltaBoxDecode(DenseCall):
                           dfl: Tensor) -> Tensor | None:
         """Every anchor decoded from O by the Triton kernel (triton_kernels.yolo_decode_), after O += d where `ds`
         (this delta frame's head deltas) is given, in the same launch; None where it does not apply (see
-        _triton_decode_parts): the caller runs the generic path."""
+        _triton_decode_parts, _kernel_reads): the caller runs the generic path. The kernel computes in float32
+        and rounds the output to the model's dtype once; decode_boxes on an fp16 model computes in fp16, so the
+        two differ at fp16 rounding."""
         maps = self._state_maps(levels)
         parts = _triton_decode_parts(maps, dfl, nc)
         if parts is None:
@@ -294,6 +296,8 @@ class DeltaBoxDecode(DenseCall):
             self._cache = self._cache_key = None
         deltas = None
         if ds is not None:
+            if not all(_kernel_reads(d) for d in ds):
+                return None
             deltas, i = [], 0
             for lv in levels:
                 lds = ds[i:i + len(lv)]
@@ -377,6 +381,14 @@ def _delta_decode_ok(maps: list[list[Tensor]], dfl: Tensor, nc: int, dtype: torc
 def _kernel_decode(backend) -> bool:
     """Whether DeltaBoxDecode decodes on `backend` with triton_kernels.yolo_decode_ (the Triton backend)."""
     return backend.name == "triton" and getattr(backend, "kernel_decode", False)
+
+
+def _kernel_reads(d: DeltaTensor) -> bool:
+    """Whether yolo_decode_ reads this head delta as it is: channels_last values (or a channel view) and a
+    contiguous (N, 1, H, W) bool mask; else the generic path runs (accumulate, which copies what it needs)."""
+    n, _, h, w = d.values.shape
+    m = d.mask
+    return channel_view(d.values) and m.dtype == torch.bool and tuple(m.shape) == (n, 1, h, w) and m.is_contiguous()
 
 
 def _level_split(parts: list, reg: int, nc: int, get, whole: bool = False) -> tuple:

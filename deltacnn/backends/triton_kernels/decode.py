@@ -105,7 +105,8 @@ def yolo_decode_(boxes: list[Tensor], classes: list[Tensor], dfl: Tensor, nc: in
         if deltas is not None:
             bd, bmask, cd, cmask = deltas[lvl]
             bm, cm = mask_u8(bmask, (n, 1, h, w), "box mask"), mask_u8(cmask, (n, 1, h, w), "class mask")
-            if tuple(bd.shape) != tuple(bo.shape) or tuple(cd.shape[:1] + cd.shape[2:]) != (n, h, w):
+            if tuple(bd.shape) != tuple(bo.shape) or tuple(cd.shape[:1] + cd.shape[2:]) != (n, h, w) \
+                    or cd.shape[1] < nc:
                 raise ValueError(f"level {lvl}: deltas must have their maps' shapes")
             sbdp, scdp = pixel_stride(bd, "box delta"), pixel_stride(cd, "class delta")
             dargs = (bd, bm, cd, cm)
