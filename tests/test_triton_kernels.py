@@ -723,52 +723,6 @@ def test_latency_bound_config_fuses_the_update_and_matches_the_reference(cout, t
     check_nonlinear(o, fm, A, E, ref, TOL[dtype] * 2, tau, 0.02)
 
 
-LAST_ARRIVAL_CASES = {  # cin, cout, kernel, stride, pad4, dilation, groups; split-K; residual; act, score
-    "3x3, 3 channel blocks": ((8, 48, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1), 1, False, "silu", "max"),
-    "3x3 s2 + residual": ((16, 40, (3, 3), (2, 2), (1, 0, 1, 0), (1, 1), 1), 1, True, "relu", "l2"),
-    "split K + residual": ((24, 32, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1), 3, True, "hardswish", "max"),
-    "groups 2, 1x1": ((16, 64, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 2), 1, True, "silu", "max"),
-}
-
-
-@pytest.mark.parametrize("name", list(LAST_ARRIVAL_CASES))
-@pytest.mark.usefixtures("tile_lists")
-def test_split_channel_update_by_the_last_arrival(name, monkeypatch):
-    """A conv + update at tau > 0 whose channels (and K) are split over programs: the last program of each unit
-    to finish runs the update (LAST_ARRIVAL_UPDATE) and gives the reference's results, the same as the conv +
-    sparse_nonlinear launches; twice in a row on one persistent `arrivals` buffer, which each call leaves zeroed
-    (direct tiles) or does not touch (a tile list's own counters)."""
-    case, split, with_res, fn, score = LAST_ARRIVAL_CASES[name]
-    dtype, cout, tau = torch.float16, case[1], 0.25
-    cfg = tk.ConvConfig(th=4, tw=8, bn=16, bk=16, split_k=split)
-    assert not tk.conv.LAST_ARRIVAL_UPDATE or cfg.bn < cout  # the update cannot run in one tile's epilogue
-    results = []
-    for last in (True, False):
-        monkeypatch.setattr(tk.conv, "LAST_ARRIVAL_UPDATE", last)
-        g, x, xm, wt, om = _conv_inputs(17, case, dtype, h=13, w=17)
-        n, _, ho, wo = om.shape
-        res, rm = rand_delta(g, n, cout, ho, wo, dtype, 0.15) if with_res else (None, None)
-        y = ref_conv(x, xm, wt, case[3], case[4], case[5], case[6]) + (zf(res, rm) if with_res else 0)
-        cand = om | rm if with_res else om
-        A = cl(torch.randn(n, cout, ho, wo, generator=g).to(DEV))
-        E = cl(ref_act(fn, A.double()).float() + 0.1 * torch.randn(n, cout, ho, wo, generator=g).to(DEV))
-        arrivals = torch.zeros(tk.arrival_slots(n, (ho, wo)), dtype=torch.int32, device=DEV)
-        outs = []
-        for _ in range(2):  # the second frame starts from the first one's states
-            ref = ref_nonlinear(y, cand, A, E, fn, tau, score, dtype)
-            out = cl(torch.full(y.shape, float("nan"), dtype=dtype, device=DEV))
-            o, fm = tk.sparse_conv2d(x, xm, wt, None, case[3], case[4], case[5], case[6], out, residual=res,
-                                     residual_mask=rm, act=tk.Act(fn, A, E, tau, score), config=cfg, arrivals=arrivals)
-            check_nonlinear(o, fm, A, E, ref, TOL[dtype] * 2, tau, 0.02)
-            assert fm.any() and not fm.all()
-            assert not arrivals.any(), "the arrival counters must be left zeroed"
-            outs.append((torch.where(fm, o, 0), fm, A.clone(), E.clone()))
-        results.append(outs)
-    for (o1, m1, a1, e1), (o2, m2, a2, e2) in zip(*results):
-        assert torch.equal(m1, m2)
-        assert rel(o1, o2) < 1e-3 and rel(a1, a2) < 1e-6 and rel(e1, e2) < 1e-6
-
-
 @pytest.mark.parametrize("variant", ["gemm", "fixup", "grouped", "dw"])
 def test_sparse_conv2d_split_channel_emit_tau0(variant):
     """tau 0 with Cout split over programs: each program emits its channels and ORs the pixel flag.

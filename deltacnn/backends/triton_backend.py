@@ -139,10 +139,6 @@ class TritonBackend(SyncFreeBackend):
         # this layer's tile counter, left zeroed by each call (no zeroing launch per frame)
         counter = p.cached(f"triton_counter_{x.device}", lambda: torch.zeros(2, dtype=torch.int32, device=x.device)) \
             if self.persistent_counter else None
-        # the per-tile arrival counters of a split-channel update (sparse_conv2d's `arrivals`), left zeroed by each call
-        n_arr = tk.arrival_slots(d.shape[0], out_hw) if act is not None and self.persistent_counter else 0
-        arrivals = p.cached(f"triton_arrivals_{x.device}_{n_arr}",
-                            lambda: torch.zeros(n_arr, dtype=torch.int32, device=x.device)) if n_arr else None
         # a linear output feeds accumulators with no correction step: keep it float32 (see reference)
         out_dtype = p.weight.dtype if act is not None else torch.float32
         y, ym = tk.sparse_conv2d(
@@ -150,7 +146,7 @@ class TritonBackend(SyncFreeBackend):
             residual=_read_in_place(residual.values) if residual is not None else None,
             residual_mask=residual.mask if residual is not None else None,
             act=_act(act) if act is not None else None, out_dtype=out_dtype, input_precision=_precision(),
-            prepared=prepared, out_hw=out_hw, counter=counter, arrivals=arrivals, **self._window(d, p, out_hw))
+            prepared=prepared, out_hw=out_hw, counter=counter, **self._window(d, p, out_hw))
         # E sums what this layer sent: the stream's dense value, which a max pool after it can read
         return DeltaTensor(y, ym, running_sum=act.emitted if act is not None else None)
 

@@ -285,46 +285,6 @@ def emit_truncated(o, e, cand, m2, cvalid, offs, prow, pvalid, out_ptr, e_ptr, f
 
 
 @triton.jit
-def update_pixels(d_ptr, prow, dm, pvalid, C, a_ptr, e_ptr, out_ptr, fm_ptr, slope, min_val, max_val, alpha, tau,
-                  FN: tl.constexpr, SCORE: tl.constexpr, BC: tl.constexpr, FROM_L2: tl.constexpr):
-    """The nonlinear delta update (Act) of whole pixels, BC of their C channels at a time, for a change `d` that
-    no single [P, C] tile holds: A += d at the pixels `prow` where dm, and the score over every channel (first
-    pass), then o = f(A) - E sent and E += o where the score exceeds tau (second pass); the emit mask written
-    for every valid pixel. d: a (pixels, C) matrix of any float dtype. FROM_L2: d was written by other programs
-    of the running kernel (a conv's last arrival, see conv.LAST_ARRIVAL_UPDATE): loaded past the L1 cache."""
-    s = tl.zeros([prow.shape[0]], dtype=tl.float32)
-    for c0 in range(0, C, BC):
-        cols = c0 + tl.arange(0, BC)
-        m2 = dm[:, None] & (cols < C)[None, :]
-        offs = prow[:, None] * C + cols[None, :]
-        if FROM_L2:
-            d = tl.load(d_ptr + offs, mask=m2, other=0.0, cache_modifier=".cg")
-        else:
-            d = tl.load(d_ptr + offs, mask=m2, other=0.0)
-        a = tl.load(a_ptr + offs, mask=m2, other=0.0) + d.to(tl.float32)
-        tl.store(a_ptr + offs, a, mask=m2)
-        o = apply_act(a, FN, slope, min_val, max_val, alpha) - tl.load(e_ptr + offs, mask=m2, other=0.0)
-        o = tl.where(m2, o, 0.0)
-        if SCORE == 0:
-            s = tl.maximum(s, tl.max(tl.abs(o), axis=1))
-        else:
-            s += tl.sum(o * o, axis=1)
-    if SCORE == 1:
-        s = tl.sqrt(s)
-    emit = dm & (s > tau)
-    for c0 in range(0, C, BC):
-        cols = c0 + tl.arange(0, BC)
-        m3 = emit[:, None] & (cols < C)[None, :]
-        offs = prow[:, None] * C + cols[None, :]
-        a = tl.load(a_ptr + offs, mask=m3, other=0.0)
-        e = tl.load(e_ptr + offs, mask=m3, other=0.0)
-        o_r = (apply_act(a, FN, slope, min_val, max_val, alpha) - e).to(out_ptr.dtype.element_ty)
-        tl.store(out_ptr + offs, o_r, mask=m3)
-        tl.store(e_ptr + offs, e + o_r.to(tl.float32), mask=m3)
-    tl.store(fm_ptr + prow, emit.to(tl.uint8), mask=pvalid)
-
-
-@triton.jit
 def finish_tile(acc, prow, pvalid, omask, rmask, cols, cvalid, C, RS,
                 out_ptr, res_ptr, rmask_ptr, a_ptr, e_ptr, fm_ptr,
                 slope, min_val, max_val, alpha, tau,

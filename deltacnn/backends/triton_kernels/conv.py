@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ...tensor import Bordered
 from ._common import (INTERPRET, Act, as_act, check_state, finish_tile, gdc_start, kernel_residency, launch_opts,
-                      mask_u8, need_cl, new_cl, npow2, num_sms, pixel_stride, update_pixels)
+                      mask_u8, need_cl, new_cl, npow2, num_sms, pixel_stride)
 from .masks import active_tiles, out_size
 from .pointwise import sparse_nonlinear
 
@@ -39,8 +39,7 @@ def _conv_gemm_kernel(x_ptr, xm_ptr, w_ptr, out_ptr, om_ptr, res_ptr, rm_ptr, a_
                       FIXUP: tl.constexpr, OR_FM: tl.constexpr, PACK_K: tl.constexpr, SELF_RESET: tl.constexpr,
                       LOADS_FIRST: tl.constexpr, XM_IS_OM: tl.constexpr, WINDOW: tl.constexpr,
                       BORD: tl.constexpr, SHIFT: tl.constexpr, CPX: tl.constexpr, PIX: tl.constexpr,
-                      DIRECT: tl.constexpr, DIL: tl.constexpr, FM_MODE: tl.constexpr, LAST_NL: tl.constexpr,
-                      GDC: tl.constexpr):
+                      DIRECT: tl.constexpr, DIL: tl.constexpr, FM_MODE: tl.constexpr, GDC: tl.constexpr):
     gdc_start(GDC)
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -186,32 +185,6 @@ def _conv_gemm_kernel(x_ptr, xm_ptr, w_ptr, out_ptr, om_ptr, res_ptr, rm_ptr, a_
                     cand = cand | rm
                 tl.atomic_add(out_ptr + prow[:, None] * Cout + cols[None, :], acc,
                               mask=cand[:, None] & cvalid[None, :], sem="relaxed")
-            elif LAST_NL:
-                # the update needs every channel of a pixel (tau > 0) and this unit's channels (and K splits) are
-                # spread over PER_TILE programs: each leaves its sum, with the residual, in a float32 workspace,
-                # and the last to arrive runs the update of the unit's whole pixels (see LAST_ARRIVAL_UPDATE)
-                cand = om
-                if HAS_RES:
-                    if not LOADS_FIRST:
-                        rm = (tl.load(rm_ptr + prow, mask=pvalid, other=0) != 0) & pvalid
-                    rv = tl.load(res_ptr + prow[:, None] * RS + cols[None, :],
-                                 mask=(rm & (ks == 0))[:, None] & cvalid[None, :], other=0.0)
-                    acc = acc + rv.to(tl.float32)
-                    cand = cand | rm
-                wmask = cand[:, None] & cvalid[None, :]
-                woffs = prow[:, None] * Cout + cols[None, :]
-                if SPLIT_K > 1:  # K splits add into the same channels (the workspace was zeroed by the list launch)
-                    tl.atomic_add(ws_ptr + woffs, acc, mask=wmask, sem="relaxed")
-                else:  # each program owns its channels
-                    tl.store(ws_ptr + woffs, acc, mask=wmask)
-                tl.debug_barrier()
-                cptr = ctr_ptr + unit.to(tl.int64)
-                old = tl.atomic_add(cptr, 1, sem="acq_rel")
-                if old == PER_TILE - 1:
-                    if DIRECT:  # a persistent counter (no list launch zeroes it): left zeroed for the next call
-                        tl.atomic_xchg(cptr, 0, sem="relaxed")
-                    update_pixels(ws_ptr, prow, cand, pvalid, Cout, a_ptr, e_ptr, out_ptr, fm_ptr, slope, min_val,
-                                  max_val, alpha, tau, FN, SCORE, BN, True)
             elif FIXUP:
                 # split-K partials meet in a float32 workspace; the last split to arrive at this
                 # (tile, channel block) reads the sum back and runs the epilogue (residual, act, cast)
@@ -377,11 +350,6 @@ LATENCY_BOUND_COUT = (33, 64)
 # b1 1.03-1.05 (512) / 1.04 (264) against 1.19 (None): 45 of 55 list launches gone, kernel time 1.00 -> 0.88 ms;
 # 16 streams 3.09-3.15 (512: the larger maps' tiles take more than a wave unpacked) / 2.95 (264) / 2.93-2.94 (None).
 DIRECT_TILE_ITEMS: int | None = 264
-# A conv + nonlinear update at tau > 0 whose output channels (or K) are split over programs: the last program to
-# finish a work unit runs the update of its whole pixels from a float32 workspace (an arrival counter per unit, as
-# split-K's fixup), instead of a second launch (sparse_nonlinear) after the conv. A switch so that benchmarks can
-# compare (same results).
-LAST_ARRIVAL_UPDATE = True
 # float32 accumulator elements per thread that latency_bound_tile sizes an item's pixels for (32: 1.34 against
 # 1.23 ms a delta frame, the same run)
 FUSED_ACC_PER_THREAD = 16
@@ -521,12 +489,6 @@ def default_config(n: int, cin: int, cout: int, groups: int, kernel: tuple[int, 
                       programs_per_sm=PROGRAMS_PER_SM, maxnreg=maxnreg)
 
 
-def arrival_slots(n: int, out_hw: tuple[int, int]) -> int:
-    """Arrival counters that a conv + update with split channels may need without a tile list (sparse_conv2d's
-    `arrivals`): one per output tile of at least 4 x 4 pixels, the smallest tile the configs use."""
-    return n * triton.cdiv(out_hw[0], 4) * triton.cdiv(out_hw[1], 4)
-
-
 def direct_tiles(n: int, out_hw: tuple[int, int], cfg: ConvConfig, per_tile: int, excluded: bool) -> bool:
     """Whether the conv runs without a tile-list launch: its programs take every output tile of the map as a work
     unit, compute the tile's candidate mask themselves (the receptive-field dilation of the input mask, or the given
@@ -573,8 +535,7 @@ def sparse_conv2d(x: Tensor, x_mask: Tensor, weight: Tensor, out_mask: Tensor | 
                   out_dtype: torch.dtype | None = None, input_precision: str = "tf32",
                   prepared: Tensor | None = None, config: ConvConfig | None = None,
                   out_hw: tuple[int, int] | None = None, counter: Tensor | None = None,
-                  bordered: Bordered | None = None, window_weight: Tensor | None = None,
-                  arrivals: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                  bordered: Bordered | None = None, window_weight: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Sparse conv of a delta (no bias) at the candidate pixels out_mask | residual_mask.
 
     x: (N, Cin, H, W) channels_last fp16/bf16/fp32 (or a channel slice of a channels_last map, read in place;
@@ -593,11 +554,6 @@ def sparse_conv2d(x: Tensor, x_mask: Tensor, weight: Tensor, out_mask: Tensor | 
     `bordered`: a zero-filled bordered copy of x (see deltacnn.tensor.Bordered, written by sparsify);
     where `window_plan` allows, the conv reads whole window rows of it instead of gathering x per tap
     (`window_weight`: prepare_window_weight's result for that plan, else made here).
-    `arrivals`: a persistent int32 zero buffer of at least `arrival_slots(n, (ho, wo))` elements for the
-    per-tile arrival counters of a conv + update whose channels are split over programs at tau > 0
-    (LAST_ARRIVAL_UPDATE) and which runs without a tile list (direct_tiles); the call leaves it zeroed. Cache
-    one per layer, device and shape, never shared between calls that may run concurrently. Default (or too
-    small): a freshly zeroed one where needed.
     """
     xs = pixel_stride(x, "x")
     n, cin, h, w = x.shape
@@ -660,9 +616,7 @@ def sparse_conv2d(x: Tensor, x_mask: Tensor, weight: Tensor, out_mask: Tensor | 
     whole = bn >= cout and (depthwise or groups == 1)
     or_fm = act is not None and not whole and SPLIT_CHANNEL_EMIT and act.tau <= 0
     fusable = act is not None and (whole or or_fm)
-    # otherwise the update runs in the last program to finish each unit, where the kernel takes the work
-    last_nl = act is not None and not fusable and LAST_ARRIVAL_UPDATE and not depthwise
-    if act is not None and not fusable and not last_nl:
+    if act is not None and not fusable:
         # two passes: the conv into a float32 buffer, then the epilogue as a pointwise kernel
         tmp = new_cl(n, cout, ho, wo, torch.float32, dev)
         y, ym = sparse_conv2d(x, x_mask, weight, out_mask, stride, padding, dilation, groups, tmp,
@@ -671,7 +625,7 @@ def sparse_conv2d(x: Tensor, x_mask: Tensor, weight: Tensor, out_mask: Tensor | 
                               window_weight=window_weight)
         return sparse_nonlinear(y, ym, act.acc, act.emitted, act, out=out)
     atomic = split_k > 1 and act is None and odt == torch.float32  # partials go straight into `out`
-    fixup = split_k > 1 and not atomic and not last_nl
+    fixup = split_k > 1 and not atomic
     has_res = residual is not None
     if act is not None:
         fm = torch.empty(n, 1, ho, wo, dtype=torch.bool, device=dev)
@@ -682,23 +636,19 @@ def sparse_conv2d(x: Tensor, x_mask: Tensor, weight: Tensor, out_mask: Tensor | 
     else:
         fm, fm_mode = None, 0
     nb = 1 if depthwise else triton.cdiv(og, bn)
-    ws = new_cl(n, cout, ho, wo, torch.float32, dev) if fixup or last_nl else None
+    ws = new_cl(n, cout, ho, wo, torch.float32, dev) if fixup else None
     direct = direct_tiles(n, (ho, wo), cfg, groups * nb * split_k, depthwise or or_fm or plan is not None)
     pixels = PIXEL_LISTS and not depthwise and not direct
     if direct:  # no list launch: the conv's programs take every tile and write its masks themselves
         n_tw = triton.cdiv(wo, cfg.tw)
         tpi = triton.cdiv(ho, cfg.th) * n_tw
         n_tiles, ctr = n * tpi, None
-        if last_nl:  # one arrival counter per tile, zero before and after the launch
-            ctr = arrivals if arrivals is not None and arrivals.numel() >= n_tiles and arrivals.dtype == torch.int32 \
-                and arrivals.device == dev else torch.zeros(n_tiles, dtype=torch.int32, device=dev)
         om_t = out_mask if out_mask is not None else torch.empty(n, 1, ho, wo, dtype=torch.bool, device=dev)
         ids = count = om_t.view(torch.uint8)  # not read
     else:
         ids, count, (n_tiles, n_tw, tpi), ctr, om_t = active_tiles(
             out_mask, residual_mask if has_res else None, cfg.th, cfg.tw, final_mask=fm, fm_mode=fm_mode,
-            zero=out if atomic else ws if fixup or split_k > 1 else None,
-            n_ctr=groups * nb if fixup else 1 if last_nl else 0,
+            zero=out if atomic else ws, n_ctr=groups * nb if fixup else 0,
             dilate_from=None if out_mask is not None else (x_mask, (kh, kw), stride, padding, dilation, (ho, wo)),
             count=counter, pixels=pixels)
     try:
@@ -744,7 +694,7 @@ def sparse_conv2d(x: Tensor, x_mask: Tensor, weight: Tensor, out_mask: Tensor | 
             and not pack and plan is None
         _launch(_conv_gemm_kernel, work, cfg, dev,
                 (x_in, xm, w_in, out, om, res, rm, a_t, e_t, fm.view(torch.uint8), ids, count,
-                 ws if ws is not None else out, ctr if ctr is not None else ids, hx, wx, ho, wo, xs, rs, cout, cg, og, n_tw, tpi,
+                 ws if fixup else out, ctr if fixup else ids, hx, wx, ho, wo, xs, rs, cout, cg, og, n_tw, tpi,
                  n_tiles if direct else 0, *ap),
                 dict(KH=kh, KW=kw, SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1],
                      PT=padding[0], PL=padding[2], TH=cfg.th, TW=cfg.tw, BN=bn, BK=bk, NB=nb, G=groups,
@@ -756,7 +706,6 @@ def sparse_conv2d(x: Tensor, x_mask: Tensor, weight: Tensor, out_mask: Tensor | 
                      XM_IS_OM=xm_is_om, WINDOW=plan is not None, BORD=border,
                      SHIFT=plan.shift if plan is not None else 0, CPX=plan.cp if plan is not None else 1,
                      PIX=pixels, DIRECT=direct, DIL=direct and out_mask is None, FM_MODE=fm_mode if direct else 0,
-                     LAST_NL=last_nl,
                      num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                      **({"maxnreg": cfg.maxnreg} if cfg.maxnreg and not INTERPRET else {}),
                      **launch_opts(dev, long_running=True)))

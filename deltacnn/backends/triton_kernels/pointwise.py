@@ -15,7 +15,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import (SCORE_CODES, Act, apply_act, check_state, finish_tile, gdc_start, launch_opts, mask_u8,
-                      need_cl, new_cl, npow2, pixel_stride, update_pixels)
+                      need_cl, new_cl, npow2, pixel_stride)
 
 
 def _blocks(c: int) -> tuple[int, int, int]:
@@ -42,8 +42,32 @@ def _nonlinear_kernel(d_ptr, dm_ptr, a_ptr, e_ptr, out_ptr, fm_ptr, P, C: tl.con
             finish_tile(d.to(tl.float32), prow, pvalid, dm, dm, cols, cvalid, C, C, out_ptr, out_ptr, dm_ptr, a_ptr,
                         e_ptr, fm_ptr, slope, min_val, max_val, alpha, tau, False, True, FN, SCORE, False, False, True)
         else:
-            update_pixels(d_ptr, prow, dm, pvalid, C, a_ptr, e_ptr, out_ptr, fm_ptr, slope, min_val, max_val, alpha,
-                          tau, FN, SCORE, BC, False)
+            s = tl.zeros([BP], dtype=tl.float32)
+            for c0 in range(0, C, BC):
+                cols = c0 + tl.arange(0, BC)
+                m2 = dm[:, None] & (cols < C)[None, :]
+                offs = prow[:, None] * C + cols[None, :]
+                a = tl.load(a_ptr + offs, mask=m2, other=0.0) + tl.load(d_ptr + offs, mask=m2, other=0.0).to(tl.float32)
+                tl.store(a_ptr + offs, a, mask=m2)
+                o = apply_act(a, FN, slope, min_val, max_val, alpha) - tl.load(e_ptr + offs, mask=m2, other=0.0)
+                o = tl.where(m2, o, 0.0)
+                if SCORE == 0:
+                    s = tl.maximum(s, tl.max(tl.abs(o), axis=1))
+                else:
+                    s += tl.sum(o * o, axis=1)
+            if SCORE == 1:
+                s = tl.sqrt(s)
+            emit = dm & (s > tau)
+            for c0 in range(0, C, BC):
+                cols = c0 + tl.arange(0, BC)
+                m3 = emit[:, None] & (cols < C)[None, :]
+                offs = prow[:, None] * C + cols[None, :]
+                a = tl.load(a_ptr + offs, mask=m3, other=0.0)
+                e = tl.load(e_ptr + offs, mask=m3, other=0.0)
+                o_r = (apply_act(a, FN, slope, min_val, max_val, alpha) - e).to(out_ptr.dtype.element_ty)
+                tl.store(out_ptr + offs, o_r, mask=m3)
+                tl.store(e_ptr + offs, e + o_r.to(tl.float32), mask=m3)
+            tl.store(fm_ptr + prow, emit.to(tl.uint8), mask=pvalid)
     else:
         tl.store(fm_ptr + prow, tl.zeros([BP], dtype=tl.uint8), mask=pvalid)
 
