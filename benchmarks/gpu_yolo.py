@@ -175,17 +175,19 @@ def split_settings(setting: str) -> list[str]:
 
 
 def set_conv_setting(setting: str | None):
-    """Set triton_kernels.conv.NAME (or, for 'backend.NAME', the TritonBackend class's switch NAME) to VALUE for
+    """Set triton_kernels.conv.NAME (for 'backend.NAME' the TritonBackend class's switch NAME, for 'common.NAME'
+    triton_kernels._common's setting NAME, e.g. PDL) to VALUE for
     each 'NAME=VALUE' of a comma-separated list (None: nothing); returns what restores them. A conversion made
     after this picks its kernel configs under the settings (default_config reads them per layer)."""
     from deltacnn.backends.triton_backend import TritonBackend
-    from deltacnn.backends.triton_kernels import conv
+    from deltacnn.backends.triton_kernels import _common, conv
     if not setting:
         return lambda: None
     olds = {}
     for item in split_settings(setting):
         name, value = item.split("=", 1)
-        owner, attr = (TritonBackend, name[len("backend."):]) if name.startswith("backend.") else (conv, name)
+        owner, attr = (TritonBackend, name[len("backend."):]) if name.startswith("backend.") else \
+            (_common, name[len("common."):]) if name.startswith("common.") else (conv, name)
         if not hasattr(owner, attr):
             raise SystemExit(f"--conv-ab: {owner.__name__} has no setting {attr!r}")
         olds.setdefault((owner, attr), getattr(owner, attr))

@@ -125,20 +125,24 @@ def test_conv_settings_split_on_commas_before_a_name_only() -> None:
 
 def test_conv_settings_set_backend_switches_and_restore_them() -> None:
     """--conv-ab 'backend.NAME=VALUE' sets the TritonBackend class's switch (the A/B of fuse_blobs,
-    kernel_upsample), plain names triton_kernels.conv's; both come back, and an unknown name stops the run."""
+    kernel_upsample), 'common.NAME' triton_kernels._common's (PDL), plain names triton_kernels.conv's; all come
+    back, and an unknown name stops the run."""
     try:
         from gpu_yolo import set_conv_setting
         from deltacnn.backends.triton_backend import TritonBackend
         from deltacnn.backends.triton_kernels import conv
     except ImportError as e:
         pytest.skip(f"gpu_yolo not importable here: {e}")
-    before = (TritonBackend.fuse_blobs, TritonBackend.kernel_upsample, conv.DIRECT_TILE_ITEMS)
-    restore = set_conv_setting("backend.fuse_blobs=False,backend.kernel_upsample=False,DIRECT_TILE_ITEMS=None")
+    from deltacnn.backends.triton_kernels import _common
+    before = (TritonBackend.fuse_blobs, TritonBackend.kernel_upsample, conv.DIRECT_TILE_ITEMS, _common.PDL)
+    restore = set_conv_setting("backend.fuse_blobs=False,backend.kernel_upsample=False,DIRECT_TILE_ITEMS=None,"
+                               "common.PDL='early'")
     try:
-        assert (TritonBackend.fuse_blobs, TritonBackend.kernel_upsample, conv.DIRECT_TILE_ITEMS) == (False, False, None)
+        assert (TritonBackend.fuse_blobs, TritonBackend.kernel_upsample, conv.DIRECT_TILE_ITEMS, _common.PDL) == \
+            (False, False, None, "early")
     finally:
         restore()
-    assert (TritonBackend.fuse_blobs, TritonBackend.kernel_upsample, conv.DIRECT_TILE_ITEMS) == before
+    assert (TritonBackend.fuse_blobs, TritonBackend.kernel_upsample, conv.DIRECT_TILE_ITEMS, _common.PDL) == before
     with pytest.raises(SystemExit, match="no setting"):
         set_conv_setting("backend.no_such_switch=1")
 
