@@ -180,7 +180,10 @@ def kernel_residency(kernel, device: torch.device) -> int | None:
 # fp16, ms per frame (benchmarks/gpu_variants.py run 14; off / exit / early-for-short-kernels):
 # b1 5% 1.06-1.07 / 1.05 / 1.07, b8 5% 4.92-4.96 / 4.90-4.91 / 5.04-5.06. Programs placed early
 # and waiting on the SMs cost the running kernel more than the earlier launch saves at batch 8.
-PDL = "exit"
+# H200, YOLOv8n on vtest.avi, ms a delta frame (session 21, benchmarks/gpu_yolo.py --conv-ab, same process;
+# exit / auto / early): b1 0.934 / 0.888 / 0.912 and 0.925 / 0.883, 0.888; 16 streams 2.08 / 2.11, 2.14. "auto"
+# for the single camera's latency (-5%), at 1-3% of the 16-stream rate.
+PDL = "auto"
 _CAPS: dict = {}
 
 
