@@ -115,6 +115,31 @@ def test_delta_frames_are_sparse():
     assert 0 < s.macs_fraction < 0.4
 
 
+def test_statistics_count_each_layers_mask_exactly():
+    """Each layer's update rate is its emitted mask's count (CPU masks counted on the host, device ones on the
+    device), whether the mask is contiguous or broadcast, and merged rows add up."""
+    from deltacnn.stats import StatsRecorder
+    g = torch.Generator().manual_seed(3)
+    m = torch.rand(2, 1, 7, 9, generator=g) < 0.3
+    rec = StatsRecorder(enabled=True)
+    rec.start_frame()
+    rec.record("a", "conv", m, 10)
+    wide = (torch.rand(1, 1, 7, 9, generator=g) < 0.5).expand(2, 1, 7, 9)  # a broadcast mask (stride 0)
+    rec.record("b", "conv", wide, 3)
+    rec.record("c", "conv", m, 5, dense=True)
+    rec.record_work("d", "dense-island", 100)
+    rec.merging = True
+    rec.record("a", "conv", m[:1], 10)  # a pass over one stream adds to the frame's row
+    rec.merging = False
+    rows = {r[0]: r for r in rec._rows}
+    assert all(isinstance(r[2], int) for r in rows.values())
+    fs = rec.frame(False)
+    want_a = int(m.sum()) + int(m[:1].sum())
+    assert fs.layers["a"].macs == want_a * 10 and fs.layers["a"].update_rate == want_a / m.numel()
+    assert fs.layers["b"].macs == int(wide.sum()) * 3 > 0 and fs.layers["b"].update_rate == int(wide.sum()) / wide.numel()
+    assert fs.layers["c"].update_rate == 1.0 and fs.layers["d"].macs == 100
+
+
 @pytest.mark.parametrize("model", [Functional, Resample, lambda: ConvAct(nn.SiLU())], ids=["functional", "resample",
                                                                                          "conv-silu"])
 def test_syncfree_backend_matches_reference(model):
