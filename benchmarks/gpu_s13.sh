@@ -11,7 +11,8 @@
 #            variants in the other order: the arrival change is only in the tree, not a variant
 #   base2    the same two trees in the other order (this tree first)
 #   yolo1    YOLOv8n on vtest.avi b1 (795 frames), shipped thresholds file, per-kernel profile
-#   yolo16   the same as 16 streams at 3-frame offsets, profiled too with PROF16=1 (YOLO_CAP: seconds at most for either; YOLO_AB="NAME=VALUE[,..][;..]"
+#   yolo16   the same as 16 streams at 3-frame offsets, profiled too with PROF16=1 (YOLO_CAP: seconds at most for either;
+#            PROFILE_VARIANTS=default profiles the default setting only; YOLO_AB="NAME=VALUE[,..][;..]"
 #            also times and profiles the delta model under those triton_kernels.conv settings, gpu_yolo.py --conv-ab)
 #   suite    the lead's post-merge run: all of tests/gpu, then the Triton / delta-decode tests, on the GPU (xdist)
 #   autotune torch.compile(mode="max-autotune") peer of YOLOv8n b1 (compile time), peers only (AUTOTUNE_CAP: s)
@@ -69,7 +70,8 @@ for st in "$@"; do
     b=${st#yolo}
     prof=""; { [ "$b" = 1 ] || [ -n "${PROF16:-}" ]; } && prof="--profile $b:deltacnn/data/yolov8n_vtest.json"
     timeout "$(cap "${YOLO_CAP:-600}")" python3 benchmarks/gpu_yolo.py --batches "$b" --thresholds deltacnn/data/yolov8n_vtest.json \
-        --autotune "" $prof ${YOLO_AB:+--conv-ab "$YOLO_AB"} --tag "s13${TAG}_yolo$b" 2>&1 | filter > "$OUT/gpu_yolo_s13${TAG}_yolo$b.txt"
+        --autotune "" $prof --profile-variants "${PROFILE_VARIANTS:-all}" ${YOLO_AB:+--conv-ab "$YOLO_AB"} \
+        --tag "s13${TAG}_yolo$b" 2>&1 | filter > "$OUT/gpu_yolo_s13${TAG}_yolo$b.txt"
     grep -E "graph replay" "$OUT/gpu_yolo_s13${TAG}_yolo$b.txt" | cut -c1-200
     tail -4 "$OUT/gpu_yolo_s13${TAG}_yolo$b.txt" | cut -c1-330
     ;;

@@ -227,6 +227,9 @@ def main() -> None:
                     "switch), after the default, one variant per ';'-separated group (the A/B of conv-config "
                     "settings, e.g. LATENCY_BOUND_ITEMS=None or backend.fuse_blobs=False); with "
                     "--profile each variant is profiled too")
+    ap.add_argument("--profile-variants", choices=["all", "default"], default="all",
+                    help="with --conv-ab and --profile: profile every variant (all) or the default setting only "
+                    "(each profile takes ~50 s of device time; the timings come first either way)")
     ap.add_argument("--peers-only", action="store_true", help="time the dense peers only (e.g. max-autotune in "
                     "a process of its own under a time limit)")
     ap.add_argument("--tag", default="yolo")
@@ -320,7 +323,7 @@ def main() -> None:
         free_memory()
     if args.profile:
         batch, setting = args.profile.split(":", 1)
-        for conv_setting in conv_variants(args.conv_ab):
+        for conv_setting in conv_variants(args.conv_ab if args.profile_variants == "all" else ""):
             restore_conv = set_conv_setting(conv_setting)
             try:
                 if conv_setting:
