@@ -108,6 +108,22 @@ def test_sparsify_equals_reference(layout: str, tau: float, score: str) -> None:
     torch.testing.assert_close(r2, r1, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
+@pytest.mark.parametrize("tau,score", [(0.0, "max"), (0.6, "max"), (0.9, "l2")])
+def test_changed_fraction_equals_reference(layout: str, tau: float, score: str) -> None:
+    """The keyframe's input change in one C++ score pass equals the PyTorch form, per stream."""
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(3, 3, 11, 17, generator=gen)
+    x = x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else \
+        torch.randn(3, 3, 11, 34, generator=gen)[..., ::2] if layout == "strided" else x
+    moved = torch.rand(3, 1, 11, 17, generator=gen) < torch.tensor([0.1, 0.4, 0.8]).view(3, 1, 1, 1)
+    ref = _state(x + 0.5 * torch.randn(3, 3, 11, 17, generator=gen) * moved)
+    want = REF.changed_fraction(x, ref, tau, score)
+    got = FUSED.changed_fraction(x, ref, tau, score)
+    assert want.shape == (3,) and 0 < float(want.min()) and float(want.max()) < 1 and len(set(want.tolist())) == 3
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-7)
+
+
 @pytest.mark.parametrize("win", [Window.make(3, 2, 1), Window.make(2, 2, 0), Window.make(3, 1, 1, 2),
                                  Window.make(3, 2, 1, ceil_mode=True)], ids=str)
 @pytest.mark.parametrize("tau", [0.0, 0.5])

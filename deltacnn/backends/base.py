@@ -13,9 +13,9 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ..activations import ActSpec
+from ..activations import ActSpec, truncation_score
 from ..geometry import Window
-from ..tensor import DeltaTensor
+from ..tensor import DeltaTensor, stream_fraction
 
 
 @dataclass
@@ -70,6 +70,11 @@ class Backend:
         (delta, the (N,) fraction of each stream's pixels that passed tau and were held back, or None when
         not `want_held`); None: not handled. `scratch`: as sparsify's."""
         return None
+
+    def changed_fraction(self, x: Tensor, ref: Tensor, tau: float, score: str) -> Tensor:
+        """Per stream (N,), the fraction of pixels whose change x - ref scores above tau (the input layer's change on
+        frames it does not sparsify: keyframes)."""
+        return stream_fraction(truncation_score(x.float() - ref, score) > tau)
 
     def frame_range(self, x: Tensor) -> tuple[list[float], list[float]]:
         """Per stream (batch row) of a CPU frame batch, its least and largest value; NaN propagates and

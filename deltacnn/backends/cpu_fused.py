@@ -176,6 +176,14 @@ class FusedCpuBackend(ReferenceBackend):
         return x.dtype == torch.float32 and (x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(
             memory_format=torch.channels_last)))
 
+    def changed_fraction(self, x: Tensor, ref: Tensor, tau: float, score: str) -> Tensor:
+        # sparsify's score pass without the send: one pass over the frame instead of ~6 PyTorch ones (~1 ms a
+        # YOLOv8n keyframe at 576x768)
+        if x.dtype != torch.float32 or x.dim() != 4 or ref.dtype != torch.float32 or ref.shape != x.shape or \
+                not ref.is_contiguous(memory_format=torch.channels_last):
+            return super().changed_fraction(x, ref, tau, score)
+        return self._k.changed_fraction(x, ref, float(tau), SCORE_CODES[score])
+
     def frame_range(self, x: Tensor) -> tuple[list[float], list[float]]:
         if not self._range_ok(x):
             return super().frame_range(x)

@@ -475,6 +475,32 @@ std::vector<torch::Tensor> sparsify(torch::Tensor x, torch::Tensor ref, double t
   return {compact(om, total), out[0], out[1], out[2]};
 }
 
+// Per image of x (float32 (N, C, H, W), any strides), the fraction of its pixels whose score of x - ref (ref:
+// channels_last float32 rows) passes tau: the input layer's change on a keyframe, in sparsify's score pass.
+torch::Tensor changed_fraction(torch::Tensor x, torch::Tensor ref, double tau, int64_t score) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && x.dim() == 4, "x must be a float32 (N, C, H, W) tensor");
+  const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3), total = n * h * w;
+  const float* rp = rows_ptr(ref, total, c, "ref");
+  const int64_t sn = x.stride(0), sc = x.stride(1), sh = x.stride(2), sw = x.stride(3);
+  const float* xp = x.data_ptr<float>();
+  const float ftau = tau;
+  std::vector<int64_t> per_row(n * h);
+  at::parallel_for(0, n * h, 4, [&](int64_t b, int64_t end) {
+    std::vector<float> srow(w);
+    for (int64_t row = b; row < end; ++row) {
+      row_scores(xp, rp, row, h, w, c, sn, sc, sh, sw, static_cast<int>(score), srow.data());
+      int64_t k = 0;
+      for (int64_t xi = 0; xi < w; ++xi) k += srow[xi] > ftau;
+      per_row[row] = k;
+    }
+  });
+  auto out = torch::zeros({n}, torch::kFloat);
+  float* op = out.data_ptr<float>();
+  for (int64_t row = 0; row < n * h; ++row) op[row / h] += static_cast<float>(per_row[row]);
+  for (int64_t i = 0; i < n; ++i) op[i] /= static_cast<float>(h * w);
+  return out;
+}
+
 namespace {
 
 // One pass of a separable k x k square filter over (N, H, W) 0/1 bytes, along rows (horizontal) or columns:
@@ -2570,6 +2596,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("act_update", &act_update, "fused nonlinear update with truncation and scatter");
   m.def("sparsify", &sparsify, "input layer: send the pixels whose change passes the threshold", pybind11::arg("x"),
         pybind11::arg("ref"), pybind11::arg("tau"), pybind11::arg("score"), pybind11::arg("buffer") = nullptr);
+  m.def("changed_fraction", &changed_fraction, "per image, the fraction of pixels whose change passes tau",
+        pybind11::arg("x"), pybind11::arg("ref"), pybind11::arg("tau"), pybind11::arg("score"));
   m.def("sparsify_blobs", &sparsify_blobs, "input layer with the small-blob gate (min_blob)", pybind11::arg("x"),
         pybind11::arg("ref"), pybind11::arg("tau"), pybind11::arg("score"), pybind11::arg("k"), pybind11::arg("flush"),
         pybind11::arg("buffer") = nullptr);

@@ -197,8 +197,7 @@ class Sparsify(DeltaLayer):
         ref = self._buffers.get("state_ref")
         if ref is None or ref.shape != x.shape or ref.device != x.device:
             return torch.zeros(x.shape[0], device=x.device)
-        changed = truncation_score(x.float() - ref, self.rt.thresholds.score) > self.tau()
-        return stream_fraction(changed)
+        return self.rt.backend_for(x).changed_fraction(x, ref, self.tau(), self.rt.thresholds.score)
 
 
 def _without_streams(d: DeltaTensor, streams: Tensor) -> DeltaTensor:
