@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
 import statistics
 import sys
 import time
@@ -26,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's deltacnn, not an installed one
 from common import environment, print_table, write_json  # noqa: E402
+from deltacnn.clips import default_clip_path  # noqa: E402
 from deltacnn.commands.common import build_delta, get_task, load_model, open_video  # noqa: E402
 from deltacnn.peers import strongest_peer  # noqa: E402
 
@@ -76,7 +76,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     task = get_task(None)
     dense = load_model(task, torch.device("cpu"))
-    video = args.video or os.environ.get("DELTACNN_CLIP") or "/usr/share/doc/opencv-doc/examples/data/vtest.avi"
+    video = args.video or str(default_clip_path())
     frames = [task.preprocess(f) for f in itertools.islice(open_video(video, args.start + args.frames),
                                                              args.start, args.start + args.frames)]
     choice = strongest_peer(dense, frames[:2], threads=args.threads)

@@ -116,8 +116,8 @@ def test_delta_frames_are_sparse():
 
 
 def test_statistics_count_each_layers_mask_exactly():
-    """Each layer's update rate is its emitted mask's count (CPU masks counted on the host, device ones on the
-    device), whether the mask is contiguous or broadcast, and merged rows add up."""
+    """Each layer's update rate is its emitted mask's count (a CPU mask counted on the host, as an int), whether the
+    mask is contiguous or broadcast, and merged rows add up."""
     from deltacnn.stats import StatsRecorder
     g = torch.Generator().manual_seed(3)
     m = torch.rand(2, 1, 7, 9, generator=g) < 0.3

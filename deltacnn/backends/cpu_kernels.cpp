@@ -475,6 +475,19 @@ std::vector<torch::Tensor> sparsify(torch::Tensor x, torch::Tensor ref, double t
   return {compact(om, total), out[0], out[1], out[2]};
 }
 
+namespace {
+
+// Per image, (the sum of its h rows' counts) / (h * w): (N,) float32 (changed_fraction, sparsify_blobs' held part).
+torch::Tensor image_fractions(const std::vector<int64_t>& per_row, int64_t n, int64_t h, int64_t w) {
+  auto out = torch::zeros({n}, torch::kFloat);
+  float* op = out.data_ptr<float>();
+  for (int64_t row = 0; row < n * h; ++row) op[row / h] += static_cast<float>(per_row[row]);
+  for (int64_t i = 0; i < n; ++i) op[i] /= static_cast<float>(h * w);
+  return out;
+}
+
+}  // namespace
+
 // Per image of x (float32 (N, C, H, W), any strides), the fraction of its pixels whose score of x - ref (ref:
 // channels_last float32 rows) passes tau: the input layer's change on a keyframe, in sparsify's score pass.
 torch::Tensor changed_fraction(torch::Tensor x, torch::Tensor ref, double tau, int64_t score) {
@@ -494,11 +507,7 @@ torch::Tensor changed_fraction(torch::Tensor x, torch::Tensor ref, double tau, i
       per_row[row] = k;
     }
   });
-  auto out = torch::zeros({n}, torch::kFloat);
-  float* op = out.data_ptr<float>();
-  for (int64_t row = 0; row < n * h; ++row) op[row / h] += static_cast<float>(per_row[row]);
-  for (int64_t i = 0; i < n; ++i) op[i] /= static_cast<float>(h * w);
-  return out;
+  return image_fractions(per_row, n, h, w);
 }
 
 namespace {
@@ -602,11 +611,7 @@ std::vector<torch::Tensor> sparsify_blobs(torch::Tensor x, torch::Tensor ref, do
       held_rows[row] = held;
     }
   });
-  auto held = torch::zeros({n}, torch::kFloat);
-  float* hp = held.data_ptr<float>();
-  for (int64_t row = 0; row < n * h; ++row) hp[row / h] += static_cast<float>(held_rows[row]);
-  for (int64_t i = 0; i < n; ++i) hp[i] /= static_cast<float>(h * w);
-  return {compact(om, total), out[0], out[1], out[2], held};
+  return {compact(om, total), out[0], out[1], out[2], image_fractions(held_rows, n, h, w)};
 }
 
 namespace {
