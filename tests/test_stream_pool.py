@@ -145,3 +145,30 @@ def test_per_stream_options_checked():
         deltacnn.compile(dm, dense_above=2.0, cuda_graphs=False)
     with pytest.raises(ValueError, match="per_stream"):
         deltacnn.compile(dm, per_stream=False, cuda_graphs=False)
+
+
+def test_batch_keyframes_do_not_measure_the_input_change_and_dense_passes_do(monkeypatch):
+    """A whole-batch keyframe's own input change is never read (the report of a stream's keyframe frame is not
+    fresh), so its input layer skips that pass over the frame; a whole-batch dense pass still measures it
+    (it decides when the streams go back to deltas), and a dense phase still ends once the scene is quiet."""
+    from deltacnn.layers.io import Sparsify
+    calls = []
+    real = Sparsify._changed_fraction
+    monkeypatch.setattr(Sparsify, "_changed_fraction", lambda self, x: calls.append(1) or real(self, x))
+    m = _net()
+    clip, _ = _clips(frames=8, n=2)
+    g = _compiled(m, clip[0], "reference", dense_above=0.5)
+    g(clip[0])
+    g(clip[1])
+    for k in range(2):
+        g.reset_stream(k)
+    calls.clear()
+    g(clip[2])
+    assert g.last_modes == ["keyframe", "keyframe"] and calls == []
+    assert g._bufs["report"][0].tolist() == [0.0, 0.0]
+    noise = torch.rand_like(clip[3])  # every pixel changes: the streams run dense frames
+    outs = [g(noise) for _ in range(3)] + [g(clip[4]) for _ in range(4)]
+    assert calls, "dense passes measure the input change"
+    assert g.frames["dense"] >= 1 and g.last_modes == ["delta", "delta"]
+    with torch.no_grad():
+        torch.testing.assert_close(outs[-1], m(clip[4]), rtol=1e-4, atol=1e-4)

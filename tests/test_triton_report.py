@@ -81,3 +81,51 @@ def test_report_fits_rejects_strided_frames():
     assert report.report_fits(x) and report.report_fits(x.contiguous(memory_format=torch.channels_last))
     assert not report.report_fits(x[:, :, :, ::2])
     assert not report.report_fits(x.to(torch.int32))
+
+
+def _runner(bufs):
+    return SimpleNamespace(_bufs=bufs, _abs_max=lambda t: StreamGraphedDeltaModel._abs_max(None, t))
+
+
+@pytest.mark.parametrize("seed", [True, False])
+@pytest.mark.parametrize("with_change", [True, False])
+@pytest.mark.parametrize("rows", [None, 2])
+@pytest.mark.parametrize("n,shape,dtype,layout", [(5, (3, 40, 72), torch.float32, "nchw"),
+                                                  (4, (3, 16, 24), torch.float16, "cl"),
+                                                  (3, (2, 130, 70), torch.float32, "cl")])
+def test_pass_report_kernel_equals_pytorch_form(n, shape, dtype, layout, seed, with_change, rows):
+    """A keyframe's scale / NaN flag (seed) and a keyframe's or dense pass's report, of the whole batch or of one
+    stream's rows (a single-stream pass: x is that stream's frame), against _pass_report_torch. Streams holding
+    NaN or infinity: flagged both ways; the torch form keeps a NaN scale where the kernel keeps infinity."""
+    x, bufs, rt = _case(n + 7, n, shape, dtype, layout)
+    idx = None
+    if rows is not None:
+        idx = torch.tensor([rows], device=DEV)
+        x = x[rows:rows + 1]
+        if layout == "cl":
+            x = x.contiguous(memory_format=torch.channels_last)
+    change = rt.stream_change[:x.shape[0]] if with_change else None
+    report_in = bufs["report"] if rows is None else None
+    want = {k: v.clone() for k, v in bufs.items()}
+    StreamGraphedDeltaModel._pass_report_torch(_runner(want), x, seed, want["report"] if report_in is not None else None,
+                                               change, idx)
+    got = {k: v.clone() for k, v in bufs.items()}
+    report.pass_report_(x, got["scale"], got["bad"], got["report"] if report_in is not None else None, change, seed,
+                        idx)
+    assert torch.equal(got["bad"], want["bad"])
+    finite = torch.isfinite(want["scale"])
+    torch.testing.assert_close(got["scale"][finite], want["scale"][finite], rtol=0, atol=0)
+    assert bool((~torch.isfinite(got["scale"]) == ~finite).all())
+    torch.testing.assert_close(got["report"], want["report"], rtol=0, atol=0)
+    if seed and rows is None:  # the NaN and -inf streams are flagged, the others not
+        assert got["bad"].tolist()[:3] == [False, True, True][:n]
+    if seed and rows is not None:  # only that stream's row changed
+        others = [k for k in range(n) if k != rows]
+        assert torch.equal(got["scale"][others], bufs["scale"][others])
+        assert bool(got["bad"][rows]) == (rows in (1, 2))
+
+
+def test_pass_report_rejects_a_part_of_the_batch_without_rows():
+    x, bufs, _ = _case(3, 4, (3, 8, 8), torch.float32, "nchw")
+    with pytest.raises(ValueError, match="rows"):
+        report.pass_report_(x[:2], bufs["scale"], bufs["bad"], None, None, True)
