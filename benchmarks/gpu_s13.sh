@@ -15,6 +15,9 @@
 #            PROFILE_VARIANTS=default profiles the default setting only; YOLO_AB="NAME=VALUE[,..][;..]"
 #            also times and profiles the delta model under those triton_kernels.conv settings, gpu_yolo.py --conv-ab)
 #   suite    the lead's post-merge run: all of tests/gpu, then the Triton / delta-decode tests, on the GPU (xdist)
+#   dense    keyframe / dense passes against the reduce-overhead peer, YOLOv8n 768x576 b1 and 16 streams, each
+#            profiled kernel by kernel (gpu_dense_passes.py --profile; DENSE_CASES, DENSE_VARIANTS override)
+#   densebase the same from the tree in ../base (an A/B of a change to the passes; its DELTACNN_COMMIT: BASE_COMMIT)
 #   autotune torch.compile(mode="max-autotune") peer of YOLOv8n b1 (compile time), peers only (AUTOTUNE_CAP: s)
 # Logs and JSON go to a scratch folder that is packed into $OUT/s13_TAG.tgz at the end (the tool returns at most
 # 8 files). LIMIT (s, default 540): the stages share it; each gets what is left.
@@ -84,6 +87,20 @@ for st in "$@"; do
         tests/test_triton_kernels.py tests/test_triton_backend.py tests/test_triton_report.py tests/test_delta_decode.py \
         > "$OUT/triton_suite_s13_$TAG.txt" 2>&1
     grep -E "FAILED|ERROR|passed|failed|Timeout" "$OUT/triton_suite_s13_$TAG.txt" | cut -c1-200 | tail -20
+    ;;
+  dense)
+    timeout "$(cap "${DENSE_CAP:-300}")" python3 benchmarks/gpu_dense_passes.py --cases "${DENSE_CASES:-yolo:1,yolo:16}" \
+        --variants "${DENSE_VARIANTS:-inductor}" --profile --tag "s13${TAG}_dense" 2>&1 | filter > "$OUT/gpu_dense_s13${TAG}.txt"
+    grep -E "GPU kernel time|case|inductor|none" "$OUT/gpu_dense_s13${TAG}.txt" | grep -v "^\[" | cut -c1-200 | tail -30
+    # Inductor's generated code of the passes (which state writes it fused), for reading offline
+    find /tmp/torchinductor_* -name "*.py" -size -4M 2>/dev/null | tar czf "$OUT/inductor_code_$TAG.tgz" -T - 2>/dev/null
+    ;;
+  densebase)
+    (cd ../base && export PYTHONPATH=$PWD:$PWD/benchmarks:$PWD/.. DELTACNN_COMMIT=${BASE_COMMIT:-base} && \
+        timeout "$(cap "${DENSE_CAP:-300}")" python3 benchmarks/gpu_dense_passes.py --cases "${DENSE_CASES:-yolo:1,yolo:16}" \
+        --variants "${DENSE_VARIANTS:-inductor}" --profile --tag "s13${TAG}_densebase") 2>&1 | filter \
+        > "$OUT/gpu_densebase_s13${TAG}.txt"
+    grep -E "GPU kernel time|case|inductor|none" "$OUT/gpu_densebase_s13${TAG}.txt" | grep -v "^\[" | cut -c1-200 | tail -30
     ;;
   autotune)
     timeout "$(cap "${AUTOTUNE_CAP:-600}")" python3 benchmarks/gpu_yolo.py --batches 1 --autotune 1 --peers-only --tag "s13${TAG}_autotune" 2>&1 \
