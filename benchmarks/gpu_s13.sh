@@ -16,7 +16,8 @@
 #            also times and profiles the delta model under those triton_kernels.conv settings, gpu_yolo.py --conv-ab)
 #   suite    the lead's post-merge run: all of tests/gpu, then the Triton / delta-decode tests, on the GPU (xdist)
 #   dense    keyframe / dense passes against the reduce-overhead peer, YOLOv8n 768x576 b1 and 16 streams, each
-#            profiled kernel by kernel (gpu_dense_passes.py --profile; DENSE_CASES, DENSE_VARIANTS override)
+#            profiled kernel by kernel (gpu_dense_passes.py --profile; DENSE_CASES, DENSE_VARIANTS override;
+#            DENSE_FUSION_LOG=1 also logs Inductor's fusion decisions)
 #   densebase the same from the tree in ../base (an A/B of a change to the passes; its DELTACNN_COMMIT: BASE_COMMIT)
 #   autotune torch.compile(mode="max-autotune") peer of YOLOv8n b1 (compile time), peers only (AUTOTUNE_CAP: s)
 # Logs and JSON go to a scratch folder that is packed into $OUT/s13_TAG.tgz at the end (the tool returns at most
@@ -89,9 +90,13 @@ for st in "$@"; do
     grep -E "FAILED|ERROR|passed|failed|Timeout" "$OUT/triton_suite_s13_$TAG.txt" | cut -c1-200 | tail -20
     ;;
   dense)
+    # DENSE_FUSION_LOG=1: Inductor's fusion decisions (why two kernels were not fused) into fusion_TAG.log
+    [ -n "${DENSE_FUSION_LOG:-}" ] && export TORCH_LOGS="fusion" TORCH_LOGS_OUT="$OUT/fusion_$TAG.log"
     timeout "$(cap "${DENSE_CAP:-300}")" python3 benchmarks/gpu_dense_passes.py --cases "${DENSE_CASES:-yolo:1,yolo:16}" \
         --variants "${DENSE_VARIANTS:-inductor}" --profile --tag "s13${TAG}_dense" 2>&1 | filter > "$OUT/gpu_dense_s13${TAG}.txt"
     grep -E "GPU kernel time|case|inductor|none" "$OUT/gpu_dense_s13${TAG}.txt" | grep -v "^\[" | cut -c1-200 | tail -30
+    unset TORCH_LOGS TORCH_LOGS_OUT
+    [ -f "$OUT/fusion_$TAG.log" ] && grep -o "cannot fuse.*" "$OUT/fusion_$TAG.log" | sed 's/buf[0-9]*/buf/g; s/op[0-9]*/op/g' | sort | uniq -c | sort -rn | head -8
     # Inductor's generated code of the passes (which state writes it fused), for reading offline
     find /tmp/torchinductor_* -name "*.py" -size -4M 2>/dev/null | tar czf "$OUT/inductor_code_$TAG.tgz" -T - 2>/dev/null
     ;;
