@@ -15,10 +15,6 @@ from ..thresholds import INPUT
 from .base import DeltaLayer, check_delta
 
 
-# frame dtypes that a float32 reference holds exactly (a cast of the reference equals a cast of the frame)
-_EXACT_IN_FLOAT32 = (torch.float32, torch.float16, torch.bfloat16)
-
-
 def check_min_blob(k: int) -> int:
     if not isinstance(k, int) or k < 1 or k % 2 == 0:
         raise ValueError(f"min_blob must be an odd window size >= 1 (1: off), got {k!r}")
@@ -125,17 +121,14 @@ class Sparsify(DeltaLayer):
 
     def _keyframe(self, x: Tensor) -> DeltaTensor:
         """The frame as a keyframe. The input reference is seeded with x (even by stateless dense frames:
-        it measures the next change); when it then holds x exactly (a float32, float16 or bfloat16 frame,
-        the whole batch) the keyframe's values are read from it: the reference itself when the model runs
-        in float32 (one copy of the frame instead of two), else its cast, which reads the channels_last
-        reference the first conv wants rather than x in its own layout (an NCHW frame's permute cost a
-        16-stream H200 keyframe ~0.11 ms). Nothing writes the reference before the next frame."""
+        it measures the next change); when it then holds x exactly (float32 throughout, the whole batch)
+        it is the keyframe's values too: one copy of the frame instead of two (the reference is
+        channels_last, as the first conv reads it). Nothing writes the reference before the next frame."""
         rt = self.rt
         self._seed_state("ref", x, always=True)
         self._forget_sent()
-        if rt.streams is None and x.dtype in _EXACT_IN_FLOAT32:
-            ref = self._state("ref")
-            return DeltaTensor.keyframe(ref if rt.dtype == torch.float32 else ref.to(rt.dtype))
+        if rt.streams is None and x.dtype == rt.dtype == torch.float32:
+            return DeltaTensor.keyframe(self._state("ref"))
         return DeltaTensor.keyframe(x.to(rt.dtype))
 
     def extra_repr(self) -> str:
