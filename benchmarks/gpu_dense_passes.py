@@ -27,7 +27,7 @@ import torch
 import deltacnn
 from common import environment, median, print_table, write_json
 from gpu_bench import free_memory, make_batch_clip, rel
-from gpu_peers import dense_peers
+from gpu_peers import compiled_peer, dense_peers
 from profile_frame import kernel_table, print_profile, profile_steps
 
 PHASES = ("keyframe", "rows", "delta", "dense")
@@ -57,19 +57,11 @@ def case_inputs(name: str, batch: int, frames: int):
 def peer_profile(model32, frame: torch.Tensor, frames: int = 10) -> tuple[float, list]:
     """Per-kernel profile of the reduce-overhead peer (fp16 channels_last, its CUDA graphs replayed) on `frame`."""
     import copy
-    torch._dynamo.reset()
     with torch.no_grad():
         m16 = copy.deepcopy(model32).half().to(memory_format=torch.channels_last)
-        x = frame.half().contiguous(memory_format=torch.channels_last)
-        c = torch.compile(m16, mode="reduce-overhead", fullgraph=True, dynamic=False)
-
-        def call(_t: int = 0) -> None:
-            torch.compiler.cudagraph_mark_step_begin()
-            c(x)
-        for _ in range(6):
-            call()
-        res = kernel_table(profile_steps(call, range(frames)), frames)
-    del c, m16
+        call, _ = compiled_peer(m16, frame.half().contiguous(memory_format=torch.channels_last), "reduce-overhead")
+        res = kernel_table(profile_steps(lambda _t: call(), range(frames)), frames)
+    del call, m16
     free_memory()
     return res
 

@@ -101,8 +101,9 @@ def _graph_ms(fn, x: torch.Tensor, iters: int) -> float:
     return median(cuda_ms(g.replay, iters))
 
 
-def _compiled_ms(m16, x: torch.Tensor, mode: str, iters: int) -> tuple[float, float]:
-    """(ms per call, compile s) of torch.compile(m16, mode=mode) on x (fp16 channels_last)."""
+def compiled_peer(m16, x: torch.Tensor, mode: str):
+    """(call, compile s): torch.compile(m16, mode=mode) compiled on x (fp16 channels_last) and warmed up (CUDA-graph
+    recording happens on the first calls after compilation); call() runs one frame."""
     torch._dynamo.reset()
     c = torch.compile(m16, mode=mode, fullgraph=True, dynamic=False)
     torch.cuda.synchronize()
@@ -114,11 +115,17 @@ def _compiled_ms(m16, x: torch.Tensor, mode: str, iters: int) -> tuple[float, fl
     def call():
         torch.compiler.cudagraph_mark_step_begin()
         c(x)
-    for _ in range(5):  # CUDA-graph recording happens on the first calls after compilation
+    for _ in range(5):
         call()
     torch.cuda.synchronize()
+    return call, compile_s
+
+
+def _compiled_ms(m16, x: torch.Tensor, mode: str, iters: int) -> tuple[float, float]:
+    """(ms per call, compile s) of torch.compile(m16, mode=mode) on x (fp16 channels_last)."""
+    call, compile_s = compiled_peer(m16, x, mode)
     ms = median(cuda_ms(call, iters))
-    del c
+    del call
     return ms, compile_s
 
 

@@ -1048,7 +1048,6 @@ def test_launch_opts_off_without_hopper_gpu(monkeypatch):
     assert _common.PDL == "auto"  # the default (session 21: -5% a YOLOv8n delta frame at batch 1 on an H200)
     assert _common.launch_opts(torch.device("cuda", 0)) == {"GDC": 2, "launch_pdl": True}
     assert _common.launch_opts(torch.device("cuda", 1)) == {"GDC": 0}
-    assert _common.launch_opts(torch.device("cuda", 0)) == {"GDC": 2, "launch_pdl": True}
     assert _common.launch_opts(torch.device("cuda", 0), long_running=True) == {"GDC": 1, "launch_pdl": True}
     monkeypatch.setattr(_common, "PDL", "early")
     assert _common.launch_opts(torch.device("cuda", 0), long_running=True) == {"GDC": 2, "launch_pdl": True}
